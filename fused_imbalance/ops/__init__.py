@@ -1,0 +1,82 @@
+"""Fused kernel backends and the contract they share.
+
+Every loss of the package is one of a few *per-pixel* losses ℓ_n(x_n, y_n) combined with
+per-class weights and a reduction. The weights and the reduction only need small per-class
+vectors, so each backend implements exactly two ops over the logits:
+
+forward  ``{backend}_loss_fwd(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss,
+confusion) -> (pixel_loss, class_loss, count, tp, bad)``
+
+    x            logits, (N, C) or (B, C, d1, ..., dk), any float dtype, strides as described
+                 by :func:`pixel_view` (contiguous NCHW, channels_last, (N, C) rows).
+    target       (N_pixels,) contiguous labels, uint8/int16/int32/int64, pixel n = b * S + s.
+    mode         a :class:`Mode` value.
+    gamma        focal exponent (ignored by the MSE modes).
+    tvals        (C,) target values of the MSE modes (the outlying labels), accumulation dtype;
+                 None for the other modes.
+    need_pixel_loss  write ``pixel_loss``; otherwise it is an empty tensor.
+    confusion    optional (C, C) int64; the argmax confusion counts (row = label, column =
+                 argmax, first index on ties) are *added* into it in place.
+
+    pixel_loss   (N,) unweighted ℓ_n in the accumulation dtype, 0 at ignored or bad pixels.
+    class_loss   (C,) S_c = Σ ℓ_n over valid pixels of class c, reduced in a fixed order
+                 (bit-identical run to run).
+    count        (C,) int64 n_c, valid pixels of class c.
+    tp           (C,) int64 pixels of class c whose argmax is c.
+    bad          () int64 number of labels outside [0, C) that are not ``ignore_index``;
+                 those pixels count as ignored everywhere else.
+
+backward ``{backend}_loss_bwd(x, target, grad_pixel, grad_class, mode, gamma, tvals,
+ignore_index) -> grad``
+
+    grad[n, :] = (grad_pixel[n] + grad_class[y_n]) * ∂ℓ_n/∂x[n, :], 0 at ignored/bad pixels;
+    either of grad_pixel (N,) / grad_class (C,) may be None (taken as 0). ``grad`` has the
+    shape, dtype and memory format of ``x``. This is exactly the vector-Jacobian product of
+    the forward's two float outputs, so autograd is registered once for every backend
+    (:mod:`fused_imbalance.ops._autograd`).
+
+The accumulation dtype is float64 for float64 logits and float32 otherwise.
+"""
+import enum
+
+
+class Mode(enum.IntEnum):
+    """The per-pixel loss ℓ_n a fused op computes (x = logits of one pixel, y its label)."""
+
+    SOFTMAX_FOCAL = 0  # −(1 − p_y)^γ log p_y, p = softmax(x); γ = 0 is cross-entropy
+    SIGMOID_FOCAL = 1  # Σ_k −t_k (1−q_k)^γ log q_k − (1−t_k) q_k^γ log(1−q_k), q = σ(x), t = onehot(y)
+    MSE_LOGITS = 2     # ½ Σ_k (x_k − t_k)², t_k = tvals[y]·[k = y]
+    MSE_SOFTMAX = 3    # ½ Σ_k (p_k − t_k)², p = softmax(x)
+    STATS = 4          # no loss (pixel_loss/class_loss are 0): count, tp, bad, confusion only
+
+
+def pixel_view(x):
+    """(B, C, S, stride_b, stride_c, stride_s) of logits ``x`` seen as B × C × S pixels.
+
+    (N, C) rows are B = N, S = 1. For (B, C, d1..dk) the spatial dims must collapse into one
+    stride (true for contiguous NCHW, channels_last and channels_last_3d); the caller makes
+    other layouts contiguous first (:func:`collapsible`).
+    """
+    B, C = x.shape[0], x.shape[1]
+    if x.dim() == 2:
+        return B, C, 1, x.stride(0), x.stride(1), 1
+    S = 1
+    for d in x.shape[2:]:
+        S *= d
+    ss = x.stride(-1)
+    for d, st in zip(reversed(x.shape[2:]), reversed(x.stride()[2:])):
+        if d != 1:
+            ss = st
+            break
+    return B, C, S, x.stride(0), x.stride(1), ss
+
+
+def collapsible(x):
+    """True when the spatial dims of ``x`` (dims 2..) can be read with one stride."""
+    if x.dim() <= 2:
+        return True
+    dims = [(d, st) for d, st in zip(x.shape[2:], x.stride()[2:]) if d != 1]
+    for (d0, s0), (d1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * d1:
+            return False
+    return True

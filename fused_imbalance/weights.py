@@ -1,0 +1,123 @@
+"""Class-weighting schemes (DESIGN.md §4–§5). Every function returns a float32 (C,) tensor.
+
+A class with count 0 gets the largest weight of the others, never inf or NaN.
+"""
+import math
+
+import torch
+
+__all__ = ["effective_number", "inverse_frequency", "median_frequency", "outlying_labels", "cdb"]
+
+
+def _counts(samples_per_class):
+    """Validate per-class counts and return them as a float64 tensor."""
+    if isinstance(samples_per_class, torch.Tensor):
+        counts = samples_per_class.detach().to(torch.float64)
+    else:
+        counts = torch.as_tensor(list(samples_per_class), dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(
+            f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}")
+    if not torch.isfinite(counts).all():
+        raise ValueError("samples_per_class must be finite")
+    if (counts < 0).any():
+        bad = counts[counts < 0][0].item()
+        raise ValueError(f"samples_per_class must be non-negative, got {bad:g}")
+    if (counts == 0).all():
+        raise ValueError("samples_per_class is all zeros: no class has a sample")
+    return counts
+
+
+def _fill_absent(w, present):
+    """Give classes with no sample the largest weight of the present ones."""
+    if not present.all():
+        w = torch.where(present, w, w[present].max())
+    return w
+
+
+def _sum_to_c(w):
+    return w * (w.numel() / w.sum())
+
+
+def effective_number(samples_per_class, beta=0.9999):
+    """Class-balanced weights w_c = (1 − β) / (1 − β^{n_c}), rescaled so Σ_c w_c = C.
+
+    Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019.
+    β = 0 gives equal weights, β → 1 inverse frequency.
+    """
+    counts = _counts(samples_per_class)
+    beta = float(beta)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    present = counts > 0
+    # 1 − β^n = −expm1(n·log β): exact for β near 1, where 1 − β^n loses digits.
+    if beta == 0.0:
+        w = torch.ones_like(counts)
+    else:
+        w = (1.0 - beta) / -torch.expm1(counts * math.log(beta))
+    w = _fill_absent(torch.where(present, w, torch.zeros_like(w)), present)
+    return _sum_to_c(w).to(torch.float32)
+
+
+def inverse_frequency(samples_per_class):
+    """w_c ∝ 1 / n_c, rescaled so Σ_c w_c = C."""
+    counts = _counts(samples_per_class)
+    present = counts > 0
+    w = _fill_absent(torch.where(present, 1.0 / counts.clamp_min(1e-300), torch.zeros_like(counts)), present)
+    return _sum_to_c(w).to(torch.float32)
+
+
+def median_frequency(samples_per_class):
+    """Median-frequency balancing (SegNet): w_c = median(f) / f_c, f_c = n_c / Σ n.
+
+    The median is over the classes that occur (for an even number, the lower middle value,
+    as ``torch.median``).
+    """
+    counts = _counts(samples_per_class)
+    present = counts > 0
+    f = counts / counts.sum()
+    med = f[present].median()
+    w = _fill_absent(torch.where(present, med / f.clamp_min(1e-300), torch.zeros_like(f)), present)
+    return w.to(torch.float32)
+
+
+def outlying_labels(samples_per_class, alpha=1.0):
+    """Outlying label values (MSE with outlying labels, eq. 4).
+
+    Classes sorted by count, descending, stable on ties; the class at position r
+    (0 = most frequent) gets α·(r + 1): the largest class α, the smallest C·α.
+    """
+    counts = _counts(samples_per_class)
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
+    order = torch.sort(counts, descending=True, stable=True).indices
+    w = torch.empty_like(counts)
+    w[order] = alpha * torch.arange(1, counts.numel() + 1, dtype=torch.float64)
+    return w.to(torch.float32)
+
+
+def cdb(class_accuracy, tau="dynamic"):
+    """Class-wise difficulty-balanced weights w_c = (1 − A_c)^τ (Sinha et al., ACCV 2020).
+
+    With ``tau="dynamic"``: b = max A / (min A + 1e-4) − 1 and τ = 2 / (1 + exp(−b)).
+    """
+    if isinstance(class_accuracy, torch.Tensor):
+        acc = class_accuracy.detach().to(torch.float64)
+    else:
+        acc = torch.as_tensor(list(class_accuracy), dtype=torch.float64)
+    if acc.dim() != 1 or acc.numel() == 0:
+        raise ValueError(
+            f"class_accuracy must be a non-empty 1-D sequence, got shape {tuple(acc.shape)}")
+    if not torch.isfinite(acc).all() or (acc < 0).any() or (acc > 1).any():
+        raise ValueError("class_accuracy must hold accuracies in [0, 1]")
+    if isinstance(tau, str):
+        if tau != "dynamic":
+            raise ValueError(f"tau must be 'dynamic' or a number, got {tau!r}")
+        b = acc.max() / (acc.min() + 1e-4) - 1.0
+        t = 2.0 / (1.0 + torch.exp(-b))
+    else:
+        t = torch.as_tensor(float(tau), dtype=torch.float64)
+        if not torch.isfinite(t) or t < 0:
+            raise ValueError(f"tau must be a non-negative number, got {tau}")
+    return torch.pow(1.0 - acc, t).to(torch.float32)
