@@ -1,0 +1,84 @@
+"""Argument checks shared by the reference and the fused backends: bad input gets a clear
+error, never a wrong number."""
+import math
+
+import torch
+
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def acc_dtype(logits):
+    """float64 arithmetic for float64 logits, float32 for everything else."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def check_inputs(logits, target, ignore_index, reduction="mean"):
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("logits and target must be torch.Tensor")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if target.dtype not in LABEL_DTYPES:
+        raise TypeError(f"target must be uint8, int16, int32 or int64 labels, got {target.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (N, C) or (B, C, d1, ..., dk), got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError("logits must have at least one class (dim 1)")
+    expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
+            f"expected {expected}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_class_vector(vec, name, logits):
+    """A (C,) float per-class tensor on the logits' device, returned in the accumulation dtype."""
+    C = logits.shape[1]
+    if not isinstance(vec, torch.Tensor):
+        vec = torch.as_tensor(vec, dtype=acc_dtype(logits), device=logits.device)
+    if not vec.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {vec.dtype}")
+    if vec.dim() != 1 or vec.numel() != C:
+        raise ValueError(f"{name} must have shape ({C},) for {C} classes, got {tuple(vec.shape)}")
+    if vec.device != logits.device:
+        raise ValueError(f"{name} is on {vec.device} but logits are on {logits.device}")
+    return vec.detach().to(acc_dtype(logits))
+
+
+def check_gamma(gamma):
+    gamma = float(gamma)
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    return gamma
+
+
+def check_confusion(confusion, logits, name="confusion"):
+    if confusion is None:
+        return
+    C = logits.shape[1]
+    if not isinstance(confusion, torch.Tensor) or confusion.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor")
+    if tuple(confusion.shape) != (C, C):
+        raise ValueError(f"{name} must have shape ({C}, {C}), got {tuple(confusion.shape)}")
+    if confusion.device != logits.device:
+        raise ValueError(f"{name} is on {confusion.device} but logits are on {logits.device}")
+    if not confusion.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def bad_label_error(target, num_classes, ignore_index):
+    """The ValueError for labels outside [0, C) (called once a bad label is known to exist)."""
+    y = target.reshape(-1).long()
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    values = torch.unique(y[bad]).tolist()
+    shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+    return ValueError(
+        f"target contains label {values[0] if values else '?'} outside [0, {num_classes}) "
+        f"(values: {shown}; ignore_index={ignore_index})")

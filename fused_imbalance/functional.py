@@ -1,0 +1,284 @@
+"""The losses users call (DESIGN.md §3): argument checks, backend choice, weights and reduction.
+
+Every function takes keyword-only ``confusion=None`` (a (C, C) int64 tensor the same pass adds
+its argmax confusion counts into), ``backend=None`` and ``validate=True``.
+
+Backends (DESIGN.md §7): ``"auto"`` (default, or the environment variable
+``FUSED_IMBALANCE_BACKEND``) picks Triton for CUDA tensors and the C++ kernels for CPU tensors,
+falling back to ``"reference"`` (eager PyTorch) when those are not available; ``"triton"`` and
+``"cpp"`` ask for one backend and fail with a clear error when it cannot run the input.
+
+A fused backend reads the logits once and returns per-class loss sums S_c, counts n_c and true
+positives TP_c; the loss is Σ_c w_c S_c / D from those small vectors, with D = Σ_c w_c n_c for
+the general losses and D = Σ_c n_c for the paper losses (DESIGN.md §2).
+
+``validate=True`` checks once after the pass that every label is in [0, C) or ``ignore_index``
+(one small host sync); ``validate=False`` skips that check (out-of-range labels are then
+ignored). Inside ``torch.compile`` the check is an asynchronous device assertion instead.
+"""
+import importlib
+import os
+import warnings
+
+import torch
+
+from . import reference as _ref
+from . import weights as _weights
+from ._checks import (bad_label_error, check_class_vector, check_confusion, check_gamma,
+                      check_inputs)
+from .ops import Mode, collapsible
+
+__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
+           "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "resolve_backend"]
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+_MODULES = {"triton": "fused_imbalance.ops.triton_loss", "cpp": "fused_imbalance.ops.cpp"}
+_loaded = {}
+
+
+def _backend_module(name):
+    """The backend's module, or None when it cannot be imported or cannot run here."""
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            _loaded[name] = mod if mod.available() else None
+        except ImportError as e:
+            warnings.warn(f"fused_imbalance: the {name!r} backend could not be imported ({e})", stacklevel=3)
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def resolve_backend(backend, logits):
+    """The name of the backend that will run ``logits``: "triton", "cpp" or "reference"."""
+    name = backend if backend is not None else os.environ.get("FUSED_IMBALANCE_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return name
+    if name == "auto":
+        for cand in (("triton",) if logits.is_cuda else ("cpp",)):
+            mod = _backend_module(cand)
+            if mod is not None and mod.supports(logits):
+                return cand
+        return "reference"
+    mod = _backend_module(name)
+    if mod is None:
+        raise RuntimeError(f"the {name!r} backend is not available on this machine"
+                           + (" (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+                              if name == "triton" and not logits.is_cuda else ""))
+    if not mod.supports(logits):
+        raise RuntimeError(f"the {name!r} backend does not support {logits.dtype} logits on {logits.device}")
+    return name
+
+
+def _check_labels(bad, target, C, ignore_index):
+    if torch.compiler.is_compiling():
+        torch._assert_async(bad == 0, "target contains a label outside [0, C) that is not ignore_index")
+    elif int(bad) != 0:
+        raise bad_label_error(target, C, ignore_index)
+
+
+def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate):
+    """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp)."""
+    x = logits if collapsible(logits) else logits.contiguous()
+    y = target.reshape(-1)
+    if not y.is_contiguous():
+        y = y.contiguous()
+    pixel, class_loss, count, tp, bad = _backend_module(name).loss_fwd(
+        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", confusion)
+    if validate:
+        _check_labels(bad, target, logits.shape[1], ignore_index)
+    return (pixel if reduction == "none" else None), class_loss, count, tp
+
+
+def _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights):
+    """Σ_c w_c S_c over the denominator of DESIGN.md §2, or the weighted per-pixel loss."""
+    if reduction == "none":
+        if w is None:
+            return pixel.view(target.shape)
+        C = class_loss.numel()
+        idx = target.reshape(-1).long().clamp(0, C - 1)  # ignored pixels have pixel loss 0
+        return (pixel * w.gather(0, idx)).view(target.shape)
+    total = class_loss.sum() if w is None else (w * class_loss).sum()
+    if reduction == "sum":
+        return total
+    n = count.to(torch.float64)
+    denom = (w.to(torch.float64) * n).sum() if (mean_over_weights and w is not None) else n.sum()
+    denom = denom.to(total.dtype)
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _loss(name, logits, target, mode, gamma, weight, ignore_index, reduction, confusion, validate,
+          mean_over_weights, tvals=None, weight_from_stats=None):
+    """The common path of every fused loss. ``weight_from_stats(count, tp)`` gives dynamic weights."""
+    pixel, class_loss, count, tp = _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction,
+                                          confusion, validate)
+    w = weight if weight_from_stats is None else weight_from_stats(count, tp).to(class_loss.dtype)
+    return _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights)
+
+
+def _common_checks(logits, target, ignore_index, reduction, confusion):
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", *, confusion=None,
+                  backend=None, validate=True):
+    """Cross-entropy −log p_y; a drop-in for ``torch.nn.functional.cross_entropy`` with class
+    indices (``"mean"`` = Σ w_y ℓ / Σ w_y over valid pixels)."""
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.cross_entropy(logits, target, weight, ignore_index, reduction, confusion, validate)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, w, ignore_index, reduction, confusion,
+                 validate, True)
+
+
+def focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", *,
+               confusion=None, backend=None, validate=True):
+    """Focal loss −(1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is ``cross_entropy``."""
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    gamma = check_gamma(gamma)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.focal_loss(logits, target, gamma, weight, ignore_index, reduction, confusion, validate)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, gamma, w, ignore_index, reduction, confusion,
+                 validate, True)
+
+
+def sigmoid_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", *,
+                       confusion=None, backend=None, validate=True):
+    """Sigmoid focal loss summed over the C class logits against the one-hot target; γ = 0 is
+    ``binary_cross_entropy_with_logits`` summed over classes."""
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    gamma = check_gamma(gamma)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.sigmoid_focal_loss(logits, target, gamma, weight, ignore_index, reduction, confusion,
+                                       validate)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    return _loss(name, logits, target, Mode.SIGMOID_FOCAL, gamma, w, ignore_index, reduction, confusion,
+                 validate, True)
+
+
+def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0,
+                        ignore_index=-100, reduction="mean", *, confusion=None, backend=None, validate=True):
+    """Class-balanced loss (Cui et al. 2019): the ``loss_type`` loss ("softmax", "sigmoid", "focal",
+    "softmax_focal") weighted by ``weights.effective_number(samples_per_class, beta)``;
+    ``"mean"`` divides by the number of valid pixels."""
+    w = _weights.effective_number(samples_per_class, beta).to(logits.device)
+    return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion=confusion,
+                         backend=backend, validate=validate)
+
+
+def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore_index=-100, reduction="mean",
+                  *, confusion=None, backend=None, validate=True):
+    """A ``loss_type`` loss with fixed class weights and the paper mean (Σ w_y ℓ / N_valid).
+
+    ``class_balanced_loss`` with precomputed weights: ``ClassBalancedLoss`` calls this so the
+    weights are computed once, not on every step.
+    """
+    if loss_type not in _ref.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_ref.LOSS_TYPES}, got {loss_type!r}")
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    gamma = check_gamma(gamma)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.weighted_loss(logits, target, weight, loss_type, gamma, ignore_index, reduction, confusion,
+                                  validate)
+    w = check_class_vector(weight, "weight", logits)
+    mode = Mode.SOFTMAX_FOCAL if loss_type in ("softmax", "softmax_focal") else Mode.SIGMOID_FOCAL
+    g = gamma if loss_type in ("focal", "softmax_focal") else 0.0
+    return _loss(name, logits, target, mode, g, w, ignore_index, reduction, confusion, validate, False)
+
+
+def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None, *, confusion=None,
+                backend=None, validate=True):
+    """Recall loss (Tian et al. 2021): −(1 − R_y) log p_y, R = this batch's per-class recall
+    (argmax), in the same single pass over the logits; ``"mean"`` is over valid pixels.
+
+    ``recall``: a (C,) tensor used instead of the batch recall, or a callable
+    ``recall(count, tp) -> (C,)`` that receives the batch's per-class valid counts and true
+    positives (int64) and returns the recall to use — how ``RecallLoss`` keeps a moving average
+    and all-reduces the statistics over ranks without a second read of the logits.
+    """
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.recall_loss(logits, target, ignore_index, reduction, recall, confusion, validate)
+    if recall is None:
+        weight_from_stats = _ref.recall_weights
+    elif callable(recall):
+        def weight_from_stats(count, tp):
+            return 1.0 - check_class_vector(recall(count, tp), "recall", logits)
+    else:
+        w = 1.0 - check_class_vector(recall, "recall", logits)
+
+        def weight_from_stats(count, tp):
+            return w
+    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, None, ignore_index, reduction, confusion,
+                 validate, False, weight_from_stats=weight_from_stats)
+
+
+def cdb_loss(logits, target, class_accuracy, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", *,
+             confusion=None, backend=None, validate=True):
+    """Class-wise difficulty-balanced loss (Sinha et al. 2020) with w = ``weights.cdb(class_accuracy, tau)``;
+    ``"mean"`` is over valid pixels."""
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    gamma = check_gamma(gamma)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.cdb_loss(logits, target, class_accuracy, tau, gamma, ignore_index, reduction, confusion,
+                             validate)
+    w = check_class_vector(_weights.cdb(class_accuracy, tau).to(logits.device), "class_accuracy", logits)
+    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, gamma, w, ignore_index, reduction, confusion,
+                 validate, False)
+
+
+def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="mean", input="logits", *,
+                      confusion=None, backend=None, validate=True):
+    """MSE with outlying labels: ½ Σ_k (a_k − t_k)², t_k = outlying[y]·[k = y], a = logits or softmax;
+    ``outlying`` is a (C,) tensor such as ``weights.outlying_labels(counts, alpha)``."""
+    if input not in ("logits", "softmax"):
+        raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
+    _common_checks(logits, target, ignore_index, reduction, confusion)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.mse_outlying_loss(logits, target, outlying, ignore_index, reduction, input, confusion,
+                                      validate)
+    tvals = check_class_vector(outlying, "outlying", logits).contiguous()
+    mode = Mode.MSE_LOGITS if input == "logits" else Mode.MSE_SOFTMAX
+    return _loss(name, logits, target, mode, 0.0, None, ignore_index, reduction, confusion, validate, False,
+                 tvals=tvals)
+
+
+def confusion_matrix(logits, target, ignore_index=-100, out=None, *, backend=None, validate=True):
+    """(C, C) int64 confusion counts, row = label, column = argmax (first index on ties).
+
+    With ``out`` the counts are added into it in place and ``out`` is returned.
+    """
+    check_inputs(logits, target, ignore_index)
+    check_confusion(out, logits, "out")
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.confusion_matrix(logits, target, ignore_index, out, validate)
+    C = logits.shape[1]
+    if out is None:
+        out = torch.zeros(C, C, dtype=torch.int64, device=logits.device)
+    with torch.no_grad():
+        _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum", out, validate)
+    return out
+
+
+def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=True):
+    """(count, tp): int64 (C,) valid pixels of each class and those whose argmax is their class."""
+    check_inputs(logits, target, ignore_index)
+    name = resolve_backend(backend, logits)
+    if name == "reference":
+        return _ref.class_stats(logits, target, ignore_index, validate)
+    with torch.no_grad():
+        _, _, count, tp = _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum",
+                                 None, validate)
+    return count, tp

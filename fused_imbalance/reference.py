@@ -1,0 +1,237 @@
+"""Eager PyTorch implementations of every loss: the executable specification (DESIGN.md §2–§4).
+
+These are written for clarity, not speed: they materialise softmax, one-hot targets and
+per-class masks. Every fused kernel is tested against them. They are also the ``"reference"``
+backend of :mod:`fused_imbalance.functional`.
+
+Conventions (all functions): logits (N, C) or (B, C, d1..dk) in any layout; target (N,) or
+(B, d1..dk) with integer labels; pixels whose label is ``ignore_index`` contribute nothing;
+arithmetic in float32 (float64 for float64 logits); ``"none"`` returns the per-pixel loss
+shaped like ``target`` (0 at ignored pixels); a zero denominator gives loss 0 and gradient 0.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import weights as _weights
+from ._checks import (acc_dtype, bad_label_error, check_class_vector, check_confusion, check_gamma,
+                      check_inputs)
+
+__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
+           "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss"]
+
+LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
+
+
+class _Pixels:
+    """Logits as (N, C) rows in the accumulation dtype, labels, and the validity mask."""
+
+    def __init__(self, logits, target, ignore_index, validate=True):
+        C = logits.shape[1]
+        self.C = C
+        self.shape = target.shape
+        self.x = logits.movedim(1, -1).reshape(-1, C).to(acc_dtype(logits))
+        y = target.reshape(-1).long()
+        self.valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        if validate and bool((self.valid & ~in_range).any()):
+            raise bad_label_error(target, C, ignore_index)
+        self.valid = self.valid & in_range
+        self.y = torch.where(self.valid, y, torch.zeros_like(y))
+
+    def onehot(self):
+        return F.one_hot(self.y, self.C).to(self.x.dtype)
+
+    def stats(self):
+        """(count, tp): valid pixels of each class and those whose argmax is their class."""
+        pred = self.x.argmax(dim=1)
+        count = torch.bincount(self.y[self.valid], minlength=self.C)
+        tp = torch.bincount(self.y[self.valid & (pred == self.y)], minlength=self.C)
+        return count, tp
+
+    def add_confusion(self, confusion):
+        if confusion is None:
+            return
+        pred = self.x.argmax(dim=1)
+        idx = self.y[self.valid] * self.C + pred[self.valid]
+        confusion += torch.bincount(idx, minlength=self.C * self.C).view(self.C, self.C)
+
+
+def _softmax_focal(px, gamma):
+    logp = torch.log_softmax(px.x, dim=1).gather(1, px.y[:, None]).squeeze(1)
+    if gamma == 0.0:
+        return -logp
+    one_minus_p = -torch.expm1(logp)
+    return -one_minus_p.pow(gamma) * logp
+
+
+def _sigmoid_focal(px, gamma):
+    t = px.onehot()
+    log_q, log_1mq = F.logsigmoid(px.x), F.logsigmoid(-px.x)
+    if gamma == 0.0:
+        fl = -(t * log_q + (1 - t) * log_1mq)
+    else:
+        q = torch.sigmoid(px.x)
+        fl = -t * (1 - q).pow(gamma) * log_q - (1 - t) * q.pow(gamma) * log_1mq
+    return fl.sum(dim=1)
+
+
+def _mse(px, outlying, on_softmax):
+    a = torch.softmax(px.x, dim=1) if on_softmax else px.x
+    t = px.onehot() * outlying[px.y][:, None]
+    return 0.5 * (a - t).pow(2).sum(dim=1)
+
+
+def _reduce(px, loss, w, reduction, mean_over_weights):
+    """Weighted reduction of per-pixel losses (DESIGN.md §2 "Mean")."""
+    valid = px.valid.to(loss.dtype)
+    loss = torch.where(px.valid, loss, torch.zeros_like(loss))
+    wp = valid if w is None else w[px.y] * valid
+    weighted = wp * loss
+    if reduction == "none":
+        return weighted.reshape(px.shape)
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    denom = wp.sum() if mean_over_weights else valid.sum()
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _softmax_family(logits, target, weight, gamma, ignore_index, reduction, confusion, mean_over_weights,
+                    validate=True):
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    gamma = check_gamma(gamma)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    return _reduce(px, _softmax_focal(px, gamma), w, reduction, mean_over_weights)
+
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", confusion=None,
+                  validate=True):
+    """−log p_y; ``"mean"`` = Σ w_y ℓ / Σ w_y, as ``torch.nn.functional.cross_entropy``."""
+    return _softmax_family(logits, target, weight, 0.0, ignore_index, reduction, confusion, True, validate)
+
+
+def focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", confusion=None,
+               validate=True):
+    """−(1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is ``cross_entropy``."""
+    return _softmax_family(logits, target, weight, gamma, ignore_index, reduction, confusion, True, validate)
+
+
+def sigmoid_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",
+                       confusion=None, validate=True):
+    """Σ_k of the sigmoid focal loss of each class logit against the one-hot target."""
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    gamma = check_gamma(gamma)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    return _reduce(px, _sigmoid_focal(px, gamma), w, reduction, True)
+
+
+def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore_index=-100, reduction="mean",
+                  confusion=None, validate=True):
+    """A ``loss_type`` loss ("softmax", "sigmoid", "focal", "softmax_focal") with fixed class
+    weights and the paper mean Σ w_y ℓ / N_valid."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    gamma = check_gamma(gamma)
+    w = check_class_vector(weight, "weight", logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    if loss_type == "softmax":
+        loss = _softmax_focal(px, 0.0)
+    elif loss_type == "softmax_focal":
+        loss = _softmax_focal(px, gamma)
+    else:
+        loss = _sigmoid_focal(px, gamma if loss_type == "focal" else 0.0)
+    return _reduce(px, loss, w, reduction, False)
+
+
+def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0,
+                        ignore_index=-100, reduction="mean", confusion=None, validate=True):
+    """Class-balanced loss (Cui et al. 2019) with effective-number weights summing to C.
+
+    ``"mean"`` divides by the number of valid pixels, as the official code.
+    """
+    w = _weights.effective_number(samples_per_class, beta).to(logits.device)
+    return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion, validate)
+
+
+def recall_weights(count, tp):
+    """w_c = 1 − TP_c / n_c, and 1 for a class absent from the batch."""
+    count = count.to(torch.float64)
+    recall = tp.to(torch.float64) / count.clamp_min(1)
+    return torch.where(count > 0, 1.0 - recall, torch.ones_like(recall))
+
+
+def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None, confusion=None,
+                validate=True):
+    """Recall loss (Tian et al. 2021): −(1 − R_y) log p_y with R the batch recall.
+
+    ``recall`` may be a (C,) tensor used instead of the batch recall, or a callable
+    ``recall(count, tp) -> (C,) tensor`` given the batch's per-class counts and true positives
+    (for moving averages and all-reduced statistics). ``"mean"`` is over valid pixels.
+    """
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    if recall is None:
+        w = recall_weights(*px.stats())
+    else:
+        if callable(recall):
+            recall = recall(*px.stats())
+        w = 1.0 - check_class_vector(recall, "recall", logits)
+    w = w.to(px.x.dtype)
+    return _reduce(px, _softmax_focal(px, 0.0), w, reduction, False)
+
+
+def cdb_loss(logits, target, class_accuracy, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean",
+             confusion=None, validate=True):
+    """Class-wise difficulty-balanced loss (Sinha et al. 2020): −w_y (1 − p_y)^γ log p_y,
+    w = (1 − A)^τ; ``"mean"`` is over valid pixels."""
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    gamma = check_gamma(gamma)
+    w = _weights.cdb(class_accuracy, tau)
+    w = check_class_vector(w.to(logits.device), "class_accuracy", logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    return _reduce(px, _softmax_focal(px, gamma), w, reduction, False)
+
+
+def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="mean", input="logits",
+                      confusion=None, validate=True):
+    """MSE with outlying labels (eq. 4): ½ Σ_k (a_k − t_k)², t_k = outlying[y]·[k = y];
+    a = logits (``input="logits"``) or softmax (``input="softmax"``); mean over valid pixels."""
+    if input not in ("logits", "softmax"):
+        raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    out = check_class_vector(outlying, "outlying", logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    return _reduce(px, _mse(px, out, input == "softmax"), None, reduction, False)
+
+
+def confusion_matrix(logits, target, ignore_index=-100, out=None, validate=True):
+    """(C, C) int64 counts, row = label, column = argmax (first index on ties); adds into ``out``."""
+    check_inputs(logits, target, ignore_index)
+    check_confusion(out, logits, "out")
+    C = logits.shape[1]
+    if out is None:
+        out = torch.zeros(C, C, dtype=torch.int64, device=logits.device)
+    px = _Pixels(logits.detach(), target, ignore_index, validate)
+    px.add_confusion(out)
+    return out
+
+
+def class_stats(logits, target, ignore_index=-100, validate=True):
+    """(count, tp): int64 (C,) valid pixels per class and those whose argmax is their class."""
+    check_inputs(logits, target, ignore_index)
+    return _Pixels(logits.detach(), target, ignore_index, validate).stats()
