@@ -20,4 +20,5 @@ python -c "from fused_imbalance.ops import cpp; print('C++ backend built:', cpp.
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
 fi
+export FUSED_IMBALANCE_REQUIRE_BACKENDS=${FUSED_IMBALANCE_REQUIRE_BACKENDS:-cpp,triton}
 python -m pytest tests -q -ra "$@"

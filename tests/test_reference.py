@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import fused_imbalance.functional as FI
 from fused_imbalance import weights
+from cases import ALL_LOSSES, make_data
 from tolerances import TOL
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -14,12 +15,7 @@ B = dict(backend="reference")
 
 
 def _data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    C = shape[1]
-    y = torch.randint(0, C, (shape[0],) + shape[2:], generator=g)
-    y.view(-1)[::7] = ignore
-    return x, y
+    return make_data(shape, dtype, seed, ignore)
 
 
 # --- hand-worked values -------------------------------------------------------------------
@@ -141,19 +137,6 @@ def test_sigmoid_focal_gamma0_equals_bce_summed(reduction):
 
 
 # --- layouts ------------------------------------------------------------------------------
-
-ALL_LOSSES = {
-    "cross_entropy": lambda x, y, **k: FI.cross_entropy(x, y, torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype), **k),
-    "focal_loss": lambda x, y, **k: FI.focal_loss(x, y, gamma=2.0, **k),
-    "sigmoid_focal_loss": lambda x, y, **k: FI.sigmoid_focal_loss(x, y, gamma=1.5, **k),
-    "class_balanced_loss": lambda x, y, **k: FI.class_balanced_loss(
-        x, y, list(range(1, x.shape[1] + 1)), beta=0.9, loss_type="focal", **k),
-    "recall_loss": lambda x, y, **k: FI.recall_loss(x, y, **k),
-    "cdb_loss": lambda x, y, **k: FI.cdb_loss(x, y, torch.linspace(0.2, 0.9, x.shape[1]), gamma=0.5, **k),
-    "mse_outlying_loss": lambda x, y, **k: FI.mse_outlying_loss(
-        x, y, torch.arange(1, x.shape[1] + 1, dtype=x.dtype), input="softmax", **k),
-}
-
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_channels_last_and_flattened_equal_contiguous(name):
