@@ -1,0 +1,340 @@
+"""Loss modules: equal to the functional calls, buffers, and the dynamic weights worked by hand."""
+import math
+
+import pytest
+import torch
+from tolerances import LOSS_TOL, TOL
+
+from fused_imbalance import functional, weights
+from fused_imbalance.losses import CDBLoss, ClassBalancedLoss, FocalLoss, OutlyingMSELoss, RecallLoss
+from fused_imbalance.metrics import ConfusionMatrix
+
+IGN = 255
+COUNTS = [500, 20, 3, 0, 77]
+
+
+def _available(name):
+    try:
+        functional.resolve_backend(name, torch.zeros(1, 2))
+        return True
+    except RuntimeError:
+        return False
+
+
+# The fused backends are tested against the reference elsewhere; here they only check that
+# the modules' callbacks (the recall moving average) see the same statistics.
+BACKENDS = ["reference"] + [b for b in ("cpp", "triton") if _available(b)]
+
+
+def batch(C=5, shape=(2, 3, 7), dtype=torch.float32, seed=0):
+    """(B, C, H, W) logits and (B, H, W) uint8 labels with ignored pixels and class 3 absent."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, W = shape
+    logits = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, C, (B, H, W), generator=g)
+    target[target == 3] = 0
+    target[torch.rand(B, H, W, generator=g) < 0.2] = IGN
+    return logits, target.to(torch.uint8)
+
+
+def assert_same_loss_and_grad(module, fn, logits, target):
+    """module(logits, target) == fn(logits, target), values and gradients."""
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    a, b = module(x1, target), fn(x2, target)
+    torch.testing.assert_close(a, b, **LOSS_TOL[logits.dtype])
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL[logits.dtype])
+
+
+# ---------------------------------------------------------------- module == functional
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weight", [None, [1.0, 2.0, 0.5, 3.0, 0.25]])
+def test_focal_loss_module(reduction, weight):
+    logits, target = batch()
+    m = FocalLoss(gamma=1.5, weight=weight, ignore_index=IGN, reduction=reduction, backend="reference")
+    w = None if weight is None else torch.tensor(weight)
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.focal_loss(x, y, 1.5, w, IGN, reduction, backend="reference"), logits, target)
+
+
+def test_focal_loss_gamma_zero_is_torch_cross_entropy():
+    # an independent check of the whole chain module -> functional -> reference
+    logits, target = batch(dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0, 0.25], dtype=torch.float64)
+    m = FocalLoss(gamma=0.0, weight=w, ignore_index=IGN, backend="reference")
+    expected = torch.nn.functional.cross_entropy(logits, target.long(), weight=w, ignore_index=IGN)
+    torch.testing.assert_close(m(logits, target), expected, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("loss_type", ["softmax", "sigmoid", "focal", "softmax_focal"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_balanced_module(loss_type, reduction):
+    logits, target = batch()
+    m = ClassBalancedLoss(COUNTS, beta=0.99, loss_type=loss_type, gamma=0.5, ignore_index=IGN,
+                          reduction=reduction, backend="reference")
+    torch.testing.assert_close(m.weight, weights.effective_number(COUNTS, 0.99), atol=0, rtol=0)
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.class_balanced_loss(x, y, COUNTS, 0.99, loss_type, 0.5, IGN, reduction,
+                                                       backend="reference"),
+        logits, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_recall_module_without_momentum(backend, reduction):
+    logits, target = batch()
+    m = RecallLoss(5, ignore_index=IGN, reduction=reduction, backend=backend)
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target)
+    # without torch.distributed initialised, distributed=True is the same loss
+    m = RecallLoss(5, ignore_index=IGN, reduction=reduction, distributed=True, backend=backend)
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_cdb_module(gamma):
+    logits, target = batch()
+    acc = [0.9, 0.5, 0.2, 0.0, 0.7]
+    m = CDBLoss(5, gamma=gamma, ignore_index=IGN, backend="reference")
+    # before any update the weights are ones: the plain (focal) loss averaged over valid pixels
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.focal_loss(x, y, gamma, None, IGN, backend="reference"), logits, target)
+    m.update(acc)
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.cdb_loss(x, y, torch.tensor(acc), "dynamic", gamma, IGN, backend="reference"),
+        logits, target)
+    m = CDBLoss(5, tau=1.5, gamma=gamma, ignore_index=IGN, reduction="sum", backend="reference")
+    m.update(torch.tensor(acc))
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.cdb_loss(x, y, acc, 1.5, gamma, IGN, "sum", backend="reference"),
+        logits, target)
+
+
+@pytest.mark.parametrize("input", ["logits", "softmax"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_outlying_mse_module(input, reduction):
+    logits, target = batch()
+    m = OutlyingMSELoss(COUNTS, alpha=0.5, input=input, ignore_index=IGN, reduction=reduction,
+                        backend="reference")
+    out = weights.outlying_labels(COUNTS, 0.5)
+    torch.testing.assert_close(m.outlying, torch.tensor([0.5, 1.5, 2.0, 2.5, 1.0]), atol=0, rtol=0)
+    assert_same_loss_and_grad(
+        m, lambda x, y: functional.mse_outlying_loss(x, y, out, IGN, reduction, input, backend="reference"),
+        logits, target)
+
+
+def test_modules_forward_confusion():
+    logits, target = batch()
+    expected = ConfusionMatrix(5, ignore_index=IGN)
+    expected.update(logits, target)
+    cdb = CDBLoss(5, ignore_index=IGN, backend="reference")
+    cdb.update([0.5] * 5)
+    modules = [FocalLoss(ignore_index=IGN, backend="reference"),
+               ClassBalancedLoss(COUNTS, ignore_index=IGN, backend="reference"),
+               RecallLoss(5, ignore_index=IGN, backend="reference"),
+               RecallLoss(5, momentum=0.5, ignore_index=IGN, backend="reference"),
+               cdb,
+               OutlyingMSELoss(COUNTS, ignore_index=IGN, backend="reference")]
+    for m in modules:
+        confusion = torch.zeros(5, 5, dtype=torch.int64)
+        m(logits, target, confusion=confusion)
+        assert torch.equal(confusion, expected.compute()), type(m).__name__
+
+
+# ---------------------------------------------------------------- buffers
+
+def test_buffers_state_dict_and_to():
+    modules = {
+        "focal": (FocalLoss(weight=[1.0, 2.0, 0.5, 3.0, 0.25], ignore_index=IGN, backend="reference"), ["weight"]),
+        "cb": (ClassBalancedLoss(COUNTS, ignore_index=IGN, backend="reference"), ["weight"]),
+        "recall": (RecallLoss(5, momentum=0.9, ignore_index=IGN, backend="reference"), ["running_recall", "seen"]),
+        "cdb": (CDBLoss(5, ignore_index=IGN, backend="reference"), ["weight"]),
+        "mse": (OutlyingMSELoss(COUNTS, ignore_index=IGN, backend="reference"), ["outlying"]),
+    }
+    logits, target = batch()
+    for name, (m, buffers) in modules.items():
+        assert sorted(m.state_dict()) == sorted(buffers), name
+        float_buffers = [b for b in buffers if getattr(m, b).is_floating_point()]
+        m.to(torch.float64).to("cpu")
+        for b in float_buffers:
+            assert getattr(m, b).dtype == torch.float64, (name, b)
+        # float64 buffers serve float32 and float64 logits alike
+        assert m(logits, target).dtype == torch.float32
+        assert m(logits.double(), target).dtype == torch.float64
+    assert modules["recall"][0].seen.dtype == torch.bool
+    # no weight: no buffer in the state dict
+    assert list(FocalLoss().state_dict()) == []
+    assert list(RecallLoss(3).state_dict()) == []
+
+
+def test_state_dict_round_trip():
+    logits, target = batch()
+    a = RecallLoss(5, momentum=0.8, ignore_index=IGN, backend="reference")
+    a(logits, target)
+    b = RecallLoss(5, momentum=0.8, ignore_index=IGN, backend="reference")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.running_recall, b.running_recall) and torch.equal(a.seen, b.seen)
+    c = CDBLoss(5, backend="reference")
+    c.update([0.9, 0.5, 0.2, 0.1, 0.7])
+    d = CDBLoss(5, backend="reference")
+    d.load_state_dict(c.state_dict())
+    assert torch.equal(c.weight, d.weight)
+
+
+# ---------------------------------------------------------------- recall weights by hand
+
+# Two classes; logits [1, 0] predict class 0 and [0, 1] class 1, so every pixel's
+# cross-entropy is either A (argmax right) or B (argmax wrong):
+A = math.log(1 + math.exp(-1))  # -log softmax([1, 0])[0]
+B = math.log(1 + math.exp(1))   # -log softmax([1, 0])[1]
+
+
+def toy(labels, preds):
+    logits = torch.tensor([[1.0, 0.0] if p == 0 else [0.0, 1.0] for p in preds], dtype=torch.float64)
+    return logits, torch.tensor(labels)
+
+
+def test_recall_weights_by_hand():
+    # labels 0 0 0 1 ign, argmax 0 0 1 1 0: R_0 = 2/3 -> w_0 = 1/3; R_1 = 1/1 -> w_1 = 0
+    logits, target = toy([0, 0, 0, 1, IGN], [0, 0, 1, 1, 0])
+    pixel = [A / 3, A / 3, B / 3, 0.0, 0.0]
+    for reduction, expected in [("none", pixel), ("sum", sum(pixel)), ("mean", sum(pixel) / 4)]:
+        m = RecallLoss(2, ignore_index=IGN, reduction=reduction, backend="reference")
+        torch.testing.assert_close(m(logits, target), torch.tensor(expected, dtype=torch.float64),
+                                   **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recall_momentum_by_hand(backend):
+    m = RecallLoss(2, momentum=0.9, ignore_index=IGN, backend=backend)
+    tol = TOL[torch.float32]  # the running recall is a float32 buffer
+
+    # step 1: labels 0 0, argmax 0 1. R_0 = 1/2; class 0 appears for the first time, so
+    # R̄_0 = 1/2 (not 0.9·0 + 0.1·1/2); class 1 absent: R̄_1 stays 0 -> weights [1/2, 1]
+    logits, target = toy([0, 0], [0, 1])
+    loss = m(logits, target)
+    torch.testing.assert_close(m.running_recall, torch.tensor([0.5, 0.0]), **tol)
+    assert m.seen.tolist() == [True, False]
+    torch.testing.assert_close(loss, torch.tensor((A + B) / 2 / 2, dtype=torch.float64), **tol)
+
+    # step 2: labels 0 1 1 1, argmax 0 1 0 1. R_0 = 1, R_1 = 2/3 (first time).
+    # R̄_0 = 0.9·0.5 + 0.1·1 = 0.55, R̄_1 = 2/3 -> weights [0.45, 1/3]
+    logits, target = toy([0, 1, 1, 1], [0, 1, 0, 1])
+    loss = m(logits, target)
+    torch.testing.assert_close(m.running_recall, torch.tensor([0.55, 2 / 3]), **tol)
+    assert m.seen.tolist() == [True, True]
+    torch.testing.assert_close(loss, torch.tensor((0.45 * A + (2 * A + B) / 3) / 4, dtype=torch.float64), **tol)
+
+    # step 3: labels 1 ign, argmax 1 0. R_1 = 1: R̄_1 = 0.9·2/3 + 0.1·1 = 0.7; class 0
+    # absent: R̄_0 stays 0.55 -> weights [0.45, 0.3]
+    logits, target = toy([1, IGN], [1, 0])
+    loss = m(logits, target)
+    torch.testing.assert_close(m.running_recall, torch.tensor([0.55, 0.7]), **tol)
+    torch.testing.assert_close(loss, torch.tensor(0.3 * A, dtype=torch.float64), **tol)
+
+    # eval mode: the stored R̄ is used and left unchanged. labels 0 1, argmax 1 1:
+    # weights [0.45, 0.3], mean (0.45·B + 0.3·A) / 2
+    m.eval()
+    logits, target = toy([0, 1], [1, 1])
+    loss = m(logits, target)
+    torch.testing.assert_close(m.running_recall, torch.tensor([0.55, 0.7]), **tol)
+    torch.testing.assert_close(loss, torch.tensor((0.45 * B + 0.3 * A) / 2, dtype=torch.float64), **tol)
+
+
+def test_recall_momentum_zero_is_batch_recall_once_seen():
+    logits, target = batch(seed=1)
+    m = RecallLoss(5, momentum=0.0, ignore_index=IGN, backend="reference")
+    torch.testing.assert_close(m(logits, target), functional.recall_loss(logits, target, IGN, backend="reference"),
+                               **LOSS_TOL[torch.float32])
+
+
+def test_recall_loss_checks():
+    with pytest.raises(ValueError, match="momentum"):
+        RecallLoss(3, momentum=1.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        RecallLoss(0)
+    with pytest.raises(ValueError, match="reduction"):
+        RecallLoss(3, reduction="avg")
+    logits, target = batch()
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        RecallLoss(4, ignore_index=IGN, backend="reference")(logits, target)
+
+
+# ---------------------------------------------------------------- CDB weights by hand
+
+def test_cdb_update_from_confusion_by_hand():
+    # rows = true class: class 0 has 8/10 right, class 1 4/10, class 2 no sample.
+    confusion = torch.tensor([[8, 2, 0],
+                              [1, 4, 5],
+                              [0, 0, 0]])
+    # A = [0.8, 0.4] over the measured classes: b = 0.8 / (0.4 + 1e-4) - 1,
+    # tau = 2 / (1 + e^-b), w = [0.2^tau, 0.6^tau]; class 2 gets the largest, 0.6^tau
+    b = 0.8 / 0.4001 - 1
+    tau = 2 / (1 + math.exp(-b))
+    expected = torch.tensor([0.2 ** tau, 0.6 ** tau, 0.6 ** tau])
+    m = CDBLoss(3, backend="reference")
+    torch.testing.assert_close(m.weight, torch.ones(3), atol=0, rtol=0)  # before any update
+    w = m.update_from_confusion(confusion)
+    torch.testing.assert_close(w, expected, **TOL[torch.float32])
+    assert w is m.weight
+
+    # the same from a ConfusionMatrix metric fed the corresponding predictions
+    cm = ConfusionMatrix(3)
+    labels = [0] * 10 + [1] * 10
+    preds = [0] * 8 + [1] * 2 + [0] + [1] * 4 + [2] * 5
+    cm.update(torch.tensor(preds), torch.tensor(labels))
+    assert torch.equal(cm.compute(), confusion)
+    m2 = CDBLoss(3, backend="reference")
+    m2.update_from_confusion(cm)
+    torch.testing.assert_close(m2.weight, expected, **TOL[torch.float32])
+
+    # fixed tau = 2: [0.04, 0.36, 0.36]
+    m3 = CDBLoss(3, tau=2.0, backend="reference")
+    m3.update_from_confusion(confusion)
+    torch.testing.assert_close(m3.weight, torch.tensor([0.04, 0.36, 0.36]), **TOL[torch.float32])
+
+
+def test_cdb_update_from_full_confusion_matches_update():
+    confusion = torch.tensor([[5, 5, 0], [0, 9, 1], [3, 3, 4]])
+    m1, m2 = CDBLoss(3), CDBLoss(3)
+    m1.update_from_confusion(confusion)
+    m2.update([0.5, 0.9, 0.4])
+    torch.testing.assert_close(m1.weight, m2.weight, **TOL[torch.float32])
+
+
+def test_cdb_checks():
+    m = CDBLoss(3)
+    with pytest.raises(ValueError, match="no sample"):
+        m.update_from_confusion(torch.zeros(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        m.update_from_confusion(torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError):
+        m.update_from_confusion(torch.eye(3))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        m.update([0.5, 0.5])
+    with pytest.raises(ValueError, match="class_accuracy"):
+        m.update([0.5, 0.5, 1.5])
+    with pytest.raises(ValueError, match="tau"):
+        CDBLoss(3, tau="fixed")
+    torch.testing.assert_close(m.weight, torch.ones(3), atol=0, rtol=0)  # failed updates changed nothing
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="loss_type"):
+        ClassBalancedLoss(COUNTS, loss_type="logistic")
+    with pytest.raises(ValueError, match="samples_per_class"):
+        ClassBalancedLoss([1, -2])
+    with pytest.raises(ValueError, match="input"):
+        OutlyingMSELoss(COUNTS, input="probs")
+    with pytest.raises(ValueError, match="alpha"):
+        OutlyingMSELoss(COUNTS, alpha=0)
+    with pytest.raises(ValueError, match="gamma"):
+        FocalLoss(gamma=-1)
+    with pytest.raises(ValueError, match="weight"):
+        FocalLoss(weight=torch.ones(2, 2))
+    with pytest.raises(TypeError, match="ignore_index"):
+        FocalLoss(ignore_index=None)
