@@ -37,6 +37,8 @@ class _Pixels:
             raise bad_label_error(target, C, ignore_index)
         self.valid = self.valid & in_range
         self.y = torch.where(self.valid, y, torch.zeros_like(y))
+        # Ignored pixels contribute nothing, not even a NaN gradient from non-finite logits.
+        self.x = torch.where(self.valid[:, None], self.x, torch.zeros_like(self.x))
 
     def onehot(self):
         return F.one_hot(self.y, self.C).to(self.x.dtype)

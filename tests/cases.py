@@ -4,6 +4,11 @@ import torch
 import fused_imbalance.functional as FI
 
 
+def backend_device(name):
+    """The device a backend's test tensors live on: CPU for cpp, CUDA for triton when there is a GPU."""
+    return "cuda" if (name == "triton" and torch.cuda.is_available()) else "cpu"
+
+
 def make_data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100, label_dtype=torch.int64,
               every=7):
     """Random logits of ``shape`` and labels with every ``every``-th pixel set to ``ignore``."""

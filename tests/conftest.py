@@ -28,3 +28,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the fused backends, for the suites that run on each of them ------------------------------
+
+REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def backend(request):
+    """A fused backend that can run here; skipped when it cannot, unless FUSED_IMBALANCE_REQUIRE_BACKENDS
+    names it (CI names both), where that is a failure."""
+    from cases import backend_device
+    from fused_imbalance.functional import resolve_backend
+    name = request.param
+    try:
+        resolve_backend(name, torch.zeros(1, 2, device=backend_device(name)))
+    except RuntimeError as e:
+        if name in REQUIRED:
+            pytest.fail(f"backend {name!r} is required but unavailable: {e}")
+        pytest.skip(f"backend {name!r} unavailable: {e}")
+    return name

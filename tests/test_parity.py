@@ -5,34 +5,12 @@ The backends run on CPU tensors here: ``cpp`` natively, ``triton`` through TRITO
 A backend that cannot run is skipped, unless it is named in FUSED_IMBALANCE_REQUIRE_BACKENDS
 (CI names both), where that is a failure.
 """
-import os
-
 import pytest
 import torch
 
 import fused_imbalance.functional as FI
-from cases import ALL_LOSSES, make_data, to_layout
+from cases import ALL_LOSSES, backend_device, make_data, to_layout
 from tolerances import LOSS_TOL, TOL
-
-REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _device(backend):
-    return "cpu" if backend == "cpp" else DEVICE
-
-
-@pytest.fixture(params=["cpp", "triton"])
-def backend(request):
-    name = request.param
-    probe = torch.zeros(1, 2, device=_device(name))
-    try:
-        FI.resolve_backend(name, probe)
-    except RuntimeError as e:
-        if name in REQUIRED:
-            pytest.fail(f"backend {name!r} is required but unavailable: {e}")
-        pytest.skip(f"backend {name!r} unavailable: {e}")
-    return name
 
 
 def _run(fn, x, y, backend, reduction, **kw):
@@ -44,7 +22,7 @@ def _run(fn, x, y, backend, reduction, **kw):
 
 
 def check(fn, x, y, backend, reduction="mean", **kw):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x, y = x.to(dev), y.to(dev)
     loss, grad = _run(fn, x, y, backend, reduction, **kw)
     ref_loss, ref_grad = _run(fn, x, y, "reference", reduction, **kw)
@@ -119,7 +97,7 @@ def test_confusion_and_stats_exact(backend, C, layout):
     x = to_layout(x, layout)
     if layout == "rows":
         y = y.reshape(-1)
-    dev = _device(backend)
+    dev = backend_device(backend)
     x, y = x.to(dev), y.to(dev)
     expected = FI.confusion_matrix(x, y, backend="reference")
     assert torch.equal(FI.confusion_matrix(x, y, backend=backend), expected)
@@ -159,7 +137,7 @@ def test_empty(backend):
 
 
 def test_bad_labels(backend):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x, y = make_data((2, 5, 4, 4), torch.float32)
     x, y = x.to(dev), y.to(dev)
     y_bad = y.clone()
@@ -182,7 +160,7 @@ def test_bad_labels(backend):
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_gradcheck_float64(backend, name, reduction):
     x, y = make_data((2, 4, 3, 2), torch.float64)
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = x.to(dev).requires_grad_(True)
     y = y.to(dev)
     fn = ALL_LOSSES[name]
@@ -195,7 +173,7 @@ def test_deterministic(backend, layout):
     x = to_layout(x, layout)
     if layout == "rows":
         y = y.reshape(-1)
-    dev = _device(backend)
+    dev = backend_device(backend)
     x, y = x.to(dev), y.to(dev)
     for name in ("recall_loss", "sigmoid_focal_loss"):
         a = _run(ALL_LOSSES[name], x, y, backend, "mean")
