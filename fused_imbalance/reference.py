@@ -67,14 +67,16 @@ def _softmax_focal(px, gamma):
 
 
 def _sigmoid_focal(px, gamma):
-    t = px.onehot()
-    log_q, log_1mq = F.logsigmoid(px.x), F.logsigmoid(-px.x)
-    if gamma == 0.0:
-        fl = -(t * log_q + (1 - t) * log_1mq)
-    else:
-        q = torch.sigmoid(px.x)
-        fl = -t * (1 - q).pow(gamma) * log_q - (1 - t) * q.pow(gamma) * log_1mq
-    return fl.sum(dim=1)
+    # The label's term −(1−q_y)^γ log q_y and the others' −q_k^γ log(1−q_k), selected, not multiplied
+    # by a one-hot target: 0 · log q_k would turn a −inf logit of another class into NaN.
+    x_y = px.x.gather(1, px.y[:, None]).squeeze(1)
+    pos = -F.logsigmoid(x_y)
+    neg = -F.logsigmoid(-px.x)  # −log(1 − q) = softplus(x)
+    if gamma != 0.0:
+        pos = torch.sigmoid(-x_y).pow(gamma) * pos  # 1 − q_y = σ(−x_y)
+        neg = torch.sigmoid(px.x).pow(gamma) * neg
+    label = F.one_hot(px.y, px.C).bool()
+    return pos + torch.where(label, torch.zeros_like(neg), neg).sum(dim=1)
 
 
 def _mse(px, outlying, on_softmax):

@@ -1,0 +1,215 @@
+"""What users of long training runs rely on: defined behaviour on bad or unusual input, the same
+answer on every backend, determinism, and inputs beyond 2**31 elements."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fused_imbalance.functional as FI
+from cases import ALL_LOSSES, backend_device, make_data
+from tolerances import LOSS_TOL, TOL
+
+# A −inf logit of a class that is not the label is a probability of exactly 0; only the MSE on raw
+# logits, (−inf − 0)², is infinite for it.
+MINUS_INF_FINITE = [n for n in ALL_LOSSES if n != "mse_outlying_logits"]
+
+
+def _loss_and_grad(fn, x, y, backend, reduction="mean", **kw):
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    loss = fn(x, y, reduction=reduction, backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def _same_as_reference(fn, x, y, backend, reduction="mean", **kw):
+    loss, grad = _loss_and_grad(fn, x, y, backend, reduction, **kw)
+    ref_loss, ref_grad = _loss_and_grad(fn, x, y, "reference", reduction, **kw)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL[x.dtype], equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, **TOL[x.dtype], equal_nan=True)
+    return loss, grad
+
+
+# --- non-finite logits ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_nan_logit_poisons_only_its_pixel(backend, name):
+    """A NaN logit in a valid pixel makes that pixel's loss NaN (and so a scalar reduction NaN), as in
+    torch; it leaves the loss of every other pixel alone."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float32, every=0)
+    x, y = x.to(dev), y.to(dev)
+    x[1, 2, 1, 1] = float("nan")
+    fn = ALL_LOSSES[name]
+    per_pixel = fn(x, y, reduction="none", backend=backend).cpu()
+    ref = fn(x, y, reduction="none", backend="reference").cpu()
+    nan = torch.zeros_like(per_pixel, dtype=torch.bool)
+    nan[1, 1, 1] = True
+    if name == "recall_loss":  # the NaN pixel's argmax feeds the weights; only its own loss is NaN
+        assert per_pixel[1, 1, 1].isnan()
+    else:
+        assert torch.equal(per_pixel.isnan(), nan)
+    torch.testing.assert_close(per_pixel[~nan], ref[~nan], **LOSS_TOL[torch.float32])
+    assert fn(x, y, backend=backend).isnan()
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_non_finite_logits_in_ignored_pixels_are_ignored(backend, name):
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float32, every=0)
+    y[0, 0, 0] = y[1, 2, 2] = -100
+    x[0, :, 0, 0] = float("nan")
+    x[1, :, 2, 2] = float("inf")
+    loss, grad = _same_as_reference(ALL_LOSSES[name], x.to(dev), y.to(dev), backend)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (grad[0, :, 0, 0] == 0).all() and (grad[1, :, 2, 2] == 0).all()
+
+
+@pytest.mark.parametrize("name", MINUS_INF_FINITE)
+def test_minus_inf_logit_of_another_class_is_finite(backend, name):
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float32, every=0)
+    x[:, 3] = -math.inf
+    y[y == 3] = 0
+    loss, grad = _same_as_reference(ALL_LOSSES[name], x.to(dev), y.to(dev), backend)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+# --- devices and views -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, y: FI.cross_entropy(x, y, torch.ones(5, device="meta")), "weight is on meta"),
+    (lambda x, y: FI.cross_entropy(x, y.to("meta")), "target is on meta"),
+    (lambda x, y: FI.recall_loss(x, y, recall=torch.ones(5, device="meta")), "recall is on meta"),
+    (lambda x, y: FI.mse_outlying_loss(x, y, torch.ones(5, device="meta")), "outlying is on meta"),
+    (lambda x, y: FI.confusion_matrix(x, y, out=torch.zeros(5, 5, dtype=torch.long, device="meta")), "out is on meta"),
+])
+def test_tensors_on_another_device_are_errors(call, match):
+    x, y = make_data((2, 5, 3, 3), torch.float32)
+    with pytest.raises(ValueError, match=match):
+        call(x, y)
+
+
+VIEWS = {
+    "channel_slice": lambda x, y: (x[:, 1:4], y.remainder(3)),
+    "spatial_step": lambda x, y: (x[:, :, ::2, 1:], y[:, ::2, 1:]),
+    "expanded_batch": lambda x, y: (x[:1].expand(3, *x.shape[1:]), y[:1].expand(3, *y.shape[1:])),
+    "transposed_rows": lambda x, y: (x.movedim(1, -1).reshape(-1, x.shape[1]).t().contiguous().t(),
+                                     y.reshape(-1)),
+    "sliced_rows": lambda x, y: (x.movedim(1, -1).reshape(-1, x.shape[1])[::3], y.reshape(-1)[::3]),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("name", ["focal_loss", "recall_loss", "sigmoid_focal_loss", "mse_outlying_loss"])
+def test_non_contiguous_views(backend, view, name):
+    dev = backend_device(backend)
+    x, y = make_data((2, 5, 6, 7), torch.float32)
+    xv, yv = VIEWS[view](x.to(dev), y.to(dev))
+    _same_as_reference(ALL_LOSSES[name], xv, yv, backend)
+
+
+# --- fuzz --------------------------------------------------------------------------------------
+
+@st.composite
+def _inputs(draw):
+    B = draw(st.integers(0, 3))
+    C = draw(st.integers(1, 12))
+    spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=3)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    label_dtype = draw(st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.int64]))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "permuted"]))
+    seed = draw(st.integers(0, 2**16))
+    ignore_p = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((B, C) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, C, (B,) + spatial, generator=g)
+    y[torch.rand(y.shape, generator=g) < ignore_p] = 255
+    if layout == "channels_last" and len(spatial) in (2, 3):
+        x = x.contiguous(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
+    elif layout == "permuted" and len(spatial) >= 1:  # classes last in memory, any rank
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x, y.to(label_dtype), draw(st.sampled_from(sorted(ALL_LOSSES))), \
+        draw(st.sampled_from(["mean", "sum", "none"]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_inputs())
+def test_fuzz(backend, data):
+    x, y, name, reduction = data
+    dev = backend_device(backend)
+    _same_as_reference(ALL_LOSSES[name], x.to(dev), y.to(dev), backend, reduction, ignore_index=255)
+
+
+# --- determinism -----------------------------------------------------------------------------
+
+def test_deterministic_algorithms_mode(backend):
+    """Under torch.use_deterministic_algorithms(True) every backend runs (no nondeterministic op is
+    taken) and repeated runs are bit-identical."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 19, 16, 17), torch.float32)
+    x, y = x.to(dev), y.to(dev)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for name in ALL_LOSSES:
+            runs = [_loss_and_grad(ALL_LOSSES[name], x, y, backend) for _ in range(3)]
+            for loss, grad in runs[1:]:
+                assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1]), name
+            conf = [FI.confusion_matrix(x, y, backend=backend) for _ in range(2)]
+            assert torch.equal(conf[0], conf[1])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+# --- beyond 2**31 elements -------------------------------------------------------------------
+
+def _huge_case(n_pixels, device, dtype):
+    """Logits (1, 2, n) that are the same two values at every pixel (expanded: no memory) and real
+    uint8 labels whose classes change along the pixels, so a wrapped 32-bit pixel index reads the
+    wrong label and changes the counts."""
+    a, b = 0.25, -1.5
+    x = torch.tensor([a, b], dtype=dtype, device=device).view(1, 2, 1).expand(1, 2, n_pixels)
+    y = torch.zeros(1, n_pixels, dtype=torch.uint8, device=device)
+    n1 = n_pixels // 3
+    y[0, -n1:] = 1                       # the last third, past 2**31, is class 1
+    y[0, -7:] = 255                      # and the very last pixels are ignored
+    lse = math.log(math.exp(a) + math.exp(b))
+    n0 = n_pixels - n1
+    n1 -= 7
+    return x, y, (n0, n1), n0 * (lse - a) + n1 * (lse - b)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_pixels_cpu():
+    """Counts and loss over 2**31 + 2**10 pixels (2**32 + 2**11 logits) on the C++ backend."""
+    try:
+        FI.resolve_backend("cpp", torch.zeros(1, 2))
+    except RuntimeError as e:
+        pytest.skip(f"cpp backend unavailable: {e}")
+    n = 2**31 + 2**10
+    x, y, (n0, n1), total = _huge_case(n, "cpu", torch.float32)
+    with torch.no_grad():
+        count, tp = FI.class_stats(x, y, ignore_index=255, backend="cpp")
+        s = FI.cross_entropy(x, y, ignore_index=255, reduction="sum", backend="cpp")
+    assert count.tolist() == [n0, n1] and tp.tolist() == [n0, 0]
+    assert s.item() == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_more_than_2_31_elements_cuda():
+    """A real (not expanded) bfloat16 input of more than 2**31 elements, forward and backward."""
+    n = 2**30 + 2**20
+    x = torch.randn(1, 2, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, 2, (1, n), device="cuda", dtype=torch.uint8)
+    y[0, -1000:] = 1
+    x.requires_grad_(True)
+    loss = FI.cross_entropy(x, y, reduction="sum", backend="triton")
+    loss.backward()
+    xf = x.detach().float()
+    lse = torch.logsumexp(xf, dim=1)
+    expected = (lse - xf.gather(1, y.long()[:, None]).squeeze(1)).double().sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    p_tail = torch.softmax(xf[:, :, -1000:], dim=1)
+    torch.testing.assert_close(x.grad[0, 1, -1000:].float(), (p_tail[0, 1] - 1), **TOL[torch.bfloat16])
