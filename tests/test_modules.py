@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from cases import backend_device
 from tolerances import LOSS_TOL, TOL
 
 from fused_imbalance import functional, weights
@@ -11,19 +12,6 @@ from fused_imbalance.metrics import ConfusionMatrix
 
 IGN = 255
 COUNTS = [500, 20, 3, 0, 77]
-
-
-def _available(name):
-    try:
-        functional.resolve_backend(name, torch.zeros(1, 2))
-        return True
-    except RuntimeError:
-        return False
-
-
-# The fused backends are tested against the reference elsewhere; here they only check that
-# the modules' callbacks (the recall moving average) see the same statistics.
-BACKENDS = ["reference"] + [b for b in ("cpp", "triton") if _available(b)]
 
 
 def batch(C=5, shape=(2, 3, 7), dtype=torch.float32, seed=0):
@@ -82,17 +70,26 @@ def test_class_balanced_module(loss_type, reduction):
         logits, target)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_recall_module_without_momentum(backend, reduction):
+def test_recall_module_without_momentum(reduction):
     logits, target = batch()
-    m = RecallLoss(5, ignore_index=IGN, reduction=reduction, backend=backend)
-    assert_same_loss_and_grad(
-        m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target)
-    # without torch.distributed initialised, distributed=True is the same loss
-    m = RecallLoss(5, ignore_index=IGN, reduction=reduction, distributed=True, backend=backend)
-    assert_same_loss_and_grad(
-        m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target)
+    for distributed in (False, True):  # without torch.distributed initialised: the same loss
+        m = RecallLoss(5, ignore_index=IGN, reduction=reduction, distributed=distributed, backend="reference")
+        assert_same_loss_and_grad(
+            m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_recall_module_fused(backend, reduction):
+    # the fused backends are compared with the reference elsewhere; here the module's recall
+    # callback must see their statistics: momentum 0 is the batch recall once a class is seen
+    dev = backend_device(backend)
+    logits, target = batch()
+    expected = functional.recall_loss(logits, target, IGN, reduction, backend="reference")
+    for momentum in (None, 0.0):
+        m = RecallLoss(5, momentum=momentum, ignore_index=IGN, reduction=reduction, distributed=True,
+                       backend=backend).to(dev)
+        torch.testing.assert_close(m(logits.to(dev), target.to(dev)).cpu(), expected, **LOSS_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
@@ -193,9 +190,9 @@ A = math.log(1 + math.exp(-1))  # -log softmax([1, 0])[0]
 B = math.log(1 + math.exp(1))   # -log softmax([1, 0])[1]
 
 
-def toy(labels, preds):
+def toy(labels, preds, dev="cpu"):
     logits = torch.tensor([[1.0, 0.0] if p == 0 else [0.0, 1.0] for p in preds], dtype=torch.float64)
-    return logits, torch.tensor(labels)
+    return logits.to(dev), torch.tensor(labels, device=dev)
 
 
 def test_recall_weights_by_hand():
@@ -208,40 +205,47 @@ def test_recall_weights_by_hand():
                                    **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_recall_momentum_by_hand(backend):
-    m = RecallLoss(2, momentum=0.9, ignore_index=IGN, backend=backend)
+def test_recall_momentum_by_hand():
+    momentum_by_hand("reference", "cpu")
+
+
+def test_recall_momentum_by_hand_fused(backend):
+    momentum_by_hand(backend, backend_device(backend))
+
+
+def momentum_by_hand(backend, dev):
+    m = RecallLoss(2, momentum=0.9, ignore_index=IGN, backend=backend).to(dev)
     tol = TOL[torch.float32]  # the running recall is a float32 buffer
 
     # step 1: labels 0 0, argmax 0 1. R_0 = 1/2; class 0 appears for the first time, so
     # R̄_0 = 1/2 (not 0.9·0 + 0.1·1/2); class 1 absent: R̄_1 stays 0 -> weights [1/2, 1]
-    logits, target = toy([0, 0], [0, 1])
-    loss = m(logits, target)
-    torch.testing.assert_close(m.running_recall, torch.tensor([0.5, 0.0]), **tol)
-    assert m.seen.tolist() == [True, False]
+    logits, target = toy([0, 0], [0, 1], dev)
+    loss = m(logits, target).cpu()
+    torch.testing.assert_close(m.running_recall.cpu(), torch.tensor([0.5, 0.0]), **tol)
+    assert m.seen.cpu().tolist() == [True, False]
     torch.testing.assert_close(loss, torch.tensor((A + B) / 2 / 2, dtype=torch.float64), **tol)
 
     # step 2: labels 0 1 1 1, argmax 0 1 0 1. R_0 = 1, R_1 = 2/3 (first time).
     # R̄_0 = 0.9·0.5 + 0.1·1 = 0.55, R̄_1 = 2/3 -> weights [0.45, 1/3]
-    logits, target = toy([0, 1, 1, 1], [0, 1, 0, 1])
-    loss = m(logits, target)
-    torch.testing.assert_close(m.running_recall, torch.tensor([0.55, 2 / 3]), **tol)
-    assert m.seen.tolist() == [True, True]
+    logits, target = toy([0, 1, 1, 1], [0, 1, 0, 1], dev)
+    loss = m(logits, target).cpu()
+    torch.testing.assert_close(m.running_recall.cpu(), torch.tensor([0.55, 2 / 3]), **tol)
+    assert m.seen.cpu().tolist() == [True, True]
     torch.testing.assert_close(loss, torch.tensor((0.45 * A + (2 * A + B) / 3) / 4, dtype=torch.float64), **tol)
 
     # step 3: labels 1 ign, argmax 1 0. R_1 = 1: R̄_1 = 0.9·2/3 + 0.1·1 = 0.7; class 0
     # absent: R̄_0 stays 0.55 -> weights [0.45, 0.3]
-    logits, target = toy([1, IGN], [1, 0])
-    loss = m(logits, target)
-    torch.testing.assert_close(m.running_recall, torch.tensor([0.55, 0.7]), **tol)
+    logits, target = toy([1, IGN], [1, 0], dev)
+    loss = m(logits, target).cpu()
+    torch.testing.assert_close(m.running_recall.cpu(), torch.tensor([0.55, 0.7]), **tol)
     torch.testing.assert_close(loss, torch.tensor(0.3 * A, dtype=torch.float64), **tol)
 
     # eval mode: the stored R̄ is used and left unchanged. labels 0 1, argmax 1 1:
     # weights [0.45, 0.3], mean (0.45·B + 0.3·A) / 2
     m.eval()
-    logits, target = toy([0, 1], [1, 1])
-    loss = m(logits, target)
-    torch.testing.assert_close(m.running_recall, torch.tensor([0.55, 0.7]), **tol)
+    logits, target = toy([0, 1], [1, 1], dev)
+    loss = m(logits, target).cpu()
+    torch.testing.assert_close(m.running_recall.cpu(), torch.tensor([0.55, 0.7]), **tol)
     torch.testing.assert_close(loss, torch.tensor((0.45 * B + 0.3 * A) / 2, dtype=torch.float64), **tol)
 
 
@@ -250,6 +254,24 @@ def test_recall_momentum_zero_is_batch_recall_once_seen():
     m = RecallLoss(5, momentum=0.0, ignore_index=IGN, backend="reference")
     torch.testing.assert_close(m(logits, target), functional.recall_loss(logits, target, IGN, backend="reference"),
                                **LOSS_TOL[torch.float32])
+
+
+@pytest.mark.cuda
+def test_recall_forward_has_no_host_sync(backend):
+    # the moving average and the weights stay on the device: with validate=False a training
+    # step of RecallLoss never waits for the GPU
+    if backend_device(backend) != "cuda":
+        pytest.skip("host syncs are a CUDA matter")
+    logits, target = batch()
+    logits, target = logits.cuda().requires_grad_(), target.cuda()
+    m = RecallLoss(5, momentum=0.9, ignore_index=IGN, backend=backend, validate=False).cuda()
+    m(logits, target)  # warm-up: kernel compilation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m(logits, target).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_recall_loss_checks():
