@@ -4,6 +4,8 @@ from fractions import Fraction
 import pytest
 import torch
 
+from cases import backend_device
+
 from fused_imbalance.metrics import ConfusionMatrix
 
 IGN = 255
@@ -85,6 +87,17 @@ def test_dense_logits_and_ties(backend):
     cm2 = ConfusionMatrix(3, ignore_index=IGN)
     cm2.update(preds.reshape(2, 1, 5).to(torch.uint8), target.reshape(2, 1, 5))
     assert torch.equal(cm.compute(), cm2.compute())
+
+
+def test_logits_on_fused_backend(backend):
+    dev = backend_device(backend)
+    target, preds = batch(torch.int64)
+    x = one_hot_logits(preds, 3)
+    x[0] = 0.5  # a tie: the first index
+    cm = ConfusionMatrix(3, ignore_index=IGN, backend=backend).to(dev)
+    cm.update(x.to(dev), target.to(dev))
+    cm.update(x.to(dev).half(), target.to(dev).to(torch.uint8))
+    assert cm.compute().cpu().tolist() == [[2 * v for v in row] for row in MATRIX]
 
 
 def test_accumulates_over_batches_and_resets():
