@@ -1,0 +1,486 @@
+// CPU implementations of fused_imbalance::cpp_loss_fwd / cpp_loss_bwd / cpp_class_stats
+// (contract: fused_imbalance/ops/__init__.py).
+//
+// The pixels are cut into blocks of P pixels (loss_kernels.h) and the blocks into chunks.
+// Both depend only on (N, C), never on the thread count: each chunk sums its pixels'
+// losses in pixel order into its own slot and the slots are added in chunk order, so the
+// per-class sums are bit-identical run to run and for any number of threads. The integer
+// statistics (counts, true positives, confusion) are exact in any order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "loss_kernels.h"
+
+namespace fused_imbalance {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// x seen as B × C × S pixels (fused_imbalance.ops.pixel_view).
+struct PixelView {
+  int64_t B, C, S, sb, sc, ss;
+};
+
+bool collapsible(const Tensor& x) {
+  int64_t prev_size = 0, prev_stride = 0;
+  bool first = true;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    if (x.size(d) == 1) continue;
+    if (!first && prev_stride != x.stride(d) * x.size(d)) return false;
+    prev_size = x.size(d);
+    prev_stride = x.stride(d);
+    first = false;
+  }
+  (void)prev_size;
+  return true;
+}
+
+PixelView pixel_view(const Tensor& x) {
+  PixelView v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), 1};
+  if (x.dim() == 2) return v;
+  for (int64_t d = 2; d < x.dim(); ++d) v.S *= x.size(d);
+  v.ss = x.stride(-1);
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) != 1) {
+      v.ss = x.stride(d);
+      break;
+    }
+  }
+  return v;
+}
+
+// Blocks of about 8 K logits (32 KB of float32, L1-sized) and at least 16 pixels.
+int64_t block_pixels(int64_t C) {
+  int64_t p = (8192 / C) / kBlockAlign * kBlockAlign;
+  return std::min<int64_t>(std::max<int64_t>(p, kBlockAlign), 512);
+}
+
+struct ChunkPlan {
+  int64_t P;        // pixels per block
+  int64_t blocks;   // ceil(N / P)
+  int64_t per;      // blocks per chunk
+  int64_t chunks;   // ceil(blocks / per)
+};
+
+// At least 64 K logits per chunk (thread hand-off is then negligible), at most 256 chunks
+// and 256 K per-class slots (the slots are the only O(C) scratch per chunk).
+ChunkPlan plan_chunks(int64_t N, int64_t C) {
+  ChunkPlan c;
+  c.P = block_pixels(C);
+  c.blocks = (N + c.P - 1) / c.P;
+  int64_t chunks = (N * C + 65535) / 65536;
+  chunks = std::min<int64_t>(chunks, 256);
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t(1) << 18) / C));
+  chunks = std::max<int64_t>(1, std::min(chunks, c.blocks));
+  c.per = (c.blocks + chunks - 1) / chunks;
+  c.chunks = c.blocks == 0 ? 0 : (c.blocks + c.per - 1) / c.per;
+  return c;
+}
+
+// Labels of pixels n0 .. n0 + cnt as int32 (-1: ignored, out of range or padding up to P);
+// returns how many were out of range.
+template <typename L>
+int64_t load_labels(const L* t, int64_t n0, int64_t cnt, int64_t P, int64_t C,
+                    int64_t ignore_index, int32_t* y) {
+  int64_t bad = 0;
+  for (int64_t p = 0; p < cnt; ++p) {
+    int64_t v = static_cast<int64_t>(t[n0 + p]);
+    if (v == ignore_index) {
+      y[p] = -1;
+    } else if (v < 0 || v >= C) {
+      y[p] = -1;
+      ++bad;
+    } else {
+      y[p] = static_cast<int32_t>(v);
+    }
+  }
+  for (int64_t p = cnt; p < P; ++p) y[p] = -1;
+  return bad;
+}
+
+// Offsets of pixels n0 .. n0 + cnt in a tensor with pixel view v.
+void pixel_offsets(const PixelView& v, int64_t n0, int64_t cnt, int64_t* off) {
+  int64_t b = n0 / v.S, s = n0 % v.S;
+  for (int64_t p = 0; p < cnt; ++p) {
+    off[p] = b * v.sb + s * v.ss;  // int64: B*C*S can exceed 2^31
+    if (++s == v.S) {
+      s = 0;
+      ++b;
+    }
+  }
+}
+
+// Block pointer straight into the tensor: same dtype, pixels contiguous, whole block in
+// one image. Otherwise nullptr and the block goes through a class-major scratch copy.
+template <typename X, typename T>
+X* direct_block(X* base, const PixelView& v, int64_t n0, int64_t cnt, int64_t P) {
+  if (!std::is_same<std::remove_const_t<X>, T>::value || v.ss != 1 || cnt != P || n0 / v.S != (n0 + P - 1) / v.S)
+    return nullptr;
+  return base + (n0 / v.S) * v.sb + (n0 % v.S);
+}
+
+// Copy (and widen) a block into buf[k * P + p], zero padding after cnt.
+template <typename X, typename T>
+void gather_block(const X* x, const PixelView& v, const int64_t* off, int64_t cnt, int64_t P,
+                  T* buf) {
+  if (v.sc == 1) {  // channels_last / (N, C) rows: a pixel's classes are contiguous
+    for (int64_t p = 0; p < cnt; ++p) {
+      const X* src = x + off[p];
+      for (int64_t k = 0; k < v.C; ++k) buf[k * P + p] = static_cast<T>(src[k]);
+    }
+  } else {
+    for (int64_t k = 0; k < v.C; ++k) {
+      const X* src = x + k * v.sc;
+      T* dst = buf + k * P;
+      for (int64_t p = 0; p < cnt; ++p) dst[p] = static_cast<T>(src[off[p]]);
+    }
+  }
+  for (int64_t k = 0; k < v.C; ++k)
+    for (int64_t p = cnt; p < P; ++p) buf[k * P + p] = T(0);
+}
+
+template <typename X, typename T>
+void scatter_block(const T* buf, const PixelView& v, const int64_t* off, int64_t cnt,
+                   int64_t P, X* g) {
+  if (v.sc == 1) {
+    for (int64_t p = 0; p < cnt; ++p) {
+      X* dst = g + off[p];
+      for (int64_t k = 0; k < v.C; ++k) dst[k] = static_cast<X>(buf[k * P + p]);
+    }
+  } else {
+    for (int64_t k = 0; k < v.C; ++k) {
+      X* dst = g + k * v.sc;
+      const T* src = buf + k * P;
+      for (int64_t p = 0; p < cnt; ++p) dst[off[p]] = static_cast<X>(src[p]);
+    }
+  }
+}
+
+struct FwdOut {
+  void* pixel_loss;  // (N,) accumulation dtype, or nullptr
+  void* class_loss;  // (C,) accumulation dtype
+  int64_t* count;
+  int64_t* tp;
+  int64_t* bad;
+  int64_t* confusion;  // (C, C) contiguous, or nullptr
+};
+
+template <typename X, typename T, typename L>
+void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64_t mode,
+                     double gamma, const T* tvals, int64_t ignore_index, const FwdOut& out) {
+  const int64_t N = v.B * v.S, C = v.C;
+  const ChunkPlan plan = plan_chunks(N, C);
+  const int64_t P = plan.P;
+  std::vector<double> loss_slots(plan.chunks * C, 0.0);
+  std::vector<int64_t> count_slots(plan.chunks * C, 0), tp_slots(plan.chunks * C, 0);
+  std::vector<int64_t> bad_slots(plan.chunks, 0);
+  const X* xd = x.data_ptr<X>();
+  T* pixel_loss = static_cast<T*>(out.pixel_loss);
+  int64_t* confusion = out.confusion;
+  // A private (C, C) table per thread while it stays small; beyond that, atomic adds
+  // straight into the output spread over C^2 counters.
+  const bool private_confusion = confusion != nullptr && C * C <= 65536;
+
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> y(P), argmax(P);
+    std::vector<T> tvy(P, T(0)), loss(P);
+    std::vector<int64_t> off(P);
+    std::vector<T> xbuf;
+    std::vector<int64_t> conf;
+    if (private_confusion) conf.assign(C * C, 0);
+    FwdBlock<T> fb;
+    fb.C = C;
+    fb.P = P;
+    fb.y = y.data();
+    fb.tvy = tvy.data();
+    fb.gamma = gamma;
+    fb.loss = loss.data();
+    fb.argmax = argmax.data();
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      double* cls_loss = loss_slots.data() + chunk * C;
+      int64_t* cls_count = count_slots.data() + chunk * C;
+      int64_t* cls_tp = tp_slots.data() + chunk * C;
+      int64_t bad = 0;
+      const int64_t b_end = std::min(plan.blocks, (chunk + 1) * plan.per);
+      for (int64_t blk = chunk * plan.per; blk < b_end; ++blk) {
+        const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
+        bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
+        if (tvals != nullptr)
+          for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
+        const X* direct = direct_block<const X, T>(xd, v, n0, cnt, P);
+        if (direct != nullptr) {
+          fb.x = reinterpret_cast<const T*>(direct);
+          fb.x_stride = v.sc;
+        } else {
+          if (xbuf.empty()) xbuf.resize(C * P);
+          pixel_offsets(v, n0, cnt, off.data());
+          gather_block(xd, v, off.data(), cnt, P, xbuf.data());
+          fb.x = xbuf.data();
+          fb.x_stride = P;
+        }
+        loss_fwd_block(mode, fb);
+        if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
+        for (int64_t p = 0; p < cnt; ++p) {
+          const int32_t c = y[p];
+          if (c < 0) continue;
+          const int32_t a = argmax[p];
+          cls_loss[c] += static_cast<double>(loss[p]);
+          cls_count[c] += 1;
+          cls_tp[c] += a == c;
+          if (private_confusion)
+            conf[c * C + a] += 1;
+          else if (confusion != nullptr)
+            __atomic_fetch_add(confusion + c * C + a, int64_t(1), __ATOMIC_RELAXED);
+        }
+      }
+      bad_slots[chunk] = bad;
+    }
+    if (private_confusion)
+      for (int64_t i = 0; i < C * C; ++i)
+        if (conf[i] != 0) __atomic_fetch_add(confusion + i, conf[i], __ATOMIC_RELAXED);
+  });
+
+  T* class_loss = static_cast<T*>(out.class_loss);
+  int64_t bad = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0;
+    int64_t n = 0, t = 0;
+    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {  // fixed order: bit-identical
+      s += loss_slots[chunk * C + c];
+      n += count_slots[chunk * C + c];
+      t += tp_slots[chunk * C + c];
+    }
+    class_loss[c] = static_cast<T>(s);
+    out.count[c] = n;
+    out.tp[c] = t;
+  }
+  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) bad += bad_slots[chunk];
+  *out.bad = bad;
+}
+
+template <typename X, typename T, typename L>
+void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const T* grad_pixel,
+                     int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
+                     const T* tvals, int64_t ignore_index, Tensor& grad, const PixelView& gv) {
+  const int64_t N = v.B * v.S, C = v.C;
+  const ChunkPlan plan = plan_chunks(N, C);
+  const int64_t P = plan.P;
+  const X* xd = x.data_ptr<X>();
+  X* gd = grad.data_ptr<X>();
+
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> y(P);
+    std::vector<T> tvy(P, T(0)), coef(P);
+    std::vector<int64_t> off(P), goff(P);
+    std::vector<T> xbuf, gbuf;
+    BwdBlock<T> bb;
+    bb.C = C;
+    bb.P = P;
+    bb.y = y.data();
+    bb.tvy = tvy.data();
+    bb.coef = coef.data();
+    bb.gamma = gamma;
+    const int64_t b_end = std::min(plan.blocks, c1 * plan.per);
+    for (int64_t blk = c0 * plan.per; blk < b_end; ++blk) {
+      const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
+      load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
+      for (int64_t p = 0; p < P; ++p) {
+        const int32_t c = y[p];
+        T a = T(0);
+        if (c >= 0) {
+          if (grad_pixel != nullptr) a += grad_pixel[(n0 + p) * grad_pixel_stride];
+          if (grad_class != nullptr) a += grad_class[c];
+        }
+        coef[p] = a;
+        if (tvals != nullptr) tvy[p] = c >= 0 ? tvals[c] : T(0);
+      }
+      const X* xdir = direct_block<const X, T>(xd, v, n0, cnt, P);
+      if (xdir != nullptr) {
+        bb.x = reinterpret_cast<const T*>(xdir);
+        bb.x_stride = v.sc;
+      } else {
+        if (xbuf.empty()) xbuf.resize(C * P);
+        pixel_offsets(v, n0, cnt, off.data());
+        gather_block(xd, v, off.data(), cnt, P, xbuf.data());
+        bb.x = xbuf.data();
+        bb.x_stride = P;
+      }
+      X* gdir = direct_block<X, T>(gd, gv, n0, cnt, P);
+      if (gdir != nullptr) {
+        bb.g = reinterpret_cast<T*>(gdir);
+        bb.g_stride = gv.sc;
+      } else {
+        if (gbuf.empty()) gbuf.resize(C * P);
+        bb.g = gbuf.data();
+        bb.g_stride = P;
+      }
+      loss_bwd_block(mode, bb);
+      if (gdir == nullptr) {
+        pixel_offsets(gv, n0, cnt, goff.data());
+        scatter_block(gbuf.data(), gv, goff.data(), cnt, P, gd);
+      }
+    }
+  });
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// (logits dtype, accumulation dtype)
+template <typename F>
+void dispatch_logits(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: return f(Tag<float>{}, Tag<float>{});
+    case at::kDouble: return f(Tag<double>{}, Tag<double>{});
+    case at::kHalf: return f(Tag<at::Half>{}, Tag<float>{});
+    case at::kBFloat16: return f(Tag<at::BFloat16>{}, Tag<float>{});
+    default: TORCH_CHECK(false, "fused_imbalance: logits must be float16, bfloat16, float32 or float64, got ", st);
+  }
+}
+
+template <typename F>
+void dispatch_labels(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kByte: return f(Tag<uint8_t>{});
+    case at::kShort: return f(Tag<int16_t>{});
+    case at::kInt: return f(Tag<int32_t>{});
+    case at::kLong: return f(Tag<int64_t>{});
+    default: TORCH_CHECK(false, "fused_imbalance: target must be uint8, int16, int32 or int64, got ", st);
+  }
+}
+
+at::ScalarType acc_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Common checks; returns x in a layout pixel_view can describe.
+Tensor check_inputs(const Tensor& x, const Tensor& target, int64_t mode, double gamma) {
+  TORCH_CHECK(x.device().is_cpu() && target.device().is_cpu(),
+              "fused_imbalance cpp ops: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() >= 2, "fused_imbalance: logits must be (N, C) or (B, C, d1, ...), got ",
+              x.dim(), " dims");
+  TORCH_CHECK(x.size(1) >= 1, "fused_imbalance: logits need at least one class");
+  int64_t n = x.size(0);
+  for (int64_t d = 2; d < x.dim(); ++d) n *= x.size(d);
+  TORCH_CHECK(target.numel() == n, "fused_imbalance: target has ", target.numel(),
+              " labels for ", n, " pixels");
+  TORCH_CHECK(mode >= kSoftmaxFocal && mode <= kStats, "fused_imbalance: unknown mode ", mode);
+  TORCH_CHECK(gamma >= 0.0, "fused_imbalance: gamma must be >= 0, got ", gamma);
+  return collapsible(x) ? x : x.contiguous();
+}
+
+Tensor mse_tvals(int64_t mode, const std::optional<Tensor>& tvals, const Tensor& x) {
+  if (mode != kMseLogits && mode != kMseSoftmax) return Tensor();
+  TORCH_CHECK(tvals.has_value() && tvals->numel() == x.size(1),
+              "fused_imbalance: the MSE modes need tvals with one value per class");
+  return tvals->to(at::kCPU, acc_dtype(x)).contiguous();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_loss_fwd_cpu(
+    const Tensor& x_in, const Tensor& target_in, int64_t mode, double gamma,
+    const std::optional<Tensor>& tvals_in, int64_t ignore_index, bool need_pixel_loss,
+    const std::optional<Tensor>& confusion) {
+  const Tensor x = check_inputs(x_in, target_in, mode, gamma);
+  const Tensor target = target_in.contiguous();
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const PixelView v = pixel_view(x);
+  const int64_t N = v.B * v.S, C = v.C;
+  const auto acc = acc_dtype(x);
+  Tensor pixel_loss = at::empty({need_pixel_loss ? N : 0}, x.options().dtype(acc));
+  Tensor class_loss = at::zeros({C}, x.options().dtype(acc));
+  Tensor count = at::zeros({C}, x.options().dtype(at::kLong));
+  Tensor tp = at::zeros({C}, x.options().dtype(at::kLong));
+  Tensor bad = at::zeros({}, x.options().dtype(at::kLong));
+  if (N == 0) return {pixel_loss, class_loss, count, tp, bad};
+
+  Tensor conf;
+  if (confusion.has_value()) {
+    TORCH_CHECK(confusion->scalar_type() == at::kLong && confusion->dim() == 2 &&
+                    confusion->size(0) == C && confusion->size(1) == C &&
+                    confusion->device().is_cpu(),
+                "fused_imbalance: confusion must be a (C, C) int64 CPU tensor");
+    conf = confusion->is_contiguous() ? *confusion : at::zeros({C, C}, confusion->options());
+  }
+  FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(),
+             count.data_ptr<int64_t>(), tp.data_ptr<int64_t>(), bad.data_ptr<int64_t>(),
+             conf.defined() ? conf.data_ptr<int64_t>() : nullptr};
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using X = typename decltype(xt)::type;
+    using T = typename decltype(tt)::type;
+    dispatch_labels(target.scalar_type(), [&](auto lt) {
+      using L = typename decltype(lt)::type;
+      loss_fwd_kernel<X, T, L>(x, v, target.data_ptr<L>(), mode, gamma,
+                               tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index,
+                               out);
+    });
+  });
+  if (conf.defined() && !conf.is_same(*confusion)) confusion->add_(conf);
+  return {pixel_loss, class_loss, count, tp, bad};
+}
+
+Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in,
+                        const std::optional<Tensor>& grad_pixel_in,
+                        const std::optional<Tensor>& grad_class_in, int64_t mode, double gamma,
+                        const std::optional<Tensor>& tvals_in, int64_t ignore_index) {
+  const Tensor x = check_inputs(x_in, target_in, mode, gamma);
+  const Tensor target = target_in.contiguous();
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const PixelView v = pixel_view(x);
+  const int64_t N = v.B * v.S, C = v.C;
+  const auto acc = acc_dtype(x);
+  Tensor grad = at::empty_like(x_in);  // the dtype, shape and memory format of the logits
+  if (N == 0) return grad;
+  Tensor work = collapsible(grad) ? grad : at::empty_like(x);
+  const PixelView gv = pixel_view(work);
+
+  Tensor grad_pixel, grad_class;
+  if (grad_pixel_in.has_value() && grad_pixel_in->defined()) {
+    TORCH_CHECK(grad_pixel_in->numel() == N, "fused_imbalance: grad_pixel must have N elements");
+    grad_pixel = grad_pixel_in->to(acc).reshape({N});  // a stride-0 expand stays a view
+  }
+  if (grad_class_in.has_value() && grad_class_in->defined()) {
+    TORCH_CHECK(grad_class_in->numel() == C, "fused_imbalance: grad_class must have C elements");
+    grad_class = grad_class_in->to(acc).contiguous();
+  }
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using X = typename decltype(xt)::type;
+    using T = typename decltype(tt)::type;
+    dispatch_labels(target.scalar_type(), [&](auto lt) {
+      using L = typename decltype(lt)::type;
+      loss_bwd_kernel<X, T, L>(
+          x, v, target.data_ptr<L>(), grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
+          grad_pixel.defined() ? grad_pixel.stride(0) : 0,
+          grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
+          tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, work, gv);
+    });
+  });
+  if (!work.is_same(grad)) grad.copy_(work);
+  return grad;
+}
+
+std::tuple<Tensor, Tensor, Tensor> cpp_class_stats_cpu(const Tensor& x, const Tensor& target,
+                                                       int64_t ignore_index,
+                                                       const std::optional<Tensor>& confusion) {
+  auto r = cpp_loss_fwd_cpu(x, target, kStats, 0.0, std::nullopt, ignore_index, false, confusion);
+  return {std::get<2>(r), std::get<3>(r), std::get<4>(r)};
+}
+
+TORCH_LIBRARY_IMPL(fused_imbalance, CPU, m) {
+  m.impl("cpp_loss_fwd", &cpp_loss_fwd_cpu);
+  m.impl("cpp_loss_bwd", &cpp_loss_bwd_cpu);
+  m.impl("cpp_class_stats", &cpp_class_stats_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_imbalance

@@ -1,0 +1,434 @@
+// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout).
+//
+// For every W pixels (one SIMD vector) the class loop runs over the C rows of the block
+// while the per-pixel state (max, argmax, sum of exponentials) stays in registers; the
+// block was just read from memory, so the second and third class loops hit the L1/L2 cache.
+// Memory is read once per pass over the logits and the gradient is written once.
+//
+// The entry points are compiled for several instruction sets with GCC's target_clones and
+// picked at load time (the ifunc resolver), so the build does not depend on the build
+// machine's CPU and needs no -march. This file includes no torch header (see simd.h).
+#include "loss_kernels.h"
+
+#include "simd.h"
+
+namespace fused_imbalance {
+namespace cpu {
+namespace {
+
+using namespace simd;
+
+template <typename T>
+FI_INLINE typename Vec<T>::I load_labels(const int32_t* y) {
+  return __builtin_convertvector(load<typename Vec<T>::L>(y), typename Vec<T>::I);
+}
+
+// x[y_i * stride + i] for each lane i; lanes without a label read class 0, so that every
+// lane computes with a logit of its own pixel (log p <= 0) and nothing else.
+template <typename T>
+FI_INLINE typename Vec<T>::V gather_label(const T* x, int64_t stride, const int32_t* y) {
+  typename Vec<T>::V r;
+  for (int i = 0; i < Vec<T>::W; ++i) r[i] = x[int64_t(y[i] >= 0 ? y[i] : 0) * stride + i];
+  return r;
+}
+
+// Lanes without a label get an exact 0 gradient, even where their logits are inf or NaN.
+template <typename T>
+FI_INLINE typename Vec<T>::V zero_unlabelled(typename Vec<T>::I yv, typename Vec<T>::V g) {
+  return select(yv >= splat<typename Vec<T>::I>(0), g, splat<typename Vec<T>::V>(0));
+}
+
+// b^γ for γ = 0, 1, 2 or general (GK = 3); b >= 0, and 0^γ = 0 for γ > 0.
+template <int GK, typename V>
+FI_INLINE V pow_gamma(V b, double gamma) {
+  if constexpr (GK == 0) return splat<V>(1.0);
+  if constexpr (GK == 1) return b;
+  if constexpr (GK == 2) return b * b;
+  return vexp(vlog(b) * splat<V>(gamma));  // log 0 = -inf, exp(-inf) = 0
+}
+
+// σ(u)^γ from log σ(u).
+template <int GK, typename V>
+FI_INLINE V pow_gamma_log(V sig, V log_sig, double gamma) {
+  if constexpr (GK == 0) return splat<V>(1.0);
+  if constexpr (GK == 1) return sig;
+  if constexpr (GK == 2) return sig * sig;
+  return vexp(log_sig * splat<V>(gamma));
+}
+
+// Running max and argmax of the class loop, as torch.argmax: the first index of the largest
+// logit (strict >), and the first NaN if a pixel has one. NaN is rare, so the loop only
+// records that a lane saw one and finish() searches that lane again.
+template <typename T>
+struct ArgMax {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  V m;
+  I am, nan;
+
+  FI_INLINE explicit ArgMax(V v0) : m(v0), am(splat<I>(0)), nan(v0 != v0) {}
+
+  FI_INLINE void update(V v, int64_t k) {
+    I gt = v > m;
+    m = select(gt, v, m);
+    am = select(gt, splat<I>(k), am);
+    nan |= v != v;
+  }
+
+  FI_INLINE I finish(const T* x, int64_t xs, int64_t C) {
+    for (int i = 0; i < Vec<T>::W; ++i) {
+      if (nan[i] == 0) continue;
+      int64_t k = 0;
+      while (x[k * xs + i] == x[k * xs + i]) ++k;
+      am[i] = k;
+    }
+    return am;
+  }
+};
+
+// Pass 1 of the softmax forwards: max and argmax.
+template <typename T>
+FI_INLINE void max_argmax(const T* x, int64_t xs, int64_t C, typename Vec<T>::V& m,
+                          typename Vec<T>::I& am) {
+  using V = typename Vec<T>::V;
+  ArgMax<T> a(load<V>(x));
+  for (int64_t k = 1; k < C; ++k) a.update(load<V>(x + k * xs), k);
+  m = a.m;
+  am = a.finish(x, xs, C);
+}
+
+template <typename T>
+FI_INLINE typename Vec<T>::V row_max(const T* x, int64_t xs, int64_t C) {
+  using V = typename Vec<T>::V;
+  V m = load<V>(x);
+  for (int64_t k = 1; k < C; ++k) {
+    V v = load<V>(x + k * xs);
+    m = select(v > m, v, m);
+  }
+  return m;
+}
+
+template <typename T>
+FI_INLINE void finish_fwd(const FwdBlock<T>& b, int64_t j, typename Vec<T>::I yv,
+                          typename Vec<T>::V loss, typename Vec<T>::I am) {
+  using V = typename Vec<T>::V;
+  store(b.loss + j, select(yv >= splat<typename Vec<T>::I>(0), loss, splat<V>(0)));
+  store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
+}
+
+// ℓ = −(1 − p_y)^γ log p_y; 1 − p_y = −expm1(log p_y) keeps precision when p_y → 1.
+template <typename T, int GK>
+void fwd_softmax_focal(const FwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    I yv = load_labels<T>(b.y + j);
+    V m;
+    I am;
+    max_argmax<T>(x, b.x_stride, b.C, m, am);
+    V se = splat<V>(0);
+    for (int64_t k = 0; k < b.C; ++k) se += vexp(load<V>(x + k * b.x_stride) - m);
+    V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog(se));  // log p_y <= 0
+    V loss;
+    if constexpr (GK == 0) {
+      loss = -l;
+    } else {
+      loss = -(pow_gamma<GK>(-vexpm1(l), b.gamma) * l);
+    }
+    finish_fwd(b, j, yv, loss, am);
+  }
+}
+
+// Per class, with u = x_k for t_k = 0 and u = −x_k for t_k = 1, the sigmoid focal term is
+// h(u) = σ(u)^γ · softplus(u), and dℓ/dx_k = ±h'(u) with
+// h'(u) = σ(u)^γ (γ (1 − σ(u)) softplus(u) + σ(u)). Both from e = exp(−|u|) without overflow.
+template <typename T, int GK>
+FI_INLINE typename Vec<T>::V sigmoid_focal_term(typename Vec<T>::V u, double gamma) {
+  using V = typename Vec<T>::V;
+  V zero = splat<V>(0);
+  typename Vec<T>::I pos = u >= zero;
+  V e = vexp(select(pos, -u, u));
+  V lp = vlog1p(e);
+  V sp = select(pos, u, zero) + lp;  // softplus(u)
+  if constexpr (GK == 0) {
+    return sp;
+  } else {
+    V sig = select(pos, splat<V>(1), e) / (e + 1);
+    V log_sig = select(pos, zero, u) - lp;  // −softplus(−u)
+    return pow_gamma_log<GK>(sig, log_sig, gamma) * sp;
+  }
+}
+
+template <typename T, int GK>
+FI_INLINE typename Vec<T>::V sigmoid_focal_grad(typename Vec<T>::V u, double gamma) {
+  using V = typename Vec<T>::V;
+  V zero = splat<V>(0);
+  typename Vec<T>::I pos = u >= zero;
+  V e = vexp(select(pos, -u, u));
+  V inv = splat<V>(1) / (e + 1);
+  V sig = select(pos, splat<V>(1), e) * inv;
+  if constexpr (GK == 0) {
+    return sig;
+  } else {
+    V sig_bar = select(pos, e, splat<V>(1)) * inv;  // 1 − σ(u)
+    V lp = vlog1p(e);
+    V sp = select(pos, u, zero) + lp;
+    V log_sig = select(pos, zero, u) - lp;
+    V g = splat<V>(gamma);
+    return pow_gamma_log<GK>(sig, log_sig, gamma) * (g * sig_bar * sp + sig);
+  }
+}
+
+template <typename T, int GK>
+void fwd_sigmoid_focal(const FwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    I yv = load_labels<T>(b.y + j);
+    V v0 = load<V>(x);
+    ArgMax<T> a(v0);
+    V hs = sigmoid_focal_term<T, GK>(select(yv == splat<I>(0), -v0, v0), b.gamma);
+    for (int64_t k = 1; k < b.C; ++k) {
+      V v = load<V>(x + k * b.x_stride);
+      a.update(v, k);
+      hs += sigmoid_focal_term<T, GK>(select(yv == splat<I>(k), -v, v), b.gamma);
+    }
+    finish_fwd(b, j, yv, hs, a.finish(x, b.x_stride, b.C));
+  }
+}
+
+// ℓ = ½ Σ_k (x_k − t_k)², t_k = tvals[y]·[k = y].
+template <typename T>
+void fwd_mse_logits(const FwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    I yv = load_labels<T>(b.y + j);
+    V tv = load<V>(b.tvy + j);
+    V zero = splat<V>(0);
+    V v0 = load<V>(x);
+    ArgMax<T> a(v0);
+    V d = v0 - select(yv == splat<I>(0), tv, zero);
+    V ss = d * d;
+    for (int64_t k = 1; k < b.C; ++k) {
+      V v = load<V>(x + k * b.x_stride);
+      a.update(v, k);
+      d = v - select(yv == splat<I>(k), tv, zero);
+      ss += d * d;
+    }
+    finish_fwd(b, j, yv, splat<V>(0.5) * ss, a.finish(x, b.x_stride, b.C));
+  }
+}
+
+// ℓ = ½ Σ_k (p_k − t_k)² = ½ (Σ_{k≠y} e_k² / s² + (p_y − t_y)²), e = exp(x − max), s = Σ e.
+template <typename T>
+void fwd_mse_softmax(const FwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    I yv = load_labels<T>(b.y + j);
+    V m;
+    I am;
+    max_argmax<T>(x, b.x_stride, b.C, m, am);
+    V zero = splat<V>(0);
+    V se = zero, se2 = zero;
+    for (int64_t k = 0; k < b.C; ++k) {
+      V e = vexp(load<V>(x + k * b.x_stride) - m);
+      se += e;
+      se2 += select(yv == splat<I>(k), zero, e * e);
+    }
+    V inv = splat<V>(1) / se;
+    V dy = vexp(gather_label<T>(x, b.x_stride, b.y + j) - m) * inv - load<V>(b.tvy + j);
+    finish_fwd(b, j, yv, splat<V>(0.5) * (se2 * inv * inv + dy * dy), am);
+  }
+}
+
+template <typename T>
+void fwd_stats(const FwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    V m;
+    I am;
+    max_argmax<T>(b.x + j, b.x_stride, b.C, m, am);
+    finish_fwd(b, j, load_labels<T>(b.y + j), splat<V>(0), am);
+  }
+}
+
+// grad_k = a (p_k − [k = y]), a = coef · dℓ/d(−log p_y) = coef · (1−p)^γ (1 − γ p log p / (1−p)).
+template <typename T, int GK>
+void bwd_softmax_focal(const BwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    T* g = b.g + j;
+    I yv = load_labels<T>(b.y + j);
+    V m = row_max<T>(x, b.x_stride, b.C);
+    V se = splat<V>(0);
+    for (int64_t k = 0; k < b.C; ++k) {
+      V e = vexp(load<V>(x + k * b.x_stride) - m);
+      store(g + k * b.g_stride, e);  // the gradient row doubles as the exp buffer
+      se += e;
+    }
+    V a = load<V>(b.coef + j);
+    if constexpr (GK != 0) {
+      V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog(se));
+      V omp = -vexpm1(l);
+      // log p / (1 − p) → −1 as p → 1, so the (1 − p)^(γ−1) factor never divides by 0
+      V r = select(omp > splat<V>(0), l / select(omp > splat<V>(0), omp, splat<V>(1)),
+                   splat<V>(-1));
+      a = a * pow_gamma<GK>(omp, b.gamma) * (splat<V>(1) - splat<V>(b.gamma) * vexp(l) * r);
+    }
+    V ai = a / se;
+    for (int64_t k = 0; k < b.C; ++k) {
+      T* gk = g + k * b.g_stride;
+      store(gk, zero_unlabelled<T>(yv, ai * load<V>(gk)));
+    }
+    for (int i = 0; i < Vec<T>::W; ++i) {
+      int32_t y = b.y[j + i];
+      if (y >= 0) g[int64_t(y) * b.g_stride + i] -= a[i];
+    }
+  }
+}
+
+template <typename T, int GK>
+void bwd_sigmoid_focal(const BwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    I yv = load_labels<T>(b.y + j);
+    V cf = load<V>(b.coef + j);
+    for (int64_t k = 0; k < b.C; ++k) {
+      V v = load<V>(b.x + j + k * b.x_stride);
+      I t = yv == splat<I>(k);
+      V h = sigmoid_focal_grad<T, GK>(select(t, -v, v), b.gamma);
+      store(b.g + j + k * b.g_stride, zero_unlabelled<T>(yv, cf * select(t, -h, h)));
+    }
+  }
+}
+
+template <typename T>
+void bwd_mse_logits(const BwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    I yv = load_labels<T>(b.y + j);
+    V cf = load<V>(b.coef + j);
+    V tv = load<V>(b.tvy + j);
+    for (int64_t k = 0; k < b.C; ++k) {
+      V v = load<V>(b.x + j + k * b.x_stride);
+      V d = v - select(yv == splat<I>(k), tv, splat<V>(0));
+      store(b.g + j + k * b.g_stride, zero_unlabelled<T>(yv, cf * d));
+    }
+  }
+}
+
+// grad_k = coef · p_k (d_k − Σ_i p_i d_i), d = p − t, Σ_i p_i d_i = Σ p² − p_y t_y.
+template <typename T>
+void bwd_mse_softmax(const BwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    T* g = b.g + j;
+    I yv = load_labels<T>(b.y + j);
+    V zero = splat<V>(0);
+    V m = row_max<T>(x, b.x_stride, b.C);
+    V se = zero, se2 = zero, ey = zero;
+    for (int64_t k = 0; k < b.C; ++k) {
+      V e = vexp(load<V>(x + k * b.x_stride) - m);
+      store(g + k * b.g_stride, e);
+      se += e;
+      se2 += e * e;
+      ey = select(yv == splat<I>(k), e, ey);
+    }
+    V inv = splat<V>(1) / se;
+    V tv = load<V>(b.tvy + j);
+    V spd = se2 * inv * inv - ey * inv * tv;
+    V cf = load<V>(b.coef + j);
+    for (int64_t k = 0; k < b.C; ++k) {
+      T* gk = g + k * b.g_stride;
+      V p = load<V>(gk) * inv;
+      store(gk, zero_unlabelled<T>(yv, cf * p * (p - select(yv == splat<I>(k), tv, zero) - spd)));
+    }
+  }
+}
+
+template <typename T>
+void bwd_zero(const BwdBlock<T>& b) {
+  for (int64_t k = 0; k < b.C; ++k)
+    for (int64_t p = 0; p < b.P; ++p) b.g[k * b.g_stride + p] = T(0);
+}
+
+template <typename T, template <typename, int> class F, typename B>
+FI_INLINE void by_gamma(const B& b) {
+  if (b.gamma == 0.0) F<T, 0>::run(b);
+  else if (b.gamma == 1.0) F<T, 1>::run(b);
+  else if (b.gamma == 2.0) F<T, 2>::run(b);
+  else F<T, 3>::run(b);
+}
+
+#define FI_GAMMA_FUNCTOR(name, fn, Block)                            \
+  template <typename T, int GK>                                      \
+  struct name {                                                      \
+    static FI_INLINE void run(const Block<T>& b) { fn<T, GK>(b); }   \
+  };
+FI_GAMMA_FUNCTOR(FwdSoftmaxFocal, fwd_softmax_focal, FwdBlock)
+FI_GAMMA_FUNCTOR(FwdSigmoidFocal, fwd_sigmoid_focal, FwdBlock)
+FI_GAMMA_FUNCTOR(BwdSoftmaxFocal, bwd_softmax_focal, BwdBlock)
+FI_GAMMA_FUNCTOR(BwdSigmoidFocal, bwd_sigmoid_focal, BwdBlock)
+#undef FI_GAMMA_FUNCTOR
+
+template <typename T>
+FI_INLINE void fwd_dispatch(int64_t mode, const FwdBlock<T>& b) {
+  switch (mode) {
+    case kSoftmaxFocal: by_gamma<T, FwdSoftmaxFocal>(b); break;
+    case kSigmoidFocal: by_gamma<T, FwdSigmoidFocal>(b); break;
+    case kMseLogits: fwd_mse_logits<T>(b); break;
+    case kMseSoftmax: fwd_mse_softmax<T>(b); break;
+    default: fwd_stats<T>(b); break;
+  }
+}
+
+template <typename T>
+FI_INLINE void bwd_dispatch(int64_t mode, const BwdBlock<T>& b) {
+  switch (mode) {
+    case kSoftmaxFocal: by_gamma<T, BwdSoftmaxFocal>(b); break;
+    case kSigmoidFocal: by_gamma<T, BwdSigmoidFocal>(b); break;
+    case kMseLogits: bwd_mse_logits<T>(b); break;
+    case kMseSoftmax: bwd_mse_softmax<T>(b); break;
+    default: bwd_zero<T>(b); break;
+  }
+}
+
+}  // namespace
+
+// x86-64: a baseline (SSE2), an AVX2 and an AVX-512 clone of each entry point; the
+// vectors are 32 bytes in all three, so they compute identical results.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FI_MULTIVERSION \
+  __attribute__((target_clones("default", "avx2", "arch=x86-64-v4"), flatten))
+#else
+#define FI_MULTIVERSION __attribute__((flatten))
+#endif
+
+FI_MULTIVERSION void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) {
+  fwd_dispatch(mode, b);
+}
+FI_MULTIVERSION void loss_fwd_block(int64_t mode, const FwdBlock<double>& b) {
+  fwd_dispatch(mode, b);
+}
+FI_MULTIVERSION void loss_bwd_block(int64_t mode, const BwdBlock<float>& b) {
+  bwd_dispatch(mode, b);
+}
+FI_MULTIVERSION void loss_bwd_block(int64_t mode, const BwdBlock<double>& b) {
+  bwd_dispatch(mode, b);
+}
+
+}  // namespace cpu
+}  // namespace fused_imbalance

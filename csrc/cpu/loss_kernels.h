@@ -1,0 +1,58 @@
+// The per-block math of the CPU loss kernels: one block is P pixels × C classes, stored
+// class-major (x[k * stride + p]), which is an NCHW plane as it lies in memory and a
+// transposed copy for the other layouts (loss_cpu.cpp does the gathering and the
+// per-class bookkeeping). Everything here is plain C++ over raw pointers so that
+// loss_kernels.cpp can be compiled for several instruction sets (see there).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_imbalance {
+namespace cpu {
+
+// Mirrors fused_imbalance.ops.Mode.
+enum Mode : int64_t {
+  kSoftmaxFocal = 0,
+  kSigmoidFocal = 1,
+  kMseLogits = 2,
+  kMseSoftmax = 3,
+  kStats = 4,
+};
+
+// Pixels per block: a multiple of every vector width (8 floats, 4 doubles).
+constexpr int64_t kBlockAlign = 16;
+
+template <typename T>
+struct FwdBlock {
+  const T* x;          // logits of class k, pixel p at x[k * x_stride + p]
+  int64_t x_stride;    // int64: a class plane can hold more than 2^31 elements
+  int64_t C;           // classes
+  int64_t P;           // pixels, a multiple of kBlockAlign (padding lanes have y = -1)
+  const int32_t* y;    // (P,) label, -1 for ignored, bad or padding pixels
+  const T* tvy;        // (P,) tvals[y] (MSE modes), 0 where y = -1
+  double gamma;        // focal exponent, >= 0
+  T* loss;             // (P,) out: the unweighted per-pixel loss, 0 where y = -1
+  int32_t* argmax;     // (P,) out: first index of the largest logit
+};
+
+template <typename T>
+struct BwdBlock {
+  const T* x;          // as in FwdBlock
+  int64_t x_stride;
+  T* g;                // gradient of class k, pixel p at g[k * g_stride + p]
+  int64_t g_stride;
+  int64_t C;
+  int64_t P;
+  const int32_t* y;
+  const T* tvy;
+  const T* coef;       // (P,) grad_pixel[n] + grad_class[y_n], 0 where y = -1
+  double gamma;
+};
+
+void loss_fwd_block(int64_t mode, const FwdBlock<float>& b);
+void loss_fwd_block(int64_t mode, const FwdBlock<double>& b);
+void loss_bwd_block(int64_t mode, const BwdBlock<float>& b);
+void loss_bwd_block(int64_t mode, const BwdBlock<double>& b);
+
+}  // namespace cpu
+}  // namespace fused_imbalance

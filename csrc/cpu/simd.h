@@ -1,0 +1,170 @@
+// Portable SIMD vectors (GCC/Clang vector extensions) and the elementwise math the CPU
+// kernels need: exp, log, log1p, expm1.
+//
+// No torch header may be included here: this header is compiled once per instruction set
+// (see loss_kernels.cpp), and an inline function shared with other translation units would
+// let the linker pick an AVX2 copy for code that must run on any x86-64.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#define FI_INLINE inline __attribute__((always_inline))
+
+namespace fused_imbalance {
+namespace simd {
+
+// 32-byte vectors: one AVX register, two SSE registers. The width is a property of the
+// source, not of the machine, so every instruction-set clone computes the same lanes in
+// the same order and gives bit-identical results.
+constexpr int kVectorBytes = 32;
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  typedef float V __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t I __attribute__((vector_size(kVectorBytes)));  // comparison masks
+  typedef int32_t L __attribute__((vector_size(kVectorBytes)));  // labels, one per lane
+  static constexpr int W = kVectorBytes / 4;
+};
+
+template <>
+struct Vec<double> {
+  typedef double V __attribute__((vector_size(kVectorBytes)));
+  typedef int64_t I __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t L __attribute__((vector_size(kVectorBytes / 2)));
+  static constexpr int W = kVectorBytes / 8;
+};
+
+template <typename V>
+FI_INLINE V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // unaligned load
+  return v;
+}
+
+template <typename V>
+FI_INLINE void store(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V, typename S>
+FI_INLINE V splat(S s) {
+  V v;
+  for (int i = 0; i < int(sizeof(V) / sizeof(v[0])); ++i) v[i] = s;
+  return v;
+}
+
+// mask ? a : b, lane by lane (mask lanes are 0 or -1).
+template <typename M, typename V>
+FI_INLINE V select(M mask, V a, V b) {
+#if defined(__clang__)
+  typedef decltype(mask) IM;
+  return (V)(((IM)a & mask) | ((IM)b & ~mask));
+#else
+  return mask ? a : b;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// float32: Cephes-style polynomials, max error about 1 ulp on the ranges used here.
+// ---------------------------------------------------------------------------------------
+typedef Vec<float>::V vf;
+typedef Vec<float>::I vi;
+
+FI_INLINE vf vexp(vf x) {
+  const vf hi = splat<vf>(88.72283f);
+  const vf lo = splat<vf>(-87.33654f);  // below: the result would be subnormal; give 0
+  const vi over = x > hi, under = x < lo;
+  vf xc = select(over, hi, select(under, lo, x));  // NaN passes through
+  const vf magic = splat<vf>(12582912.0f);         // 1.5 * 2^23: add/sub rounds to nearest
+  vf n = (xc * 1.44269504088896341f + magic) - magic;
+  n = select(n > 127.0f, splat<vf>(127.0f), n);    // keep 2^n a normal float
+  vf r = xc - n * 0.693359375f;                    // ln 2 in two parts: n * hi part is exact
+  r = r - n * -2.12194440e-4f;
+  vf p = splat<vf>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  vi e = __builtin_convertvector(n, vi) + 127;
+  vf scale = (vf)(e << 23);
+  vf res = p * scale;
+  res = select(over, splat<vf>(std::numeric_limits<float>::infinity()), res);
+  return select(under, splat<vf>(0.0f), res);
+}
+
+FI_INLINE vf vlog(vf x) {
+  const vi sub = x < 1.17549435e-38f;  // subnormal (or <= 0): rescale so the exponent is exact
+  vf xs = select(sub, x * 33554432.0f, x);  // 2^25
+  vi bits = (vi)xs;
+  vi e = ((bits >> 23) & 0xff) - 126 - (sub & 25);
+  vf m = (vf)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  const vi small = m < 0.707106781186547524f;
+  e = e + small;  // small lanes are -1
+  vf t = select(small, m + m, m) - 1.0f;
+  vf z = t * t;
+  vf p = splat<vf>(7.0376836292e-2f);
+  p = p * t - 1.1514610310e-1f;
+  p = p * t + 1.1676998740e-1f;
+  p = p * t - 1.2420140846e-1f;
+  p = p * t + 1.4249322787e-1f;
+  p = p * t - 1.6668057665e-1f;
+  p = p * t + 2.0000714765e-1f;
+  p = p * t - 2.4999993993e-1f;
+  p = p * t + 3.3333331174e-1f;
+  vf ef = __builtin_convertvector(e, vf);
+  vf y = p * t * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  vf res = t + y + ef * 0.693359375f;
+  const float inf = std::numeric_limits<float>::infinity();
+  res = select(x == 0.0f, splat<vf>(-inf), res);
+  res = select(x < 0.0f, splat<vf>(std::numeric_limits<float>::quiet_NaN()), res);
+  res = select(x == inf, x, res);
+  return select(x != x, x, res);  // NaN
+}
+
+// log(1 + x) for x >= 0, accurate for small x (Goldberg: log(u) * x / (u - 1), u = 1 + x).
+FI_INLINE vf vlog1p(vf x) {
+  vf u = x + 1.0f;
+  vf d = u - 1.0f;
+  return select(d == 0.0f, x, vlog(u) * (x / select(d == 0.0f, splat<vf>(1.0f), d)));
+}
+
+// exp(x) - 1 for x <= 0, accurate near 0 (Kahan: (u - 1) * x / log(u), u = exp(x)).
+FI_INLINE vf vexpm1(vf x) {
+  vf u = vexp(x);
+  vf um1 = u - 1.0f;
+  vf lu = vlog(u);
+  const vi one = u == 1.0f;
+  vf res = um1 * (x / select(one, splat<vf>(1.0f), lu));
+  res = select(one, x, res);
+  return select(um1 == -1.0f, um1, res);
+}
+
+// ---------------------------------------------------------------------------------------
+// float64: the arithmetic must be exact enough for gradcheck, so the lanes call libm.
+// ---------------------------------------------------------------------------------------
+typedef Vec<double>::V vd;
+
+#define FI_LANEWISE(name, fn)                                         \
+  FI_INLINE vd name(vd x) {                                           \
+    vd r;                                                             \
+    for (int i = 0; i < Vec<double>::W; ++i) r[i] = std::fn(x[i]);    \
+    return r;                                                         \
+  }
+FI_LANEWISE(vexp, exp)
+FI_LANEWISE(vlog, log)
+FI_LANEWISE(vlog1p, log1p)
+FI_LANEWISE(vexpm1, expm1)
+#undef FI_LANEWISE
+
+}  // namespace simd
+}  // namespace fused_imbalance

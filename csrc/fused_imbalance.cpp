@@ -1,0 +1,36 @@
+// Operator schemas of the fused_imbalance extension (fused_imbalance._C), declared once;
+// the CPU kernels register in csrc/cpu/, the CUDA kernels in csrc/cuda/.
+//
+// The Triton ops live in the same namespace but are defined from Python with
+// torch.library, which always opens a FRAGMENT; a single TORCH_LIBRARY definition here
+// coexists with those in either import order.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fused_imbalance._C` loads this shared library so that the static initialisers
+// below register the ops; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_imbalance, m) {
+  // The fused loss ops of fused_imbalance/ops/__init__.py. The argument called `mode` there
+  // is `loss_mode` here: torch.compile functionalizes the mutable forward by calling it with
+  // keyword arguments through a handler whose own first parameter is named `mode`
+  // (torch._ops redirect_to_mode), and an op argument of that name collides with it.
+  m.def(
+      "cpp_loss_fwd(Tensor x, Tensor target, int loss_mode, float gamma, Tensor? tvals, "
+      "int ignore_index, bool need_pixel_loss, Tensor(a!)? confusion) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
+      "int loss_mode, float gamma, Tensor? tvals, int ignore_index) -> Tensor");
+  // Per-class statistics alone (count, tp, bad; confusion added in place): the argmax pass
+  // of a metric, on CPU and, when built with CUDA, on the GPU.
+  m.def(
+      "cpp_class_stats(Tensor x, Tensor target, int ignore_index, Tensor(a!)? confusion) "
+      "-> (Tensor, Tensor, Tensor)");
+}

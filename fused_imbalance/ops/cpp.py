@@ -1,0 +1,149 @@
+"""The C++ backend: fused CPU kernels (``csrc/cpu/``) and a CUDA statistics kernel (``csrc/cuda/``).
+
+The ops are defined in C++ (``csrc/fused_imbalance.cpp``) and live in ``fused_imbalance._C``,
+built by ``pip install --no-build-isolation -e .``. When that module is missing, the same
+sources are compiled on first use with :func:`torch.utils.cpp_extension.load` (cached in the
+torch extensions directory). When neither works, :func:`available` is False, one warning says
+why, and ``backend="auto"`` uses the reference instead.
+
+``loss_fwd`` / ``loss_bwd`` follow the contract of :mod:`fused_imbalance.ops`; ``class_stats``
+is ``(x, target, ignore_index, confusion) -> (count, tp, bad)`` on CPU and, when the CUDA
+kernels were built, CUDA tensors.
+"""
+import importlib.util
+import os
+import threading
+import warnings
+
+import torch
+
+from ._autograd import register_loss_autograd
+
+__all__ = ["available", "supports", "loss_fwd", "loss_bwd", "class_stats"]
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_lock = threading.Lock()
+_loaded = None  # None: not tried yet; then True or False
+
+
+def _build_config():
+    spec = importlib.util.spec_from_file_location("_fused_imbalance_build_config",
+                                                  os.path.join(_CSRC, "build_config.py"))
+    cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg)
+    return cfg
+
+
+def _load_library():
+    """Load the compiled ops; returns None on success, else why it failed."""
+    try:
+        from fused_imbalance import _C  # noqa: F401  (registers the ops on import)
+        return None
+    except (ImportError, OSError) as e:
+        prebuilt = f"fused_imbalance._C is not built ({e})"
+    if not os.path.isfile(os.path.join(_CSRC, "build_config.py")):
+        return prebuilt + " and the C++ sources are not in this installation"
+    try:
+        from torch.utils.cpp_extension import load
+        cfg = _build_config()
+        cuda = cfg.with_cuda()
+        load(name="fused_imbalance_C", sources=cfg.sources(cuda), extra_cflags=cfg.cxx_flags(),
+             extra_cuda_cflags=cfg.cuda_flags(), extra_ldflags=cfg.link_flags(),
+             is_python_module=False, verbose=False)
+        return None
+    except Exception as e:  # no compiler, failed build: the reference backend takes over
+        return f"{prebuilt}, and compiling csrc/ failed: {type(e).__name__}: {e}"
+
+
+def _register():
+    ops = torch.ops.fused_imbalance
+    globals().update(loss_fwd=ops.cpp_loss_fwd.default, loss_bwd=ops.cpp_loss_bwd.default,
+                     class_stats=ops.cpp_class_stats.default)
+
+    @torch.library.register_fake("fused_imbalance::cpp_loss_fwd")
+    def _(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        C = x.shape[1]
+        return (x.new_empty((target.numel() if need_pixel_loss else 0,), dtype=acc),
+                x.new_empty((C,), dtype=acc),
+                x.new_empty((C,), dtype=torch.int64),
+                x.new_empty((C,), dtype=torch.int64),
+                x.new_empty((), dtype=torch.int64))
+
+    @torch.library.register_fake("fused_imbalance::cpp_loss_bwd")
+    def _(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("fused_imbalance::cpp_class_stats")
+    def _(x, target, ignore_index, confusion):
+        C = x.shape[1]
+        return (x.new_empty((C,), dtype=torch.int64), x.new_empty((C,), dtype=torch.int64),
+                x.new_empty((), dtype=torch.int64))
+
+    try:
+        register_loss_autograd("fused_imbalance::cpp_loss_fwd", loss_bwd)
+    except RuntimeError as e:
+        if "non-functional" not in str(e):
+            raise
+        _register_autograd_mutable("fused_imbalance::cpp_loss_fwd", loss_bwd)
+
+
+_libs = []
+
+
+def _register_autograd_mutable(fwd_op_name, bwd_op):
+    """The formula of :func:`register_loss_autograd` for a forward op defined in C++.
+
+    ``torch.library.register_autograd`` accepts an op with a mutable argument (``confusion``,
+    int64, no gradient) only when it was made by ``torch.library.custom_op``; for an op
+    defined in C++ this registers the same Autograd kernel that it would build.
+    """
+    def setup_context(ctx, inputs, output):
+        x, target, mode, gamma, tvals, ignore_index, _need_pixel_loss, _confusion = inputs
+        ctx.save_for_backward(x, target, tvals)
+        ctx.mode, ctx.gamma, ctx.ignore_index = mode, gamma, ignore_index
+
+    def backward(ctx, grad_pixel, grad_class, _g_count, _g_tp, _g_bad):
+        x, target, tvals = ctx.saved_tensors
+        if grad_pixel is not None and grad_pixel.numel() != target.numel():
+            grad_pixel = None  # pixel_loss was not requested (an empty tensor)
+        grad = bwd_op(x, target, grad_pixel, grad_class, ctx.mode, ctx.gamma, tvals, ctx.ignore_index)
+        return grad, None, None, None, None, None, None, None
+
+    from torch._library.autograd import Info, make_autograd_impl
+    op = torch._library.utils.lookup_op(fwd_op_name)
+    namespace, name = fwd_op_name.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib.impl(name, make_autograd_impl(op, Info(backward, setup_context)), "Autograd", with_keyset=True)
+    _libs.append(lib)  # the registration lives as long as the library object
+
+
+def available():
+    """True when the C++ ops are loaded (built ahead of time, or compiled now on first use)."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                err = _load_library()
+                if err is None:
+                    _register()
+                else:
+                    warnings.warn(f"fused_imbalance: the C++ backend is unavailable, the reference "
+                                  f"backend is used instead: {err}", RuntimeWarning, stacklevel=2)
+                _loaded = err is None
+    return _loaded
+
+
+def supports(x):
+    """The fused loss ops run CPU tensors of float16, bfloat16, float32 and float64."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES
+
+
+def __getattr__(name):
+    # loss_fwd / loss_bwd / class_stats exist once the library is loaded
+    if name in ("loss_fwd", "loss_bwd", "class_stats"):
+        if available():
+            return globals()[name]
+        raise RuntimeError("fused_imbalance: the C++ backend is not available")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
