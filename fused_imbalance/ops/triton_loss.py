@@ -1,0 +1,235 @@
+"""The Triton backend: ``fused_imbalance::triton_loss_fwd`` / ``triton_loss_bwd``.
+
+Implements the kernel contract of :mod:`fused_imbalance.ops` with the kernels of
+:mod:`.triton_kernels`. Both ops are ``torch.library.triton_op``s launching through
+``wrap_triton``, so ``torch.compile`` sees the kernels; autograd is the shared formula of
+:mod:`._autograd`.
+
+Tiling, chosen here from C and the strides (the kernels take any strides):
+
+* C <= 256 (segmentation): a tile is BLOCK_P pixels x all classes (padded to a power of two),
+  ~4096 logits; the per-class loss sums, counts and true positives of all the program's tiles
+  are reduced in registers, the sums stored as one row per program (summed here in a fixed
+  order: deterministic), counts and confusion histograms added with one atomic per class.
+* larger C: the class dim is read in chunks with an online softmax, per-pixel losses go to an
+  (N,) buffer, and a second small kernel sums them per class deterministically; counts,
+  true positives and confusion use one integer atomic per pixel (also deterministic).
+  Rows / channels_last read few pixels x long contiguous chunks; NCHW reads 64 contiguous
+  pixels x 64 classes per chunk.
+
+Programs walk tiles with a stride of the grid (a few waves of the device), so each program
+covers many pixels and the partial rows stay small.
+"""
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import Mode, pixel_view
+from ._autograd import register_loss_autograd
+
+try:
+    import triton
+    from torch.library import wrap_triton
+
+    from .triton_kernels import _class_sum_kernel, _loss_bwd_kernel, _loss_fwd_kernel
+except ImportError:  # the package works without triton; this backend is then unavailable
+    triton = None
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_TILE = 4096  # logits per tile: 16-32 float32 registers per thread at 4-8 warps
+_SMALL_C = 256  # up to this (padded) class count, class statistics are reduced in registers
+_ROW_CHUNK = 4096  # classes per chunk when classes are contiguous; online softmax beyond
+_STRIDED_TILE = (64, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
+_WAVES = 4  # programs per SM
+_INTERPRET_PROGRAMS = 3  # the interpreter runs programs one after another; still exercise several
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def available():
+    """Whether the Triton kernels can run here (a GPU, or the interpreter on CPU tensors)."""
+    return triton is not None and (torch.cuda.is_available() or _interpret())
+
+
+def supports(x):
+    """Whether this backend handles logits ``x`` (its device and dtype)."""
+    if triton is None or x.dtype not in _FLOATS:
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and _interpret())
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _np2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _geometry(x, grad=None):
+    """``(B, C, S, x_strides, grad_strides)`` of the pixel view, strides as (b, c, s).
+
+    The batch is folded into the pixel axis whenever one stride walks both (rows, 1x1 images,
+    channels_last, B = 1), so tiles never stop at an image boundary there.
+    """
+    B, C, S, sb, sc, ss = pixel_view(x)
+    gsb, gsc, gss = pixel_view(grad)[3:] if grad is not None else (sb, sc, ss)
+    if S == 1:
+        return 1, C, B, (0, sc, sb), (0, gsc, gsb)
+    if B == 1 or (sb == S * ss and gsb == S * gss):
+        return 1, C, B * S, (0, sc, ss), (0, gsc, gss)
+    return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
+
+
+def _plan(C, S, ss, f64):
+    """(BLOCK_P, BLOCK_C, single chunk, class stats in registers, num_warps)."""
+    bc = _np2(C)
+    tile = _TILE // 2 if f64 else _TILE
+    if bc <= _SMALL_C:
+        block_c, single, partials = bc, True, True
+        block_p = min(max(tile // bc, 16), 1024)
+    elif ss == 1:
+        (block_p, block_c), single, partials = _STRIDED_TILE, False, False
+    else:
+        block_c = min(bc, _ROW_CHUNK)
+        single, partials = bc <= _ROW_CHUNK, False
+        block_p = max(1, tile // block_c)
+    block_p = min(block_p, _np2(S))
+    num_warps = 8 if block_p * block_c >= 4096 else 4
+    return block_p, block_c, single, partials, num_warps
+
+
+def _programs(num_tiles, device):
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * _WAVES
+    else:
+        cap = _INTERPRET_PROGRAMS
+    return max(1, min(num_tiles, cap))
+
+
+def _class_sums(target, pl, C):
+    """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics)."""
+    N = pl.numel()
+    block_k, block_n = min(_np2(C), 64), 128
+    nseg = max(1, min(64, N // 4096))
+    per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
+    nseg = _cdiv(N, per_seg)
+    part = pl.new_empty((nseg, C))
+    wrap_triton(_class_sum_kernel)[(_cdiv(C, block_k), nseg)](
+        target, pl, part, N, C, per_seg, BLOCK_N=block_n, BLOCK_K=block_k)
+    return part.sum(0)
+
+
+if triton is not None:
+
+    @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args={"confusion"})
+    def loss_fwd(
+        x: torch.Tensor,
+        target: torch.Tensor,
+        mode: int,
+        gamma: float,
+        tvals: Optional[torch.Tensor],
+        ignore_index: int,
+        need_pixel_loss: bool,
+        confusion: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mode = Mode(mode)
+        acc = _acc_dtype(x)
+        B, C, S, (sb, sc, ss), _ = _geometry(x)
+        N = B * S
+        has_loss = mode != Mode.STATS
+        count = x.new_zeros(C, dtype=torch.int64)
+        tp = x.new_zeros(C, dtype=torch.int64)
+        bad = x.new_zeros((), dtype=torch.int64)
+        if N == 0:
+            pixel_loss = x.new_zeros(0, dtype=acc)
+            return pixel_loss, x.new_zeros(C, dtype=acc), count, tp, bad
+
+        block_p, block_c, single, partials, num_warps = _plan(C, S, ss, acc == torch.float64)
+        tiles_per_b = _cdiv(S, block_p)
+        num_tiles = B * tiles_per_b
+        programs = _programs(num_tiles, x.device)
+        store_pl = need_pixel_loss or (has_loss and not partials)
+        pl = x.new_empty(N if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
+        part = x.new_empty((programs, C) if partials else (1,), dtype=acc)
+        conf = 0 if confusion is None else (2 if partials and block_c <= 32 else 1)
+        wrap_triton(_loss_fwd_kernel)[(programs,)](
+            x, target, tvals if tvals is not None else part, pl, part, count, tp, bad,
+            confusion if confusion is not None else count,
+            C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
+            MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
+            STORE_PL=store_pl, SINGLE=single, PARTIALS=partials, CONF=conf,
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+
+        pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
+        if not has_loss:
+            class_loss = x.new_zeros(C, dtype=acc)
+        elif partials:
+            class_loss = part.sum(0)
+        else:
+            class_loss = _class_sums(target, pl, C)
+        return pixel_loss, class_loss, count, tp, bad
+
+    @loss_fwd.register_fake
+    def _loss_fwd_fake(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
+        acc = _acc_dtype(x)
+        C, N = x.shape[1], target.numel()
+        return (x.new_empty(N if need_pixel_loss else 0, dtype=acc), x.new_empty(C, dtype=acc),
+                x.new_empty(C, dtype=torch.int64), x.new_empty(C, dtype=torch.int64),
+                x.new_empty((), dtype=torch.int64))
+
+    @torch.library.triton_op("fused_imbalance::triton_loss_bwd", mutates_args=())
+    def loss_bwd(
+        x: torch.Tensor,
+        target: torch.Tensor,
+        grad_pixel: Optional[torch.Tensor],
+        grad_class: Optional[torch.Tensor],
+        mode: int,
+        gamma: float,
+        tvals: Optional[torch.Tensor],
+        ignore_index: int,
+    ) -> torch.Tensor:
+        mode = Mode(mode)
+        if (grad_pixel is None and grad_class is None) or mode == Mode.STATS or x.numel() == 0:
+            return torch.zeros_like(x)
+        acc = _acc_dtype(x)
+        grad = torch.empty_like(x)
+        B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, grad)
+        block_p, block_c, single, _, num_warps = _plan(C, S, ss, acc == torch.float64)
+        tiles_per_b = _cdiv(S, block_p)
+        num_tiles = B * tiles_per_b
+        programs = _programs(num_tiles, x.device)
+        dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
+        wrap_triton(_loss_bwd_kernel)[(programs,)](
+            x, target, dummy,
+            grad_pixel if grad_pixel is not None else dummy,
+            grad_class if grad_class is not None else dummy,
+            grad, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
+            grad_pixel.stride(0) if grad_pixel is not None else 0,
+            grad_class.stride(0) if grad_class is not None else 0,
+            ignore_index, gamma,
+            MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
+            HAS_GP=grad_pixel is not None, HAS_GC=grad_class is not None, SINGLE=single,
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+        return grad
+
+    @loss_bwd.register_fake
+    def _loss_bwd_fake(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+        return torch.empty_like(x)
+
+    try:
+        register_loss_autograd("fused_imbalance::triton_loss_fwd", loss_bwd)
+    except RuntimeError as e:  # the forward still works; a backward through it fails loudly
+        warnings.warn(f"fused_imbalance: no autograd for the triton loss op: {e}", stacklevel=2)
+else:
+    loss_fwd = None
+    loss_bwd = None
