@@ -1,0 +1,293 @@
+"""What the benchmark runs: losses, shapes, inputs, providers and the byte floor.
+
+Shared by the command-line harness (``bench.py``) and the pytest-benchmark suite
+(``test_bench.py``), so both time exactly the same calls.
+"""
+import dataclasses
+import functools
+import itertools
+
+import torch
+
+LOSSES = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
+          "cdb_loss", "mse_outlying_loss", "confusion_matrix")
+PROVIDERS = ("eager", "compile", "fused")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LABEL_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8}
+CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
+
+IGNORE_INDEX = -100
+IGNORED_FRACTION = 0.05  # a few ignored pixels, as in real label maps (void / boundary)
+IMBALANCE = 100.0        # head/tail count ratio of the synthetic long-tailed class counts
+
+
+def has_backward(loss):
+    return loss != "confusion_matrix"
+
+
+# --------------------------------------------------------------------------- shapes
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One logits shape of a preset, with the dtypes, layouts, passes and losses it is run with.
+
+    ``family`` groups shapes that differ only in size (the plots are drawn along a family).
+    """
+
+    family: str
+    dims: tuple
+    dtypes: tuple = ("float32", "bfloat16")
+    layouts: tuple = (CONTIGUOUS, CHANNELS_LAST)
+    passes: tuple = PASSES
+    losses: tuple = LOSSES
+
+    @property
+    def name(self):
+        return "x".join(str(d) for d in self.dims)
+
+    @property
+    def num_classes(self):
+        return self.dims[1]
+
+    @property
+    def pixels(self):
+        n = self.dims[0]
+        for d in self.dims[2:]:
+            n *= d
+        return n
+
+    @property
+    def numel(self):
+        return self.pixels * self.num_classes
+
+
+BOTH = ("float32", "bfloat16")
+F32 = ("float32",)
+CONT = (CONTIGUOUS,)
+CL = (CHANNELS_LAST,)
+ALL = (CONTIGUOUS, CHANNELS_LAST)
+FWD_BWD = ("fwd+bwd",)
+# The CPU default runs the other families with these three: the drop-in, the loss with the
+# most work per logit, and a loss with dynamic (per-batch) weights.
+SOME = ("cross_entropy", "sigmoid_focal_loss", "recall_loss")
+
+# Segmentation B×19×H×W (Cityscapes), ADE20K-like C=150, a 3-D volume B×C×D×H×W and
+# long-tailed classification N×8142 (iNaturalist 2018). The "seg" family is the size sweep.
+_CUDA = (
+    Shape("seg", (1, 19, 512, 1024), BOTH, CONT),
+    Shape("seg", (4, 19, 512, 1024), BOTH, ALL),
+    Shape("seg", (8, 19, 1024, 1024), BOTH, CONT),
+    Shape("seg", (16, 19, 1024, 2048), BOTH, CONT),
+    Shape("ade", (8, 150, 512, 512), BOTH, ALL),
+    Shape("volume", (2, 14, 128, 128, 128), BOTH, ALL),
+    Shape("cls", (8192, 8142), BOTH, CONT),
+)
+PRESETS = {
+    ("cuda", "quick"): (
+        Shape("seg", (2, 19, 512, 1024), BOTH, CONT),
+        Shape("seg", (8, 19, 1024, 1024), F32, CONT),
+    ),
+    ("cuda", "default"): _CUDA,
+    ("cuda", "full"): _CUDA,
+    ("cpu", "quick"): (
+        Shape("seg", (1, 19, 64, 128), F32, CONT),
+        Shape("seg", (2, 19, 128, 256), F32, CONT),
+    ),
+    # A few minutes on 2 cores (torch.compile of every case is most of it); the 4×19×256×512
+    # float32 case is the CPU target of the fused kernels, timed for the training step.
+    ("cpu", "default"): (
+        Shape("seg", (2, 19, 128, 256), BOTH, CONT),
+        Shape("seg", (2, 19, 128, 256), F32, CL),
+        Shape("seg", (4, 19, 256, 512), F32, CONT, FWD_BWD),
+        Shape("ade", (1, 150, 64, 128), F32, CONT, losses=SOME),
+        Shape("volume", (1, 8, 32, 64, 64), F32, CONT, losses=SOME),
+        Shape("cls", (128, 8142), F32, CONT, losses=SOME),
+    ),
+    ("cpu", "full"): (
+        Shape("seg", (1, 19, 64, 128), F32, CONT),
+        Shape("seg", (2, 19, 128, 256), BOTH, ALL),
+        Shape("seg", (4, 19, 256, 512), BOTH, ALL, FWD_BWD),
+        Shape("ade", (1, 150, 64, 128), BOTH, ALL),
+        Shape("volume", (1, 8, 32, 64, 64), BOTH, ALL),
+        Shape("cls", (128, 8142), BOTH, CONT),
+    ),
+}
+
+
+def parse_shape(text, dtypes=BOTH):
+    """A ``--shape`` value given as dims, e.g. "4x19x256x512" (family inferred from C and rank)."""
+    dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
+    if len(dims) < 2 or any(d < 0 for d in dims):
+        raise ValueError(f"a shape is (N, C) or (B, C, d1, ..., dk), got {text!r}")
+    if len(dims) == 2:
+        family = "cls"
+    elif len(dims) == 5:
+        family = "volume"
+    else:
+        family = "seg" if dims[1] < 100 else "ade"
+    return Shape(family, dims, tuple(dtypes), ALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    loss: str
+    shape: Shape
+    dtype: str
+    layout: str
+
+    @property
+    def passes(self):
+        if not has_backward(self.loss):
+            return ("fwd",)
+        return self.shape.passes
+
+    @property
+    def key(self):
+        return (self.loss, self.shape.name, self.dtype, self.layout)
+
+
+def layouts_of(shape):
+    """(N, C) rows have one layout; channels_last exists for 4-D and 5-D logits only."""
+    if len(shape.dims) in (4, 5):
+        return shape.layouts
+    return (CONTIGUOUS,)
+
+
+def grid(shapes, losses=LOSSES, dtypes=None, layouts=None):
+    """Every (loss, shape, dtype, layout) of ``shapes`` that passes the filters."""
+    cases = []
+    for shape, loss in itertools.product(shapes, losses):
+        if loss not in shape.losses:
+            continue
+        for dtype in shape.dtypes:
+            if dtypes is not None and dtype not in dtypes:
+                continue
+            for layout in layouts_of(shape):
+                if layouts is not None and layout not in layouts:
+                    continue
+                cases.append(Case(loss, shape, dtype, layout))
+    # Run shape by shape, smallest first, so a run cut short still has a full small table.
+    order = {s: i for i, s in enumerate(shapes)}
+    return sorted(cases, key=lambda c: (order.get(c.shape, 0), c.dtype != "float32", c.layout != CONTIGUOUS,
+                                        LOSSES.index(c.loss)))
+
+
+# --------------------------------------------------------------------------- inputs
+
+def long_tailed_counts(num_classes):
+    """Synthetic per-class sample counts falling geometrically from 10^5 by a factor IMBALANCE."""
+    r = torch.arange(num_classes, dtype=torch.float64) / max(num_classes - 1, 1)
+    return (1e5 * IMBALANCE ** -r).round()
+
+
+def loss_kwargs(loss, num_classes, device):
+    """The loss's own arguments (the same for every provider) at their paper defaults.
+
+    Counts and accuracies are host-side data (as a user holds them); the outlying labels are a
+    per-class tensor on the logits' device, as the functional API requires.
+    """
+    from fused_imbalance import weights
+
+    counts = long_tailed_counts(num_classes)
+    if loss in ("focal_loss", "sigmoid_focal_loss"):
+        return dict(gamma=2.0)
+    if loss == "class_balanced_loss":
+        return dict(samples_per_class=counts, beta=0.9999, loss_type="softmax")
+    if loss == "cdb_loss":
+        # Head classes accurate, tail classes not: accuracies 0.95 → 0.30 along the count order.
+        return dict(class_accuracy=torch.linspace(0.95, 0.30, num_classes, dtype=torch.float64),
+                    tau="dynamic")
+    if loss == "mse_outlying_loss":
+        return dict(outlying=weights.outlying_labels(counts, alpha=1.0).to(device))
+    return {}
+
+
+def make_inputs(case, device, label_dtype="int64", seed=0):
+    """(logits, target): logits N(0, 2²) in the case's dtype and layout, uniform labels with a
+    fraction IGNORED_FRACTION set to ``ignore_index`` (255 for uint8 labels, else -100)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = case.shape.dims
+    C = dims[1]
+    x = (2.0 * torch.randn(dims, generator=g)).to(DTYPES[case.dtype])
+    if case.layout == CHANNELS_LAST:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    tdims = (dims[0],) + tuple(dims[2:])
+    t = torch.randint(0, C, tdims, generator=g)
+    ignored = torch.rand(tdims, generator=g) < IGNORED_FRACTION
+    t = torch.where(ignored, torch.full_like(t, ignore_index_for(label_dtype)), t)
+    return x.to(device), t.to(device=device, dtype=LABEL_DTYPES[label_dtype])
+
+
+def ignore_index_for(label_dtype):
+    return 255 if label_dtype == "uint8" else IGNORE_INDEX
+
+
+# --------------------------------------------------------------------------- byte floor
+
+def floor_bytes(case, pass_, label_dtype="int64"):
+    """DESIGN.md §8: the logits read once per pass, the gradient written once, plus the labels.
+
+    fwd: N·C·s + labels; bwd: 2·N·C·s + labels (read logits, write gradient);
+    fwd+bwd: 3·N·C·s + labels. s = bytes per logit, labels = N · bytes per label.
+    """
+    s = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    labels = case.shape.pixels * torch.empty((), dtype=LABEL_DTYPES[label_dtype]).element_size()
+    reads = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[pass_]
+    return reads * case.shape.numel * s + labels
+
+
+# --------------------------------------------------------------------------- providers
+
+class Unavailable(Exception):
+    """A provider that cannot run on this machine (the reason is shown in the table)."""
+
+
+def fused_backend_name(device):
+    return "triton" if torch.device(device).type == "cuda" else "cpp"
+
+
+def make_provider(provider, case, device, validate=True, label_dtype="int64"):
+    """A callable ``f(logits, target)`` computing ``case.loss`` with ``provider``.
+
+    eager    ``fused_imbalance.functional.<loss>(..., backend="reference")`` (the eager spec);
+    compile  ``torch.compile(fused_imbalance.reference.<loss>, dynamic=False)``, called with
+             ``validate=False``: the label check is a host sync and a graph break, and the
+             baseline should be the best a compiler makes of the reference;
+    fused    ``functional.<loss>(..., backend="triton")`` on CUDA, ``backend="cpp"`` on CPU.
+    """
+    C = case.shape.num_classes
+    kwargs = loss_kwargs(case.loss, C, device)
+    kwargs["ignore_index"] = ignore_index_for(label_dtype)
+    if provider == "compile":
+        from fused_imbalance import reference
+
+        compiled = torch.compile(getattr(reference, case.loss), dynamic=False)
+        return functools.partial(compiled, validate=False, **kwargs)
+    functional = _functional()
+    if provider == "eager":
+        if functional is None:  # the functional API is optional: fall back to the spec itself
+            from fused_imbalance import reference
+            return functools.partial(getattr(reference, case.loss), validate=validate, **kwargs)
+        return functools.partial(getattr(functional, case.loss), backend="reference", validate=validate,
+                                 **kwargs)
+    if provider == "fused":
+        if functional is None:
+            raise Unavailable("fused_imbalance.functional is missing")
+        backend = fused_backend_name(device)
+        probe = torch.empty((1, C) + (1,) * (len(case.shape.dims) - 2), dtype=DTYPES[case.dtype],
+                            device=device)
+        try:
+            functional.resolve_backend(backend, probe)
+        except (RuntimeError, ImportError) as e:
+            raise Unavailable(f"{backend} backend: {e}") from None
+        return functools.partial(getattr(functional, case.loss), backend=backend, validate=validate, **kwargs)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _functional():
+    try:
+        from fused_imbalance import functional
+    except ImportError:
+        return None
+    return functional
