@@ -24,6 +24,8 @@ def sources(cuda):
         os.path.join(CSRC, "fused_imbalance.cpp"),
         os.path.join(CSRC, "cpu", "loss_cpu.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels.cpp"),
+        os.path.join(CSRC, "cpu", "loss_kernels_avx2.cpp"),
+        os.path.join(CSRC, "cpu", "loss_kernels_avx512.cpp"),
     ]
     if cuda:
         srcs.append(os.path.join(CSRC, "cuda", "class_stats.cu"))
@@ -31,11 +33,12 @@ def sources(cuda):
 
 
 def cxx_flags():
-    # -O3 without -march: the kernels carry their own AVX2/AVX-512 clones (loss_kernels.cpp),
+    # -O3 without -march: the kernels carry their own AVX2/AVX-512 copies (loss_kernels.cpp),
     # so the binary does not depend on the CPU of the build machine. No FMA contraction, so
-    # every clone rounds identically. OpenMP: at::parallel_for is OpenMP in torch's CPU
+    # every copy rounds identically. -g0 overrides the -g of Python's own flags (debug info of
+    # the kernel templates only slows the build). OpenMP: at::parallel_for is OpenMP in torch's CPU
     # build, and its header only forks threads when the extension is compiled with it.
-    flags = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
+    flags = ["-O3", "-g0", "-ffp-contract=off", "-Wno-psabi"]
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")
     return flags

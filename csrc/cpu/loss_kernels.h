@@ -1,8 +1,8 @@
 // The per-block math of the CPU loss kernels: one block is P pixels × C classes, stored
 // class-major (x[k * stride + p]), which is an NCHW plane as it lies in memory and a
 // transposed copy for the other layouts (loss_cpu.cpp does the gathering and the
-// per-class bookkeeping). Everything here is plain C++ over raw pointers so that
-// loss_kernels.cpp can be compiled for several instruction sets (see there).
+// per-class bookkeeping). Everything here is plain C++ over raw pointers so that the
+// kernels can be compiled for several instruction sets (loss_kernels.cpp).
 #pragma once
 
 #include <cstdint>
@@ -53,6 +53,9 @@ void loss_fwd_block(int64_t mode, const FwdBlock<float>& b);
 void loss_fwd_block(int64_t mode, const FwdBlock<double>& b);
 void loss_bwd_block(int64_t mode, const BwdBlock<float>& b);
 void loss_bwd_block(int64_t mode, const BwdBlock<double>& b);
+
+// The instruction set of the copy in use: "base", "avx2" or "avx512".
+const char* cpu_isa_name();
 
 }  // namespace cpu
 }  // namespace fused_imbalance

@@ -1,19 +1,20 @@
-// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout).
+// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout), compiled
+// once per instruction set: the including file defines FI_ISA (the namespace of this copy)
+// and FI_VECTOR_BYTES (see simd.h), and loss_kernels.cpp picks a copy at run time.
 //
 // For every W pixels (one SIMD vector) the class loop runs over the C rows of the block
 // while the per-pixel state (max, argmax, sum of exponentials) stays in registers; the
 // block was just read from memory, so the second and third class loops hit the L1/L2 cache.
 // Memory is read once per pass over the logits and the gradient is written once.
-//
-// The entry points are compiled for several instruction sets with GCC's target_clones and
-// picked at load time (the ifunc resolver), so the build does not depend on the build
-// machine's CPU and needs no -march. This file includes no torch header (see simd.h).
+#pragma once
+
 #include "loss_kernels.h"
 
 #include "simd.h"
 
 namespace fused_imbalance {
 namespace cpu {
+namespace FI_ISA {
 namespace {
 
 using namespace simd;
@@ -408,27 +409,11 @@ FI_INLINE void bwd_dispatch(int64_t mode, const BwdBlock<T>& b) {
 
 }  // namespace
 
-// x86-64: a baseline (SSE2), an AVX2 and an AVX-512 clone of each entry point; the
-// vectors are 32 bytes in all three, so they compute identical results.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define FI_MULTIVERSION \
-  __attribute__((target_clones("default", "avx2", "arch=x86-64-v4"), flatten))
-#else
-#define FI_MULTIVERSION __attribute__((flatten))
-#endif
+void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) { fwd_dispatch(mode, b); }
+void loss_fwd_block(int64_t mode, const FwdBlock<double>& b) { fwd_dispatch(mode, b); }
+void loss_bwd_block(int64_t mode, const BwdBlock<float>& b) { bwd_dispatch(mode, b); }
+void loss_bwd_block(int64_t mode, const BwdBlock<double>& b) { bwd_dispatch(mode, b); }
 
-FI_MULTIVERSION void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) {
-  fwd_dispatch(mode, b);
-}
-FI_MULTIVERSION void loss_fwd_block(int64_t mode, const FwdBlock<double>& b) {
-  fwd_dispatch(mode, b);
-}
-FI_MULTIVERSION void loss_bwd_block(int64_t mode, const BwdBlock<float>& b) {
-  bwd_dispatch(mode, b);
-}
-FI_MULTIVERSION void loss_bwd_block(int64_t mode, const BwdBlock<double>& b) {
-  bwd_dispatch(mode, b);
-}
-
+}  // namespace FI_ISA
 }  // namespace cpu
 }  // namespace fused_imbalance

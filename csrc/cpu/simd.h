@@ -1,25 +1,28 @@
 // Portable SIMD vectors (GCC/Clang vector extensions) and the elementwise math the CPU
 // kernels need: exp, log, log1p, expm1.
 //
-// No torch header may be included here: this header is compiled once per instruction set
-// (see loss_kernels.cpp), and an inline function shared with other translation units would
-// let the linker pick an AVX2 copy for code that must run on any x86-64.
+// Compiled once per instruction set (loss_kernels_*.cpp): the including file defines FI_ISA,
+// the namespace that keeps each copy's inline functions apart (the linker must never
+// substitute an AVX2 copy for code that runs on any x86-64), and FI_VECTOR_BYTES. No torch
+// header may be included here for the same reason.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #define FI_INLINE inline __attribute__((always_inline))
 
 namespace fused_imbalance {
+namespace cpu {
+namespace FI_ISA {
 namespace simd {
 
-// 32-byte vectors: one AVX register, two SSE registers. The width is a property of the
-// source, not of the machine, so every instruction-set clone computes the same lanes in
-// the same order and gives bit-identical results.
-constexpr int kVectorBytes = 32;
+// Every lane does the same operations in the same order whatever the width, so each
+// instruction-set copy gives bit-identical results.
+constexpr int kVectorBytes = FI_VECTOR_BYTES;
 
 template <typename T>
 struct Vec;
@@ -52,11 +55,12 @@ FI_INLINE void store(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Every lane = s. A scalar operand of a vector operation is broadcast (one instruction); a
+// loop that fills the lanes would be compiled lane by lane. s − 0 = s exactly, −0 included.
 template <typename V, typename S>
 FI_INLINE V splat(S s) {
-  V v;
-  for (int i = 0; i < int(sizeof(V) / sizeof(v[0])); ++i) v[i] = s;
-  return v;
+  typedef typename std::remove_reference<decltype(V{}[0])>::type E;
+  return static_cast<E>(s) - V{};
 }
 
 // mask ? a : b, lane by lane (mask lanes are 0 or -1).
@@ -167,4 +171,6 @@ FI_LANEWISE(vexpm1, expm1)
 #undef FI_LANEWISE
 
 }  // namespace simd
+}  // namespace FI_ISA
+}  // namespace cpu
 }  // namespace fused_imbalance

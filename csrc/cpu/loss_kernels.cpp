@@ -1,0 +1,95 @@
+// The portable copy of the block kernels and the run-time choice between the copies
+// (loss_kernels_avx2.cpp, loss_kernels_avx512.cpp). The build needs no -march and its output
+// does not depend on the build machine; the choice is made once, from the CPU running it.
+//
+// FUSED_IMBALANCE_CPU_ISA=base|avx2|avx512 caps the choice (for tests and benchmarks); all
+// copies give bit-identical results.
+#include "loss_kernels.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#define FI_ISA base
+#define FI_VECTOR_BYTES 16  // SSE2 / NEON: wider vectors would be split lane by lane
+#include "loss_kernels_impl.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FI_X86_COPIES 1
+#else
+#define FI_X86_COPIES 0
+#endif
+
+namespace fused_imbalance {
+namespace cpu {
+
+#define FI_DECLARE_COPY(isa)                                           \
+  namespace isa {                                                      \
+  void loss_fwd_block(int64_t mode, const FwdBlock<float>& b);         \
+  void loss_fwd_block(int64_t mode, const FwdBlock<double>& b);        \
+  void loss_bwd_block(int64_t mode, const BwdBlock<float>& b);         \
+  void loss_bwd_block(int64_t mode, const BwdBlock<double>& b);        \
+  }
+#if FI_X86_COPIES
+FI_DECLARE_COPY(avx2)
+FI_DECLARE_COPY(avx512)
+#endif
+#undef FI_DECLARE_COPY
+
+namespace {
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  Isa best = Isa::kBase;
+#if FI_X86_COPIES
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+#endif
+  const char* cap = std::getenv("FUSED_IMBALANCE_CPU_ISA");
+  if (cap != nullptr) {
+    Isa want = std::strcmp(cap, "base") == 0 ? Isa::kBase
+               : std::strcmp(cap, "avx2") == 0 ? Isa::kAvx2
+                                                 : Isa::kAvx512;
+    if (want < best) best = want;
+  }
+  return best;
+}
+
+Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+}  // namespace
+
+const char* cpu_isa_name() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
+#if FI_X86_COPIES
+#define FI_PICK(call)                              \
+  switch (isa()) {                                 \
+    case Isa::kAvx512: return avx512::call;        \
+    case Isa::kAvx2: return avx2::call;            \
+    default: return base::call;                    \
+  }
+#else
+#define FI_PICK(call) return base::call;
+#endif
+
+void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) { FI_PICK(loss_fwd_block(mode, b)) }
+void loss_fwd_block(int64_t mode, const FwdBlock<double>& b) { FI_PICK(loss_fwd_block(mode, b)) }
+void loss_bwd_block(int64_t mode, const BwdBlock<float>& b) { FI_PICK(loss_bwd_block(mode, b)) }
+void loss_bwd_block(int64_t mode, const BwdBlock<double>& b) { FI_PICK(loss_bwd_block(mode, b)) }
+#undef FI_PICK
+
+}  // namespace cpu
+}  // namespace fused_imbalance
