@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../pixel_view.h"
 #include "loss_kernels.h"
 
 namespace fused_imbalance {
@@ -22,39 +23,6 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
-
-// x seen as B × C × S pixels (fused_imbalance.ops.pixel_view).
-struct PixelView {
-  int64_t B, C, S, sb, sc, ss;
-};
-
-bool collapsible(const Tensor& x) {
-  int64_t prev_size = 0, prev_stride = 0;
-  bool first = true;
-  for (int64_t d = 2; d < x.dim(); ++d) {
-    if (x.size(d) == 1) continue;
-    if (!first && prev_stride != x.stride(d) * x.size(d)) return false;
-    prev_size = x.size(d);
-    prev_stride = x.stride(d);
-    first = false;
-  }
-  (void)prev_size;
-  return true;
-}
-
-PixelView pixel_view(const Tensor& x) {
-  PixelView v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), 1};
-  if (x.dim() == 2) return v;
-  for (int64_t d = 2; d < x.dim(); ++d) v.S *= x.size(d);
-  v.ss = x.stride(-1);
-  for (int64_t d = x.dim() - 1; d >= 2; --d) {
-    if (x.size(d) != 1) {
-      v.ss = x.stride(d);
-      break;
-    }
-  }
-  return v;
-}
 
 // Blocks of about 8 K logits (32 KB of float32, L1-sized) and at least 16 pixels.
 int64_t block_pixels(int64_t C) {
