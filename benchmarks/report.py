@@ -222,6 +222,7 @@ def write_plots(out_dir, env, rows):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogFormatter
     except ImportError:
         return ["plots skipped: matplotlib is not installed"]
     sweep, group = _sweep(rows)
@@ -233,6 +234,19 @@ def write_plots(out_dir, env, rows):
     styles = {"fused": "-", "compile": "--", "eager": ":"}
     passes = [p for p in PASSES if any(r["pass"] == p for r in sweep)]
     out = []
+
+    def plain_ticks(ax):
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+    def legend(fig, axes):
+        handles = {}
+        for ax in axes:  # a loss may appear in one pass only (confusion_matrix: fwd)
+            for h, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, h)
+        axes[-1].legend(handles.values(), handles.keys(), fontsize=6, loc="center left",
+                        bbox_to_anchor=(1.02, 0.5))
 
     def series(provider, loss, pass_):
         pts = sorted((_mb(r), r) for r in sweep
@@ -251,8 +265,9 @@ def write_plots(out_dir, env, rows):
             ax.axhline(env["copy_gbps"], color="k", lw=0.8, label="copy bandwidth")
         ax.set(xscale="log", yscale="log", xlabel="logits (MB)", ylabel="GB/s against the byte floor",
                title=pass_)
+        plain_ticks(ax)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    legend(fig, axes[0])
     fig.suptitle(f"Achieved bandwidth (fused —, compile --, eager ··)\n{tag}", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "bandwidth.png"), dpi=120, bbox_inches="tight")
@@ -271,9 +286,10 @@ def write_plots(out_dir, env, rows):
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
                             color=colors[loss], label=f"{loss} vs {base}")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(xscale="log", xlabel="logits (MB)", ylabel="speed-up of fused (×)", title=pass_)
+        ax.set(xscale="log", yscale="log", xlabel="logits (MB)", ylabel="speed-up of fused (×)", title=pass_)
+        plain_ticks(ax)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    legend(fig, axes[0])
     fig.suptitle(f"Speed-up of fused over eager (—) and torch.compile (--)\n{tag}", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "speedup.png"), dpi=120, bbox_inches="tight")
