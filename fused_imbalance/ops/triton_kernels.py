@@ -6,8 +6,8 @@ contiguous per class plane), channels_last (classes contiguous per pixel) and (N
 without a copy. Triton specialises integer arguments equal to 1, so the unit stride is a
 compile-time constant and the loads are vectorised along whichever axis it belongs to.
 
-A program walks pixel tiles ``pid, pid + programs, ...``; a tile is ``BLOCK_P`` pixels of one
-image. Classes are read in chunks of ``BLOCK_C`` with an online softmax (running max, sum of
+A program walks a run of ``per_prog`` consecutive pixel tiles; a tile is ``BLOCK_P`` pixels of
+one image. Classes are read in chunks of ``BLOCK_C`` with an online softmax (running max, sum of
 exponentials, rescaled when the max grows), so every per-pixel quantity of every mode is known
 after one read of the logits. When the whole class dim fits one chunk (``SINGLE``) the tile is
 loaded once and kept in registers.
@@ -18,7 +18,7 @@ logits, 3 MSE on the softmax, 4 statistics only.
 import triton
 import triton.language as tl
 
-_BIG = 2147483647  # "no index yet" in int32 argmin-style reductions
+_BIG = tl.constexpr(2147483647)  # "no index yet" in the int32 index reductions
 
 
 @triton.jit
@@ -67,9 +67,8 @@ def _softmax_step(x, oh, cmax, m, s, rest, s2r, xy, NEED_S2: tl.constexpr):
     1 - exp(log p_y), and s2r / s² the Σ_{k≠y} p_k² of the softmax MSE.
     """
     m_new = tl.maximum(m, cmax)
-    ms = tl.where(m == float("-inf"), 0.0, m)
     ms_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(ms - ms_new)
+    alpha = tl.exp(m - ms_new)  # 0 while m is still -inf
     e = tl.exp(x - ms_new[:, None])
     e_rest = tl.where(oh, 0.0, e)
     s = s * alpha + tl.sum(e, 1)
@@ -171,6 +170,7 @@ def _loss_fwd_kernel(
     S,  # pixels per image
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
+    per_prog,  # consecutive tiles per program
     stride_b, stride_c, stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
     gamma,  # focal exponent
@@ -185,7 +185,6 @@ def _loss_fwd_kernel(
 ):
     acc_ty = pl_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
     HAS_LOSS: tl.constexpr = MODE != 4
     if PARTIALS:
@@ -197,7 +196,7 @@ def _loss_fwd_kernel(
     bad_acc = tl.zeros([BLOCK_P], tl.int32)
     one = tl.full([BLOCK_P], 1, tl.int64)
 
-    for t in range(pid, num_tiles, nprog):
+    for t in range(pid * per_prog, tl.minimum(pid * per_prog + per_prog, num_tiles)):
         b, s, n, pmask, valid, bad, y32 = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
                                                        BLOCK_P)
         bad_acc += bad.to(tl.int32)
@@ -354,7 +353,7 @@ def _loss_bwd_kernel(
     gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
     gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
-    C, S, tiles_per_b, num_tiles,
+    C, S, tiles_per_b, num_tiles, per_prog,
     stride_b, stride_c, stride_s,  # logits strides
     gstride_b, gstride_c, gstride_s,  # gradient strides
     gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
@@ -371,9 +370,8 @@ def _loss_bwd_kernel(
 ):
     acc_ty = tv_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
-    for t in range(pid, num_tiles, nprog):
+    for t in range(pid * per_prog, tl.minimum(pid * per_prog + per_prog, num_tiles)):
         b, s, n, pmask, valid, bad, y32 = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
                                                        BLOCK_P)
         poff = b * stride_b + s * stride_s

@@ -7,21 +7,24 @@ Implements the kernel contract of :mod:`fused_imbalance.ops` with the kernels of
 
 Tiling, chosen here from C and the strides (the kernels take any strides):
 
-* C <= 256 (segmentation): a tile is BLOCK_P pixels x all classes (padded to a power of two),
-  ~4096 logits; the per-class loss sums, counts and true positives of all the program's tiles
-  are reduced in registers, the sums stored as one row per program (summed here in a fixed
-  order: deterministic), counts and confusion histograms added with one atomic per class.
+* C <= 256 (segmentation): a tile is BLOCK_P pixels x all classes (padded to a power of two).
+  NCHW with C <= 32 uses one-warp programs of 1024 logits, so that every reduction over the
+  classes stays inside the warp; otherwise ~4096 logits over 4-8 warps. The per-class loss
+  sums, counts and true positives of all the program's tiles are reduced in registers; the
+  sums are stored as one row per program (summed here in a fixed order: deterministic),
+  counts and confusion histograms added with one integer atomic per class.
 * larger C: the class dim is read in chunks with an online softmax, per-pixel losses go to an
   (N,) buffer, and a second small kernel sums them per class deterministically; counts,
   true positives and confusion use one integer atomic per pixel (also deterministic).
-  Rows / channels_last read few pixels x long contiguous chunks; NCHW reads 64 contiguous
-  pixels x 64 classes per chunk.
+  Rows / channels_last read few pixels x long contiguous chunks (one chunk up to 4096
+  classes); NCHW reads 64 contiguous pixels x 64 classes per chunk.
 
-Programs walk tiles with a stride of the grid (a few waves of the device), so each program
-covers many pixels and the partial rows stay small.
+Each program owns a run of consecutive tiles (several waves of programs for the device), so
+its partial row covers many pixels and the rows stay few. The backward recomputes the
+softmax from the logits (with many classes its second pass over a pixel's chunks hits the
+cache) and writes the gradient once.
 """
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -43,8 +46,14 @@ _TILE = 4096  # logits per tile: 16-32 float32 registers per thread at 4-8 warps
 _SMALL_C = 256  # up to this (padded) class count, class statistics are reduced in registers
 _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous; online softmax beyond
 _STRIDED_TILE = (64, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
-_WAVES = 4  # programs per SM
-_INTERPRET_PROGRAMS = 3  # the interpreter runs programs one after another; still exercise several
+_ONE_WARP_C = 32  # NCHW up to this (padded) class count: one-warp programs ...
+_ONE_WARP_TILE = 1024  # ... of this many float32 logits
+_WARPS_PER_SM = 16  # resident warps per SM at ~128 registers a thread
+_WAVES = 8  # programs per resident slot: the scheduler balances, partial rows stay few
+# The interpreter runs a tile as whole-array numpy operations and programs one after another,
+# so its cost is per tile: larger tiles there, and still several programs.
+_INTERPRET_TILE_SCALE = 8
+_INTERPRET_PROGRAMS = 3
 
 
 def _interpret():
@@ -91,29 +100,50 @@ def _geometry(x, grad=None):
 
 
 def _plan(C, S, ss, f64):
-    """(BLOCK_P, BLOCK_C, single chunk, class stats in registers, num_warps)."""
+    """(BLOCK_P, BLOCK_C, single chunk, class statistics in registers, num_warps).
+
+    Triton spreads a tile's lanes over its unit-stride axis first and puts the warps on the
+    other axis once that one is covered. Reductions over classes (max, sums, argmax) stay inside
+    a warp when classes are contiguous (channels_last, rows: lanes along classes, warps along
+    pixels); with contiguous pixels (NCHW) only a one-warp tile keeps them there (lanes own
+    16-byte vectors of a few pixels x all classes); otherwise each of the per-pixel reductions
+    of a tile is a round trip through shared memory with barriers.
+    """
     bc = _np2(C)
     tile = _TILE // 2 if f64 else _TILE
     if bc <= _SMALL_C:
         block_c, single, partials = bc, True, True
-        block_p = min(max(tile // bc, 16), 1024)
+        if ss == 1 and bc <= _ONE_WARP_C:
+            block_p, num_warps = _ONE_WARP_TILE // (2 * bc if f64 else bc), 1
+        else:
+            block_p = min(max(tile // bc, 16), 1024)
+            num_warps = 8 if block_p * bc >= 4096 else 4
     elif ss == 1:
         (block_p, block_c), single, partials = _STRIDED_TILE, False, False
+        num_warps = 8
     else:
         block_c = min(bc, _ROW_CHUNK)
         single, partials = bc <= _ROW_CHUNK, False
         block_p = max(1, tile // block_c)
-    block_p = min(block_p, _np2(S))
-    num_warps = 8 if block_p * block_c >= 4096 else 4
-    return block_p, block_c, single, partials, num_warps
+        num_warps = 8 if block_p * block_c >= 4096 else 4
+    if _interpret():
+        block_p *= _INTERPRET_TILE_SCALE
+    return min(block_p, _np2(S)), block_c, single, partials, num_warps
 
 
-def _programs(num_tiles, device):
+def _programs(num_tiles, num_warps, device):
+    """(programs, tiles per program): each program owns a fixed run of consecutive tiles.
+
+    A fixed assignment keeps the per-program partial sums deterministic; several waves of
+    programs let the hardware scheduler even out the load without a persistent-kernel tail.
+    """
     if device.type == "cuda":
-        cap = torch.cuda.get_device_properties(device).multi_processor_count * _WAVES
+        per_sm = max(1, _WARPS_PER_SM // num_warps)
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * per_sm * _WAVES
     else:
         cap = _INTERPRET_PROGRAMS
-    return max(1, min(num_tiles, cap))
+    per_prog = _cdiv(num_tiles, max(1, min(num_tiles, cap)))
+    return _cdiv(num_tiles, per_prog), per_prog
 
 
 def _class_sums(target, pl, C):
@@ -129,6 +159,95 @@ def _class_sums(target, pl, C):
     return part.sum(0)
 
 
+def _register_autograd_mutable(opdef, bwd_op):
+    """The formula of :func:`register_loss_autograd` for a custom op that adds into ``confusion``.
+
+    ``torch.library.register_autograd`` refuses every op with a mutable argument, although this
+    one (int64 counts) takes no gradient; a custom op reads its formula from the two fields set
+    here, the ones ``register_autograd`` would set.
+    """
+    def setup_context(ctx, inputs, output):
+        x, target, mode, gamma, tvals, ignore_index, _need_pixel_loss, _confusion = inputs
+        ctx.save_for_backward(x, target, tvals)
+        ctx.mode, ctx.gamma, ctx.ignore_index = mode, gamma, ignore_index
+
+    def backward(ctx, grad_pixel, grad_class, _g_count, _g_tp, _g_bad):
+        x, target, tvals = ctx.saved_tensors
+        if grad_pixel is not None and grad_pixel.numel() != target.numel():
+            grad_pixel = None  # pixel_loss was not requested (an empty tensor)
+        grad = bwd_op(x, target, grad_pixel, grad_class, ctx.mode, ctx.gamma, tvals, ctx.ignore_index)
+        return grad, None, None, None, None, None, None, None
+
+    opdef._backward_fn, opdef._setup_context_fn = backward, setup_context
+
+
+def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
+    """The forward op's launcher (see the contract in :mod:`fused_imbalance.ops`)."""
+    mode = Mode(mode)
+    acc = _acc_dtype(x)
+    B, C, S, (sb, sc, ss), _ = _geometry(x)
+    N = B * S
+    has_loss = mode != Mode.STATS
+    count = x.new_zeros(C, dtype=torch.int64)
+    tp = x.new_zeros(C, dtype=torch.int64)
+    bad = x.new_zeros((), dtype=torch.int64)
+    if N == 0:
+        pixel_loss = x.new_zeros(0, dtype=acc)
+        return pixel_loss, x.new_zeros(C, dtype=acc), count, tp, bad
+
+    block_p, block_c, single, partials, num_warps = _plan(C, S, ss, acc == torch.float64)
+    tiles_per_b = _cdiv(S, block_p)
+    num_tiles = B * tiles_per_b
+    programs, per_prog = _programs(num_tiles, num_warps, x.device)
+    store_pl = need_pixel_loss or (has_loss and not partials)
+    pl = x.new_empty(N if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
+    part = x.new_empty((programs, C) if partials else (1,), dtype=acc)
+    conf = 0 if confusion is None else (2 if partials and block_c <= 32 else 1)
+    wrap_triton(_loss_fwd_kernel)[(programs,)](
+        x, target, tvals if tvals is not None else part, pl, part, count, tp, bad,
+        confusion if confusion is not None else count,
+        C, S, tiles_per_b, num_tiles, per_prog, sb, sc, ss, ignore_index, gamma,
+        MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
+        STORE_PL=store_pl, SINGLE=single, PARTIALS=partials, CONF=conf,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+
+    pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
+    if not has_loss:
+        class_loss = x.new_zeros(C, dtype=acc)
+    elif partials:
+        class_loss = part.sum(0)
+    else:
+        class_loss = _class_sums(target, pl, C)
+    return pixel_loss, class_loss, count, tp, bad
+
+
+def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+    """The backward op's launcher: (grad_pixel[n] + grad_class[y_n]) * dℓ_n/dx, x's layout."""
+    mode = Mode(mode)
+    if (grad_pixel is None and grad_class is None) or mode == Mode.STATS or x.numel() == 0:
+        return torch.zeros_like(x)
+    acc = _acc_dtype(x)
+    grad = torch.empty_like(x)
+    B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, grad)
+    block_p, block_c, single, _, num_warps = _plan(C, S, ss, acc == torch.float64)
+    tiles_per_b = _cdiv(S, block_p)
+    num_tiles = B * tiles_per_b
+    programs, per_prog = _programs(num_tiles, num_warps, x.device)
+    dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
+    wrap_triton(_loss_bwd_kernel)[(programs,)](
+        x, target, dummy,
+        grad_pixel if grad_pixel is not None else dummy,
+        grad_class if grad_class is not None else dummy,
+        grad, C, S, tiles_per_b, num_tiles, per_prog, sb, sc, ss, gsb, gsc, gss,
+        grad_pixel.stride(0) if grad_pixel is not None else 0,
+        grad_class.stride(0) if grad_class is not None else 0,
+        ignore_index, gamma,
+        MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
+        HAS_GP=grad_pixel is not None, HAS_GC=grad_class is not None, SINGLE=single,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    return grad
+
+
 if triton is not None:
 
     @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args={"confusion"})
@@ -142,42 +261,7 @@ if triton is not None:
         need_pixel_loss: bool,
         confusion: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        mode = Mode(mode)
-        acc = _acc_dtype(x)
-        B, C, S, (sb, sc, ss), _ = _geometry(x)
-        N = B * S
-        has_loss = mode != Mode.STATS
-        count = x.new_zeros(C, dtype=torch.int64)
-        tp = x.new_zeros(C, dtype=torch.int64)
-        bad = x.new_zeros((), dtype=torch.int64)
-        if N == 0:
-            pixel_loss = x.new_zeros(0, dtype=acc)
-            return pixel_loss, x.new_zeros(C, dtype=acc), count, tp, bad
-
-        block_p, block_c, single, partials, num_warps = _plan(C, S, ss, acc == torch.float64)
-        tiles_per_b = _cdiv(S, block_p)
-        num_tiles = B * tiles_per_b
-        programs = _programs(num_tiles, x.device)
-        store_pl = need_pixel_loss or (has_loss and not partials)
-        pl = x.new_empty(N if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
-        part = x.new_empty((programs, C) if partials else (1,), dtype=acc)
-        conf = 0 if confusion is None else (2 if partials and block_c <= 32 else 1)
-        wrap_triton(_loss_fwd_kernel)[(programs,)](
-            x, target, tvals if tvals is not None else part, pl, part, count, tp, bad,
-            confusion if confusion is not None else count,
-            C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
-            MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
-            STORE_PL=store_pl, SINGLE=single, PARTIALS=partials, CONF=conf,
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-
-        pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
-        if not has_loss:
-            class_loss = x.new_zeros(C, dtype=acc)
-        elif partials:
-            class_loss = part.sum(0)
-        else:
-            class_loss = _class_sums(target, pl, C)
-        return pixel_loss, class_loss, count, tp, bad
+        return _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion)
 
     @loss_fwd.register_fake
     def _loss_fwd_fake(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
@@ -198,29 +282,7 @@ if triton is not None:
         tvals: Optional[torch.Tensor],
         ignore_index: int,
     ) -> torch.Tensor:
-        mode = Mode(mode)
-        if (grad_pixel is None and grad_class is None) or mode == Mode.STATS or x.numel() == 0:
-            return torch.zeros_like(x)
-        acc = _acc_dtype(x)
-        grad = torch.empty_like(x)
-        B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, grad)
-        block_p, block_c, single, _, num_warps = _plan(C, S, ss, acc == torch.float64)
-        tiles_per_b = _cdiv(S, block_p)
-        num_tiles = B * tiles_per_b
-        programs = _programs(num_tiles, x.device)
-        dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-        wrap_triton(_loss_bwd_kernel)[(programs,)](
-            x, target, dummy,
-            grad_pixel if grad_pixel is not None else dummy,
-            grad_class if grad_class is not None else dummy,
-            grad, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
-            grad_pixel.stride(0) if grad_pixel is not None else 0,
-            grad_class.stride(0) if grad_class is not None else 0,
-            ignore_index, gamma,
-            MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
-            HAS_GP=grad_pixel is not None, HAS_GC=grad_class is not None, SINGLE=single,
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-        return grad
+        return _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index)
 
     @loss_bwd.register_fake
     def _loss_bwd_fake(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
@@ -228,8 +290,10 @@ if triton is not None:
 
     try:
         register_loss_autograd("fused_imbalance::triton_loss_fwd", loss_bwd)
-    except RuntimeError as e:  # the forward still works; a backward through it fails loudly
-        warnings.warn(f"fused_imbalance: no autograd for the triton loss op: {e}", stacklevel=2)
+    except RuntimeError as e:
+        if "non-functional" not in str(e):
+            raise
+        _register_autograd_mutable(loss_fwd, loss_bwd)
 else:
     loss_fwd = None
     loss_bwd = None
