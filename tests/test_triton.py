@@ -1,0 +1,408 @@
+"""The Triton ops of the kernel contract, tested directly against the eager reference.
+
+``test_parity.py`` runs every loss of the functional API on this backend; this file covers the
+two ops themselves: each tiling the launcher picks (one-warp NCHW tiles, class-contiguous tiles,
+256-class tiles, chunked online softmax for many classes), argmax and non-finite logits across
+chunk boundaries, labels of every dtype and out of range, the gradient inputs, non-dense logits,
+determinism, ``opcheck`` and ``gradcheck``. Without a GPU the kernels run on CPU tensors through
+TRITON_INTERPRET=1 (set by conftest).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+import fused_imbalance.reference as R  # noqa: E402
+from fused_imbalance.ops import Mode, pixel_view  # noqa: E402
+from fused_imbalance.ops import triton_loss as T  # noqa: E402
+from tolerances import LOSS_TOL, TOL  # noqa: E402
+
+if not T.available():
+    pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+MODES = list(Mode)
+GAMMA = {Mode.SOFTMAX_FOCAL: 2.0, Mode.SIGMOID_FOCAL: 1.5}
+
+
+def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.int64, ignore=-100):
+    """Logits of ``shape`` in ``layout``; labels with ignored pixels, two bad labels and a class
+    (1) absent. Returns (x, labels shaped like the target, tvals)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    C = shape[1]
+    y = torch.randint(0, C, (shape[0],) + tuple(shape[2:]), generator=g)
+    if C > 2:
+        y[y == 1] = 0
+    flat = y.view(-1)
+    flat[::5] = ignore
+    if flat.numel() > 8:
+        flat[3], flat[7] = C + 2, -3  # bad labels: counted, otherwise ignored
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    tvals = torch.linspace(1.0, 3.0, C, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return x.to(DEV), y.to(label_dtype).to(DEV), tvals.to(DEV)
+
+
+def ref_pixel_loss(x, y, mode, gamma, tvals, ignore):
+    """The reference's per-pixel loss (0 at ignored and bad pixels), flattened."""
+    kw = dict(ignore_index=ignore, reduction="none", validate=False)
+    if mode == Mode.SOFTMAX_FOCAL:
+        out = R.focal_loss(x, y, gamma, **kw)
+    elif mode == Mode.SIGMOID_FOCAL:
+        out = R.sigmoid_focal_loss(x, y, gamma, **kw)
+    elif mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX):
+        out = R.mse_outlying_loss(x, y, tvals, input="logits" if mode == Mode.MSE_LOGITS else "softmax", **kw)
+    else:
+        out = torch.zeros(y.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                          device=x.device) + 0 * x.sum()
+    return out.reshape(-1)
+
+
+def reference(x, y, mode, gamma, tvals, ignore=-100):
+    """The contract's forward outputs computed eagerly, plus the confusion counts."""
+    C = x.shape[1]
+    pl = ref_pixel_loss(x, y, mode, gamma, tvals, ignore)
+    yl = y.reshape(-1).long()
+    valid = (yl != ignore) & (yl >= 0) & (yl < C)
+    class_loss = torch.zeros(C, dtype=pl.dtype, device=x.device).index_add_(0, yl[valid], pl[valid])
+    count, tp = R.class_stats(x, y, ignore, validate=False)
+    conf = R.confusion_matrix(x, y, ignore, validate=False)
+    bad = ((yl != ignore) & ~((yl >= 0) & (yl < C))).sum()
+    return pl, class_loss, count, tp, bad, conf
+
+
+def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, confusion=True):
+    conf = torch.zeros(x.shape[1], x.shape[1], dtype=torch.int64, device=x.device) if confusion else None
+    out = T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
+                     need_pixel_loss, conf)
+    return out, conf
+
+
+def check_forward(x, y, mode, gamma, tvals, ignore=-100):
+    (pl, cl, count, tp, bad), conf = run_fwd(x, y, mode, gamma, tvals, ignore)
+    rpl, rcl, rcount, rtp, rbad, rconf = reference(x, y, mode, gamma, tvals, ignore)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert pl.dtype == cl.dtype == acc and pl.shape == rpl.shape and cl.shape == rcl.shape
+    torch.testing.assert_close(pl, rpl, **LOSS_TOL[x.dtype])
+    torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
+    assert torch.equal(count, rcount) and torch.equal(tp, rtp) and torch.equal(conf, rconf)
+    assert bad.shape == () and int(bad) == int(rbad)
+
+
+def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed=1):
+    """loss_bwd against autograd of the reference with upstream grad_pixel[n] + grad_class[y_n]."""
+    C, N = x.shape[1], y.numel()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    grad_pixel = torch.randn(N, generator=g, dtype=acc).to(x.device) if gp else None
+    grad_class = torch.randn(C, generator=g, dtype=acc).to(x.device) if gc else None
+    grad = T.loss_bwd(x, y.reshape(-1), grad_pixel, grad_class, int(mode), gamma,
+                      tvals if mode in (2, 3) else None, ignore)
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
+
+    xr = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    pl = ref_pixel_loss(xr, y, mode, gamma, tvals, ignore)
+    yl = y.reshape(-1).long().clamp(0, C - 1)  # the loss is 0 at ignored and bad pixels
+    up = torch.zeros(N, dtype=acc, device=x.device)
+    if gp:
+        up = up + grad_pixel
+    if gc:
+        up = up + grad_class[yl]
+    (ref,) = torch.autograd.grad(pl, xr, up, allow_unused=True)
+    ref = torch.zeros_like(x) if ref is None else ref
+    torch.testing.assert_close(grad, ref, **TOL[x.dtype])
+    return grad
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Shrink the launcher's limits so that tiny inputs take the chunked large-C kernels."""
+    monkeypatch.setattr(T, "_SMALL_C", 4)
+    monkeypatch.setattr(T, "_ROW_CHUNK", 8)
+    monkeypatch.setattr(T, "_STRIDED_TILE", (4, 4))
+
+
+# --- each kernel path, every mode, float64 -------------------------------------------------
+
+PATHS = {  # (shape, layout): the tiling it exercises
+    "nchw": ((2, 19, 7, 13), "nchw"),  # one-warp tiles of pixels x all classes, confusion histogram
+    "channels_last": ((2, 19, 7, 13), "cl"),  # class-contiguous tiles, batch folded into the pixels
+    "nchw_c150": ((2, 150, 3, 5), "nchw"),  # 256-class tiles, confusion by per-pixel atomics
+    "rows": ((37, 5), "rows"),
+    "volume_channels_last": ((2, 6, 3, 2, 4), "cl"),
+    "nchw_c300": ((2, 300, 3, 4), "nchw"),  # pixel-contiguous chunks of 64 classes, class-sum kernel
+    "channels_last_c300": ((2, 300, 3, 4), "cl"),  # one 512-class chunk per pixel, class-sum kernel
+    "rows_c5000": ((3, 5000), "rows"),  # two 4096-class chunks: online softmax
+}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=[m.name for m in MODES])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths(path, mode):
+    shape, layout = PATHS[path]
+    x, y, tvals = make(shape, layout)
+    gamma = GAMMA.get(mode, 0.0)
+    check_forward(x, y, mode, gamma, tvals)
+    if mode != Mode.STATS:
+        check_backward(x, y, mode, gamma, tvals)
+
+
+@pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_SOFTMAX])
+@pytest.mark.parametrize("shape", [(6, 11), (2, 11, 3, 4)], ids=["rows", "nchw"])
+def test_small_chunks(small_chunks, shape, mode):
+    """The chunked kernels on an 11-class input: chunks of 8 (rows) and 4 (NCHW) classes with tails."""
+    for layout in ("nchw", "cl") if len(shape) == 4 else ("rows",):
+        x, y, tvals = make(shape, layout)
+        check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+        check_backward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+
+
+def test_gamma_zero_is_cross_entropy():
+    x, y, tvals = make((2, 5, 4, 3), dtype=torch.float32)
+    (pl, cl, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
+    ce = torch.nn.functional.cross_entropy(x, torch.where((y >= 0) & (y < 5), y, -100).long(),
+                                           reduction="none").reshape(-1)
+    torch.testing.assert_close(pl, ce, **LOSS_TOL[torch.float32])
+    for mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL):
+        check_forward(x, y, mode, 0.0, tvals)
+        check_backward(x, y, mode, 0.0, tvals)
+
+
+def test_multiple_programs_and_tiles():
+    """Enough pixels for several tiles per program and several programs (per-program partial rows)."""
+    x, y, tvals = make((1, 19, 97, 131), "nchw", dtype=torch.float32)
+    B, C, S, *_ = pixel_view(x)
+    block_p = T._plan(C, S, 1, False)[0]
+    assert T._programs(T._cdiv(S, block_p), 1, x.device)[0] > 1
+    for mode in (Mode.SIGMOID_FOCAL, Mode.STATS):
+        check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+
+
+# --- dtypes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "rows_c5000"])
+def test_dtypes(path, dtype):
+    shape, layout = PATHS[path]
+    x, y, tvals = make(shape, layout, dtype=dtype)
+    for mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL):
+        check_forward(x, y, mode, GAMMA[mode], tvals)
+        check_backward(x, y, mode, GAMMA[mode], tvals)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_label_dtypes(label_dtype):
+    ignore = 255 if label_dtype == torch.uint8 else -100
+    x, y, tvals = make((2, 7, 5, 3), "nchw", label_dtype=label_dtype, ignore=ignore)
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, ignore)
+    check_backward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, ignore)
+
+
+def test_labels_are_widened_before_comparing():
+    """int64 labels 2**32 + 1 and -2**32 are bad, not class 1 and 0 after a 32-bit truncation;
+    an ignore_index inside [0, C) ignores that class."""
+    x, y, tvals = make((2, 4, 3, 3), "nchw")
+    y.view(-1)[:2] = torch.tensor([2**32 + 1, -2**32])
+    for ignore in (-100, 2):
+        (pl, cl, count, tp, bad), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
+        rpl, rcl, rcount, rtp, rbad, rconf = reference(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
+        assert int(bad) == int(rbad) and pl[:2].eq(0).all()
+        assert torch.equal(count, rcount) and torch.equal(conf, rconf)
+        torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
+    assert int(count[2]) == 0
+
+
+# --- argmax, ties and non-finite logits -----------------------------------------------------
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_argmax_ties_nan_and_infinities(request, chunked):
+    """First index on ties and NaN as the maximum (torch.argmax), also across chunk boundaries;
+    rows of -inf and a first chunk of -inf leave the others exact."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    C = 11
+    x = torch.randn(8, C, dtype=torch.float64)
+    x[0, 2] = x[0, 9] = 50.0  # tie across chunks: 2 wins
+    x[1, 9] = 50.0
+    x[1, 3] = float("nan")  # NaN before the max
+    x[2, 1] = 50.0
+    x[2, 10] = float("nan")  # NaN after the max, in the last chunk
+    x[3] = float("-inf")  # every logit -inf: argmax 0, NaN loss (as torch)
+    x[4, :8] = float("-inf")  # the first chunk all -inf, the online softmax starts at -inf
+    x[5, 8] = float("inf")
+    x[6] = 7.0  # all tied
+    y = torch.tensor([2, 9, 1, 0, 9, 8, 6, 10])
+    x, y = x.to(DEV), y.to(DEV)
+    (pl, _, count, tp, _), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
+    am = x.argmax(1)
+    assert am.tolist()[:4] == [2, 3, 10, 0]
+    expect = torch.zeros(C, C, dtype=torch.int64, device=DEV).index_put_((y, am), torch.ones_like(y),
+                                                                        accumulate=True)
+    assert torch.equal(conf, expect)
+    assert torch.equal(tp, torch.bincount(y[am == y], minlength=C))
+    ref = torch.nn.functional.cross_entropy(x, y, reduction="none")
+    torch.testing.assert_close(pl, ref, equal_nan=True, **LOSS_TOL[x.dtype])
+    assert pl[[1, 2, 3]].isnan().all() and pl[[0, 4, 6, 7]].isfinite().all()
+
+
+@pytest.mark.parametrize("gamma", [0.25, 1.0, 2.0])
+def test_focal_at_certainty(gamma):
+    """p_y = 1 in float32: loss 0 and gradient 0, the limit, with no 0 * inf from the
+    (1 - p)^(γ - 1) of the derivative (autograd of the eager formula gives NaN there for γ < 1)."""
+    x = torch.zeros(4, 3, dtype=torch.float32)
+    x[:, 1] = 200.0
+    x[2, 1] = 20.0  # 1 - p_y ~ 4e-9: float32 log p_y rounds to 0, 1 - p_y does not
+    y = torch.ones(4, dtype=torch.int64)
+    x, y = x.to(DEV), y.to(DEV)
+    (pl, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, gamma, None)
+    grad = T.loss_bwd(x, y, torch.ones(4, device=DEV), None, 0, gamma, None, -100)
+    assert torch.isfinite(pl).all() and torch.isfinite(grad).all()
+    assert pl[0] == 0 and (grad[0] == 0).all()
+    check_backward(x[2:3].double(), y[2:3], Mode.SOFTMAX_FOCAL, gamma, None)
+
+
+# --- the gradient inputs and layouts of the backward ---------------------------------------
+
+@pytest.mark.parametrize("gp, gc", [(True, False), (False, True), (False, False)])
+def test_backward_inputs(gp, gc):
+    x, y, tvals = make((2, 6, 4, 3), "cl")
+    grad = check_backward(x, y, Mode.MSE_SOFTMAX, 0.0, tvals, gp=gp, gc=gc)
+    if not (gp or gc):
+        assert (grad == 0).all()
+
+
+def test_backward_expanded_grad_pixel():
+    """autograd hands ``sum()``'s gradient over as a stride-0 expansion."""
+    x, y, _ = make((2, 6, 4, 3), "nchw")
+    N = y.numel()
+    ones = torch.ones((), dtype=torch.float64, device=DEV).expand(N)
+    grad_class = torch.arange(12.0, dtype=torch.float64, device=DEV)[::2]  # stride 2
+    grad = T.loss_bwd(x, y.reshape(-1), ones, grad_class, 1, 1.5, None, -100)
+    expect = T.loss_bwd(x, y.reshape(-1), ones.contiguous(), grad_class.contiguous(), 1, 1.5, None, -100)
+    assert torch.equal(grad, expect)
+
+
+def test_non_dense_logits():
+    """Every other channel of a bigger tensor: x and its gradient (made contiguous by empty_like)
+    have different strides; (N, C) rows with a class stride of 2."""
+    big, y, tvals = make((2, 12, 5, 3), "nchw")
+    x = big[:, ::2]
+    assert torch.empty_like(x).stride() != x.stride()
+    for mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_LOGITS):
+        check_forward(x, y, mode, 2.0, tvals[::2].contiguous())
+        check_backward(x, y, mode, 2.0, tvals[::2].contiguous())
+    rows = big.movedim(1, -1).reshape(-1, 12)[:, ::2]
+    check_forward(rows, y.reshape(-1), Mode.SIGMOID_FOCAL, 1.5, None)
+    check_backward(rows, y.reshape(-1), Mode.SIGMOID_FOCAL, 1.5, None)
+
+
+# --- degenerate inputs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4)])
+def test_empty(shape):
+    x = torch.zeros(shape, device=DEV)
+    y = torch.zeros((shape[0],) + shape[2:], dtype=torch.int64, device=DEV)
+    (pl, cl, count, tp, bad), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
+    assert pl.shape == (0,) and (cl == 0).all() and (count == 0).all() and (conf == 0).all() and bad == 0
+    grad = T.loss_bwd(x, y.reshape(-1), torch.zeros(0, device=DEV), torch.ones(4, device=DEV), 0, 2.0, None, -100)
+    assert grad.shape == x.shape
+
+
+def test_all_ignored():
+    x, y, tvals = make((2, 5, 4, 3), "nchw")
+    y.fill_(-100)
+    for mode in MODES:
+        (pl, cl, count, tp, bad), conf = run_fwd(x, y, mode, 2.0, tvals)
+        assert (pl == 0).all() and (cl == 0).all() and (count == 0).all() and (conf == 0).all()
+        grad = T.loss_bwd(x, y.reshape(-1), torch.ones(y.numel(), dtype=torch.float64, device=DEV),
+                          torch.ones(5, dtype=torch.float64, device=DEV), int(mode), 2.0,
+                          tvals if mode in (2, 3) else None, -100)
+        assert (grad == 0).all()
+
+
+def test_need_pixel_loss_false():
+    x, y, tvals = make((2, 300, 3, 4), "cl", dtype=torch.float32)
+    (pl, cl, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, need_pixel_loss=False, confusion=False)
+    (pl2, cl2, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, confusion=False)
+    assert pl.numel() == 0 and torch.equal(cl, cl2)
+
+
+# --- determinism, autograd, op registration -------------------------------------------------
+
+@pytest.mark.parametrize("path", ["nchw", "channels_last_c300"])
+def test_deterministic(path):
+    shape, layout = PATHS[path]
+    x, y, _ = make(shape, layout, dtype=torch.float32)
+    a, _ = run_fwd(x, y, Mode.SIGMOID_FOCAL, 1.5, None)
+    b, _ = run_fwd(x, y, Mode.SIGMOID_FOCAL, 1.5, None)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    gp = torch.randn(y.numel(), device=DEV)
+    g1 = T.loss_bwd(x, y.reshape(-1), gp, None, 1, 1.5, None, -100)
+    g2 = T.loss_bwd(x, y.reshape(-1), gp, None, 1, 1.5, None, -100)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != Mode.STATS], ids=lambda m: m.name)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gradcheck(request, mode, chunked):
+    """Both float outputs of the forward op, through its registered autograd, in float64."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    x, y, tvals = make((2, 6, 2, 1) if chunked else (1, 3, 2, 2), "nchw")
+    x = x.requires_grad_(True)
+    C, N = x.shape[1], y.numel()
+    wp = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=DEV)
+    wc = torch.linspace(-1.0, 2.0, C, dtype=torch.float64, device=DEV)
+
+    def f(t):
+        pl, cl, *_ = T.loss_fwd(t, y.reshape(-1), int(mode), GAMMA.get(mode, 0.0),
+                                tvals if mode in (2, 3) else None, -100, True, None)
+        return (pl * wp).sum() + (cl * wc).sum()
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def _opcheck_utils():
+    # Under TRITON_INTERPRET, @triton.jit gives an InterpretedFunction, which wrap_triton hands
+    # back untraced (torch does not trace interpreted kernels): AOT tracing would launch it on
+    # fake tensors. That check runs where there is a GPU.
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    return utils + (["test_aot_dispatch_dynamic"] if torch.cuda.is_available() else [])
+
+
+def test_opcheck():
+    x, y, tvals = make((2, 5, 3, 2), "nchw")
+    y = y.reshape(-1)
+    xg = x.clone().requires_grad_(True)
+    conf = torch.zeros(5, 5, dtype=torch.int64, device=DEV)
+    for args in [(xg, y, 0, 2.0, None, -100, True, conf), (xg, y, 3, 0.0, tvals, -100, False, None),
+                 (x, y, 4, 0.0, None, -100, False, conf)]:
+        torch.library.opcheck(T.loss_fwd, args, test_utils=_opcheck_utils())
+    gp = torch.randn(y.numel(), dtype=torch.float64, device=DEV)
+    gc = torch.randn(5, dtype=torch.float64, device=DEV)
+    for args in [(x, y, gp, gc, 1, 1.5, None, -100), (x, y, None, gc, 2, 0.0, tvals, -100)]:
+        torch.library.opcheck(T.loss_bwd, args, test_utils=_opcheck_utils())
+
+
+@pytest.mark.cuda  # under TRITON_INTERPRET the kernels cannot be traced (see _opcheck_utils)
+def test_compile_fullgraph():
+    x, y, _ = make((2, 5, 6, 4), "cl", dtype=torch.float32)
+    y = y.reshape(-1)
+
+    def f(x, conf):
+        pl, cl, count, tp, bad = T.loss_fwd(x, y, 0, 2.0, None, -100, True, conf)
+        return pl.sum() + cl.sum(), count, tp
+
+    conf_eager = torch.zeros(5, 5, dtype=torch.int64, device=DEV)
+    conf_compiled = conf_eager.clone()
+    xe = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    le, ce, te = f(xe, conf_eager)
+    lc, cc, tc = torch.compile(f, fullgraph=True)(xc, conf_compiled)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    assert torch.equal(cc, ce) and torch.equal(tc, te) and torch.equal(conf_compiled, conf_eager)
