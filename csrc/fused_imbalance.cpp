@@ -7,6 +7,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/loss_kernels.h"
+
 extern "C" {
 // `import fused_imbalance._C` loads this shared library so that the static initialisers
 // below register the ops; the module itself is empty.
@@ -33,4 +37,7 @@ TORCH_LIBRARY(fused_imbalance, m) {
   m.def(
       "cpp_class_stats(Tensor x, Tensor target, int ignore_index, Tensor(a!)? confusion) "
       "-> (Tensor, Tensor, Tensor)");
+  // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
+  m.def("cpp_cpu_isa() -> str",
+        []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });
 }

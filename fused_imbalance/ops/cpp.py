@@ -8,7 +8,8 @@ why, and ``backend="auto"`` uses the reference instead.
 
 ``loss_fwd`` / ``loss_bwd`` follow the contract of :mod:`fused_imbalance.ops`; ``class_stats``
 is ``(x, target, ignore_index, confusion) -> (count, tp, bad)`` on CPU and, when the CUDA
-kernels were built, CUDA tensors.
+kernels were built, CUDA tensors. :func:`cpu_isa` names the instruction-set copy of the CPU
+kernels in use (``FUSED_IMBALANCE_CPU_ISA=base|avx2`` lowers the choice).
 """
 import importlib.util
 import os
@@ -19,7 +20,7 @@ import torch
 
 from ._autograd import register_loss_autograd
 
-__all__ = ["available", "supports", "loss_fwd", "loss_bwd", "class_stats"]
+__all__ = ["available", "supports", "cpu_isa", "loss_fwd", "loss_bwd", "class_stats"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,6 +134,13 @@ def available():
                                   f"backend is used instead: {err}", RuntimeWarning, stacklevel=2)
                 _loaded = err is None
     return _loaded
+
+
+def cpu_isa():
+    """The instruction set the CPU kernels run with here: "base", "avx2" or "avx512"."""
+    if not available():
+        raise RuntimeError("fused_imbalance: the C++ backend is not available")
+    return torch.ops.fused_imbalance.cpp_cpu_isa()
 
 
 def supports(x):

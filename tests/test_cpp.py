@@ -1,0 +1,523 @@
+"""The C++ backend's ops themselves (fused_imbalance.ops.cpp), against a direct eager computation.
+
+test_parity.py and test_trust.py run every loss through the functional API on this backend;
+here the raw ops are checked on what only they see: each mode and γ, every output of the
+contract (per-pixel and per-class losses, counts, true positives, bad labels, confusion),
+the backward with both incoming gradients, block and chunk boundaries, memory layouts and
+strides, numerics at the edges, opcheck, torch.compile, bit-identical results across runs,
+thread counts and instruction-set copies, and the build/fallback machinery.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_imbalance.ops import Mode
+from tolerances import LOSS_TOL, TOL
+
+cpp = pytest.importorskip("fused_imbalance.ops.cpp")
+if not cpp.available():
+    pytest.skip("the C++ backend could not be built here", allow_module_level=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
+
+
+# --- eager spec of the contract (fused_imbalance/ops/__init__.py), in float64 ------------------
+
+def rows(x):
+    """(N, C) view of logits (N, C) or (B, C, ...), pixel n = b * S + s."""
+    return x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def eager_pixel_loss(xr, y, mode, gamma, tvals):
+    """ℓ_n for (N, C) float64 logits and labels y in [0, C)."""
+    C = xr.shape[1]
+    onehot = F.one_hot(y, C).to(xr.dtype)
+    if mode == Mode.SOFTMAX_FOCAL:
+        logp = torch.log_softmax(xr, 1).gather(1, y[:, None])[:, 0]
+        # clamp: at p_y = 1 autograd would give γ·0^(γ−1)·0 = NaN for γ < 1; the limit is 0
+        return -logp if gamma == 0 else -(-torch.expm1(logp)).clamp_min(1e-300) ** gamma * logp
+    if mode == Mode.SIGMOID_FOCAL:
+        q = torch.sigmoid(xr)
+        fl = -onehot * (1 - q) ** gamma * F.logsigmoid(xr) - (1 - onehot) * q ** gamma * F.logsigmoid(-xr)
+        return fl.sum(1)
+    if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX):
+        a = xr if mode == Mode.MSE_LOGITS else torch.softmax(xr, 1)
+        return 0.5 * ((a - onehot * tvals.double()[y][:, None]) ** 2).sum(1)
+    return xr.sum(1) * 0
+
+
+def eager_fwd(x, target, mode, gamma, tvals, ignore_index):
+    """(pixel_loss, class_loss, count, tp, bad, confusion) in float64 / int64."""
+    xr = rows(x).double()
+    C = xr.shape[1]
+    t = target.reshape(-1).long()
+    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    bad = ((t != ignore_index) & ~valid).sum()
+    y = torch.where(valid, t, torch.zeros_like(t))
+    loss = torch.where(valid, eager_pixel_loss(xr, y, mode, gamma, tvals), torch.zeros((), dtype=xr.dtype))
+    am = xr.argmax(1)
+    yv, amv = y[valid], am[valid]
+    class_loss = torch.zeros(C, dtype=xr.dtype).index_add_(0, yv, loss[valid])
+    count = torch.bincount(yv, minlength=C)
+    tp = torch.bincount(yv[amv == yv], minlength=C)
+    confusion = torch.bincount(yv * C + amv, minlength=C * C).view(C, C)
+    return loss, class_loss, count, tp, bad, confusion
+
+
+def eager_grad(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+    """Σ_n (grad_pixel[n] + grad_class[y_n]) ∂ℓ_n/∂x, in float64, shaped like x."""
+    xd = x.detach().double().requires_grad_(True)
+    xr = rows(xd)
+    C = xr.shape[1]
+    t = target.reshape(-1).long()
+    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    y = torch.where(valid, t, torch.zeros_like(t))
+    coef = torch.zeros(xr.shape[0], dtype=torch.float64)
+    if grad_pixel is not None:
+        coef = coef + grad_pixel.double()
+    if grad_class is not None:
+        coef = coef + grad_class.double()[y]
+    coef = torch.where(valid, coef, torch.zeros(()))
+    loss = eager_pixel_loss(xr, y, mode, gamma, tvals)
+    (grad,) = torch.autograd.grad((loss * coef).sum(), xd)
+    return grad
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def make(shape, dtype=torch.float32, label_dtype=torch.int64, seed=0, ignore_index=-100, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    C = shape[1]
+    lshape = (shape[0],) + tuple(shape[2:])
+    y = torch.randint(0, C, lshape, generator=g)
+    y.view(-1)[::7] = ignore_index
+    tvals = torch.arange(1, C + 1, dtype=torch.float64) * 0.75
+    return x, y.to(label_dtype), tvals
+
+
+def layout(x, name):
+    if name == "nchw":
+        return x.contiguous()
+    if name == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if name == "rows_transposed":  # (N, C) with the pixels contiguous per class: class stride N
+        return x.t().contiguous().t()
+    if name == "channel_slice":  # not dense: classes 1.. of a wider tensor
+        wide = torch.cat([x[:, :1], x], 1)
+        return wide[:, 1:]
+    if name == "not_collapsible":  # spatial dims that no single stride describes
+        return x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, 1:]
+    raise ValueError(name)
+
+
+def acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_fwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, confusion=True):
+    C = x.shape[1]
+    tv = tvals.to(acc_dtype(x)) if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
+    conf = torch.full((C, C), 5, dtype=torch.int64) if confusion else None
+    target = y.reshape(-1)
+    pixel, class_loss, count, tp, bad = cpp.loss_fwd(x, target, int(mode), gamma, tv, ignore_index, True, conf)
+    want = eager_fwd(x, target, mode, gamma, tvals, ignore_index)
+    assert pixel.dtype == class_loss.dtype == acc_dtype(x)
+    assert pixel.shape == (target.numel(),) and class_loss.shape == (C,)
+    tol = LOSS_TOL[x.dtype]
+    torch.testing.assert_close(pixel.double(), want[0], **tol)
+    torch.testing.assert_close(class_loss.double(), want[1], atol=tol["atol"] * max(1, target.numel()),
+                               rtol=tol["rtol"])
+    assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and bad.item() == want[4].item()
+    if confusion:
+        assert torch.equal(conf, want[5] + 5)
+    return pixel, class_loss
+
+
+def check_bwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, seed=1):
+    C = x.shape[1]
+    target = y.reshape(-1)
+    g = torch.Generator().manual_seed(seed)
+    acc = acc_dtype(x)
+    gp = torch.randn(target.numel(), generator=g, dtype=torch.float64).to(acc)
+    gc = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
+    tv = tvals.to(acc) if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
+    for a, b in [(gp, gc), (gp, None), (None, gc)]:
+        grad = cpp.loss_bwd(x, target, a, b, int(mode), gamma, tv, ignore_index)
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+            assert grad.stride() == x.stride()
+        want = eager_grad(x, target, a, b, mode, gamma, tvals, ignore_index)
+        torch.testing.assert_close(grad.double(), want, **TOL[x.dtype])
+    return grad
+
+
+# --- every mode and γ, every layout, dtype and label dtype ----------------------------------------
+
+CASES = [(Mode.SOFTMAX_FOCAL, 0.0), (Mode.SOFTMAX_FOCAL, 0.5), (Mode.SOFTMAX_FOCAL, 1.0),
+         (Mode.SOFTMAX_FOCAL, 2.0), (Mode.SOFTMAX_FOCAL, 2.5), (Mode.SIGMOID_FOCAL, 0.0),
+         (Mode.SIGMOID_FOCAL, 1.0), (Mode.SIGMOID_FOCAL, 2.0), (Mode.SIGMOID_FOCAL, 1.5),
+         (Mode.MSE_LOGITS, 0.0), (Mode.MSE_SOFTMAX, 0.0), (Mode.STATS, 0.0)]
+
+
+@pytest.mark.parametrize("mode, gamma", CASES)
+@pytest.mark.parametrize("shape, lay", [((2, 5, 7, 13), "nchw"), ((2, 5, 7, 13), "channels_last"),
+                                        ((91, 6), "nchw"), ((91, 6), "rows_transposed"),
+                                        ((2, 3, 3, 4, 5), "nchw"), ((2, 3, 3, 4, 5), "channels_last"),
+                                        ((2, 4, 6, 5), "channel_slice"), ((2, 4, 6, 5), "not_collapsible"),
+                                        ((3, 2, 1, 1), "nchw"), ((4, 1, 3, 3), "nchw")])
+def test_modes_layouts(mode, gamma, shape, lay):
+    x, y, tvals = make(shape)
+    x = layout(x, lay)
+    if lay == "not_collapsible":
+        y = y[:, :, 1:]
+    check_fwd(x, y, mode, gamma, tvals)
+    check_bwd(x, y, mode, gamma, tvals)
+
+
+@pytest.mark.parametrize("mode, gamma", [(Mode.SOFTMAX_FOCAL, 1.5), (Mode.SIGMOID_FOCAL, 2.0),
+                                         (Mode.MSE_LOGITS, 0.0), (Mode.MSE_SOFTMAX, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_dtypes(mode, gamma, dtype, lay):
+    x, y, tvals = make((2, 7, 9, 11), dtype)
+    x = layout(x, lay)
+    check_fwd(x, y, mode, gamma, tvals)
+    check_bwd(x, y, mode, gamma, tvals)
+
+
+@pytest.mark.parametrize("label_dtype, ignore_index", [(torch.uint8, 255), (torch.uint8, -100),
+                                                       (torch.int16, -100), (torch.int32, -1),
+                                                       (torch.int64, 0)])
+def test_label_dtypes(label_dtype, ignore_index):
+    x, y, tvals = make((2, 6, 8, 9), label_dtype=label_dtype,
+                       ignore_index=ignore_index if ignore_index >= 0 or label_dtype != torch.uint8 else 255)
+    for mode, gamma in [(Mode.SOFTMAX_FOCAL, 2.0), (Mode.MSE_SOFTMAX, 0.0)]:
+        check_fwd(x, y, mode, gamma, tvals, ignore_index)
+        check_bwd(x, y, mode, gamma, tvals, ignore_index)
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 130, 140), (3, 7, 61, 67)])
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_many_blocks_and_chunks(shape, lay):
+    """Images that end inside a block, many blocks per chunk, many chunks over the threads."""
+    x, y, tvals = make(shape)
+    x = layout(x, lay)
+    for mode, gamma in [(Mode.SOFTMAX_FOCAL, 2.0), (Mode.SIGMOID_FOCAL, 0.0), (Mode.MSE_SOFTMAX, 0.0)]:
+        check_fwd(x, y, mode, gamma, tvals)
+        check_bwd(x, y, mode, gamma, tvals)
+
+
+@pytest.mark.parametrize("C", [300, 5000])
+def test_large_class_count_rows(C):
+    """C > 256 counts the confusion matrix with atomics instead of a private table."""
+    x, y, tvals = make((37, C))
+    for mode, gamma in [(Mode.SOFTMAX_FOCAL, 0.0), (Mode.SOFTMAX_FOCAL, 2.0), (Mode.MSE_SOFTMAX, 0.0)]:
+        check_fwd(x, y, mode, gamma, tvals)
+        check_bwd(x, y, mode, gamma, tvals)
+    check_fwd(x.to(torch.bfloat16), y, Mode.SOFTMAX_FOCAL, 0.0, tvals)
+
+
+# --- statistics, edges ---------------------------------------------------------------------------
+
+def test_ties_and_nan_argmax_like_torch():
+    x, y, _ = make((2, 5, 6, 7))
+    x[:, 3] = x[:, 1]  # ties: the first index
+    x[0, 2, 1, 1] = float("nan")  # NaN: the first NaN, as torch.argmax
+    x[1, 4, 2, 2] = x[1, 0, 2, 2] = float("nan")
+    y[0, 1, 1] = 2
+    y[1, 2, 2] = 0
+    conf = torch.zeros(5, 5, dtype=torch.int64)
+    count, tp, bad = cpp.class_stats(x, y.reshape(-1), -100, conf)
+    want = eager_fwd(x, y, Mode.STATS, 0.0, None, -100)
+    assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and torch.equal(conf, want[5])
+
+
+def test_bad_labels_are_counted_and_ignored():
+    x, y, tvals = make((2, 4, 5, 6))
+    y[0, 0, :3] = torch.tensor([4, -3, 100])
+    pixel, *_ = check_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
+    assert (pixel.view(2, 5, 6)[0, 0, :3] == 0).all()
+    _, _, _, _, bad = cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, None)
+    assert bad.item() == 3
+    grad = check_bwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
+    assert (grad[0, :, 0, :3] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 5), (0, 3)])
+def test_zero_pixels(shape):
+    x, y, tvals = make(shape)
+    conf = torch.zeros(shape[1], shape[1], dtype=torch.int64)
+    pixel, class_loss, count, tp, bad = cpp.loss_fwd(x, y.reshape(-1), 0, 2.0, None, -100, True, conf)
+    assert pixel.shape == (0,) and (class_loss == 0).all() and (count == 0).all() and bad.item() == 0
+    assert (conf == 0).all()
+    assert cpp.loss_bwd(x, y.reshape(-1), None, torch.ones(shape[1]), 0, 2.0, None, -100).shape == x.shape
+
+
+def test_all_ignored_and_absent_class():
+    x, y, tvals = make((2, 5, 4, 4))
+    y.fill_(-100)
+    for mode in MODES:
+        pixel, class_loss = check_fwd(x, y, mode, 1.5, tvals)
+        assert (pixel == 0).all() and (class_loss == 0).all()
+        assert (check_bwd(x, y, mode, 1.5, tvals) == 0).all()
+    x, y, tvals = make((2, 5, 4, 4))
+    y[y == 2] = 1
+    _, class_loss = check_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, tvals)
+    assert class_loss[2] == 0
+
+
+def test_need_pixel_loss_false_and_strided_grads():
+    x, y, tvals = make((2, 5, 6, 6))
+    target = y.reshape(-1)
+    pixel, class_loss, *_ = cpp.loss_fwd(x, target, 0, 2.0, None, -100, False, None)
+    assert pixel.shape == (0,)
+    full = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, None)
+    assert torch.equal(class_loss, full[1])
+    gp = torch.tensor(0.5).expand(target.numel())  # a stride-0 gradient, as from .sum()
+    grad = cpp.loss_bwd(x, target, gp, None, 0, 2.0, None, -100)
+    torch.testing.assert_close(grad.double(), eager_grad(x, target, gp, None, 0, 2.0, None, -100),
+                               **TOL[torch.float32])
+
+
+def test_non_contiguous_confusion():
+    x, y, _ = make((2, 6, 5, 5))
+    conf = torch.zeros(6, 6, dtype=torch.int64).t()
+    cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, conf)
+    assert torch.equal(conf, eager_fwd(x, y, Mode.STATS, 0.0, None, -100)[5])
+
+
+def test_focal_numerics_at_certainty():
+    """p_y = 1 exactly (1 − p_y = −expm1(0) = 0): loss 0, and the (1 − p)^(γ−1) factor of the
+    gradient for γ < 1 takes its limit 0 instead of 0 · inf. Sigmoid at ±100: finite."""
+    x = torch.tensor([[200.0, 0.0, -50.0], [0.0, 300.0, 1.0], [-100.0, 100.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    for gamma in (0.0, 0.25, 0.5, 1.0, 2.0, 3.5):
+        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, None)
+        assert (pixel == 0).all()
+        grad = cpp.loss_bwd(x, y, torch.ones(3), None, 0, gamma, None, -100)
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad.double(), eager_grad(x, y, torch.ones(3), None, 0, gamma, None, -100),
+                                   **TOL[torch.float32])
+    for gamma in (0.0, 0.5, 2.0):
+        pixel, *_ = cpp.loss_fwd(x, y, 1, gamma, None, -100, True, None)
+        grad = cpp.loss_bwd(x, y, torch.ones(3), None, 1, gamma, None, -100)
+        assert torch.isfinite(pixel).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(pixel.double(), eager_fwd(x, y, 1, gamma, None, -100)[0], **TOL[torch.float32])
+
+
+def test_tiny_probability_focal():
+    """log p_y far below float32's exp range: the loss is −log p_y·(1 − p)^γ ≈ −log p_y."""
+    x = torch.tensor([[-80.0, 80.0, 0.0], [-200.0, 0.0, 0.0]])
+    y = torch.tensor([0, 0])
+    for gamma in (0.5, 2.0):
+        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, None)
+        torch.testing.assert_close(pixel.double(), eager_fwd(x, y, 0, gamma, None, -100)[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode, gamma", CASES[:-1])
+def test_gradcheck_float64(mode, gamma):
+    x, y, tvals = make((2, 4, 3, 2), torch.float64, scale=1.0)
+    target = y.reshape(-1)
+    tv = tvals if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: cpp.loss_fwd(t, target, int(mode), gamma, tv, -100, True, None)[:2], (x,))
+
+
+# --- torch.library and torch.compile -------------------------------------------------------------
+
+@pytest.mark.parametrize("need_pixel_loss, with_confusion", [(True, True), (False, False)])
+def test_opcheck(need_pixel_loss, with_confusion):
+    x, y, tvals = make((2, 4, 3, 5), torch.float64)
+    target = y.reshape(-1)
+    x.requires_grad_(True)
+    conf = torch.zeros(4, 4, dtype=torch.int64) if with_confusion else None
+    torch.library.opcheck(cpp.loss_fwd, (x, target, 0, 1.5, None, -100, need_pixel_loss, conf))
+    torch.library.opcheck(cpp.loss_fwd, (x, target, 3, 0.0, tvals, -100, need_pixel_loss, conf))
+    gp = torch.randn(target.numel(), dtype=torch.float64)
+    torch.library.opcheck(cpp.loss_bwd, (x.detach(), target, gp, None, 1, 2.0, None, -100))
+    torch.library.opcheck(cpp.loss_bwd, (x.detach(), target, None, torch.ones(4, dtype=torch.float64), 2, 0.0,
+                                         tvals, -100))
+    torch.library.opcheck(cpp.class_stats, (x.detach(), target, -100, conf))
+
+
+def test_compile_training_step():
+    import fused_imbalance.functional as FI
+    torch._dynamo.reset()
+    x0, y, _ = make((2, 5, 6, 7))
+    x0 = x0.contiguous(memory_format=torch.channels_last)
+    outlying = torch.arange(1.0, 6.0)
+
+    def step(x, y, conf):
+        return (FI.recall_loss(x, y, confusion=conf, backend="cpp")
+                + FI.focal_loss(x, y, gamma=1.5, backend="cpp")
+                + FI.mse_outlying_loss(x, y, outlying, input="softmax", backend="cpp"))
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        conf = torch.zeros(5, 5, dtype=torch.int64)
+        loss = fn(x, y, conf)
+        loss.backward()
+        results.append((loss.detach(), x.grad, conf))
+    (l0, g0, c0), (l1, g1, c1) = results
+    torch.testing.assert_close(l1, l0, **TOL[torch.float32])
+    torch.testing.assert_close(g1, g0, **TOL[torch.float32])
+    assert torch.equal(c1, c0) and c0.sum() > 0
+
+
+# --- determinism --------------------------------------------------------------------------------
+
+DET_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from fused_imbalance.ops import cpp
+    assert cpp.available()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 19, 45, 71, generator=g, dtype=torch.float64).mul(3).float()
+    y = torch.randint(0, 19, (2 * 45 * 71,), generator=g)
+    tv = torch.arange(1.0, 20.0)
+    gc = torch.linspace(-1, 1, 19)
+    out = {"isa": cpp.cpu_isa()}
+    for mode, gamma in [(0, 0.0), (0, 1.5), (1, 2.0), (1, 0.7), (2, 0.0), (3, 0.0)]:
+        t = tv if mode in (2, 3) else None
+        for name, xx in [("nchw", x), ("cl", x.contiguous(memory_format=torch.channels_last)),
+                         ("f64", x.double())]:
+            tt = t.to(xx.dtype) if t is not None and xx.dtype == torch.float64 else t
+            f = cpp.loss_fwd(xx, y, mode, gamma, tt, -100, True, None)
+            b = cpp.loss_bwd(xx, y, f[0] * 0 + 0.25, gc.to(f[1].dtype), mode, gamma, tt, -100)
+            out[(mode, gamma, name)] = (f[0], f[1], f[2], f[3], b)
+    torch.save(out, sys.argv[1])
+""")
+
+
+def _det_outputs(tmp_path, name, **env):
+    path = tmp_path / f"{name}.pt"
+    subprocess.run([sys.executable, "-c", DET_SCRIPT, str(path)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT, **env})
+    return torch.load(path)
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "isa":
+            continue
+        for u, v in zip(a[k], b[k]):
+            assert torch.equal(u, v), k
+
+
+def test_bit_identical_across_runs_and_thread_counts():
+    x, y, _ = make((2, 19, 40, 70))
+    target = y.reshape(-1)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (prev, 1, prev, 3):
+            torch.set_num_threads(threads)
+            f = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, None)
+            g = cpp.loss_bwd(x, target, None, torch.ones(19), 0, 2.0, None, -100)
+            outs.append(f[:4] + (g,))
+    finally:
+        torch.set_num_threads(prev)
+    for o in outs[1:]:
+        for u, v in zip(o, outs[0]):
+            assert torch.equal(u, v)
+
+
+def test_bit_identical_across_instruction_sets(tmp_path):
+    """The portable, AVX2 and AVX-512 copies of the kernels compute the same bits (checked for
+    those this CPU has: FUSED_IMBALANCE_CPU_ISA only lowers the choice)."""
+    best = _det_outputs(tmp_path, "best")
+    assert best["isa"] == cpp.cpu_isa()
+    for isa in ("base", "avx2"):
+        out = _det_outputs(tmp_path, isa, FUSED_IMBALANCE_CPU_ISA=isa)
+        assert out["isa"] == isa or out["isa"] == best["isa"] == "base"
+        _assert_identical(out, best)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def test_supports():
+    assert cpp.supports(torch.zeros(2, 3))
+    assert cpp.supports(torch.zeros(2, 3, dtype=torch.bfloat16))
+    assert not cpp.supports(torch.zeros(2, 3, dtype=torch.int64))
+    assert not cpp.supports(torch.zeros(2, 3, device="meta"))
+
+
+@pytest.mark.parametrize("first", ["cpp", "triton"])
+def test_import_order_with_python_ops_in_the_namespace(first):
+    """The C++ TORCH_LIBRARY and the Triton ops registered from Python share the namespace."""
+    script = textwrap.dedent(f"""
+        import torch
+        import fused_imbalance.ops.cpp as cpp
+        if "{first}" == "cpp":
+            assert cpp.available()
+        import fused_imbalance.ops.triton_loss
+        @torch.library.custom_op("fused_imbalance::_test_py_op", mutates_args=())
+        def _op(x: torch.Tensor) -> torch.Tensor:
+            return x + 1
+        assert cpp.available()
+        x = torch.randn(3, 4)
+        out = cpp.loss_fwd(x, torch.tensor([0, 1, 3]), 0, 0.0, None, -100, True, None)
+        assert torch.allclose(out[0], torch.nn.functional.cross_entropy(x, torch.tensor([0, 1, 3]),
+                                                                        reduction="none"))
+        assert torch.equal(torch.ops.fused_imbalance._test_py_op(x), x + 1)
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    """No prebuilt module and a compiler that fails: available() is False with one warning, and
+    backend="auto" runs the reference."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["fused_imbalance._C"] = None  # as if it had not been built
+        import torch
+        import fused_imbalance.functional as FI
+        from fused_imbalance.ops import cpp
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert cpp.available() is False and cpp.available() is False
+            x = torch.randn(4, 3, requires_grad=True)
+            loss = FI.cross_entropy(x, torch.tensor([0, 1, 2, 1]))
+            loss.backward()
+        msgs = [str(m.message) for m in w if "C++ backend" in str(m.message)]
+        assert len(msgs) == 1, msgs
+        assert FI.resolve_backend("auto", x) == "reference"
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "false",
+           "FUSED_IMBALANCE_CUDA": "0"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+# --- CUDA statistics kernel ------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C, lay", [(5, "nchw"), (19, "channels_last"), (150, "nchw"), (3000, "rows")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_class_stats(C, lay, dtype):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_imbalance::cpp_class_stats", "CUDA"):
+        pytest.skip("built without the CUDA kernels (FUSED_IMBALANCE_CUDA=0 or no toolkit)")
+    shape = (64, C) if lay == "rows" else (2, C, 33, 29)
+    x, y, _ = make(shape, dtype, label_dtype=torch.uint8, ignore_index=255)
+    x[:, 1] = x[:, 0]  # ties: the first index wins
+    if lay == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = y.reshape(-1)
+    target[5] = 200  # a bad label
+    conf = torch.zeros(C, C, dtype=torch.int64)
+    want = cpp.class_stats(x, target, 255, conf)
+    conf_cuda = torch.zeros(C, C, dtype=torch.int64, device="cuda")
+    got = cpp.class_stats(x.cuda(), target.cuda(), 255, conf_cuda)
+    for u, v in zip(got, want):
+        assert torch.equal(u.cpu(), v)
+    assert torch.equal(conf_cuda.cpu(), conf)
