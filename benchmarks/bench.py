@@ -145,6 +145,8 @@ class Runner:
                 fn = make_provider(provider, case, self.device, args.validate, args.labels)
                 t0 = time.perf_counter()
                 out, grad = _step(fn, x, t, backward)
+                if self.cuda:
+                    torch.cuda.synchronize()
                 prow["first_call_s"] = round(time.perf_counter() - t0, 3)
             except Unavailable as e:
                 rows += [dict(prow, **{"pass": p, "status": f"skipped: {e}"}) for p in case.passes]
@@ -287,7 +289,7 @@ def parse_args(argv=None):
     level.add_argument("--quick", dest="level", action="store_const", const="quick", default="default",
                        help="a small smoke-test grid")
     level.add_argument("--full", dest="level", action="store_const", const="full",
-                       help="CPU: every loss on every shape, dtype and layout (the CUDA default already is)")
+                       help="every loss on every shape, dtype and layout (long)")
     p.add_argument("--loss", type=_csv_list(LOSSES), help="comma-separated losses (default: all)")
     p.add_argument("--shape", type=_csv_list(),
                    help="comma-separated families of the preset (seg, ade, volume, cls) and/or explicit "

@@ -68,28 +68,36 @@ CONT = (CONTIGUOUS,)
 CL = (CHANNELS_LAST,)
 ALL = (CONTIGUOUS, CHANNELS_LAST)
 FWD_BWD = ("fwd+bwd",)
-# The CPU default runs the other families with these three: the drop-in, the loss with the
+# The default grids run the other families with these three: the drop-in, the loss with the
 # most work per logit, and a loss with dynamic (per-batch) weights.
 SOME = ("cross_entropy", "sigmoid_focal_loss", "recall_loss")
 
 # Segmentation B×19×H×W (Cityscapes), ADE20K-like C=150, a 3-D volume B×C×D×H×W and
 # long-tailed classification N×8142 (iNaturalist 2018). The "seg" family is the size sweep.
-_CUDA = (
-    Shape("seg", (1, 19, 512, 1024), BOTH, CONT),
-    Shape("seg", (4, 19, 512, 1024), BOTH, ALL),
-    Shape("seg", (8, 19, 1024, 1024), BOTH, CONT),
-    Shape("seg", (16, 19, 1024, 2048), BOTH, CONT),
-    Shape("ade", (8, 150, 512, 512), BOTH, ALL),
-    Shape("volume", (2, 14, 128, 128, 128), BOTH, ALL),
-    Shape("cls", (8192, 8142), BOTH, CONT),
-)
 PRESETS = {
     ("cuda", "quick"): (
-        Shape("seg", (2, 19, 512, 1024), BOTH, CONT),
-        Shape("seg", (8, 19, 1024, 1024), F32, CONT),
+        Shape("seg", (4, 19, 512, 1024), F32, CONT),
     ),
-    ("cuda", "default"): _CUDA,
-    ("cuda", "full"): _CUDA,
+    # Every loss along the sweep in float32, in bfloat16 and channels_last at one size, the
+    # other families for three losses. Every case compiles anew: most of the time is there.
+    ("cuda", "default"): (
+        Shape("seg", (1, 19, 512, 1024), F32, CONT),
+        Shape("seg", (4, 19, 512, 1024), BOTH, CONT),
+        Shape("seg", (4, 19, 512, 1024), F32, CL),
+        Shape("seg", (16, 19, 1024, 2048), F32, CONT),
+        Shape("ade", (8, 150, 512, 512), F32, CONT, losses=SOME),
+        Shape("volume", (2, 14, 128, 128, 128), F32, CONT, losses=SOME),
+        Shape("cls", (8192, 8142), F32, CONT, losses=SOME),
+    ),
+    ("cuda", "full"): (
+        Shape("seg", (1, 19, 512, 1024), BOTH, CONT),
+        Shape("seg", (4, 19, 512, 1024), BOTH, ALL),
+        Shape("seg", (8, 19, 1024, 1024), BOTH, CONT),
+        Shape("seg", (16, 19, 1024, 2048), BOTH, CONT),
+        Shape("ade", (8, 150, 512, 512), BOTH, ALL),
+        Shape("volume", (2, 14, 128, 128, 128), BOTH, ALL),
+        Shape("cls", (8192, 8142), BOTH, CONT),
+    ),
     ("cpu", "quick"): (
         Shape("seg", (1, 19, 64, 128), F32, CONT),
         Shape("seg", (2, 19, 128, 256), F32, CONT),
