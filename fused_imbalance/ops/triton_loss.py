@@ -110,13 +110,13 @@ def _plan(C, S, ss, f64):
     of a tile is a round trip through shared memory with barriers.
     """
     bc = _np2(C)
-    tile = _TILE // 2 if f64 else _TILE
+    tile = _TILE // 4 if f64 else _TILE  # float64 takes two registers a value
     if bc <= _SMALL_C:
         block_c, single, partials = bc, True, True
         if ss == 1 and bc <= _ONE_WARP_C:
             block_p, num_warps = _ONE_WARP_TILE // (2 * bc if f64 else bc), 1
         else:
-            block_p = min(max(tile // bc, 16), 1024)
+            block_p = min(max(tile // bc, 8), 1024)
             num_warps = 8 if block_p * bc >= 4096 else 4
     elif ss == 1:
         (block_p, block_c), single, partials = _STRIDED_TILE, False, False
