@@ -305,7 +305,8 @@ def test_empty(shape):
     y = torch.zeros((shape[0],) + shape[2:], dtype=torch.int64, device=DEV)
     (pl, cl, count, tp, bad), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
     assert pl.shape == (0,) and (cl == 0).all() and (count == 0).all() and (conf == 0).all() and bad == 0
-    grad = T.loss_bwd(x, y.reshape(-1), torch.zeros(0, device=DEV), torch.ones(4, device=DEV), 0, 2.0, None, -100)
+    grad = T.loss_bwd(x, y.reshape(-1), torch.zeros(0, device=DEV), torch.ones(4, device=DEV), 0, 2.0,
+                      None, -100)
     assert grad.shape == x.shape
 
 

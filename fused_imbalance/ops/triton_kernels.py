@@ -102,7 +102,8 @@ def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
 
 @triton.jit
 def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
-    """∂ℓ/∂x_k of the sigmoid focal loss: ±d/dz [σ(z)^γ softplus(z)] = ±σ(z)^γ (γ σ(-z) sp(z) + σ(z))."""
+    """∂ℓ/∂x_k of the sigmoid focal loss, ±d/dz [σ(z)^γ sp(z)] = ±σ(z)^γ (γ σ(-z) sp(z) + σ(z)),
+    sp = softplus."""
     z = tl.where(oh, -x, x)
     e = tl.exp(-tl.abs(z))
     w1 = 1.0 + e
