@@ -53,25 +53,68 @@ ChunkPlan plan_chunks(int64_t N, int64_t C) {
 }
 
 // Labels of pixels n0 .. n0 + cnt as int32 (-1: ignored, out of range or padding up to P);
-// returns how many were out of range.
+// returns how many were out of range. Branch-free: ignored pixels come at random.
 template <typename L>
 int64_t load_labels(const L* t, int64_t n0, int64_t cnt, int64_t P, int64_t C,
                     int64_t ignore_index, int32_t* y) {
   int64_t bad = 0;
   for (int64_t p = 0; p < cnt; ++p) {
-    int64_t v = static_cast<int64_t>(t[n0 + p]);
-    if (v == ignore_index) {
-      y[p] = -1;
-    } else if (v < 0 || v >= C) {
-      y[p] = -1;
-      ++bad;
-    } else {
-      y[p] = static_cast<int32_t>(v);
-    }
+    const int64_t v = static_cast<int64_t>(t[n0 + p]);
+    const bool labelled = v != ignore_index;
+    const bool in_range = v >= 0 && v < C;
+    bad += labelled && !in_range;
+    y[p] = labelled && in_range ? static_cast<int32_t>(v) : -1;
   }
   for (int64_t p = cnt; p < P; ++p) y[p] = -1;
   return bad;
 }
+
+// Per-class sums of one chunk, in `banks` interleaved copies (pixel p adds to bank
+// p % banks) so that neighbouring pixels of the same class, the common case, do not wait on
+// each other's add; folded in a fixed order at the end of the chunk. Row C takes the pixels
+// without a label, so the loop has no branch. Many classes: one bank (clearing four would
+// cost more than the chains they break).
+struct ClassBanks {
+  int64_t C, banks;
+  std::vector<double> loss;
+  std::vector<int64_t> count, tp;
+
+  explicit ClassBanks(int64_t C)
+      : C(C), banks(C <= 256 ? 4 : 1), loss(banks * (C + 1)), count(banks * (C + 1)),
+        tp(banks * (C + 1)) {}
+
+  void clear() {
+    std::fill(loss.begin(), loss.end(), 0.0);
+    std::fill(count.begin(), count.end(), 0);
+    std::fill(tp.begin(), tp.end(), 0);
+  }
+
+  template <typename T>
+  void add(const int32_t* y, const int32_t* argmax, const T* pixel_loss, int64_t cnt) {
+    for (int64_t p = 0; p < cnt; ++p) {
+      const int64_t c = y[p] >= 0 ? y[p] : C;
+      const int64_t i = (p & (banks - 1)) * (C + 1) + c;  // banks: a power of 2
+      loss[i] += static_cast<double>(pixel_loss[p]);  // 0 for pixels without a label
+      count[i] += 1;
+      tp[i] += argmax[p] == c;
+    }
+  }
+
+  void fold(double* cls_loss, int64_t* cls_count, int64_t* cls_tp) const {
+    for (int64_t c = 0; c < C; ++c) {
+      double s = loss[c];
+      int64_t n = count[c], t = tp[c];
+      for (int64_t b = 1; b < banks; ++b) {
+        s += loss[b * (C + 1) + c];
+        n += count[b * (C + 1) + c];
+        t += tp[b * (C + 1) + c];
+      }
+      cls_loss[c] = s;
+      cls_count[c] = n;
+      cls_tp[c] = t;
+    }
+  }
+};
 
 // Offsets of pixels n0 .. n0 + cnt in a tensor with pixel view v.
 void pixel_offsets(const PixelView& v, int64_t n0, int64_t cnt, int64_t* off) {
@@ -171,10 +214,9 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
     fb.gamma = gamma;
     fb.loss = loss.data();
     fb.argmax = argmax.data();
+    ClassBanks banks(C);
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      double* cls_loss = loss_slots.data() + chunk * C;
-      int64_t* cls_count = count_slots.data() + chunk * C;
-      int64_t* cls_tp = tp_slots.data() + chunk * C;
+      banks.clear();
       int64_t bad = 0;
       const int64_t b_end = std::min(plan.blocks, (chunk + 1) * plan.per);
       for (int64_t blk = chunk * plan.per; blk < b_end; ++blk) {
@@ -195,19 +237,20 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
         }
         loss_fwd_block(mode, fb);
         if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
-        for (int64_t p = 0; p < cnt; ++p) {
-          const int32_t c = y[p];
-          if (c < 0) continue;
-          const int32_t a = argmax[p];
-          cls_loss[c] += static_cast<double>(loss[p]);
-          cls_count[c] += 1;
-          cls_tp[c] += a == c;
-          if (private_confusion)
-            conf[c * C + a] += 1;
-          else if (confusion != nullptr)
-            __atomic_fetch_add(confusion + c * C + a, int64_t(1), __ATOMIC_RELAXED);
+        banks.add(y.data(), argmax.data(), loss.data(), cnt);
+        if (confusion != nullptr) {
+          for (int64_t p = 0; p < cnt; ++p) {
+            const int64_t c = y[p];
+            if (c < 0) continue;
+            if (private_confusion)
+              conf[c * C + argmax[p]] += 1;
+            else
+              __atomic_fetch_add(confusion + c * C + argmax[p], int64_t(1), __ATOMIC_RELAXED);
+          }
         }
       }
+      banks.fold(loss_slots.data() + chunk * C, count_slots.data() + chunk * C,
+                 tp_slots.data() + chunk * C);
       bad_slots[chunk] = bad;
     }
     if (private_confusion)

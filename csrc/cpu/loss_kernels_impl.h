@@ -130,7 +130,7 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
     max_argmax<T>(x, b.x_stride, b.C, m, am);
     V se = splat<V>(0);
     for (int64_t k = 0; k < b.C; ++k) se += vexp(load<V>(x + k * b.x_stride) - m);
-    V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog(se));  // log p_y <= 0
+    V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se));  // log p_y <= 0
     V loss;
     if constexpr (GK == 0) {
       loss = -l;
@@ -150,12 +150,14 @@ FI_INLINE typename Vec<T>::V sigmoid_focal_term(typename Vec<T>::V u, double gam
   V zero = splat<V>(0);
   typename Vec<T>::I pos = u >= zero;
   V e = vexp(select(pos, -u, u));
-  V lp = vlog1p(e);
+  V e1 = e + 1;
+  V inv = splat<V>(1) / e1;
+  V lp = vlog1p(e, e1, inv);
   V sp = select(pos, u, zero) + lp;  // softplus(u)
   if constexpr (GK == 0) {
     return sp;
   } else {
-    V sig = select(pos, splat<V>(1), e) / (e + 1);
+    V sig = select(pos, splat<V>(1), e) * inv;
     V log_sig = select(pos, zero, u) - lp;  // −softplus(−u)
     return pow_gamma_log<GK>(sig, log_sig, gamma) * sp;
   }
@@ -167,13 +169,14 @@ FI_INLINE typename Vec<T>::V sigmoid_focal_grad(typename Vec<T>::V u, double gam
   V zero = splat<V>(0);
   typename Vec<T>::I pos = u >= zero;
   V e = vexp(select(pos, -u, u));
-  V inv = splat<V>(1) / (e + 1);
+  V e1 = e + 1;
+  V inv = splat<V>(1) / e1;
   V sig = select(pos, splat<V>(1), e) * inv;
   if constexpr (GK == 0) {
     return sig;
   } else {
     V sig_bar = select(pos, e, splat<V>(1)) * inv;  // 1 − σ(u)
-    V lp = vlog1p(e);
+    V lp = vlog1p(e, e1, inv);
     V sp = select(pos, u, zero) + lp;
     V log_sig = select(pos, zero, u) - lp;
     V g = splat<V>(gamma);
@@ -278,7 +281,7 @@ void bwd_softmax_focal(const BwdBlock<T>& b) {
     }
     V a = load<V>(b.coef + j);
     if constexpr (GK != 0) {
-      V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog(se));
+      V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se));
       V omp = -vexpm1(l);
       // log p / (1 − p) → −1 as p → 1, so the (1 − p)^(γ−1) factor never divides by 0
       V r = select(omp > splat<V>(0), l / select(omp > splat<V>(0), omp, splat<V>(1)),

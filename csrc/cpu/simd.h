@@ -80,15 +80,15 @@ FI_INLINE V select(M mask, V a, V b) {
 typedef Vec<float>::V vf;
 typedef Vec<float>::I vi;
 
+// exp(x) for x <= 88 (every caller passes x <= 0: exp(x − max), exp(−|u|), exp(γ log b));
+// 0 below −87.3 (where the result would be subnormal), NaN stays NaN.
 FI_INLINE vf vexp(vf x) {
-  const vf hi = splat<vf>(88.72283f);
-  const vf lo = splat<vf>(-87.33654f);  // below: the result would be subnormal; give 0
-  const vi over = x > hi, under = x < lo;
-  vf xc = select(over, hi, select(under, lo, x));  // NaN passes through
-  const vf magic = splat<vf>(12582912.0f);         // 1.5 * 2^23: add/sub rounds to nearest
+  const vf lo = splat<vf>(-87.33654f);
+  const vi under = x < lo;
+  vf xc = select(under, lo, x);
+  const vf magic = splat<vf>(12582912.0f);  // 1.5 * 2^23: add/sub rounds to nearest
   vf n = (xc * 1.44269504088896341f + magic) - magic;
-  n = select(n > 127.0f, splat<vf>(127.0f), n);    // keep 2^n a normal float
-  vf r = xc - n * 0.693359375f;                    // ln 2 in two parts: n * hi part is exact
+  vf r = xc - n * 0.693359375f;             // ln 2 in two parts: n * hi part is exact
   r = r - n * -2.12194440e-4f;
   vf p = splat<vf>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -98,17 +98,13 @@ FI_INLINE vf vexp(vf x) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
   vi e = __builtin_convertvector(n, vi) + 127;
-  vf scale = (vf)(e << 23);
-  vf res = p * scale;
-  res = select(over, splat<vf>(std::numeric_limits<float>::infinity()), res);
-  return select(under, splat<vf>(0.0f), res);
+  return select(under, splat<vf>(0.0f), p * (vf)(e << 23));
 }
 
-FI_INLINE vf vlog(vf x) {
-  const vi sub = x < 1.17549435e-38f;  // subnormal (or <= 0): rescale so the exponent is exact
-  vf xs = select(sub, x * 33554432.0f, x);  // 2^25
-  vi bits = (vi)xs;
-  vi e = ((bits >> 23) & 0xff) - 126 - (sub & 25);
+// log(x) for x positive, normal and finite, or NaN (which stays NaN).
+FI_INLINE vf vlog_normal(vf x) {
+  vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 126;
   vf m = (vf)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
   const vi small = m < 0.707106781186547524f;
   e = e + small;  // small lanes are -1
@@ -127,22 +123,32 @@ FI_INLINE vf vlog(vf x) {
   vf y = p * t * z;
   y = y + ef * -2.12194440e-4f;
   y = y - 0.5f * z;
-  vf res = t + y + ef * 0.693359375f;
+  return t + y + ef * 0.693359375f + (x - x);  // x − x: NaN for NaN, else 0
+}
+
+// log(x) for any x: log 0 = −inf, subnormals exact, log of a negative = NaN, log inf = inf.
+FI_INLINE vf vlog(vf x) {
+  const vi sub = x < 1.17549435e-38f;
+  vf res = vlog_normal(select(sub, x * 33554432.0f, x));  // 2^25: subnormals become normal
+  res = select(sub, res - 17.328679514f, res);           // 25 ln 2
   const float inf = std::numeric_limits<float>::infinity();
   res = select(x == 0.0f, splat<vf>(-inf), res);
   res = select(x < 0.0f, splat<vf>(std::numeric_limits<float>::quiet_NaN()), res);
-  res = select(x == inf, x, res);
-  return select(x != x, x, res);  // NaN
+  return select(x == inf, x, res);
 }
 
-// log(1 + x) for x >= 0, accurate for small x (Goldberg: log(u) * x / (u - 1), u = 1 + x).
+// log(1 + x) for 0 <= x <= 1 given u = 1 + x (rounded) and inv = 1 / u: the rounding error
+// δ = (u − 1) − x of u is exact (Sterbenz) and log(1 + x) = log(u) − δ / u to first order.
+FI_INLINE vf vlog1p(vf x, vf u, vf inv) {
+  return vlog_normal(u) + (x - (u - 1.0f)) * inv;
+}
+
 FI_INLINE vf vlog1p(vf x) {
   vf u = x + 1.0f;
-  vf d = u - 1.0f;
-  return select(d == 0.0f, x, vlog(u) * (x / select(d == 0.0f, splat<vf>(1.0f), d)));
+  return vlog1p(x, u, 1.0f / u);
 }
 
-// exp(x) - 1 for x <= 0, accurate near 0 (Kahan: (u - 1) * x / log(u), u = exp(x)).
+// exp(x) − 1 for x <= 0, accurate near 0 (Kahan: (u − 1) · x / log u, u = exp(x)).
 FI_INLINE vf vexpm1(vf x) {
   vf u = vexp(x);
   vf um1 = u - 1.0f;
@@ -166,9 +172,12 @@ typedef Vec<double>::V vd;
   }
 FI_LANEWISE(vexp, exp)
 FI_LANEWISE(vlog, log)
+FI_LANEWISE(vlog_normal, log)
 FI_LANEWISE(vlog1p, log1p)
 FI_LANEWISE(vexpm1, expm1)
 #undef FI_LANEWISE
+
+FI_INLINE vd vlog1p(vd x, vd /*u*/, vd /*inv*/) { return vlog1p(x); }
 
 }  // namespace simd
 }  // namespace FI_ISA
