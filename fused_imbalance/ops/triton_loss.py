@@ -159,28 +159,6 @@ def _class_sums(target, pl, C):
     return part.sum(0)
 
 
-def _register_autograd_mutable(opdef, bwd_op):
-    """The formula of :func:`register_loss_autograd` for a custom op that adds into ``confusion``.
-
-    ``torch.library.register_autograd`` refuses every op with a mutable argument, although this
-    one (int64 counts) takes no gradient; a custom op reads its formula from the two fields set
-    here, the ones ``register_autograd`` would set.
-    """
-    def setup_context(ctx, inputs, output):
-        x, target, mode, gamma, tvals, ignore_index, _need_pixel_loss, _confusion = inputs
-        ctx.save_for_backward(x, target, tvals)
-        ctx.mode, ctx.gamma, ctx.ignore_index = mode, gamma, ignore_index
-
-    def backward(ctx, grad_pixel, grad_class, _g_count, _g_tp, _g_bad):
-        x, target, tvals = ctx.saved_tensors
-        if grad_pixel is not None and grad_pixel.numel() != target.numel():
-            grad_pixel = None  # pixel_loss was not requested (an empty tensor)
-        grad = bwd_op(x, target, grad_pixel, grad_class, ctx.mode, ctx.gamma, tvals, ctx.ignore_index)
-        return grad, None, None, None, None, None, None, None
-
-    opdef._backward_fn, opdef._setup_context_fn = backward, setup_context
-
-
 def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
     """The forward op's launcher (see the contract in :mod:`fused_imbalance.ops`)."""
     mode = Mode(mode)
@@ -288,12 +266,7 @@ if triton is not None:
     def _loss_bwd_fake(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
         return torch.empty_like(x)
 
-    try:
-        register_loss_autograd("fused_imbalance::triton_loss_fwd", loss_bwd)
-    except RuntimeError as e:
-        if "non-functional" not in str(e):
-            raise
-        _register_autograd_mutable(loss_fwd, loss_bwd)
+    register_loss_autograd("fused_imbalance::triton_loss_fwd", loss_bwd)
 else:
     loss_fwd = None
     loss_bwd = None
