@@ -63,7 +63,12 @@ def _softmax_focal(px, gamma):
     if gamma == 0.0:
         return -logp
     one_minus_p = -torch.expm1(logp)
-    return -one_minus_p.pow(gamma) * logp
+    # (1 − p)^γ has an infinite derivative at p = 1 for γ < 1, though the loss's is 0 there
+    # (log p = 0): select 0 instead of letting autograd form 0·inf = NaN.
+    pos = one_minus_p > 0
+    focal = torch.where(pos, torch.where(pos, one_minus_p, torch.ones_like(one_minus_p)).pow(gamma),
+                        torch.zeros_like(one_minus_p))
+    return -focal * logp
 
 
 def _sigmoid_focal(px, gamma):

@@ -179,3 +179,14 @@ def test_deterministic(backend, layout):
         a = _run(ALL_LOSSES[name], x, y, backend, "mean")
         b = _run(ALL_LOSSES[name], x, y, backend, "mean")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("gamma", [0.25, 2.0])
+def test_focal_where_p_is_one(backend, gamma):
+    """p_y rounds to 1 in some pixels: loss and gradient there are 0 (the limit), never NaN."""
+    x, y = make_data((2, 3, 4, 4), torch.float32, every=0)
+    x[0, :, 1, 2] = torch.tensor([0.0, 200.0, 0.0])
+    y[0, 1, 2] = 1
+    fn = lambda t, yy, **k: FI.focal_loss(t, yy, gamma=gamma, **k)  # noqa: E731
+    loss, grad = check(fn, x, y, backend, "sum")
+    assert torch.isfinite(grad).all() and (grad[0, :, 1, 2] == 0).all()

@@ -272,3 +272,12 @@ def test_bad_input_errors(call, exc, match):
     x, y = _data()
     with pytest.raises(exc, match=match):
         call(x, y)
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0, 2.0])
+def test_focal_gradient_is_finite_when_p_is_one(gamma):
+    # p_y rounds to 1: the loss and its gradient are 0 for every γ > 0 (the limit), never NaN
+    x = torch.tensor([[0.0, 200.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    loss = FI.focal_loss(x, torch.tensor([1]), gamma=gamma, **B)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
