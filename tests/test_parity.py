@@ -164,7 +164,11 @@ def test_gradcheck_float64(backend, name, reduction):
     x = x.to(dev).requires_grad_(True)
     y = y.to(dev)
     fn = ALL_LOSSES[name]
-    assert torch.autograd.gradcheck(lambda t: fn(t, y, reduction=reduction, backend=backend), (x,))
+    # Under the interpreter every launch costs ~40 ms: check the Jacobian through random projections
+    # (fast_mode) there, which still fails on any wrong gradient; element by element elsewhere.
+    fast = backend == "triton" and dev == "cpu"
+    assert torch.autograd.gradcheck(lambda t: fn(t, y, reduction=reduction, backend=backend), (x,),
+                                    fast_mode=fast)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
