@@ -137,11 +137,22 @@ X* direct_block(X* base, const PixelView& v, int64_t n0, int64_t cnt, int64_t P)
   return base + (n0 / v.S) * v.sb + (n0 % v.S);
 }
 
+// True when the block's pixels are consecutive elements of each class plane (NCHW).
+bool plane_run(const PixelView& v, const int64_t* off, int64_t cnt) {
+  return v.ss == 1 && off[cnt - 1] - off[0] == cnt - 1;
+}
+
 // Copy (and widen) a block into buf[k * P + p], zero padding after cnt.
 template <typename X, typename T>
 void gather_block(const X* x, const PixelView& v, const int64_t* off, int64_t cnt, int64_t P,
                   T* buf) {
-  if (v.sc == 1) {  // channels_last / (N, C) rows: a pixel's classes are contiguous
+  if (plane_run(v, off, cnt)) {  // NCHW in 16-bit, or a block across images: one run per class
+    for (int64_t k = 0; k < v.C; ++k) {
+      const X* src = x + k * v.sc + off[0];
+      T* dst = buf + k * P;
+      for (int64_t p = 0; p < cnt; ++p) dst[p] = static_cast<T>(src[p]);
+    }
+  } else if (v.sc == 1) {  // channels_last / (N, C) rows: a pixel's classes are contiguous
     for (int64_t p = 0; p < cnt; ++p) {
       const X* src = x + off[p];
       for (int64_t k = 0; k < v.C; ++k) buf[k * P + p] = static_cast<T>(src[k]);
@@ -160,7 +171,13 @@ void gather_block(const X* x, const PixelView& v, const int64_t* off, int64_t cn
 template <typename X, typename T>
 void scatter_block(const T* buf, const PixelView& v, const int64_t* off, int64_t cnt,
                    int64_t P, X* g) {
-  if (v.sc == 1) {
+  if (plane_run(v, off, cnt)) {
+    for (int64_t k = 0; k < v.C; ++k) {
+      X* dst = g + k * v.sc + off[0];
+      const T* src = buf + k * P;
+      for (int64_t p = 0; p < cnt; ++p) dst[p] = static_cast<X>(src[p]);
+    }
+  } else if (v.sc == 1) {
     for (int64_t p = 0; p < cnt; ++p) {
       X* dst = g + off[p];
       for (int64_t k = 0; k < v.C; ++k) dst[k] = static_cast<X>(buf[k * P + p]);
