@@ -142,11 +142,24 @@ bool plane_run(const PixelView& v, const int64_t* off, int64_t cnt) {
   return v.ss == 1 && off[cnt - 1] - off[0] == cnt - 1;
 }
 
+// The stride between the block's pixels when they are rows of C contiguous classes a fixed
+// stride apart (channels_last, (N, C)): the block is then a matrix that is transposed in
+// tiles. -1 otherwise. Offsets advance by one stride inside an image and jump between
+// images, so equal first and average steps mean a single stride.
+int64_t row_run(const PixelView& v, const int64_t* off, int64_t cnt) {
+  if (v.sc != 1) return -1;
+  const int64_t ps = cnt > 1 ? off[1] - off[0] : v.C;
+  return off[cnt - 1] - off[0] == (cnt - 1) * ps ? ps : -1;
+}
+
 // Copy (and widen) a block into buf[k * P + p], zero padding after cnt.
 template <typename X, typename T>
 void gather_block(const X* x, const PixelView& v, const int64_t* off, int64_t cnt, int64_t P,
                   T* buf) {
-  if (plane_run(v, off, cnt)) {  // NCHW in 16-bit, or a block across images: one run per class
+  const int64_t ps = std::is_same<X, T>::value ? row_run(v, off, cnt) : -1;
+  if (ps >= 0) {
+    rows_to_block(reinterpret_cast<const T*>(x + off[0]), ps, cnt, v.C, buf, P);
+  } else if (plane_run(v, off, cnt)) {  // NCHW in 16-bit, or a block across images: one run per class
     for (int64_t k = 0; k < v.C; ++k) {
       const X* src = x + k * v.sc + off[0];
       T* dst = buf + k * P;
@@ -171,7 +184,10 @@ void gather_block(const X* x, const PixelView& v, const int64_t* off, int64_t cn
 template <typename X, typename T>
 void scatter_block(const T* buf, const PixelView& v, const int64_t* off, int64_t cnt,
                    int64_t P, X* g) {
-  if (plane_run(v, off, cnt)) {
+  const int64_t ps = std::is_same<X, T>::value ? row_run(v, off, cnt) : -1;
+  if (ps >= 0) {
+    block_to_rows(buf, P, cnt, v.C, reinterpret_cast<T*>(g + off[0]), ps);
+  } else if (plane_run(v, off, cnt)) {
     for (int64_t k = 0; k < v.C; ++k) {
       X* dst = g + k * v.sc + off[0];
       const T* src = buf + k * P;

@@ -28,6 +28,10 @@ namespace cpu {
   void loss_fwd_block(int64_t mode, const FwdBlock<double>& b);        \
   void loss_bwd_block(int64_t mode, const BwdBlock<float>& b);         \
   void loss_bwd_block(int64_t mode, const BwdBlock<double>& b);        \
+  void rows_to_block(const float*, int64_t, int64_t, int64_t, float*, int64_t);     \
+  void rows_to_block(const double*, int64_t, int64_t, int64_t, double*, int64_t);   \
+  void block_to_rows(const float*, int64_t, int64_t, int64_t, float*, int64_t);     \
+  void block_to_rows(const double*, int64_t, int64_t, int64_t, double*, int64_t);   \
   }
 #if FI_X86_COPIES
 FI_DECLARE_COPY(avx2)
@@ -89,6 +93,18 @@ void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) { FI_PICK(loss_fwd_b
 void loss_fwd_block(int64_t mode, const FwdBlock<double>& b) { FI_PICK(loss_fwd_block(mode, b)) }
 void loss_bwd_block(int64_t mode, const BwdBlock<float>& b) { FI_PICK(loss_bwd_block(mode, b)) }
 void loss_bwd_block(int64_t mode, const BwdBlock<double>& b) { FI_PICK(loss_bwd_block(mode, b)) }
+void rows_to_block(const float* r, int64_t ps, int64_t n, int64_t C, float* b, int64_t P) {
+  FI_PICK(rows_to_block(r, ps, n, C, b, P))
+}
+void rows_to_block(const double* r, int64_t ps, int64_t n, int64_t C, double* b, int64_t P) {
+  FI_PICK(rows_to_block(r, ps, n, C, b, P))
+}
+void block_to_rows(const float* b, int64_t P, int64_t n, int64_t C, float* r, int64_t ps) {
+  FI_PICK(block_to_rows(b, P, n, C, r, ps))
+}
+void block_to_rows(const double* b, int64_t P, int64_t n, int64_t C, double* r, int64_t ps) {
+  FI_PICK(block_to_rows(b, P, n, C, r, ps))
+}
 #undef FI_PICK
 
 }  // namespace cpu

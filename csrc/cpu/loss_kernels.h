@@ -54,6 +54,17 @@ void loss_fwd_block(int64_t mode, const FwdBlock<double>& b);
 void loss_bwd_block(int64_t mode, const BwdBlock<float>& b);
 void loss_bwd_block(int64_t mode, const BwdBlock<double>& b);
 
+// Pixel-major rows (pixel p, class k at rows[p * pixel_stride + k]: channels_last, (N, C))
+// to a class-major block (block[k * P + p]) and back, for cnt <= P pixels.
+void rows_to_block(const float* rows, int64_t pixel_stride, int64_t cnt, int64_t C, float* block,
+                   int64_t P);
+void rows_to_block(const double* rows, int64_t pixel_stride, int64_t cnt, int64_t C,
+                   double* block, int64_t P);
+void block_to_rows(const float* block, int64_t P, int64_t cnt, int64_t C, float* rows,
+                   int64_t pixel_stride);
+void block_to_rows(const double* block, int64_t P, int64_t cnt, int64_t C, double* rows,
+                   int64_t pixel_stride);
+
 // The instruction set of the copy in use: "base", "avx2" or "avx512".
 const char* cpu_isa_name();
 

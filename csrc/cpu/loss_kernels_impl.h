@@ -410,12 +410,72 @@ FI_INLINE void bwd_dispatch(int64_t mode, const BwdBlock<T>& b) {
   }
 }
 
+// W × W tiles through registers; the classes beyond the last whole tile and the pixels
+// beyond the last whole group of W one by one.
+template <typename T>
+void rows_to_block_impl(const T* rows, int64_t ps, int64_t cnt, int64_t C, T* block, int64_t P) {
+  constexpr int W = Vec<T>::W;
+  using V = typename Vec<T>::V;
+  int64_t p0 = 0;
+#if FI_HAVE_TRANSPOSE
+  for (; p0 + W <= cnt; p0 += W) {
+    int64_t k0 = 0;
+    for (; k0 + W <= C; k0 += W) {
+      V r[W];
+      for (int i = 0; i < W; ++i) r[i] = load<V>(rows + (p0 + i) * ps + k0);
+      transpose<T>(r);
+      for (int i = 0; i < W; ++i) store(block + (k0 + i) * P + p0, r[i]);
+    }
+    for (int i = 0; i < W; ++i)
+      for (int64_t k = k0; k < C; ++k) block[k * P + p0 + i] = rows[(p0 + i) * ps + k];
+  }
+#endif
+  for (int64_t p = p0; p < cnt; ++p)
+    for (int64_t k = 0; k < C; ++k) block[k * P + p] = rows[p * ps + k];
+}
+
+template <typename T>
+void block_to_rows_impl(const T* block, int64_t P, int64_t cnt, int64_t C, T* rows, int64_t ps) {
+  constexpr int W = Vec<T>::W;
+  using V = typename Vec<T>::V;
+  int64_t p0 = 0;
+#if FI_HAVE_TRANSPOSE
+  for (; p0 + W <= cnt; p0 += W) {
+    int64_t k0 = 0;
+    for (; k0 + W <= C; k0 += W) {
+      V r[W];
+      for (int i = 0; i < W; ++i) r[i] = load<V>(block + (k0 + i) * P + p0);
+      transpose<T>(r);
+      for (int i = 0; i < W; ++i) store(rows + (p0 + i) * ps + k0, r[i]);
+    }
+    for (int i = 0; i < W; ++i)
+      for (int64_t k = k0; k < C; ++k) rows[(p0 + i) * ps + k] = block[k * P + p0 + i];
+  }
+#endif
+  for (int64_t p = p0; p < cnt; ++p)
+    for (int64_t k = 0; k < C; ++k) rows[p * ps + k] = block[k * P + p];
+}
+
 }  // namespace
 
 void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) { fwd_dispatch(mode, b); }
 void loss_fwd_block(int64_t mode, const FwdBlock<double>& b) { fwd_dispatch(mode, b); }
 void loss_bwd_block(int64_t mode, const BwdBlock<float>& b) { bwd_dispatch(mode, b); }
 void loss_bwd_block(int64_t mode, const BwdBlock<double>& b) { bwd_dispatch(mode, b); }
+void rows_to_block(const float* rows, int64_t ps, int64_t cnt, int64_t C, float* block, int64_t P) {
+  rows_to_block_impl(rows, ps, cnt, C, block, P);
+}
+void rows_to_block(const double* rows, int64_t ps, int64_t cnt, int64_t C, double* block,
+                   int64_t P) {
+  rows_to_block_impl(rows, ps, cnt, C, block, P);
+}
+void block_to_rows(const float* block, int64_t P, int64_t cnt, int64_t C, float* rows, int64_t ps) {
+  block_to_rows_impl(block, P, cnt, C, rows, ps);
+}
+void block_to_rows(const double* block, int64_t P, int64_t cnt, int64_t C, double* rows,
+                   int64_t ps) {
+  block_to_rows_impl(block, P, cnt, C, rows, ps);
+}
 
 }  // namespace FI_ISA
 }  // namespace cpu

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #define FI_INLINE inline __attribute__((always_inline))
 
@@ -73,6 +74,38 @@ FI_INLINE V select(M mask, V a, V b) {
   return mask ? a : b;
 #endif
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define FI_HAVE_TRANSPOSE 1
+// In-register transpose of W vectors of W lanes (a W × W tile): log2(W) butterfly stages;
+// stage H swaps the off-diagonal H × H blocks of rows i and i + H.
+template <typename I, int W, int H, int... L>
+constexpr I butterfly_mask(bool high, std::integer_sequence<int, L...>) {
+  return I{(high ? ((L & H) == 0 ? L + H : W + L) : ((L & H) == 0 ? L : W + L - H))...};
+}
+
+template <typename T, int H>
+FI_INLINE void transpose_stage(typename Vec<T>::V* r) {
+  using I = typename Vec<T>::I;
+  constexpr int W = Vec<T>::W;
+  constexpr I lo = butterfly_mask<I, W, H>(false, std::make_integer_sequence<int, W>{});
+  constexpr I hi = butterfly_mask<I, W, H>(true, std::make_integer_sequence<int, W>{});
+  for (int i = 0; i < W; ++i) {
+    if ((i & H) != 0) continue;
+    typename Vec<T>::V a = r[i], b = r[i + H];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + H] = __builtin_shuffle(a, b, hi);
+  }
+  if constexpr (H > 1) transpose_stage<T, H / 2>(r);
+}
+
+template <typename T>
+FI_INLINE void transpose(typename Vec<T>::V* r) {
+  transpose_stage<T, Vec<T>::W / 2>(r);
+}
+#else
+#define FI_HAVE_TRANSPOSE 0
+#endif
 
 // ---------------------------------------------------------------------------------------
 // float32: Cephes-style polynomials, max error about 1 ulp on the ranges used here.
