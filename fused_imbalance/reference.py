@@ -105,39 +105,38 @@ def _reduce(px, loss, w, reduction, mean_over_weights):
     return total / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def _softmax_family(logits, target, weight, gamma, ignore_index, reduction, confusion, mean_over_weights,
-                    validate=True):
+def _loss(logits, target, per_pixel, weight, ignore_index, reduction, confusion, validate, mean_over_weights,
+          weight_name="weight"):
+    """Check the arguments, compute ``per_pixel(px)`` and reduce it with the class weights."""
     check_inputs(logits, target, ignore_index, reduction)
     check_confusion(confusion, logits)
-    gamma = check_gamma(gamma)
-    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    w = None if weight is None else check_class_vector(weight, weight_name, logits)
     px = _Pixels(logits, target, ignore_index, validate)
     px.add_confusion(confusion)
-    return _reduce(px, _softmax_focal(px, gamma), w, reduction, mean_over_weights)
+    return _reduce(px, per_pixel(px), w, reduction, mean_over_weights)
 
 
 def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", confusion=None,
                   validate=True):
     """−log p_y; ``"mean"`` = Σ w_y ℓ / Σ w_y, as ``torch.nn.functional.cross_entropy``."""
-    return _softmax_family(logits, target, weight, 0.0, ignore_index, reduction, confusion, True, validate)
+    return _loss(logits, target, lambda px: _softmax_focal(px, 0.0), weight, ignore_index, reduction, confusion,
+                 validate, True)
 
 
 def focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", confusion=None,
                validate=True):
     """−(1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is ``cross_entropy``."""
-    return _softmax_family(logits, target, weight, gamma, ignore_index, reduction, confusion, True, validate)
+    gamma = check_gamma(gamma)
+    return _loss(logits, target, lambda px: _softmax_focal(px, gamma), weight, ignore_index, reduction, confusion,
+                 validate, True)
 
 
 def sigmoid_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",
                        confusion=None, validate=True):
     """Σ_k of the sigmoid focal loss of each class logit against the one-hot target."""
-    check_inputs(logits, target, ignore_index, reduction)
-    check_confusion(confusion, logits)
     gamma = check_gamma(gamma)
-    w = None if weight is None else check_class_vector(weight, "weight", logits)
-    px = _Pixels(logits, target, ignore_index, validate)
-    px.add_confusion(confusion)
-    return _reduce(px, _sigmoid_focal(px, gamma), w, reduction, True)
+    return _loss(logits, target, lambda px: _sigmoid_focal(px, gamma), weight, ignore_index, reduction, confusion,
+                 validate, True)
 
 
 def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore_index=-100, reduction="mean",
@@ -146,19 +145,10 @@ def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore
     weights and the paper mean Σ w_y ℓ / N_valid."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    check_inputs(logits, target, ignore_index, reduction)
-    check_confusion(confusion, logits)
-    gamma = check_gamma(gamma)
-    w = check_class_vector(weight, "weight", logits)
-    px = _Pixels(logits, target, ignore_index, validate)
-    px.add_confusion(confusion)
-    if loss_type == "softmax":
-        loss = _softmax_focal(px, 0.0)
-    elif loss_type == "softmax_focal":
-        loss = _softmax_focal(px, gamma)
-    else:
-        loss = _sigmoid_focal(px, gamma if loss_type == "focal" else 0.0)
-    return _reduce(px, loss, w, reduction, False)
+    gamma = check_gamma(gamma) if loss_type in ("focal", "softmax_focal") else 0.0
+    fn = _softmax_focal if loss_type in ("softmax", "softmax_focal") else _sigmoid_focal
+    return _loss(logits, target, lambda px: fn(px, gamma), weight, ignore_index, reduction, confusion, validate,
+                 False)
 
 
 def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0,
@@ -204,14 +194,10 @@ def cdb_loss(logits, target, class_accuracy, tau="dynamic", gamma=0.0, ignore_in
              confusion=None, validate=True):
     """Class-wise difficulty-balanced loss (Sinha et al. 2020): −w_y (1 − p_y)^γ log p_y,
     w = (1 − A)^τ; ``"mean"`` is over valid pixels."""
-    check_inputs(logits, target, ignore_index, reduction)
-    check_confusion(confusion, logits)
     gamma = check_gamma(gamma)
-    w = _weights.cdb(class_accuracy, tau)
-    w = check_class_vector(w.to(logits.device), "class_accuracy", logits)
-    px = _Pixels(logits, target, ignore_index, validate)
-    px.add_confusion(confusion)
-    return _reduce(px, _softmax_focal(px, gamma), w, reduction, False)
+    w = _weights.cdb(class_accuracy, tau).to(logits.device)
+    return _loss(logits, target, lambda px: _softmax_focal(px, gamma), w, ignore_index, reduction, confusion,
+                 validate, False, "class_accuracy")
 
 
 def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="mean", input="logits",
@@ -221,11 +207,9 @@ def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="me
     if input not in ("logits", "softmax"):
         raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
     check_inputs(logits, target, ignore_index, reduction)
-    check_confusion(confusion, logits)
     out = check_class_vector(outlying, "outlying", logits)
-    px = _Pixels(logits, target, ignore_index, validate)
-    px.add_confusion(confusion)
-    return _reduce(px, _mse(px, out, input == "softmax"), None, reduction, False)
+    return _loss(logits, target, lambda px: _mse(px, out, input == "softmax"), None, ignore_index, reduction,
+                 confusion, validate, False)
 
 
 def confusion_matrix(logits, target, ignore_index=-100, out=None, validate=True):
