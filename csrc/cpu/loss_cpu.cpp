@@ -3,7 +3,7 @@
 //
 // The pixels are cut into blocks of P pixels (loss_kernels.h) and the blocks into chunks.
 // Both depend only on (N, C), never on the thread count: each chunk sums its pixels'
-// losses in pixel order into its own slot and the slots are added in chunk order, so the
+// losses in a fixed order into its own slot and the slots are added in chunk order, so the
 // per-class sums are bit-identical run to run and for any number of threads. The integer
 // statistics (counts, true positives, confusion) are exact in any order.
 #include <ATen/ATen.h>

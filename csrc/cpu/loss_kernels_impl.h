@@ -76,7 +76,7 @@ struct ArgMax {
     nan |= v != v;
   }
 
-  FI_INLINE I finish(const T* x, int64_t xs, int64_t C) {
+  FI_INLINE I finish(const T* x, int64_t xs) {
     for (int i = 0; i < Vec<T>::W; ++i) {
       if (nan[i] == 0) continue;
       int64_t k = 0;
@@ -95,7 +95,7 @@ FI_INLINE void max_argmax(const T* x, int64_t xs, int64_t C, typename Vec<T>::V&
   ArgMax<T> a(load<V>(x));
   for (int64_t k = 1; k < C; ++k) a.update(load<V>(x + k * xs), k);
   m = a.m;
-  am = a.finish(x, xs, C);
+  am = a.finish(x, xs);
 }
 
 template <typename T>
@@ -199,7 +199,7 @@ void fwd_sigmoid_focal(const FwdBlock<T>& b) {
       a.update(v, k);
       hs += sigmoid_focal_term<T, GK>(select(yv == splat<I>(k), -v, v), b.gamma);
     }
-    finish_fwd(b, j, yv, hs, a.finish(x, b.x_stride, b.C));
+    finish_fwd(b, j, yv, hs, a.finish(x, b.x_stride));
   }
 }
 
@@ -223,7 +223,7 @@ void fwd_mse_logits(const FwdBlock<T>& b) {
       d = v - select(yv == splat<I>(k), tv, zero);
       ss += d * d;
     }
-    finish_fwd(b, j, yv, splat<V>(0.5) * ss, a.finish(x, b.x_stride, b.C));
+    finish_fwd(b, j, yv, splat<V>(0.5) * ss, a.finish(x, b.x_stride));
   }
 }
 
