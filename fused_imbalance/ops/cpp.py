@@ -82,42 +82,7 @@ def _register():
         return (x.new_empty((C,), dtype=torch.int64), x.new_empty((C,), dtype=torch.int64),
                 x.new_empty((), dtype=torch.int64))
 
-    try:
-        register_loss_autograd("fused_imbalance::cpp_loss_fwd", loss_bwd)
-    except RuntimeError as e:
-        if "non-functional" not in str(e):
-            raise
-        _register_autograd_mutable("fused_imbalance::cpp_loss_fwd", loss_bwd)
-
-
-_libs = []
-
-
-def _register_autograd_mutable(fwd_op_name, bwd_op):
-    """The formula of :func:`register_loss_autograd` for a forward op defined in C++.
-
-    ``torch.library.register_autograd`` accepts an op with a mutable argument (``confusion``,
-    int64, no gradient) only when it was made by ``torch.library.custom_op``; for an op
-    defined in C++ this registers the same Autograd kernel that it would build.
-    """
-    def setup_context(ctx, inputs, output):
-        x, target, mode, gamma, tvals, ignore_index, _need_pixel_loss, _confusion = inputs
-        ctx.save_for_backward(x, target, tvals)
-        ctx.mode, ctx.gamma, ctx.ignore_index = mode, gamma, ignore_index
-
-    def backward(ctx, grad_pixel, grad_class, _g_count, _g_tp, _g_bad):
-        x, target, tvals = ctx.saved_tensors
-        if grad_pixel is not None and grad_pixel.numel() != target.numel():
-            grad_pixel = None  # pixel_loss was not requested (an empty tensor)
-        grad = bwd_op(x, target, grad_pixel, grad_class, ctx.mode, ctx.gamma, tvals, ctx.ignore_index)
-        return grad, None, None, None, None, None, None, None
-
-    from torch._library.autograd import Info, make_autograd_impl
-    op = torch._library.utils.lookup_op(fwd_op_name)
-    namespace, name = fwd_op_name.split("::")
-    lib = torch.library.Library(namespace, "FRAGMENT")
-    lib.impl(name, make_autograd_impl(op, Info(backward, setup_context)), "Autograd", with_keyset=True)
-    _libs.append(lib)  # the registration lives as long as the library object
+    register_loss_autograd("fused_imbalance::cpp_loss_fwd", loss_bwd)
 
 
 def available():
