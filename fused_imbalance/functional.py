@@ -84,10 +84,15 @@ def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, co
     y = target.reshape(-1)
     if not y.is_contiguous():
         y = y.contiguous()
+    # With validation the pass counts into a fresh matrix, added to the caller's only once the labels
+    # are known good: an update that raises must leave ``confusion`` as it was.
+    counts = torch.zeros_like(confusion) if (validate and confusion is not None) else confusion
     pixel, class_loss, count, tp, bad = _backend_module(name).loss_fwd(
-        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", confusion)
+        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", counts)
     if validate:
         _check_labels(bad, target, logits.shape[1], ignore_index)
+        if confusion is not None:
+            confusion.add_(counts)
     return (pixel if reduction == "none" else None), class_loss, count, tp
 
 

@@ -147,6 +147,13 @@ def test_bad_labels(backend):
         FI.focal_loss(x, y_bad, backend=backend)
     with pytest.raises(ValueError, match="-7"):
         FI.confusion_matrix(x, y_bad, backend=backend)
+    # an update that raises leaves the caller's counts as they were
+    conf = torch.ones(5, 5, dtype=torch.int64, device=dev)
+    with pytest.raises(ValueError):
+        FI.confusion_matrix(x, y_bad, out=conf, backend=backend)
+    with pytest.raises(ValueError):
+        FI.recall_loss(x, y_bad, confusion=conf, backend=backend)
+    assert torch.equal(conf, torch.ones_like(conf))
     # validate=False: out-of-range labels are ignored, as the reference does with validate=False
     y_ign = torch.where((y_bad < 0) | (y_bad >= 5), torch.full_like(y, -100), y_bad)
     for name in ("focal_loss", "recall_loss"):
