@@ -36,6 +36,13 @@ _MODULES = {"triton": "fused_imbalance.ops.triton_loss", "cpp": "fused_imbalance
 _loaded = {}
 
 
+@torch.compiler.assume_constant_result
+def _backend_available(name):
+    """Whether the backend loads and can run here. Loading imports modules (and may compile the C++
+    sources), which torch.compile cannot trace: it runs once, and inside a trace it is a constant."""
+    return _backend_module(name) is not None
+
+
 def _backend_module(name):
     """The backend's module, or None when it cannot be imported or cannot run here."""
     if name not in _loaded:
@@ -56,17 +63,15 @@ def resolve_backend(backend, logits):
     if name == "reference":
         return name
     if name == "auto":
-        for cand in (("triton",) if logits.is_cuda else ("cpp",)):
-            mod = _backend_module(cand)
-            if mod is not None and mod.supports(logits):
-                return cand
+        cand = "triton" if logits.is_cuda else "cpp"
+        if _backend_available(cand) and _loaded[cand].supports(logits):
+            return cand
         return "reference"
-    mod = _backend_module(name)
-    if mod is None:
+    if not _backend_available(name):
         raise RuntimeError(f"the {name!r} backend is not available on this machine"
                            + (" (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
                               if name == "triton" and not logits.is_cuda else ""))
-    if not mod.supports(logits):
+    if not _loaded[name].supports(logits):
         raise RuntimeError(f"the {name!r} backend does not support {logits.dtype} logits on {logits.device}")
     return name
 
@@ -87,7 +92,7 @@ def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, co
     # With validation the pass counts into a fresh matrix, added to the caller's only once the labels
     # are known good: an update that raises must leave ``confusion`` as it was.
     counts = torch.zeros_like(confusion) if (validate and confusion is not None) else confusion
-    pixel, class_loss, count, tp, bad = _backend_module(name).loss_fwd(
+    pixel, class_loss, count, tp, bad = _loaded[name].loss_fwd(
         x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", counts)
     if validate:
         _check_labels(bad, target, logits.shape[1], ignore_index)
