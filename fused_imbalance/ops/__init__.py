@@ -4,13 +4,14 @@ Every loss of the package is one of a few *per-pixel* losses ℓ_n(x_n, y_n) com
 per-class weights and a reduction. The weights and the reduction only need small per-class
 vectors, so each backend implements exactly two ops over the logits:
 
-forward  ``{backend}_loss_fwd(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss,
+forward  ``{backend}_loss_fwd(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
 confusion) -> (pixel_loss, class_loss, count, tp, bad)``
 
     x            logits, (N, C) or (B, C, d1, ..., dk), any float dtype, strides as described
                  by :func:`pixel_view` (contiguous NCHW, channels_last, (N, C) rows).
     target       (N_pixels,) contiguous labels, uint8/int16/int32/int64, pixel n = b * S + s.
-    mode         a :class:`Mode` value.
+    loss_mode    a :class:`Mode` value (not named ``mode``, which functionalization under
+                 torch.compile uses for a keyword of its own).
     gamma        focal exponent (ignored by the MSE modes).
     tvals        (C,) target values of the MSE modes (the outlying labels), accumulation dtype;
                  None for the other modes.
@@ -26,7 +27,7 @@ confusion) -> (pixel_loss, class_loss, count, tp, bad)``
     bad          () int64 number of labels outside [0, C) that are not ``ignore_index``;
                  those pixels count as ignored everywhere else.
 
-backward ``{backend}_loss_bwd(x, target, grad_pixel, grad_class, mode, gamma, tvals,
+backward ``{backend}_loss_bwd(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals,
 ignore_index) -> grad``
 
     grad[n, :] = (grad_pixel[n] + grad_class[y_n]) * ∂ℓ_n/∂x[n, :], 0 at ignored/bad pixels;

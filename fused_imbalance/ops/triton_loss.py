@@ -228,21 +228,23 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
 
 if triton is not None:
 
+    # The argument is named ``loss_mode``, not ``mode``: functionalizing an op with a mutable argument
+    # (under torch.compile) passes a keyword ``mode`` of its own.
     @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args={"confusion"})
     def loss_fwd(
         x: torch.Tensor,
         target: torch.Tensor,
-        mode: int,
+        loss_mode: int,
         gamma: float,
         tvals: Optional[torch.Tensor],
         ignore_index: int,
         need_pixel_loss: bool,
         confusion: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion)
+        return _forward(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, confusion)
 
     @loss_fwd.register_fake
-    def _loss_fwd_fake(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
+    def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
         acc = _acc_dtype(x)
         C, N = x.shape[1], target.numel()
         return (x.new_empty(N if need_pixel_loss else 0, dtype=acc), x.new_empty(C, dtype=acc),
@@ -255,15 +257,15 @@ if triton is not None:
         target: torch.Tensor,
         grad_pixel: Optional[torch.Tensor],
         grad_class: Optional[torch.Tensor],
-        mode: int,
+        loss_mode: int,
         gamma: float,
         tvals: Optional[torch.Tensor],
         ignore_index: int,
     ) -> torch.Tensor:
-        return _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index)
+        return _backward(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index)
 
     @loss_bwd.register_fake
-    def _loss_bwd_fake(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+    def _loss_bwd_fake(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index):
         return torch.empty_like(x)
 
     register_loss_autograd("fused_imbalance::triton_loss_fwd", loss_bwd)
