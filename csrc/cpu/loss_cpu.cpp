@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../pixel_view.h"
 #include "loss_kernels.h"
 
@@ -181,6 +183,19 @@ void gather_block(const X* x, const PixelView& v, const int64_t* off, int64_t cn
     for (int64_t p = cnt; p < P; ++p) buf[k * P + p] = T(0);
 }
 
+// A block's logits, class k of pixel p at [k * stride + p]: straight from the tensor when
+// direct_block allows it, else gathered (and widened) into xbuf.
+template <typename X, typename T>
+std::pair<const T*, int64_t> logits_block(const X* xd, const PixelView& v, int64_t n0, int64_t cnt, int64_t P,
+                                          std::vector<int64_t>& off, std::vector<T>& xbuf) {
+  if (const X* direct = direct_block<const X, T>(xd, v, n0, cnt, P))
+    return {reinterpret_cast<const T*>(direct), v.sc};
+  if (xbuf.empty()) xbuf.resize(v.C * P);
+  pixel_offsets(v, n0, cnt, off.data());
+  gather_block(xd, v, off.data(), cnt, P, xbuf.data());
+  return {xbuf.data(), P};
+}
+
 template <typename X, typename T>
 void scatter_block(const T* buf, const PixelView& v, const int64_t* off, int64_t cnt,
                    int64_t P, X* g) {
@@ -257,17 +272,7 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
         bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
         if (tvals != nullptr)
           for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
-        const X* direct = direct_block<const X, T>(xd, v, n0, cnt, P);
-        if (direct != nullptr) {
-          fb.x = reinterpret_cast<const T*>(direct);
-          fb.x_stride = v.sc;
-        } else {
-          if (xbuf.empty()) xbuf.resize(C * P);
-          pixel_offsets(v, n0, cnt, off.data());
-          gather_block(xd, v, off.data(), cnt, P, xbuf.data());
-          fb.x = xbuf.data();
-          fb.x_stride = P;
-        }
+        std::tie(fb.x, fb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
         loss_fwd_block(mode, fb);
         if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
         banks.add(y.data(), argmax.data(), loss.data(), cnt);
@@ -345,17 +350,7 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
         coef[p] = a;
         if (tvals != nullptr) tvy[p] = c >= 0 ? tvals[c] : T(0);
       }
-      const X* xdir = direct_block<const X, T>(xd, v, n0, cnt, P);
-      if (xdir != nullptr) {
-        bb.x = reinterpret_cast<const T*>(xdir);
-        bb.x_stride = v.sc;
-      } else {
-        if (xbuf.empty()) xbuf.resize(C * P);
-        pixel_offsets(v, n0, cnt, off.data());
-        gather_block(xd, v, off.data(), cnt, P, xbuf.data());
-        bb.x = xbuf.data();
-        bb.x_stride = P;
-      }
+      std::tie(bb.x, bb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
       X* gdir = direct_block<X, T>(gd, gv, n0, cnt, P);
       if (gdir != nullptr) {
         bb.g = reinterpret_cast<T*>(gdir);
@@ -374,11 +369,6 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
   });
 }
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // (logits dtype, accumulation dtype)
 template <typename F>
 void dispatch_logits(at::ScalarType st, F&& f) {
@@ -388,17 +378,6 @@ void dispatch_logits(at::ScalarType st, F&& f) {
     case at::kHalf: return f(Tag<at::Half>{}, Tag<float>{});
     case at::kBFloat16: return f(Tag<at::BFloat16>{}, Tag<float>{});
     default: TORCH_CHECK(false, "fused_imbalance: logits must be float16, bfloat16, float32 or float64, got ", st);
-  }
-}
-
-template <typename F>
-void dispatch_labels(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kByte: return f(Tag<uint8_t>{});
-    case at::kShort: return f(Tag<int16_t>{});
-    case at::kInt: return f(Tag<int32_t>{});
-    case at::kLong: return f(Tag<int64_t>{});
-    default: TORCH_CHECK(false, "fused_imbalance: target must be uint8, int16, int32 or int64, got ", st);
   }
 }
 

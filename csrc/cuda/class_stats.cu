@@ -16,6 +16,7 @@
 
 #include <tuple>
 
+#include "../dispatch.h"
 #include "../pixel_view.h"
 
 namespace fused_imbalance {
@@ -108,22 +109,6 @@ __global__ void class_stats_kernel(
   if (shared_confusion && confusion != nullptr)
     for (int64_t i = threadIdx.x; i < C * C; i += blockDim.x)
       if (s_conf[i] != 0) atomicAdd(confusion + i, static_cast<unsigned long long>(s_conf[i]));
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_labels(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kByte: return f(Tag<uint8_t>{});
-    case at::kShort: return f(Tag<int16_t>{});
-    case at::kInt: return f(Tag<int32_t>{});
-    case at::kLong: return f(Tag<int64_t>{});
-    default: TORCH_CHECK(false, "fused_imbalance: target must be uint8, int16, int32 or int64, got ", st);
-  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> class_stats_cuda(const Tensor& x_in, const Tensor& target_in,
