@@ -14,7 +14,8 @@ the general losses and D = Σ_c n_c for the paper losses (DESIGN.md §2).
 
 ``validate=True`` checks once after the pass that every label is in [0, C) or ``ignore_index``
 (one small host sync); ``validate=False`` skips that check (out-of-range labels are then
-ignored). Inside ``torch.compile`` the check is an asynchronous device assertion instead.
+ignored). Inside ``torch.compile`` the check is a device assertion instead (a ``RuntimeError``
+that does not name the value).
 """
 import importlib
 import os
