@@ -26,6 +26,14 @@ ge, = torch.autograd.grad(le, x)
 torch.testing.assert_close(lc, le)
 torch.testing.assert_close(gc, ge)
 assert torch.equal(conf_c, conf_e)
+# inside the compiled graph the label check is a device assertion
+y_bad = y.clone(); y_bad[1, 2, 3] = 9
+try:
+    torch.compile(step, fullgraph=True)(x, y_bad, conf_c)
+except RuntimeError as e:
+    assert "outside [0, C)" in str(e), e
+else:
+    raise AssertionError("a bad label passed the compiled check")
 print("OK", fi.functional.resolve_backend(BACKEND, x))
 """
 
