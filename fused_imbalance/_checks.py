@@ -7,6 +7,7 @@ import torch
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 REDUCTIONS = ("mean", "sum", "none")
+LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
 
 
 def acc_dtype(logits):
@@ -32,10 +33,31 @@ def check_inputs(logits, target, ignore_index, reduction="mean"):
             f"expected {expected}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    check_options(ignore_index, reduction)
+
+
+def check_options(ignore_index=-100, reduction="mean"):
+    """The ``ignore_index`` and ``reduction`` every loss and module takes."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
+def check_loss_type(loss_type):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def dist_ready():
+    """True when torch.distributed is available and a process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def check_class_vector(vec, name, logits):

@@ -25,7 +25,7 @@ import torch
 
 from . import reference as _ref
 from . import weights as _weights
-from ._checks import (bad_label_error, check_class_vector, check_confusion, check_gamma,
+from ._checks import (bad_label_error, check_class_vector, check_confusion, check_gamma, check_loss_type,
                       check_inputs)
 from .ops import Mode, collapsible
 
@@ -87,9 +87,7 @@ def _check_labels(bad, target, C, ignore_index):
 def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate):
     """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp)."""
     x = logits if collapsible(logits) else logits.contiguous()
-    y = target.reshape(-1)
-    if not y.is_contiguous():
-        y = y.contiguous()
+    y = target.reshape(-1).contiguous()
     # With validation the pass counts into a fresh matrix, added to the caller's only once the labels
     # are known good: an update that raises must leave ``confusion`` as it was.
     counts = torch.zeros_like(confusion) if (validate and confusion is not None) else confusion
@@ -191,8 +189,7 @@ def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore
     ``class_balanced_loss`` with precomputed weights: ``ClassBalancedLoss`` calls this so the
     weights are computed once, not on every step.
     """
-    if loss_type not in _ref.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_ref.LOSS_TYPES}, got {loss_type!r}")
+    check_loss_type(loss_type)
     _common_checks(logits, target, ignore_index, reduction, confusion)
     gamma = check_gamma(gamma)
     name = resolve_backend(backend, logits)

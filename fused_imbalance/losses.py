@@ -16,30 +16,9 @@ from torch import nn
 
 from . import functional
 from . import weights as _weights
-from ._checks import check_gamma
+from ._checks import check_gamma, check_loss_type, check_num_classes, check_options, dist_ready
 
 __all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss"]
-
-LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_common(ignore_index, reduction):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
-
-
-def _dist_ready():
-    return dist.is_available() and dist.is_initialized()
-
 
 class FocalLoss(nn.Module):
     """Focal loss −w_y (1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is cross-entropy.
@@ -51,7 +30,7 @@ class FocalLoss(nn.Module):
     def __init__(self, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", backend=None, *,
                  validate=True):
         super().__init__()
-        _check_common(ignore_index, reduction)
+        check_options(ignore_index, reduction)
         self.gamma = check_gamma(gamma)
         self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
         if weight is not None:
@@ -84,9 +63,8 @@ class ClassBalancedLoss(nn.Module):
     def __init__(self, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0, ignore_index=-100,
                  reduction="mean", backend=None, *, validate=True):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        _check_common(ignore_index, reduction)
+        check_loss_type(loss_type)
+        check_options(ignore_index, reduction)
         self.beta, self.loss_type, self.gamma = float(beta), loss_type, check_gamma(gamma)
         self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
         self.register_buffer("weight", _weights.effective_number(samples_per_class, beta))
@@ -139,8 +117,8 @@ class RecallLoss(nn.Module):
     def __init__(self, num_classes, momentum=None, ignore_index=-100, reduction="mean", distributed=False,
                  backend=None, *, validate=True):
         super().__init__()
-        self.num_classes = _check_num_classes(num_classes)
-        _check_common(ignore_index, reduction)
+        self.num_classes = check_num_classes(num_classes)
+        check_options(ignore_index, reduction)
         if momentum is not None:
             momentum = float(momentum)
             if not 0.0 <= momentum < 1.0:
@@ -159,7 +137,7 @@ class RecallLoss(nn.Module):
     def _recall_from_stats(self, count, tp):
         """The recall to use, from this batch's (count, tp); called by the functional after
         its pass over the logits. Device ops only: no host sync."""
-        if self.distributed and _dist_ready():
+        if self.distributed and dist_ready():
             stats = torch.stack([count, tp])
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             count, tp = stats[0], stats[1]
@@ -202,8 +180,8 @@ class CDBLoss(nn.Module):
     def __init__(self, num_classes, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", backend=None,
                  *, validate=True):
         super().__init__()
-        self.num_classes = _check_num_classes(num_classes)
-        _check_common(ignore_index, reduction)
+        self.num_classes = check_num_classes(num_classes)
+        check_options(ignore_index, reduction)
         _weights.cdb([0.5], tau)  # rejects a bad tau now rather than at the first update
         self.tau, self.gamma = tau, check_gamma(gamma)
         self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
@@ -275,7 +253,7 @@ class OutlyingMSELoss(nn.Module):
         super().__init__()
         if input not in ("logits", "softmax"):
             raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
-        _check_common(ignore_index, reduction)
+        check_options(ignore_index, reduction)
         self.alpha, self.input = float(alpha), input
         self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
         self.register_buffer("outlying", _weights.outlying_labels(samples_per_class, alpha))

@@ -20,12 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional
+from ._checks import check_num_classes, check_options, dist_ready
 
 __all__ = ["ConfusionMatrix"]
-
-
-def _dist_ready():
-    return dist.is_available() and dist.is_initialized()
 
 
 def _ratio(num, den):
@@ -49,10 +46,8 @@ class ConfusionMatrix(nn.Module):
 
     def __init__(self, num_classes, ignore_index=-100, backend=None):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        check_num_classes(num_classes)
+        check_options(ignore_index)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.backend = backend
@@ -132,7 +127,7 @@ class ConfusionMatrix(nn.Module):
         next window."""
         if self._synced:
             raise RuntimeError("ConfusionMatrix.sync() called twice: call reset() first")
-        if _dist_ready():
+        if dist_ready():
             dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
         self._synced = True
 

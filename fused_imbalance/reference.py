@@ -13,14 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as _weights
-from ._checks import (acc_dtype, bad_label_error, check_class_vector, check_confusion, check_gamma,
+from ._checks import (acc_dtype, bad_label_error, check_class_vector, check_confusion, check_gamma, check_loss_type,
                       check_inputs)
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
            "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss"]
-
-LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
-
 
 class _Pixels:
     """Logits as (N, C) rows in the accumulation dtype, labels, and the validity mask."""
@@ -143,8 +140,7 @@ def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore
                   confusion=None, validate=True):
     """A ``loss_type`` loss ("softmax", "sigmoid", "focal", "softmax_focal") with fixed class
     weights and the paper mean Σ w_y ℓ / N_valid."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_loss_type(loss_type)
     gamma = check_gamma(gamma) if loss_type in ("focal", "softmax_focal") else 0.0
     fn = _softmax_focal if loss_type in ("softmax", "softmax_focal") else _sigmoid_focal
     return _loss(logits, target, lambda px: fn(px, gamma), weight, ignore_index, reduction, confusion, validate,
