@@ -1,4 +1,5 @@
-"""The C++ backend's ops themselves (fused_imbalance.ops.cpp), against a direct eager computation.
+"""The C++ backend's ops themselves (fused_imbalance.ops.cpp), against the contract computed from the
+reference (tests/contract.py, in float64).
 
 test_parity.py and test_trust.py run every loss through the functional API on this backend;
 here the raw ops are checked on what only they see: each mode and γ, every output of the
@@ -7,7 +8,6 @@ the backward with both incoming gradients, block and chunk boundaries, memory la
 strides, numerics at the edges, opcheck, torch.compile, bit-identical results across runs,
 thread counts and instruction-set copies, and the build/fallback machinery.
 """
-import math
 import os
 import subprocess
 import sys
@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import contract
 from fused_imbalance.ops import Mode
 from tolerances import LOSS_TOL, TOL
 
@@ -26,68 +26,6 @@ if not cpp.available():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
-
-
-# --- eager spec of the contract (fused_imbalance/ops/__init__.py), in float64 ------------------
-
-def rows(x):
-    """(N, C) view of logits (N, C) or (B, C, ...), pixel n = b * S + s."""
-    return x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
-
-
-def eager_pixel_loss(xr, y, mode, gamma, tvals):
-    """ℓ_n for (N, C) float64 logits and labels y in [0, C)."""
-    C = xr.shape[1]
-    onehot = F.one_hot(y, C).to(xr.dtype)
-    if mode == Mode.SOFTMAX_FOCAL:
-        logp = torch.log_softmax(xr, 1).gather(1, y[:, None])[:, 0]
-        # clamp: at p_y = 1 autograd would give γ·0^(γ−1)·0 = NaN for γ < 1; the limit is 0
-        return -logp if gamma == 0 else -(-torch.expm1(logp)).clamp_min(1e-300) ** gamma * logp
-    if mode == Mode.SIGMOID_FOCAL:
-        q = torch.sigmoid(xr)
-        fl = -onehot * (1 - q) ** gamma * F.logsigmoid(xr) - (1 - onehot) * q ** gamma * F.logsigmoid(-xr)
-        return fl.sum(1)
-    if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX):
-        a = xr if mode == Mode.MSE_LOGITS else torch.softmax(xr, 1)
-        return 0.5 * ((a - onehot * tvals.double()[y][:, None]) ** 2).sum(1)
-    return xr.sum(1) * 0
-
-
-def eager_fwd(x, target, mode, gamma, tvals, ignore_index):
-    """(pixel_loss, class_loss, count, tp, bad, confusion) in float64 / int64."""
-    xr = rows(x).double()
-    C = xr.shape[1]
-    t = target.reshape(-1).long()
-    valid = (t != ignore_index) & (t >= 0) & (t < C)
-    bad = ((t != ignore_index) & ~valid).sum()
-    y = torch.where(valid, t, torch.zeros_like(t))
-    loss = torch.where(valid, eager_pixel_loss(xr, y, mode, gamma, tvals), torch.zeros((), dtype=xr.dtype))
-    am = xr.argmax(1)
-    yv, amv = y[valid], am[valid]
-    class_loss = torch.zeros(C, dtype=xr.dtype).index_add_(0, yv, loss[valid])
-    count = torch.bincount(yv, minlength=C)
-    tp = torch.bincount(yv[amv == yv], minlength=C)
-    confusion = torch.bincount(yv * C + amv, minlength=C * C).view(C, C)
-    return loss, class_loss, count, tp, bad, confusion
-
-
-def eager_grad(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
-    """Σ_n (grad_pixel[n] + grad_class[y_n]) ∂ℓ_n/∂x, in float64, shaped like x."""
-    xd = x.detach().double().requires_grad_(True)
-    xr = rows(xd)
-    C = xr.shape[1]
-    t = target.reshape(-1).long()
-    valid = (t != ignore_index) & (t >= 0) & (t < C)
-    y = torch.where(valid, t, torch.zeros_like(t))
-    coef = torch.zeros(xr.shape[0], dtype=torch.float64)
-    if grad_pixel is not None:
-        coef = coef + grad_pixel.double()
-    if grad_class is not None:
-        coef = coef + grad_class.double()[y]
-    coef = torch.where(valid, coef, torch.zeros(()))
-    loss = eager_pixel_loss(xr, y, mode, gamma, tvals)
-    (grad,) = torch.autograd.grad((loss * coef).sum(), xd)
-    return grad
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -128,7 +66,7 @@ def check_fwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, confusion=Tr
     conf = torch.full((C, C), 5, dtype=torch.int64) if confusion else None
     target = y.reshape(-1)
     pixel, class_loss, count, tp, bad = cpp.loss_fwd(x, target, int(mode), gamma, tv, ignore_index, True, conf)
-    want = eager_fwd(x, target, mode, gamma, tvals, ignore_index)
+    want = contract.forward(x.double(), target, mode, gamma, tvals, ignore_index)
     assert pixel.dtype == class_loss.dtype == acc_dtype(x)
     assert pixel.shape == (target.numel(),) and class_loss.shape == (C,)
     tol = LOSS_TOL[x.dtype]
@@ -154,7 +92,7 @@ def check_bwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, seed=1):
         assert grad.dtype == x.dtype and grad.shape == x.shape
         if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
             assert grad.stride() == x.stride()
-        want = eager_grad(x, target, a, b, mode, gamma, tvals, ignore_index)
+        want = contract.grad(x.double(), target, a, b, mode, gamma, tvals, ignore_index)
         torch.testing.assert_close(grad.double(), want, **TOL[x.dtype])
     return grad
 
@@ -236,7 +174,7 @@ def test_ties_and_nan_argmax_like_torch():
     y[1, 2, 2] = 0
     conf = torch.zeros(5, 5, dtype=torch.int64)
     count, tp, bad = cpp.class_stats(x, y.reshape(-1), -100, conf)
-    want = eager_fwd(x, y, Mode.STATS, 0.0, None, -100)
+    want = contract.forward(x.double(), y, Mode.STATS, 0.0, None, -100)
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and torch.equal(conf, want[5])
 
 
@@ -283,7 +221,8 @@ def test_need_pixel_loss_false_and_strided_grads():
     assert torch.equal(class_loss, full[1])
     gp = torch.tensor(0.5).expand(target.numel())  # a stride-0 gradient, as from .sum()
     grad = cpp.loss_bwd(x, target, gp, None, 0, 2.0, None, -100)
-    torch.testing.assert_close(grad.double(), eager_grad(x, target, gp, None, 0, 2.0, None, -100),
+    torch.testing.assert_close(grad.double(),
+                               contract.grad(x.double(), target, gp, None, 0, 2.0, None, -100),
                                **TOL[torch.float32])
 
 
@@ -291,7 +230,7 @@ def test_non_contiguous_confusion():
     x, y, _ = make((2, 6, 5, 5))
     conf = torch.zeros(6, 6, dtype=torch.int64).t()
     cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, conf)
-    assert torch.equal(conf, eager_fwd(x, y, Mode.STATS, 0.0, None, -100)[5])
+    assert torch.equal(conf, contract.forward(x.double(), y, Mode.STATS, 0.0, None, -100)[5])
 
 
 def test_focal_numerics_at_certainty():
@@ -304,13 +243,15 @@ def test_focal_numerics_at_certainty():
         assert (pixel == 0).all()
         grad = cpp.loss_bwd(x, y, torch.ones(3), None, 0, gamma, None, -100)
         assert torch.isfinite(grad).all()
-        torch.testing.assert_close(grad.double(), eager_grad(x, y, torch.ones(3), None, 0, gamma, None, -100),
+        torch.testing.assert_close(grad.double(),
+                                   contract.grad(x.double(), y, torch.ones(3), None, 0, gamma, None, -100),
                                    **TOL[torch.float32])
     for gamma in (0.0, 0.5, 2.0):
         pixel, *_ = cpp.loss_fwd(x, y, 1, gamma, None, -100, True, None)
         grad = cpp.loss_bwd(x, y, torch.ones(3), None, 1, gamma, None, -100)
         assert torch.isfinite(pixel).all() and torch.isfinite(grad).all()
-        torch.testing.assert_close(pixel.double(), eager_fwd(x, y, 1, gamma, None, -100)[0], **TOL[torch.float32])
+        torch.testing.assert_close(pixel.double(), contract.forward(x.double(), y, 1, gamma, None, -100)[0],
+                                   **TOL[torch.float32])
 
 
 def test_tiny_probability_focal():
@@ -319,7 +260,8 @@ def test_tiny_probability_focal():
     y = torch.tensor([0, 0])
     for gamma in (0.5, 2.0):
         pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, None)
-        torch.testing.assert_close(pixel.double(), eager_fwd(x, y, 0, gamma, None, -100)[0], **TOL[torch.float32])
+        torch.testing.assert_close(pixel.double(), contract.forward(x.double(), y, 0, gamma, None, -100)[0],
+                                   **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("mode, gamma", CASES[:-1])

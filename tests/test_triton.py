@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-import fused_imbalance.reference as R  # noqa: E402
+import contract  # noqa: E402
 from fused_imbalance.ops import Mode, pixel_view  # noqa: E402
 from fused_imbalance.ops import triton_loss as T  # noqa: E402
 from tolerances import LOSS_TOL, TOL  # noqa: E402
@@ -47,34 +47,6 @@ def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.in
     return x.to(DEV), y.to(label_dtype).to(DEV), tvals.to(DEV)
 
 
-def ref_pixel_loss(x, y, mode, gamma, tvals, ignore):
-    """The reference's per-pixel loss (0 at ignored and bad pixels), flattened."""
-    kw = dict(ignore_index=ignore, reduction="none", validate=False)
-    if mode == Mode.SOFTMAX_FOCAL:
-        out = R.focal_loss(x, y, gamma, **kw)
-    elif mode == Mode.SIGMOID_FOCAL:
-        out = R.sigmoid_focal_loss(x, y, gamma, **kw)
-    elif mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX):
-        out = R.mse_outlying_loss(x, y, tvals, input="logits" if mode == Mode.MSE_LOGITS else "softmax", **kw)
-    else:
-        out = torch.zeros(y.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                          device=x.device) + 0 * x.sum()
-    return out.reshape(-1)
-
-
-def reference(x, y, mode, gamma, tvals, ignore=-100):
-    """The contract's forward outputs computed eagerly, plus the confusion counts."""
-    C = x.shape[1]
-    pl = ref_pixel_loss(x, y, mode, gamma, tvals, ignore)
-    yl = y.reshape(-1).long()
-    valid = (yl != ignore) & (yl >= 0) & (yl < C)
-    class_loss = torch.zeros(C, dtype=pl.dtype, device=x.device).index_add_(0, yl[valid], pl[valid])
-    count, tp = R.class_stats(x, y, ignore, validate=False)
-    conf = R.confusion_matrix(x, y, ignore, validate=False)
-    bad = ((yl != ignore) & ~((yl >= 0) & (yl < C))).sum()
-    return pl, class_loss, count, tp, bad, conf
-
-
 def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, confusion=True):
     conf = torch.zeros(x.shape[1], x.shape[1], dtype=torch.int64, device=x.device) if confusion else None
     out = T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
@@ -84,7 +56,7 @@ def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, confusi
 
 def check_forward(x, y, mode, gamma, tvals, ignore=-100):
     (pl, cl, count, tp, bad), conf = run_fwd(x, y, mode, gamma, tvals, ignore)
-    rpl, rcl, rcount, rtp, rbad, rconf = reference(x, y, mode, gamma, tvals, ignore)
+    rpl, rcl, rcount, rtp, rbad, rconf = contract.forward(x, y, mode, gamma, tvals, ignore)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert pl.dtype == cl.dtype == acc and pl.shape == rpl.shape and cl.shape == rcl.shape
     torch.testing.assert_close(pl, rpl, **LOSS_TOL[x.dtype])
@@ -104,16 +76,7 @@ def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed
                       tvals if mode in (2, 3) else None, ignore)
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
 
-    xr = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-    pl = ref_pixel_loss(xr, y, mode, gamma, tvals, ignore)
-    yl = y.reshape(-1).long().clamp(0, C - 1)  # the loss is 0 at ignored and bad pixels
-    up = torch.zeros(N, dtype=acc, device=x.device)
-    if gp:
-        up = up + grad_pixel
-    if gc:
-        up = up + grad_class[yl]
-    (ref,) = torch.autograd.grad(pl, xr, up, allow_unused=True)
-    ref = torch.zeros_like(x) if ref is None else ref
+    ref = contract.grad(x, y, grad_pixel, grad_class, mode, gamma, tvals, ignore)
     torch.testing.assert_close(grad, ref, **TOL[x.dtype])
     return grad
 
@@ -209,7 +172,7 @@ def test_labels_are_widened_before_comparing():
     y.view(-1)[:2] = torch.tensor([2**32 + 1, -2**32])
     for ignore in (-100, 2):
         (pl, cl, count, tp, bad), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
-        rpl, rcl, rcount, rtp, rbad, rconf = reference(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
+        rpl, rcl, rcount, rtp, rbad, rconf = contract.forward(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
         assert int(bad) == int(rbad) and pl[:2].eq(0).all()
         assert torch.equal(count, rcount) and torch.equal(conf, rconf)
         torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
