@@ -9,6 +9,14 @@ def backend_device(name):
     return "cuda" if (name == "triton" and torch.cuda.is_available()) else "cpu"
 
 
+def loss_and_grad(fn, x, y, backend, reduction="mean", **kw):
+    """(loss, gradient of loss.sum()) of ``fn`` on a fresh leaf copy of ``x``."""
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    loss = fn(x, y, reduction=reduction, backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
 def make_data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100, label_dtype=torch.int64,
               every=7):
     """Random logits of ``shape`` and labels with every ``every``-th pixel set to ``ignore``."""

@@ -9,23 +9,15 @@ import pytest
 import torch
 
 import fused_imbalance.functional as FI
-from cases import ALL_LOSSES, backend_device, make_data, to_layout
+from cases import ALL_LOSSES, backend_device, loss_and_grad, make_data, to_layout
 from tolerances import LOSS_TOL, TOL
-
-
-def _run(fn, x, y, backend, reduction, **kw):
-    """(loss, grad of loss.sum()) on a fresh leaf copy of ``x``."""
-    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-    loss = fn(x, y, reduction=reduction, backend=backend, **kw)
-    loss.sum().backward()
-    return loss.detach(), x.grad
 
 
 def check(fn, x, y, backend, reduction="mean", **kw):
     dev = backend_device(backend)
     x, y = x.to(dev), y.to(dev)
-    loss, grad = _run(fn, x, y, backend, reduction, **kw)
-    ref_loss, ref_grad = _run(fn, x, y, "reference", reduction, **kw)
+    loss, grad = loss_and_grad(fn, x, y, backend, reduction, **kw)
+    ref_loss, ref_grad = loss_and_grad(fn, x, y, "reference", reduction, **kw)
     assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == x.stride()
     torch.testing.assert_close(loss, ref_loss, **LOSS_TOL[x.dtype])
@@ -187,8 +179,8 @@ def test_deterministic(backend, layout):
     dev = backend_device(backend)
     x, y = x.to(dev), y.to(dev)
     for name in ("recall_loss", "sigmoid_focal_loss"):
-        a = _run(ALL_LOSSES[name], x, y, backend, "mean")
-        b = _run(ALL_LOSSES[name], x, y, backend, "mean")
+        a = loss_and_grad(ALL_LOSSES[name], x, y, backend, "mean")
+        b = loss_and_grad(ALL_LOSSES[name], x, y, backend, "mean")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

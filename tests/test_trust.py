@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_imbalance.functional as FI
-from cases import ALL_LOSSES, backend_device, make_data
+from cases import ALL_LOSSES, backend_device, loss_and_grad, make_data
 from tolerances import LOSS_TOL, TOL
 
 # A −inf logit of a class that is not the label is a probability of exactly 0; only the MSE on raw
@@ -16,16 +16,9 @@ from tolerances import LOSS_TOL, TOL
 MINUS_INF_FINITE = [n for n in ALL_LOSSES if n != "mse_outlying_logits"]
 
 
-def _loss_and_grad(fn, x, y, backend, reduction="mean", **kw):
-    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
-    loss = fn(x, y, reduction=reduction, backend=backend, **kw)
-    loss.sum().backward()
-    return loss.detach(), x.grad
-
-
 def _same_as_reference(fn, x, y, backend, reduction="mean", **kw):
-    loss, grad = _loss_and_grad(fn, x, y, backend, reduction, **kw)
-    ref_loss, ref_grad = _loss_and_grad(fn, x, y, "reference", reduction, **kw)
+    loss, grad = loss_and_grad(fn, x, y, backend, reduction, **kw)
+    ref_loss, ref_grad = loss_and_grad(fn, x, y, "reference", reduction, **kw)
     torch.testing.assert_close(loss, ref_loss, **LOSS_TOL[x.dtype], equal_nan=True)
     torch.testing.assert_close(grad, ref_grad, **TOL[x.dtype], equal_nan=True)
     return loss, grad
@@ -154,7 +147,7 @@ def test_deterministic_algorithms_mode(backend):
     torch.use_deterministic_algorithms(True)
     try:
         for name in ALL_LOSSES:
-            runs = [_loss_and_grad(ALL_LOSSES[name], x, y, backend) for _ in range(3)]
+            runs = [loss_and_grad(ALL_LOSSES[name], x, y, backend) for _ in range(3)]
             for loss, grad in runs[1:]:
                 assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1]), name
             conf = [FI.confusion_matrix(x, y, backend=backend) for _ in range(2)]
