@@ -28,7 +28,8 @@
 // low-resolution rows needs about (R + 1)·H/h full-resolution rows (R·H/h + 1 for nearest),
 // so the redundant work is about 1/R of the total; R >= 8 keeps it under ~12 % while giving
 // B·h/R independent tasks. Memory: per thread two horizontal rows (2·C·W), one block and the
-// band's accumulator (C·R·w), never anything of B·C·H·W elements.
+// band's accumulator (C·R·w, double: an element sums up to (H/h + 1)·(W/w + 1) terms), never
+// anything of B·C·H·W elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -344,7 +345,9 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
 
   at::parallel_for(0, r.B * bands, 1, [&](int64_t t0, int64_t t1) {
     RowCache<X, T> cache(r, xd);
-    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(C * w), acc(C * R * w);
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb);
+    // The transposed interpolation sums up to (H/h + 1)·(W/w + 1) terms per element: in double.
+    std::vector<double> hg(C * w), acc(C * R * w);
     std::vector<int32_t> y(Pb);
     BwdBlock<T> bb;
     bb.C = C;
@@ -355,14 +358,14 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     bb.g = gbuf.data();
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / bands, ya = (task % bands) * R, yb = std::min(h, ya + R);
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t Y = 0; Y < r.H; ++Y) {
         const int64_t y0 = r.ay.i0[Y], y1 = r.ay.i1[Y];  // y0 <= y1, both nondecreasing in Y
         if (y1 < ya) continue;
         if (y0 >= yb) break;
         const T* r0 = cache.get(b, y0, y1);
         const T* r1 = r.nearest ? r0 : cache.get(b, y1, y0);
-        std::fill(hg.begin(), hg.end(), T(0));
+        std::fill(hg.begin(), hg.end(), 0.0);
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
           const int64_t n0 = (b * r.H + Y) * W + X0;  // int64: B*H*W can exceed 2^31
@@ -384,14 +387,15 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           // Horizontal reduction onto the low-resolution columns, X increasing.
           for (int64_t k = 0; k < C; ++k) {
             const T* g = gbuf.data() + k * P;
-            T* o = hg.data() + k * w;
+            double* o = hg.data() + k * w;
             if (r.nearest) {
-              for (int64_t p = 0; p < cnt; ++p) o[r.ax.i0[X0 + p]] += g[p];
+              for (int64_t p = 0; p < cnt; ++p) o[r.ax.i0[X0 + p]] += static_cast<double>(g[p]);
             } else {
               for (int64_t p = 0; p < cnt; ++p) {
                 const int64_t X1 = X0 + p;
-                o[r.ax.i0[X1]] += r.ax.w0[X1] * g[p];
-                o[r.ax.i1[X1]] += r.ax.w1[X1] * g[p];
+                const double gp = static_cast<double>(g[p]);
+                o[r.ax.i0[X1]] += static_cast<double>(r.ax.w0[X1]) * gp;
+                o[r.ax.i1[X1]] += static_cast<double>(r.ax.w1[X1]) * gp;
               }
             }
           }
@@ -400,10 +404,10 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
         for (int j = 0; j < (r.nearest ? 1 : 2); ++j) {
           const int64_t ys = j == 0 ? y0 : y1;
           if (ys < ya || ys >= yb) continue;
-          const T wy = r.nearest ? T(1) : (j == 0 ? r.ay.w0[Y] : r.ay.w1[Y]);
+          const double wy = r.nearest ? 1.0 : static_cast<double>(j == 0 ? r.ay.w0[Y] : r.ay.w1[Y]);
           for (int64_t k = 0; k < C; ++k) {
-            T* a = acc.data() + (k * R + (ys - ya)) * w;
-            const T* s = hg.data() + k * w;
+            double* a = acc.data() + (k * R + (ys - ya)) * w;
+            const double* s = hg.data() + k * w;
             if (r.nearest)
               for (int64_t xs = 0; xs < w; ++xs) a[xs] += s[xs];
             else
@@ -413,9 +417,9 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
       }
       for (int64_t k = 0; k < C; ++k)
         for (int64_t ys = ya; ys < yb; ++ys) {
-          const T* a = acc.data() + (k * R + (ys - ya)) * w;
+          const double* a = acc.data() + (k * R + (ys - ya)) * w;
           X* dst = gd + b * gsb + k * gsc + ys * gsh;  // int64 offsets
-          for (int64_t xs = 0; xs < w; ++xs) dst[xs * gsw] = static_cast<X>(a[xs]);
+          for (int64_t xs = 0; xs < w; ++xs) dst[xs * gsw] = static_cast<X>(static_cast<T>(a[xs]));
         }
     }
   });
