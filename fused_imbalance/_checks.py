@@ -30,7 +30,9 @@ def check_inputs(logits, target, ignore_index, reduction="mean"):
     if tuple(target.shape) != expected:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
-            f"expected {expected}")
+            f"expected {expected}"
+            + ("; for (B, C, h, w) logits at a lower resolution than (B, H, W) labels pass upsample='bilinear' "
+               "or 'nearest'" if logits.dim() == 4 and target.dim() == 3 else ""))
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     check_options(ignore_index, reduction)

@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import reference as _ref
-from ._checks import LABEL_DTYPES, LOGIT_DTYPES, check_options
+from ._checks import LABEL_DTYPES, LOGIT_DTYPES
+from ._checks import check_options as check_loss_options
 from .ops.upsample import Interp
 
 MODES = ("bilinear", "nearest")
@@ -30,20 +31,27 @@ class Resize(NamedTuple):
         return int(Interp.NEAREST if self.mode == "nearest" else Interp.BILINEAR)
 
 
-def check(logits, target, upsample, align_corners, ignore_index=-100, reduction="mean") -> Optional[Resize]:
-    """Check the inputs of a call with ``upsample``; None when ``upsample`` is None (the caller
-    then checks as usual). A bad combination is a ValueError or TypeError, never a silent
-    interpretation."""
+def check_options(upsample, align_corners):
+    """The ``upsample`` and ``align_corners`` options alone (modules check them at construction)."""
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
     if upsample is None:
         if align_corners:
             raise ValueError("align_corners=True needs upsample='bilinear'")
-        return None
+        return
     if upsample not in MODES:
         raise ValueError(f"upsample must be None, 'bilinear' or 'nearest', got {upsample!r}")
     if upsample == "nearest" and align_corners:
         raise ValueError("align_corners=True only applies to upsample='bilinear' (as in F.interpolate)")
+
+
+def check(logits, target, upsample, align_corners, ignore_index=-100, reduction="mean") -> Optional[Resize]:
+    """Check the inputs of a call with ``upsample``; None when ``upsample`` is None (the caller
+    then checks as usual). A bad combination is a ValueError or TypeError, never a silent
+    interpretation."""
+    check_options(upsample, align_corners)
+    if upsample is None:
+        return None
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("logits and target must be torch.Tensor")
     if logits.dtype not in LOGIT_DTYPES:
@@ -62,7 +70,7 @@ def check(logits, target, upsample, align_corners, ignore_index=-100, reduction=
                          f"target {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    check_options(ignore_index, reduction)
+    check_loss_options(ignore_index, reduction)
     return Resize(upsample, align_corners, (int(target.shape[1]), int(target.shape[2])))
 
 
