@@ -21,26 +21,24 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_imbalance, m) {
-  // The fused loss ops of fused_imbalance/ops/__init__.py. The argument called `mode` there
-  // is `loss_mode` here: torch.compile functionalizes the mutable forward by calling it with
-  // keyword arguments through a handler whose own first parameter is named `mode`
-  // (torch._ops redirect_to_mode), and an op argument of that name collides with it.
+  // The fused loss ops of fused_imbalance/ops/__init__.py. They mutate no argument (the
+  // confusion counts are an output), so autograd registers through the public
+  // torch.library.register_autograd.
   m.def(
       "cpp_loss_fwd(Tensor x, Tensor target, int loss_mode, float gamma, Tensor? tvals, "
-      "int ignore_index, bool need_pixel_loss, Tensor(a!)? confusion) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index, bool need_pixel_loss, bool need_tp, bool need_confusion) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
       "int loss_mode, float gamma, Tensor? tvals, int ignore_index) -> Tensor");
-  // Per-class statistics alone (count, tp, bad; confusion added in place): the argmax pass
-  // of a metric, on CPU and, when built with CUDA, on the GPU.
+  // Per-class statistics alone (count, tp, bad and, when asked, this pass's (C, C) confusion
+  // counts): the argmax pass of a metric, on CPU and, when built with CUDA, on the GPU.
   m.def(
-      "cpp_class_stats(Tensor x, Tensor target, int ignore_index, Tensor(a!)? confusion) "
-      "-> (Tensor, Tensor, Tensor)");
+      "cpp_class_stats(Tensor x, Tensor target, int ignore_index, bool need_confusion) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // The loss of low-resolution logits x (B, C, h, w) against labels target (B, H, W): that of
   // F.interpolate(x, size=(H, W), mode, align_corners) without the interpolated tensor.
-  // interp: 0 nearest, 1 bilinear. Outputs as the loss op's, plus the confusion counts of the
-  // pass (C, C) when need_confusion; tp and confusion are empty when not asked for.
+  // interp: 0 nearest, 1 bilinear. Outputs and flags as cpp_loss_fwd's.
   m.def(
       "cpp_upsample_loss_fwd(Tensor x, Tensor target, int interp, bool align_corners, int loss_mode, "
       "float gamma, Tensor? tvals, int ignore_index, bool need_pixel_loss, bool need_tp, "

@@ -89,29 +89,32 @@ def _check_labels(bad, target, C, ignore_index):
         raise bad_label_error(target, C, ignore_index)
 
 
-def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate, rs=None):
-    """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp)."""
+def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate, need_tp=False,
+           rs=None):
+    """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp or None).
+
+    The pass returns its confusion counts; they are added into ``confusion`` only once the labels
+    are known good, so an update that raises leaves the caller's matrix as it was. ``rs``: the
+    ``upsample`` geometry (:mod:`._upsample`), or None.
+    """
     if rs is not None:
         pixel, class_loss, count, tp, bad, counts = _upsample.forward(
-            _loaded[name], rs, logits, target, mode, gamma, tvals, ignore_index, reduction == "none", True,
+            _loaded[name], rs, logits, target, mode, gamma, tvals, ignore_index, reduction == "none", need_tp,
             confusion is not None)
         if validate:
             _check_labels(bad, target, logits.shape[1], ignore_index)
         if confusion is not None:
             confusion.add_(counts)
-        return (pixel if reduction == "none" else None), class_loss, count, tp
+        return (pixel if reduction == "none" else None), class_loss, count, (tp if need_tp else None)
     x = logits if collapsible(logits) else logits.contiguous()
     y = target.reshape(-1).contiguous()
-    # With validation the pass counts into a fresh matrix, added to the caller's only once the labels
-    # are known good: an update that raises must leave ``confusion`` as it was.
-    counts = torch.zeros_like(confusion) if (validate and confusion is not None) else confusion
-    pixel, class_loss, count, tp, bad = _loaded[name].loss_fwd(
-        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", counts)
+    pixel, class_loss, count, tp, bad, counts = _loaded[name].loss_fwd(
+        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", need_tp, confusion is not None)
     if validate:
         _check_labels(bad, target, logits.shape[1], ignore_index)
-        if confusion is not None:
-            confusion.add_(counts)
-    return (pixel if reduction == "none" else None), class_loss, count, tp
+    if confusion is not None:
+        confusion.add_(counts)
+    return (pixel if reduction == "none" else None), class_loss, count, (tp if need_tp else None)
 
 
 def _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights):
@@ -135,7 +138,7 @@ def _loss(name, logits, target, mode, gamma, weight, ignore_index, reduction, co
           mean_over_weights, tvals=None, weight_from_stats=None, rs=None):
     """The common path of every fused loss. ``weight_from_stats(count, tp)`` gives dynamic weights."""
     pixel, class_loss, count, tp = _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction,
-                                          confusion, validate, rs)
+                                          confusion, validate, need_tp=weight_from_stats is not None, rs=rs)
     w = weight if weight_from_stats is None else weight_from_stats(count, tp).to(class_loss.dtype)
     return _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights)
 
@@ -250,18 +253,17 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.recall_loss(_interpolated(logits, rs), target, ignore_index, reduction, recall, confusion, validate)
+        return _ref.recall_loss(_interpolated(logits, rs), target, ignore_index, reduction, recall, confusion,
+                                validate)
+    w, weight_from_stats = None, None
     if recall is None:
         weight_from_stats = _ref.recall_weights
     elif callable(recall):
         def weight_from_stats(count, tp):
             return 1.0 - check_class_vector(recall(count, tp), "recall", logits)
     else:
-        w = 1.0 - check_class_vector(recall, "recall", logits)
-
-        def weight_from_stats(count, tp):
-            return w
-    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, None, ignore_index, reduction, confusion,
+        w = 1.0 - check_class_vector(recall, "recall", logits)  # fixed weights: the pass needs no argmax
+    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, w, ignore_index, reduction, confusion,
                  validate, False, weight_from_stats=weight_from_stats, rs=rs)
 
 
@@ -314,7 +316,7 @@ def confusion_matrix(logits, target, ignore_index=-100, out=None, *, backend=Non
     if out is None:
         out = torch.zeros(C, C, dtype=torch.int64, device=logits.device)
     with torch.no_grad():
-        _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum", out, validate, rs)
+        _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum", out, validate, rs=rs)
     return out
 
 
@@ -327,5 +329,5 @@ def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=Tru
         return _ref.class_stats(_interpolated(logits.detach(), rs), target, ignore_index, validate)
     with torch.no_grad():
         _, _, count, tp = _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum",
-                                 None, validate, rs)
+                                 None, validate, need_tp=True, rs=rs)
     return count, tp

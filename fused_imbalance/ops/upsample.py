@@ -27,7 +27,10 @@ import enum
 
 import torch
 
-__all__ = ["Interp", "register_autograd", "register_fake"]
+from . import fwd_fake
+from ._autograd import register_loss_autograd
+
+__all__ = ["Interp", "register"]
 
 
 class Interp(enum.IntEnum):
@@ -37,21 +40,11 @@ class Interp(enum.IntEnum):
     BILINEAR = 1
 
 
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def fake_forward(x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
                  need_tp, need_confusion):
-    """Output shapes and dtypes of the forward op (its ``register_fake``)."""
-    acc, C = _acc(x), x.shape[1]
-    kc = C if need_confusion else 0
-    return (x.new_empty((target.numel() if need_pixel_loss else 0,), dtype=acc),
-            x.new_empty((C,), dtype=acc),
-            x.new_empty((C,), dtype=torch.int64),
-            x.new_empty((C if need_tp else 0,), dtype=torch.int64),
-            x.new_empty((), dtype=torch.int64),
-            x.new_empty((kc, kc), dtype=torch.int64))
+    """Output shapes and dtypes of the forward op (its ``register_fake``): the loss op's, with
+    target (B, H, W)."""
+    return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
 
 
 def fake_backward(x, target, grad_pixel, grad_class, interp, align_corners, loss_mode, gamma, tvals,
@@ -59,30 +52,10 @@ def fake_backward(x, target, grad_pixel, grad_class, interp, align_corners, loss
     return torch.empty_like(x)
 
 
-def register_fake(fwd_op_name, bwd_op_name):
+def register(fwd_op_name, bwd_op_name, bwd_op):
+    """Fake kernels and autograd of a backend's upsampled ops. The autograd formula is the loss
+    ops' (``register_loss_autograd``): the backward op applies the loss gradient and the transposed
+    interpolation in one pass; ``interp, align_corners`` ride along."""
     torch.library.register_fake(fwd_op_name)(fake_forward)
     torch.library.register_fake(bwd_op_name)(fake_backward)
-
-
-def register_autograd(fwd_op_name, bwd_op):
-    """The backward of ``fwd_op_name`` through ``bwd_op``, with the public ``register_autograd``
-    (the ops mutate nothing). The forward's float outputs are pixel_loss and class_loss; their
-    gradients go to the backward op, which applies the loss gradient and the transposed
-    interpolation in one pass. The integer outputs take no gradient."""
-
-    def setup_context(ctx, inputs, output):
-        x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index = inputs[:8]
-        ctx.save_for_backward(x, target, tvals)
-        ctx.args = (interp, align_corners, loss_mode, gamma)
-        ctx.ignore_index = ignore_index
-
-    def backward(ctx, grad_pixel, grad_class, *_integer_outputs):
-        x, target, tvals = ctx.saved_tensors
-        if grad_pixel is not None and grad_pixel.numel() != target.numel():
-            grad_pixel = None  # pixel_loss was not requested (an empty tensor)
-        interp, align_corners, loss_mode, gamma = ctx.args
-        grad = bwd_op(x, target, grad_pixel, grad_class, interp, align_corners, loss_mode, gamma, tvals,
-                      ctx.ignore_index)
-        return (grad,) + (None,) * 10
-
-    torch.library.register_autograd(fwd_op_name, backward, setup_context=setup_context)
+    register_loss_autograd(fwd_op_name, bwd_op, geometry_args=2)
