@@ -182,7 +182,8 @@ def main(argv=None):
     tol, loss_tol = load_tolerances()
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     date = datetime.datetime.now().astimezone()
-    header = (f"{name} · torch {torch.__version__} · {torch.get_num_threads()} threads · {date:%Y-%m-%d %H:%M %Z}\n"
+    header = (f"{name} · torch {torch.__version__} · {torch.get_num_threads()} threads of {os.cpu_count()} cores · "
+              f"load average {os.getloadavg()[0]:.2f} at start · {date:%Y-%m-%d %H:%M %Z}\n"
               f"command: python -m benchmarks.upsample {' '.join(shlex.quote(a) for a in argv)}\n"
               f"timer: {timer.describe()}\nmemory: "
               f"{measure.CUDA_MEMORY_METHOD if cuda else measure.CPU_MEMORY_METHOD}\n")

@@ -20,7 +20,7 @@
 // [ya, yb) of one image and gathers into it from every full-resolution row Y whose
 // interpolation uses one of them, in increasing Y; for each Y it recomputes the interpolated
 // row, the loss gradient of its pixels (C × W, never stored beyond the row), reduces it
-// horizontally (hg[k, x] = Σ_X w(X→x)·g[k, X], X increasing) and adds wy·hg into the band.
+// horizontally (hg[x, k] = Σ_X w(X→x)·g[k, X], X increasing) and adds wy·hg into the band.
 // Every low-resolution gradient element is therefore the same sum in the same order whatever
 // the bands are, i.e. whatever the thread count.
 // Cost model: a full-resolution row costs C·W·(loss gradient + 6 flops of interpolation and
@@ -384,18 +384,22 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           bb.P = P;
           bb.g_stride = P;
           loss_bwd_block(mode, bb);
-          // Horizontal reduction onto the low-resolution columns, X increasing.
-          for (int64_t k = 0; k < C; ++k) {
-            const T* g = gbuf.data() + k * P;
-            double* o = hg.data() + k * w;
+          // Horizontal reduction onto the low-resolution columns, X increasing. hg is (w, C):
+          // the class loop is innermost, so its C sums are independent chains (no add waits on
+          // the previous one) and the vertical step below is one contiguous run per row.
+          for (int64_t p = 0; p < cnt; ++p) {
+            const int64_t X1 = X0 + p;
+            const T* g = gbuf.data() + p;
+            double* o0 = hg.data() + r.ax.i0[X1] * C;
             if (r.nearest) {
-              for (int64_t p = 0; p < cnt; ++p) o[r.ax.i0[X0 + p]] += static_cast<double>(g[p]);
+              for (int64_t k = 0; k < C; ++k) o0[k] += static_cast<double>(g[k * P]);
             } else {
-              for (int64_t p = 0; p < cnt; ++p) {
-                const int64_t X1 = X0 + p;
-                const double gp = static_cast<double>(g[p]);
-                o[r.ax.i0[X1]] += static_cast<double>(r.ax.w0[X1]) * gp;
-                o[r.ax.i1[X1]] += static_cast<double>(r.ax.w1[X1]) * gp;
+              double* o1 = hg.data() + r.ax.i1[X1] * C;
+              const double a = static_cast<double>(r.ax.w0[X1]), c = static_cast<double>(r.ax.w1[X1]);
+              for (int64_t k = 0; k < C; ++k) {
+                const double gv = static_cast<double>(g[k * P]);
+                o0[k] += a * gv;
+                o1[k] += c * gv;
               }
             }
           }
@@ -404,22 +408,20 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
         for (int j = 0; j < (r.nearest ? 1 : 2); ++j) {
           const int64_t ys = j == 0 ? y0 : y1;
           if (ys < ya || ys >= yb) continue;
-          const double wy = r.nearest ? 1.0 : static_cast<double>(j == 0 ? r.ay.w0[Y] : r.ay.w1[Y]);
-          for (int64_t k = 0; k < C; ++k) {
-            double* a = acc.data() + (k * R + (ys - ya)) * w;
-            const double* s = hg.data() + k * w;
-            if (r.nearest)
-              for (int64_t xs = 0; xs < w; ++xs) a[xs] += s[xs];
-            else
-              for (int64_t xs = 0; xs < w; ++xs) a[xs] += wy * s[xs];
+          double* a = acc.data() + (ys - ya) * w * C;
+          if (r.nearest) {
+            for (int64_t i = 0; i < w * C; ++i) a[i] += hg[i];
+          } else {
+            const double wy = static_cast<double>(j == 0 ? r.ay.w0[Y] : r.ay.w1[Y]);
+            for (int64_t i = 0; i < w * C; ++i) a[i] += wy * hg[i];
           }
         }
       }
-      for (int64_t k = 0; k < C; ++k)
-        for (int64_t ys = ya; ys < yb; ++ys) {
-          const double* a = acc.data() + (k * R + (ys - ya)) * w;
-          X* dst = gd + b * gsb + k * gsc + ys * gsh;  // int64 offsets
-          for (int64_t xs = 0; xs < w; ++xs) dst[xs * gsw] = static_cast<X>(static_cast<T>(a[xs]));
+      for (int64_t ys = ya; ys < yb; ++ys)
+        for (int64_t xs = 0; xs < w; ++xs) {
+          const double* a = acc.data() + ((ys - ya) * w + xs) * C;
+          X* dst = gd + b * gsb + ys * gsh + xs * gsw;  // int64 offsets
+          for (int64_t k = 0; k < C; ++k) dst[k * gsc] = static_cast<X>(static_cast<T>(a[k]));
         }
     }
   });
