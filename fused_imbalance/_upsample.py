@@ -9,11 +9,10 @@ the ops of :mod:`.ops.upsample`.
 import os
 from typing import NamedTuple, Optional
 
-import torch
 
 from . import reference as _ref
-from ._checks import LABEL_DTYPES, LOGIT_DTYPES
 from ._checks import check_options as check_loss_options
+from ._checks import check_types
 from .ops.upsample import Interp
 
 MODES = ("bilinear", "nearest")
@@ -52,12 +51,7 @@ def check(logits, target, upsample, align_corners, ignore_index=-100, reduction=
     check_options(upsample, align_corners)
     if upsample is None:
         return None
-    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("logits and target must be torch.Tensor")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.dtype not in LABEL_DTYPES:
-        raise TypeError(f"target must be uint8, int16, int32 or int64 labels, got {target.dtype}")
+    check_types(logits, target)
     if logits.dim() != 4:
         raise ValueError(f"upsample needs 2-D images: logits (B, C, h, w), got shape {tuple(logits.shape)} "
                          f"(volumes and 1-D signals are not supported)")
