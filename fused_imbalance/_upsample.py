@@ -9,7 +9,6 @@ the ops of :mod:`.ops.upsample`.
 import os
 from typing import NamedTuple, Optional
 
-
 from . import reference as _ref
 from ._checks import check_options as check_loss_options
 from ._checks import check_types
