@@ -1,6 +1,6 @@
 """Long-tailed handwritten digits: what each imbalance loss does to the rare classes.
 
-scikit-learn's digits (1797 8x8 images, 10 classes, shipped with the package: no download) are
+scikit-learn's digits (1797 8x8 images, 10 classes, shipped with scikit-learn: no download) are
 split, with a fixed seed, into a balanced test set, a balanced validation set and a long-tailed
 training set built as the class-balanced paper builds long-tailed CIFAR: class c keeps
 n_c = n_max * ratio^(-c / (C - 1)) images, so class 0 has n_max and class 9 has n_max / ratio.
@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +27,7 @@ from torch import nn
 
 import fused_imbalance as fi
 import fused_imbalance.functional as F_fi
+from _common import describe_device, pick_device  # examples/_common.py
 
 
 def long_tailed_split(X, y, num_classes, n_max, ratio, n_test, n_val, seed):
@@ -145,7 +145,7 @@ def markdown(summary, counts, rare, args, seeds, wall_s, command):
         "# Long-tailed digits: test accuracy per loss",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {wall_s:.0f} s on {describe_device(args)}; torch {torch.__version__}.  ",
+        f"Wall time: {wall_s:.0f} s on {describe_device(pick_device(args.device))}; torch {torch.__version__}.  ",
         f"Training counts per class (digit 0 … {C - 1}): {counts} (imbalance 1:{args.imbalance:g}); "
         f"balanced test set: {args.n_test} per class; validation (CDB only): {args.n_val} per class.  ",
         f"MLP 64-128-128-{C}, {'AdamW' if args.optimizer == 'adamw' else 'Adam'} lr {args.lr:g}, "
@@ -186,27 +186,6 @@ def plot(summary, counts, path):
     plt.close(fig)
 
 
-def describe_device(args):
-    dev = pick_device(args)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"CPU ({cpu_name()}), {torch.get_num_threads()} thread(s)"
-
-
-def pick_device(args):
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (model init and batch order)")
@@ -239,7 +218,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     from sklearn.datasets import load_digits
 
-    device = pick_device(args)
+    device = pick_device(args.device)
     t0 = time.perf_counter()
     digits = load_digits()
     X = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -33,6 +32,8 @@ from torch import nn
 import fused_imbalance as fi
 import fused_imbalance.functional as F_fi
 from tqdm import tqdm
+
+from _common import describe_device, pick_device  # examples/_common.py
 
 CLASSES = ["sky", "ground", "blob", "square (rare)", "disc (rare)"]
 # Mean colour of each class; the rare ones sit close to a common one (square ~ blob, disc ~ ground).
@@ -60,7 +61,7 @@ def synthetic_segmentation(n, size=64, noise=0.3, seed=0):
             for _ in range(int(u(1, 3))):
                 s, cy, cx = int(u(4, 9)), int(u(0, size - 8)), int(u(0, size - 8))
                 lab[cy:cy + s, cx:cx + s] = 3
-        if u(0, 1) < 0.3:  # a rarer disc, in a third of the images
+        if u(0, 1) < 0.3:  # a rarer disc, in 30 % of the images
             cy, cx, r = u(5, size - 5), u(5, size - 5), u(3, 5)
             lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 4
         labels[i] = lab
@@ -216,14 +217,6 @@ def plot(results, path):
     plt.close(fig)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=12)
@@ -252,9 +245,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"CPU ({cpu_name()}), {torch.get_num_threads()} thread(s)")
+    device = pick_device(args.device)
+    device_name = describe_device(device)
     t0 = time.perf_counter()
     C = len(CLASSES)
     xtr, ytr = synthetic_segmentation(args.n_train, seed=args.seed)

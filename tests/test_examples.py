@@ -15,7 +15,8 @@ import torch
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def load(name):
+def load(name, monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)  # as `python examples/NAME.py` does, for examples/_common.py
     spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -39,8 +40,8 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
-def test_long_tailed_split_is_exponential_balanced_and_disjoint():
-    lt = load("long_tailed_digits")
+def test_long_tailed_split_is_exponential_balanced_and_disjoint(monkeypatch):
+    lt = load("long_tailed_digits", monkeypatch)
     X = torch.arange(1000, dtype=torch.float32)[:, None]  # the row is its own index
     y = torch.arange(1000) % 10
     data, counts = lt.long_tailed_split(X, y, 10, n_max=60, ratio=50.0, n_test=20, n_val=5, seed=3)
@@ -58,8 +59,8 @@ def test_long_tailed_split_is_exponential_balanced_and_disjoint():
     assert all(torch.equal(again[k][0], data[k][0]) for k in data)
 
 
-def test_long_tailed_digits_smoke(tmp_path):
-    lt = load("long_tailed_digits")
+def test_long_tailed_digits_smoke(tmp_path, monkeypatch):
+    lt = load("long_tailed_digits", monkeypatch)
     summary = lt.main(["--smoke", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
     with open(tmp_path / "long_tailed_digits.json") as f:
         res = json.load(f)
@@ -86,8 +87,8 @@ def test_long_tailed_digits_smoke(tmp_path):
     assert_png(tmp_path / "long_tailed_digits.png")
 
 
-def test_synthetic_segmentation_is_seeded_and_has_rare_classes():
-    seg = load("segmentation")
+def test_synthetic_segmentation_is_seeded_and_has_rare_classes(monkeypatch):
+    seg = load("segmentation", monkeypatch)
     x, y = seg.synthetic_segmentation(32, seed=5)
     x2, y2 = seg.synthetic_segmentation(32, seed=5)
     assert torch.equal(x, x2) and torch.equal(y, y2)
@@ -97,8 +98,8 @@ def test_synthetic_segmentation_is_seeded_and_has_rare_classes():
     assert (share[3:] < 0.02).all() and (share[:2] > 0.2).all()
 
 
-def test_segmentation_smoke(tmp_path):
-    seg = load("segmentation")
+def test_segmentation_smoke(tmp_path, monkeypatch):
+    seg = load("segmentation", monkeypatch)
     results = seg.main(["--smoke", "--threads", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
     args = seg.parse_args(["--smoke"])
     names = list(seg.make_losses([1] * 5, 5, args).keys())
