@@ -27,7 +27,7 @@ from torch import nn
 
 import fused_imbalance as fi
 import fused_imbalance.functional as F_fi
-from _common import describe_device, pick_device  # examples/_common.py
+from _common import add_run_options, describe_device, start  # examples/_common.py
 
 
 def long_tailed_split(X, y, num_classes, n_max, ratio, n_test, n_val, seed):
@@ -139,13 +139,13 @@ def pm(ms, scale=100.0, digits=1):
     return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
 
 
-def markdown(summary, counts, rare, args, seeds, wall_s, command):
+def markdown(summary, counts, rare, args, seeds, wall_s, command, device):
     C = len(counts)
     lines = [
         "# Long-tailed digits: test accuracy per loss",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {wall_s:.0f} s on {describe_device(pick_device(args.device))}; torch {torch.__version__}.  ",
+        f"Wall time: {wall_s:.0f} s on {describe_device(device)}; torch {torch.__version__}.  ",
         f"Training counts per class (digit 0 … {C - 1}): {counts} (imbalance 1:{args.imbalance:g}); "
         f"balanced test set: {args.n_test} per class; validation (CDB only): {args.n_val} per class.  ",
         f"MLP 64-128-128-{C}, {'AdamW' if args.optimizer == 'adamw' else 'Adam'} lr {args.lr:g}, "
@@ -201,10 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.9999, help="class-balanced β")
     p.add_argument("--alpha", type=float, default=1.0, help="outlying-label α")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--no-plot", action="store_true", help="skip the plot (matplotlib not needed)")
+    add_run_options(p)
     p.add_argument("--smoke", action="store_true", help="tiny budget (2 seeds, 2 epochs): checks that it runs")
     args = p.parse_args(argv)
     if args.smoke:
@@ -214,11 +211,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start(args)
     from sklearn.datasets import load_digits
 
-    device = pick_device(args.device)
     t0 = time.perf_counter()
     digits = load_digits()
     X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -239,7 +234,7 @@ def main(argv=None):
     wall_s = time.perf_counter() - t0
     command = "python examples/long_tailed_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.makedirs(args.out, exist_ok=True)
-    md = markdown(summary, counts, rare, args, seeds, wall_s, command.strip())
+    md = markdown(summary, counts, rare, args, seeds, wall_s, command.strip(), device)
     with open(os.path.join(args.out, "long_tailed_digits.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "long_tailed_digits.json"), "w") as f:

@@ -33,7 +33,7 @@ import fused_imbalance as fi
 import fused_imbalance.functional as F_fi
 from tqdm import tqdm
 
-from _common import describe_device, pick_device  # examples/_common.py
+from _common import add_run_options, describe_device, start  # examples/_common.py
 
 CLASSES = ["sky", "ground", "blob", "square (rare)", "disc (rare)"]
 # Mean colour of each class; the rare ones sit close to a common one (square ~ blob, disc ~ ground).
@@ -229,10 +229,7 @@ def parse_args(argv=None):
                    help="class-balanced β (pixel counts are large: 0.9999 would saturate above ~10^4 pixels)")
     p.add_argument("--alpha", type=float, default=1.0, help="outlying-label α")
     p.add_argument("--seed", type=int, default=0, help="data and model seed")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--no-plot", action="store_true", help="skip the plot (matplotlib not needed)")
+    add_run_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--smoke", action="store_true", help="tiny budget (2 epochs of 16 images): checks that it runs")
     args = p.parse_args(argv)
@@ -243,9 +240,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = start(args)
     device_name = describe_device(device)
     t0 = time.perf_counter()
     C = len(CLASSES)
