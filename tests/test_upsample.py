@@ -209,6 +209,27 @@ def test_label_dtypes(backend, label_dtype):
         check(ALL_LOSSES[name], x, y, backend, "bilinear", False, "mean", ignore_index=ignore)
 
 
+def test_strided_views_and_empty_batch(backend):
+    """Views with any strides are read in place (a channel slice, every other column, a transposed
+    image); the gradient reaches the tensor they view. An empty batch gives 0 and an empty gradient."""
+    wide0, y = make(B=2, C=6, hw=(6, 10), HW=(13, 11))
+    y5 = torch.where(y == 5, torch.zeros_like(y), y)  # labels of the 5-class slice
+    for view, labels in ((lambda t: t[:, 1:], y5), (lambda t: t[..., ::2], y), (lambda t: t.transpose(2, 3), y)):
+        results = []
+        for be, mode in ((backend, "bilinear"), ("reference", "bilinear")):
+            wide = wide0.clone().requires_grad_(True)
+            x = view(wide)
+            assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+            loss = FI.focal_loss(x, labels, upsample=mode, backend=be)
+            loss.backward()
+            results.append((loss.detach(), wide.grad))
+        torch.testing.assert_close(results[0][0], results[1][0], **LOSS_TOL[torch.float32])
+        torch.testing.assert_close(results[0][1], results[1][1], **TOL[torch.float32])
+    x, y = make(B=0, C=3, hw=(4, 4), HW=(7, 7), every=0)
+    loss, grad = check(ALL_LOSSES["recall_loss"], x, y, backend, "bilinear", False)
+    assert loss.item() == 0 and grad.shape == x.shape
+
+
 @pytest.mark.parametrize("C", [1, 2, 19, 150])
 def test_class_counts(backend, C):
     x, y = make(B=1, C=C, hw=(5, 6), HW=(11, 21))
