@@ -55,23 +55,6 @@ ChunkPlan plan_chunks(int64_t N, int64_t C) {
   return c;
 }
 
-// Labels of pixels n0 .. n0 + cnt as int32 (-1: ignored, out of range or padding up to P);
-// returns how many were out of range. Branch-free: ignored pixels come at random.
-template <typename L>
-int64_t load_labels(const L* t, int64_t n0, int64_t cnt, int64_t P, int64_t C,
-                    int64_t ignore_index, int32_t* y) {
-  int64_t bad = 0;
-  for (int64_t p = 0; p < cnt; ++p) {
-    const int64_t v = static_cast<int64_t>(t[n0 + p]);
-    const bool labelled = v != ignore_index;
-    const bool in_range = v >= 0 && v < C;
-    bad += labelled && !in_range;
-    y[p] = labelled && in_range ? static_cast<int32_t>(v) : -1;
-  }
-  for (int64_t p = cnt; p < P; ++p) y[p] = -1;
-  return bad;
-}
-
 // Per-class sums of one chunk, in `banks` interleaved copies (pixel p adds to bank
 // p % banks) so that neighbouring pixels of the same class, the common case, do not wait on
 // each other's add; folded in a fixed order at the end of the chunk. Row C takes the pixels
@@ -341,16 +324,8 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
     for (int64_t blk = c0 * plan.per; blk < b_end; ++blk) {
       const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
       load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-      for (int64_t p = 0; p < P; ++p) {
-        const int32_t c = y[p];
-        T a = T(0);
-        if (c >= 0) {
-          if (grad_pixel != nullptr) a += grad_pixel[(n0 + p) * grad_pixel_stride];
-          if (grad_class != nullptr) a += grad_class[c];
-        }
-        coef[p] = a;
-        if (tvals != nullptr) tvy[p] = c >= 0 ? tvals[c] : T(0);
-      }
+      backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
+                            tvy.data());
       std::tie(bb.x, bb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
       X* gdir = direct_block<X, T>(gd, gv, n0, cnt, P);
       if (gdir != nullptr) {

@@ -1,6 +1,6 @@
-// Tensor-level helpers shared by the CPU ops (loss_cpu.cpp, upsample_cpu.cpp): the logits-dtype
-// dispatch, the accumulation dtype, the MSE target values and the incoming gradients of the
-// backward ops.
+// Helpers shared by the CPU ops (loss_cpu.cpp, upsample_cpu.cpp): the logits-dtype
+// dispatch, the accumulation dtype, the MSE target values, the labels of a block and the
+// incoming gradients of the backward ops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,6 +53,41 @@ inline std::pair<at::Tensor, at::Tensor> upstream_grads(const std::optional<at::
     grad_class = grad_class_in->to(acc).contiguous();
   }
   return {grad_pixel, grad_class};
+}
+
+// Labels of pixels n0 .. n0 + cnt as int32 (-1: ignored, out of range or padding up to P);
+// returns how many were out of range. Branch-free: ignored pixels come at random.
+template <typename L>
+int64_t load_labels(const L* t, int64_t n0, int64_t cnt, int64_t P, int64_t C,
+                    int64_t ignore_index, int32_t* y) {
+  int64_t bad = 0;
+  for (int64_t p = 0; p < cnt; ++p) {
+    const int64_t v = static_cast<int64_t>(t[n0 + p]);
+    const bool labelled = v != ignore_index;
+    const bool in_range = v >= 0 && v < C;
+    bad += labelled && !in_range;
+    y[p] = labelled && in_range ? static_cast<int32_t>(v) : -1;
+  }
+  for (int64_t p = cnt; p < P; ++p) y[p] = -1;
+  return bad;
+}
+
+// The backward block's per-pixel factors of pixels n0 .. n0 + P: coef = grad_pixel[n] +
+// grad_class[y_n] (0 without a label) and, for the MSE modes, tvy = tvals[y_n].
+template <typename T>
+void backward_coefficients(const int32_t* y, int64_t n0, int64_t P, const T* grad_pixel,
+                           int64_t grad_pixel_stride, const T* grad_class, const T* tvals, T* coef,
+                           T* tvy) {
+  for (int64_t p = 0; p < P; ++p) {
+    const int32_t c = y[p];
+    T a = T(0);
+    if (c >= 0) {
+      if (grad_pixel != nullptr) a += grad_pixel[(n0 + p) * grad_pixel_stride];
+      if (grad_class != nullptr) a += grad_class[c];
+    }
+    coef[p] = a;
+    if (tvals != nullptr) tvy[p] = c >= 0 ? tvals[c] : T(0);
+  }
 }
 
 }  // namespace cpu

@@ -101,22 +101,6 @@ Axis<T> make_axis(int64_t in, int64_t out, int64_t interp, bool align_corners) {
   return a;
 }
 
-// Labels of cnt pixels as int32 (-1: ignored, out of range or padding up to P); returns how
-// many were out of range.
-template <typename L>
-int64_t load_labels(const L* t, int64_t cnt, int64_t P, int64_t C, int64_t ignore_index, int32_t* y) {
-  int64_t bad = 0;
-  for (int64_t p = 0; p < cnt; ++p) {
-    const int64_t v = static_cast<int64_t>(t[p]);
-    const bool labelled = v != ignore_index;
-    const bool in_range = v >= 0 && v < C;
-    bad += labelled && !in_range;
-    y[p] = labelled && in_range ? static_cast<int32_t>(v) : -1;
-  }
-  for (int64_t p = cnt; p < P; ++p) y[p] = -1;
-  return bad;
-}
-
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Pixels per block: about 8 K interpolated logits (L1-sized), a multiple of kBlockAlign.
@@ -276,7 +260,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
           const int64_t n0 = row * W + X0;  // int64: B*H*W can exceed 2^31
-          bad += load_labels(labels + n0, cnt, P, C, ignore_index, y.data());
+          bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
           if (tvals != nullptr)
             for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
           std::tie(fb.x, fb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
@@ -370,17 +354,9 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
           const int64_t n0 = (b * r.H + Y) * W + X0;  // int64: B*H*W can exceed 2^31
-          load_labels(labels + n0, cnt, P, C, ignore_index, y.data());
-          for (int64_t p = 0; p < P; ++p) {
-            const int32_t c = y[p];
-            T a = T(0);
-            if (c >= 0) {
-              if (grad_pixel != nullptr) a += grad_pixel[(n0 + p) * grad_pixel_stride];
-              if (grad_class != nullptr) a += grad_class[c];
-            }
-            coef[p] = a;
-            if (tvals != nullptr) tvy[p] = c >= 0 ? tvals[c] : T(0);
-          }
+          load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
+          backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
+                                tvy.data());
           std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
           bb.P = P;
           bb.g_stride = P;
