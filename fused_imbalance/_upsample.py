@@ -6,6 +6,7 @@ the result is that of ``F.interpolate(logits, size=(H, W), mode=upsample,
 align_corners=align_corners)`` followed by the loss, computed without the interpolated tensor by
 the ops of :mod:`.ops.upsample`.
 """
+import importlib
 import os
 from typing import NamedTuple, Optional
 
@@ -16,7 +17,9 @@ from .ops.upsample import Interp
 
 MODES = ("bilinear", "nearest")
 # The fused backends that implement the upsampled ops.
-_FUSED = ("cpp",)
+_FUSED = ("cpp", "triton")
+# The module of each fused backend's upsampled ops.
+_OPS = {"cpp": "fused_imbalance.ops.cpp", "triton": "fused_imbalance.ops.triton_upsample"}
 
 
 class Resize(NamedTuple):
@@ -79,8 +82,8 @@ def backend(name, requested):
         requested = os.environ.get("FUSED_IMBALANCE_BACKEND", "auto")
     if requested == "auto":
         return "reference"
-    raise NotImplementedError(f"the {name!r} backend does not implement upsample yet: use backend='cpp' (CPU), "
-                              f"'reference', or upsample=None with logits already interpolated")
+    raise NotImplementedError(f"the {name!r} backend does not implement upsample: use backend='cpp' (CPU), "
+                              f"'triton', 'reference', or upsample=None with logits already interpolated")
 
 
 def reference_logits(logits, rs):
@@ -88,8 +91,9 @@ def reference_logits(logits, rs):
     return _ref.upsampled(logits, rs.size, rs.mode, rs.align_corners)
 
 
-def forward(module, rs, logits, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
+def forward(name, rs, logits, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
             need_confusion):
-    """The backend module's upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
+    """The fused backend ``name``'s upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
+    module = importlib.import_module(_OPS[name])
     return module.upsample_loss_fwd(logits, target, rs.interp, rs.align_corners, int(mode), float(gamma), tvals,
                                     ignore_index, need_pixel_loss, need_tp, need_confusion)

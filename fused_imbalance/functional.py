@@ -99,7 +99,7 @@ def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, co
     """
     if rs is not None:
         pixel, class_loss, count, tp, bad, counts = _upsample.forward(
-            _loaded[name], rs, logits, target, mode, gamma, tvals, ignore_index, reduction == "none", need_tp,
+            name, rs, logits, target, mode, gamma, tvals, ignore_index, reduction == "none", need_tp,
             confusion is not None)
         if validate:
             _check_labels(bad, target, logits.shape[1], ignore_index)

@@ -29,19 +29,42 @@ needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason="the C++ backend could not b
 
 REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
 # The fused backends with the upsampled ops.
-BACKENDS = ["cpp"]
+BACKENDS = ["cpp", "triton"]
+try:
+    from fused_imbalance.ops import triton_upsample as tup
+    HAVE_TRITON = tup.available() and not torch.cuda.is_available()
+except ImportError:
+    tup, HAVE_TRITON = None, False
+# This suite's tensors live on the CPU: the Triton kernels run here through TRITON_INTERPRET
+# (tests/conftest.py sets it where there is no GPU).
+_NO_TRITON = "the Triton kernels run on CPU tensors only under TRITON_INTERPRET without a GPU"
 
 MODES = [("bilinear", False), ("bilinear", True), ("nearest", False)]
 OP_MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpp" and not HAVE_CPP:
+def _need(name):
+    if name == "cpp" and not HAVE_CPP:
         if "cpp" in REQUIRED:
             pytest.fail("backend 'cpp' is required but unavailable")
         pytest.skip("the C++ backend could not be built here")
+    if name == "triton" and not HAVE_TRITON:
+        if "triton" in REQUIRED and not torch.cuda.is_available():
+            pytest.fail("backend 'triton' is required but unavailable")
+        pytest.skip(_NO_TRITON)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    _need(request.param)
     return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def ops(request):
+    """The module of a fused backend's raw upsampled ops."""
+    _need(request.param)
+    return cpp if request.param == "cpp" else tup
 
 
 def make(B=2, C=5, hw=(7, 9), HW=(29, 31), dtype=torch.float32, label_dtype=torch.int64, seed=0,
@@ -60,26 +83,31 @@ def up(x, size, mode, align_corners):
 
 # --- the interpolation itself: torch's source indices and weights -------------------------------
 
-@needs_cpp
 @pytest.mark.parametrize("mode, align_corners", MODES)
 @pytest.mark.parametrize("hw, HW", [((4, 5), (4, 5)), ((4, 5), (8, 10)), ((4, 5), (16, 20)), ((4, 5), (32, 40)),
                                     ((33, 47), (129, 190)), ((7, 9), (29, 31)), ((16, 12), (7, 5)),
                                     ((1, 1), (3, 4)), ((5, 3), (1, 1)), ((3, 7), (10, 7))])
-def test_interpolation_exact(mode, align_corners, hw, HW):
+def test_interpolation_exact(ops, mode, align_corners, hw, HW):
     """MSE on the logits with target 0 everywhere is ½ Σ_k x̃_k²: with a one-hot input x̃ is the
     interpolation weights themselves, compared in float64 with F.interpolate's."""
     C = hw[0] * hw[1]
     x = torch.eye(C, dtype=torch.float64).view(1, C, *hw)  # class k is the unit image at pixel k
     y = torch.zeros((1,) + HW, dtype=torch.int64)
     tvals = torch.zeros(C, dtype=torch.float64)
-    pixel = cpp.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS), 0.0,
+    if ops is tup and C * HW[0] * HW[1] > 20000:
+        hw, HW = (5, 7), (19, 29)  # the interpreter: the odd-size case on fewer classes
+        C = 35
+        x = torch.eye(C, dtype=torch.float64).view(1, C, *hw)
+        y = torch.zeros((1,) + HW, dtype=torch.int64)
+        tvals = torch.zeros(C, dtype=torch.float64)
+    pixel = ops.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS), 0.0,
                                   tvals, -100, True, False, False)[0]
     ref = 0.5 * up(x, HW, mode, align_corners).pow(2).sum(1).reshape(-1)
     torch.testing.assert_close(pixel, ref, atol=1e-15, rtol=1e-14)
     # the gradient of Σ x̃[k, Y, X] at one output pixel is the weight map of that pixel, transposed
     gp = torch.zeros(y.numel(), dtype=torch.float64)
     gp[y.numel() // 3] = 1.0
-    g = cpp.upsample_loss_bwd(x, y, gp, None, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS),
+    g = ops.upsample_loss_bwd(x, y, gp, None, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS),
                               0.0, tvals, -100)
     xr = x.clone().requires_grad_(True)
     (gr,) = torch.autograd.grad((0.5 * up(xr, HW, mode, align_corners).pow(2).sum(1)).reshape(-1), xr, gp)
@@ -100,11 +128,10 @@ def _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, ignore_index,
     return want, torch.zeros_like(xr) if g is None else g
 
 
-@needs_cpp
 @pytest.mark.parametrize("mode, align_corners", MODES)
 @pytest.mark.parametrize("op_mode, gamma", [(m, 0.0) for m in OP_MODES]
                          + [(m, g) for m in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL) for g in (2.0, 0.7)])
-def test_op_contract(mode, align_corners, op_mode, gamma):
+def test_op_contract(ops, mode, align_corners, op_mode, gamma):
     # float64: the contract itself, free of float32's interpolation weights (their rounding is
     # torch's too, and the float32 results are checked against the float32 reference below)
     x, y = make(B=2, C=6, hw=(7, 9), HW=(29, 31), dtype=torch.float64)
@@ -112,7 +139,7 @@ def test_op_contract(mode, align_corners, op_mode, gamma):
     tvals = torch.arange(1, 7, dtype=torch.float64) * 0.75
     tv = tvals if op_mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     interp = 0 if mode == "nearest" else 1
-    pixel, class_loss, count, tp, bad, conf = cpp.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode), gamma,
+    pixel, class_loss, count, tp, bad, conf = ops.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode), gamma,
                                                                      tv, -100, True, True, True)
     gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gc = torch.linspace(-1, 2, 6, dtype=torch.float64)
@@ -123,33 +150,40 @@ def test_op_contract(mode, align_corners, op_mode, gamma):
     torch.testing.assert_close(class_loss.double(), want[1], atol=tol["atol"] * y.numel(), rtol=tol["rtol"])
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and bad.item() == want[4].item() == 1
     assert torch.equal(conf, want[5])
-    grad = cpp.upsample_loss_bwd(x, y, gp, gc, interp, align_corners, int(op_mode), gamma, tv, -100)
+    grad = ops.upsample_loss_bwd(x, y, gp, gc, interp, align_corners, int(op_mode), gamma, tv, -100)
     assert grad.shape == x.shape and grad.dtype == x.dtype
     torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
 
 
-@needs_cpp
-def test_op_optional_outputs():
+def test_op_optional_outputs(ops):
     x, y = make()
-    out = cpp.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, False, False, False)
+    out = ops.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, False, False, False)
     assert out[0].shape == (0,) and out[3].shape == (0,) and out[5].shape == (0, 0)
-    full = cpp.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, True)
+    full = ops.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, True)
     assert torch.equal(out[1], full[1]) and torch.equal(out[2], full[2])
 
 
-@needs_cpp
+def _opcheck_utils(ops):
+    # Under TRITON_INTERPRET, wrap_triton hands an interpreted kernel back untraced: AOT tracing
+    # would launch it on fake tensors (tests/test_triton.py), so that check needs a GPU there.
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    return utils + (["test_aot_dispatch_dynamic"] if ops is cpp or torch.cuda.is_available() else [])
+
+
 @pytest.mark.parametrize("need_pixel_loss, need_tp, need_confusion", [(True, True, True), (False, False, False)])
-def test_opcheck(need_pixel_loss, need_tp, need_confusion):
+def test_opcheck(ops, need_pixel_loss, need_tp, need_confusion):
     x, y = make(B=2, C=4, hw=(3, 5), HW=(7, 9), dtype=torch.float64)
     tvals = torch.arange(1.0, 5.0, dtype=torch.float64)
     x.requires_grad_(True)
     for args in [(1, False, 0, 1.5, None), (1, True, 3, 0.0, tvals), (0, False, 1, 2.0, None)]:
-        torch.library.opcheck(cpp.upsample_loss_fwd,
-                              (x, y) + args + (-100, need_pixel_loss, need_tp, need_confusion))
+        torch.library.opcheck(ops.upsample_loss_fwd,
+                              (x, y) + args + (-100, need_pixel_loss, need_tp, need_confusion),
+                              test_utils=_opcheck_utils(ops))
     gp = torch.randn(y.numel(), dtype=torch.float64)
-    torch.library.opcheck(cpp.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 1, 2.0, None, -100))
-    torch.library.opcheck(cpp.upsample_loss_bwd, (x.detach(), y, None, torch.ones(4, dtype=torch.float64), 0, False,
-                                                  2, 0.0, tvals, -100))
+    torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 1, 2.0, None, -100),
+                          test_utils=_opcheck_utils(ops))
+    torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, None, torch.ones(4, dtype=torch.float64), 0, False,
+                                                  2, 0.0, tvals, -100), test_utils=_opcheck_utils(ops))
 
 
 # --- the functional API against interpolate + the reference --------------------------------------
@@ -307,14 +341,44 @@ def test_argument_errors():
                             upsample="bilinear")
 
 
-@needs_cpp
-def test_triton_without_upsampled_ops():
-    """The Triton backend has no upsampled kernels: asking for it explicitly is a clear error, and
-    "auto" never silently gives another result (it takes the reference)."""
+def test_fused_backends_run_upsample():
+    """Both fused backends implement the upsampled ops: "auto" and an explicit request keep them."""
     from fused_imbalance import _upsample
-    assert _upsample.backend("triton", "auto") == "reference"
-    with pytest.raises(NotImplementedError, match="upsample"):
-        _upsample.backend("triton", "triton")
+    for name in ("cpp", "triton"):
+        assert _upsample.backend(name, "auto") == name
+        assert _upsample.backend(name, name) == name
+
+
+def test_triton_nan_argmax_and_ties():
+    """The interpolated argmax of the Triton kernels is torch.argmax's: NaN wins, first index on
+    ties (a NaN low-resolution logit spreads to every pixel that reads it)."""
+    _need("triton")
+    x, y = make(B=1, C=4, hw=(3, 4), HW=(7, 9), every=0)
+    x[0, 2, 1, 1] = float("nan")
+    x[0, 1] = x[0, 0]
+    for mode, ac in MODES:
+        xi = up(x, (7, 9), mode, ac)
+        want = torch.zeros(4, 4, dtype=torch.int64)
+        want.index_put_((y.reshape(-1), xi.argmax(1).reshape(-1)), torch.ones(y.numel(), dtype=torch.int64),
+                        accumulate=True)
+        conf = tup.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, ac, int(Mode.STATS), 0.0, None, -100,
+                                     False, True, True)[5]
+        assert torch.equal(conf, want) and want[:, 2].sum() > 0
+
+
+def test_triton_bit_identical():
+    """The Triton forward and backward are bit-identical run to run (no float atomics)."""
+    _need("triton")
+    x, y = make(B=2, C=5, hw=(9, 7), HW=(31, 26))
+    x = x.contiguous(memory_format=torch.channels_last)
+    gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for _ in range(2):
+        fwd = tup.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, False)
+        g = tup.upsample_loss_bwd(x, y, gp, torch.linspace(0, 1, 5), 1, False, 0, 2.0, None, -100)
+        outs.append(fwd[:4] + (g,))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
 
 
 # --- modules ----------------------------------------------------------------------------------------
