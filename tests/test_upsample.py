@@ -67,6 +67,13 @@ def ops(request):
     return cpp if request.param == "cpp" else tup
 
 
+def combos(cases, triton):
+    """Direct ``backend, ...`` parameters: every case on cpp; on triton the cases ``triton(case)``
+    keeps. The interpreter runs a kernel thousands of times slower than a GPU, so the heavy
+    parametrised suites give Triton a fixed share that still covers every mode, loss and size."""
+    return [("cpp",) + c for c in cases] + [("triton",) + c for c in cases if triton(c)]
+
+
 def make(B=2, C=5, hw=(7, 9), HW=(29, 31), dtype=torch.float32, label_dtype=torch.int64, seed=0,
          ignore_index=-100, every=7):
     g = torch.Generator().manual_seed(seed)
@@ -203,29 +210,36 @@ def check(fn, x, y, backend, mode, align_corners, reduction="mean", **kw):
     return loss, grad
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("backend, name, mode, align_corners, reduction", combos(
+    [(n, m, a, r) for n in ALL_LOSSES for m, a in MODES for r in ("mean", "sum", "none")],
+    lambda c: c[3] == "mean" or (c[1:3] == MODES[0] and c[3] == "none") or (c[0] == "focal_loss" and c[3] == "sum")))
 def test_losses(backend, name, mode, align_corners, reduction):
+    _need(backend)
     x, y = make(B=2, C=5, hw=(7, 9), HW=(29, 31))
     check(ALL_LOSSES[name], x, y, backend, mode, align_corners, reduction)
 
 
-@pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("hw, HW", [((6, 5), (6, 5)), ((6, 5), (12, 10)), ((6, 5), (24, 20)), ((6, 5), (48, 40)),
-                                    ((33, 47), (129, 190)), ((10, 11), (23, 37)), ((16, 12), (7, 5)),
-                                    ((1, 1), (5, 3)), ((9, 4), (9, 13))])
+SIZES = [((6, 5), (6, 5)), ((6, 5), (12, 10)), ((6, 5), (24, 20)), ((6, 5), (48, 40)), ((33, 47), (129, 190)),
+         ((10, 11), (23, 37)), ((16, 12), (7, 5)), ((1, 1), (5, 3)), ((9, 4), (9, 13))]
+
+
+@pytest.mark.parametrize("backend, mode, align_corners, hw, HW", combos(
+    [(m, a, hw, HW) for m, a in MODES for hw, HW in SIZES],
+    lambda c: c[:2] == MODES[0] or c[2] in ((33, 47), (16, 12), (1, 1))))
 def test_sizes(backend, mode, align_corners, hw, HW):
     """Scale factors 1, 2, 4, 8, odd and non-integer ratios, downsampling (H < h), 1×1 inputs."""
+    _need(backend)
     x, y = make(B=2, C=4, hw=hw, HW=HW)
     for name in ("focal_loss", "recall_loss"):
         check(ALL_LOSSES[name], x, y, backend, mode, align_corners, "mean")
 
 
-@pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("backend, mode, align_corners, dtype, layout", combos(
+    [(m, a, d, lay) for m, a in MODES for d in (torch.float64, torch.float16, torch.bfloat16)
+     for lay in ("nchw", "channels_last")],
+    lambda c: c[:2] == MODES[0] or c[2] == torch.bfloat16))
 def test_dtypes_and_layouts(backend, mode, align_corners, dtype, layout):
+    _need(backend)
     x, y = make(B=2, C=6, hw=(5, 7), HW=(17, 22), dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -418,14 +432,17 @@ def test_recall_statistics_callable(backend):
 
 # --- gradients, determinism, memory, compile -----------------------------------------------------
 
-@pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("backend, name, mode, align_corners", combos(
+    [(n, m, a) for n in ALL_LOSSES for m, a in MODES], lambda c: c[1:] == MODES[0] or c[0] == "focal_loss"))
 def test_gradcheck_float64(backend, name, mode, align_corners):
+    _need(backend)
     x, y = make(B=2, C=3, hw=(3, 4), HW=(5, 7), dtype=torch.float64)
     x.requires_grad_(True)
     fn = ALL_LOSSES[name]
+    # the interpreter: gradcheck's fast mode (a random projection of the Jacobian, both sides)
     assert torch.autograd.gradcheck(
-        lambda t: fn(t, y, reduction="none", backend=backend, upsample=mode, align_corners=align_corners), (x,))
+        lambda t: fn(t, y, reduction="none", backend=backend, upsample=mode, align_corners=align_corners), (x,),
+        fast_mode=backend == "triton")
 
 
 @needs_cpp
@@ -460,14 +477,14 @@ def _allocations(fn):
     return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
 
 
-@needs_cpp
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_no_full_resolution_logits(mode, reduction):
+def test_no_full_resolution_logits(backend, mode, reduction):
     """Forward and backward allocate nothing of B·C·H·W elements: the largest tensors are the
-    low-resolution gradient and per-pixel vectors (the int64 labels of "none"'s weighting)."""
-    B, C, H, W = 2, 32, 96, 80
-    x, y = make(B=B, C=C, hw=(24, 20), HW=(H, W))
+    low-resolution gradient and per-pixel vectors (the int64 labels of "none"'s weighting; the
+    Triton backward's per-pixel scalars)."""
+    B, C, H, W = (2, 32, 96, 80) if backend == "cpp" else (2, 16, 48, 40)  # the interpreter is slow
+    x, y = make(B=B, C=C, hw=(H // 4, W // 4), HW=(H, W))
 
     def step(backend):
         def run():
@@ -476,7 +493,7 @@ def test_no_full_resolution_logits(mode, reduction):
             loss.sum().backward()
         return run
 
-    fused = _allocations(step("cpp"))
+    fused = _allocations(step(backend))
     assert fused and max(fused) <= max(x.numel() * 4, B * H * W * 8) < B * C * H * W
     # the measurement sees the full-resolution logits of interpolate + loss
     assert max(_allocations(step("reference"))) >= B * C * H * W * 4

@@ -15,7 +15,7 @@ for 16-bit and float32 logits, float64 for float64.
 
 Forward (``_up_fwd_kernel``): full-resolution pixels on the lanes (tiles of BLOCK_P consecutive
 pixels of the flattened B·H·W), classes on the second axis: the whole class dim in one chunk up
-to 256 classes, otherwise chunks of 64 with an online softmax. Per class chunk the tile gathers
+to 64 classes, otherwise chunks of 32 with an online softmax. Per class chunk the tile gathers
 its 4 (nearest: 1) neighbours — neighbouring pixels share them, so the gathers hit L1/L2 and DRAM
 sees each low-resolution logit about once — and runs the per-pixel math of the plain loss. With
 one chunk, each program keeps its per-class loss sums, counts and true positives in registers
@@ -27,25 +27,31 @@ Backward (deterministic, no float atomics), two kernels:
 
 1. ``_up_coef_kernel``: per full-resolution pixel, the scalars its gradient needs — the folded
    upstream weight a = (grad_pixel[n] + grad_class[y_n]) (times the focal factor), and for the
-   softmax modes lse and q — into an O(B·H·W) scratch (3·N floats of the accumulation dtype).
-2. ``_up_gather_kernel``: low-resolution elements on the lanes (flattened (b, y, x), classes on
-   the second axis). Each element visits the full-resolution pixels whose interpolation uses it:
-   rows Y in [ys0[y], ys1[y]) and columns X in [xs0[x], xs1[x]) (tables from the index tables,
-   contiguous because the indices are nondecreasing), Y then X increasing, recomputes the
-   interpolated logit and the loss gradient there from the scratch scalars and adds
-   wy·wx·g. The sum of every element is the same sequence of additions whatever the tiling.
+   softmax modes lse (and q for the softmax MSE) — into an O(B·H·W) scratch (1 to 3 vectors of
+   N floats of the accumulation dtype).
+2. ``_up_gather_kernel``: low-resolution elements (flattened (b, y, x)) x the columns X that
+   read them on the lanes, classes on the second axis. Each element visits the full-resolution
+   pixels whose interpolation uses it: rows Y in [uy0[y], uy1[y]) one after another, columns X in
+   [ux0[x], ux1[x]) on SPAN_X lanes (index ranges, contiguous because the source indices are
+   nondecreasing); it recomputes the interpolated logit and the loss gradient there from the
+   scratch scalars and adds wy·wx·g; the SPAN_X lane sums are then added by one fixed reduction
+   tree. Every element's sum is the same sequence of operations whatever the grid: bit-identical
+   run to run.
 
-Cost model (N = B·H·W full-resolution pixels, n = B·h·w low-resolution positions, C classes):
+Cost model (N = B·H·W full-resolution pixels, n = B·h·w low-resolution positions, C classes,
+e the logits' element size, l the labels'):
 
-* forward: DRAM bytes = labels (N·l) + the low-resolution logits (n·C·e, once: the neighbour
-  gathers of a tile hit the cache) + the per-pixel loss if asked; compute ≈ N·C·(4 gathers
-  + 6 flops + the mode's per-logit math).
-* backward: DRAM bytes = labels + 2·n·C·e (logits read by both kernels) + n·C·e (gradient)
-  + the scratch (written once, 3·N·4 bytes, read back from L2/DRAM about once); compute: the
-  coefficient kernel is a forward; the gather kernel evaluates the per-(pixel, class) gradient
-  once per low-resolution neighbour, i.e. 4× (nearest 1×) N·C gradient evaluations, each 4
-  L1-resident gathers + an exp. For the segmentation shapes (C ≤ 150, ratio 4) this is far
-  below the H100's compute roofline for the bytes moved; the pass stays memory-bound.
+* forward: DRAM bytes = N·l (labels) + n·C·e (the low-resolution logits, once: the neighbour
+  gathers of a tile hit L1/L2) + 4·N if the per-pixel loss is asked; instructions ≈ N·C·(4
+  gathered loads + 6 flops of interpolation + the mode's per-logit math).
+* backward: DRAM bytes = 2·N·l (labels, read by both kernels) + 2·n·C·e (logits, read by both)
+  + n·C·e (gradient) + the scratch (1-3 vectors of 4·N bytes, written once and read back once);
+  instructions: the coefficient kernel is a forward; the gather kernel evaluates the
+  per-(pixel, class) gradient once per low-resolution neighbour that the pixel reads, i.e.
+  4·N·C (nearest: N·C) evaluations of 4 gathers + an exp, on SPAN_X (a power of two) lanes per
+  element of which about 2·W/w carry a column. That recomputation is the price of the
+  deterministic gather without float atomics; benchmarks/sm90_upsample_driver.py estimates
+  what it costs on the H100.
 """
 import functools
 import math
@@ -68,12 +74,14 @@ except ImportError:  # the package works without triton; this backend is then un
 __all__ = ["available", "supports", "upsample_loss_fwd", "upsample_loss_bwd"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SINGLE_C = 256  # up to this (padded) class count: one chunk, class statistics in registers
-_CHUNK_C = 64  # classes per chunk beyond it (online softmax)
-_TILE = 2048  # logits per tile: 4 gathered corners per logit keep ~4x this in flight
+_SINGLE_C = 64  # up to this (padded) class count: one chunk, class statistics in registers
+_CHUNK_C = 32  # classes per chunk beyond it (online softmax)
+# Logits per tile: each is 4 gathered corners with their 64-bit addresses, so 4 per thread at
+# 4 warps keeps the tile in registers (2048 spilled hundreds of bytes per thread on sm_90).
+_TILE = 512
 _WARPS_PER_SM = 16
 _WAVES = 8
-_INTERPRET_TILE_SCALE = 8  # the interpreter's cost is per tile: larger tiles there
+_INTERPRET_TILE_SCALE = 32  # the interpreter's cost is per tile: larger tiles there
 _INTERPRET_PROGRAMS = 3
 
 
@@ -450,7 +458,9 @@ if triton is not None:
         tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
         gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
         gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
-        coef_ptr,  # (3, N) out: a, lse, q per full-resolution pixel (a = 0 where not valid)
+        coef_ptr,  # (N,) out: a per full-resolution pixel (0 where not valid)
+        lse_ptr,  # (N,) out: lse (softmax modes)
+        q_ptr,  # (N,) out: q (MSE on the softmax)
         N, C, HW, W,
         stride_b, stride_c, stride_h, stride_w,
         gp_stride, gc_stride,  # upstream strides (0 when autograd expands a scalar)
@@ -498,9 +508,9 @@ if triton is not None:
         a = tl.where(valid, a, 0.0)
         tl.store(coef_ptr + n, a, mask=pmask)
         if MODE == 0 or MODE == 3:
-            tl.store(coef_ptr + N + n, lse, mask=pmask)
+            tl.store(lse_ptr + n, lse, mask=pmask)
         if MODE == 3:
-            tl.store(coef_ptr + 2 * N + n, q, mask=pmask)
+            tl.store(q_ptr + n, q, mask=pmask)
 
     @triton.jit
     def _up_gather_kernel(
@@ -509,7 +519,7 @@ if triton is not None:
         uy0_ptr, uy1_ptr,  # (h,) rows [uy0, uy1) of the output that read low-resolution row y
         ux0_ptr, ux1_ptr,  # (w,) columns [ux0, ux1) that read low-resolution column x
         tv_ptr,  # (C,) MSE target values
-        coef_ptr,  # (3, N) a, lse, q per full-resolution pixel
+        coef_ptr, lse_ptr, q_ptr,  # (N,) a, lse, q per full-resolution pixel
         g_ptr,  # gradient out, x's dtype, element (b, c, y, x) at b*gsb + c*gsc + y*gsh + x*gsw
         N, C, H, W, h, w, nq,  # nq = B*h*w low-resolution positions
         stride_b, stride_c, stride_h, stride_w,
@@ -574,12 +584,12 @@ if triton is not None:
                                           stride_c, BLOCK_C, acc_ty, NEAREST)
                 oh = c[None, :] == y32[:, None]
                 if MODE == 0:
-                    lse = tl.load(coef_ptr + N + n, mask=pmask, other=0.0)
+                    lse = tl.load(lse_ptr + n, mask=pmask, other=0.0)
                     p = tl.exp(x - lse[:, None])
                     g = a[:, None] * (tl.where(oh, 1.0, 0.0) - p)
                 elif MODE == 3:
-                    lse = tl.load(coef_ptr + N + n, mask=pmask, other=0.0)
-                    qv = tl.load(coef_ptr + 2 * N + n, mask=pmask, other=0.0)
+                    lse = tl.load(lse_ptr + n, mask=pmask, other=0.0)
+                    qv = tl.load(q_ptr + n, mask=pmask, other=0.0)
                     tv = tl.load(tv_ptr + y32, mask=pmask, other=0.0).to(acc_ty)
                     p = tl.exp(x - lse[:, None])
                     g = a[:, None] * p * (p - tl.where(oh, tv[:, None], 0.0) - qv[:, None])
@@ -671,7 +681,7 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
                 tp if need_tp else tp.new_empty(0), bad, confusion)
     has_loss = mode != Mode.STATS
     block_c, single, tile = _chunking(C, acc == torch.float64)
-    block_p = max(16, tile // block_c)
+    block_p = max(8, tile // block_c)
     num_warps = 4
     if _interpret():
         block_p *= _INTERPRET_TILE_SCALE
@@ -720,9 +730,12 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     uy0, uy1 = _users(ay0, ay1, h)
     ux0, ux1 = _users(ax0, ax1, w)
     dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-    coef = x.new_empty(3 * N, dtype=acc)  # O(B·H·W) scratch: a, lse, q
+    # O(B·H·W) scratch, what the mode needs: a; lse for the softmax modes; q for the softmax MSE
+    coef = x.new_empty(N, dtype=acc)
+    lse = x.new_empty(N if mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX) else 1, dtype=acc)
+    q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
     focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
-    block_p = max(16, tile // block_c)
+    block_p = max(8, tile // block_c)
     if _interpret():
         block_p *= _INTERPRET_TILE_SCALE
     block_p = min(block_p, _np2(N))
@@ -731,7 +744,7 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     span_x = _np2(_span(w, W, interp, align_corners, f64))
     span_y = _span(h, H, interp, align_corners, f64)
     nq = B * h * w
-    block_q = max(1, max(16, tile // block_c) // span_x)
+    block_q = max(1, max(8, tile // block_c) // span_x)
     if _interpret():
         block_q *= _INTERPRET_TILE_SCALE
     block_q = min(_np2(block_q), _np2(nq))
@@ -739,7 +752,7 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
         wrap(_up_coef_kernel)[(_cdiv(N, block_p),)](
             x, t, ay0, ay1, wy0, wy1, ax0, ax1, wx0, wx1, dummy,
             grad_pixel if grad_pixel is not None else dummy,
-            grad_class if grad_class is not None else dummy, coef,
+            grad_class if grad_class is not None else dummy, coef, lse, q,
             N, C, H * W, W, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             grad_pixel.stride(0) if grad_pixel is not None else 0,
             grad_class.stride(0) if grad_class is not None else 0,
@@ -747,7 +760,7 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
             MODE=int(mode), FOCAL=focal, NEAREST=nearest, HAS_GP=grad_pixel is not None,
             HAS_GC=grad_class is not None, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
         wrap(_up_gather_kernel)[(_cdiv(nq, block_q),)](
-            x, t, ay0, ay1, wy0, wy1, ax0, ax1, wx0, wx1, uy0, uy1, ux0, ux1, dummy, coef, grad,
+            x, t, ay0, ay1, wy0, wy1, ax0, ax1, wx0, wx1, uy0, uy1, ux0, ux1, dummy, coef, lse, q, grad,
             N, C, H, W, h, w, nq, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), ignore_index, gamma, span_y,
             MODE=int(mode), FOCAL=focal, NEAREST=nearest, SPAN_X=span_x, BLOCK_Q=block_q, BLOCK_C=block_c,
