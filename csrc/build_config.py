@@ -7,16 +7,39 @@ import sys
 CSRC = os.path.dirname(os.path.abspath(__file__))
 
 
+# Architectures of the CUDA kernel when no GPU is visible to detect them from: Ampere, Ada and
+# Hopper, with PTX for newer GPUs (the JIT compiles it there). TORCH_CUDA_ARCH_LIST overrides it.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
 def with_cuda():
     """Build the CUDA kernels: torch has CUDA, a toolkit is installed, and the user did not
-    set FUSED_IMBALANCE_CUDA=0. Whether a GPU is visible does not matter (build machines
-    often have none)."""
+    set FUSED_IMBALANCE_CUDA=0. Whether a GPU is visible does not decide it (build machines
+    often have none); it only decides the architectures (:func:`set_cuda_arch_list`)."""
     if os.environ.get("FUSED_IMBALANCE_CUDA", "1") == "0":
         return False
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def set_cuda_arch_list(cuda):
+    """Give torch's CUDA build its target architectures when no GPU is visible.
+
+    Without TORCH_CUDA_ARCH_LIST, torch derives the -gencode flags from the visible GPUs, and
+    with a CUDA build of torch and none visible that detection fails. Then the build targets
+    DEFAULT_CUDA_ARCHS. A set TORCH_CUDA_ARCH_LIST, or a visible GPU, is left to torch.
+    Returns the list it set, or None.
+    """
+    if not cuda or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return DEFAULT_CUDA_ARCHS
 
 
 def sources(cuda):
