@@ -48,10 +48,11 @@ def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.in
 
 
 def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, confusion=True):
-    conf = torch.zeros(x.shape[1], x.shape[1], dtype=torch.int64, device=x.device) if confusion else None
-    out = T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
-                     need_pixel_loss, conf)
-    return out, conf
+    """((pixel_loss, class_loss, count, tp, bad), confusion or None) of the forward op."""
+    *out, conf = T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
+                            need_pixel_loss, True, confusion)
+    assert conf.shape == ((x.shape[1], x.shape[1]) if confusion else (0, 0))
+    return tuple(out), (conf if confusion else None)
 
 
 def check_forward(x, y, mode, gamma, tvals, ignore=-100):
@@ -325,7 +326,7 @@ def test_gradcheck(request, mode, chunked):
 
     def f(t):
         pl, cl, *_ = T.loss_fwd(t, y.reshape(-1), int(mode), GAMMA.get(mode, 0.0),
-                                tvals if mode in (2, 3) else None, -100, True, None)
+                                tvals if mode in (2, 3) else None, -100, True, False, False)
         return (pl * wp).sum() + (cl * wc).sum()
 
     assert torch.autograd.gradcheck(f, (x,))
@@ -343,9 +344,8 @@ def test_opcheck():
     x, y, tvals = make((2, 5, 3, 2), "nchw")
     y = y.reshape(-1)
     xg = x.clone().requires_grad_(True)
-    conf = torch.zeros(5, 5, dtype=torch.int64, device=DEV)
-    for args in [(xg, y, 0, 2.0, None, -100, True, conf), (xg, y, 3, 0.0, tvals, -100, False, None),
-                 (x, y, 4, 0.0, None, -100, False, conf)]:
+    for args in [(xg, y, 0, 2.0, None, -100, True, True, True), (xg, y, 3, 0.0, tvals, -100, False, False, False),
+                 (x, y, 4, 0.0, None, -100, False, True, True), (x, y, 4, 0.0, None, -100, False, False, True)]:
         torch.library.opcheck(T.loss_fwd, args, test_utils=_opcheck_utils())
     gp = torch.randn(y.numel(), dtype=torch.float64, device=DEV)
     gc = torch.randn(5, dtype=torch.float64, device=DEV)
@@ -358,18 +358,16 @@ def test_compile_fullgraph():
     x, y, _ = make((2, 5, 6, 4), "cl", dtype=torch.float32)
     y = y.reshape(-1)
 
-    def f(x, conf):
-        pl, cl, count, tp, bad = T.loss_fwd(x, y, 0, 2.0, None, -100, True, conf)
-        return pl.sum() + cl.sum(), count, tp
+    def f(x):
+        pl, cl, count, tp, bad, conf = T.loss_fwd(x, y, 0, 2.0, None, -100, True, True, True)
+        return pl.sum() + cl.sum(), count, tp, conf
 
-    conf_eager = torch.zeros(5, 5, dtype=torch.int64, device=DEV)
-    conf_compiled = conf_eager.clone()
     xe = x.clone().requires_grad_(True)
     xc = x.clone().requires_grad_(True)
-    le, ce, te = f(xe, conf_eager)
-    lc, cc, tc = torch.compile(f, fullgraph=True)(xc, conf_compiled)
+    le, ce, te, fe = f(xe)
+    lc, cc, tc, fc = torch.compile(f, fullgraph=True)(xc)
     le.backward()
     lc.backward()
     torch.testing.assert_close(lc, le)
     torch.testing.assert_close(xc.grad, xe.grad)
-    assert torch.equal(cc, ce) and torch.equal(tc, te) and torch.equal(conf_compiled, conf_eager)
+    assert torch.equal(cc, ce) and torch.equal(tc, te) and torch.equal(fc, fe)

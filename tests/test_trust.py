@@ -289,3 +289,35 @@ def test_more_than_2_31_elements_cuda():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     p_tail = torch.softmax(xf[:, :, -1000:], dim=1)
     torch.testing.assert_close(x.grad[0, 1, -1000:].float(), (p_tail[0, 1] - 1), **TOL[torch.bfloat16])
+
+
+# --- what autograd cannot do with a fused op: a clear error, never a wrong number ---------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", ["focal_loss", "sigmoid_focal_loss", "recall_loss", "mse_outlying_loss"])
+def test_double_backward_is_an_error(backend, name, reduction):
+    """The first derivative with create_graph=True is right; asking for the second raises (the
+    fused backward has no derivative) instead of returning one without the second-order term."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float64)
+    x, y = x.to(dev).requires_grad_(True), y.to(dev)
+    fn = ALL_LOSSES[name]
+    g, = torch.autograd.grad(fn(x, y, reduction=reduction, backend=backend).sum(), x, create_graph=True)
+    want, = torch.autograd.grad(fn(x, y, reduction=reduction, backend="reference").sum(), x)
+    torch.testing.assert_close(g.detach(), want, **TOL[torch.float64])
+    with pytest.raises(RuntimeError, match="second derivatives of the fused losses are not implemented"):
+        torch.autograd.grad((g * g).sum(), x)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev"])
+def test_torch_func_says_what_is_unsupported(backend, transform):
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float64)
+    x, y = x.to(dev), y.to(dev)
+    tf = getattr(torch.func, transform)
+    with pytest.raises(RuntimeError, match=f"torch.func transforms .* fused '{backend}' backend"):
+        tf(lambda t: FI.focal_loss(t, y, backend=backend))(x)
+    # what the message recommends works: the reference inside torch.func, autograd with the backend
+    got = tf(lambda t: FI.focal_loss(t, y, backend="reference"))(x)
+    want, = torch.autograd.grad(FI.focal_loss(x.requires_grad_(True), y, backend=backend), x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -2,8 +2,8 @@
 
 Implements the kernel contract of :mod:`fused_imbalance.ops` with the kernels of
 :mod:`.triton_kernels`. Both ops are ``torch.library.triton_op``s launching through
-``wrap_triton``, so ``torch.compile`` sees the kernels; autograd is the shared formula of
-:mod:`._autograd`.
+``wrap_triton`` (:func:`._triton_compat.wrap`), so ``torch.compile`` sees the kernels;
+autograd is the shared formula of :mod:`._autograd`.
 
 Tiling, chosen here from C and the strides (the kernels take any strides):
 
@@ -29,13 +29,13 @@ from typing import Optional
 
 import torch
 
-from . import Mode, pixel_view
+from . import Mode, fwd_fake, pixel_view
 from ._autograd import register_loss_autograd
 
 try:
     import triton
-    from torch.library import wrap_triton
 
+    from ._triton_compat import wrap
     from .triton_kernels import _class_sum_kernel, _loss_bwd_kernel, _loss_fwd_kernel
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -154,12 +154,12 @@ def _class_sums(target, pl, C):
     per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
     nseg = _cdiv(N, per_seg)
     part = pl.new_empty((nseg, C))
-    wrap_triton(_class_sum_kernel)[(_cdiv(C, block_k), nseg)](
+    wrap(_class_sum_kernel)[(_cdiv(C, block_k), nseg)](
         target, pl, part, N, C, per_seg, BLOCK_N=block_n, BLOCK_K=block_k)
     return part.sum(0)
 
 
-def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
+def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
     """The forward op's launcher (see the contract in :mod:`fused_imbalance.ops`)."""
     mode = Mode(mode)
     acc = _acc_dtype(x)
@@ -169,9 +169,10 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confu
     count = x.new_zeros(C, dtype=torch.int64)
     tp = x.new_zeros(C, dtype=torch.int64)
     bad = x.new_zeros((), dtype=torch.int64)
+    confusion = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
     if N == 0:
         pixel_loss = x.new_zeros(0, dtype=acc)
-        return pixel_loss, x.new_zeros(C, dtype=acc), count, tp, bad
+        return pixel_loss, x.new_zeros(C, dtype=acc), count, tp if need_tp else tp.new_empty(0), bad, confusion
 
     block_p, block_c, single, partials, num_warps = _plan(C, S, ss, acc == torch.float64)
     tiles_per_b = _cdiv(S, block_p)
@@ -180,10 +181,10 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confu
     store_pl = need_pixel_loss or (has_loss and not partials)
     pl = x.new_empty(N if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
     part = x.new_empty((programs, C) if partials else (1,), dtype=acc)
-    conf = 0 if confusion is None else (2 if partials and block_c <= 32 else 1)
-    wrap_triton(_loss_fwd_kernel)[(programs,)](
+    conf = 0 if not need_confusion else (2 if partials and block_c <= 32 else 1)
+    wrap(_loss_fwd_kernel)[(programs,)](
         x, target, tvals if tvals is not None else part, pl, part, count, tp, bad,
-        confusion if confusion is not None else count,
+        confusion if need_confusion else count,
         C, S, tiles_per_b, num_tiles, per_prog, sb, sc, ss, ignore_index, gamma,
         MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
         STORE_PL=store_pl, SINGLE=single, PARTIALS=partials, CONF=conf,
@@ -196,7 +197,7 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, confu
         class_loss = part.sum(0)
     else:
         class_loss = _class_sums(target, pl, C)
-    return pixel_loss, class_loss, count, tp, bad
+    return pixel_loss, class_loss, count, tp if need_tp else tp.new_empty(0), bad, confusion
 
 
 def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
@@ -212,7 +213,7 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
     num_tiles = B * tiles_per_b
     programs, per_prog = _programs(num_tiles, num_warps, x.device)
     dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-    wrap_triton(_loss_bwd_kernel)[(programs,)](
+    wrap(_loss_bwd_kernel)[(programs,)](
         x, target, dummy,
         grad_pixel if grad_pixel is not None else dummy,
         grad_class if grad_class is not None else dummy,
@@ -228,9 +229,8 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
 
 if triton is not None:
 
-    # The argument is named ``loss_mode``, not ``mode``: functionalizing an op with a mutable argument
-    # (under torch.compile) passes a keyword ``mode`` of its own.
-    @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args={"confusion"})
+    # The argument is named ``loss_mode``, not ``mode``, a keyword torch's dispatch machinery uses itself.
+    @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args=())
     def loss_fwd(
         x: torch.Tensor,
         target: torch.Tensor,
@@ -239,17 +239,14 @@ if triton is not None:
         tvals: Optional[torch.Tensor],
         ignore_index: int,
         need_pixel_loss: bool,
-        confusion: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, confusion)
+        need_tp: bool,
+        need_confusion: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion)
 
     @loss_fwd.register_fake
-    def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
-        acc = _acc_dtype(x)
-        C, N = x.shape[1], target.numel()
-        return (x.new_empty(N if need_pixel_loss else 0, dtype=acc), x.new_empty(C, dtype=acc),
-                x.new_empty(C, dtype=torch.int64), x.new_empty(C, dtype=torch.int64),
-                x.new_empty((), dtype=torch.int64))
+    def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
+        return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
 
     @torch.library.triton_op("fused_imbalance::triton_loss_bwd", mutates_args=())
     def loss_bwd(
