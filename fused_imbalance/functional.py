@@ -133,8 +133,8 @@ def _reduce(pixel, class_loss, count, w, target, ignore_index, reduction, mean_o
         C = class_loss.numel()
         y = target.reshape(-1).long()
         valid = (y != ignore_index) & (y >= 0) & (y < C)
-        wy = w.gather(0, y.clamp(0, C - 1))
-        return torch.where(valid, pixel * wy, torch.zeros_like(pixel)).view(target.shape)
+        wy = torch.where(valid, w.gather(0, y.clamp(0, C - 1)), torch.zeros_like(pixel))
+        return (pixel * wy).view(target.shape)  # pixel is 0 where not valid
     present = count > 0
     total = class_loss.sum() if w is None else torch.where(present, w * class_loss,
                                                              torch.zeros_like(class_loss)).sum()
