@@ -21,7 +21,21 @@ def with_cuda():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    return torch.version.cuda is not None and toolkit_complete(CUDA_HOME)
+
+
+def toolkit_complete(cuda_home):
+    """A CUDA toolkit the extension can be built and linked with: headers and libcudart.
+
+    torch takes the directory above the first nvcc on PATH as the toolkit; an nvcc linked into
+    /usr/local/bin makes that /usr/local, where neither is, and the link then fails
+    (-lcudart). Such a half toolkit builds the CPU part only (set CUDA_HOME to use it)."""
+    if not cuda_home:
+        return False
+    header = os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h"))
+    libs = [os.path.join(cuda_home, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    cudart = any(os.path.isdir(d) and any(f.startswith("libcudart") for f in os.listdir(d)) for d in libs)
+    return header and cudart
 
 
 def set_cuda_arch_list(cuda):

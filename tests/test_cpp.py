@@ -523,3 +523,19 @@ def test_cuda_arch_list_without_a_visible_gpu(monkeypatch):
     assert cfg.set_cuda_arch_list(True) == cfg.DEFAULT_CUDA_ARCHS == os.environ["TORCH_CUDA_ARCH_LIST"]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     assert cfg.set_cuda_arch_list(True) is None and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def test_half_cuda_toolkit_builds_the_cpu_part(tmp_path):
+    """An nvcc without the toolkit's headers and libcudart beside it (torch then takes /usr/local
+    for the toolkit) cannot link the CUDA kernel: the build leaves it out instead of failing."""
+    cfg = cpp._build_config()
+    assert not cfg.toolkit_complete(None) and not cfg.toolkit_complete(str(tmp_path))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    assert not cfg.toolkit_complete(str(tmp_path))
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert not cfg.toolkit_complete(str(tmp_path))
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so").write_text("")
+    assert cfg.toolkit_complete(str(tmp_path))

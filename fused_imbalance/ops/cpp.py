@@ -79,8 +79,11 @@ def _build_error_summary(e):
     text = (f"Building the fused_imbalance C++ extension from {_CSRC} failed "
             f"(CXX={os.environ.get('CXX', 'c++')!r}):\n" + "".join(traceback.format_exception(e)))
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    first = next((ln for ln in lines if "error" in ln.lower() and not ln.startswith("[")),
+    # the compiler's or linker's own message, not torch's "Error building extension ...: [1/7] c++ ..."
+    marks = ("error:", "error ", "cannot find", "no such file", "not found")
+    first = next((ln for ln in lines[1:] if any(m in ln.lower() for m in marks) and not ln.startswith("[")),
                  lines[0] if lines else type(e).__name__)
+    first = first if len(first) <= 300 else first[:297] + "..."
     try:
         import tempfile
         fd, log = tempfile.mkstemp(prefix="fused_imbalance_build_", suffix=".log")
