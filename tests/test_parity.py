@@ -84,8 +84,10 @@ def test_many_classes_rows(backend, C):
 def test_many_classes_float32_is_accurate(backend, name):
     """A float32 per-pixel loss over tens of thousands of classes stays within the float32
     tolerance of the float64 loss: the sum over classes must not lose digits as C grows."""
-    x, y = make_data((8, 40000), torch.float32, every=0)
     dev = backend_device(backend)
+    # Every row is an independent sum; the interpreter runs Triton at ~1 s per row here, so it gets 2.
+    rows = 2 if (backend == "triton" and dev == "cpu") else 8
+    x, y = make_data((rows, 40000), torch.float32, every=0)
     x, y = x.to(dev), y.to(dev)
     loss, grad = loss_and_grad(ALL_LOSSES[name], x, y, backend, "none")
     exact, exact_grad = loss_and_grad(ALL_LOSSES[name], x.double(), y, "reference", "none")
