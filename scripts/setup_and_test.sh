@@ -27,6 +27,8 @@ python -m pip install --quiet "${TRITON_SPEC:-triton}" "${SETUPTOOLS_SPEC:-setup
 if python -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 8))"; then
   python -m pip install --quiet "numpy<2.4"
 fi
+# For tests/test_examples.py, which runs the examples on a tiny budget (the `examples` extra).
+python -m pip install --quiet scikit-learn tqdm matplotlib
 # Builds the C++ extension (csrc/) against the torch installed above.
 python -m pip install --quiet --no-build-isolation -e .
 python -c "import torch, triton, numpy, setuptools; print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__, '| setuptools', setuptools.__version__, '| cuda', torch.cuda.is_available())"
