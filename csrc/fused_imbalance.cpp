@@ -21,22 +21,21 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_imbalance, m) {
-  // The fused loss ops of fused_imbalance/ops/__init__.py. The argument called `mode` there
-  // is `loss_mode` here: torch.compile functionalizes the mutable forward by calling it with
-  // keyword arguments through a handler whose own first parameter is named `mode`
-  // (torch._ops redirect_to_mode), and an op argument of that name collides with it.
+  // The fused loss ops of fused_imbalance/ops/__init__.py. They mutate no argument (the
+  // confusion counts are an output), so autograd registers through the public
+  // torch.library.register_autograd.
   m.def(
       "cpp_loss_fwd(Tensor x, Tensor target, int loss_mode, float gamma, Tensor? tvals, "
-      "int ignore_index, bool need_pixel_loss, Tensor(a!)? confusion) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int ignore_index, bool need_pixel_loss, bool need_tp, bool need_confusion) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
       "int loss_mode, float gamma, Tensor? tvals, int ignore_index) -> Tensor");
-  // Per-class statistics alone (count, tp, bad; confusion added in place): the argmax pass
-  // of a metric, on CPU and, when built with CUDA, on the GPU.
+  // Per-class statistics alone (count, tp, bad and, when asked, this pass's (C, C) confusion
+  // counts): the argmax pass of a metric, on CPU and, when built with CUDA, on the GPU.
   m.def(
-      "cpp_class_stats(Tensor x, Tensor target, int ignore_index, Tensor(a!)? confusion) "
-      "-> (Tensor, Tensor, Tensor)");
+      "cpp_class_stats(Tensor x, Tensor target, int ignore_index, bool need_confusion) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });

@@ -84,20 +84,21 @@ def _check_labels(bad, target, C, ignore_index):
         raise bad_label_error(target, C, ignore_index)
 
 
-def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate):
-    """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp)."""
+def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate, need_tp=False):
+    """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp or None).
+
+    The pass returns its confusion counts; they are added into ``confusion`` only once the labels
+    are known good, so an update that raises leaves the caller's matrix as it was.
+    """
     x = logits if collapsible(logits) else logits.contiguous()
     y = target.reshape(-1).contiguous()
-    # With validation the pass counts into a fresh matrix, added to the caller's only once the labels
-    # are known good: an update that raises must leave ``confusion`` as it was.
-    counts = torch.zeros_like(confusion) if (validate and confusion is not None) else confusion
-    pixel, class_loss, count, tp, bad = _loaded[name].loss_fwd(
-        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", counts)
+    pixel, class_loss, count, tp, bad, counts = _loaded[name].loss_fwd(
+        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", need_tp, confusion is not None)
     if validate:
         _check_labels(bad, target, logits.shape[1], ignore_index)
-        if confusion is not None:
-            confusion.add_(counts)
-    return (pixel if reduction == "none" else None), class_loss, count, tp
+    if confusion is not None:
+        confusion.add_(counts)
+    return (pixel if reduction == "none" else None), class_loss, count, (tp if need_tp else None)
 
 
 def _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights):
@@ -121,7 +122,7 @@ def _loss(name, logits, target, mode, gamma, weight, ignore_index, reduction, co
           mean_over_weights, tvals=None, weight_from_stats=None):
     """The common path of every fused loss. ``weight_from_stats(count, tp)`` gives dynamic weights."""
     pixel, class_loss, count, tp = _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction,
-                                          confusion, validate)
+                                          confusion, validate, need_tp=weight_from_stats is not None)
     w = weight if weight_from_stats is None else weight_from_stats(count, tp).to(class_loss.dtype)
     return _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights)
 
@@ -216,17 +217,15 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     name = resolve_backend(backend, logits)
     if name == "reference":
         return _ref.recall_loss(logits, target, ignore_index, reduction, recall, confusion, validate)
+    w, weight_from_stats = None, None
     if recall is None:
         weight_from_stats = _ref.recall_weights
     elif callable(recall):
         def weight_from_stats(count, tp):
             return 1.0 - check_class_vector(recall(count, tp), "recall", logits)
     else:
-        w = 1.0 - check_class_vector(recall, "recall", logits)
-
-        def weight_from_stats(count, tp):
-            return w
-    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, None, ignore_index, reduction, confusion,
+        w = 1.0 - check_class_vector(recall, "recall", logits)  # fixed weights: the pass needs no argmax
+    return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, w, ignore_index, reduction, confusion,
                  validate, False, weight_from_stats=weight_from_stats)
 
 
@@ -288,5 +287,5 @@ def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=Tru
         return _ref.class_stats(logits, target, ignore_index, validate)
     with torch.no_grad():
         _, _, count, tp = _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum",
-                                 None, validate)
+                                 None, validate, need_tp=True)
     return count, tp

@@ -63,9 +63,9 @@ def acc_dtype(x):
 def check_fwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, confusion=True):
     C = x.shape[1]
     tv = tvals.to(acc_dtype(x)) if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
-    conf = torch.full((C, C), 5, dtype=torch.int64) if confusion else None
     target = y.reshape(-1)
-    pixel, class_loss, count, tp, bad = cpp.loss_fwd(x, target, int(mode), gamma, tv, ignore_index, True, conf)
+    pixel, class_loss, count, tp, bad, conf = cpp.loss_fwd(x, target, int(mode), gamma, tv, ignore_index, True, True,
+                                                           confusion)
     want = contract.forward(x.double(), target, mode, gamma, tvals, ignore_index)
     assert pixel.dtype == class_loss.dtype == acc_dtype(x)
     assert pixel.shape == (target.numel(),) and class_loss.shape == (C,)
@@ -75,7 +75,9 @@ def check_fwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, confusion=Tr
                                rtol=tol["rtol"])
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and bad.item() == want[4].item()
     if confusion:
-        assert torch.equal(conf, want[5] + 5)
+        assert torch.equal(conf, want[5])
+    else:
+        assert conf.shape == (0, 0)
     return pixel, class_loss
 
 
@@ -172,8 +174,7 @@ def test_ties_and_nan_argmax_like_torch():
     x[1, 4, 2, 2] = x[1, 0, 2, 2] = float("nan")
     y[0, 1, 1] = 2
     y[1, 2, 2] = 0
-    conf = torch.zeros(5, 5, dtype=torch.int64)
-    count, tp, bad = cpp.class_stats(x, y.reshape(-1), -100, conf)
+    count, tp, bad, conf = cpp.class_stats(x, y.reshape(-1), -100, True)
     want = contract.forward(x.double(), y, Mode.STATS, 0.0, None, -100)
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and torch.equal(conf, want[5])
 
@@ -183,7 +184,7 @@ def test_bad_labels_are_counted_and_ignored():
     y[0, 0, :3] = torch.tensor([4, -3, 100])
     pixel, *_ = check_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
     assert (pixel.view(2, 5, 6)[0, 0, :3] == 0).all()
-    _, _, _, _, bad = cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, None)
+    _, _, _, _, bad, _ = cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, False, False)
     assert bad.item() == 3
     grad = check_bwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
     assert (grad[0, :, 0, :3] == 0).all()
@@ -192,10 +193,10 @@ def test_bad_labels_are_counted_and_ignored():
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 5), (0, 3)])
 def test_zero_pixels(shape):
     x, y, tvals = make(shape)
-    conf = torch.zeros(shape[1], shape[1], dtype=torch.int64)
-    pixel, class_loss, count, tp, bad = cpp.loss_fwd(x, y.reshape(-1), 0, 2.0, None, -100, True, conf)
+    pixel, class_loss, count, tp, bad, conf = cpp.loss_fwd(x, y.reshape(-1), 0, 2.0, None, -100, True, True, True)
     assert pixel.shape == (0,) and (class_loss == 0).all() and (count == 0).all() and bad.item() == 0
-    assert (conf == 0).all()
+    assert tp.shape == (shape[1],) and (tp == 0).all()
+    assert conf.shape == (shape[1], shape[1]) and (conf == 0).all()
     assert cpp.loss_bwd(x, y.reshape(-1), None, torch.ones(shape[1]), 0, 2.0, None, -100).shape == x.shape
 
 
@@ -215,22 +216,15 @@ def test_all_ignored_and_absent_class():
 def test_need_pixel_loss_false_and_strided_grads():
     x, y, tvals = make((2, 5, 6, 6))
     target = y.reshape(-1)
-    pixel, class_loss, *_ = cpp.loss_fwd(x, target, 0, 2.0, None, -100, False, None)
-    assert pixel.shape == (0,)
-    full = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, None)
-    assert torch.equal(class_loss, full[1])
+    pixel, class_loss, count, tp, _, conf = cpp.loss_fwd(x, target, 0, 2.0, None, -100, False, False, False)
+    assert pixel.shape == (0,) and tp.shape == (0,) and conf.shape == (0, 0)
+    full = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, True, True)
+    assert torch.equal(class_loss, full[1]) and torch.equal(count, full[2])
     gp = torch.tensor(0.5).expand(target.numel())  # a stride-0 gradient, as from .sum()
     grad = cpp.loss_bwd(x, target, gp, None, 0, 2.0, None, -100)
     torch.testing.assert_close(grad.double(),
                                contract.grad(x.double(), target, gp, None, 0, 2.0, None, -100),
                                **TOL[torch.float32])
-
-
-def test_non_contiguous_confusion():
-    x, y, _ = make((2, 6, 5, 5))
-    conf = torch.zeros(6, 6, dtype=torch.int64).t()
-    cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, conf)
-    assert torch.equal(conf, contract.forward(x.double(), y, Mode.STATS, 0.0, None, -100)[5])
 
 
 def test_focal_numerics_at_certainty():
@@ -239,7 +233,7 @@ def test_focal_numerics_at_certainty():
     x = torch.tensor([[200.0, 0.0, -50.0], [0.0, 300.0, 1.0], [-100.0, 100.0, 0.0]])
     y = torch.tensor([0, 1, 1])
     for gamma in (0.0, 0.25, 0.5, 1.0, 2.0, 3.5):
-        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, None)
+        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, False, False)
         assert (pixel == 0).all()
         grad = cpp.loss_bwd(x, y, torch.ones(3), None, 0, gamma, None, -100)
         assert torch.isfinite(grad).all()
@@ -247,7 +241,7 @@ def test_focal_numerics_at_certainty():
                                    contract.grad(x.double(), y, torch.ones(3), None, 0, gamma, None, -100),
                                    **TOL[torch.float32])
     for gamma in (0.0, 0.5, 2.0):
-        pixel, *_ = cpp.loss_fwd(x, y, 1, gamma, None, -100, True, None)
+        pixel, *_ = cpp.loss_fwd(x, y, 1, gamma, None, -100, True, False, False)
         grad = cpp.loss_bwd(x, y, torch.ones(3), None, 1, gamma, None, -100)
         assert torch.isfinite(pixel).all() and torch.isfinite(grad).all()
         torch.testing.assert_close(pixel.double(), contract.forward(x.double(), y, 1, gamma, None, -100)[0],
@@ -259,7 +253,7 @@ def test_tiny_probability_focal():
     x = torch.tensor([[-80.0, 80.0, 0.0], [-200.0, 0.0, 0.0]])
     y = torch.tensor([0, 0])
     for gamma in (0.5, 2.0):
-        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, None)
+        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, False, False)
         torch.testing.assert_close(pixel.double(), contract.forward(x.double(), y, 0, gamma, None, -100)[0],
                                    **TOL[torch.float32])
 
@@ -271,24 +265,24 @@ def test_gradcheck_float64(mode, gamma):
     tv = tvals if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda t: cpp.loss_fwd(t, target, int(mode), gamma, tv, -100, True, None)[:2], (x,))
+        lambda t: cpp.loss_fwd(t, target, int(mode), gamma, tv, -100, True, False, False)[:2], (x,))
 
 
 # --- torch.library and torch.compile -------------------------------------------------------------
 
-@pytest.mark.parametrize("need_pixel_loss, with_confusion", [(True, True), (False, False)])
-def test_opcheck(need_pixel_loss, with_confusion):
+@pytest.mark.parametrize("need_pixel_loss, need_tp, with_confusion", [(True, True, True), (False, False, False),
+                                                                     (False, True, False)])
+def test_opcheck(need_pixel_loss, need_tp, with_confusion):
     x, y, tvals = make((2, 4, 3, 5), torch.float64)
     target = y.reshape(-1)
     x.requires_grad_(True)
-    conf = torch.zeros(4, 4, dtype=torch.int64) if with_confusion else None
-    torch.library.opcheck(cpp.loss_fwd, (x, target, 0, 1.5, None, -100, need_pixel_loss, conf))
-    torch.library.opcheck(cpp.loss_fwd, (x, target, 3, 0.0, tvals, -100, need_pixel_loss, conf))
+    torch.library.opcheck(cpp.loss_fwd, (x, target, 0, 1.5, None, -100, need_pixel_loss, need_tp, with_confusion))
+    torch.library.opcheck(cpp.loss_fwd, (x, target, 3, 0.0, tvals, -100, need_pixel_loss, need_tp, with_confusion))
     gp = torch.randn(target.numel(), dtype=torch.float64)
     torch.library.opcheck(cpp.loss_bwd, (x.detach(), target, gp, None, 1, 2.0, None, -100))
     torch.library.opcheck(cpp.loss_bwd, (x.detach(), target, None, torch.ones(4, dtype=torch.float64), 2, 0.0,
                                          tvals, -100))
-    torch.library.opcheck(cpp.class_stats, (x.detach(), target, -100, conf))
+    torch.library.opcheck(cpp.class_stats, (x.detach(), target, -100, with_confusion))
 
 
 def test_compile_training_step():
@@ -333,7 +327,7 @@ DET_SCRIPT = textwrap.dedent("""
         for name, xx in [("nchw", x), ("cl", x.contiguous(memory_format=torch.channels_last)),
                          ("f64", x.double())]:
             tt = t.to(xx.dtype) if t is not None and xx.dtype == torch.float64 else t
-            f = cpp.loss_fwd(xx, y, mode, gamma, tt, -100, True, None)
+            f = cpp.loss_fwd(xx, y, mode, gamma, tt, -100, True, False, False)
             b = cpp.loss_bwd(xx, y, f[0] * 0 + 0.25, gc.to(f[1].dtype), mode, gamma, tt, -100)
             out[(mode, gamma, name)] = (f[0], f[1], f[2], f[3], b)
     torch.save(out, sys.argv[1])
@@ -364,7 +358,7 @@ def test_bit_identical_across_runs_and_thread_counts():
     try:
         for threads in (prev, 1, prev, 3):
             torch.set_num_threads(threads)
-            f = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, None)
+            f = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, False, False)
             g = cpp.loss_bwd(x, target, None, torch.ones(19), 0, 2.0, None, -100)
             outs.append(f[:4] + (g,))
     finally:
@@ -408,7 +402,7 @@ def test_import_order_with_python_ops_in_the_namespace(first):
             return x + 1
         assert cpp.available()
         x = torch.randn(3, 4)
-        out = cpp.loss_fwd(x, torch.tensor([0, 1, 3]), 0, 0.0, None, -100, True, None)
+        out = cpp.loss_fwd(x, torch.tensor([0, 1, 3]), 0, 0.0, None, -100, True, False, False)
         assert torch.allclose(out[0], torch.nn.functional.cross_entropy(x, torch.tensor([0, 1, 3]),
                                                                         reduction="none"))
         assert torch.equal(torch.ops.fused_imbalance._test_py_op(x), x + 1)
@@ -456,10 +450,8 @@ def test_cuda_class_stats(C, lay, dtype):
         x = x.contiguous(memory_format=torch.channels_last)
     target = y.reshape(-1)
     target[5] = 200  # a bad label
-    conf = torch.zeros(C, C, dtype=torch.int64)
-    want = cpp.class_stats(x, target, 255, conf)
-    conf_cuda = torch.zeros(C, C, dtype=torch.int64, device="cuda")
-    got = cpp.class_stats(x.cuda(), target.cuda(), 255, conf_cuda)
-    for u, v in zip(got, want):
-        assert torch.equal(u.cpu(), v)
-    assert torch.equal(conf_cuda.cpu(), conf)
+    for need_confusion in (True, False):
+        want = cpp.class_stats(x, target, 255, need_confusion)
+        got = cpp.class_stats(x.cuda(), target.cuda(), 255, need_confusion)
+        for u, v in zip(got, want):
+            assert u.is_cuda and torch.equal(u.cpu(), v)

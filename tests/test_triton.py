@@ -352,7 +352,7 @@ def test_opcheck():
     y = y.reshape(-1)
     xg = x.clone().requires_grad_(True)
     for args in [(xg, y, 0, 2.0, None, -100, True, True, True), (xg, y, 3, 0.0, tvals, -100, False, False, False),
-                 (x, y, 4, 0.0, None, -100, False, False, True)]:
+                 (x, y, 4, 0.0, None, -100, False, True, True), (x, y, 4, 0.0, None, -100, False, False, True)]:
         torch.library.opcheck(T.loss_fwd, args, test_utils=_opcheck_utils())
     gp = torch.randn(y.numel(), dtype=torch.float64, device=DEV)
     gc = torch.randn(5, dtype=torch.float64, device=DEV)

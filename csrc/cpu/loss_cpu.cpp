@@ -410,46 +410,41 @@ Tensor mse_tvals(int64_t mode, const std::optional<Tensor>& tvals, const Tensor&
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_loss_fwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_loss_fwd_cpu(
     const Tensor& x_in, const Tensor& target_in, int64_t mode, double gamma,
     const std::optional<Tensor>& tvals_in, int64_t ignore_index, bool need_pixel_loss,
-    const std::optional<Tensor>& confusion) {
+    bool need_tp, bool need_confusion) {
   const Tensor x = check_inputs(x_in, target_in, mode, gamma);
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
   const PixelView v = pixel_view(x);
   const int64_t N = v.B * v.S, C = v.C;
   const auto acc = acc_dtype(x);
+  const auto i64 = x.options().dtype(at::kLong);
   Tensor pixel_loss = at::empty({need_pixel_loss ? N : 0}, x.options().dtype(acc));
   Tensor class_loss = at::zeros({C}, x.options().dtype(acc));
-  Tensor count = at::zeros({C}, x.options().dtype(at::kLong));
-  Tensor tp = at::zeros({C}, x.options().dtype(at::kLong));
-  Tensor bad = at::zeros({}, x.options().dtype(at::kLong));
-  if (N == 0) return {pixel_loss, class_loss, count, tp, bad};
-
-  Tensor conf;
-  if (confusion.has_value()) {
-    TORCH_CHECK(confusion->scalar_type() == at::kLong && confusion->dim() == 2 &&
-                    confusion->size(0) == C && confusion->size(1) == C &&
-                    confusion->device().is_cpu(),
-                "fused_imbalance: confusion must be a (C, C) int64 CPU tensor");
-    conf = confusion->is_contiguous() ? *confusion : at::zeros({C, C}, confusion->options());
-  }
-  FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(),
-             count.data_ptr<int64_t>(), tp.data_ptr<int64_t>(), bad.data_ptr<int64_t>(),
-             conf.defined() ? conf.data_ptr<int64_t>() : nullptr};
-  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
-    using X = typename decltype(xt)::type;
-    using T = typename decltype(tt)::type;
-    dispatch_labels(target.scalar_type(), [&](auto lt) {
-      using L = typename decltype(lt)::type;
-      loss_fwd_kernel<X, T, L>(x, v, target.data_ptr<L>(), mode, gamma,
-                               tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index,
-                               out);
+  Tensor count = at::zeros({C}, i64);
+  // The true positives come with the per-class banks at no extra cost; the empty (0,) output
+  // when they were not asked for keeps the op's contract the same on every backend.
+  Tensor tp = at::zeros({C}, i64);
+  Tensor bad = at::zeros({}, i64);
+  Tensor conf = need_confusion ? at::zeros({C, C}, i64) : at::empty({0, 0}, i64);
+  if (N > 0) {
+    FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(),
+               count.data_ptr<int64_t>(), tp.data_ptr<int64_t>(), bad.data_ptr<int64_t>(),
+               need_confusion ? conf.data_ptr<int64_t>() : nullptr};
+    dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+      using X = typename decltype(xt)::type;
+      using T = typename decltype(tt)::type;
+      dispatch_labels(target.scalar_type(), [&](auto lt) {
+        using L = typename decltype(lt)::type;
+        loss_fwd_kernel<X, T, L>(x, v, target.data_ptr<L>(), mode, gamma,
+                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index,
+                                 out);
+      });
     });
-  });
-  if (conf.defined() && !conf.is_same(*confusion)) confusion->add_(conf);
-  return {pixel_loss, class_loss, count, tp, bad};
+  }
+  return {pixel_loss, class_loss, count, need_tp ? tp : at::empty({0}, i64), bad, conf};
 }
 
 Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in,
@@ -492,11 +487,13 @@ Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in,
   return grad;
 }
 
-std::tuple<Tensor, Tensor, Tensor> cpp_class_stats_cpu(const Tensor& x, const Tensor& target,
-                                                       int64_t ignore_index,
-                                                       const std::optional<Tensor>& confusion) {
-  auto r = cpp_loss_fwd_cpu(x, target, kStats, 0.0, std::nullopt, ignore_index, false, confusion);
-  return {std::get<2>(r), std::get<3>(r), std::get<4>(r)};
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_class_stats_cpu(const Tensor& x,
+                                                               const Tensor& target,
+                                                               int64_t ignore_index,
+                                                               bool need_confusion) {
+  auto r = cpp_loss_fwd_cpu(x, target, kStats, 0.0, std::nullopt, ignore_index, false, true,
+                            need_confusion);
+  return {std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
 }
 
 TORCH_LIBRARY_IMPL(fused_imbalance, CPU, m) {

@@ -111,9 +111,10 @@ __global__ void class_stats_kernel(
       if (s_conf[i] != 0) atomicAdd(confusion + i, static_cast<unsigned long long>(s_conf[i]));
 }
 
-std::tuple<Tensor, Tensor, Tensor> class_stats_cuda(const Tensor& x_in, const Tensor& target_in,
-                                                    int64_t ignore_index,
-                                                    const std::optional<Tensor>& confusion) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> class_stats_cuda(const Tensor& x_in,
+                                                            const Tensor& target_in,
+                                                            int64_t ignore_index,
+                                                            bool need_confusion) {
   TORCH_CHECK(x_in.is_cuda() && target_in.device() == x_in.device(),
               "fused_imbalance: logits and target must be on the same CUDA device");
   TORCH_CHECK(x_in.dim() >= 2 && x_in.size(1) >= 1,
@@ -127,20 +128,13 @@ std::tuple<Tensor, Tensor, Tensor> class_stats_cuda(const Tensor& x_in, const Te
               N, " pixels");
   const auto opts = x.options().dtype(at::kLong);
   Tensor count = at::zeros({C}, opts), tp = at::zeros({C}, opts), bad = at::zeros({}, opts);
-  if (N == 0) return {count, tp, bad};
+  Tensor conf = need_confusion ? at::zeros({C, C}, opts) : at::empty({0, 0}, opts);
+  if (N == 0) return {count, tp, bad, conf};
 
-  Tensor conf;
-  if (confusion.has_value()) {
-    TORCH_CHECK(confusion->scalar_type() == at::kLong && confusion->dim() == 2 &&
-                    confusion->size(0) == C && confusion->size(1) == C &&
-                    confusion->device() == x.device(),
-                "fused_imbalance: confusion must be a (C, C) int64 tensor on the logits' device");
-    conf = confusion->is_contiguous() ? *confusion : at::zeros({C, C}, opts);
-  }
   const int64_t stats_bytes = (2 * C + 1) * int64_t(sizeof(unsigned int));
   const int64_t conf_bytes = C * C * int64_t(sizeof(unsigned int));
   const bool shared_stats = stats_bytes <= kSharedBytes;
-  const bool shared_confusion = conf.defined() && shared_stats && stats_bytes + conf_bytes <= kSharedBytes;
+  const bool shared_confusion = need_confusion && shared_stats && stats_bytes + conf_bytes <= kSharedBytes;
   const size_t smem = shared_stats ? stats_bytes + (shared_confusion ? conf_bytes : 0) : 0;
 
   // Enough blocks to fill the GPU, and enough that a block's 32-bit shared counters cannot
@@ -160,12 +154,11 @@ std::tuple<Tensor, Tensor, Tensor> class_stats_cuda(const Tensor& x_in, const Te
       class_stats_kernel<X, L><<<blocks, kThreads, smem, stream>>>(
           x.data_ptr<X>(), v, target.data_ptr<L>(), ignore_index, N, shared_stats,
           shared_confusion, ull(count), ull(tp), ull(bad),
-          conf.defined() ? ull(conf) : nullptr);
+          need_confusion ? ull(conf) : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (conf.defined() && !conf.is_same(*confusion)) confusion->add_(conf);
-  return {count, tp, bad};
+  return {count, tp, bad, conf};
 }
 
 }  // namespace

@@ -5,19 +5,20 @@ per-class weights and a reduction. The weights and the reduction only need small
 vectors, so each backend implements exactly two ops over the logits:
 
 forward  ``{backend}_loss_fwd(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
-confusion) -> (pixel_loss, class_loss, count, tp, bad)``
+need_tp, need_confusion) -> (pixel_loss, class_loss, count, tp, bad, confusion)``
 
     x            logits, (N, C) or (B, C, d1, ..., dk), any float dtype, strides as described
                  by :func:`pixel_view` (contiguous NCHW, channels_last, (N, C) rows).
     target       (N_pixels,) contiguous labels, uint8/int16/int32/int64, pixel n = b * S + s.
-    loss_mode    a :class:`Mode` value (not named ``mode``, which functionalization under
-                 torch.compile uses for a keyword of its own).
+    loss_mode    a :class:`Mode` value (not named ``mode``, which torch's dispatch machinery
+                 uses for a keyword of its own).
     gamma        focal exponent (ignored by the MSE modes).
     tvals        (C,) target values of the MSE modes (the outlying labels), accumulation dtype;
                  None for the other modes.
-    need_pixel_loss  write ``pixel_loss``; otherwise it is an empty tensor.
-    confusion    optional (C, C) int64; the argmax confusion counts (row = label, column =
-                 argmax, first index on ties) are *added* into it in place.
+    need_pixel_loss  return ``pixel_loss``; otherwise it is an empty (0,) tensor.
+    need_tp      return ``tp``; otherwise it is an empty (0,) tensor. With ``need_confusion``
+                 false as well, a backend need not compute the argmax at all.
+    need_confusion   return ``confusion``; otherwise it is an empty (0, 0) tensor.
 
     pixel_loss   (N,) unweighted ℓ_n in the accumulation dtype, 0 at ignored or bad pixels.
     class_loss   (C,) S_c = Σ ℓ_n over valid pixels of class c, reduced in a fixed order
@@ -26,6 +27,11 @@ confusion) -> (pixel_loss, class_loss, count, tp, bad)``
     tp           (C,) int64 pixels of class c whose argmax is c.
     bad          () int64 number of labels outside [0, C) that are not ``ignore_index``;
                  those pixels count as ignored everywhere else.
+    confusion    (C, C) int64 counts of this pass, row = label, column = argmax (first index
+                 on ties, NaN the maximum, as ``torch.argmax``).
+
+    No argument is mutated: the caller adds ``confusion`` into a matrix of its own (after the
+    label check), so autograd registers through the public ``torch.library.register_autograd``.
 
 backward ``{backend}_loss_bwd(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals,
 ignore_index) -> grad``
@@ -39,6 +45,8 @@ ignore_index) -> grad``
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
 """
 import enum
+
+import torch
 
 
 class Mode(enum.IntEnum):
@@ -81,3 +89,13 @@ def collapsible(x):
         if s0 != s1 * d1:
             return False
     return True
+
+
+def fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion):
+    """Empty outputs of a forward op with the contract's shapes and dtypes (the ops' fake kernels)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    C, N = x.shape[1], target.numel()
+    i64 = torch.int64
+    return (x.new_empty(N if need_pixel_loss else 0, dtype=acc), x.new_empty(C, dtype=acc),
+            x.new_empty(C, dtype=i64), x.new_empty(C if need_tp else 0, dtype=i64), x.new_empty((), dtype=i64),
+            x.new_empty((C, C) if need_confusion else (0, 0), dtype=i64))

@@ -7,7 +7,7 @@ torch extensions directory). When neither works, :func:`available` is False, one
 why, and ``backend="auto"`` uses the reference instead.
 
 ``loss_fwd`` / ``loss_bwd`` follow the contract of :mod:`fused_imbalance.ops`; ``class_stats``
-is ``(x, target, ignore_index, confusion) -> (count, tp, bad)`` on CPU and, when the CUDA
+is ``(x, target, ignore_index, need_confusion) -> (count, tp, bad, confusion)`` on CPU and, when the CUDA
 kernels were built, CUDA tensors. :func:`cpu_isa` names the instruction-set copy of the CPU
 kernels in use (``FUSED_IMBALANCE_CPU_ISA=base|avx2`` lowers the choice).
 """
@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from . import fwd_fake
 from ._autograd import register_loss_autograd
 
 __all__ = ["available", "supports", "cpu_isa", "loss_fwd", "loss_bwd", "class_stats"]
@@ -63,24 +64,17 @@ def _register():
                      class_stats=ops.cpp_class_stats.default)
 
     @torch.library.register_fake("fused_imbalance::cpp_loss_fwd")
-    def _(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, confusion):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        C = x.shape[1]
-        return (x.new_empty((target.numel() if need_pixel_loss else 0,), dtype=acc),
-                x.new_empty((C,), dtype=acc),
-                x.new_empty((C,), dtype=torch.int64),
-                x.new_empty((C,), dtype=torch.int64),
-                x.new_empty((), dtype=torch.int64))
+    def _(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
+        return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
 
     @torch.library.register_fake("fused_imbalance::cpp_loss_bwd")
     def _(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index):
         return torch.empty_like(x)
 
     @torch.library.register_fake("fused_imbalance::cpp_class_stats")
-    def _(x, target, ignore_index, confusion):
-        C = x.shape[1]
-        return (x.new_empty((C,), dtype=torch.int64), x.new_empty((C,), dtype=torch.int64),
-                x.new_empty((), dtype=torch.int64))
+    def _(x, target, ignore_index, need_confusion):
+        _, _, count, tp, bad, confusion = fwd_fake(x, target, False, True, need_confusion)
+        return count, tp, bad, confusion
 
     register_loss_autograd("fused_imbalance::cpp_loss_fwd", loss_bwd)
 

@@ -33,16 +33,13 @@ from typing import Optional
 
 import torch
 
-from . import Mode, pixel_view
+from . import Mode, fwd_fake, pixel_view
 from ._autograd import register_loss_autograd
 
 try:
     import triton
 
-    try:
-        from ._triton_compat import wrap
-    except ImportError:
-        from torch.library import wrap_triton as wrap
+    from ._triton_compat import wrap
     from .triton_kernels import (_bwd_chunked_kernel, _bwd_static_kernel, _class_sum_kernel,
                                  _fwd_chunked_kernel, _fwd_static_kernel)
 except ImportError:  # the package works without triton; this backend is then unavailable
@@ -333,8 +330,7 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
 
 if triton is not None:
 
-    # The argument is named ``loss_mode``, not ``mode`` (functionalization under torch.compile
-    # passes a keyword ``mode`` of its own).
+    # The argument is named ``loss_mode``, not ``mode``, a keyword torch's dispatch machinery uses itself.
     @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args=())
     def loss_fwd(
         x: torch.Tensor,
@@ -353,12 +349,7 @@ if triton is not None:
     @loss_fwd.register_fake
     def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
                        need_confusion):
-        acc = _acc_dtype(x)
-        C, N = x.shape[1], target.numel()
-        return (x.new_empty(N if need_pixel_loss else 0, dtype=acc), x.new_empty(C, dtype=acc),
-                x.new_empty(C, dtype=torch.int64), x.new_empty(C if need_tp else 0, dtype=torch.int64),
-                x.new_empty((), dtype=torch.int64),
-                x.new_empty((C, C) if need_confusion else (0, 0), dtype=torch.int64))
+        return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
 
     @torch.library.triton_op("fused_imbalance::triton_loss_bwd", mutates_args=())
     def loss_bwd(
