@@ -93,6 +93,14 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(T, "_STRIDED_TILE", (4, 4))
 
 
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Shrink the launcher's limits so that tiny inputs take the static kernels' loop over class
+    groups (groups of 4 classes and an unrolled tail)."""
+    monkeypatch.setattr(T, "_UNROLL_C", 4)
+    monkeypatch.setattr(T, "_LOOP_GROUP", 4)
+
+
 # --- each kernel path, every mode, float64 -------------------------------------------------
 
 PATHS = {  # (shape, layout): the kernel and tiling it exercises
@@ -121,6 +129,35 @@ def test_paths(path, mode):
         check_backward(x, y, mode, gamma, tvals)
 
 
+@pytest.mark.parametrize("need_tp, need_confusion", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("path", ["nchw", "nchw_c150", "channels_last_c300"])
+def test_statistics_flags(path, need_tp, need_confusion):
+    """need_tp / need_confusion: the argmax and its counts only where asked for; the rest unchanged."""
+    shape, layout = PATHS[path]
+    x, y, tvals = make(shape, layout, dtype=torch.float32)
+    for mode in (Mode.SOFTMAX_FOCAL, Mode.STATS):
+        check_forward(x, y, mode, 2.0, tvals, need_tp=need_tp, need_confusion=need_confusion)
+
+
+@pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
+def test_confusion_in_the_global_matrix(monkeypatch, path):
+    """Confusion counts added straight into the (C, C) int64 matrix (per-program matrices too big)."""
+    monkeypatch.setattr(T, "_CONF_ROWS_BYTES", 0)
+    shape, layout = PATHS[path]
+    x, y, tvals = make(shape, layout, dtype=torch.float32)
+    check_forward(x, y, Mode.STATS, 0.0, tvals)
+
+
+@pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX])
+@pytest.mark.parametrize("shape, layout", [((2, 11, 3, 4), "nchw"), ((2, 11, 3, 4), "cl"), ((7, 12), "rows")],
+                         ids=["nchw", "channels_last", "rows"])
+def test_small_groups(small_groups, shape, layout, mode):
+    """The static kernels' loop over groups of 4 classes, with an unrolled tail of 3 (none for 12)."""
+    x, y, tvals = make(shape, layout)
+    check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+    check_backward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+
+
 @pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_SOFTMAX])
 @pytest.mark.parametrize("shape", [(6, 11), (2, 11, 3, 4)], ids=["rows", "nchw"])
 def test_small_chunks(small_chunks, shape, mode):
@@ -146,7 +183,7 @@ def test_multiple_programs_and_tiles():
     """Enough pixels for several tiles per program and several programs (per-program partial rows)."""
     x, y, tvals = make((1, 19, 97, 131), "nchw", dtype=torch.float32)
     B, C, S, *_ = pixel_view(x)
-    rows, vec, _ = T._static_plan(C, S, 1, x.element_size())
+    rows, vec, _, _ = T._static_plan(C, S, 1, x.element_size())
     num_tiles = T._cdiv(S, rows * vec)
     assert num_tiles > T._programs(num_tiles, T._WARPS, x.device) > 1
     for mode in (Mode.SIGMOID_FOCAL, Mode.STATS):
@@ -156,7 +193,7 @@ def test_multiple_programs_and_tiles():
 # --- dtypes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "rows_c5000"])
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c150", "rows_c5000"])
 def test_dtypes(path, dtype):
     shape, layout = PATHS[path]
     x, y, tvals = make(shape, layout, dtype=dtype)
@@ -189,12 +226,12 @@ def test_labels_are_widened_before_comparing():
 
 # --- argmax, ties and non-finite logits -----------------------------------------------------
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_argmax_ties_nan_and_infinities(request, chunked):
-    """First index on ties and NaN as the maximum (torch.argmax), also across chunk boundaries;
-    rows of -inf and a first chunk of -inf leave the others exact."""
-    if chunked:
-        request.getfixturevalue("small_chunks")
+@pytest.mark.parametrize("tiling", ["unrolled", "groups", "chunks"])
+def test_argmax_ties_nan_and_infinities(request, tiling):
+    """First index on ties and NaN as the maximum (torch.argmax), also across class groups and
+    chunk boundaries; rows of -inf and a first group/chunk of -inf leave the others exact."""
+    if tiling != "unrolled":
+        request.getfixturevalue({"groups": "small_groups", "chunks": "small_chunks"}[tiling])
     C = 11
     x = torch.randn(8, C, dtype=torch.float64)
     x[0, 2] = x[0, 9] = 50.0  # tie across chunks: 2 wins
@@ -378,3 +415,20 @@ def test_compile_fullgraph():
     torch.testing.assert_close(lc, le)
     torch.testing.assert_close(xc.grad, xe.grad)
     assert torch.equal(cc, ce) and torch.equal(tc, te) and torch.equal(fc, fe)
+
+
+@pytest.mark.cuda
+def test_launches_on_the_logits_device():
+    """Logits on cuda:1 while cuda:0 is current: every launch runs on the logits' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x, y, tvals = make((2, 19, 7, 13), "nchw", dtype=torch.float32)
+    x1, y1 = x.to("cuda:1"), y.to("cuda:1")
+    with torch.cuda.device(0):
+        out = run_fwd(x1, y1, Mode.SOFTMAX_FOCAL, 2.0, None)
+        grad = T.loss_bwd(x1, y1.reshape(-1), torch.ones(y1.numel(), device="cuda:1"), None, 0, 2.0, None, -100)
+    ref = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
+    for a, b in zip(out, ref):
+        assert a.device == x1.device
+        torch.testing.assert_close(a.cpu(), b.cpu())
+    assert grad.device == x1.device

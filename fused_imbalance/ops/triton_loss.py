@@ -53,7 +53,6 @@ _UNROLL_C = 32  # up to this class count every class is unrolled; beyond, a loop
 _LOOP_GROUP = 16  # classes per group of that loop (fewer when registers are short)
 _GROUP_VALUES = 96  # logits a thread holds per max/exp group (GROUP x VEC x rows per thread)
 _WARPS = 4  # warps per program of the static kernels
-_ROWS_PER_THREAD = 2  # pixel rows per thread when pixels are not contiguous (VEC = 1)
 _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
 _TILE = 4096  # logits per tile of the chunked kernels
 _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kernels)
@@ -118,18 +117,20 @@ def _geometry(x, grad=None):
 def _static_plan(C, S, ss, itemsize):
     """(ROWS, VEC, GROUP, LOOP) of the static kernels.
 
-    Contiguous pixels (NCHW): a thread owns VEC = 16 bytes of consecutive pixels, one vector
-    load per class. Otherwise (channels_last) VEC = 1 and a thread owns rows of single pixels
-    whose classes it gathers. GROUP: classes per max/exp group, so that a thread keeps at most
+    Contiguous pixels (NCHW): a thread owns VEC consecutive pixels, one vector load per class
+    (4 float32 = 16 bytes, 2 float64; 16-bit logits 4 = 8 bytes: 8 would double the registers
+    and spill). Otherwise (channels_last) VEC = 1: a thread owns one pixel whose classes it
+    gathers, so that its labels and its logits have the same layout (two pixels per thread made
+    Triton convert layouts through shared memory on every tile). GROUP: classes per max/exp group, so that a thread keeps at most
     about ``_GROUP_VALUES`` float32 logits live (half as many float64), split evenly (19
     classes in bfloat16: 10 + 9). Up to ``_UNROLL_C`` classes every group is unrolled; beyond,
     LOOP: a loop over groups of at most ``_LOOP_GROUP`` classes, then the last C % GROUP classes
     unrolled (150 unrolled classes take minutes to compile; a loop of 16 seconds).
     """
     if ss == 1:
-        vec, rows = max(1, 16 // itemsize), 32 * _WARPS
+        vec, rows = min(4, 16 // itemsize), 32 * _WARPS
     else:
-        vec, rows = 1, 32 * _WARPS * _ROWS_PER_THREAD
+        vec, rows = 1, 32 * _WARPS
     per_thread = vec * rows // (32 * _WARPS)
     values = _GROUP_VALUES // (2 if itemsize == 8 else 1)  # a float64 takes two registers
     cap = max(1, values // per_thread)
