@@ -13,28 +13,34 @@ logits, 3 MSE on the softmax, 4 statistics only.
 Two families of kernels:
 
 **Static classes** (``_fwd_static_kernel``, ``_bwd_static_kernel``; C a compile-time constant,
-up to a few hundred). Pixels lie on the lanes -- a tile is ``ROWS x VEC`` pixels, a thread owns
-``VEC`` consecutive pixels of a row (4 float32 / 8 bfloat16 NCHW pixels: one 16-byte load per
-class) -- and the classes are a ``tl.static_range`` loop, so nothing is padded to a power of
-two and every per-pixel reduction over classes (max, sums, argmax) is a running value in a
-thread's registers: no shuffle, no shared memory. Classes go in groups of ``GROUP``: a max pass
-over the group's logits, then an exp pass over the same values (kept in registers), the
-running sums rescaled once per group. The label's logit is one gathered load per pixel. Each
-mode computes only what it uses; the argmax only when true positives or a confusion matrix are
-asked for. A persistent grid: program ``pid`` walks tiles ``pid, pid + P, ...``.
+up to 256). Pixels lie on the lanes -- a tile is ``ROWS x VEC`` pixels, a thread owns ``VEC``
+consecutive pixels of a row (NCHW: 4 float32 in one 16-byte load per class, 4 bfloat16 in 8
+bytes, 2 float64; channels_last: one pixel, its classes gathered at immediate offsets) -- and
+the classes are ``tl.static_range`` loops, so nothing is padded to a power of two and every
+per-pixel reduction over classes (max, sums, argmax) is a running value in a thread's
+registers: no shuffle, no shared memory in the tile loop. Classes go in groups of ``GROUP``: a
+max pass over the group's logits, then an exp pass over the same values (kept in registers),
+the running sums rescaled once per group. Up to 32 classes every group is unrolled; beyond, a
+loop over groups (``LOOP``) bounds the code size and compile time. The label's logit is one
+gathered load per pixel. Each mode computes only what it uses; the argmax only when true
+positives or a confusion matrix are asked for (``NEED_TP``, ``CONF``). A persistent grid:
+program ``pid`` walks tiles ``pid, pid + P, ...``.
 
-Cost model, thread-instructions per logit (the SASS of sm_90; the budget at H100 copy bandwidth is
-about 45 for a float32 forward, 25 for bfloat16, twice that for a backward): a load (1/VEC with
-16-byte NCHW vectors, 1 on channels_last, where a pixel's classes are gathered at immediate
-offsets), a conversion for 16-bit inputs, 1 max, 2 for exp(x - m) plus 1 MUFU, 1 sum; focal and
-the softmax MSE add 3 (the exact Σ_{k≠y} e_k), the argmax 4-5, MSE on the logits 4, sigmoid
-focal ~20 and 4 MUFU. Class statistics: with C <= 32 the per-class loss sums, counts and true
-positives are per-thread registers (about 5 per logit: a compare, selects and adds), reduced and
-written once per program as one row of a (programs, C) table that the launcher sums in a fixed
-order. With more classes the per-pixel loss is stored and ``_class_sum_kernel`` sums it per
-class (K classes per program in registers); counts, true positives and confusion counts are
-integer atomics into a per-program row (or the global matrix): integer sums are exact in any
-order.
+Cost model, thread-instructions per logit in the SASS for sm_90 (the budget at H100 copy
+bandwidth is about 45 for a float32 forward, 25 for bfloat16, twice that for a backward;
+``benchmarks/sm90_driver.py`` measures it): a load (1/VEC NCHW, 1 channels_last), a conversion
+for 16-bit logits, 1 max, 2-3 for exp(x - m) with 1 MUFU, 1 sum; focal and the softmax MSE add
+3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax about 5, MSE on the logits 4,
+sigmoid focal about 40 (two exponentials on the MUFU unit and a software logarithm: it stays
+issue-bound). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
+over the C classes. Class statistics: with C <= 32 the per-class loss sums, counts and true
+positives are per-thread registers (about 5 per logit: a compare, selects and adds), reduced
+and written once per program as one row of a (programs, C) table that the launcher sums in a
+fixed order. With more classes the per-pixel loss is stored and ``_class_sum_kernel`` sums it
+per class (K classes per program in registers: 3 instructions per pixel and class, O(N C));
+counts and true positives are integer atomics into the program's own row, confusion counts
+into the program's own int32 matrix (or the global int64 one when those would be too large):
+integer sums are exact in any order.
 
 **Chunked classes** (``_fwd_chunked_kernel``, ``_bwd_chunked_kernel``; C a runtime value, any
 size). Classes are read in chunks of ``BLOCK_C`` with an online softmax; lanes run along the

@@ -9,12 +9,13 @@ logits' device, whichever device is current, and every kernel argument is its ow
 Tiling, chosen here from C and the strides (the kernels take any strides):
 
 * C <= 256 (segmentation): the static kernels, C a compile-time constant (one compiled kernel
-  per class count). A tile is 128 threads x VEC pixels: 16 bytes of consecutive pixels per
-  thread when pixels are contiguous (NCHW), two single pixels per thread otherwise
-  (channels_last). With C <= 32 the class-loss sums, counts and true positives are per-thread
-  registers, written once per program as rows that are summed here in a fixed order; with more
-  classes the per-pixel loss is stored and summed per class by ``_class_sum_kernel`` and counts
-  go to per-program integer rows. Confusion counts: per-program int32 matrices (integer atomics
+  per class count). A tile is 128 threads x VEC pixels: VEC consecutive pixels per thread when
+  pixels are contiguous (NCHW: 4, one 16-byte float32 vector per class; 2 for float64), one
+  pixel per thread otherwise (channels_last). Up to 32 classes everything is unrolled and the
+  class-loss sums, counts and true positives are per-thread registers, written once per program
+  as rows that are summed here in a fixed order; with more classes the class groups are a loop,
+  the per-pixel loss is stored and summed per class by ``_class_sum_kernel``, and counts go to
+  per-program integer rows. Confusion counts: per-program int32 matrices (integer atomics
   inside a program), or the int64 matrix when those would exceed 16 MB.
 * larger C: the chunked kernels, an online softmax over chunks of classes. Classes contiguous
   (rows, channels_last): one pixel per tile, chunks of up to 4096 classes over the lanes, the
@@ -114,7 +115,7 @@ def _geometry(x, grad=None):
     return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
-def _static_plan(C, S, ss, itemsize):
+def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL):
     """(ROWS, VEC, GROUP, LOOP) of the static kernels.
 
     Contiguous pixels (NCHW): a thread owns VEC consecutive pixels, one vector load per class
@@ -136,7 +137,8 @@ def _static_plan(C, S, ss, itemsize):
     cap = max(1, values // per_thread)
     loop = C > _UNROLL_C
     if loop:  # C // group >= 2 full groups: the loop stays a loop
-        group = min(cap, _LOOP_GROUP)
+        # the sigmoid focal terms hold more temporaries per logit: groups of 16 spilled there
+        group = min(cap, _LOOP_GROUP // 2 if mode == Mode.SIGMOID_FOCAL else _LOOP_GROUP)
     else:
         group = _cdiv(C, _cdiv(C, cap))
     if _interpret():
@@ -225,7 +227,7 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_
 
 def _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
                     need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal):
-    rows, vec, group, loop = _static_plan(C, S, ss, x.element_size())
+    rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
     tiles_per_b = _cdiv(S, rows * vec)
     num_tiles = B * tiles_per_b
     P = _programs(num_tiles, _WARPS, x.device)
@@ -308,7 +310,7 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
     focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
     with _on_device(x):
         if C <= _STATIC_C:
-            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size())
+            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
             wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, x.device),)](
