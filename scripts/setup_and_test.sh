@@ -13,6 +13,8 @@ fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install --quiet triton setuptools wheel ninja pybind11 pytest pytest-benchmark hypothesis numpy
+# For tests/test_examples.py, which runs the examples on a tiny budget (the `examples` extra).
+python -m pip install --quiet scikit-learn tqdm matplotlib
 # Builds the C++ extension (csrc/) against the torch installed above.
 python -m pip install --quiet --no-build-isolation -e .
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
