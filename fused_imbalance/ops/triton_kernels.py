@@ -192,6 +192,17 @@ def _fwd_chunk(x_ptr, poff, pmask, y32, tv, c0, C, stride_c,
 
 
 @triton.jit
+def _labels(t_ptr, n, pmask, ignore_index, C, NOT_VALID: tl.constexpr):
+    """(valid, bad, y32) of the labels at pixels ``n``: y32 is NOT_VALID where not valid."""
+    y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
+    keep = pmask & (y != ignore_index)
+    inr = (y >= 0) & (y < C)
+    valid = keep & inr
+    bad = keep & ~inr
+    return valid, bad, tl.where(valid, y, NOT_VALID).to(tl.int32)
+
+
+@triton.jit
 def _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P: tl.constexpr):
     """Pixel indices, offsets-to-be and labels of tile ``t``: (s, n, pmask, valid, bad, y32)."""
     b = t // tiles_per_b
@@ -200,12 +211,7 @@ def _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P: tl.constexp
     pmask = s < S
     b = b.to(tl.int64)
     n = b * S + s
-    y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
-    keep = pmask & (y != ignore_index)
-    inr = (y >= 0) & (y < C)
-    valid = keep & inr
-    bad = keep & ~inr
-    y32 = tl.where(valid, y, 0).to(tl.int32)
+    valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C, 0)
     return b, s, n, pmask, valid, bad, y32
 
 
@@ -476,12 +482,7 @@ def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr,
     pmask = s < S
     b = b.to(tl.int64)
     n = b * S + s
-    y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
-    keep = pmask & (y != ignore_index)
-    inr = (y >= 0) & (y < C)
-    valid = keep & inr
-    bad = keep & ~inr
-    y32 = tl.where(valid, y, -1).to(tl.int32)
+    valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C, -1)
     return b, s, n, pmask, valid, bad, y32
 
 

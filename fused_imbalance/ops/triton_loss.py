@@ -195,6 +195,14 @@ def _class_sums(target, pl, C):
     return part.sum(0)
 
 
+def _class_loss(has_loss, in_rows, lrow, target, pl, C):
+    """The class-loss sums: the programs' rows summed in a fixed order (deterministic), or the
+    per-pixel losses summed per class by the class-sum kernel; None without a loss."""
+    if not has_loss:
+        return None
+    return lrow.sum(0) if in_rows else _class_sums(target, pl, C)
+
+
 def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
     """The forward op's launcher (see the contract in :mod:`fused_imbalance.ops`)."""
     mode = Mode(mode)
@@ -251,13 +259,7 @@ def _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss
         S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
         C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
         NEED_TP=need_tp, CONF=conf_mode, ROWS=rows, VEC=vec, num_warps=_WARPS)
-    # fixed-order sums over the programs' rows: deterministic
-    if not has_loss:
-        class_loss = None
-    elif reg:
-        class_loss = lrow.sum(0)
-    else:
-        class_loss = _class_sums(target, pl, C)
+    class_loss = _class_loss(has_loss, reg, lrow, target, pl, C)
     count = crow.sum(0, dtype=torch.int64)
     tp = trow.sum(0, dtype=torch.int64) if need_tp else None
     if conf_mode == 1:
@@ -285,12 +287,7 @@ def _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_los
         C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
         MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, ROWSUM=rowsum, NEED_TP=need_tp,
         CONF=need_confusion, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    if not has_loss:
-        class_loss = None
-    elif rowsum:
-        class_loss = lrow.sum(0)
-    else:
-        class_loss = _class_sums(target, pl, C)
+    class_loss = _class_loss(has_loss, rowsum, lrow, target, pl, C)
     return pl, class_loss, count, tp, bad.sum(dtype=torch.int64), conf
 
 
