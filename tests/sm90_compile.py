@@ -79,7 +79,9 @@ def _install():
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = compile_only(self, *args, grid=grid, warmup=True, **kwargs)
-        constexprs = {p.name: kwargs.get(p.name, p.default) for p in self.params if p.is_constexpr}
+        bound = dict(zip(self.arg_names, args))
+        bound.update(kwargs)
+        constexprs = {p.name: bound.get(p.name, p.default) for p in self.params if p.is_constexpr}
         _COMPILED.append((kernel, {k: str(v) for k, v in constexprs.items()}))
         return kernel
 

@@ -106,7 +106,6 @@ def small_groups(monkeypatch):
 PATHS = {  # (shape, layout): the kernel and tiling it exercises
     "nchw": ((2, 19, 7, 13), "nchw"),  # static, 2-pixel float64 vectors, statistics in registers
     "channels_last": ((2, 19, 7, 13), "cl"),  # static, gathered pixels, batch folded into the pixels
-    "nchw_c150": ((2, 150, 3, 5), "nchw"),  # static, several class groups, class-sum kernel, count rows
     "channels_last_c40": ((2, 40, 3, 5), "cl"),  # static, gathered pixels, class-sum kernel
     "nchw_c40": ((2, 40, 3, 5), "nchw"),  # static, two class groups and a tail of 8
     "rows": ((37, 5), "rows"),
@@ -130,14 +129,21 @@ def test_paths(path, mode):
         check_backward(x, y, mode, gamma, tvals)
 
 
-@pytest.mark.parametrize("need_tp, need_confusion", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("path", ["nchw", "nchw_c40", "channels_last_c300"])
-def test_statistics_flags(path, need_tp, need_confusion):
+def test_statistics_flags(path):
     """need_tp / need_confusion: the argmax and its counts only where asked for; the rest unchanged."""
     shape, layout = PATHS[path]
     x, y, tvals = make(shape, layout, dtype=torch.float32)
-    for mode in (Mode.SOFTMAX_FOCAL, Mode.STATS):
-        check_forward(x, y, mode, 2.0, tvals, need_tp=need_tp, need_confusion=need_confusion)
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, need_tp=False, need_confusion=False)
+    for need_tp, need_confusion in [(True, False), (False, True)]:
+        check_forward(x, y, Mode.STATS, 0.0, tvals, need_tp=need_tp, need_confusion=need_confusion)
+
+
+def test_150_classes():
+    """ADE20K's class count: nine groups of 16 classes and a tail of 6, counts in rows."""
+    x, y, tvals = make((2, 150, 3, 5), "nchw")
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
+    check_backward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
 
 
 @pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
@@ -149,7 +155,7 @@ def test_confusion_in_the_global_matrix(monkeypatch, path):
     check_forward(x, y, Mode.STATS, 0.0, tvals)
 
 
-@pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX])
+@pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX])
 @pytest.mark.parametrize("shape, layout", [((2, 11, 3, 4), "nchw"), ((2, 11, 3, 4), "cl"), ((7, 12), "rows")],
                          ids=["nchw", "channels_last", "rows"])
 def test_small_groups(small_groups, shape, layout, mode):

@@ -10,7 +10,8 @@ Tiling, chosen here from C and the strides (the kernels take any strides):
 
 * C <= 256 (segmentation): the static kernels, C a compile-time constant (one compiled kernel
   per class count). A tile is 128 threads x VEC pixels: VEC consecutive pixels per thread when
-  pixels are contiguous (NCHW: 4, one 16-byte float32 vector per class; 2 for float64), one
+  pixels are contiguous (NCHW: 4, one 16-byte float32 vector per class; fewer with true
+  positives or float64), one
   pixel per thread otherwise (channels_last). Up to 32 classes everything is unrolled and the
   class-loss sums, counts and true positives are per-thread registers, written once per program
   as rows that are summed here in a fixed order; with more classes the class groups are a loop,
@@ -60,7 +61,7 @@ _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kern
 _STRIDED_TILE = (64, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
 _RESIDENT_WARPS = 32  # warps per SM the persistent grid fills (latency hiding)
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
-_SUM_K = 32  # classes per program of the class-sum kernel
+_SUM_K = 32  # classes per program of the class-sum kernel (fewer when C is smaller)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
@@ -115,12 +116,12 @@ def _geometry(x, grad=None):
     return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
-def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL):
+def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False):
     """(ROWS, VEC, GROUP, LOOP) of the static kernels.
 
     Contiguous pixels (NCHW): a thread owns VEC consecutive pixels, one vector load per class
-    (4 float32 = 16 bytes, 2 float64; 16-bit logits 4 = 8 bytes: 8 would double the registers
-    and spill). Otherwise (channels_last) VEC = 1: a thread owns one pixel whose classes it
+    (4 float32 = 16 bytes; 16-bit logits 4 = 8 bytes: 8 would double the registers and spill;
+    2 when true positives are counted and 1 for float64, which spilled with more). Otherwise (channels_last) VEC = 1: a thread owns one pixel whose classes it
     gathers, so that its labels and its logits have the same layout (two pixels per thread made
     Triton convert layouts through shared memory on every tile). GROUP: classes per max/exp group, so that a thread keeps at most
     about ``_GROUP_VALUES`` float32 logits live (half as many float64), split evenly (19
@@ -129,7 +130,8 @@ def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL):
     unrolled (150 unrolled classes take minutes to compile; a loop of 16 seconds).
     """
     if ss == 1:
-        vec, rows = min(4, 16 // itemsize), 32 * _WARPS
+        # float64 and true positives (a third set of per-class registers) spilled with more
+        vec, rows = (1 if itemsize == 8 else 2 if need_tp else 4), 32 * _WARPS
     else:
         vec, rows = 1, 32 * _WARPS
     per_thread = vec * rows // (32 * _WARPS)
@@ -185,13 +187,14 @@ def _programs(num_tiles, num_warps, device, per_sm=None):
 def _class_sums(target, pl, C):
     """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics)."""
     N = pl.numel()
-    block_n = 128 * (_INTERPRET_TILE_SCALE if _interpret() else 4)
+    block_n = 128 * (_INTERPRET_TILE_SCALE if _interpret() else 1)  # K sums per thread
     nseg = max(1, min(64, N // 4096))
     per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
     nseg = _cdiv(N, per_seg)
     part = pl.new_empty((nseg, C))
-    wrap(_class_sum_kernel)[(_cdiv(C, _SUM_K), nseg)](
-        target, pl, part, N, C, per_seg, BLOCK_N=block_n, K=_SUM_K, num_warps=4)
+    k = min(_SUM_K, _np2(C))
+    wrap(_class_sum_kernel)[(_cdiv(C, k), nseg)](
+        target, pl, part, N, C, per_seg, BLOCK_N=block_n, K=k, num_warps=4)
     return part.sum(0)
 
 
@@ -235,7 +238,7 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_
 
 def _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
                     need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal):
-    rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
+    rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp)
     tiles_per_b = _cdiv(S, rows * vec)
     num_tiles = B * tiles_per_b
     P = _programs(num_tiles, _WARPS, x.device)
