@@ -36,6 +36,17 @@ TORCH_LIBRARY(fused_imbalance, m) {
   m.def(
       "cpp_class_stats(Tensor x, Tensor target, int ignore_index, bool need_confusion) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The loss of low-resolution logits x (B, C, h, w) against labels target (B, H, W): that of
+  // F.interpolate(x, size=(H, W), mode, align_corners) without the interpolated tensor.
+  // interp: 0 nearest, 1 bilinear. Outputs and flags as cpp_loss_fwd's.
+  m.def(
+      "cpp_upsample_loss_fwd(Tensor x, Tensor target, int interp, bool align_corners, int loss_mode, "
+      "float gamma, Tensor? tvals, int ignore_index, bool need_pixel_loss, bool need_tp, "
+      "bool need_confusion) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_upsample_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
+      "int interp, bool align_corners, int loss_mode, float gamma, Tensor? tvals, int ignore_index) "
+      "-> Tensor");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });

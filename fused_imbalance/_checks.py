@@ -15,13 +15,18 @@ def acc_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def check_inputs(logits, target, ignore_index, reduction="mean"):
+def check_types(logits, target):
+    """Tensors, with a logits dtype and a label dtype the package takes."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("logits and target must be torch.Tensor")
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if target.dtype not in LABEL_DTYPES:
         raise TypeError(f"target must be uint8, int16, int32 or int64 labels, got {target.dtype}")
+
+
+def check_inputs(logits, target, ignore_index, reduction="mean"):
+    check_types(logits, target)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, C) or (B, C, d1, ..., dk), got shape {tuple(logits.shape)}")
     if logits.shape[1] < 1:
@@ -30,7 +35,9 @@ def check_inputs(logits, target, ignore_index, reduction="mean"):
     if tuple(target.shape) != expected:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
-            f"expected {expected}")
+            f"expected {expected}"
+            + ("; for (B, C, h, w) logits at a lower resolution than (B, H, W) labels pass upsample='bilinear' "
+               "or 'nearest'" if logits.dim() == 4 and target.dim() == 3 else ""))
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     check_options(ignore_index, reduction)

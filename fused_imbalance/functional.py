@@ -1,7 +1,11 @@
 """The losses users call (DESIGN.md §3): argument checks, backend choice, weights and reduction.
 
 Every function takes keyword-only ``confusion=None`` (a (C, C) int64 tensor the same pass adds
-its argmax confusion counts into), ``backend=None`` and ``validate=True``.
+its argmax confusion counts into), ``backend=None``, ``validate=True``, and
+``upsample=None | "bilinear" | "nearest"`` with ``align_corners=False``: the loss of low-resolution
+logits (B, C, h, w) against labels (B, H, W), equal to that of ``F.interpolate(logits, size=(H, W),
+mode=upsample, align_corners=align_corners)`` without the interpolated tensor (DESIGN.md §10,
+:mod:`._upsample`).
 
 Backends (DESIGN.md §7): ``"auto"`` (default, or the environment variable
 ``FUSED_IMBALANCE_BACKEND``) picks Triton for CUDA tensors and the C++ kernels for CPU tensors,
@@ -23,6 +27,7 @@ import warnings
 
 import torch
 
+from . import _upsample
 from . import reference as _ref
 from . import weights as _weights
 from ._checks import (bad_label_error, check_class_vector, check_confusion, check_gamma, check_loss_type,
@@ -84,12 +89,23 @@ def _check_labels(bad, target, C, ignore_index):
         raise bad_label_error(target, C, ignore_index)
 
 
-def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate, need_tp=False):
+def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate, need_tp=False,
+           rs=None):
     """Run the backend's forward op: (pixel_loss or None, class_loss, count, tp or None).
 
     The pass returns its confusion counts; they are added into ``confusion`` only once the labels
-    are known good, so an update that raises leaves the caller's matrix as it was.
+    are known good, so an update that raises leaves the caller's matrix as it was. ``rs``: the
+    ``upsample`` geometry (:mod:`._upsample`), or None.
     """
+    if rs is not None:
+        pixel, class_loss, count, tp, bad, counts = _upsample.forward(
+            _loaded[name], rs, logits, target, mode, gamma, tvals, ignore_index, reduction == "none", need_tp,
+            confusion is not None)
+        if validate:
+            _check_labels(bad, target, logits.shape[1], ignore_index)
+        if confusion is not None:
+            confusion.add_(counts)
+        return (pixel if reduction == "none" else None), class_loss, count, (tp if need_tp else None)
     x = logits if collapsible(logits) else logits.contiguous()
     y = target.reshape(-1).contiguous()
     pixel, class_loss, count, tp, bad, counts = _loaded[name].loss_fwd(
@@ -119,92 +135,113 @@ def _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights):
 
 
 def _loss(name, logits, target, mode, gamma, weight, ignore_index, reduction, confusion, validate,
-          mean_over_weights, tvals=None, weight_from_stats=None):
+          mean_over_weights, tvals=None, weight_from_stats=None, rs=None):
     """The common path of every fused loss. ``weight_from_stats(count, tp)`` gives dynamic weights."""
     pixel, class_loss, count, tp = _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction,
-                                          confusion, validate, need_tp=weight_from_stats is not None)
+                                          confusion, validate, need_tp=weight_from_stats is not None, rs=rs)
     w = weight if weight_from_stats is None else weight_from_stats(count, tp).to(class_loss.dtype)
     return _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights)
 
 
-def _common_checks(logits, target, ignore_index, reduction, confusion):
-    check_inputs(logits, target, ignore_index, reduction)
+def _common_checks(logits, target, ignore_index, reduction, confusion, upsample=None, align_corners=False):
+    """Checks every loss shares; returns the ``upsample`` geometry (None without it)."""
+    rs = _upsample.check(logits, target, upsample, align_corners, ignore_index, reduction)
+    if rs is None:
+        check_inputs(logits, target, ignore_index, reduction)
     check_confusion(confusion, logits)
+    return rs
+
+
+def _backend(backend, logits, rs):
+    """resolve_backend, and for ``upsample`` a backend that implements it (see :mod:`._upsample`)."""
+    name = resolve_backend(backend, logits)
+    return name if rs is None else _upsample.backend(name, backend)
+
+
+def _interpolated(logits, rs):
+    """What the reference backend computes the loss of: the logits, interpolated with ``upsample``."""
+    return logits if rs is None else _upsample.reference_logits(logits, rs)
 
 
 def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", *, confusion=None,
-                  backend=None, validate=True):
+                  backend=None, validate=True, upsample=None,
+                  align_corners=False):
     """Cross-entropy −log p_y; a drop-in for ``torch.nn.functional.cross_entropy`` with class
     indices (``"mean"`` = Σ w_y ℓ / Σ w_y over valid pixels)."""
-    _common_checks(logits, target, ignore_index, reduction, confusion)
-    name = resolve_backend(backend, logits)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.cross_entropy(logits, target, weight, ignore_index, reduction, confusion, validate)
+        return _ref.cross_entropy(_interpolated(logits, rs), target, weight, ignore_index, reduction, confusion, validate)
     w = None if weight is None else check_class_vector(weight, "weight", logits)
     return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, w, ignore_index, reduction, confusion,
-                 validate, True)
+                 validate, True, rs=rs)
 
 
 def focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", *,
-               confusion=None, backend=None, validate=True):
+               confusion=None, backend=None, validate=True, upsample=None,
+               align_corners=False):
     """Focal loss −(1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is ``cross_entropy``."""
-    _common_checks(logits, target, ignore_index, reduction, confusion)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
-    name = resolve_backend(backend, logits)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.focal_loss(logits, target, gamma, weight, ignore_index, reduction, confusion, validate)
+        return _ref.focal_loss(_interpolated(logits, rs), target, gamma, weight, ignore_index, reduction, confusion, validate)
     w = None if weight is None else check_class_vector(weight, "weight", logits)
     return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, gamma, w, ignore_index, reduction, confusion,
-                 validate, True)
+                 validate, True, rs=rs)
 
 
 def sigmoid_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", *,
-                       confusion=None, backend=None, validate=True):
+                       confusion=None, backend=None, validate=True, upsample=None,
+                       align_corners=False):
     """Sigmoid focal loss summed over the C class logits against the one-hot target; γ = 0 is
     ``binary_cross_entropy_with_logits`` summed over classes."""
-    _common_checks(logits, target, ignore_index, reduction, confusion)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
-    name = resolve_backend(backend, logits)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.sigmoid_focal_loss(logits, target, gamma, weight, ignore_index, reduction, confusion,
+        return _ref.sigmoid_focal_loss(_interpolated(logits, rs), target, gamma, weight, ignore_index, reduction, confusion,
                                        validate)
     w = None if weight is None else check_class_vector(weight, "weight", logits)
     return _loss(name, logits, target, Mode.SIGMOID_FOCAL, gamma, w, ignore_index, reduction, confusion,
-                 validate, True)
+                 validate, True, rs=rs)
 
 
 def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0,
-                        ignore_index=-100, reduction="mean", *, confusion=None, backend=None, validate=True):
+                        ignore_index=-100, reduction="mean", *, confusion=None, backend=None, validate=True,
+                        upsample=None, align_corners=False):
     """Class-balanced loss (Cui et al. 2019): the ``loss_type`` loss ("softmax", "sigmoid", "focal",
     "softmax_focal") weighted by ``weights.effective_number(samples_per_class, beta)``;
     ``"mean"`` divides by the number of valid pixels."""
     w = _weights.effective_number(samples_per_class, beta).to(logits.device)
     return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion=confusion,
-                         backend=backend, validate=validate)
+                         backend=backend, validate=validate, upsample=upsample, align_corners=align_corners)
 
 
 def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore_index=-100, reduction="mean",
-                  *, confusion=None, backend=None, validate=True):
+                  *, confusion=None, backend=None, validate=True, upsample=None,
+                  align_corners=False):
     """A ``loss_type`` loss with fixed class weights and the paper mean (Σ w_y ℓ / N_valid).
 
     ``class_balanced_loss`` with precomputed weights: ``ClassBalancedLoss`` calls this so the
     weights are computed once, not on every step.
     """
     check_loss_type(loss_type)
-    _common_checks(logits, target, ignore_index, reduction, confusion)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
-    name = resolve_backend(backend, logits)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.weighted_loss(logits, target, weight, loss_type, gamma, ignore_index, reduction, confusion,
+        return _ref.weighted_loss(_interpolated(logits, rs), target, weight, loss_type, gamma, ignore_index, reduction, confusion,
                                   validate)
     w = check_class_vector(weight, "weight", logits)
     mode = Mode.SOFTMAX_FOCAL if loss_type in ("softmax", "softmax_focal") else Mode.SIGMOID_FOCAL
     g = gamma if loss_type in ("focal", "softmax_focal") else 0.0
-    return _loss(name, logits, target, mode, g, w, ignore_index, reduction, confusion, validate, False)
+    return _loss(name, logits, target, mode, g, w, ignore_index, reduction, confusion, validate, False, rs=rs)
 
 
 def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None, *, confusion=None,
-                backend=None, validate=True):
+                backend=None, validate=True, upsample=None,
+                align_corners=False):
     """Recall loss (Tian et al. 2021): −(1 − R_y) log p_y, R = this batch's per-class recall
     (argmax), in the same single pass over the logits; ``"mean"`` is over valid pixels.
 
@@ -213,10 +250,11 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     positives (int64) and returns the recall to use — how ``RecallLoss`` keeps a moving average
     and all-reduces the statistics over ranks without a second read of the logits.
     """
-    _common_checks(logits, target, ignore_index, reduction, confusion)
-    name = resolve_backend(backend, logits)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.recall_loss(logits, target, ignore_index, reduction, recall, confusion, validate)
+        return _ref.recall_loss(_interpolated(logits, rs), target, ignore_index, reduction, recall, confusion,
+                                validate)
     w, weight_from_stats = None, None
     if recall is None:
         weight_from_stats = _ref.recall_weights
@@ -226,66 +264,70 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     else:
         w = 1.0 - check_class_vector(recall, "recall", logits)  # fixed weights: the pass needs no argmax
     return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, 0.0, w, ignore_index, reduction, confusion,
-                 validate, False, weight_from_stats=weight_from_stats)
+                 validate, False, weight_from_stats=weight_from_stats, rs=rs)
 
 
 def cdb_loss(logits, target, class_accuracy, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", *,
-             confusion=None, backend=None, validate=True):
+             confusion=None, backend=None, validate=True, upsample=None,
+             align_corners=False):
     """Class-wise difficulty-balanced loss (Sinha et al. 2020) with w = ``weights.cdb(class_accuracy, tau)``;
     ``"mean"`` is over valid pixels."""
-    _common_checks(logits, target, ignore_index, reduction, confusion)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
-    name = resolve_backend(backend, logits)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.cdb_loss(logits, target, class_accuracy, tau, gamma, ignore_index, reduction, confusion,
+        return _ref.cdb_loss(_interpolated(logits, rs), target, class_accuracy, tau, gamma, ignore_index, reduction, confusion,
                              validate)
     w = check_class_vector(_weights.cdb(class_accuracy, tau).to(logits.device), "class_accuracy", logits)
     return _loss(name, logits, target, Mode.SOFTMAX_FOCAL, gamma, w, ignore_index, reduction, confusion,
-                 validate, False)
+                 validate, False, rs=rs)
 
 
 def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="mean", input="logits", *,
-                      confusion=None, backend=None, validate=True):
+                      confusion=None, backend=None, validate=True, upsample=None,
+                      align_corners=False):
     """MSE with outlying labels: ½ Σ_k (a_k − t_k)², t_k = outlying[y]·[k = y], a = logits or softmax;
     ``outlying`` is a (C,) tensor such as ``weights.outlying_labels(counts, alpha)``."""
     if input not in ("logits", "softmax"):
         raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
-    _common_checks(logits, target, ignore_index, reduction, confusion)
-    name = resolve_backend(backend, logits)
+    rs = _common_checks(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.mse_outlying_loss(logits, target, outlying, ignore_index, reduction, input, confusion,
+        return _ref.mse_outlying_loss(_interpolated(logits, rs), target, outlying, ignore_index, reduction, input, confusion,
                                       validate)
     tvals = check_class_vector(outlying, "outlying", logits).contiguous()
     mode = Mode.MSE_LOGITS if input == "logits" else Mode.MSE_SOFTMAX
     return _loss(name, logits, target, mode, 0.0, None, ignore_index, reduction, confusion, validate, False,
-                 tvals=tvals)
+                 tvals=tvals, rs=rs)
 
 
-def confusion_matrix(logits, target, ignore_index=-100, out=None, *, backend=None, validate=True):
+def confusion_matrix(logits, target, ignore_index=-100, out=None, *, backend=None, validate=True, upsample=None,
+                     align_corners=False):
     """(C, C) int64 confusion counts, row = label, column = argmax (first index on ties).
 
     With ``out`` the counts are added into it in place and ``out`` is returned.
     """
-    check_inputs(logits, target, ignore_index)
+    rs = _common_checks(logits, target, ignore_index, "mean", None, upsample, align_corners)
     check_confusion(out, logits, "out")
-    name = resolve_backend(backend, logits)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.confusion_matrix(logits, target, ignore_index, out, validate)
+        return _ref.confusion_matrix(_interpolated(logits.detach(), rs), target, ignore_index, out, validate)
     C = logits.shape[1]
     if out is None:
         out = torch.zeros(C, C, dtype=torch.int64, device=logits.device)
     with torch.no_grad():
-        _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum", out, validate)
+        _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum", out, validate, rs=rs)
     return out
 
 
-def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=True):
+def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=True, upsample=None,
+                align_corners=False):
     """(count, tp): int64 (C,) valid pixels of each class and those whose argmax is their class."""
-    check_inputs(logits, target, ignore_index)
-    name = resolve_backend(backend, logits)
+    rs = _common_checks(logits, target, ignore_index, "mean", None, upsample, align_corners)
+    name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.class_stats(logits, target, ignore_index, validate)
+        return _ref.class_stats(_interpolated(logits.detach(), rs), target, ignore_index, validate)
     with torch.no_grad():
         _, _, count, tp = _fused(name, logits.detach(), target, Mode.STATS, 0.0, None, ignore_index, "sum",
-                                 None, validate, need_tp=True)
+                                 None, validate, need_tp=True, rs=rs)
     return count, tp

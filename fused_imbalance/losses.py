@@ -9,6 +9,10 @@ from the same pass over the logits.
 
 ``validate`` (keyword, default True) is forwarded to the functional call: True checks the
 labels once after the pass (one small host sync), False skips that check.
+
+``upsample=None | "bilinear" | "nearest"`` and ``align_corners=False`` (keywords, DESIGN.md §10):
+with ``upsample`` the module takes low-resolution logits (B, C, h, w) and labels (B, H, W) and
+computes the loss of the logits interpolated to (H, W), without the interpolated tensor.
 """
 import torch
 import torch.distributed as dist
@@ -16,6 +20,7 @@ from torch import nn
 
 from . import functional
 from . import weights as _weights
+from ._upsample import check_options as check_upsample
 from ._checks import check_gamma, check_loss_type, check_num_classes, check_options, dist_ready
 
 __all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss"]
@@ -28,8 +33,11 @@ class FocalLoss(nn.Module):
     """
 
     def __init__(self, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", backend=None, *,
-                 validate=True):
+                 validate=True, upsample=None,
+                 align_corners=False):
         super().__init__()
+        check_upsample(upsample, align_corners)
+        self.upsample, self.align_corners = upsample, align_corners
         check_options(ignore_index, reduction)
         self.gamma = check_gamma(gamma)
         self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
@@ -46,7 +54,8 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits, target, confusion=None):
         return functional.focal_loss(logits, target, self.gamma, self.weight, self.ignore_index, self.reduction,
-                                     confusion=confusion, backend=self.backend, validate=self.validate)
+                                     confusion=confusion, backend=self.backend, validate=self.validate,
+            upsample=self.upsample, align_corners=self.align_corners)
 
 
 class ClassBalancedLoss(nn.Module):
@@ -61,8 +70,11 @@ class ClassBalancedLoss(nn.Module):
     """
 
     def __init__(self, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0, ignore_index=-100,
-                 reduction="mean", backend=None, *, validate=True):
+                 reduction="mean", backend=None, *, validate=True, upsample=None,
+                 align_corners=False):
         super().__init__()
+        check_upsample(upsample, align_corners)
+        self.upsample, self.align_corners = upsample, align_corners
         check_loss_type(loss_type)
         check_options(ignore_index, reduction)
         self.beta, self.loss_type, self.gamma = float(beta), loss_type, check_gamma(gamma)
@@ -76,7 +88,8 @@ class ClassBalancedLoss(nn.Module):
     def forward(self, logits, target, confusion=None):
         return functional.weighted_loss(logits, target, self.weight, self.loss_type, self.gamma, self.ignore_index,
                                         self.reduction, confusion=confusion, backend=self.backend,
-                                        validate=self.validate)
+                                        validate=self.validate,
+            upsample=self.upsample, align_corners=self.align_corners)
 
 
 class RecallLoss(nn.Module):
@@ -115,8 +128,11 @@ class RecallLoss(nn.Module):
     """
 
     def __init__(self, num_classes, momentum=None, ignore_index=-100, reduction="mean", distributed=False,
-                 backend=None, *, validate=True):
+                 backend=None, *, validate=True, upsample=None,
+                 align_corners=False):
         super().__init__()
+        check_upsample(upsample, align_corners)
+        self.upsample, self.align_corners = upsample, align_corners
         self.num_classes = check_num_classes(num_classes)
         check_options(ignore_index, reduction)
         if momentum is not None:
@@ -164,7 +180,8 @@ class RecallLoss(nn.Module):
         else:
             recall = self._recall_from_stats
         return functional.recall_loss(logits, target, self.ignore_index, self.reduction, recall,
-                                      confusion=confusion, backend=self.backend, validate=self.validate)
+                                      confusion=confusion, backend=self.backend, validate=self.validate,
+            upsample=self.upsample, align_corners=self.align_corners)
 
 
 class CDBLoss(nn.Module):
@@ -178,8 +195,11 @@ class CDBLoss(nn.Module):
     """
 
     def __init__(self, num_classes, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", backend=None,
-                 *, validate=True):
+                 *, validate=True, upsample=None,
+                 align_corners=False):
         super().__init__()
+        check_upsample(upsample, align_corners)
+        self.upsample, self.align_corners = upsample, align_corners
         self.num_classes = check_num_classes(num_classes)
         check_options(ignore_index, reduction)
         _weights.cdb([0.5], tau)  # rejects a bad tau now rather than at the first update
@@ -236,7 +256,8 @@ class CDBLoss(nn.Module):
     def forward(self, logits, target, confusion=None):
         return functional.weighted_loss(logits, target, self.weight, "softmax_focal", self.gamma, self.ignore_index,
                                         self.reduction, confusion=confusion, backend=self.backend,
-                                        validate=self.validate)
+                                        validate=self.validate,
+            upsample=self.upsample, align_corners=self.align_corners)
 
 
 class OutlyingMSELoss(nn.Module):
@@ -249,8 +270,11 @@ class OutlyingMSELoss(nn.Module):
     """
 
     def __init__(self, samples_per_class, alpha=1.0, input="logits", ignore_index=-100, reduction="mean",
-                 backend=None, *, validate=True):
+                 backend=None, *, validate=True, upsample=None,
+                 align_corners=False):
         super().__init__()
+        check_upsample(upsample, align_corners)
+        self.upsample, self.align_corners = upsample, align_corners
         if input not in ("logits", "softmax"):
             raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
         check_options(ignore_index, reduction)
@@ -265,4 +289,5 @@ class OutlyingMSELoss(nn.Module):
     def forward(self, logits, target, confusion=None):
         return functional.mse_outlying_loss(logits, target, self.outlying, self.ignore_index, self.reduction,
                                             self.input, confusion=confusion, backend=self.backend,
-                                            validate=self.validate)
+                                            validate=self.validate,
+            upsample=self.upsample, align_corners=self.align_corners)

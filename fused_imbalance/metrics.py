@@ -60,13 +60,17 @@ class ConfusionMatrix(nn.Module):
         return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}"
 
     @torch.no_grad()
-    def update(self, logits_or_preds, target):
+    def update(self, logits_or_preds, target, *, upsample=None, align_corners=False):
         """Add one batch.
 
         ``logits_or_preds`` is either float logits, (N, C) or (B, C, d1, ..., dk), whose
         argmax is the prediction (first index on ties), or integer predictions shaped like
         ``target``. A label (other than ``ignore_index``) or a prediction outside [0, C) is
         a ``ValueError``; this check reads the data back on the host once.
+
+        ``upsample="bilinear" | "nearest"`` (and ``align_corners``): the logits are (B, C, h, w) at a
+        lower resolution than the (B, H, W) labels, and the prediction is the argmax of
+        ``F.interpolate(logits, size=(H, W), ...)``, computed without that tensor (DESIGN.md §10).
         """
         if self._synced:
             raise RuntimeError("ConfusionMatrix.update() after sync(): call reset() first "
@@ -79,8 +83,10 @@ class ConfusionMatrix(nn.Module):
                 raise ValueError(f"logits must be (N, {self.num_classes}) or (B, {self.num_classes}, ...), "
                                  f"got shape {tuple(x.shape)}")
             functional.confusion_matrix(x, target, ignore_index=self.ignore_index, out=self.matrix,
-                                        backend=self.backend)
+                                        backend=self.backend, upsample=upsample, align_corners=align_corners)
         elif x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+            if upsample is not None:
+                raise ValueError("upsample applies to float logits, not to integer predictions")
             self._add_predictions(x, target)
         else:
             raise TypeError(f"logits_or_preds must be float logits or integer predictions, got {x.dtype}")

@@ -224,3 +224,16 @@ def class_stats(logits, target, ignore_index=-100, validate=True):
     """(count, tp): int64 (C,) valid pixels per class and those whose argmax is their class."""
     check_inputs(logits, target, ignore_index)
     return _Pixels(logits.detach(), target, ignore_index, validate).stats()
+
+
+def upsampled(logits, size, upsample, align_corners=False):
+    """The logits the losses see with ``upsample`` (DESIGN.md §10): ``F.interpolate`` of the
+    low-resolution logits to ``size`` = (H, W), in the accumulation dtype like every other
+    arithmetic of the package (16-bit logits are interpolated in float32, not rounded back).
+
+    Any loss of this module applied to the result is the specification of that loss with
+    ``upsample``: ``focal_loss(upsampled(x, y.shape[-2:], "bilinear"), y)``.
+    """
+    x = logits.to(acc_dtype(logits))
+    kwargs = {} if upsample == "nearest" else {"align_corners": align_corners}
+    return F.interpolate(x, size=tuple(size), mode=upsample, **kwargs)

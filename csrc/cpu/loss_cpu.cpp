@@ -19,6 +19,7 @@
 #include "../dispatch.h"
 #include "../pixel_view.h"
 #include "loss_kernels.h"
+#include "op_common.h"
 
 namespace fused_imbalance {
 namespace cpu {
@@ -52,23 +53,6 @@ ChunkPlan plan_chunks(int64_t N, int64_t C) {
   c.per = (c.blocks + chunks - 1) / chunks;
   c.chunks = c.blocks == 0 ? 0 : (c.blocks + c.per - 1) / c.per;
   return c;
-}
-
-// Labels of pixels n0 .. n0 + cnt as int32 (-1: ignored, out of range or padding up to P);
-// returns how many were out of range. Branch-free: ignored pixels come at random.
-template <typename L>
-int64_t load_labels(const L* t, int64_t n0, int64_t cnt, int64_t P, int64_t C,
-                    int64_t ignore_index, int32_t* y) {
-  int64_t bad = 0;
-  for (int64_t p = 0; p < cnt; ++p) {
-    const int64_t v = static_cast<int64_t>(t[n0 + p]);
-    const bool labelled = v != ignore_index;
-    const bool in_range = v >= 0 && v < C;
-    bad += labelled && !in_range;
-    y[p] = labelled && in_range ? static_cast<int32_t>(v) : -1;
-  }
-  for (int64_t p = cnt; p < P; ++p) y[p] = -1;
-  return bad;
 }
 
 // Per-class sums of one chunk, in `banks` interleaved copies (pixel p adds to bank
@@ -340,16 +324,8 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
     for (int64_t blk = c0 * plan.per; blk < b_end; ++blk) {
       const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
       load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-      for (int64_t p = 0; p < P; ++p) {
-        const int32_t c = y[p];
-        T a = T(0);
-        if (c >= 0) {
-          if (grad_pixel != nullptr) a += grad_pixel[(n0 + p) * grad_pixel_stride];
-          if (grad_class != nullptr) a += grad_class[c];
-        }
-        coef[p] = a;
-        if (tvals != nullptr) tvy[p] = c >= 0 ? tvals[c] : T(0);
-      }
+      backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
+                            tvy.data());
       std::tie(bb.x, bb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
       X* gdir = direct_block<X, T>(gd, gv, n0, cnt, P);
       if (gdir != nullptr) {
@@ -369,22 +345,6 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
   });
 }
 
-// (logits dtype, accumulation dtype)
-template <typename F>
-void dispatch_logits(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(Tag<float>{}, Tag<float>{});
-    case at::kDouble: return f(Tag<double>{}, Tag<double>{});
-    case at::kHalf: return f(Tag<at::Half>{}, Tag<float>{});
-    case at::kBFloat16: return f(Tag<at::BFloat16>{}, Tag<float>{});
-    default: TORCH_CHECK(false, "fused_imbalance: logits must be float16, bfloat16, float32 or float64, got ", st);
-  }
-}
-
-at::ScalarType acc_dtype(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Common checks; returns x in a layout pixel_view can describe.
 Tensor check_inputs(const Tensor& x, const Tensor& target, int64_t mode, double gamma) {
   TORCH_CHECK(x.device().is_cpu() && target.device().is_cpu(),
@@ -399,13 +359,6 @@ Tensor check_inputs(const Tensor& x, const Tensor& target, int64_t mode, double 
   TORCH_CHECK(mode >= kSoftmaxFocal && mode <= kStats, "fused_imbalance: unknown mode ", mode);
   TORCH_CHECK(gamma >= 0.0, "fused_imbalance: gamma must be >= 0, got ", gamma);
   return collapsible(x) ? x : x.contiguous();
-}
-
-Tensor mse_tvals(int64_t mode, const std::optional<Tensor>& tvals, const Tensor& x) {
-  if (mode != kMseLogits && mode != kMseSoftmax) return Tensor();
-  TORCH_CHECK(tvals.has_value() && tvals->numel() == x.size(1),
-              "fused_imbalance: the MSE modes need tvals with one value per class");
-  return tvals->to(at::kCPU, acc_dtype(x)).contiguous();
 }
 
 }  // namespace
@@ -463,14 +416,7 @@ Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in,
   const PixelView gv = pixel_view(work);
 
   Tensor grad_pixel, grad_class;
-  if (grad_pixel_in.has_value() && grad_pixel_in->defined()) {
-    TORCH_CHECK(grad_pixel_in->numel() == N, "fused_imbalance: grad_pixel must have N elements");
-    grad_pixel = grad_pixel_in->to(acc).reshape({N});  // a stride-0 expand stays a view
-  }
-  if (grad_class_in.has_value() && grad_class_in->defined()) {
-    TORCH_CHECK(grad_class_in->numel() == C, "fused_imbalance: grad_class must have C elements");
-    grad_class = grad_class_in->to(acc).contiguous();
-  }
+  std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
   dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
     using X = typename decltype(xt)::type;
     using T = typename decltype(tt)::type;

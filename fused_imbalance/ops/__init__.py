@@ -43,6 +43,9 @@ ignore_index) -> grad``
     (:mod:`fused_imbalance.ops._autograd`).
 
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
+
+The loss on low-resolution logits (``upsample``, DESIGN.md §10) has its own pair of ops with the
+same outputs and two more arguments, ``interp, align_corners``: see :mod:`.upsample`.
 """
 import enum
 

@@ -19,9 +19,11 @@ import warnings
 import torch
 
 from . import fwd_fake
+from . import upsample as _upsample
 from ._autograd import register_loss_autograd
 
-__all__ = ["available", "supports", "cpu_isa", "loss_fwd", "loss_bwd", "class_stats"]
+__all__ = ["available", "supports", "cpu_isa", "loss_fwd", "loss_bwd", "class_stats", "upsample_loss_fwd",
+           "upsample_loss_bwd"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -78,6 +80,12 @@ def _register():
 
     register_loss_autograd("fused_imbalance::cpp_loss_fwd", loss_bwd)
 
+    # The loss on low-resolution logits (DESIGN.md §10, csrc/cpu/upsample_cpu.cpp).
+    globals().update(upsample_loss_fwd=ops.cpp_upsample_loss_fwd.default,
+                     upsample_loss_bwd=ops.cpp_upsample_loss_bwd.default)
+    _upsample.register("fused_imbalance::cpp_upsample_loss_fwd", "fused_imbalance::cpp_upsample_loss_bwd",
+                       upsample_loss_bwd)
+
 
 def available():
     """True when the C++ ops are loaded (built ahead of time, or compiled now on first use)."""
@@ -109,7 +117,7 @@ def supports(x):
 
 def __getattr__(name):
     # loss_fwd / loss_bwd / class_stats exist once the library is loaded
-    if name in ("loss_fwd", "loss_bwd", "class_stats"):
+    if name in ("loss_fwd", "loss_bwd", "class_stats", "upsample_loss_fwd", "upsample_loss_bwd"):
         if available():
             return globals()[name]
         raise RuntimeError("fused_imbalance: the C++ backend is not available")

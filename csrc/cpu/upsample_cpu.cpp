@@ -1,0 +1,492 @@
+// CPU implementations of fused_imbalance::cpp_upsample_loss_fwd / cpp_upsample_loss_bwd: the
+// loss of DESIGN.md §10 on low-resolution logits x (B, C, h, w) against labels (B, H, W), equal
+// to F.interpolate(x, size=(H, W), mode, align_corners) followed by the loss, without ever
+// holding more than a few interpolated rows.
+//
+// The interpolation is separable and is computed exactly as torch's CPU upsample kernels do:
+// for each low-resolution row y the horizontal pass h_y[k, X] = x[k, y, x0(X)]·wx0(X) +
+// x[k, y, x1(X)]·wx1(X), then out[k, Y, X] = h_{y0(Y)}[k, X]·wy0(Y) + h_{y1(Y)}[k, X]·wy1(Y)
+// (nearest: out = x[k, yn(Y), xn(X)]). The indices and weights are those of
+// aten/native/UpSample.h (area_pixel_compute_source_index, guard_index_and_lambda,
+// nearest_idx), in the accumulation dtype. The interpolated block of a row of P pixels × C
+// classes goes through the same per-block loss kernels as the plain loss (loss_kernels.h).
+//
+// Forward: chunks of full-resolution rows (a chunk never depends on the thread count); each
+// chunk keeps the two horizontal rows it needs (each low-resolution row is interpolated once
+// per chunk) and sums its losses in a fixed order into its own per-class slot; the slots are
+// added in chunk order, so the sums are bit-identical run to run and for any thread count.
+//
+// Backward (deterministic, no float atomics): a task owns a band of low-resolution rows
+// [ya, yb) of one image and gathers into it from every full-resolution row Y whose
+// interpolation uses one of them, in increasing Y; for each Y it recomputes the interpolated
+// row, the loss gradient of its pixels (C × W, never stored beyond the row), reduces it
+// horizontally (hg[x, k] = Σ_X w(X→x)·g[k, X], X increasing) and adds wy·hg into the band.
+// Every low-resolution gradient element is therefore the same sum in the same order whatever
+// the bands are, i.e. whatever the thread count.
+// Cost model: a full-resolution row costs C·W·(loss gradient + 6 flops of interpolation and
+// reduction); rows at a band boundary feed two bands and are computed twice. A band of R
+// low-resolution rows needs about (R + 1)·H/h full-resolution rows (R·H/h + 1 for nearest),
+// so the redundant work is about 1/R of the total; R >= 8 keeps it under ~12 % while giving
+// B·h/R independent tasks. Memory: per thread two horizontal rows (2·C·W), one block and the
+// band's accumulator (C·R·w, double: an element sums up to (H/h + 1)·(W/w + 1) terms), never
+// anything of B·C·H·W elements.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../dispatch.h"
+#include "loss_kernels.h"
+#include "op_common.h"
+
+namespace fused_imbalance {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+enum Interp : int64_t { kNearest = 0, kBilinear = 1 };
+
+// One axis of the resize: output index -> two source indices and their weights (nearest: one).
+template <typename T>
+struct Axis {
+  std::vector<int64_t> i0, i1;
+  std::vector<T> w0, w1;
+};
+
+template <typename T>
+Axis<T> make_axis(int64_t in, int64_t out, int64_t interp, bool align_corners) {
+  Axis<T> a;
+  a.i0.resize(out);
+  a.i1.resize(out);
+  a.w0.resize(out);
+  a.w1.resize(out);
+  if (interp == kNearest) {
+    // nearest_idx: the scale is float whatever the dtype, and sizes 1x and 2x are special cases
+    const float scale = static_cast<float>(in) / out;
+    for (int64_t d = 0; d < out; ++d) {
+      int64_t s;
+      if (out == in) s = d;
+      else if (out == 2 * in) s = d >> 1;
+      else s = std::min(static_cast<int64_t>(std::floor(static_cast<float>(d) * scale)), in - 1);
+      a.i0[d] = a.i1[d] = s;
+      a.w0[d] = T(1);
+      a.w1[d] = T(0);
+    }
+    return a;
+  }
+  const T scale = align_corners ? (out > 1 ? static_cast<T>(in - 1) / static_cast<T>(out - 1) : T(0))
+                                : static_cast<T>(in) / static_cast<T>(out);
+  for (int64_t d = 0; d < out; ++d) {
+    if (out == in) {  // compute_source_index_and_lambda: scale factor 1 is a copy
+      a.i0[d] = a.i1[d] = d;
+      a.w0[d] = T(1);
+      a.w1[d] = T(0);
+      continue;
+    }
+    T src = align_corners ? scale * static_cast<T>(d) : scale * (static_cast<T>(d) + T(0.5)) - T(0.5);
+    if (!align_corners && src < T(0)) src = T(0);
+    // guard_index_and_lambda: floorf, i.e. the index of a double source position is taken in float
+    const int64_t i = std::min(static_cast<int64_t>(std::floor(static_cast<float>(src))), in - 1);
+    const T lambda = std::min(std::max(src - static_cast<T>(i), T(0)), T(1));
+    a.i0[d] = i;
+    a.i1[d] = i + (i < in - 1 ? 1 : 0);
+    a.w0[d] = T(1) - lambda;
+    a.w1[d] = lambda;
+  }
+  return a;
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Pixels per block: about 8 K interpolated logits (L1-sized), a multiple of kBlockAlign.
+int64_t block_pixels(int64_t C, int64_t Wp) {
+  int64_t p = std::max<int64_t>((8192 / C) / kBlockAlign * kBlockAlign, kBlockAlign);
+  return std::min(p, Wp);
+}
+
+// The geometry shared by the forward and the backward.
+template <typename T>
+struct Resize {
+  int64_t B, C, h, w, H, W, Wp;  // Wp: W rounded up to kBlockAlign (row buffers are padded)
+  int64_t sb, sc, sh, sw;        // strides of the low-resolution logits (any layout)
+  bool nearest;
+  Axis<T> ay, ax;
+  std::vector<int64_t> ox0, ox1;  // x0(X)·sw, x1(X)·sw
+};
+
+template <typename T>
+Resize<T> make_resize(const Tensor& x, int64_t H, int64_t W, int64_t interp, bool align_corners) {
+  Resize<T> r;
+  r.B = x.size(0);
+  r.C = x.size(1);
+  r.h = x.size(2);
+  r.w = x.size(3);
+  r.H = H;
+  r.W = W;
+  r.Wp = round_up(W, kBlockAlign);
+  r.sb = x.stride(0);
+  r.sc = x.stride(1);
+  r.sh = x.stride(2);
+  r.sw = x.stride(3);
+  r.nearest = interp == kNearest;
+  r.ay = make_axis<T>(r.h, H, interp, align_corners);
+  r.ax = make_axis<T>(r.w, W, interp, align_corners);
+  r.ox0.resize(W);
+  r.ox1.resize(W);
+  for (int64_t X = 0; X < W; ++X) {
+    r.ox0[X] = r.ax.i0[X] * r.sw;
+    r.ox1[X] = r.ax.i1[X] * r.sw;
+  }
+  return r;
+}
+
+// The horizontal pass of low-resolution rows, class-major (class k at [k * Wp + X], zero
+// padding up to Wp), cached two at a time: consecutive full-resolution rows use the same or
+// the next low-resolution rows, so each is computed once per run of rows.
+template <typename X, typename T>
+class RowCache {
+ public:
+  RowCache(const Resize<T>& r, const X* x) : r_(r), x_(x) {
+    for (int i = 0; i < 2; ++i) buf_[i].assign(r.C * r.Wp, T(0));
+  }
+
+  // Row y of image b; `keep` (another row) is not evicted.
+  const T* get(int64_t b, int64_t y, int64_t keep) {
+    const int64_t key = b * r_.h + y, keep_key = b * r_.h + keep;
+    for (int i = 0; i < 2; ++i)
+      if (tag_[i] == key) return buf_[i].data();
+    const int i = tag_[0] == keep_key ? 1 : 0;
+    fill(b, y, buf_[i].data());
+    tag_[i] = key;
+    return buf_[i].data();
+  }
+
+ private:
+  void fill(int64_t b, int64_t y, T* out) const {
+    const int64_t W = r_.W;
+    for (int64_t k = 0; k < r_.C; ++k) {
+      const X* src = x_ + b * r_.sb + k * r_.sc + y * r_.sh;  // int64: B*C*h*w can exceed 2^31
+      T* dst = out + k * r_.Wp;
+      if (r_.nearest) {
+        for (int64_t X0 = 0; X0 < W; ++X0) dst[X0] = static_cast<T>(src[r_.ox0[X0]]);
+      } else {
+        // torch's order: x[x0]·w0 + x[x1]·w1
+        for (int64_t X0 = 0; X0 < W; ++X0)
+          dst[X0] = static_cast<T>(src[r_.ox0[X0]]) * r_.ax.w0[X0] + static_cast<T>(src[r_.ox1[X0]]) * r_.ax.w1[X0];
+      }
+    }
+  }
+
+  const Resize<T>& r_;
+  const X* x_;
+  std::vector<T> buf_[2];
+  int64_t tag_[2] = {-1, -1};
+};
+
+// Interpolated logits of pixels X0 .. X0 + P of full-resolution row Y (P a multiple of
+// kBlockAlign, padding lanes 0): a pointer and class stride, into `buf` unless no vertical
+// blend is needed (nearest).
+template <typename T>
+std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0, const T* r1, int64_t Y,
+                                                int64_t X0, int64_t P, std::vector<T>& buf) {
+  if (r.nearest) return {r0 + X0, r.Wp};
+  const T w0 = r.ay.w0[Y], w1 = r.ay.w1[Y];
+  for (int64_t k = 0; k < r.C; ++k) {
+    const T* a = r0 + k * r.Wp + X0;
+    const T* b = r1 + k * r.Wp + X0;
+    T* d = buf.data() + k * P;
+    for (int64_t p = 0; p < P; ++p) d[p] = a[p] * w0 + b[p] * w1;  // torch's order: h0·wy0 + h1·wy1
+  }
+  return {buf.data(), P};
+}
+
+struct FwdOut {
+  void* pixel_loss;  // (B·H·W,) accumulation dtype, or nullptr
+  void* class_loss;  // (C,) accumulation dtype
+  int64_t* count;
+  int64_t* tp;       // or nullptr
+  int64_t* bad;
+  int64_t* confusion;  // (C, C) contiguous zeros, or nullptr
+};
+
+template <typename X, typename T, typename L>
+void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, int64_t mode, double gamma,
+                         const T* tvals, int64_t ignore_index, const FwdOut& out) {
+  const int64_t C = r.C, W = r.W, rows = r.B * r.H;
+  // Chunks of whole rows, at least 64 K logits each, at most 256 chunks and 256 K per-class slots.
+  int64_t chunks = std::min<int64_t>((rows * W * C + 65535) / 65536, 256);
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t(1) << 18) / C));
+  chunks = std::max<int64_t>(1, std::min(chunks, rows));
+  const int64_t per = (rows + chunks - 1) / chunks;
+  chunks = (rows + per - 1) / per;
+  std::vector<double> loss_slots(chunks * C, 0.0);
+  std::vector<int64_t> count_slots(chunks * C, 0), tp_slots(chunks * C, 0), bad_slots(chunks, 0);
+  const X* xd = x.data_ptr<X>();
+  T* pixel_loss = static_cast<T*>(out.pixel_loss);
+  int64_t* confusion = out.confusion;
+  const bool private_confusion = confusion != nullptr && C * C <= 65536;
+  const int64_t Pb = block_pixels(C, r.Wp);
+
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    RowCache<X, T> cache(r, xd);
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb);
+    std::vector<int32_t> y(Pb), argmax(Pb);
+    std::vector<double> closs(C + 1);
+    std::vector<int64_t> ccount(C + 1), ctp(C + 1), conf;
+    if (private_confusion) conf.assign(C * C, 0);
+    FwdBlock<T> fb;
+    fb.C = C;
+    fb.y = y.data();
+    fb.tvy = tvy.data();
+    fb.gamma = gamma;
+    fb.loss = loss.data();
+    fb.argmax = argmax.data();
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      std::fill(closs.begin(), closs.end(), 0.0);
+      std::fill(ccount.begin(), ccount.end(), 0);
+      std::fill(ctp.begin(), ctp.end(), 0);
+      int64_t bad = 0;
+      const int64_t row_end = std::min(rows, (chunk + 1) * per);
+      for (int64_t row = chunk * per; row < row_end; ++row) {
+        const int64_t b = row / r.H, Y = row % r.H;
+        const int64_t y0 = r.ay.i0[Y], y1 = r.ay.i1[Y];
+        const T* r0 = cache.get(b, y0, y1);
+        const T* r1 = r.nearest ? r0 : cache.get(b, y1, y0);
+        for (int64_t X0 = 0; X0 < W; X0 += Pb) {
+          const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
+          const int64_t n0 = row * W + X0;  // int64: B*H*W can exceed 2^31
+          bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
+          if (tvals != nullptr)
+            for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
+          std::tie(fb.x, fb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
+          fb.P = P;
+          loss_fwd_block(mode, fb);
+          if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
+          for (int64_t p = 0; p < cnt; ++p) {  // fixed order: bit-identical sums
+            const int64_t c = y[p] >= 0 ? y[p] : C;  // row C takes the unlabelled pixels
+            closs[c] += static_cast<double>(loss[p]);
+            ccount[c] += 1;
+            ctp[c] += argmax[p] == c;
+          }
+          if (confusion != nullptr) {
+            for (int64_t p = 0; p < cnt; ++p) {
+              const int64_t c = y[p];
+              if (c < 0) continue;
+              if (private_confusion)
+                conf[c * C + argmax[p]] += 1;
+              else
+                __atomic_fetch_add(confusion + c * C + argmax[p], int64_t(1), __ATOMIC_RELAXED);
+            }
+          }
+        }
+      }
+      std::copy(closs.begin(), closs.begin() + C, loss_slots.begin() + chunk * C);
+      std::copy(ccount.begin(), ccount.begin() + C, count_slots.begin() + chunk * C);
+      std::copy(ctp.begin(), ctp.begin() + C, tp_slots.begin() + chunk * C);
+      bad_slots[chunk] = bad;
+    }
+    if (private_confusion)  // integer counts: exact in any order
+      for (int64_t i = 0; i < C * C; ++i)
+        if (conf[i] != 0) __atomic_fetch_add(confusion + i, conf[i], __ATOMIC_RELAXED);
+  });
+
+  T* class_loss = static_cast<T*>(out.class_loss);
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0;
+    int64_t n = 0, t = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // fixed order: bit-identical
+      s += loss_slots[chunk * C + c];
+      n += count_slots[chunk * C + c];
+      t += tp_slots[chunk * C + c];
+    }
+    class_loss[c] = static_cast<T>(s);
+    out.count[c] = n;
+    if (out.tp != nullptr) out.tp[c] = t;
+  }
+  int64_t bad = 0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) bad += bad_slots[chunk];
+  *out.bad = bad;
+}
+
+template <typename X, typename T, typename L>
+void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* grad_pixel,
+                         int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
+                         const T* tvals, int64_t ignore_index, Tensor& grad) {
+  const int64_t C = r.C, W = r.W, h = r.h, w = r.w;
+  const X* xd = x.data_ptr<X>();
+  X* gd = grad.data_ptr<X>();
+  const int64_t gsb = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
+  // Bands of R low-resolution rows (see the cost model at the top); the bands change only how
+  // much work is repeated, never a result.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t R = std::min(h, std::max<int64_t>(8, (r.B * h + 4 * threads - 1) / (4 * threads)));
+  const int64_t bands = (h + R - 1) / R;
+  const int64_t Pb = block_pixels(C, r.Wp);
+
+  at::parallel_for(0, r.B * bands, 1, [&](int64_t t0, int64_t t1) {
+    RowCache<X, T> cache(r, xd);
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb);
+    // The transposed interpolation sums up to (H/h + 1)·(W/w + 1) terms per element: in double.
+    std::vector<double> hg(C * w), acc(C * R * w);
+    std::vector<int32_t> y(Pb);
+    BwdBlock<T> bb;
+    bb.C = C;
+    bb.y = y.data();
+    bb.tvy = tvy.data();
+    bb.coef = coef.data();
+    bb.gamma = gamma;
+    bb.g = gbuf.data();
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / bands, ya = (task % bands) * R, yb = std::min(h, ya + R);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t Y = 0; Y < r.H; ++Y) {
+        const int64_t y0 = r.ay.i0[Y], y1 = r.ay.i1[Y];  // y0 <= y1, both nondecreasing in Y
+        if (y1 < ya) continue;
+        if (y0 >= yb) break;
+        const T* r0 = cache.get(b, y0, y1);
+        const T* r1 = r.nearest ? r0 : cache.get(b, y1, y0);
+        std::fill(hg.begin(), hg.end(), 0.0);
+        for (int64_t X0 = 0; X0 < W; X0 += Pb) {
+          const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
+          const int64_t n0 = (b * r.H + Y) * W + X0;  // int64: B*H*W can exceed 2^31
+          load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
+          backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
+                                tvy.data());
+          std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
+          bb.P = P;
+          bb.g_stride = P;
+          loss_bwd_block(mode, bb);
+          // Horizontal reduction onto the low-resolution columns, X increasing. hg is (w, C):
+          // the class loop is innermost, so its C sums are independent chains (no add waits on
+          // the previous one) and the vertical step below is one contiguous run per row.
+          for (int64_t p = 0; p < cnt; ++p) {
+            const int64_t X1 = X0 + p;
+            const T* g = gbuf.data() + p;
+            double* o0 = hg.data() + r.ax.i0[X1] * C;
+            if (r.nearest) {
+              for (int64_t k = 0; k < C; ++k) o0[k] += static_cast<double>(g[k * P]);
+            } else {
+              double* o1 = hg.data() + r.ax.i1[X1] * C;
+              const double a = static_cast<double>(r.ax.w0[X1]), c = static_cast<double>(r.ax.w1[X1]);
+              for (int64_t k = 0; k < C; ++k) {
+                const double gv = static_cast<double>(g[k * P]);
+                o0[k] += a * gv;
+                o1[k] += c * gv;
+              }
+            }
+          }
+        }
+        // Vertical: into the band's rows y0 and y1 (nearest: y0 with weight 1).
+        for (int j = 0; j < (r.nearest ? 1 : 2); ++j) {
+          const int64_t ys = j == 0 ? y0 : y1;
+          if (ys < ya || ys >= yb) continue;
+          double* a = acc.data() + (ys - ya) * w * C;
+          if (r.nearest) {
+            for (int64_t i = 0; i < w * C; ++i) a[i] += hg[i];
+          } else {
+            const double wy = static_cast<double>(j == 0 ? r.ay.w0[Y] : r.ay.w1[Y]);
+            for (int64_t i = 0; i < w * C; ++i) a[i] += wy * hg[i];
+          }
+        }
+      }
+      for (int64_t ys = ya; ys < yb; ++ys)
+        for (int64_t xs = 0; xs < w; ++xs) {
+          const double* a = acc.data() + ((ys - ya) * w + xs) * C;
+          X* dst = gd + b * gsb + ys * gsh + xs * gsw;  // int64 offsets
+          for (int64_t k = 0; k < C; ++k) dst[k * gsc] = static_cast<X>(static_cast<T>(a[k]));
+        }
+    }
+  });
+}
+
+void check_inputs(const Tensor& x, const Tensor& target, int64_t interp, int64_t mode, double gamma) {
+  TORCH_CHECK(x.device().is_cpu() && target.device().is_cpu(),
+              "fused_imbalance cpp ops: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 4, "fused_imbalance: upsampled losses take (B, C, h, w) logits, got ", x.dim(), " dims");
+  TORCH_CHECK(target.dim() == 3 && target.size(0) == x.size(0),
+              "fused_imbalance: upsampled losses take (B, H, W) labels for (B, C, h, w) logits");
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1 && target.size(1) >= 1 && target.size(2) >= 1,
+              "fused_imbalance: upsampling needs C, h, w, H, W >= 1");
+  TORCH_CHECK(interp == kNearest || interp == kBilinear, "fused_imbalance: unknown interpolation ", interp);
+  TORCH_CHECK(mode >= kSoftmaxFocal && mode <= kStats, "fused_imbalance: unknown mode ", mode);
+  TORCH_CHECK(gamma >= 0.0, "fused_imbalance: gamma must be >= 0, got ", gamma);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
+    const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners, int64_t mode, double gamma,
+    const std::optional<Tensor>& tvals_in, int64_t ignore_index, bool need_pixel_loss, bool need_tp,
+    bool need_confusion) {
+  check_inputs(x, target_in, interp, mode, gamma);
+  const Tensor target = target_in.contiguous();
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const int64_t B = x.size(0), C = x.size(1), H = target.size(1), W = target.size(2);
+  const int64_t N = B * H * W;
+  const auto acc = acc_dtype(x);
+  const auto opt = x.options();
+  Tensor pixel_loss = at::zeros({need_pixel_loss ? N : 0}, opt.dtype(acc));
+  Tensor class_loss = at::zeros({C}, opt.dtype(acc));
+  Tensor count = at::zeros({C}, opt.dtype(at::kLong));
+  Tensor tp = at::zeros({need_tp ? C : 0}, opt.dtype(at::kLong));
+  Tensor bad = at::zeros({}, opt.dtype(at::kLong));
+  Tensor confusion = at::zeros({need_confusion ? C : 0, need_confusion ? C : 0}, opt.dtype(at::kLong));
+  if (N == 0) return {pixel_loss, class_loss, count, tp, bad, confusion};
+  FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(), count.data_ptr<int64_t>(),
+             need_tp ? tp.data_ptr<int64_t>() : nullptr, bad.data_ptr<int64_t>(),
+             need_confusion ? confusion.data_ptr<int64_t>() : nullptr};
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using X = typename decltype(xt)::type;
+    using T = typename decltype(tt)::type;
+    const Resize<T> r = make_resize<T>(x, H, W, interp, align_corners);
+    dispatch_labels(target.scalar_type(), [&](auto lt) {
+      using L = typename decltype(lt)::type;
+      upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
+                                   tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
+    });
+  });
+  return {pixel_loss, class_loss, count, tp, bad, confusion};
+}
+
+Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const std::optional<Tensor>& grad_pixel_in,
+                                 const std::optional<Tensor>& grad_class_in, int64_t interp, bool align_corners,
+                                 int64_t mode, double gamma, const std::optional<Tensor>& tvals_in,
+                                 int64_t ignore_index) {
+  check_inputs(x, target_in, interp, mode, gamma);
+  const Tensor target = target_in.contiguous();
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const int64_t B = x.size(0), C = x.size(1), H = target.size(1), W = target.size(2);
+  const int64_t N = B * H * W;
+  const auto acc = acc_dtype(x);
+  Tensor grad = at::empty_like(x);  // the dtype, shape and memory format of the low-resolution logits
+  if (x.numel() == 0) return grad;
+  Tensor grad_pixel, grad_class;
+  std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using X = typename decltype(xt)::type;
+    using T = typename decltype(tt)::type;
+    const Resize<T> r = make_resize<T>(x, H, W, interp, align_corners);
+    dispatch_labels(target.scalar_type(), [&](auto lt) {
+      using L = typename decltype(lt)::type;
+      upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(),
+                                   grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
+                                   grad_pixel.defined() ? grad_pixel.stride(0) : 0,
+                                   grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
+                                   tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, grad);
+    });
+  });
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(fused_imbalance, CPU, m) {
+  m.impl("cpp_upsample_loss_fwd", &cpp_upsample_loss_fwd_cpu);
+  m.impl("cpp_upsample_loss_bwd", &cpp_upsample_loss_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fused_imbalance

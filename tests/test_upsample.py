@@ -1,0 +1,457 @@
+"""The loss on low-resolution logits (DESIGN.md §10): ``upsample="bilinear" | "nearest"``.
+
+The specification is literal: ``F.interpolate`` of the logits (in the accumulation dtype, see
+``reference.upsampled``) followed by the reference loss. Every fused result — value, gradient with
+respect to the low-resolution logits, statistics, confusion — is compared with it, through the
+raw ops (every output of the op contract) and through the functional API and the modules. Also:
+the op never allocates a tensor of B·C·H·W elements (profiler), the backward is bit-identical
+across runs and thread counts, gradcheck in float64, opcheck, torch.compile.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contract
+import fused_imbalance as fi
+import fused_imbalance.functional as FI
+import fused_imbalance.reference as R
+from cases import ALL_LOSSES, loss_and_grad
+from fused_imbalance.ops import Mode
+from tolerances import LOSS_TOL, TOL
+
+cpp = pytest.importorskip("fused_imbalance.ops.cpp")
+HAVE_CPP = cpp.available()
+needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason="the C++ backend could not be built here")
+
+REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
+# The fused backends with the upsampled ops.
+BACKENDS = ["cpp"]
+
+MODES = [("bilinear", False), ("bilinear", True), ("nearest", False)]
+OP_MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpp" and not HAVE_CPP:
+        if "cpp" in REQUIRED:
+            pytest.fail("backend 'cpp' is required but unavailable")
+        pytest.skip("the C++ backend could not be built here")
+    return request.param
+
+
+def make(B=2, C=5, hw=(7, 9), HW=(29, 31), dtype=torch.float32, label_dtype=torch.int64, seed=0,
+         ignore_index=-100, every=7):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((B, C) + tuple(hw), generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = torch.randint(0, C, (B,) + tuple(HW), generator=g)
+    if every:
+        y.view(-1)[::every] = ignore_index
+    return x, y.to(label_dtype)
+
+
+def up(x, size, mode, align_corners):
+    return R.upsampled(x, size, mode, align_corners)
+
+
+# --- the interpolation itself: torch's source indices and weights -------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("hw, HW", [((4, 5), (4, 5)), ((4, 5), (8, 10)), ((4, 5), (16, 20)), ((4, 5), (32, 40)),
+                                    ((33, 47), (129, 190)), ((7, 9), (29, 31)), ((16, 12), (7, 5)),
+                                    ((1, 1), (3, 4)), ((5, 3), (1, 1)), ((3, 7), (10, 7))])
+def test_interpolation_exact(mode, align_corners, hw, HW):
+    """MSE on the logits with target 0 everywhere is ½ Σ_k x̃_k²: with a one-hot input x̃ is the
+    interpolation weights themselves, compared in float64 with F.interpolate's."""
+    C = hw[0] * hw[1]
+    x = torch.eye(C, dtype=torch.float64).view(1, C, *hw)  # class k is the unit image at pixel k
+    y = torch.zeros((1,) + HW, dtype=torch.int64)
+    tvals = torch.zeros(C, dtype=torch.float64)
+    pixel = cpp.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS), 0.0,
+                                  tvals, -100, True, False, False)[0]
+    ref = 0.5 * up(x, HW, mode, align_corners).pow(2).sum(1).reshape(-1)
+    torch.testing.assert_close(pixel, ref, atol=1e-15, rtol=1e-14)
+    # the gradient of Σ x̃[k, Y, X] at one output pixel is the weight map of that pixel, transposed
+    gp = torch.zeros(y.numel(), dtype=torch.float64)
+    gp[y.numel() // 3] = 1.0
+    g = cpp.upsample_loss_bwd(x, y, gp, None, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS),
+                              0.0, tvals, -100)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad((0.5 * up(xr, HW, mode, align_corners).pow(2).sum(1)).reshape(-1), xr, gp)
+    torch.testing.assert_close(g, gr, atol=1e-15, rtol=1e-14)
+
+
+# --- the raw ops against the contract on the interpolated logits ----------------------------------
+
+def _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, ignore_index, gp, gc):
+    xi = up(x.double(), y.shape[1:], mode, align_corners)
+    want = contract.forward(xi, y, op_mode, gamma, tvals, ignore_index)
+    xr = x.double().detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    pl = contract.pixel_loss(up(xr, y.shape[1:], mode, align_corners), y, op_mode, gamma, tvals, ignore_index)
+    C = x.shape[1]
+    yl = y.reshape(-1).long().clamp(0, C - 1)
+    upstream = gp.double() + gc.double()[yl]
+    (g,) = torch.autograd.grad(pl, xr, upstream, allow_unused=True)
+    return want, torch.zeros_like(xr) if g is None else g
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("op_mode, gamma", [(m, 0.0) for m in OP_MODES]
+                         + [(m, g) for m in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL) for g in (2.0, 0.7)])
+def test_op_contract(mode, align_corners, op_mode, gamma):
+    # float64: the contract itself, free of float32's interpolation weights (their rounding is
+    # torch's too, and the float32 results are checked against the float32 reference below)
+    x, y = make(B=2, C=6, hw=(7, 9), HW=(29, 31), dtype=torch.float64)
+    y[0, 3, 4] = 6  # a bad label: counted, ignored everywhere else
+    tvals = torch.arange(1, 7, dtype=torch.float64) * 0.75
+    tv = tvals if op_mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
+    interp = 0 if mode == "nearest" else 1
+    pixel, class_loss, count, tp, bad, conf = cpp.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode), gamma,
+                                                                     tv, -100, True, True, True)
+    gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gc = torch.linspace(-1, 2, 6, dtype=torch.float64)
+    want, want_grad = _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, -100, gp, gc)
+    tol = LOSS_TOL[torch.float64]
+    assert pixel.dtype == class_loss.dtype == torch.float64 and pixel.shape == (y.numel(),)
+    torch.testing.assert_close(pixel.double(), want[0], **tol)
+    torch.testing.assert_close(class_loss.double(), want[1], atol=tol["atol"] * y.numel(), rtol=tol["rtol"])
+    assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and bad.item() == want[4].item() == 1
+    assert torch.equal(conf, want[5])
+    grad = cpp.upsample_loss_bwd(x, y, gp, gc, interp, align_corners, int(op_mode), gamma, tv, -100)
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+
+
+@needs_cpp
+def test_op_optional_outputs():
+    x, y = make()
+    out = cpp.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, False, False, False)
+    assert out[0].shape == (0,) and out[3].shape == (0,) and out[5].shape == (0, 0)
+    full = cpp.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, True)
+    assert torch.equal(out[1], full[1]) and torch.equal(out[2], full[2])
+
+
+@needs_cpp
+@pytest.mark.parametrize("need_pixel_loss, need_tp, need_confusion", [(True, True, True), (False, False, False)])
+def test_opcheck(need_pixel_loss, need_tp, need_confusion):
+    x, y = make(B=2, C=4, hw=(3, 5), HW=(7, 9), dtype=torch.float64)
+    tvals = torch.arange(1.0, 5.0, dtype=torch.float64)
+    x.requires_grad_(True)
+    for args in [(1, False, 0, 1.5, None), (1, True, 3, 0.0, tvals), (0, False, 1, 2.0, None)]:
+        torch.library.opcheck(cpp.upsample_loss_fwd,
+                              (x, y) + args + (-100, need_pixel_loss, need_tp, need_confusion))
+    gp = torch.randn(y.numel(), dtype=torch.float64)
+    torch.library.opcheck(cpp.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 1, 2.0, None, -100))
+    torch.library.opcheck(cpp.upsample_loss_bwd, (x.detach(), y, None, torch.ones(4, dtype=torch.float64), 0, False,
+                                                  2, 0.0, tvals, -100))
+
+
+# --- the functional API against interpolate + the reference --------------------------------------
+
+def check(fn, x, y, backend, mode, align_corners, reduction="mean", **kw):
+    size = tuple(y.shape[1:])
+    loss, grad = loss_and_grad(fn, x, y, backend, reduction, upsample=mode, align_corners=align_corners, **kw)
+    ref_loss, ref_grad = loss_and_grad(lambda t, yy, **k: fn(up(t, size, mode, align_corners), yy, **k),
+                                       x, y, "reference", reduction, **kw)
+    assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == x.stride()
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL[x.dtype])
+    torch.testing.assert_close(grad, ref_grad, **TOL[x.dtype])
+    # the reference backend with upsample is the same specification
+    ref2, _ = loss_and_grad(fn, x, y, "reference", reduction, upsample=mode, align_corners=align_corners, **kw)
+    torch.testing.assert_close(ref2, ref_loss, atol=0, rtol=0)
+    return loss, grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_losses(backend, name, mode, align_corners, reduction):
+    x, y = make(B=2, C=5, hw=(7, 9), HW=(29, 31))
+    check(ALL_LOSSES[name], x, y, backend, mode, align_corners, reduction)
+
+
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("hw, HW", [((6, 5), (6, 5)), ((6, 5), (12, 10)), ((6, 5), (24, 20)), ((6, 5), (48, 40)),
+                                    ((33, 47), (129, 190)), ((10, 11), (23, 37)), ((16, 12), (7, 5)),
+                                    ((1, 1), (5, 3)), ((9, 4), (9, 13))])
+def test_sizes(backend, mode, align_corners, hw, HW):
+    """Scale factors 1, 2, 4, 8, odd and non-integer ratios, downsampling (H < h), 1×1 inputs."""
+    x, y = make(B=2, C=4, hw=hw, HW=HW)
+    for name in ("focal_loss", "recall_loss"):
+        check(ALL_LOSSES[name], x, y, backend, mode, align_corners, "mean")
+
+
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dtypes_and_layouts(backend, mode, align_corners, dtype, layout):
+    x, y = make(B=2, C=6, hw=(5, 7), HW=(17, 22), dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # losses whose arguments do not depend on the logits' dtype (cross_entropy's weight of
+    # cases.ALL_LOSSES is rounded to it, which the interpolated float32 logits would not see)
+    for name in ("focal_loss", "sigmoid_focal_loss", "mse_outlying_loss"):
+        check(ALL_LOSSES[name], x, y, backend, mode, align_corners, "sum")
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_label_dtypes(backend, label_dtype):
+    ignore = 255 if label_dtype == torch.uint8 else -100
+    x, y = make(C=5, hw=(6, 5), HW=(13, 11), ignore_index=ignore, label_dtype=label_dtype)
+    for name in ("focal_loss", "recall_loss"):
+        check(ALL_LOSSES[name], x, y, backend, "bilinear", False, "mean", ignore_index=ignore)
+
+
+def test_strided_views_and_empty_batch(backend):
+    """Views with any strides are read in place (a channel slice, every other column, a transposed
+    image); the gradient reaches the tensor they view. An empty batch gives 0 and an empty gradient."""
+    wide0, y = make(B=2, C=6, hw=(6, 10), HW=(13, 11))
+    y5 = torch.where(y == 5, torch.zeros_like(y), y)  # labels of the 5-class slice
+    for view, labels in ((lambda t: t[:, 1:], y5), (lambda t: t[..., ::2], y), (lambda t: t.transpose(2, 3), y)):
+        results = []
+        for be, mode in ((backend, "bilinear"), ("reference", "bilinear")):
+            wide = wide0.clone().requires_grad_(True)
+            x = view(wide)
+            assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+            loss = FI.focal_loss(x, labels, upsample=mode, backend=be)
+            loss.backward()
+            results.append((loss.detach(), wide.grad))
+        torch.testing.assert_close(results[0][0], results[1][0], **LOSS_TOL[torch.float32])
+        torch.testing.assert_close(results[0][1], results[1][1], **TOL[torch.float32])
+    x, y = make(B=0, C=3, hw=(4, 4), HW=(7, 7), every=0)
+    loss, grad = check(ALL_LOSSES["recall_loss"], x, y, backend, "bilinear", False)
+    assert loss.item() == 0 and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("C", [1, 2, 19, 150])
+def test_class_counts(backend, C):
+    x, y = make(B=1, C=C, hw=(5, 6), HW=(11, 21))
+    check(ALL_LOSSES["focal_loss"], x.contiguous(memory_format=torch.channels_last), y, backend, "bilinear", False)
+    check(ALL_LOSSES["recall_loss"], x, y, backend, "nearest", False)
+
+
+@pytest.mark.parametrize("mode, align_corners", MODES)
+def test_statistics_and_confusion(backend, mode, align_corners):
+    x, y = make(B=2, C=7, hw=(9, 8), HW=(31, 27), every=5)
+    x[:, 0] = x[:, 1]  # ties: the first index wins, as torch.argmax on the interpolated logits
+    size = tuple(y.shape[1:])
+    xi = up(x, size, mode, align_corners)
+    kw = dict(upsample=mode, align_corners=align_corners)
+    expected = FI.confusion_matrix(xi, y, backend="reference")
+    assert expected.sum() > 0
+    assert torch.equal(FI.confusion_matrix(x, y, backend=backend, **kw), expected)
+    out = torch.full((7, 7), 3, dtype=torch.int64)
+    assert FI.confusion_matrix(x, y, out=out, backend=backend, **kw) is out
+    assert torch.equal(out, expected + 3)
+    conf = torch.zeros(7, 7, dtype=torch.int64)
+    FI.recall_loss(x, y, confusion=conf, backend=backend, **kw)
+    assert torch.equal(conf, expected)
+    for got, want in zip(FI.class_stats(x, y, backend=backend, **kw), FI.class_stats(xi, y, backend="reference")):
+        assert torch.equal(got, want)
+    assert torch.equal(FI.confusion_matrix(x, y, backend="reference", **kw), expected)
+
+
+def test_bad_labels(backend):
+    x, y = make(C=5, hw=(4, 4), HW=(9, 9))
+    y_bad = y.clone()
+    y_bad[1, 2, 3] = 5
+    y_bad[0, 0, 1] = -7
+    kw = dict(upsample="bilinear", backend=backend)
+    with pytest.raises(ValueError, match="5"):
+        FI.focal_loss(x, y_bad, **kw)
+    with pytest.raises(ValueError, match="-7"):
+        FI.confusion_matrix(x, y_bad, **kw)
+    conf = torch.ones(5, 5, dtype=torch.int64)
+    with pytest.raises(ValueError):
+        FI.recall_loss(x, y_bad, confusion=conf, **kw)
+    assert torch.equal(conf, torch.ones_like(conf))
+    y_ign = torch.where((y_bad < 0) | (y_bad >= 5), torch.full_like(y, -100), y_bad)
+    got = FI.focal_loss(x, y_bad, validate=False, **kw)
+    torch.testing.assert_close(got, FI.focal_loss(x, y_ign, upsample="bilinear", backend="reference"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_all_ignored(backend, reduction):
+    x, y = make(C=4, hw=(3, 3), HW=(7, 8))
+    y.fill_(-100)
+    for name in ALL_LOSSES:
+        loss, grad = check(ALL_LOSSES[name], x, y, backend, "bilinear", False, reduction)
+        assert (loss == 0).all() and (grad == 0).all()
+
+
+def test_argument_errors():
+    x, y = make(C=3, hw=(4, 4), HW=(8, 8))
+    with pytest.raises(ValueError, match="upsample"):
+        FI.focal_loss(x, y)  # spatial mismatch without upsample: the message names the option
+    with pytest.raises(ValueError, match="upsample must be"):
+        FI.focal_loss(x, y, upsample="bicubic")
+    with pytest.raises(ValueError, match="align_corners"):
+        FI.focal_loss(x, y, upsample="nearest", align_corners=True)
+    with pytest.raises(ValueError, match="align_corners"):
+        FI.focal_loss(x, y, align_corners=True)
+    with pytest.raises(ValueError, match="2-D"):
+        FI.focal_loss(torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 8, 8, 8, dtype=torch.long), upsample="bilinear")
+    with pytest.raises(ValueError, match="2-D"):
+        FI.cross_entropy(torch.randn(6, 3), torch.zeros(6, dtype=torch.long), upsample="nearest")
+    with pytest.raises(ValueError, match="target"):
+        FI.focal_loss(x, y[:1], upsample="bilinear")
+    with pytest.raises(ValueError, match="2-D"):
+        FI.confusion_matrix(torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 8, 8, 8, dtype=torch.long),
+                            upsample="bilinear")
+
+
+@needs_cpp
+def test_triton_without_upsampled_ops():
+    """The Triton backend has no upsampled kernels: asking for it explicitly is a clear error, and
+    "auto" never silently gives another result (it takes the reference)."""
+    from fused_imbalance import _upsample
+    assert _upsample.backend("triton", "auto") == "reference"
+    with pytest.raises(NotImplementedError, match="upsample"):
+        _upsample.backend("triton", "triton")
+
+
+# --- modules ----------------------------------------------------------------------------------------
+
+def test_modules(backend):
+    x, y = make(C=5, hw=(5, 6), HW=(15, 17))
+    kw = dict(upsample="bilinear", align_corners=True, backend=backend)
+    counts = [50, 30, 10, 5, 1]
+    size = tuple(y.shape[1:])
+    xi = up(x, size, "bilinear", True)
+    pairs = [
+        (fi.FocalLoss(gamma=2.0, **kw), fi.FocalLoss(gamma=2.0, backend="reference")),
+        (fi.ClassBalancedLoss(counts, beta=0.99, **kw), fi.ClassBalancedLoss(counts, beta=0.99, backend="reference")),
+        (fi.RecallLoss(5, **kw), fi.RecallLoss(5, backend="reference")),
+        (fi.CDBLoss(5, **kw), fi.CDBLoss(5, backend="reference")),
+        (fi.OutlyingMSELoss(counts, **kw), fi.OutlyingMSELoss(counts, backend="reference")),
+    ]
+    for fused, ref in pairs:
+        torch.testing.assert_close(fused(x, y), ref(xi, y), **LOSS_TOL[torch.float32])
+    m = fi.ConfusionMatrix(5)
+    m.update(x, y, upsample="nearest")
+    assert torch.equal(m.matrix, FI.confusion_matrix(up(x, size, "nearest", False), y, backend="reference"))
+
+
+def test_recall_statistics_callable(backend):
+    """RecallLoss with a momentum (and the DDP path) gets the batch's counts and true positives of
+    the interpolated argmax through the functional's recall callable."""
+    fused = fi.RecallLoss(5, momentum=0.5, distributed=True, upsample="bilinear", backend=backend)
+    ref = fi.RecallLoss(5, momentum=0.5, distributed=True, backend="reference")
+    for step in range(3):  # different batches: the running recall moves
+        x, y = make(C=5, hw=(5, 6), HW=(15, 17), seed=step)
+        torch.testing.assert_close(fused(x, y), ref(up(x, tuple(y.shape[1:]), "bilinear", False), y),
+                                   **LOSS_TOL[torch.float32])
+        torch.testing.assert_close(fused.running_recall, ref.running_recall, atol=0, rtol=0)
+    assert fused.seen.all() and 0 < fused.running_recall.min() < fused.running_recall.max() < 1
+
+
+# --- gradients, determinism, memory, compile -----------------------------------------------------
+
+@pytest.mark.parametrize("mode, align_corners", MODES)
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_gradcheck_float64(backend, name, mode, align_corners):
+    x, y = make(B=2, C=3, hw=(3, 4), HW=(5, 7), dtype=torch.float64)
+    x.requires_grad_(True)
+    fn = ALL_LOSSES[name]
+    assert torch.autograd.gradcheck(
+        lambda t: fn(t, y, reduction="none", backend=backend, upsample=mode, align_corners=align_corners), (x,))
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bit_identical_across_runs_and_thread_counts(mode, layout):
+    x, y = make(B=2, C=19, hw=(40, 33), HW=(157, 131))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (prev, 1, prev, 3):
+            torch.set_num_threads(threads)
+            loss, grad = loss_and_grad(ALL_LOSSES["recall_loss"], x, y, "cpp", "mean", upsample=mode)
+            g2 = cpp.upsample_loss_bwd(x, y, torch.randn(y.numel(), generator=torch.Generator().manual_seed(0)),
+                                       torch.ones(19), 1 if mode == "bilinear" else 0, False, 1, 2.0, None, -100)
+            outs.append((loss, grad, g2))
+    finally:
+        torch.set_num_threads(prev)
+    for o in outs[1:]:
+        for u, v in zip(o, outs[0]):
+            assert torch.equal(u, v)
+
+
+def _allocations(fn):
+    """The sizes (bytes) of every CPU tensor allocation while ``fn`` runs, from the profiler's memory
+    events (the kernels' own scratch is O(C·W) per thread and not a tensor)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_full_resolution_logits(mode, reduction):
+    """Forward and backward allocate nothing of B·C·H·W elements: the largest tensors are the
+    low-resolution gradient and per-pixel vectors (the int64 labels of "none"'s weighting)."""
+    B, C, H, W = 2, 32, 96, 80
+    x, y = make(B=B, C=C, hw=(24, 20), HW=(H, W))
+
+    def step(backend):
+        def run():
+            xx = x.clone().requires_grad_(True)
+            loss = FI.recall_loss(xx, y, reduction=reduction, upsample=mode, backend=backend)
+            loss.sum().backward()
+        return run
+
+    fused = _allocations(step("cpp"))
+    assert fused and max(fused) <= max(x.numel() * 4, B * H * W * 8) < B * C * H * W
+    # the measurement sees the full-resolution logits of interpolate + loss
+    assert max(_allocations(step("reference"))) >= B * C * H * W * 4
+
+
+@needs_cpp
+def test_compile_fullgraph():
+    script = r"""
+import torch, fused_imbalance as fi
+torch.manual_seed(0)
+x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+y = torch.randint(0, 5, (2, 23, 19)); y[0, 0] = 255
+
+def step(x, y, conf):
+    return (fi.recall_loss(x, y, ignore_index=255, confusion=conf, backend="cpp", upsample="bilinear")
+            + fi.focal_loss(x, y, 2.0, ignore_index=255, backend="cpp", upsample="nearest")
+            + fi.mse_outlying_loss(x, y, torch.arange(1.0, 6.0), ignore_index=255, backend="cpp",
+                                   upsample="bilinear", align_corners=True))
+
+conf_c, conf_e = torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)
+lc = torch.compile(step, fullgraph=True)(x, y, conf_c)
+gc, = torch.autograd.grad(lc, x)
+le = step(x, y, conf_e)
+ge, = torch.autograd.grad(le, x)
+torch.testing.assert_close(lc, le)
+torch.testing.assert_close(gc, ge)
+assert torch.equal(conf_c, conf_e) and conf_c.sum() > 0
+print("OK")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
+def test_interpolate_is_the_spec_in_float32():
+    """For float32 logits ``reference.upsampled`` is F.interpolate itself."""
+    x, _ = make(C=3, hw=(5, 7))
+    for mode, ac in MODES:
+        kw = {} if mode == "nearest" else {"align_corners": ac}
+        assert torch.equal(up(x, (11, 13), mode, ac), F.interpolate(x, size=(11, 13), mode=mode, **kw))
