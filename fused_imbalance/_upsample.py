@@ -6,7 +6,6 @@ the result is that of ``F.interpolate(logits, size=(H, W), mode=upsample,
 align_corners=align_corners)`` followed by the loss, computed without the interpolated tensor by
 the ops of :mod:`.ops.upsample`.
 """
-import importlib
 import os
 from typing import NamedTuple, Optional
 
@@ -18,8 +17,6 @@ from .ops.upsample import Interp
 MODES = ("bilinear", "nearest")
 # The fused backends that implement the upsampled ops.
 _FUSED = ("cpp", "triton")
-# The module of each fused backend's upsampled ops.
-_OPS = {"cpp": "fused_imbalance.ops.cpp", "triton": "fused_imbalance.ops.triton_upsample"}
 
 
 class Resize(NamedTuple):
@@ -91,9 +88,8 @@ def reference_logits(logits, rs):
     return _ref.upsampled(logits, rs.size, rs.mode, rs.align_corners)
 
 
-def forward(name, rs, logits, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
+def forward(module, rs, logits, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
             need_confusion):
-    """The fused backend ``name``'s upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
-    module = importlib.import_module(_OPS[name])
+    """The backend module's upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
     return module.upsample_loss_fwd(logits, target, rs.interp, rs.align_corners, int(mode), float(gamma), tvals,
                                     ignore_index, need_pixel_loss, need_tp, need_confusion)
