@@ -27,9 +27,9 @@ step, fused upsample against interpolate + loss, and writes ``segmentation_memor
 import argparse
 import functools
 import json
-import statistics
 import math
 import os
+import statistics
 import sys
 import time
 
