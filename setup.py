@@ -19,6 +19,7 @@ import build_config  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 cuda = build_config.with_cuda()
+build_config.set_cuda_arch_list(cuda)  # a CUDA torch with no visible GPU cannot detect the architectures
 extension = (CUDAExtension if cuda else CppExtension)(
     "fused_imbalance._C",
     sources=[os.path.relpath(s, ROOT) for s in build_config.sources(cuda)],  # setuptools wants relative paths
@@ -26,4 +27,5 @@ extension = (CUDAExtension if cuda else CppExtension)(
     extra_link_args=build_config.link_flags(),
 )
 
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
+# The license here, not in pyproject.toml: its SPDX-string form there needs setuptools >= 77.
+setup(license="BSD-3-Clause", ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

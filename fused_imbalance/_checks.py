@@ -1,6 +1,7 @@
 """Argument checks shared by the reference and the fused backends: bad input gets a clear
 error, never a wrong number."""
 import math
+import numbers
 
 import torch
 
@@ -82,10 +83,18 @@ def check_class_vector(vec, name, logits):
 
 
 def check_gamma(gamma):
-    gamma = float(gamma)
-    if not math.isfinite(gamma) or gamma < 0:
+    """γ as a float: a number >= 0, or a one-element tensor."""
+    if isinstance(gamma, torch.Tensor) and gamma.numel() == 1:
+        gamma = float(gamma)
+    if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        what = (f"a tensor of shape {tuple(gamma.shape)}" if isinstance(gamma, torch.Tensor)
+                else f"{type(gamma).__name__} {gamma!r}")
+        raise TypeError(f"gamma must be a number (the focal exponent), got {what}; per-class weights "
+                        "go in weight=")
+    # Comparisons, not math.isfinite, so a symbolic γ is checked by guards; NaN fails both.
+    if not (0 <= gamma < math.inf):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
-    return gamma
+    return float(gamma)  # under torch.compile(dynamic=True) a symbolic γ stays symbolic
 
 
 def check_confusion(confusion, logits, name="confusion"):
@@ -100,6 +109,19 @@ def check_confusion(confusion, logits, name="confusion"):
         raise ValueError(f"{name} is on {confusion.device} but logits are on {logits.device}")
     if not confusion.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def check_labels(bad, target, num_classes, ignore_index):
+    """Raise when ``bad`` (a count of labels outside [0, C) that are not ``ignore_index``) is not 0.
+
+    Eagerly one small host sync and a ``ValueError`` naming the value; inside ``torch.compile``
+    a device assertion (a ``RuntimeError`` that cannot name it), so the graph has no
+    data-dependent branch.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(bad == 0, "target contains a label outside [0, C) that is not ignore_index")
+    elif int(bad) != 0:
+        raise bad_label_error(target, num_classes, ignore_index)
 
 
 def bad_label_error(target, num_classes, ignore_index):

@@ -30,8 +30,7 @@ import torch
 from . import _upsample
 from . import reference as _ref
 from . import weights as _weights
-from ._checks import (bad_label_error, check_class_vector, check_confusion, check_gamma, check_loss_type,
-                      check_inputs)
+from ._checks import check_class_vector, check_confusion, check_gamma, check_inputs, check_labels, check_loss_type
 from .ops import Mode, collapsible
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
@@ -40,6 +39,7 @@ __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_
 BACKENDS = ("auto", "triton", "cpp", "reference")
 _MODULES = {"triton": "fused_imbalance.ops.triton_loss", "cpp": "fused_imbalance.ops.cpp"}
 _loaded = {}
+_why = {}  # why a backend could not be loaded, for the error of an explicit backend=
 
 
 @torch.compiler.assume_constant_result
@@ -55,17 +55,23 @@ def _backend_module(name):
         try:
             mod = importlib.import_module(_MODULES[name])
             _loaded[name] = mod if mod.available() else None
+            if _loaded[name] is None:
+                _why[name] = getattr(mod, "unavailable_reason", lambda: None)()
         except ImportError as e:
             warnings.warn(f"fused_imbalance: the {name!r} backend could not be imported ({e})", stacklevel=3)
             _loaded[name] = None
+            _why[name] = f"it could not be imported ({type(e).__name__}: {e})"
     return _loaded[name]
 
 
 def resolve_backend(backend, logits):
     """The name of the backend that will run ``logits``: "triton", "cpp" or "reference"."""
-    name = backend if backend is not None else os.environ.get("FUSED_IMBALANCE_BACKEND", "auto")
+    if backend is not None:
+        name, source = backend, "backend"
+    else:
+        name, source = os.environ.get("FUSED_IMBALANCE_BACKEND", "auto"), "the environment variable FUSED_IMBALANCE_BACKEND"
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "reference":
         return name
     if name == "auto":
@@ -74,7 +80,9 @@ def resolve_backend(backend, logits):
             return cand
         return "reference"
     if not _backend_available(name):
+        why = _why.get(name)
         raise RuntimeError(f"the {name!r} backend is not available on this machine"
+                           + (f": {why}" if why else "")
                            + (" (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
                               if name == "triton" and not logits.is_cuda else ""))
     if not _loaded[name].supports(logits):
@@ -82,11 +90,10 @@ def resolve_backend(backend, logits):
     return name
 
 
-def _check_labels(bad, target, C, ignore_index):
-    if torch.compiler.is_compiling():
-        torch._assert_async(bad == 0, "target contains a label outside [0, C) that is not ignore_index")
-    elif int(bad) != 0:
-        raise bad_label_error(target, C, ignore_index)
+TORCH_FUNC_UNSUPPORTED = (
+    "fused_imbalance: torch.func transforms (grad, jacrev, jacfwd, jvp, ...) cannot differentiate the "
+    "fused {backend!r} backend's ops; use torch.autograd.grad / .backward() with it, or backend=\"reference\" "
+    "inside torch.func")
 
 
 def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, confusion, validate, need_tp=False,
@@ -102,36 +109,61 @@ def _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction, co
             _loaded[name], rs, logits, target, mode, gamma, tvals, ignore_index, reduction == "none", need_tp,
             confusion is not None)
         if validate:
-            _check_labels(bad, target, logits.shape[1], ignore_index)
+            check_labels(bad, target, logits.shape[1], ignore_index)
         if confusion is not None:
             confusion.add_(counts)
         return (pixel if reduction == "none" else None), class_loss, count, (tp if need_tp else None)
     x = logits if collapsible(logits) else logits.contiguous()
     y = target.reshape(-1).contiguous()
-    pixel, class_loss, count, tp, bad, counts = _loaded[name].loss_fwd(
-        x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", need_tp, confusion is not None)
+    args = (x, y, int(mode), float(gamma), tvals, ignore_index, reduction == "none", need_tp, confusion is not None)
+    if torch.compiler.is_compiling():
+        out = _loaded[name].loss_fwd(*args)
+    else:
+        try:
+            out = _loaded[name].loss_fwd(*args)
+        except RuntimeError as e:
+            # torch.func's grad/jacrev/jvp cannot differentiate a custom op whose autograd formula is
+            # registered with torch.library (torch's message speaks of an autograd.Function).
+            if "functorch transforms" in str(e):
+                raise RuntimeError(TORCH_FUNC_UNSUPPORTED.format(backend=name)) from e
+            raise
+    pixel, class_loss, count, tp, bad, counts = out
     if validate:
-        _check_labels(bad, target, logits.shape[1], ignore_index)
+        check_labels(bad, target, logits.shape[1], ignore_index)
     if confusion is not None:
         confusion.add_(counts)
     return (pixel if reduction == "none" else None), class_loss, count, (tp if need_tp else None)
 
 
-def _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights):
-    """Σ_c w_c S_c over the denominator of DESIGN.md §2, or the weighted per-pixel loss."""
+def _reduce(pixel, class_loss, count, w, target, ignore_index, reduction, mean_over_weights):
+    """Σ_c w_c S_c over the denominator of DESIGN.md §2, or the weighted per-pixel loss.
+
+    As ``torch.nn.functional.cross_entropy``, a weight enters only through the pixels of its
+    class: an inf or NaN weight of a class absent from the batch, or of the class an ignored
+    pixel's label is clamped to, changes nothing (``inf · 0`` is never formed), and a negative
+    Σ w_y is divided by as it is. Only a zero denominator differs: it gives 0 (DESIGN.md §2).
+    """
     if reduction == "none":
         if w is None:
             return pixel.view(target.shape)
         C = class_loss.numel()
-        idx = target.reshape(-1).long().clamp(0, C - 1)  # ignored pixels have pixel loss 0
-        return (pixel * w.gather(0, idx)).view(target.shape)
-    total = class_loss.sum() if w is None else (w * class_loss).sum()
+        y = target.reshape(-1).long()
+        valid = (y != ignore_index) & (y >= 0) & (y < C)
+        wy = torch.where(valid, w.gather(0, y.clamp(0, C - 1)), torch.zeros_like(pixel))
+        return (pixel * wy).view(target.shape)  # pixel is 0 where not valid
+    present = count > 0
+    total = class_loss.sum() if w is None else torch.where(present, w * class_loss,
+                                                             torch.zeros_like(class_loss)).sum()
     if reduction == "sum":
         return total
     n = count.to(torch.float64)
-    denom = (w.to(torch.float64) * n).sum() if (mean_over_weights and w is not None) else n.sum()
+    if mean_over_weights and w is not None:
+        wn = w.to(torch.float64) * n
+        denom = torch.where(present, wn, torch.zeros_like(wn)).sum()
+    else:
+        denom = n.sum()
     denom = denom.to(total.dtype)
-    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return total / torch.where(denom != 0, denom, torch.ones_like(denom))
 
 
 def _loss(name, logits, target, mode, gamma, weight, ignore_index, reduction, confusion, validate,
@@ -140,7 +172,7 @@ def _loss(name, logits, target, mode, gamma, weight, ignore_index, reduction, co
     pixel, class_loss, count, tp = _fused(name, logits, target, mode, gamma, tvals, ignore_index, reduction,
                                           confusion, validate, need_tp=weight_from_stats is not None, rs=rs)
     w = weight if weight_from_stats is None else weight_from_stats(count, tp).to(class_loss.dtype)
-    return _reduce(pixel, class_loss, count, w, target, reduction, mean_over_weights)
+    return _reduce(pixel, class_loss, count, w, target, ignore_index, reduction, mean_over_weights)
 
 
 def _common_checks(logits, target, ignore_index, reduction, confusion, upsample=None, align_corners=False):
@@ -213,7 +245,8 @@ def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_typ
     """Class-balanced loss (Cui et al. 2019): the ``loss_type`` loss ("softmax", "sigmoid", "focal",
     "softmax_focal") weighted by ``weights.effective_number(samples_per_class, beta)``;
     ``"mean"`` divides by the number of valid pixels."""
-    w = _weights.effective_number(samples_per_class, beta).to(logits.device)
+    w = check_class_vector(_weights.effective_number(samples_per_class, beta).to(logits.device),
+                           "samples_per_class", logits)
     return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion=confusion,
                          backend=backend, validate=validate, upsample=upsample, align_corners=align_corners)
 

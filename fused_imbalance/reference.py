@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as _weights
-from ._checks import (acc_dtype, bad_label_error, check_class_vector, check_confusion, check_gamma, check_loss_type,
-                      check_inputs)
+from ._checks import (acc_dtype, check_class_vector, check_confusion, check_gamma, check_inputs, check_labels,
+                      check_loss_type)
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
            "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss"]
@@ -30,8 +30,8 @@ class _Pixels:
         y = target.reshape(-1).long()
         self.valid = y != ignore_index
         in_range = (y >= 0) & (y < C)
-        if validate and bool((self.valid & ~in_range).any()):
-            raise bad_label_error(target, C, ignore_index)
+        if validate:
+            check_labels((self.valid & ~in_range).sum(), target, C, ignore_index)
         self.valid = self.valid & in_range
         self.y = torch.where(self.valid, y, torch.zeros_like(y))
         # Ignored pixels contribute nothing, not even a NaN gradient from non-finite logits.
@@ -61,10 +61,12 @@ def _softmax_focal(px, gamma):
         return -logp
     one_minus_p = -torch.expm1(logp)
     # (1 − p)^γ has an infinite derivative at p = 1 for γ < 1, though the loss's is 0 there
-    # (log p = 0): select 0 instead of letting autograd form 0·inf = NaN.
+    # (log p = 0): select 0 instead of letting autograd form 0·inf = NaN. exp(γ log b) rather
+    # than pow, as in _sigmoid_focal: inductor fails to lower a symbolic γ (dynamic=True) that
+    # feeds both a pow and a mul in one graph.
     pos = one_minus_p > 0
-    focal = torch.where(pos, torch.where(pos, one_minus_p, torch.ones_like(one_minus_p)).pow(gamma),
-                        torch.zeros_like(one_minus_p))
+    safe = torch.where(pos, one_minus_p, torch.ones_like(one_minus_p))
+    focal = torch.where(pos, torch.exp(gamma * torch.log(safe)), torch.zeros_like(one_minus_p))
     return -focal * logp
 
 
@@ -72,12 +74,18 @@ def _sigmoid_focal(px, gamma):
     # The label's term −(1−q_y)^γ log q_y and the others' −q_k^γ log(1−q_k), selected, not multiplied
     # by a one-hot target: 0 · log q_k would turn a −inf logit of another class into NaN.
     x_y = px.x.gather(1, px.y[:, None]).squeeze(1)
-    pos = -F.logsigmoid(x_y)
-    neg = -F.logsigmoid(-px.x)  # −log(1 − q) = softplus(x)
-    if gamma != 0.0:
-        pos = torch.sigmoid(-x_y).pow(gamma) * pos  # 1 − q_y = σ(−x_y)
-        neg = torch.sigmoid(px.x).pow(gamma) * neg
     label = F.one_hot(px.y, px.C).bool()
+    # The other classes' term is computed with 0 at the label's place, not computed and then
+    # discarded: the discarded term's derivative at a +inf label logit is inf, and 0 · inf = NaN.
+    x_neg = torch.where(label, torch.zeros_like(px.x), px.x)
+    pos = -F.logsigmoid(x_y)
+    neg = -F.logsigmoid(-x_neg)  # −log(1 − q) = softplus(x)
+    if gamma != 0.0:
+        # σ(u)^γ as exp(γ log σ(u)): pow's derivative γ σ^(γ−1) is infinite where σ(u) rounds to 0
+        # (a confident or +inf label logit) and would meet a zero log term as inf · 0 = NaN;
+        # this form's derivative γ σ^γ (1 − σ) is finite everywhere.
+        pos = torch.exp(gamma * F.logsigmoid(-x_y)) * pos  # 1 − q_y = σ(−x_y)
+        neg = torch.exp(gamma * F.logsigmoid(x_neg)) * neg
     return pos + torch.where(label, torch.zeros_like(neg), neg).sum(dim=1)
 
 
@@ -91,7 +99,9 @@ def _reduce(px, loss, w, reduction, mean_over_weights):
     """Weighted reduction of per-pixel losses (DESIGN.md §2 "Mean")."""
     valid = px.valid.to(loss.dtype)
     loss = torch.where(px.valid, loss, torch.zeros_like(loss))
-    wp = valid if w is None else w[px.y] * valid
+    # As torch's cross_entropy: an ignored pixel never meets a weight (an inf weight of the class
+    # its label is clamped to would give inf · 0 = NaN), and a negative Σ w_y is divided by as it is.
+    wp = valid if w is None else torch.where(px.valid, w[px.y], torch.zeros_like(loss))
     weighted = wp * loss
     if reduction == "none":
         return weighted.reshape(px.shape)
@@ -99,7 +109,7 @@ def _reduce(px, loss, w, reduction, mean_over_weights):
     if reduction == "sum":
         return total
     denom = wp.sum() if mean_over_weights else valid.sum()
-    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return total / torch.where(denom != 0, denom, torch.ones_like(denom))
 
 
 def _loss(logits, target, per_pixel, weight, ignore_index, reduction, confusion, validate, mean_over_weights,
@@ -153,7 +163,9 @@ def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_typ
 
     ``"mean"`` divides by the number of valid pixels, as the official code.
     """
-    w = _weights.effective_number(samples_per_class, beta).to(logits.device)
+    check_inputs(logits, target, ignore_index, reduction)
+    w = check_class_vector(_weights.effective_number(samples_per_class, beta).to(logits.device),
+                           "samples_per_class", logits)
     return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion, validate)
 
 

@@ -1,6 +1,9 @@
 """Class-weighting schemes (DESIGN.md §4–§5). Every function returns a float32 (C,) tensor.
 
 A class with count 0 gets the largest weight of the others, never inf or NaN.
+
+The checks on the values are ``ValueError``s; inside ``torch.compile`` they are device
+assertions instead (no data-dependent branch), so the weights can be computed in a compiled step.
 """
 import math
 
@@ -9,30 +12,42 @@ import torch
 __all__ = ["effective_number", "inverse_frequency", "median_frequency", "outlying_labels", "cdb"]
 
 
+def _per_class(values, name):
+    """A per-class sequence or tensor as a float64 tensor; a single number is a TypeError naming ``name``."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float64)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence or tensor with one value per class, "
+                        f"got {type(values).__name__} {values!r}")
+    return torch.as_tensor(list(values), dtype=torch.float64)
+
+
+def _require(ok, message):
+    """Raise ``ValueError(message())`` unless the boolean tensor ``ok`` holds (a device assertion
+    inside ``torch.compile``)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, "fused_imbalance.weights: invalid per-class values")
+    elif not bool(ok):
+        raise ValueError(message())
+
+
 def _counts(samples_per_class):
     """Validate per-class counts and return them as a float64 tensor."""
-    if isinstance(samples_per_class, torch.Tensor):
-        counts = samples_per_class.detach().to(torch.float64)
-    else:
-        counts = torch.as_tensor(list(samples_per_class), dtype=torch.float64)
+    counts = _per_class(samples_per_class, "samples_per_class")
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(
             f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}")
-    if not torch.isfinite(counts).all():
-        raise ValueError("samples_per_class must be finite")
-    if (counts < 0).any():
-        bad = counts[counts < 0][0].item()
-        raise ValueError(f"samples_per_class must be non-negative, got {bad:g}")
-    if (counts == 0).all():
-        raise ValueError("samples_per_class is all zeros: no class has a sample")
+    _require(torch.isfinite(counts).all(), lambda: "samples_per_class must be finite")
+    _require((counts >= 0).all(),
+             lambda: f"samples_per_class must be non-negative, got {counts[counts < 0][0].item():g}")
+    _require((counts != 0).any(), lambda: "samples_per_class is all zeros: no class has a sample")
     return counts
 
 
 def _fill_absent(w, present):
     """Give classes with no sample the largest weight of the present ones."""
-    if not present.all():
-        w = torch.where(present, w, w[present].max())
-    return w
+    largest = torch.where(present, w, torch.full_like(w, -math.inf)).max()
+    return torch.where(present, w, largest)
 
 
 def _sum_to_c(w):
@@ -102,22 +117,20 @@ def cdb(class_accuracy, tau="dynamic"):
 
     With ``tau="dynamic"``: b = max A / (min A + 1e-4) − 1 and τ = 2 / (1 + exp(−b)).
     """
-    if isinstance(class_accuracy, torch.Tensor):
-        acc = class_accuracy.detach().to(torch.float64)
-    else:
-        acc = torch.as_tensor(list(class_accuracy), dtype=torch.float64)
+    acc = _per_class(class_accuracy, "class_accuracy")
     if acc.dim() != 1 or acc.numel() == 0:
         raise ValueError(
             f"class_accuracy must be a non-empty 1-D sequence, got shape {tuple(acc.shape)}")
-    if not torch.isfinite(acc).all() or (acc < 0).any() or (acc > 1).any():
-        raise ValueError("class_accuracy must hold accuracies in [0, 1]")
+    _require((torch.isfinite(acc) & (acc >= 0) & (acc <= 1)).all(),
+             lambda: "class_accuracy must hold accuracies in [0, 1]")
     if isinstance(tau, str):
         if tau != "dynamic":
             raise ValueError(f"tau must be 'dynamic' or a number, got {tau!r}")
         b = acc.max() / (acc.min() + 1e-4) - 1.0
         t = 2.0 / (1.0 + torch.exp(-b))
     else:
-        t = torch.as_tensor(float(tau), dtype=torch.float64)
-        if not torch.isfinite(t) or t < 0:
+        tau = float(tau)
+        if not 0 <= tau < math.inf:
             raise ValueError(f"tau must be a non-negative number, got {tau}")
+        t = torch.as_tensor(tau, dtype=torch.float64)
     return torch.pow(1.0 - acc, t).to(torch.float32)

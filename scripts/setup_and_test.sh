@@ -2,9 +2,19 @@
 # Set up from nothing (a machine with only Python) and run the whole test suite.
 #   bash scripts/setup_and_test.sh            # CPU machine: CPU torch, Triton under TRITON_INTERPRET=1
 #   TORCH_SPEC=torch bash scripts/...         # take whatever torch build pip resolves (e.g. CUDA)
+#   MIN_VERSIONS=1 bash scripts/...           # the oldest versions pyproject.toml declares, in .venv-min:
+#                                             # torch 2.11 (the registry's CUDA build, which runs on CPU
+#                                             # too), triton 3.6, numpy < 2.4, a setuptools older than 77
+#   SETUP_ONLY=1 bash scripts/...             # set up, run no test (scripts/setup_and_bench.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ "${MIN_VERSIONS:-0}" = 1 ]; then
+  VENV=${VENV:-.venv-min}
+  TORCH_SPEC=${TORCH_SPEC:-torch==2.11.*}
+  TRITON_SPEC=${TRITON_SPEC:-triton==3.6.*}
+  SETUPTOOLS_SPEC=${SETUPTOOLS_SPEC:-setuptools<77}  # the install must not need a recent setuptools
+fi
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
@@ -12,13 +22,20 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install --quiet triton setuptools wheel ninja pybind11 pytest pytest-benchmark hypothesis numpy
+python -m pip install --quiet "${TRITON_SPEC:-triton}" "${SETUPTOOLS_SPEC:-setuptools}" wheel ninja pybind11 pytest pytest-benchmark hypothesis numpy
+# triton < 3.8's interpreter (TRITON_INTERPRET=1) calls int() on one-element arrays, which numpy >= 2.4 rejects.
+if python -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 8))"; then
+  python -m pip install --quiet "numpy<2.4"
+fi
 # For tests/test_examples.py, which runs the examples on a tiny budget (the `examples` extra).
 python -m pip install --quiet scikit-learn tqdm matplotlib
 # Builds the C++ extension (csrc/) against the torch installed above.
 python -m pip install --quiet --no-build-isolation -e .
-python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.cuda.is_available())"
+python -c "import torch, triton, numpy, setuptools; print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__, '| setuptools', setuptools.__version__, '| cuda', torch.cuda.is_available())"
 python -c "from fused_imbalance.ops import cpp; print('C++ backend built:', cpp.available())"
+if [ "${SETUP_ONLY:-0}" = 1 ]; then
+  exit 0
+fi
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
 fi

@@ -11,12 +11,32 @@ except ImportError:  # pragma: no cover
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _old_interpreter_with_new_numpy():
+    """triton < 3.8's interpreter calls int() on one-element arrays, which numpy >= 2.4 rejects."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    def version(mod):
+        return tuple(int(p) for p in mod.__version__.split("+")[0].split(".")[:2])
+    if version(triton) < (3, 8) and version(numpy) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (numpy {numpy.__version__} is "
+                "installed): pip install 'numpy<2.4'")
+    return None
+
 sys.path.insert(0, os.path.dirname(__file__))  # `from tolerances import TOL`
 
 import pytest  # noqa: E402
 
 
 def pytest_configure(config):
+    problem = _old_interpreter_with_new_numpy()
+    if problem:
+        raise pytest.UsageError(problem)
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running, still part of the suite")
 

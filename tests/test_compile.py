@@ -38,17 +38,60 @@ print("OK", fi.functional.resolve_backend(BACKEND, x))
 """
 
 
-@pytest.mark.parametrize("backend", ["cpp", "auto"])
-def test_compile_fullgraph_first_call(backend):
-    from fused_imbalance.functional import resolve_backend
-    import torch
-    try:
-        resolve_backend("cpp", torch.zeros(1, 2))
-    except RuntimeError as e:
-        pytest.skip(f"cpp backend unavailable: {e}")
+DYNAMIC_GAMMA = r"""
+import torch, fused_imbalance as fi
+import fused_imbalance.functional as F
+torch.manual_seed(0)
+x = torch.randn(2, 5, 6, 7, requires_grad=True)
+y = torch.randint(0, 5, (2, 6, 7)); y[0, 0] = 255
+w = torch.linspace(0.5, 2.0, 5)
+kw = dict(ignore_index=255, backend=BACKEND)
+
+def step(x, y, gamma):  # every loss that takes gamma, with gamma a (dynamic) float input
+    return (F.focal_loss(x, y, gamma, w, **kw) + F.sigmoid_focal_loss(x, y, gamma, **kw)
+            + F.class_balanced_loss(x, y, [5, 4, 3, 2, 1], 0.9, "focal", gamma, **kw)
+            + F.weighted_loss(x, y, w, "softmax_focal", gamma, **kw)
+            + F.cdb_loss(x, y, [0.1, 0.5, 0.9, 0.3, 0.2], gamma=gamma, **kw))
+
+compiled = torch.compile(step, fullgraph=True, dynamic=True)
+for gamma in (2.0, 0.5):
+    lc = compiled(x, y, gamma)
+    gc, = torch.autograd.grad(lc, x)
+    le = step(x, y, gamma)
+    ge, = torch.autograd.grad(le, x)
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(gc, ge)
+modules = [fi.FocalLoss(1.5, w, **kw), fi.ClassBalancedLoss([5, 4, 3, 2, 1], 0.9, "focal", 0.5, **kw),
+           fi.CDBLoss(5, gamma=0.5, **kw)]
+for m in modules:
+    torch.testing.assert_close(torch.compile(m, fullgraph=True, dynamic=True)(x, y), m(x, y))
+print("OK", fi.functional.resolve_backend(BACKEND, x))
+"""
+
+
+def _run(script, backend):
+    if backend != "reference":
+        from fused_imbalance.functional import resolve_backend
+        import torch
+        try:
+            resolve_backend("cpp", torch.zeros(1, 2))
+        except RuntimeError as e:
+            pytest.skip(f"cpp backend unavailable: {e}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", f"BACKEND = {backend!r}\n" + SCRIPT], env=env,
+    out = subprocess.run([sys.executable, "-c", f"BACKEND = {backend!r}\n" + script], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK cpp" in out.stdout
+    assert f"OK {'reference' if backend == 'reference' else 'cpp'}" in out.stdout
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto", "reference"])
+def test_compile_fullgraph_first_call(backend):
+    """Every backend, the reference (the no-compiler fallback) included, with the label check on."""
+    _run(SCRIPT, backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_compile_dynamic_gamma(backend):
+    """torch.compile(fullgraph=True, dynamic=True): gamma is a symbolic float there."""
+    _run(DYNAMIC_GAMMA, backend)

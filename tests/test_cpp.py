@@ -429,9 +429,64 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
         msgs = [str(m.message) for m in w if "C++ backend" in str(m.message)]
         assert len(msgs) == 1, msgs
         assert FI.resolve_backend("auto", x) == "reference"
+        # asking for the backend says why it is missing: the build's first error line and its log
+        try:
+            FI.cross_entropy(x, torch.tensor([0, 1, 2, 1]), backend="cpp")
+        except RuntimeError as e:
+            msg = str(e)
+        else:
+            raise AssertionError("backend='cpp' ran without the C++ backend")
+        assert "not available on this machine: fused_imbalance._C is not built" in msg, msg
+        assert "compiling csrc/ failed" in msg and "full log: " in msg, msg
+        first_line = msg.split("compiling csrc/ failed: ")[1].split(" (full log: ")[0]
+        log = msg.split("full log: ")[1].rstrip(")")
+        assert first_line in open(log).read() and "C++ extension" in open(log).read()
     """)
     env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "false",
            "FUSED_IMBALANCE_CUDA": "0"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+def test_no_compiler_is_named(tmp_path):
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["fused_imbalance._C"] = None
+        import torch
+        import fused_imbalance.functional as FI
+        warnings.simplefilter("ignore")
+        try:
+            FI.cross_entropy(torch.randn(2, 3), torch.tensor([0, 2]), backend="cpp")
+        except RuntimeError as e:
+            assert "no C++ compiler" in str(e) and "/nonexistent/c++" in str(e), e
+        else:
+            raise AssertionError("backend='cpp' ran without the C++ backend")
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/nonexistent/c++",
+           "FUSED_IMBALANCE_CUDA": "0"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+def test_unknown_cpu_isa_is_an_error():
+    """A value of FUSED_IMBALANCE_CPU_ISA that names no copy of the kernels is an error, from
+    Python and from the op itself, never a silent choice of another copy."""
+    script = textwrap.dedent("""
+        import torch
+        import fused_imbalance.functional as FI
+        try:
+            FI.cross_entropy(torch.randn(2, 3), torch.tensor([0, 2]))
+        except ValueError as e:
+            assert "FUSED_IMBALANCE_CPU_ISA" in str(e) and "'sse4'" in str(e), e
+        else:
+            raise AssertionError("FUSED_IMBALANCE_CPU_ISA=sse4 was accepted")
+        from fused_imbalance import _C  # noqa: F401  (the op reads the variable itself too)
+        try:
+            torch.ops.fused_imbalance.cpp_cpu_isa()
+        except ValueError as e:
+            assert "FUSED_IMBALANCE_CPU_ISA" in str(e), e
+        else:
+            raise AssertionError("the op accepted FUSED_IMBALANCE_CPU_ISA=sse4")
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT, "FUSED_IMBALANCE_CPU_ISA": "sse4"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
 
 
@@ -455,3 +510,32 @@ def test_cuda_class_stats(C, lay, dtype):
         got = cpp.class_stats(x.cuda(), target.cuda(), 255, need_confusion)
         for u, v in zip(got, want):
             assert u.is_cuda and torch.equal(u.cpu(), v)
+
+
+def test_cuda_arch_list_without_a_visible_gpu(monkeypatch):
+    """A CUDA build of torch cannot detect the target architectures with no GPU visible: the build
+    then names them itself, and leaves a TORCH_CUDA_ARCH_LIST the user set alone."""
+    if torch.cuda.is_available():
+        pytest.skip("a visible GPU: torch detects the architectures")
+    cfg = cpp._build_config()
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert cfg.set_cuda_arch_list(False) is None and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert cfg.set_cuda_arch_list(True) == cfg.DEFAULT_CUDA_ARCHS == os.environ["TORCH_CUDA_ARCH_LIST"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert cfg.set_cuda_arch_list(True) is None and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def test_half_cuda_toolkit_builds_the_cpu_part(tmp_path):
+    """An nvcc without the toolkit's headers and libcudart beside it (torch then takes /usr/local
+    for the toolkit) cannot link the CUDA kernel: the build leaves it out instead of failing."""
+    cfg = cpp._build_config()
+    assert not cfg.toolkit_complete(None) and not cfg.toolkit_complete(str(tmp_path))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    assert not cfg.toolkit_complete(str(tmp_path))
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert not cfg.toolkit_complete(str(tmp_path))
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so").write_text("")
+    assert cfg.toolkit_complete(str(tmp_path))

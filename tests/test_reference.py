@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import fused_imbalance.functional as FI
 from fused_imbalance import weights
+from fused_imbalance.losses import CDBLoss, FocalLoss
 from cases import ALL_LOSSES, make_data
 from tolerances import TOL
 
@@ -267,6 +268,17 @@ def test_label_out_of_range_names_the_value():
     (lambda x, y: FI.cdb_loss(x, y, [0.5] * 5, tau="fast"), ValueError, "tau"),
     (lambda x, y: FI.mse_outlying_loss(x, y, torch.ones(5), input="probs"), ValueError, "input"),
     (lambda x, y: FI.confusion_matrix(x, y, out=torch.zeros(5, 5)), TypeError, "int64"),
+    # argument mix-ups: the message names the argument the user got wrong
+    (lambda x, y: FI.class_balanced_loss(x, y, [10, 5]), ValueError, r"samples_per_class must have shape \(5,\)"),
+    (lambda x, y: FI.class_balanced_loss(x, y, 10), TypeError, "samples_per_class must be a sequence"),
+    (lambda x, y: weights.effective_number(10), TypeError, "samples_per_class must be a sequence"),
+    (lambda x, y: weights.outlying_labels(3.0), TypeError, "samples_per_class must be a sequence"),
+    (lambda x, y: weights.cdb(0.5), TypeError, "class_accuracy must be a sequence"),
+    (lambda x, y: FI.focal_loss(x, y, torch.ones(5)), TypeError, r"gamma must be a number.*weight="),
+    (lambda x, y: FI.sigmoid_focal_loss(x, y, [1.0, 2.0]), TypeError, "gamma must be a number"),
+    (lambda x, y: FI.focal_loss(x, y, float("nan")), ValueError, "gamma"),
+    (lambda x, y: FocalLoss(torch.ones(5)), TypeError, r"gamma must be a number.*weight="),
+    (lambda x, y: CDBLoss(5, gamma=torch.ones(5)), TypeError, "gamma must be a number"),
 ])
 def test_bad_input_errors(call, exc, match):
     x, y = _data()
@@ -281,3 +293,19 @@ def test_focal_gradient_is_finite_when_p_is_one(gamma):
     loss = FI.focal_loss(x, torch.tensor([1]), gamma=gamma, **B)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_gamma_accepts_numbers_and_one_element_tensors():
+    x, y = _data()
+    want = FI.focal_loss(x, y, 2.0, **B)
+    for g in (2, torch.tensor(2.0), torch.tensor([2.0])):
+        torch.testing.assert_close(FI.focal_loss(x, y, g, **B), want)
+
+
+def test_backend_from_the_environment_names_the_variable(monkeypatch):
+    x, y = _data()
+    monkeypatch.setenv("FUSED_IMBALANCE_BACKEND", "cpu")
+    with pytest.raises(ValueError, match=r"FUSED_IMBALANCE_BACKEND must be one of .*'cpu'"):
+        FI.cross_entropy(x, y)
+    monkeypatch.setenv("FUSED_IMBALANCE_BACKEND", "reference")
+    torch.testing.assert_close(FI.cross_entropy(x, y), F.cross_entropy(x, y))

@@ -69,6 +69,89 @@ def test_minus_inf_logit_of_another_class_is_finite(backend, name):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
+# --- class weights: non-finite values and a negative sum, as torch -------------------------
+
+# Classes 0 and 3 are absent from the batch below; some pixels are ignored.
+WEIGHTS = {
+    "inf_absent": [1.0, 2.0, 0.5, math.inf],
+    "nan_absent": [1.0, 2.0, 0.5, math.nan],
+    "inf_class0_ignored": [math.inf, 1.0, 2.0, 1.0],  # ignored labels must not meet class 0's weight
+    "negative_sum": [1.0, -3.0, -0.5, 2.0],
+    "all_negative": [-1.0, -2.0, -0.5, -1.0],
+    "inf_present": [1.0, math.inf, 0.5, 1.0],  # a present class: inf/NaN where torch has them
+}
+
+
+def _weight_data(dev):
+    x, y = make_data((2, 4, 3, 3), torch.float64, every=0)
+    y = 1 + y.remainder(2)  # classes 1 and 2 only
+    y.view(-1)[::4] = -100
+    return x.to(dev), y.to(dev)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", WEIGHTS)
+def test_class_weights_behave_as_torch(backend, case, reduction):
+    """A weight enters only through the pixels of its class, as in torch.nn.functional.cross_entropy:
+    an inf/NaN weight of an absent class, or of the class an ignored label would index, changes
+    nothing, and "mean" divides by a negative Σ w_y as it is. Every backend gives torch's answer."""
+    dev = backend_device(backend)
+    x, y = _weight_data(dev)
+    w = torch.tensor(WEIGHTS[case], dtype=torch.float64, device=dev)
+    want = torch.nn.functional.cross_entropy(x, y, weight=w, reduction=reduction)
+    x_leaf = x.clone().requires_grad_(True)
+    want_grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(x_leaf, y, weight=w, reduction=reduction).sum(),
+                                     x_leaf)
+    finite = case != "inf_present"
+    for b in (backend, "reference"):
+        for fn in (lambda t, yy, **k: FI.cross_entropy(t, yy, w, **k),
+                   lambda t, yy, **k: FI.focal_loss(t, yy, 0.0, w, **k)):
+            loss, grad = loss_and_grad(fn, x, y, b, reduction)
+            torch.testing.assert_close(loss, want, **LOSS_TOL[torch.float64], equal_nan=True)
+            if finite:
+                assert torch.isfinite(loss).all()
+                torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", [c for c in WEIGHTS if c != "inf_present"])
+@pytest.mark.parametrize("name", ["sigmoid_focal_loss", "weighted_focal"])
+def test_class_weights_same_on_every_backend(backend, case, name):
+    """The losses torch has no twin of follow the same rule on every backend: finite where the
+    non-finite weights belong to no valid pixel."""
+    dev = backend_device(backend)
+    x, y = _weight_data(dev)
+    w = torch.tensor(WEIGHTS[case], dtype=torch.float64, device=dev)
+    fn = {"sigmoid_focal_loss": lambda t, yy, **k: FI.sigmoid_focal_loss(t, yy, 1.5, w, **k),
+          "weighted_focal": lambda t, yy, **k: FI.weighted_loss(t, yy, w, "softmax_focal", 2.0, **k)}[name]
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = _same_as_reference(fn, x, y, backend, reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+# --- confident logits ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, label_logit", [(torch.float32, 89.0), (torch.float32, 1e4),
+                                                (torch.float32, math.inf), (torch.float64, 750.0),
+                                                (torch.float64, math.inf)])
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.999, 1.5])
+def test_focal_gradient_at_a_certain_label_is_finite(backend, dtype, label_logit, gamma):
+    """A label logit so large (or +inf) that 1 − q_y rounds to 0: the focal factor (1 − q_y)^γ has
+    an infinite derivative there for γ < 1, the loss term is 0, and the gradient is its limit,
+    never 0 · inf = NaN, on every backend and the reference."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), dtype, every=0)
+    for b, i, j in ((0, 1, 1), (1, 2, 0)):
+        x[b, y[b, i, j], i, j] = label_logit
+    x, y = x.to(dev), y.to(dev)
+    fns = [lambda t, yy, **k: FI.sigmoid_focal_loss(t, yy, gamma, **k)]
+    if math.isfinite(label_logit):  # softmax of a +inf logit is NaN (inf − inf), as torch.log_softmax
+        fns.append(lambda t, yy, **k: FI.focal_loss(t, yy, gamma, **k))
+    for fn in fns:
+        for reduction in ("sum", "none"):
+            loss, grad = _same_as_reference(fn, x, y, backend, reduction)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
 # --- devices and views -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("call, match", [
@@ -206,3 +289,35 @@ def test_more_than_2_31_elements_cuda():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     p_tail = torch.softmax(xf[:, :, -1000:], dim=1)
     torch.testing.assert_close(x.grad[0, 1, -1000:].float(), (p_tail[0, 1] - 1), **TOL[torch.bfloat16])
+
+
+# --- what autograd cannot do with a fused op: a clear error, never a wrong number ---------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", ["focal_loss", "sigmoid_focal_loss", "recall_loss", "mse_outlying_loss"])
+def test_double_backward_is_an_error(backend, name, reduction):
+    """The first derivative with create_graph=True is right; asking for the second raises (the
+    fused backward has no derivative) instead of returning one without the second-order term."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float64)
+    x, y = x.to(dev).requires_grad_(True), y.to(dev)
+    fn = ALL_LOSSES[name]
+    g, = torch.autograd.grad(fn(x, y, reduction=reduction, backend=backend).sum(), x, create_graph=True)
+    want, = torch.autograd.grad(fn(x, y, reduction=reduction, backend="reference").sum(), x)
+    torch.testing.assert_close(g.detach(), want, **TOL[torch.float64])
+    with pytest.raises(RuntimeError, match="second derivatives of the fused losses are not implemented"):
+        torch.autograd.grad((g * g).sum(), x)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev"])
+def test_torch_func_says_what_is_unsupported(backend, transform):
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float64)
+    x, y = x.to(dev), y.to(dev)
+    tf = getattr(torch.func, transform)
+    with pytest.raises(RuntimeError, match=f"torch.func transforms .* fused '{backend}' backend"):
+        tf(lambda t: FI.focal_loss(t, y, backend=backend))(x)
+    # what the message recommends works: the reference inside torch.func, autograd with the backend
+    got = tf(lambda t: FI.focal_loss(t, y, backend="reference"))(x)
+    want, = torch.autograd.grad(FI.focal_loss(x.requires_grad_(True), y, backend=backend), x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])

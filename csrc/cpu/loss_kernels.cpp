@@ -2,12 +2,14 @@
 // (loss_kernels_avx2.cpp, loss_kernels_avx512.cpp). The build needs no -march and its output
 // does not depend on the build machine; the choice is made once, from the CPU running it.
 //
-// FUSED_IMBALANCE_CPU_ISA=base|avx2|avx512 caps the choice (for tests and benchmarks); all
-// copies give bit-identical results.
+// FUSED_IMBALANCE_CPU_ISA=base|avx2|avx512 caps the choice (for tests and benchmarks; any
+// other value is an error); all copies give bit-identical results.
 #include "loss_kernels.h"
 
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #define FI_ISA base
 #define FI_VECTOR_BYTES 16  // SSE2 / NEON: wider vectors would be split lane by lane
@@ -55,9 +57,13 @@ Isa detect_isa() {
 #endif
   const char* cap = std::getenv("FUSED_IMBALANCE_CPU_ISA");
   if (cap != nullptr) {
-    Isa want = std::strcmp(cap, "base") == 0 ? Isa::kBase
-               : std::strcmp(cap, "avx2") == 0 ? Isa::kAvx2
-                                                 : Isa::kAvx512;
+    Isa want;
+    if (std::strcmp(cap, "base") == 0) want = Isa::kBase;
+    else if (std::strcmp(cap, "avx2") == 0) want = Isa::kAvx2;
+    else if (std::strcmp(cap, "avx512") == 0) want = Isa::kAvx512;
+    else  // a typo must not silently run another copy than the one asked for
+      throw std::invalid_argument(std::string("FUSED_IMBALANCE_CPU_ISA must be base, avx2 or avx512, got '") +
+                                  cap + "'");
     if (want < best) best = want;
   }
   return best;

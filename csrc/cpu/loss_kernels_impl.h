@@ -57,6 +57,41 @@ FI_INLINE V pow_gamma_log(V sig, V log_sig, double gamma) {
   return vexp(log_sig * splat<V>(gamma));
 }
 
+// Σ_k of a per-class term over the class loop, accurate for any C: plain sums of kBlock terms
+// are added into a compensated (Kahan) total, so the rounding error is about (kBlock + 2) ulps
+// instead of C ulps (C = 40000 classes lose 4 digits of float32 in a plain running sum). The
+// order is fixed by k alone, so results stay bit-identical run to run, across thread counts
+// and across instruction sets. Where the total is inf the compensation is dropped: (inf − inf)
+// would otherwise turn an infinite sum into NaN.
+template <typename V>
+struct ClassSum {
+  static constexpr int kBlock = 16;
+  V part, total, comp;
+  int n;
+
+  FI_INLINE ClassSum() : part(splat<V>(0)), total(splat<V>(0)), comp(splat<V>(0)), n(0) {}
+
+  FI_INLINE void add(V v) {
+    part += v;
+    if (++n == kBlock) flush();
+  }
+
+  FI_INLINE void flush() {
+    V zero = splat<V>(0);
+    V y = part - comp;
+    V t = total + y;
+    comp = select((t - t) == zero, (t - total) - y, zero);
+    total = t;
+    part = zero;
+    n = 0;
+  }
+
+  FI_INLINE V result() {
+    flush();
+    return total;
+  }
+};
+
 // Running max and argmax of the class loop, as torch.argmax: the first index of the largest
 // logit (strict >), and the first NaN if a pixel has one. NaN is rare, so the loop only
 // records that a lane saw one and finish() searches that lane again.
@@ -128,9 +163,9 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
     V m;
     I am;
     max_argmax<T>(x, b.x_stride, b.C, m, am);
-    V se = splat<V>(0);
-    for (int64_t k = 0; k < b.C; ++k) se += vexp(load<V>(x + k * b.x_stride) - m);
-    V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se));  // log p_y <= 0
+    ClassSum<V> sum;
+    for (int64_t k = 0; k < b.C; ++k) sum.add(vexp(load<V>(x + k * b.x_stride) - m));
+    V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(sum.result()));  // log p_y <= 0
     V loss;
     if constexpr (GK == 0) {
       loss = -l;
@@ -193,13 +228,14 @@ void fwd_sigmoid_focal(const FwdBlock<T>& b) {
     I yv = load_labels<T>(b.y + j);
     V v0 = load<V>(x);
     ArgMax<T> a(v0);
-    V hs = sigmoid_focal_term<T, GK>(select(yv == splat<I>(0), -v0, v0), b.gamma);
+    ClassSum<V> hs;
+    hs.add(sigmoid_focal_term<T, GK>(select(yv == splat<I>(0), -v0, v0), b.gamma));
     for (int64_t k = 1; k < b.C; ++k) {
       V v = load<V>(x + k * b.x_stride);
       a.update(v, k);
-      hs += sigmoid_focal_term<T, GK>(select(yv == splat<I>(k), -v, v), b.gamma);
+      hs.add(sigmoid_focal_term<T, GK>(select(yv == splat<I>(k), -v, v), b.gamma));
     }
-    finish_fwd(b, j, yv, hs, a.finish(x, b.x_stride));
+    finish_fwd(b, j, yv, hs.result(), a.finish(x, b.x_stride));
   }
 }
 
@@ -216,14 +252,15 @@ void fwd_mse_logits(const FwdBlock<T>& b) {
     V v0 = load<V>(x);
     ArgMax<T> a(v0);
     V d = v0 - select(yv == splat<I>(0), tv, zero);
-    V ss = d * d;
+    ClassSum<V> ss;
+    ss.add(d * d);
     for (int64_t k = 1; k < b.C; ++k) {
       V v = load<V>(x + k * b.x_stride);
       a.update(v, k);
       d = v - select(yv == splat<I>(k), tv, zero);
-      ss += d * d;
+      ss.add(d * d);
     }
-    finish_fwd(b, j, yv, splat<V>(0.5) * ss, a.finish(x, b.x_stride));
+    finish_fwd(b, j, yv, splat<V>(0.5) * ss.result(), a.finish(x, b.x_stride));
   }
 }
 
@@ -239,15 +276,15 @@ void fwd_mse_softmax(const FwdBlock<T>& b) {
     I am;
     max_argmax<T>(x, b.x_stride, b.C, m, am);
     V zero = splat<V>(0);
-    V se = zero, se2 = zero;
+    ClassSum<V> se, se2;
     for (int64_t k = 0; k < b.C; ++k) {
       V e = vexp(load<V>(x + k * b.x_stride) - m);
-      se += e;
-      se2 += select(yv == splat<I>(k), zero, e * e);
+      se.add(e);
+      se2.add(select(yv == splat<I>(k), zero, e * e));
     }
-    V inv = splat<V>(1) / se;
+    V inv = splat<V>(1) / se.result();
     V dy = vexp(gather_label<T>(x, b.x_stride, b.y + j) - m) * inv - load<V>(b.tvy + j);
-    finish_fwd(b, j, yv, splat<V>(0.5) * (se2 * inv * inv + dy * dy), am);
+    finish_fwd(b, j, yv, splat<V>(0.5) * (se2.result() * inv * inv + dy * dy), am);
   }
 }
 
@@ -273,12 +310,13 @@ void bwd_softmax_focal(const BwdBlock<T>& b) {
     T* g = b.g + j;
     I yv = load_labels<T>(b.y + j);
     V m = row_max<T>(x, b.x_stride, b.C);
-    V se = splat<V>(0);
+    ClassSum<V> sum;
     for (int64_t k = 0; k < b.C; ++k) {
       V e = vexp(load<V>(x + k * b.x_stride) - m);
       store(g + k * b.g_stride, e);  // the gradient row doubles as the exp buffer
-      se += e;
+      sum.add(e);
     }
+    V se = sum.result();
     V a = load<V>(b.coef + j);
     if constexpr (GK != 0) {
       V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se));
@@ -343,15 +381,17 @@ void bwd_mse_softmax(const BwdBlock<T>& b) {
     I yv = load_labels<T>(b.y + j);
     V zero = splat<V>(0);
     V m = row_max<T>(x, b.x_stride, b.C);
-    V se = zero, se2 = zero, ey = zero;
+    V ey = zero;
+    ClassSum<V> sum, sum2;
     for (int64_t k = 0; k < b.C; ++k) {
       V e = vexp(load<V>(x + k * b.x_stride) - m);
       store(g + k * b.g_stride, e);
-      se += e;
-      se2 += e * e;
+      sum.add(e);
+      sum2.add(e * e);
       ey = select(yv == splat<I>(k), e, ey);
     }
-    V inv = splat<V>(1) / se;
+    V se2 = sum2.result();
+    V inv = splat<V>(1) / sum.result();
     V tv = load<V>(b.tvy + j);
     V spd = se2 * inv * inv - ey * inv * tv;
     V cf = load<V>(b.coef + j);

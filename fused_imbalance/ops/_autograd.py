@@ -32,9 +32,29 @@ def _formula(bwd_op, geometry_args):
     return setup_context, backward
 
 
+DOUBLE_BACKWARD = ("fused_imbalance: second derivatives of the fused losses are not implemented (the "
+                   "backward of {op} has no derivative); use backend=\"reference\" for double backward, "
+                   "Hessians or gradient penalties through the loss")
+
+
+def _no_double_backward(op_name):
+    """The autograd formula of a backward op: it raises, so a second derivative is an error,
+    never a number that silently lacks the second-order term."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD.format(op=op_name))
+
+    return setup_context, backward
+
+
 def register_loss_autograd(fwd_op_name, bwd_op, geometry_args=0):
     """Register the backward of ``fwd_op_name`` (a ``*_loss_fwd`` op) using ``bwd_op``, through the
     public ``torch.library.register_autograd`` (the op mutates no argument: its confusion counts are
-    an output)."""
+    an output), and make differentiating ``bwd_op`` itself an error."""
     setup_context, backward = _formula(bwd_op, geometry_args)
     torch.library.register_autograd(fwd_op_name, backward, setup_context=setup_context)
+    bwd_setup, bwd_backward = _no_double_backward(fwd_op_name.replace("_fwd", "_bwd"))
+    torch.library.register_autograd(bwd_op, bwd_backward, setup_context=bwd_setup)
