@@ -299,8 +299,12 @@ def parse_args(argv=None):
     p.add_argument("--provider", type=_csv_list(PROVIDERS), default=list(PROVIDERS),
                    help="comma-separated providers (default: eager,compile,fused)")
     p.add_argument("--labels", default="int64", choices=tuple(LABEL_DTYPES), help="label dtype (default int64)")
+    p.add_argument("--validate", dest="validate", action="store_true",
+                   help="time the eager and fused providers with validate=True: the label-range check, a "
+                        "device-to-host sync after the forward, inside the timed region (default: "
+                        "validate=False, the kernels alone)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
-                   help="validate=False for the eager and fused providers (no label-range check)")
+                   help="validate=False for the eager and fused providers (the default)")
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed warm-up calls per measurement")
     p.add_argument("--reps", type=int, default=10, help="CPU: most timed calls per measurement")
     p.add_argument("--budget", type=float, default=0.25,

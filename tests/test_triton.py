@@ -1,10 +1,12 @@
 """The Triton ops of the kernel contract, tested directly against the eager reference.
 
 ``test_parity.py`` runs every loss of the functional API on this backend; this file covers the
-two ops themselves: each tiling the launcher picks (one-warp NCHW tiles, class-contiguous tiles,
-256-class tiles, chunked online softmax for many classes), argmax and non-finite logits across
-chunk boundaries, labels of every dtype and out of range, the gradient inputs, non-dense logits,
-determinism, ``opcheck`` and ``gradcheck``. Without a GPU the kernels run on CPU tensors through
+two ops themselves: each kernel and tiling the launcher picks (static-class kernels with class
+statistics in registers or in per-program rows, one or several class groups, 16-byte vectors of
+1/2/4/8 pixels or gathered channels_last pixels; chunked kernels with per-program class rows or
+the class-sum kernel), argmax and non-finite logits, labels of every dtype and out of range, the
+need_tp / need_confusion specialisations, the gradient inputs, non-dense logits, determinism,
+``opcheck`` and ``gradcheck``. Without a GPU the kernels run on CPU tensors through
 TRITON_INTERPRET=1 (set by conftest).
 """
 import pytest
@@ -47,22 +49,23 @@ def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.in
     return x.to(DEV), y.to(label_dtype).to(DEV), tvals.to(DEV)
 
 
-def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, confusion=True):
-    """((pixel_loss, class_loss, count, tp, bad), confusion or None) of the forward op."""
-    *out, conf = T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
-                            need_pixel_loss, True, confusion)
-    assert conf.shape == ((x.shape[1], x.shape[1]) if confusion else (0, 0))
-    return tuple(out), (conf if confusion else None)
+def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, need_tp=True,
+            need_confusion=True):
+    """The forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
+    return T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
+                      need_pixel_loss, need_tp, need_confusion)
 
 
-def check_forward(x, y, mode, gamma, tvals, ignore=-100):
-    (pl, cl, count, tp, bad), conf = run_fwd(x, y, mode, gamma, tvals, ignore)
+def check_forward(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_confusion=True):
+    pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, gamma, tvals, ignore, True, need_tp, need_confusion)
     rpl, rcl, rcount, rtp, rbad, rconf = contract.forward(x, y, mode, gamma, tvals, ignore)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert pl.dtype == cl.dtype == acc and pl.shape == rpl.shape and cl.shape == rcl.shape
     torch.testing.assert_close(pl, rpl, **LOSS_TOL[x.dtype])
     torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
-    assert torch.equal(count, rcount) and torch.equal(tp, rtp) and torch.equal(conf, rconf)
+    assert torch.equal(count, rcount)
+    assert torch.equal(tp, rtp) if need_tp else tp.shape == (0,)
+    assert torch.equal(conf, rconf) if need_confusion else conf.shape == (0, 0)
     assert bad.shape == () and int(bad) == int(rbad)
 
 
@@ -85,22 +88,33 @@ def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Shrink the launcher's limits so that tiny inputs take the chunked large-C kernels."""
-    monkeypatch.setattr(T, "_SMALL_C", 4)
+    monkeypatch.setattr(T, "_STATIC_C", 4)
     monkeypatch.setattr(T, "_ROW_CHUNK", 8)
     monkeypatch.setattr(T, "_STRIDED_TILE", (4, 4))
 
 
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Shrink the launcher's limits so that tiny inputs take the static kernels' loop over class
+    groups (groups of 4 classes and an unrolled tail)."""
+    monkeypatch.setattr(T, "_UNROLL_C", 4)
+    monkeypatch.setattr(T, "_LOOP_GROUP", 4)
+
+
 # --- each kernel path, every mode, float64 -------------------------------------------------
 
-PATHS = {  # (shape, layout): the tiling it exercises
-    "nchw": ((2, 19, 7, 13), "nchw"),  # one-warp tiles of pixels x all classes, confusion histogram
-    "channels_last": ((2, 19, 7, 13), "cl"),  # class-contiguous tiles, batch folded into the pixels
-    "nchw_c150": ((2, 150, 3, 5), "nchw"),  # 256-class tiles, confusion by per-pixel atomics
+PATHS = {  # (shape, layout): the kernel and tiling it exercises
+    "nchw": ((2, 19, 7, 13), "nchw"),  # static, 2-pixel float64 vectors, statistics in registers
+    "channels_last": ((2, 19, 7, 13), "cl"),  # static, gathered pixels, batch folded into the pixels
+    "channels_last_c40": ((2, 40, 3, 5), "cl"),  # static, gathered pixels, class-sum kernel
+    "nchw_c40": ((2, 40, 3, 5), "nchw"),  # static, two class groups and a tail of 8
     "rows": ((37, 5), "rows"),
+    "rows_c1": ((9, 1), "rows"),  # one class
+    "nchw_c2": ((2, 2, 5, 3), "nchw"),
     "volume_channels_last": ((2, 6, 3, 2, 4), "cl"),
-    "nchw_c300": ((2, 300, 3, 4), "nchw"),  # pixel-contiguous chunks of 64 classes, class-sum kernel
-    "channels_last_c300": ((2, 300, 3, 4), "cl"),  # one 512-class chunk per pixel, class-sum kernel
-    "rows_c5000": ((3, 5000), "rows"),  # two 4096-class chunks: online softmax
+    "nchw_c300": ((2, 300, 3, 4), "nchw"),  # chunked: 64 pixels x 64 classes, class-sum kernel
+    "channels_last_c300": ((2, 300, 3, 4), "cl"),  # chunked: one pixel per tile, class-loss rows
+    "rows_c5000": ((3, 5000), "rows"),  # chunked: two 4096-class chunks, online softmax
 }
 
 
@@ -115,6 +129,42 @@ def test_paths(path, mode):
         check_backward(x, y, mode, gamma, tvals)
 
 
+@pytest.mark.parametrize("path", ["nchw", "nchw_c40", "channels_last_c300"])
+def test_statistics_flags(path):
+    """need_tp / need_confusion: the argmax and its counts only where asked for; the rest unchanged."""
+    shape, layout = PATHS[path]
+    x, y, tvals = make(shape, layout, dtype=torch.float32)
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, need_tp=False, need_confusion=False)
+    for need_tp, need_confusion in [(True, False), (False, True)]:
+        check_forward(x, y, Mode.STATS, 0.0, tvals, need_tp=need_tp, need_confusion=need_confusion)
+
+
+def test_150_classes():
+    """ADE20K's class count: nine groups of 16 classes and a tail of 6, counts in rows."""
+    x, y, tvals = make((2, 150, 3, 5), "nchw")
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
+    check_backward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
+
+
+@pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
+def test_confusion_in_the_global_matrix(monkeypatch, path):
+    """Confusion counts added straight into the (C, C) int64 matrix (per-program matrices too big)."""
+    monkeypatch.setattr(T, "_CONF_ROWS_BYTES", 0)
+    shape, layout = PATHS[path]
+    x, y, tvals = make(shape, layout, dtype=torch.float32)
+    check_forward(x, y, Mode.STATS, 0.0, tvals)
+
+
+@pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX])
+@pytest.mark.parametrize("shape, layout", [((2, 11, 3, 4), "nchw"), ((2, 11, 3, 4), "cl"), ((7, 12), "rows")],
+                         ids=["nchw", "channels_last", "rows"])
+def test_small_groups(small_groups, shape, layout, mode):
+    """The static kernels' loop over groups of 4 classes, with an unrolled tail of 3 (none for 12)."""
+    x, y, tvals = make(shape, layout)
+    check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+    check_backward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+
+
 @pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_SOFTMAX])
 @pytest.mark.parametrize("shape", [(6, 11), (2, 11, 3, 4)], ids=["rows", "nchw"])
 def test_small_chunks(small_chunks, shape, mode):
@@ -127,7 +177,7 @@ def test_small_chunks(small_chunks, shape, mode):
 
 def test_gamma_zero_is_cross_entropy():
     x, y, tvals = make((2, 5, 4, 3), dtype=torch.float32)
-    (pl, cl, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
+    pl, cl, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
     ce = torch.nn.functional.cross_entropy(x, torch.where((y >= 0) & (y < 5), y, -100).long(),
                                            reduction="none").reshape(-1)
     torch.testing.assert_close(pl, ce, **LOSS_TOL[torch.float32])
@@ -140,8 +190,9 @@ def test_multiple_programs_and_tiles():
     """Enough pixels for several tiles per program and several programs (per-program partial rows)."""
     x, y, tvals = make((1, 19, 97, 131), "nchw", dtype=torch.float32)
     B, C, S, *_ = pixel_view(x)
-    block_p = T._plan(C, S, 1, False)[0]
-    assert T._programs(T._cdiv(S, block_p), 1, x.device)[0] > 1
+    rows, vec, _, _ = T._static_plan(C, S, 1, x.element_size())
+    num_tiles = T._cdiv(S, rows * vec)
+    assert num_tiles > T._programs(num_tiles, T._WARPS, x.device) > 1
     for mode in (Mode.SIGMOID_FOCAL, Mode.STATS):
         check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
 
@@ -149,7 +200,7 @@ def test_multiple_programs_and_tiles():
 # --- dtypes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "rows_c5000"])
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c40", "rows_c5000"])
 def test_dtypes(path, dtype):
     shape, layout = PATHS[path]
     x, y, tvals = make(shape, layout, dtype=dtype)
@@ -172,7 +223,7 @@ def test_labels_are_widened_before_comparing():
     x, y, tvals = make((2, 4, 3, 3), "nchw")
     y.view(-1)[:2] = torch.tensor([2**32 + 1, -2**32])
     for ignore in (-100, 2):
-        (pl, cl, count, tp, bad), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
+        pl, cl, count, tp, bad, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
         rpl, rcl, rcount, rtp, rbad, rconf = contract.forward(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
         assert int(bad) == int(rbad) and pl[:2].eq(0).all()
         assert torch.equal(count, rcount) and torch.equal(conf, rconf)
@@ -182,12 +233,12 @@ def test_labels_are_widened_before_comparing():
 
 # --- argmax, ties and non-finite logits -----------------------------------------------------
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_argmax_ties_nan_and_infinities(request, chunked):
-    """First index on ties and NaN as the maximum (torch.argmax), also across chunk boundaries;
-    rows of -inf and a first chunk of -inf leave the others exact."""
-    if chunked:
-        request.getfixturevalue("small_chunks")
+@pytest.mark.parametrize("tiling", ["unrolled", "groups", "chunks"])
+def test_argmax_ties_nan_and_infinities(request, tiling):
+    """First index on ties and NaN as the maximum (torch.argmax), also across class groups and
+    chunk boundaries; rows of -inf and a first group/chunk of -inf leave the others exact."""
+    if tiling != "unrolled":
+        request.getfixturevalue({"groups": "small_groups", "chunks": "small_chunks"}[tiling])
     C = 11
     x = torch.randn(8, C, dtype=torch.float64)
     x[0, 2] = x[0, 9] = 50.0  # tie across chunks: 2 wins
@@ -201,7 +252,7 @@ def test_argmax_ties_nan_and_infinities(request, chunked):
     x[6] = 7.0  # all tied
     y = torch.tensor([2, 9, 1, 0, 9, 8, 6, 10])
     x, y = x.to(DEV), y.to(DEV)
-    (pl, _, count, tp, _), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
+    pl, _, count, tp, _, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
     am = x.argmax(1)
     assert am.tolist()[:4] == [2, 3, 10, 0]
     expect = torch.zeros(C, C, dtype=torch.int64, device=DEV).index_put_((y, am), torch.ones_like(y),
@@ -222,7 +273,7 @@ def test_focal_at_certainty(gamma):
     x[2, 1] = 20.0  # 1 - p_y ~ 4e-9: float32 log p_y rounds to 0, 1 - p_y does not
     y = torch.ones(4, dtype=torch.int64)
     x, y = x.to(DEV), y.to(DEV)
-    (pl, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, gamma, None)
+    pl, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, gamma, None)
     grad = T.loss_bwd(x, y, torch.ones(4, device=DEV), None, 0, gamma, None, -100)
     assert torch.isfinite(pl).all() and torch.isfinite(grad).all()
     assert pl[0] == 0 and (grad[0] == 0).all()
@@ -270,7 +321,7 @@ def test_non_dense_logits():
 def test_empty(shape):
     x = torch.zeros(shape, device=DEV)
     y = torch.zeros((shape[0],) + shape[2:], dtype=torch.int64, device=DEV)
-    (pl, cl, count, tp, bad), conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
+    pl, cl, count, tp, bad, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
     assert pl.shape == (0,) and (cl == 0).all() and (count == 0).all() and (conf == 0).all() and bad == 0
     grad = T.loss_bwd(x, y.reshape(-1), torch.zeros(0, device=DEV), torch.ones(4, device=DEV), 0, 2.0,
                       None, -100)
@@ -281,7 +332,7 @@ def test_all_ignored():
     x, y, tvals = make((2, 5, 4, 3), "nchw")
     y.fill_(-100)
     for mode in MODES:
-        (pl, cl, count, tp, bad), conf = run_fwd(x, y, mode, 2.0, tvals)
+        pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, 2.0, tvals)
         assert (pl == 0).all() and (cl == 0).all() and (count == 0).all() and (conf == 0).all()
         grad = T.loss_bwd(x, y.reshape(-1), torch.ones(y.numel(), dtype=torch.float64, device=DEV),
                           torch.ones(5, dtype=torch.float64, device=DEV), int(mode), 2.0,
@@ -291,8 +342,8 @@ def test_all_ignored():
 
 def test_need_pixel_loss_false():
     x, y, tvals = make((2, 300, 3, 4), "cl", dtype=torch.float32)
-    (pl, cl, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, need_pixel_loss=False, confusion=False)
-    (pl2, cl2, *_), _ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, confusion=False)
+    pl, cl, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, need_pixel_loss=False, need_confusion=False)
+    pl2, cl2, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, need_confusion=False)
     assert pl.numel() == 0 and torch.equal(cl, cl2)
 
 
@@ -302,8 +353,8 @@ def test_need_pixel_loss_false():
 def test_deterministic(path):
     shape, layout = PATHS[path]
     x, y, _ = make(shape, layout, dtype=torch.float32)
-    a, _ = run_fwd(x, y, Mode.SIGMOID_FOCAL, 1.5, None)
-    b, _ = run_fwd(x, y, Mode.SIGMOID_FOCAL, 1.5, None)
+    a = run_fwd(x, y, Mode.SIGMOID_FOCAL, 1.5, None)
+    b = run_fwd(x, y, Mode.SIGMOID_FOCAL, 1.5, None)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     gp = torch.randn(y.numel(), device=DEV)
@@ -371,3 +422,20 @@ def test_compile_fullgraph():
     torch.testing.assert_close(lc, le)
     torch.testing.assert_close(xc.grad, xe.grad)
     assert torch.equal(cc, ce) and torch.equal(tc, te) and torch.equal(fc, fe)
+
+
+@pytest.mark.cuda
+def test_launches_on_the_logits_device():
+    """Logits on cuda:1 while cuda:0 is current: every launch runs on the logits' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x, y, tvals = make((2, 19, 7, 13), "nchw", dtype=torch.float32)
+    x1, y1 = x.to("cuda:1"), y.to("cuda:1")
+    with torch.cuda.device(0):
+        out = run_fwd(x1, y1, Mode.SOFTMAX_FOCAL, 2.0, None)
+        grad = T.loss_bwd(x1, y1.reshape(-1), torch.ones(y1.numel(), device="cuda:1"), None, 0, 2.0, None, -100)
+    ref = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
+    for a, b in zip(out, ref):
+        assert a.device == x1.device
+        torch.testing.assert_close(a.cpu(), b.cpu())
+    assert grad.device == x1.device

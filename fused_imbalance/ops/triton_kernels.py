@@ -3,29 +3,59 @@
 Logits are read through three strides: pixel ``s`` of image ``b``, class ``c`` lies at
 ``b * stride_b + c * stride_c + s * stride_s``, which covers contiguous NCHW (pixels
 contiguous per class plane), channels_last (classes contiguous per pixel) and (N, C) rows
-without a copy. Triton specialises integer arguments equal to 1, so the unit stride is a
-compile-time constant and the loads are vectorised along whichever axis it belongs to.
-
-A program walks a run of ``per_prog`` consecutive pixel tiles; a tile is ``BLOCK_P`` pixels of
-one image. Classes are read in chunks of ``BLOCK_C`` with an online softmax (running max, sum of
-exponentials, rescaled when the max grows), so every per-pixel quantity of every mode is known
-after one read of the logits. When the whole class dim fits one chunk (``SINGLE``) the tile is
-loaded once and kept in registers.
+without a copy. Triton specialises integer arguments equal to 1 (and divisible by 16), so the
+unit stride is a compile-time constant and NCHW planes load 16 bytes per instruction. All
+offsets are int64.
 
 Modes (``Mode`` in :mod:`fused_imbalance.ops`): 0 softmax focal, 1 sigmoid focal, 2 MSE on the
 logits, 3 MSE on the softmax, 4 statistics only.
+
+Two families of kernels:
+
+**Static classes** (``_fwd_static_kernel``, ``_bwd_static_kernel``; C a compile-time constant,
+up to 256). Pixels lie on the lanes -- a tile is ``ROWS x VEC`` pixels, a thread owns ``VEC``
+consecutive pixels of a row (NCHW: 4 float32 in one 16-byte load per class, 4 bfloat16 in 8
+bytes, 2 float64; channels_last: one pixel, its classes gathered at immediate offsets) -- and
+the classes are ``tl.static_range`` loops, so nothing is padded to a power of two and every
+per-pixel reduction over classes (max, sums, argmax) is a running value in a thread's
+registers: no shuffle, no shared memory in the tile loop. Classes go in groups of ``GROUP``: a
+max pass over the group's logits, then an exp pass over the same values (kept in registers),
+the running sums rescaled once per group. Up to 32 classes every group is unrolled; beyond, a
+loop over groups (``LOOP``) bounds the code size and compile time. The label's logit is one
+gathered load per pixel. Each mode computes only what it uses; the argmax only when true
+positives or a confusion matrix are asked for (``NEED_TP``, ``CONF``). A persistent grid:
+program ``pid`` walks tiles ``pid, pid + P, ...``.
+
+Cost model, thread-instructions per logit in the SASS for sm_90 (the budget at H100 copy
+bandwidth is about 45 for a float32 forward, 25 for bfloat16, twice that for a backward;
+``benchmarks/sm90_driver.py`` measures it): a load (1/VEC NCHW, 1 channels_last), a conversion
+for 16-bit logits, 1 max, 2-3 for exp(x - m) with 1 MUFU, 1 sum; focal and the softmax MSE add
+3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax about 5, MSE on the logits 4,
+sigmoid focal about 40 (two exponentials on the MUFU unit and a software logarithm: it stays
+issue-bound). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
+over the C classes. Class statistics: with C <= 32 the per-class loss sums, counts and true
+positives are per-thread registers (about 5 per logit: a compare, selects and adds), reduced
+and written once per program as one row of a (programs, C) table that the launcher sums in a
+fixed order. With more classes the per-pixel loss is stored and ``_class_sum_kernel`` sums it
+per class (K classes per program in registers: 3 instructions per pixel and class, O(N C));
+counts and true positives are integer atomics into the program's own row, confusion counts
+into the program's own int32 matrix (or the global int64 one when those would be too large):
+integer sums are exact in any order.
+
+**Chunked classes** (``_fwd_chunked_kernel``, ``_bwd_chunked_kernel``; C a runtime value, any
+size). Classes are read in chunks of ``BLOCK_C`` with an online softmax; lanes run along the
+contiguous axis. With one pixel per tile (classes contiguous: rows, channels_last) the pixel's
+loss is added into its program's row of class sums by the program itself, in tile order (a
+plain load and store: O(N) and deterministic); with several pixels per tile (NCHW) the per-pixel
+losses go to an (N,) buffer summed by ``_class_sum_kernel``.
+
+No float atomics anywhere: every float sum has a fixed order, so results are bit-identical run
+to run.
 """
 import triton
 import triton.language as tl
 
 _BIG = tl.constexpr(2147483647)  # "no index yet" in the int32 index reductions
-
-
-@triton.jit
-def _log1p_small(e):
-    # log(1 + e) for e in [0, 1]: Kahan's form keeps the digits of a tiny e, which log(1 + e) rounds away
-    w = 1.0 + e
-    return tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
 
 
 @triton.jit
@@ -85,15 +115,36 @@ def _lse(m, s):
 
 
 @triton.jit
+def _softplus_parts(z):
+    """(e, l) with e = exp(-|z|) and l = log(1 + e), so softplus(z) = max(z, 0) + l and
+    softplus(-z) = max(-z, 0) + l. w = fl(1 + e) rounds, but δ = (w - 1) - e is exact, and
+    log(1 + e) = log(w) - δ/w + O(δ²): the digits of a tiny e survive (l = e when w = 1) with
+    no division (1/w ~ 2 - w on [1, 2] changes the correction, at most 2^-25, by at most half)."""
+    e = tl.exp(-tl.abs(z))
+    w = 1.0 + e
+    l = tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
+    return e, w, l
+
+
+@triton.jit
+def _recip(w):
+    """1 / w: the fast approximate division in float32 (2 ulp), IEEE in float64."""
+    if w.dtype == tl.float64:
+        return 1.0 / w
+    else:
+        return tl.fdiv(tl.full(w.shape, 1.0, w.dtype), w, approx=True)
+
+
+@triton.jit
 def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
     """Per-class FL_k = σ(z)^γ softplus(z) with z = x_k for k ≠ y and z = -x_y for k = y.
 
     Both halves of the sigmoid focal loss are this one function of z: -log(1 - σ(x)) =
-    softplus(x), -log σ(x) = softplus(-x), and q^γ = exp(-γ softplus(-z)). Padding columns
-    (x = -inf, k ≠ y) give exactly 0.
+    softplus(x), -log σ(x) = softplus(-x), and σ(z)^γ = exp(-γ softplus(-z)): three
+    transcendentals per logit (exp, log, exp), no division.
     """
     z = tl.where(oh, -x, x)
-    l = _log1p_small(tl.exp(-tl.abs(z)))
+    e, w, l = _softplus_parts(z)
     sp = tl.maximum(z, 0.0) + l
     if FOCAL:
         sp = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * sp
@@ -103,16 +154,15 @@ def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
 @triton.jit
 def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
     """∂ℓ/∂x_k of the sigmoid focal loss, ±d/dz [σ(z)^γ sp(z)] = ±σ(z)^γ (γ σ(-z) sp(z) + σ(z)),
-    sp = softplus."""
+    sp = softplus; σ(±z) from e = exp(-|z|) and one reciprocal of 1 + e (no overflow)."""
     z = tl.where(oh, -x, x)
-    e = tl.exp(-tl.abs(z))
-    w1 = 1.0 + e
+    e, w, l = _softplus_parts(z)
+    r = _recip(w)
     pos = z >= 0.0
-    sig = tl.where(pos, 1.0, e) / w1  # σ(z), no overflow on either side
+    sig = tl.where(pos, 1.0, e) * r  # σ(z)
     if FOCAL:
-        l = _log1p_small(e)
         sp = tl.maximum(z, 0.0) + l
-        sig_neg = tl.where(pos, e, 1.0) / w1  # σ(-z)
+        sig_neg = tl.where(pos, e, 1.0) * r  # σ(-z)
         d = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * (gamma * sig_neg * sp + sig)
     else:
         d = sig
@@ -122,12 +172,15 @@ def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
 @triton.jit
 def _fwd_chunk(x_ptr, poff, pmask, y32, tv, c0, C, stride_c,
                m, s, rest, s2r, xy, lsum, best_v, best_i, nan_i, gamma,
-               MODE: tl.constexpr, FOCAL: tl.constexpr, BLOCK_C: tl.constexpr):
+               MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     """Fold classes ``c0 .. c0 + BLOCK_C`` of a pixel tile into its running forward state."""
     x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, m.dtype)
     oh = c[None, :] == y32[:, None]
-    cmax = tl.max(x, 1)
-    best_v, best_i, nan_i = _argmax_step(x, cmax, c0, best_v, best_i, nan_i, BLOCK_C)
+    if NEED_AM or MODE == 0 or MODE == 3:
+        cmax = tl.max(x, 1)
+    if NEED_AM:
+        best_v, best_i, nan_i = _argmax_step(x, cmax, c0, best_v, best_i, nan_i, BLOCK_C)
     if MODE == 0 or MODE == 3:
         m, s, rest, s2r, xy = _softmax_step(x, oh, cmax, m, s, rest, s2r, xy, MODE == 3)
     elif MODE == 1:
@@ -139,6 +192,17 @@ def _fwd_chunk(x_ptr, poff, pmask, y32, tv, c0, C, stride_c,
 
 
 @triton.jit
+def _labels(t_ptr, n, pmask, ignore_index, C, NOT_VALID: tl.constexpr):
+    """(valid, bad, y32) of the labels at pixels ``n``: y32 is NOT_VALID where not valid."""
+    y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
+    keep = pmask & (y != ignore_index)
+    inr = (y >= 0) & (y < C)
+    valid = keep & inr
+    bad = keep & ~inr
+    return valid, bad, tl.where(valid, y, NOT_VALID).to(tl.int32)
+
+
+@triton.jit
 def _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P: tl.constexpr):
     """Pixel indices, offsets-to-be and labels of tile ``t``: (s, n, pmask, valid, bad, y32)."""
     b = t // tiles_per_b
@@ -147,57 +211,46 @@ def _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P: tl.constexp
     pmask = s < S
     b = b.to(tl.int64)
     n = b * S + s
-    y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
-    keep = pmask & (y != ignore_index)
-    inr = (y >= 0) & (y < C)
-    valid = keep & inr
-    bad = keep & ~inr
-    y32 = tl.where(valid, y, 0).to(tl.int32)
+    valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C, 0)
     return b, s, n, pmask, valid, bad, y32
 
 
 @triton.jit
-def _loss_fwd_kernel(
+def _fwd_chunked_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype; pixel n = b*S + s
     tv_ptr,  # (C,) MSE target values (accumulation dtype); unread by the other modes
-    pl_ptr,  # (N,) per-pixel loss out, accumulation dtype; its dtype sets the arithmetic
-    part_ptr,  # (programs, C) per-program class-loss partials out (PARTIALS)
+    pl_ptr,  # (N,) per-pixel loss out (STORE_PL), accumulation dtype; its dtype sets the arithmetic
+    lrow_ptr,  # (programs, C) zeroed class-loss rows, one per program (ROWSUM)
     cnt_ptr,  # (C,) int64 valid pixels per class, added into
-    tp_ptr,  # (C,) int64 valid pixels whose argmax is their label, added into
-    bad_ptr,  # () int64 labels outside [0, C) that are not ignore_index, added into
-    conf_ptr,  # (C, C) int64 confusion counts [label, argmax], added into (CONF > 0)
+    tp_ptr,  # (C,) int64 valid pixels whose argmax is their label, added into (NEED_TP)
+    bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
+    conf_ptr,  # (C, C) int64 zeroed confusion counts [label, argmax], added into (CONF)
     C,  # classes
     S,  # pixels per image
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
-    per_prog,  # consecutive tiles per program
     stride_b, stride_c, stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
     gamma,  # focal exponent
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_PL: tl.constexpr,  # write the per-pixel loss
+    ROWSUM: tl.constexpr,  # add each pixel's loss into the program's class row (BLOCK_P == 1)
+    NEED_TP: tl.constexpr,  # count true positives
+    CONF: tl.constexpr,  # count the confusion matrix
     SINGLE: tl.constexpr,  # C <= BLOCK_C: one chunk
-    PARTIALS: tl.constexpr,  # class statistics reduced in registers (SINGLE and a small C)
-    CONF: tl.constexpr,  # 0: no confusion, 1: one atomic per pixel, 2: per-program histogram
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     acc_ty = pl_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    HAS_LOSS: tl.constexpr = MODE != 4
-    if PARTIALS:
-        loss_acc = tl.zeros([BLOCK_C], acc_ty)
-        cnt_acc = tl.zeros([BLOCK_C], tl.int32)
-        tp_acc = tl.zeros([BLOCK_C], tl.int32)
-    if CONF == 2:
-        conf_acc = tl.zeros([BLOCK_C * BLOCK_C], tl.int32)
+    nprog = tl.num_programs(0)
+    NEED_AM: tl.constexpr = NEED_TP or CONF
     bad_acc = tl.zeros([BLOCK_P], tl.int32)
     one = tl.full([BLOCK_P], 1, tl.int64)
 
-    for t in range(pid * per_prog, tl.minimum(pid * per_prog + per_prog, num_tiles)):
+    for t in range(pid, num_tiles, nprog):
         b, s, n, pmask, valid, bad, y32 = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
                                                        BLOCK_P)
         bad_acc += bad.to(tl.int32)
@@ -218,13 +271,12 @@ def _loss_fwd_kernel(
         if SINGLE:
             m, ssum, rest, s2r, xy, lsum, best_v, best_i, nan_i = _fwd_chunk(
                 x_ptr, poff, pmask, y32, tv, 0, C, stride_c, m, ssum, rest, s2r, xy, lsum,
-                best_v, best_i, nan_i, gamma, MODE, FOCAL, BLOCK_C)
+                best_v, best_i, nan_i, gamma, MODE, FOCAL, NEED_AM, BLOCK_C)
         else:
             for c0 in range(0, C, BLOCK_C):
                 m, ssum, rest, s2r, xy, lsum, best_v, best_i, nan_i = _fwd_chunk(
                     x_ptr, poff, pmask, y32, tv, c0, C, stride_c, m, ssum, rest, s2r, xy, lsum,
-                    best_v, best_i, nan_i, gamma, MODE, FOCAL, BLOCK_C)
-        am = tl.where(nan_i < _BIG, nan_i, best_i)
+                    best_v, best_i, nan_i, gamma, MODE, FOCAL, NEED_AM, BLOCK_C)
 
         if MODE == 0:
             logp = xy - _lse(m, ssum)
@@ -245,36 +297,19 @@ def _loss_fwd_kernel(
         lv = tl.where(valid, loss, 0.0)
         if STORE_PL:
             tl.store(pl_ptr + n, lv, mask=pmask)
+        if ROWSUM:
+            # one pixel per tile, tiles in a fixed order: a deterministic running sum per class
+            rp = lrow_ptr + pid.to(tl.int64) * C + y32
+            tl.store(rp, tl.load(rp, mask=valid, other=0.0) + lv, mask=valid)
 
-        hit = valid & (am == y32)
-        if PARTIALS:
-            if HAS_LOSS:
-                oh = cols[None, :] == y32[:, None]
-                loss_acc += tl.sum(tl.where(oh, lv[:, None], 0.0), 0)
-            cnt_acc += tl.histogram(y32, BLOCK_C, mask=valid)
-            tp_acc += tl.histogram(y32, BLOCK_C, mask=hit)
-        else:
-            tl.atomic_add(cnt_ptr + y32, one, mask=valid, sem="relaxed")
-            tl.atomic_add(tp_ptr + y32, one, mask=hit, sem="relaxed")
-        if CONF == 2:
-            conf_acc += tl.histogram(y32 * BLOCK_C + am, BLOCK_C * BLOCK_C, mask=valid)
-        elif CONF == 1:
-            tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), one, mask=valid, sem="relaxed")
-
-    if PARTIALS:
-        cmask = cols < C
-        # a fixed row per program, summed in a fixed order by the launcher: deterministic
-        tl.store(part_ptr + pid * C + cols, loss_acc, mask=cmask)
-        tl.atomic_add(cnt_ptr + cols, cnt_acc.to(tl.int64), mask=cmask & (cnt_acc > 0), sem="relaxed")
-        tl.atomic_add(tp_ptr + cols, tp_acc.to(tl.int64), mask=cmask & (tp_acc > 0), sem="relaxed")
-    if CONF == 2:
-        k = tl.arange(0, BLOCK_C * BLOCK_C)
-        row = k // BLOCK_C
-        col = k % BLOCK_C
-        tl.atomic_add(conf_ptr + (row * C + col), conf_acc.to(tl.int64),
-                      mask=(row < C) & (col < C) & (conf_acc > 0), sem="relaxed")
-    nbad = tl.sum(bad_acc, 0)
-    tl.atomic_add(bad_ptr, nbad.to(tl.int64), mask=nbad > 0, sem="relaxed")
+        tl.atomic_add(cnt_ptr + y32, one, mask=valid, sem="relaxed")
+        if NEED_AM:
+            am = tl.where(nan_i < _BIG, nan_i, best_i)
+            if NEED_TP:
+                tl.atomic_add(tp_ptr + y32, one, mask=valid & (am == y32), sem="relaxed")
+            if CONF:
+                tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), one, mask=valid, sem="relaxed")
+    tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
 
 
 @triton.jit
@@ -286,23 +321,31 @@ def _class_sum_kernel(
     C,  # classes
     per_seg,  # pixels per segment, a multiple of BLOCK_N
     BLOCK_N: tl.constexpr,  # pixels per step
-    BLOCK_K: tl.constexpr,  # classes per program
+    K: tl.constexpr,  # classes per program
 ):
-    # Deterministic per-class sums for class counts too large for per-program rows: every
-    # (class block, segment) is one program adding its pixels in order.
+    """Deterministic per-class sums: program (class block, segment) adds its segment's pixels in
+    order, K per-thread running sums (registers), reduced once at the end. Cost per pixel and
+    class in the block: a compare, a select and an add."""
     kb = tl.program_id(0)
     seg = tl.program_id(1)
-    ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_K], pl_ptr.dtype.element_ty)
+    k0 = kb * K
+    acc = ()
+    for j in tl.static_range(K):
+        acc = acc + (tl.zeros([BLOCK_N], pl_ptr.dtype.element_ty),)
     start = seg.to(tl.int64) * per_seg
     for i in range(0, per_seg, BLOCK_N):
         n = start + i + tl.arange(0, BLOCK_N)
         nm = n < N
         # a label outside [0, C) carries pl = 0, so truncating it cannot misplace any loss
-        y = tl.load(t_ptr + n, mask=nm, other=0).to(tl.int32)
+        y = tl.load(t_ptr + n, mask=nm, other=0).to(tl.int32) - k0
         v = tl.load(pl_ptr + n, mask=nm, other=0.0)
-        acc += tl.sum(tl.where(y[:, None] == ks[None, :], v[:, None], 0.0), 0)
-    tl.store(part_ptr + seg * C + ks, acc, mask=ks < C)
+        new = ()
+        for j in tl.static_range(K):
+            new = new + (acc[j] + tl.where(y == j, v, 0.0),)
+        acc = new
+    for j in tl.static_range(K):
+        if k0 + j < C:
+            tl.store(part_ptr + seg * C + k0 + j, tl.sum(acc[j], 0))
 
 
 @triton.jit
@@ -347,14 +390,14 @@ def _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma,
 
 
 @triton.jit
-def _loss_bwd_kernel(
+def _bwd_chunked_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype
     tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
     gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
     gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
-    C, S, tiles_per_b, num_tiles, per_prog,
+    C, S, tiles_per_b, num_tiles,
     stride_b, stride_c, stride_s,  # logits strides
     gstride_b, gstride_c, gstride_s,  # gradient strides
     gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
@@ -372,7 +415,7 @@ def _loss_bwd_kernel(
     acc_ty = tv_ptr.dtype.element_ty
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
-    for t in range(pid * per_prog, tl.minimum(pid * per_prog + per_prog, num_tiles)):
+    for t in range(pid, num_tiles, tl.num_programs(0)):
         b, s, n, pmask, valid, bad, y32 = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
                                                        BLOCK_P)
         poff = b * stride_b + s * stride_s
@@ -420,3 +463,364 @@ def _loss_bwd_kernel(
                 g = tl.where(valid[:, None], g, 0.0)
                 gptrs = g_ptr + (goff[:, None] + c.to(tl.int64)[None, :] * gstride_c)
                 tl.store(gptrs, g.to(g_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Static classes: pixels on lanes, classes unrolled (C constexpr)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr,
+                 VEC: tl.constexpr):
+    """Tile ``t`` as a [ROWS, VEC] block of pixels, VEC consecutive ones per thread:
+    (b, s, n, pmask, valid, bad, y32); y32 is -1 where the pixel is not valid."""
+    b = t // tiles_per_b
+    r = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    # int64: pixel and element offsets can exceed 2**31
+    s = (t - b * tiles_per_b).to(tl.int64) * (ROWS * VEC) + r
+    pmask = s < S
+    b = b.to(tl.int64)
+    n = b * S + s
+    valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C, -1)
+    return b, s, n, pmask, valid, bad, y32
+
+
+@triton.jit
+def _i64(v):
+    """``v`` (an integer argument, possibly specialised to a constant) as an int64 scalar, so that
+    ``k * v`` cannot overflow 32 bits."""
+    return v + tl.zeros([], tl.int64)
+
+
+@triton.jit
+def _take_max(x, bv, bi, c):
+    """Running argmax step: first index on ties, and the first NaN wins (torch.argmax)."""
+    take = ((x > bv) | (x != x)) & (bv == bv)
+    return tl.where(take, x, bv), tl.where(take, c, bi)
+
+
+@triton.jit
+def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
+                   acc_ty: tl.constexpr, NCLS: tl.constexpr, NEED_REST: tl.constexpr,
+                   NEED_S2: tl.constexpr, NEED_AM: tl.constexpr):
+    """Fold classes c0 .. c0 + NCLS - 1 (NCLS unrolled) into the running softmax state: a max
+    pass over their logits, the sums rescaled once, then an exp pass over the same values
+    (same addresses, no store in between: the compiler keeps them in registers)."""
+    gm = m
+    xg = xp + c0 * stride_c
+    for k in tl.static_range(NCLS):
+        x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
+        gm = tl.maximum(gm, x)
+        if NEED_AM:
+            bv, am = _take_max(x, bv, am, c0 + k)
+    ms = tl.where(gm == float("-inf"), 0.0, gm)
+    alpha = tl.exp(m - ms)  # 0 while m is still -inf (the sums are 0 then too)
+    s = s * alpha
+    if NEED_REST:
+        rest = rest * alpha
+    if NEED_S2:
+        s2r = s2r * (alpha * alpha)
+    for k in tl.static_range(NCLS):
+        x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
+        e = tl.exp(x - ms)
+        s += e
+        if NEED_REST:
+            er = tl.where(y32 == c0 + k, 0.0, e)
+            rest += er
+            if NEED_S2:
+                s2r += er * er
+    return gm, s, rest, s2r, bv, am
+
+
+@triton.jit
+def _static_softmax(xp, stride_c, pmask, y32, acc_ty: tl.constexpr, C: tl.constexpr,
+                    GROUP: tl.constexpr, LOOP: tl.constexpr, NEED_REST: tl.constexpr,
+                    NEED_S2: tl.constexpr, NEED_AM: tl.constexpr):
+    """(m, s, rest, s2r, am) of a pixel block over classes 0..C-1, in groups of GROUP classes.
+
+    m = max_k x_k, s = Σ e_k, rest = Σ_{k≠y} e_k, s2r = Σ_{k≠y} e_k² with e_k = exp(x_k - ms),
+    ms = m (0 while every logit is -inf, so that exp(-inf - ms) is 0, not NaN); ``rest / s``
+    is 1 - p_y without the cancellation of 1 - exp(log p_y). am: argmax (NEED_AM).
+    LOOP false: every group unrolled (small C). LOOP true: a loop over the C // GROUP full
+    groups, then the C % GROUP last classes unrolled (bounded code size for large C).
+    """
+    m = tl.full(y32.shape, float("-inf"), acc_ty)
+    s = tl.zeros(y32.shape, acc_ty)
+    rest = tl.zeros(y32.shape, acc_ty)
+    s2r = tl.zeros(y32.shape, acc_ty)
+    bv = tl.full(y32.shape, float("-inf"), acc_ty)
+    am = tl.zeros(y32.shape, tl.int32)
+    FULL: tl.constexpr = (C // GROUP) * GROUP
+    if LOOP:
+        for c0 in range(0, FULL, GROUP):
+            m, s, rest, s2r, bv, am = _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r,
+                                                     bv, am, acc_ty, GROUP, NEED_REST, NEED_S2,
+                                                     NEED_AM)
+    else:
+        for c0 in tl.static_range(0, FULL, GROUP):
+            m, s, rest, s2r, bv, am = _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r,
+                                                     bv, am, acc_ty, GROUP, NEED_REST, NEED_S2,
+                                                     NEED_AM)
+    if C % GROUP:
+        m, s, rest, s2r, bv, am = _softmax_group(xp, stride_c, pmask, y32, FULL, m, s, rest, s2r,
+                                                 bv, am, acc_ty, C % GROUP, NEED_REST, NEED_S2,
+                                                 NEED_AM)
+    return m, s, rest, s2r, am
+
+
+@triton.jit
+def _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am, acc_ty: tl.constexpr,
+                 NCLS: tl.constexpr, MODE: tl.constexpr, FOCAL: tl.constexpr,
+                 NEED_AM: tl.constexpr):
+    xg = xp + c0 * stride_c
+    for k in tl.static_range(NCLS):
+        x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
+        if MODE == 1:
+            lsum += _sigmoid_focal_terms(x, y32 == c0 + k, gamma, FOCAL)
+        elif MODE == 2:
+            d = x - tl.where(y32 == c0 + k, tv, 0.0)
+            lsum += d * d
+        if NEED_AM:
+            bv, am = _take_max(x, bv, am, c0 + k)
+    return lsum, bv, am
+
+
+@triton.jit
+def _static_terms(xp, stride_c, pmask, y32, tv, gamma, acc_ty: tl.constexpr, C: tl.constexpr,
+                  GROUP: tl.constexpr, LOOP: tl.constexpr, MODE: tl.constexpr,
+                  FOCAL: tl.constexpr, NEED_AM: tl.constexpr):
+    """(Σ_k term_k, argmax) of the per-class modes over groups as in ``_static_softmax``:
+    sigmoid focal terms (MODE 1), (x_k - t_k)² (MODE 2), nothing (MODE 4); the argmax only
+    when NEED_AM."""
+    lsum = tl.zeros(y32.shape, acc_ty)
+    bv = tl.full(y32.shape, float("-inf"), acc_ty)
+    am = tl.zeros(y32.shape, tl.int32)
+    FULL: tl.constexpr = (C // GROUP) * GROUP
+    if LOOP:
+        for c0 in range(0, FULL, GROUP):
+            lsum, bv, am = _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am,
+                                        acc_ty, GROUP, MODE, FOCAL, NEED_AM)
+    else:
+        for c0 in tl.static_range(0, FULL, GROUP):
+            lsum, bv, am = _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am,
+                                        acc_ty, GROUP, MODE, FOCAL, NEED_AM)
+    if C % GROUP:
+        lsum, bv, am = _terms_group(xp, stride_c, pmask, y32, tv, gamma, FULL, lsum, bv, am,
+                                    acc_ty, C % GROUP, MODE, FOCAL, NEED_AM)
+    return lsum, am
+
+
+@triton.jit
+def _grad_group(xp, gq, stride_c, gstride_c, pmask, valid, y32, tv, lse, a, q, gamma, c0,
+                acc_ty: tl.constexpr, NCLS: tl.constexpr, MODE: tl.constexpr,
+                FOCAL: tl.constexpr):
+    """Store the gradient of classes c0 .. c0 + NCLS - 1 (unrolled)."""
+    xg = xp + c0 * stride_c
+    gg = gq + c0 * gstride_c
+    for k in tl.static_range(NCLS):
+        x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
+        oh = y32 == c0 + k
+        if MODE == 0:
+            g = a * (tl.where(oh, 1.0, 0.0) - tl.exp(x - lse))
+        elif MODE == 3:
+            p = tl.exp(x - lse)
+            g = a * p * (p - tl.where(oh, tv, 0.0) - q)
+        elif MODE == 1:
+            g = a * _sigmoid_focal_grad(x, oh, gamma, FOCAL)
+        else:
+            g = a * (x - tl.where(oh, tv, 0.0))
+        # a = 0 at ignored pixels, but 0 * inf or 0 * NaN would not be 0
+        g = tl.where(valid, g, 0.0)
+        tl.store(gg + k * gstride_c, g.to(gq.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _fwd_static_kernel(
+    x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
+    t_ptr,  # (N,) labels, any integer dtype; pixel n = b*S + s
+    tv_ptr,  # (C,) MSE target values (accumulation dtype); unread by the other modes
+    pl_ptr,  # (N,) per-pixel loss out (STORE_PL), accumulation dtype; its dtype sets the arithmetic
+    lrow_ptr,  # (programs, C) out: class-loss sums of each program (REG_STATS)
+    crow_ptr,  # (programs, C) int32: valid pixels per class; out (REG_STATS) or zeroed, added into
+    trow_ptr,  # (programs, C) int32: true positives, as crow_ptr (NEED_TP)
+    bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
+    conf_ptr,  # zeroed confusion counts [label, argmax], added into (CONF): (programs, C, C) int32
+    #            (CONF == 1) or (C, C) int64 (CONF == 2)
+    S,  # pixels per image
+    tiles_per_b,  # pixel tiles per image
+    num_tiles,  # pixel tiles in all
+    stride_b, stride_c, stride_s,  # logits strides, in elements
+    ignore_index,  # label of pixels that take no part
+    gamma,  # focal exponent
+    C: tl.constexpr,  # classes
+    GROUP: tl.constexpr,  # classes per group (max/exp passes of the softmax)
+    LOOP: tl.constexpr,  # a loop over the groups (large C); otherwise all unrolled
+    MODE: tl.constexpr,  # Mode
+    FOCAL: tl.constexpr,  # gamma != 0
+    STORE_PL: tl.constexpr,  # write the per-pixel loss
+    REG_STATS: tl.constexpr,  # class sums, counts, true positives in registers (small C)
+    NEED_TP: tl.constexpr,  # count true positives
+    CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
+    ROWS: tl.constexpr,  # pixel rows per tile
+    VEC: tl.constexpr,  # consecutive pixels per thread and row
+):
+    acc_ty = pl_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    NEED_AM: tl.constexpr = NEED_TP or CONF > 0
+    HAS_LOSS: tl.constexpr = MODE != 4
+    if REG_STATS:
+        lacc = ()
+        cacc = ()
+        tacc = ()
+        for c in tl.static_range(C):
+            lacc = lacc + (tl.zeros([ROWS], acc_ty),)
+            cacc = cacc + (tl.zeros([ROWS], tl.int32),)
+            tacc = tacc + (tl.zeros([ROWS], tl.int32),)
+    bad_acc = tl.zeros([ROWS, VEC], tl.int32)
+    pid64 = pid.to(tl.int64)
+    sc = _i64(stride_c)
+
+    for t in range(pid, num_tiles, nprog):
+        b, s, n, pmask, valid, bad, y32 = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
+                                                       ROWS, VEC)
+        bad_acc += bad.to(tl.int32)
+        xp = x_ptr + (b * stride_b + s * stride_s)
+        tv = tl.zeros([ROWS, VEC], acc_ty)
+        if MODE == 2 or MODE == 3:
+            tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
+        if MODE == 0 or MODE == 3:
+            m, ssum, rest, s2r, am = _static_softmax(xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP,
+                                                     FOCAL or MODE == 3, MODE == 3, NEED_AM)
+            # the label's logit: one gathered load per pixel
+            xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
+            logp = xy - _lse(m, ssum)
+            if MODE == 0:
+                if FOCAL:
+                    # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
+                    loss = -tl.exp(gamma * tl.log(rest / ssum)) * logp
+                else:
+                    loss = -logp
+            else:
+                dy = tl.exp(logp) - tv
+                loss = 0.5 * (s2r / (ssum * ssum) + dy * dy)
+        else:
+            lsum, am = _static_terms(xp, sc, pmask, y32, tv, gamma, acc_ty, C, GROUP, LOOP,
+                                     MODE, FOCAL, NEED_AM)
+            if MODE == 2:
+                loss = 0.5 * lsum
+            else:
+                loss = lsum
+        lv = tl.where(valid, loss, 0.0)
+        if STORE_PL:
+            tl.store(pl_ptr + n, lv, mask=pmask)
+        hit = valid & (am == y32)
+
+        if REG_STATS:
+            # per-thread running sums: a compare and a few selects and adds per pixel and class
+            nl = ()
+            nc = ()
+            nt = ()
+            for c in tl.static_range(C):
+                is_c = y32 == c
+                if HAS_LOSS:
+                    nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 1),)
+                else:
+                    nl = nl + (lacc[c],)
+                nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 1),)
+                if NEED_TP:
+                    nt = nt + (tacc[c] + tl.sum((is_c & hit).to(tl.int32), 1),)
+                else:
+                    nt = nt + (tacc[c],)
+            lacc = nl
+            cacc = nc
+            tacc = nt
+        else:
+            tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
+            if NEED_TP:
+                tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
+        if CONF == 1:
+            tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
+        elif CONF == 2:
+            tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([ROWS, VEC], 1, tl.int64),
+                          mask=valid, sem="relaxed")
+
+    if REG_STATS:
+        # one row per program, summed by the launcher in a fixed order: deterministic
+        for c in tl.static_range(C):
+            if HAS_LOSS:
+                tl.store(lrow_ptr + pid64 * C + c, tl.sum(lacc[c], 0))
+            tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c], 0))
+            if NEED_TP:
+                tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
+    tl.store(bad_ptr + pid, tl.sum(tl.sum(bad_acc, 1), 0))
+
+
+@triton.jit
+def _bwd_static_kernel(
+    x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
+    t_ptr,  # (N,) labels, any integer dtype
+    tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
+    gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
+    gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
+    g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
+    S, tiles_per_b, num_tiles,
+    stride_b, stride_c, stride_s,  # logits strides
+    gstride_b, gstride_c, gstride_s,  # gradient strides
+    gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
+    gc_stride,  # grad_class stride
+    ignore_index,
+    gamma,
+    C: tl.constexpr,
+    GROUP: tl.constexpr,
+    LOOP: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    HAS_GP: tl.constexpr,
+    HAS_GC: tl.constexpr,
+    ROWS: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """The gradient of one tile: the softmax state as in the forward (same loop), then one
+    unrolled pass that recomputes each class's p_k from its logit and stores the gradient
+    (with C <= GROUP the logits are still in registers; beyond, the re-read hits the cache)."""
+    acc_ty = tv_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
+    sc = _i64(stride_c)
+    gsc = _i64(gstride_c)
+    for t in range(pid, num_tiles, tl.num_programs(0)):
+        b, s, n, pmask, valid, bad, y32 = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
+                                                       ROWS, VEC)
+        xp = x_ptr + (b * stride_b + s * stride_s)
+        gq = g_ptr + (b * gstride_b + s * gstride_s)
+        w = tl.zeros([ROWS, VEC], acc_ty)
+        if HAS_GP:
+            w += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
+        if HAS_GC:
+            w += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
+        w = tl.where(valid, w, 0.0)
+        tv = tl.zeros([ROWS, VEC], acc_ty)
+        if MODE == 2 or MODE == 3:
+            tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
+        lse = w
+        a = w
+        q = w
+        if SOFTMAX:
+            m, ssum, rest, s2r, am = _static_softmax(xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP,
+                                                     FOCAL or MODE == 3, MODE == 3, False)
+            xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
+            lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
+        FULL: tl.constexpr = (C // GROUP) * GROUP
+        if LOOP:
+            for c0 in range(0, FULL, GROUP):
+                _grad_group(xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, c0,
+                            acc_ty, GROUP, MODE, FOCAL)
+        else:
+            for c0 in tl.static_range(0, FULL, GROUP):
+                _grad_group(xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, c0,
+                            acc_ty, GROUP, MODE, FOCAL)
+        if C % GROUP:
+            _grad_group(xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, FULL,
+                        acc_ty, C % GROUP, MODE, FOCAL)

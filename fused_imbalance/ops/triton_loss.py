@@ -1,29 +1,35 @@
 """The Triton backend: ``fused_imbalance::triton_loss_fwd`` / ``triton_loss_bwd``.
 
 Implements the kernel contract of :mod:`fused_imbalance.ops` with the kernels of
-:mod:`.triton_kernels`. Both ops are ``torch.library.triton_op``s launching through
-``wrap_triton`` (:func:`._triton_compat.wrap`), so ``torch.compile`` sees the kernels;
-autograd is the shared formula of :mod:`._autograd`.
+:mod:`.triton_kernels` (their docstring states the cost model). Both ops are
+``torch.library.triton_op``s launching through ``_triton_compat.wrap``, so ``torch.compile``
+sees the kernels; autograd is the shared formula of :mod:`._autograd`. Every launch runs on the
+logits' device, whichever device is current, and every kernel argument is its own buffer.
 
 Tiling, chosen here from C and the strides (the kernels take any strides):
 
-* C <= 256 (segmentation): a tile is BLOCK_P pixels x all classes (padded to a power of two).
-  NCHW with C <= 32 uses one-warp programs of 1024 logits, so that every reduction over the
-  classes stays inside the warp; otherwise ~4096 logits over 4-8 warps. The per-class loss
-  sums, counts and true positives of all the program's tiles are reduced in registers; the
-  sums are stored as one row per program (summed here in a fixed order: deterministic),
-  counts and confusion histograms added with one integer atomic per class.
-* larger C: the class dim is read in chunks with an online softmax, per-pixel losses go to an
-  (N,) buffer, and a second small kernel sums them per class deterministically; counts,
-  true positives and confusion use one integer atomic per pixel (also deterministic).
-  Rows / channels_last read few pixels x long contiguous chunks (one chunk up to 4096
-  classes); NCHW reads 64 contiguous pixels x 64 classes per chunk.
+* C <= 256 (segmentation): the static kernels, C a compile-time constant (one compiled kernel
+  per class count). A tile is 128 threads x VEC pixels: VEC consecutive pixels per thread when
+  pixels are contiguous (NCHW: 4, one 16-byte float32 vector per class; fewer with true
+  positives or float64), one
+  pixel per thread otherwise (channels_last). Up to 32 classes everything is unrolled and the
+  class-loss sums, counts and true positives are per-thread registers, written once per program
+  as rows that are summed here in a fixed order; with more classes the class groups are a loop,
+  the per-pixel loss is stored and summed per class by ``_class_sum_kernel``, and counts go to
+  per-program integer rows. Confusion counts: per-program int32 matrices (integer atomics
+  inside a program), or the int64 matrix when those would exceed 16 MB.
+* larger C: the chunked kernels, an online softmax over chunks of classes. Classes contiguous
+  (rows, channels_last): one pixel per tile, chunks of up to 4096 classes over the lanes, the
+  pixel's loss added into its program's class row (O(N), deterministic). NCHW: 64 pixels x 64
+  classes per chunk, the per-pixel loss summed by ``_class_sum_kernel``. Counts, true positives
+  and confusion counts are integer atomics (exact in any order).
 
-Each program owns a run of consecutive tiles (several waves of programs for the device), so
-its partial row covers many pixels and the rows stay few. The backward recomputes the
-softmax from the logits (with many classes its second pass over a pixel's chunks hits the
-cache) and writes the gradient once.
+The grid is persistent: a fixed number of programs (enough for 32 resident warps per SM), each
+walking tiles pid, pid + P, ...: fixed per-program rows, hence deterministic sums.
+The backward recomputes the softmax from the logits (beyond one class group, its second pass
+over a pixel's logits hits the cache) and writes the gradient once.
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -36,22 +42,28 @@ try:
     import triton
 
     from ._triton_compat import wrap
-    from .triton_kernels import _class_sum_kernel, _loss_bwd_kernel, _loss_fwd_kernel
+    from .triton_kernels import (_bwd_chunked_kernel, _bwd_static_kernel, _class_sum_kernel,
+                                 _fwd_chunked_kernel, _fwd_static_kernel)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_TILE = 4096  # logits per tile: 16-32 float32 registers per thread at 4-8 warps
-_SMALL_C = 256  # up to this (padded) class count, class statistics are reduced in registers
-_ROW_CHUNK = 4096  # classes per chunk when classes are contiguous; online softmax beyond
+_STATIC_C = 256  # up to this class count the classes are a compile-time loop (static kernels)
+_REG_STATS_C = 32  # up to this class count the class statistics are per-thread registers
+_UNROLL_C = 32  # up to this class count every class is unrolled; beyond, a loop over groups
+_LOOP_GROUP = 16  # classes per group of that loop (fewer when registers are short)
+_GROUP_VALUES = 96  # logits a thread holds per max/exp group (GROUP x VEC x rows per thread)
+_WARPS = 4  # warps per program of the static kernels
+_CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
+_TILE = 4096  # logits per tile of the chunked kernels
+_ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kernels)
 _STRIDED_TILE = (64, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
-_ONE_WARP_C = 32  # NCHW up to this (padded) class count: one-warp programs ...
-_ONE_WARP_TILE = 1024  # ... of this many float32 logits
-_WARPS_PER_SM = 16  # resident warps per SM at ~128 registers a thread
-_WAVES = 8  # programs per resident slot: the scheduler balances, partial rows stay few
+_RESIDENT_WARPS = 32  # warps per SM the persistent grid fills (latency hiding)
+_ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
+_SUM_K = 32  # classes per program of the class-sum kernel (fewer when C is smaller)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
-# so its cost is per tile: larger tiles there, and still several programs.
+# so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
 _INTERPRET_PROGRAMS = 3
 
@@ -84,6 +96,11 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def _on_device(x):
+    """Launch on the logits' device, whatever device is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _geometry(x, grad=None):
     """``(B, C, S, x_strides, grad_strides)`` of the pixel view, strides as (b, c, s).
 
@@ -99,64 +116,94 @@ def _geometry(x, grad=None):
     return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
-def _plan(C, S, ss, f64):
-    """(BLOCK_P, BLOCK_C, single chunk, class statistics in registers, num_warps).
+def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False):
+    """(ROWS, VEC, GROUP, LOOP) of the static kernels.
 
-    Triton spreads a tile's lanes over its unit-stride axis first and puts the warps on the
-    other axis once that one is covered. Reductions over classes (max, sums, argmax) stay inside
-    a warp when classes are contiguous (channels_last, rows: lanes along classes, warps along
-    pixels); with contiguous pixels (NCHW) only a one-warp tile keeps them there (lanes own
-    16-byte vectors of a few pixels x all classes); otherwise each of the per-pixel reductions
-    of a tile is a round trip through shared memory with barriers.
+    Contiguous pixels (NCHW): a thread owns VEC consecutive pixels, one vector load per class
+    (4 float32 = 16 bytes; 16-bit logits 4 = 8 bytes: 8 would double the registers and spill;
+    2 when true positives are counted and 1 for float64, which spilled with more). Otherwise (channels_last) VEC = 1: a thread owns one pixel whose classes it
+    gathers, so that its labels and its logits have the same layout (two pixels per thread made
+    Triton convert layouts through shared memory on every tile). GROUP: classes per max/exp group, so that a thread keeps at most
+    about ``_GROUP_VALUES`` float32 logits live (half as many float64), split evenly (19
+    classes in bfloat16: 10 + 9). Up to ``_UNROLL_C`` classes every group is unrolled; beyond,
+    LOOP: a loop over groups of at most ``_LOOP_GROUP`` classes, then the last C % GROUP classes
+    unrolled (150 unrolled classes take minutes to compile; a loop of 16 seconds).
+    """
+    if ss == 1:
+        # float64 and true positives (a third set of per-class registers) spilled with more
+        vec, rows = (1 if itemsize == 8 else 2 if need_tp else 4), 32 * _WARPS
+    else:
+        vec, rows = 1, 32 * _WARPS
+    per_thread = vec * rows // (32 * _WARPS)
+    values = _GROUP_VALUES // (2 if itemsize == 8 else 1)  # a float64 takes two registers
+    cap = max(1, values // per_thread)
+    loop = C > _UNROLL_C
+    if loop:  # C // group >= 2 full groups: the loop stays a loop
+        # the sigmoid focal terms hold more temporaries per logit: groups of 16 spilled there
+        group = min(cap, _LOOP_GROUP // 2 if mode == Mode.SIGMOID_FOCAL else _LOOP_GROUP)
+    else:
+        group = _cdiv(C, _cdiv(C, cap))
+    if _interpret():
+        rows *= _INTERPRET_TILE_SCALE
+    rows = max(1, min(rows, _np2(_cdiv(S, vec))))
+    return rows, vec, group, loop
+
+
+def _chunked_plan(C, S, ss, f64):
+    """(BLOCK_P, BLOCK_C, single chunk, num_warps) of the chunked kernels (C > _STATIC_C).
+
+    Classes contiguous (rows, channels_last): one pixel per tile, its classes in chunks of up to
+    ``_ROW_CHUNK`` across the lanes (reductions inside a warp and once across warps per chunk).
+    Pixels contiguous (NCHW): 64 pixels x 64 classes per chunk.
     """
     bc = _np2(C)
-    tile = _TILE // 4 if f64 else _TILE  # float64 takes two registers a value
-    if bc <= _SMALL_C:
-        block_c, single, partials = bc, True, True
-        if ss == 1 and bc <= _ONE_WARP_C:
-            block_p, num_warps = _ONE_WARP_TILE // (2 * bc if f64 else bc), 1
-        else:
-            block_p = min(max(tile // bc, 8), 1024)
-            num_warps = 8 if block_p * bc >= 4096 else 4
-    elif ss == 1:
-        (block_p, block_c), single, partials = _STRIDED_TILE, False, False
+    if ss == 1:
+        (block_p, block_c), single = _STRIDED_TILE, False
         num_warps = 8
     else:
-        block_c = min(bc, _ROW_CHUNK)
-        single, partials = bc <= _ROW_CHUNK, False
-        block_p = max(1, tile // block_c)
-        num_warps = 8 if block_p * block_c >= 4096 else 4
-    if _interpret():
+        block_c = min(bc, _ROW_CHUNK // 4 if f64 else _ROW_CHUNK)
+        single, block_p = bc <= block_c, 1
+        num_warps = 8 if block_c >= 4096 else 4
+    if _interpret() and block_p > 1:
         block_p *= _INTERPRET_TILE_SCALE
-    return min(block_p, _np2(S)), block_c, single, partials, num_warps
+    return min(block_p, _np2(S)), block_c, single, num_warps
 
 
-def _programs(num_tiles, num_warps, device):
-    """(programs, tiles per program): each program owns a fixed run of consecutive tiles.
+def _programs(num_tiles, num_warps, device, per_sm=None):
+    """Programs of a persistent grid: program ``pid`` walks tiles pid, pid + P, ... in order.
 
-    A fixed assignment keeps the per-program partial sums deterministic; several waves of
-    programs let the hardware scheduler even out the load without a persistent-kernel tail.
+    A fixed assignment keeps the per-program rows (and so every sum) deterministic; enough
+    programs to fill ``_RESIDENT_WARPS`` warps per SM.
     """
     if device.type == "cuda":
-        per_sm = max(1, _WARPS_PER_SM // num_warps)
-        cap = torch.cuda.get_device_properties(device).multi_processor_count * per_sm * _WAVES
+        if per_sm is None:
+            per_sm = max(1, _RESIDENT_WARPS // num_warps)
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     else:
         cap = _INTERPRET_PROGRAMS
-    per_prog = _cdiv(num_tiles, max(1, min(num_tiles, cap)))
-    return _cdiv(num_tiles, per_prog), per_prog
+    return max(1, min(num_tiles, cap))
 
 
 def _class_sums(target, pl, C):
     """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics)."""
     N = pl.numel()
-    block_k, block_n = min(_np2(C), 64), 128
+    block_n = 128 * (_INTERPRET_TILE_SCALE if _interpret() else 1)  # K sums per thread
     nseg = max(1, min(64, N // 4096))
     per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
     nseg = _cdiv(N, per_seg)
     part = pl.new_empty((nseg, C))
-    wrap(_class_sum_kernel)[(_cdiv(C, block_k), nseg)](
-        target, pl, part, N, C, per_seg, BLOCK_N=block_n, BLOCK_K=block_k)
+    k = min(_SUM_K, _np2(C))
+    wrap(_class_sum_kernel)[(_cdiv(C, k), nseg)](
+        target, pl, part, N, C, per_seg, BLOCK_N=block_n, K=k, num_warps=4)
     return part.sum(0)
+
+
+def _class_loss(has_loss, in_rows, lrow, target, pl, C):
+    """The class-loss sums: the programs' rows summed in a fixed order (deterministic), or the
+    per-pixel losses summed per class by the class-sum kernel; None without a loss."""
+    if not has_loss:
+        return None
+    return lrow.sum(0) if in_rows else _class_sums(target, pl, C)
 
 
 def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
@@ -166,38 +213,85 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_
     B, C, S, (sb, sc, ss), _ = _geometry(x)
     N = B * S
     has_loss = mode != Mode.STATS
-    count = x.new_zeros(C, dtype=torch.int64)
-    tp = x.new_zeros(C, dtype=torch.int64)
-    bad = x.new_zeros((), dtype=torch.int64)
-    confusion = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
+    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
     if N == 0:
+        return (x.new_zeros(0, dtype=acc), x.new_zeros(C, dtype=acc),
+                x.new_zeros(C, dtype=torch.int64),
+                x.new_zeros(C if need_tp else 0, dtype=torch.int64), x.new_zeros((), dtype=torch.int64),
+                empty_conf)
+    with _on_device(x):
+        if C <= _STATIC_C:
+            out = _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss,
+                                  need_tp, need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal)
+        else:
+            out = _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss,
+                                   need_tp, need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal)
+    pixel_loss, class_loss, count, tp, bad, conf = out
+    if not need_pixel_loss:
         pixel_loss = x.new_zeros(0, dtype=acc)
-        return pixel_loss, x.new_zeros(C, dtype=acc), count, tp if need_tp else tp.new_empty(0), bad, confusion
-
-    block_p, block_c, single, partials, num_warps = _plan(C, S, ss, acc == torch.float64)
-    tiles_per_b = _cdiv(S, block_p)
-    num_tiles = B * tiles_per_b
-    programs, per_prog = _programs(num_tiles, num_warps, x.device)
-    store_pl = need_pixel_loss or (has_loss and not partials)
-    pl = x.new_empty(N if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
-    part = x.new_empty((programs, C) if partials else (1,), dtype=acc)
-    conf = 0 if not need_confusion else (2 if partials and block_c <= 32 else 1)
-    wrap(_loss_fwd_kernel)[(programs,)](
-        x, target, tvals if tvals is not None else part, pl, part, count, tp, bad,
-        confusion if need_confusion else count,
-        C, S, tiles_per_b, num_tiles, per_prog, sb, sc, ss, ignore_index, gamma,
-        MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
-        STORE_PL=store_pl, SINGLE=single, PARTIALS=partials, CONF=conf,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-
-    pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
     if not has_loss:
         class_loss = x.new_zeros(C, dtype=acc)
-    elif partials:
-        class_loss = part.sum(0)
-    else:
-        class_loss = _class_sums(target, pl, C)
-    return pixel_loss, class_loss, count, tp if need_tp else tp.new_empty(0), bad, confusion
+    return (pixel_loss, class_loss, count, tp if need_tp else x.new_zeros(0, dtype=torch.int64), bad,
+            conf if need_confusion else empty_conf)
+
+
+def _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
+                    need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal):
+    rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp)
+    tiles_per_b = _cdiv(S, rows * vec)
+    num_tiles = B * tiles_per_b
+    P = _programs(num_tiles, _WARPS, x.device)
+    reg = C <= _REG_STATS_C
+    store_pl = need_pixel_loss or (has_loss and not reg)
+    pl = x.new_empty(B * S if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
+    alloc = torch.empty if reg else torch.zeros  # rows written once (registers) or added into
+    lrow = x.new_empty((P, C) if reg and has_loss else (1,), dtype=acc)
+    crow = alloc((P, C), dtype=torch.int32, device=x.device)
+    trow = alloc((P, C) if need_tp else (1,), dtype=torch.int32, device=x.device)
+    bad = x.new_empty(P, dtype=torch.int32)
+    conf_mode = 0
+    conf = x.new_empty(1, dtype=torch.int32)
+    if need_confusion:
+        conf_mode = 1 if P * C * C * 4 <= _CONF_ROWS_BYTES else 2
+        conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
+                           dtype=torch.int32 if conf_mode == 1 else torch.int64)
+    tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
+    wrap(_fwd_static_kernel)[(P,)](
+        x, target, tv, pl, lrow, crow, trow, bad, conf,
+        S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
+        C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
+        NEED_TP=need_tp, CONF=conf_mode, ROWS=rows, VEC=vec, num_warps=_WARPS)
+    class_loss = _class_loss(has_loss, reg, lrow, target, pl, C)
+    count = crow.sum(0, dtype=torch.int64)
+    tp = trow.sum(0, dtype=torch.int64) if need_tp else None
+    if conf_mode == 1:
+        conf = conf.sum(0, dtype=torch.int64)
+    return pl, class_loss, count, tp, bad.sum(dtype=torch.int64), conf
+
+
+def _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
+                     need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal):
+    block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
+    tiles_per_b = _cdiv(S, block_p)
+    num_tiles = B * tiles_per_b
+    rowsum = has_loss and block_p == 1
+    P = _programs(num_tiles, num_warps, x.device, _ROWSUM_PROGRAMS_PER_SM if rowsum else None)
+    store_pl = need_pixel_loss or (has_loss and not rowsum)
+    pl = x.new_empty(B * S if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
+    lrow = x.new_zeros((P, C) if rowsum else (1,), dtype=acc)
+    count = x.new_zeros(C, dtype=torch.int64)
+    tp = x.new_zeros(C if need_tp else 1, dtype=torch.int64)
+    bad = x.new_empty(P, dtype=torch.int32)
+    conf = x.new_zeros((C, C) if need_confusion else (1,), dtype=torch.int64)
+    tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
+    wrap(_fwd_chunked_kernel)[(P,)](
+        x, target, tv, pl, lrow, count, tp, bad, conf,
+        C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
+        MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, ROWSUM=rowsum, NEED_TP=need_tp,
+        CONF=need_confusion, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    class_loss = _class_loss(has_loss, rowsum, lrow, target, pl, C)
+    return pl, class_loss, count, tp, bad.sum(dtype=torch.int64), conf
 
 
 def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
@@ -208,22 +302,32 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
     acc = _acc_dtype(x)
     grad = torch.empty_like(x)
     B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, grad)
-    block_p, block_c, single, _, num_warps = _plan(C, S, ss, acc == torch.float64)
-    tiles_per_b = _cdiv(S, block_p)
-    num_tiles = B * tiles_per_b
-    programs, per_prog = _programs(num_tiles, num_warps, x.device)
     dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-    wrap(_loss_bwd_kernel)[(programs,)](
-        x, target, dummy,
-        grad_pixel if grad_pixel is not None else dummy,
-        grad_class if grad_class is not None else dummy,
-        grad, C, S, tiles_per_b, num_tiles, per_prog, sb, sc, ss, gsb, gsc, gss,
-        grad_pixel.stride(0) if grad_pixel is not None else 0,
-        grad_class.stride(0) if grad_class is not None else 0,
-        ignore_index, gamma,
-        MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
-        HAS_GP=grad_pixel is not None, HAS_GC=grad_class is not None, SINGLE=single,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    gp = grad_pixel if grad_pixel is not None else dummy
+    gc = grad_class if grad_class is not None else dummy
+    gp_stride = grad_pixel.stride(0) if grad_pixel is not None else 0
+    gc_stride = grad_class.stride(0) if grad_class is not None else 0
+    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    with _on_device(x):
+        if C <= _STATIC_C:
+            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
+            tiles_per_b = _cdiv(S, rows * vec)
+            num_tiles = B * tiles_per_b
+            wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, x.device),)](
+                x, target, dummy, gp, gc, grad, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
+                gp_stride, gc_stride, ignore_index, gamma,
+                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
+                HAS_GC=grad_class is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
+        else:
+            block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
+            tiles_per_b = _cdiv(S, block_p)
+            num_tiles = B * tiles_per_b
+            wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, x.device),)](
+                x, target, dummy, gp, gc, grad, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc,
+                gss, gp_stride, gc_stride, ignore_index, gamma,
+                MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
+                HAS_GC=grad_class is not None, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c,
+                num_warps=num_warps)
     return grad
 
 
@@ -242,10 +346,12 @@ if triton is not None:
         need_tp: bool,
         need_confusion: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion)
+        return _forward(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
+                        need_confusion)
 
     @loss_fwd.register_fake
-    def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
+    def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
+                       need_confusion):
         return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
 
     @torch.library.triton_op("fused_imbalance::triton_loss_bwd", mutates_args=())

@@ -1,0 +1,155 @@
+"""sm90_static driver: fused_imbalance's Triton loss passes on Cityscapes-, ADE20K- and long-tail-sized logits.
+
+    python ../shared/tools/sm90_static/sm90_static.py benchmarks/sm90_driver.py [--json OUT] [--only ade_cl]
+
+The project's copy of the tool's example driver, kept in step with the kernels: the forward op's signature
+(need_tp / need_confusion flags, the confusion counts returned), the trip models of the static-class and chunked
+kernels, and the extra memory traffic of the passes that store per-pixel losses or per-program rows (mem_bytes).
+The 72 cases are the example driver's.
+
+Launches go only through the public ops torch.ops.fused_imbalance.triton_loss_fwd / triton_loss_bwd (their contract
+is the docstring of fused_imbalance.ops), so the cases keep working across internal refactors while that contract
+holds. The one piece that knows the kernels is the trip model (TRIPS), written against kernel argument names: when a
+name or the loop nesting changes, the tool flags the case ("no estimate") instead of estimating it with a stale model.
+
+Byte floor (DESIGN.md section 8): a forward reads the logits once, a backward reads them and writes the gradient once;
+both read the int64 labels once. Inputs are torch.empty: nothing runs, the kernels are only compiled.
+"""
+import importlib
+
+import torch
+
+# The ops are registered when the Triton backend module is imported; that needs only `import triton`. Its
+# available() (a GPU, or TRITON_INTERPRET=1) gates the high-level API's choice of backend, not the ops themselves.
+importlib.import_module("fused_imbalance.ops.triton_loss")
+try:
+    FWD = torch.ops.fused_imbalance.triton_loss_fwd
+    BWD = torch.ops.fused_imbalance.triton_loss_bwd
+except (AttributeError, RuntimeError) as e:
+    raise SystemExit(f"fused_imbalance's Triton ops are not registered ({e}): is triton installed?")
+
+PROBLEMS = [  # name, shape (B, C, H, W) or (N, C), dtype, memory layout
+    ("city_nchw_f32", (8, 19, 512, 1024), torch.float32, "nchw"),
+    ("city_nchw_bf16", (8, 19, 512, 1024), torch.bfloat16, "nchw"),
+    ("city_cl_f32", (8, 19, 512, 1024), torch.float32, "cl"),
+    ("city_cl_bf16", (8, 19, 512, 1024), torch.bfloat16, "cl"),
+    ("ade_nchw_f32", (8, 150, 512, 512), torch.float32, "nchw"),
+    ("ade_nchw_bf16", (8, 150, 512, 512), torch.bfloat16, "nchw"),
+    ("ade_cl_f32", (8, 150, 512, 512), torch.float32, "cl"),
+    ("rows8142_f32", (65536, 8142), torch.float32, "rows"),
+]
+MODES = [  # name, loss_mode (fused_imbalance.ops.Mode), gamma
+    ("ce", 0, 0.0),  # softmax focal with gamma 0: cross-entropy
+    ("focal", 0, 2.0),
+    ("sigfocal", 1, 2.0),  # sigmoid focal
+    ("mselogit", 2, 0.0),  # MSE on the logits (outlying labels)
+    ("stats_conf", 4, 0.0),  # counts, true positives and the confusion matrix only; no backward
+]
+IGNORE = -100
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _extra_fwd_bytes(layout, N, C, mode, sms=132):
+    """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: with
+    32 < C <= 256 the per-pixel loss is written (4 B), then read back with the labels (4 + 8 B) by the class-sum
+    kernel; the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows; confusion
+    counts go to per-program int32 matrices (zeroed, read back) while those stay under 16 MB."""
+    extra = 0
+    has_loss = mode != 4
+    if 32 < C <= 256 and has_loss:
+        extra += N * (4 + 4 + 8)
+    if C > 256 and layout != "nchw" and has_loss:
+        extra += 2 * (2 * sms) * C * 4
+    if mode == 4 and C <= 256:
+        programs = sms * 8
+        if programs * C * C * 4 <= 1 << 24:
+            extra += 2 * programs * C * C * 4
+    return extra
+
+
+def _logits(shape, dtype, layout):
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, memory_format=fmt)
+
+
+def _forward(shape, dtype, layout, mode, gamma):
+    def run():
+        x = _logits(shape, dtype, layout)
+        C, N = shape[1], x.numel() // shape[1]
+        tvals = torch.empty(C, dtype=torch.float32) if mode == 2 else None
+        stats = mode == 4  # the statistics pass: true positives and the confusion matrix
+        FWD(x, torch.empty(N, dtype=torch.int64), mode, gamma, tvals, IGNORE, False, stats, stats)
+    return run
+
+
+def _backward(shape, dtype, layout, mode, gamma):
+    def run():
+        x = _logits(shape, dtype, layout)
+        C, N = shape[1], x.numel() // shape[1]
+        tvals = torch.empty(C, dtype=torch.float32) if mode == 2 else None
+        # the upstream gradient of class_loss only, as a weighted mean or sum gives it
+        BWD(x, torch.empty(N, dtype=torch.int64), None, torch.empty(C, dtype=torch.float32), mode, gamma, tvals,
+            IGNORE)
+    return run
+
+
+def cases():
+    for pname, shape, dtype, layout in PROBLEMS:
+        C = shape[1]
+        N = 1
+        for d in shape:
+            N *= d
+        N //= C
+        logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
+        for mname, mode, gamma in MODES:
+            yield {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, dtype, layout, mode, gamma),
+                   "elements": N * C, "bytes": logit_bytes + label_bytes,
+                   "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode)}
+            if mode != 4:  # the statistics mode has no gradient (the op returns zeros without a launch)
+                yield {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, dtype, layout, mode, gamma),
+                       "elements": N * C, "bytes": 2 * logit_bytes + label_bytes}
+
+
+# ------------------------------------------------------------------ trip model (see sm90_static's docstring, 4)
+def _h100_programs(num_tiles, num_warps, per_sm=None, sms=132):
+    """Programs the launcher starts on an H100: a persistent grid of 32 resident warps per SM (2 programs per SM
+    for the chunked kernel's class-loss rows), fused_imbalance/ops/triton_loss.py, _programs. From CPU tensors it
+    picks another grid; only the code outside the tile loop (set-up, the per-program rows) scales with it."""
+    per_sm = per_sm or max(1, 32 // num_warps)
+    return max(1, min(num_tiles, sms * per_sm))
+
+
+def _static_trips(launch):
+    """_fwd_static_kernel / _bwd_static_kernel: program pid walks tiles pid, pid + P, ...: the depth-0 loop runs
+    num_tiles times over all programs. Small C: the classes are unrolled (no inner loop). LOOP: each tile walks
+    C // GROUP groups of classes at depth 1 (the softmax backward twice: two loops, same count), the last C % GROUP
+    classes unrolled after it."""
+    a, k = launch["ints"], launch["constexprs"]
+    loops = [a["num_tiles"], k["C"] // k["GROUP"]] if k["LOOP"] else [a["num_tiles"]]
+    return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]), "loops": loops}
+
+
+def _chunked_trips(launch):
+    """_fwd_chunked_kernel / _bwd_chunked_kernel: the tile loop as above; when the classes do not fit one chunk
+    (SINGLE false) each tile walks cdiv(C, BLOCK_C) chunks, at depth 1 (the softmax backward walks them twice: two
+    loops, same count)."""
+    a, k = launch["ints"], launch["constexprs"]
+    loops = [a["num_tiles"]] if k["SINGLE"] else [a["num_tiles"], _cdiv(a["C"], k["BLOCK_C"])]
+    per_sm = 2 if k.get("ROWSUM") else None
+    return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"], per_sm), "loops": loops}
+
+
+def _class_sum_trips(launch):
+    """_class_sum_kernel: each (class block, segment) program walks its segment in steps of BLOCK_N pixels."""
+    programs = 1
+    for g in launch["grid"]:
+        programs *= g
+    return {"loops": [programs * _cdiv(launch["ints"]["per_seg"], launch["constexprs"]["BLOCK_N"])]}
+
+
+TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,
+         "_fwd_chunked_kernel": _chunked_trips, "_bwd_chunked_kernel": _chunked_trips,
+         "_class_sum_kernel": _class_sum_trips}

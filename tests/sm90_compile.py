@@ -1,0 +1,194 @@
+"""Compile the Triton kernels for the H100 (sm_90a) with no GPU and report registers and spills.
+
+    python tests/sm90_compile.py [--all] > report.json
+
+A stand-in CUDA driver reports an sm_90 target, so Triton compiles with the ptxas bundled in
+its wheel; every launch the launcher makes is turned into a compile (nothing runs), so the
+kernels are built exactly as ``fused_imbalance/ops/triton_loss.py`` configures them, from
+full-size ``torch.empty`` CPU tensors (pages never touched cost no memory). ptxas ``-v``, with
+Triton's own flags, gives registers and spill bytes. Prints one JSON record per compiled kernel.
+
+``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``) reaches every kernel and
+every code path of each: all loss modes, every flag (per-pixel loss, true positives, confusion
+in per-program matrices and in the global matrix), statistics in registers and in rows,
+unrolled classes and the loop over class groups, every vector width (float64, float32, 16-bit
+NCHW; gathered channels_last), single and multi-chunk chunked kernels, the class-sum kernel,
+float64. It is a representative set, not every combination (that takes tens of minutes on two
+cores): C is a compile-time constant of the static kernels, so each class count is its own
+kernel, and modes x dtypes x layouts multiply. ``--all`` adds every mode x dtype x layout for
+C = 19, 150 and 8142 rows.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # the interpreter would run kernels instead of compiling
+
+import torch  # noqa: E402
+import triton  # noqa: E402,F401
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
+from triton.backends.nvidia.driver import ty_to_cpp  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _StandInSm90(DriverBase):
+    """Just enough of a CUDA driver for Triton to compile for sm_90 without a device."""
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def map_python_to_cpp_type(self, ty):
+        return ty_to_cpp(ty)
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def clear_cache(self, cache):
+        pass
+
+    def get_benchmarker(self):
+        raise RuntimeError("nothing runs under the stand-in sm_90 driver")
+
+    get_empty_cache_for_benchmark = get_benchmarker
+
+
+_COMPILED = []
+
+
+def _install():
+    driver.set_active(_StandInSm90())
+    compile_only = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = compile_only(self, *args, grid=grid, warmup=True, **kwargs)
+        bound = dict(zip(self.arg_names, args))
+        bound.update(kwargs)
+        constexprs = {p.name: bound.get(p.name, p.default) for p in self.params if p.is_constexpr}
+        _COMPILED.append((kernel, {k: str(v) for k, v in constexprs.items()}))
+        return kernel
+
+    JITFunction.run = run
+
+
+def _ptxas_usage(kernel):
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` with Triton's flags."""
+    import tempfile
+    md = kernel.metadata
+    flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(90)}"]
+    if not getattr(md, "enable_fp_fusion", True):
+        flags.append("--fmad=false")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        log = subprocess.run([get_ptxas(90).path, *flags, src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return regs, int(m.group(1)), int(m.group(2))
+
+
+_DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_MODES = {"ce": (0, 0.0), "focal": (0, 2.0), "sigfocal": (1, 2.0), "mselogit": (2, 0.0),
+          "msesoftmax": (3, 0.0), "stats": (4, 0.0)}
+
+# (C, layout, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's backward too.
+# need_confusion "global": the (C, C) int64 matrix instead of per-program matrices.
+VARIANTS = [
+    # static kernels, every class unrolled, statistics in registers
+    (19, "nchw", "bf16", "ce", False, False, False),  # 16-bit vectors of 4
+    (19, "nchw", "f32", "focal", True, True, True),  # every flag, per-program confusion
+    (19, "cl", "f32", "msesoftmax", True, False, False),  # gathered channels_last pixels
+    (19, "nchw", "bf16", "sigfocal", False, False, False),
+    (19, "cl", "bf16", "mselogit", False, False, False),
+    (19, "nchw", "f32", "stats", False, True, True),
+    (19, "nchw", "f64", "sigfocal", True, True, True),  # float64: vectors of 2, the most registers
+    # static kernels, a loop over class groups, statistics in rows, the class-sum kernel
+    (150, "nchw", "f32", "focal", False, True, True),
+    (150, "cl", "bf16", "sigfocal", False, False, False),
+    (150, "nchw", "f32", "sigfocal", False, False, False),  # the known spill (test_sm90_compile.py)
+    (150, "nchw", "f64", "msesoftmax", False, False, False),
+    (40, "cl", "f32", "stats", False, True, "global"),
+    # chunked kernels: NCHW chunks with the class-sum kernel; rows/channels_last with class rows
+    (300, "nchw", "f32", "focal", True, True, True),
+    (300, "cl", "f64", "ce", False, False, False),
+    (8142, "rows", "f32", "sigfocal", False, True, True),
+]
+
+
+def _all_variants():
+    seen = set(VARIANTS)
+    for C, layout in [(19, "nchw"), (19, "cl"), (150, "nchw"), (150, "cl"), (8142, "rows")]:
+        for dt in _DTYPES:
+            for m in _MODES:
+                v = (C, layout, dt, m, False, m == "stats", m == "stats")
+                if v not in seen:
+                    seen.add(v)
+                    yield v
+
+
+def _logits(C, layout, dtype):
+    if layout == "rows":
+        return torch.empty((4096, C), dtype=dtype)
+    x = torch.empty((2, C, 128, 256), dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+
+
+def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
+    from fused_imbalance.ops import triton_loss as T
+    dtype = _DTYPES[dt]
+    mode, gamma = _MODES[mode_name]
+    x = _logits(C, layout, dtype)
+    N = x.numel() // C
+    y = torch.empty(N, dtype=torch.int64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tv = torch.empty(C, dtype=acc) if mode in (2, 3) else None
+    start = len(_COMPILED)
+    saved = T._CONF_ROWS_BYTES
+    if need_conf == "global":
+        T._CONF_ROWS_BYTES = 0
+    try:
+        T._forward(x, y, mode, gamma, tv, -100, need_pl, need_tp, bool(need_conf))
+    finally:
+        T._CONF_ROWS_BYTES = saved
+    if mode != 4:
+        T._backward(x, y, torch.empty(N, dtype=acc), torch.empty(C, dtype=acc), mode, gamma, tv, -100)
+    return _COMPILED[start:]
+
+
+def main(argv):
+    _install()
+    variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
+    seen = {}
+    for v in variants:
+        for kernel, constexprs in compile_variant(*v):
+            h = kernel.metadata.hash
+            if h in seen:
+                continue
+            regs, st, ld = _ptxas_usage(kernel)
+            seen[h] = dict(variant=list(v), kernel=kernel.metadata.name, num_warps=kernel.metadata.num_warps,
+                           constexprs=constexprs, registers=regs, spill_stores=st, spill_loads=ld)
+            print(json.dumps(seen[h]), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main(sys.argv[1:])
