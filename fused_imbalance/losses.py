@@ -86,10 +86,13 @@ class ClassBalancedLoss(nn.Module):
                 f"gamma={self.gamma}, reduction={self.reduction!r}")
 
     def forward(self, logits, target, confusion=None):
+        if logits.dim() >= 2 and logits.shape[1] != self.weight.numel():
+            raise ValueError(f"ClassBalancedLoss was built with samples_per_class of {self.weight.numel()} classes, "
+                             f"but the logits have {logits.shape[1]} (dim 1)")
         return functional.weighted_loss(logits, target, self.weight, self.loss_type, self.gamma, self.ignore_index,
                                         self.reduction, confusion=confusion, backend=self.backend,
-                                        validate=self.validate,
-            upsample=self.upsample, align_corners=self.align_corners)
+                                        validate=self.validate, upsample=self.upsample,
+                                        align_corners=self.align_corners)
 
 
 class RecallLoss(nn.Module):

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from tolerances import LOSS_TOL, TOL
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -112,8 +113,63 @@ def test_segmentation_smoke(tmp_path, monkeypatch):
         assert all(0.0 <= v <= 1.0 for v in values)
         assert all(math.isfinite(v) and v >= 0 for v in h["loss"])
     with open(tmp_path / "segmentation.json") as f:
-        assert list(json.load(f)["results"]) == names
+        res = json.load(f)
+    assert list(res["results"]) == names
+    assert res["path"] == "fused upsample"  # the default: 1/4-resolution logits, upsample="bilinear"
+    assert seg.upsample_options(args)["upsample"] == "bilinear"
     rows = table_rows((tmp_path / "segmentation.md").read_text())
     for name in names:
         assert name in rows and "nan" not in rows[name].lower()
     assert_png(tmp_path / "segmentation.png")
+
+
+def test_segmentation_fused_upsample_equals_interpolate_then_loss(monkeypatch):
+    """The example's default path (the losses built with upsample="bilinear" on the 1/4-resolution
+    logits) gives the loss, the gradient of every parameter of the net and the confusion counts of
+    its --interpolate path (F.interpolate, then the loss), on one batch of its own data and net."""
+    seg = load("segmentation", monkeypatch)
+    torch.set_num_threads(1)
+    x, y = seg.synthetic_segmentation(4, seed=3)
+    counts = torch.bincount(y.flatten(), minlength=5).tolist()
+    fused, interp = seg.parse_args(["--smoke"]), seg.parse_args(["--smoke", "--interpolate"])
+    assert seg.upsample_options(fused) == {"upsample": "bilinear", "align_corners": False}
+    assert seg.upsample_options(interp) == {}
+    for name in seg.make_losses(counts, 5, fused):
+        out = {}
+        for key, args in (("fused", fused), ("interpolate", interp)):
+            torch.manual_seed(0)
+            model = seg.FCN(5, args.width)
+            low_res = model(x)
+            assert low_res.shape == (4, 5, 16, 16)
+            logits = seg.loss_input(low_res, y, args)
+            assert logits.shape == ((4, 5, 64, 64) if key == "interpolate" else (4, 5, 16, 16))
+            cm = torch.zeros(5, 5, dtype=torch.int64)
+            loss = seg.make_losses(counts, 5, args)[name]()(logits, y, confusion=cm)
+            loss.backward()
+            out[key] = (loss.detach(), [p.grad for p in model.parameters()], cm)
+        (lf, gf, cf), (li, gi, ci) = out["fused"], out["interpolate"]
+        assert lf.item() > 0, name
+        torch.testing.assert_close(lf, li, **LOSS_TOL[torch.float32], msg=name)
+        assert any(g.abs().max() > 0 for g in gi), name
+        for a, b in zip(gf, gi):
+            torch.testing.assert_close(a, b, **TOL[torch.float32], msg=name)
+        assert torch.equal(cf, ci), name
+        assert int(cf.sum()) == 4 * 64 * 64
+
+
+def test_segmentation_memory_mode(tmp_path, monkeypatch):
+    """--memory measures both paths on one batch: the fused upsample allocates less than the
+    interpolated logits and their gradient alone, and both paths compute the same loss."""
+    seg = load("segmentation", monkeypatch)
+    rows = seg.main(["--smoke", "--memory", "--repeat", "1", "--threads", "1", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    args = seg.parse_args(["--smoke"])
+    assert list(rows) == list(seg.make_losses([1] * 5, 5, args))
+    interpolated_bytes = 2 * args.batch_size * 5 * 64 * 64 * 4  # the (B, C, 64, 64) logits and their gradient
+    for name, r in rows.items():
+        assert r["interpolate"]["peak_bytes"] >= interpolated_bytes, name
+        assert 0 < r["fused"]["peak_bytes"] < interpolated_bytes / 4, name
+        assert r["max_loss_diff"] <= 1e-5 * (1 + abs(r["interpolate"]["loss"])), name
+        assert r["same_confusion"], name
+    rows_md = table_rows((tmp_path / "segmentation_memory.md").read_text())
+    assert all(name in rows_md and "nan" not in rows_md[name].lower() for name in rows)

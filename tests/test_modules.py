@@ -350,6 +350,10 @@ def test_constructor_checks():
         ClassBalancedLoss(COUNTS, loss_type="logistic")
     with pytest.raises(ValueError, match="samples_per_class"):
         ClassBalancedLoss([1, -2])
+    x, y = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    for backend in ("reference", None):  # counts of two classes for logits of three: named, on every path
+        with pytest.raises(ValueError, match="samples_per_class of 2 classes"):
+            ClassBalancedLoss([10, 5], backend=backend)(x, y)
     with pytest.raises(ValueError, match="input"):
         OutlyingMSELoss(COUNTS, input="probs")
     with pytest.raises(ValueError, match="alpha"):
