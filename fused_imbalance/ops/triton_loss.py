@@ -139,8 +139,9 @@ def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False):
     cap = max(1, values // per_thread)
     loop = C > _UNROLL_C
     if loop:  # C // group >= 2 full groups: the loop stays a loop
-        # the sigmoid focal terms hold more temporaries per logit: groups of 16 spilled there
-        group = min(cap, _LOOP_GROUP // 2 if mode == Mode.SIGMOID_FOCAL else _LOOP_GROUP)
+        # the sigmoid focal terms hold more temporaries per logit, and a float64 takes two registers:
+        # groups of 16 spilled there
+        group = min(cap, _LOOP_GROUP // 2 if (mode == Mode.SIGMOID_FOCAL or itemsize == 8) else _LOOP_GROUP)
     else:
         group = _cdiv(C, _cdiv(C, cap))
     if _interpret():
