@@ -52,10 +52,15 @@ losses go to an (N,) buffer summed by ``_class_sum_kernel``.
 No float atomics anywhere: every float sum has a fixed order, so results are bit-identical run
 to run.
 """
+import inspect
+
 import triton
 import triton.language as tl
 
 _BIG = tl.constexpr(2147483647)  # "no index yet" in the int32 index reductions
+# tl.fdiv takes approx= in newer triton (3.9: div.approx.f32); triton 3.6 has no such argument, and its
+# default (ieee_rounding=False) is the fast full-range division, div.full.f32, also within 2 ulp.
+_FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
 
 
 @triton.jit
@@ -132,7 +137,10 @@ def _recip(w):
     if w.dtype == tl.float64:
         return 1.0 / w
     else:
-        return tl.fdiv(tl.full(w.shape, 1.0, w.dtype), w, approx=True)
+        if _FDIV_APPROX:
+            return tl.fdiv(tl.full(w.shape, 1.0, w.dtype), w, approx=True)
+        else:
+            return tl.fdiv(tl.full(w.shape, 1.0, w.dtype), w)
 
 
 @triton.jit
