@@ -4,19 +4,21 @@
 
 Low-resolution logits (B, C, h, w) against full-resolution int64 labels (B, H, W), bilinear,
 align_corners=False, NCHW. Launches go through the public ops torch.ops.fused_imbalance.
-triton_upsample_loss_fwd / _bwd; the trip models (TRIPS) name the kernels' arguments.
+triton_upsample_loss_fwd / _bwd; the trip models (TRIPS) name the kernels' arguments and follow the
+loops of fused_imbalance/ops/triton_upsample.py.
 
 Byte floor (DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
-2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what the
-backward really moves beyond it: the labels read a second time (the coefficient kernel and the
-gather kernel both read them) and the per-pixel scratch (a, lse: 2 floats per full-resolution
-pixel for the softmax modes) written once and read once.
+2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what a backward
+with class groups (C > _CACHE_C: ADE20K's 150 classes) really moves beyond it: the coefficient launch
+reads the labels and the logits once more and writes a and lse (2 floats per full-resolution pixel),
+which the gradient launch reads back; and a forward with a loss and more than 32 classes, whose per-pixel
+loss is written and read back, with the labels, by the class-sum kernel.
 """
 import importlib
 
 import torch
 
-importlib.import_module("fused_imbalance.ops.triton_upsample")
+T = importlib.import_module("fused_imbalance.ops.triton_upsample")
 try:
     FWD = torch.ops.fused_imbalance.triton_upsample_loss_fwd
     BWD = torch.ops.fused_imbalance.triton_upsample_loss_bwd
@@ -32,6 +34,7 @@ PROBLEMS = [  # name, low-resolution logits (B, C, h, w), full-resolution (H, W)
 MODES = [("ce", 0, 0.0), ("focal", 0, 2.0), ("stats", 4, 0.0)]  # name, loss_mode, gamma
 IGNORE = -100
 BILINEAR = 1
+ALIGN_CORNERS = False
 
 
 def _cdiv(a, b):
@@ -42,7 +45,7 @@ def _forward(shape, HW, dtype, mode, gamma):
     def run():
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
-        FWD(x, y, BILINEAR, False, mode, gamma, None, IGNORE, False, mode == 4, mode == 4)
+        FWD(x, y, BILINEAR, ALIGN_CORNERS, mode, gamma, None, IGNORE, False, mode == 4, mode == 4)
     return run
 
 
@@ -51,7 +54,8 @@ def _backward(shape, HW, dtype, mode, gamma):
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
-        BWD(x, y, None, torch.empty(shape[1], dtype=torch.float32), BILINEAR, False, mode, gamma, None, IGNORE)
+        BWD(x, y, None, torch.empty(shape[1], dtype=torch.float32), BILINEAR, ALIGN_CORNERS, mode, gamma, None,
+            IGNORE)
     return run
 
 
@@ -61,16 +65,30 @@ def cases():
         N = B * HW[0] * HW[1]
         logit_bytes, label_bytes = B * C * h * w * dtype.itemsize, N * 8
         for mname, mode, gamma in MODES:
-            yield {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, HW, dtype, mode, gamma),
-                   "elements": N * C, "bytes": logit_bytes + label_bytes}
+            case = {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, HW, dtype, mode, gamma),
+                    "elements": N * C, "bytes": logit_bytes + label_bytes}
+            if C > T._REG_STATS_C and mode != 4:
+                # the class sums of more than 32 classes: the per-pixel loss written and read back with the labels
+                case["mem_bytes"] = logit_bytes + 2 * label_bytes + 2 * N * 4
+            yield case
             if mode != 4:
                 floor = 2 * logit_bytes + logit_bytes + label_bytes
-                scratch = 2 * N * 4  # a and lse (float32) per full-resolution pixel
-                yield {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, HW, dtype, mode, gamma),
-                       "elements": N * C, "bytes": floor, "mem_bytes": floor + label_bytes + 2 * scratch}
+                case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, HW, dtype, mode, gamma),
+                        "elements": N * C, "bytes": floor}
+                if C > T._FUSED_C:
+                    scratch = 2 * N * 4  # a and lse (float32) per full-resolution pixel
+                    case["mem_bytes"] = floor + logit_bytes + label_bytes + 2 * scratch
+                yield case
 
 
 # ------------------------------------------------------------------ trip models
+def _segments(n_in, n_out):
+    """Lengths of the output segments of each input index (triton_upsample._segments), on the host."""
+    i0 = T._axis(n_in, n_out, T.Interp.BILINEAR, ALIGN_CORNERS, torch.float32, "cpu")[0]
+    start, end = T._segments(i0, n_in)
+    return (end - start).tolist()
+
+
 def _programs(launch):
     p = 1
     for g in launch["grid"]:
@@ -78,37 +96,59 @@ def _programs(launch):
     return p
 
 
-def _h100_programs(num_tiles, num_warps, sms=132):
-    """The forward's grid on an H100 (triton_upsample._programs sizes it from the SM count)."""
-    cap = sms * max(1, 16 // num_warps) * 8
-    per_prog = _cdiv(num_tiles, max(1, min(num_tiles, cap)))
-    return _cdiv(num_tiles, per_prog)
-
-
 def _fwd_trips(launch):
-    """_up_fwd_kernel: the tile loop (num_tiles over all programs), in it the class-chunk loop."""
+    """_up_fwd_kernel: per program the low-resolution rows of its band (depth 0, summed over programs),
+    per row the steps of TY output rows of its segment, and in them the loop over class groups (LOOP)."""
     a, k = launch["ints"], launch["constexprs"]
-    return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]),
-            "loops": [a["num_tiles"], _cdiv(a["C"], k["BLOCK_C"])]}
+    h, R, TY = a["h"], k["R"], k["TY"]
+    seg = _segments(h, a["H"])
+    rows = _programs(launch) // a["bands"] * h  # every program of an image's column block walks h / bands rows
+    steps = sum(_cdiv(s, TY) for s in seg) / h
+    loops = [rows, steps]
+    if k["LOOP"]:
+        loops.append(k["C"] // k["GROUP"])
+    return {"loops": loops}
 
 
-def _coef_trips(launch):
-    """_up_coef_kernel: one tile per program; the class-chunk loop for the softmax modes only."""
+def _bwd_trips(launch):
+    """_up_bwd_kernel: (the class-group loop when LOOP), the band's low-resolution rows with the halo row
+    above, per row the steps of TJ columns over the block's longest column segment, per step the steps of
+    TY rows of the row's segment."""
     a, k = launch["ints"], launch["constexprs"]
-    if k["MODE"] in (0, 3):
-        return {"loops": [_programs(launch) * _cdiv(a["C"], k["BLOCK_C"])]}
-    return {"loops": []}
-
-
-def _gather_trips(launch):
-    """_up_gather_kernel: class chunks per program, in each the rows that read the element (span_y)."""
-    a, k = launch["ints"], launch["constexprs"]
-    return {"loops": [_programs(launch) * _cdiv(a["C"], k["BLOCK_C"]), a["span_y"]]}
+    h, w, R, TJ, TY, lanes = a["h"], a["w"], k["R"], k["TJ"], k["TY"], k["BLOCK_X"]
+    xblocks, bands = a["xblocks"], a["bands"]
+    B = _programs(launch) // (xblocks * bands)
+    rows_seg = _segments(h, a["H"])
+    cols_seg = _segments(w, a["W"])
+    halo = 1 if k["TAP2_X"] else 0
+    spans = []
+    for xb in range(xblocks):
+        lo = max(0, xb * (lanes - halo) - halo)
+        hi = min(w, xb * (lanes - halo) - halo + lanes)
+        spans.append(_cdiv(max(cols_seg[lo:hi]), TJ))
+    rows = 0  # low-resolution rows walked per image and column block, halos included
+    ysteps = 0
+    for band in range(bands):
+        ya, yb = band * R, min(band * R + R, h)
+        ys = max(ya - 1, 0) if k["TAP2_Y"] else ya
+        rows += yb - ys
+        ysteps += sum(_cdiv(rows_seg[y], TY) for y in range(ys, yb))
+    programs = B * xblocks * bands
+    total_rows = B * xblocks * rows
+    jsteps = sum(spans) / xblocks
+    loops = [total_rows, jsteps, ysteps / rows]
+    if k["LOOP"]:
+        # the loop over full groups around the walk, then the walk of the last C % GROUP classes (if any)
+        nest = [programs * (k["C"] // k["GROUP"]), rows / bands, jsteps, ysteps / rows]
+        if k["C"] % k["GROUP"]:
+            loops = [[nest[0], total_rows], [nest[1], jsteps], [nest[2], ysteps / rows], [nest[3]]]
+        else:
+            loops = nest
+    return {"loops": loops}
 
 
 def _class_sum_trips(launch):
     return {"loops": [_programs(launch) * _cdiv(launch["ints"]["per_seg"], launch["constexprs"]["BLOCK_N"])]}
 
 
-TRIPS = {"_up_fwd_kernel": _fwd_trips, "_up_coef_kernel": _coef_trips, "_up_gather_kernel": _gather_trips,
-         "_up_class_sum_kernel": _class_sum_trips}
+TRIPS = {"_up_fwd_kernel": _fwd_trips, "_up_bwd_kernel": _bwd_trips, "_class_sum_kernel": _class_sum_trips}

@@ -174,12 +174,41 @@ def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
     return _COMPILED[start:]
 
 
+# --- the upsampled ops (fused_imbalance/ops/triton_upsample.py) ---------------------------------
+# (C, interp, align_corners, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's
+# backward too. Low-resolution (2, C, 32, 64) logits against (2, 128, 256) labels.
+UPSAMPLE_VARIANTS = [
+    (19, "bilinear", False, "f32", "focal", True, True, True),  # cached rows, statistics in registers, fused backward
+    (19, "nearest", False, "bf16", "ce", False, False, False),  # one-tap axes
+    (19, "bilinear", True, "f64", "msesoftmax", False, False, False),  # float64: the most registers
+    (150, "bilinear", False, "bf16", "focal", False, True, True),  # class groups in a loop, coefficient launch
+]
+
+
+def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, need_tp, need_conf):
+    from fused_imbalance.ops import triton_upsample as U
+    dtype = _DTYPES[dt]
+    mode, gamma = _MODES[mode_name]
+    x = torch.empty((2, C, 32, 64), dtype=dtype)
+    y = torch.empty((2, 128, 256), dtype=torch.int64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tv = torch.empty(C, dtype=acc) if mode in (2, 3) else None
+    ip = 0 if interp == "nearest" else 1
+    start = len(_COMPILED)
+    U._forward(x, y, ip, align_corners, mode, gamma, tv, -100, need_pl, need_tp, need_conf)
+    if mode != 4:
+        U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
+                    gamma, tv, -100)
+    return _COMPILED[start:]
+
+
 def main(argv):
     _install()
     variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
+    jobs = [(compile_variant, v) for v in variants] + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
     seen = {}
-    for v in variants:
-        for kernel, constexprs in compile_variant(*v):
+    for compile_fn, v in jobs:
+        for kernel, constexprs in compile_fn(*v):
             h = kernel.metadata.hash
             if h in seen:
                 continue

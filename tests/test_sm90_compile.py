@@ -42,7 +42,7 @@ def report():
 
 
 def test_every_kernel_compiles(report):
-    kernels = {r["kernel"] for r in report}
+    kernels = {r["kernel"] for r in report if not r["kernel"].startswith("_up_")}
     assert kernels == {"_fwd_static_kernel", "_bwd_static_kernel", "_fwd_chunked_kernel",
                        "_bwd_chunked_kernel", "_class_sum_kernel"}
     # every flag of the static forward is reached with both values
@@ -74,3 +74,17 @@ def test_no_spills(report):
     assert not spilling, json.dumps(spilling, indent=1)
     assert all(r["spill_stores"] <= 16 and r["spill_loads"] <= 16 for r in report if _known_spill(r))
     assert all(r["registers"] <= 255 for r in report)
+
+
+# --- the upsampled ops (UPSAMPLE_VARIANTS of sm90_compile.py) -----------------------------------
+
+def test_upsample_kernels_compile(report):
+    """Both upsampled kernels, each class plan (cached rows; groups in a loop with the coefficient
+    launch), one- and two-tap axes; no spills (test_no_spills: none of them is a known spill)."""
+    fwd = [r["constexprs"] for r in report if r["kernel"] == "_up_fwd_kernel"]
+    bwd = [r["constexprs"] for r in report if r["kernel"] == "_up_bwd_kernel"]
+    assert fwd and bwd
+    assert {c["CACHE"] for c in fwd} == {c["COEF"] for c in fwd} == {"True", "False"}
+    assert {c["LOOP"] for c in fwd} == {c["REG_STATS"] for c in fwd} == {"True", "False"}
+    assert {c["PRE"] for c in bwd} == {c["TAP2_X"] for c in bwd} == {"True", "False"}
+    assert all(r["spill_stores"] == r["spill_loads"] == 0 for r in report if r["kernel"].startswith("_up_"))

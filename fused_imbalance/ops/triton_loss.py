@@ -29,14 +29,14 @@ walking tiles pid, pid + P, ...: fixed per-program rows, hence deterministic sum
 The backward recomputes the softmax from the logits (beyond one class group, its second pass
 over a pixel's logits hits the cache) and writes the gradient once.
 """
-import contextlib
-import os
 from typing import Optional
 
 import torch
 
 from . import Mode, fwd_fake, pixel_view
 from ._autograd import register_loss_autograd
+from ._triton_host import (_FLOATS, _acc_dtype, _cdiv, _interpret, _np2,  # noqa: F401
+                           _on_device, available, supports)
 
 try:
     import triton
@@ -46,8 +46,6 @@ try:
                                  _fwd_chunked_kernel, _fwd_static_kernel)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _STATIC_C = 256  # up to this class count the classes are a compile-time loop (static kernels)
 _REG_STATS_C = 32  # up to this class count the class statistics are per-thread registers
@@ -66,39 +64,6 @@ _SUM_K = 32  # classes per program of the class-sum kernel (fewer when C is smal
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
 _INTERPRET_PROGRAMS = 3
-
-
-def _interpret():
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def available():
-    """Whether the Triton kernels can run here (a GPU, or the interpreter on CPU tensors)."""
-    return triton is not None and (torch.cuda.is_available() or _interpret())
-
-
-def supports(x):
-    """Whether this backend handles logits ``x`` (its device and dtype)."""
-    if triton is None or x.dtype not in _FLOATS:
-        return False
-    return x.is_cuda or (x.device.type == "cpu" and _interpret())
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _np2(n):
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _on_device(x):
-    """Launch on the logits' device, whatever device is current."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _geometry(x, grad=None):

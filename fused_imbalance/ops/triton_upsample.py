@@ -8,59 +8,82 @@ channels_last read in place), without a tensor of B·C·H·W elements.
 Interpolation. The source indices and weights of each axis are small tables (H and W entries)
 computed on the device with torch's own formulas (aten/native/UpSample.h: area_pixel_compute_
 source_index and guard_index_and_lambda in the accumulation dtype, the float index; nearest_idx
-with its float scale and the 1x / 2x special cases) exactly as the C++ kernels compute them, so
-every pixel reads the same 2 x 2 (nearest: 1) low-resolution neighbours with the same weights;
-the blend is torch's separable order (x0·wx0 + x1·wx1 per row, then rows by wy0, wy1), float32
-for 16-bit and float32 logits, float64 for float64.
+with its float scale and the 1x / 2x special cases) exactly as the C++ kernels compute them. It
+is separable, in torch's order: the horizontal pass of a low-resolution row at an output column
+X, h_y(X) = x[y, x0(X)]·wx0(X) + x[y, x1(X)]·wx1(X), then the vertical blend of two such rows,
+h_{y0(Y)}(X)·wy0(Y) + h_{y1(Y)}(X)·wy1(Y), in float32 for 16-bit and float32 logits, float64 for
+float64. An axis whose size does not change, and every "nearest" axis, has one tap of weight 1
+(``TAP2_* = False``): those values are copied, as torch copies them. On a two-tap axis the second
+source index is min(x0 + 1, w - 1), so only x0 is tabulated. Output rows (columns) whose first
+source row (column) is y form a contiguous range [sy0[y], sy1[y]) (the source index is
+nondecreasing): the kernels walk those segments.
 
-Forward (``_up_fwd_kernel``): full-resolution pixels on the lanes (tiles of BLOCK_P consecutive
-pixels of the flattened B·H·W), classes on the second axis: the whole class dim in one chunk up
-to 64 classes, otherwise chunks of 32 with an online softmax. Per class chunk the tile gathers
-its 4 (nearest: 1) neighbours — neighbouring pixels share them, so the gathers hit L1/L2 and DRAM
-sees each low-resolution logit about once — and runs the per-pixel math of the plain loss. With
-one chunk, each program keeps its per-class loss sums, counts and true positives in registers
-over a fixed run of tiles, stores its loss row (summed here in a fixed order: deterministic) and
-adds its counts with integer atomics; with chunks, per-pixel losses go to an (N,) buffer summed
-per class by a second deterministic kernel, counts with one integer atomic per pixel.
+The classes are a compile-time loop (``tl.static_range``, C a constexpr, one compiled kernel per
+class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
+kernels share): nothing is padded to a power of two and every reduction over classes is a
+running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
+group holds them all; beyond, groups of at most 16 (backward: 12; a loop over groups beyond 32
+classes). Offsets inside an image are
+32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
+int64.
 
-Backward (deterministic, no float atomics), two kernels:
+Forward (``_up_fwd_kernel``). A program owns R consecutive low-resolution rows of one image and
+BLOCK_X consecutive output columns, one column per thread: it walks the rows y of its band and,
+for each, the output rows Y of segment y in steps of TY rows, i.e. every output row whose first
+source row is in the band. (TY is 1 on a GPU: more rows per thread ran out of registers; the
+interpreter, whose cost is per step, takes a whole segment and one band per image.)
+With C <= ``_CACHE_C`` the horizontal passes of rows y and y + 1 are kept in registers
+(2·C values per thread), computed once per low-resolution row of the band (R + 1 per band) and
+reused by the H/h output rows of the segment; beyond, each output row recomputes them per class
+group (4 gathered loads, cache hits, and 3 multiply-adds per logit). Per pixel: the label, the
+softmax in one max pass and one exp pass over the group's interpolated values, or the per-class
+terms of the elementwise modes; the label's interpolated logit is 4 gathered loads per pixel.
+Class statistics as in the static forward: per-thread registers written once per program as a
+row of a (programs, C) table summed here in a fixed order (C <= 32), else the per-pixel loss
+summed per class by ``_class_sum_kernel`` and integer atomics into per-program rows.
 
-1. ``_up_coef_kernel``: per full-resolution pixel, the scalars its gradient needs — the folded
-   upstream weight a = (grad_pixel[n] + grad_class[y_n]) (times the focal factor), and for the
-   softmax modes lse (and q for the softmax MSE) — into an O(B·H·W) scratch (1 to 3 vectors of
-   N floats of the accumulation dtype).
-2. ``_up_gather_kernel``: low-resolution elements (flattened (b, y, x)) x the columns X that
-   read them on the lanes, classes on the second axis. Each element visits the full-resolution
-   pixels whose interpolation uses it: rows Y in [uy0[y], uy1[y]) one after another, columns X in
-   [ux0[x], ux1[x]) on SPAN_X lanes (index ranges, contiguous because the source indices are
-   nondecreasing); it recomputes the interpolated logit and the loss gradient there from the
-   scratch scalars and adds wy·wx·g; the SPAN_X lane sums are then added by one fixed reduction
-   tree. Every element's sum is the same sequence of operations whatever the grid: bit-identical
-   run to run.
+Backward (``_up_bwd_kernel``, deterministic, no float atomics). The transposed interpolation is
+separable too: the gradient of low-resolution element (y, x) is Σ over the output pixels that
+read it of wy·wx·g. A program owns R low-resolution rows x BLOCK_X - 1 low-resolution columns of
+one image; lane i is column x_i, and one extra lane (the column left of the block) is a halo. For
+each low-resolution row yy of the band (plus the row above, a halo, on a two-tap vertical axis)
+lane i walks the output columns X of its segment (the columns whose first source column is x_i)
+and, inside, the output rows Y of segment yy: every output pixel is visited by exactly one lane
+and one row of the walk (halos apart). There it recomputes the interpolated logits (the
+horizontal passes of rows yy, yy + 1 at column X are computed once per column and reused over the
+rows), the loss gradient g of each class, and adds wy0·wx0·g, wy0·wx1·g, wy1·wx0·g, wy1·wx1·g into
+four per-thread accumulators: (row yy, column x_i), (yy, x_i + 1), (yy + 1, x_i), (yy + 1, x_i + 1)
+(steps of TJ columns x TY rows: 1 x 1 on a GPU, whole segments in the interpreter).
+When row yy is done its elements are complete: column x_i's value is its own first accumulator
+plus the second of lane i - 1 (one ``tl.gather`` per low-resolution element); the yy + 1
+accumulators carry over to the next row. With C <= ``_FUSED_C`` the softmax of each pixel is
+computed in the same pass (one exp per logit, kept for the gradient); with more classes (19
+spilled: 4 accumulators, 2 horizontal passes and the exponentials of every class per thread) the
+class groups are the outer loop and a first launch of the forward kernel stores per output pixel
+the scalars the gradient needs (a, lse, q: ``COEF``), O(B·H·W). Every gradient element is the
+same sum in the same order whatever the grid, so results are bit-identical run to run.
 
-Cost model (N = B·H·W full-resolution pixels, n = B·h·w low-resolution positions, C classes,
-e the logits' element size, l the labels'):
+Cost model, per output logit (C classes, N = B·H·W output pixels, n = B·h·w inputs; the byte
+floor is the labels plus the low-resolution logits once, or three times for the backward):
 
-* forward: DRAM bytes = N·l (labels) + n·C·e (the low-resolution logits, once: the neighbour
-  gathers of a tile hit L1/L2) + 4·N if the per-pixel loss is asked; instructions ≈ N·C·(4
-  gathered loads + 6 flops of interpolation + the mode's per-logit math).
-* backward: DRAM bytes = 2·N·l (labels, read by both kernels) + 2·n·C·e (logits, read by both)
-  + n·C·e (gradient) + the scratch (1-3 vectors of 4·N bytes, written once and read back once);
-  instructions: the coefficient kernel is a forward; the gather kernel evaluates the
-  per-(pixel, class) gradient once per low-resolution neighbour that the pixel reads, i.e.
-  4·N·C (nearest: N·C) evaluations of 4 gathers + an exp, on SPAN_X (a power of two) lanes per
-  element of which about 2·W/w carry a column. That recomputation is the price of the
-  deterministic gather without float atomics; benchmarks/sm90_upsample_driver.py estimates
-  what it costs on the H100.
+* forward, C <= ``_CACHE_C``: the vertical blend (2 multiply-adds), max, exp (1 MUFU), sum, the
+  statistics (a compare and predicated adds), plus about (1 + 1/R)·(h/H) horizontal passes (2
+  loads, 2 multiply-adds); per pixel the label, 4 gathered loads of its logit, the loss.
+* backward, C <= ``_FUSED_C``: the vertical blend, the softmax (1 exp), the gradient (3), four
+  multiply-adds into the accumulators, the horizontal passes per column amortised over the H/h
+  rows of a segment; redundant work: the halo row (1/R of the rows) and the halo column (1/BLOCK_X).
+* more classes: forward + 4 gathered loads and 3 multiply-adds per logit for the interpolation
+  (C > ``_CACHE_C``); backward (C > ``_FUSED_C``) the gradient needs one exp per logit and the
+  horizontal passes once per group, plus the coefficient launch (a forward without statistics)
+  and 8-12 bytes per output pixel written and read back.
+``benchmarks/sm90_upsample_driver.py`` estimates what this costs on an H100 (compile-only).
 """
-import functools
-import math
-import struct
 from typing import Optional
 
 import torch
 
-from . import Mode, fwd_fake
+from . import Mode, fwd_fake  # noqa: F401
+from ._triton_host import _FLOATS, _acc_dtype, _cdiv, _interpret, _np2, _on_device, available, supports  # noqa: F401
 from .upsample import Interp, register
 
 try:
@@ -68,52 +91,25 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
+    from .triton_kernels import (_bwd_softmax_coefs, _class_sum_kernel, _i64, _labels, _lse,
+                                 _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
 __all__ = ["available", "supports", "upsample_loss_fwd", "upsample_loss_bwd"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SINGLE_C = 64  # up to this (padded) class count: one chunk, class statistics in registers
-_CHUNK_C = 32  # classes per chunk beyond it (online softmax)
-# Logits per tile: each is 4 gathered corners with their 64-bit addresses, so 4 per thread at
-# 4 warps keeps the tile in registers (2048 spilled hundreds of bytes per thread on sm_90).
-_TILE = 512
-_WARPS_PER_SM = 16
-_WAVES = 8
-_INTERPRET_TILE_SCALE = 32  # the interpreter's cost is per tile: larger tiles there
-_INTERPRET_PROGRAMS = 3
+_CACHE_C = 24  # up to this class count the forward has one class group and cached horizontal rows
+_FUSED_C = 12  # up to this class count the backward computes the softmax itself (one group): registers
+_REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
+_UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
+_GROUP = 16  # forward classes per group beyond _CACHE_C (8 for float64 and the sigmoid focal terms; 3/4 of it backward)
+_CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
+_FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
+_BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
+_FWD_TY = 1  # output rows per step of the forward with cached rows (more ran out of registers; 2 without)
+_BWD_TY = 1  # output rows per step of the backward
+_SUM_K = 32  # classes per program of the class-sum kernel
 
-
-def _interpret():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def available():
-    """Whether the kernels can run here (a GPU, or the interpreter on CPU tensors)."""
-    return triton is not None and (torch.cuda.is_available() or _interpret())
-
-
-def supports(x):
-    if triton is None or x.dtype not in _FLOATS:
-        return False
-    return x.is_cuda or (x.device.type == "cpu" and _interpret())
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _np2(n):
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-# --- the interpolation tables ------------------------------------------------------------------
 
 def _axis(n_in, n_out, interp, align_corners, dtype, device):
     """(i0, i1, w0, w1) of one axis: output index -> source indices (int32) and weights (dtype),
@@ -146,506 +142,675 @@ def _axis(n_in, n_out, interp, align_corners, dtype, device):
     return i.to(torch.int32), i1.to(torch.int32), 1 - lam, lam
 
 
-def _f32(v):
-    """v rounded to float32 (a float32 +, -, *, / of float32 operands computed in double and rounded
-    once is the correctly rounded float32 result)."""
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-@functools.lru_cache(maxsize=256)
-def _span(n_in, n_out, interp, align_corners, f64):
-    """The most output indices that read one source index: the indices of :func:`_axis`, computed
-    on the host in plain Python with the same roundings, so a launch needs no device sync."""
-    if n_out == n_in:
-        return 1
-    r = (lambda v: v) if f64 else _f32
-    i0 = []
-    for d in range(n_out):
-        if interp == Interp.NEAREST:
-            i = d // 2 if n_out == 2 * n_in else min(math.floor(_f32(float(d) * _f32(n_in / n_out))), n_in - 1)
-        else:
-            if align_corners:
-                src = r(r((n_in - 1) / (n_out - 1)) * d) if n_out > 1 else 0.0
-            else:
-                src = max(r(r(r(n_in / n_out) * r(d + 0.5)) - 0.5), 0.0)
-            i = min(math.floor(_f32(src)), n_in - 1)
-        i0.append(i)
-    users = [0] * n_in
-    for i in i0:
-        users[i] += 1
-        if interp != Interp.NEAREST and i < n_in - 1:
-            users[i + 1] += 1
-    return max(users)
-
-
-def _users(i0, i1, n_in):
-    """(first, end) output index of the outputs that read each source index: [first, end)."""
-    src = torch.arange(n_in, dtype=torch.int32, device=i0.device)
-    return (torch.searchsorted(i1, src, right=False).to(torch.int32),
+def _segments(i0, n_in):
+    """(start, end) int32 (n_in,): the output indices whose first source index is each input index."""
+    src = torch.arange(n_in, dtype=i0.dtype, device=i0.device)
+    return (torch.searchsorted(i0, src, right=False).to(torch.int32),
             torch.searchsorted(i0, src, right=True).to(torch.int32))
 
 
 if triton is not None:
-    _BIG = tl.constexpr(2147483647)
 
     @triton.jit
-    def _log1p_small(e):
-        # log(1 + e) for e in [0, 1]: Kahan's form keeps the digits of a tiny e
-        w = 1.0 + e
-        return tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    def _hrow(xp, off, o0, o1, wx0, wx1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
+              TAP2_X: tl.constexpr):
+        """Horizontal passes of one low-resolution row (``off`` = its row offset) at the lanes'
+        columns, classes c0 .. c0 + NCLS - 1: a tuple of NCLS vectors."""
+        hs = ()
+        for k in tl.static_range(NCLS):
+            p = xp + ((c0 + k) * sc + off)
+            v = tl.load(p + o0, mask=m, other=0.0).to(acc_ty)
+            if TAP2_X:
+                v = v * wx0 + tl.load(p + o1, mask=m, other=0.0).to(acc_ty) * wx1  # torch's two-tap blend
+            hs = hs + (v,)
+        return hs
 
     @triton.jit
-    def _lse(m, s):
-        return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+    def _vert(ha, hb, wy0, wy1, NCLS: tl.constexpr, TAP2_Y: tl.constexpr):
+        """The vertical blend of two tuples of horizontal passes (the first alone on a one-tap axis)."""
+        vs = ha
+        if TAP2_Y:
+            vs = ()
+            for k in tl.static_range(NCLS):
+                vs = vs + (ha[k] * wy0 + hb[k] * wy1,)
+        return vs
 
     @triton.jit
-    def _pixel_geometry(n, pmask, HW, W, ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr, ax0_ptr, ax1_ptr, wx0_ptr, wx1_ptr,
-                        stride_b, stride_h, stride_w, acc_ty: tl.constexpr, NEAREST: tl.constexpr):
-        """Offsets of the low-resolution neighbours of full-resolution pixels n and their weights."""
-        b = n // HW
-        r = n - b * HW
-        Y = r // W
-        X = r - Y * W
-        y0 = tl.load(ay0_ptr + Y, mask=pmask, other=0).to(tl.int64)
-        x0 = tl.load(ax0_ptr + X, mask=pmask, other=0).to(tl.int64)
-        base = b * stride_b
-        o00 = base + y0 * stride_h + x0 * stride_w  # int64: B*C*h*w can exceed 2**31
-        if NEAREST:
-            one = tl.full(n.shape, 1.0, acc_ty)
-            return o00, o00, o00, o00, one, one, one, one
-        y1 = tl.load(ay1_ptr + Y, mask=pmask, other=0).to(tl.int64)
-        x1 = tl.load(ax1_ptr + X, mask=pmask, other=0).to(tl.int64)
-        wy0 = tl.load(wy0_ptr + Y, mask=pmask, other=0.0)
-        wy1 = tl.load(wy1_ptr + Y, mask=pmask, other=0.0)
-        wx0 = tl.load(wx0_ptr + X, mask=pmask, other=0.0)
-        wx1 = tl.load(wx1_ptr + X, mask=pmask, other=0.0)
-        o01 = base + y0 * stride_h + x1 * stride_w
-        o10 = base + y1 * stride_h + x0 * stride_w
-        o11 = base + y1 * stride_h + x1 * stride_w
-        return o00, o01, o10, o11, wy0, wy1, wx0, wx1
+    def _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, m, sc, c0, acc_ty: tl.constexpr,
+                  NCLS: tl.constexpr, TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
+        """Interpolated logits of classes c0 .. c0 + NCLS - 1 at the lanes' pixels of one output row."""
+        ha = _hrow(xp, r0, o0, o1, wx0, wx1, m, sc, c0, acc_ty, NCLS, TAP2_X)
+        hb = ha
+        if TAP2_Y:
+            hb = _hrow(xp, r1, o0, o1, wx0, wx1, m, sc, c0, acc_ty, NCLS, TAP2_X)
+        return _vert(ha, hb, wy0, wy1, NCLS, TAP2_Y)
 
     @triton.jit
-    def _interp_chunk(x_ptr, o00, o01, o10, o11, wy0, wy1, wx0, wx1, pmask, c0, C, stride_c,
-                      BLOCK_C: tl.constexpr, acc_ty: tl.constexpr, NEAREST: tl.constexpr):
-        """Interpolated logits of a tile's pixels x classes c0 .. c0 + BLOCK_C (-inf outside)."""
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        m2 = pmask[:, None] & cmask[None, :]
-        co = c.to(tl.int64)[None, :] * stride_c
-        v00 = tl.load(x_ptr + (o00[:, None] + co), mask=m2, other=0.0).to(acc_ty)
-        if NEAREST:
-            v = v00
+    def _interp_at(xp, co, r0, r1, o0, o1, wx0, wx1, wy0, wy1, m, acc_ty: tl.constexpr,
+                   TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
+        """The interpolated logit of class offset ``co`` (per lane), the same operations as
+        :func:`_row_vals`: 4 gathered loads (one per tap)."""
+        p = xp + co
+        v = tl.load(p + (r0 + o0), mask=m, other=0.0).to(acc_ty)
+        if TAP2_X:
+            v = v * wx0 + tl.load(p + (r0 + o1), mask=m, other=0.0).to(acc_ty) * wx1
+        if TAP2_Y:
+            u = tl.load(p + (r1 + o0), mask=m, other=0.0).to(acc_ty)
+            if TAP2_X:
+                u = u * wx0 + tl.load(p + (r1 + o1), mask=m, other=0.0).to(acc_ty) * wx1
+            v = v * wy0 + u * wy1
+        return v
+
+    @triton.jit
+    def _fold(vals, c0, y32, tv, gamma, m, s, rest, s2r, lsum, bv, am, NCLS: tl.constexpr,
+              MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr):
+        """Fold one class group's interpolated logits into a pixel's running state: the softmax
+        (a max pass, the sums rescaled once, an exp pass: m, s = Σ e_k, rest = Σ_{k≠y} e_k,
+        s2r = Σ_{k≠y} e_k², as ``_softmax_group`` of the static kernels), or the per-class terms
+        of the elementwise modes (lsum); the argmax when NEED_AM."""
+        if MODE == 0 or MODE == 3:
+            NEED_REST: tl.constexpr = FOCAL or MODE == 3
+            gm = m
+            for k in tl.static_range(NCLS):
+                gm = tl.maximum(gm, vals[k])
+            ms = tl.where(gm == float("-inf"), 0.0, gm)
+            alpha = tl.exp(m - ms)  # 0 while m is still -inf (the sums are 0 then too)
+            s = s * alpha
+            if NEED_REST:
+                rest = rest * alpha
+            if MODE == 3:
+                s2r = s2r * (alpha * alpha)
+            for k in tl.static_range(NCLS):
+                e = tl.exp(vals[k] - ms)
+                s += e
+                if NEED_REST:
+                    er = tl.where(y32 == c0 + k, 0.0, e)
+                    rest += er
+                    if MODE == 3:
+                        s2r += er * er
+            m = gm
+        elif MODE == 1:
+            for k in tl.static_range(NCLS):
+                lsum += _sigmoid_focal_terms(vals[k], y32 == c0 + k, gamma, FOCAL)
+        elif MODE == 2:
+            for k in tl.static_range(NCLS):
+                d = vals[k] - tl.where(y32 == c0 + k, tv, 0.0)
+                lsum += d * d
+        if NEED_AM:
+            for k in tl.static_range(NCLS):
+                bv, am = _take_max(vals[k], bv, am, c0 + k)
+        return m, s, rest, s2r, lsum, bv, am
+
+    @triton.jit
+    def _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, y32, tv, gamma,
+                   acc_ty: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
+                   CACHE: tl.constexpr, MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr,
+                   TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
+        """(m, s, rest, s2r, lsum, am) of one output row's pixels over all classes: from the cached
+        horizontal rows (CACHE, one group), or per class group from the low-resolution logits."""
+        m = tl.full(y32.shape, float("-inf"), acc_ty)
+        s = tl.zeros(y32.shape, acc_ty)
+        rest = tl.zeros(y32.shape, acc_ty)
+        s2r = tl.zeros(y32.shape, acc_ty)
+        lsum = tl.zeros(y32.shape, acc_ty)
+        bv = tl.full(y32.shape, float("-inf"), acc_ty)
+        am = tl.zeros(y32.shape, tl.int32)
+        if CACHE:
+            vals = _vert(ha, hb, wy0, wy1, C, TAP2_Y)
+            m, s, rest, s2r, lsum, bv, am = _fold(vals, 0, y32, tv, gamma, m, s, rest, s2r, lsum, bv, am,
+                                                  C, MODE, FOCAL, NEED_AM)
         else:
-            v01 = tl.load(x_ptr + (o01[:, None] + co), mask=m2, other=0.0).to(acc_ty)
-            v10 = tl.load(x_ptr + (o10[:, None] + co), mask=m2, other=0.0).to(acc_ty)
-            v11 = tl.load(x_ptr + (o11[:, None] + co), mask=m2, other=0.0).to(acc_ty)
-            # torch's order: the horizontal pass of each row, then the rows
-            h0 = v00 * wx0[:, None] + v01 * wx1[:, None]
-            h1 = v10 * wx0[:, None] + v11 * wx1[:, None]
-            v = h0 * wy0[:, None] + h1 * wy1[:, None]
-        return tl.where(m2, v, float("-inf")), c, cmask
-
-    @triton.jit
-    def _argmax_step(x, cmax, c0, best_v, best_i, nan_i, BLOCK_C: tl.constexpr):
-        """Running argmax over chunks: first index on ties, NaN the maximum (torch.argmax)."""
-        cols = tl.arange(0, BLOCK_C)[None, :]
-        key = tl.where(x != x, cols, tl.where(x == cmax[:, None], cols + BLOCK_C, 2 * BLOCK_C))
-        k = tl.min(key, 1)
-        nan_i = tl.minimum(nan_i, tl.where(k < BLOCK_C, c0 + k, _BIG))
-        take = (k >= BLOCK_C) & (cmax > best_v)  # strict: an equal later max keeps the first index
-        best_i = tl.where(take, c0 + k - BLOCK_C, best_i)
-        best_v = tl.where(take, cmax, best_v)
-        return best_v, best_i, nan_i
-
-    @triton.jit
-    def _softmax_step(x, oh, cmax, m, s, rest, s2r, xy, NEED_S2: tl.constexpr):
-        """Online softmax over one chunk, relative to ms = m (0 while all logits are -inf):
-        s = Σ e_k, rest = Σ_{k≠y} e_k, s2r = Σ_{k≠y} e_k², xy = x_y."""
-        m_new = tl.maximum(m, cmax)
-        ms_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - ms_new)
-        e = tl.exp(x - ms_new[:, None])
-        e_rest = tl.where(oh, 0.0, e)
-        s = s * alpha + tl.sum(e, 1)
-        rest = rest * alpha + tl.sum(e_rest, 1)
-        if NEED_S2:
-            s2r = s2r * (alpha * alpha) + tl.sum(e_rest * e_rest, 1)
-        xy = xy + tl.sum(tl.where(oh, x, 0.0), 1)
-        return m_new, s, rest, s2r, xy
-
-    @triton.jit
-    def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
-        """FL_k = σ(z)^γ softplus(z), z = x_k (k ≠ y), -x_y (k = y); padding (-inf) gives 0."""
-        z = tl.where(oh, -x, x)
-        l = _log1p_small(tl.exp(-tl.abs(z)))
-        sp = tl.maximum(z, 0.0) + l
-        if FOCAL:
-            sp = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * sp
-        return sp
-
-    @triton.jit
-    def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
-        """∂ℓ/∂x_k of the sigmoid focal loss: ±σ(z)^γ (γ σ(-z) sp(z) + σ(z))."""
-        z = tl.where(oh, -x, x)
-        e = tl.exp(-tl.abs(z))
-        w1 = 1.0 + e
-        pos = z >= 0.0
-        sig = tl.where(pos, 1.0, e) / w1
-        if FOCAL:
-            l = _log1p_small(e)
-            sp = tl.maximum(z, 0.0) + l
-            sig_neg = tl.where(pos, e, 1.0) / w1
-            d = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * (gamma * sig_neg * sp + sig)
-        else:
-            d = sig
-        return tl.where(oh, -d, d)
-
-    @triton.jit
-    def _pixel_state(x_ptr, o00, o01, o10, o11, wy0, wy1, wx0, wx1, pmask, y32, tv, C, stride_c, gamma,
-                     acc_ty: tl.constexpr, MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_ARGMAX: tl.constexpr,
-                     SINGLE: tl.constexpr, NEAREST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One pass over the classes of a tile's interpolated logits: the softmax state, the
-        per-pixel sums of the elementwise modes and the argmax."""
-        m = tl.full([BLOCK_P], float("-inf"), acc_ty)
-        ssum = tl.zeros([BLOCK_P], acc_ty)
-        rest = tl.zeros([BLOCK_P], acc_ty)
-        s2r = tl.zeros([BLOCK_P], acc_ty)
-        xy = tl.zeros([BLOCK_P], acc_ty)
-        lsum = tl.zeros([BLOCK_P], acc_ty)
-        best_v = tl.full([BLOCK_P], float("-inf"), acc_ty)
-        best_i = tl.zeros([BLOCK_P], tl.int32)
-        nan_i = tl.full([BLOCK_P], _BIG, tl.int32)
-        for c0 in range(0, C, BLOCK_C):  # one chunk when SINGLE (C <= BLOCK_C)
-            x, c, cmask = _interp_chunk(x_ptr, o00, o01, o10, o11, wy0, wy1, wx0, wx1, pmask, c0, C, stride_c,
-                                        BLOCK_C, acc_ty, NEAREST)
-            oh = c[None, :] == y32[:, None]
-            cmax = tl.max(x, 1)
-            if NEED_ARGMAX:
-                best_v, best_i, nan_i = _argmax_step(x, cmax, c0, best_v, best_i, nan_i, BLOCK_C)
-            if MODE == 0 or MODE == 3:
-                m, ssum, rest, s2r, xy = _softmax_step(x, oh, cmax, m, ssum, rest, s2r, xy, MODE == 3)
-            elif MODE == 1:
-                lsum += tl.sum(_sigmoid_focal_terms(x, oh, gamma, FOCAL), 1)
-            elif MODE == 2:
-                d = x - tl.where(oh, tv[:, None], 0.0)
-                lsum += tl.sum(tl.where(cmask[None, :], d * d, 0.0), 1)
-        am = tl.where(nan_i < _BIG, nan_i, best_i)
-        return m, ssum, rest, s2r, xy, lsum, am
-
-    @triton.jit
-    def _labels(t_ptr, n, pmask, ignore_index, C):
-        y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
-        keep = pmask & (y != ignore_index)
-        inr = (y >= 0) & (y < C)
-        valid = keep & inr
-        return valid, keep & ~inr, tl.where(valid, y, 0).to(tl.int32)
+            FULL: tl.constexpr = (C // GROUP) * GROUP
+            if LOOP:
+                for c0 in range(0, FULL, GROUP):
+                    vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
+                                     TAP2_X, TAP2_Y)
+                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, y32, tv, gamma, m, s, rest, s2r, lsum,
+                                                          bv, am, GROUP, MODE, FOCAL, NEED_AM)
+            else:
+                for c0 in tl.static_range(0, FULL, GROUP):
+                    vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
+                                     TAP2_X, TAP2_Y)
+                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, y32, tv, gamma, m, s, rest, s2r, lsum,
+                                                          bv, am, GROUP, MODE, FOCAL, NEED_AM)
+            if C % GROUP:
+                vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, FULL, acc_ty, C % GROUP,
+                                 TAP2_X, TAP2_Y)
+                m, s, rest, s2r, lsum, bv, am = _fold(vals, FULL, y32, tv, gamma, m, s, rest, s2r, lsum,
+                                                      bv, am, C % GROUP, MODE, FOCAL, NEED_AM)
+        return m, s, rest, s2r, lsum, am
 
     @triton.jit
     def _up_fwd_kernel(
         x_ptr,  # low-resolution logits, element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
-        t_ptr,  # (N,) labels, any integer dtype; pixel n = (b*H + Y)*W + X
-        ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr,  # (H,) row source indices (int32) and weights
-        ax0_ptr, ax1_ptr, wx0_ptr, wx1_ptr,  # (W,) column source indices and weights
+        t_ptr,  # (B*H*W,) labels, any integer dtype; pixel (b, Y, X) at (b*H + Y)*W + X
+        wy0_ptr, wy1_ptr,  # (H,) row weights (accumulation dtype)
+        sy0_ptr, sy1_ptr,  # (h,) int32: output rows [sy0[y], sy1[y]) whose first source row is y
+        ax0_ptr,  # (W,) int32 first source column of each output column
+        wx0_ptr, wx1_ptr,  # (W,) column weights
         tv_ptr,  # (C,) MSE target values (accumulation dtype)
         pl_ptr,  # (N,) per-pixel loss out (STORE_PL); its dtype sets the arithmetic
-        part_ptr,  # (programs, C) per-program class-loss rows out (PARTIALS)
-        cnt_ptr,  # (C,) int64 valid pixels per class, added into
-        tp_ptr,  # (C,) int64 valid pixels whose argmax is their label, added into
-        bad_ptr,  # () int64 labels outside [0, C) that are not ignore_index, added into
-        conf_ptr,  # (C, C) int64 confusion [label, argmax], added into (CONF)
-        N, C, HW, W,  # pixels, classes, pixels per image, columns
-        num_tiles, per_prog,  # pixel tiles, consecutive tiles per program
+        lrow_ptr,  # (programs, C) out: class-loss sums of each program (REG_STATS)
+        crow_ptr,  # (programs, C) int32 valid pixels per class: out (REG_STATS) or zeroed, added into
+        trow_ptr,  # (programs, C) int32 true positives, as crow_ptr (NEED_TP)
+        bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
+        conf_ptr,  # confusion [label, argmax] added into: (programs, C, C) int32 (CONF 1), (C, C) int64 (CONF 2)
+        gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients of pixel_loss and class_loss (COEF)
+        coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel
+        H, W, h, w,  # output and input sizes
+        bands, xblocks,  # row bands per image, column blocks per row
         stride_b, stride_c, stride_h, stride_w,  # logits strides, in elements
+        gp_stride, gc_stride,  # upstream strides (0 when autograd expands a scalar)
         ignore_index, gamma,
-        MODE: tl.constexpr, FOCAL: tl.constexpr, NEAREST: tl.constexpr,
+        C: tl.constexpr,  # classes
+        GROUP: tl.constexpr,  # classes per group (not CACHE)
+        LOOP: tl.constexpr,  # a loop over the groups; otherwise unrolled
+        CACHE: tl.constexpr,  # one group, horizontal passes cached per low-resolution row
+        MODE: tl.constexpr, FOCAL: tl.constexpr,
         STORE_PL: tl.constexpr,  # write the per-pixel loss
-        SINGLE: tl.constexpr,  # C <= BLOCK_C
-        PARTIALS: tl.constexpr,  # class statistics in registers (SINGLE)
-        NEED_ARGMAX: tl.constexpr,  # tp or confusion asked
-        CONF: tl.constexpr,  # confusion asked
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        REG_STATS: tl.constexpr,  # class statistics in registers (C <= 32)
+        NEED_TP: tl.constexpr,  # count true positives
+        CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
+        COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
+        HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
+        TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr,  # two-tap axes (bilinear, size changed)
+        OFF64: tl.constexpr,  # 64-bit offsets inside an image
+        R: tl.constexpr,  # low-resolution rows per band
+        TY: tl.constexpr,  # output rows per step (of one segment)
+        BLOCK_X: tl.constexpr,  # output columns per program, one per thread
     ):
         acc_ty = pl_ptr.dtype.element_ty
         pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_C)
-        if PARTIALS:
-            loss_acc = tl.zeros([BLOCK_C], acc_ty)
-            cnt_acc = tl.zeros([BLOCK_C], tl.int32)
-            tp_acc = tl.zeros([BLOCK_C], tl.int32)
-        bad_acc = tl.zeros([BLOCK_P], tl.int32)
-        one = tl.full([BLOCK_P], 1, tl.int64)
-        for t in range(pid * per_prog, tl.minimum(pid * per_prog + per_prog, num_tiles)):
-            n = tl.cast(t, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # int64: B*H*W can exceed 2**31
-            pmask = n < N
-            valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C)
-            bad_acc += bad.to(tl.int32)
-            o00, o01, o10, o11, wy0, wy1, wx0, wx1 = _pixel_geometry(
-                n, pmask, HW, W, ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr, ax0_ptr, ax1_ptr, wx0_ptr, wx1_ptr,
-                stride_b, stride_h, stride_w, acc_ty, NEAREST)
-            tv = tl.zeros([BLOCK_P], acc_ty)
-            if MODE == 2 or MODE == 3:
-                tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-            m, ssum, rest, s2r, xy, lsum, am = _pixel_state(
-                x_ptr, o00, o01, o10, o11, wy0, wy1, wx0, wx1, pmask, y32, tv, C, stride_c, gamma,
-                acc_ty, MODE, FOCAL, NEED_ARGMAX, SINGLE, NEAREST, BLOCK_P, BLOCK_C)
-            if MODE == 0:
-                logp = xy - _lse(m, ssum)
-                if FOCAL:
-                    loss = -tl.exp(gamma * tl.log(rest / ssum)) * logp  # (1 - p_y)^γ, 0 at p_y = 1
+        xb = pid % xblocks
+        band = (pid // xblocks) % bands
+        b = (pid // (xblocks * bands)).to(tl.int64)
+        NEED_AM: tl.constexpr = (NEED_TP or CONF > 0) and not COEF
+        HAS_LOSS: tl.constexpr = MODE != 4
+        SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
+        X = xb * BLOCK_X + tl.arange(0, BLOCK_X)
+        xm = X < W
+        if OFF64:
+            sc = _i64(stride_c)
+            sh = _i64(stride_h)
+            sw = _i64(stride_w)
+        else:
+            sc = stride_c
+            sh = stride_h
+            sw = stride_w
+        # the horizontal taps and weights: once per output column
+        x0 = tl.load(ax0_ptr + X, mask=xm, other=0)
+        o0 = x0 * sw
+        o1 = o0
+        wx0 = tl.zeros([BLOCK_X], acc_ty)
+        wx1 = wx0
+        if TAP2_X:
+            o1 = tl.minimum(x0 + 1, w - 1) * sw
+            wx0 = tl.load(wx0_ptr + X, mask=xm, other=0.0)
+            wx1 = tl.load(wx1_ptr + X, mask=xm, other=0.0)
+        xp = x_ptr + b * stride_b  # int64: B*C*h*w can exceed 2**31
+        pid64 = pid.to(tl.int64)
+        if REG_STATS:
+            lacc = ()
+            cacc = ()
+            tacc = ()
+            for c in tl.static_range(C):
+                lacc = lacc + (tl.zeros([BLOCK_X], acc_ty),)
+                cacc = cacc + (tl.zeros([BLOCK_X], tl.int32),)
+                tacc = tacc + (tl.zeros([BLOCK_X], tl.int32),)
+        bad_acc = tl.zeros([BLOCK_X], tl.int32)
+        ya = band * R
+        yb = tl.minimum(ya + R, h)
+        ha = o0  # placeholders when not CACHE
+        hb = o0
+        if CACHE:
+            ha = _hrow(xp, ya * sh, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)
+            hb = ha
+        for y in range(ya, yb):
+            r0 = y * sh
+            r1 = tl.minimum(y + 1, h - 1) * sh
+            if CACHE:
+                if TAP2_Y:
+                    hb = _hrow(xp, r1, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)
+            Ye = tl.load(sy1_ptr + y)
+            for Y0 in range(tl.load(sy0_ptr + y), Ye, TY):
+                Y = Y0 + tl.arange(0, TY)[:, None]  # [TY, 1] rows x [BLOCK_X] columns
+                ym = Y < Ye
+                pm = ym & xm[None, :]
+                n = (b * H + Y) * W + X[None, :]  # int64: B*H*W can exceed 2**31
+                valid, bad, y32 = _labels(t_ptr, n, pm, ignore_index, C, -1)
+                bad_acc += tl.sum(bad.to(tl.int32), 0)
+                wy0 = tl.load(wy0_ptr + Y, mask=ym, other=0.0)
+                wy1 = wy0
+                if TAP2_Y:
+                    wy1 = tl.load(wy1_ptr + Y, mask=ym, other=0.0)
+                tv = tl.zeros([TY, BLOCK_X], acc_ty)
+                if MODE == 2 or MODE == 3:
+                    tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
+                m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
+                                                       sc, y32, tv, gamma, acc_ty, C, GROUP, LOOP, CACHE,
+                                                       MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
+                if SOFTMAX:
+                    # the label's interpolated logit: 4 gathered loads per pixel
+                    xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
+                                    TAP2_X, TAP2_Y)
+                    logp = xy - _lse(m, s)
+                if COEF:
+                    wgt = tl.zeros([TY, BLOCK_X], acc_ty)
+                    if HAS_GP:
+                        wgt += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
+                    if HAS_GC:
+                        wgt += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
+                    wgt = tl.where(valid, wgt, 0.0)
+                    lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
+                    tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
+                    tl.store(lse_ptr + n, lse, mask=pm)
+                    if MODE == 3:
+                        tl.store(q_ptr + n, q, mask=pm)
                 else:
-                    loss = -logp
-            elif MODE == 1:
-                loss = lsum
-            elif MODE == 2:
-                loss = 0.5 * lsum
-            elif MODE == 3:
-                dy = tl.exp(xy - _lse(m, ssum)) - tv
-                loss = 0.5 * (s2r / (ssum * ssum) + dy * dy)
-            else:
-                loss = lsum  # zeros
-            lv = tl.where(valid, loss, 0.0)
-            if STORE_PL:
-                tl.store(pl_ptr + n, lv, mask=pmask)
-            hit = valid & (am == y32)
-            if PARTIALS:
-                if MODE != 4:
-                    oh = cols[None, :] == y32[:, None]
-                    loss_acc += tl.sum(tl.where(oh, lv[:, None], 0.0), 0)
-                cnt_acc += tl.histogram(y32, BLOCK_C, mask=valid)
-                if NEED_ARGMAX:
-                    tp_acc += tl.histogram(y32, BLOCK_C, mask=hit)
-            else:
-                tl.atomic_add(cnt_ptr + y32, one, mask=valid, sem="relaxed")
-                if NEED_ARGMAX:
-                    tl.atomic_add(tp_ptr + y32, one, mask=hit, sem="relaxed")
-            if CONF:  # integer counts: exact in any order
-                tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), one, mask=valid, sem="relaxed")
-        if PARTIALS:
-            cmask = cols < C
-            tl.store(part_ptr + pid * C + cols, loss_acc, mask=cmask)  # a fixed row per program
-            tl.atomic_add(cnt_ptr + cols, cnt_acc.to(tl.int64), mask=cmask & (cnt_acc > 0), sem="relaxed")
-            if NEED_ARGMAX:
-                tl.atomic_add(tp_ptr + cols, tp_acc.to(tl.int64), mask=cmask & (tp_acc > 0), sem="relaxed")
-        nbad = tl.sum(bad_acc, 0)
-        tl.atomic_add(bad_ptr, nbad.to(tl.int64), mask=nbad > 0, sem="relaxed")
+                    if MODE == 0:
+                        if FOCAL:
+                            # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
+                            loss = -tl.exp(gamma * tl.log(rest / s)) * logp
+                        else:
+                            loss = -logp
+                    elif MODE == 3:
+                        dy = tl.exp(logp) - tv
+                        loss = 0.5 * (s2r / (s * s) + dy * dy)
+                    elif MODE == 2:
+                        loss = 0.5 * lsum
+                    else:
+                        loss = lsum  # sigmoid focal terms; zeros for the statistics
+                    lv = tl.where(valid, loss, 0.0)
+                    if STORE_PL:
+                        tl.store(pl_ptr + n, lv, mask=pm)
+                    hit = valid & (am == y32)
+                    if REG_STATS:
+                        # per-thread running sums: a compare and predicated adds per pixel and class
+                        nl = ()
+                        nc = ()
+                        nt = ()
+                        for c in tl.static_range(C):
+                            is_c = y32 == c
+                            if HAS_LOSS:
+                                nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 0),)
+                            else:
+                                nl = nl + (lacc[c],)
+                            nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 0),)
+                            if NEED_TP:
+                                nt = nt + (tacc[c] + tl.sum((is_c & hit).to(tl.int32), 0),)
+                            else:
+                                nt = nt + (tacc[c],)
+                        lacc = nl
+                        cacc = nc
+                        tacc = nt
+                    else:
+                        tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
+                        if NEED_TP:
+                            tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
+                    if CONF == 1:
+                        tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
+                    elif CONF == 2:
+                        tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([TY, BLOCK_X], 1, tl.int64),
+                                      mask=valid, sem="relaxed")
+            if CACHE:
+                if TAP2_Y:
+                    ha = hb
+                else:
+                    ha = _hrow(xp, r1, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)  # the next row
+        if not COEF:
+            if REG_STATS:
+                # one row per program, summed by the launcher in a fixed order: deterministic
+                for c in tl.static_range(C):
+                    if HAS_LOSS:
+                        tl.store(lrow_ptr + pid64 * C + c, tl.sum(lacc[c], 0))
+                    tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c], 0))
+                    if NEED_TP:
+                        tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
+            tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
 
     @triton.jit
-    def _up_class_sum_kernel(
-        t_ptr,  # (N,) labels
-        pl_ptr,  # (N,) per-pixel loss, 0 at ignored and bad pixels
-        part_ptr,  # (segments, C) out: Σ pl over each segment's pixels of class c
-        N, C, per_seg,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # deterministic per-class sums: every (class block, segment) adds its pixels in order
-        kb = tl.program_id(0)
-        seg = tl.program_id(1)
-        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_K], pl_ptr.dtype.element_ty)
-        start = seg.to(tl.int64) * per_seg
-        for i in range(0, per_seg, BLOCK_N):
-            n = start + i + tl.arange(0, BLOCK_N)
-            nm = n < N
-            y = tl.load(t_ptr + n, mask=nm, other=0).to(tl.int32)  # a bad label carries pl = 0
-            v = tl.load(pl_ptr + n, mask=nm, other=0.0)
-            acc += tl.sum(tl.where(y[:, None] == ks[None, :], v[:, None], 0.0), 0)
-        tl.store(part_ptr + seg * C + ks, acc, mask=ks < C)
+    def _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
+                     MODE: tl.constexpr, FOCAL: tl.constexpr, PRE: tl.constexpr):
+        """∂ℓ/∂x̃_k of one output row's pixels for classes c0 .. c0 + NCLS - 1 (a tuple), 0 where not
+        valid; ``a`` is the upstream weight (grad_pixel + grad_class[y]). Softmax modes: with PRE the
+        per-pixel (a, lse, q) come from the coefficient launch; otherwise NCLS = C and the softmax is
+        computed here, its exponentials kept for the gradient (one exp per logit)."""
+        gs = ()
+        if MODE == 0 or MODE == 3:
+            if PRE:
+                ps = ()
+                for k in tl.static_range(NCLS):
+                    ps = ps + (tl.exp(vals[k] - lse),)
+            else:
+                NEED_REST: tl.constexpr = FOCAL or MODE == 3
+                m = tl.full(y32.shape, float("-inf"), acc_ty)
+                for k in tl.static_range(NCLS):
+                    m = tl.maximum(m, vals[k])
+                ms = tl.where(m == float("-inf"), 0.0, m)
+                s = tl.zeros(y32.shape, acc_ty)
+                rest = s
+                s2r = s
+                xy = s
+                es = ()
+                for k in tl.static_range(NCLS):
+                    e = tl.exp(vals[k] - ms)
+                    es = es + (e,)
+                    s += e
+                    oh = y32 == k
+                    xy = tl.where(oh, vals[k], xy)
+                    if NEED_REST:
+                        er = tl.where(oh, 0.0, e)
+                        rest += er
+                        if MODE == 3:
+                            s2r += er * er
+                lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, a, gamma, MODE, FOCAL)
+                r = 1.0 / s
+                ps = ()
+                for k in tl.static_range(NCLS):
+                    ps = ps + (es[k] * r,)
+            for k in tl.static_range(NCLS):
+                oh = y32 == c0 + k
+                if MODE == 0:
+                    g = a * (tl.where(oh, 1.0, 0.0) - ps[k])
+                else:
+                    g = a * ps[k] * (ps[k] - tl.where(oh, tv, 0.0) - q)
+                gs = gs + (tl.where(valid, g, 0.0),)  # 0 * inf or 0 * NaN would not be 0
+        else:
+            for k in tl.static_range(NCLS):
+                oh = y32 == c0 + k
+                if MODE == 1:
+                    g = a * _sigmoid_focal_grad(vals[k], oh, gamma, FOCAL)
+                else:
+                    g = a * (vals[k] - tl.where(oh, tv, 0.0))
+                gs = gs + (tl.where(valid, g, 0.0),)
+        return gs
 
     @triton.jit
-    def _up_coef_kernel(
-        x_ptr, t_ptr,
-        ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr, ax0_ptr, ax1_ptr, wx0_ptr, wx1_ptr,
+    def _zeros_like_tuple(z, NCLS: tl.constexpr):
+        t = ()
+        for k in tl.static_range(NCLS):
+            t = t + (z,)
+        return t
+
+    @triton.jit
+    def _madd(acc, c, gs, NCLS: tl.constexpr):
+        """acc_k += c·g_k, elementwise over the step's tile (reduced over it once per low-resolution row)."""
+        t = ()
+        for k in tl.static_range(NCLS):
+            t = t + (acc[k] + c * gs[k],)
+        return t
+
+
+    @triton.jit
+    def _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr,
+                     wy0_ptr, wy1_ptr, sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr,
+                     bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev, s0, s1, span, o0, o1, go,
+                     sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index, gamma, c0,
+                     acc_ty: tl.constexpr, C: tl.constexpr, NCLS: tl.constexpr, MODE: tl.constexpr,
+                     FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr, PRE: tl.constexpr,
+                     TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, TJ: tl.constexpr, TY: tl.constexpr,
+                     BLOCK_X: tl.constexpr):
+        """The gradient of classes c0 .. c0 + NCLS - 1 of the band's low-resolution rows [ya, yb)
+        at the lanes' columns (see the module docstring): A (row yy, own column), Bc (row yy, next
+        column), An, Bn (row yy + 1), each a [TJ, TY, BLOCK_X] tile of partial sums."""
+        zero = tl.zeros(xl.shape, acc_ty)
+        zt = tl.zeros([TJ, TY, BLOCK_X], acc_ty)
+        A = _zeros_like_tuple(zt, NCLS)
+        Bc = A
+        An = A
+        Bn = A
+        for yy in range(ys, yb):
+            Ys = tl.load(sy0_ptr + yy)
+            Ye = tl.load(sy1_ptr + yy)  # [TJ, TY, lanes] tiles: columns of the lanes' segments x rows
+            r0 = yy * sh
+            r1 = tl.minimum(yy + 1, h - 1) * sh
+            if TAP2_Y:
+                An = _zeros_like_tuple(zt, NCLS)
+                Bn = An
+            for j0 in range(0, span, TJ):
+                X = s0[None, None, :] + (j0 + tl.arange(0, TJ))[:, None, None]
+                pmx = lm[None, None, :] & (X < s1[None, None, :])
+                wx0 = zero
+                wx1 = zero
+                if TAP2_X:
+                    wx0 = tl.load(wx0_ptr + X, mask=pmx, other=0.0)
+                    wx1 = tl.load(wx1_ptr + X, mask=pmx, other=0.0)
+                # the horizontal passes of rows yy, yy + 1 at columns X: once for the segment's rows
+                h0 = _hrow(xp, r0, o0, o1, wx0, wx1, pmx, sc, c0, acc_ty, NCLS, TAP2_X)
+                h1 = h0
+                if TAP2_Y:
+                    h1 = _hrow(xp, r1, o0, o1, wx0, wx1, pmx, sc, c0, acc_ty, NCLS, TAP2_X)
+                for Y0 in range(Ys, Ye, TY):
+                    Y = Y0 + tl.arange(0, TY)[None, :, None]
+                    ym = Y < Ye
+                    pm = pmx & ym
+                    n = (bH + Y) * W + X  # int64: B*H*W can exceed 2**31
+                    valid, bad, y32 = _labels(t_ptr, n, pm, ignore_index, C, -1)
+                    a = zero  # the upstream weight grad_pixel[n] + grad_class[y], or the coefficient
+                    lse = zero
+                    q = zero
+                    if PRE:
+                        a = tl.load(coef_ptr + n, mask=valid, other=0.0)  # 0 at ignored and bad pixels
+                        lse = tl.load(lse_ptr + n, mask=valid, other=0.0)
+                        if MODE == 3:
+                            q = tl.load(q_ptr + n, mask=valid, other=0.0)
+                    else:
+                        if HAS_GP:
+                            a += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
+                        if HAS_GC:
+                            a += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
+                        a = tl.where(valid, a, 0.0)
+                    tv = zero
+                    if MODE == 2 or MODE == 3:
+                        tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
+                    wy0 = tl.load(wy0_ptr + Y, mask=ym, other=0.0)
+                    wy1 = wy0
+                    if TAP2_Y:
+                        wy1 = tl.load(wy1_ptr + Y, mask=ym, other=0.0)
+                    vals = _vert(h0, h1, wy0, wy1, NCLS, TAP2_Y)
+                    gs = _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty, NCLS, MODE, FOCAL,
+                                      PRE)
+                    if TAP2_X:
+                        if TAP2_Y:
+                            A = _madd(A, wy0 * wx0, gs, NCLS)
+                            Bc = _madd(Bc, wy0 * wx1, gs, NCLS)
+                            An = _madd(An, wy1 * wx0, gs, NCLS)
+                            Bn = _madd(Bn, wy1 * wx1, gs, NCLS)
+                        else:
+                            A = _madd(A, wx0, gs, NCLS)
+                            Bc = _madd(Bc, wx1, gs, NCLS)
+                    elif TAP2_Y:
+                        A = _madd(A, wy0 + zero, gs, NCLS)
+                        An = _madd(An, wy1 + zero, gs, NCLS)
+                    else:
+                        A = _madd(A, 1.0 + zero, gs, NCLS)
+            if yy >= ya:
+                # row yy is complete: column x_i adds lane i - 1's next-column sum (the last column
+                # also its own: both of its taps are itself), and the last row its row-below sums
+                # (the partial sums of a step's tile reduced once per row: tl.sum over [TJ * TY, lanes])
+                TT: tl.constexpr = TJ * TY
+                for k in tl.static_range(NCLS):
+                    v = tl.sum(tl.reshape(A[k], [TT, BLOCK_X]), 0)
+                    if TAP2_X:
+                        bc = tl.sum(tl.reshape(Bc[k], [TT, BLOCK_X]), 0)
+                        v = v + tl.gather(bc, prev, 0) + tl.where(lastc, bc, 0.0)
+                    if TAP2_Y:
+                        if yy == h - 1:
+                            u = tl.sum(tl.reshape(An[k], [TT, BLOCK_X]), 0)
+                            if TAP2_X:
+                                bn = tl.sum(tl.reshape(Bn[k], [TT, BLOCK_X]), 0)
+                                u = u + tl.gather(bn, prev, 0) + tl.where(lastc, bn, 0.0)
+                            v = v + u
+                    tl.store(gq + ((c0 + k) * gsc + yy * gsh) + go, v.to(gq.dtype.element_ty), mask=om)
+            if TAP2_Y:
+                A = An
+                Bc = Bn
+            else:
+                A = _zeros_like_tuple(zt, NCLS)
+                Bc = A
+
+    @triton.jit
+    def _up_bwd_kernel(
+        x_ptr,  # low-resolution logits, element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
+        t_ptr,  # (B*H*W,) labels, any integer dtype
+        wy0_ptr, wy1_ptr,  # (H,) row weights
+        sy0_ptr, sy1_ptr,  # (h,) int32 output rows [sy0[y], sy1[y]) whose first source row is y
+        wx0_ptr, wx1_ptr,  # (W,) column weights
+        sx0_ptr, sx1_ptr,  # (w,) int32 output columns [sx0[x], sx1[x]) whose first source column is x
         tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
-        gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
-        gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
-        coef_ptr,  # (N,) out: a per full-resolution pixel (0 where not valid)
-        lse_ptr,  # (N,) out: lse (softmax modes)
-        q_ptr,  # (N,) out: q (MSE on the softmax)
-        N, C, HW, W,
-        stride_b, stride_c, stride_h, stride_w,
-        gp_stride, gc_stride,  # upstream strides (0 when autograd expands a scalar)
-        ignore_index, gamma,
-        MODE: tl.constexpr, FOCAL: tl.constexpr, NEAREST: tl.constexpr,
-        HAS_GP: tl.constexpr, HAS_GC: tl.constexpr, SINGLE: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        acc_ty = tv_ptr.dtype.element_ty
-        n = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = n < N
-        valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C)
-        w = tl.zeros([BLOCK_P], acc_ty)
-        if HAS_GP:
-            w += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
-        if HAS_GC:
-            w += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
-        a = w
-        lse = tl.zeros([BLOCK_P], acc_ty)
-        q = tl.zeros([BLOCK_P], acc_ty)
-        if MODE == 0 or MODE == 3:
-            tv = tl.zeros([BLOCK_P], acc_ty)
-            if MODE == 3:
-                tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-            o00, o01, o10, o11, wy0, wy1, wx0, wx1 = _pixel_geometry(
-                n, pmask, HW, W, ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr, ax0_ptr, ax1_ptr, wx0_ptr, wx1_ptr,
-                stride_b, stride_h, stride_w, acc_ty, NEAREST)
-            m, s, rest, s2r, xy, lsum, am = _pixel_state(
-                x_ptr, o00, o01, o10, o11, wy0, wy1, wx0, wx1, pmask, y32, tv, C, stride_c, gamma,
-                acc_ty, MODE, FOCAL, False, SINGLE, NEAREST, BLOCK_P, BLOCK_C)
-            lse = _lse(m, s)
-            logp = xy - lse
-            if MODE == 0:
-                if FOCAL:
-                    # ∂ℓ/∂log p = -(1-p)^γ (1 - γ p log p / (1-p)); log p / (1-p) -> -1 as p -> 1
-                    omp = rest / s
-                    wf = tl.exp(gamma * tl.log(omp))
-                    r = tl.where(omp > 0.0, logp / omp, -1.0)
-                    a = -w * wf * (1.0 - gamma * tl.exp(logp) * r)
-                else:
-                    a = -w
-            else:
-                py = tl.exp(logp)
-                q = s2r / (s * s) + py * py - tv * py  # Σ_j p_j (p_j - t_j)
-        a = tl.where(valid, a, 0.0)
-        tl.store(coef_ptr + n, a, mask=pmask)
-        if MODE == 0 or MODE == 3:
-            tl.store(lse_ptr + n, lse, mask=pmask)
-        if MODE == 3:
-            tl.store(q_ptr + n, q, mask=pmask)
-
-    @triton.jit
-    def _up_gather_kernel(
-        x_ptr, t_ptr,
-        ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr, ax0_ptr, ax1_ptr, wx0_ptr, wx1_ptr,
-        uy0_ptr, uy1_ptr,  # (h,) rows [uy0, uy1) of the output that read low-resolution row y
-        ux0_ptr, ux1_ptr,  # (w,) columns [ux0, ux1) that read low-resolution column x
-        tv_ptr,  # (C,) MSE target values
-        coef_ptr, lse_ptr, q_ptr,  # (N,) a, lse, q per full-resolution pixel
+        gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients (HAS_GP, HAS_GC)
+        coef_ptr, lse_ptr, q_ptr,  # (N,) per-pixel a, lse, q of the coefficient launch (PRE)
         g_ptr,  # gradient out, x's dtype, element (b, c, y, x) at b*gsb + c*gsc + y*gsh + x*gsw
-        N, C, H, W, h, w, nq,  # nq = B*h*w low-resolution positions
+        H, W, h, w, bands, xblocks,
         stride_b, stride_c, stride_h, stride_w,
         gstride_b, gstride_c, gstride_h, gstride_w,
-        ignore_index, gamma,
-        span_y,  # the most rows that read one low-resolution row
-        MODE: tl.constexpr, FOCAL: tl.constexpr, NEAREST: tl.constexpr,
-        SPAN_X: tl.constexpr,  # a power of two >= the most columns that read one low-resolution column
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+        gp_stride, gc_stride, ignore_index, gamma,
+        C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
+        MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
+        PRE: tl.constexpr,  # softmax scalars from the coefficient launch (class groups)
+        TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, OFF64: tl.constexpr,
+        R: tl.constexpr,  # low-resolution rows per band
+        TJ: tl.constexpr, TY: tl.constexpr,  # output columns (of a lane's segment) and rows per step
+        BLOCK_X: tl.constexpr,  # lanes: low-resolution columns (one of them a halo on a two-tap axis)
     ):
-        # Lanes are (element q, column offset dx) pairs, q-major: lane group q visits the columns
-        # X0[q] + dx of its users in parallel and the rows Y0[q] + dy one after another; the
-        # SPAN_X partial sums of a group are added by one fixed reduction tree at the end.
         acc_ty = tv_ptr.dtype.element_ty
-        BLOCK_L: tl.constexpr = BLOCK_Q * SPAN_X
-        lane = tl.arange(0, BLOCK_L)
-        q_idx = tl.program_id(0).to(tl.int64) * BLOCK_Q + lane // SPAN_X
-        dx = lane % SPAN_X
-        qmask = q_idx < nq
-        b = q_idx // (h * w)
-        r = q_idx - b * (h * w)
-        ys = (r // w).to(tl.int32)
-        xs = (r - (r // w) * w).to(tl.int32)
-        Y0 = tl.load(uy0_ptr + ys, mask=qmask, other=0)
-        Y1 = tl.load(uy1_ptr + ys, mask=qmask, other=0)
-        X = tl.load(ux0_ptr + xs, mask=qmask, other=0) + dx
-        xmask = qmask & (X < tl.load(ux1_ptr + xs, mask=qmask, other=0))
-        # the weight of column X on column xs: both taps when they coincide (the last column)
-        rx0 = tl.load(ax0_ptr + X, mask=xmask, other=-1)
-        if NEAREST:
-            wx = tl.where(rx0 == xs, 1.0, 0.0).to(acc_ty)
+        pid = tl.program_id(0)
+        xb = pid % xblocks
+        band = (pid // xblocks) % bands
+        b = (pid // (xblocks * bands)).to(tl.int64)
+        lane = tl.arange(0, BLOCK_X)
+        if TAP2_X:
+            xl = xb * (BLOCK_X - 1) - 1 + lane  # lane 0: the column left of the block (a halo)
+            lm = (xl >= 0) & (xl < w)
+            om = lm & (lane >= 1)
         else:
-            rx1 = tl.load(ax1_ptr + X, mask=xmask, other=-1)
-            wx = (tl.where(rx0 == xs, tl.load(wx0_ptr + X, mask=xmask, other=0.0), 0.0)
-                  + tl.where(rx1 == xs, tl.load(wx1_ptr + X, mask=xmask, other=0.0), 0.0))
-        qo = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        bo = qo // (h * w)
-        ro = qo - bo * (h * w)
-        goff = bo * gstride_b + (ro // w) * gstride_h + (ro - (ro // w) * w) * gstride_w  # int64
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < C
-            acc = tl.zeros([BLOCK_L, BLOCK_C], acc_ty)
-            for dy in range(0, span_y):
-                Y = Y0 + dy
-                pmask = xmask & (Y < Y1)
-                ry0 = tl.load(ay0_ptr + Y, mask=pmask, other=-1)
-                if NEAREST:
-                    wy = tl.where(ry0 == ys, 1.0, 0.0).to(acc_ty)
-                else:
-                    ry1 = tl.load(ay1_ptr + Y, mask=pmask, other=-1)
-                    wy = (tl.where(ry0 == ys, tl.load(wy0_ptr + Y, mask=pmask, other=0.0), 0.0)
-                          + tl.where(ry1 == ys, tl.load(wy1_ptr + Y, mask=pmask, other=0.0), 0.0))
-                n = (b * H + Y) * W + X  # int64: B*H*W can exceed 2**31
-                a = tl.load(coef_ptr + n, mask=pmask, other=0.0)  # 0 at ignored and bad pixels
-                yl = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)
-                y32 = tl.where((yl >= 0) & (yl < C), yl, 0).to(tl.int32)
-                o00, o01, o10, o11, wy0, wy1, wx0, wx1 = _pixel_geometry(
-                    n, pmask, H * W, W, ay0_ptr, ay1_ptr, wy0_ptr, wy1_ptr, ax0_ptr, ax1_ptr, wx0_ptr,
-                    wx1_ptr, stride_b, stride_h, stride_w, acc_ty, NEAREST)
-                x, cc, cm = _interp_chunk(x_ptr, o00, o01, o10, o11, wy0, wy1, wx0, wx1, pmask, c0, C,
-                                          stride_c, BLOCK_C, acc_ty, NEAREST)
-                oh = c[None, :] == y32[:, None]
-                if MODE == 0:
-                    lse = tl.load(lse_ptr + n, mask=pmask, other=0.0)
-                    p = tl.exp(x - lse[:, None])
-                    g = a[:, None] * (tl.where(oh, 1.0, 0.0) - p)
-                elif MODE == 3:
-                    lse = tl.load(lse_ptr + n, mask=pmask, other=0.0)
-                    qv = tl.load(q_ptr + n, mask=pmask, other=0.0)
-                    tv = tl.load(tv_ptr + y32, mask=pmask, other=0.0).to(acc_ty)
-                    p = tl.exp(x - lse[:, None])
-                    g = a[:, None] * p * (p - tl.where(oh, tv[:, None], 0.0) - qv[:, None])
-                elif MODE == 1:
-                    g = a[:, None] * _sigmoid_focal_grad(x, oh, gamma, FOCAL)
-                else:
-                    tv = tl.load(tv_ptr + y32, mask=pmask, other=0.0).to(acc_ty)
-                    g = a[:, None] * (x - tl.where(oh, tv[:, None], 0.0))
-                g = tl.where(pmask[:, None] & cmask[None, :], g, 0.0)
-                acc += (wy * wx)[:, None] * g
-            out = tl.sum(tl.reshape(acc, [BLOCK_Q, SPAN_X, BLOCK_C]), 1)
-            gptrs = g_ptr + (goff[:, None] + c.to(tl.int64)[None, :] * gstride_c)
-            tl.store(gptrs, out.to(g_ptr.dtype.element_ty), mask=(qo < nq)[:, None] & cmask[None, :])
+            xl = xb * BLOCK_X + lane
+            lm = xl < w
+            om = lm
+        if OFF64:
+            sc = _i64(stride_c)
+            sh = _i64(stride_h)
+            sw = _i64(stride_w)
+            gsc = _i64(gstride_c)
+            gsh = _i64(gstride_h)
+            gsw = _i64(gstride_w)
+        else:
+            sc = stride_c
+            sh = stride_h
+            sw = stride_w
+            gsc = gstride_c
+            gsh = gstride_h
+            gsw = gstride_w
+        s0 = tl.load(sx0_ptr + xl, mask=lm, other=0)
+        s1 = tl.load(sx1_ptr + xl, mask=lm, other=0)
+        span = tl.max(s1 - s0, 0)  # the longest column segment of the block
+        o0 = xl * sw
+        o1 = tl.minimum(xl + 1, w - 1) * sw
+        go = xl * gsw
+        prev = tl.maximum(lane - 1, 0)
+        lastc = xl == w - 1
+        xp = x_ptr + b * stride_b  # int64 image bases
+        gq = g_ptr + b * gstride_b
+        ya = band * R
+        yb = tl.minimum(ya + R, h)
+        if TAP2_Y:
+            ys = tl.maximum(ya - 1, 0)  # the row above the band feeds row ya (a halo)
+        else:
+            ys = ya
+        bH = b * H
+        FULL: tl.constexpr = (C // GROUP) * GROUP
+        if LOOP:
+            for c0 in range(0, FULL, GROUP):
+                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
+                             sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
+                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index,
+                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_GC, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+        else:
+            for c0 in tl.static_range(0, FULL, GROUP):
+                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
+                             sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
+                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index,
+                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_GC, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+        if C % GROUP:
+            _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
+                         sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
+                         s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index,
+                         gamma, FULL, acc_ty, C, C % GROUP, MODE, FOCAL, HAS_GP, HAS_GC, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
 
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def _tables(x, H, W, interp, align_corners):
-    acc = _acc_dtype(x)
-    h, w = x.shape[2], x.shape[3]
-    ay = _axis(h, H, interp, align_corners, acc, x.device)
-    ax = _axis(w, W, interp, align_corners, acc, x.device)
-    return ay, ax
+class _Geometry:
+    """The resize's tables and per-axis flags, from the logits' and the labels' shapes."""
+
+    def __init__(self, x, H, W, interp, align_corners):
+        acc = _acc_dtype(x)
+        B, C, h, w = x.shape
+        self.H, self.W, self.h, self.w = H, W, h, w
+        ay0, _, self.wy0, self.wy1 = _axis(h, H, interp, align_corners, acc, x.device)
+        self.ax0, _, self.wx0, self.wx1 = _axis(w, W, interp, align_corners, acc, x.device)
+        self.sy0, self.sy1 = _segments(ay0, h)
+        self.sx0, self.sx1 = _segments(self.ax0, w)
+        bilinear = interp == Interp.BILINEAR
+        self.tap2_y = bilinear and H != h  # otherwise one tap of weight 1: a copy, as torch makes it
+        self.tap2_x = bilinear and W != w
+        # 32-bit offsets inside one image of logits (and of the gradient, laid out like them)
+        extent = sum((d - 1) * abs(s) for d, s in zip(x.shape[1:], x.stride()[1:]))
+        self.off64 = extent >= 2 ** 31
 
 
-def _chunking(C, f64):
-    bc = _np2(C)
-    if bc <= _SINGLE_C:
-        block_c, single = bc, True
-    else:
-        block_c, single = _CHUNK_C, False
-    tile = _TILE // 2 if f64 else _TILE
-    return block_c, single, tile
+def _class_plan(C, mode, f64, bwd=False):
+    """(GROUP, LOOP, CACHE) of a class count (see the module docstring). The backward holds four
+    accumulators and two horizontal passes per class of a group: 3/4 of the forward's groups."""
+    cache = C <= (_FUSED_C if bwd else _CACHE_C)
+    if cache:
+        return C, False, True
+    group = _GROUP // 2 if (f64 or mode == Mode.SIGMOID_FOCAL) else _GROUP
+    if bwd:
+        group = group * 3 // 4
+    loop = C > _UNROLL_C
+    if not loop:
+        group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
+    return group, loop, False
 
 
-def _programs(num_tiles, num_warps, device):
-    """(programs, tiles per program): a fixed run of consecutive tiles per program, so the
-    per-program rows (and their fixed-order sum) do not depend on timing."""
-    if device.type == "cuda":
-        cap = torch.cuda.get_device_properties(device).multi_processor_count * max(1, _WARPS_PER_SM // num_warps)
-        cap *= _WAVES
-    else:
-        cap = _INTERPRET_PROGRAMS
-    per_prog = _cdiv(num_tiles, max(1, min(num_tiles, cap)))
-    return _cdiv(num_tiles, per_prog), per_prog
+def _seg_bound(n_in, n_out):
+    """A power of two about the longest segment of an axis (the first one, of about 1.5 n_out / n_in
+    indices, bilinear with align_corners=False): the interpreter's step, from the sizes alone (no
+    device sync, and traceable with fake tensors). Any step is correct: segments are walked in steps."""
+    return _np2(_cdiv(3 * n_out, 2 * max(n_in, 1)) + 1)
+
+
+def _fwd_tile(geo, C):
+    """(BLOCK_X, R, TY, num_warps) of the forward: one output column per thread."""
+    if _interpret():  # the interpreter's cost is per step: one band, all columns, whole segments
+        return _np2(geo.W), geo.h, _seg_bound(geo.h, geo.H), 4
+    block = min(128, max(32, _np2(geo.W)))
+    return block, _FWD_ROWS, _FWD_TY if C <= _CACHE_C else 2, block // 32
+
+
+def _bwd_tile(geo):
+    """(BLOCK_X, R, TJ, TY, num_warps) of the backward: the lane count (32, 64 or 128, one of them
+    a halo on a two-tap axis) that wastes the fewest lanes on w columns."""
+    halo = 1 if geo.tap2_x else 0
+    if _interpret():
+        return _np2(geo.w + halo), geo.h, _seg_bound(geo.w, geo.W), _seg_bound(geo.h, geo.H), 4
+    best = min((_cdiv(geo.w, lanes - halo) * lanes, -lanes) for lanes in (32, 64, 128))
+    lanes = -best[1]
+    return lanes, _BWD_ROWS, 1, _BWD_TY, lanes // 32
 
 
 def _class_sums(target, pl, C):
+    """Σ of ``pl`` over the pixels of each class, in a fixed order (``_class_sum_kernel``)."""
     N = pl.numel()
-    block_k, block_n = min(_np2(C), 64), 128
+    block_n = 128 * (8 if _interpret() else 1)
     nseg = max(1, min(64, N // 4096))
     per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
     nseg = _cdiv(N, per_seg)
     part = pl.new_empty((nseg, C))
-    wrap(_up_class_sum_kernel)[(_cdiv(C, block_k), nseg)](
-        target, pl, part, N, C, per_seg, BLOCK_N=block_n, BLOCK_K=block_k)
+    k = min(_SUM_K, _np2(C))
+    wrap(_class_sum_kernel)[(_cdiv(C, k), nseg)](target, pl, part, N, C, per_seg, BLOCK_N=block_n, K=k,
+                                                  num_warps=4)
     return part.sum(0)
 
 
@@ -663,6 +828,51 @@ def _check(x, target, interp, loss_mode, gamma):
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {x.dtype}")
 
 
+def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=False, need_tp=False, need_conf=False,
+                coef=None, grad_pixel=None, grad_class=None):
+    """One launch of ``_up_fwd_kernel``: the forward, or (``coef`` = (a, lse, q) buffers) the
+    backward's per-pixel scalars. Returns (pl, lrow, crow, trow, bad, conf, conf_mode, reg)."""
+    B, C = x.shape[0], x.shape[1]
+    block, R, ty, warps = _fwd_tile(geo, C)
+    bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
+    P = B * bands * xblocks
+    group, loop, cache = _class_plan(C, mode, acc == torch.float64)
+    has_loss = mode != Mode.STATS
+    is_coef = coef is not None
+    reg = C <= _REG_STATS_C and not is_coef
+    store_pl = not is_coef and (store_pl or (has_loss and not reg))
+    pl = x.new_empty(t.numel() if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
+    one = x.new_empty(1, dtype=torch.int32)
+    if is_coef:
+        lrow = crow = trow = bad = conf = one
+        conf_mode = 0
+    else:
+        alloc = torch.empty if reg else torch.zeros  # rows written once (registers) or added into
+        lrow = x.new_empty((P, C) if reg and has_loss else (1,), dtype=acc)
+        crow = alloc((P, C), dtype=torch.int32, device=x.device)
+        trow = alloc((P, C) if need_tp else (1,), dtype=torch.int32, device=x.device)
+        bad = x.new_empty(P, dtype=torch.int32)
+        conf_mode, conf = 0, one
+        if need_conf:
+            conf_mode = 1 if P * C * C * 4 <= _CONF_ROWS_BYTES else 2
+            conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
+                               dtype=torch.int32 if conf_mode == 1 else torch.int64)
+    tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
+    a, lse, q = coef if is_coef else (pl, pl, pl)
+    wrap(_up_fwd_kernel)[(P,)](
+        x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1, tv, pl, lrow, crow, trow, bad, conf,
+        grad_pixel if grad_pixel is not None else tv, grad_class if grad_class is not None else tv, a, lse, q,
+        geo.H, geo.W, geo.h, geo.w, bands, xblocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        grad_pixel.stride(0) if grad_pixel is not None else 0, grad_class.stride(0) if grad_class is not None else 0,
+        ignore_index, gamma,
+        C=C, GROUP=group, LOOP=loop, CACHE=cache, MODE=int(mode),
+        FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL), STORE_PL=store_pl, REG_STATS=reg,
+        NEED_TP=need_tp and not is_coef, CONF=conf_mode, COEF=is_coef, HAS_GP=grad_pixel is not None,
+        HAS_GC=grad_class is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64, R=R, TY=ty,
+        BLOCK_X=block, num_warps=warps)
+    return pl, lrow, crow, trow, bad, conf, conf_mode, reg
+
+
 def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
              need_confusion):
     _check(x, target, interp, mode, gamma)
@@ -671,46 +881,31 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
     B, C, h, w = x.shape
     H, W = target.shape[1], target.shape[2]
     N = B * H * W
-    t = target.reshape(-1).contiguous()
-    count = x.new_zeros(C, dtype=torch.int64)
-    tp = x.new_zeros(C, dtype=torch.int64)
-    bad = x.new_zeros((), dtype=torch.int64)
-    confusion = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
-    if N == 0 or x.numel() == 0:
-        return (x.new_zeros(N if need_pixel_loss else 0, dtype=acc), x.new_zeros(C, dtype=acc), count,
-                tp if need_tp else tp.new_empty(0), bad, confusion)
     has_loss = mode != Mode.STATS
-    block_c, single, tile = _chunking(C, acc == torch.float64)
-    block_p = max(8, tile // block_c)
-    num_warps = 4
-    if _interpret():
-        block_p *= _INTERPRET_TILE_SCALE
-    block_p = min(block_p, _np2(N))
-    num_tiles = _cdiv(N, block_p)
-    programs, per_prog = _programs(num_tiles, num_warps, x.device)
-    partials = single
-    store_pl = need_pixel_loss or (has_loss and not partials)
-    (ay0, ay1, wy0, wy1), (ax0, ax1, wx0, wx1) = _tables(x, H, W, interp, align_corners)
-    pl = x.new_empty(N if store_pl else 1, dtype=acc)
-    part = x.new_empty((programs, C) if partials else (1,), dtype=acc)
-    with _on(x):
-        wrap(_up_fwd_kernel)[(programs,)](
-            x, t, ay0, ay1, wy0, wy1, ax0, ax1, wx0, wx1, tvals if tvals is not None else part, pl, part,
-            count, tp, bad, confusion if need_confusion else count,
-            N, C, H * W, W, num_tiles, per_prog, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            ignore_index, gamma,
-            MODE=int(mode), FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL),
-            NEAREST=interp == Interp.NEAREST, STORE_PL=store_pl, SINGLE=single, PARTIALS=partials,
-            NEED_ARGMAX=need_tp or need_confusion, CONF=need_confusion,
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
+    if N == 0 or x.numel() == 0:
+        return (x.new_zeros(N if need_pixel_loss else 0, dtype=acc), x.new_zeros(C, dtype=acc),
+                x.new_zeros(C, dtype=torch.int64), x.new_zeros(C if need_tp else 0, dtype=torch.int64),
+                x.new_zeros((), dtype=torch.int64), empty_conf)
+    t = target.reshape(-1).contiguous()
+    with _on_device(x):
+        geo = _Geometry(x, H, W, interp, align_corners)
+        pl, lrow, crow, trow, bad, conf, conf_mode, reg = _launch_fwd(
+            x, t, geo, mode, gamma, tvals, ignore_index, acc, store_pl=need_pixel_loss, need_tp=need_tp,
+            need_conf=need_confusion)
         if not has_loss:
             class_loss = x.new_zeros(C, dtype=acc)
-        elif partials:
-            class_loss = part.sum(0)
+        elif reg:
+            class_loss = lrow.sum(0)  # the programs' rows in a fixed order: deterministic
         else:
             class_loss = _class_sums(t, pl, C)
+        count = crow.sum(0, dtype=torch.int64)
+        tp = trow.sum(0, dtype=torch.int64) if need_tp else x.new_zeros(0, dtype=torch.int64)
+        if conf_mode == 1:
+            conf = conf.sum(0, dtype=torch.int64)
     pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
-    return pixel_loss, class_loss, count, tp if need_tp else tp.new_empty(0), bad, confusion
+    return (pixel_loss, class_loss, count, tp, bad.sum(dtype=torch.int64),
+            conf if need_confusion else empty_conf)
 
 
 def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, gamma, tvals, ignore_index):
@@ -724,63 +919,33 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     acc = _acc_dtype(x)
     t = target.reshape(-1).contiguous()
     grad = torch.empty_like(x)  # the shape, dtype and memory format of x
-    block_c, single, tile = _chunking(C, acc == torch.float64)
-    nearest = interp == Interp.NEAREST
-    (ay0, ay1, wy0, wy1), (ax0, ax1, wx0, wx1) = _tables(x, H, W, interp, align_corners)
-    uy0, uy1 = _users(ay0, ay1, h)
-    ux0, ux1 = _users(ax0, ax1, w)
     dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-    # O(B·H·W) scratch, what the mode needs: a; lse for the softmax modes; q for the softmax MSE
-    coef = x.new_empty(N, dtype=acc)
-    lse = x.new_empty(N if mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX) else 1, dtype=acc)
-    q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
     focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
-    block_p = max(8, tile // block_c)
-    if _interpret():
-        block_p *= _INTERPRET_TILE_SCALE
-    block_p = min(block_p, _np2(N))
-    # the gather kernel's tile: (element, column offset) lanes, about as many as the forward's pixels
-    f64 = acc == torch.float64
-    span_x = _np2(_span(w, W, interp, align_corners, f64))
-    span_y = _span(h, H, interp, align_corners, f64)
-    nq = B * h * w
-    block_q = max(1, max(8, tile // block_c) // span_x)
-    if _interpret():
-        block_q *= _INTERPRET_TILE_SCALE
-    block_q = min(_np2(block_q), _np2(nq))
-    with _on(x):
-        wrap(_up_coef_kernel)[(_cdiv(N, block_p),)](
-            x, t, ay0, ay1, wy0, wy1, ax0, ax1, wx0, wx1, dummy,
-            grad_pixel if grad_pixel is not None else dummy,
-            grad_class if grad_class is not None else dummy, coef, lse, q,
-            N, C, H * W, W, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+    group, loop, cache = _class_plan(C, mode, acc == torch.float64, bwd=True)
+    pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
+    with _on_device(x):
+        geo = _Geometry(x, H, W, interp, align_corners)
+        # class groups of a softmax mode: the per-pixel scalars first, O(B·H·W)
+        coef = lse = q = dummy
+        if pre:
+            coef, lse = x.new_empty(N, dtype=acc), x.new_empty(N, dtype=acc)
+            q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
+            _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, coef=(coef, lse, q),
+                        grad_pixel=grad_pixel, grad_class=grad_class)
+        block, R, tj, ty, warps = _bwd_tile(geo)
+        bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
+        wrap(_up_bwd_kernel)[(B * bands * xblocks,)](
+            x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.wx0, geo.wx1, geo.sx0, geo.sx1, dummy,
+            grad_pixel if grad_pixel is not None else dummy, grad_class if grad_class is not None else dummy,
+            coef, lse, q, grad, H, W, h, w, bands, xblocks,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
             grad_pixel.stride(0) if grad_pixel is not None else 0,
-            grad_class.stride(0) if grad_class is not None else 0,
-            ignore_index, gamma,
-            MODE=int(mode), FOCAL=focal, NEAREST=nearest, HAS_GP=grad_pixel is not None,
-            HAS_GC=grad_class is not None, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-        wrap(_up_gather_kernel)[(_cdiv(nq, block_q),)](
-            x, t, ay0, ay1, wy0, wy1, ax0, ax1, wx0, wx1, uy0, uy1, ux0, ux1, dummy, coef, lse, q, grad,
-            N, C, H, W, h, w, nq, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), ignore_index, gamma, span_y,
-            MODE=int(mode), FOCAL=focal, NEAREST=nearest, SPAN_X=span_x, BLOCK_Q=block_q, BLOCK_C=block_c,
-            num_warps=4)
+            grad_class.stride(0) if grad_class is not None else 0, ignore_index, gamma,
+            C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
+            HAS_GC=grad_class is not None, PRE=pre, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64,
+            R=R, TJ=tj, TY=ty, BLOCK_X=block, num_warps=warps)
     return grad
-
-
-class _on:
-    """``torch.cuda.device(x.device)`` for CUDA logits, nothing otherwise."""
-
-    def __init__(self, x):
-        self.ctx = torch.cuda.device(x.device) if x.is_cuda else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
 
 
 if triton is not None:
