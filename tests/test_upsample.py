@@ -102,8 +102,8 @@ def test_interpolation_exact(ops, mode, align_corners, hw, HW):
     y = torch.zeros((1,) + HW, dtype=torch.int64)
     tvals = torch.zeros(C, dtype=torch.float64)
     if ops is tup and C * HW[0] * HW[1] > 20000:
-        hw, HW = (4, 5), (13, 17)  # the interpreter: an odd, non-integer ratio on fewer classes (its cost is per class)
-        C = 20
+        hw, HW = (3, 4), (11, 13)  # the interpreter: an odd, non-integer ratio on fewer classes (its cost is per class)
+        C = 12
         x = torch.eye(C, dtype=torch.float64).view(1, C, *hw)
         y = torch.zeros((1,) + HW, dtype=torch.int64)
         tvals = torch.zeros(C, dtype=torch.float64)
@@ -378,6 +378,34 @@ def test_triton_nan_argmax_and_ties():
         conf = tup.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, ac, int(Mode.STATS), 0.0, None, -100,
                                      False, True, True)[5]
         assert torch.equal(conf, want) and want[:, 2].sum() > 0
+
+
+@pytest.mark.parametrize("mode, align_corners, C, op_mode", [("bilinear", False, 5, Mode.SOFTMAX_FOCAL),
+                                                          ("bilinear", True, 14, Mode.MSE_SOFTMAX),
+                                                          ("nearest", False, 5, Mode.SIGMOID_FOCAL)])
+def test_triton_gpu_tiling(monkeypatch, mode, align_corners, C, op_mode):
+    """The interpreter runs one band of all columns per image; a GPU runs bands of R low-resolution rows
+    x blocks of columns, one output row (and column) per step, the backward with a halo row above each
+    band and a halo lane left of each column block. That plan, with small bands and blocks, against
+    the contract (C = 14: the backward's coefficient launch and class groups)."""
+    _need("triton")
+    monkeypatch.setattr(tup, "_fwd_tile", lambda geo, C: (32, 2, 1, 1))
+    monkeypatch.setattr(tup, "_bwd_tile", lambda geo: (32, 2, 1, 1, 1))
+    x, y = make(B=1, C=C, hw=(7, 40), HW=(17, 83), dtype=torch.float64)
+    tvals = torch.arange(1, C + 1, dtype=torch.float64) * 0.75
+    tv = tvals if op_mode == Mode.MSE_SOFTMAX else None
+    interp = 0 if mode == "nearest" else 1
+    gamma = 0.0 if op_mode == Mode.MSE_SOFTMAX else 2.0
+    out = tup.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode), gamma, tv, -100, True, True, True)
+    gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gc = torch.linspace(-1, 2, C, dtype=torch.float64)
+    want, want_grad = _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, -100, gp, gc)
+    tol = LOSS_TOL[torch.float64]
+    torch.testing.assert_close(out[0], want[0], **tol)
+    torch.testing.assert_close(out[1], want[1], atol=tol["atol"] * y.numel(), rtol=tol["rtol"])
+    assert torch.equal(out[2], want[2]) and torch.equal(out[3], want[3]) and torch.equal(out[5], want[5])
+    grad = tup.upsample_loss_bwd(x, y, gp, gc, interp, align_corners, int(op_mode), gamma, tv, -100)
+    torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
 
 
 def test_triton_bit_identical():

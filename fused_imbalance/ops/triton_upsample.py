@@ -102,7 +102,7 @@ _CACHE_C = 24  # up to this class count the forward has one class group and cach
 _FUSED_C = 12  # up to this class count the backward computes the softmax itself (one group): registers
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
-_GROUP = 16  # forward classes per group beyond _CACHE_C (8 for float64 and the sigmoid focal terms; 3/4 of it backward)
+_GROUP = 16  # forward classes per group beyond _CACHE_C (8 for float64 and the sigmoid focal terms; backward 3/4, float64 1/2)
 _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
 _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
@@ -761,13 +761,13 @@ class _Geometry:
 
 def _class_plan(C, mode, f64, bwd=False):
     """(GROUP, LOOP, CACHE) of a class count (see the module docstring). The backward holds four
-    accumulators and two horizontal passes per class of a group: 3/4 of the forward's groups."""
+    accumulators and two horizontal passes per class of a group: 3/4 of the forward's groups (1/2 in float64)."""
     cache = C <= (_FUSED_C if bwd else _CACHE_C)
     if cache:
         return C, False, True
     group = _GROUP // 2 if (f64 or mode == Mode.SIGMOID_FOCAL) else _GROUP
     if bwd:
-        group = group * 3 // 4
+        group = group // 2 if f64 else group * 3 // 4  # float64 groups of 5 spilled
     loop = C > _UNROLL_C
     if not loop:
         group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
