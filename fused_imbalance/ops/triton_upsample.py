@@ -22,7 +22,7 @@ The classes are a compile-time loop (``tl.static_range``, C a constexpr, one com
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
 running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, groups of at most 16 (backward: 12; a loop over groups beyond 32
+group holds them all; beyond, groups of at most 16 (backward: at most 12; a loop over groups beyond 32
 classes). Offsets inside an image are
 32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
 int64.
