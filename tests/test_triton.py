@@ -280,6 +280,22 @@ def test_focal_at_certainty(gamma):
     check_backward(x[2:3].double(), y[2:3], Mode.SOFTMAX_FOCAL, gamma, None)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_sigmoid_focal_float32_tails(gamma):
+    """float32 sigmoid focal over logits from -100 to 100: exp(-|x|) from 1 down to below float32's
+    normal range, so log(1 + e) (a polynomial in float32) and the focal factor are checked where
+    a relative error would show: e tiny (softplus = e), e near 1 (x near 0)."""
+    C = 3
+    v = torch.cat([torch.linspace(-100.0, 100.0, 61), torch.tensor([-1e-6, 1e-6, -0.5, 0.5, 17.0, -17.0])])
+    x = v.repeat_interleave(C).reshape(-1, C)
+    x[:, 1] = x[:, 1].flip(0)
+    x[:, 2] = 0.25 * x[:, 0]
+    y = torch.arange(x.shape[0]) % C
+    x, y = x.to(DEV), y.to(DEV)
+    check_forward(x, y, Mode.SIGMOID_FOCAL, gamma, None)
+    check_backward(x, y, Mode.SIGMOID_FOCAL, gamma, None)
+
+
 # --- the gradient inputs and layouts of the backward ---------------------------------------
 
 @pytest.mark.parametrize("gp, gc", [(True, False), (False, True), (False, False)])

@@ -119,15 +119,53 @@ def _lse(m, s):
     return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp_neg(u, scale):
+    """exp(-scale * u) in u's dtype: float32 as one exp2 (the special-function unit's ex2, its
+    scaling by log2(e) folded into ``scale``; tl.exp adds a multiply and range fix-ups), float64
+    as tl.exp. A result below float32's normal range may flush to 0 (absolute error < 2^-126)."""
+    if u.dtype == tl.float64:
+        return tl.exp(-scale * u)
+    else:
+        return tl.exp2(u * (-scale * _LOG2E))
+
+
+@triton.jit
+def _log1p_unit(e):
+    """log(1 + e) for 0 <= e <= 1, with the relative accuracy of float32 down to e = 0.
+
+    float32: e P(e), P the degree-8 polynomial closest to log1p(e) / e on [0, 1] in relative
+    error (3e-8; evaluated in float32 by Horner's rule, about 4 ulp): nine fused multiply-adds,
+    where tl.log is a ~24-instruction software logarithm on sm_90 and the special-function lg2 is
+    only accurate to 2^-22 absolute near 1 (that is, not at all in relative terms for a small e).
+    float64: log(w) - δ/w with w = fl(1 + e) and δ = (w - 1) - e exact, so a tiny e keeps its
+    digits (l = e when w = 1); 1/w ~ 2 - w on [1, 2], no division (the correction, at most
+    2^-53, changes by at most half)."""
+    if e.dtype == tl.float64:
+        w = 1.0 + e
+        return tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
+    else:
+        p = 0.005232746247202158 * e - 0.02950545959174633
+        p = p * e + 0.07822633534669876
+        p = p * e - 0.13663281500339508
+        p = p * e + 0.19106024503707886
+        p = p * e - 0.24842987954616547
+        p = p * e + 0.3331909775733948
+        p = p * e - 0.4999949336051941
+        p = p * e + 0.9999999403953552
+        return p * e
+
+
 @triton.jit
 def _softplus_parts(z):
-    """(e, l) with e = exp(-|z|) and l = log(1 + e), so softplus(z) = max(z, 0) + l and
-    softplus(-z) = max(-z, 0) + l. w = fl(1 + e) rounds, but δ = (w - 1) - e is exact, and
-    log(1 + e) = log(w) - δ/w + O(δ²): the digits of a tiny e survive (l = e when w = 1) with
-    no division (1/w ~ 2 - w on [1, 2] changes the correction, at most 2^-25, by at most half)."""
-    e = tl.exp(-tl.abs(z))
+    """(e, w, l) with e = exp(-|z|), w = 1 + e and l = log(1 + e), so softplus(z) = max(z, 0) + l
+    and softplus(-z) = max(-z, 0) + l; l keeps the digits of a tiny e (``_log1p_unit``)."""
+    e = _exp_neg(tl.abs(z), 1.0)
     w = 1.0 + e
-    l = tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
+    l = _log1p_unit(e)
     return e, w, l
 
 
@@ -148,14 +186,14 @@ def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
     """Per-class FL_k = σ(z)^γ softplus(z) with z = x_k for k ≠ y and z = -x_y for k = y.
 
     Both halves of the sigmoid focal loss are this one function of z: -log(1 - σ(x)) =
-    softplus(x), -log σ(x) = softplus(-x), and σ(z)^γ = exp(-γ softplus(-z)): three
-    transcendentals per logit (exp, log, exp), no division.
+    softplus(x), -log σ(x) = softplus(-x), and σ(z)^γ = exp(-γ softplus(-z)): two exponentials
+    per logit on the special-function unit and a polynomial log1p, no division.
     """
     z = tl.where(oh, -x, x)
     e, w, l = _softplus_parts(z)
     sp = tl.maximum(z, 0.0) + l
     if FOCAL:
-        sp = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * sp
+        sp = _exp_neg(tl.maximum(-z, 0.0) + l, gamma) * sp
     return sp
 
 
@@ -171,7 +209,7 @@ def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
     if FOCAL:
         sp = tl.maximum(z, 0.0) + l
         sig_neg = tl.where(pos, e, 1.0) * r  # σ(-z)
-        d = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * (gamma * sig_neg * sp + sig)
+        d = _exp_neg(tl.maximum(-z, 0.0) + l, gamma) * (gamma * sig_neg * sp + sig)
     else:
         d = sig
     return tl.where(oh, -d, d)
