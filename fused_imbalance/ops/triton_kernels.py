@@ -123,31 +123,27 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _exp_neg(u, scale):
-    """exp(-scale * u) in u's dtype: float32 as one exp2 (the special-function unit's ex2, its
-    scaling by log2(e) folded into ``scale``; tl.exp adds a multiply and range fix-ups), float64
-    as tl.exp. A result below float32's normal range may flush to 0 (absolute error < 2^-126)."""
-    if u.dtype == tl.float64:
-        return tl.exp(-scale * u)
-    else:
-        return tl.exp2(u * (-scale * _LOG2E))
+def _softplus_parts(z):
+    """(e, w, l) with e = exp(-|z|), w = 1 + e and l = log(1 + e), so softplus(z) = max(z, 0) + l
+    and softplus(-z) = max(-z, 0) + l, with the relative accuracy of the dtype down to a tiny e.
 
-
-@triton.jit
-def _log1p_unit(e):
-    """log(1 + e) for 0 <= e <= 1, with the relative accuracy of float32 down to e = 0.
-
-    float32: e P(e), P the degree-8 polynomial closest to log1p(e) / e on [0, 1] in relative
-    error (3e-8; evaluated in float32 by Horner's rule, about 4 ulp): nine fused multiply-adds,
-    where tl.log is a ~24-instruction software logarithm on sm_90 and the special-function lg2 is
-    only accurate to 2^-22 absolute near 1 (that is, not at all in relative terms for a small e).
-    float64: log(w) - δ/w with w = fl(1 + e) and δ = (w - 1) - e exact, so a tiny e keeps its
-    digits (l = e when w = 1); 1/w ~ 2 - w on [1, 2], no division (the correction, at most
-    2^-53, changes by at most half)."""
-    if e.dtype == tl.float64:
+    float32: e = exp2(-|z| log2(e)), the special-function unit's ex2 (tl.exp adds a multiply
+    and range fix-ups; an e below float32's normal range flushes to 0), and l = e P(e), P the
+    degree-8 polynomial closest to log1p(e) / e on [0, 1] in relative error (3e-8; about 4 ulp
+    evaluated in float32 by Horner's rule): nine fused multiply-adds, where tl.log is a
+    ~24-instruction software logarithm on sm_90 and the special-function lg2 is accurate only to
+    2^-22 absolute near 1 (not at all, relatively, for a small e). Written inline: the
+    interpreter pays for every call of a jit function.
+    float64: l = log(w) - δ/w with δ = (w - 1) - e exact, so a tiny e keeps its digits (l = e
+    when w = 1); 1/w ~ 2 - w on [1, 2], no division (the correction, at most 2^-53, changes by
+    at most half)."""
+    if z.dtype == tl.float64:
+        e = tl.exp(-tl.abs(z))
         w = 1.0 + e
-        return tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
+        l = tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
     else:
+        e = tl.exp2(tl.abs(z) * -_LOG2E)
+        w = 1.0 + e
         p = 0.005232746247202158 * e - 0.02950545959174633
         p = p * e + 0.07822633534669876
         p = p * e - 0.13663281500339508
@@ -156,16 +152,7 @@ def _log1p_unit(e):
         p = p * e + 0.3331909775733948
         p = p * e - 0.4999949336051941
         p = p * e + 0.9999999403953552
-        return p * e
-
-
-@triton.jit
-def _softplus_parts(z):
-    """(e, w, l) with e = exp(-|z|), w = 1 + e and l = log(1 + e), so softplus(z) = max(z, 0) + l
-    and softplus(-z) = max(-z, 0) + l; l keeps the digits of a tiny e (``_log1p_unit``)."""
-    e = _exp_neg(tl.abs(z), 1.0)
-    w = 1.0 + e
-    l = _log1p_unit(e)
+        l = p * e
     return e, w, l
 
 
@@ -193,7 +180,11 @@ def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
     e, w, l = _softplus_parts(z)
     sp = tl.maximum(z, 0.0) + l
     if FOCAL:
-        sp = _exp_neg(tl.maximum(-z, 0.0) + l, gamma) * sp
+        u = tl.maximum(-z, 0.0) + l
+        if u.dtype == tl.float64:
+            sp = tl.exp(-gamma * u) * sp
+        else:
+            sp = tl.exp2(u * (-gamma * _LOG2E)) * sp  # the special-function ex2, as in _softplus_parts
     return sp
 
 
@@ -209,7 +200,12 @@ def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
     if FOCAL:
         sp = tl.maximum(z, 0.0) + l
         sig_neg = tl.where(pos, e, 1.0) * r  # σ(-z)
-        d = _exp_neg(tl.maximum(-z, 0.0) + l, gamma) * (gamma * sig_neg * sp + sig)
+        u = tl.maximum(-z, 0.0) + l
+        if u.dtype == tl.float64:
+            fz = tl.exp(-gamma * u)  # σ(z)^γ
+        else:
+            fz = tl.exp2(u * (-gamma * _LOG2E))
+        d = fz * (gamma * sig_neg * sp + sig)
     else:
         d = sig
     return tl.where(oh, -d, d)
@@ -550,20 +546,6 @@ def _take_max(x, bv, bi, c):
 
 
 @triton.jit
-def _exp_shifted(x, ms, msl):
-    """exp(x - ms), with msl = ms log2(e) computed once per pixel. float32: exp2(x log2(e) - msl),
-    one fused multiply-add and the special-function unit's ex2 (tl.exp(x - ms) adds a subtraction,
-    a multiply and range fix-ups: 3-4 more instructions per logit). The rounding of msl scales
-    every e_k of a pixel by the same factor (1 + O(|ms| 2^-24)): it cancels in p_k = e_k / Σ e and
-    shifts log Σ e by at most ulp(ms), the resolution of the logits themselves; values below
-    float32's normal range flush to 0. float64: tl.exp(x - ms)."""
-    if x.dtype == tl.float64:
-        return tl.exp(x - ms)
-    else:
-        return tl.exp2(x * _LOG2E - msl)
-
-
-@triton.jit
 def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
                    acc_ty: tl.constexpr, NCLS: tl.constexpr, NEED_REST: tl.constexpr,
                    NEED_S2: tl.constexpr, NEED_AM: tl.constexpr):
@@ -584,10 +566,18 @@ def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
         rest = rest * alpha
     if NEED_S2:
         s2r = s2r * (alpha * alpha)
+    # float32: exp(x - ms) = exp2(x log2(e) - ms log2(e)), one fused multiply-add and the
+    # special-function ex2 (tl.exp(x - ms) adds a subtraction, a multiply and range fix-ups: 3-4
+    # more instructions per logit). The rounding of msl scales every e_k of a pixel by one factor
+    # (1 + O(|ms| 2^-24)), which cancels in p_k = e_k / s and moves log s by at most ulp(ms), the
+    # resolution of the logits themselves; e_k below float32's normal range flush to 0.
     msl = ms * _LOG2E
     for k in tl.static_range(NCLS):
         x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
-        e = _exp_shifted(x, ms, msl)
+        if acc_ty == tl.float64:
+            e = tl.exp(x - ms)
+        else:
+            e = tl.exp2(x * _LOG2E - msl)
         s += e
         if NEED_REST:
             er = tl.where(y32 == c0 + k, 0.0, e)
