@@ -145,14 +145,14 @@ def _chunked_trips(launch):
 
 def _class_sum_trips(launch):
     """_class_sum_kernel: one program of BLOCK threads per SM on an H100 (fused_imbalance/ops/triton_loss.py,
-    _class_sums; from CPU tensors it starts 3). Sibling loops at depth 0: each program zeroes its C columns (ptxas
-    unrolls that loop by 4: C // 4 trips, then C % 4 in a remainder loop), its threads walk the pixels BLOCK x
-    programs apart (cdiv(N, BLOCK) steps over all programs), each program sums its C columns."""
+    _class_sums; from CPU tensors it starts 3). Three sibling loops at depth 0: each program zeroes its C columns,
+    K classes a step; its threads walk the pixels BLOCK x programs apart (cdiv(N, BLOCK) steps over all programs);
+    each program sums its C columns, K classes a step."""
     a, k = launch["ints"], launch["constexprs"]
     steps = _cdiv(a["N"], k["BLOCK"])
     programs = min(steps, 132)
-    C = a["C"]
-    return {"programs": programs, "loops": [[programs * (C // 4), programs * (C % 4), steps, programs * C]]}
+    per_class = programs * _cdiv(a["C"], k["K"])
+    return {"programs": programs, "loops": [[per_class, steps, per_class]]}
 
 
 TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,

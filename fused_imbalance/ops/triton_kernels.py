@@ -363,12 +363,13 @@ def _class_sum_kernel(
     N,  # pixels
     C,  # classes
     BLOCK: tl.constexpr,  # threads' lanes per program: pixels per step
+    K: tl.constexpr,  # classes per step of the zeroing and the final reduction
 ):
     """Deterministic per-class sums in O(N): thread j of the T in the grid walks pixels
     j, j + T, ... in order and adds each pixel's loss into its own column of sums at the
     pixel's class (a load and a store; no other thread touches that column), then each program
     reduces its BLOCK columns into its row of ``part`` in a fixed order. The columns are
-    zeroed here (C stores per thread), never read from memory the caller wrote, and small
+    zeroed here (K classes per step), never read from memory the caller wrote, and small
     enough to stay in L2 (one program of 256 per SM on an H100: C x 132 KB, 20 MB for C = 150).
     About 10 instructions per pixel whatever C is; the old O(N C) form spent 3 per pixel and
     class."""
@@ -377,9 +378,14 @@ def _class_sum_kernel(
     lane = tl.arange(0, BLOCK)
     T = nprog.to(tl.int64) * BLOCK
     col = acc_ptr + (pid.to(tl.int64) * BLOCK + lane)
-    zero = tl.zeros([BLOCK], pl_ptr.dtype.element_ty)
-    for c in range(0, C):
-        tl.store(col + c * T, zero)
+    ks = tl.arange(0, K)
+    for c0 in range(0, C, K):
+        c = c0 + ks
+        tl.store(col[None, :] + c.to(tl.int64)[:, None] * T,
+                 tl.zeros([K, BLOCK], pl_ptr.dtype.element_ty), mask=(c < C)[:, None])
+    # the [K, BLOCK] blocks may lie on other threads than the [BLOCK] pixel vectors: a barrier
+    # orders the zeroing (and, below, the last additions) before another thread reads them
+    tl.debug_barrier()
     for n0 in range(pid.to(tl.int64) * BLOCK, N, T):
         n = n0 + lane
         nm = n < N
@@ -389,8 +395,12 @@ def _class_sum_kernel(
         v = tl.load(pl_ptr + n, mask=ok, other=0.0)
         a = col + y * T
         tl.store(a, tl.load(a, mask=ok, other=0.0) + v, mask=ok)
-    for c in range(0, C):
-        tl.store(part_ptr + pid.to(tl.int64) * C + c, tl.sum(tl.load(col + c * T), 0))
+    tl.debug_barrier()
+    for c0 in range(0, C, K):
+        c = c0 + ks
+        cm = c < C
+        sums = tl.sum(tl.load(col[None, :] + c.to(tl.int64)[:, None] * T, mask=cm[:, None], other=0.0), 1)
+        tl.store(part_ptr + pid.to(tl.int64) * C + c, sums, mask=cm)
 
 
 @triton.jit

@@ -63,6 +63,7 @@ _STRIDED_TILE = (64, 64)  # (pixels, classes) per chunk when pixels are contiguo
 _RESIDENT_WARPS = 32  # warps per SM the persistent grid fills (latency hiding)
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
 _SUM_BLOCK = 256  # threads per program of the class-sum kernel (one program per SM)
+_SUM_K = 4  # classes per step of its zeroing and final reduction
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
@@ -199,7 +200,8 @@ def _class_sums(target, pl, C):
     P = max(1, min(_cdiv(N, block), cap))
     scratch = pl.new_empty((C, P * block))
     part = pl.new_empty((P, C))
-    wrap(_class_sum_kernel)[(P,)](target, pl, scratch, part, N, C, BLOCK=block,
+    k = min(_np2(C), _SUM_K * (_INTERPRET_TILE_SCALE if _interpret() else 1))
+    wrap(_class_sum_kernel)[(P,)](target, pl, scratch, part, N, C, BLOCK=block, K=k,
                                   num_warps=_SUM_BLOCK // 32)
     return part.sum(0)
 
