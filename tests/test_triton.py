@@ -204,9 +204,15 @@ def test_multiple_programs_and_tiles(monkeypatch):
 # --- dtypes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c40", "rows_c5000"])
-def test_dtypes(path, dtype):
-    shape, layout = PATHS[path]
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c40", "rows_chunks"])
+def test_dtypes(request, path, dtype):
+    """rows_chunks: the chunked rows kernel over two chunks with a tail, as rows_c5000 takes it, on
+    11 classes in chunks of 8 (the interpreter pays for every one of 4096 lanes)."""
+    if path == "rows_chunks":
+        request.getfixturevalue("small_chunks")
+        shape, layout = (6, 11), "rows"
+    else:
+        shape, layout = PATHS[path]
     x, y, tvals = make(shape, layout, dtype=dtype)
     for mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL):
         check_forward(x, y, mode, GAMMA[mode], tvals)

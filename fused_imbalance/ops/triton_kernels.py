@@ -29,10 +29,10 @@ program ``pid`` walks tiles ``pid, pid + P, ...``.
 Cost model, thread-instructions per logit in the SASS for sm_90 (the budget at H100 copy
 bandwidth is about 45 for a float32 forward, 25 for bfloat16, twice that for a backward;
 ``benchmarks/sm90_driver.py`` measures it): a load (1/VEC NCHW, 1 channels_last), a conversion
-for 16-bit logits, 1 max, 2-3 for exp(x - m) with 1 MUFU, 1 sum; focal and the softmax MSE add
-3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax about 5, MSE on the logits 4,
-sigmoid focal about 40 (two exponentials on the MUFU unit and a software logarithm: it stays
-issue-bound). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
+for 16-bit logits, 1 max, 2 for exp(x - m) (an FFMA and the MUFU ex2; float32), 1 sum; focal
+and the softmax MSE add 3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax
+about 5, MSE on the logits 4, sigmoid focal about 20 (two ex2 on the MUFU unit and a degree-8
+polynomial log1p; tl.log would be a ~24-instruction software logarithm). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
 over the C classes. Class statistics: with C <= 32 the per-class loss sums, counts and true
 positives are per-thread registers (about 5 per logit: a compare, selects and adds), reduced
 and written once per program as one row of a (programs, C) table that the launcher sums in a
