@@ -146,6 +146,15 @@ def test_150_classes():
     check_backward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
 
 
+def test_class_sums_in_one_program(monkeypatch):
+    """The class-sum kernel with fewer programs than it would start (its scratch columns capped):
+    one program's threads walk every pixel."""
+    monkeypatch.setattr(T, "_SUM_SCRATCH_BYTES", 0)
+    shape, layout = PATHS["nchw_c40"]
+    x, y, tvals = make(shape, layout, dtype=torch.float32)
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, need_tp=False, need_confusion=False)
+
+
 @pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
 def test_confusion_in_the_global_matrix(monkeypatch, path):
     """Confusion counts added straight into the (C, C) int64 matrix (per-program matrices too big)."""

@@ -64,6 +64,7 @@ _RESIDENT_WARPS = 32  # warps per SM the persistent grid fills (latency hiding)
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
 _SUM_BLOCK = 256  # threads per program of the class-sum kernel (one program per SM)
 _SUM_K = 4  # classes per step of its zeroing and final reduction
+_SUM_SCRATCH_BYTES = 1 << 25  # its per-thread columns of class sums, at most (they live in L2)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
@@ -189,15 +190,18 @@ def _programs(num_tiles, num_warps, device, per_sm=None):
 
 def _class_sums(target, pl, C):
     """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics): the O(N)
-    class-sum kernel, one program of ``_SUM_BLOCK`` threads per SM, each thread summing its
-    pixels into its own column; the programs' rows summed here."""
+    class-sum kernel, one program of ``_SUM_BLOCK`` threads per SM (fewer when the columns of C
+    sums per thread would exceed ``_SUM_SCRATCH_BYTES``), each thread summing its pixels into its
+    own column; the programs' rows summed here."""
     N = pl.numel()
     block = _SUM_BLOCK * (_INTERPRET_TILE_SCALE if _interpret() else 1)
     if pl.device.type == "cuda":
         cap = torch.cuda.get_device_properties(pl.device).multi_processor_count
     else:
         cap = _INTERPRET_PROGRAMS
-    P = max(1, min(_cdiv(N, block), cap))
+    # the columns, C x P x block sums, stay within _SUM_SCRATCH_BYTES (fewer programs for large C)
+    fit = _SUM_SCRATCH_BYTES // (C * block * pl.element_size())
+    P = max(1, min(_cdiv(N, block), cap, fit))
     scratch = pl.new_empty((C, P * block))
     part = pl.new_empty((P, C))
     k = min(_np2(C), _SUM_K * (_INTERPRET_TILE_SCALE if _interpret() else 1))
