@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
@@ -120,6 +121,7 @@ int64_t block_pixels(int64_t C, int64_t Wp) {
 // The geometry shared by the forward and the backward.
 template <typename T>
 struct Resize {
+  using Acc = T;
   int64_t B, C, h, w, H, W, Wp;  // Wp: W rounded up to kBlockAlign (row buffers are padded)
   int64_t sb, sc, sh, sw;        // strides of the low-resolution logits (any layout)
   bool nearest;
@@ -213,15 +215,6 @@ std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0,
   return {buf.data(), P};
 }
 
-struct FwdOut {
-  void* pixel_loss;  // (B·H·W,) accumulation dtype, or nullptr
-  void* class_loss;  // (C,) accumulation dtype
-  int64_t* count;
-  int64_t* tp;       // or nullptr
-  int64_t* bad;
-  int64_t* confusion;  // (C, C) contiguous zeros, or nullptr
-};
-
 template <typename X, typename T, typename L>
 void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, int64_t mode, double gamma,
                          const T* tvals, int64_t ignore_index, const FwdOut& out) {
@@ -234,21 +227,17 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   // about a quarter of the horizontal work.
   const int64_t per = std::max((rows + chunks - 1) / chunks, std::min(rows, 4 * ((r.H + r.h - 1) / r.h)));
   chunks = (rows + per - 1) / per;
-  std::vector<double> loss_slots(chunks * C, 0.0);
-  std::vector<int64_t> count_slots(chunks * C, 0), tp_slots(chunks * C, 0), bad_slots(chunks, 0);
+  ChunkSlots slots(chunks, C);
   const X* xd = x.data_ptr<X>();
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
-  int64_t* confusion = out.confusion;
-  const bool private_confusion = confusion != nullptr && C * C <= 65536;
   const int64_t Pb = block_pixels(C, r.Wp);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     RowCache<X, T> cache(r, xd);
     std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb);
     std::vector<int32_t> y(Pb), argmax(Pb);
-    std::vector<double> closs(C + 1);
-    std::vector<int64_t> ccount(C + 1), ctp(C + 1), conf;
-    if (private_confusion) conf.assign(C * C, 0);
+    ClassBanks banks(C);
+    ConfusionCounts confusion(out.confusion, C);
     FwdBlock<T> fb;
     fb.C = C;
     fb.y = y.data();
@@ -257,9 +246,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     fb.loss = loss.data();
     fb.argmax = argmax.data();
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      std::fill(closs.begin(), closs.end(), 0.0);
-      std::fill(ccount.begin(), ccount.end(), 0);
-      std::fill(ctp.begin(), ctp.end(), 0);
+      banks.clear();
       int64_t bad = 0;
       const int64_t row_end = std::min(rows, (chunk + 1) * per);
       for (int64_t row = chunk * per; row < row_end; ++row) {
@@ -270,57 +257,17 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
           const int64_t n0 = row * W + X0;  // int64: B*H*W can exceed 2^31
-          bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-          if (tvals != nullptr)
-            for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
           std::tie(fb.x, fb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
           fb.P = P;
-          loss_fwd_block(mode, fb);
-          if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
-          for (int64_t p = 0; p < cnt; ++p) {  // fixed order: bit-identical sums
-            const int64_t c = y[p] >= 0 ? y[p] : C;  // row C takes the unlabelled pixels
-            closs[c] += static_cast<double>(loss[p]);
-            ccount[c] += 1;
-            ctp[c] += argmax[p] == c;
-          }
-          if (confusion != nullptr) {
-            for (int64_t p = 0; p < cnt; ++p) {
-              const int64_t c = y[p];
-              if (c < 0) continue;
-              if (private_confusion)
-                conf[c * C + argmax[p]] += 1;
-              else
-                __atomic_fetch_add(confusion + c * C + argmax[p], int64_t(1), __ATOMIC_RELAXED);
-            }
-          }
+          bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss,
+                               banks, confusion);
         }
       }
-      std::copy(closs.begin(), closs.begin() + C, loss_slots.begin() + chunk * C);
-      std::copy(ccount.begin(), ccount.begin() + C, count_slots.begin() + chunk * C);
-      std::copy(ctp.begin(), ctp.begin() + C, tp_slots.begin() + chunk * C);
-      bad_slots[chunk] = bad;
+      slots.store(chunk, banks, bad);
     }
-    if (private_confusion)  // integer counts: exact in any order
-      for (int64_t i = 0; i < C * C; ++i)
-        if (conf[i] != 0) __atomic_fetch_add(confusion + i, conf[i], __ATOMIC_RELAXED);
+    confusion.flush();
   });
-
-  T* class_loss = static_cast<T*>(out.class_loss);
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0;
-    int64_t n = 0, t = 0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // fixed order: bit-identical
-      s += loss_slots[chunk * C + c];
-      n += count_slots[chunk * C + c];
-      t += tp_slots[chunk * C + c];
-    }
-    class_loss[c] = static_cast<T>(s);
-    out.count[c] = n;
-    if (out.tp != nullptr) out.tp[c] = t;
-  }
-  int64_t bad = 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) bad += bad_slots[chunk];
-  *out.bad = bad;
+  slots.finish<T>(out);
 }
 
 // Bands of low-resolution rows per image for the backward: the tasks (B·bands) are shared out
@@ -497,6 +444,17 @@ void check_inputs(const Tensor& x, const Tensor& target, int64_t interp, int64_t
   TORCH_CHECK(gamma >= 0.0, "fused_imbalance: gamma must be >= 0, got ", gamma);
 }
 
+// f(Tag<X>, Tag<L>, resize) for the logits' dtype X, the labels' dtype L and the geometry in
+// the accumulation dtype.
+template <typename F>
+void dispatch_upsample(const Tensor& x, const Tensor& target, int64_t interp, bool align_corners, F&& f) {
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using T = typename decltype(tt)::type;
+    const Resize<T> r = make_resize<T>(x, target.size(1), target.size(2), interp, align_corners);
+    dispatch_labels(target.scalar_type(), [&](auto lt) { f(xt, lt, r); });
+  });
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
@@ -506,11 +464,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd
   check_inputs(x, target_in, interp, mode, gamma);
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
-  const int64_t B = x.size(0), C = x.size(1), H = target.size(1), W = target.size(2);
-  const int64_t N = B * H * W;
+  const int64_t C = x.size(1), N = target.numel();
   const auto acc = acc_dtype(x);
   const auto opt = x.options();
-  Tensor pixel_loss = at::zeros({need_pixel_loss ? N : 0}, opt.dtype(acc));
+  Tensor pixel_loss = at::empty({need_pixel_loss ? N : 0}, opt.dtype(acc));  // every element is written
   Tensor class_loss = at::zeros({C}, opt.dtype(acc));
   Tensor count = at::zeros({C}, opt.dtype(at::kLong));
   Tensor tp = at::zeros({need_tp ? C : 0}, opt.dtype(at::kLong));
@@ -520,15 +477,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd
   FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(), count.data_ptr<int64_t>(),
              need_tp ? tp.data_ptr<int64_t>() : nullptr, bad.data_ptr<int64_t>(),
              need_confusion ? confusion.data_ptr<int64_t>() : nullptr};
-  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+  dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
-    using T = typename decltype(tt)::type;
-    const Resize<T> r = make_resize<T>(x, H, W, interp, align_corners);
-    dispatch_labels(target.scalar_type(), [&](auto lt) {
-      using L = typename decltype(lt)::type;
-      upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
-                                   tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
-    });
+    using T = typename std::decay_t<decltype(r)>::Acc;
+    using L = typename decltype(lt)::type;
+    upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
+                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
   });
   return {pixel_loss, class_loss, count, tp, bad, confusion};
 }
@@ -540,25 +494,20 @@ Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const
   check_inputs(x, target_in, interp, mode, gamma);
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
-  const int64_t B = x.size(0), C = x.size(1), H = target.size(1), W = target.size(2);
-  const int64_t N = B * H * W;
+  const int64_t C = x.size(1), N = target.numel();
   const auto acc = acc_dtype(x);
   Tensor grad = at::empty_like(x);  // the dtype, shape and memory format of the low-resolution logits
   if (x.numel() == 0) return grad;
   Tensor grad_pixel, grad_class;
   std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
-  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+  dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
-    using T = typename decltype(tt)::type;
-    const Resize<T> r = make_resize<T>(x, H, W, interp, align_corners);
-    dispatch_labels(target.scalar_type(), [&](auto lt) {
-      using L = typename decltype(lt)::type;
-      upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(),
-                                   grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
-                                   grad_pixel.defined() ? grad_pixel.stride(0) : 0,
-                                   grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
-                                   tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, grad);
-    });
+    using T = typename std::decay_t<decltype(r)>::Acc;
+    using L = typename decltype(lt)::type;
+    upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
+                                 grad_pixel.defined() ? grad_pixel.stride(0) : 0,
+                                 grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
+                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, grad);
   });
   return grad;
 }
