@@ -60,6 +60,37 @@ using at::Tensor;
 
 enum Interp : int64_t { kNearest = 0, kBilinear = 1 };
 
+// The row loops of the interpolation, compiled twice (AVX2 and the baseline x86-64/other
+// targets) and chosen when the library loads. Each element goes through the same operations
+// in the same order in both (no FMA contraction: -ffp-contract=off), so both give
+// bit-identical results.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FI_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FI_ROW_CLONES
+#endif
+
+#define FI_ROW_LOOPS(T)                                                                                   \
+  /* d = a·w0 + b·w1 (torch's order) */                                                                 \
+  FI_ROW_CLONES void row_blend(const T* a, const T* b, T w0, T w1, T* d, int64_t n) {                    \
+    for (int64_t p = 0; p < n; ++p) d[p] = a[p] * w0 + b[p] * w1;                                        \
+  }                                                                                                      \
+  /* o += w·g */                                                                                         \
+  FI_ROW_CLONES void row_axpy(T* o, const T* g, T w, int64_t n) {                                        \
+    for (int64_t p = 0; p < n; ++p) o[p] += w * g[p];                                                    \
+  }                                                                                                      \
+  FI_ROW_CLONES void row_add(T* o, const T* g, int64_t n) {                                              \
+    for (int64_t p = 0; p < n; ++p) o[p] += g[p];                                                        \
+  }                                                                                                      \
+  /* d[X] = src[i0[X]]·w0[X] + src[i1[X]]·w1[X] */                                                       \
+  FI_ROW_CLONES void row_gather2(const T* src, const int64_t* i0, const int64_t* i1, const T* w0,       \
+                                 const T* w1, T* d, int64_t n) {                                         \
+    for (int64_t p = 0; p < n; ++p) d[p] = src[i0[p]] * w0[p] + src[i1[p]] * w1[p];                      \
+  }
+FI_ROW_LOOPS(float)
+FI_ROW_LOOPS(double)
+#undef FI_ROW_LOOPS
+
 // One axis of the resize: output index -> two source indices and their weights (nearest: one).
 template <typename T>
 struct Axis {
@@ -184,6 +215,8 @@ class RowCache {
       T* dst = out + k * r_.Wp;
       if (r_.nearest) {
         for (int64_t X0 = 0; X0 < W; ++X0) dst[X0] = static_cast<T>(src[r_.ox0[X0]]);
+      } else if constexpr (std::is_same<X, T>::value) {
+        row_gather2(src, r_.ox0.data(), r_.ox1.data(), r_.ax.w0.data(), r_.ax.w1.data(), dst, W);
       } else {
         // torch's order: x[x0]·w0 + x[x1]·w1
         for (int64_t X0 = 0; X0 < W; ++X0)
@@ -210,7 +243,7 @@ std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0,
     const T* a = r0 + k * r.Wp + X0;
     const T* b = r1 + k * r.Wp + X0;
     T* d = buf.data() + k * P;
-    for (int64_t p = 0; p < P; ++p) d[p] = a[p] * w0 + b[p] * w1;  // torch's order: h0·wy0 + h1·wy1
+    row_blend(a, b, w0, w1, d, P);  // torch's order: h0·wy0 + h1·wy1
   }
   return {buf.data(), P};
 }
@@ -357,13 +390,28 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
         for (int64_t k0 = 0; k0 < C; k0 += 4) {
           const int64_t nk = std::min<int64_t>(4, C - k0);
           for (int64_t xs = 0; xs < w; ++xs) {
-            T s[4] = {T(0), T(0), T(0), T(0)};
-            for (int64_t t = taps.start[xs]; t < taps.start[xs + 1]; ++t) {
-              const T wt = taps.w[t];
-              const T* vx = v + k0 * Wp + taps.X[t];
-              for (int64_t j = 0; j < nk; ++j) s[j] += wt * vx[j * Wp];
+            const int64_t t0 = taps.start[xs], t1 = taps.start[xs + 1];
+            if (nk == 4) {  // four sums in registers
+              T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+              for (int64_t t = t0; t < t1; ++t) {
+                const T wt = taps.w[t];
+                const T* vx = v + k0 * Wp + taps.X[t];
+                s0 += wt * vx[0];
+                s1 += wt * vx[Wp];
+                s2 += wt * vx[2 * Wp];
+                s3 += wt * vx[3 * Wp];
+              }
+              hg[xs] = s0;
+              hg[w + xs] = s1;
+              hg[2 * w + xs] = s2;
+              hg[3 * w + xs] = s3;
+            } else {
+              for (int64_t j = 0; j < nk; ++j) {
+                T sj = T(0);
+                for (int64_t t = t0; t < t1; ++t) sj += taps.w[t] * v[(k0 + j) * Wp + taps.X[t]];
+                hg[j * w + xs] = sj;
+              }
             }
-            for (int64_t j = 0; j < nk; ++j) hg[j * w + xs] = s[j];
           }
           for (int64_t j = 0; j < nk; ++j) {
             X* dst = gd + b * gsb + (k0 + j) * gsc + ys * gsh;  // int64 offsets
@@ -410,16 +458,12 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           for (int64_t k = 0; k < C; ++k) {
             const T* g = gbuf.data() + k * P;
             if (a0 != nullptr) {
-              T* o = a0 + k * Wp + X0;
               if (r.nearest)
-                for (int64_t p = 0; p < P; ++p) o[p] += g[p];
+                row_add(a0 + k * Wp + X0, g, P);
               else
-                for (int64_t p = 0; p < P; ++p) o[p] += wy0 * g[p];
+                row_axpy(a0 + k * Wp + X0, g, wy0, P);
             }
-            if (a1 != nullptr) {
-              T* o = a1 + k * Wp + X0;
-              for (int64_t p = 0; p < P; ++p) o[p] += wy1 * g[p];
-            }
+            if (a1 != nullptr) row_axpy(a1 + k * Wp + X0, g, wy1, P);
           }
         }
       }
