@@ -55,7 +55,8 @@ def _cdiv(a, b):
 def _extra_fwd_bytes(layout, N, C, mode, sms=132):
     """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: with
     32 < C <= 256 the per-pixel loss is written (4 B), then read back with the labels (4 + 8 B) by the class-sum
-    kernel; the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows; confusion
+    kernel (its per-thread columns of class sums, C x 132 KB, are zeroed by the kernel itself and stay in the
+    50 MB L2: not counted); the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows; confusion
     counts go to per-program int32 matrices (zeroed, read back) while those stay under 16 MB."""
     extra = 0
     has_loss = mode != 4
@@ -143,11 +144,15 @@ def _chunked_trips(launch):
 
 
 def _class_sum_trips(launch):
-    """_class_sum_kernel: each (class block, segment) program walks its segment in steps of BLOCK_N pixels."""
-    programs = 1
-    for g in launch["grid"]:
-        programs *= g
-    return {"loops": [programs * _cdiv(launch["ints"]["per_seg"], launch["constexprs"]["BLOCK_N"])]}
+    """_class_sum_kernel: one program of BLOCK threads per SM on an H100 (fused_imbalance/ops/triton_loss.py,
+    _class_sums; from CPU tensors it starts 3). Three sibling loops at depth 0: each program zeroes its C columns,
+    K classes a step; its threads walk the pixels BLOCK x programs apart (cdiv(N, BLOCK) steps over all programs);
+    each program sums its C columns, K classes a step."""
+    a, k = launch["ints"], launch["constexprs"]
+    steps = _cdiv(a["N"], k["BLOCK"])
+    programs = min(steps, 132)
+    per_class = programs * _cdiv(a["C"], k["K"])
+    return {"programs": programs, "loops": [[per_class, steps, per_class]]}
 
 
 TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,

@@ -1,5 +1,6 @@
 """ConfusionMatrix.sync, RecallLoss(distributed=True) and CDB weights over 2 gloo ranks on CPU,
-compared with one process that sees the whole batch."""
+compared with one process that sees the whole batch; also with ``upsample`` (low-resolution
+logits, full-resolution labels) on the C++ backend, against F.interpolate + the reference."""
 import os
 import socket
 import time
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from tolerances import TOL
 
 from fused_imbalance.losses import CDBLoss, RecallLoss
@@ -47,6 +49,35 @@ def confusion_data():
     logits, target = make_data(7, ignore=True)
     target[3][target[3] == 3] = 0
     return logits, target, [slice(0, 3), slice(3, 4)]
+
+
+def upsample_data(seed, ignore):
+    """4 images of low-resolution float64 logits (C × 3 × 4) and 7 × 9 labels that follow the
+    argmax of the bilinearly interpolated logits half the time (so the recall is neither 0 nor 1
+    and differs between the halves); ``ignore``: unequal numbers of ignored pixels per half."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, C, 3, 4, generator=g, dtype=torch.float64)
+    pred = interpolated(logits).argmax(1)
+    random = torch.randint(0, C, (4, 7, 9), generator=g)
+    target = torch.where(torch.rand(4, 7, 9, generator=g) < 0.5, pred, random)
+    if ignore:
+        flat = target.view(4, -1)
+        flat[0, :4] = IGN
+        flat[3, 20:31] = IGN
+    return logits, target.to(torch.uint8)
+
+
+def interpolated(logits):
+    """The full-resolution logits the upsampled ops stand for (the spec, computed independently)."""
+    return F.interpolate(logits, size=(7, 9), mode="bilinear", align_corners=False)
+
+
+def cpp_available():
+    try:
+        from fused_imbalance.ops import cpp
+    except ImportError:
+        return False
+    return cpp.available()
 
 
 def momentum_steps():
@@ -97,6 +128,24 @@ def _worker(rank, world, port, out_dir):
             m(logits[sl], target[sl])
         res["running_recall"] = m.running_recall.clone()
         res["seen"] = m.seen.clone()
+
+        # the same with upsampling fused into the C++ ops: low-resolution logits, full-resolution labels
+        res["cpp"] = cpp_available()
+        if res["cpp"]:
+            logits, target = upsample_data(3, ignore=True)
+            cm = ConfusionMatrix(C, ignore_index=IGN, backend="cpp")
+            cm.update(logits[sl], target[sl], upsample="bilinear")
+            res["up_local_confusion"] = cm.compute().clone()
+            cm.sync()
+            res["up_confusion"] = cm.compute().clone()
+            for ignore in (False, True):
+                logits, target = upsample_data(2, ignore)
+                for reduction in ("none", "sum"):
+                    x = logits[sl].clone().requires_grad_()
+                    loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, distributed=True, backend="cpp",
+                                      upsample="bilinear")(x, target[sl])
+                    loss.sum().backward()
+                    res[("up_recall", ignore, reduction)] = (loss.detach(), x.grad)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -220,3 +269,51 @@ def test_recall_momentum_is_the_same_on_every_rank(ranks):
         assert torch.equal(ranks[r]["running_recall"], ranks[0]["running_recall"])
         torch.testing.assert_close(ranks[r]["running_recall"], m.running_recall, **TOL[torch.float32])
         assert torch.equal(ranks[r]["seen"], m.seen)
+
+
+# ---------------------------------------------------------------- with upsample, C++ backend
+
+@pytest.fixture
+def up_ranks(ranks):
+    if not all(r["cpp"] for r in ranks):
+        if "cpp" in os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(","):
+            pytest.fail("backend 'cpp' is required but unavailable in the ranks")
+        pytest.skip("the C++ backend could not be built here")
+    return ranks
+
+
+def test_upsampled_confusion_sync_equals_one_process(up_ranks):
+    # argmax of the interpolated logits over the whole batch, counted here without any fused op
+    logits, target = upsample_data(3, ignore=True)
+    pred = interpolated(logits).argmax(1)
+    valid = target != IGN
+    expected = torch.zeros(C, C, dtype=torch.int64)
+    expected.index_put_((target[valid].long(), pred[valid]), torch.ones(int(valid.sum()), dtype=torch.int64),
+                        accumulate=True)
+    for r in range(WORLD):
+        assert torch.equal(up_ranks[r]["up_confusion"], expected)
+    assert not torch.equal(up_ranks[0]["up_local_confusion"], up_ranks[1]["up_local_confusion"])
+    assert torch.equal(up_ranks[0]["up_local_confusion"] + up_ranks[1]["up_local_confusion"], expected)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_upsampled_recall_uses_the_global_batch(up_ranks, ignore):
+    # one process, reference backend on the interpolated logits of the whole batch
+    logits, target = upsample_data(2, ignore)
+    for reduction in ("none", "sum"):
+        x = logits.clone().requires_grad_()
+        loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, backend="reference")(interpolated(x), target)
+        loss.sum().backward()
+        if reduction == "none":  # each rank's per-pixel losses are the global batch's
+            for r in range(WORLD):
+                torch.testing.assert_close(up_ranks[r][("up_recall", ignore, "none")][0], loss.detach()[SHARDS[r]],
+                                           **TOL64)
+        else:  # the per-rank sums add up to the global sum; each rank's gradient is its slice
+            total = sum(up_ranks[r][("up_recall", ignore, "sum")][0] for r in range(WORLD))
+            torch.testing.assert_close(total, loss.detach(), **TOL64)
+            for r in range(WORLD):
+                torch.testing.assert_close(up_ranks[r][("up_recall", ignore, "sum")][1], x.grad[SHARDS[r]], **TOL64)
+    # the halves' own weights would differ from the global ones
+    sl = SHARDS[1]
+    own = RecallLoss(C, ignore_index=IGN, reduction="none", backend="reference")(interpolated(logits[sl]), target[sl])
+    assert not torch.allclose(own, up_ranks[1][("up_recall", ignore, "none")][0])

@@ -113,7 +113,7 @@ PATHS = {  # (shape, layout): the kernel and tiling it exercises
     "nchw_c2": ((2, 2, 5, 3), "nchw"),
     "volume_channels_last": ((2, 6, 3, 2, 4), "cl"),
     "nchw_c300": ((2, 300, 3, 4), "nchw"),  # chunked: 64 pixels x 64 classes, class-sum kernel
-    "channels_last_c300": ((2, 300, 3, 4), "cl"),  # chunked: one pixel per tile, class-loss rows
+    "channels_last_c300": ((2, 300, 2, 3), "cl"),  # chunked: one pixel per tile, class-loss rows
     "rows_c5000": ((3, 5000), "rows"),  # chunked: two 4096-class chunks, online softmax
 }
 
@@ -146,6 +146,15 @@ def test_150_classes():
     check_backward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
 
 
+def test_class_sums_in_one_program(monkeypatch):
+    """The class-sum kernel with fewer programs than it would start (its scratch columns capped):
+    one program's threads walk every pixel."""
+    monkeypatch.setattr(T, "_SUM_SCRATCH_BYTES", 0)
+    shape, layout = PATHS["nchw_c40"]
+    x, y, tvals = make(shape, layout, dtype=torch.float32)
+    check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, need_tp=False, need_confusion=False)
+
+
 @pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
 def test_confusion_in_the_global_matrix(monkeypatch, path):
     """Confusion counts added straight into the (C, C) int64 matrix (per-program matrices too big)."""
@@ -166,9 +175,11 @@ def test_small_groups(small_groups, shape, layout, mode):
 
 
 @pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_SOFTMAX])
-@pytest.mark.parametrize("shape", [(6, 11), (2, 11, 3, 4)], ids=["rows", "nchw"])
+@pytest.mark.parametrize("shape", [(6, 11), (2, 11, 2, 3)], ids=["rows", "nchw"])
 def test_small_chunks(small_chunks, shape, mode):
-    """The chunked kernels on an 11-class input: chunks of 8 (rows) and 4 (NCHW) classes with tails."""
+    """The chunked kernels on an 11-class input: chunks of 8 (rows) and 4 (NCHW) classes with tails.
+    Two images of 6 pixels (bad labels and ignored pixels among them): channels_last walks one
+    pixel per tile, which the interpreter pays per pixel."""
     for layout in ("nchw", "cl") if len(shape) == 4 else ("rows",):
         x, y, tvals = make(shape, layout)
         check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
@@ -186,9 +197,11 @@ def test_gamma_zero_is_cross_entropy():
         check_backward(x, y, mode, 0.0, tvals)
 
 
-def test_multiple_programs_and_tiles():
-    """Enough pixels for several tiles per program and several programs (per-program partial rows)."""
-    x, y, tvals = make((1, 19, 97, 131), "nchw", dtype=torch.float32)
+def test_multiple_programs_and_tiles(monkeypatch):
+    """Enough pixels for several tiles per program and several programs (per-program partial rows).
+    The compiled tile size (the interpreter's are 8 times larger) keeps the input small."""
+    monkeypatch.setattr(T, "_INTERPRET_TILE_SCALE", 1)
+    x, y, tvals = make((1, 5, 41, 43), "nchw", dtype=torch.float32)
     B, C, S, *_ = pixel_view(x)
     rows, vec, _, _ = T._static_plan(C, S, 1, x.element_size())
     num_tiles = T._cdiv(S, rows * vec)
@@ -200,9 +213,15 @@ def test_multiple_programs_and_tiles():
 # --- dtypes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c40", "rows_c5000"])
-def test_dtypes(path, dtype):
-    shape, layout = PATHS[path]
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c40", "rows_chunks"])
+def test_dtypes(request, path, dtype):
+    """rows_chunks: the chunked rows kernel over two chunks with a tail, as rows_c5000 takes it, on
+    11 classes in chunks of 8 (the interpreter pays for every one of 4096 lanes)."""
+    if path == "rows_chunks":
+        request.getfixturevalue("small_chunks")
+        shape, layout = (6, 11), "rows"
+    else:
+        shape, layout = PATHS[path]
     x, y, tvals = make(shape, layout, dtype=dtype)
     for mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL):
         check_forward(x, y, mode, GAMMA[mode], tvals)
@@ -278,6 +297,22 @@ def test_focal_at_certainty(gamma):
     assert torch.isfinite(pl).all() and torch.isfinite(grad).all()
     assert pl[0] == 0 and (grad[0] == 0).all()
     check_backward(x[2:3].double(), y[2:3], Mode.SOFTMAX_FOCAL, gamma, None)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_sigmoid_focal_float32_tails(gamma):
+    """float32 sigmoid focal over logits from -100 to 100: exp(-|x|) from 1 down to below float32's
+    normal range, so log(1 + e) (a polynomial in float32) and the focal factor are checked where
+    a relative error would show: e tiny (softplus = e), e near 1 (x near 0)."""
+    C = 3
+    v = torch.cat([torch.linspace(-100.0, 100.0, 61), torch.tensor([-1e-6, 1e-6, -0.5, 0.5, 17.0, -17.0])])
+    x = v.repeat_interleave(C).reshape(-1, C)
+    x[:, 1] = x[:, 1].flip(0)
+    x[:, 2] = 0.25 * x[:, 0]
+    y = torch.arange(x.shape[0]) % C
+    x, y = x.to(DEV), y.to(DEV)
+    check_forward(x, y, Mode.SIGMOID_FOCAL, gamma, None)
+    check_backward(x, y, Mode.SIGMOID_FOCAL, gamma, None)
 
 
 # --- the gradient inputs and layouts of the backward ---------------------------------------
@@ -369,7 +404,9 @@ def test_gradcheck(request, mode, chunked):
     """Both float outputs of the forward op, through its registered autograd, in float64."""
     if chunked:
         request.getfixturevalue("small_chunks")
-    x, y, tvals = make((2, 6, 2, 1) if chunked else (1, 3, 2, 2), "nchw")
+    # chunked: 5 classes in chunks of 4 and a tail of 1, NCHW tiles and the class-sum kernel; three
+    # pixels (one ignored) keep the finite differences few (the interpreter runs each one)
+    x, y, tvals = make((1, 5, 3, 1) if chunked else (1, 3, 2, 2), "nchw")
     x = x.requires_grad_(True)
     C, N = x.shape[1], y.numel()
     wp = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=DEV)

@@ -591,3 +591,89 @@ def test_interpolate_is_the_spec_in_float32():
     for mode, ac in MODES:
         kw = {} if mode == "nearest" else {"align_corners": ac}
         assert torch.equal(up(x, (11, 13), mode, ac), F.interpolate(x, size=(11, 13), mode=mode, **kw))
+
+
+# --- beyond 2**31 full-resolution pixels ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_more_than_2_31_full_resolution_pixels_cpu():
+    """2**31 + 2**20 full-resolution pixels (uint8 labels, C = 2) from 1 × 4 low-resolution logits,
+    bilinear, on the C++ backend: one forward pass of the op in the MSE-on-logits mode (the loss
+    of mse_outlying_loss; no exp/log per logit keeps the pass to a few seconds on 2 cores) without
+    per-pixel loss, so nothing of B·H·W floats (2.5 GB in all, the labels). Every full-resolution
+    row is the same interpolated row R (h = 1) and the labels are blocks of rows and columns, so
+    the expected sums follow from per-column class counts: n_c(X) pixels of class c at column X
+    give Σ_X n_c(X)·½ Σ_k (R[k, X] − t_c·[k = c])². A 32-bit pixel offset reads the labels of the
+    wrong rows and changes the counts."""
+    _need("cpp")
+    H, W = 2**16 + 32, 2**15
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [-0.75, 1.5, -0.5, 0.0]]).view(1, 2, 1, 4)
+    tvals = torch.tensor([1.0, 3.0])
+    y = torch.zeros(1, H, W, dtype=torch.uint8)
+    top, bottom = H // 4, H - H // 3
+    y[0, bottom:] = 1        # the last third of the rows, past pixel 2**31, is class 1
+    y[0, :top, ::3] = 1      # and every third column of the first quarter
+    y[0, -1, -7:] = 255      # the very last pixels are ignored
+    col = torch.arange(W)
+    n1 = (H - bottom) + torch.where(col % 3 == 0, top, 0) - torch.where(col >= W - 7, 1, 0)
+    n0 = H - (H - bottom) - torch.where(col % 3 == 0, top, 0)
+    row = R.upsampled(x.double(), (1, W), "bilinear")[0, :, 0]  # (2, W): the spec's interpolated row
+    l0 = 0.5 * ((row[0] - tvals[0]) ** 2 + row[1] ** 2)  # per-pixel loss of class 0 at each column
+    l1 = 0.5 * (row[0] ** 2 + (row[1] - tvals[1]) ** 2)
+    want_loss = torch.stack([(n0 * l0).sum(), (n1 * l1).sum()])
+    pred = row.argmax(0)
+    want_tp = torch.stack([(n0 * (pred == 0)).sum(), (n1 * (pred == 1)).sum()])
+    _, class_loss, count, tp, bad, _ = cpp.upsample_loss_fwd(x, y, 1, False, int(Mode.MSE_LOGITS), 0.0, tvals,
+                                                             255, False, True, False)
+    assert count.tolist() == [int(n0.sum()), int(n1.sum())] and sum(count.tolist()) == H * W - 7
+    assert tp.tolist() == want_tp.tolist() and 0 < tp.sum() < count.sum()
+    assert int(bad) == 0
+    torch.testing.assert_close(class_loss.double(), want_loss, rtol=1e-5, atol=0)
+    # what reduction="mean" returns from these outputs
+    torch.testing.assert_close(class_loss.double().sum() / count.sum(), want_loss.sum() / (H * W - 7), rtol=1e-5,
+                               atol=0)
+
+
+def _need_cuda_triton():
+    """The Triton upsampled kernels on a GPU (this module's other Triton tests run them on CPU
+    tensors through the interpreter)."""
+    if tup is None or not tup.available():
+        if "triton" in REQUIRED:
+            pytest.fail("backend 'triton' is required but unavailable")
+        pytest.skip("the Triton backend is unavailable")
+
+
+@pytest.mark.cuda
+def test_more_than_2_31_full_resolution_pixels_cuda():
+    """bfloat16 low-resolution logits against 2**31 + 2**21 full-resolution uint8 labels on the
+    Triton backend, forward and backward (reduction "sum"), against a chunked float64 reference:
+    the bilinear interpolation is separable, so the vertical pass of the whole image (C × H × w)
+    followed by the horizontal pass of a band of rows is the spec's F.interpolate, band by band."""
+    _need_cuda_triton()
+    B, C, h, w, H, W = 1, 3, 40, 64, 2**15 + 32, 2**16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (2 * torch.randn(B, C, h, w, device="cuda", generator=g)).to(torch.bfloat16)
+    y = torch.randint(0, C, (B, H, W), device="cuda", dtype=torch.uint8, generator=g)
+    y[0, -3:, :] = 255
+    xr = x.detach().requires_grad_(True)
+    loss = FI.cross_entropy(xr, y, ignore_index=255, reduction="sum", upsample="bilinear", backend="triton")
+    loss.backward()
+
+    x64 = x.detach().double().requires_grad_(True)
+    v = F.interpolate(x64, size=(H, w), mode="bilinear", align_corners=False)  # vertical pass only
+    gv = torch.zeros_like(v)
+    total = torch.zeros((), dtype=torch.float64, device="cuda")
+    band = 2**9
+    for y0 in range(0, H, band):
+        vb = v.detach()[:, :, y0:y0 + band].requires_grad_(True)
+        xb = F.interpolate(vb, size=(vb.shape[2], W), mode="bilinear", align_corners=False)  # horizontal
+        lb = F.cross_entropy(xb, y[:, y0:y0 + band].long(), ignore_index=255, reduction="sum")
+        lb.backward()
+        gv[:, :, y0:y0 + band] = vb.grad
+        total += lb.detach()
+    v.backward(gv)
+    assert loss.item() == pytest.approx(total.item(), rel=1e-4)
+    # A low-resolution logit gathers the gradient of about s = (H/h)·(W/w) pixels: compared per
+    # pixel (both divided by s) so that the table's bfloat16 atol applies to O(1) values.
+    s = (H / h) * (W / w)
+    torch.testing.assert_close(xr.grad.double() / s, x64.grad / s, **TOL[torch.bfloat16])

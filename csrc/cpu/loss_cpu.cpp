@@ -55,53 +55,6 @@ ChunkPlan plan_chunks(int64_t N, int64_t C) {
   return c;
 }
 
-// Per-class sums of one chunk, in `banks` interleaved copies (pixel p adds to bank
-// p % banks) so that neighbouring pixels of the same class, the common case, do not wait on
-// each other's add; folded in a fixed order at the end of the chunk. Row C takes the pixels
-// without a label, so the loop has no branch. Many classes: one bank (clearing four would
-// cost more than the chains they break).
-struct ClassBanks {
-  int64_t C, banks;
-  std::vector<double> loss;
-  std::vector<int64_t> count, tp;
-
-  explicit ClassBanks(int64_t C)
-      : C(C), banks(C <= 256 ? 4 : 1), loss(banks * (C + 1)), count(banks * (C + 1)),
-        tp(banks * (C + 1)) {}
-
-  void clear() {
-    std::fill(loss.begin(), loss.end(), 0.0);
-    std::fill(count.begin(), count.end(), 0);
-    std::fill(tp.begin(), tp.end(), 0);
-  }
-
-  template <typename T>
-  void add(const int32_t* y, const int32_t* argmax, const T* pixel_loss, int64_t cnt) {
-    for (int64_t p = 0; p < cnt; ++p) {
-      const int64_t c = y[p] >= 0 ? y[p] : C;
-      const int64_t i = (p & (banks - 1)) * (C + 1) + c;  // banks: a power of 2
-      loss[i] += static_cast<double>(pixel_loss[p]);  // 0 for pixels without a label
-      count[i] += 1;
-      tp[i] += argmax[p] == c;
-    }
-  }
-
-  void fold(double* cls_loss, int64_t* cls_count, int64_t* cls_tp) const {
-    for (int64_t c = 0; c < C; ++c) {
-      double s = loss[c];
-      int64_t n = count[c], t = tp[c];
-      for (int64_t b = 1; b < banks; ++b) {
-        s += loss[b * (C + 1) + c];
-        n += count[b * (C + 1) + c];
-        t += tp[b * (C + 1) + c];
-      }
-      cls_loss[c] = s;
-      cls_count[c] = n;
-      cls_tp[c] = t;
-    }
-  }
-};
-
 // Offsets of pixels n0 .. n0 + cnt in a tensor with pixel view v.
 void pixel_offsets(const PixelView& v, int64_t n0, int64_t cnt, int64_t* off) {
   int64_t b = n0 / v.S, s = n0 % v.S;
@@ -206,38 +159,22 @@ void scatter_block(const T* buf, const PixelView& v, const int64_t* off, int64_t
   }
 }
 
-struct FwdOut {
-  void* pixel_loss;  // (N,) accumulation dtype, or nullptr
-  void* class_loss;  // (C,) accumulation dtype
-  int64_t* count;
-  int64_t* tp;
-  int64_t* bad;
-  int64_t* confusion;  // (C, C) contiguous, or nullptr
-};
-
 template <typename X, typename T, typename L>
 void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64_t mode,
                      double gamma, const T* tvals, int64_t ignore_index, const FwdOut& out) {
   const int64_t N = v.B * v.S, C = v.C;
   const ChunkPlan plan = plan_chunks(N, C);
   const int64_t P = plan.P;
-  std::vector<double> loss_slots(plan.chunks * C, 0.0);
-  std::vector<int64_t> count_slots(plan.chunks * C, 0), tp_slots(plan.chunks * C, 0);
-  std::vector<int64_t> bad_slots(plan.chunks, 0);
+  ChunkSlots slots(plan.chunks, C);
   const X* xd = x.data_ptr<X>();
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
-  int64_t* confusion = out.confusion;
-  // A private (C, C) table per thread while it stays small; beyond that, atomic adds
-  // straight into the output spread over C^2 counters.
-  const bool private_confusion = confusion != nullptr && C * C <= 65536;
 
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<int32_t> y(P), argmax(P);
     std::vector<T> tvy(P, T(0)), loss(P);
     std::vector<int64_t> off(P);
     std::vector<T> xbuf;
-    std::vector<int64_t> conf;
-    if (private_confusion) conf.assign(C * C, 0);
+    ConfusionCounts confusion(out.confusion, C);
     FwdBlock<T> fb;
     fb.C = C;
     fb.P = P;
@@ -253,49 +190,15 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
       const int64_t b_end = std::min(plan.blocks, (chunk + 1) * plan.per);
       for (int64_t blk = chunk * plan.per; blk < b_end; ++blk) {
         const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
-        bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-        if (tvals != nullptr)
-          for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
         std::tie(fb.x, fb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
-        loss_fwd_block(mode, fb);
-        if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
-        banks.add(y.data(), argmax.data(), loss.data(), cnt);
-        if (confusion != nullptr) {
-          for (int64_t p = 0; p < cnt; ++p) {
-            const int64_t c = y[p];
-            if (c < 0) continue;
-            if (private_confusion)
-              conf[c * C + argmax[p]] += 1;
-            else
-              __atomic_fetch_add(confusion + c * C + argmax[p], int64_t(1), __ATOMIC_RELAXED);
-          }
-        }
+        bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss,
+                             banks, confusion);
       }
-      banks.fold(loss_slots.data() + chunk * C, count_slots.data() + chunk * C,
-                 tp_slots.data() + chunk * C);
-      bad_slots[chunk] = bad;
+      slots.store(chunk, banks, bad);
     }
-    if (private_confusion)
-      for (int64_t i = 0; i < C * C; ++i)
-        if (conf[i] != 0) __atomic_fetch_add(confusion + i, conf[i], __ATOMIC_RELAXED);
+    confusion.flush();
   });
-
-  T* class_loss = static_cast<T*>(out.class_loss);
-  int64_t bad = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0;
-    int64_t n = 0, t = 0;
-    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {  // fixed order: bit-identical
-      s += loss_slots[chunk * C + c];
-      n += count_slots[chunk * C + c];
-      t += tp_slots[chunk * C + c];
-    }
-    class_loss[c] = static_cast<T>(s);
-    out.count[c] = n;
-    out.tp[c] = t;
-  }
-  for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) bad += bad_slots[chunk];
-  *out.bad = bad;
+  slots.finish<T>(out);
 }
 
 template <typename X, typename T, typename L>

@@ -13,23 +13,31 @@
 //
 // Forward: chunks of full-resolution rows (a chunk never depends on the thread count); each
 // chunk keeps the two horizontal rows it needs (each low-resolution row is interpolated once
-// per chunk) and sums its losses in a fixed order into its own per-class slot; the slots are
-// added in chunk order, so the sums are bit-identical run to run and for any thread count.
+// per chunk, and a chunk spans at least 4·⌈H/h⌉ rows so that the rows it refills at its start
+// stay a small share) and sums its losses in a fixed order into its own per-class slot; the
+// slots are added in chunk order, so the sums are bit-identical run to run and for any thread
+// count.
 //
-// Backward (deterministic, no float atomics): a task owns a band of low-resolution rows
-// [ya, yb) of one image and gathers into it from every full-resolution row Y whose
-// interpolation uses one of them, in increasing Y; for each Y it recomputes the interpolated
-// row, the loss gradient of its pixels (C × W, never stored beyond the row), reduces it
-// horizontally (hg[x, k] = Σ_X w(X→x)·g[k, X], X increasing) and adds wy·hg into the band.
-// Every low-resolution gradient element is therefore the same sum in the same order whatever
-// the bands are, i.e. whatever the thread count.
-// Cost model: a full-resolution row costs C·W·(loss gradient + 6 flops of interpolation and
-// reduction); rows at a band boundary feed two bands and are computed twice. A band of R
-// low-resolution rows needs about (R + 1)·H/h full-resolution rows (R·H/h + 1 for nearest),
-// so the redundant work is about 1/R of the total; R >= 8 keeps it under ~12 % while giving
-// B·h/R independent tasks. Memory: per thread two horizontal rows (2·C·W), one block and the
-// band's accumulator (C·R·w, double: an element sums up to (H/h + 1)·(W/w + 1) terms), never
-// anything of B·C·H·W elements.
+// Backward (deterministic, no float atomics): the separable transposed interpolation, vertical
+// then horizontal. A task owns a band of low-resolution rows [ya, yb) of one image and walks the
+// full-resolution rows Y whose interpolation uses one of them, in increasing Y; for each Y it
+// recomputes the interpolated row and the loss gradient of its pixels (C × W, one block at a
+// time, never stored beyond the block) and adds it, times wy, into the full-width accumulator
+// of each of its low-resolution rows y0(Y), y1(Y) (C × W each, two open at a time: y0 and y1
+// are consecutive and nondecreasing in Y). Once Y has passed a low-resolution row, that row's
+// accumulator goes through the horizontal transpose (out[x] = Σ taps of x, a fixed list in
+// increasing X) into the gradient. Every low-resolution gradient element is therefore the same
+// sum in the same order whatever the bands are, i.e. whatever the thread count. Sums are in the
+// accumulation dtype (float for float32 and 16-bit logits, as torch's upsample backward): an
+// element sums at most (⌈H/h⌉ + 1)·(⌈W/w⌉ + 1) terms in a fixed order.
+// Cost model: a full-resolution row costs C·W·(loss gradient + 3 flops of vertical
+// interpolation + 4 of vertical accumulation); a low-resolution row C·W·(3 flops of horizontal
+// interpolation + 2·2 of horizontal transpose), i.e. h/H of that per full-resolution row. The
+// rows next to a band boundary feed two bands and are computed twice: about 1/R of the work
+// for bands of R rows, so the plan (plan_bands) uses as few bands as keep the threads equally
+// busy (one per image when B is a multiple of the thread count). Memory: per thread two
+// horizontal rows and two accumulators (4·C·W) and one block, never anything of B·C·H·W
+// elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
@@ -50,6 +59,37 @@ namespace {
 using at::Tensor;
 
 enum Interp : int64_t { kNearest = 0, kBilinear = 1 };
+
+// The row loops of the interpolation, compiled twice (AVX2 and the baseline x86-64/other
+// targets) and chosen when the library loads. Each element goes through the same operations
+// in the same order in both (no FMA contraction: -ffp-contract=off), so both give
+// bit-identical results.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FI_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FI_ROW_CLONES
+#endif
+
+#define FI_ROW_LOOPS(T)                                                                                   \
+  /* d = a·w0 + b·w1 (torch's order) */                                                                 \
+  FI_ROW_CLONES void row_blend(const T* a, const T* b, T w0, T w1, T* d, int64_t n) {                    \
+    for (int64_t p = 0; p < n; ++p) d[p] = a[p] * w0 + b[p] * w1;                                        \
+  }                                                                                                      \
+  /* o += w·g */                                                                                         \
+  FI_ROW_CLONES void row_axpy(T* o, const T* g, T w, int64_t n) {                                        \
+    for (int64_t p = 0; p < n; ++p) o[p] += w * g[p];                                                    \
+  }                                                                                                      \
+  FI_ROW_CLONES void row_add(T* o, const T* g, int64_t n) {                                              \
+    for (int64_t p = 0; p < n; ++p) o[p] += g[p];                                                        \
+  }                                                                                                      \
+  /* d[X] = src[i0[X]]·w0[X] + src[i1[X]]·w1[X] */                                                       \
+  FI_ROW_CLONES void row_gather2(const T* src, const int64_t* i0, const int64_t* i1, const T* w0,       \
+                                 const T* w1, T* d, int64_t n) {                                         \
+    for (int64_t p = 0; p < n; ++p) d[p] = src[i0[p]] * w0[p] + src[i1[p]] * w1[p];                      \
+  }
+FI_ROW_LOOPS(float)
+FI_ROW_LOOPS(double)
+#undef FI_ROW_LOOPS
 
 // One axis of the resize: output index -> two source indices and their weights (nearest: one).
 template <typename T>
@@ -112,6 +152,7 @@ int64_t block_pixels(int64_t C, int64_t Wp) {
 // The geometry shared by the forward and the backward.
 template <typename T>
 struct Resize {
+  using Acc = T;
   int64_t B, C, h, w, H, W, Wp;  // Wp: W rounded up to kBlockAlign (row buffers are padded)
   int64_t sb, sc, sh, sw;        // strides of the low-resolution logits (any layout)
   bool nearest;
@@ -174,6 +215,8 @@ class RowCache {
       T* dst = out + k * r_.Wp;
       if (r_.nearest) {
         for (int64_t X0 = 0; X0 < W; ++X0) dst[X0] = static_cast<T>(src[r_.ox0[X0]]);
+      } else if constexpr (std::is_same<X, T>::value) {
+        row_gather2(src, r_.ox0.data(), r_.ox1.data(), r_.ax.w0.data(), r_.ax.w1.data(), dst, W);
       } else {
         // torch's order: x[x0]·w0 + x[x1]·w1
         for (int64_t X0 = 0; X0 < W; ++X0)
@@ -200,19 +243,10 @@ std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0,
     const T* a = r0 + k * r.Wp + X0;
     const T* b = r1 + k * r.Wp + X0;
     T* d = buf.data() + k * P;
-    for (int64_t p = 0; p < P; ++p) d[p] = a[p] * w0 + b[p] * w1;  // torch's order: h0·wy0 + h1·wy1
+    row_blend(a, b, w0, w1, d, P);  // torch's order: h0·wy0 + h1·wy1
   }
   return {buf.data(), P};
 }
-
-struct FwdOut {
-  void* pixel_loss;  // (B·H·W,) accumulation dtype, or nullptr
-  void* class_loss;  // (C,) accumulation dtype
-  int64_t* count;
-  int64_t* tp;       // or nullptr
-  int64_t* bad;
-  int64_t* confusion;  // (C, C) contiguous zeros, or nullptr
-};
 
 template <typename X, typename T, typename L>
 void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, int64_t mode, double gamma,
@@ -222,23 +256,21 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   int64_t chunks = std::min<int64_t>((rows * W * C + 65535) / 65536, 256);
   chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t(1) << 18) / C));
   chunks = std::max<int64_t>(1, std::min(chunks, rows));
-  const int64_t per = (rows + chunks - 1) / chunks;
+  // A chunk refills the horizontal rows it starts with: at least 4·⌈H/h⌉ rows keep that under
+  // about a quarter of the horizontal work.
+  const int64_t per = std::max((rows + chunks - 1) / chunks, std::min(rows, 4 * ((r.H + r.h - 1) / r.h)));
   chunks = (rows + per - 1) / per;
-  std::vector<double> loss_slots(chunks * C, 0.0);
-  std::vector<int64_t> count_slots(chunks * C, 0), tp_slots(chunks * C, 0), bad_slots(chunks, 0);
+  ChunkSlots slots(chunks, C);
   const X* xd = x.data_ptr<X>();
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
-  int64_t* confusion = out.confusion;
-  const bool private_confusion = confusion != nullptr && C * C <= 65536;
   const int64_t Pb = block_pixels(C, r.Wp);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     RowCache<X, T> cache(r, xd);
     std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb);
     std::vector<int32_t> y(Pb), argmax(Pb);
-    std::vector<double> closs(C + 1);
-    std::vector<int64_t> ccount(C + 1), ctp(C + 1), conf;
-    if (private_confusion) conf.assign(C * C, 0);
+    ClassBanks banks(C);
+    ConfusionCounts confusion(out.confusion, C);
     FwdBlock<T> fb;
     fb.C = C;
     fb.y = y.data();
@@ -247,9 +279,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     fb.loss = loss.data();
     fb.argmax = argmax.data();
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      std::fill(closs.begin(), closs.end(), 0.0);
-      std::fill(ccount.begin(), ccount.end(), 0);
-      std::fill(ctp.begin(), ctp.end(), 0);
+      banks.clear();
       int64_t bad = 0;
       const int64_t row_end = std::min(rows, (chunk + 1) * per);
       for (int64_t row = chunk * per; row < row_end; ++row) {
@@ -260,79 +290,83 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
           const int64_t n0 = row * W + X0;  // int64: B*H*W can exceed 2^31
-          bad += load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-          if (tvals != nullptr)
-            for (int64_t p = 0; p < P; ++p) tvy[p] = y[p] >= 0 ? tvals[y[p]] : T(0);
           std::tie(fb.x, fb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
           fb.P = P;
-          loss_fwd_block(mode, fb);
-          if (pixel_loss != nullptr) std::copy(loss.begin(), loss.begin() + cnt, pixel_loss + n0);
-          for (int64_t p = 0; p < cnt; ++p) {  // fixed order: bit-identical sums
-            const int64_t c = y[p] >= 0 ? y[p] : C;  // row C takes the unlabelled pixels
-            closs[c] += static_cast<double>(loss[p]);
-            ccount[c] += 1;
-            ctp[c] += argmax[p] == c;
-          }
-          if (confusion != nullptr) {
-            for (int64_t p = 0; p < cnt; ++p) {
-              const int64_t c = y[p];
-              if (c < 0) continue;
-              if (private_confusion)
-                conf[c * C + argmax[p]] += 1;
-              else
-                __atomic_fetch_add(confusion + c * C + argmax[p], int64_t(1), __ATOMIC_RELAXED);
-            }
-          }
+          bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss,
+                               banks, confusion);
         }
       }
-      std::copy(closs.begin(), closs.begin() + C, loss_slots.begin() + chunk * C);
-      std::copy(ccount.begin(), ccount.begin() + C, count_slots.begin() + chunk * C);
-      std::copy(ctp.begin(), ctp.begin() + C, tp_slots.begin() + chunk * C);
-      bad_slots[chunk] = bad;
+      slots.store(chunk, banks, bad);
     }
-    if (private_confusion)  // integer counts: exact in any order
-      for (int64_t i = 0; i < C * C; ++i)
-        if (conf[i] != 0) __atomic_fetch_add(confusion + i, conf[i], __ATOMIC_RELAXED);
+    confusion.flush();
   });
+  slots.finish<T>(out);
+}
 
-  T* class_loss = static_cast<T*>(out.class_loss);
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0;
-    int64_t n = 0, t = 0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // fixed order: bit-identical
-      s += loss_slots[chunk * C + c];
-      n += count_slots[chunk * C + c];
-      t += tp_slots[chunk * C + c];
+// Bands of low-resolution rows per image for the backward: the tasks (B·bands) are shared out
+// in equal contiguous runs by at::parallel_for, so the plan minimises the rows the busiest
+// thread handles, counting the one full-resolution row pair a band boundary repeats. Only the
+// amount of repeated work depends on it, never a result.
+int64_t plan_bands(int64_t B, int64_t h, int64_t threads) {
+  int64_t best = 1, best_cost = -1;
+  const int64_t first = std::max<int64_t>(1, (threads + B - 1) / B);
+  for (int64_t bands = first; bands <= std::min(h, first + 8); ++bands) {
+    const int64_t R = (h + bands - 1) / bands;
+    const int64_t per_thread = (B * bands + threads - 1) / threads;  // tasks of the busiest thread
+    const int64_t cost = per_thread * (R + (bands > 1 ? 1 : 0));
+    if (best_cost < 0 || cost < best_cost) {
+      best = bands;
+      best_cost = cost;
     }
-    class_loss[c] = static_cast<T>(s);
-    out.count[c] = n;
-    if (out.tp != nullptr) out.tp[c] = t;
   }
-  int64_t bad = 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) bad += bad_slots[chunk];
-  *out.bad = bad;
+  return best;
+}
+
+// The transposed horizontal interpolation of one low-resolution row, class k:
+// out[k * w + x] = Σ_t tap_w[t] · v[k * Wp + tap_X[t]] over the taps of x in increasing X.
+template <typename T>
+struct Taps {
+  std::vector<int64_t> start;  // (w + 1,) taps of x: [start[x], start[x + 1])
+  std::vector<int64_t> X;
+  std::vector<T> w;
+};
+
+template <typename T>
+Taps<T> make_taps(const Resize<T>& r) {
+  Taps<T> t;
+  std::vector<std::vector<std::pair<int64_t, T>>> per(r.w);
+  for (int64_t X0 = 0; X0 < r.W; ++X0) {
+    per[r.ax.i0[X0]].push_back({X0, r.ax.w0[X0]});
+    if (!r.nearest) per[r.ax.i1[X0]].push_back({X0, r.ax.w1[X0]});
+  }
+  t.start.assign(r.w + 1, 0);
+  for (int64_t x = 0; x < r.w; ++x) {
+    t.start[x + 1] = t.start[x] + static_cast<int64_t>(per[x].size());
+    for (const auto& tw : per[x]) {
+      t.X.push_back(tw.first);
+      t.w.push_back(tw.second);
+    }
+  }
+  return t;
 }
 
 template <typename X, typename T, typename L>
 void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* grad_pixel,
                          int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
                          const T* tvals, int64_t ignore_index, Tensor& grad) {
-  const int64_t C = r.C, W = r.W, h = r.h, w = r.w;
+  const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp;
   const X* xd = x.data_ptr<X>();
   X* gd = grad.data_ptr<X>();
   const int64_t gsb = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
-  // Bands of R low-resolution rows (see the cost model at the top); the bands change only how
-  // much work is repeated, never a result.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t R = std::min(h, std::max<int64_t>(8, (r.B * h + 4 * threads - 1) / (4 * threads)));
-  const int64_t bands = (h + R - 1) / R;
-  const int64_t Pb = block_pixels(C, r.Wp);
+  const int64_t bands = plan_bands(r.B, h, threads), R = (h + bands - 1) / bands;
+  const int64_t Pb = block_pixels(C, Wp);
+  const Taps<T> taps = make_taps(r);
 
   at::parallel_for(0, r.B * bands, 1, [&](int64_t t0, int64_t t1) {
     RowCache<X, T> cache(r, xd);
-    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb);
-    // The transposed interpolation sums up to (H/h + 1)·(W/w + 1) terms per element: in double.
-    std::vector<double> hg(C * w), acc(C * R * w);
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(4 * w);
+    std::vector<T> vacc[2] = {std::vector<T>(C * Wp), std::vector<T>(C * Wp)};
     std::vector<int32_t> y(Pb);
     BwdBlock<T> bb;
     bb.C = C;
@@ -343,14 +377,72 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     bb.g = gbuf.data();
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / bands, ya = (task % bands) * R, yb = std::min(h, ya + R);
-      std::fill(acc.begin(), acc.end(), 0.0);
+      int64_t open[2] = {-1, -1};  // the low-resolution row accumulating in vacc[ys & 1]
+      int64_t written = ya;        // rows [ya, written) of the band are in grad
+      // Row ys of the band is complete: its horizontal transpose goes into grad, and the rows
+      // before it that no full-resolution row used (a downsampling) get their zero gradient.
+      auto flush = [&](int64_t ys) {
+        for (; written < ys; ++written)
+          for (int64_t k = 0; k < C; ++k)
+            for (int64_t xs = 0; xs < w; ++xs) gd[b * gsb + k * gsc + written * gsh + xs * gsw] = X(0);
+        // Four classes at a time: four independent sums share the tap loads.
+        const T* v = vacc[ys & 1].data();
+        for (int64_t k0 = 0; k0 < C; k0 += 4) {
+          const int64_t nk = std::min<int64_t>(4, C - k0);
+          for (int64_t xs = 0; xs < w; ++xs) {
+            const int64_t t0 = taps.start[xs], t1 = taps.start[xs + 1];
+            if (nk == 4) {  // four sums in registers
+              T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+              for (int64_t t = t0; t < t1; ++t) {
+                const T wt = taps.w[t];
+                const T* vx = v + k0 * Wp + taps.X[t];
+                s0 += wt * vx[0];
+                s1 += wt * vx[Wp];
+                s2 += wt * vx[2 * Wp];
+                s3 += wt * vx[3 * Wp];
+              }
+              hg[xs] = s0;
+              hg[w + xs] = s1;
+              hg[2 * w + xs] = s2;
+              hg[3 * w + xs] = s3;
+            } else {
+              for (int64_t j = 0; j < nk; ++j) {
+                T sj = T(0);
+                for (int64_t t = t0; t < t1; ++t) sj += taps.w[t] * v[(k0 + j) * Wp + taps.X[t]];
+                hg[j * w + xs] = sj;
+              }
+            }
+          }
+          for (int64_t j = 0; j < nk; ++j) {
+            X* dst = gd + b * gsb + (k0 + j) * gsc + ys * gsh;  // int64 offsets
+            for (int64_t xs = 0; xs < w; ++xs) dst[xs * gsw] = static_cast<X>(hg[j * w + xs]);
+          }
+        }
+        written = ys + 1;
+        open[ys & 1] = -1;
+      };
+      auto flush_below = [&](int64_t limit) {  // the open rows below limit, lower first
+        for (;;) {
+          const int i = open[0] >= 0 && (open[1] < 0 || open[0] < open[1]) ? 0 : (open[1] >= 0 ? 1 : -1);
+          if (i < 0 || open[i] >= limit) return;
+          flush(open[i]);
+        }
+      };
       for (int64_t Y = 0; Y < r.H; ++Y) {
-        const int64_t y0 = r.ay.i0[Y], y1 = r.ay.i1[Y];  // y0 <= y1, both nondecreasing in Y
+        const int64_t y0 = r.ay.i0[Y], y1 = r.ay.i1[Y];  // y0 <= y1 <= y0 + 1, both nondecreasing in Y
         if (y1 < ya) continue;
         if (y0 >= yb) break;
+        flush_below(y0);  // rows below y0 get nothing from this or any later full-resolution row
+        for (const int64_t ys : {y0, y1}) {
+          if (ys < ya || ys >= yb || open[ys & 1] == ys) continue;
+          std::fill(vacc[ys & 1].begin(), vacc[ys & 1].end(), T(0));
+          open[ys & 1] = ys;
+        }
         const T* r0 = cache.get(b, y0, y1);
         const T* r1 = r.nearest ? r0 : cache.get(b, y1, y0);
-        std::fill(hg.begin(), hg.end(), 0.0);
+        const T wy0 = r.ay.w0[Y], wy1 = r.ay.w1[Y];
+        T* a0 = y0 >= ya && y0 < yb ? vacc[y0 & 1].data() : nullptr;
+        T* a1 = !r.nearest && y1 >= ya && y1 < yb ? vacc[y1 & 1].data() : nullptr;
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
           const int64_t n0 = (b * r.H + Y) * W + X0;  // int64: B*H*W can exceed 2^31
@@ -361,45 +453,24 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           bb.P = P;
           bb.g_stride = P;
           loss_bwd_block(mode, bb);
-          // Horizontal reduction onto the low-resolution columns, X increasing. hg is (w, C):
-          // the class loop is innermost, so its C sums are independent chains (no add waits on
-          // the previous one) and the vertical step below is one contiguous run per row.
-          for (int64_t p = 0; p < cnt; ++p) {
-            const int64_t X1 = X0 + p;
-            const T* g = gbuf.data() + p;
-            double* o0 = hg.data() + r.ax.i0[X1] * C;
-            if (r.nearest) {
-              for (int64_t k = 0; k < C; ++k) o0[k] += static_cast<double>(g[k * P]);
-            } else {
-              double* o1 = hg.data() + r.ax.i1[X1] * C;
-              const double a = static_cast<double>(r.ax.w0[X1]), c = static_cast<double>(r.ax.w1[X1]);
-              for (int64_t k = 0; k < C; ++k) {
-                const double gv = static_cast<double>(g[k * P]);
-                o0[k] += a * gv;
-                o1[k] += c * gv;
-              }
+          // Vertical transpose: the block's gradient, weighted, into its low-resolution rows
+          // (padding lanes add 0). Each element sums its full-resolution rows in increasing Y.
+          for (int64_t k = 0; k < C; ++k) {
+            const T* g = gbuf.data() + k * P;
+            if (a0 != nullptr) {
+              if (r.nearest)
+                row_add(a0 + k * Wp + X0, g, P);
+              else
+                row_axpy(a0 + k * Wp + X0, g, wy0, P);
             }
-          }
-        }
-        // Vertical: into the band's rows y0 and y1 (nearest: y0 with weight 1).
-        for (int j = 0; j < (r.nearest ? 1 : 2); ++j) {
-          const int64_t ys = j == 0 ? y0 : y1;
-          if (ys < ya || ys >= yb) continue;
-          double* a = acc.data() + (ys - ya) * w * C;
-          if (r.nearest) {
-            for (int64_t i = 0; i < w * C; ++i) a[i] += hg[i];
-          } else {
-            const double wy = static_cast<double>(j == 0 ? r.ay.w0[Y] : r.ay.w1[Y]);
-            for (int64_t i = 0; i < w * C; ++i) a[i] += wy * hg[i];
+            if (a1 != nullptr) row_axpy(a1 + k * Wp + X0, g, wy1, P);
           }
         }
       }
-      for (int64_t ys = ya; ys < yb; ++ys)
-        for (int64_t xs = 0; xs < w; ++xs) {
-          const double* a = acc.data() + ((ys - ya) * w + xs) * C;
-          X* dst = gd + b * gsb + ys * gsh + xs * gsw;  // int64 offsets
-          for (int64_t k = 0; k < C; ++k) dst[k * gsc] = static_cast<X>(static_cast<T>(a[k]));
-        }
+      flush_below(yb);
+      for (; written < yb; ++written)  // rows no full-resolution row used
+        for (int64_t k = 0; k < C; ++k)
+          for (int64_t xs = 0; xs < w; ++xs) gd[b * gsb + k * gsc + written * gsh + xs * gsw] = X(0);
     }
   });
 }
@@ -417,6 +488,17 @@ void check_inputs(const Tensor& x, const Tensor& target, int64_t interp, int64_t
   TORCH_CHECK(gamma >= 0.0, "fused_imbalance: gamma must be >= 0, got ", gamma);
 }
 
+// f(Tag<X>, Tag<L>, resize) for the logits' dtype X, the labels' dtype L and the geometry in
+// the accumulation dtype.
+template <typename F>
+void dispatch_upsample(const Tensor& x, const Tensor& target, int64_t interp, bool align_corners, F&& f) {
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using T = typename decltype(tt)::type;
+    const Resize<T> r = make_resize<T>(x, target.size(1), target.size(2), interp, align_corners);
+    dispatch_labels(target.scalar_type(), [&](auto lt) { f(xt, lt, r); });
+  });
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
@@ -426,11 +508,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd
   check_inputs(x, target_in, interp, mode, gamma);
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
-  const int64_t B = x.size(0), C = x.size(1), H = target.size(1), W = target.size(2);
-  const int64_t N = B * H * W;
+  const int64_t C = x.size(1), N = target.numel();
   const auto acc = acc_dtype(x);
   const auto opt = x.options();
-  Tensor pixel_loss = at::zeros({need_pixel_loss ? N : 0}, opt.dtype(acc));
+  Tensor pixel_loss = at::empty({need_pixel_loss ? N : 0}, opt.dtype(acc));  // every element is written
   Tensor class_loss = at::zeros({C}, opt.dtype(acc));
   Tensor count = at::zeros({C}, opt.dtype(at::kLong));
   Tensor tp = at::zeros({need_tp ? C : 0}, opt.dtype(at::kLong));
@@ -440,15 +521,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd
   FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(), count.data_ptr<int64_t>(),
              need_tp ? tp.data_ptr<int64_t>() : nullptr, bad.data_ptr<int64_t>(),
              need_confusion ? confusion.data_ptr<int64_t>() : nullptr};
-  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+  dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
-    using T = typename decltype(tt)::type;
-    const Resize<T> r = make_resize<T>(x, H, W, interp, align_corners);
-    dispatch_labels(target.scalar_type(), [&](auto lt) {
-      using L = typename decltype(lt)::type;
-      upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
-                                   tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
-    });
+    using T = typename std::decay_t<decltype(r)>::Acc;
+    using L = typename decltype(lt)::type;
+    upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
+                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
   });
   return {pixel_loss, class_loss, count, tp, bad, confusion};
 }
@@ -460,25 +538,20 @@ Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const
   check_inputs(x, target_in, interp, mode, gamma);
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
-  const int64_t B = x.size(0), C = x.size(1), H = target.size(1), W = target.size(2);
-  const int64_t N = B * H * W;
+  const int64_t C = x.size(1), N = target.numel();
   const auto acc = acc_dtype(x);
   Tensor grad = at::empty_like(x);  // the dtype, shape and memory format of the low-resolution logits
   if (x.numel() == 0) return grad;
   Tensor grad_pixel, grad_class;
   std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
-  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+  dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
-    using T = typename decltype(tt)::type;
-    const Resize<T> r = make_resize<T>(x, H, W, interp, align_corners);
-    dispatch_labels(target.scalar_type(), [&](auto lt) {
-      using L = typename decltype(lt)::type;
-      upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(),
-                                   grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
-                                   grad_pixel.defined() ? grad_pixel.stride(0) : 0,
-                                   grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
-                                   tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, grad);
-    });
+    using T = typename std::decay_t<decltype(r)>::Acc;
+    using L = typename decltype(lt)::type;
+    upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
+                                 grad_pixel.defined() ? grad_pixel.stride(0) : 0,
+                                 grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
+                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, grad);
   });
   return grad;
 }

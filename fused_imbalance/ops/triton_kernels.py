@@ -29,15 +29,15 @@ program ``pid`` walks tiles ``pid, pid + P, ...``.
 Cost model, thread-instructions per logit in the SASS for sm_90 (the budget at H100 copy
 bandwidth is about 45 for a float32 forward, 25 for bfloat16, twice that for a backward;
 ``benchmarks/sm90_driver.py`` measures it): a load (1/VEC NCHW, 1 channels_last), a conversion
-for 16-bit logits, 1 max, 2-3 for exp(x - m) with 1 MUFU, 1 sum; focal and the softmax MSE add
-3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax about 5, MSE on the logits 4,
-sigmoid focal about 40 (two exponentials on the MUFU unit and a software logarithm: it stays
-issue-bound). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
+for 16-bit logits, 1 max, 2 for exp(x - m) (an FFMA and the MUFU ex2; float32), 1 sum; focal
+and the softmax MSE add 3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax
+about 5, MSE on the logits 4, sigmoid focal about 20 (two ex2 on the MUFU unit and a degree-8
+polynomial log1p; tl.log would be a ~24-instruction software logarithm). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
 over the C classes. Class statistics: with C <= 32 the per-class loss sums, counts and true
 positives are per-thread registers (about 5 per logit: a compare, selects and adds), reduced
 and written once per program as one row of a (programs, C) table that the launcher sums in a
 fixed order. With more classes the per-pixel loss is stored and ``_class_sum_kernel`` sums it
-per class (K classes per program in registers: 3 instructions per pixel and class, O(N C));
+per class in O(N) (each thread adds its pixels into its own column of class sums);
 counts and true positives are integer atomics into the program's own row, confusion counts
 into the program's own int32 matrix (or the global int64 one when those would be too large):
 integer sums are exact in any order.
@@ -119,15 +119,40 @@ def _lse(m, s):
     return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
 def _softplus_parts(z):
-    """(e, l) with e = exp(-|z|) and l = log(1 + e), so softplus(z) = max(z, 0) + l and
-    softplus(-z) = max(-z, 0) + l. w = fl(1 + e) rounds, but δ = (w - 1) - e is exact, and
-    log(1 + e) = log(w) - δ/w + O(δ²): the digits of a tiny e survive (l = e when w = 1) with
-    no division (1/w ~ 2 - w on [1, 2] changes the correction, at most 2^-25, by at most half)."""
-    e = tl.exp(-tl.abs(z))
-    w = 1.0 + e
-    l = tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
+    """(e, w, l) with e = exp(-|z|), w = 1 + e and l = log(1 + e), so softplus(z) = max(z, 0) + l
+    and softplus(-z) = max(-z, 0) + l, with the relative accuracy of the dtype down to a tiny e.
+
+    float32: e = exp2(-|z| log2(e)), the special-function unit's ex2 (tl.exp adds a multiply
+    and range fix-ups; an e below float32's normal range flushes to 0), and l = e P(e), P the
+    degree-8 polynomial closest to log1p(e) / e on [0, 1] in relative error (3e-8; about 4 ulp
+    evaluated in float32 by Horner's rule): nine fused multiply-adds, where tl.log is a
+    ~24-instruction software logarithm on sm_90 and the special-function lg2 is accurate only to
+    2^-22 absolute near 1 (not at all, relatively, for a small e). Written inline: the
+    interpreter pays for every call of a jit function.
+    float64: l = log(w) - δ/w with δ = (w - 1) - e exact, so a tiny e keeps its digits (l = e
+    when w = 1); 1/w ~ 2 - w on [1, 2], no division (the correction, at most 2^-53, changes by
+    at most half)."""
+    if z.dtype == tl.float64:
+        e = tl.exp(-tl.abs(z))
+        w = 1.0 + e
+        l = tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
+    else:
+        e = tl.exp2(tl.abs(z) * -_LOG2E)
+        w = 1.0 + e
+        p = 0.005232746247202158 * e - 0.02950545959174633
+        p = p * e + 0.07822633534669876
+        p = p * e - 0.13663281500339508
+        p = p * e + 0.19106024503707886
+        p = p * e - 0.24842987954616547
+        p = p * e + 0.3331909775733948
+        p = p * e - 0.4999949336051941
+        p = p * e + 0.9999999403953552
+        l = p * e
     return e, w, l
 
 
@@ -148,14 +173,18 @@ def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
     """Per-class FL_k = σ(z)^γ softplus(z) with z = x_k for k ≠ y and z = -x_y for k = y.
 
     Both halves of the sigmoid focal loss are this one function of z: -log(1 - σ(x)) =
-    softplus(x), -log σ(x) = softplus(-x), and σ(z)^γ = exp(-γ softplus(-z)): three
-    transcendentals per logit (exp, log, exp), no division.
+    softplus(x), -log σ(x) = softplus(-x), and σ(z)^γ = exp(-γ softplus(-z)): two exponentials
+    per logit on the special-function unit and a polynomial log1p, no division.
     """
     z = tl.where(oh, -x, x)
     e, w, l = _softplus_parts(z)
     sp = tl.maximum(z, 0.0) + l
     if FOCAL:
-        sp = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * sp
+        u = tl.maximum(-z, 0.0) + l
+        if u.dtype == tl.float64:
+            sp = tl.exp(-gamma * u) * sp
+        else:
+            sp = tl.exp2(u * (-gamma * _LOG2E)) * sp  # the special-function ex2, as in _softplus_parts
     return sp
 
 
@@ -171,7 +200,12 @@ def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
     if FOCAL:
         sp = tl.maximum(z, 0.0) + l
         sig_neg = tl.where(pos, e, 1.0) * r  # σ(-z)
-        d = tl.exp(-gamma * (tl.maximum(-z, 0.0) + l)) * (gamma * sig_neg * sp + sig)
+        u = tl.maximum(-z, 0.0) + l
+        if u.dtype == tl.float64:
+            fz = tl.exp(-gamma * u)  # σ(z)^γ
+        else:
+            fz = tl.exp2(u * (-gamma * _LOG2E))
+        d = fz * (gamma * sig_neg * sp + sig)
     else:
         d = sig
     return tl.where(oh, -d, d)
@@ -324,36 +358,49 @@ def _fwd_chunked_kernel(
 def _class_sum_kernel(
     t_ptr,  # (N,) labels, any integer dtype
     pl_ptr,  # (N,) per-pixel loss, 0 at ignored and bad pixels
-    part_ptr,  # (segments, C) out: Σ of pl over each segment's pixels of class c
+    acc_ptr,  # (C, T) scratch, T = programs x BLOCK: column j holds thread j's C running sums
+    part_ptr,  # (programs, C) out: Σ of pl over each program's pixels of class c
     N,  # pixels
     C,  # classes
-    per_seg,  # pixels per segment, a multiple of BLOCK_N
-    BLOCK_N: tl.constexpr,  # pixels per step
-    K: tl.constexpr,  # classes per program
+    BLOCK: tl.constexpr,  # threads' lanes per program: pixels per step
+    K: tl.constexpr,  # classes per step of the zeroing and the final reduction
 ):
-    """Deterministic per-class sums: program (class block, segment) adds its segment's pixels in
-    order, K per-thread running sums (registers), reduced once at the end. Cost per pixel and
-    class in the block: a compare, a select and an add."""
-    kb = tl.program_id(0)
-    seg = tl.program_id(1)
-    k0 = kb * K
-    acc = ()
-    for j in tl.static_range(K):
-        acc = acc + (tl.zeros([BLOCK_N], pl_ptr.dtype.element_ty),)
-    start = seg.to(tl.int64) * per_seg
-    for i in range(0, per_seg, BLOCK_N):
-        n = start + i + tl.arange(0, BLOCK_N)
+    """Deterministic per-class sums in O(N): thread j of the T in the grid walks pixels
+    j, j + T, ... in order and adds each pixel's loss into its own column of sums at the
+    pixel's class (a load and a store; no other thread touches that column), then each program
+    reduces its BLOCK columns into its row of ``part`` in a fixed order. The columns are
+    zeroed here (K classes per step), never read from memory the caller wrote, and small
+    enough to stay in L2 (one program of 256 per SM on an H100: C x 132 KB, 20 MB for C = 150).
+    About 10 instructions per pixel whatever C is; the old O(N C) form spent 3 per pixel and
+    class."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, BLOCK)
+    T = nprog.to(tl.int64) * BLOCK
+    col = acc_ptr + (pid.to(tl.int64) * BLOCK + lane)
+    ks = tl.arange(0, K)
+    for c0 in range(0, C, K):
+        c = c0 + ks
+        tl.store(col[None, :] + c.to(tl.int64)[:, None] * T,
+                 tl.zeros([K, BLOCK], pl_ptr.dtype.element_ty), mask=(c < C)[:, None])
+    # the [K, BLOCK] blocks may lie on other threads than the [BLOCK] pixel vectors: a barrier
+    # orders the zeroing (and, below, the last additions) before another thread reads them
+    tl.debug_barrier()
+    for n0 in range(pid.to(tl.int64) * BLOCK, N, T):
+        n = n0 + lane
         nm = n < N
-        # a label outside [0, C) carries pl = 0, so truncating it cannot misplace any loss
-        y = tl.load(t_ptr + n, mask=nm, other=0).to(tl.int32) - k0
-        v = tl.load(pl_ptr + n, mask=nm, other=0.0)
-        new = ()
-        for j in tl.static_range(K):
-            new = new + (acc[j] + tl.where(y == j, v, 0.0),)
-        acc = new
-    for j in tl.static_range(K):
-        if k0 + j < C:
-            tl.store(part_ptr + seg * C + k0 + j, tl.sum(acc[j], 0))
+        # widened before comparing: a label outside [0, C) carries pl = 0 and is skipped
+        y = tl.load(t_ptr + n, mask=nm, other=-1).to(tl.int64)
+        ok = nm & (y >= 0) & (y < C)
+        v = tl.load(pl_ptr + n, mask=ok, other=0.0)
+        a = col + y * T
+        tl.store(a, tl.load(a, mask=ok, other=0.0) + v, mask=ok)
+    tl.debug_barrier()
+    for c0 in range(0, C, K):
+        c = c0 + ks
+        cm = c < C
+        sums = tl.sum(tl.load(col[None, :] + c.to(tl.int64)[:, None] * T, mask=cm[:, None], other=0.0), 1)
+        tl.store(part_ptr + pid.to(tl.int64) * C + c, sums, mask=cm)
 
 
 @triton.jit
@@ -529,9 +576,18 @@ def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
         rest = rest * alpha
     if NEED_S2:
         s2r = s2r * (alpha * alpha)
+    # float32: exp(x - ms) = exp2(x log2(e) - ms log2(e)), one fused multiply-add and the
+    # special-function ex2 (tl.exp(x - ms) adds a subtraction, a multiply and range fix-ups: 3-4
+    # more instructions per logit). The rounding of msl scales every e_k of a pixel by one factor
+    # (1 + O(|ms| 2^-24)), which cancels in p_k = e_k / s and moves log s by at most ulp(ms), the
+    # resolution of the logits themselves; e_k below float32's normal range flush to 0.
+    msl = ms * _LOG2E
     for k in tl.static_range(NCLS):
         x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
-        e = tl.exp(x - ms)
+        if acc_ty == tl.float64:
+            e = tl.exp(x - ms)
+        else:
+            e = tl.exp2(x * _LOG2E - msl)
         s += e
         if NEED_REST:
             er = tl.where(y32 == c0 + k, 0.0, e)

@@ -15,8 +15,9 @@ Tiling, chosen here from C and the strides (the kernels take any strides):
   pixel per thread otherwise (channels_last). Up to 32 classes everything is unrolled and the
   class-loss sums, counts and true positives are per-thread registers, written once per program
   as rows that are summed here in a fixed order; with more classes the class groups are a loop,
-  the per-pixel loss is stored and summed per class by ``_class_sum_kernel``, and counts go to
-  per-program integer rows. Confusion counts: per-program int32 matrices (integer atomics
+  the per-pixel loss is stored and summed per class by ``_class_sum_kernel`` (O(N): each of its
+  threads adds its pixels into its own column of class sums), and counts go to per-program
+  integer rows. Confusion counts: per-program int32 matrices (integer atomics
   inside a program), or the int64 matrix when those would exceed 16 MB.
 * larger C: the chunked kernels, an online softmax over chunks of classes. Classes contiguous
   (rows, channels_last): one pixel per tile, chunks of up to 4096 classes over the lanes, the
@@ -59,7 +60,9 @@ _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kern
 _STRIDED_TILE = (64, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
 _RESIDENT_WARPS = 32  # warps per SM the persistent grid fills (latency hiding)
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
-_SUM_K = 32  # classes per program of the class-sum kernel (fewer when C is smaller)
+_SUM_BLOCK = 256  # threads per program of the class-sum kernel (one program per SM)
+_SUM_K = 4  # classes per step of its zeroing and final reduction
+_SUM_SCRATCH_BYTES = 1 << 25  # its per-thread columns of class sums, at most (they live in L2)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
@@ -151,16 +154,24 @@ def _programs(num_tiles, num_warps, device, per_sm=None):
 
 
 def _class_sums(target, pl, C):
-    """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics)."""
+    """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics): the O(N)
+    class-sum kernel, one program of ``_SUM_BLOCK`` threads per SM (fewer when the columns of C
+    sums per thread would exceed ``_SUM_SCRATCH_BYTES``), each thread summing its pixels into its
+    own column; the programs' rows summed here."""
     N = pl.numel()
-    block_n = 128 * (_INTERPRET_TILE_SCALE if _interpret() else 1)  # K sums per thread
-    nseg = max(1, min(64, N // 4096))
-    per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
-    nseg = _cdiv(N, per_seg)
-    part = pl.new_empty((nseg, C))
-    k = min(_SUM_K, _np2(C))
-    wrap(_class_sum_kernel)[(_cdiv(C, k), nseg)](
-        target, pl, part, N, C, per_seg, BLOCK_N=block_n, K=k, num_warps=4)
+    block = _SUM_BLOCK * (_INTERPRET_TILE_SCALE if _interpret() else 1)
+    if pl.device.type == "cuda":
+        cap = torch.cuda.get_device_properties(pl.device).multi_processor_count
+    else:
+        cap = _INTERPRET_PROGRAMS
+    # the columns, C x P x block sums, stay within _SUM_SCRATCH_BYTES (fewer programs for large C)
+    fit = _SUM_SCRATCH_BYTES // (C * block * pl.element_size())
+    P = max(1, min(_cdiv(N, block), cap, fit))
+    scratch = pl.new_empty((C, P * block))
+    part = pl.new_empty((P, C))
+    k = min(_np2(C), _SUM_K * (_INTERPRET_TILE_SCALE if _interpret() else 1))
+    wrap(_class_sum_kernel)[(P,)](target, pl, scratch, part, N, C, BLOCK=block, K=k,
+                                  num_warps=_SUM_BLOCK // 32)
     return part.sum(0)
 
 
