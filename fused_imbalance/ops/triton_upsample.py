@@ -91,7 +91,7 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_bwd_softmax_coefs, _class_sum_kernel, _i64, _labels, _lse,
+    from .triton_kernels import (_bwd_softmax_coefs, _i64, _labels, _lse,
                                  _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -108,7 +108,6 @@ _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R +
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
 _FWD_TY = 1  # output rows per step of the forward with cached rows (more ran out of registers; 2 without)
 _BWD_TY = 1  # output rows per step of the backward
-_SUM_K = 32  # classes per program of the class-sum kernel
 
 
 def _axis(n_in, n_out, interp, align_corners, dtype, device):
@@ -801,17 +800,10 @@ def _bwd_tile(geo):
 
 
 def _class_sums(target, pl, C):
-    """Σ of ``pl`` over the pixels of each class, in a fixed order (``_class_sum_kernel``)."""
-    N = pl.numel()
-    block_n = 128 * (8 if _interpret() else 1)
-    nseg = max(1, min(64, N // 4096))
-    per_seg = _cdiv(_cdiv(N, nseg), block_n) * block_n
-    nseg = _cdiv(N, per_seg)
-    part = pl.new_empty((nseg, C))
-    k = min(_SUM_K, _np2(C))
-    wrap(_class_sum_kernel)[(_cdiv(C, k), nseg)](target, pl, part, N, C, per_seg, BLOCK_N=block_n, K=k,
-                                                  num_warps=4)
-    return part.sum(0)
+    """Σ of ``pl`` over the pixels of each class, in a fixed order: the plain ops' launcher of
+    ``_class_sum_kernel`` (imported here: :mod:`.triton_loss` imports this module at its end)."""
+    from .triton_loss import _class_sums as class_sums
+    return class_sums(target, pl, C)
 
 
 def _check(x, target, interp, loss_mode, gamma):
