@@ -178,8 +178,8 @@ def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
 # (C, interp, align_corners, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's
 # backward too. Low-resolution (2, C, 32, 64) logits against (2, 128, 256) labels.
 UPSAMPLE_VARIANTS = [
-    (19, "bilinear", False, "f32", "focal", True, True, True),  # cached rows, statistics in registers, fused backward
-    (19, "nearest", False, "bf16", "ce", False, False, False),  # one-tap axes
+    (19, "bilinear", False, "f32", "focal", True, True, True),  # cached rows, statistics in registers, coefficients
+    (8, "nearest", False, "bf16", "ce", False, False, False),  # one-tap axes, the softmax in the gradient pass
     (19, "bilinear", True, "f64", "msesoftmax", False, False, False),  # float64: the most registers
     (150, "bilinear", False, "bf16", "focal", False, True, True),  # class groups in a loop, coefficient launch
 ]
