@@ -315,6 +315,21 @@ def test_sigmoid_focal_float32_tails(gamma):
     check_backward(x, y, Mode.SIGMOID_FOCAL, gamma, None)
 
 
+def test_softmax_float32_far_from_zero():
+    """float32 logits of magnitude 1e9-1e30 with spreads of a few units: exp(x_k - max) must be
+    taken of the difference (a fused x log2(e) - max log2(e) leaves max's rounding error in every
+    exponent, far beyond ex2's range). Compared as per-pixel losses and gradients."""
+    base = torch.tensor([1e9, -3e12, 1e20, -1e30, 7.5e29]).repeat_interleave(4)
+    spread = torch.tensor([[0.0, 1.5, -2.0], [3.0, 0.0, 0.25]]).repeat(10, 1)
+    x = (base[:, None] + spread.to(torch.float64) * base.abs()[:, None] * 2.0 ** -20).float()
+    y = torch.arange(x.shape[0]) % 3
+    x, y = x.to(DEV), y.to(DEV)
+    for mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX):
+        tv = torch.tensor([0.5, 1.0, 2.0], device=DEV) if mode == Mode.MSE_SOFTMAX else None
+        check_forward(x, y, mode, 2.0 if mode == Mode.SOFTMAX_FOCAL else 0.0, tv)
+        check_backward(x, y, mode, 2.0 if mode == Mode.SOFTMAX_FOCAL else 0.0, tv)
+
+
 # --- the gradient inputs and layouts of the backward ---------------------------------------
 
 @pytest.mark.parametrize("gp, gc", [(True, False), (False, True), (False, False)])

@@ -130,7 +130,8 @@ def _softplus_parts(z):
     float32: e = exp2(-|z| log2(e)), the special-function unit's ex2 (tl.exp adds a multiply
     and range fix-ups; an e below float32's normal range flushes to 0), and l = e P(e), P the
     degree-8 polynomial closest to log1p(e) / e on [0, 1] in relative error (3e-8; about 4 ulp
-    evaluated in float32 by Horner's rule): nine fused multiply-adds, where tl.log is a
+    evaluated in float32 by Horner's rule): eight explicit fused multiply-adds (tl.fma: the same
+    on any triton, whatever its default for fusing a multiply and an add) and a multiply, where tl.log is a
     ~24-instruction software logarithm on sm_90 and the special-function lg2 is accurate only to
     2^-22 absolute near 1 (not at all, relatively, for a small e). Written inline: the
     interpreter pays for every call of a jit function.
@@ -144,14 +145,14 @@ def _softplus_parts(z):
     else:
         e = tl.exp2(tl.abs(z) * -_LOG2E)
         w = 1.0 + e
-        p = 0.005232746247202158 * e - 0.02950545959174633
-        p = p * e + 0.07822633534669876
-        p = p * e - 0.13663281500339508
-        p = p * e + 0.19106024503707886
-        p = p * e - 0.24842987954616547
-        p = p * e + 0.3331909775733948
-        p = p * e - 0.4999949336051941
-        p = p * e + 0.9999999403953552
+        p = tl.fma(e, 0.005232746247202158, -0.02950545959174633)
+        p = tl.fma(p, e, 0.07822633534669876)
+        p = tl.fma(p, e, -0.13663281500339508)
+        p = tl.fma(p, e, 0.19106024503707886)
+        p = tl.fma(p, e, -0.24842987954616547)
+        p = tl.fma(p, e, 0.3331909775733948)
+        p = tl.fma(p, e, -0.4999949336051941)
+        p = tl.fma(p, e, 0.9999999403953552)
         l = p * e
     return e, w, l
 
@@ -576,18 +577,17 @@ def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
         rest = rest * alpha
     if NEED_S2:
         s2r = s2r * (alpha * alpha)
-    # float32: exp(x - ms) = exp2(x log2(e) - ms log2(e)), one fused multiply-add and the
-    # special-function ex2 (tl.exp(x - ms) adds a subtraction, a multiply and range fix-ups: 3-4
-    # more instructions per logit). The rounding of msl scales every e_k of a pixel by one factor
-    # (1 + O(|ms| 2^-24)), which cancels in p_k = e_k / s and moves log s by at most ulp(ms), the
-    # resolution of the logits themselves; e_k below float32's normal range flush to 0.
-    msl = ms * _LOG2E
+    # float32: exp(x - ms) = exp2((x - ms) log2(e)) on the special-function ex2 (tl.exp adds range
+    # fix-ups: 2-3 more instructions per logit); e_k below float32's normal range flush to 0. Not
+    # exp2(x log2(e) - ms log2(e)) as one fused multiply-add: that one's exact product minus the
+    # rounded ms log2(e) leaves the rounding error of the latter, |ms| 2^-25 log2(e), in every
+    # exponent, which overflows ex2 for logits beyond about 1e9.
     for k in tl.static_range(NCLS):
         x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
         if acc_ty == tl.float64:
             e = tl.exp(x - ms)
         else:
-            e = tl.exp2(x * _LOG2E - msl)
+            e = tl.exp2((x - ms) * _LOG2E)
         s += e
         if NEED_REST:
             er = tl.where(y32 == c0 + k, 0.0, e)
