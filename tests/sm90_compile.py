@@ -129,6 +129,7 @@ VARIANTS = [
     (40, "cl", "f32", "stats", False, True, "global"),
     # chunked kernels: NCHW chunks with the class-sum kernel; rows/channels_last with class rows
     (300, "nchw", "f32", "focal", True, True, True),
+    (300, "nchw", "f64", "sigfocal", False, False, False),  # its backward spilled with 64 x 64 chunks
     (300, "cl", "f64", "ce", False, False, False),
     (8142, "rows", "f32", "sigfocal", False, True, True),
 ]

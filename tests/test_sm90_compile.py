@@ -57,18 +57,9 @@ def test_every_kernel_compiles(report):
     assert {c["SINGLE"] for c in chunked} == {"True", "False"}
 
 
-def _known_spill(r):
-    """The one variant known to spill a few bytes (at most 16; 4 with triton 3.9): the chunked NCHW
-    forward (64 pixels x 64 classes per chunk). The static forward with a loop over class groups
-    spilled too before its exponentials became ex2 (none now)."""
-    c = r["constexprs"]
-    return r["kernel"] == "_fwd_chunked_kernel" and c["BLOCK_P"] != "1"
-
-
 def test_no_spills(report):
-    spilling = [r for r in report if (r["spill_stores"] or r["spill_loads"]) and not _known_spill(r)]
+    spilling = [r for r in report if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, json.dumps(spilling, indent=1)
-    assert all(r["spill_stores"] <= 16 and r["spill_loads"] <= 16 for r in report if _known_spill(r))
     assert all(r["registers"] <= 255 for r in report)
 
 
@@ -76,7 +67,7 @@ def test_no_spills(report):
 
 def test_upsample_kernels_compile(report):
     """Both upsampled kernels, each class plan (cached rows; groups in a loop with the coefficient
-    launch), one- and two-tap axes; no spills (test_no_spills: none of them is a known spill)."""
+    launch), one- and two-tap axes; no spills (test_no_spills)."""
     fwd = [r["constexprs"] for r in report if r["kernel"] == "_up_fwd_kernel"]
     bwd = [r["constexprs"] for r in report if r["kernel"] == "_up_bwd_kernel"]
     assert fwd and bwd

@@ -112,7 +112,7 @@ PATHS = {  # (shape, layout): the kernel and tiling it exercises
     "rows_c1": ((9, 1), "rows"),  # one class
     "nchw_c2": ((2, 2, 5, 3), "nchw"),
     "volume_channels_last": ((2, 6, 3, 2, 4), "cl"),
-    "nchw_c300": ((2, 300, 3, 4), "nchw"),  # chunked: 64 pixels x 64 classes, class-sum kernel
+    "nchw_c300": ((2, 300, 3, 4), "nchw"),  # chunked: 32 pixels x 64 classes, class-sum kernel
     "channels_last_c300": ((2, 300, 2, 3), "cl"),  # chunked: one pixel per tile, class-loss rows
     "rows_c5000": ((3, 5000), "rows"),  # chunked: two 4096-class chunks, online softmax
 }
