@@ -200,8 +200,19 @@ class RowCache {
   // The class rows are read in place when they are contiguous rows of the accumulation dtype
   // (NCHW float32/float64), else through a widened contiguous copy (the same values).
   void fill(int64_t b, int64_t y, T* out) {
+    // Class rows lie a plane apart, so the hardware does not fetch them ahead: ask for the row
+    // kAhead classes on (a hint, no effect on any value).
+    constexpr int64_t kAhead = 8, kLine = 64 / sizeof(X);
+    const X* base = x_ + b * r_.sb + y * r_.sh;
+    auto prefetch_row = [&](int64_t k) {
+      if (k >= r_.C || r_.sw != 1) return;
+      for (int64_t o = 0; o < r_.w; o += kLine) __builtin_prefetch(base + k * r_.sc + o);
+      __builtin_prefetch(base + k * r_.sc + r_.w - 1);
+    };
+    for (int64_t k = 0; k < kAhead; ++k) prefetch_row(k);
     for (int64_t k = 0; k < r_.C; ++k) {
-      const X* src = x_ + b * r_.sb + k * r_.sc + y * r_.sh;  // int64: B*C*h*w can exceed 2^31
+      prefetch_row(k + kAhead);
+      const X* src = base + k * r_.sc;  // int64: B*C*h*w can exceed 2^31
       const T* row;
       if (src_.empty()) {
         row = reinterpret_cast<const T*>(src);
