@@ -144,6 +144,10 @@ template <typename T>
 struct Resize {
   using Acc = T;
   int64_t B, C, h, w, H, W, Wp;  // Wp: W rounded up to kBlockAlign (row buffers are padded)
+  // The class stride of the row buffers: one vector more than Wp, never a power of two, so that
+  // the C lines a block kernel reads (or adds) for one vector of pixels spread over the cache
+  // sets (with W = 512 a stride of 2 KB would put them into a few).
+  int64_t Ws;
   int64_t sb, sc, sh, sw;        // strides of the low-resolution logits (any layout)
   bool nearest;
   Axis<T> ay, ax;
@@ -160,6 +164,7 @@ Resize<T> make_resize(const Tensor& x, int64_t H, int64_t W, int64_t interp, boo
   r.H = H;
   r.W = W;
   r.Wp = round_up(W, kBlockAlign);
+  r.Ws = r.Wp + kBlockAlign;
   r.sb = x.stride(0);
   r.sc = x.stride(1);
   r.sh = x.stride(2);
@@ -174,14 +179,14 @@ Resize<T> make_resize(const Tensor& x, int64_t H, int64_t W, int64_t interp, boo
   return r;
 }
 
-// The horizontal pass of low-resolution rows, class-major (class k at [k * Wp + X], zero
-// padding up to Wp), cached two at a time: consecutive full-resolution rows use the same or
+// The horizontal pass of low-resolution rows, class-major (class k at [k * Ws + X], zero
+// padding up to Ws), cached two at a time: consecutive full-resolution rows use the same or
 // the next low-resolution rows, so each is computed once per run of rows.
 template <typename X, typename T>
 class RowCache {
  public:
   RowCache(const Resize<T>& r, const X* x) : r_(r), x_(x) {
-    for (int i = 0; i < 2; ++i) buf_[i].assign(r.C * r.Wp, T(0));
+    for (int i = 0; i < 2; ++i) buf_[i].assign(r.C * r.Ws, T(0));
     if (!std::is_same<X, T>::value || r.sw != 1) src_.resize(r.w);
   }
 
@@ -222,7 +227,7 @@ class RowCache {
       }
       // torch's order: x[x0]·w0 + x[x1]·w1
       resize_row(row, r_.w, r_.xi0.data(), r_.xi1.data(), r_.ax.w0.data(), r_.ax.w1.data(), r_.nearest,
-                 out + k * r_.Wp, r_.W);
+                 out + k * r_.Ws, r_.W);
     }
   }
 
@@ -239,11 +244,11 @@ class RowCache {
 template <typename T>
 std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0, const T* r1, int64_t Y,
                                                 int64_t X0, int64_t P, std::vector<T>& buf) {
-  if (r.nearest) return {r0 + X0, r.Wp};
+  if (r.nearest) return {r0 + X0, r.Ws};
   const T w0 = r.ay.w0[Y], w1 = r.ay.w1[Y];
   for (int64_t k = 0; k < r.C; ++k) {
-    const T* a = r0 + k * r.Wp + X0;
-    const T* b = r1 + k * r.Wp + X0;
+    const T* a = r0 + k * r.Ws + X0;
+    const T* b = r1 + k * r.Ws + X0;
     T* d = buf.data() + k * P;
     blend_rows(a, b, w0, w1, d, P);  // torch's order: h0·wy0 + h1·wy1
   }
@@ -316,7 +321,7 @@ int64_t plan_bands(int64_t B, int64_t h, int64_t threads) {
 }
 
 // The transposed horizontal interpolation of one low-resolution row, class k:
-// out[k * w + x] = Σ_t tap_w[t] · v[k * Wp + tap_X[t]] over the taps of x in increasing X.
+// out[k * w + x] = Σ_t tap_w[t] · v[k * Ws + tap_X[t]] over the taps of x in increasing X.
 template <typename T>
 struct Taps {
   std::vector<int64_t> start;  // (w + 1,) taps of x: [start[x], start[x + 1])
@@ -347,7 +352,7 @@ template <typename X, typename T, typename L>
 void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* grad_pixel,
                          int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
                          const T* tvals, int64_t ignore_index, Tensor& grad) {
-  const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp;
+  const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp, Ws = r.Ws;
   const X* xd = x.data_ptr<X>();
   X* gd = grad.data_ptr<X>();
   const int64_t gsb = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
@@ -361,7 +366,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     RowCache<X, T> cache(r, xd);
     // vt and hg: pixel-major, rows of Cp >= C classes (whole vectors; the padding stays 0)
     std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(w * Cp), vt(W * Cp, T(0));
-    std::vector<T> vacc[2] = {std::vector<T>(C * Wp), std::vector<T>(C * Wp)};
+    std::vector<T> vacc[2] = {std::vector<T>(C * Ws), std::vector<T>(C * Ws)};
     std::vector<int32_t> y(Pb);
     BwdBlock<T> bb;
     bb.C = C;
@@ -370,7 +375,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     bb.coef = coef.data();
     bb.gamma = gamma;
     bb.g = gbuf.data();  // scratch: the gradient goes straight into the accumulators
-    bb.acc_stride = Wp;
+    bb.acc_stride = Ws;  // the row buffers' layout (Resize::Ws)
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / bands, ya = (task % bands) * R, yb = std::min(h, ya + R);
       int64_t open[2] = {-1, -1};  // the low-resolution row accumulating in vacc[ys & 1]
@@ -383,7 +388,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
             for (int64_t xs = 0; xs < w; ++xs) gd[b * gsb + k * gsc + written * gsh + xs * gsw] = X(0);
         // Pixel-major (vt[X * C + k], a tiled transpose), so that the tap sums of a
         // low-resolution pixel run over contiguous class vectors.
-        block_to_rows(vacc[ys & 1].data(), Wp, W, C, vt.data(), Cp);
+        block_to_rows(vacc[ys & 1].data(), Ws, W, C, vt.data(), Cp);
         tap_sums(vt.data(), Cp, taps.start.data(), taps.X.data(), taps.w.data(), w, hg.data());  // hg[xs * Cp + k]
         X* dst = gd + b * gsb + ys * gsh;  // int64 offsets
         if (std::is_same<X, T>::value && gsw == 1) {  // NCHW: back to class-major, tiled
