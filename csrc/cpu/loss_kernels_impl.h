@@ -1,4 +1,5 @@
-// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout), compiled
+// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout) and the row
+// loops of the upsampled loss (resize_row, blend_rows, axpy_row, tap_sums), compiled
 // once per instruction set: the including file defines FI_ISA (the namespace of this copy)
 // and FI_VECTOR_BYTES (see simd.h), and loss_kernels.cpp picks a copy at run time.
 //
