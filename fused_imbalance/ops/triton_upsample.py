@@ -22,8 +22,9 @@ The classes are a compile-time loop (``tl.static_range``, C a constexpr, one com
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
 running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, groups of at most 12 (6 for the sigmoid focal terms, float64 6 in the
-forward and 4 in the backward; a loop over groups beyond 32 classes). Offsets inside an image are
+group holds them all; beyond, groups of at most 12 (forward: 8 with the argmax, 6 in float64, 4 for
+the sigmoid focal terms; backward: 6 for the sigmoid focal terms, 4 in float64; a loop over groups
+beyond 32 classes). Offsets inside an image are
 32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
 int64.
 
@@ -802,8 +803,10 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False):
         return C, False, True
     if bwd:
         group = 4 if f64 else (6 if mode == Mode.SIGMOID_FOCAL else _GROUP)
-    elif f64 or mode == Mode.SIGMOID_FOCAL:
-        group = 6 if f64 else 8  # in steps of 2 rows
+    elif mode == Mode.SIGMOID_FOCAL:
+        group = 4  # in steps of 2 rows (8 spilled on triton 3.6)
+    elif f64:
+        group = 6  # in steps of 2 rows
     else:
         group = 8 if need_am and mode != Mode.STATS else _GROUP  # in steps of 4 rows
     loop = C > _UNROLL_C
