@@ -183,6 +183,8 @@ UPSAMPLE_VARIANTS = [
     (8, "nearest", False, "bf16", "ce", False, False, False),  # one-tap axes, the softmax in the gradient pass
     (19, "bilinear", True, "f64", "msesoftmax", False, False, False),  # float64: the most registers
     (150, "bilinear", False, "bf16", "focal", False, True, True),  # class groups in a loop, coefficient launch
+    (40, "bilinear", False, "f64", "focal", True, True, True),  # float64 class groups, steps of 4 rows
+    (40, "bilinear", False, "f32", "sigfocal", False, True, True),  # sigmoid focal class groups
 ]
 
 

@@ -330,6 +330,21 @@ DET_SCRIPT = textwrap.dedent("""
             f = cpp.loss_fwd(xx, y, mode, gamma, tt, -100, True, False, False)
             b = cpp.loss_bwd(xx, y, f[0] * 0 + 0.25, gc.to(f[1].dtype), mode, gamma, tt, -100)
             out[(mode, gamma, name)] = (f[0], f[1], f[2], f[3], b)
+    # the upsampled ops: an upsampling (the shuffled horizontal pass) and a downsampling
+    for low, size in [((2, 19, 9, 13), (37, 50)), ((1, 6, 20, 30), (13, 17))]:
+        xu = torch.randn(low, generator=g, dtype=torch.float64).mul(3).float()
+        yu = torch.randint(0, low[1], (low[0],) + size, generator=g)
+        yu[0, 0, :5] = -100
+        gp = torch.randn(yu.numel(), generator=g)
+        for interp, ac in [(1, False), (1, True), (0, False)]:
+            for mode, gamma in [(0, 2.0), (1, 1.5), (3, 0.0)]:
+                for name, xx in [("nchw", xu), ("cl", xu.contiguous(memory_format=torch.channels_last)),
+                                 ("f64", xu.double())]:
+                    t = torch.arange(1.0, low[1] + 1, dtype=xx.dtype) if mode == 3 else None
+                    f = cpp.upsample_loss_fwd(xx, yu, interp, ac, mode, gamma, t, -100, True, True, True)
+                    b = cpp.upsample_loss_bwd(xx, yu, gp.to(f[0].dtype), torch.linspace(-1, 1, low[1]).to(f[0].dtype),
+                                              interp, ac, mode, gamma, t, -100)
+                    out[("up", low, interp, ac, mode, gamma, name)] = tuple(f) + (b,)
     torch.save(out, sys.argv[1])
 """)
 

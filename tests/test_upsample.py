@@ -400,16 +400,20 @@ def test_triton_nan_argmax_and_ties():
 
 @pytest.mark.parametrize("mode, align_corners, C, op_mode", [("bilinear", False, 5, Mode.SOFTMAX_FOCAL),
                                                           ("bilinear", True, 14, Mode.MSE_SOFTMAX),
-                                                          ("nearest", False, 5, Mode.SIGMOID_FOCAL)])
+                                                          ("nearest", False, 26, Mode.SIGMOID_FOCAL),
+                                                          ("bilinear", False, 26, Mode.SOFTMAX_FOCAL)])
 def test_triton_gpu_tiling(monkeypatch, mode, align_corners, C, op_mode):
     """The interpreter runs one band of all columns per image; a GPU runs bands of R low-resolution rows
     x blocks of columns, one output row (and column) per step, the backward with a halo row above each
     band and a halo lane left of each column block. That plan, with small bands and blocks, against
-    the contract (C = 14: the backward's coefficient launch and class groups)."""
+    the contract (C = 14: the backward's coefficient launch and class groups; C = 26: the forward's
+    class groups too, bilinear in steps of several output rows of a segment)."""
     _need("triton")
-    monkeypatch.setattr(tup, "_fwd_tile", lambda geo, C: (32, 2, 1, 1))
+    monkeypatch.setattr(tup, "_fwd_tile", lambda geo, C, mode, f64: (32, 2, tup._fwd_step(geo, C, mode, f64), 1))
     monkeypatch.setattr(tup, "_bwd_tile", lambda geo: (32, 2, 1, 1, 1))
-    x, y = make(B=1, C=C, hw=(5, 40), HW=(11, 70), dtype=torch.float64)
+    # several bands and column blocks (two of backward lanes, with the halo) either way
+    hw, HW = ((5, 40), (11, 70)) if C < 26 else ((4, 40), (9, 83))
+    x, y = make(B=1, C=C, hw=hw, HW=HW, dtype=torch.float64)
     tvals = torch.arange(1, C + 1, dtype=torch.float64) * 0.75
     tv = tvals if op_mode == Mode.MSE_SOFTMAX else None
     interp = 0 if mode == "nearest" else 1

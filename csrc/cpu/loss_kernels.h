@@ -47,6 +47,14 @@ struct BwdBlock {
   const T* tvy;
   const T* coef;       // (P,) grad_pixel[n] + grad_class[y_n], 0 where y = -1
   double gamma;
+  // Optional (the upsampled backward, upsample_cpu.cpp): with acc0 set, the gradient is not
+  // stored into g (then only scratch) but added, times acc_w0, into acc0[k * acc_stride + p]
+  // and, with acc1 set, times acc_w1 into acc1: o += w·g, element by element, exactly as a
+  // separate pass over g would add it.
+  T* acc0 = nullptr;
+  T* acc1 = nullptr;
+  T acc_w0 = T(0), acc_w1 = T(0);
+  int64_t acc_stride = 0;
 };
 
 void loss_fwd_block(int64_t mode, const FwdBlock<float>& b);
@@ -64,6 +72,26 @@ void block_to_rows(const float* block, int64_t P, int64_t cnt, int64_t C, float*
                    int64_t pixel_stride);
 void block_to_rows(const double* block, int64_t P, int64_t cnt, int64_t C, double* rows,
                    int64_t pixel_stride);
+
+// The row loops of the resize (upsample_cpu.cpp), all in the accumulation dtype:
+// resize_row: d[X] = src[i0[X]]·w0[X] + src[i1[X]]·w1[X] (torch's order; nearest: src[i0[X]])
+//   for X < n, src contiguous with w elements, i0 <= i1 < w both nondecreasing in X;
+// blend_rows: d = a·w0 + b·w1;  axpy_row: o += w·g.
+void resize_row(const float* src, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
+                const float* w1, bool nearest, float* d, int64_t n);
+void resize_row(const double* src, int64_t w, const int32_t* i0, const int32_t* i1, const double* w0,
+                const double* w1, bool nearest, double* d, int64_t n);
+void blend_rows(const float* a, const float* b, float w0, float w1, float* d, int64_t n);
+void blend_rows(const double* a, const double* b, double w0, double w1, double* d, int64_t n);
+void axpy_row(float* o, const float* g, float w, int64_t n);
+void axpy_row(double* o, const double* g, double w, int64_t n);
+// The transposed horizontal pass of the upsampled backward, on pixel-major rows (v[X * C + k]):
+// out[x * C + k] = Σ tw[t] · v[tX[t] * C + k] over the taps t of x, [start[x], start[x + 1]),
+// summed from 0 in increasing t, for x < w.
+void tap_sums(const float* v, int64_t C, const int64_t* start, const int64_t* tX, const float* tw, int64_t w,
+              float* out);
+void tap_sums(const double* v, int64_t C, const int64_t* start, const int64_t* tX, const double* tw,
+              int64_t w, double* out);
 
 // The instruction set of the copy in use: "base", "avx2" or "avx512".
 const char* cpu_isa_name();

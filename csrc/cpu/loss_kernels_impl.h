@@ -1,4 +1,5 @@
-// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout), compiled
+// Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout) and the row
+// loops of the upsampled loss (resize_row, blend_rows, axpy_row, tap_sums), compiled
 // once per instruction set: the including file defines FI_ISA (the namespace of this copy)
 // and FI_VECTOR_BYTES (see simd.h), and loss_kernels.cpp picks a copy at run time.
 //
@@ -37,6 +38,23 @@ FI_INLINE typename Vec<T>::V gather_label(const T* x, int64_t stride, const int3
 template <typename T>
 FI_INLINE typename Vec<T>::V zero_unlabelled(typename Vec<T>::I yv, typename Vec<T>::V g) {
   return select(yv >= splat<typename Vec<T>::I>(0), g, splat<typename Vec<T>::V>(0));
+}
+
+// The gradient of class k, pixels j .. j + W: stored into g, or (ACC: BwdBlock::acc0 set) added
+// into the accumulators, o + w·g as a separate pass over g would add it.
+template <typename T, bool ACC>
+FI_INLINE void put_grad(const BwdBlock<T>& b, int64_t k, int64_t j, typename Vec<T>::V g) {
+  using V = typename Vec<T>::V;
+  if constexpr (!ACC) {
+    store(b.g + j + k * b.g_stride, g);
+  } else {
+    T* a0 = b.acc0 + k * b.acc_stride + j;
+    store(a0, load<V>(a0) + splat<V>(b.acc_w0) * g);
+    if (b.acc1 != nullptr) {  // may be acc0 itself: then a second add, as a second pass would
+      T* a1 = b.acc1 + k * b.acc_stride + j;
+      store(a1, load<V>(a1) + splat<V>(b.acc_w1) * g);
+    }
+  }
 }
 
 // b^γ for γ = 0, 1, 2 or general (GK = 3); b >= 0, and 0^γ = 0 for γ > 0.
@@ -301,7 +319,7 @@ void fwd_stats(const FwdBlock<T>& b) {
 }
 
 // grad_k = a (p_k − [k = y]), a = coef · dℓ/d(−log p_y) = coef · (1−p)^γ (1 − γ p log p / (1−p)).
-template <typename T, int GK>
+template <typename T, int GK, bool ACC>
 void bwd_softmax_focal(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -327,18 +345,26 @@ void bwd_softmax_focal(const BwdBlock<T>& b) {
       a = a * pow_gamma<GK>(omp, b.gamma) * (splat<V>(1) - splat<V>(b.gamma) * vexp(l) * r);
     }
     V ai = a / se;
-    for (int64_t k = 0; k < b.C; ++k) {
-      T* gk = g + k * b.g_stride;
-      store(gk, zero_unlabelled<T>(yv, ai * load<V>(gk)));
-    }
-    for (int i = 0; i < Vec<T>::W; ++i) {
-      int32_t y = b.y[j + i];
-      if (y >= 0) g[int64_t(y) * b.g_stride + i] -= a[i];
+    if constexpr (ACC) {
+      // the label's −a before the gradient is weighted: (a_i e_y − a) as below, then w·g
+      for (int64_t k = 0; k < b.C; ++k) {
+        V gk = zero_unlabelled<T>(yv, ai * load<V>(g + k * b.g_stride));
+        put_grad<T, true>(b, k, j, select(yv == splat<I>(k), gk - a, gk));
+      }
+    } else {
+      for (int64_t k = 0; k < b.C; ++k) {
+        T* gk = g + k * b.g_stride;
+        store(gk, zero_unlabelled<T>(yv, ai * load<V>(gk)));
+      }
+      for (int i = 0; i < Vec<T>::W; ++i) {
+        int32_t y = b.y[j + i];
+        if (y >= 0) g[int64_t(y) * b.g_stride + i] -= a[i];
+      }
     }
   }
 }
 
-template <typename T, int GK>
+template <typename T, int GK, bool ACC>
 void bwd_sigmoid_focal(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -349,12 +375,12 @@ void bwd_sigmoid_focal(const BwdBlock<T>& b) {
       V v = load<V>(b.x + j + k * b.x_stride);
       I t = yv == splat<I>(k);
       V h = sigmoid_focal_grad<T, GK>(select(t, -v, v), b.gamma);
-      store(b.g + j + k * b.g_stride, zero_unlabelled<T>(yv, cf * select(t, -h, h)));
+      put_grad<T, ACC>(b, k, j, zero_unlabelled<T>(yv, cf * select(t, -h, h)));
     }
   }
 }
 
-template <typename T>
+template <typename T, bool ACC>
 void bwd_mse_logits(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -365,13 +391,13 @@ void bwd_mse_logits(const BwdBlock<T>& b) {
     for (int64_t k = 0; k < b.C; ++k) {
       V v = load<V>(b.x + j + k * b.x_stride);
       V d = v - select(yv == splat<I>(k), tv, splat<V>(0));
-      store(b.g + j + k * b.g_stride, zero_unlabelled<T>(yv, cf * d));
+      put_grad<T, ACC>(b, k, j, zero_unlabelled<T>(yv, cf * d));
     }
   }
 }
 
 // grad_k = coef · p_k (d_k − Σ_i p_i d_i), d = p − t, Σ_i p_i d_i = Σ p² − p_y t_y.
-template <typename T>
+template <typename T, bool ACC>
 void bwd_mse_softmax(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -396,17 +422,21 @@ void bwd_mse_softmax(const BwdBlock<T>& b) {
     V spd = se2 * inv * inv - ey * inv * tv;
     V cf = load<V>(b.coef + j);
     for (int64_t k = 0; k < b.C; ++k) {
-      T* gk = g + k * b.g_stride;
-      V p = load<V>(gk) * inv;
-      store(gk, zero_unlabelled<T>(yv, cf * p * (p - select(yv == splat<I>(k), tv, zero) - spd)));
+      V p = load<V>(g + k * b.g_stride) * inv;
+      put_grad<T, ACC>(b, k, j, zero_unlabelled<T>(yv, cf * p * (p - select(yv == splat<I>(k), tv, zero) - spd)));
     }
   }
 }
 
-template <typename T>
+template <typename T, bool ACC>
 void bwd_zero(const BwdBlock<T>& b) {
-  for (int64_t k = 0; k < b.C; ++k)
-    for (int64_t p = 0; p < b.P; ++p) b.g[k * b.g_stride + p] = T(0);
+  if constexpr (ACC) {
+    for (int64_t k = 0; k < b.C; ++k)
+      for (int64_t j = 0; j < b.P; j += Vec<T>::W) put_grad<T, true>(b, k, j, splat<typename Vec<T>::V>(0));
+  } else {
+    for (int64_t k = 0; k < b.C; ++k)
+      for (int64_t p = 0; p < b.P; ++p) b.g[k * b.g_stride + p] = T(0);
+  }
 }
 
 template <typename T, template <typename, int> class F, typename B>
@@ -424,9 +454,19 @@ FI_INLINE void by_gamma(const B& b) {
   };
 FI_GAMMA_FUNCTOR(FwdSoftmaxFocal, fwd_softmax_focal, FwdBlock)
 FI_GAMMA_FUNCTOR(FwdSigmoidFocal, fwd_sigmoid_focal, FwdBlock)
-FI_GAMMA_FUNCTOR(BwdSoftmaxFocal, bwd_softmax_focal, BwdBlock)
-FI_GAMMA_FUNCTOR(BwdSigmoidFocal, bwd_sigmoid_focal, BwdBlock)
 #undef FI_GAMMA_FUNCTOR
+
+template <bool ACC>
+struct Bwd {
+  template <typename T, int GK>
+  struct SoftmaxFocal {
+    static FI_INLINE void run(const BwdBlock<T>& b) { bwd_softmax_focal<T, GK, ACC>(b); }
+  };
+  template <typename T, int GK>
+  struct SigmoidFocal {
+    static FI_INLINE void run(const BwdBlock<T>& b) { bwd_sigmoid_focal<T, GK, ACC>(b); }
+  };
+};
 
 template <typename T>
 FI_INLINE void fwd_dispatch(int64_t mode, const FwdBlock<T>& b) {
@@ -439,15 +479,21 @@ FI_INLINE void fwd_dispatch(int64_t mode, const FwdBlock<T>& b) {
   }
 }
 
+template <typename T, bool ACC>
+FI_INLINE void bwd_dispatch_acc(int64_t mode, const BwdBlock<T>& b) {
+  switch (mode) {
+    case kSoftmaxFocal: by_gamma<T, Bwd<ACC>::template SoftmaxFocal>(b); break;
+    case kSigmoidFocal: by_gamma<T, Bwd<ACC>::template SigmoidFocal>(b); break;
+    case kMseLogits: bwd_mse_logits<T, ACC>(b); break;
+    case kMseSoftmax: bwd_mse_softmax<T, ACC>(b); break;
+    default: bwd_zero<T, ACC>(b); break;
+  }
+}
+
 template <typename T>
 FI_INLINE void bwd_dispatch(int64_t mode, const BwdBlock<T>& b) {
-  switch (mode) {
-    case kSoftmaxFocal: by_gamma<T, BwdSoftmaxFocal>(b); break;
-    case kSigmoidFocal: by_gamma<T, BwdSigmoidFocal>(b); break;
-    case kMseLogits: bwd_mse_logits<T>(b); break;
-    case kMseSoftmax: bwd_mse_softmax<T>(b); break;
-    default: bwd_zero<T>(b); break;
-  }
+  if (b.acc0 != nullptr) bwd_dispatch_acc<T, true>(mode, b);
+  else bwd_dispatch_acc<T, false>(mode, b);
 }
 
 // W × W tiles through registers; the classes beyond the last whole tile and the pixels
@@ -496,6 +542,64 @@ void block_to_rows_impl(const T* block, int64_t P, int64_t cnt, int64_t C, T* ro
     for (int64_t k = 0; k < C; ++k) rows[p * ps + k] = block[k * P + p];
 }
 
+// The horizontal pass of the resize (loss_kernels.h: resize_row). An upsampling takes the
+// sources of W outputs from a window of W consecutive elements: one vector load and one lane
+// shuffle per tap instead of 2·W scalar loads; the outputs whose sources do not fit one
+// window (a downsampling, the last ones when w < W) go one by one. Either way each output is
+// src[i0]·w0 + src[i1]·w1 with the same two products and sum, so the results are the same.
+template <typename T>
+void resize_row_impl(const T* src, int64_t w, const int32_t* i0, const int32_t* i1, const T* w0,
+                     const T* w1, bool nearest, T* d, int64_t n) {
+  constexpr int W = Vec<T>::W;
+  auto one = [&](int64_t X) {
+    d[X] = nearest ? src[i0[X]] : src[i0[X]] * w0[X] + src[i1[X]] * w1[X];
+  };
+  int64_t X = 0;
+#if FI_HAVE_TRANSPOSE  // GCC: __builtin_shuffle with lane indices from memory
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  if (w >= W) {
+    for (; X + W <= n; X += W) {
+      // i0, i1 nondecreasing: every source of these W outputs is in [base, i1[X + W − 1]]
+      const int64_t base = i0[X] < w - W ? i0[X] : w - W;  // int32 lanes: w < 2^31
+      if (i1[X + W - 1] - base >= W) {
+        for (int64_t q = X; q < X + W; ++q) one(q);
+        continue;
+      }
+      const V win = load<V>(src + base);
+      const V a = __builtin_shuffle(win, load_labels<T>(i0 + X) - splat<I>(base));
+      if (nearest) {
+        store(d + X, a);
+        continue;
+      }
+      const V b = __builtin_shuffle(win, load_labels<T>(i1 + X) - splat<I>(base));
+      store(d + X, a * load<V>(w0 + X) + b * load<V>(w1 + X));
+    }
+  }
+#endif
+  for (; X < n; ++X) one(X);
+}
+
+template <typename T>
+void blend_rows_impl(const T* a, const T* b, T w0, T w1, T* d, int64_t n) {
+  for (int64_t p = 0; p < n; ++p) d[p] = a[p] * w0 + b[p] * w1;
+}
+
+template <typename T>
+void axpy_row_impl(T* o, const T* g, T w, int64_t n) {
+  for (int64_t p = 0; p < n; ++p) o[p] += w * g[p];
+}
+
+template <typename T>
+void tap_sums_impl(const T* v, int64_t C, const int64_t* start, const int64_t* tX, const T* tw, int64_t w,
+                   T* out) {
+  for (int64_t x = 0; x < w; ++x) {
+    T* o = out + x * C;
+    for (int64_t k = 0; k < C; ++k) o[k] = T(0);
+    for (int64_t t = start[x]; t < start[x + 1]; ++t) axpy_row_impl(o, v + tX[t] * C, tw[t], C);
+  }
+}
+
 }  // namespace
 
 void loss_fwd_block(int64_t mode, const FwdBlock<float>& b) { fwd_dispatch(mode, b); }
@@ -515,6 +619,31 @@ void block_to_rows(const float* block, int64_t P, int64_t cnt, int64_t C, float*
 void block_to_rows(const double* block, int64_t P, int64_t cnt, int64_t C, double* rows,
                    int64_t ps) {
   block_to_rows_impl(block, P, cnt, C, rows, ps);
+}
+
+void resize_row(const float* src, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
+                const float* w1, bool nearest, float* d, int64_t n) {
+  resize_row_impl(src, w, i0, i1, w0, w1, nearest, d, n);
+}
+void resize_row(const double* src, int64_t w, const int32_t* i0, const int32_t* i1, const double* w0,
+                const double* w1, bool nearest, double* d, int64_t n) {
+  resize_row_impl(src, w, i0, i1, w0, w1, nearest, d, n);
+}
+void blend_rows(const float* a, const float* b, float w0, float w1, float* d, int64_t n) {
+  blend_rows_impl(a, b, w0, w1, d, n);
+}
+void blend_rows(const double* a, const double* b, double w0, double w1, double* d, int64_t n) {
+  blend_rows_impl(a, b, w0, w1, d, n);
+}
+void axpy_row(float* o, const float* g, float w, int64_t n) { axpy_row_impl(o, g, w, n); }
+void axpy_row(double* o, const double* g, double w, int64_t n) { axpy_row_impl(o, g, w, n); }
+void tap_sums(const float* v, int64_t C, const int64_t* start, const int64_t* tX, const float* tw, int64_t w,
+              float* out) {
+  tap_sums_impl(v, C, start, tX, tw, w, out);
+}
+void tap_sums(const double* v, int64_t C, const int64_t* start, const int64_t* tX, const double* tw,
+              int64_t w, double* out) {
+  tap_sums_impl(v, C, start, tX, tw, w, out);
 }
 
 }  // namespace FI_ISA

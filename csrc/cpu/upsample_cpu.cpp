@@ -16,34 +16,40 @@
 // per chunk, and a chunk spans at least 4·⌈H/h⌉ rows so that the rows it refills at its start
 // stay a small share) and sums its losses in a fixed order into its own per-class slot; the
 // slots are added in chunk order, so the sums are bit-identical run to run and for any thread
-// count.
+// count. The horizontal pass of a class row (resize_row) takes the two sources of a vector of
+// outputs from one window of the row by lane shuffles when they fit one (an upsampling).
+// Threads take chunks (and backward bands) one at a time from a shared counter
+// (for_each_task), so a thread that runs late on a busy machine does not hold up a fixed share.
 //
 // Backward (deterministic, no float atomics): the separable transposed interpolation, vertical
 // then horizontal. A task owns a band of low-resolution rows [ya, yb) of one image and walks the
 // full-resolution rows Y whose interpolation uses one of them, in increasing Y; for each Y it
 // recomputes the interpolated row and the loss gradient of its pixels (C × W, one block at a
-// time, never stored beyond the block) and adds it, times wy, into the full-width accumulator
-// of each of its low-resolution rows y0(Y), y1(Y) (C × W each, two open at a time: y0 and y1
-// are consecutive and nondecreasing in Y). Once Y has passed a low-resolution row, that row's
-// accumulator goes through the horizontal transpose (out[x] = Σ taps of x, a fixed list in
-// increasing X) into the gradient. Every low-resolution gradient element is therefore the same
+// time, never stored: the block kernel adds it, times wy, as it computes it, BwdBlock::acc0/acc1)
+// into the full-width accumulator of each of its low-resolution rows y0(Y), y1(Y) (C × W each,
+// two open at a time: y0 and y1 are consecutive and nondecreasing in Y). Once Y has passed a
+// low-resolution row, that row's accumulator is transposed to pixel-major (W × C, tiles) and
+// goes through the horizontal transpose (out[x] = Σ taps of x, a fixed list in increasing X,
+// each tap a vector over the classes: tap_sums) into the gradient. Every low-resolution gradient element is therefore the same
 // sum in the same order whatever the bands are, i.e. whatever the thread count. Sums are in the
 // accumulation dtype (float for float32 and 16-bit logits, as torch's upsample backward): an
 // element sums at most (⌈H/h⌉ + 1)·(⌈W/w⌉ + 1) terms in a fixed order.
 // Cost model: a full-resolution row costs C·W·(loss gradient + 3 flops of vertical
 // interpolation + 4 of vertical accumulation); a low-resolution row C·W·(3 flops of horizontal
-// interpolation + 2·2 of horizontal transpose), i.e. h/H of that per full-resolution row. The
-// rows next to a band boundary feed two bands and are computed twice: about 1/R of the work
-// for bands of R rows, so the plan (plan_bands) uses as few bands as keep the threads equally
-// busy (one per image when B is a multiple of the thread count). Memory: per thread two
-// horizontal rows and two accumulators (4·C·W) and one block, never anything of B·C·H·W
+// interpolation + 2 tile transposes + 2·2 flops of horizontal transpose), i.e. h/H of that per
+// full-resolution row. The rows next to a band boundary feed two bands and are computed twice:
+// about 1/R of the work for bands of R rows, so the plan (plan_bands) keeps bands of at least 8
+// rows and makes only about two tasks per thread. Memory: per thread two horizontal rows, two
+// accumulators and their pixel-major copy (5·C·W) and one block, never anything of B·C·H·W
 // elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -59,37 +65,6 @@ namespace {
 using at::Tensor;
 
 enum Interp : int64_t { kNearest = 0, kBilinear = 1 };
-
-// The row loops of the interpolation, compiled twice (AVX2 and the baseline x86-64/other
-// targets) and chosen when the library loads. Each element goes through the same operations
-// in the same order in both (no FMA contraction: -ffp-contract=off), so both give
-// bit-identical results.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FI_ROW_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FI_ROW_CLONES
-#endif
-
-#define FI_ROW_LOOPS(T)                                                                                   \
-  /* d = a·w0 + b·w1 (torch's order) */                                                                 \
-  FI_ROW_CLONES void row_blend(const T* a, const T* b, T w0, T w1, T* d, int64_t n) {                    \
-    for (int64_t p = 0; p < n; ++p) d[p] = a[p] * w0 + b[p] * w1;                                        \
-  }                                                                                                      \
-  /* o += w·g */                                                                                         \
-  FI_ROW_CLONES void row_axpy(T* o, const T* g, T w, int64_t n) {                                        \
-    for (int64_t p = 0; p < n; ++p) o[p] += w * g[p];                                                    \
-  }                                                                                                      \
-  FI_ROW_CLONES void row_add(T* o, const T* g, int64_t n) {                                              \
-    for (int64_t p = 0; p < n; ++p) o[p] += g[p];                                                        \
-  }                                                                                                      \
-  /* d[X] = src[i0[X]]·w0[X] + src[i1[X]]·w1[X] */                                                       \
-  FI_ROW_CLONES void row_gather2(const T* src, const int64_t* i0, const int64_t* i1, const T* w0,       \
-                                 const T* w1, T* d, int64_t n) {                                         \
-    for (int64_t p = 0; p < n; ++p) d[p] = src[i0[p]] * w0[p] + src[i1[p]] * w1[p];                      \
-  }
-FI_ROW_LOOPS(float)
-FI_ROW_LOOPS(double)
-#undef FI_ROW_LOOPS
 
 // One axis of the resize: output index -> two source indices and their weights (nearest: one).
 template <typename T>
@@ -143,6 +118,21 @@ Axis<T> make_axis(int64_t in, int64_t out, int64_t interp, bool align_corners) {
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// body(next) on each of torch's intra-op threads, next() handing out the tasks 0 .. n − 1 one at
+// a time (then −1) from a shared counter rather than in fixed shares: on a machine shared with
+// other jobs, a thread that starts late or is descheduled leaves its tasks to the others instead
+// of holding the pass up by a whole share. Which thread runs a task never changes a result.
+template <typename F>
+void for_each_task(int64_t n, F&& body) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < n ? t : -1;
+  };
+  const int64_t threads = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(next); });
+}
+
 // Pixels per block: about 8 K interpolated logits (L1-sized), a multiple of kBlockAlign.
 int64_t block_pixels(int64_t C, int64_t Wp) {
   int64_t p = std::max<int64_t>((8192 / C) / kBlockAlign * kBlockAlign, kBlockAlign);
@@ -154,10 +144,14 @@ template <typename T>
 struct Resize {
   using Acc = T;
   int64_t B, C, h, w, H, W, Wp;  // Wp: W rounded up to kBlockAlign (row buffers are padded)
+  // The class stride of the row buffers: one vector more than Wp, never a power of two, so that
+  // the C lines a block kernel reads (or adds) for one vector of pixels spread over the cache
+  // sets (with W = 512 a stride of 2 KB would put them into a few).
+  int64_t Ws;
   int64_t sb, sc, sh, sw;        // strides of the low-resolution logits (any layout)
   bool nearest;
   Axis<T> ay, ax;
-  std::vector<int64_t> ox0, ox1;  // x0(X)·sw, x1(X)·sw
+  std::vector<int32_t> xi0, xi1;  // ax.i0, ax.i1 as the int32 lanes of resize_row
 };
 
 template <typename T>
@@ -170,6 +164,7 @@ Resize<T> make_resize(const Tensor& x, int64_t H, int64_t W, int64_t interp, boo
   r.H = H;
   r.W = W;
   r.Wp = round_up(W, kBlockAlign);
+  r.Ws = r.Wp + kBlockAlign;
   r.sb = x.stride(0);
   r.sc = x.stride(1);
   r.sh = x.stride(2);
@@ -177,23 +172,22 @@ Resize<T> make_resize(const Tensor& x, int64_t H, int64_t W, int64_t interp, boo
   r.nearest = interp == kNearest;
   r.ay = make_axis<T>(r.h, H, interp, align_corners);
   r.ax = make_axis<T>(r.w, W, interp, align_corners);
-  r.ox0.resize(W);
-  r.ox1.resize(W);
-  for (int64_t X = 0; X < W; ++X) {
-    r.ox0[X] = r.ax.i0[X] * r.sw;
-    r.ox1[X] = r.ax.i1[X] * r.sw;
-  }
+  TORCH_CHECK(r.w <= std::numeric_limits<int32_t>::max(),
+              "fused_imbalance: upsampling needs a low-resolution width below 2^31, got ", r.w);
+  r.xi0.assign(r.ax.i0.begin(), r.ax.i0.end());
+  r.xi1.assign(r.ax.i1.begin(), r.ax.i1.end());
   return r;
 }
 
-// The horizontal pass of low-resolution rows, class-major (class k at [k * Wp + X], zero
-// padding up to Wp), cached two at a time: consecutive full-resolution rows use the same or
+// The horizontal pass of low-resolution rows, class-major (class k at [k * Ws + X], zero
+// padding up to Ws), cached two at a time: consecutive full-resolution rows use the same or
 // the next low-resolution rows, so each is computed once per run of rows.
 template <typename X, typename T>
 class RowCache {
  public:
   RowCache(const Resize<T>& r, const X* x) : r_(r), x_(x) {
-    for (int i = 0; i < 2; ++i) buf_[i].assign(r.C * r.Wp, T(0));
+    for (int i = 0; i < 2; ++i) buf_[i].assign(r.C * r.Ws, T(0));
+    if (!std::is_same<X, T>::value || r.sw != 1) src_.resize(r.w);
   }
 
   // Row y of image b; `keep` (another row) is not evicted.
@@ -208,26 +202,39 @@ class RowCache {
   }
 
  private:
-  void fill(int64_t b, int64_t y, T* out) const {
-    const int64_t W = r_.W;
+  // The class rows are read in place when they are contiguous rows of the accumulation dtype
+  // (NCHW float32/float64), else through a widened contiguous copy (the same values).
+  void fill(int64_t b, int64_t y, T* out) {
+    // Class rows lie a plane apart, so the hardware does not fetch them ahead: ask for the row
+    // kAhead classes on (a hint, no effect on any value).
+    constexpr int64_t kAhead = 8, kLine = 64 / sizeof(X);
+    const X* base = x_ + b * r_.sb + y * r_.sh;
+    auto prefetch_row = [&](int64_t k) {
+      if (k >= r_.C || r_.sw != 1) return;
+      for (int64_t o = 0; o < r_.w; o += kLine) __builtin_prefetch(base + k * r_.sc + o);
+      __builtin_prefetch(base + k * r_.sc + r_.w - 1);
+    };
+    for (int64_t k = 0; k < kAhead; ++k) prefetch_row(k);
     for (int64_t k = 0; k < r_.C; ++k) {
-      const X* src = x_ + b * r_.sb + k * r_.sc + y * r_.sh;  // int64: B*C*h*w can exceed 2^31
-      T* dst = out + k * r_.Wp;
-      if (r_.nearest) {
-        for (int64_t X0 = 0; X0 < W; ++X0) dst[X0] = static_cast<T>(src[r_.ox0[X0]]);
-      } else if constexpr (std::is_same<X, T>::value) {
-        row_gather2(src, r_.ox0.data(), r_.ox1.data(), r_.ax.w0.data(), r_.ax.w1.data(), dst, W);
+      prefetch_row(k + kAhead);
+      const X* src = base + k * r_.sc;  // int64: B*C*h*w can exceed 2^31
+      const T* row;
+      if (src_.empty()) {
+        row = reinterpret_cast<const T*>(src);
       } else {
-        // torch's order: x[x0]·w0 + x[x1]·w1
-        for (int64_t X0 = 0; X0 < W; ++X0)
-          dst[X0] = static_cast<T>(src[r_.ox0[X0]]) * r_.ax.w0[X0] + static_cast<T>(src[r_.ox1[X0]]) * r_.ax.w1[X0];
+        for (int64_t xs = 0; xs < r_.w; ++xs) src_[xs] = static_cast<T>(src[xs * r_.sw]);
+        row = src_.data();
       }
+      // torch's order: x[x0]·w0 + x[x1]·w1
+      resize_row(row, r_.w, r_.xi0.data(), r_.xi1.data(), r_.ax.w0.data(), r_.ax.w1.data(), r_.nearest,
+                 out + k * r_.Ws, r_.W);
     }
   }
 
   const Resize<T>& r_;
   const X* x_;
   std::vector<T> buf_[2];
+  std::vector<T> src_;  // one widened low-resolution class row, unless read in place
   int64_t tag_[2] = {-1, -1};
 };
 
@@ -237,13 +244,13 @@ class RowCache {
 template <typename T>
 std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0, const T* r1, int64_t Y,
                                                 int64_t X0, int64_t P, std::vector<T>& buf) {
-  if (r.nearest) return {r0 + X0, r.Wp};
+  if (r.nearest) return {r0 + X0, r.Ws};
   const T w0 = r.ay.w0[Y], w1 = r.ay.w1[Y];
   for (int64_t k = 0; k < r.C; ++k) {
-    const T* a = r0 + k * r.Wp + X0;
-    const T* b = r1 + k * r.Wp + X0;
+    const T* a = r0 + k * r.Ws + X0;
+    const T* b = r1 + k * r.Ws + X0;
     T* d = buf.data() + k * P;
-    row_blend(a, b, w0, w1, d, P);  // torch's order: h0·wy0 + h1·wy1
+    blend_rows(a, b, w0, w1, d, P);  // torch's order: h0·wy0 + h1·wy1
   }
   return {buf.data(), P};
 }
@@ -265,7 +272,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
   const int64_t Pb = block_pixels(C, r.Wp);
 
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  for_each_task(chunks, [&](auto&& next) {
     RowCache<X, T> cache(r, xd);
     std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb);
     std::vector<int32_t> y(Pb), argmax(Pb);
@@ -278,7 +285,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     fb.gamma = gamma;
     fb.loss = loss.data();
     fb.argmax = argmax.data();
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+    for (int64_t chunk; (chunk = next()) >= 0;) {
       banks.clear();
       int64_t bad = 0;
       const int64_t row_end = std::min(rows, (chunk + 1) * per);
@@ -303,27 +310,18 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   slots.finish<T>(out);
 }
 
-// Bands of low-resolution rows per image for the backward: the tasks (B·bands) are shared out
-// in equal contiguous runs by at::parallel_for, so the plan minimises the rows the busiest
-// thread handles, counting the one full-resolution row pair a band boundary repeats. Only the
-// amount of repeated work depends on it, never a result.
+// Bands of low-resolution rows per image for the backward: tasks (B·bands) enough for two per
+// thread, so that for_each_task can even out threads that run late, but bands of at least 8
+// rows, as each band boundary repeats the full-resolution rows between two low-resolution rows
+// (about 1/R of the work for bands of R rows). Only the amount of repeated work depends on the
+// plan, never a result.
 int64_t plan_bands(int64_t B, int64_t h, int64_t threads) {
-  int64_t best = 1, best_cost = -1;
-  const int64_t first = std::max<int64_t>(1, (threads + B - 1) / B);
-  for (int64_t bands = first; bands <= std::min(h, first + 8); ++bands) {
-    const int64_t R = (h + bands - 1) / bands;
-    const int64_t per_thread = (B * bands + threads - 1) / threads;  // tasks of the busiest thread
-    const int64_t cost = per_thread * (R + (bands > 1 ? 1 : 0));
-    if (best_cost < 0 || cost < best_cost) {
-      best = bands;
-      best_cost = cost;
-    }
-  }
-  return best;
+  const int64_t want = (2 * threads + B - 1) / B;
+  return std::max<int64_t>(1, std::min(want, h / 8));
 }
 
 // The transposed horizontal interpolation of one low-resolution row, class k:
-// out[k * w + x] = Σ_t tap_w[t] · v[k * Wp + tap_X[t]] over the taps of x in increasing X.
+// out[k * w + x] = Σ_t tap_w[t] · v[k * Ws + tap_X[t]] over the taps of x in increasing X.
 template <typename T>
 struct Taps {
   std::vector<int64_t> start;  // (w + 1,) taps of x: [start[x], start[x + 1])
@@ -354,7 +352,7 @@ template <typename X, typename T, typename L>
 void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* grad_pixel,
                          int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
                          const T* tvals, int64_t ignore_index, Tensor& grad) {
-  const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp;
+  const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp, Ws = r.Ws;
   const X* xd = x.data_ptr<X>();
   X* gd = grad.data_ptr<X>();
   const int64_t gsb = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
@@ -362,11 +360,13 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
   const int64_t bands = plan_bands(r.B, h, threads), R = (h + bands - 1) / bands;
   const int64_t Pb = block_pixels(C, Wp);
   const Taps<T> taps = make_taps(r);
+  const int64_t Cp = round_up(C, 8);  // whole vectors in the tap sums (8 floats, two 4-double vectors)
 
-  at::parallel_for(0, r.B * bands, 1, [&](int64_t t0, int64_t t1) {
+  for_each_task(r.B * bands, [&](auto&& next) {
     RowCache<X, T> cache(r, xd);
-    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(4 * w);
-    std::vector<T> vacc[2] = {std::vector<T>(C * Wp), std::vector<T>(C * Wp)};
+    // vt and hg: pixel-major, rows of Cp >= C classes (whole vectors; the padding stays 0)
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(w * Cp), vt(W * Cp, T(0));
+    std::vector<T> vacc[2] = {std::vector<T>(C * Ws), std::vector<T>(C * Ws)};
     std::vector<int32_t> y(Pb);
     BwdBlock<T> bb;
     bb.C = C;
@@ -374,8 +374,9 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     bb.tvy = tvy.data();
     bb.coef = coef.data();
     bb.gamma = gamma;
-    bb.g = gbuf.data();
-    for (int64_t task = t0; task < t1; ++task) {
+    bb.g = gbuf.data();  // scratch: the gradient goes straight into the accumulators
+    bb.acc_stride = Ws;  // the row buffers' layout (Resize::Ws)
+    for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / bands, ya = (task % bands) * R, yb = std::min(h, ya + R);
       int64_t open[2] = {-1, -1};  // the low-resolution row accumulating in vacc[ys & 1]
       int64_t written = ya;        // rows [ya, written) of the band are in grad
@@ -385,38 +386,18 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
         for (; written < ys; ++written)
           for (int64_t k = 0; k < C; ++k)
             for (int64_t xs = 0; xs < w; ++xs) gd[b * gsb + k * gsc + written * gsh + xs * gsw] = X(0);
-        // Four classes at a time: four independent sums share the tap loads.
-        const T* v = vacc[ys & 1].data();
-        for (int64_t k0 = 0; k0 < C; k0 += 4) {
-          const int64_t nk = std::min<int64_t>(4, C - k0);
-          for (int64_t xs = 0; xs < w; ++xs) {
-            const int64_t t0 = taps.start[xs], t1 = taps.start[xs + 1];
-            if (nk == 4) {  // four sums in registers
-              T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-              for (int64_t t = t0; t < t1; ++t) {
-                const T wt = taps.w[t];
-                const T* vx = v + k0 * Wp + taps.X[t];
-                s0 += wt * vx[0];
-                s1 += wt * vx[Wp];
-                s2 += wt * vx[2 * Wp];
-                s3 += wt * vx[3 * Wp];
-              }
-              hg[xs] = s0;
-              hg[w + xs] = s1;
-              hg[2 * w + xs] = s2;
-              hg[3 * w + xs] = s3;
-            } else {
-              for (int64_t j = 0; j < nk; ++j) {
-                T sj = T(0);
-                for (int64_t t = t0; t < t1; ++t) sj += taps.w[t] * v[(k0 + j) * Wp + taps.X[t]];
-                hg[j * w + xs] = sj;
-              }
-            }
-          }
-          for (int64_t j = 0; j < nk; ++j) {
-            X* dst = gd + b * gsb + (k0 + j) * gsc + ys * gsh;  // int64 offsets
-            for (int64_t xs = 0; xs < w; ++xs) dst[xs * gsw] = static_cast<X>(hg[j * w + xs]);
-          }
+        // Pixel-major (vt[X * C + k], a tiled transpose), so that the tap sums of a
+        // low-resolution pixel run over contiguous class vectors.
+        block_to_rows(vacc[ys & 1].data(), Ws, W, C, vt.data(), Cp);
+        tap_sums(vt.data(), Cp, taps.start.data(), taps.X.data(), taps.w.data(), w, hg.data());  // hg[xs * Cp + k]
+        X* dst = gd + b * gsb + ys * gsh;  // int64 offsets
+        if (std::is_same<X, T>::value && gsw == 1) {  // NCHW: back to class-major, tiled
+          rows_to_block(hg.data(), Cp, w, C, reinterpret_cast<T*>(dst), gsc);
+        } else if (std::is_same<X, T>::value && gsc == 1) {  // channels_last: a pixel's classes are contiguous
+          for (int64_t xs = 0; xs < w; ++xs) std::copy(hg.data() + xs * Cp, hg.data() + xs * Cp + C, dst + xs * gsw);
+        } else {
+          for (int64_t xs = 0; xs < w; ++xs)
+            for (int64_t k = 0; k < C; ++k) dst[k * gsc + xs * gsw] = static_cast<X>(hg[xs * Cp + k]);
         }
         written = ys + 1;
         open[ys & 1] = -1;
@@ -452,19 +433,14 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
           bb.P = P;
           bb.g_stride = P;
+          // Vertical transpose: the block's gradient, weighted, added into its low-resolution
+          // rows by the block kernel (padding lanes add 0). Each element sums its
+          // full-resolution rows in increasing Y, the y0 row's term before the y1 row's.
+          bb.acc0 = a0 != nullptr ? a0 + X0 : a1 + X0;
+          bb.acc_w0 = a0 != nullptr ? (r.nearest ? T(1) : wy0) : wy1;
+          bb.acc1 = a0 != nullptr && a1 != nullptr ? a1 + X0 : nullptr;
+          bb.acc_w1 = wy1;
           loss_bwd_block(mode, bb);
-          // Vertical transpose: the block's gradient, weighted, into its low-resolution rows
-          // (padding lanes add 0). Each element sums its full-resolution rows in increasing Y.
-          for (int64_t k = 0; k < C; ++k) {
-            const T* g = gbuf.data() + k * P;
-            if (a0 != nullptr) {
-              if (r.nearest)
-                row_add(a0 + k * Wp + X0, g, P);
-              else
-                row_axpy(a0 + k * Wp + X0, g, wy0, P);
-            }
-            if (a1 != nullptr) row_axpy(a1 + k * Wp + X0, g, wy1, P);
-          }
         }
       }
       flush_below(yb);

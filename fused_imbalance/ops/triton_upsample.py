@@ -22,20 +22,22 @@ The classes are a compile-time loop (``tl.static_range``, C a constexpr, one com
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
 running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, groups of at most 16 (backward: at most 12; a loop over groups beyond 32
-classes). Offsets inside an image are
+group holds them all; beyond, groups of at most 12 (forward: 8 with the argmax, 6 in float64, 4 for
+the sigmoid focal terms; backward: 6 for the sigmoid focal terms, 4 in float64; a loop over groups
+beyond 32 classes). Offsets inside an image are
 32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
 int64.
 
 Forward (``_up_fwd_kernel``). A program owns R consecutive low-resolution rows of one image and
 BLOCK_X consecutive output columns, one column per thread: it walks the rows y of its band and,
 for each, the output rows Y of segment y in steps of TY rows, i.e. every output row whose first
-source row is in the band. (TY is 1 on a GPU: more rows per thread ran out of registers; the
-interpreter, whose cost is per step, takes a whole segment and one band per image.)
+source row is in the band. (On a GPU TY is 1 with cached rows, since more rows per thread ran out
+of registers, and with class groups up to 4, about a whole segment; the interpreter, whose cost is
+per step, takes a whole segment and one band per image.)
 With C <= ``_CACHE_C`` the horizontal passes of rows y and y + 1 are kept in registers
 (2·C values per thread), computed once per low-resolution row of the band (R + 1 per band) and
-reused by the H/h output rows of the segment; beyond, each output row recomputes them per class
-group (4 gathered loads, cache hits, and 3 multiply-adds per logit). Per pixel: the label, the
+reused by the H/h output rows of the segment; beyond, each step recomputes them per class
+group (4 gathered loads, cache hits, and 3 multiply-adds per class, for the TY rows of the step). Per pixel: the label, the
 softmax in one max pass and one exp pass over the group's interpolated values, or the per-class
 terms of the elementwise modes; the label's interpolated logit is 4 gathered loads per pixel.
 Class statistics as in the static forward: per-thread registers written once per program as a
@@ -72,11 +74,19 @@ floor is the labels plus the low-resolution logits once, or three times for the 
 * backward, C <= ``_FUSED_C``: the vertical blend, the softmax (1 exp), the gradient (3), four
   multiply-adds into the accumulators, the horizontal passes per column amortised over the H/h
   rows of a segment; redundant work: the halo row (1/R of the rows) and the halo column (1/BLOCK_X).
-* more classes: forward + 4 gathered loads and 3 multiply-adds per logit for the interpolation
-  (C > ``_CACHE_C``); backward (C > ``_FUSED_C``) the gradient needs one exp per logit and the
+* more classes: forward + 4 gathered loads and 3 multiply-adds per class and step of TY rows for the
+  interpolation (C > ``_CACHE_C``); backward (C > ``_FUSED_C``) the gradient needs one exp per logit and the
   horizontal passes once per group, plus the coefficient launch (a forward without statistics)
   and 8-12 bytes per output pixel written and read back.
 ``benchmarks/sm90_upsample_driver.py`` estimates what this costs on an H100 (compile-only).
+
+What bounds it: every softmax mode needs at least one exponential per output logit, and the
+special-function unit that computes it retires 16 per clock per SM on sm_90, an eighth of the
+issue rate: about 1.3 exponentials per byte of an H100's copy bandwidth. At 4x upsampling the
+byte floor is only 0.2-0.7 bytes per output logit, so these passes need 1.5 (19 float32 classes)
+to 5.6 (150 bfloat16 classes) exponentials per byte: they are compute-bound by construction, and
+their ceiling is the special-function rate (about 85 % of the floor's speed for 19 float32
+classes, 23 % for 150 bfloat16 classes), not the memory.
 """
 from typing import Optional
 
@@ -91,7 +101,7 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_bwd_softmax_coefs, _i64, _labels, _lse,
+    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _i64, _labels, _lse,
                                  _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -102,11 +112,12 @@ _CACHE_C = 24  # up to this class count the forward has one class group and cach
 _FUSED_C = 12  # up to this class count the backward computes the softmax itself (one group): registers
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
-_GROUP = 16  # forward classes per group beyond _CACHE_C (8 for float64 and the sigmoid focal terms; backward 3/4, float64 1/2)
+_GROUP = 12  # classes per group beyond _CACHE_C (_FUSED_C backward): see _class_plan
 _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
 _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
-_FWD_TY = 1  # output rows per step of the forward with cached rows (more ran out of registers; 2 without)
+_FWD_TY = 1  # output rows per step of the forward with cached rows (more ran out of registers)
+_FWD_TY_GROUPS = 4  # at most this many output rows per step of the forward with class groups (_fwd_step)
 _BWD_TY = 1  # output rows per step of the backward
 
 
@@ -220,7 +231,12 @@ if triton is not None:
             if MODE == 3:
                 s2r = s2r * (alpha * alpha)
             for k in tl.static_range(NCLS):
-                e = tl.exp(vals[k] - ms)
+                # float32: exp2((v - ms) log2(e)), the special-function ex2 alone (tl.exp adds range
+                # fix-ups, three more instructions per logit), as in the static kernels
+                if ms.dtype == tl.float64:
+                    e = tl.exp(vals[k] - ms)
+                else:
+                    e = tl.exp2((vals[k] - ms) * _LOG2E)
                 s += e
                 if NEED_REST:
                     er = tl.where(y32 == c0 + k, 0.0, e)
@@ -309,6 +325,7 @@ if triton is not None:
         STORE_PL: tl.constexpr,  # write the per-pixel loss
         REG_STATS: tl.constexpr,  # class statistics in registers (C <= 32)
         NEED_TP: tl.constexpr,  # count true positives
+        PACK_TP: tl.constexpr,  # REG_STATS and NEED_TP: counts and true positives in one int32 (H < 2**16)
         CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
         COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
         HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
@@ -424,7 +441,11 @@ if triton is not None:
                         tl.store(pl_ptr + n, lv, mask=pm)
                     hit = valid & (am == y32)
                     if REG_STATS:
-                        # per-thread running sums: a compare and predicated adds per pixel and class
+                        # per-thread running sums: a compare and predicated adds per pixel and class;
+                        # with PACK_TP the count in the low 16 bits and the true positives above
+                        # (a thread counts fewer than 2**16 pixels: at most H rows of one column)
+                        if PACK_TP:
+                            inc = tl.where(hit, 0x10001, 1)
                         nl = ()
                         nc = ()
                         nt = ()
@@ -434,8 +455,11 @@ if triton is not None:
                                 nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 0),)
                             else:
                                 nl = nl + (lacc[c],)
-                            nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 0),)
-                            if NEED_TP:
+                            if PACK_TP:
+                                nc = nc + (cacc[c] + tl.sum(tl.where(is_c, inc, 0), 0),)
+                            else:
+                                nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 0),)
+                            if NEED_TP and not PACK_TP:
                                 nt = nt + (tacc[c] + tl.sum((is_c & hit).to(tl.int32), 0),)
                             else:
                                 nt = nt + (tacc[c],)
@@ -462,9 +486,13 @@ if triton is not None:
                 for c in tl.static_range(C):
                     if HAS_LOSS:
                         tl.store(lrow_ptr + pid64 * C + c, tl.sum(lacc[c], 0))
-                    tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c], 0))
-                    if NEED_TP:
-                        tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
+                    if PACK_TP:
+                        tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c] & 0xFFFF, 0))
+                        tl.store(trow_ptr + pid64 * C + c, tl.sum(cacc[c] >> 16, 0))
+                    else:
+                        tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c], 0))
+                        if NEED_TP:
+                            tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
             tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
 
     @triton.jit
@@ -479,7 +507,10 @@ if triton is not None:
             if PRE:
                 ps = ()
                 for k in tl.static_range(NCLS):
-                    ps = ps + (tl.exp(vals[k] - lse),)
+                    if lse.dtype == tl.float64:
+                        ps = ps + (tl.exp(vals[k] - lse),)
+                    else:
+                        ps = ps + (tl.exp2((vals[k] - lse) * _LOG2E),)
             else:
                 NEED_REST: tl.constexpr = FOCAL or MODE == 3
                 m = tl.full(y32.shape, float("-inf"), acc_ty)
@@ -492,7 +523,10 @@ if triton is not None:
                 xy = s
                 es = ()
                 for k in tl.static_range(NCLS):
-                    e = tl.exp(vals[k] - ms)
+                    if ms.dtype == tl.float64:
+                        e = tl.exp(vals[k] - ms)
+                    else:
+                        e = tl.exp2((vals[k] - ms) * _LOG2E)
                     es = es + (e,)
                     s += e
                     oh = y32 == k
@@ -758,15 +792,23 @@ class _Geometry:
         self.off64 = extent >= 2 ** 31
 
 
-def _class_plan(C, mode, f64, bwd=False):
-    """(GROUP, LOOP, CACHE) of a class count (see the module docstring). The backward holds four
-    accumulators and two horizontal passes per class of a group: 3/4 of the forward's groups (1/2 in float64)."""
+def _class_plan(C, mode, f64, bwd=False, need_am=False):
+    """(GROUP, LOOP, CACHE) of a class count (see the module docstring). A forward group holds
+    ``_fwd_step`` rows of interpolated values per class (and with ``need_am`` the running argmax);
+    the backward four accumulators and two horizontal passes per class. Smaller groups for the
+    sigmoid focal terms and float64: these sizes are the largest that compile without register
+    spills on sm_90 (tests/test_sm90_compile.py)."""
     cache = C <= (_FUSED_C if bwd else _CACHE_C)
     if cache:
         return C, False, True
-    group = _GROUP // 2 if (f64 or mode == Mode.SIGMOID_FOCAL) else _GROUP
     if bwd:
-        group = group // 2 if f64 else group * 3 // 4  # float64 groups of 5 spilled
+        group = 4 if f64 else (6 if mode == Mode.SIGMOID_FOCAL else _GROUP)
+    elif mode == Mode.SIGMOID_FOCAL:
+        group = 4  # in steps of 2 rows (8 spilled on triton 3.6)
+    elif f64:
+        group = 6  # in steps of 2 rows
+    else:
+        group = 8 if need_am and mode != Mode.STATS else _GROUP  # in steps of 4 rows
     loop = C > _UNROLL_C
     if not loop:
         group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
@@ -780,12 +822,21 @@ def _seg_bound(n_in, n_out):
     return _np2(_cdiv(3 * n_out, 2 * max(n_in, 1)) + 1)
 
 
-def _fwd_tile(geo, C):
+def _fwd_tile(geo, C, mode, f64):
     """(BLOCK_X, R, TY, num_warps) of the forward: one output column per thread."""
     if _interpret():  # the interpreter's cost is per step: one band, all columns, whole segments
         return _np2(geo.W), geo.h, _seg_bound(geo.h, geo.H), 4
     block = min(128, max(32, _np2(geo.W)))
-    return block, _FWD_ROWS, _FWD_TY if C <= _CACHE_C else 2, block // 32
+    return block, _FWD_ROWS, _fwd_step(geo, C, mode, f64), block // 32
+
+
+def _fwd_step(geo, C, mode, f64):
+    """Output rows per step of the forward on a GPU: 1 with cached rows; with class groups a step
+    covers a segment of up to 4 rows (2 for float64 and the sigmoid focal terms), about H / h, so
+    each group's horizontal passes are computed once per step."""
+    if C <= _CACHE_C:
+        return _FWD_TY
+    return min(2 if f64 or mode == Mode.SIGMOID_FOCAL else _FWD_TY_GROUPS, _np2(_cdiv(geo.H, geo.h)))
 
 
 def _bwd_tile(geo):
@@ -825,12 +876,13 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
     """One launch of ``_up_fwd_kernel``: the forward, or (``coef`` = (a, lse, q) buffers) the
     backward's per-pixel scalars. Returns (pl, lrow, crow, trow, bad, conf, conf_mode, reg)."""
     B, C = x.shape[0], x.shape[1]
-    block, R, ty, warps = _fwd_tile(geo, C)
+    is_coef = coef is not None
+    f64 = acc == torch.float64
+    block, R, ty, warps = _fwd_tile(geo, C, mode, f64)
     bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
     P = B * bands * xblocks
-    group, loop, cache = _class_plan(C, mode, acc == torch.float64)
+    group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef)
     has_loss = mode != Mode.STATS
-    is_coef = coef is not None
     reg = C <= _REG_STATS_C and not is_coef
     store_pl = not is_coef and (store_pl or (has_loss and not reg))
     pl = x.new_empty(t.numel() if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
@@ -859,7 +911,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         ignore_index, gamma,
         C=C, GROUP=group, LOOP=loop, CACHE=cache, MODE=int(mode),
         FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL), STORE_PL=store_pl, REG_STATS=reg,
-        NEED_TP=need_tp and not is_coef, CONF=conf_mode, COEF=is_coef, HAS_GP=grad_pixel is not None,
+        NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < 2 ** 16, CONF=conf_mode, COEF=is_coef, HAS_GP=grad_pixel is not None,
         HAS_GC=grad_class is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64, R=R, TY=ty,
         BLOCK_X=block, num_warps=warps)
     return pl, lrow, crow, trow, bad, conf, conf_mode, reg
