@@ -122,14 +122,27 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // a time (then −1) from a shared counter rather than in fixed shares: on a machine shared with
 // other jobs, a thread that starts late or is descheduled leaves its tasks to the others instead
 // of holding the pass up by a whole share. Which thread runs a task never changes a result.
+// At most one thread per kGrain interpolated logits of work: on a small input the threads'
+// start-up and wait cost more than they save (and much more on a busy machine), as with the
+// grain size of at::parallel_for.
+constexpr int64_t kGrain = 1 << 16;
+
+int64_t useful_threads(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kGrain));
+}
+
 template <typename F>
-void for_each_task(int64_t n, F&& body) {
+void for_each_task(int64_t n, int64_t threads, F&& body) {
   std::atomic<int64_t> counter{0};
   auto next = [&]() -> int64_t {
     const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
     return t < n ? t : -1;
   };
-  const int64_t threads = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  threads = std::max<int64_t>(1, std::min(n, threads));
+  if (threads == 1) {
+    body(next);
+    return;
+  }
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(next); });
 }
 
@@ -272,7 +285,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
   const int64_t Pb = block_pixels(C, r.Wp);
 
-  for_each_task(chunks, [&](auto&& next) {
+  for_each_task(chunks, useful_threads(rows * W * C), [&](auto&& next) {
     RowCache<X, T> cache(r, xd);
     std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb);
     std::vector<int32_t> y(Pb), argmax(Pb);
@@ -356,13 +369,13 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
   const X* xd = x.data_ptr<X>();
   X* gd = grad.data_ptr<X>();
   const int64_t gsb = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = useful_threads(r.B * r.H * W * C);
   const int64_t bands = plan_bands(r.B, h, threads), R = (h + bands - 1) / bands;
   const int64_t Pb = block_pixels(C, Wp);
   const Taps<T> taps = make_taps(r);
   const int64_t Cp = round_up(C, 8);  // whole vectors in the tap sums (8 floats, two 4-double vectors)
 
-  for_each_task(r.B * bands, [&](auto&& next) {
+  for_each_task(r.B * bands, threads, [&](auto&& next) {
     RowCache<X, T> cache(r, xd);
     // vt and hg: pixel-major, rows of Cp >= C classes (whole vectors; the padding stays 0)
     std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(w * Cp), vt(W * Cp, T(0));
