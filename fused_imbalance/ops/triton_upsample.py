@@ -162,6 +162,15 @@ def _segments(i0, n_in):
 if triton is not None:
 
     @triton.jit
+    def _in_image(s0, s1, s2, OFF64: tl.constexpr):
+        """Three strides as the offsets inside an image are computed: int64 with OFF64, else as given."""
+        if OFF64:
+            s0 = _i64(s0)
+            s1 = _i64(s1)
+            s2 = _i64(s2)
+        return s0, s1, s2
+
+    @triton.jit
     def _hrow(xp, off, o0, o1, wx0, wx1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
               TAP2_X: tl.constexpr):
         """Horizontal passes of one low-resolution row (``off`` = its row offset) at the lanes'
@@ -345,14 +354,7 @@ if triton is not None:
         SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
         X = xb * BLOCK_X + tl.arange(0, BLOCK_X)
         xm = X < W
-        if OFF64:
-            sc = _i64(stride_c)
-            sh = _i64(stride_h)
-            sw = _i64(stride_w)
-        else:
-            sc = stride_c
-            sh = stride_h
-            sw = stride_w
+        sc, sh, sw = _in_image(stride_c, stride_h, stride_w, OFF64)
         # the horizontal taps and weights: once per output column
         x0 = tl.load(ax0_ptr + X, mask=xm, other=0)
         o0 = x0 * sw
@@ -720,20 +722,8 @@ if triton is not None:
             xl = xb * BLOCK_X + lane
             lm = xl < w
             om = lm
-        if OFF64:
-            sc = _i64(stride_c)
-            sh = _i64(stride_h)
-            sw = _i64(stride_w)
-            gsc = _i64(gstride_c)
-            gsh = _i64(gstride_h)
-            gsw = _i64(gstride_w)
-        else:
-            sc = stride_c
-            sh = stride_h
-            sw = stride_w
-            gsc = gstride_c
-            gsh = gstride_h
-            gsw = gstride_w
+        sc, sh, sw = _in_image(stride_c, stride_h, stride_w, OFF64)
+        gsc, gsh, gsw = _in_image(gstride_c, gstride_h, gstride_w, OFF64)
         s0 = tl.load(sx0_ptr + xl, mask=lm, other=0)
         s1 = tl.load(sx1_ptr + xl, mask=lm, other=0)
         span = tl.max(s1 - s0, 0)  # the longest column segment of the block
