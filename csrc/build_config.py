@@ -72,8 +72,9 @@ def sources(cuda):
 
 def cxx_flags():
     # -O3 without -march: the kernels carry their own AVX2/AVX-512 copies (loss_kernels.cpp),
-    # so the binary does not depend on the CPU of the build machine. No FMA contraction, so
-    # every copy rounds identically. -g0 overrides the -g of Python's own flags (debug info of
+    # so the binary does not depend on the CPU of the build machine. No FMA contraction: the
+    # kernels fuse a multiply-add only where they say so (simd.h: fmadd), the same in every
+    # copy that has FMA, so those copies round identically. -g0 overrides the -g of Python's own flags (debug info of
     # the kernel templates only slows the build). OpenMP: at::parallel_for is OpenMP in torch's CPU
     # build, and its header only forks threads when the extension is compiled with it.
     flags = ["-O3", "-g0", "-ffp-contract=off", "-Wno-psabi"]

@@ -49,8 +49,8 @@ struct BwdBlock {
   double gamma;
   // Optional (the upsampled backward, upsample_cpu.cpp): with acc0 set, the gradient is not
   // stored into g (then only scratch) but added, times acc_w0, into acc0[k * acc_stride + p]
-  // and, with acc1 set, times acc_w1 into acc1: o += w·g, element by element, exactly as a
-  // separate pass over g would add it.
+  // and, with acc1 set, times acc_w1 into acc1: o += w·g, element by element (a fused
+  // multiply-add in the copies that have one).
   T* acc0 = nullptr;
   T* acc1 = nullptr;
   T acc_w0 = T(0), acc_w1 = T(0);

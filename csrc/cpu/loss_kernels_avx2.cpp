@@ -9,11 +9,14 @@
 #include <limits>
 #include <type_traits>
 
+#include <immintrin.h>  // _mm256/_mm512_fmadd: always inline, compiled only where called
+
 #include "loss_kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC target("avx2,fma")
 #define FI_ISA avx2
 #define FI_VECTOR_BYTES 32
+#define FI_FMA 1
 #include "loss_kernels_impl.h"
 #endif

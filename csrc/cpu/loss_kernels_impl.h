@@ -41,7 +41,7 @@ FI_INLINE typename Vec<T>::V zero_unlabelled(typename Vec<T>::I yv, typename Vec
 }
 
 // The gradient of class k, pixels j .. j + W: stored into g, or (ACC: BwdBlock::acc0 set) added
-// into the accumulators, o + w·g as a separate pass over g would add it.
+// into the accumulators, o = fmadd(w, g, o).
 template <typename T, bool ACC>
 FI_INLINE void put_grad(const BwdBlock<T>& b, int64_t k, int64_t j, typename Vec<T>::V g) {
   using V = typename Vec<T>::V;
@@ -49,10 +49,10 @@ FI_INLINE void put_grad(const BwdBlock<T>& b, int64_t k, int64_t j, typename Vec
     store(b.g + j + k * b.g_stride, g);
   } else {
     T* a0 = b.acc0 + k * b.acc_stride + j;
-    store(a0, load<V>(a0) + splat<V>(b.acc_w0) * g);
-    if (b.acc1 != nullptr) {  // may be acc0 itself: then a second add, as a second pass would
+    store(a0, fmadd(splat<V>(b.acc_w0), g, load<V>(a0)));
+    if (b.acc1 != nullptr) {  // may be acc0 itself: then a second add
       T* a1 = b.acc1 + k * b.acc_stride + j;
-      store(a1, load<V>(a1) + splat<V>(b.acc_w1) * g);
+      store(a1, fmadd(splat<V>(b.acc_w1), g, load<V>(a1)));
     }
   }
 }
@@ -79,7 +79,7 @@ FI_INLINE V pow_gamma_log(V sig, V log_sig, double gamma) {
 // are added into a compensated (Kahan) total, so the rounding error is about (kBlock + 2) ulps
 // instead of C ulps (C = 40000 classes lose 4 digits of float32 in a plain running sum). The
 // order is fixed by k alone, so results stay bit-identical run to run, across thread counts
-// and across instruction sets. Where the total is inf the compensation is dropped: (inf − inf)
+// and across vector widths. Where the total is inf the compensation is dropped: (inf − inf)
 // would otherwise turn an infinite sum into NaN.
 template <typename V>
 struct ClassSum {

@@ -21,9 +21,14 @@ namespace cpu {
 namespace FI_ISA {
 namespace simd {
 
-// Every lane does the same operations in the same order whatever the width, so each
-// instruction-set copy gives bit-identical results.
+// Every lane does the same operations in the same order whatever the width. The copies with
+// fused multiply-adds (FI_FMA: AVX2 and AVX-512) therefore give bit-identical results to each
+// other; the portable copy rounds each fmadd twice and agrees with them to within an ulp or two
+// per operation.
 constexpr int kVectorBytes = FI_VECTOR_BYTES;
+#ifndef FI_FMA
+#define FI_FMA 0
+#endif
 
 template <typename T>
 struct Vec;
@@ -75,6 +80,24 @@ FI_INLINE V select(M mask, V a, V b) {
 #endif
 }
 
+// a·b + c: one fused multiply-add (rounded once) in the FI_FMA copies, else a product and a sum
+// (the build has -ffp-contract=off, so the compiler never fuses them on its own).
+template <typename V>
+FI_INLINE V fmadd(V a, V b, V c) {
+#if FI_FMA
+  typedef typename std::remove_reference<decltype(a[0])>::type E;
+  if constexpr (sizeof(V) == 32 && std::is_same<E, float>::value)
+    return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  if constexpr (sizeof(V) == 32 && std::is_same<E, double>::value)
+    return (V)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+  if constexpr (sizeof(V) == 64 && std::is_same<E, float>::value)
+    return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  if constexpr (sizeof(V) == 64 && std::is_same<E, double>::value)
+    return (V)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#endif
+  return a * b + c;
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define FI_HAVE_TRANSPOSE 1
 // In-register transpose of W vectors of W lanes (a W × W tile): log2(W) butterfly stages;
@@ -115,23 +138,27 @@ typedef Vec<float>::I vi;
 
 // exp(x) for x <= 88 (every caller passes x <= 0: exp(x − max), exp(−|u|), exp(γ log b));
 // 0 below −87.3 (where the result would be subnormal), NaN stays NaN.
+// t = x·log2 e + (1.5·2^23 + 127) holds n + 127, n = round(x·log2 e), in its low mantissa bits
+// (floats near 1.5·2^23 are integers), so its bits less those of 1.5·2^23, shifted into the
+// exponent field, are 2^n (1 <= n + 127 <= 254 here).
 FI_INLINE vf vexp(vf x) {
   const vf lo = splat<vf>(-87.33654f);
   const vi under = x < lo;
   vf xc = select(under, lo, x);
-  const vf magic = splat<vf>(12582912.0f);  // 1.5 * 2^23: add/sub rounds to nearest
-  vf n = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - n * 0.693359375f;             // ln 2 in two parts: n * hi part is exact
-  r = r - n * -2.12194440e-4f;
+  const vf magic = splat<vf>(12583039.0f);  // 1.5·2^23 + 127
+  vf t = fmadd(xc, splat<vf>(1.44269504088896341f), magic);
+  vf n = t - magic;
+  vf r = fmadd(n, splat<vf>(-0.693359375f), xc);  // ln 2 in two parts: n · the high part is exact
+  r = fmadd(n, splat<vf>(2.12194440e-4f), r);
   vf p = splat<vf>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  vi e = __builtin_convertvector(n, vi) + 127;
-  return select(under, splat<vf>(0.0f), p * (vf)(e << 23));
+  p = fmadd(p, r, splat<vf>(1.3981999507e-3f));
+  p = fmadd(p, r, splat<vf>(8.3334519073e-3f));
+  p = fmadd(p, r, splat<vf>(4.1665795894e-2f));
+  p = fmadd(p, r, splat<vf>(1.6666665459e-1f));
+  p = fmadd(p, r, splat<vf>(5.0000001201e-1f));
+  p = fmadd(p, r * r, r) + 1.0f;
+  const vi scale = ((vi)t - 0x4B400000) << 23;  // 0x4B400000: the bits of 1.5·2^23
+  return select(under, splat<vf>(0.0f), p * (vf)scale);
 }
 
 // log(x) for x positive, normal and finite, or NaN (which stays NaN).
@@ -144,19 +171,19 @@ FI_INLINE vf vlog_normal(vf x) {
   vf t = select(small, m + m, m) - 1.0f;
   vf z = t * t;
   vf p = splat<vf>(7.0376836292e-2f);
-  p = p * t - 1.1514610310e-1f;
-  p = p * t + 1.1676998740e-1f;
-  p = p * t - 1.2420140846e-1f;
-  p = p * t + 1.4249322787e-1f;
-  p = p * t - 1.6668057665e-1f;
-  p = p * t + 2.0000714765e-1f;
-  p = p * t - 2.4999993993e-1f;
-  p = p * t + 3.3333331174e-1f;
+  p = fmadd(p, t, splat<vf>(-1.1514610310e-1f));
+  p = fmadd(p, t, splat<vf>(1.1676998740e-1f));
+  p = fmadd(p, t, splat<vf>(-1.2420140846e-1f));
+  p = fmadd(p, t, splat<vf>(1.4249322787e-1f));
+  p = fmadd(p, t, splat<vf>(-1.6668057665e-1f));
+  p = fmadd(p, t, splat<vf>(2.0000714765e-1f));
+  p = fmadd(p, t, splat<vf>(-2.4999993993e-1f));
+  p = fmadd(p, t, splat<vf>(3.3333331174e-1f));
   vf ef = __builtin_convertvector(e, vf);
   vf y = p * t * z;
-  y = y + ef * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return t + y + ef * 0.693359375f + (x - x);  // x − x: NaN for NaN, else 0
+  y = fmadd(ef, splat<vf>(-2.12194440e-4f), y);
+  y = fmadd(splat<vf>(-0.5f), z, y);
+  return fmadd(ef, splat<vf>(0.693359375f), t + y) + (x - x);  // x − x: NaN for NaN, else 0
 }
 
 // log(x) for any x: log 0 = −inf, subnormals exact, log of a negative = NaN, log inf = inf.
