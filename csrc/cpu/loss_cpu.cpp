@@ -182,7 +182,7 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
     fb.tvy = tvy.data();
     fb.gamma = gamma;
     fb.loss = loss.data();
-    fb.argmax = argmax.data();
+    fb.argmax = out.tp != nullptr || out.confusion != nullptr ? argmax.data() : nullptr;  // else not wanted
     ClassBanks banks(C);
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       banks.clear();

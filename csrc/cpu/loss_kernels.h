@@ -32,7 +32,7 @@ struct FwdBlock {
   const T* tvy;        // (P,) tvals[y] (MSE modes), 0 where y = -1
   double gamma;        // focal exponent, >= 0
   T* loss;             // (P,) out: the unweighted per-pixel loss, 0 where y = -1
-  int32_t* argmax;     // (P,) out: first index of the largest logit
+  int32_t* argmax;     // (P,) out: first index of the largest logit; nullptr: not wanted
 };
 
 template <typename T>

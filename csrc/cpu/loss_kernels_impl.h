@@ -162,16 +162,30 @@ FI_INLINE typename Vec<T>::V row_max(const T* x, int64_t xs, int64_t C) {
   return m;
 }
 
-template <typename T>
+// AM: the block wants the argmax (FwdBlock::argmax set); without it the forwards skip its
+// bookkeeping (the max alone where the loss needs one).
+template <typename T, bool AM>
 FI_INLINE void finish_fwd(const FwdBlock<T>& b, int64_t j, typename Vec<T>::I yv,
                           typename Vec<T>::V loss, typename Vec<T>::I am) {
   using V = typename Vec<T>::V;
   store(b.loss + j, select(yv >= splat<typename Vec<T>::I>(0), loss, splat<V>(0)));
-  store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
+  if constexpr (AM) store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
+}
+
+// The max (and, with AM, the argmax) of the class loop.
+template <typename T, bool AM>
+FI_INLINE void max_maybe_argmax(const T* x, int64_t xs, int64_t C, typename Vec<T>::V& m,
+                                typename Vec<T>::I& am) {
+  if constexpr (AM) {
+    max_argmax<T>(x, xs, C, m, am);
+  } else {
+    m = row_max<T>(x, xs, C);
+    am = splat<typename Vec<T>::I>(0);
+  }
 }
 
 // ℓ = −(1 − p_y)^γ log p_y; 1 − p_y = −expm1(log p_y) keeps precision when p_y → 1.
-template <typename T, int GK>
+template <typename T, int GK, bool AM>
 void fwd_softmax_focal(const FwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -180,7 +194,7 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
     I yv = load_labels<T>(b.y + j);
     V m;
     I am;
-    max_argmax<T>(x, b.x_stride, b.C, m, am);
+    max_maybe_argmax<T, AM>(x, b.x_stride, b.C, m, am);
     ClassSum<V> sum;
     for (int64_t k = 0; k < b.C; ++k) sum.add(vexp(load<V>(x + k * b.x_stride) - m));
     V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(sum.result()));  // log p_y <= 0
@@ -190,7 +204,7 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
     } else {
       loss = -(pow_gamma<GK>(-vexpm1(l), b.gamma) * l);
     }
-    finish_fwd(b, j, yv, loss, am);
+    finish_fwd<T, AM>(b, j, yv, loss, am);
   }
 }
 
@@ -237,7 +251,7 @@ FI_INLINE typename Vec<T>::V sigmoid_focal_grad(typename Vec<T>::V u, double gam
   }
 }
 
-template <typename T, int GK>
+template <typename T, int GK, bool AM>
 void fwd_sigmoid_focal(const FwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -250,15 +264,15 @@ void fwd_sigmoid_focal(const FwdBlock<T>& b) {
     hs.add(sigmoid_focal_term<T, GK>(select(yv == splat<I>(0), -v0, v0), b.gamma));
     for (int64_t k = 1; k < b.C; ++k) {
       V v = load<V>(x + k * b.x_stride);
-      a.update(v, k);
+      if constexpr (AM) a.update(v, k);
       hs.add(sigmoid_focal_term<T, GK>(select(yv == splat<I>(k), -v, v), b.gamma));
     }
-    finish_fwd(b, j, yv, hs.result(), a.finish(x, b.x_stride));
+    finish_fwd<T, AM>(b, j, yv, hs.result(), AM ? a.finish(x, b.x_stride) : a.am);
   }
 }
 
 // ℓ = ½ Σ_k (x_k − t_k)², t_k = tvals[y]·[k = y].
-template <typename T>
+template <typename T, bool AM>
 void fwd_mse_logits(const FwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -274,16 +288,16 @@ void fwd_mse_logits(const FwdBlock<T>& b) {
     ss.add(d * d);
     for (int64_t k = 1; k < b.C; ++k) {
       V v = load<V>(x + k * b.x_stride);
-      a.update(v, k);
+      if constexpr (AM) a.update(v, k);
       d = v - select(yv == splat<I>(k), tv, zero);
       ss.add(d * d);
     }
-    finish_fwd(b, j, yv, splat<V>(0.5) * ss.result(), a.finish(x, b.x_stride));
+    finish_fwd<T, AM>(b, j, yv, splat<V>(0.5) * ss.result(), AM ? a.finish(x, b.x_stride) : a.am);
   }
 }
 
 // ℓ = ½ Σ_k (p_k − t_k)² = ½ (Σ_{k≠y} e_k² / s² + (p_y − t_y)²), e = exp(x − max), s = Σ e.
-template <typename T>
+template <typename T, bool AM>
 void fwd_mse_softmax(const FwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -292,7 +306,7 @@ void fwd_mse_softmax(const FwdBlock<T>& b) {
     I yv = load_labels<T>(b.y + j);
     V m;
     I am;
-    max_argmax<T>(x, b.x_stride, b.C, m, am);
+    max_maybe_argmax<T, AM>(x, b.x_stride, b.C, m, am);
     V zero = splat<V>(0);
     ClassSum<V> se, se2;
     for (int64_t k = 0; k < b.C; ++k) {
@@ -302,19 +316,19 @@ void fwd_mse_softmax(const FwdBlock<T>& b) {
     }
     V inv = splat<V>(1) / se.result();
     V dy = vexp(gather_label<T>(x, b.x_stride, b.y + j) - m) * inv - load<V>(b.tvy + j);
-    finish_fwd(b, j, yv, splat<V>(0.5) * (se2.result() * inv * inv + dy * dy), am);
+    finish_fwd<T, AM>(b, j, yv, splat<V>(0.5) * (se2.result() * inv * inv + dy * dy), am);
   }
 }
 
-template <typename T>
+template <typename T, bool AM>
 void fwd_stats(const FwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
   for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
     V m;
-    I am;
-    max_argmax<T>(b.x + j, b.x_stride, b.C, m, am);
-    finish_fwd(b, j, load_labels<T>(b.y + j), splat<V>(0), am);
+    I am = splat<I>(0);
+    if constexpr (AM) max_argmax<T>(b.x + j, b.x_stride, b.C, m, am);
+    finish_fwd<T, AM>(b, j, load_labels<T>(b.y + j), splat<V>(0), am);
   }
 }
 
@@ -447,14 +461,17 @@ FI_INLINE void by_gamma(const B& b) {
   else F<T, 3>::run(b);
 }
 
-#define FI_GAMMA_FUNCTOR(name, fn, Block)                            \
-  template <typename T, int GK>                                      \
-  struct name {                                                      \
-    static FI_INLINE void run(const Block<T>& b) { fn<T, GK>(b); }   \
+template <bool AM>
+struct Fwd {
+  template <typename T, int GK>
+  struct SoftmaxFocal {
+    static FI_INLINE void run(const FwdBlock<T>& b) { fwd_softmax_focal<T, GK, AM>(b); }
   };
-FI_GAMMA_FUNCTOR(FwdSoftmaxFocal, fwd_softmax_focal, FwdBlock)
-FI_GAMMA_FUNCTOR(FwdSigmoidFocal, fwd_sigmoid_focal, FwdBlock)
-#undef FI_GAMMA_FUNCTOR
+  template <typename T, int GK>
+  struct SigmoidFocal {
+    static FI_INLINE void run(const FwdBlock<T>& b) { fwd_sigmoid_focal<T, GK, AM>(b); }
+  };
+};
 
 template <bool ACC>
 struct Bwd {
@@ -468,15 +485,21 @@ struct Bwd {
   };
 };
 
+template <typename T, bool AM>
+FI_INLINE void fwd_dispatch_am(int64_t mode, const FwdBlock<T>& b) {
+  switch (mode) {
+    case kSoftmaxFocal: by_gamma<T, Fwd<AM>::template SoftmaxFocal>(b); break;
+    case kSigmoidFocal: by_gamma<T, Fwd<AM>::template SigmoidFocal>(b); break;
+    case kMseLogits: fwd_mse_logits<T, AM>(b); break;
+    case kMseSoftmax: fwd_mse_softmax<T, AM>(b); break;
+    default: fwd_stats<T, AM>(b); break;
+  }
+}
+
 template <typename T>
 FI_INLINE void fwd_dispatch(int64_t mode, const FwdBlock<T>& b) {
-  switch (mode) {
-    case kSoftmaxFocal: by_gamma<T, FwdSoftmaxFocal>(b); break;
-    case kSigmoidFocal: by_gamma<T, FwdSigmoidFocal>(b); break;
-    case kMseLogits: fwd_mse_logits<T>(b); break;
-    case kMseSoftmax: fwd_mse_softmax<T>(b); break;
-    default: fwd_stats<T>(b); break;
-  }
+  if (b.argmax != nullptr) fwd_dispatch_am<T, true>(mode, b);
+  else fwd_dispatch_am<T, false>(mode, b);
 }
 
 template <typename T, bool ACC>

@@ -123,6 +123,7 @@ struct ClassBanks {
     std::fill(tp.begin(), tp.end(), 0);
   }
 
+  // argmax: nullptr when the true positives are not wanted.
   template <typename T>
   void add(const int32_t* y, const int32_t* argmax, const T* pixel_loss, int64_t cnt) {
     for (int64_t p = 0; p < cnt; ++p) {
@@ -130,7 +131,7 @@ struct ClassBanks {
       const int64_t i = (p & (banks - 1)) * (C + 1) + c;  // banks: a power of 2
       loss[i] += static_cast<double>(pixel_loss[p]);  // 0 for pixels without a label
       count[i] += 1;
-      tp[i] += argmax[p] == c;
+      if (argmax != nullptr) tp[i] += argmax[p] == c;
     }
   }
 

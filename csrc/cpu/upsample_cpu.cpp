@@ -297,7 +297,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     fb.tvy = tvy.data();
     fb.gamma = gamma;
     fb.loss = loss.data();
-    fb.argmax = argmax.data();
+    fb.argmax = out.tp != nullptr || out.confusion != nullptr ? argmax.data() : nullptr;  // else not wanted
     for (int64_t chunk; (chunk = next()) >= 0;) {
       banks.clear();
       int64_t bad = 0;
