@@ -35,14 +35,12 @@ namespace cpu {
   void rows_to_block(const double*, int64_t, int64_t, int64_t, double*, int64_t);   \
   void block_to_rows(const float*, int64_t, int64_t, int64_t, float*, int64_t);     \
   void block_to_rows(const double*, int64_t, int64_t, int64_t, double*, int64_t);   \
-  void resize_row(const float*, int64_t, const int32_t*, const int32_t*, const float*, const float*, bool,  \
-                  float*, int64_t);                                                                        \
-  void resize_row(const double*, int64_t, const int32_t*, const int32_t*, const double*, const double*,    \
-                  bool, double*, int64_t);                                                                 \
-  void blend_rows(const float*, const float*, float, float, float*, int64_t);       \
-  void blend_rows(const double*, const double*, double, double, double*, int64_t);  \
-  void axpy_row(float*, const float*, float, int64_t);                              \
-  void axpy_row(double*, const double*, double, int64_t);                           \
+  void resize_rows(const float*, int64_t, int64_t, const int32_t*, const int32_t*, const float*, const float*, \
+                   bool, float*, int64_t, int64_t);                                                            \
+  void resize_rows(const double*, int64_t, int64_t, const int32_t*, const int32_t*, const double*,            \
+                   const double*, bool, double*, int64_t, int64_t);                                           \
+  void blend_block(const float*, const float*, int64_t, float, float, int64_t, float*, int64_t);       \
+  void blend_block(const double*, const double*, int64_t, double, double, int64_t, double*, int64_t);  \
   void tap_sums(const float*, int64_t, const int64_t*, const int64_t*, const float*, int64_t, float*);      \
   void tap_sums(const double*, int64_t, const int64_t*, const int64_t*, const double*, int64_t, double*);   \
   }
@@ -122,22 +120,21 @@ void block_to_rows(const float* b, int64_t P, int64_t n, int64_t C, float* r, in
 void block_to_rows(const double* b, int64_t P, int64_t n, int64_t C, double* r, int64_t ps) {
   FI_PICK(block_to_rows(b, P, n, C, r, ps))
 }
-void resize_row(const float* src, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
-                const float* w1, bool nearest, float* d, int64_t n) {
-  FI_PICK(resize_row(src, w, i0, i1, w0, w1, nearest, d, n))
+void resize_rows(const float* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
+                 const float* w1, bool nearest, float* d, int64_t ds, int64_t n) {
+  FI_PICK(resize_rows(src, C, w, i0, i1, w0, w1, nearest, d, ds, n))
 }
-void resize_row(const double* src, int64_t w, const int32_t* i0, const int32_t* i1, const double* w0,
-                const double* w1, bool nearest, double* d, int64_t n) {
-  FI_PICK(resize_row(src, w, i0, i1, w0, w1, nearest, d, n))
+void resize_rows(const double* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1,
+                 const double* w0, const double* w1, bool nearest, double* d, int64_t ds, int64_t n) {
+  FI_PICK(resize_rows(src, C, w, i0, i1, w0, w1, nearest, d, ds, n))
 }
-void blend_rows(const float* a, const float* b, float w0, float w1, float* d, int64_t n) {
-  FI_PICK(blend_rows(a, b, w0, w1, d, n))
+void blend_block(const float* a, const float* b, int64_t s, float w0, float w1, int64_t C, float* d, int64_t P) {
+  FI_PICK(blend_block(a, b, s, w0, w1, C, d, P))
 }
-void blend_rows(const double* a, const double* b, double w0, double w1, double* d, int64_t n) {
-  FI_PICK(blend_rows(a, b, w0, w1, d, n))
+void blend_block(const double* a, const double* b, int64_t s, double w0, double w1, int64_t C, double* d,
+                 int64_t P) {
+  FI_PICK(blend_block(a, b, s, w0, w1, C, d, P))
 }
-void axpy_row(float* o, const float* g, float w, int64_t n) { FI_PICK(axpy_row(o, g, w, n)) }
-void axpy_row(double* o, const double* g, double w, int64_t n) { FI_PICK(axpy_row(o, g, w, n)) }
 void tap_sums(const float* v, int64_t C, const int64_t* start, const int64_t* tX, const float* tw, int64_t w,
               float* out) {
   FI_PICK(tap_sums(v, C, start, tX, tw, w, out))

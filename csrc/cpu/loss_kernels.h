@@ -74,17 +74,19 @@ void block_to_rows(const double* block, int64_t P, int64_t cnt, int64_t C, doubl
                    int64_t pixel_stride);
 
 // The row loops of the resize (upsample_cpu.cpp), all in the accumulation dtype:
-// resize_row: d[X] = src[i0[X]]·w0[X] + src[i1[X]]·w1[X] (torch's order; nearest: src[i0[X]])
-//   for X < n, src contiguous with w elements, i0 <= i1 < w both nondecreasing in X;
-// blend_rows: d = a·w0 + b·w1;  axpy_row: o += w·g.
-void resize_row(const float* src, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
-                const float* w1, bool nearest, float* d, int64_t n);
-void resize_row(const double* src, int64_t w, const int32_t* i0, const int32_t* i1, const double* w0,
-                const double* w1, bool nearest, double* d, int64_t n);
-void blend_rows(const float* a, const float* b, float w0, float w1, float* d, int64_t n);
-void blend_rows(const double* a, const double* b, double w0, double w1, double* d, int64_t n);
-void axpy_row(float* o, const float* g, float w, int64_t n);
-void axpy_row(double* o, const double* g, double w, int64_t n);
+// resize_rows: the horizontal pass of C class rows, src contiguous (class k at src[k * w], w
+//   elements), i0 <= i1 < w both nondecreasing in X:
+//   d[k * ds + X] = s[i0[X]]·w0[X] + s[i1[X]]·w1[X], s = src + k·w (torch's order; nearest:
+//   s[i0[X]]) for X < n;
+// blend_block: the vertical pass of a block, d[k * P + p] = a[k * s + p]·w0 + b[k * s + p]·w1
+//   for k < C, p < P.
+void resize_rows(const float* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
+                 const float* w1, bool nearest, float* d, int64_t ds, int64_t n);
+void resize_rows(const double* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1,
+                 const double* w0, const double* w1, bool nearest, double* d, int64_t ds, int64_t n);
+void blend_block(const float* a, const float* b, int64_t s, float w0, float w1, int64_t C, float* d, int64_t P);
+void blend_block(const double* a, const double* b, int64_t s, double w0, double w1, int64_t C, double* d,
+                 int64_t P);
 // The transposed horizontal pass of the upsampled backward, on pixel-major rows (v[X * C + k]):
 // out[x * C + k] = Σ tw[t] · v[tX[t] * C + k] over the taps t of x, [start[x], start[x + 1]),
 // summed from 0 in increasing t, for x < w.

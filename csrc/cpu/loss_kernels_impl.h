@@ -1,5 +1,5 @@
 // Per-block math of the CPU loss kernels (see loss_kernels.h for the data layout) and the row
-// loops of the upsampled loss (resize_row, blend_rows, axpy_row, tap_sums), compiled
+// loops of the upsampled loss (resize_rows, blend_block, tap_sums), compiled
 // once per instruction set: the including file defines FI_ISA (the namespace of this copy)
 // and FI_VECTOR_BYTES (see simd.h), and loss_kernels.cpp picks a copy at run time.
 //
@@ -565,17 +565,22 @@ void block_to_rows_impl(const T* block, int64_t P, int64_t cnt, int64_t C, T* ro
     for (int64_t k = 0; k < C; ++k) rows[p * ps + k] = block[k * P + p];
 }
 
-// The horizontal pass of the resize (loss_kernels.h: resize_row). An upsampling takes the
+// The horizontal pass of the resize (loss_kernels.h: resize_rows). An upsampling takes the
 // sources of W outputs from a window of W consecutive elements: one vector load and one lane
-// shuffle per tap instead of 2·W scalar loads; the outputs whose sources do not fit one
-// window (a downsampling, the last ones when w < W) go one by one. Either way each output is
-// src[i0]·w0 + src[i1]·w1 with the same two products and sum, so the results are the same.
+// shuffle per tap instead of 2·W scalar loads. The window, its lane indices and the weights of
+// a vector of outputs are the same for every class, so the class loop is the inner one. The
+// outputs whose sources do not fit one window (a downsampling, the last ones when w < W) go one
+// by one. Either way each output is src[i0]·w0 + src[i1]·w1 with the same two products and
+// sum, so the results are the same.
 template <typename T>
-void resize_row_impl(const T* src, int64_t w, const int32_t* i0, const int32_t* i1, const T* w0,
-                     const T* w1, bool nearest, T* d, int64_t n) {
+void resize_rows_impl(const T* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1, const T* w0,
+                      const T* w1, bool nearest, T* d, int64_t ds, int64_t n) {
   constexpr int W = Vec<T>::W;
   auto one = [&](int64_t X) {
-    d[X] = nearest ? src[i0[X]] : src[i0[X]] * w0[X] + src[i1[X]] * w1[X];
+    for (int64_t k = 0; k < C; ++k) {
+      const T* s = src + k * w;
+      d[k * ds + X] = nearest ? s[i0[X]] : s[i0[X]] * w0[X] + s[i1[X]] * w1[X];
+    }
   };
   int64_t X = 0;
 #if FI_HAVE_TRANSPOSE  // GCC: __builtin_shuffle with lane indices from memory
@@ -589,14 +594,17 @@ void resize_row_impl(const T* src, int64_t w, const int32_t* i0, const int32_t* 
         for (int64_t q = X; q < X + W; ++q) one(q);
         continue;
       }
-      const V win = load<V>(src + base);
-      const V a = __builtin_shuffle(win, load_labels<T>(i0 + X) - splat<I>(base));
+      const I s0 = load_labels<T>(i0 + X) - splat<I>(base);
       if (nearest) {
-        store(d + X, a);
+        for (int64_t k = 0; k < C; ++k) store(d + k * ds + X, __builtin_shuffle(load<V>(src + k * w + base), s0));
         continue;
       }
-      const V b = __builtin_shuffle(win, load_labels<T>(i1 + X) - splat<I>(base));
-      store(d + X, a * load<V>(w0 + X) + b * load<V>(w1 + X));
+      const I s1 = load_labels<T>(i1 + X) - splat<I>(base);
+      const V a0 = load<V>(w0 + X), a1 = load<V>(w1 + X);
+      for (int64_t k = 0; k < C; ++k) {
+        const V win = load<V>(src + k * w + base);
+        store(d + k * ds + X, __builtin_shuffle(win, s0) * a0 + __builtin_shuffle(win, s1) * a1);
+      }
     }
   }
 #endif
@@ -604,8 +612,9 @@ void resize_row_impl(const T* src, int64_t w, const int32_t* i0, const int32_t* 
 }
 
 template <typename T>
-void blend_rows_impl(const T* a, const T* b, T w0, T w1, T* d, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) d[p] = a[p] * w0 + b[p] * w1;
+void blend_block_impl(const T* a, const T* b, int64_t s, T w0, T w1, int64_t C, T* d, int64_t P) {
+  for (int64_t k = 0; k < C; ++k, a += s, b += s, d += P)
+    for (int64_t p = 0; p < P; ++p) d[p] = a[p] * w0 + b[p] * w1;
 }
 
 template <typename T>
@@ -644,22 +653,21 @@ void block_to_rows(const double* block, int64_t P, int64_t cnt, int64_t C, doubl
   block_to_rows_impl(block, P, cnt, C, rows, ps);
 }
 
-void resize_row(const float* src, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
-                const float* w1, bool nearest, float* d, int64_t n) {
-  resize_row_impl(src, w, i0, i1, w0, w1, nearest, d, n);
+void resize_rows(const float* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1, const float* w0,
+                 const float* w1, bool nearest, float* d, int64_t ds, int64_t n) {
+  resize_rows_impl(src, C, w, i0, i1, w0, w1, nearest, d, ds, n);
 }
-void resize_row(const double* src, int64_t w, const int32_t* i0, const int32_t* i1, const double* w0,
-                const double* w1, bool nearest, double* d, int64_t n) {
-  resize_row_impl(src, w, i0, i1, w0, w1, nearest, d, n);
+void resize_rows(const double* src, int64_t C, int64_t w, const int32_t* i0, const int32_t* i1,
+                 const double* w0, const double* w1, bool nearest, double* d, int64_t ds, int64_t n) {
+  resize_rows_impl(src, C, w, i0, i1, w0, w1, nearest, d, ds, n);
 }
-void blend_rows(const float* a, const float* b, float w0, float w1, float* d, int64_t n) {
-  blend_rows_impl(a, b, w0, w1, d, n);
+void blend_block(const float* a, const float* b, int64_t s, float w0, float w1, int64_t C, float* d, int64_t P) {
+  blend_block_impl(a, b, s, w0, w1, C, d, P);
 }
-void blend_rows(const double* a, const double* b, double w0, double w1, double* d, int64_t n) {
-  blend_rows_impl(a, b, w0, w1, d, n);
+void blend_block(const double* a, const double* b, int64_t s, double w0, double w1, int64_t C, double* d,
+                 int64_t P) {
+  blend_block_impl(a, b, s, w0, w1, C, d, P);
 }
-void axpy_row(float* o, const float* g, float w, int64_t n) { axpy_row_impl(o, g, w, n); }
-void axpy_row(double* o, const double* g, double w, int64_t n) { axpy_row_impl(o, g, w, n); }
 void tap_sums(const float* v, int64_t C, const int64_t* start, const int64_t* tX, const float* tw, int64_t w,
               float* out) {
   tap_sums_impl(v, C, start, tX, tw, w, out);

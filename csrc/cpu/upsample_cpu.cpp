@@ -16,8 +16,11 @@
 // per chunk, and a chunk spans at least 4·⌈H/h⌉ rows so that the rows it refills at its start
 // stay a small share) and sums its losses in a fixed order into its own per-class slot; the
 // slots are added in chunk order, so the sums are bit-identical run to run and for any thread
-// count. The horizontal pass of a class row (resize_row) takes the two sources of a vector of
-// outputs from one window of the row by lane shuffles when they fit one (an upsampling).
+// count. The horizontal pass (resize_rows) first copies the C class rows of the low-resolution
+// row into one contiguous buffer (widened to the accumulation dtype: any layout, any dtype),
+// then takes the two sources of a vector of outputs from one window of a row by lane shuffles
+// when they fit one (an upsampling), the class loop inside so that the lane indices and weights
+// stay in registers.
 // Threads take chunks (and backward bands) one at a time from a shared counter
 // (for_each_task), so a thread that runs late on a busy machine does not hold up a fixed share.
 //
@@ -39,9 +42,9 @@
 // interpolation + 2 tile transposes + 2·2 flops of horizontal transpose), i.e. h/H of that per
 // full-resolution row. The rows next to a band boundary feed two bands and are computed twice:
 // about 1/R of the work for bands of R rows, so the plan (plan_bands) keeps bands of at least 8
-// rows and makes only about two tasks per thread. Memory: per thread two horizontal rows, two
-// accumulators and their pixel-major copy (5·C·W) and one block, never anything of B·C·H·W
-// elements.
+// rows and makes only about two tasks per thread. Memory: per thread one widened
+// low-resolution row (C·w), two horizontal rows, two accumulators and their pixel-major copy
+// (5·C·W) and one block, never anything of B·C·H·W elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -164,7 +167,7 @@ struct Resize {
   int64_t sb, sc, sh, sw;        // strides of the low-resolution logits (any layout)
   bool nearest;
   Axis<T> ay, ax;
-  std::vector<int32_t> xi0, xi1;  // ax.i0, ax.i1 as the int32 lanes of resize_row
+  std::vector<int32_t> xi0, xi1;  // ax.i0, ax.i1 as the int32 lanes of resize_rows
 };
 
 template <typename T>
@@ -198,9 +201,8 @@ Resize<T> make_resize(const Tensor& x, int64_t H, int64_t W, int64_t interp, boo
 template <typename X, typename T>
 class RowCache {
  public:
-  RowCache(const Resize<T>& r, const X* x) : r_(r), x_(x) {
+  RowCache(const Resize<T>& r, const X* x) : r_(r), x_(x), src_(r.C * r.w) {
     for (int i = 0; i < 2; ++i) buf_[i].assign(r.C * r.Ws, T(0));
-    if (!std::is_same<X, T>::value || r.sw != 1) src_.resize(r.w);
   }
 
   // Row y of image b; `keep` (another row) is not evicted.
@@ -215,39 +217,39 @@ class RowCache {
   }
 
  private:
-  // The class rows are read in place when they are contiguous rows of the accumulation dtype
-  // (NCHW float32/float64), else through a widened contiguous copy (the same values).
+  // The C class rows of low-resolution row y, contiguous and widened (src_[k * w + x]), then
+  // their horizontal pass, in torch's order x[x0]·w0 + x[x1]·w1.
   void fill(int64_t b, int64_t y, T* out) {
-    // Class rows lie a plane apart, so the hardware does not fetch them ahead: ask for the row
-    // kAhead classes on (a hint, no effect on any value).
-    constexpr int64_t kAhead = 8, kLine = 64 / sizeof(X);
-    const X* base = x_ + b * r_.sb + y * r_.sh;
-    auto prefetch_row = [&](int64_t k) {
-      if (k >= r_.C || r_.sw != 1) return;
-      for (int64_t o = 0; o < r_.w; o += kLine) __builtin_prefetch(base + k * r_.sc + o);
-      __builtin_prefetch(base + k * r_.sc + r_.w - 1);
-    };
-    for (int64_t k = 0; k < kAhead; ++k) prefetch_row(k);
-    for (int64_t k = 0; k < r_.C; ++k) {
-      prefetch_row(k + kAhead);
-      const X* src = base + k * r_.sc;  // int64: B*C*h*w can exceed 2^31
-      const T* row;
-      if (src_.empty()) {
-        row = reinterpret_cast<const T*>(src);
-      } else {
-        for (int64_t xs = 0; xs < r_.w; ++xs) src_[xs] = static_cast<T>(src[xs * r_.sw]);
-        row = src_.data();
+    const int64_t C = r_.C, w = r_.w, sc = r_.sc, sw = r_.sw;
+    const X* base = x_ + b * r_.sb + y * r_.sh;  // int64: B*C*h*w can exceed 2^31
+    T* dst = src_.data();
+    if (sw == 1) {
+      // Class rows lie a plane apart, so the hardware does not fetch them ahead: ask for the
+      // row kAhead classes on (a hint, no effect on any value).
+      constexpr int64_t kAhead = 8, kLine = 64 / sizeof(X);
+      auto prefetch_row = [&](int64_t k) {
+        if (k >= C) return;
+        for (int64_t o = 0; o < w; o += kLine) __builtin_prefetch(base + k * sc + o);
+        __builtin_prefetch(base + k * sc + w - 1);
+      };
+      for (int64_t k = 0; k < kAhead; ++k) prefetch_row(k);
+      for (int64_t k = 0; k < C; ++k) {
+        prefetch_row(k + kAhead);
+        const X* s = base + k * sc;
+        for (int64_t xs = 0; xs < w; ++xs) dst[k * w + xs] = static_cast<T>(s[xs]);
       }
-      // torch's order: x[x0]·w0 + x[x1]·w1
-      resize_row(row, r_.w, r_.xi0.data(), r_.xi1.data(), r_.ax.w0.data(), r_.ax.w1.data(), r_.nearest,
-                 out + k * r_.Ws, r_.W);
+    } else {  // channels_last and other strides: walk the pixels, classes inside
+      for (int64_t xs = 0; xs < w; ++xs)
+        for (int64_t k = 0; k < C; ++k) dst[k * w + xs] = static_cast<T>(base[k * sc + xs * sw]);
     }
+    resize_rows(dst, C, w, r_.xi0.data(), r_.xi1.data(), r_.ax.w0.data(), r_.ax.w1.data(), r_.nearest, out, r_.Ws,
+                r_.W);
   }
 
   const Resize<T>& r_;
   const X* x_;
   std::vector<T> buf_[2];
-  std::vector<T> src_;  // one widened low-resolution class row, unless read in place
+  std::vector<T> src_;  // the widened class rows of one low-resolution row (C × w)
   int64_t tag_[2] = {-1, -1};
 };
 
@@ -258,13 +260,7 @@ template <typename T>
 std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0, const T* r1, int64_t Y,
                                                 int64_t X0, int64_t P, std::vector<T>& buf) {
   if (r.nearest) return {r0 + X0, r.Ws};
-  const T w0 = r.ay.w0[Y], w1 = r.ay.w1[Y];
-  for (int64_t k = 0; k < r.C; ++k) {
-    const T* a = r0 + k * r.Ws + X0;
-    const T* b = r1 + k * r.Ws + X0;
-    T* d = buf.data() + k * P;
-    blend_rows(a, b, w0, w1, d, P);  // torch's order: h0·wy0 + h1·wy1
-  }
+  blend_block(r0 + X0, r1 + X0, r.Ws, r.ay.w0[Y], r.ay.w1[Y], r.C, buf.data(), P);  // torch's order: h0·wy0 + h1·wy1
   return {buf.data(), P};
 }
 
