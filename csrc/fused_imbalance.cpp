@@ -38,15 +38,17 @@ TORCH_LIBRARY(fused_imbalance, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // The loss of low-resolution logits x (B, C, h, w) against labels target (B, H, W): that of
   // F.interpolate(x, size=(H, W), mode, align_corners) without the interpolated tensor.
-  // interp: 0 nearest, 1 bilinear. Outputs and flags as cpp_loss_fwd's.
+  // interp: 0 nearest, 1 bilinear. Outputs and flags as cpp_loss_fwd's, plus lse: with need_lse
+  // and the softmax focal mode, the log-sum-exp of each pixel's interpolated logits (B·H·W,),
+  // which the backward takes (lse) in place of recomputing it; else (0,).
   m.def(
       "cpp_upsample_loss_fwd(Tensor x, Tensor target, int interp, bool align_corners, int loss_mode, "
       "float gamma, Tensor? tvals, int ignore_index, bool need_pixel_loss, bool need_tp, "
-      "bool need_confusion) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool need_confusion, bool need_lse=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpp_upsample_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
-      "int interp, bool align_corners, int loss_mode, float gamma, Tensor? tvals, int ignore_index) "
-      "-> Tensor");
+      "int interp, bool align_corners, int loss_mode, float gamma, Tensor? tvals, int ignore_index, "
+      "Tensor? lse=None) -> Tensor");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });

@@ -9,6 +9,8 @@ the ops of :mod:`.ops.upsample`.
 import os
 from typing import NamedTuple, Optional
 
+import torch
+
 from . import reference as _ref
 from ._checks import check_options as check_loss_options
 from ._checks import check_types
@@ -90,6 +92,11 @@ def reference_logits(logits, rs):
 
 def forward(module, rs, logits, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
             need_confusion):
-    """The backend module's upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
-    return module.upsample_loss_fwd(logits, target, rs.interp, rs.align_corners, int(mode), float(gamma), tvals,
-                                    ignore_index, need_pixel_loss, need_tp, need_confusion)
+    """The backend module's upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion).
+
+    When autograd will differentiate the call, the op also keeps each pixel's log-sum-exp for the
+    backward (ops/upsample.py: ``need_lse``); it is not returned here."""
+    need_lse = torch.is_grad_enabled() and logits.requires_grad
+    out = module.upsample_loss_fwd(logits, target, rs.interp, rs.align_corners, int(mode), float(gamma), tvals,
+                                   ignore_index, need_pixel_loss, need_tp, need_confusion, need_lse)
+    return out[:6]

@@ -341,10 +341,12 @@ DET_SCRIPT = textwrap.dedent("""
                 for name, xx in [("nchw", xu), ("cl", xu.contiguous(memory_format=torch.channels_last)),
                                  ("f64", xu.double())]:
                     t = torch.arange(1.0, low[1] + 1, dtype=xx.dtype) if mode == 3 else None
-                    f = cpp.upsample_loss_fwd(xx, yu, interp, ac, mode, gamma, t, -100, True, True, True)
-                    b = cpp.upsample_loss_bwd(xx, yu, gp.to(f[0].dtype), torch.linspace(-1, 1, low[1]).to(f[0].dtype),
-                                              interp, ac, mode, gamma, t, -100)
-                    out[("up", low, interp, ac, mode, gamma, name)] = tuple(f) + (b,)
+                    f = cpp.upsample_loss_fwd(xx, yu, interp, ac, mode, gamma, t, -100, True, True, True, True)
+                    gpu, gcu = gp.to(f[0].dtype), torch.linspace(-1, 1, low[1]).to(f[0].dtype)
+                    b = cpp.upsample_loss_bwd(xx, yu, gpu, gcu, interp, ac, mode, gamma, t, -100)
+                    bl = cpp.upsample_loss_bwd(xx, yu, gpu, gcu, interp, ac, mode, gamma, t, -100,
+                                               f[6] if f[6].numel() else None)  # with the forward's lse
+                    out[("up", low, interp, ac, mode, gamma, name)] = tuple(f) + (b, bl)
     torch.save(out, sys.argv[1])
 """)
 

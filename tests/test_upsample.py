@@ -157,8 +157,8 @@ def test_op_contract(ops, mode, align_corners, op_mode, gamma):
     tvals = torch.arange(1, 7, dtype=torch.float64) * 0.75
     tv = tvals if op_mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     interp = 0 if mode == "nearest" else 1
-    pixel, class_loss, count, tp, bad, conf = ops.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode), gamma,
-                                                                     tv, -100, True, True, True)
+    pixel, class_loss, count, tp, bad, conf, lse = ops.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode),
+                                                                          gamma, tv, -100, True, True, True, True)
     gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gc = torch.linspace(-1, 2, 6, dtype=torch.float64)
     want, want_grad = _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, -100, gp, gc)
@@ -171,14 +171,47 @@ def test_op_contract(ops, mode, align_corners, op_mode, gamma):
     grad = ops.upsample_loss_bwd(x, y, gp, gc, interp, align_corners, int(op_mode), gamma, tv, -100)
     assert grad.shape == x.shape and grad.dtype == x.dtype
     torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+    # each pixel's log-sum-exp: kept by the C++ forward of the softmax losses, for the backward
+    if ops is cpp and op_mode == Mode.SOFTMAX_FOCAL:
+        want_lse = torch.logsumexp(up(x, y.shape[1:], mode, align_corners), dim=1).reshape(-1)
+        torch.testing.assert_close(lse, want_lse, **TOL[torch.float64])
+        grad = ops.upsample_loss_bwd(x, y, gp, gc, interp, align_corners, int(op_mode), gamma, tv, -100, lse)
+        torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+    else:
+        assert lse.shape == (0,)
 
 
 def test_op_optional_outputs(ops):
     x, y = make()
     out = ops.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, False, False, False)
-    assert out[0].shape == (0,) and out[3].shape == (0,) and out[5].shape == (0, 0)
-    full = ops.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, True)
+    assert out[0].shape == (0,) and out[3].shape == (0,) and out[5].shape == (0, 0) and out[6].shape == (0,)
+    full = ops.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, True, True)
     assert torch.equal(out[1], full[1]) and torch.equal(out[2], full[2])
+    assert full[6].shape == ((y.numel(),) if ops is cpp else (0,))
+    assert ops.upsample_loss_fwd(x, y, 1, False, 1, 2.0, None, -100, False, False, False, True)[6].shape == (0,)
+
+
+@needs_cpp
+def test_lse_from_the_forward():
+    """Autograd hands the C++ backward the forward's log-sum-exp (one pass over the classes): its
+    gradient is that of the backward op given lse, not the one that recomputes it; a forward
+    without autograd does not keep it; a wrong lse is an error."""
+    x, y = make(B=2, C=6, hw=(7, 9), HW=(29, 31))
+    for gamma in (0.0, 2.0):
+        xr = x.clone().requires_grad_(True)
+        loss = FI.focal_loss(xr, y, gamma=gamma, upsample="bilinear", backend="cpp", reduction="sum")
+        loss.backward()
+        gc = torch.ones(6)
+        lse = cpp.upsample_loss_fwd(x, y, 1, False, 0, gamma, None, -100, False, False, False, True)[6]
+        with_lse = cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, gamma, None, -100, lse)
+        without = cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, gamma, None, -100)
+        assert torch.equal(xr.grad, with_lse)
+        assert not torch.equal(with_lse, without)  # the two ways round differently
+        torch.testing.assert_close(with_lse, without, **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="lse must be"):
+        cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse[:-1])
+    with pytest.raises(RuntimeError, match="lse must be"):
+        cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse.double())
 
 
 def _opcheck_utils(ops):
@@ -195,10 +228,13 @@ def test_opcheck(ops, need_pixel_loss, need_tp, need_confusion):
     x.requires_grad_(True)
     for args in [(1, False, 0, 1.5, None), (1, True, 3, 0.0, tvals), (0, False, 1, 2.0, None)]:
         torch.library.opcheck(ops.upsample_loss_fwd,
-                              (x, y) + args + (-100, need_pixel_loss, need_tp, need_confusion),
+                              (x, y) + args + (-100, need_pixel_loss, need_tp, need_confusion, need_pixel_loss),
                               test_utils=_opcheck_utils(ops))
     gp = torch.randn(y.numel(), dtype=torch.float64)
     torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 1, 2.0, None, -100),
+                          test_utils=_opcheck_utils(ops))
+    lse = ops.upsample_loss_fwd(x.detach(), y, 1, False, 0, 1.5, None, -100, False, False, False, True)[6]
+    torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 0, 1.5, None, -100, lse),
                           test_utils=_opcheck_utils(ops))
     torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, None, torch.ones(4, dtype=torch.float64), 0, False,
                                                   2, 0.0, tvals, -100), test_utils=_opcheck_utils(ops))
@@ -645,8 +681,8 @@ def test_more_than_2_31_full_resolution_pixels_cpu():
     want_loss = torch.stack([(n0 * l0).sum(), (n1 * l1).sum()])
     pred = row.argmax(0)
     want_tp = torch.stack([(n0 * (pred == 0)).sum(), (n1 * (pred == 1)).sum()])
-    _, class_loss, count, tp, bad, _ = cpp.upsample_loss_fwd(x, y, 1, False, int(Mode.MSE_LOGITS), 0.0, tvals,
-                                                             255, False, True, False)
+    _, class_loss, count, tp, bad, _, _ = cpp.upsample_loss_fwd(x, y, 1, False, int(Mode.MSE_LOGITS), 0.0, tvals,
+                                                                255, False, True, False)
     assert count.tolist() == [int(n0.sum()), int(n1.sum())] and sum(count.tolist()) == H * W - 7
     assert tp.tolist() == want_tp.tolist() and 0 < tp.sum() < count.sum()
     assert int(bad) == 0

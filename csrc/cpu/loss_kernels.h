@@ -33,6 +33,7 @@ struct FwdBlock {
   double gamma;        // focal exponent, >= 0
   T* loss;             // (P,) out: the unweighted per-pixel loss, 0 where y = -1
   int32_t* argmax;     // (P,) out: first index of the largest logit; nullptr: not wanted
+  T* lse = nullptr;    // (P,) out, softmax focal only: log Σ_k exp(x_k); nullptr: not wanted
 };
 
 template <typename T>
@@ -47,6 +48,9 @@ struct BwdBlock {
   const T* tvy;
   const T* coef;       // (P,) grad_pixel[n] + grad_class[y_n], 0 where y = -1
   double gamma;
+  // Optional, softmax focal only: (P,) the forward's log-sum-exp (FwdBlock::lse) of each pixel;
+  // then p_k = exp(x_k − lse) in one pass over the classes, without the max and the sum.
+  const T* lse = nullptr;
   // Optional (the upsampled backward, upsample_cpu.cpp): with acc0 set, the gradient is not
   // stored into g (then only scratch) but added, times acc_w0, into acc0[k * acc_stride + p]
   // and, with acc1 set, times acc_w1 into acc1: o += w·g, element by element (a fused

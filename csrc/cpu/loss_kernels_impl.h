@@ -197,7 +197,9 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
     max_maybe_argmax<T, AM>(x, b.x_stride, b.C, m, am);
     ClassSum<V> sum;
     for (int64_t k = 0; k < b.C; ++k) sum.add(vexp(load<V>(x + k * b.x_stride) - m));
-    V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(sum.result()));  // log p_y <= 0
+    V lse = m + vlog_normal(sum.result());
+    if (b.lse != nullptr) store(b.lse + j, lse);
+    V l = gather_label<T>(x, b.x_stride, b.y + j) - lse;  // log p_y <= 0
     V loss;
     if constexpr (GK == 0) {
       loss = -l;
@@ -332,11 +334,44 @@ void fwd_stats(const FwdBlock<T>& b) {
   }
 }
 
-// grad_k = a (p_k − [k = y]), a = coef · dℓ/d(−log p_y) = coef · (1−p)^γ (1 − γ p log p / (1−p)).
+// a = coef · dℓ/d(−log p_y) = coef · (1−p)^γ (1 − γ p log p / (1−p)), from l = log p_y.
+template <typename T, int GK>
+FI_INLINE typename Vec<T>::V focal_factor(typename Vec<T>::V a, typename Vec<T>::V l, double gamma) {
+  using V = typename Vec<T>::V;
+  if constexpr (GK == 0) {
+    return a;
+  } else {
+    V omp = -vexpm1(l);
+    // log p / (1 − p) → −1 as p → 1, so the (1 − p)^(γ−1) factor never divides by 0
+    V r = select(omp > splat<V>(0), l / select(omp > splat<V>(0), omp, splat<V>(1)), splat<V>(-1));
+    return a * pow_gamma<GK>(omp, gamma) * (splat<V>(1) - splat<V>(gamma) * vexp(l) * r);
+  }
+}
+
+// With the forward's log-sum-exp: p_k = exp(x_k − lse) and the gradient in one pass.
+template <typename T, int GK, bool ACC>
+void bwd_softmax_focal_lse(const BwdBlock<T>& b) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+    const T* x = b.x + j;
+    I yv = load_labels<T>(b.y + j);
+    V lse = load<V>(b.lse + j);
+    V a = load<V>(b.coef + j);
+    if constexpr (GK != 0) a = focal_factor<T, GK>(a, gather_label<T>(x, b.x_stride, b.y + j) - lse, b.gamma);
+    for (int64_t k = 0; k < b.C; ++k) {
+      V gk = zero_unlabelled<T>(yv, a * vexp(load<V>(x + k * b.x_stride) - lse));
+      put_grad<T, ACC>(b, k, j, select(yv == splat<I>(k), gk - a, gk));
+    }
+  }
+}
+
+// grad_k = a (p_k − [k = y]), a as in focal_factor.
 template <typename T, int GK, bool ACC>
 void bwd_softmax_focal(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
+  if (b.lse != nullptr) return bwd_softmax_focal_lse<T, GK, ACC>(b);
   for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
     const T* x = b.x + j;
     T* g = b.g + j;
@@ -350,14 +385,7 @@ void bwd_softmax_focal(const BwdBlock<T>& b) {
     }
     V se = sum.result();
     V a = load<V>(b.coef + j);
-    if constexpr (GK != 0) {
-      V l = gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se));
-      V omp = -vexpm1(l);
-      // log p / (1 − p) → −1 as p → 1, so the (1 − p)^(γ−1) factor never divides by 0
-      V r = select(omp > splat<V>(0), l / select(omp > splat<V>(0), omp, splat<V>(1)),
-                   splat<V>(-1));
-      a = a * pow_gamma<GK>(omp, b.gamma) * (splat<V>(1) - splat<V>(b.gamma) * vexp(l) * r);
-    }
+    if constexpr (GK != 0) a = focal_factor<T, GK>(a, gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se)), b.gamma);
     V ai = a / se;
     if constexpr (ACC) {
       // the label's −a before the gradient is weighted: (a_i e_y − a) as below, then w·g

@@ -101,6 +101,7 @@ struct FwdOut {
   int64_t* tp;         // (C,), or nullptr
   int64_t* bad;        // ()
   int64_t* confusion;  // (C, C) contiguous zeros, or nullptr
+  void* lse = nullptr;  // (N,) accumulation dtype: the upsampled softmax forward's log-sum-exp, or nullptr
 };
 
 // Per-class sums of one chunk, in `banks` interleaved copies (pixel p adds to bank

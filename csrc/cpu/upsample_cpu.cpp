@@ -28,7 +28,9 @@
 // then horizontal. A task owns a band of low-resolution rows [ya, yb) of one image and walks the
 // full-resolution rows Y whose interpolation uses one of them, in increasing Y; for each Y it
 // recomputes the interpolated row and the loss gradient of its pixels (C × W, one block at a
-// time, never stored: the block kernel adds it, times wy, as it computes it, BwdBlock::acc0/acc1)
+// time, never stored: the block kernel adds it, times wy, as it computes it, BwdBlock::acc0/acc1;
+// a softmax loss takes each pixel's log-sum-exp from the forward when autograd kept it, so that
+// the gradient is one pass over the classes, one exponential per logit, instead of three)
 // into the full-width accumulator of each of its low-resolution rows y0(Y), y1(Y) (C × W each,
 // two open at a time: y0 and y1 are consecutive and nondecreasing in Y). Once Y has passed a
 // low-resolution row, that row's accumulator is transposed to pixel-major (W × C, tiles) and
@@ -149,9 +151,13 @@ void for_each_task(int64_t n, int64_t threads, F&& body) {
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(next); });
 }
 
-// Pixels per block: about 8 K interpolated logits (L1-sized), a multiple of kBlockAlign.
-int64_t block_pixels(int64_t C, int64_t Wp) {
-  int64_t p = std::max<int64_t>((8192 / C) / kBlockAlign * kBlockAlign, kBlockAlign);
+// Pixels per block: about `logits` interpolated logits, at least min_pixels, a multiple of
+// kBlockAlign. The forward reads its block two or three times (8 K logits: L1/L2-sized); the
+// backward reads it once but adds into two accumulator slices of the same size, and runs
+// fastest with about half that (measured on Cityscapes- and ADE-like shapes), but with at
+// least 48 pixels, over which the per-pixel work of a class row is spread.
+int64_t block_pixels(int64_t C, int64_t Wp, int64_t logits, int64_t min_pixels) {
+  int64_t p = std::max<int64_t>((logits / C) / kBlockAlign * kBlockAlign, min_pixels);
   return std::min(p, Wp);
 }
 
@@ -279,11 +285,12 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   ChunkSlots slots(chunks, C);
   const X* xd = x.data_ptr<X>();
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
-  const int64_t Pb = block_pixels(C, r.Wp);
+  T* lse_out = static_cast<T*>(out.lse);
+  const int64_t Pb = block_pixels(C, r.Wp, 8192, kBlockAlign);
 
   for_each_task(chunks, useful_threads(rows * W * C), [&](auto&& next) {
     RowCache<X, T> cache(r, xd);
-    std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb);
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb), lse(lse_out != nullptr ? Pb : 0);
     std::vector<int32_t> y(Pb), argmax(Pb);
     ClassBanks banks(C);
     ConfusionCounts confusion(out.confusion, C);
@@ -294,6 +301,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     fb.gamma = gamma;
     fb.loss = loss.data();
     fb.argmax = out.tp != nullptr || out.confusion != nullptr ? argmax.data() : nullptr;  // else not wanted
+    fb.lse = lse_out != nullptr ? lse.data() : nullptr;
     for (int64_t chunk; (chunk = next()) >= 0;) {
       banks.clear();
       int64_t bad = 0;
@@ -310,6 +318,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
           fb.P = P;
           bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss,
                                banks, confusion);
+          if (lse_out != nullptr) std::copy(lse.data(), lse.data() + cnt, lse_out + n0);
         }
       }
       slots.store(chunk, banks, bad);
@@ -360,14 +369,14 @@ Taps<T> make_taps(const Resize<T>& r) {
 template <typename X, typename T, typename L>
 void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* grad_pixel,
                          int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
-                         const T* tvals, int64_t ignore_index, Tensor& grad) {
+                         const T* tvals, int64_t ignore_index, const T* lse_in, Tensor& grad) {
   const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp, Ws = r.Ws;
   const X* xd = x.data_ptr<X>();
   X* gd = grad.data_ptr<X>();
   const int64_t gsb = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
   const int64_t threads = useful_threads(r.B * r.H * W * C);
   const int64_t bands = plan_bands(r.B, h, threads), R = (h + bands - 1) / bands;
-  const int64_t Pb = block_pixels(C, Wp);
+  const int64_t Pb = block_pixels(C, Wp, 4096, 3 * kBlockAlign);
   const Taps<T> taps = make_taps(r);
   const int64_t Cp = round_up(C, 8);  // whole vectors in the tap sums (8 floats, two 4-double vectors)
 
@@ -377,6 +386,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(w * Cp), vt(W * Cp, T(0));
     std::vector<T> vacc[2] = {std::vector<T>(C * Ws), std::vector<T>(C * Ws)};
     std::vector<int32_t> y(Pb);
+    std::vector<T> lse(lse_in != nullptr ? Pb : 0, T(0));  // the block's log-sum-exp, padding lanes 0
     BwdBlock<T> bb;
     bb.C = C;
     bb.y = y.data();
@@ -385,6 +395,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     bb.gamma = gamma;
     bb.g = gbuf.data();  // scratch: the gradient goes straight into the accumulators
     bb.acc_stride = Ws;  // the row buffers' layout (Resize::Ws)
+    bb.lse = lse_in != nullptr ? lse.data() : nullptr;
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / bands, ya = (task % bands) * R, yb = std::min(h, ya + R);
       int64_t open[2] = {-1, -1};  // the low-resolution row accumulating in vacc[ys & 1]
@@ -439,6 +450,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
           backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
                                 tvy.data());
+          if (lse_in != nullptr) std::copy(lse_in + n0, lse_in + n0 + cnt, lse.data());
           std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
           bb.P = P;
           bb.g_stride = P;
@@ -486,11 +498,12 @@ void dispatch_upsample(const Tensor& x, const Tensor& target, int64_t interp, bo
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
     const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners, int64_t mode, double gamma,
     const std::optional<Tensor>& tvals_in, int64_t ignore_index, bool need_pixel_loss, bool need_tp,
-    bool need_confusion) {
+    bool need_confusion, bool need_lse) {
   check_inputs(x, target_in, interp, mode, gamma);
+  need_lse = need_lse && mode == kSoftmaxFocal;
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
   const int64_t C = x.size(1), N = target.numel();
@@ -502,10 +515,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd
   Tensor tp = at::zeros({need_tp ? C : 0}, opt.dtype(at::kLong));
   Tensor bad = at::zeros({}, opt.dtype(at::kLong));
   Tensor confusion = at::zeros({need_confusion ? C : 0, need_confusion ? C : 0}, opt.dtype(at::kLong));
-  if (N == 0) return {pixel_loss, class_loss, count, tp, bad, confusion};
+  Tensor lse = at::empty({need_lse ? N : 0}, opt.dtype(acc));  // every element is written
+  if (N == 0) return {pixel_loss, class_loss, count, tp, bad, confusion, lse};
   FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(), count.data_ptr<int64_t>(),
              need_tp ? tp.data_ptr<int64_t>() : nullptr, bad.data_ptr<int64_t>(),
-             need_confusion ? confusion.data_ptr<int64_t>() : nullptr};
+             need_confusion ? confusion.data_ptr<int64_t>() : nullptr, need_lse ? lse.data_ptr() : nullptr};
   dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
     using T = typename std::decay_t<decltype(r)>::Acc;
@@ -513,13 +527,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd
     upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
                                  tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
   });
-  return {pixel_loss, class_loss, count, tp, bad, confusion};
+  return {pixel_loss, class_loss, count, tp, bad, confusion, lse};
 }
 
 Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const std::optional<Tensor>& grad_pixel_in,
                                  const std::optional<Tensor>& grad_class_in, int64_t interp, bool align_corners,
                                  int64_t mode, double gamma, const std::optional<Tensor>& tvals_in,
-                                 int64_t ignore_index) {
+                                 int64_t ignore_index, const std::optional<Tensor>& lse_in) {
   check_inputs(x, target_in, interp, mode, gamma);
   const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
@@ -529,6 +543,15 @@ Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const
   if (x.numel() == 0) return grad;
   Tensor grad_pixel, grad_class;
   std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
+  // The forward's log-sum-exp (softmax focal only; other modes do not use it).
+  Tensor lse;
+  if (lse_in.has_value() && lse_in->defined() && mode == kSoftmaxFocal) {
+    TORCH_CHECK(lse_in->dim() == 1 && lse_in->numel() == N && lse_in->scalar_type() == acc &&
+                    lse_in->device().is_cpu(),
+                "fused_imbalance: lse must be the forward's (B·H·W,) ", acc, " log-sum-exp, got ",
+                lse_in->sizes(), " ", lse_in->scalar_type());
+    lse = lse_in->contiguous();
+  }
   dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
     using T = typename std::decay_t<decltype(r)>::Acc;
@@ -536,7 +559,8 @@ Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const
     upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
                                  grad_pixel.defined() ? grad_pixel.stride(0) : 0,
                                  grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
-                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, grad);
+                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index,
+                                 lse.defined() ? lse.data_ptr<T>() : nullptr, grad);
   });
   return grad;
 }

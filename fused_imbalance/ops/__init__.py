@@ -45,7 +45,8 @@ ignore_index) -> grad``
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
 
 The loss on low-resolution logits (``upsample``, DESIGN.md §10) has its own pair of ops with the
-same outputs and two more arguments, ``interp, align_corners``: see :mod:`.upsample`.
+same outputs plus one (``lse``, each pixel's log-sum-exp, which the backward may take instead of
+recomputing it) and two more arguments, ``interp, align_corners``: see :mod:`.upsample`.
 """
 import enum
 

@@ -997,9 +997,12 @@ if triton is not None:
         need_pixel_loss: bool,
         need_tp: bool,
         need_confusion: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
-                        need_tp, need_confusion)
+        need_lse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # lse is not kept here: the backward recomputes each pixel's log-sum-exp (see the contract)
+        out = _forward(x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
+                       need_tp, need_confusion)
+        return tuple(out) + (x.new_empty(0, dtype=out[1].dtype),)
 
     @torch.library.triton_op("fused_imbalance::triton_upsample_loss_bwd", mutates_args=())
     def upsample_loss_bwd(
@@ -1013,12 +1016,13 @@ if triton is not None:
         gamma: float,
         tvals: Optional[torch.Tensor],
         ignore_index: int,
+        lse: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return _backward(x, target, grad_pixel, grad_class, interp, align_corners, loss_mode, gamma, tvals,
                          ignore_index)
 
     register("fused_imbalance::triton_upsample_loss_fwd", "fused_imbalance::triton_upsample_loss_bwd",
-             upsample_loss_bwd)
+             upsample_loss_bwd, keeps_lse=False)
 else:
     upsample_loss_fwd = None
     upsample_loss_bwd = None
