@@ -19,6 +19,10 @@ def _formula(bwd_op, geometry_args, lse_output):
         x, target = inputs[:2]
         mode, gamma, tvals, ignore_index = inputs[2 + k:6 + k]
         lse = output[6] if lse_output and output[6].numel() == target.numel() else None
+        if lse_output:
+            ctx.mark_non_differentiable(output[6])
+        # an output nothing differentiates gets None, not a tensor of zeros (lse is B·H·W floats)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, target, tvals, lse)
         ctx.geometry = tuple(inputs[2:2 + k])
         ctx.mode, ctx.gamma, ctx.ignore_index = mode, gamma, ignore_index
