@@ -26,7 +26,9 @@
 //
 // Backward (deterministic, no float atomics): the separable transposed interpolation, vertical
 // then horizontal. A task owns a band of low-resolution rows [ya, yb) of one image and walks the
-// full-resolution rows Y whose interpolation uses one of them, in increasing Y; for each Y it
+// full-resolution rows Y whose interpolation uses one of them, in increasing Y (a block of
+// columns at a time through each run of rows that share their two low-resolution rows, so that
+// the block's slices stay in cache; every element still sums its rows in increasing Y); for each Y it
 // recomputes the interpolated row and the loss gradient of its pixels (C × W, one block at a
 // time, never stored: the block kernel adds it, times wy, as it computes it, BwdBlock::acc0/acc1;
 // a softmax loss takes each pixel's log-sum-exp from the forward when autograd kept it, so that
@@ -429,8 +431,13 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           flush(open[i]);
         }
       };
-      for (int64_t Y = 0; Y < r.H; ++Y) {
+      // Runs of full-resolution rows [Y, Ye) with the same two low-resolution rows: a block of
+      // columns goes through every row of its run before the next block, so that its slices of
+      // the horizontal rows and of the accumulators stay in the L1/L2 cache across the run.
+      for (int64_t Y = 0, Ye; Y < r.H; Y = Ye) {
         const int64_t y0 = r.ay.i0[Y], y1 = r.ay.i1[Y];  // y0 <= y1 <= y0 + 1, both nondecreasing in Y
+        Ye = Y + 1;
+        while (Ye < r.H && r.ay.i0[Ye] == y0 && r.ay.i1[Ye] == y1) ++Ye;
         if (y1 < ya) continue;
         if (y0 >= yb) break;
         flush_below(y0);  // rows below y0 get nothing from this or any later full-resolution row
@@ -441,27 +448,29 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
         }
         const T* r0 = cache.get(b, y0, y1);
         const T* r1 = r.nearest ? r0 : cache.get(b, y1, y0);
-        const T wy0 = r.ay.w0[Y], wy1 = r.ay.w1[Y];
         T* a0 = y0 >= ya && y0 < yb ? vacc[y0 & 1].data() : nullptr;
         T* a1 = !r.nearest && y1 >= ya && y1 < yb ? vacc[y1 & 1].data() : nullptr;
         for (int64_t X0 = 0; X0 < W; X0 += Pb) {
           const int64_t cnt = std::min(Pb, W - X0), P = round_up(cnt, kBlockAlign);
-          const int64_t n0 = (b * r.H + Y) * W + X0;  // int64: B*H*W can exceed 2^31
-          load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-          backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
-                                tvy.data());
-          if (lse_in != nullptr) std::copy(lse_in + n0, lse_in + n0 + cnt, lse.data());
-          std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
-          bb.P = P;
-          bb.g_stride = P;
-          // Vertical transpose: the block's gradient, weighted, added into its low-resolution
-          // rows by the block kernel (padding lanes add 0). Each element sums its
-          // full-resolution rows in increasing Y, the y0 row's term before the y1 row's.
-          bb.acc0 = a0 != nullptr ? a0 + X0 : a1 + X0;
-          bb.acc_w0 = a0 != nullptr ? (r.nearest ? T(1) : wy0) : wy1;
-          bb.acc1 = a0 != nullptr && a1 != nullptr ? a1 + X0 : nullptr;
-          bb.acc_w1 = wy1;
-          loss_bwd_block(mode, bb);
+          for (int64_t Yr = Y; Yr < Ye; ++Yr) {
+            const int64_t n0 = (b * r.H + Yr) * W + X0;  // int64: B*H*W can exceed 2^31
+            load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
+            backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
+                                  tvy.data());
+            if (lse_in != nullptr) std::copy(lse_in + n0, lse_in + n0 + cnt, lse.data());
+            std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Yr, X0, P, buf);
+            bb.P = P;
+            bb.g_stride = P;
+            // Vertical transpose: the block's gradient, weighted, added into its low-resolution
+            // rows by the block kernel (padding lanes add 0). Each element sums its
+            // full-resolution rows in increasing Y, the y0 row's term before the y1 row's.
+            const T wy0 = r.ay.w0[Yr], wy1 = r.ay.w1[Yr];
+            bb.acc0 = a0 != nullptr ? a0 + X0 : a1 + X0;
+            bb.acc_w0 = a0 != nullptr ? (r.nearest ? T(1) : wy0) : wy1;
+            bb.acc1 = a0 != nullptr && a1 != nullptr ? a1 + X0 : nullptr;
+            bb.acc_w1 = wy1;
+            loss_bwd_block(mode, bb);
+          }
         }
       }
       flush_below(yb);
