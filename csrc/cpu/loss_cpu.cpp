@@ -213,7 +213,7 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
 
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<int32_t> y(P);
-    std::vector<T> tvy(P, T(0)), coef(P);
+    std::vector<T> tvy(P, T(0)), coef(P), pix(2 * P);
     std::vector<int64_t> off(P), goff(P);
     std::vector<T> xbuf, gbuf;
     BwdBlock<T> bb;
@@ -222,6 +222,7 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
     bb.y = y.data();
     bb.tvy = tvy.data();
     bb.coef = coef.data();
+    bb.pix = pix.data();
     bb.gamma = gamma;
     const int64_t b_end = std::min(plan.blocks, c1 * plan.per);
     for (int64_t blk = c0 * plan.per; blk < b_end; ++blk) {

@@ -51,6 +51,7 @@ struct BwdBlock {
   // Optional, softmax focal only: (P,) the forward's log-sum-exp (FwdBlock::lse) of each pixel;
   // then p_k = exp(x_k − lse) in one pass over the classes, without the max and the sum.
   const T* lse = nullptr;
+  T* pix = nullptr;    // (2·P) scratch for per-pixel values (the softmax focal factors)
   // Optional (the upsampled backward, upsample_cpu.cpp): with acc0 set, the gradient is not
   // stored into g (then only scratch) but added, times acc_w0, into acc0[k * acc_stride + p]
   // and, with acc1 set, times acc_w1 into acc1: o += w·g, element by element (a fused

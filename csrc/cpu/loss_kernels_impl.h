@@ -185,6 +185,9 @@ FI_INLINE void max_maybe_argmax(const T* x, int64_t xs, int64_t C, typename Vec<
 }
 
 // ℓ = −(1 − p_y)^γ log p_y; 1 − p_y = −expm1(log p_y) keeps precision when p_y → 1.
+// The focal transform of log p_y is a long chain of dependent operations per pixel; inside the
+// class loop's iterations it would stall them, so it runs as a second pass over the block's
+// pixels (independent lanes that pipeline), with log p_y kept in the loss buffer meanwhile.
 template <typename T, int GK, bool AM>
 void fwd_softmax_focal(const FwdBlock<T>& b) {
   using V = typename Vec<T>::V;
@@ -200,13 +203,19 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
     V lse = m + vlog_normal(sum.result());
     if (b.lse != nullptr) store(b.lse + j, lse);
     V l = gather_label<T>(x, b.x_stride, b.y + j) - lse;  // log p_y <= 0
-    V loss;
     if constexpr (GK == 0) {
-      loss = -l;
+      finish_fwd<T, AM>(b, j, yv, -l, am);
     } else {
-      loss = -(pow_gamma<GK>(-vexpm1(l), b.gamma) * l);
+      store(b.loss + j, l);
+      if constexpr (AM) store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
     }
-    finish_fwd<T, AM>(b, j, yv, loss, am);
+  }
+  if constexpr (GK != 0) {
+    for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+      V l = load<V>(b.loss + j);
+      V loss = -(pow_gamma<GK>(-vexpm1(l), b.gamma) * l);
+      store(b.loss + j, select(load_labels<T>(b.y + j) >= splat<I>(0), loss, splat<V>(0)));
+    }
   }
 }
 
@@ -341,24 +350,32 @@ FI_INLINE typename Vec<T>::V focal_factor(typename Vec<T>::V a, typename Vec<T>:
   if constexpr (GK == 0) {
     return a;
   } else {
-    V omp = -vexpm1(l);
+    V p = vexp(l);
+    V omp = -vexpm1(l, p);
     // log p / (1 − p) → −1 as p → 1, so the (1 − p)^(γ−1) factor never divides by 0
     V r = select(omp > splat<V>(0), l / select(omp > splat<V>(0), omp, splat<V>(1)), splat<V>(-1));
-    return a * pow_gamma<GK>(omp, gamma) * (splat<V>(1) - splat<V>(gamma) * vexp(l) * r);
+    return a * pow_gamma<GK>(omp, gamma) * (splat<V>(1) - splat<V>(gamma) * p * r);
   }
 }
 
-// With the forward's log-sum-exp: p_k = exp(x_k − lse) and the gradient in one pass.
+// With the forward's log-sum-exp: p_k = exp(x_k − lse) and the gradient in one pass. The focal
+// factors of the block's pixels come first, in a pass of their own (see fwd_softmax_focal).
 template <typename T, int GK, bool ACC>
 void bwd_softmax_focal_lse(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
+  if constexpr (GK != 0) {
+    for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+      V l = gather_label<T>(b.x + j, b.x_stride, b.y + j) - load<V>(b.lse + j);
+      store(b.pix + j, focal_factor<T, GK>(load<V>(b.coef + j), l, b.gamma));
+    }
+  }
+  const T* factor = GK != 0 ? b.pix : b.coef;
   for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
     const T* x = b.x + j;
     I yv = load_labels<T>(b.y + j);
     V lse = load<V>(b.lse + j);
-    V a = load<V>(b.coef + j);
-    if constexpr (GK != 0) a = focal_factor<T, GK>(a, gather_label<T>(x, b.x_stride, b.y + j) - lse, b.gamma);
+    V a = load<V>(factor + j);
     for (int64_t k = 0; k < b.C; ++k) {
       V gk = zero_unlabelled<T>(yv, a * vexp(load<V>(x + k * b.x_stride) - lse));
       put_grad<T, ACC>(b, k, j, select(yv == splat<I>(k), gk - a, gk));
@@ -366,16 +383,41 @@ void bwd_softmax_focal_lse(const BwdBlock<T>& b) {
   }
 }
 
-// grad_k = a (p_k − [k = y]), a as in focal_factor.
+// grad_k = a (p_k − [k = y]) = ai e_k − a [k = y] with e_k (in g) = exp(x_k − m), ai = a / Σ e.
+template <typename T, bool ACC>
+FI_INLINE void softmax_grad_pass(const BwdBlock<T>& b, int64_t j, typename Vec<T>::V a, typename Vec<T>::V ai) {
+  using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
+  T* g = b.g + j;
+  I yv = load_labels<T>(b.y + j);
+  if constexpr (ACC) {
+    // the label's −a before the gradient is weighted: (a_i e_y − a) as below, then w·g
+    for (int64_t k = 0; k < b.C; ++k) {
+      V gk = zero_unlabelled<T>(yv, ai * load<V>(g + k * b.g_stride));
+      put_grad<T, true>(b, k, j, select(yv == splat<I>(k), gk - a, gk));
+    }
+  } else {
+    for (int64_t k = 0; k < b.C; ++k) {
+      T* gk = g + k * b.g_stride;
+      store(gk, zero_unlabelled<T>(yv, ai * load<V>(gk)));
+    }
+    for (int i = 0; i < Vec<T>::W; ++i) {
+      int32_t y = b.y[j + i];
+      if (y >= 0) g[int64_t(y) * b.g_stride + i] -= a[i];
+    }
+  }
+}
+
+// grad_k = a (p_k − [k = y]), a as in focal_factor. For γ != 0 three passes over the block's
+// pixels: the exponentials (into g) with log p_y and Σ e (into pix), the focal factors, then the
+// gradient (see fwd_softmax_focal).
 template <typename T, int GK, bool ACC>
 void bwd_softmax_focal(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
   if (b.lse != nullptr) return bwd_softmax_focal_lse<T, GK, ACC>(b);
   for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
     const T* x = b.x + j;
     T* g = b.g + j;
-    I yv = load_labels<T>(b.y + j);
     V m = row_max<T>(x, b.x_stride, b.C);
     ClassSum<V> sum;
     for (int64_t k = 0; k < b.C; ++k) {
@@ -384,24 +426,20 @@ void bwd_softmax_focal(const BwdBlock<T>& b) {
       sum.add(e);
     }
     V se = sum.result();
-    V a = load<V>(b.coef + j);
-    if constexpr (GK != 0) a = focal_factor<T, GK>(a, gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se)), b.gamma);
-    V ai = a / se;
-    if constexpr (ACC) {
-      // the label's −a before the gradient is weighted: (a_i e_y − a) as below, then w·g
-      for (int64_t k = 0; k < b.C; ++k) {
-        V gk = zero_unlabelled<T>(yv, ai * load<V>(g + k * b.g_stride));
-        put_grad<T, true>(b, k, j, select(yv == splat<I>(k), gk - a, gk));
-      }
+    if constexpr (GK == 0) {
+      V a = load<V>(b.coef + j);
+      softmax_grad_pass<T, ACC>(b, j, a, a / se);
     } else {
-      for (int64_t k = 0; k < b.C; ++k) {
-        T* gk = g + k * b.g_stride;
-        store(gk, zero_unlabelled<T>(yv, ai * load<V>(gk)));
-      }
-      for (int i = 0; i < Vec<T>::W; ++i) {
-        int32_t y = b.y[j + i];
-        if (y >= 0) g[int64_t(y) * b.g_stride + i] -= a[i];
-      }
+      store(b.pix + j, gather_label<T>(x, b.x_stride, b.y + j) - (m + vlog_normal(se)));  // log p_y
+      store(b.pix + b.P + j, se);
+    }
+  }
+  if constexpr (GK != 0) {
+    for (int64_t j = 0; j < b.P; j += Vec<T>::W)
+      store(b.pix + j, focal_factor<T, GK>(load<V>(b.coef + j), load<V>(b.pix + j), b.gamma));
+    for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
+      V a = load<V>(b.pix + j);
+      softmax_grad_pass<T, ACC>(b, j, a, a / load<V>(b.pix + b.P + j));
     }
   }
 }

@@ -150,12 +150,13 @@ FI_INLINE vf vexp(vf x) {
   vf n = t - magic;
   vf r = fmadd(n, splat<vf>(-0.693359375f), xc);  // ln 2 in two parts: n · the high part is exact
   r = fmadd(n, splat<vf>(2.12194440e-4f), r);
-  vf p = splat<vf>(1.9875691500e-4f);
-  p = fmadd(p, r, splat<vf>(1.3981999507e-3f));
-  p = fmadd(p, r, splat<vf>(8.3334519073e-3f));
-  p = fmadd(p, r, splat<vf>(4.1665795894e-2f));
-  p = fmadd(p, r, splat<vf>(1.6666665459e-1f));
-  p = fmadd(p, r, splat<vf>(5.0000001201e-1f));
+  // exp(r) = 1 + r + r²·q(r) on |r| <= ln2 / 2, q of degree 4 fitted for relative error
+  // (4e-9 in exact arithmetic; the result is within 1.01 ulp of exp over [−87, 0])
+  vf p = splat<vf>(1.381461275741458e-3f);
+  p = fmadd(p, r, splat<vf>(8.368710055947304e-3f));
+  p = fmadd(p, r, splat<vf>(4.166838899254799e-2f));
+  p = fmadd(p, r, splat<vf>(1.666652113199234e-1f));
+  p = fmadd(p, r, splat<vf>(4.999999403953552e-1f));
   p = fmadd(p, r * r, r) + 1.0f;
   const vi scale = ((vi)t - 0x4B400000) << 23;  // 0x4B400000: the bits of 1.5·2^23
   return select(under, splat<vf>(0.0f), p * (vf)scale);
@@ -208,16 +209,18 @@ FI_INLINE vf vlog1p(vf x) {
   return vlog1p(x, u, 1.0f / u);
 }
 
-// exp(x) − 1 for x <= 0, accurate near 0 (Kahan: (u − 1) · x / log u, u = exp(x)).
-FI_INLINE vf vexpm1(vf x) {
-  vf u = vexp(x);
+// exp(x) − 1 for x <= 0 given u = vexp(x), accurate near 0 (Kahan: (u − 1) · x / log u). u is
+// 0 or normal (vexp flushes below the normal range); u = 0 gives −1 whatever log u returns.
+FI_INLINE vf vexpm1(vf x, vf u) {
   vf um1 = u - 1.0f;
-  vf lu = vlog(u);
+  vf lu = vlog_normal(u);
   const vi one = u == 1.0f;
   vf res = um1 * (x / select(one, splat<vf>(1.0f), lu));
   res = select(one, x, res);
   return select(um1 == -1.0f, um1, res);
 }
+
+FI_INLINE vf vexpm1(vf x) { return vexpm1(x, vexp(x)); }
 
 // ---------------------------------------------------------------------------------------
 // float64: the arithmetic must be exact enough for gradcheck, so the lanes call libm.
@@ -238,6 +241,7 @@ FI_LANEWISE(vexpm1, expm1)
 #undef FI_LANEWISE
 
 FI_INLINE vd vlog1p(vd x, vd /*u*/, vd /*inv*/) { return vlog1p(x); }
+FI_INLINE vd vexpm1(vd x, vd /*u = exp(x)*/) { return vexpm1(x); }
 
 }  // namespace simd
 }  // namespace FI_ISA

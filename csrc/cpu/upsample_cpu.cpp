@@ -385,7 +385,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
   for_each_task(r.B * bands, threads, [&](auto&& next) {
     RowCache<X, T> cache(r, xd);
     // vt and hg: pixel-major, rows of Cp >= C classes (whole vectors; the padding stays 0)
-    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), hg(w * Cp), vt(W * Cp, T(0));
+    std::vector<T> buf(r.nearest ? 0 : C * Pb), gbuf(C * Pb), tvy(Pb, T(0)), coef(Pb), pix(2 * Pb), hg(w * Cp), vt(W * Cp, T(0));
     std::vector<T> vacc[2] = {std::vector<T>(C * Ws), std::vector<T>(C * Ws)};
     std::vector<int32_t> y(Pb);
     std::vector<T> lse(lse_in != nullptr ? Pb : 0, T(0));  // the block's log-sum-exp, padding lanes 0
@@ -394,6 +394,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
     bb.y = y.data();
     bb.tvy = tvy.data();
     bb.coef = coef.data();
+    bb.pix = pix.data();
     bb.gamma = gamma;
     bb.g = gbuf.data();  // scratch: the gradient goes straight into the accumulators
     bb.acc_stride = Ws;  // the row buffers' layout (Resize::Ws)
