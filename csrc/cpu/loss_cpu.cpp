@@ -213,7 +213,7 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
 
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<int32_t> y(P);
-    std::vector<T> tvy(P, T(0)), coef(P), pix(2 * P);
+    std::vector<T> tvy(P, T(0)), coef(P), pix(2 * P), ebuf(mode == kSoftmaxFocal || mode == kMseSoftmax ? C * P : 0);
     std::vector<int64_t> off(P), goff(P);
     std::vector<T> xbuf, gbuf;
     BwdBlock<T> bb;
@@ -223,6 +223,7 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
     bb.tvy = tvy.data();
     bb.coef = coef.data();
     bb.pix = pix.data();
+    bb.ebuf = ebuf.empty() ? nullptr : ebuf.data();
     bb.gamma = gamma;
     const int64_t b_end = std::min(plan.blocks, c1 * plan.per);
     for (int64_t blk = c0 * plan.per; blk < b_end; ++blk) {

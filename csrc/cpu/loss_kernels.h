@@ -52,6 +52,10 @@ struct BwdBlock {
   // then p_k = exp(x_k − lse) in one pass over the classes, without the max and the sum.
   const T* lse = nullptr;
   T* pix = nullptr;    // (2·P) scratch for per-pixel values (the softmax focal factors)
+  // (C·P) scratch for the softmax modes' exponentials between their passes, class stride P;
+  // nullptr: they go into g. When g is an NCHW gradient, its class rows lie a plane apart (a
+  // power of two, often): the C rows of a vector of pixels then share a few cache sets.
+  T* ebuf = nullptr;
   // Optional (the upsampled backward, upsample_cpu.cpp): with acc0 set, the gradient is not
   // stored into g (then only scratch) but added, times acc_w0, into acc0[k * acc_stride + p]
   // and, with acc1 set, times acc_w1 into acc1: o += w·g, element by element (a fused

@@ -383,24 +383,30 @@ void bwd_softmax_focal_lse(const BwdBlock<T>& b) {
   }
 }
 
-// grad_k = a (p_k − [k = y]) = ai e_k − a [k = y] with e_k (in g) = exp(x_k − m), ai = a / Σ e.
+// Where the softmax backwards keep e_k = exp(x_k − m) between passes: (pointer, class stride).
+template <typename T>
+FI_INLINE std::pair<T*, int64_t> exp_buffer(const BwdBlock<T>& b) {
+  if (b.ebuf != nullptr) return {b.ebuf, b.P};
+  return {b.g, b.g_stride};
+}
+
+// grad_k = a (p_k − [k = y]) = ai e_k − a [k = y] with e_k (exp_buffer) = exp(x_k − m), ai = a / Σ e.
 template <typename T, bool ACC>
 FI_INLINE void softmax_grad_pass(const BwdBlock<T>& b, int64_t j, typename Vec<T>::V a, typename Vec<T>::V ai) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
   T* g = b.g + j;
+  const auto [eb, es] = exp_buffer(b);
+  const T* e = eb + j;
   I yv = load_labels<T>(b.y + j);
   if constexpr (ACC) {
     // the label's −a before the gradient is weighted: (a_i e_y − a) as below, then w·g
     for (int64_t k = 0; k < b.C; ++k) {
-      V gk = zero_unlabelled<T>(yv, ai * load<V>(g + k * b.g_stride));
+      V gk = zero_unlabelled<T>(yv, ai * load<V>(e + k * es));
       put_grad<T, true>(b, k, j, select(yv == splat<I>(k), gk - a, gk));
     }
   } else {
-    for (int64_t k = 0; k < b.C; ++k) {
-      T* gk = g + k * b.g_stride;
-      store(gk, zero_unlabelled<T>(yv, ai * load<V>(gk)));
-    }
+    for (int64_t k = 0; k < b.C; ++k) store(g + k * b.g_stride, zero_unlabelled<T>(yv, ai * load<V>(e + k * es)));
     for (int i = 0; i < Vec<T>::W; ++i) {
       int32_t y = b.y[j + i];
       if (y >= 0) g[int64_t(y) * b.g_stride + i] -= a[i];
@@ -415,14 +421,14 @@ template <typename T, int GK, bool ACC>
 void bwd_softmax_focal(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   if (b.lse != nullptr) return bwd_softmax_focal_lse<T, GK, ACC>(b);
+  const auto [eb, es] = exp_buffer(b);
   for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
     const T* x = b.x + j;
-    T* g = b.g + j;
     V m = row_max<T>(x, b.x_stride, b.C);
     ClassSum<V> sum;
     for (int64_t k = 0; k < b.C; ++k) {
       V e = vexp(load<V>(x + k * b.x_stride) - m);
-      store(g + k * b.g_stride, e);  // the gradient row doubles as the exp buffer
+      store(eb + j + k * es, e);
       sum.add(e);
     }
     V se = sum.result();
@@ -481,9 +487,10 @@ template <typename T, bool ACC>
 void bwd_mse_softmax(const BwdBlock<T>& b) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
+  const auto [eb, es] = exp_buffer(b);
   for (int64_t j = 0; j < b.P; j += Vec<T>::W) {
     const T* x = b.x + j;
-    T* g = b.g + j;
+    T* e_j = eb + j;
     I yv = load_labels<T>(b.y + j);
     V zero = splat<V>(0);
     V m = row_max<T>(x, b.x_stride, b.C);
@@ -491,7 +498,7 @@ void bwd_mse_softmax(const BwdBlock<T>& b) {
     ClassSum<V> sum, sum2;
     for (int64_t k = 0; k < b.C; ++k) {
       V e = vexp(load<V>(x + k * b.x_stride) - m);
-      store(g + k * b.g_stride, e);
+      store(e_j + k * es, e);
       sum.add(e);
       sum2.add(e * e);
       ey = select(yv == splat<I>(k), e, ey);
@@ -502,7 +509,7 @@ void bwd_mse_softmax(const BwdBlock<T>& b) {
     V spd = se2 * inv * inv - ey * inv * tv;
     V cf = load<V>(b.coef + j);
     for (int64_t k = 0; k < b.C; ++k) {
-      V p = load<V>(g + k * b.g_stride) * inv;
+      V p = load<V>(e_j + k * es) * inv;
       put_grad<T, ACC>(b, k, j, zero_unlabelled<T>(yv, cf * p * (p - select(yv == splat<I>(k), tv, zero) - spd)));
     }
   }
