@@ -9,10 +9,11 @@ loops of fused_imbalance/ops/triton_upsample.py.
 
 Byte floor (DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
 2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what a backward
-with class groups (C > _CACHE_C: ADE20K's 150 classes) really moves beyond it: the coefficient launch
-reads the labels and the logits once more and writes a and lse (2 floats per full-resolution pixel),
-which the gradient launch reads back; and a forward with a loss and more than 32 classes, whose per-pixel
-loss is written and read back, with the labels, by the class-sum kernel.
+with class groups (C > _FUSED_C: ADE20K's 150 classes) really moves beyond it: for the softmax focal
+losses (ce, focal) the coefficient launch reads the labels and the forward's per-pixel log-sum-exp and
+writes a, which the gradient launch reads back with lse; otherwise it reads the labels and the logits
+once more and writes a and lse (2 floats per full-resolution pixel); and a forward with a loss and more
+than 32 classes, whose per-pixel loss is written and read back, with the labels, by the class-sum kernel.
 """
 import importlib
 
@@ -47,7 +48,8 @@ def _forward(shape, HW, dtype, mode, gamma):
     def run():
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
-        FWD(x, y, BILINEAR, ALIGN_CORNERS, mode, gamma, None, IGNORE, False, mode == 4, mode == 4)
+        # as in training: the statistics pass with its counts; a loss keeps its lse for the backward
+        FWD(x, y, BILINEAR, ALIGN_CORNERS, mode, gamma, None, IGNORE, False, mode == 4, mode == 4, mode != 4)
     return run
 
 
@@ -55,9 +57,11 @@ def _backward(shape, HW, dtype, mode, gamma):
     def run():
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
+        # the forward's log-sum-exp, which autograd passes where the forward keeps it
+        lse = torch.empty(y.numel(), dtype=torch.float32) if T.keeps_lse(shape[1], mode) else None
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
         BWD(x, y, None, torch.empty(shape[1], dtype=torch.float32), BILINEAR, ALIGN_CORNERS, mode, gamma, None,
-            IGNORE)
+            IGNORE, lse)
     return run
 
 
@@ -77,7 +81,12 @@ def cases():
                 floor = 2 * logit_bytes + logit_bytes + label_bytes
                 case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, HW, dtype, mode, gamma),
                         "elements": N * C, "bytes": floor}
-                if C > T._FUSED_C:
+                if T.keeps_lse(C, mode):
+                    # the coefficient launch reads the labels and the forward's lse and writes a; the
+                    # gradient launch reads a and lse (float32 per full-resolution pixel); the label's 4
+                    # gathered low-resolution logits per pixel are not counted (cache hits, mostly)
+                    case["mem_bytes"] = floor + label_bytes + 4 * N * 4
+                elif C > T._FUSED_C:
                     scratch = 2 * N * 4  # a and lse (float32) per full-resolution pixel
                     case["mem_bytes"] = floor + logit_bytes + label_bytes + 2 * scratch
                 yield case
@@ -107,7 +116,7 @@ def _fwd_trips(launch):
     rows = _programs(launch) // a["bands"] * h  # every program of an image's column block walks h / bands rows
     steps = sum(_cdiv(s, TY) for s in seg) / h
     loops = [rows, steps]
-    if k["LOOP"]:
+    if k["LOOP"] and not k["LSE_IN"]:  # the coefficients from the forward's lse have no class loop
         loops.append(k["C"] // k["GROUP"])
     return {"loops": loops}
 

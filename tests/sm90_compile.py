@@ -183,6 +183,8 @@ UPSAMPLE_VARIANTS = [
     (8, "nearest", False, "bf16", "ce", False, False, False),  # one-tap axes, the softmax in the gradient pass
     (19, "bilinear", True, "f64", "msesoftmax", False, False, False),  # float64: the most registers
     (150, "bilinear", False, "bf16", "focal", False, True, True),  # class groups in a loop, coefficient launch
+    # (and, for the softmax focal class groups, the forward that keeps lse and the launch of the
+    # coefficients from it)
     (40, "bilinear", False, "f64", "focal", True, True, True),  # float64 class groups, steps of 4 rows
     (40, "bilinear", False, "f32", "sigfocal", False, True, True),  # sigmoid focal class groups
 ]
@@ -202,6 +204,10 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     if mode != 4:
         U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
                     gamma, tv, -100)
+    if U.keeps_lse(C, mode):
+        lse = U._forward(x, y, ip, align_corners, mode, gamma, tv, -100, need_pl, need_tp, need_conf, True)[6]
+        U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
+                    gamma, tv, -100, lse)
     return _COMPILED[start:]
 
 

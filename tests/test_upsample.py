@@ -191,27 +191,38 @@ def test_op_optional_outputs(ops):
     assert ops.upsample_loss_fwd(x, y, 1, False, 1, 2.0, None, -100, False, False, False, True)[6].shape == (0,)
 
 
-@needs_cpp
-def test_lse_from_the_forward():
-    """Autograd hands the C++ backward the forward's log-sum-exp (one pass over the classes): its
-    gradient is that of the backward op given lse, not the one that recomputes it; a forward
-    without autograd does not keep it; a wrong lse is an error."""
-    x, y = make(B=2, C=6, hw=(7, 9), HW=(29, 31))
-    for gamma in (0.0, 2.0):
-        xr = x.clone().requires_grad_(True)
-        loss = FI.focal_loss(xr, y, gamma=gamma, upsample="bilinear", backend="cpp", reduction="sum")
-        loss.backward()
-        gc = torch.ones(6)
-        lse = cpp.upsample_loss_fwd(x, y, 1, False, 0, gamma, None, -100, False, False, False, True)[6]
-        with_lse = cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, gamma, None, -100, lse)
-        without = cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, gamma, None, -100)
-        assert torch.equal(xr.grad, with_lse)
-        assert not torch.equal(with_lse, without)  # the two ways round differently
-        torch.testing.assert_close(with_lse, without, **TOL[torch.float32])
+def test_lse_from_the_forward(ops):
+    """Autograd hands the backward the forward's log-sum-exp: the C++ backward then takes one pass
+    over the classes, the Triton one (beyond 12 classes, where it works in class groups) skips the
+    pass over every class that computes its per-pixel weights. The gradient is that of the
+    backward op given lse (bit for bit), which matches the reference, and for a focal loss is not
+    the one that recomputes it; a wrong lse is an error."""
+    C = 6 if ops is cpp else 14
+    backend = "cpp" if ops is cpp else "triton"
+    x, y = make(B=2, C=C, **shape_for(backend, dict(hw=(7, 9), HW=(29, 31)), dict(hw=(3, 5), HW=(11, 17))))
+    for mode, ac in [("bilinear", False), ("nearest", False)]:
+        interp = 1 if mode == "bilinear" else 0
+        for gamma in (0.0, 2.0):
+            xr = x.clone().requires_grad_(True)
+            loss = FI.focal_loss(xr, y, gamma=gamma, upsample=mode, align_corners=ac, backend=backend,
+                                 reduction="sum")
+            loss.backward()
+            _, ref_grad = loss_and_grad(lambda t, yy, **k: FI.focal_loss(t, yy, gamma=gamma, **k), x, y,
+                                        "reference", "sum", upsample=mode, align_corners=ac)
+            torch.testing.assert_close(xr.grad, ref_grad, **TOL[torch.float32])
+            gc = torch.ones(C)
+            lse = ops.upsample_loss_fwd(x, y, interp, ac, 0, gamma, None, -100, False, False, False, True)[6]
+            assert lse.shape == (y.numel(),)
+            with_lse = ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, lse)
+            without = ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100)
+            assert torch.equal(xr.grad, with_lse)
+            if ops is cpp or gamma != 0:  # Triton's γ = 0 weight is -w either way
+                assert not torch.equal(with_lse, without)  # the two ways round differently
+            torch.testing.assert_close(with_lse, without, **TOL[torch.float32])
     with pytest.raises(RuntimeError, match="lse must be"):
-        cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse[:-1])
+        ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse[:-1])
     with pytest.raises(RuntimeError, match="lse must be"):
-        cpp.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse.double())
+        ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse.double())
 
 
 def _opcheck_utils(ops):

@@ -22,10 +22,9 @@ The classes are a compile-time loop (``tl.static_range``, C a constexpr, one com
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
 running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, groups of at most 12 (forward: 8 with the argmax, 6 in float64, 4 for
-the sigmoid focal terms; backward: 6 for the sigmoid focal terms, 4 in float64; a loop over groups
-beyond 32 classes). Offsets inside an image are
-32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
+group holds them all; beyond, groups of at most 12 (forward: 8 with the argmax, 6 with the argmax and
+the kept lse, 6 in float64, 4 for the sigmoid focal terms; backward: 6 for the sigmoid focal terms,
+4 in float64; a loop over groups beyond 32 classes). Offsets inside an image are 32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
 int64.
 
 Forward (``_up_fwd_kernel``). A program owns R consecutive low-resolution rows of one image and
@@ -62,7 +61,10 @@ accumulators carry over to the next row. With C <= ``_FUSED_C`` the softmax of e
 computed in the same pass (one exp per logit, kept for the gradient); with more classes (19
 spilled: 4 accumulators, 2 horizontal passes and the exponentials of every class per thread) the
 class groups are the outer loop and a first launch of the forward kernel stores per output pixel
-the scalars the gradient needs (a, lse, q: ``COEF``), O(B·H·W). Every gradient element is the
+the scalars the gradient needs (a, lse, q: ``COEF``), O(B·H·W). For the softmax focal losses the
+forward keeps each pixel's lse when autograd records it (``need_lse``, :func:`keeps_lse`); that
+launch then reads it and computes a from the label's interpolated logit alone (``LSE_IN``: 4
+gathered loads per pixel, no pass over the classes). Every gradient element is the
 same sum in the same order whatever the grid, so results are bit-identical run to run.
 
 Cost model, per output logit (C classes, N = B·H·W output pixels, n = B·h·w inputs; the byte
@@ -76,8 +78,9 @@ floor is the labels plus the low-resolution logits once, or three times for the 
   rows of a segment; redundant work: the halo row (1/R of the rows) and the halo column (1/BLOCK_X).
 * more classes: forward + 4 gathered loads and 3 multiply-adds per class and step of TY rows for the
   interpolation (C > ``_CACHE_C``); backward (C > ``_FUSED_C``) the gradient needs one exp per logit and the
-  horizontal passes once per group, plus the coefficient launch (a forward without statistics)
-  and 8-12 bytes per output pixel written and read back.
+  horizontal passes once per group, plus the coefficient launch (a forward without statistics,
+  or, from the forward's lse, the label's logit per pixel) and 8-12 bytes per output pixel written
+  and read back.
 ``benchmarks/sm90_upsample_driver.py`` estimates what this costs on an H100 (compile-only).
 
 What bounds it: every softmax mode needs at least one exponential per output logit, and the
@@ -305,6 +308,23 @@ if triton is not None:
         return m, s, rest, s2r, lsum, am
 
     @triton.jit
+    def _coef_from_logp(logp, w, gamma, FOCAL: tl.constexpr):
+        """The softmax focal backward's per-pixel weight a (``_bwd_softmax_coefs``, mode 0) from
+        log p_y alone: 1 - p_y = -expm1(log p_y) by Kahan's (u - 1)·x / log u with u = exp(x),
+        accurate as p_y -> 1 (where 1 - exp would cancel)."""
+        if FOCAL:
+            u = tl.exp(logp)
+            one = u == 1.0
+            omp = tl.where(one, -logp, (1.0 - u) * (logp / tl.where(one, 1.0, tl.log(u))))
+            omp = tl.where(u == 0.0, 1.0, omp)
+            wf = tl.exp(gamma * tl.log(omp))  # 0 at omp = 0 (γ > 0)
+            r = tl.where(omp > 0.0, logp / omp, -1.0)
+            a = -w * wf * (1.0 - gamma * u * r)
+        else:
+            a = -w
+        return a
+
+    @triton.jit
     def _up_fwd_kernel(
         x_ptr,  # low-resolution logits, element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
         t_ptr,  # (B*H*W,) labels, any integer dtype; pixel (b, Y, X) at (b*H + Y)*W + X
@@ -320,7 +340,7 @@ if triton is not None:
         bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
         conf_ptr,  # confusion [label, argmax] added into: (programs, C, C) int32 (CONF 1), (C, C) int64 (CONF 2)
         gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients of pixel_loss and class_loss (COEF)
-        coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel
+        coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse in (LSE_IN), out (STORE_LSE)
         H, W, h, w,  # output and input sizes
         bands, xblocks,  # row bands per image, column blocks per row
         stride_b, stride_c, stride_h, stride_w,  # logits strides, in elements
@@ -337,6 +357,8 @@ if triton is not None:
         PACK_TP: tl.constexpr,  # REG_STATS and NEED_TP: counts and true positives in one int32 (H < 2**16)
         CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
         COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
+        LSE_IN: tl.constexpr,  # COEF (softmax focal) from the forward's lse at lse_ptr: no class pass
+        STORE_LSE: tl.constexpr,  # the forward (softmax focal) also writes each pixel's lse to lse_ptr
         HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
         TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr,  # two-tap axes (bilinear, size changed)
         OFF64: tl.constexpr,  # 64-bit offsets inside an image
@@ -404,79 +426,96 @@ if triton is not None:
                 tv = tl.zeros([TY, BLOCK_X], acc_ty)
                 if MODE == 2 or MODE == 3:
                     tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-                m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
-                                                       sc, y32, tv, gamma, acc_ty, C, GROUP, LOOP, CACHE,
-                                                       MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
-                if SOFTMAX:
-                    # the label's interpolated logit: 4 gathered loads per pixel
+                if LSE_IN:
+                    # the backward's weights from the forward's log-sum-exp: the label's
+                    # interpolated logit (4 gathered loads) and a few operations per pixel
+                    lse_f = tl.load(lse_ptr + n, mask=pm, other=0.0).to(acc_ty)
                     xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
                                     TAP2_X, TAP2_Y)
-                    logp = xy - _lse(m, s)
-                if COEF:
                     wgt = tl.zeros([TY, BLOCK_X], acc_ty)
                     if HAS_GP:
                         wgt += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
                     if HAS_GC:
                         wgt += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
-                    wgt = tl.where(valid, wgt, 0.0)
-                    lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
+                    a = _coef_from_logp(xy - lse_f, tl.where(valid, wgt, 0.0), gamma, FOCAL)
                     tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
-                    tl.store(lse_ptr + n, lse, mask=pm)
-                    if MODE == 3:
-                        tl.store(q_ptr + n, q, mask=pm)
                 else:
-                    if MODE == 0:
-                        if FOCAL:
-                            # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
-                            loss = -tl.exp(gamma * tl.log(rest / s)) * logp
+                    m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
+                                                           sc, y32, tv, gamma, acc_ty, C, GROUP, LOOP, CACHE,
+                                                           MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
+                    if SOFTMAX:
+                        # the label's interpolated logit: 4 gathered loads per pixel
+                        xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
+                                        TAP2_X, TAP2_Y)
+                        lse_v = _lse(m, s)
+                        logp = xy - lse_v
+                        if STORE_LSE:  # the forward keeps it for the backward (softmax focal)
+                            tl.store(lse_ptr + n, lse_v, mask=pm)
+                    if COEF:
+                        wgt = tl.zeros([TY, BLOCK_X], acc_ty)
+                        if HAS_GP:
+                            wgt += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
+                        if HAS_GC:
+                            wgt += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
+                        wgt = tl.where(valid, wgt, 0.0)
+                        lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
+                        tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
+                        tl.store(lse_ptr + n, lse, mask=pm)
+                        if MODE == 3:
+                            tl.store(q_ptr + n, q, mask=pm)
+                    else:
+                        if MODE == 0:
+                            if FOCAL:
+                                # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
+                                loss = -tl.exp(gamma * tl.log(rest / s)) * logp
+                            else:
+                                loss = -logp
+                        elif MODE == 3:
+                            dy = tl.exp(logp) - tv
+                            loss = 0.5 * (s2r / (s * s) + dy * dy)
+                        elif MODE == 2:
+                            loss = 0.5 * lsum
                         else:
-                            loss = -logp
-                    elif MODE == 3:
-                        dy = tl.exp(logp) - tv
-                        loss = 0.5 * (s2r / (s * s) + dy * dy)
-                    elif MODE == 2:
-                        loss = 0.5 * lsum
-                    else:
-                        loss = lsum  # sigmoid focal terms; zeros for the statistics
-                    lv = tl.where(valid, loss, 0.0)
-                    if STORE_PL:
-                        tl.store(pl_ptr + n, lv, mask=pm)
-                    hit = valid & (am == y32)
-                    if REG_STATS:
-                        # per-thread running sums: a compare and predicated adds per pixel and class;
-                        # with PACK_TP the count in the low 16 bits and the true positives above
-                        # (a thread counts fewer than 2**16 pixels: at most H rows of one column)
-                        if PACK_TP:
-                            inc = tl.where(hit, 0x10001, 1)
-                        nl = ()
-                        nc = ()
-                        nt = ()
-                        for c in tl.static_range(C):
-                            is_c = y32 == c
-                            if HAS_LOSS:
-                                nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 0),)
-                            else:
-                                nl = nl + (lacc[c],)
+                            loss = lsum  # sigmoid focal terms; zeros for the statistics
+                        lv = tl.where(valid, loss, 0.0)
+                        if STORE_PL:
+                            tl.store(pl_ptr + n, lv, mask=pm)
+                        hit = valid & (am == y32)
+                        if REG_STATS:
+                            # per-thread running sums: a compare and predicated adds per pixel and class;
+                            # with PACK_TP the count in the low 16 bits and the true positives above
+                            # (a thread counts fewer than 2**16 pixels: at most H rows of one column)
                             if PACK_TP:
-                                nc = nc + (cacc[c] + tl.sum(tl.where(is_c, inc, 0), 0),)
-                            else:
-                                nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 0),)
-                            if NEED_TP and not PACK_TP:
-                                nt = nt + (tacc[c] + tl.sum((is_c & hit).to(tl.int32), 0),)
-                            else:
-                                nt = nt + (tacc[c],)
-                        lacc = nl
-                        cacc = nc
-                        tacc = nt
-                    else:
-                        tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
-                        if NEED_TP:
-                            tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
-                    if CONF == 1:
-                        tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
-                    elif CONF == 2:
-                        tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([TY, BLOCK_X], 1, tl.int64),
-                                      mask=valid, sem="relaxed")
+                                inc = tl.where(hit, 0x10001, 1)
+                            nl = ()
+                            nc = ()
+                            nt = ()
+                            for c in tl.static_range(C):
+                                is_c = y32 == c
+                                if HAS_LOSS:
+                                    nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 0),)
+                                else:
+                                    nl = nl + (lacc[c],)
+                                if PACK_TP:
+                                    nc = nc + (cacc[c] + tl.sum(tl.where(is_c, inc, 0), 0),)
+                                else:
+                                    nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 0),)
+                                if NEED_TP and not PACK_TP:
+                                    nt = nt + (tacc[c] + tl.sum((is_c & hit).to(tl.int32), 0),)
+                                else:
+                                    nt = nt + (tacc[c],)
+                            lacc = nl
+                            cacc = nc
+                            tacc = nt
+                        else:
+                            tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
+                            if NEED_TP:
+                                tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
+                        if CONF == 1:
+                            tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
+                        elif CONF == 2:
+                            tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([TY, BLOCK_X], 1, tl.int64),
+                                          mask=valid, sem="relaxed")
             if CACHE:
                 if TAP2_Y:
                     ha = hb
@@ -782,7 +821,7 @@ class _Geometry:
         self.off64 = extent >= 2 ** 31
 
 
-def _class_plan(C, mode, f64, bwd=False, need_am=False):
+def _class_plan(C, mode, f64, bwd=False, need_am=False, keep_lse=False):
     """(GROUP, LOOP, CACHE) of a class count (see the module docstring). A forward group holds
     ``_fwd_step`` rows of interpolated values per class (and with ``need_am`` the running argmax);
     the backward four accumulators and two horizontal passes per class. Smaller groups for the
@@ -798,7 +837,8 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False):
     elif f64:
         group = 6  # in steps of 2 rows
     else:
-        group = 8 if need_am and mode != Mode.STATS else _GROUP  # in steps of 4 rows
+        # in steps of 4 rows; 8 spilled with the argmax and the stored lse together
+        group = (6 if keep_lse else 8) if need_am and mode != Mode.STATS else _GROUP
     loop = C > _UNROLL_C
     if not loop:
         group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
@@ -861,17 +901,28 @@ def _check(x, target, interp, loss_mode, gamma):
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {x.dtype}")
 
 
+def keeps_lse(C, mode):
+    """Whether the forward keeps each pixel's log-sum-exp for the backward (``need_lse``): the
+    softmax focal mode with class groups in the backward, where it replaces the coefficient
+    launch's pass over every class by a per-pixel one."""
+    return mode == Mode.SOFTMAX_FOCAL and C > _FUSED_C
+
+
 def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=False, need_tp=False, need_conf=False,
-                coef=None, grad_pixel=None, grad_class=None):
-    """One launch of ``_up_fwd_kernel``: the forward, or (``coef`` = (a, lse, q) buffers) the
-    backward's per-pixel scalars. Returns (pl, lrow, crow, trow, bad, conf, conf_mode, reg)."""
+                coef=None, grad_pixel=None, grad_class=None, lse_in=False, store_lse=None):
+    """One launch of ``_up_fwd_kernel``: the forward (``store_lse``: an (N,) buffer for each
+    pixel's log-sum-exp, softmax focal), or (``coef`` = (a, lse, q) buffers) the backward's
+    per-pixel scalars, from the forward's lse in ``coef[1]`` with ``lse_in``. Returns (pl, lrow,
+    crow, trow, bad, conf, conf_mode, reg)."""
     B, C = x.shape[0], x.shape[1]
     is_coef = coef is not None
     f64 = acc == torch.float64
     block, R, ty, warps = _fwd_tile(geo, C, mode, f64)
     bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
     P = B * bands * xblocks
-    group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef)
+    group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef,
+                                     keep_lse=store_lse is not None)
+    cache = cache and not lse_in  # no class pass: no horizontal rows to cache
     has_loss = mode != Mode.STATS
     reg = C <= _REG_STATS_C and not is_coef
     store_pl = not is_coef and (store_pl or (has_loss and not reg))
@@ -892,7 +943,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
             conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
                                dtype=torch.int32 if conf_mode == 1 else torch.int64)
     tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
-    a, lse, q = coef if is_coef else (pl, pl, pl)
+    a, lse, q = coef if is_coef else (pl, store_lse if store_lse is not None else pl, pl)
     wrap(_up_fwd_kernel)[(P,)](
         x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1, tv, pl, lrow, crow, trow, bad, conf,
         grad_pixel if grad_pixel is not None else tv, grad_class if grad_class is not None else tv, a, lse, q,
@@ -901,14 +952,15 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         ignore_index, gamma,
         C=C, GROUP=group, LOOP=loop, CACHE=cache, MODE=int(mode),
         FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL), STORE_PL=store_pl, REG_STATS=reg,
-        NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < 2 ** 16, CONF=conf_mode, COEF=is_coef, HAS_GP=grad_pixel is not None,
+        NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < 2 ** 16, CONF=conf_mode, COEF=is_coef,
+        LSE_IN=lse_in, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
         HAS_GC=grad_class is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64, R=R, TY=ty,
         BLOCK_X=block, num_warps=warps)
     return pl, lrow, crow, trow, bad, conf, conf_mode, reg
 
 
 def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-             need_confusion):
+             need_confusion, need_lse=False):
     _check(x, target, interp, mode, gamma)
     mode = Mode(mode)
     acc = _acc_dtype(x)
@@ -917,16 +969,17 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
     N = B * H * W
     has_loss = mode != Mode.STATS
     empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
+    lse = x.new_empty(N if need_lse and keeps_lse(C, mode) else 0, dtype=acc)  # every element is written
     if N == 0 or x.numel() == 0:
         return (x.new_zeros(N if need_pixel_loss else 0, dtype=acc), x.new_zeros(C, dtype=acc),
                 x.new_zeros(C, dtype=torch.int64), x.new_zeros(C if need_tp else 0, dtype=torch.int64),
-                x.new_zeros((), dtype=torch.int64), empty_conf)
+                x.new_zeros((), dtype=torch.int64), empty_conf, lse)
     t = target.reshape(-1).contiguous()
     with _on_device(x):
         geo = _Geometry(x, H, W, interp, align_corners)
         pl, lrow, crow, trow, bad, conf, conf_mode, reg = _launch_fwd(
             x, t, geo, mode, gamma, tvals, ignore_index, acc, store_pl=need_pixel_loss, need_tp=need_tp,
-            need_conf=need_confusion)
+            need_conf=need_confusion, store_lse=lse if lse.numel() else None)
         if not has_loss:
             class_loss = x.new_zeros(C, dtype=acc)
         elif reg:
@@ -939,10 +992,11 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
             conf = conf.sum(0, dtype=torch.int64)
     pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
     return (pixel_loss, class_loss, count, tp, bad.sum(dtype=torch.int64),
-            conf if need_confusion else empty_conf)
+            conf if need_confusion else empty_conf, lse)
 
 
-def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, gamma, tvals, ignore_index):
+def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, gamma, tvals, ignore_index,
+              lse_fwd=None):
     _check(x, target, interp, mode, gamma)
     mode = Mode(mode)
     B, C, h, w = x.shape
@@ -957,15 +1011,22 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
     group, loop, cache = _class_plan(C, mode, acc == torch.float64, bwd=True)
     pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
+    if lse_fwd is not None and (not pre or mode != Mode.SOFTMAX_FOCAL):
+        lse_fwd = None  # the one-group backward computes the softmax itself
+    if lse_fwd is not None and (lse_fwd.shape != (N,) or lse_fwd.dtype != acc or lse_fwd.device != x.device):
+        raise RuntimeError(f"fused_imbalance: lse must be the forward's ({N},) {acc} log-sum-exp, got "
+                           f"{tuple(lse_fwd.shape)} {lse_fwd.dtype}")
     with _on_device(x):
         geo = _Geometry(x, H, W, interp, align_corners)
-        # class groups of a softmax mode: the per-pixel scalars first, O(B·H·W)
+        # class groups of a softmax mode: the per-pixel scalars first, O(B·H·W); from the forward's
+        # log-sum-exp when it kept it (a per-pixel launch), else a pass over every class
         coef = lse = q = dummy
         if pre:
-            coef, lse = x.new_empty(N, dtype=acc), x.new_empty(N, dtype=acc)
+            coef = x.new_empty(N, dtype=acc)
+            lse = lse_fwd.contiguous() if lse_fwd is not None else x.new_empty(N, dtype=acc)
             q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
             _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, coef=(coef, lse, q),
-                        grad_pixel=grad_pixel, grad_class=grad_class)
+                        grad_pixel=grad_pixel, grad_class=grad_class, lse_in=lse_fwd is not None)
         block, R, tj, ty, warps = _bwd_tile(geo)
         bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
         wrap(_up_bwd_kernel)[(B * bands * xblocks,)](
@@ -999,10 +1060,8 @@ if triton is not None:
         need_confusion: bool,
         need_lse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # lse is not kept here: the backward recomputes each pixel's log-sum-exp (see the contract)
-        out = _forward(x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
-                       need_tp, need_confusion)
-        return tuple(out) + (x.new_empty(0, dtype=out[1].dtype),)
+        return _forward(x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
+                        need_tp, need_confusion, need_lse)
 
     @torch.library.triton_op("fused_imbalance::triton_upsample_loss_bwd", mutates_args=())
     def upsample_loss_bwd(
@@ -1019,10 +1078,10 @@ if triton is not None:
         lse: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return _backward(x, target, grad_pixel, grad_class, interp, align_corners, loss_mode, gamma, tvals,
-                         ignore_index)
+                         ignore_index, lse)
 
     register("fused_imbalance::triton_upsample_loss_fwd", "fused_imbalance::triton_upsample_loss_bwd",
-             upsample_loss_bwd, keeps_lse=False)
+             upsample_loss_bwd, keeps_lse=keeps_lse)
 else:
     upsample_loss_fwd = None
     upsample_loss_bwd = None
