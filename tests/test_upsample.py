@@ -477,6 +477,22 @@ def test_triton_gpu_tiling(monkeypatch, mode, align_corners, C, op_mode):
     torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("H", [63, 68])
+def test_triton_counts_per_thread(monkeypatch, H):
+    """The forward's per-thread class counts are float32, with the true positives packed into them below
+    H = _TP_PACK rows (count + _TP_PACK x true positives), here 64: right at the largest packed value (a
+    thread whose every pixel of a column, H rows, is a true positive) and in the unpacked form above."""
+    _need("triton")
+    monkeypatch.setattr(tup, "_TP_PACK", 64)
+    monkeypatch.setattr(tup, "_fwd_tile", lambda geo, C, mode, f64: (32, 4, 1, 1))  # a GPU's step: 1 row
+    x = torch.tensor([3.0, 1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()  # argmax 0 everywhere
+    y = torch.zeros(1, H, 3, dtype=torch.int64)
+    y[0, -1, 0] = 1  # column 0: H - 1 true positives, column 1: H, column 2: one ignored pixel
+    y[0, 0, 2] = -100
+    out = tup.upsample_loss_fwd(x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 0.0, None, -100, False, True, False)
+    assert out[2].tolist() == [3 * H - 2, 1, 0] and out[3].tolist() == [3 * H - 2, 0, 0]
+
+
 def test_triton_bit_identical():
     """The Triton forward and backward are bit-identical run to run (no float atomics)."""
     _need("triton")

@@ -22,10 +22,10 @@ The classes are a compile-time loop (``tl.static_range``, C a constexpr, one com
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
 running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, groups of at most 12 (forward: 8 with the argmax, 6 with the argmax and
-the kept lse, 6 in float64, 4 for the sigmoid focal terms; backward: 6 for the sigmoid focal terms,
-4 in float64; a loop over groups beyond 32 classes). Offsets inside an image are 32-bit unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are
-int64.
+group holds them all; beyond, groups of at most 12 (forward: 6 with the argmax, 6 in float64, 4 for
+the sigmoid focal terms; backward: 5 for the sigmoid focal terms, 4 in float64; a loop over groups
+beyond 32 classes). Offsets inside an image are 32-bit unless one image of logits spans 2**31
+elements (``OFF64``); image and pixel bases are int64.
 
 Forward (``_up_fwd_kernel``). A program owns R consecutive low-resolution rows of one image and
 BLOCK_X consecutive output columns, one column per thread: it walks the rows y of its band and,
@@ -39,7 +39,8 @@ reused by the H/h output rows of the segment; beyond, each step recomputes them 
 group (4 gathered loads, cache hits, and 3 multiply-adds per class, for the TY rows of the step). Per pixel: the label, the
 softmax in one max pass and one exp pass over the group's interpolated values, or the per-class
 terms of the elementwise modes; the label's interpolated logit is 4 gathered loads per pixel.
-Class statistics as in the static forward: per-thread registers written once per program as a
+Class statistics as in the static forward: per-thread registers (a predicated add per pixel, class
+and sum; the counts float32, exact below 2**24) written once per program as a
 row of a (programs, C) table summed here in a fixed order (C <= 32), else the per-pixel loss
 summed per class by ``_class_sum_kernel`` and integer atomics into per-program rows.
 
@@ -70,8 +71,8 @@ same sum in the same order whatever the grid, so results are bit-identical run t
 Cost model, per output logit (C classes, N = B·H·W output pixels, n = B·h·w inputs; the byte
 floor is the labels plus the low-resolution logits once, or three times for the backward):
 
-* forward, C <= ``_CACHE_C``: the vertical blend (2 multiply-adds), max, exp (1 MUFU), sum, the
-  statistics (a compare and predicated adds), plus about (1 + 1/R)·(h/H) horizontal passes (2
+* forward, C <= ``_CACHE_C``: the vertical blend (2 multiply-adds), max, exp (a multiply-add and 1
+  MUFU), sum, the statistics (a compare and predicated adds), plus about (1 + 1/R)·(h/H) horizontal passes (2
   loads, 2 multiply-adds); per pixel the label, 4 gathered loads of its logit, the loss.
 * backward, C <= ``_FUSED_C``: the vertical blend, the softmax (1 exp), the gradient (3), four
   multiply-adds into the accumulators, the horizontal passes per column amortised over the H/h
@@ -116,6 +117,7 @@ _FUSED_C = 12  # up to this class count the backward computes the softmax itself
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
 _GROUP = 12  # classes per group beyond _CACHE_C (_FUSED_C backward): see _class_plan
+_TP_PACK = 4096  # REG_STATS: a float count + _TP_PACK x true positives (exact for H < _TP_PACK)
 _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
 _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
@@ -179,11 +181,13 @@ if triton is not None:
         """Horizontal passes of one low-resolution row (``off`` = its row offset) at the lanes'
         columns, classes c0 .. c0 + NCLS - 1: a tuple of NCLS vectors."""
         hs = ()
+        p0 = xp + o0  # the lanes' pointers, then a scalar offset per class: a 64-bit add per load
+        p1 = xp + o1
         for k in tl.static_range(NCLS):
-            p = xp + ((c0 + k) * sc + off)
-            v = tl.load(p + o0, mask=m, other=0.0).to(acc_ty)
+            q = (c0 + k) * sc + off
+            v = tl.load(p0 + q, mask=m, other=0.0).to(acc_ty)
             if TAP2_X:
-                v = v * wx0 + tl.load(p + o1, mask=m, other=0.0).to(acc_ty) * wx1  # torch's two-tap blend
+                v = v * wx0 + tl.load(p1 + q, mask=m, other=0.0).to(acc_ty) * wx1  # torch's two-tap blend
             hs = hs + (v,)
         return hs
 
@@ -224,12 +228,32 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _fold(vals, c0, y32, tv, gamma, m, s, rest, s2r, lsum, bv, am, NCLS: tl.constexpr,
+    def _shift(s):
+        """The per-pixel form of a softmax shift s for :func:`_exp_minus`: s·log2(e) in float32, s in float64."""
+        if s.dtype == tl.float64:
+            return s
+        else:
+            return s * _LOG2E
+
+    @triton.jit
+    def _exp_minus(v, sh):
+        """exp(v - s) for sh = _shift(s). float32: exp2(v·log2(e) - s·log2(e)), one fused multiply-add and the
+        special-function ex2 per logit (tl.exp adds range fix-ups, (v - s)·log2(e) a subtraction); the rounding
+        of s·log2(e), once per pixel, scales every term of the pixel alike."""
+        if sh.dtype == tl.float64:
+            return tl.exp(v - sh)
+        else:
+            return tl.exp2(tl.fma(v, _LOG2E, -sh))
+
+    @triton.jit
+    def _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, NCLS: tl.constexpr,
               MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr):
         """Fold one class group's interpolated logits into a pixel's running state: the softmax
         (a max pass, the sums rescaled once, an exp pass: m, s = Σ e_k, rest = Σ_{k≠y} e_k,
         s2r = Σ_{k≠y} e_k², as ``_softmax_group`` of the static kernels), or the per-class terms
-        of the elementwise modes (lsum); the argmax when NEED_AM."""
+        of the elementwise modes (lsum); the argmax when NEED_AM. ``yk`` is the label as
+        :func:`_row_state` compares it here; yr = yk - c0 is compared with the constants k."""
+        yr = yk - c0
         if MODE == 0 or MODE == 3:
             NEED_REST: tl.constexpr = FOCAL or MODE == 3
             gm = m
@@ -242,26 +266,22 @@ if triton is not None:
                 rest = rest * alpha
             if MODE == 3:
                 s2r = s2r * (alpha * alpha)
+            sh = _shift(ms)
             for k in tl.static_range(NCLS):
-                # float32: exp2((v - ms) log2(e)), the special-function ex2 alone (tl.exp adds range
-                # fix-ups, three more instructions per logit), as in the static kernels
-                if ms.dtype == tl.float64:
-                    e = tl.exp(vals[k] - ms)
-                else:
-                    e = tl.exp2((vals[k] - ms) * _LOG2E)
+                e = _exp_minus(vals[k], sh)
                 s += e
-                if NEED_REST:
-                    er = tl.where(y32 == c0 + k, 0.0, e)
-                    rest += er
+                if NEED_REST:  # the sums over k != y: predicated adds
+                    oh = yr == k
+                    rest = tl.where(oh, rest, rest + e)
                     if MODE == 3:
-                        s2r += er * er
+                        s2r = tl.where(oh, s2r, tl.fma(e, e, s2r))
             m = gm
         elif MODE == 1:
             for k in tl.static_range(NCLS):
-                lsum += _sigmoid_focal_terms(vals[k], y32 == c0 + k, gamma, FOCAL)
+                lsum += _sigmoid_focal_terms(vals[k], yr == k, gamma, FOCAL)
         elif MODE == 2:
             for k in tl.static_range(NCLS):
-                d = vals[k] - tl.where(y32 == c0 + k, tv, 0.0)
+                d = vals[k] - tl.where(yr == k, tv, 0.0)
                 lsum += d * d
         if NEED_AM:
             for k in tl.static_range(NCLS):
@@ -275,6 +295,13 @@ if triton is not None:
                    TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
         """(m, s, rest, s2r, lsum, am) of one output row's pixels over all classes: from the cached
         horizontal rows (CACHE, one group), or per class group from the low-resolution logits."""
+        # Unrolled classes (C <= 32): the label as int16 for the class passes' comparisons (exact: it is -1
+        # or below C), the int32 one for the statistics': two different comparisons keep the compiler from
+        # holding C predicates from one to the other (it packs them into a register, 3 instructions per class).
+        if not LOOP:
+            yk = y32.to(tl.int16)
+        else:
+            yk = y32
         m = tl.full(y32.shape, float("-inf"), acc_ty)
         s = tl.zeros(y32.shape, acc_ty)
         rest = tl.zeros(y32.shape, acc_ty)
@@ -284,7 +311,7 @@ if triton is not None:
         am = tl.zeros(y32.shape, tl.int32)
         if CACHE:
             vals = _vert(ha, hb, wy0, wy1, C, TAP2_Y)
-            m, s, rest, s2r, lsum, bv, am = _fold(vals, 0, y32, tv, gamma, m, s, rest, s2r, lsum, bv, am,
+            m, s, rest, s2r, lsum, bv, am = _fold(vals, 0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am,
                                                   C, MODE, FOCAL, NEED_AM)
         else:
             FULL: tl.constexpr = (C // GROUP) * GROUP
@@ -292,18 +319,18 @@ if triton is not None:
                 for c0 in range(0, FULL, GROUP):
                     vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
                                      TAP2_X, TAP2_Y)
-                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, y32, tv, gamma, m, s, rest, s2r, lsum,
+                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum,
                                                           bv, am, GROUP, MODE, FOCAL, NEED_AM)
             else:
                 for c0 in tl.static_range(0, FULL, GROUP):
                     vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
                                      TAP2_X, TAP2_Y)
-                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, y32, tv, gamma, m, s, rest, s2r, lsum,
+                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum,
                                                           bv, am, GROUP, MODE, FOCAL, NEED_AM)
             if C % GROUP:
                 vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, FULL, acc_ty, C % GROUP,
                                  TAP2_X, TAP2_Y)
-                m, s, rest, s2r, lsum, bv, am = _fold(vals, FULL, y32, tv, gamma, m, s, rest, s2r, lsum,
+                m, s, rest, s2r, lsum, bv, am = _fold(vals, FULL, yk, tv, gamma, m, s, rest, s2r, lsum,
                                                       bv, am, C % GROUP, MODE, FOCAL, NEED_AM)
         return m, s, rest, s2r, lsum, am
 
@@ -354,7 +381,8 @@ if triton is not None:
         STORE_PL: tl.constexpr,  # write the per-pixel loss
         REG_STATS: tl.constexpr,  # class statistics in registers (C <= 32)
         NEED_TP: tl.constexpr,  # count true positives
-        PACK_TP: tl.constexpr,  # REG_STATS and NEED_TP: counts and true positives in one int32 (H < 2**16)
+        PACK_TP: tl.constexpr,  # REG_STATS and NEED_TP: count + TP_PACK x true positives in one float (H < TP_PACK)
+        TP_PACK: tl.constexpr,
         CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
         COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
         LSE_IN: tl.constexpr,  # COEF (softmax focal) from the forward's lse at lse_ptr: no class pass
@@ -394,9 +422,9 @@ if triton is not None:
             cacc = ()
             tacc = ()
             for c in tl.static_range(C):
-                lacc = lacc + (tl.zeros([BLOCK_X], acc_ty),)
-                cacc = cacc + (tl.zeros([BLOCK_X], tl.int32),)
-                tacc = tacc + (tl.zeros([BLOCK_X], tl.int32),)
+                lacc = lacc + (tl.zeros([TY, BLOCK_X], acc_ty),)
+                cacc = cacc + (tl.zeros([TY, BLOCK_X], tl.float32),)
+                tacc = tacc + (tl.zeros([TY, BLOCK_X], tl.float32),)
         bad_acc = tl.zeros([BLOCK_X], tl.int32)
         ya = band * R
         yb = tl.minimum(ya + R, h)
@@ -482,26 +510,28 @@ if triton is not None:
                             tl.store(pl_ptr + n, lv, mask=pm)
                         hit = valid & (am == y32)
                         if REG_STATS:
-                            # per-thread running sums: a compare and predicated adds per pixel and class;
-                            # with PACK_TP the count in the low 16 bits and the true positives above
-                            # (a thread counts fewer than 2**16 pixels: at most H rows of one column)
+                            # per-thread running sums: a compare and a predicated add per pixel, class
+                            # and sum. The counts are float32 (a predicated add; integer ones compiled to
+                            # three instructions), exact: a thread counts at most H < 2**24 pixels (the
+                            # rows of one column); with PACK_TP (H < TP_PACK) count + TP_PACK * true
+                            # positives in one, below 2**24 too (_TP_PACK = 4096).
                             if PACK_TP:
-                                inc = tl.where(hit, 0x10001, 1)
+                                inc = tl.where(hit, TP_PACK + 1.0, 1.0)
                             nl = ()
                             nc = ()
                             nt = ()
                             for c in tl.static_range(C):
                                 is_c = y32 == c
                                 if HAS_LOSS:
-                                    nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 0),)
+                                    nl = nl + (tl.where(is_c, lacc[c] + lv, lacc[c]),)
                                 else:
                                     nl = nl + (lacc[c],)
                                 if PACK_TP:
-                                    nc = nc + (cacc[c] + tl.sum(tl.where(is_c, inc, 0), 0),)
+                                    nc = nc + (tl.where(is_c, cacc[c] + inc, cacc[c]),)
                                 else:
-                                    nc = nc + (cacc[c] + tl.sum(is_c.to(tl.int32), 0),)
+                                    nc = nc + (tl.where(is_c, cacc[c] + 1.0, cacc[c]),)
                                 if NEED_TP and not PACK_TP:
-                                    nt = nt + (tacc[c] + tl.sum((is_c & hit).to(tl.int32), 0),)
+                                    nt = nt + (tl.where(is_c & hit, tacc[c] + 1.0, tacc[c]),)
                                 else:
                                     nt = nt + (tacc[c],)
                             lacc = nl
@@ -526,14 +556,15 @@ if triton is not None:
                 # one row per program, summed by the launcher in a fixed order: deterministic
                 for c in tl.static_range(C):
                     if HAS_LOSS:
-                        tl.store(lrow_ptr + pid64 * C + c, tl.sum(lacc[c], 0))
+                        tl.store(lrow_ptr + pid64 * C + c, tl.sum(tl.sum(lacc[c], 1), 0))
+                    ci = cacc[c].to(tl.int32)
                     if PACK_TP:
-                        tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c] & 0xFFFF, 0))
-                        tl.store(trow_ptr + pid64 * C + c, tl.sum(cacc[c] >> 16, 0))
+                        tl.store(crow_ptr + pid64 * C + c, tl.sum(tl.sum(ci % TP_PACK, 1), 0))
+                        tl.store(trow_ptr + pid64 * C + c, tl.sum(tl.sum(ci // TP_PACK, 1), 0))
                     else:
-                        tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c], 0))
+                        tl.store(crow_ptr + pid64 * C + c, tl.sum(tl.sum(ci, 1), 0))
                         if NEED_TP:
-                            tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
+                            tl.store(trow_ptr + pid64 * C + c, tl.sum(tl.sum(tacc[c].to(tl.int32), 1), 0))
             tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
 
     @triton.jit
@@ -547,11 +578,9 @@ if triton is not None:
         if MODE == 0 or MODE == 3:
             if PRE:
                 ps = ()
+                sh = _shift(lse)
                 for k in tl.static_range(NCLS):
-                    if lse.dtype == tl.float64:
-                        ps = ps + (tl.exp(vals[k] - lse),)
-                    else:
-                        ps = ps + (tl.exp2((vals[k] - lse) * _LOG2E),)
+                    ps = ps + (_exp_minus(vals[k], sh),)
             else:
                 NEED_REST: tl.constexpr = FOCAL or MODE == 3
                 m = tl.full(y32.shape, float("-inf"), acc_ty)
@@ -563,20 +592,17 @@ if triton is not None:
                 s2r = s
                 xy = s
                 es = ()
+                sh = _shift(ms)
                 for k in tl.static_range(NCLS):
-                    if ms.dtype == tl.float64:
-                        e = tl.exp(vals[k] - ms)
-                    else:
-                        e = tl.exp2((vals[k] - ms) * _LOG2E)
+                    e = _exp_minus(vals[k], sh)
                     es = es + (e,)
                     s += e
                     oh = y32 == k
                     xy = tl.where(oh, vals[k], xy)
                     if NEED_REST:
-                        er = tl.where(oh, 0.0, e)
-                        rest += er
+                        rest = tl.where(oh, rest, rest + e)
                         if MODE == 3:
-                            s2r += er * er
+                            s2r = tl.where(oh, s2r, tl.fma(e, e, s2r))
                 lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, a, gamma, MODE, FOCAL)
                 r = 1.0 / s
                 ps = ()
@@ -585,7 +611,7 @@ if triton is not None:
             for k in tl.static_range(NCLS):
                 oh = y32 == c0 + k
                 if MODE == 0:
-                    g = a * (tl.where(oh, 1.0, 0.0) - ps[k])
+                    g = tl.fma(-a, ps[k], tl.where(oh, a, 0.0))  # a (onehot - p), one fused multiply-add
                 else:
                     g = a * ps[k] * (ps[k] - tl.where(oh, tv, 0.0) - q)
                 gs = gs + (tl.where(valid, g, 0.0),)  # 0 * inf or 0 * NaN would not be 0
@@ -821,9 +847,10 @@ class _Geometry:
         self.off64 = extent >= 2 ** 31
 
 
-def _class_plan(C, mode, f64, bwd=False, need_am=False, keep_lse=False):
+def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
     """(GROUP, LOOP, CACHE) of a class count (see the module docstring). A forward group holds
-    ``_fwd_step`` rows of interpolated values per class (and with ``need_am`` the running argmax);
+    ``_fwd_step`` rows of interpolated values per class (and with ``need_am`` the running argmax; with
+    ``coef``, the backward's coefficient launch, the upstream gradients and three outputs per pixel);
     the backward four accumulators and two horizontal passes per class. Smaller groups for the
     sigmoid focal terms and float64: these sizes are the largest that compile without register
     spills on sm_90 (tests/test_sm90_compile.py)."""
@@ -831,14 +858,15 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False, keep_lse=False):
     if cache:
         return C, False, True
     if bwd:
-        group = 4 if f64 else (6 if mode == Mode.SIGMOID_FOCAL else _GROUP)
+        group = 4 if f64 else (5 if mode == Mode.SIGMOID_FOCAL else _GROUP)
     elif mode == Mode.SIGMOID_FOCAL:
         group = 4  # in steps of 2 rows (8 spilled on triton 3.6)
     elif f64:
         group = 6  # in steps of 2 rows
     else:
-        # in steps of 4 rows; 8 spilled with the argmax and the stored lse together
-        group = (6 if keep_lse else 8) if need_am and mode != Mode.STATS else _GROUP
+        # in steps of 4 rows; 8 spilled with the argmax (and the softmax focal terms), 12 in the
+        # coefficient launch of the softmax focal loss on triton 3.6
+        group = 6 if need_am and mode != Mode.STATS else (10 if coef else _GROUP)
     loop = C > _UNROLL_C
     if not loop:
         group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
@@ -920,11 +948,10 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
     block, R, ty, warps = _fwd_tile(geo, C, mode, f64)
     bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
     P = B * bands * xblocks
-    group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef,
-                                     keep_lse=store_lse is not None)
+    group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef, coef=is_coef)
     cache = cache and not lse_in  # no class pass: no horizontal rows to cache
     has_loss = mode != Mode.STATS
-    reg = C <= _REG_STATS_C and not is_coef
+    reg = C <= _REG_STATS_C and not is_coef and geo.H < 2 ** 24  # float32 counts per thread: exact
     store_pl = not is_coef and (store_pl or (has_loss and not reg))
     pl = x.new_empty(t.numel() if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
     one = x.new_empty(1, dtype=torch.int32)
@@ -952,8 +979,8 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         ignore_index, gamma,
         C=C, GROUP=group, LOOP=loop, CACHE=cache, MODE=int(mode),
         FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL), STORE_PL=store_pl, REG_STATS=reg,
-        NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < 2 ** 16, CONF=conf_mode, COEF=is_coef,
-        LSE_IN=lse_in, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
+        NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < _TP_PACK, TP_PACK=_TP_PACK,
+        CONF=conf_mode, COEF=is_coef, LSE_IN=lse_in, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
         HAS_GC=grad_class is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64, R=R, TY=ty,
         BLOCK_X=block, num_warps=warps)
     return pl, lrow, crow, trow, bad, conf, conf_mode, reg
