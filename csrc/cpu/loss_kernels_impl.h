@@ -165,11 +165,16 @@ FI_INLINE typename Vec<T>::V row_max(const T* x, int64_t xs, int64_t C) {
 // AM: the block wants the argmax (FwdBlock::argmax set); without it the forwards skip its
 // bookkeeping (the max alone where the loss needs one).
 template <typename T, bool AM>
+FI_INLINE void store_argmax(const FwdBlock<T>& b, int64_t j, typename Vec<T>::I am) {
+  if constexpr (AM) store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
+}
+
+template <typename T, bool AM>
 FI_INLINE void finish_fwd(const FwdBlock<T>& b, int64_t j, typename Vec<T>::I yv,
                           typename Vec<T>::V loss, typename Vec<T>::I am) {
   using V = typename Vec<T>::V;
   store(b.loss + j, select(yv >= splat<typename Vec<T>::I>(0), loss, splat<V>(0)));
-  if constexpr (AM) store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
+  store_argmax<T, AM>(b, j, am);
 }
 
 // The max (and, with AM, the argmax) of the class loop.
@@ -207,7 +212,7 @@ void fwd_softmax_focal(const FwdBlock<T>& b) {
       finish_fwd<T, AM>(b, j, yv, -l, am);
     } else {
       store(b.loss + j, l);
-      if constexpr (AM) store(b.argmax + j, __builtin_convertvector(am, typename Vec<T>::L));
+      store_argmax<T, AM>(b, j, am);
     }
   }
   if constexpr (GK != 0) {

@@ -405,6 +405,16 @@ def _class_sum_kernel(
 
 
 @triton.jit
+def _focal_coef(w, logp, p, omp, gamma):
+    """The softmax focal backward's per-pixel weight a = w ∂ℓ/∂log p_y, given p = p_y and omp = 1 - p_y:
+    ∂ℓ/∂log p = -(1-p)^γ + γ p log p (1-p)^(γ-1) = -(1-p)^γ (1 - γ p log p / (1-p)); log p / (1-p) -> -1
+    as p -> 1, and (1-p)^γ = 0 there (γ > 0), so the limit is 0, not 0*inf."""
+    wf = tl.exp(gamma * tl.log(omp))
+    r = tl.where(omp > 0.0, logp / omp, -1.0)
+    return -w * wf * (1.0 - gamma * p * r)
+
+
+@triton.jit
 def _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, w, gamma, MODE: tl.constexpr, FOCAL: tl.constexpr):
     """Per-pixel (lse, a, q): ∂ℓ/∂x_k = a (onehot_k - p_k) for mode 0, a p_k (p_k - t onehot_k - q)
     for mode 3, with the upstream gradient w already folded into a."""
@@ -412,12 +422,7 @@ def _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, w, gamma, MODE: tl.constexpr, FO
     logp = xy - lse
     if MODE == 0:
         if FOCAL:
-            # ∂ℓ/∂log p = -(1-p)^γ + γ p log p (1-p)^(γ-1) = -(1-p)^γ (1 - γ p log p / (1-p));
-            # log p / (1-p) -> -1 as p -> 1, and (1-p)^γ = 0 there, so the limit is 0, not 0*inf
-            omp = rest / s
-            wf = tl.exp(gamma * tl.log(omp))
-            r = tl.where(omp > 0.0, logp / omp, -1.0)
-            a = -w * wf * (1.0 - gamma * tl.exp(logp) * r)
+            a = _focal_coef(w, logp, tl.exp(logp), rest / s, gamma)
         else:
             a = -w
         q = a  # unused

@@ -105,7 +105,7 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _i64, _labels, _lse,
+    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _focal_coef, _i64, _labels, _lse,
                                  _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -228,6 +228,18 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP: tl.constexpr,
+                  HAS_GC: tl.constexpr):
+        """The upstream weight of each pixel, grad_pixel[n] + grad_class[y], 0 where not valid (``zero``
+        gives its shape and dtype)."""
+        w = zero
+        if HAS_GP:
+            w += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(zero.dtype)
+        if HAS_GC:
+            w += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(zero.dtype)
+        return tl.where(valid, w, 0.0)
+
+    @triton.jit
     def _shift(s):
         """The per-pixel form of a softmax shift s for :func:`_exp_minus`: s·log2(e) in float32, s in float64."""
         if s.dtype == tl.float64:
@@ -344,9 +356,7 @@ if triton is not None:
             one = u == 1.0
             omp = tl.where(one, -logp, (1.0 - u) * (logp / tl.where(one, 1.0, tl.log(u))))
             omp = tl.where(u == 0.0, 1.0, omp)
-            wf = tl.exp(gamma * tl.log(omp))  # 0 at omp = 0 (γ > 0)
-            r = tl.where(omp > 0.0, logp / omp, -1.0)
-            a = -w * wf * (1.0 - gamma * u * r)
+            a = _focal_coef(w, logp, u, omp, gamma)
         else:
             a = -w
         return a
@@ -460,12 +470,9 @@ if triton is not None:
                     lse_f = tl.load(lse_ptr + n, mask=pm, other=0.0).to(acc_ty)
                     xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
                                     TAP2_X, TAP2_Y)
-                    wgt = tl.zeros([TY, BLOCK_X], acc_ty)
-                    if HAS_GP:
-                        wgt += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
-                    if HAS_GC:
-                        wgt += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
-                    a = _coef_from_logp(xy - lse_f, tl.where(valid, wgt, 0.0), gamma, FOCAL)
+                    wgt = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride,
+                                    tl.zeros([TY, BLOCK_X], acc_ty), HAS_GP, HAS_GC)
+                    a = _coef_from_logp(xy - lse_f, wgt, gamma, FOCAL)
                     tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
                 else:
                     m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
@@ -480,12 +487,8 @@ if triton is not None:
                         if STORE_LSE:  # the forward keeps it for the backward (softmax focal)
                             tl.store(lse_ptr + n, lse_v, mask=pm)
                     if COEF:
-                        wgt = tl.zeros([TY, BLOCK_X], acc_ty)
-                        if HAS_GP:
-                            wgt += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
-                        if HAS_GC:
-                            wgt += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
-                        wgt = tl.where(valid, wgt, 0.0)
+                        wgt = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride,
+                                        tl.zeros([TY, BLOCK_X], acc_ty), HAS_GP, HAS_GC)
                         lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
                         tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
                         tl.store(lse_ptr + n, lse, mask=pm)
@@ -695,11 +698,7 @@ if triton is not None:
                         if MODE == 3:
                             q = tl.load(q_ptr + n, mask=valid, other=0.0)
                     else:
-                        if HAS_GP:
-                            a += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
-                        if HAS_GC:
-                            a += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
-                        a = tl.where(valid, a, 0.0)
+                        a = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP, HAS_GC)
                     tv = zero
                     if MODE == 2 or MODE == 3:
                         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
