@@ -493,6 +493,29 @@ def test_triton_counts_per_thread(monkeypatch, H):
     assert out[2].tolist() == [3 * H - 2, 1, 0] and out[3].tolist() == [3 * H - 2, 0, 0]
 
 
+@pytest.mark.parametrize("need_tp", [False, True])
+def test_triton_counts_of_tall_labels(monkeypatch, need_tp):
+    """From _BIG_H output rows (2**24; here 8) a program could count 2**31 pixels: its class counts are
+    int64 atomics, not per-thread registers, its bad-label count int64 and the confusion the one int64
+    matrix. Counts, true positives, bad labels, confusion and class losses as the reference."""
+    _need("triton")
+    monkeypatch.setattr(tup, "_BIG_H", 8)
+    launches = []
+    launch = tup._launch_fwd
+    monkeypatch.setattr(tup, "_launch_fwd", lambda *a, **k: launches.append(launch(*a, **k)) or launches[-1])
+    x, y = make(B=2, C=5, hw=(3, 4), HW=(9, 7), every=4)
+    y[1, 2, 3] = 7  # a bad label
+    out = tup.upsample_loss_fwd(x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 2.0, None, -100, False, need_tp, True)
+    (_, _, crow, trow, bad, _, conf_mode, reg), = launches
+    assert not reg and conf_mode == 2 and crow.dtype == trow.dtype == bad.dtype == torch.int64
+    want = contract.forward(up(x.double(), y.shape[1:], "bilinear", False), y, Mode.SOFTMAX_FOCAL, 2.0, None, -100)
+    assert out[4].item() == want[4].item() == 1
+    assert torch.equal(out[5], want[5]) and want[5].sum() > 0
+    assert torch.equal(out[2], want[2])
+    assert torch.equal(out[3], want[3] if need_tp else torch.zeros(0, dtype=torch.int64))
+    torch.testing.assert_close(out[1], want[1].float(), **LOSS_TOL[torch.float32])
+
+
 def test_triton_bit_identical():
     """The Triton forward and backward are bit-identical run to run (no float atomics)."""
     _need("triton")

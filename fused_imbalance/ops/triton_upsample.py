@@ -118,6 +118,7 @@ _REG_STATS_C = 32  # up to this class count the forward's class statistics are p
 _UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
 _GROUP = 12  # classes per group beyond _CACHE_C (_FUSED_C backward): see _class_plan
 _TP_PACK = 4096  # REG_STATS: a float count + _TP_PACK x true positives (exact for H < _TP_PACK)
+_BIG_H = 1 << 24  # from this many output rows a program may count 2**31 pixels: int64 rows, no REG_STATS
 _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
 _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
@@ -373,8 +374,9 @@ if triton is not None:
         pl_ptr,  # (N,) per-pixel loss out (STORE_PL); its dtype sets the arithmetic
         lrow_ptr,  # (programs, C) out: class-loss sums of each program (REG_STATS)
         crow_ptr,  # (programs, C) int32 valid pixels per class: out (REG_STATS) or zeroed, added into
-        trow_ptr,  # (programs, C) int32 true positives, as crow_ptr (NEED_TP)
-        bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
+        #            (int64 when H >= _BIG_H)
+        trow_ptr,  # (programs, C) true positives, as crow_ptr (NEED_TP)
+        bad_ptr,  # (programs,) int32 (int64 when H >= _BIG_H) out: labels outside [0, C) that are not ignore_index
         conf_ptr,  # confusion [label, argmax] added into: (programs, C, C) int32 (CONF 1), (C, C) int64 (CONF 2)
         gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients of pixel_loss and class_loss (COEF)
         coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse in (LSE_IN), out (STORE_LSE)
@@ -568,7 +570,10 @@ if triton is not None:
                         tl.store(crow_ptr + pid64 * C + c, tl.sum(tl.sum(ci, 1), 0))
                         if NEED_TP:
                             tl.store(trow_ptr + pid64 * C + c, tl.sum(tl.sum(tacc[c].to(tl.int32), 1), 0))
-            tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
+            if REG_STATS:
+                tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
+            else:  # the int64 sum where a program may count 2**31 labels (H >= _BIG_H: no REG_STATS)
+                tl.store(bad_ptr + pid, tl.sum(bad_acc.to(tl.int64), 0))
 
     @triton.jit
     def _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
@@ -950,7 +955,12 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
     group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef, coef=is_coef)
     cache = cache and not lse_in  # no class pass: no horizontal rows to cache
     has_loss = mode != Mode.STATS
-    reg = C <= _REG_STATS_C and not is_coef and geo.H < 2 ** 24  # float32 counts per thread: exact
+    # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
+    # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead, its bad-label
+    # count int64 and the confusion the one int64 matrix
+    big = geo.H >= _BIG_H
+    reg = C <= _REG_STATS_C and not is_coef and not big
+    row_ty = torch.int64 if big else torch.int32
     store_pl = not is_coef and (store_pl or (has_loss and not reg))
     pl = x.new_empty(t.numel() if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
     one = x.new_empty(1, dtype=torch.int32)
@@ -960,12 +970,12 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
     else:
         alloc = torch.empty if reg else torch.zeros  # rows written once (registers) or added into
         lrow = x.new_empty((P, C) if reg and has_loss else (1,), dtype=acc)
-        crow = alloc((P, C), dtype=torch.int32, device=x.device)
-        trow = alloc((P, C) if need_tp else (1,), dtype=torch.int32, device=x.device)
-        bad = x.new_empty(P, dtype=torch.int32)
+        crow = alloc((P, C), dtype=row_ty, device=x.device)
+        trow = alloc((P, C) if need_tp else (1,), dtype=row_ty, device=x.device)
+        bad = x.new_empty(P, dtype=row_ty)
         conf_mode, conf = 0, one
         if need_conf:
-            conf_mode = 1 if P * C * C * 4 <= _CONF_ROWS_BYTES else 2
+            conf_mode = 1 if P * C * C * 4 <= _CONF_ROWS_BYTES and not big else 2
             conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
                                dtype=torch.int32 if conf_mode == 1 else torch.int64)
     tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
