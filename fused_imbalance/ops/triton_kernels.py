@@ -705,6 +705,23 @@ def _grad_group(xp, gq, stride_c, gstride_c, pmask, valid, y32, tv, lse, a, q, g
 
 
 @triton.jit
+def _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, ROWS: tl.constexpr,
+                      NEED_TP: tl.constexpr, CONF: tl.constexpr):
+    """The forwards' integer statistics that are added into memory (integer atomics: any order gives the
+    same sums): with ROWS the program's row of class counts and true positives (when they are not
+    per-thread registers), with CONF the confusion [label, argmax], per program (1) or global (2)."""
+    if ROWS:
+        tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
+        if NEED_TP:
+            tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
+    if CONF == 1:
+        tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
+    elif CONF == 2:
+        tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full(y32.shape, 1, tl.int64), mask=valid,
+                      sem="relaxed")
+
+
+@triton.jit
 def _fwd_static_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype; pixel n = b*S + s
@@ -805,15 +822,7 @@ def _fwd_static_kernel(
             lacc = nl
             cacc = nc
             tacc = nt
-        else:
-            tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
-            if NEED_TP:
-                tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
-        if CONF == 1:
-            tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
-        elif CONF == 2:
-            tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([ROWS, VEC], 1, tl.int64),
-                          mask=valid, sem="relaxed")
+        _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS, NEED_TP, CONF)
 
     if REG_STATS:
         # one row per program, summed by the launcher in a fixed order: deterministic

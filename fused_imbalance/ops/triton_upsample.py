@@ -105,7 +105,7 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _focal_coef, _i64, _labels, _lse,
+    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _counts_in_memory, _focal_coef, _i64, _labels, _lse,
                                  _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -542,15 +542,8 @@ if triton is not None:
                             lacc = nl
                             cacc = nc
                             tacc = nt
-                        else:
-                            tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
-                            if NEED_TP:
-                                tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
-                        if CONF == 1:
-                            tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
-                        elif CONF == 2:
-                            tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([TY, BLOCK_X], 1, tl.int64),
-                                          mask=valid, sem="relaxed")
+                        _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS,
+                                          NEED_TP, CONF)
             if CACHE:
                 if TAP2_Y:
                     ha = hb
