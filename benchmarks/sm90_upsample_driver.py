@@ -9,11 +9,12 @@ loops of fused_imbalance/ops/triton_upsample.py.
 
 Byte floor (DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
 2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what a backward
-with class groups (C > _FUSED_C: ADE20K's 150 classes) really moves beyond it: for the softmax focal
-losses (ce, focal) the coefficient launch reads the labels and the forward's per-pixel log-sum-exp and
-writes a, which the gradient launch reads back with lse; otherwise it reads the labels and the logits
-once more and writes a and lse (2 floats per full-resolution pixel); and a forward with a loss and more
-than 32 classes, whose per-pixel loss is written and read back, with the labels, by the class-sum kernel.
+with class groups (C > _FUSED_C) really moves beyond it: for the softmax focal losses the gradient
+launch reads the forward's per-pixel log-sum-exp (focal: a coefficient launch reads the labels and it
+and writes a, which the gradient launch reads back with lse); otherwise a coefficient launch reads the
+labels and the logits once more and writes a and lse (2 floats per full-resolution pixel); and a
+forward with a loss and more than 32 classes, whose per-pixel loss is written and read back, with the
+labels, by the class-sum kernel.
 """
 import importlib
 
@@ -81,8 +82,12 @@ def cases():
                 floor = 2 * logit_bytes + logit_bytes + label_bytes
                 case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, HW, dtype, mode, gamma),
                         "elements": N * C, "bytes": floor}
-                if T.keeps_lse(C, mode):
-                    # the coefficient launch reads the labels and the forward's lse and writes a; the
+                if T.keeps_lse(C, mode) and gamma == 0:
+                    # cross-entropy: the gradient launch reads the forward's lse (float32 per full-resolution
+                    # pixel); its a is the upstream weight, no coefficient launch
+                    case["mem_bytes"] = floor + N * 4
+                elif T.keeps_lse(C, mode):
+                    # the softmax focal loss: the coefficient launch reads the labels and the forward's lse and writes a; the
                     # gradient launch reads a and lse (float32 per full-resolution pixel); the label's 4
                     # gathered low-resolution logits per pixel are not counted (cache hits, mostly)
                     case["mem_bytes"] = floor + label_bytes + 4 * N * 4

@@ -187,6 +187,9 @@ UPSAMPLE_VARIANTS = [
     # coefficients from it)
     (40, "bilinear", False, "f64", "focal", True, True, True),  # float64 class groups, steps of 4 rows
     (40, "bilinear", False, "f32", "sigfocal", False, True, True),  # sigmoid focal class groups
+    # cross-entropy backward from the forward's lse (no coefficient launch): the largest unrolled group, a loop
+    (19, "bilinear", False, "f32", "ce", False, False, False),
+    (40, "bilinear", True, "bf16", "ce", False, False, False),
 ]
 
 

@@ -22,10 +22,10 @@ The classes are a compile-time loop (``tl.static_range``, C a constexpr, one com
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
 running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, groups of at most 12 (forward: 6 with the argmax, 6 in float64, 4 for
-the sigmoid focal terms; backward: 5 for the sigmoid focal terms, 4 in float64; a loop over groups
-beyond 32 classes). Offsets inside an image are 32-bit unless one image of logits spans 2**31
-elements (``OFF64``); image and pixel bases are int64.
+group holds them all; beyond, forward groups of at most 12 (6 with the argmax, 6 in float64, 4 for
+the sigmoid focal terms) and backward groups of at most 19 (16 in a loop; 5 for the sigmoid focal
+terms, 4 in float64); a loop over groups beyond 32 classes. Offsets inside an image are 32-bit
+unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are int64.
 
 Forward (``_up_fwd_kernel``). A program owns R consecutive low-resolution rows of one image and
 BLOCK_X consecutive output columns, one column per thread: it walks the rows y of its band and,
@@ -51,21 +51,23 @@ one image; lane i is column x_i, and one extra lane (the column left of the bloc
 each low-resolution row yy of the band (plus the row above, a halo, on a two-tap vertical axis)
 lane i walks the output columns X of its segment (the columns whose first source column is x_i)
 and, inside, the output rows Y of segment yy: every output pixel is visited by exactly one lane
-and one row of the walk (halos apart). There it recomputes the interpolated logits (the
-horizontal passes of rows yy, yy + 1 at column X are computed once per column and reused over the
-rows), the loss gradient g of each class, and adds wy0·wx0·g, wy0·wx1·g, wy1·wx0·g, wy1·wx1·g into
-four per-thread accumulators: (row yy, column x_i), (yy, x_i + 1), (yy + 1, x_i), (yy + 1, x_i + 1)
+and one row of the walk (halos apart). There it recomputes the interpolated logits (all of a
+lane's columns read the same two source columns: their values in rows yy and yy + 1 are loaded once
+per row, row yy + 1's kept for the next row; the horizontal passes at column X are blended from them
+once per column and reused over the rows), the loss gradient g of each class, and adds wy0·wx0·g,
+wy0·wx1·g, wy1·wx0·g, wy1·wx1·g into four per-thread accumulators: (row yy, column x_i), (yy, x_i + 1), (yy + 1, x_i), (yy + 1, x_i + 1)
 (steps of TJ columns x TY rows: 1 x 1 on a GPU, whole segments in the interpreter).
 When row yy is done its elements are complete: column x_i's value is its own first accumulator
 plus the second of lane i - 1 (one ``tl.gather`` per low-resolution element); the yy + 1
 accumulators carry over to the next row. With C <= ``_FUSED_C`` the softmax of each pixel is
-computed in the same pass (one exp per logit, kept for the gradient); with more classes (19
-spilled: 4 accumulators, 2 horizontal passes and the exponentials of every class per thread) the
+computed in the same pass (one exp per logit, kept for the gradient); with more classes (the
+exponentials of every class as well as the accumulators and taps ran out of registers) the
 class groups are the outer loop and a first launch of the forward kernel stores per output pixel
-the scalars the gradient needs (a, lse, q: ``COEF``), O(B·H·W). For the softmax focal losses the
-forward keeps each pixel's lse when autograd records it (``need_lse``, :func:`keeps_lse`); that
-launch then reads it and computes a from the label's interpolated logit alone (``LSE_IN``: 4
-gathered loads per pixel, no pass over the classes). Every gradient element is the
+the scalars the gradient needs (a, lse, q: ``COEF``; ``PRE`` = 1), O(B·H·W). For the softmax focal
+losses the forward keeps each pixel's lse when autograd records it (``need_lse``, :func:`keeps_lse`);
+that launch then reads it and computes a from the label's interpolated logit alone (``LSE_IN``: 4
+gathered loads per pixel, no pass over the classes), and for the cross-entropy, whose a is minus the
+upstream weight, there is no launch: the gradient pass reads lse itself (``PRE`` = 2). Every gradient element is the
 same sum in the same order whatever the grid, so results are bit-identical run to run.
 
 Cost model, per output logit (C classes, N = B·H·W output pixels, n = B·h·w inputs; the byte
@@ -75,13 +77,14 @@ floor is the labels plus the low-resolution logits once, or three times for the 
   MUFU), sum, the statistics (a compare and predicated adds), plus about (1 + 1/R)·(h/H) horizontal passes (2
   loads, 2 multiply-adds); per pixel the label, 4 gathered loads of its logit, the loss.
 * backward, C <= ``_FUSED_C``: the vertical blend, the softmax (1 exp), the gradient (3), four
-  multiply-adds into the accumulators, the horizontal passes per column amortised over the H/h
-  rows of a segment; redundant work: the halo row (1/R of the rows) and the halo column (1/BLOCK_X).
+  multiply-adds into the accumulators, the horizontal passes (2 multiply-adds each) per column
+  amortised over the H/h rows of a segment, 2 loads per class, lane and low-resolution row;
+  redundant work: the halo row (1/R of the rows) and the halo column (1/BLOCK_X).
 * more classes: forward + 4 gathered loads and 3 multiply-adds per class and step of TY rows for the
   interpolation (C > ``_CACHE_C``); backward (C > ``_FUSED_C``) the gradient needs one exp per logit and the
   horizontal passes once per group, plus the coefficient launch (a forward without statistics,
   or, from the forward's lse, the label's logit per pixel) and 8-12 bytes per output pixel written
-  and read back.
+  and read back; the cross-entropy from the forward's lse: 4 bytes per output pixel read per group.
 ``benchmarks/sm90_upsample_driver.py`` estimates what this costs on an H100 (compile-only).
 
 What bounds it: every softmax mode needs at least one exponential per output logit, and the
@@ -116,7 +119,9 @@ _CACHE_C = 24  # up to this class count the forward has one class group and cach
 _FUSED_C = 12  # up to this class count the backward computes the softmax itself (one group): registers
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
-_GROUP = 12  # classes per group beyond _CACHE_C (_FUSED_C backward): see _class_plan
+_GROUP = 12  # classes per forward group beyond _CACHE_C: see _class_plan
+_BWD_GROUP = 19  # classes per backward group from the coefficient launch (unrolled; 20 took all 255 registers)
+_BWD_GROUP_LOOP = 16  # the same in a loop over groups (more than _UNROLL_C classes)
 _TP_PACK = 4096  # REG_STATS: a float count + _TP_PACK x true positives (exact for H < _TP_PACK)
 _BIG_H = 1 << 24  # from this many output rows a program may count 2**31 pixels: int64 rows, no REG_STATS
 _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
@@ -177,20 +182,41 @@ if triton is not None:
         return s0, s1, s2
 
     @triton.jit
-    def _hrow(xp, off, o0, o1, wx0, wx1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
-              TAP2_X: tl.constexpr):
-        """Horizontal passes of one low-resolution row (``off`` = its row offset) at the lanes'
-        columns, classes c0 .. c0 + NCLS - 1: a tuple of NCLS vectors."""
-        hs = ()
+    def _taps(xp, off, o0, o1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr, TAP2_X: tl.constexpr):
+        """The low-resolution values of one row (``off`` = its row offset) at the lanes' two source
+        columns, classes c0 .. c0 + NCLS - 1: two tuples of NCLS vectors (the same one twice on a
+        one-tap axis)."""
+        t0 = ()
+        t1 = ()
         p0 = xp + o0  # the lanes' pointers, then a scalar offset per class: a 64-bit add per load
         p1 = xp + o1
         for k in tl.static_range(NCLS):
             q = (c0 + k) * sc + off
-            v = tl.load(p0 + q, mask=m, other=0.0).to(acc_ty)
+            t0 = t0 + (tl.load(p0 + q, mask=m, other=0.0).to(acc_ty),)
             if TAP2_X:
-                v = v * wx0 + tl.load(p1 + q, mask=m, other=0.0).to(acc_ty) * wx1  # torch's two-tap blend
+                t1 = t1 + (tl.load(p1 + q, mask=m, other=0.0).to(acc_ty),)
+        if not TAP2_X:
+            t1 = t0
+        return t0, t1
+
+    @triton.jit
+    def _hblend(t0, t1, wx0, wx1, NCLS: tl.constexpr, TAP2_X: tl.constexpr):
+        """Horizontal passes from a row's two taps (:func:`_taps`): torch's two-tap blend, a copy on a one-tap axis."""
+        hs = ()
+        for k in tl.static_range(NCLS):
+            v = t0[k]
+            if TAP2_X:
+                v = v * wx0 + t1[k] * wx1
             hs = hs + (v,)
         return hs
+
+    @triton.jit
+    def _hrow(xp, off, o0, o1, wx0, wx1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
+              TAP2_X: tl.constexpr):
+        """Horizontal passes of one low-resolution row at the lanes' columns, classes c0 .. c0 + NCLS - 1:
+        a tuple of NCLS vectors."""
+        t0, t1 = _taps(xp, off, o0, o1, m, sc, c0, acc_ty, NCLS, TAP2_X)
+        return _hblend(t0, t1, wx0, wx1, NCLS, TAP2_X)
 
     @triton.jit
     def _vert(ha, hb, wy0, wy1, NCLS: tl.constexpr, TAP2_Y: tl.constexpr):
@@ -660,14 +686,25 @@ if triton is not None:
         Bc = A
         An = A
         Bn = A
+        # A lane's output columns all read the same two source columns x_i, x_i + 1: their values in rows
+        # yy (u) and yy + 1 (d) are loaded once per low-resolution row, row yy + 1's kept for the next
+        # row (2·NCLS loads per row and lane), and blended per output column.
+        o0 = o0[None, None, :]
+        o1 = o1[None, None, :]
+        lm3 = lm[None, None, :]
+        if TAP2_Y:
+            d0, d1 = _taps(xp, ys * sh, o0, o1, lm3, sc, c0, acc_ty, NCLS, TAP2_X)
         for yy in range(ys, yb):
             Ys = tl.load(sy0_ptr + yy)
             Ye = tl.load(sy1_ptr + yy)  # [TJ, TY, lanes] tiles: columns of the lanes' segments x rows
-            r0 = yy * sh
-            r1 = tl.minimum(yy + 1, h - 1) * sh
             if TAP2_Y:
                 An = _zeros_like_tuple(zt, NCLS)
                 Bn = An
+                u0 = d0
+                u1 = d1
+                d0, d1 = _taps(xp, tl.minimum(yy + 1, h - 1) * sh, o0, o1, lm3, sc, c0, acc_ty, NCLS, TAP2_X)
+            else:
+                u0, u1 = _taps(xp, yy * sh, o0, o1, lm3, sc, c0, acc_ty, NCLS, TAP2_X)
             for j0 in range(0, span, TJ):
                 X = s0[None, None, :] + (j0 + tl.arange(0, TJ))[:, None, None]
                 pmx = lm[None, None, :] & (X < s1[None, None, :])
@@ -677,10 +714,10 @@ if triton is not None:
                     wx0 = tl.load(wx0_ptr + X, mask=pmx, other=0.0)
                     wx1 = tl.load(wx1_ptr + X, mask=pmx, other=0.0)
                 # the horizontal passes of rows yy, yy + 1 at columns X: once for the segment's rows
-                h0 = _hrow(xp, r0, o0, o1, wx0, wx1, pmx, sc, c0, acc_ty, NCLS, TAP2_X)
+                h0 = _hblend(u0, u1, wx0, wx1, NCLS, TAP2_X)
                 h1 = h0
                 if TAP2_Y:
-                    h1 = _hrow(xp, r1, o0, o1, wx0, wx1, pmx, sc, c0, acc_ty, NCLS, TAP2_X)
+                    h1 = _hblend(d0, d1, wx0, wx1, NCLS, TAP2_X)
                 for Y0 in range(Ys, Ye, TY):
                     Y = Y0 + tl.arange(0, TY)[None, :, None]
                     ym = Y < Ye
@@ -690,7 +727,10 @@ if triton is not None:
                     a = zero  # the upstream weight grad_pixel[n] + grad_class[y], or the coefficient
                     lse = zero
                     q = zero
-                    if PRE:
+                    if PRE == 2:  # softmax cross-entropy: a = -(the upstream weight), 0 where not valid
+                        a = -_upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP, HAS_GC)
+                        lse = tl.load(lse_ptr + n, mask=valid, other=0.0)
+                    elif PRE:
                         a = tl.load(coef_ptr + n, mask=valid, other=0.0)  # 0 at ignored and bad pixels
                         lse = tl.load(lse_ptr + n, mask=valid, other=0.0)
                         if MODE == 3:
@@ -764,7 +804,8 @@ if triton is not None:
         gp_stride, gc_stride, ignore_index, gamma,
         C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
         MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
-        PRE: tl.constexpr,  # softmax scalars from the coefficient launch (class groups)
+        PRE: tl.constexpr,  # class groups of a softmax mode: 1, the per-pixel scalars from the coefficient launch;
+        #                     2, cross-entropy with the forward's lse: lse from it, a from the upstream gradients
         TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, OFF64: tl.constexpr,
         R: tl.constexpr,  # low-resolution rows per band
         TJ: tl.constexpr, TY: tl.constexpr,  # output columns (of a lane's segment) and rows per step
@@ -854,8 +895,10 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
     cache = C <= (_FUSED_C if bwd else _CACHE_C)
     if cache:
         return C, False, True
+    loop = C > _UNROLL_C
     if bwd:
-        group = 4 if f64 else (5 if mode == Mode.SIGMOID_FOCAL else _GROUP)
+        # the backward from the coefficient launch: four accumulators and the two taps of two rows per class
+        group = 4 if f64 else (5 if mode == Mode.SIGMOID_FOCAL else (_BWD_GROUP_LOOP if loop else _BWD_GROUP))
     elif mode == Mode.SIGMOID_FOCAL:
         group = 4  # in steps of 2 rows (8 spilled on triton 3.6)
     elif f64:
@@ -864,7 +907,6 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
         # in steps of 4 rows; 8 spilled with the argmax (and the softmax focal terms), 12 in the
         # coefficient launch of the softmax focal loss on triton 3.6
         group = 6 if need_am and mode != Mode.STATS else (10 if coef else _GROUP)
-    loop = C > _UNROLL_C
     if not loop:
         group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
     return group, loop, False
@@ -929,7 +971,7 @@ def _check(x, target, interp, loss_mode, gamma):
 def keeps_lse(C, mode):
     """Whether the forward keeps each pixel's log-sum-exp for the backward (``need_lse``): the
     softmax focal mode with class groups in the backward, where it replaces the coefficient
-    launch's pass over every class by a per-pixel one."""
+    launch's pass over every class by a per-pixel one (and, for the cross-entropy, the launch)."""
     return mode == Mode.SOFTMAX_FOCAL and C > _FUSED_C
 
 
@@ -1045,12 +1087,17 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     if lse_fwd is not None and (lse_fwd.shape != (N,) or lse_fwd.dtype != acc or lse_fwd.device != x.device):
         raise RuntimeError(f"fused_imbalance: lse must be the forward's ({N},) {acc} log-sum-exp, got "
                            f"{tuple(lse_fwd.shape)} {lse_fwd.dtype}")
+    # PRE: 0 the softmax in the gradient pass, 1 a coefficient launch first, 2 the forward's lse alone
+    pre = (2 if lse_fwd is not None and not focal else 1) if pre else 0
     with _on_device(x):
         geo = _Geometry(x, H, W, interp, align_corners)
         # class groups of a softmax mode: the per-pixel scalars first, O(B·H·W); from the forward's
         # log-sum-exp when it kept it (a per-pixel launch), else a pass over every class
+        # (cross-entropy from the forward's lse needs no launch: its a is minus the upstream weight)
         coef = lse = q = dummy
-        if pre:
+        if pre == 2:
+            lse = lse_fwd.contiguous()
+        elif pre:
             coef = x.new_empty(N, dtype=acc)
             lse = lse_fwd.contiguous() if lse_fwd is not None else x.new_empty(N, dtype=acc)
             q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
