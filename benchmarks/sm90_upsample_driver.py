@@ -10,11 +10,10 @@ loops of fused_imbalance/ops/triton_upsample.py.
 Byte floor (DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
 2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what a backward
 with class groups (C > _FUSED_C) really moves beyond it: for the softmax focal losses the gradient
-launch reads the forward's per-pixel log-sum-exp (focal: a coefficient launch reads the labels and it
-and writes a, which the gradient launch reads back with lse); otherwise a coefficient launch reads the
-labels and the logits once more and writes a and lse (2 floats per full-resolution pixel); and a
-forward with a loss and more than 32 classes, whose per-pixel loss is written and read back, with the
-labels, by the class-sum kernel.
+launch reads what the forward kept per pixel (lse, and with γ != 0 the focal weight: 1-2 floats),
+which the forward writes; otherwise a coefficient launch reads the labels and the logits once more and
+writes a and lse (2 floats per full-resolution pixel); and a forward with a loss and more than 32
+classes, whose per-pixel loss is written and read back, with the labels, by the class-sum kernel.
 """
 import importlib
 
@@ -58,8 +57,9 @@ def _backward(shape, HW, dtype, mode, gamma):
     def run():
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
-        # the forward's log-sum-exp, which autograd passes where the forward keeps it
-        lse = torch.empty(y.numel(), dtype=torch.float32) if T.keeps_lse(shape[1], mode) else None
+        # the forward's log-sum-exp (and focal weight), which autograd passes where the forward keeps it
+        kept = T.keeps_lse(shape[1], mode, gamma)
+        lse = torch.empty(kept * y.numel(), dtype=torch.float32) if kept else None
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
         BWD(x, y, None, torch.empty(shape[1], dtype=torch.float32), BILINEAR, ALIGN_CORNERS, mode, gamma, None,
             IGNORE, lse)
@@ -74,23 +74,21 @@ def cases():
         for mname, mode, gamma in MODES:
             case = {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, HW, dtype, mode, gamma),
                     "elements": N * C, "bytes": logit_bytes + label_bytes}
+            kept = T.keeps_lse(C, mode, gamma) if mode != 4 else 0  # floats per pixel kept for the backward
             if C > T._REG_STATS_C and mode != 4:
                 # the class sums of more than 32 classes: the per-pixel loss written and read back with the labels
-                case["mem_bytes"] = logit_bytes + 2 * label_bytes + 2 * N * 4
+                case["mem_bytes"] = logit_bytes + 2 * label_bytes + 2 * N * 4 + kept * N * 4
+            elif kept:
+                case["mem_bytes"] = logit_bytes + label_bytes + kept * N * 4  # lse (and the focal weight) written
             yield case
             if mode != 4:
                 floor = 2 * logit_bytes + logit_bytes + label_bytes
                 case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, HW, dtype, mode, gamma),
                         "elements": N * C, "bytes": floor}
-                if T.keeps_lse(C, mode) and gamma == 0:
-                    # cross-entropy: the gradient launch reads the forward's lse (float32 per full-resolution
-                    # pixel); its a is the upstream weight, no coefficient launch
-                    case["mem_bytes"] = floor + N * 4
-                elif T.keeps_lse(C, mode):
-                    # the softmax focal loss: the coefficient launch reads the labels and the forward's lse and writes a; the
-                    # gradient launch reads a and lse (float32 per full-resolution pixel); the label's 4
-                    # gathered low-resolution logits per pixel are not counted (cache hits, mostly)
-                    case["mem_bytes"] = floor + label_bytes + 4 * N * 4
+                if kept:
+                    # the gradient launch reads the forward's lse (and focal weight), float32 per
+                    # full-resolution pixel; no coefficient launch
+                    case["mem_bytes"] = floor + kept * N * 4
                 elif C > T._FUSED_C:
                     scratch = 2 * N * 4  # a and lse (float32) per full-resolution pixel
                     case["mem_bytes"] = floor + logit_bytes + label_bytes + 2 * scratch
@@ -121,7 +119,7 @@ def _fwd_trips(launch):
     rows = _programs(launch) // a["bands"] * h  # every program of an image's column block walks h / bands rows
     steps = sum(_cdiv(s, TY) for s in seg) / h
     loops = [rows, steps]
-    if k["LOOP"] and not k["LSE_IN"]:  # the coefficients from the forward's lse have no class loop
+    if k["LOOP"]:
         loops.append(k["C"] // k["GROUP"])
     return {"loops": loops}
 

@@ -207,7 +207,7 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     if mode != 4:
         U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
                     gamma, tv, -100)
-    if U.keeps_lse(C, mode):
+    if U.keeps_lse(C, mode, gamma):
         lse = U._forward(x, y, ip, align_corners, mode, gamma, tv, -100, need_pl, need_tp, need_conf, True)[6]
         U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
                     gamma, tv, -100, lse)

@@ -191,14 +191,20 @@ def test_op_optional_outputs(ops):
     assert ops.upsample_loss_fwd(x, y, 1, False, 1, 2.0, None, -100, False, False, False, True)[6].shape == (0,)
 
 
-def test_lse_from_the_forward(ops):
+def test_lse_from_the_forward(ops, monkeypatch):
     """Autograd hands the backward the forward's log-sum-exp: the C++ backward then takes one pass
     over the classes, the Triton one (beyond 12 classes, where it works in class groups) skips the
-    pass over every class that computes its per-pixel weights. The gradient is that of the
-    backward op given lse (bit for bit), which matches the reference, and for a focal loss is not
-    the one that recomputes it; a wrong lse is an error."""
+    launch with a pass over every class that computes its per-pixel weights (the Triton forward of a
+    focal loss keeps each pixel's focal weight ∂ℓ/∂log p_y after lse). What is kept is lse (and that
+    weight) of the interpolated logits; the gradient is that of the backward op given it (bit for
+    bit), which matches the reference and the one that recomputes it, and uses what it is given; a
+    wrong lse is an error."""
     C = 6 if ops is cpp else 14
     backend = "cpp" if ops is cpp else "triton"
+    if ops is tup:  # the coefficient launches (a forward launch with coef=...): none in autograd's backward
+        launches = []
+        launch = tup._launch_fwd
+        monkeypatch.setattr(tup, "_launch_fwd", lambda *a, **k: launches.append(k.get("coef")) or launch(*a, **k))
     x, y = make(B=2, C=C, **shape_for(backend, dict(hw=(7, 9), HW=(29, 31)), dict(hw=(3, 5), HW=(11, 17))))
     for mode, ac in [("bilinear", False), ("nearest", False)]:
         interp = 1 if mode == "bilinear" else 0
@@ -206,23 +212,44 @@ def test_lse_from_the_forward(ops):
             xr = x.clone().requires_grad_(True)
             loss = FI.focal_loss(xr, y, gamma=gamma, upsample=mode, align_corners=ac, backend=backend,
                                  reduction="sum")
+            if ops is tup:
+                launches.clear()
             loss.backward()
+            if ops is tup:
+                assert launches == []
             _, ref_grad = loss_and_grad(lambda t, yy, **k: FI.focal_loss(t, yy, gamma=gamma, **k), x, y,
                                         "reference", "sum", upsample=mode, align_corners=ac)
             torch.testing.assert_close(xr.grad, ref_grad, **TOL[torch.float32])
             gc = torch.ones(C)
             lse = ops.upsample_loss_fwd(x, y, interp, ac, 0, gamma, None, -100, False, False, False, True)[6]
-            assert lse.shape == (y.numel(),)
+            kept = 2 if ops is tup and gamma != 0 else 1
+            assert lse.shape == (kept * y.numel(),)
+            xi = up(x.double(), y.shape[1:], mode, ac)
+            want = torch.logsumexp(xi, 1).reshape(-1)
+            torch.testing.assert_close(lse[:y.numel()].double(), want, **TOL[torch.float32])
+            if kept == 2:  # the focal weight of the labelled pixels
+                valid = y.reshape(-1) >= 0
+                logp = xi.gather(1, y.clamp(min=0).unsqueeze(1)).reshape(-1) - want
+                p = logp.exp()
+                weight = -(1 - p) ** gamma + gamma * p * logp * (1 - p) ** (gamma - 1)
+                torch.testing.assert_close(lse[y.numel():].double()[valid], weight[valid], **TOL[torch.float32])
             with_lse = ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, lse)
             without = ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100)
             assert torch.equal(xr.grad, with_lse)
-            if ops is cpp or gamma != 0:  # Triton's γ = 0 weight is -w either way
-                assert not torch.equal(with_lse, without)  # the two ways round differently
+            shifted = lse.clone()
+            shifted[:y.numel()] += 1.0  # the backward uses the lse it is given
+            assert not torch.equal(ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, shifted),
+                                   with_lse)
+            if kept == 2:  # and the focal weight: a is the upstream weight times it, exactly
+                doubled = lse.clone()
+                doubled[y.numel():] *= 2
+                assert torch.equal(ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, doubled),
+                                   2 * with_lse)
             torch.testing.assert_close(with_lse, without, **TOL[torch.float32])
     with pytest.raises(RuntimeError, match="lse must be"):
-        ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse[:-1])
+        ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 2.0, None, -100, lse[:-1])
     with pytest.raises(RuntimeError, match="lse must be"):
-        ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 0.0, None, -100, lse.double())
+        ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 2.0, None, -100, lse.double())
 
 
 def _opcheck_utils(ops):

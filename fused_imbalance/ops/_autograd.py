@@ -10,18 +10,19 @@ def _formula(bwd_op, geometry_args, lse_output):
     ``(grad_pixel[n] + grad_class[y_n]) * ∂ℓ_n/∂x``. The integer outputs take no gradient.
     ``geometry_args`` non-tensor arguments follow ``target`` in both ops (the upsampled ops'
     ``interp, align_corners``). With ``lse_output`` the forward has a seventh output, each
-    pixel's log-sum-exp (empty when not computed), which is saved and handed to the backward op
-    as its last argument, so that the backward need not recompute it; it takes no gradient.
+    pixel's log-sum-exp (and what else the backend keeps; empty when not computed), which is saved
+    and handed to the backward op as its last argument, so that the backward need not recompute
+    it; it takes no gradient.
     """
     k = geometry_args
 
     def setup_context(ctx, inputs, output):
         x, target = inputs[:2]
         mode, gamma, tvals, ignore_index = inputs[2 + k:6 + k]
-        lse = output[6] if lse_output and output[6].numel() == target.numel() else None
+        lse = output[6] if lse_output and output[6].numel() else None
         if lse_output:
             ctx.mark_non_differentiable(output[6])
-        # an output nothing differentiates gets None, not a tensor of zeros (lse is B·H·W floats)
+        # an output nothing differentiates gets None, not a tensor of zeros (lse is B·H·W floats or more)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, target, tvals, lse)
         ctx.geometry = tuple(inputs[2:2 + k])

@@ -64,10 +64,9 @@ computed in the same pass (one exp per logit, kept for the gradient); with more 
 exponentials of every class as well as the accumulators and taps ran out of registers) the
 class groups are the outer loop and a first launch of the forward kernel stores per output pixel
 the scalars the gradient needs (a, lse, q: ``COEF``; ``PRE`` = 1), O(B·H·W). For the softmax focal
-losses the forward keeps each pixel's lse when autograd records it (``need_lse``, :func:`keeps_lse`);
-that launch then reads it and computes a from the label's interpolated logit alone (``LSE_IN``: 4
-gathered loads per pixel, no pass over the classes), and for the cross-entropy, whose a is minus the
-upstream weight, there is no launch: the gradient pass reads lse itself (``PRE`` = 2). Every gradient element is the
+losses the forward keeps them when autograd records it (``need_lse``, :func:`keeps_lse`): each
+pixel's lse and, with γ != 0, its focal weight; a is the upstream weight times that weight (or -1),
+and there is no launch: the gradient pass reads them itself (``PRE`` = 2). Every gradient element is the
 same sum in the same order whatever the grid, so results are bit-identical run to run.
 
 Cost model, per output logit (C classes, N = B·H·W output pixels, n = B·h·w inputs; the byte
@@ -82,9 +81,9 @@ floor is the labels plus the low-resolution logits once, or three times for the 
   redundant work: the halo row (1/R of the rows) and the halo column (1/BLOCK_X).
 * more classes: forward + 4 gathered loads and 3 multiply-adds per class and step of TY rows for the
   interpolation (C > ``_CACHE_C``); backward (C > ``_FUSED_C``) the gradient needs one exp per logit and the
-  horizontal passes once per group, plus the coefficient launch (a forward without statistics,
-  or, from the forward's lse, the label's logit per pixel) and 8-12 bytes per output pixel written
-  and read back; the cross-entropy from the forward's lse: 4 bytes per output pixel read per group.
+  horizontal passes once per group, plus the coefficient launch (a forward without statistics)
+  and 8-12 bytes per output pixel written and read back; the softmax focal losses from what the
+  forward kept: 4-8 bytes per output pixel written by the forward and read per group.
 ``benchmarks/sm90_upsample_driver.py`` estimates what this costs on an H100 (compile-only).
 
 What bounds it: every softmax mode needs at least one exponential per output logit, and the
@@ -374,21 +373,6 @@ if triton is not None:
         return m, s, rest, s2r, lsum, am
 
     @triton.jit
-    def _coef_from_logp(logp, w, gamma, FOCAL: tl.constexpr):
-        """The softmax focal backward's per-pixel weight a (``_bwd_softmax_coefs``, mode 0) from
-        log p_y alone: 1 - p_y = -expm1(log p_y) by Kahan's (u - 1)·x / log u with u = exp(x),
-        accurate as p_y -> 1 (where 1 - exp would cancel)."""
-        if FOCAL:
-            u = tl.exp(logp)
-            one = u == 1.0
-            omp = tl.where(one, -logp, (1.0 - u) * (logp / tl.where(one, 1.0, tl.log(u))))
-            omp = tl.where(u == 0.0, 1.0, omp)
-            a = _focal_coef(w, logp, u, omp, gamma)
-        else:
-            a = -w
-        return a
-
-    @triton.jit
     def _up_fwd_kernel(
         x_ptr,  # low-resolution logits, element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
         t_ptr,  # (B*H*W,) labels, any integer dtype; pixel (b, Y, X) at (b*H + Y)*W + X
@@ -405,7 +389,8 @@ if triton is not None:
         bad_ptr,  # (programs,) int32 (int64 when H >= _BIG_H) out: labels outside [0, C) that are not ignore_index
         conf_ptr,  # confusion [label, argmax] added into: (programs, C, C) int32 (CONF 1), (C, C) int64 (CONF 2)
         gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients of pixel_loss and class_loss (COEF)
-        coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse in (LSE_IN), out (STORE_LSE)
+        coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse, q the focal weight out
+        #                          (STORE_LSE)
         H, W, h, w,  # output and input sizes
         bands, xblocks,  # row bands per image, column blocks per row
         stride_b, stride_c, stride_h, stride_w,  # logits strides, in elements
@@ -423,8 +408,7 @@ if triton is not None:
         TP_PACK: tl.constexpr,
         CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
         COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
-        LSE_IN: tl.constexpr,  # COEF (softmax focal) from the forward's lse at lse_ptr: no class pass
-        STORE_LSE: tl.constexpr,  # the forward (softmax focal) also writes each pixel's lse to lse_ptr
+        STORE_LSE: tl.constexpr,  # the forward (softmax focal) also writes each pixel's lse (and focal weight)
         HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
         TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr,  # two-tap axes (bilinear, size changed)
         OFF64: tl.constexpr,  # 64-bit offsets inside an image
@@ -492,84 +476,75 @@ if triton is not None:
                 tv = tl.zeros([TY, BLOCK_X], acc_ty)
                 if MODE == 2 or MODE == 3:
                     tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-                if LSE_IN:
-                    # the backward's weights from the forward's log-sum-exp: the label's
-                    # interpolated logit (4 gathered loads) and a few operations per pixel
-                    lse_f = tl.load(lse_ptr + n, mask=pm, other=0.0).to(acc_ty)
+                m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
+                                                       sc, y32, tv, gamma, acc_ty, C, GROUP, LOOP, CACHE,
+                                                       MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
+                if SOFTMAX:
+                    # the label's interpolated logit: 4 gathered loads per pixel
                     xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
                                     TAP2_X, TAP2_Y)
+                    lse_v = _lse(m, s)
+                    logp = xy - lse_v
+                    if STORE_LSE:  # the forward keeps it for the backward (softmax focal, keeps_lse)
+                        tl.store(lse_ptr + n, lse_v, mask=pm)
+                        if FOCAL:  # and the focal weight ∂ℓ/∂log p_y, the backward's a per unit upstream weight
+                            tl.store(q_ptr + n, _focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pm)
+                if COEF:
                     wgt = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride,
                                     tl.zeros([TY, BLOCK_X], acc_ty), HAS_GP, HAS_GC)
-                    a = _coef_from_logp(xy - lse_f, wgt, gamma, FOCAL)
+                    lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
                     tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
+                    tl.store(lse_ptr + n, lse, mask=pm)
+                    if MODE == 3:
+                        tl.store(q_ptr + n, q, mask=pm)
                 else:
-                    m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
-                                                           sc, y32, tv, gamma, acc_ty, C, GROUP, LOOP, CACHE,
-                                                           MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
-                    if SOFTMAX:
-                        # the label's interpolated logit: 4 gathered loads per pixel
-                        xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
-                                        TAP2_X, TAP2_Y)
-                        lse_v = _lse(m, s)
-                        logp = xy - lse_v
-                        if STORE_LSE:  # the forward keeps it for the backward (softmax focal)
-                            tl.store(lse_ptr + n, lse_v, mask=pm)
-                    if COEF:
-                        wgt = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride,
-                                        tl.zeros([TY, BLOCK_X], acc_ty), HAS_GP, HAS_GC)
-                        lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
-                        tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
-                        tl.store(lse_ptr + n, lse, mask=pm)
-                        if MODE == 3:
-                            tl.store(q_ptr + n, q, mask=pm)
-                    else:
-                        if MODE == 0:
-                            if FOCAL:
-                                # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
-                                loss = -tl.exp(gamma * tl.log(rest / s)) * logp
-                            else:
-                                loss = -logp
-                        elif MODE == 3:
-                            dy = tl.exp(logp) - tv
-                            loss = 0.5 * (s2r / (s * s) + dy * dy)
-                        elif MODE == 2:
-                            loss = 0.5 * lsum
+                    if MODE == 0:
+                        if FOCAL:
+                            # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
+                            loss = -tl.exp(gamma * tl.log(rest / s)) * logp
                         else:
-                            loss = lsum  # sigmoid focal terms; zeros for the statistics
-                        lv = tl.where(valid, loss, 0.0)
-                        if STORE_PL:
-                            tl.store(pl_ptr + n, lv, mask=pm)
-                        hit = valid & (am == y32)
-                        if REG_STATS:
-                            # per-thread running sums: a compare and a predicated add per pixel, class
-                            # and sum. The counts are float32 (a predicated add; integer ones compiled to
-                            # three instructions), exact: a thread counts at most H < 2**24 pixels (the
-                            # rows of one column); with PACK_TP (H < TP_PACK) count + TP_PACK * true
-                            # positives in one, below 2**24 too (_TP_PACK = 4096).
+                            loss = -logp
+                    elif MODE == 3:
+                        dy = tl.exp(logp) - tv
+                        loss = 0.5 * (s2r / (s * s) + dy * dy)
+                    elif MODE == 2:
+                        loss = 0.5 * lsum
+                    else:
+                        loss = lsum  # sigmoid focal terms; zeros for the statistics
+                    lv = tl.where(valid, loss, 0.0)
+                    if STORE_PL:
+                        tl.store(pl_ptr + n, lv, mask=pm)
+                    hit = valid & (am == y32)
+                    if REG_STATS:
+                        # per-thread running sums: a compare and a predicated add per pixel, class
+                        # and sum. The counts are float32 (a predicated add; integer ones compiled to
+                        # three instructions), exact: a thread counts at most H < 2**24 pixels (the
+                        # rows of one column); with PACK_TP (H < TP_PACK) count + TP_PACK * true
+                        # positives in one, below 2**24 too (_TP_PACK = 4096).
+                        if PACK_TP:
+                            inc = tl.where(hit, TP_PACK + 1.0, 1.0)
+                        nl = ()
+                        nc = ()
+                        nt = ()
+                        for c in tl.static_range(C):
+                            is_c = y32 == c
+                            if HAS_LOSS:
+                                nl = nl + (tl.where(is_c, lacc[c] + lv, lacc[c]),)
+                            else:
+                                nl = nl + (lacc[c],)
                             if PACK_TP:
-                                inc = tl.where(hit, TP_PACK + 1.0, 1.0)
-                            nl = ()
-                            nc = ()
-                            nt = ()
-                            for c in tl.static_range(C):
-                                is_c = y32 == c
-                                if HAS_LOSS:
-                                    nl = nl + (tl.where(is_c, lacc[c] + lv, lacc[c]),)
-                                else:
-                                    nl = nl + (lacc[c],)
-                                if PACK_TP:
-                                    nc = nc + (tl.where(is_c, cacc[c] + inc, cacc[c]),)
-                                else:
-                                    nc = nc + (tl.where(is_c, cacc[c] + 1.0, cacc[c]),)
-                                if NEED_TP and not PACK_TP:
-                                    nt = nt + (tl.where(is_c & hit, tacc[c] + 1.0, tacc[c]),)
-                                else:
-                                    nt = nt + (tacc[c],)
-                            lacc = nl
-                            cacc = nc
-                            tacc = nt
-                        _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS,
-                                          NEED_TP, CONF)
+                                nc = nc + (tl.where(is_c, cacc[c] + inc, cacc[c]),)
+                            else:
+                                nc = nc + (tl.where(is_c, cacc[c] + 1.0, cacc[c]),)
+                            if NEED_TP and not PACK_TP:
+                                nt = nt + (tl.where(is_c & hit, tacc[c] + 1.0, tacc[c]),)
+                            else:
+                                nt = nt + (tacc[c],)
+                        lacc = nl
+                        cacc = nc
+                        tacc = nt
+                    _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS,
+                                      NEED_TP, CONF)
             if CACHE:
                 if TAP2_Y:
                     ha = hb
@@ -727,8 +702,12 @@ if triton is not None:
                     a = zero  # the upstream weight grad_pixel[n] + grad_class[y], or the coefficient
                     lse = zero
                     q = zero
-                    if PRE == 2:  # softmax cross-entropy: a = -(the upstream weight), 0 where not valid
-                        a = -_upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP, HAS_GC)
+                    if PRE == 2:  # from the forward: a = the upstream weight x (-1, or the focal weight at q_ptr)
+                        a = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP, HAS_GC)
+                        if FOCAL:
+                            a = a * tl.load(q_ptr + n, mask=valid, other=0.0)
+                        else:
+                            a = -a
                         lse = tl.load(lse_ptr + n, mask=valid, other=0.0)
                     elif PRE:
                         a = tl.load(coef_ptr + n, mask=valid, other=0.0)  # 0 at ignored and bad pixels
@@ -805,7 +784,7 @@ if triton is not None:
         C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
         MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
         PRE: tl.constexpr,  # class groups of a softmax mode: 1, the per-pixel scalars from the coefficient launch;
-        #                     2, cross-entropy with the forward's lse: lse from it, a from the upstream gradients
+        #                     2, from the forward (softmax focal): lse, and a from the upstream weight and q_ptr
         TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, OFF64: tl.constexpr,
         R: tl.constexpr,  # low-resolution rows per band
         TJ: tl.constexpr, TY: tl.constexpr,  # output columns (of a lane's segment) and rows per step
@@ -968,19 +947,22 @@ def _check(x, target, interp, loss_mode, gamma):
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {x.dtype}")
 
 
-def keeps_lse(C, mode):
-    """Whether the forward keeps each pixel's log-sum-exp for the backward (``need_lse``): the
-    softmax focal mode with class groups in the backward, where it replaces the coefficient
-    launch's pass over every class by a per-pixel one (and, for the cross-entropy, the launch)."""
-    return mode == Mode.SOFTMAX_FOCAL and C > _FUSED_C
+def keeps_lse(C, mode, gamma):
+    """How many floats per pixel the forward keeps for the backward (``need_lse``): the softmax focal
+    mode with class groups in the backward keeps each pixel's log-sum-exp (1), and with γ != 0 also
+    ∂ℓ/∂log p_y, the focal weight of the pixel (2: lse then it, each B·H·W long). The backward then
+    needs no coefficient launch (a pass over every class): its a is the upstream weight times -1 or
+    that weight."""
+    if mode != Mode.SOFTMAX_FOCAL or C <= _FUSED_C:
+        return 0
+    return 2 if gamma != 0 else 1
 
 
 def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=False, need_tp=False, need_conf=False,
-                coef=None, grad_pixel=None, grad_class=None, lse_in=False, store_lse=None):
-    """One launch of ``_up_fwd_kernel``: the forward (``store_lse``: an (N,) buffer for each
-    pixel's log-sum-exp, softmax focal), or (``coef`` = (a, lse, q) buffers) the backward's
-    per-pixel scalars, from the forward's lse in ``coef[1]`` with ``lse_in``. Returns (pl, lrow,
-    crow, trow, bad, conf, conf_mode, reg)."""
+                coef=None, grad_pixel=None, grad_class=None, store_lse=None):
+    """One launch of ``_up_fwd_kernel``: the forward (``store_lse``: the buffer of :func:`keeps_lse`,
+    softmax focal), or (``coef`` = (a, lse, q) buffers) the backward's per-pixel scalars. Returns
+    (pl, lrow, crow, trow, bad, conf, conf_mode, reg)."""
     B, C = x.shape[0], x.shape[1]
     is_coef = coef is not None
     f64 = acc == torch.float64
@@ -988,7 +970,6 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
     bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
     P = B * bands * xblocks
     group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef, coef=is_coef)
-    cache = cache and not lse_in  # no class pass: no horizontal rows to cache
     has_loss = mode != Mode.STATS
     # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
     # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead, its bad-label
@@ -1014,7 +995,14 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
             conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
                                dtype=torch.int32 if conf_mode == 1 else torch.int64)
     tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
-    a, lse, q = coef if is_coef else (pl, store_lse if store_lse is not None else pl, pl)
+    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    if is_coef:
+        a, lse, q = coef
+    elif store_lse is not None:  # lse, then with γ != 0 the focal weight (q_ptr)
+        N = t.numel()
+        a, lse, q = pl, store_lse[:N], store_lse[N:] if focal else pl
+    else:
+        a = lse = q = pl
     wrap(_up_fwd_kernel)[(P,)](
         x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1, tv, pl, lrow, crow, trow, bad, conf,
         grad_pixel if grad_pixel is not None else tv, grad_class if grad_class is not None else tv, a, lse, q,
@@ -1022,9 +1010,9 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         grad_pixel.stride(0) if grad_pixel is not None else 0, grad_class.stride(0) if grad_class is not None else 0,
         ignore_index, gamma,
         C=C, GROUP=group, LOOP=loop, CACHE=cache, MODE=int(mode),
-        FOCAL=gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL), STORE_PL=store_pl, REG_STATS=reg,
+        FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
         NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < _TP_PACK, TP_PACK=_TP_PACK,
-        CONF=conf_mode, COEF=is_coef, LSE_IN=lse_in, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
+        CONF=conf_mode, COEF=is_coef, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
         HAS_GC=grad_class is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64, R=R, TY=ty,
         BLOCK_X=block, num_warps=warps)
     return pl, lrow, crow, trow, bad, conf, conf_mode, reg
@@ -1040,7 +1028,7 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
     N = B * H * W
     has_loss = mode != Mode.STATS
     empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
-    lse = x.new_empty(N if need_lse and keeps_lse(C, mode) else 0, dtype=acc)  # every element is written
+    lse = x.new_empty(N * keeps_lse(C, mode, gamma) if need_lse else 0, dtype=acc)  # every element is written
     if N == 0 or x.numel() == 0:
         return (x.new_zeros(N if need_pixel_loss else 0, dtype=acc), x.new_zeros(C, dtype=acc),
                 x.new_zeros(C, dtype=torch.int64), x.new_zeros(C if need_tp else 0, dtype=torch.int64),
@@ -1084,25 +1072,26 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
     if lse_fwd is not None and (not pre or mode != Mode.SOFTMAX_FOCAL):
         lse_fwd = None  # the one-group backward computes the softmax itself
-    if lse_fwd is not None and (lse_fwd.shape != (N,) or lse_fwd.dtype != acc or lse_fwd.device != x.device):
-        raise RuntimeError(f"fused_imbalance: lse must be the forward's ({N},) {acc} log-sum-exp, got "
-                           f"{tuple(lse_fwd.shape)} {lse_fwd.dtype}")
-    # PRE: 0 the softmax in the gradient pass, 1 a coefficient launch first, 2 the forward's lse alone
-    pre = (2 if lse_fwd is not None and not focal else 1) if pre else 0
+    kept = N * keeps_lse(C, mode, gamma)
+    if lse_fwd is not None and (lse_fwd.shape != (kept,) or lse_fwd.dtype != acc or lse_fwd.device != x.device):
+        raise RuntimeError(f"fused_imbalance: lse must be the forward's ({kept},) {acc} log-sum-exp (and focal "
+                           f"weight), got {tuple(lse_fwd.shape)} {lse_fwd.dtype}")
+    # PRE: 0 the softmax in the gradient pass, 1 a coefficient launch first, 2 from what the forward kept
+    pre = (2 if lse_fwd is not None else 1) if pre else 0
     with _on_device(x):
         geo = _Geometry(x, H, W, interp, align_corners)
-        # class groups of a softmax mode: the per-pixel scalars first, O(B·H·W); from the forward's
-        # log-sum-exp when it kept it (a per-pixel launch), else a pass over every class
-        # (cross-entropy from the forward's lse needs no launch: its a is minus the upstream weight)
+        # class groups of a softmax mode: the per-pixel scalars, O(B·H·W), from what the forward kept
+        # (lse, the focal weight in q), else first a launch with a pass over every class
         coef = lse = q = dummy
         if pre == 2:
-            lse = lse_fwd.contiguous()
+            kept = lse_fwd.contiguous()
+            lse, q = kept[:N], (kept[N:] if focal else dummy)
         elif pre:
             coef = x.new_empty(N, dtype=acc)
-            lse = lse_fwd.contiguous() if lse_fwd is not None else x.new_empty(N, dtype=acc)
+            lse = x.new_empty(N, dtype=acc)
             q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
             _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, coef=(coef, lse, q),
-                        grad_pixel=grad_pixel, grad_class=grad_class, lse_in=lse_fwd is not None)
+                        grad_pixel=grad_pixel, grad_class=grad_class)
         block, R, tj, ty, warps = _bwd_tile(geo)
         bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
         wrap(_up_bwd_kernel)[(B * bands * xblocks,)](
