@@ -58,7 +58,7 @@ def _backward(shape, HW, dtype, mode, gamma):
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
         # the forward's log-sum-exp (and focal weight), which autograd passes where the forward keeps it
-        kept = T.keeps_lse(shape[1], mode, gamma)
+        kept = T.keeps_lse(x, mode, gamma)
         lse = torch.empty(kept * y.numel(), dtype=torch.float32) if kept else None
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
         BWD(x, y, None, torch.empty(shape[1], dtype=torch.float32), BILINEAR, ALIGN_CORNERS, mode, gamma, None,
@@ -74,7 +74,8 @@ def cases():
         for mname, mode, gamma in MODES:
             case = {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, HW, dtype, mode, gamma),
                     "elements": N * C, "bytes": logit_bytes + label_bytes}
-            kept = T.keeps_lse(C, mode, gamma) if mode != 4 else 0  # floats per pixel kept for the backward
+            # floats per pixel kept for the backward
+            kept = T.keeps_lse(torch.empty(shape, dtype=dtype, device="meta"), mode, gamma) if mode != 4 else 0
             if C > T._REG_STATS_C and mode != 4:
                 # the class sums of more than 32 classes: the per-pixel loss written and read back with the labels
                 case["mem_bytes"] = logit_bytes + 2 * label_bytes + 2 * N * 4 + kept * N * 4
@@ -89,7 +90,7 @@ def cases():
                     # the gradient launch reads the forward's lse (and focal weight), float32 per
                     # full-resolution pixel; no coefficient launch
                     case["mem_bytes"] = floor + kept * N * 4
-                elif C > T._FUSED_C:
+                elif not T._bwd_fused(C, mode, dtype == torch.float64):
                     scratch = 2 * N * 4  # a and lse (float32) per full-resolution pixel
                     case["mem_bytes"] = floor + logit_bytes + label_bytes + 2 * scratch
                 yield case
@@ -112,14 +113,14 @@ def _programs(launch):
 
 def _fwd_trips(launch):
     """_up_fwd_kernel: per program the low-resolution rows of its band (depth 0, summed over programs),
-    per row the steps of TY output rows of its segment, and in them the loop over class groups (LOOP)."""
+    per row the steps of TY output rows of its segment, and in them the loop over class groups (not CACHE)."""
     a, k = launch["ints"], launch["constexprs"]
     h, R, TY = a["h"], k["R"], k["TY"]
     seg = _segments(h, a["H"])
     rows = _programs(launch) // a["bands"] * h  # every program of an image's column block walks h / bands rows
     steps = sum(_cdiv(s, TY) for s in seg) / h
     loops = [rows, steps]
-    if k["LOOP"]:
+    if not k["CACHE"]:
         loops.append(k["C"] // k["GROUP"])
     return {"loops": loops}
 

@@ -190,6 +190,14 @@ UPSAMPLE_VARIANTS = [
     # cross-entropy backward from the forward's lse (no coefficient launch): the largest unrolled group, a loop
     (19, "bilinear", False, "f32", "ce", False, False, False),
     (40, "bilinear", True, "bf16", "ce", False, False, False),
+    # the forward's cached rows at their class limits (_fwd_cached) with the argmax, and one class past them
+    # (the loop over groups, one row per step, statistics in registers)
+    (32, "bilinear", False, "f32", "sigfocal", True, True, True),
+    (32, "bilinear", False, "f32", "msesoftmax", True, True, True),
+    (19, "bilinear", False, "f64", "focal", True, True, True),
+    (20, "bilinear", False, "f64", "msesoftmax", True, True, True),
+    (12, "bilinear", False, "f64", "sigfocal", True, True, True),
+    (13, "bilinear", False, "f64", "sigfocal", True, True, True),
 ]
 
 
@@ -207,7 +215,7 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     if mode != 4:
         U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
                     gamma, tv, -100)
-    if U.keeps_lse(C, mode, gamma):
+    if U.keeps_lse(x, mode, gamma):
         lse = U._forward(x, y, ip, align_corners, mode, gamma, tv, -100, need_pl, need_tp, need_conf, True)[6]
         U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
                     gamma, tv, -100, lse)

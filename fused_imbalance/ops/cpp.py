@@ -121,7 +121,7 @@ def _register():
     globals().update(upsample_loss_fwd=ops.cpp_upsample_loss_fwd.default,
                      upsample_loss_bwd=ops.cpp_upsample_loss_bwd.default)
     _upsample.register("fused_imbalance::cpp_upsample_loss_fwd", "fused_imbalance::cpp_upsample_loss_bwd",
-                       upsample_loss_bwd, keeps_lse=lambda C, mode, gamma: int(mode == Mode.SOFTMAX_FOCAL))
+                       upsample_loss_bwd, keeps_lse=lambda x, mode, gamma: int(mode == Mode.SOFTMAX_FOCAL))
 
 
 def available():

@@ -21,18 +21,20 @@ nondecreasing): the kernels walk those segments.
 The classes are a compile-time loop (``tl.static_range``, C a constexpr, one compiled kernel per
 class count as in the static kernels of :mod:`.triton_kernels`, whose per-pixel helpers these
 kernels share): nothing is padded to a power of two and every reduction over classes is a
-running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``) one
-group holds them all; beyond, forward groups of at most 12 (6 with the argmax, 6 in float64, 4 for
-the sigmoid focal terms) and backward groups of at most 19 (16 in a loop; 5 for the sigmoid focal
-terms, 4 in float64); a loop over groups beyond 32 classes. Offsets inside an image are 32-bit
-unless one image of logits spans 2**31 elements (``OFF64``); image and pixel bases are int64.
+running value in a thread's registers. Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``; fewer
+in float64) one group holds them all; beyond, forward groups of at most 12 (6 with the argmax, 6 in
+float64, 4 for the sigmoid focal terms) in a loop over groups, and backward groups of at most 19
+(16 in a loop, beyond 32 classes; 5 for the sigmoid focal terms; 4 in float64, 2 for its sigmoid
+focal terms). Offsets inside an image are 32-bit unless one image of logits spans 2**31 elements
+(``OFF64``); image and pixel bases are int64.
 
 Forward (``_up_fwd_kernel``). A program owns R consecutive low-resolution rows of one image and
 BLOCK_X consecutive output columns, one column per thread: it walks the rows y of its band and,
 for each, the output rows Y of segment y in steps of TY rows, i.e. every output row whose first
-source row is in the band. (On a GPU TY is 1 with cached rows, since more rows per thread ran out
-of registers, and with class groups up to 4, about a whole segment; the interpreter, whose cost is
-per step, takes a whole segment and one band per image.)
+source row is in the band. (On a GPU TY is 1 with cached rows and while the statistics are
+per-thread registers, since more rows per thread ran out of registers, and with class groups beyond
+32 classes up to 4, about a whole segment; the interpreter, whose cost is per step, takes a whole
+segment and one band per image.)
 With C <= ``_CACHE_C`` the horizontal passes of rows y and y + 1 are kept in registers
 (2·C values per thread), computed once per low-resolution row of the band (R + 1 per band) and
 reused by the H/h output rows of the segment; beyond, each step recomputes them per class
@@ -114,10 +116,12 @@ except ImportError:  # the package works without triton; this backend is then un
 
 __all__ = ["available", "supports", "upsample_loss_fwd", "upsample_loss_bwd"]
 
-_CACHE_C = 24  # up to this class count the forward has one class group and cached horizontal rows
+_CACHE_C = 32  # up to this class count the forward has one class group and cached horizontal rows
+_CACHE_C_F64 = 19  # the same in float64 (12 with the sigmoid focal terms): more spilled, with the argmax
 _FUSED_C = 12  # up to this class count the backward computes the softmax itself (one group): registers
+_FUSED_C_F64 = 8  # the same in float64 (6 with the sigmoid focal terms)
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
-_UNROLL_C = 32  # up to this class count the class groups are unrolled; beyond, a loop over groups
+_UNROLL_C = 32  # up to this class count the backward's class groups are unrolled; beyond, a loop over groups
 _GROUP = 12  # classes per forward group beyond _CACHE_C: see _class_plan
 _BWD_GROUP = 19  # classes per backward group from the coefficient launch (unrolled; 20 took all 255 registers)
 _BWD_GROUP_LOOP = 16  # the same in a loop over groups (more than _UNROLL_C classes)
@@ -127,7 +131,8 @@ _CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this si
 _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
 _FWD_TY = 1  # output rows per step of the forward with cached rows (more ran out of registers)
-_FWD_TY_GROUPS = 4  # at most this many output rows per step of the forward with class groups (_fwd_step)
+_FWD_TY_GROUPS = 4  # at most this many output rows per step of the forward with class groups beyond
+#                     _REG_STATS_C classes (_fwd_step)
 _BWD_TY = 1  # output rows per step of the backward
 
 
@@ -285,12 +290,13 @@ if triton is not None:
 
     @triton.jit
     def _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, NCLS: tl.constexpr,
-              MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr):
+              MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr, FIRST: tl.constexpr = False):
         """Fold one class group's interpolated logits into a pixel's running state: the softmax
         (a max pass, the sums rescaled once, an exp pass: m, s = Σ e_k, rest = Σ_{k≠y} e_k,
         s2r = Σ_{k≠y} e_k², as ``_softmax_group`` of the static kernels), or the per-class terms
         of the elementwise modes (lsum); the argmax when NEED_AM. ``yk`` is the label as
-        :func:`_row_state` compares it here; yr = yk - c0 is compared with the constants k."""
+        :func:`_row_state` compares it here; yr = yk - c0 is compared with the constants k. FIRST: the
+        pixel's first group (the sums are still 0: nothing to rescale)."""
         yr = yk - c0
         if MODE == 0 or MODE == 3:
             NEED_REST: tl.constexpr = FOCAL or MODE == 3
@@ -298,12 +304,13 @@ if triton is not None:
             for k in tl.static_range(NCLS):
                 gm = tl.maximum(gm, vals[k])
             ms = tl.where(gm == float("-inf"), 0.0, gm)
-            alpha = tl.exp(m - ms)  # 0 while m is still -inf (the sums are 0 then too)
-            s = s * alpha
-            if NEED_REST:
-                rest = rest * alpha
-            if MODE == 3:
-                s2r = s2r * (alpha * alpha)
+            if not FIRST:
+                alpha = tl.exp(m - ms)  # 0 while m is still -inf (the sums are 0 then too)
+                s = s * alpha
+                if NEED_REST:
+                    rest = rest * alpha
+                if MODE == 3:
+                    s2r = s2r * (alpha * alpha)
             sh = _shift(ms)
             for k in tl.static_range(NCLS):
                 e = _exp_minus(vals[k], sh)
@@ -328,15 +335,15 @@ if triton is not None:
 
     @triton.jit
     def _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, y32, tv, gamma,
-                   acc_ty: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
-                   CACHE: tl.constexpr, MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr,
-                   TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
+                   acc_ty: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, CACHE: tl.constexpr,
+                   MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr, TAP2_X: tl.constexpr,
+                   TAP2_Y: tl.constexpr):
         """(m, s, rest, s2r, lsum, am) of one output row's pixels over all classes: from the cached
-        horizontal rows (CACHE, one group), or per class group from the low-resolution logits."""
-        # Unrolled classes (C <= 32): the label as int16 for the class passes' comparisons (exact: it is -1
-        # or below C), the int32 one for the statistics': two different comparisons keep the compiler from
-        # holding C predicates from one to the other (it packs them into a register, 3 instructions per class).
-        if not LOOP:
+        horizontal rows (CACHE, one group), or per class group (a loop) from the low-resolution logits."""
+        # One group (C <= 32): the label as int16 for the class pass's comparisons (exact: it is -1 or below
+        # C), the int32 one for the statistics': two different comparisons keep the compiler from holding
+        # C predicates from one to the other (it packs them into a register, 3 instructions per class).
+        if CACHE:
             yk = y32.to(tl.int16)
         else:
             yk = y32
@@ -350,21 +357,14 @@ if triton is not None:
         if CACHE:
             vals = _vert(ha, hb, wy0, wy1, C, TAP2_Y)
             m, s, rest, s2r, lsum, bv, am = _fold(vals, 0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am,
-                                                  C, MODE, FOCAL, NEED_AM)
-        else:
+                                                  C, MODE, FOCAL, NEED_AM, True)
+        else:  # a loop over the class groups (unrolled groups spilled)
             FULL: tl.constexpr = (C // GROUP) * GROUP
-            if LOOP:
-                for c0 in range(0, FULL, GROUP):
-                    vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
-                                     TAP2_X, TAP2_Y)
-                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum,
-                                                          bv, am, GROUP, MODE, FOCAL, NEED_AM)
-            else:
-                for c0 in tl.static_range(0, FULL, GROUP):
-                    vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
-                                     TAP2_X, TAP2_Y)
-                    m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum,
-                                                          bv, am, GROUP, MODE, FOCAL, NEED_AM)
+            for c0 in range(0, FULL, GROUP):
+                vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
+                                 TAP2_X, TAP2_Y)
+                m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum,
+                                                      bv, am, GROUP, MODE, FOCAL, NEED_AM)
             if C % GROUP:
                 vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, FULL, acc_ty, C % GROUP,
                                  TAP2_X, TAP2_Y)
@@ -397,8 +397,7 @@ if triton is not None:
         gp_stride, gc_stride,  # upstream strides (0 when autograd expands a scalar)
         ignore_index, gamma,
         C: tl.constexpr,  # classes
-        GROUP: tl.constexpr,  # classes per group (not CACHE)
-        LOOP: tl.constexpr,  # a loop over the groups; otherwise unrolled
+        GROUP: tl.constexpr,  # classes per group of the loop over groups (not CACHE)
         CACHE: tl.constexpr,  # one group, horizontal passes cached per low-resolution row
         MODE: tl.constexpr, FOCAL: tl.constexpr,
         STORE_PL: tl.constexpr,  # write the per-pixel loss
@@ -477,7 +476,7 @@ if triton is not None:
                 if MODE == 2 or MODE == 3:
                     tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
                 m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
-                                                       sc, y32, tv, gamma, acc_ty, C, GROUP, LOOP, CACHE,
+                                                       sc, y32, tv, gamma, acc_ty, C, GROUP, CACHE,
                                                        MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
                 if SOFTMAX:
                     # the label's interpolated logit: 4 gathered loads per pixel
@@ -864,20 +863,36 @@ class _Geometry:
         self.off64 = extent >= 2 ** 31
 
 
+def _fwd_cached(C, mode, f64):
+    """Whether the forward has one class group with cached horizontal rows (2·C values per thread,
+    with the per-thread statistics' 3·C)."""
+    return C <= ((12 if mode == Mode.SIGMOID_FOCAL else _CACHE_C_F64) if f64 else _CACHE_C)
+
+
+def _bwd_fused(C, mode, f64):
+    """Whether the backward computes the softmax itself, one group of all classes (four accumulators,
+    the two taps of two rows and the exponentials of every class per thread)."""
+    return C <= ((6 if mode == Mode.SIGMOID_FOCAL else _FUSED_C_F64) if f64 else _FUSED_C)
+
+
 def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
     """(GROUP, LOOP, CACHE) of a class count (see the module docstring). A forward group holds
     ``_fwd_step`` rows of interpolated values per class (and with ``need_am`` the running argmax; with
-    ``coef``, the backward's coefficient launch, the upstream gradients and three outputs per pixel);
-    the backward four accumulators and two horizontal passes per class. Smaller groups for the
+    ``coef``, the backward's coefficient launch, the upstream gradients and three outputs per pixel),
+    in a loop over groups (unrolled groups spilled: the compiler hoisted loads across them); the
+    backward four accumulators and the two taps of two rows per class. Smaller groups for the
     sigmoid focal terms and float64: these sizes are the largest that compile without register
     spills on sm_90 (tests/test_sm90_compile.py)."""
-    cache = C <= (_FUSED_C if bwd else _CACHE_C)
+    cache = _bwd_fused(C, mode, f64) if bwd else _fwd_cached(C, mode, f64)
     if cache:
         return C, False, True
-    loop = C > _UNROLL_C
+    loop = C > _UNROLL_C or not bwd
     if bwd:
         # the backward from the coefficient launch: four accumulators and the two taps of two rows per class
-        group = 4 if f64 else (5 if mode == Mode.SIGMOID_FOCAL else (_BWD_GROUP_LOOP if loop else _BWD_GROUP))
+        if f64:
+            group = 2 if mode == Mode.SIGMOID_FOCAL else 4
+        else:
+            group = 5 if mode == Mode.SIGMOID_FOCAL else (_BWD_GROUP_LOOP if loop else _BWD_GROUP)
     elif mode == Mode.SIGMOID_FOCAL:
         group = 4  # in steps of 2 rows (8 spilled on triton 3.6)
     elif f64:
@@ -907,10 +922,11 @@ def _fwd_tile(geo, C, mode, f64):
 
 
 def _fwd_step(geo, C, mode, f64):
-    """Output rows per step of the forward on a GPU: 1 with cached rows; with class groups a step
+    """Output rows per step of the forward on a GPU: 1 with cached rows, and with class groups while
+    the statistics are per-thread registers (3·C of them per row: more rows spilled); beyond, a step
     covers a segment of up to 4 rows (2 for float64 and the sigmoid focal terms), about H / h, so
     each group's horizontal passes are computed once per step."""
-    if C <= _CACHE_C:
+    if _fwd_cached(C, mode, f64) or C <= _REG_STATS_C:
         return _FWD_TY
     return min(2 if f64 or mode == Mode.SIGMOID_FOCAL else _FWD_TY_GROUPS, _np2(_cdiv(geo.H, geo.h)))
 
@@ -947,13 +963,13 @@ def _check(x, target, interp, loss_mode, gamma):
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {x.dtype}")
 
 
-def keeps_lse(C, mode, gamma):
+def keeps_lse(x, mode, gamma):
     """How many floats per pixel the forward keeps for the backward (``need_lse``): the softmax focal
     mode with class groups in the backward keeps each pixel's log-sum-exp (1), and with γ != 0 also
     ∂ℓ/∂log p_y, the focal weight of the pixel (2: lse then it, each B·H·W long). The backward then
     needs no coefficient launch (a pass over every class): its a is the upstream weight times -1 or
-    that weight."""
-    if mode != Mode.SOFTMAX_FOCAL or C <= _FUSED_C:
+    that weight. ``x``: the logits (their class count and dtype)."""
+    if mode != Mode.SOFTMAX_FOCAL or _bwd_fused(x.shape[1], mode, x.dtype == torch.float64):
         return 0
     return 2 if gamma != 0 else 1
 
@@ -969,7 +985,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
     block, R, ty, warps = _fwd_tile(geo, C, mode, f64)
     bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
     P = B * bands * xblocks
-    group, loop, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef, coef=is_coef)
+    group, _, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef, coef=is_coef)
     has_loss = mode != Mode.STATS
     # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
     # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead, its bad-label
@@ -1009,7 +1025,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         geo.H, geo.W, geo.h, geo.w, bands, xblocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_pixel.stride(0) if grad_pixel is not None else 0, grad_class.stride(0) if grad_class is not None else 0,
         ignore_index, gamma,
-        C=C, GROUP=group, LOOP=loop, CACHE=cache, MODE=int(mode),
+        C=C, GROUP=group, CACHE=cache, MODE=int(mode),
         FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
         NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < _TP_PACK, TP_PACK=_TP_PACK,
         CONF=conf_mode, COEF=is_coef, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
@@ -1028,7 +1044,7 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
     N = B * H * W
     has_loss = mode != Mode.STATS
     empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
-    lse = x.new_empty(N * keeps_lse(C, mode, gamma) if need_lse else 0, dtype=acc)  # every element is written
+    lse = x.new_empty(N * keeps_lse(x, mode, gamma) if need_lse else 0, dtype=acc)  # every element is written
     if N == 0 or x.numel() == 0:
         return (x.new_zeros(N if need_pixel_loss else 0, dtype=acc), x.new_zeros(C, dtype=acc),
                 x.new_zeros(C, dtype=torch.int64), x.new_zeros(C if need_tp else 0, dtype=torch.int64),
@@ -1072,7 +1088,7 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
     if lse_fwd is not None and (not pre or mode != Mode.SOFTMAX_FOCAL):
         lse_fwd = None  # the one-group backward computes the softmax itself
-    kept = N * keeps_lse(C, mode, gamma)
+    kept = N * keeps_lse(x, mode, gamma)
     if lse_fwd is not None and (lse_fwd.shape != (kept,) or lse_fwd.dtype != acc or lse_fwd.device != x.device):
         raise RuntimeError(f"fused_imbalance: lse must be the forward's ({kept},) {acc} log-sum-exp (and focal "
                            f"weight), got {tuple(lse_fwd.shape)} {lse_fwd.dtype}")

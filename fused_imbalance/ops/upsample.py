@@ -16,7 +16,7 @@ class_loss, count, tp, bad, confusion, lse)``
     confusion (C, C) — the counts of this pass, argmax of the interpolated logits — if
     need_confusion else (0, 0); lse (k·B·H·W,) in the accumulation dtype if need_lse, the loss is a
     softmax one (``Mode.SOFTMAX_FOCAL``) and the backend keeps k > 0 floats per pixel
-    (``keeps_lse(C, mode, gamma)``), else (0,): each pixel's log Σ_k exp(interpolated logit k) (the
+    (``keeps_lse(x, mode, gamma)``), else (0,): each pixel's log Σ_k exp(interpolated logit k) (the
     C++ backend always; the Triton one beyond 12 classes, where its backward works in class groups,
     followed there, with γ != 0, by each pixel's focal weight ∂ℓ/∂log p_y: k = 2). No argument is
     mutated.
@@ -53,7 +53,7 @@ def _fake_forward(keeps_lse):
         """Output shapes and dtypes of the forward op (its ``register_fake``): the loss op's, with
         target (B, H, W), and lse."""
         out = fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
-        n = target.numel() * keeps_lse(x.shape[1], Mode(loss_mode), gamma) if need_lse else 0
+        n = target.numel() * keeps_lse(x, Mode(loss_mode), gamma) if need_lse else 0
         return out + (x.new_empty(n, dtype=out[1].dtype),)
 
     return fake_forward
@@ -68,7 +68,7 @@ def register(fwd_op_name, bwd_op_name, bwd_op, keeps_lse):
     """Fake kernels and autograd of a backend's upsampled ops. The autograd formula is the loss
     ops' (``register_loss_autograd``): the backward op applies the loss gradient and the transposed
     interpolation in one pass; ``interp, align_corners`` ride along, and the forward's ``lse``
-    goes to the backward. ``keeps_lse(C, mode, gamma)``: how many floats per pixel the backend's forward
+    goes to the backward. ``keeps_lse(x, mode, gamma)``: how many floats per pixel the backend's forward
     keeps for it (0: none)."""
     torch.library.register_fake(fwd_op_name)(_fake_forward(keeps_lse))
     torch.library.register_fake(bwd_op_name)(fake_backward)
