@@ -32,15 +32,50 @@ REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "
 BACKENDS = ["cpp", "triton"]
 try:
     from fused_imbalance.ops import triton_upsample as tup
-    HAVE_TRITON = tup.available() and not torch.cuda.is_available()
+    HAVE_TRITON = tup.available()
 except ImportError:
     tup, HAVE_TRITON = None, False
-# This suite's tensors live on the CPU: the Triton kernels run here through TRITON_INTERPRET
-# (tests/conftest.py sets it where there is no GPU).
-_NO_TRITON = "the Triton kernels run on CPU tensors only under TRITON_INTERPRET without a GPU"
+# This suite's tensors live on the CPU: without a GPU the Triton kernels run on them through
+# TRITON_INTERPRET (tests/conftest.py sets it); with one, _triton_on_the_gpu moves each op's inputs
+# there and its outputs back.
+ON_GPU = HAVE_TRITON and torch.cuda.is_available()
+_NO_TRITON = "the Triton backend is not available here"
 
 MODES = [("bilinear", False), ("bilinear", True), ("nearest", False)]
 OP_MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
+
+
+def _on_the_gpu(op):
+    """``op`` with its tensor arguments on the GPU and its tensor results back on the device of its
+    first argument (differentiable moves: autograd's backward crosses them too)."""
+    def run(*args, **kwargs):
+        home = args[0].device
+        out = op(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args],
+                 **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        return tuple(o.to(home) for o in out) if isinstance(out, tuple) else out.to(home)
+    run.gpu_op = op
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_the_gpu(monkeypatch):
+    """On a GPU machine: the Triton backend accepts this suite's CPU tensors and runs its upsampled ops
+    on CUDA copies of them (the kernels, their tiling and their autograd are the GPU's)."""
+    if not ON_GPU:
+        return
+    from fused_imbalance import functional
+    from fused_imbalance.ops import triton_loss
+    functional._backend_available("triton")
+    for mod in {tup, triton_loss, functional._loaded["triton"]}:
+        monkeypatch.setattr(mod, "supports", lambda x: True, raising=False)
+        for name in ("upsample_loss_fwd", "upsample_loss_bwd"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, _on_the_gpu(getattr(mod, name)))
+
+
+def _raw(op):
+    """The registered op under ``_on_the_gpu`` (opcheck takes the op itself)."""
+    return getattr(op, "gpu_op", op)
 
 
 def _need(name):
@@ -49,7 +84,7 @@ def _need(name):
             pytest.fail("backend 'cpp' is required but unavailable")
         pytest.skip("the C++ backend could not be built here")
     if name == "triton" and not HAVE_TRITON:
-        if "triton" in REQUIRED and not torch.cuda.is_available():
+        if "triton" in REQUIRED:
             pytest.fail("backend 'triton' is required but unavailable")
         pytest.skip(_NO_TRITON)
 
@@ -261,21 +296,23 @@ def _opcheck_utils(ops):
 
 @pytest.mark.parametrize("need_pixel_loss, need_tp, need_confusion", [(True, True, True), (False, False, False)])
 def test_opcheck(ops, need_pixel_loss, need_tp, need_confusion):
-    x, y = make(B=2, C=4, hw=(3, 5), HW=(7, 9), dtype=torch.float64)
-    tvals = torch.arange(1.0, 5.0, dtype=torch.float64)
+    dev = "cuda" if ops is tup and ON_GPU else "cpu"
+    x, y = (t.to(dev) for t in make(B=2, C=4, hw=(3, 5), HW=(7, 9), dtype=torch.float64))
+    tvals = torch.arange(1.0, 5.0, dtype=torch.float64, device=dev)
+    fwd, bwd = _raw(ops.upsample_loss_fwd), _raw(ops.upsample_loss_bwd)
     x.requires_grad_(True)
     for args in [(1, False, 0, 1.5, None), (1, True, 3, 0.0, tvals), (0, False, 1, 2.0, None)]:
-        torch.library.opcheck(ops.upsample_loss_fwd,
+        torch.library.opcheck(fwd,
                               (x, y) + args + (-100, need_pixel_loss, need_tp, need_confusion, need_pixel_loss),
                               test_utils=_opcheck_utils(ops))
-    gp = torch.randn(y.numel(), dtype=torch.float64)
-    torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 1, 2.0, None, -100),
+    gp = torch.randn(y.numel(), dtype=torch.float64, device=dev)
+    torch.library.opcheck(bwd, (x.detach(), y, gp, None, 1, False, 1, 2.0, None, -100),
                           test_utils=_opcheck_utils(ops))
-    lse = ops.upsample_loss_fwd(x.detach(), y, 1, False, 0, 1.5, None, -100, False, False, False, True)[6]
-    torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, gp, None, 1, False, 0, 1.5, None, -100, lse),
+    lse = fwd(x.detach(), y, 1, False, 0, 1.5, None, -100, False, False, False, True)[6]
+    torch.library.opcheck(bwd, (x.detach(), y, gp, None, 1, False, 0, 1.5, None, -100, lse),
                           test_utils=_opcheck_utils(ops))
-    torch.library.opcheck(ops.upsample_loss_bwd, (x.detach(), y, None, torch.ones(4, dtype=torch.float64), 0, False,
-                                                  2, 0.0, tvals, -100), test_utils=_opcheck_utils(ops))
+    torch.library.opcheck(bwd, (x.detach(), y, None, torch.ones(4, dtype=torch.float64, device=dev), 0, False,
+                                2, 0.0, tvals, -100), test_utils=_opcheck_utils(ops))
 
 
 # --- the functional API against interpolate + the reference --------------------------------------
@@ -770,8 +807,8 @@ def test_more_than_2_31_full_resolution_pixels_cpu():
 
 
 def _need_cuda_triton():
-    """The Triton upsampled kernels on a GPU (this module's other Triton tests run them on CPU
-    tensors through the interpreter)."""
+    """The Triton upsampled kernels on a GPU, on CUDA tensors (this module's other Triton tests give
+    them CPU tensors: through the interpreter, or copied to the GPU by _triton_on_the_gpu)."""
     if tup is None or not tup.available():
         if "triton" in REQUIRED:
             pytest.fail("backend 'triton' is required but unavailable")
