@@ -197,6 +197,26 @@ def test_gamma_zero_is_cross_entropy():
         check_backward(x, y, mode, 0.0, tvals)
 
 
+def test_gamma_is_float64_for_float64_kernels():
+    """A Python float kernel argument is float32 in a compiled launch (γ = 0.999 then moved a float64
+    focal loss by 2e-9 relatively on an H100) and float64 in an Inductor-compiled graph. Every kernel
+    that takes γ also takes it as gamma64, annotated float64, for its float64 variant."""
+    import inspect
+
+    import triton.language as tl
+
+    from fused_imbalance.ops import triton_kernels, triton_upsample
+    # triton.jit's kernels (interpreted or not): the parameters are those of their Python function
+    kernels = [k.fn for mod in (triton_kernels, triton_upsample) for name, k in vars(mod).items()
+               if name.endswith("_kernel") and hasattr(k, "fn")]
+    kernels = [f for f in kernels if "gamma" in inspect.signature(f).parameters]
+    assert len(kernels) == 6
+    for f in kernels:
+        names = list(inspect.signature(f).parameters)
+        gamma64 = inspect.signature(f).parameters[names[names.index("gamma") + 1]]
+        assert gamma64.name == "gamma64" and gamma64.annotation == tl.float64, f.__name__
+
+
 def test_multiple_programs_and_tiles(monkeypatch):
     """Enough pixels for several tiles per program and several programs (per-program partial rows).
     The compiled tile size (the interpreter's are 8 times larger) keeps the input small; at most 2

@@ -275,7 +275,7 @@ def _fwd_chunked_kernel(
     num_tiles,  # pixel tiles in all
     stride_b, stride_c, stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
-    gamma,  # focal exponent
+    gamma, gamma64: tl.float64,  # focal exponent (two types, see _fwd_chunked_kernel)
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_PL: tl.constexpr,  # write the per-pixel loss
@@ -287,6 +287,12 @@ def _fwd_chunked_kernel(
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     acc_ty = pl_ptr.dtype.element_ty
+    # γ twice: a Python float argument is float32 in a plain launch (γ = 0.999 off by 1e-8 for
+    # float64 logits) and float64 in an Inductor-compiled graph (where float32 kernels then
+    # promoted their sums to float64 and failed to compile). float64 kernels take gamma64,
+    # annotated float64 for both; the others round gamma once to their accumulation type (a no-op
+    # in a plain launch: a float64 parameter costs float32 kernels a register, and spilled two).
+    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NEED_AM: tl.constexpr = NEED_TP or CONF
@@ -464,7 +470,7 @@ def _bwd_chunked_kernel(
     gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
     gc_stride,  # grad_class stride
     ignore_index,
-    gamma,
+    gamma, gamma64: tl.float64,
     MODE: tl.constexpr,
     FOCAL: tl.constexpr,
     HAS_GP: tl.constexpr,
@@ -474,6 +480,7 @@ def _bwd_chunked_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc_ty = tv_ptr.dtype.element_ty
+    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
     for t in range(pid, num_tiles, tl.num_programs(0)):
@@ -738,7 +745,7 @@ def _fwd_static_kernel(
     num_tiles,  # pixel tiles in all
     stride_b, stride_c, stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
-    gamma,  # focal exponent
+    gamma, gamma64: tl.float64,  # focal exponent (two types, see _fwd_chunked_kernel)
     C: tl.constexpr,  # classes
     GROUP: tl.constexpr,  # classes per group (max/exp passes of the softmax)
     LOOP: tl.constexpr,  # a loop over the groups (large C); otherwise all unrolled
@@ -752,6 +759,7 @@ def _fwd_static_kernel(
     VEC: tl.constexpr,  # consecutive pixels per thread and row
 ):
     acc_ty = pl_ptr.dtype.element_ty
+    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NEED_AM: tl.constexpr = NEED_TP or CONF > 0
@@ -849,7 +857,7 @@ def _bwd_static_kernel(
     gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
     gc_stride,  # grad_class stride
     ignore_index,
-    gamma,
+    gamma, gamma64: tl.float64,
     C: tl.constexpr,
     GROUP: tl.constexpr,
     LOOP: tl.constexpr,
@@ -864,6 +872,7 @@ def _bwd_static_kernel(
     unrolled pass that recomputes each class's p_k from its logit and stores the gradient
     (with C <= GROUP the logits are still in registers; beyond, the re-read hits the cache)."""
     acc_ty = tv_ptr.dtype.element_ty
+    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
     sc = _i64(stride_c)

@@ -239,7 +239,7 @@ def _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss
     tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
     wrap(_fwd_static_kernel)[(P,)](
         x, target, tv, pl, lrow, crow, trow, bad, conf,
-        S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
+        S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
         C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
         NEED_TP=need_tp, CONF=conf_mode, ROWS=rows, VEC=vec, num_warps=_WARPS)
     class_loss = _class_loss(has_loss, reg, lrow, target, pl, C)
@@ -267,7 +267,7 @@ def _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_los
     tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
     wrap(_fwd_chunked_kernel)[(P,)](
         x, target, tv, pl, lrow, count, tp, bad, conf,
-        C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma,
+        C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
         MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, ROWSUM=rowsum, NEED_TP=need_tp,
         CONF=need_confusion, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     class_loss = _class_loss(has_loss, rowsum, lrow, target, pl, C)
@@ -295,7 +295,7 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
             num_tiles = B * tiles_per_b
             wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, x.device),)](
                 x, target, dummy, gp, gc, grad, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
-                gp_stride, gc_stride, ignore_index, gamma,
+                gp_stride, gc_stride, ignore_index, gamma, gamma,
                 C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
                 HAS_GC=grad_class is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
         else:
@@ -304,7 +304,7 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
             num_tiles = B * tiles_per_b
             wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, x.device),)](
                 x, target, dummy, gp, gc, grad, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc,
-                gss, gp_stride, gc_stride, ignore_index, gamma,
+                gss, gp_stride, gc_stride, ignore_index, gamma, gamma,
                 MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
                 HAS_GC=grad_class is not None, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c,
                 num_warps=num_warps)

@@ -395,7 +395,7 @@ if triton is not None:
         bands, xblocks,  # row bands per image, column blocks per row
         stride_b, stride_c, stride_h, stride_w,  # logits strides, in elements
         gp_stride, gc_stride,  # upstream strides (0 when autograd expands a scalar)
-        ignore_index, gamma,
+        ignore_index, gamma, gamma64: tl.float64,
         C: tl.constexpr,  # classes
         GROUP: tl.constexpr,  # classes per group of the loop over groups (not CACHE)
         CACHE: tl.constexpr,  # one group, horizontal passes cached per low-resolution row
@@ -416,6 +416,7 @@ if triton is not None:
         BLOCK_X: tl.constexpr,  # output columns per program, one per thread
     ):
         acc_ty = pl_ptr.dtype.element_ty
+        gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
         pid = tl.program_id(0)
         xb = pid % xblocks
         band = (pid // xblocks) % bands
@@ -779,7 +780,7 @@ if triton is not None:
         H, W, h, w, bands, xblocks,
         stride_b, stride_c, stride_h, stride_w,
         gstride_b, gstride_c, gstride_h, gstride_w,
-        gp_stride, gc_stride, ignore_index, gamma,
+        gp_stride, gc_stride, ignore_index, gamma, gamma64: tl.float64,
         C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
         MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
         PRE: tl.constexpr,  # class groups of a softmax mode: 1, the per-pixel scalars from the coefficient launch;
@@ -790,6 +791,7 @@ if triton is not None:
         BLOCK_X: tl.constexpr,  # lanes: low-resolution columns (one of them a halo on a two-tap axis)
     ):
         acc_ty = tv_ptr.dtype.element_ty
+        gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
         pid = tl.program_id(0)
         xb = pid % xblocks
         band = (pid // xblocks) % bands
@@ -1024,7 +1026,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         grad_pixel if grad_pixel is not None else tv, grad_class if grad_class is not None else tv, a, lse, q,
         geo.H, geo.W, geo.h, geo.w, bands, xblocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_pixel.stride(0) if grad_pixel is not None else 0, grad_class.stride(0) if grad_class is not None else 0,
-        ignore_index, gamma,
+        ignore_index, gamma, gamma,
         C=C, GROUP=group, CACHE=cache, MODE=int(mode),
         FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
         NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < _TP_PACK, TP_PACK=_TP_PACK,
@@ -1117,7 +1119,7 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
             grad_pixel.stride(0) if grad_pixel is not None else 0,
-            grad_class.stride(0) if grad_class is not None else 0, ignore_index, gamma,
+            grad_class.stride(0) if grad_class is not None else 0, ignore_index, gamma, gamma,
             C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
             HAS_GC=grad_class is not None, PRE=pre, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64,
             R=R, TJ=tj, TY=ty, BLOCK_X=block, num_warps=warps)
