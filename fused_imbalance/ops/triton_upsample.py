@@ -210,7 +210,7 @@ if triton is not None:
         for k in tl.static_range(NCLS):
             v = t0[k]
             if TAP2_X:
-                v = v * wx0 + t1[k] * wx1
+                v = tl.fma(t1[k], wx1, v * wx0)  # explicit: see _vert
             hs = hs + (v,)
         return hs
 
@@ -229,7 +229,10 @@ if triton is not None:
         if TAP2_Y:
             vs = ()
             for k in tl.static_range(NCLS):
-                vs = vs + (ha[k] * wy0 + hb[k] * wy1,)
+                # one fused multiply-add, written out: left to the compilers, a · b + c · d was fused
+                # differently in different unrolled classes on an H100, so equal logits of two classes
+                # interpolated to values 1 ulp apart and broke argmax's ties
+                vs = vs + (tl.fma(hb[k], wy1, ha[k] * wy0),)
         return vs
 
     @triton.jit
@@ -250,12 +253,12 @@ if triton is not None:
         p = xp + co
         v = tl.load(p + (r0 + o0), mask=m, other=0.0).to(acc_ty)
         if TAP2_X:
-            v = v * wx0 + tl.load(p + (r0 + o1), mask=m, other=0.0).to(acc_ty) * wx1
+            v = tl.fma(tl.load(p + (r0 + o1), mask=m, other=0.0).to(acc_ty), wx1, v * wx0)
         if TAP2_Y:
             u = tl.load(p + (r1 + o0), mask=m, other=0.0).to(acc_ty)
             if TAP2_X:
-                u = u * wx0 + tl.load(p + (r1 + o1), mask=m, other=0.0).to(acc_ty) * wx1
-            v = v * wy0 + u * wy1
+                u = tl.fma(tl.load(p + (r1 + o1), mask=m, other=0.0).to(acc_ty), wx1, u * wx0)
+            v = tl.fma(u, wy1, v * wy0)
         return v
 
     @triton.jit
