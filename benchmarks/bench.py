@@ -20,7 +20,7 @@ import time
 import torch
 
 from . import measure, report
-from .cases import (CHANNELS_LAST, CONTIGUOUS, DTYPES, LABEL_DTYPES, LOSSES, PRESETS, PROVIDERS, Unavailable,
+from .cases import (CHANNELS_LAST, CONTIGUOUS, DTYPES, LABEL_DTYPES, LOSSES, PRESETS, PROVIDERS, Unavailable, applies,
                     floor_bytes, grid, has_backward, make_inputs, make_provider, parse_shape)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -139,6 +139,8 @@ class Runner:
                     grad_bytes=case.shape.numel * x.element_size() if backward else None)
         rows, ref, ref_name = [], None, None
         for provider in args.providers:
+            if not applies(provider, case):
+                continue
             progress(case, provider)
             prow = dict(base, provider=provider)
             try:
@@ -297,7 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)), help="comma-separated logits dtypes")
     p.add_argument("--layout", type=_csv_list((CONTIGUOUS, CHANNELS_LAST)), help="memory formats")
     p.add_argument("--provider", type=_csv_list(PROVIDERS), default=list(PROVIDERS),
-                   help="comma-separated providers (default: eager,compile,fused)")
+                   help="comma-separated providers (default: eager,compile,fused,liger; liger: cross_entropy only)")
     p.add_argument("--labels", default="int64", choices=tuple(LABEL_DTYPES), help="label dtype (default int64)")
     p.add_argument("--validate", dest="validate", action="store_true",
                    help="time the eager and fused providers with validate=True: the label-range check, a "

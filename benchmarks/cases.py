@@ -11,7 +11,9 @@ import torch
 
 LOSSES = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
           "cdb_loss", "mse_outlying_loss", "confusion_matrix")
-PROVIDERS = ("eager", "compile", "fused")
+PROVIDERS = ("eager", "compile", "fused", "liger")
+# Other libraries' kernels for one loss, timed beside the package's where they are installed.
+OTHER_PROVIDERS = {"liger": ("cross_entropy",)}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LABEL_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8}
@@ -78,16 +80,14 @@ PRESETS = {
     ("cuda", "quick"): (
         Shape("seg", (4, 19, 512, 1024), F32, CONT),
     ),
-    # Every loss along the sweep in float32, in bfloat16 and channels_last at one size, the
-    # other families for three losses. Every case compiles anew: most of the time is there.
+    # Every loss at Cityscapes size (8 crops of 512×1024) and ADE20K size (16 crops of 512×512),
+    # float32 and bfloat16, NCHW and channels_last; the other families for three losses. Every
+    # case compiles anew: most of the time is there (split a run with --loss and --append).
     ("cuda", "default"): (
-        Shape("seg", (1, 19, 512, 1024), F32, CONT),
-        Shape("seg", (4, 19, 512, 1024), BOTH, CONT),
-        Shape("seg", (4, 19, 512, 1024), F32, CL),
-        Shape("seg", (16, 19, 1024, 2048), F32, CONT),
-        Shape("ade", (8, 150, 512, 512), F32, CONT, losses=SOME),
+        Shape("seg", (8, 19, 512, 1024), BOTH, ALL),
+        Shape("ade", (16, 150, 512, 512), BOTH, ALL),
         Shape("volume", (2, 14, 128, 128, 128), F32, CONT, losses=SOME),
-        Shape("cls", (8192, 8142), F32, CONT, losses=SOME),
+        Shape("cls", (8192, 8142), BOTH, CONT, losses=SOME),
     ),
     ("cuda", "full"): (
         Shape("seg", (1, 19, 512, 1024), BOTH, CONT),
@@ -255,6 +255,32 @@ def fused_backend_name(device):
     return "triton" if torch.device(device).type == "cuda" else "cpp"
 
 
+def applies(provider, case):
+    """Whether ``provider`` computes ``case.loss`` at all (other libraries: one loss each)."""
+    return case.loss in OTHER_PROVIDERS.get(provider, (case.loss,))
+
+
+def _liger(case, device, ignore_index):
+    """Liger-Kernel's cross-entropy, as a user would call it on dense logits: (N, C) rows, so B×C×H×W
+    logits are moved to B·H·W rows first (a copy for NCHW, part of the timed call). Its forward
+    writes the gradient into those rows in place (it needs no buffer for it): on (N, C) logits
+    that is the caller's tensor, whose values the later timed calls then read."""
+    if torch.device(device).type != "cuda":
+        raise Unavailable("Liger-Kernel runs on CUDA only")
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError as e:
+        raise Unavailable(f"Liger-Kernel is not installed ({e})") from None
+    ce = LigerCrossEntropyLoss(ignore_index=ignore_index)
+    C = case.shape.num_classes
+
+    def run(x, target):
+        if x.dim() > 2:
+            x, target = x.movedim(1, -1).reshape(-1, C), target.reshape(-1)
+        return ce(x, target.long()).float()  # its loss has the logits' dtype; the others' is float32
+    return run
+
+
 def make_provider(provider, case, device, validate=False, label_dtype="int64"):
     """A callable ``f(logits, target)`` computing ``case.loss`` with ``provider``.
 
@@ -262,7 +288,8 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64"):
     compile  ``torch.compile(fused_imbalance.reference.<loss>, dynamic=False)``, called with
              ``validate=False``: the label check is a host sync and a graph break, and the
              baseline should be the best a compiler makes of the reference;
-    fused    ``functional.<loss>(..., backend="triton")`` on CUDA, ``backend="cpp"`` on CPU.
+    fused    ``functional.<loss>(..., backend="triton")`` on CUDA, ``backend="cpp"`` on CPU;
+    liger    Liger-Kernel's ``LigerCrossEntropyLoss`` (cross_entropy only, CUDA; see ``_liger``).
 
     ``validate`` (eager and fused; default False): with True, the label-range check runs inside
     the timed call. On a GPU it is a device-to-host sync after the forward kernel: the host waits
@@ -272,6 +299,10 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64"):
     C = case.shape.num_classes
     kwargs = loss_kwargs(case.loss, C, device)
     kwargs["ignore_index"] = ignore_index_for(label_dtype)
+    if not applies(provider, case):
+        raise Unavailable(f"{provider} has no {case.loss}")
+    if provider == "liger":
+        return _liger(case, device, kwargs["ignore_index"])
     if provider == "compile":
         from fused_imbalance import reference
 

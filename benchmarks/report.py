@@ -2,7 +2,9 @@
 import csv
 import os
 
-from .cases import LOSSES, PASSES, PROVIDERS
+from .cases import LOSSES, OTHER_PROVIDERS, PASSES
+
+MAIN = ("eager", "compile", "fused")  # the columns of the main table
 
 FIELDS = ("date", "device", "torch", "triton", "threads", "loss", "family", "shape", "pixels", "classes",
           "dtype", "layout", "labels", "provider", "pass", "status", "ms", "ms_p20", "ms_p80", "reps",
@@ -88,7 +90,7 @@ def _fmt(v, digits=3):
 
 def _triple(rows_by_provider, field, scale=1.0):
     cells = []
-    for p in PROVIDERS:
+    for p in MAIN:
         r = rows_by_provider.get(p)
         if r is None:
             cells.append("—")
@@ -154,6 +156,29 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def other_table(rows):
+    """Other libraries' kernels (OTHER_PROVIDERS) against fused, where the run has them."""
+    lines = []
+    for (loss, shape, dtype, layout, _labels, pass_), by in group_rows(rows):
+        fused = by.get("fused")
+        for p in OTHER_PROVIDERS:
+            r = by.get(p)
+            if r is None:
+                continue
+            lines.append("| " + " | ".join([
+                p, loss, shape, dtype, layout, pass_, _fmt(r.get("ms")), _fmt(fused.get("ms")) if fused else "—",
+                _ratio(r, fused) if fused else "—", _fmt(r.get("pct_copy")) + " %" if r.get("pct_copy") else "—",
+                _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2 ** 20)
+                + " / " + _fmt(None if not fused or fused.get("peak_bytes") is None else fused["peak_bytes"] / 2 ** 20),
+                _short_status(r["status"]) or "ok"]) + " |")
+    if not lines:
+        return None
+    head = ("| kernel | loss | shape | dtype | layout | pass | ms | ms fused | fused vs it | its % of copy "
+            "| peak MiB it / fused | check |")
+    return "Other libraries' kernels on the same cases:\n\n" + "\n".join(
+        [head, "|" + "|".join("---" for _ in range(12)) + "|"] + lines)
+
+
 def notes(rows):
     """Each distinct reason a provider was skipped or failed, once."""
     seen = []
@@ -189,8 +214,9 @@ not timed), could not run (n/a, err), or ran out of memory (OOM)."""
 
 
 def write_markdown(path, env, rows):
-    text = "\n\n".join([header(env), markdown_table(rows), LEGEND] + (["Notes:\n" + "\n".join(notes(rows))]
-                                                                      if notes(rows) else []))
+    other = other_table(rows)
+    text = "\n\n".join([header(env), markdown_table(rows), LEGEND] + ([other] if other else [])
+                       + (["Notes:\n" + "\n".join(notes(rows))] if notes(rows) else []))
     with open(path, "w") as f:
         f.write(text + "\n")
     return text
