@@ -32,6 +32,12 @@ def supports(x):
     return x.is_cuda or (x.device.type == "cpu" and _interpret())
 
 
+def _focal(mode, gamma):
+    """Whether a launch computes focal terms (the FOCAL constexpr): a focal mode with γ ≠ 0."""
+    from . import Mode
+    return gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+
+
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 

@@ -36,7 +36,7 @@ import torch
 
 from . import Mode, fwd_fake, pixel_view
 from ._autograd import register_loss_autograd
-from ._triton_host import (_FLOATS, _acc_dtype, _cdiv, _interpret, _np2,  # noqa: F401
+from ._triton_host import (_FLOATS, _acc_dtype, _cdiv, _focal, _interpret, _np2,  # noqa: F401
                            _on_device, available, supports)
 
 try:
@@ -193,7 +193,7 @@ def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_
     B, C, S, (sb, sc, ss), _ = _geometry(x)
     N = B * S
     has_loss = mode != Mode.STATS
-    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    focal = _focal(mode, gamma)
     empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
     if N == 0:
         return (x.new_zeros(0, dtype=acc), x.new_zeros(C, dtype=acc),
@@ -287,7 +287,7 @@ def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_inde
     gc = grad_class if grad_class is not None else dummy
     gp_stride = grad_pixel.stride(0) if grad_pixel is not None else 0
     gc_stride = grad_class.stride(0) if grad_class is not None else 0
-    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    focal = _focal(mode, gamma)
     with _on_device(x):
         if C <= _STATIC_C:
             rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)

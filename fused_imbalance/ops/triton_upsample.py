@@ -101,7 +101,7 @@ from typing import Optional
 import torch
 
 from . import Mode, fwd_fake  # noqa: F401
-from ._triton_host import _FLOATS, _acc_dtype, _cdiv, _interpret, _np2, _on_device, available, supports  # noqa: F401
+from ._triton_host import _FLOATS, _acc_dtype, _cdiv, _focal, _interpret, _np2, _on_device, available, supports  # noqa: F401
 from .upsample import Interp, register
 
 try:
@@ -117,9 +117,11 @@ except ImportError:  # the package works without triton; this backend is then un
 __all__ = ["available", "supports", "upsample_loss_fwd", "upsample_loss_bwd"]
 
 _CACHE_C = 32  # up to this class count the forward has one class group and cached horizontal rows
-_CACHE_C_F64 = 19  # the same in float64 (12 with the sigmoid focal terms): more spilled, with the argmax
+_CACHE_C_F64 = 19  # the same in float64: more spilled, with the argmax
+_CACHE_C_F64_SIGMOID = 12  # float64 with the sigmoid focal terms
 _FUSED_C = 12  # up to this class count the backward computes the softmax itself (one group): registers
-_FUSED_C_F64 = 8  # the same in float64 (6 with the sigmoid focal terms)
+_FUSED_C_F64 = 8  # the same in float64
+_FUSED_C_F64_SIGMOID = 6  # float64 with the sigmoid focal terms
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the backward's class groups are unrolled; beyond, a loop over groups
 _GROUP = 12  # classes per forward group beyond _CACHE_C: see _class_plan
@@ -871,13 +873,13 @@ class _Geometry:
 def _fwd_cached(C, mode, f64):
     """Whether the forward has one class group with cached horizontal rows (2·C values per thread,
     with the per-thread statistics' 3·C)."""
-    return C <= ((12 if mode == Mode.SIGMOID_FOCAL else _CACHE_C_F64) if f64 else _CACHE_C)
+    return C <= ((_CACHE_C_F64_SIGMOID if mode == Mode.SIGMOID_FOCAL else _CACHE_C_F64) if f64 else _CACHE_C)
 
 
 def _bwd_fused(C, mode, f64):
     """Whether the backward computes the softmax itself, one group of all classes (four accumulators,
     the two taps of two rows and the exponentials of every class per thread)."""
-    return C <= ((6 if mode == Mode.SIGMOID_FOCAL else _FUSED_C_F64) if f64 else _FUSED_C)
+    return C <= ((_FUSED_C_F64_SIGMOID if mode == Mode.SIGMOID_FOCAL else _FUSED_C_F64) if f64 else _FUSED_C)
 
 
 def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
@@ -906,8 +908,8 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
         # in steps of 4 rows; 8 spilled with the argmax (and the softmax focal terms), 12 in the
         # coefficient launch of the softmax focal loss on triton 3.6
         group = 6 if need_am and mode != Mode.STATS else (10 if coef else _GROUP)
-    if not loop:
-        group = _cdiv(C, _cdiv(C, group))  # even groups: 30 classes are 15 + 15
+    if not loop:  # the backward's unrolled groups (the forward's always loop): even groups, 30 classes are 15 + 15
+        group = _cdiv(C, _cdiv(C, group))
     return group, loop, False
 
 
@@ -1016,7 +1018,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
             conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
                                dtype=torch.int32 if conf_mode == 1 else torch.int64)
     tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
-    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    focal = _focal(mode, gamma)
     if is_coef:
         a, lse, q = coef
     elif store_lse is not None:  # lse, then with γ != 0 the focal weight (q_ptr)
@@ -1088,7 +1090,7 @@ def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, ga
     t = target.reshape(-1).contiguous()
     grad = torch.empty_like(x)  # the shape, dtype and memory format of x
     dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-    focal = gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
+    focal = _focal(mode, gamma)
     group, loop, cache = _class_plan(C, mode, acc == torch.float64, bwd=True)
     pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
     if lse_fwd is not None and (not pre or mode != Mode.SOFTMAX_FOCAL):
