@@ -151,13 +151,19 @@ def _reduce(pixel, class_loss, count, w, target, ignore_index, reduction, mean_o
         valid = (y != ignore_index) & (y >= 0) & (y < C)
         wy = torch.where(valid, w.gather(0, y.clamp(0, C - 1)), torch.zeros_like(pixel))
         return (pixel * wy).view(target.shape)  # pixel is 0 where not valid
+    if w is None:
+        total = class_loss.sum()
+        if reduction == "sum":
+            return total
+        # the integer count, exact, rounded once; 0 valid pixels: total is 0, and so is the mean.
+        # Four small ops (each a launch on a GPU, where the host's time is most of a small loss's)
+        return total / count.sum().clamp(min=1).to(total.dtype)
     present = count > 0
-    total = class_loss.sum() if w is None else torch.where(present, w * class_loss,
-                                                             torch.zeros_like(class_loss)).sum()
+    total = torch.where(present, w * class_loss, torch.zeros_like(class_loss)).sum()
     if reduction == "sum":
         return total
     n = count.to(torch.float64)
-    if mean_over_weights and w is not None:
+    if mean_over_weights:
         wn = w.to(torch.float64) * n
         denom = torch.where(present, wn, torch.zeros_like(wn)).sum()
     else:
