@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent CUDA machine (torch and triton preinstalled, no package registry): install the
+# One run on a CUDA machine with torch and triton preinstalled and no package index: install the
 # package there, print the versions and the GPU, then run one stage. Everything goes under $OUT.
 #   OUT=/tmp/o bash scripts/gpu_session.sh tests      # the whole suite, real CUDA kernels
 #   OUT=/tmp/o bash scripts/gpu_session.sh bench ARGS # python -m benchmarks.bench ARGS --out $OUT/bench
