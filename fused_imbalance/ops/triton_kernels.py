@@ -275,7 +275,7 @@ def _fwd_chunked_kernel(
     num_tiles,  # pixel tiles in all
     stride_b, stride_c, stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
-    gamma, gamma64: tl.float64,  # focal exponent (two types, see _fwd_chunked_kernel)
+    gamma, gamma64: tl.float64,  # focal exponent, twice (see _gamma)
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_PL: tl.constexpr,  # write the per-pixel loss
@@ -287,12 +287,7 @@ def _fwd_chunked_kernel(
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
     acc_ty = pl_ptr.dtype.element_ty
-    # γ twice: a Python float argument is float32 in a plain launch (γ = 0.999 off by 1e-8 for
-    # float64 logits) and float64 in an Inductor-compiled graph (where float32 kernels then
-    # promoted their sums to float64 and failed to compile). float64 kernels take gamma64,
-    # annotated float64 for both; the others round gamma once to their accumulation type (a no-op
-    # in a plain launch: a float64 parameter costs float32 kernels a register, and spilled two).
-    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
+    gamma = _gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NEED_AM: tl.constexpr = NEED_TP or CONF
@@ -480,7 +475,7 @@ def _bwd_chunked_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc_ty = tv_ptr.dtype.element_ty
-    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
+    gamma = _gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
     for t in range(pid, num_tiles, tl.num_programs(0)):
@@ -559,6 +554,18 @@ def _i64(v):
     """``v`` (an integer argument, possibly specialised to a constant) as an int64 scalar, so that
     ``k * v`` cannot overflow 32 bits."""
     return v + tl.zeros([], tl.int64)
+
+
+@triton.jit
+def _gamma(gamma, gamma64, acc_ty: tl.constexpr):
+    """γ in the accumulation type. Every kernel takes it twice: a Python float argument is float32
+    in a plain launch (γ = 0.999 off by 1e-8 for float64 logits) and float64 in an Inductor-compiled
+    graph (where float32 kernels then promoted their sums to float64 and failed to compile).
+    float64 kernels take gamma64, annotated float64 for both; the others round gamma once (a no-op
+    in a plain launch: a float64 parameter costs float32 kernels a register, and spilled two).
+    Through tl.full in both cases: the interpreter reads an annotated float64 argument as float32
+    in arithmetic."""
+    return tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
 
 
 @triton.jit
@@ -745,7 +752,7 @@ def _fwd_static_kernel(
     num_tiles,  # pixel tiles in all
     stride_b, stride_c, stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
-    gamma, gamma64: tl.float64,  # focal exponent (two types, see _fwd_chunked_kernel)
+    gamma, gamma64: tl.float64,  # focal exponent, twice (see _gamma)
     C: tl.constexpr,  # classes
     GROUP: tl.constexpr,  # classes per group (max/exp passes of the softmax)
     LOOP: tl.constexpr,  # a loop over the groups (large C); otherwise all unrolled
@@ -759,7 +766,7 @@ def _fwd_static_kernel(
     VEC: tl.constexpr,  # consecutive pixels per thread and row
 ):
     acc_ty = pl_ptr.dtype.element_ty
-    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
+    gamma = _gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NEED_AM: tl.constexpr = NEED_TP or CONF > 0
@@ -872,7 +879,7 @@ def _bwd_static_kernel(
     unrolled pass that recomputes each class's p_k from its logit and stores the gradient
     (with C <= GROUP the logits are still in registers; beyond, the re-read hits the cache)."""
     acc_ty = tv_ptr.dtype.element_ty
-    gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
+    gamma = _gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
     sc = _i64(stride_c)

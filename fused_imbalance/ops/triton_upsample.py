@@ -109,7 +109,7 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _counts_in_memory, _focal_coef, _i64, _labels, _lse,
+    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _counts_in_memory, _focal_coef, _gamma, _i64, _labels, _lse,
                                  _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -421,7 +421,7 @@ if triton is not None:
         BLOCK_X: tl.constexpr,  # output columns per program, one per thread
     ):
         acc_ty = pl_ptr.dtype.element_ty
-        gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
+        gamma = _gamma(gamma, gamma64, acc_ty)
         pid = tl.program_id(0)
         xb = pid % xblocks
         band = (pid // xblocks) % bands
@@ -796,7 +796,7 @@ if triton is not None:
         BLOCK_X: tl.constexpr,  # lanes: low-resolution columns (one of them a halo on a two-tap axis)
     ):
         acc_ty = tv_ptr.dtype.element_ty
-        gamma = tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
+        gamma = _gamma(gamma, gamma64, acc_ty)
         pid = tl.program_id(0)
         xb = pid % xblocks
         band = (pid // xblocks) % bands
