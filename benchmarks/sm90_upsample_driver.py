@@ -143,11 +143,13 @@ def _bwd_trips(launch):
         spans.append(_cdiv(max(cols_seg[lo:hi]), TJ))
     rows = 0  # low-resolution rows walked per image and column block, halos included
     ysteps = 0
+    empty = 0  # of them, rows without output rows (a downsampled axis)
     for band in range(bands):
         ya, yb = band * R, min(band * R + R, h)
         ys = max(ya - 1, 0) if k["TAP2_Y"] else ya
         rows += yb - ys
         ysteps += sum(_cdiv(rows_seg[y], TY) for y in range(ys, yb))
+        empty += sum(rows_seg[y] == 0 for y in range(ys, yb))
     programs = B * xblocks * bands
     total_rows = B * xblocks * rows
     jsteps = sum(spans) / xblocks
@@ -156,7 +158,10 @@ def _bwd_trips(launch):
         # the loop over full groups around the walk, then the walk of the last C % GROUP classes (if any)
         nest = [programs * (k["C"] // k["GROUP"]), rows / bands, jsteps, ysteps / rows]
         if k["C"] % k["GROUP"]:
-            loops = [[nest[0], total_rows], [nest[1], jsteps], [nest[2], ysteps / rows], [nest[3]]]
+            # in the last classes' walk the compiler (triton 3.9) unswitches the column steps on an empty row
+            # segment: a second, empty column loop after the first, walked only in rows without output rows
+            loops = [[nest[0], total_rows], [nest[1], jsteps, jsteps * empty / rows], [nest[2], ysteps / rows],
+                     [nest[3]]]
         else:
             loops = nest
     return {"loops": loops}
