@@ -8,6 +8,7 @@
 #   SETUP_ONLY=1 bash scripts/...             # set up, run no test (scripts/setup_and_bench.sh)
 #   SM90_COMPILE=0 bash scripts/...           # leave out tests/test_sm90_compile.py (compile-only sm_90
 #                                             # checks: 5-8 minutes of one core on an empty Triton cache)
+#   TEST_WORKERS=1 bash scripts/...           # pytest workers (default: auto, one per core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,7 +25,7 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install --quiet "${TRITON_SPEC:-triton}" "${SETUPTOOLS_SPEC:-setuptools}" wheel ninja pybind11 pytest pytest-benchmark hypothesis numpy
+python -m pip install --quiet "${TRITON_SPEC:-triton}" "${SETUPTOOLS_SPEC:-setuptools}" wheel ninja pybind11 pytest pytest-xdist pytest-benchmark hypothesis numpy
 # triton < 3.8's interpreter (TRITON_INTERPRET=1) calls int() on one-element arrays, which numpy >= 2.4 rejects.
 if python -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 8))"; then
   python -m pip install --quiet "numpy<2.4"
@@ -52,7 +53,8 @@ if [ "${SM90_COMPILE:-1}" = 1 ]; then
 else
   extra=(--ignore tests/test_sm90_compile.py)
 fi
+# One pytest worker per core (pytest-xdist): the interpreted Triton kernels keep a process on one core.
 rc=0
-python -m pytest tests -q -ra ${extra[@]+"${extra[@]}"} "$@" || rc=$?
+python -m pytest tests -q -ra -n "${TEST_WORKERS:-auto}" ${extra[@]+"${extra[@]}"} "$@" || rc=$?
 [ -z "$warm" ] || wait "$warm" || true
 exit "$rc"
