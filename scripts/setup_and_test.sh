@@ -43,18 +43,21 @@ if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1
   export TRITON_INTERPRET=1
 fi
 export FUSED_IMBALANCE_REQUIRE_BACKENDS=${FUSED_IMBALANCE_REQUIRE_BACKENDS:-cpp,triton}
+# One pytest worker per core (pytest-xdist): the interpreted Triton kernels keep a process on one core;
+# worksteal: an idle worker takes the tests queued behind a long one (the sm_90 compile run).
+workers=${TEST_WORKERS:-auto}
 # tests/test_sm90_compile.py compiles 81 kernels for sm_90 with ptxas: 5-8 minutes of one core on an
-# empty Triton cache. Fill the cache beside the suite, so that the test finds it warm.
+# empty Triton cache. With one worker, fill the cache beside the suite, so that the test finds it warm
+# (with more, one worker compiles while the others go on).
 warm=
 extra=()
-if [ "${SM90_COMPILE:-1}" = 1 ]; then
+if [ "${SM90_COMPILE:-1}" != 1 ]; then
+  extra=(--ignore tests/test_sm90_compile.py)
+elif [ "$workers" = 1 ]; then
   (env -u TRITON_INTERPRET python tests/sm90_compile.py > /dev/null 2>&1 || true) &
   warm=$!
-else
-  extra=(--ignore tests/test_sm90_compile.py)
 fi
-# One pytest worker per core (pytest-xdist): the interpreted Triton kernels keep a process on one core.
 rc=0
-python -m pytest tests -q -ra -n "${TEST_WORKERS:-auto}" ${extra[@]+"${extra[@]}"} "$@" || rc=$?
+python -m pytest tests -q -ra -n "$workers" --dist worksteal ${extra[@]+"${extra[@]}"} "$@" || rc=$?
 [ -z "$warm" ] || wait "$warm" || true
 exit "$rc"

@@ -41,7 +41,7 @@ def report():
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_every_kernel_compiles(report):
+def _every_kernel_compiles(report):
     kernels = {r["kernel"] for r in report if not r["kernel"].startswith("_up_")}
     assert kernels == {"_fwd_static_kernel", "_bwd_static_kernel", "_fwd_chunked_kernel",
                        "_bwd_chunked_kernel", "_class_sum_kernel"}
@@ -57,7 +57,7 @@ def test_every_kernel_compiles(report):
     assert {c["SINGLE"] for c in chunked} == {"True", "False"}
 
 
-def test_no_spills(report):
+def _no_spills(report):
     spilling = [r for r in report if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, json.dumps(spilling, indent=1)
     assert all(r["registers"] <= 255 for r in report)
@@ -65,9 +65,9 @@ def test_no_spills(report):
 
 # --- the upsampled ops (UPSAMPLE_VARIANTS of sm90_compile.py) -----------------------------------
 
-def test_upsample_kernels_compile(report):
+def _upsample_kernels_compile(report):
     """Both upsampled kernels, each class plan (cached rows; groups in a loop with the coefficient
-    launch or, cross-entropy, the forward's lse), one- and two-tap axes; no spills (test_no_spills)."""
+    launch or, cross-entropy, the forward's lse), one- and two-tap axes; no spills (_no_spills)."""
     fwd = [r["constexprs"] for r in report if r["kernel"] == "_up_fwd_kernel"]
     bwd = [r["constexprs"] for r in report if r["kernel"] == "_up_bwd_kernel"]
     assert fwd and bwd
@@ -76,3 +76,11 @@ def test_upsample_kernels_compile(report):
     assert {c["TAP2_X"] for c in bwd} == {"True", "False"}
     assert {c["PRE"] for c in bwd} == {"0", "1", "2"}  # the softmax in the pass, the coefficients, the lse
     assert all(r["spill_stores"] == r["spill_loads"] == 0 for r in report if r["kernel"].startswith("_up_"))
+
+
+def test_sm90_compile(report):
+    """The three checks in one test, so that the compile run (the module's fixture) happens once also
+    under pytest-xdist, which runs a module fixture in every worker that gets one of its tests."""
+    _every_kernel_compiles(report)
+    _no_spills(report)
+    _upsample_kernels_compile(report)
