@@ -14,6 +14,7 @@ LOSSES = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_l
 PROVIDERS = ("eager", "compile", "fused", "liger")
 # Other libraries' kernels for one loss, timed beside the package's where they are installed.
 OTHER_PROVIDERS = {"liger": ("cross_entropy",)}
+OWN_PROVIDERS = tuple(p for p in PROVIDERS if p not in OTHER_PROVIDERS)  # the package's: every loss
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LABEL_DTYPES = {"int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8}

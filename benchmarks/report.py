@@ -2,9 +2,7 @@
 import csv
 import os
 
-from .cases import LOSSES, OTHER_PROVIDERS, PASSES
-
-MAIN = ("eager", "compile", "fused")  # the columns of the main table
+from .cases import LOSSES, OTHER_PROVIDERS, OWN_PROVIDERS, PASSES
 
 FIELDS = ("date", "device", "torch", "triton", "threads", "loss", "family", "shape", "pixels", "classes",
           "dtype", "layout", "labels", "provider", "pass", "status", "ms", "ms_p20", "ms_p80", "reps",
@@ -90,7 +88,7 @@ def _fmt(v, digits=3):
 
 def _triple(rows_by_provider, field, scale=1.0):
     cells = []
-    for p in MAIN:
+    for p in OWN_PROVIDERS:  # the columns of the main table
         r = rows_by_provider.get(p)
         if r is None:
             cells.append("—")

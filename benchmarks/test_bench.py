@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from .bench import _compare, _step, load_tolerances
-from .cases import (CONTIGUOUS, DTYPES, LOSSES, OTHER_PROVIDERS, PASSES, PROVIDERS, Case, Shape, Unavailable, has_backward,
+from .cases import (CONTIGUOUS, DTYPES, LOSSES, OWN_PROVIDERS, PASSES, Case, Shape, Unavailable, has_backward,
                     make_inputs, make_provider)
 
 pytest.importorskip("pytest_benchmark")
@@ -50,7 +50,7 @@ def _sync(fn):
 
 
 @pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p not in OTHER_PROVIDERS])  # the package's own
+@pytest.mark.parametrize("provider", OWN_PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.loss)
 def test_loss(benchmark, case, provider, pass_):
     backward = has_backward(case.loss)
