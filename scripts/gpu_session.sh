@@ -15,18 +15,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+t0=$SECONDS  # the stages' times below count from here (set -u: also with SKIP_INSTALL=1)
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-{
-  date -u; nvidia-smi; nvcc --version | tail -2
-  $PY -c "import sys, torch, triton; p = torch.cuda.get_device_properties(0); print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', p.name, p.multi_processor_count, 'SMs')"
-} 2>&1 | tee "$OUT/env.txt"
-t0=$SECONDS
-# Build for the GPU in hand only (TORCH_CUDA_ARCH_LIST), with every core.
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
-  $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/install.log" 2>&1 \
-  || { tail -40 "$OUT/install.log"; exit 1; }
+  {
+    date -u; nvidia-smi; nvcc --version | tail -2
+    $PY -c "import sys, torch, triton; p = torch.cuda.get_device_properties(0); print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', p.name, p.multi_processor_count, 'SMs')"
+  } 2>&1 | tee "$OUT/env.txt"
+  # Build for the GPU in hand only (TORCH_CUDA_ARCH_LIST), with every core.
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
+    $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/install.log" 2>&1 \
+    || { tail -40 "$OUT/install.log"; exit 1; }
   $PY -c "from fused_imbalance.ops import cpp; print('C++ backend built:', cpp.available())" 2>&1 | tee -a "$OUT/env.txt"
-echo "install: $((SECONDS - t0)) s"
+  echo "install: $((SECONDS - t0)) s"
 fi
 stage=${1:-tests}; shift || true
 case "$stage" in
