@@ -53,7 +53,7 @@ warm=
 extra=()
 if [ "${SM90_COMPILE:-1}" != 1 ]; then
   extra=(--ignore tests/test_sm90_compile.py)
-elif [ "$workers" = 1 ]; then
+elif [ "$workers" = 1 ] || [ "$workers" = 0 ]; then  # one process (0: pytest-xdist off)
   (env -u TRITON_INTERPRET python tests/sm90_compile.py > /dev/null 2>&1 || true) &
   warm=$!
 fi
