@@ -75,7 +75,6 @@ def _upsample_kernels_compile(report):
     assert {c["REG_STATS"] for c in fwd} == {"True", "False"}
     assert {c["TAP2_X"] for c in bwd} == {"True", "False"}
     assert {c["PRE"] for c in bwd} == {"0", "1", "2"}  # the softmax in the pass, the coefficients, the lse
-    assert all(r["spill_stores"] == r["spill_loads"] == 0 for r in report if r["kernel"].startswith("_up_"))
 
 
 def test_sm90_compile(report):
