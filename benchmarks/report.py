@@ -280,7 +280,7 @@ def write_plots(out_dir, env, rows):
     fig, axes = plt.subplots(1, len(passes), figsize=(5.5 * len(passes), 4.5), squeeze=False)
     for ax, pass_ in zip(axes[0], passes):
         for loss in LOSSES:
-            for provider in ("eager", "compile", "fused"):
+            for provider in OWN_PROVIDERS:
                 pts = series(provider, loss, pass_)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1]["gbps"] for p in pts], styles[provider], marker="o",
