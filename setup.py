@@ -2,10 +2,10 @@
 
     pip install --no-build-isolation -e .
 
-The CPU kernels are always built; the CUDA kernels too when torch has CUDA and a CUDA toolkit
-is installed, unless FUSED_IMBALANCE_CUDA=0 (csrc/build_config.py, shared with the JIT build
-of fused_imbalance/ops/cpp.py). --no-build-isolation builds against the torch already
-installed, which is the torch the extension must match.
+The extension holds the CPU kernels (the GPU kernels are Triton, compiled at run time): it
+builds with a C++ compiler alone, from the sources and flags of csrc/build_config.py, shared
+with the JIT build of fused_imbalance/ops/cpp.py. --no-build-isolation builds against the
+torch already installed, which is the torch the extension must match.
 """
 import os
 import sys
@@ -16,14 +16,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
 import build_config  # noqa: E402
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
-cuda = build_config.with_cuda()
-build_config.set_cuda_arch_list(cuda)  # a CUDA torch with no visible GPU cannot detect the architectures
-extension = (CUDAExtension if cuda else CppExtension)(
+extension = CppExtension(
     "fused_imbalance._C",
-    sources=[os.path.relpath(s, ROOT) for s in build_config.sources(cuda)],  # setuptools wants relative paths
-    extra_compile_args={"cxx": build_config.cxx_flags(), "nvcc": build_config.cuda_flags()},
+    sources=[os.path.relpath(s, ROOT) for s in build_config.sources()],  # setuptools wants relative paths
+    extra_compile_args={"cxx": build_config.cxx_flags()},
     extra_link_args=build_config.link_flags(),
 )
 

@@ -1,5 +1,8 @@
 """How fused_imbalance._C is built: the one source of truth for setup.py (ahead of time) and
 fused_imbalance/ops/cpp.py (JIT on first use), so both compile the same sources the same way.
+
+The extension is C++ for the CPU only (the GPU kernels are Triton): it needs no CUDA toolkit, and
+its build does not depend on whether one, or a GPU, is present.
 """
 import os
 import sys
@@ -7,57 +10,8 @@ import sys
 CSRC = os.path.dirname(os.path.abspath(__file__))
 
 
-# Architectures of the CUDA kernel when no GPU is visible to detect them from: Ampere, Ada and
-# Hopper, with PTX for newer GPUs (the JIT compiles it there). TORCH_CUDA_ARCH_LIST overrides it.
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
-
-
-def with_cuda():
-    """Build the CUDA kernels: torch has CUDA, a toolkit is installed, and the user did not
-    set FUSED_IMBALANCE_CUDA=0. Whether a GPU is visible does not decide it (build machines
-    often have none); it only decides the architectures (:func:`set_cuda_arch_list`)."""
-    if os.environ.get("FUSED_IMBALANCE_CUDA", "1") == "0":
-        return False
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return torch.version.cuda is not None and toolkit_complete(CUDA_HOME)
-
-
-def toolkit_complete(cuda_home):
-    """A CUDA toolkit the extension can be built and linked with: headers and libcudart.
-
-    torch takes the directory above the first nvcc on PATH as the toolkit; an nvcc linked into
-    /usr/local/bin makes that /usr/local, where neither is, and the link then fails
-    (-lcudart). Such a half toolkit builds the CPU part only (set CUDA_HOME to use it)."""
-    if not cuda_home:
-        return False
-    header = os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h"))
-    libs = [os.path.join(cuda_home, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
-    cudart = any(os.path.isdir(d) and any(f.startswith("libcudart") for f in os.listdir(d)) for d in libs)
-    return header and cudart
-
-
-def set_cuda_arch_list(cuda):
-    """Give torch's CUDA build its target architectures when no GPU is visible.
-
-    Without TORCH_CUDA_ARCH_LIST, torch derives the -gencode flags from the visible GPUs, and
-    with a CUDA build of torch and none visible that detection fails. Then the build targets
-    DEFAULT_CUDA_ARCHS. A set TORCH_CUDA_ARCH_LIST, or a visible GPU, is left to torch.
-    Returns the list it set, or None.
-    """
-    if not cuda or os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return None
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    return DEFAULT_CUDA_ARCHS
-
-
-def sources(cuda):
-    srcs = [
+def sources():
+    return [
         os.path.join(CSRC, "fused_imbalance.cpp"),
         os.path.join(CSRC, "cpu", "loss_cpu.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels.cpp"),
@@ -65,9 +19,6 @@ def sources(cuda):
         os.path.join(CSRC, "cpu", "loss_kernels_avx512.cpp"),
         os.path.join(CSRC, "cpu", "upsample_cpu.cpp"),
     ]
-    if cuda:
-        srcs.append(os.path.join(CSRC, "cuda", "class_stats.cu"))
-    return srcs
 
 
 def cxx_flags():
@@ -81,10 +32,6 @@ def cxx_flags():
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")
     return flags
-
-
-def cuda_flags():
-    return ["-O3"]
 
 
 def link_flags():

@@ -1,55 +1,74 @@
-// Operator schemas of the fused_imbalance extension (fused_imbalance._C), declared once;
-// the CPU kernels register in csrc/cpu/, the CUDA kernels in csrc/cuda/.
+// Operator schemas of the fused_imbalance extension (fused_imbalance._C), declared once; the CPU
+// kernels register in csrc/cpu/. The module also exposes the same functions to Python directly:
+// an eager call runs them without the dispatcher's Python layers, a torch.compile graph calls the
+// registered ops; both run the same code, so they give bit-identical results.
 //
 // The Triton ops live in the same namespace but are defined from Python with
 // torch.library, which always opens a FRAGMENT; a single TORCH_LIBRARY definition here
 // coexists with those in either import order.
-#include <Python.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "cpu/loss_kernels.h"
 
-extern "C" {
-// `import fused_imbalance._C` loads this shared library so that the static initialisers
-// below register the ops; the module itself is empty.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+namespace fused_imbalance {
+namespace cpu {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_loss_fwd_cpu(
+    const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight, const std::optional<Tensor>& tvals,
+    const std::optional<Tensor>& confusion, int64_t mode, double gamma, int64_t ignore_index, int64_t reduction,
+    int64_t weighting, bool need_tp, bool validate, bool need_lse);
+Tensor cpp_loss_bwd_cpu(const Tensor& x, const Tensor& target, const std::optional<Tensor>& grad,
+                        const std::optional<Tensor>& scale, const std::optional<Tensor>& tvals,
+                        const std::optional<Tensor>& lse, int64_t mode, double gamma, int64_t ignore_index);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
+    const Tensor& x, const Tensor& target, int64_t interp, bool align_corners, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& tvals, const std::optional<Tensor>& confusion, int64_t mode, double gamma,
+    int64_t ignore_index, int64_t reduction, int64_t weighting, bool need_tp, bool validate, bool need_lse);
+Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target, int64_t interp, bool align_corners,
+                                 const std::optional<Tensor>& grad, const std::optional<Tensor>& scale,
+                                 const std::optional<Tensor>& tvals, const std::optional<Tensor>& lse, int64_t mode,
+                                 double gamma, int64_t ignore_index);
+
+}  // namespace cpu
+}  // namespace fused_imbalance
 
 TORCH_LIBRARY(fused_imbalance, m) {
-  // The fused loss ops of fused_imbalance/ops/__init__.py. They mutate no argument (the
-  // confusion counts are an output), so autograd registers through the public
-  // torch.library.register_autograd.
+  // The fused loss ops of fused_imbalance/ops/__init__.py (the contract is documented there). The
+  // only argument they mutate is the caller's confusion matrix; autograd is the Python package's.
   m.def(
-      "cpp_loss_fwd(Tensor x, Tensor target, int loss_mode, float gamma, Tensor? tvals, "
-      "int ignore_index, bool need_pixel_loss, bool need_tp, bool need_confusion) "
+      "cpp_loss_fwd(Tensor x, Tensor target, Tensor? weight, Tensor? tvals, Tensor(a!)? confusion, int loss_mode, "
+      "float gamma, int ignore_index, int reduction, int weighting, bool need_tp, bool validate, bool need_lse) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpp_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
-      "int loss_mode, float gamma, Tensor? tvals, int ignore_index) -> Tensor");
-  // Per-class statistics alone (count, tp, bad and, when asked, this pass's (C, C) confusion
-  // counts): the argmax pass of a metric, on CPU and, when built with CUDA, on the GPU.
-  m.def(
-      "cpp_class_stats(Tensor x, Tensor target, int ignore_index, bool need_confusion) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "cpp_loss_bwd(Tensor x, Tensor target, Tensor? grad, Tensor? scale, Tensor? tvals, Tensor? lse, "
+      "int loss_mode, float gamma, int ignore_index) -> Tensor");
   // The loss of low-resolution logits x (B, C, h, w) against labels target (B, H, W): that of
   // F.interpolate(x, size=(H, W), mode, align_corners) without the interpolated tensor.
-  // interp: 0 nearest, 1 bilinear. Outputs and flags as cpp_loss_fwd's, plus lse: with need_lse
-  // and the softmax focal mode, the log-sum-exp of each pixel's interpolated logits (B·H·W,),
-  // which the backward takes (lse) in place of recomputing it; else (0,).
+  // interp: 0 nearest, 1 bilinear. The rest as the plain ops'; lse: with need_lse and the softmax
+  // focal mode, each pixel's log-sum-exp of its interpolated logits (B·H·W,), else (0,).
   m.def(
-      "cpp_upsample_loss_fwd(Tensor x, Tensor target, int interp, bool align_corners, int loss_mode, "
-      "float gamma, Tensor? tvals, int ignore_index, bool need_pixel_loss, bool need_tp, "
-      "bool need_confusion, bool need_lse=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "cpp_upsample_loss_fwd(Tensor x, Tensor target, int interp, bool align_corners, Tensor? weight, "
+      "Tensor? tvals, Tensor(a!)? confusion, int loss_mode, float gamma, int ignore_index, int reduction, "
+      "int weighting, bool need_tp, bool validate, bool need_lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpp_upsample_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
-      "int interp, bool align_corners, int loss_mode, float gamma, Tensor? tvals, int ignore_index, "
-      "Tensor? lse=None) -> Tensor");
+      "cpp_upsample_loss_bwd(Tensor x, Tensor target, int interp, bool align_corners, Tensor? grad, Tensor? scale, "
+      "Tensor? tvals, Tensor? lse, int loss_mode, float gamma, int ignore_index) -> Tensor");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });
+}
+
+// The eager entry points: the same functions as the ops above, called from Python through pybind11
+// (a few hundred nanoseconds) instead of the dispatcher's Python path (several microseconds).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace cpu = fused_imbalance::cpu;
+  m.def("loss_fwd", &cpu::cpp_loss_fwd_cpu);
+  m.def("loss_bwd", &cpu::cpp_loss_bwd_cpu);
+  m.def("upsample_loss_fwd", &cpu::cpp_upsample_loss_fwd_cpu);
+  m.def("upsample_loss_bwd", &cpu::cpp_upsample_loss_bwd_cpu);
 }

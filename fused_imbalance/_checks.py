@@ -5,15 +5,25 @@ import numbers
 
 import torch
 
-LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+from .ops import FLOAT_DTYPES as LOGIT_DTYPES
+from .ops import LABEL_DTYPES, acc_dtype
+
 REDUCTIONS = ("mean", "sum", "none")
 LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
 
 
-def acc_dtype(logits):
-    """float64 arithmetic for float64 logits, float32 for everything else."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+def as_index(value, name):
+    """An integer argument as torch takes one (``F.cross_entropy``'s ``ignore_index``, ``F.one_hot``'s
+    ``num_classes``): a Python int, a numpy integer, or a 0-dim integer tensor (read once: for a tensor
+    on a GPU that is a sync, as in torch), returned as a Python int. Booleans and floats are refused."""
+    if type(value) is int:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
+            return int(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        return int(value)
+    raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def check_types(logits, target):
@@ -27,6 +37,7 @@ def check_types(logits, target):
 
 
 def check_inputs(logits, target, ignore_index, reduction="mean"):
+    """The shared checks of logits, target and options; returns ``ignore_index`` as a Python int."""
     check_types(logits, target)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, C) or (B, C, d1, ..., dk), got shape {tuple(logits.shape)}")
@@ -41,21 +52,39 @@ def check_inputs(logits, target, ignore_index, reduction="mean"):
                "or 'nearest'" if logits.dim() == 4 and target.dim() == 3 else ""))
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    check_options(ignore_index, reduction)
+    return check_options(ignore_index, reduction)
 
 
 def check_options(ignore_index=-100, reduction="mean"):
-    """The ``ignore_index`` and ``reduction`` every loss and module takes."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
+    """The ``ignore_index`` and ``reduction`` every loss and module takes; returns ``ignore_index`` as
+    a Python int (:func:`as_index`)."""
+    ignore_index = as_index(ignore_index, "ignore_index")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return ignore_index
 
 
 def check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    """A positive class count (:func:`as_index`: numpy integers too), as a Python int."""
+    try:
+        n = as_index(num_classes, "num_classes")
+    except TypeError:
+        n = None
+    if n is None or n < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
+    return n
+
+
+def check_range(values, lo, hi, message):
+    """Every element of ``values`` in [lo, hi] (NaN fails): a ``ValueError(message)`` at once for CPU
+    tensors, deferred for device tensors (no host sync in a training step: :mod:`._deferred`)."""
+    ok = ((values >= lo) & (values <= hi)).all()
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        from . import _deferred
+        _deferred.flag(ok, message)
 
 
 def check_loss_type(loss_type):

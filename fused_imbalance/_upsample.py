@@ -17,8 +17,6 @@ from ._checks import check_types
 from .ops.upsample import Interp
 
 MODES = ("bilinear", "nearest")
-# The fused backends that implement the upsampled ops.
-_FUSED = ("cpp", "triton")
 
 
 class Resize(NamedTuple):
@@ -32,9 +30,12 @@ class Resize(NamedTuple):
 
 
 def check_options(upsample, align_corners):
-    """The ``upsample`` and ``align_corners`` options alone (modules check them at construction)."""
+    """The ``upsample`` and ``align_corners`` options alone (modules check them at construction).
+    ``align_corners=None`` is False, as in ``F.interpolate`` (where None is the default)."""
+    if align_corners is None:
+        align_corners = False
     if not isinstance(align_corners, bool):
-        raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
+        raise TypeError(f"align_corners must be a bool or None, got {align_corners!r}")
     if upsample is None:
         if align_corners:
             raise ValueError("align_corners=True needs upsample='bilinear'")
@@ -52,6 +53,7 @@ def check(logits, target, upsample, align_corners, ignore_index=-100, reduction=
     check_options(upsample, align_corners)
     if upsample is None:
         return None
+    align_corners = bool(align_corners)
     check_types(logits, target)
     if logits.dim() != 4:
         raise ValueError(f"upsample needs 2-D images: logits (B, C, h, w), got shape {tuple(logits.shape)} "
@@ -69,34 +71,6 @@ def check(logits, target, upsample, align_corners, ignore_index=-100, reduction=
     return Resize(upsample, align_corners, (int(target.shape[1]), int(target.shape[2])))
 
 
-def backend(name, requested):
-    """The backend that runs an upsampled call, given the one ``resolve_backend`` chose.
-
-    A fused backend without the upsampled ops: ``"auto"`` takes the reference (correct, but it
-    materialises the interpolated logits), an explicit request is an error.
-    """
-    if name == "reference" or name in _FUSED:
-        return name
-    if requested is None:
-        requested = os.environ.get("FUSED_IMBALANCE_BACKEND", "auto")
-    if requested == "auto":
-        return "reference"
-    raise NotImplementedError(f"the {name!r} backend does not implement upsample: use backend='cpp' (CPU), "
-                              f"'triton', 'reference', or upsample=None with logits already interpolated")
-
-
 def reference_logits(logits, rs):
     """The interpolated logits the reference backend computes the loss of."""
     return _ref.upsampled(logits, rs.size, rs.mode, rs.align_corners)
-
-
-def forward(module, rs, logits, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-            need_confusion):
-    """The backend module's upsampled forward op: (pixel_loss, class_loss, count, tp, bad, confusion).
-
-    When autograd will differentiate the call, the op also keeps each pixel's log-sum-exp for the
-    backward (ops/upsample.py: ``need_lse``); it is not returned here."""
-    need_lse = torch.is_grad_enabled() and logits.requires_grad
-    out = module.upsample_loss_fwd(logits, target, rs.interp, rs.align_corners, int(mode), float(gamma), tvals,
-                                   ignore_index, need_pixel_loss, need_tp, need_confusion, need_lse)
-    return out[:6]

@@ -19,10 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import functional
+from . import _deferred, functional
 from ._checks import check_num_classes, check_options, dist_ready
 
 __all__ = ["ConfusionMatrix"]
+
+
+def _bad_pair(bad, values):
+    """(count, largest) of the flagged values: what a deferred label check names."""
+    low = torch.full_like(values, torch.iinfo(torch.int64).min)
+    return torch.stack([bad.sum(), torch.where(bad, values, low).max()])
 
 
 def _ratio(num, den):
@@ -46,10 +52,8 @@ class ConfusionMatrix(nn.Module):
 
     def __init__(self, num_classes, ignore_index=-100, backend=None):
         super().__init__()
-        check_num_classes(num_classes)
-        check_options(ignore_index)
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.num_classes = check_num_classes(num_classes)
+        self.ignore_index = check_options(ignore_index)
         self.backend = backend
         self.register_buffer("matrix", torch.zeros(num_classes, num_classes, dtype=torch.int64))
         # sync() adds the other ranks' counts into `matrix`: a second sync(), or an update()
@@ -66,7 +70,8 @@ class ConfusionMatrix(nn.Module):
         ``logits_or_preds`` is either float logits, (N, C) or (B, C, d1, ..., dk), whose
         argmax is the prediction (first index on ties), or integer predictions shaped like
         ``target``. A label (other than ``ignore_index``) or a prediction outside [0, C) is
-        a ``ValueError``; this check reads the data back on the host once.
+        a ``ValueError``: at once for CPU tensors; for GPU tensors without waiting for the device,
+        deferred to a later call as the losses' label check (``fused_imbalance.check_deferred``).
 
         ``upsample="bilinear" | "nearest"`` (and ``align_corners``): the logits are (B, C, h, w) at a
         lower resolution than the (B, H, W) labels, and the prediction is the argmax of
@@ -107,15 +112,22 @@ class ConfusionMatrix(nn.Module):
         valid = y != self.ignore_index
         bad_y = valid & ((y < 0) | (y >= C))
         bad_p = valid & ((p < 0) | (p >= C))
-        if bool((bad_y | bad_p).any()):  # one host sync, as validate=True in the losses
-            if bool(bad_y.any()):
-                v = y[bad_y].unique().tolist()
-                raise ValueError(f"target contains label {v[0]} outside [0, {C}) "
-                                 f"(values: {v[:5]}; ignore_index={self.ignore_index})")
-            v = p[bad_p].unique().tolist()
-            raise ValueError(f"predictions contain class {v[0]} outside [0, {C}) (values: {v[:5]})")
-        idx = y[valid] * C + p[valid]
-        self.matrix += torch.bincount(idx, minlength=C * C).view(C, C)
+        if y.device.type == "cpu":  # checked at once, before anything is counted: free on the CPU
+            if bool((bad_y | bad_p).any()):
+                if bool(bad_y.any()):
+                    v = y[bad_y].unique().tolist()
+                    raise ValueError(f"target contains label {v[0]} outside [0, {C}) "
+                                     f"(values: {v[:5]}; ignore_index={self.ignore_index})")
+                v = p[bad_p].unique().tolist()
+                raise ValueError(f"predictions contain class {v[0]} outside [0, {C}) (values: {v[:5]})")
+        else:  # on a GPU without a host sync: deferred, as the losses' label check (those pixels are not counted)
+            _deferred.labels(_bad_pair(bad_y, y), C, self.ignore_index)
+            _deferred.flag(~bad_p.any(), f"predictions contain a class outside [0, {C})")
+        # scatter-add, not bincount (whose size depends on the largest value: a host sync on a GPU)
+        keep = valid & ~bad_y & ~bad_p
+        idx = torch.where(keep, y * C + p, torch.full_like(y, C * C))
+        counts = torch.zeros(C * C + 1, dtype=torch.int64, device=y.device).scatter_add_(0, idx, torch.ones_like(idx))
+        self.matrix += counts[:-1].view(C, C)
 
     def compute(self):
         """The (C, C) int64 counts (the buffer itself, not a copy)."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import weights as _weights
 from ._checks import (acc_dtype, check_class_vector, check_confusion, check_gamma, check_inputs, check_labels,
-                      check_loss_type)
+                      check_loss_type, check_range)
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
            "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss"]
@@ -115,7 +115,7 @@ def _reduce(px, loss, w, reduction, mean_over_weights):
 def _loss(logits, target, per_pixel, weight, ignore_index, reduction, confusion, validate, mean_over_weights,
           weight_name="weight"):
     """Check the arguments, compute ``per_pixel(px)`` and reduce it with the class weights."""
-    check_inputs(logits, target, ignore_index, reduction)
+    ignore_index = check_inputs(logits, target, ignore_index, reduction)
     check_confusion(confusion, logits)
     w = None if weight is None else check_class_vector(weight, weight_name, logits)
     px = _Pixels(logits, target, ignore_index, validate)
@@ -184,7 +184,7 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     ``recall(count, tp) -> (C,) tensor`` given the batch's per-class counts and true positives
     (for moving averages and all-reduced statistics). ``"mean"`` is over valid pixels.
     """
-    check_inputs(logits, target, ignore_index, reduction)
+    ignore_index = check_inputs(logits, target, ignore_index, reduction)
     check_confusion(confusion, logits)
     px = _Pixels(logits, target, ignore_index, validate)
     px.add_confusion(confusion)
@@ -193,7 +193,9 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     else:
         if callable(recall):
             recall = recall(*px.stats())
-        w = 1.0 - check_class_vector(recall, "recall", logits)
+        r = check_class_vector(recall, "recall", logits)
+        check_range(r, 0.0, 1.0, "recall must hold recalls in [0, 1] (a fraction, not a percentage)")
+        w = 1.0 - r
     w = w.to(px.x.dtype)
     return _reduce(px, _softmax_focal(px, 0.0), w, reduction, False)
 
@@ -222,7 +224,7 @@ def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="me
 
 def confusion_matrix(logits, target, ignore_index=-100, out=None, validate=True):
     """(C, C) int64 counts, row = label, column = argmax (first index on ties); adds into ``out``."""
-    check_inputs(logits, target, ignore_index)
+    ignore_index = check_inputs(logits, target, ignore_index)
     check_confusion(out, logits, "out")
     C = logits.shape[1]
     if out is None:
@@ -234,7 +236,7 @@ def confusion_matrix(logits, target, ignore_index=-100, out=None, validate=True)
 
 def class_stats(logits, target, ignore_index=-100, validate=True):
     """(count, tp): int64 (C,) valid pixels per class and those whose argmax is their class."""
-    check_inputs(logits, target, ignore_index)
+    ignore_index = check_inputs(logits, target, ignore_index)
     return _Pixels(logits.detach(), target, ignore_index, validate).stats()
 
 

@@ -22,25 +22,30 @@ def _per_class(values, name):
     return torch.as_tensor(list(values), dtype=torch.float64)
 
 
-def _require(ok, message):
+def _require(ok, message, deferred=False):
     """Raise ``ValueError(message())`` unless the boolean tensor ``ok`` holds (a device assertion
-    inside ``torch.compile``)."""
+    inside ``torch.compile``). ``deferred`` (a loss computing its weights in a training step): for a
+    tensor on a GPU, the check of :mod:`._deferred`, so that the step does not wait for the device."""
     if torch.compiler.is_compiling():
         torch._assert_async(ok, "fused_imbalance.weights: invalid per-class values")
+    elif deferred and ok.device.type != "cpu":
+        from . import _deferred
+        _deferred.flag(ok, message() if callable(message) else message)
     elif not bool(ok):
         raise ValueError(message())
 
 
-def _counts(samples_per_class):
+def _counts(samples_per_class, deferred=False):
     """Validate per-class counts and return them as a float64 tensor."""
     counts = _per_class(samples_per_class, "samples_per_class")
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(
             f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}")
-    _require(torch.isfinite(counts).all(), lambda: "samples_per_class must be finite")
+    _require(torch.isfinite(counts).all(), lambda: "samples_per_class must be finite", deferred)
     _require((counts >= 0).all(),
-             lambda: f"samples_per_class must be non-negative, got {counts[counts < 0][0].item():g}")
-    _require((counts != 0).any(), lambda: "samples_per_class is all zeros: no class has a sample")
+             (lambda: f"samples_per_class must be non-negative, got {counts[counts < 0][0].item():g}")
+             if counts.device.type == "cpu" or not deferred else "samples_per_class must be non-negative", deferred)
+    _require((counts != 0).any(), lambda: "samples_per_class is all zeros: no class has a sample", deferred)
     return counts
 
 
@@ -54,13 +59,14 @@ def _sum_to_c(w):
     return w * (w.numel() / w.sum())
 
 
-def effective_number(samples_per_class, beta=0.9999):
+def effective_number(samples_per_class, beta=0.9999, *, deferred=False):
     """Class-balanced weights w_c = (1 − β) / (1 − β^{n_c}), rescaled so Σ_c w_c = C.
 
     Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019.
-    β = 0 gives equal weights, β → 1 inverse frequency.
+    β = 0 gives equal weights, β → 1 inverse frequency. ``deferred``: the checks of counts held on a
+    GPU do not wait for it (:func:`fused_imbalance.check_deferred`), as in a loss's training step.
     """
-    counts = _counts(samples_per_class)
+    counts = _counts(samples_per_class, deferred)
     beta = float(beta)
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
@@ -112,17 +118,18 @@ def outlying_labels(samples_per_class, alpha=1.0):
     return w.to(torch.float32)
 
 
-def cdb(class_accuracy, tau="dynamic"):
+def cdb(class_accuracy, tau="dynamic", *, deferred=False):
     """Class-wise difficulty-balanced weights w_c = (1 − A_c)^τ (Sinha et al., ACCV 2020).
 
     With ``tau="dynamic"``: b = max A / (min A + 1e-4) − 1 and τ = 2 / (1 + exp(−b)).
+    ``deferred``: as in :func:`effective_number`.
     """
     acc = _per_class(class_accuracy, "class_accuracy")
     if acc.dim() != 1 or acc.numel() == 0:
         raise ValueError(
             f"class_accuracy must be a non-empty 1-D sequence, got shape {tuple(acc.shape)}")
     _require((torch.isfinite(acc) & (acc >= 0) & (acc <= 1)).all(),
-             lambda: "class_accuracy must hold accuracies in [0, 1]")
+             lambda: "class_accuracy must hold accuracies in [0, 1]", deferred)
     if isinstance(tau, str):
         if tau != "dynamic":
             raise ValueError(f"tau must be 'dynamic' or a number, got {tau!r}")

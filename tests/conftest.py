@@ -69,3 +69,17 @@ def backend(request):
             pytest.fail(f"backend {name!r} is required but unavailable: {e}")
         pytest.skip(f"backend {name!r} unavailable: {e}")
     return name
+
+
+@pytest.fixture(autouse=True)
+def _no_deferred_checks_left():
+    """A test that makes the Triton backend defer a failing label check consumes it
+    (``check_deferred``); one left behind would make the next test's first fused call raise, so the
+    remaining checks are made here and a failing one fails the test that left it."""
+    from fused_imbalance import _deferred
+    yield
+    try:
+        _deferred.check_deferred()
+    except ValueError as e:
+        _deferred._queue.clear()
+        pytest.fail(f"a failing deferred check was left unconsumed: {e}")

@@ -10,7 +10,7 @@ Triton's own flags, gives registers and spill bytes. Prints one JSON record per 
 
 ``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``) reaches every kernel and
 every code path of each: all loss modes, every flag (per-pixel loss, true positives, confusion
-in per-program matrices and in the global matrix), statistics in registers and in rows,
+in a per-program register histogram and by atomics), statistics in registers and in rows,
 unrolled classes and the loop over class groups, every vector width (float64, float32, 16-bit
 NCHW; gathered channels_last), single and multi-chunk chunked kernels, the class-sum kernel,
 float64. It is a representative set, not every combination (that takes tens of minutes on two
@@ -111,7 +111,8 @@ _MODES = {"ce": (0, 0.0), "focal": (0, 2.0), "sigfocal": (1, 2.0), "mselogit": (
           "msesoftmax": (3, 0.0), "stats": (4, 0.0)}
 
 # (C, layout, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's backward too.
-# need_confusion "global": the (C, C) int64 matrix instead of per-program matrices.
+# need_pixel_loss: a weighted "none"; need_tp: the recall weights; need_confusion "global": integer atomics
+# into the caller's matrix instead of the per-program register histogram.
 VARIANTS = [
     # static kernels, every class unrolled, statistics in registers
     (19, "nchw", "bf16", "ce", False, False, False),  # 16-bit vectors of 4
@@ -153,6 +154,18 @@ def _logits(C, layout, dtype):
     return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
 
 
+def _call(need_pl, need_tp, need_conf, mode, C, acc):
+    """(weight, confusion, reduction, weighting) of a forward call with these flags: the per-pixel loss
+    is a weighted "none" (its in-kernel weighting), true positives come with the recall weights."""
+    from fused_imbalance.ops import Reduction, Weighting
+    conf = torch.empty((C, C), dtype=torch.int64) if need_conf else None
+    if mode == 4:
+        return None, conf, int(Reduction.SUM), int(Weighting.NONE)
+    if need_pl:
+        return torch.empty(C, dtype=acc), conf, int(Reduction.NONE), int(Weighting.GENERAL)
+    return None, conf, int(Reduction.MEAN), int(Weighting.RECALL if need_tp else Weighting.NONE)
+
+
 def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
     from fused_imbalance.ops import triton_loss as T
     dtype = _DTYPES[dt]
@@ -163,15 +176,16 @@ def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tv = torch.empty(C, dtype=acc) if mode in (2, 3) else None
     start = len(_COMPILED)
-    saved = T._CONF_ROWS_BYTES
+    saved = T._CONF_HIST_CELLS
     if need_conf == "global":
-        T._CONF_ROWS_BYTES = 0
+        T._CONF_HIST_CELLS = 0
     try:
-        T._forward(x, y, mode, gamma, tv, -100, need_pl, need_tp, bool(need_conf))
+        weight, conf, red, wt = _call(need_pl, need_tp, need_conf, mode, C, acc)
+        T._forward(x, y, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, False)
     finally:
-        T._CONF_ROWS_BYTES = saved
+        T._CONF_HIST_CELLS = saved
     if mode != 4:
-        T._backward(x, y, torch.empty(N, dtype=acc), torch.empty(C, dtype=acc), mode, gamma, tv, -100)
+        T._backward(x, y, torch.empty(N, dtype=acc), torch.empty(C, dtype=acc), tv, None, mode, gamma, -100)
     return _COMPILED[start:]
 
 
@@ -211,14 +225,16 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     tv = torch.empty(C, dtype=acc) if mode in (2, 3) else None
     ip = 0 if interp == "nearest" else 1
     start = len(_COMPILED)
-    U._forward(x, y, ip, align_corners, mode, gamma, tv, -100, need_pl, need_tp, need_conf)
+    weight, conf, red, wt = _call(need_pl, need_tp, need_conf, mode, C, acc)
+    U._forward(x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, False)
     if mode != 4:
-        U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
-                    gamma, tv, -100)
+        U._backward(x, y, ip, align_corners, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), tv, None,
+                    mode, gamma, -100)
     if U.keeps_lse(x, mode, gamma):
-        lse = U._forward(x, y, ip, align_corners, mode, gamma, tv, -100, need_pl, need_tp, need_conf, True)[6]
-        U._backward(x, y, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), ip, align_corners, mode,
-                    gamma, tv, -100, lse)
+        lse = U._forward(x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False,
+                         True)[5]
+        U._backward(x, y, ip, align_corners, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), tv, lse,
+                    mode, gamma, -100)
     return _COMPILED[start:]
 
 

@@ -17,15 +17,17 @@ import pytest
 import torch
 
 import contract
-from fused_imbalance.ops import Mode
+from fused_imbalance.ops import Mode, Reduction, Weighting
 from tolerances import LOSS_TOL, TOL
 
 cpp = pytest.importorskip("fused_imbalance.ops.cpp")
 if not cpp.available():
     pytest.skip("the C++ backend could not be built here", allow_module_level=True)
 
+BE = cpp.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
+MEAN, SUM, NONE, CLASS = (int(r) for r in Reduction)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -60,28 +62,44 @@ def acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def fwd(x, target, mode, gamma=0.0, tvals=None, ignore_index=-100, reduction=NONE, weighting=0, weight=None,
+        confusion=None, need_tp=True, validate=False):
+    return BE.fwd(x, target, weight, tvals, confusion, int(mode), gamma, ignore_index, reduction, int(weighting),
+                  need_tp, validate, False)
+
+
 def check_fwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, confusion=True):
     C = x.shape[1]
     tv = tvals.to(acc_dtype(x)) if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     target = y.reshape(-1)
-    pixel, class_loss, count, tp, bad, conf = cpp.loss_fwd(x, target, int(mode), gamma, tv, ignore_index, True, True,
-                                                           confusion)
-    want = contract.forward(x.double(), target, mode, gamma, tvals, ignore_index)
+    pixel, class_loss, count, tp, bad, conf = contract.per_pixel_and_class(BE.fwd, x, target, mode, gamma, tv,
+                                                                            ignore_index, True, confusion)
+    want = contract.forward(x.double(), target, None, tvals, mode, gamma, ignore_index, Reduction.CLASS,
+                            Weighting.NONE)
+    pl_want = contract.pixel_loss(x.double(), target, mode, gamma, tvals, ignore_index)
     assert pixel.dtype == class_loss.dtype == acc_dtype(x)
     assert pixel.shape == (target.numel(),) and class_loss.shape == (C,)
     tol = LOSS_TOL[x.dtype]
-    torch.testing.assert_close(pixel.double(), want[0], **tol)
-    torch.testing.assert_close(class_loss.double(), want[1], atol=tol["atol"] * max(1, target.numel()),
+    torch.testing.assert_close(pixel.double(), pl_want, **tol)
+    torch.testing.assert_close(class_loss.double(), want[0], atol=tol["atol"] * max(1, target.numel()),
                                rtol=tol["rtol"])
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and bad.item() == want[4].item()
     if confusion:
         assert torch.equal(conf, want[5])
-    else:
-        assert conf.shape == (0, 0)
+    if mode != Mode.STATS:  # the weighted mean, and its backward factor, from the same pass
+        w = torch.linspace(0.5, 2.0, C, dtype=acc_dtype(x))
+        loss, scale, *_ = fwd(x, target, mode, gamma, tv, ignore_index, MEAN, Weighting.GENERAL, w)
+        wl, ws, *_ = contract.forward(x.double(), target, w.double(), tvals, mode, gamma, ignore_index,
+                                      Reduction.MEAN, Weighting.GENERAL)
+        assert loss.shape == () and scale.shape == (C,)
+        torch.testing.assert_close(loss.double(), wl, **tol)
+        torch.testing.assert_close(scale.double(), ws, **tol)
     return pixel, class_loss
 
 
 def check_bwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, seed=1):
+    """The backward against autograd of the reference, for a per-pixel upstream gradient, a per-class
+    factor alone, and a scalar upstream gradient with a factor (a weighted mean)."""
     C = x.shape[1]
     target = y.reshape(-1)
     g = torch.Generator().manual_seed(seed)
@@ -89,12 +107,12 @@ def check_bwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, seed=1):
     gp = torch.randn(target.numel(), generator=g, dtype=torch.float64).to(acc)
     gc = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
     tv = tvals.to(acc) if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
-    for a, b in [(gp, gc), (gp, None), (None, gc)]:
-        grad = cpp.loss_bwd(x, target, a, b, int(mode), gamma, tv, ignore_index)
+    for up, scale in [(gp, None), (None, gc), (torch.tensor(0.75, dtype=acc), gc)]:
+        grad = BE.bwd(x, target, up, scale, tv, None, int(mode), gamma, ignore_index)
         assert grad.dtype == x.dtype and grad.shape == x.shape
         if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
             assert grad.stride() == x.stride()
-        want = contract.grad(x.double(), target, a, b, mode, gamma, tvals, ignore_index)
+        want = contract.grad(x.double(), target, up, scale, mode, gamma, tvals, ignore_index)
         torch.testing.assert_close(grad.double(), want, **TOL[x.dtype])
     return grad
 
@@ -174,8 +192,9 @@ def test_ties_and_nan_argmax_like_torch():
     x[1, 4, 2, 2] = x[1, 0, 2, 2] = float("nan")
     y[0, 1, 1] = 2
     y[1, 2, 2] = 0
-    count, tp, bad, conf = cpp.class_stats(x, y.reshape(-1), -100, True)
-    want = contract.forward(x.double(), y, Mode.STATS, 0.0, None, -100)
+    conf = torch.zeros(5, 5, dtype=torch.int64)
+    _, _, count, tp, bad, _ = fwd(x, y.reshape(-1), Mode.STATS, reduction=SUM, confusion=conf)
+    want = contract.forward(x.double(), y, None, None, Mode.STATS, 0.0, -100, Reduction.SUM, Weighting.NONE)
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and torch.equal(conf, want[5])
 
 
@@ -184,20 +203,43 @@ def test_bad_labels_are_counted_and_ignored():
     y[0, 0, :3] = torch.tensor([4, -3, 100])
     pixel, *_ = check_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
     assert (pixel.view(2, 5, 6)[0, 0, :3] == 0).all()
-    _, _, _, _, bad, _ = cpp.loss_fwd(x, y.reshape(-1), 0, 0.0, None, -100, False, False, False)
-    assert bad.item() == 3
+    _, _, _, _, bad, _ = fwd(x, y.reshape(-1), 0, reduction=MEAN, need_tp=False)
+    assert bad.tolist() == [3, 100]  # how many, and the largest
     grad = check_bwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
     assert (grad[0, :, 0, :3] == 0).all()
+
+
+def test_validate_raises_naming_the_labels_before_touching_the_confusion():
+    """validate=True: a ValueError naming the bad labels (the smallest first, as the reference) and
+    nothing added into the caller's matrix; validate=False: ignored, the valid pixels counted."""
+    x, y, _ = make((2, 4, 5, 6))
+    y[0, 0, :3] = torch.tensor([4, -3, 100])
+    target = y.reshape(-1)
+    conf = torch.ones(4, 4, dtype=torch.int64)
+    for confusion in (conf, None):
+        with pytest.raises(ValueError, match=r"label -3 outside \[0, 4\) \(values: -3, 4, 100; ignore_index=-100\)"):
+            fwd(x, target, 0, reduction=MEAN, confusion=confusion, validate=True)
+    assert torch.equal(conf, torch.ones_like(conf))
+    fwd(x, target, 0, reduction=MEAN, confusion=conf, validate=False)
+    valid = torch.where((y >= 0) & (y < 4), y, torch.full_like(y, -100))
+    assert torch.equal(conf - 1, contract.forward(x.double(), valid, None, None, 0, 0.0, -100, Reduction.MEAN,
+                                                  Weighting.NONE)[5])
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 5), (0, 3)])
 def test_zero_pixels(shape):
     x, y, tvals = make(shape)
-    pixel, class_loss, count, tp, bad, conf = cpp.loss_fwd(x, y.reshape(-1), 0, 2.0, None, -100, True, True, True)
-    assert pixel.shape == (0,) and (class_loss == 0).all() and (count == 0).all() and bad.item() == 0
-    assert tp.shape == (shape[1],) and (tp == 0).all()
-    assert conf.shape == (shape[1], shape[1]) and (conf == 0).all()
-    assert cpp.loss_bwd(x, y.reshape(-1), None, torch.ones(shape[1]), 0, 2.0, None, -100).shape == x.shape
+    C = shape[1]
+    conf = torch.zeros(C, C, dtype=torch.int64)
+    pixel, _, count, tp, bad, _ = fwd(x, y.reshape(-1), 0, 2.0, confusion=conf)
+    assert pixel.shape == (0,) and (count == 0).all() and bad[0].item() == 0
+    assert tp.shape == (C,) and (tp == 0).all() and (conf == 0).all()
+    class_loss = fwd(x, y.reshape(-1), 0, 2.0, reduction=CLASS)[0]
+    assert class_loss.shape == (C,) and (class_loss == 0).all()
+    loss, scale, *_ = fwd(x, y.reshape(-1), 0, 2.0, reduction=MEAN, weighting=Weighting.GENERAL,
+                          weight=torch.full((C,), 2.0))
+    assert loss.item() == 0 and torch.equal(scale, torch.full((C,), 2.0))  # D = 0 divides by 1
+    assert BE.bwd(x, y.reshape(-1), None, torch.ones(C), None, None, 0, 2.0, -100).shape == x.shape
 
 
 def test_all_ignored_and_absent_class():
@@ -213,18 +255,41 @@ def test_all_ignored_and_absent_class():
     assert class_loss[2] == 0
 
 
-def test_need_pixel_loss_false_and_strided_grads():
+def test_need_tp_false_and_strided_grads():
     x, y, tvals = make((2, 5, 6, 6))
     target = y.reshape(-1)
-    pixel, class_loss, count, tp, _, conf = cpp.loss_fwd(x, target, 0, 2.0, None, -100, False, False, False)
-    assert pixel.shape == (0,) and tp.shape == (0,) and conf.shape == (0, 0)
-    full = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, True, True)
-    assert torch.equal(class_loss, full[1]) and torch.equal(count, full[2])
+    class_loss, _, count, tp, _, _ = fwd(x, target, 0, 2.0, reduction=CLASS, need_tp=False)
+    assert tp.shape == (0,)
+    full = fwd(x, target, 0, 2.0, reduction=CLASS)
+    assert torch.equal(class_loss, full[0]) and torch.equal(count, full[2])
     gp = torch.tensor(0.5).expand(target.numel())  # a stride-0 gradient, as from .sum()
-    grad = cpp.loss_bwd(x, target, gp, None, 0, 2.0, None, -100)
+    grad = BE.bwd(x, target, gp, None, None, None, 0, 2.0, -100)
     torch.testing.assert_close(grad.double(),
                                contract.grad(x.double(), target, gp, None, 0, 2.0, None, -100),
                                **TOL[torch.float32])
+
+
+def test_reductions_and_weightings():
+    """Every reduction x weighting of the forward against the contract (float64), the recall weights
+    included, and the backward of each with its own factor."""
+    x, y, _ = make((2, 5, 6, 7), torch.float64)
+    y[y == 3] = 0  # an absent class, whose weight is inf: it must change nothing
+    target = y.reshape(-1)
+    w = torch.tensor([0.5, 1.0, 2.0, float("inf"), 1.5], dtype=torch.float64)
+    for red in (Reduction.MEAN, Reduction.SUM, Reduction.NONE):
+        for wt in Weighting:
+            weight = w if wt in (Weighting.GENERAL, Weighting.PAPER) else None
+            loss, scale, count, tp, _, _ = fwd(x, target, 0, 1.5, reduction=int(red), weighting=wt, weight=weight,
+                                               need_tp=False)
+            want = contract.forward(x, target, weight, None, 0, 1.5, -100, red, wt)
+            torch.testing.assert_close(loss, want[0], **TOL[torch.float64])
+            assert tp.shape == ((5,) if wt == Weighting.RECALL else (0,))
+            present = count > 0
+            torch.testing.assert_close(scale[present], want[1][present], **TOL[torch.float64])
+            up = torch.tensor(1.25, dtype=torch.float64) if red != Reduction.NONE else torch.rand(target.numel(),
+                                                                                                   dtype=torch.float64)
+            grad = BE.bwd(x, target, up, scale, None, None, 0, 1.5, -100)
+            torch.testing.assert_close(grad, contract.grad(x, target, up, want[1], 0, 1.5, None), **TOL[torch.float64])
 
 
 def test_focal_numerics_at_certainty():
@@ -233,18 +298,18 @@ def test_focal_numerics_at_certainty():
     x = torch.tensor([[200.0, 0.0, -50.0], [0.0, 300.0, 1.0], [-100.0, 100.0, 0.0]])
     y = torch.tensor([0, 1, 1])
     for gamma in (0.0, 0.25, 0.5, 1.0, 2.0, 3.5):
-        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, False, False)
+        pixel = fwd(x, y, 0, gamma)[0]
         assert (pixel == 0).all()
-        grad = cpp.loss_bwd(x, y, torch.ones(3), None, 0, gamma, None, -100)
+        grad = BE.bwd(x, y, torch.ones(3), None, None, None, 0, gamma, -100)
         assert torch.isfinite(grad).all()
         torch.testing.assert_close(grad.double(),
                                    contract.grad(x.double(), y, torch.ones(3), None, 0, gamma, None, -100),
                                    **TOL[torch.float32])
     for gamma in (0.0, 0.5, 2.0):
-        pixel, *_ = cpp.loss_fwd(x, y, 1, gamma, None, -100, True, False, False)
-        grad = cpp.loss_bwd(x, y, torch.ones(3), None, 1, gamma, None, -100)
+        pixel = fwd(x, y, 1, gamma)[0]
+        grad = BE.bwd(x, y, torch.ones(3), None, None, None, 1, gamma, -100)
         assert torch.isfinite(pixel).all() and torch.isfinite(grad).all()
-        torch.testing.assert_close(pixel.double(), contract.forward(x.double(), y, 1, gamma, None, -100)[0],
+        torch.testing.assert_close(pixel.double(), contract.pixel_loss(x.double(), y, 1, gamma, None, -100),
                                    **TOL[torch.float32])
 
 
@@ -253,36 +318,57 @@ def test_tiny_probability_focal():
     x = torch.tensor([[-80.0, 80.0, 0.0], [-200.0, 0.0, 0.0]])
     y = torch.tensor([0, 0])
     for gamma in (0.5, 2.0):
-        pixel, *_ = cpp.loss_fwd(x, y, 0, gamma, None, -100, True, False, False)
-        torch.testing.assert_close(pixel.double(), contract.forward(x.double(), y, 0, gamma, None, -100)[0],
+        pixel = fwd(x, y, 0, gamma)[0]
+        torch.testing.assert_close(pixel.double(), contract.pixel_loss(x.double(), y, 0, gamma, None, -100),
                                    **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("mode, gamma", CASES[:-1])
 def test_gradcheck_float64(mode, gamma):
+    """Through the autograd formula (functional.py's path), every reduction."""
+    from fused_imbalance import _fused
+    _fused.register_backend(BE)
     x, y, tvals = make((2, 4, 3, 2), torch.float64, scale=1.0)
     target = y.reshape(-1)
     tv = tvals if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     x.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda t: cpp.loss_fwd(t, target, int(mode), gamma, tv, -100, True, False, False)[:2], (x,))
+    w = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
+    for red, wt in [(Reduction.MEAN, Weighting.GENERAL), (Reduction.SUM, Weighting.NONE),
+                    (Reduction.NONE, Weighting.PAPER), (Reduction.CLASS, Weighting.NONE)]:
+        weight = w if wt != Weighting.NONE else None
+        assert torch.autograd.gradcheck(
+            lambda t: _fused.forward("cpp", t, target, (), weight, tv, None, mode, gamma, -100, red, wt, False,
+                                     False)[0], (x,))
 
 
 # --- torch.library and torch.compile -------------------------------------------------------------
 
-@pytest.mark.parametrize("need_pixel_loss, need_tp, with_confusion", [(True, True, True), (False, False, False),
-                                                                     (False, True, False)])
-def test_opcheck(need_pixel_loss, need_tp, with_confusion):
+@pytest.mark.parametrize("reduction, need_tp, with_confusion", [(NONE, True, True), (MEAN, False, False),
+                                                                (CLASS, True, False)])
+def test_opcheck(reduction, need_tp, with_confusion):
     x, y, tvals = make((2, 4, 3, 5), torch.float64)
     target = y.reshape(-1)
-    x.requires_grad_(True)
-    torch.library.opcheck(cpp.loss_fwd, (x, target, 0, 1.5, None, -100, need_pixel_loss, need_tp, with_confusion))
-    torch.library.opcheck(cpp.loss_fwd, (x, target, 3, 0.0, tvals, -100, need_pixel_loss, need_tp, with_confusion))
+    conf = torch.zeros(4, 4, dtype=torch.int64) if with_confusion else None
+    w = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
+    torch.library.opcheck(BE.fwd_op, (x, target, w, None, conf, 0, 1.5, -100, reduction, 1, need_tp, False, False))
+    torch.library.opcheck(BE.fwd_op, (x, target, None, tvals, conf, 3, 0.0, -100, reduction, 3, need_tp, True, False))
     gp = torch.randn(target.numel(), dtype=torch.float64)
-    torch.library.opcheck(cpp.loss_bwd, (x.detach(), target, gp, None, 1, 2.0, None, -100))
-    torch.library.opcheck(cpp.loss_bwd, (x.detach(), target, None, torch.ones(4, dtype=torch.float64), 2, 0.0,
-                                         tvals, -100))
-    torch.library.opcheck(cpp.class_stats, (x.detach(), target, -100, with_confusion))
+    torch.library.opcheck(BE.bwd_op, (x, target, gp, None, None, None, 1, 2.0, -100))
+    torch.library.opcheck(BE.bwd_op, (x, target, torch.tensor(0.5, dtype=torch.float64), w, tvals, None, 2, 0.0, -100))
+
+
+def test_eager_functions_are_the_ops():
+    """The eager entry points and the registered ops run the same code: bit-identical outputs."""
+    x, y, _ = make((2, 19, 11, 13))
+    target = y.reshape(-1)
+    w = torch.linspace(0.5, 2.0, 19)
+    c1, c2 = torch.zeros(19, 19, dtype=torch.int64), torch.zeros(19, 19, dtype=torch.int64)
+    a = BE.fwd(x, target, w, None, c1, 0, 2.0, -100, MEAN, 1, True, True, False)
+    b = BE.fwd_op(x, target, w, None, c2, 0, 2.0, -100, MEAN, 1, True, True, False)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and torch.equal(c1, c2)
+    g = torch.tensor(1.0)
+    assert torch.equal(BE.bwd(x, target, g, a[1], None, None, 0, 2.0, -100),
+                       BE.bwd_op(x, target, g, a[1], None, None, 0, 2.0, -100))
 
 
 def test_compile_training_step():
@@ -315,7 +401,7 @@ def test_compile_training_step():
 DET_SCRIPT = textwrap.dedent("""
     import sys, torch
     from fused_imbalance.ops import cpp
-    assert cpp.available()
+    be = cpp.backend()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 19, 45, 71, generator=g, dtype=torch.float64).mul(3).float()
     y = torch.randint(0, 19, (2 * 45 * 71,), generator=g)
@@ -327,9 +413,11 @@ DET_SCRIPT = textwrap.dedent("""
         for name, xx in [("nchw", x), ("cl", x.contiguous(memory_format=torch.channels_last)),
                          ("f64", x.double())]:
             tt = t.to(xx.dtype) if t is not None and xx.dtype == torch.float64 else t
-            f = cpp.loss_fwd(xx, y, mode, gamma, tt, -100, True, False, False)
-            b = cpp.loss_bwd(xx, y, f[0] * 0 + 0.25, gc.to(f[1].dtype), mode, gamma, tt, -100)
-            out[(mode, gamma, name)] = (f[0], f[1], f[2], f[3], b)
+            conf = torch.zeros(19, 19, dtype=torch.int64)
+            f = be.fwd(xx, y, None, tt, conf, mode, gamma, -100, 2, 0, True, False, False)
+            c = be.fwd(xx, y, None, tt, None, mode, gamma, -100, 3, 0, True, False, False)
+            b = be.bwd(xx, y, f[0] * 0 + 0.25, gc.to(f[1].dtype), tt, None, mode, gamma, -100)
+            out[(mode, gamma, name)] = (f[0], c[0], f[2], f[3], conf, b)
     # the upsampled ops: an upsampling (the shuffled horizontal pass) and a downsampling
     for low, size in [((2, 19, 9, 13), (37, 50)), ((1, 6, 20, 30), (13, 17))]:
         xu = torch.randn(low, generator=g, dtype=torch.float64).mul(3).float()
@@ -341,12 +429,13 @@ DET_SCRIPT = textwrap.dedent("""
                 for name, xx in [("nchw", xu), ("cl", xu.contiguous(memory_format=torch.channels_last)),
                                  ("f64", xu.double())]:
                     t = torch.arange(1.0, low[1] + 1, dtype=xx.dtype) if mode == 3 else None
-                    f = cpp.upsample_loss_fwd(xx, yu, interp, ac, mode, gamma, t, -100, True, True, True, True)
+                    conf = torch.zeros(low[1], low[1], dtype=torch.int64)
+                    f = be.up_fwd(xx, yu, interp, ac, None, t, conf, mode, gamma, -100, 2, 0, True, False, True)
+                    c = be.up_fwd(xx, yu, interp, ac, None, t, None, mode, gamma, -100, 3, 0, True, False, False)
                     gpu, gcu = gp.to(f[0].dtype), torch.linspace(-1, 1, low[1]).to(f[0].dtype)
-                    b = cpp.upsample_loss_bwd(xx, yu, gpu, gcu, interp, ac, mode, gamma, t, -100)
-                    bl = cpp.upsample_loss_bwd(xx, yu, gpu, gcu, interp, ac, mode, gamma, t, -100,
-                                               f[6] if f[6].numel() else None)  # with the forward's lse
-                    out[("up", low, interp, ac, mode, gamma, name)] = tuple(f) + (b, bl)
+                    b = be.up_bwd(xx, yu, interp, ac, gpu, gcu, t, None, mode, gamma, -100)
+                    bl = be.up_bwd(xx, yu, interp, ac, gpu, gcu, t, f[5], mode, gamma, -100)  # the forward's lse
+                    out[("up", low, interp, ac, mode, gamma, name)] = (f[0], c[0], f[2], f[3], f[5], conf, b, bl)
     torch.save(out, sys.argv[1])
 """)
 
@@ -375,9 +464,10 @@ def test_bit_identical_across_runs_and_thread_counts():
     try:
         for threads in (prev, 1, prev, 3):
             torch.set_num_threads(threads)
-            f = cpp.loss_fwd(x, target, 0, 2.0, None, -100, True, False, False)
-            g = cpp.loss_bwd(x, target, None, torch.ones(19), 0, 2.0, None, -100)
-            outs.append(f[:4] + (g,))
+            f = fwd(x, target, 0, 2.0, reduction=MEAN, weighting=Weighting.RECALL)
+            c = fwd(x, target, 0, 2.0, reduction=CLASS)
+            g = BE.bwd(x, target, None, torch.ones(19), None, None, 0, 2.0, -100)
+            outs.append(f[:4] + (c[0], g))
     finally:
         torch.set_num_threads(prev)
     for o in outs[1:]:
@@ -430,13 +520,14 @@ def test_import_order_with_python_ops_in_the_namespace(first):
         import fused_imbalance.ops.cpp as cpp
         if "{first}" == "cpp":
             assert cpp.available()
-        import fused_imbalance.ops.triton_loss
+        import fused_imbalance.ops.triton_loss, fused_imbalance.ops.triton_upsample
         @torch.library.custom_op("fused_imbalance::_test_py_op", mutates_args=())
         def _op(x: torch.Tensor) -> torch.Tensor:
             return x + 1
         assert cpp.available()
         x = torch.randn(3, 4)
-        out = cpp.loss_fwd(x, torch.tensor([0, 1, 3]), 0, 0.0, None, -100, True, False, False)
+        out = torch.ops.fused_imbalance.cpp_loss_fwd(x, torch.tensor([0, 1, 3]), None, None, None, 0, 0.0, -100, 2,
+                                                     0, False, True, False)
         assert torch.allclose(out[0], torch.nn.functional.cross_entropy(x, torch.tensor([0, 1, 3]),
                                                                         reduction="none"))
         assert torch.equal(torch.ops.fused_imbalance._test_py_op(x), x + 1)
@@ -476,8 +567,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
         log = msg.split("full log: ")[1].rstrip(")")
         assert first_line in open(log).read() and "C++ extension" in open(log).read()
     """)
-    env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "false",
-           "FUSED_IMBALANCE_CUDA": "0"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "false"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
 
 
@@ -495,8 +585,7 @@ def test_no_compiler_is_named(tmp_path):
         else:
             raise AssertionError("backend='cpp' ran without the C++ backend")
     """)
-    env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/nonexistent/c++",
-           "FUSED_IMBALANCE_CUDA": "0"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/nonexistent/c++"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
 
 
@@ -522,54 +611,3 @@ def test_unknown_cpu_isa_is_an_error():
     """)
     env = {**os.environ, "PYTHONPATH": ROOT, "FUSED_IMBALANCE_CPU_ISA": "sse4"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
-
-
-# --- CUDA statistics kernel ------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("C, lay", [(5, "nchw"), (19, "channels_last"), (150, "nchw"), (3000, "rows")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cuda_class_stats(C, lay, dtype):
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_imbalance::cpp_class_stats", "CUDA"):
-        pytest.skip("built without the CUDA kernels (FUSED_IMBALANCE_CUDA=0 or no toolkit)")
-    shape = (64, C) if lay == "rows" else (2, C, 33, 29)
-    x, y, _ = make(shape, dtype, label_dtype=torch.uint8, ignore_index=255)
-    x[:, 1] = x[:, 0]  # ties: the first index wins
-    if lay == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    target = y.reshape(-1)
-    target[5] = 200  # a bad label
-    for need_confusion in (True, False):
-        want = cpp.class_stats(x, target, 255, need_confusion)
-        got = cpp.class_stats(x.cuda(), target.cuda(), 255, need_confusion)
-        for u, v in zip(got, want):
-            assert u.is_cuda and torch.equal(u.cpu(), v)
-
-
-def test_cuda_arch_list_without_a_visible_gpu(monkeypatch):
-    """A CUDA build of torch cannot detect the target architectures with no GPU visible: the build
-    then names them itself, and leaves a TORCH_CUDA_ARCH_LIST the user set alone."""
-    if torch.cuda.is_available():
-        pytest.skip("a visible GPU: torch detects the architectures")
-    cfg = cpp._build_config()
-    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    assert cfg.set_cuda_arch_list(False) is None and "TORCH_CUDA_ARCH_LIST" not in os.environ
-    assert cfg.set_cuda_arch_list(True) == cfg.DEFAULT_CUDA_ARCHS == os.environ["TORCH_CUDA_ARCH_LIST"]
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    assert cfg.set_cuda_arch_list(True) is None and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
-
-
-def test_half_cuda_toolkit_builds_the_cpu_part(tmp_path):
-    """An nvcc without the toolkit's headers and libcudart beside it (torch then takes /usr/local
-    for the toolkit) cannot link the CUDA kernel: the build leaves it out instead of failing."""
-    cfg = cpp._build_config()
-    assert not cfg.toolkit_complete(None) and not cfg.toolkit_complete(str(tmp_path))
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "nvcc").write_text("")
-    assert not cfg.toolkit_complete(str(tmp_path))
-    (tmp_path / "include").mkdir()
-    (tmp_path / "include" / "cuda_runtime.h").write_text("")
-    assert not cfg.toolkit_complete(str(tmp_path))
-    (tmp_path / "lib64").mkdir()
-    (tmp_path / "lib64" / "libcudart.so").write_text("")
-    assert cfg.toolkit_complete(str(tmp_path))

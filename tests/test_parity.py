@@ -8,6 +8,7 @@ A backend that cannot run is skipped, unless it is named in FUSED_IMBALANCE_REQU
 import pytest
 import torch
 
+import fused_imbalance as fi
 import fused_imbalance.functional as FI
 from cases import ALL_LOSSES, backend_device, loss_and_grad, make_data, to_layout
 from tolerances import LOSS_TOL, TOL
@@ -144,25 +145,40 @@ def test_empty(backend):
 
 
 def test_bad_labels(backend):
+    """A label outside [0, C) is a ValueError naming it: at once on the C++ backend (nothing added into
+    the caller's matrix), deferred on the Triton one (its call treats those labels as ignored and adds
+    the valid pixels' counts; the next fused call raises, or at once fused_imbalance.check_deferred)."""
     dev = backend_device(backend)
     x, y = make_data((2, 5, 4, 4), torch.float32)
     x, y = x.to(dev), y.to(dev)
     y_bad = y.clone()
     y_bad[1, 2, 3] = 5
     y_bad[0, 0, 1] = -7
-    with pytest.raises(ValueError, match="5"):
-        FI.focal_loss(x, y_bad, backend=backend)
-    with pytest.raises(ValueError, match="-7"):
-        FI.confusion_matrix(x, y_bad, backend=backend)
-    # an update that raises leaves the caller's counts as they were
-    conf = torch.ones(5, 5, dtype=torch.int64, device=dev)
-    with pytest.raises(ValueError):
-        FI.confusion_matrix(x, y_bad, out=conf, backend=backend)
-    with pytest.raises(ValueError):
-        FI.recall_loss(x, y_bad, confusion=conf, backend=backend)
-    assert torch.equal(conf, torch.ones_like(conf))
-    # validate=False: out-of-range labels are ignored, as the reference does with validate=False
     y_ign = torch.where((y_bad < 0) | (y_bad >= 5), torch.full_like(y, -100), y_bad)
+    conf = torch.ones(5, 5, dtype=torch.int64, device=dev)
+    if backend == "triton":
+        got = FI.focal_loss(x, y_bad, backend=backend)  # no error yet: the check is deferred
+        torch.testing.assert_close(got, FI.focal_loss(x, y_ign, backend="reference"))
+        with pytest.raises(ValueError, match=r"label 5 outside \[0, 5\) \(2 such labels"):
+            fi.check_deferred()
+        FI.confusion_matrix(x, y_bad, out=conf, backend=backend)
+        with pytest.raises(ValueError, match="label 5"):  # the next fused call raises
+            FI.cross_entropy(x, y, backend=backend)
+        assert torch.equal(conf - 1, FI.confusion_matrix(x, y_ign, backend="reference"))
+        FI.recall_loss(x, y_bad, backend=backend, validate=False)  # nothing to check later
+        fi.check_deferred()  # nothing was left to check: no error
+    else:
+        with pytest.raises(ValueError, match="5"):
+            FI.focal_loss(x, y_bad, backend=backend)
+        with pytest.raises(ValueError, match="-7"):
+            FI.confusion_matrix(x, y_bad, backend=backend)
+        # an update that raises leaves the caller's counts as they were
+        with pytest.raises(ValueError):
+            FI.confusion_matrix(x, y_bad, out=conf, backend=backend)
+        with pytest.raises(ValueError):
+            FI.recall_loss(x, y_bad, confusion=conf, backend=backend)
+        assert torch.equal(conf, torch.ones_like(conf))
+    # validate=False: out-of-range labels are ignored, as the reference does with validate=False
     for name in ("focal_loss", "recall_loss"):
         got = ALL_LOSSES[name](x, y_bad, backend=backend, validate=False)
         torch.testing.assert_close(got, ALL_LOSSES[name](x, y_ign, backend="reference"))

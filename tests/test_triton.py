@@ -15,13 +15,16 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 import contract  # noqa: E402
-from fused_imbalance.ops import Mode, pixel_view  # noqa: E402
+from fused_imbalance.ops import Mode, Reduction, Weighting, pixel_view  # noqa: E402
+from fused_imbalance.ops import _triton_host as H  # noqa: E402
+from fused_imbalance.ops import triton_backend  # noqa: E402
 from fused_imbalance.ops import triton_loss as T  # noqa: E402
 from tolerances import LOSS_TOL, TOL  # noqa: E402
 
-if not T.available():
+if not triton_backend.available():
     pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
+BE = triton_backend.backend()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter evaluates both sides of every tl.where with numpy, which warns about the
 # side that is thrown away (log(0), inf - inf at padding and -inf logits).
@@ -49,39 +52,56 @@ def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.in
     return x.to(DEV), y.to(label_dtype).to(DEV), tvals.to(DEV)
 
 
-def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_pixel_loss=True, need_tp=True,
-            need_confusion=True):
-    """The forward op: (pixel_loss, class_loss, count, tp, bad, confusion)."""
-    return T.loss_fwd(x, y.reshape(-1), int(mode), gamma, tvals if mode in (2, 3) else None, ignore,
-                      need_pixel_loss, need_tp, need_confusion)
+def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_confusion=True):
+    """The forward's per-pixel and per-class losses (two calls): (pixel_loss, class_loss, count, tp, bad
+    count, confusion or None)."""
+    return contract.per_pixel_and_class(BE.fwd, x, y.reshape(-1), mode, gamma, tvals if mode in (2, 3) else None,
+                                        ignore, need_tp, need_confusion)
+
+
+def bwd(x, y, up, scale, mode, gamma, tvals, ignore=-100):
+    return BE.bwd(x, y.reshape(-1), up, scale, tvals if mode in (2, 3) else None, None, int(mode), gamma, ignore)
 
 
 def check_forward(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_confusion=True):
-    pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, gamma, tvals, ignore, True, need_tp, need_confusion)
-    rpl, rcl, rcount, rtp, rbad, rconf = contract.forward(x, y, mode, gamma, tvals, ignore)
+    pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, gamma, tvals, ignore, need_tp, need_confusion)
+    rcl, _, rcount, rtp, rbad, rconf = contract.forward(x, y, None, tvals, mode, gamma, ignore, Reduction.CLASS,
+                                                        Weighting.NONE)
+    rpl = contract.pixel_loss(x, y, mode, gamma, tvals, ignore)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert pl.dtype == cl.dtype == acc and pl.shape == rpl.shape and cl.shape == rcl.shape
     torch.testing.assert_close(pl, rpl, **LOSS_TOL[x.dtype])
     torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
     assert torch.equal(count, rcount)
     assert torch.equal(tp, rtp) if need_tp else tp.shape == (0,)
-    assert torch.equal(conf, rconf) if need_confusion else conf.shape == (0, 0)
-    assert bad.shape == () and int(bad) == int(rbad)
+    assert torch.equal(conf, rconf) if need_confusion else conf is None
+    assert int(bad) == int(rbad)
+    if mode != Mode.STATS:  # the weighted mean from the same pass, and its backward factor
+        C = x.shape[1]
+        w = torch.linspace(0.5, 2.0, C, dtype=acc, device=x.device)
+        loss, scale, *_ = BE.fwd(x, y.reshape(-1), w, tvals if mode in (2, 3) else None, None, int(mode), gamma,
+                                 ignore, int(Reduction.MEAN), int(Weighting.GENERAL), False, False, False)
+        wl, ws, *_ = contract.forward(x, y, w, tvals, mode, gamma, ignore, Reduction.MEAN, Weighting.GENERAL)
+        torch.testing.assert_close(loss, wl, **LOSS_TOL[x.dtype])
+        torch.testing.assert_close(scale, ws, **LOSS_TOL[x.dtype])
 
 
 def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed=1):
-    """loss_bwd against autograd of the reference with upstream grad_pixel[n] + grad_class[y_n]."""
+    """The backward against autograd of the reference, for each upstream form asked for: a per-pixel
+    gradient (gp), a per-class factor (gc), a scalar gradient with a factor (both), or neither (1)."""
     C, N = x.shape[1], y.numel()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(seed)
-    grad_pixel = torch.randn(N, generator=g, dtype=acc).to(x.device) if gp else None
-    grad_class = torch.randn(C, generator=g, dtype=acc).to(x.device) if gc else None
-    grad = T.loss_bwd(x, y.reshape(-1), grad_pixel, grad_class, int(mode), gamma,
-                      tvals if mode in (2, 3) else None, ignore)
-    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
-
-    ref = contract.grad(x, y, grad_pixel, grad_class, mode, gamma, tvals, ignore)
-    torch.testing.assert_close(grad, ref, **TOL[x.dtype])
+    grad_pixel = torch.randn(N, generator=g, dtype=acc).to(x.device)
+    grad_class = torch.randn(C, generator=g, dtype=acc).to(x.device)
+    forms = [(grad_pixel if gp else None, None), (None, grad_class if gc else None)]
+    if gp and gc:
+        forms.append((torch.tensor(0.75, dtype=acc, device=x.device), grad_class))
+    for up, scale in forms:
+        grad = bwd(x, y, up, scale, mode, gamma, tvals, ignore)
+        assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
+        ref = contract.grad(x, y, up, scale, mode, gamma, tvals, ignore)
+        torch.testing.assert_close(grad, ref, **TOL[x.dtype])
     return grad
 
 
@@ -149,19 +169,33 @@ def test_150_classes():
 def test_class_sums_in_one_program(monkeypatch):
     """The class-sum kernel with fewer programs than it would start (its scratch columns capped):
     one program's threads walk every pixel."""
-    monkeypatch.setattr(T, "_SUM_SCRATCH_BYTES", 0)
+    monkeypatch.setattr(H, "_SUM_SCRATCH_BYTES", 0)
     shape, layout = PATHS["nchw_c40"]
     x, y, tvals = make(shape, layout, dtype=torch.float32)
     check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, need_tp=False, need_confusion=False)
 
 
 @pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
-def test_confusion_in_the_global_matrix(monkeypatch, path):
-    """Confusion counts added straight into the (C, C) int64 matrix (per-program matrices too big)."""
-    monkeypatch.setattr(T, "_CONF_ROWS_BYTES", 0)
+def test_confusion_by_atomics(monkeypatch, path):
+    """Confusion counts added straight into the caller's (C, C) matrix by integer atomics (the
+    per-program register histogram off), and with the histogram (19 classes)."""
+    monkeypatch.setattr(T, "_CONF_HIST_CELLS", 0)
     shape, layout = PATHS[path]
     x, y, tvals = make(shape, layout, dtype=torch.float32)
     check_forward(x, y, Mode.STATS, 0.0, tvals)
+
+
+def test_finalize_after_a_row_reduction(monkeypatch):
+    """Many rows x classes: the rows are summed by a launch of their own before the finalize."""
+    monkeypatch.setattr(H, "_FINALIZE_ELEMS", 8)
+    for path in ("nchw", "nchw_c40", "channels_last_c300"):
+        shape, layout = PATHS[path]
+        x, y, tvals = make(shape, layout, dtype=torch.float32)
+        check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
+        loss = BE.fwd(x, y.reshape(-1), None, None, None, 0, 0.0, -100, int(Reduction.MEAN),
+                      int(Weighting.RECALL), False, False, False)[0]
+        want = contract.forward(x, y, None, None, 0, 0.0, -100, Reduction.MEAN, Weighting.RECALL)[0]
+        torch.testing.assert_close(loss, want, **LOSS_TOL[x.dtype])
 
 
 @pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX])
@@ -266,7 +300,8 @@ def test_labels_are_widened_before_comparing():
     y.view(-1)[:2] = torch.tensor([2**32 + 1, -2**32])
     for ignore in (-100, 2):
         pl, cl, count, tp, bad, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
-        rpl, rcl, rcount, rtp, rbad, rconf = contract.forward(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
+        rcl, _, rcount, rtp, rbad, rconf = contract.forward(x, y, None, None, Mode.SOFTMAX_FOCAL, 0.0, ignore,
+                                                            Reduction.CLASS, Weighting.NONE)
         assert int(bad) == int(rbad) and pl[:2].eq(0).all()
         assert torch.equal(count, rcount) and torch.equal(conf, rconf)
         torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
@@ -316,7 +351,7 @@ def test_focal_at_certainty(gamma):
     y = torch.ones(4, dtype=torch.int64)
     x, y = x.to(DEV), y.to(DEV)
     pl, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, gamma, None)
-    grad = T.loss_bwd(x, y, torch.ones(4, device=DEV), None, 0, gamma, None, -100)
+    grad = bwd(x, y, torch.ones(4, device=DEV), None, 0, gamma, None)
     assert torch.isfinite(pl).all() and torch.isfinite(grad).all()
     assert pl[0] == 0 and (grad[0] == 0).all()
     check_backward(x[2:3].double(), y[2:3], Mode.SOFTMAX_FOCAL, gamma, None)
@@ -357,21 +392,21 @@ def test_softmax_float32_far_from_zero():
 
 @pytest.mark.parametrize("gp, gc", [(True, False), (False, True), (False, False)])
 def test_backward_inputs(gp, gc):
+    """A per-pixel upstream gradient, a per-class factor, or neither (each 1: the gradient of Σ ℓ_n)."""
     x, y, tvals = make((2, 6, 4, 3), "cl")
-    grad = check_backward(x, y, Mode.MSE_SOFTMAX, 0.0, tvals, gp=gp, gc=gc)
-    if not (gp or gc):
-        assert (grad == 0).all()
+    check_backward(x, y, Mode.MSE_SOFTMAX, 0.0, tvals, gp=gp, gc=gc)
 
 
-def test_backward_expanded_grad_pixel():
-    """autograd hands ``sum()``'s gradient over as a stride-0 expansion."""
+def test_backward_expanded_and_scalar_upstream():
+    """autograd hands ``sum()``'s gradient over as a stride-0 expansion, a mean's as a scalar: both are
+    one value for every pixel; a strided per-class factor is read with its stride."""
     x, y, _ = make((2, 6, 4, 3), "nchw")
     N = y.numel()
-    ones = torch.ones((), dtype=torch.float64, device=DEV).expand(N)
-    grad_class = torch.arange(12.0, dtype=torch.float64, device=DEV)[::2]  # stride 2
-    grad = T.loss_bwd(x, y.reshape(-1), ones, grad_class, 1, 1.5, None, -100)
-    expect = T.loss_bwd(x, y.reshape(-1), ones.contiguous(), grad_class.contiguous(), 1, 1.5, None, -100)
-    assert torch.equal(grad, expect)
+    ones = torch.full((), 1.5, dtype=torch.float64, device=DEV)
+    scale = torch.arange(12.0, dtype=torch.float64, device=DEV)[::2]  # stride 2
+    expect = bwd(x, y, ones.expand(N).contiguous(), scale.contiguous(), 1, 1.5, None)
+    assert torch.equal(bwd(x, y, ones.expand(N), scale.contiguous(), 1, 1.5, None), expect)
+    assert torch.equal(bwd(x, y, ones, scale.contiguous(), 1, 1.5, None), expect)
 
 
 def test_non_dense_logits():
@@ -396,8 +431,9 @@ def test_empty(shape):
     y = torch.zeros((shape[0],) + shape[2:], dtype=torch.int64, device=DEV)
     pl, cl, count, tp, bad, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
     assert pl.shape == (0,) and (cl == 0).all() and (count == 0).all() and (conf == 0).all() and bad == 0
-    grad = T.loss_bwd(x, y.reshape(-1), torch.zeros(0, device=DEV), torch.ones(4, device=DEV), 0, 2.0,
-                      None, -100)
+    loss = BE.fwd(x, y.reshape(-1), None, None, None, 0, 2.0, -100, 0, 3, False, True, False)[0]
+    assert loss.item() == 0
+    grad = bwd(x, y, torch.zeros(0, device=DEV), torch.ones(4, device=DEV), 0, 2.0, None)
     assert grad.shape == x.shape
 
 
@@ -407,20 +443,17 @@ def test_all_ignored():
     for mode in MODES:
         pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, 2.0, tvals)
         assert (pl == 0).all() and (cl == 0).all() and (count == 0).all() and (conf == 0).all()
-        grad = T.loss_bwd(x, y.reshape(-1), torch.ones(y.numel(), dtype=torch.float64, device=DEV),
-                          torch.ones(5, dtype=torch.float64, device=DEV), int(mode), 2.0,
-                          tvals if mode in (2, 3) else None, -100)
+        grad = bwd(x, y, torch.ones(y.numel(), dtype=torch.float64, device=DEV),
+                   torch.ones(5, dtype=torch.float64, device=DEV), int(mode), 2.0, tvals)
         assert (grad == 0).all()
 
 
-def test_need_pixel_loss_false():
-    x, y, tvals = make((2, 300, 3, 4), "cl", dtype=torch.float32)
-    pl, cl, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, need_pixel_loss=False, need_confusion=False)
-    pl2, cl2, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None, need_confusion=False)
-    assert pl.numel() == 0 and torch.equal(cl, cl2)
+def test_bad_label_output():
+    """The forward returns how many labels were bad and the largest (the deferred check names it)."""
+    x, y, _ = make((2, 5, 4, 3), "nchw")  # labels C + 2 and -3 among them
+    bad = BE.fwd(x, y.reshape(-1), None, None, None, 0, 0.0, -100, 0, 0, False, True, False)[4]
+    assert bad.tolist() == [2, 7]
 
-
-# --- determinism, autograd, op registration -------------------------------------------------
 
 @pytest.mark.parametrize("path", ["nchw", "channels_last_c300"])
 def test_deterministic(path):
@@ -431,15 +464,18 @@ def test_deterministic(path):
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     gp = torch.randn(y.numel(), device=DEV)
-    g1 = T.loss_bwd(x, y.reshape(-1), gp, None, 1, 1.5, None, -100)
-    g2 = T.loss_bwd(x, y.reshape(-1), gp, None, 1, 1.5, None, -100)
+    g1 = bwd(x, y, gp, None, 1, 1.5, None)
+    g2 = bwd(x, y, gp, None, 1, 1.5, None)
     assert torch.equal(g1, g2)
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != Mode.STATS], ids=lambda m: m.name)
 @pytest.mark.parametrize("chunked", [False, True])
 def test_gradcheck(request, mode, chunked):
-    """Both float outputs of the forward op, through its registered autograd, in float64."""
+    """The per-pixel and per-class outputs through the autograd formula (functional.py's path), in
+    float64."""
+    from fused_imbalance import _fused
+    _fused.register_backend(BE)
     if chunked:
         request.getfixturevalue("small_chunks")
     # chunked: 5 classes in chunks of 4 and a tail of 1, NCHW tiles and the class-sum kernel; three
@@ -449,10 +485,12 @@ def test_gradcheck(request, mode, chunked):
     C, N = x.shape[1], y.numel()
     wp = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=DEV)
     wc = torch.linspace(-1.0, 2.0, C, dtype=torch.float64, device=DEV)
+    tv = tvals if mode in (2, 3) else None
 
     def f(t):
-        pl, cl, *_ = T.loss_fwd(t, y.reshape(-1), int(mode), GAMMA.get(mode, 0.0),
-                                tvals if mode in (2, 3) else None, -100, True, False, False)
+        args = (tv, None, mode, GAMMA.get(mode, 0.0), -100)
+        pl = _fused.forward("triton", t, y.reshape(-1), (), None, *args, Reduction.NONE, Weighting.NONE, False, False)[0]
+        cl = _fused.forward("triton", t, y.reshape(-1), (), None, *args, Reduction.CLASS, Weighting.NONE, False, False)[0]
         return (pl * wp).sum() + (cl * wc).sum()
 
     assert torch.autograd.gradcheck(f, (x,))
@@ -462,41 +500,59 @@ def _opcheck_utils():
     # Under TRITON_INTERPRET, @triton.jit gives an InterpretedFunction, which wrap_triton hands
     # back untraced (torch does not trace interpreted kernels): AOT tracing would launch it on
     # fake tensors. That check runs where there is a GPU.
-    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    utils = ["test_schema", "test_faketensor"]
     return utils + (["test_aot_dispatch_dynamic"] if torch.cuda.is_available() else [])
 
 
 def test_opcheck():
     x, y, tvals = make((2, 5, 3, 2), "nchw")
     y = y.reshape(-1)
-    xg = x.clone().requires_grad_(True)
-    for args in [(xg, y, 0, 2.0, None, -100, True, True, True), (xg, y, 3, 0.0, tvals, -100, False, False, False),
-                 (x, y, 4, 0.0, None, -100, False, True, True), (x, y, 4, 0.0, None, -100, False, False, True)]:
+    w = torch.linspace(0.5, 2.0, 5, dtype=torch.float64, device=DEV)
+    conf = torch.zeros(5, 5, dtype=torch.int64, device=DEV)
+    for args in [(x, y, w, None, conf, 0, 2.0, -100, 0, 1, True, True, False),
+                 (x, y, None, tvals, None, 3, 0.0, -100, 2, 0, False, False, False),
+                 (x, y, None, None, conf, 4, 0.0, -100, 1, 0, True, True, False),
+                 (x, y, None, None, None, 0, 0.0, -100, 3, 3, False, True, False)]:
         torch.library.opcheck(T.loss_fwd, args, test_utils=_opcheck_utils())
     gp = torch.randn(y.numel(), dtype=torch.float64, device=DEV)
     gc = torch.randn(5, dtype=torch.float64, device=DEV)
-    for args in [(x, y, gp, gc, 1, 1.5, None, -100), (x, y, None, gc, 2, 0.0, tvals, -100)]:
+    for args in [(x, y, gp, gc, None, None, 1, 1.5, -100), (x, y, None, gc, tvals, None, 2, 0.0, -100)]:
         torch.library.opcheck(T.loss_bwd, args, test_utils=_opcheck_utils())
+
+
+def test_eager_launchers_are_the_ops():
+    """The eager path's launchers and the registered ops run the same code: bit-identical outputs."""
+    x, y, _ = make((2, 19, 7, 13), "nchw", dtype=torch.float32)
+    t = y.reshape(-1)
+    w = torch.linspace(0.5, 2.0, 19, device=DEV)
+    c1, c2 = (torch.zeros(19, 19, dtype=torch.int64, device=DEV) for _ in range(2))
+    a = BE.fwd(x, t, w, None, c1, 0, 2.0, -100, 0, 1, True, True, False)
+    b = BE.fwd_op(x, t, w, None, c2, 0, 2.0, -100, 0, 1, True, True, False)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and torch.equal(c1, c2)
+    g = torch.tensor(1.0, device=DEV)
+    assert torch.equal(BE.bwd(x, t, g, a[1], None, None, 0, 2.0, -100), BE.bwd_op(x, t, g, a[1], None, None, 0, 2.0,
+                                                                                  -100))
 
 
 @pytest.mark.cuda  # under TRITON_INTERPRET the kernels cannot be traced (see _opcheck_utils)
 def test_compile_fullgraph():
+    import fused_imbalance.functional as FI
     x, y, _ = make((2, 5, 6, 4), "cl", dtype=torch.float32)
-    y = y.reshape(-1)
+    y = torch.where((y >= 0) & (y < 5), y, torch.full_like(y, -100))
 
-    def f(x):
-        pl, cl, count, tp, bad, conf = T.loss_fwd(x, y, 0, 2.0, None, -100, True, True, True)
-        return pl.sum() + cl.sum(), count, tp, conf
+    def f(x, conf):
+        return FI.focal_loss(x, y, 2.0, confusion=conf, backend="triton") + FI.recall_loss(x, y, backend="triton")
 
     xe = x.clone().requires_grad_(True)
     xc = x.clone().requires_grad_(True)
-    le, ce, te, fe = f(xe)
-    lc, cc, tc, fc = torch.compile(f, fullgraph=True)(xc)
+    ce, cc = (torch.zeros(5, 5, dtype=torch.int64, device=DEV) for _ in range(2))
+    le = f(xe, ce)
+    lc = torch.compile(f, fullgraph=True)(xc, cc)
     le.backward()
     lc.backward()
     torch.testing.assert_close(lc, le)
     torch.testing.assert_close(xc.grad, xe.grad)
-    assert torch.equal(cc, ce) and torch.equal(tc, te) and torch.equal(fc, fe)
+    assert torch.equal(cc, ce)
 
 
 @pytest.mark.cuda
@@ -508,7 +564,7 @@ def test_launches_on_the_logits_device():
     x1, y1 = x.to("cuda:1"), y.to("cuda:1")
     with torch.cuda.device(0):
         out = run_fwd(x1, y1, Mode.SOFTMAX_FOCAL, 2.0, None)
-        grad = T.loss_bwd(x1, y1.reshape(-1), torch.ones(y1.numel(), device="cuda:1"), None, 0, 2.0, None, -100)
+        grad = bwd(x1, y1, torch.ones(y1.numel(), device="cuda:1"), None, 0, 2.0, None)
     ref = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 2.0, None)
     for a, b in zip(out, ref):
         assert a.device == x1.device

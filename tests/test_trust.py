@@ -266,12 +266,13 @@ def test_more_than_2_31_pixels_cpu():
         FI.resolve_backend("cpp", torch.zeros(1, 2))
     except RuntimeError as e:
         pytest.skip(f"cpp backend unavailable: {e}")
-    from fused_imbalance.ops import Mode, cpp
+    from fused_imbalance.ops import Mode, Reduction, Weighting, cpp
     n = 2**31 + 2**10
     x, y, (n0, n1), total = _huge_case(n, "cpu", torch.float32)
-    _, class_loss, count, tp, bad, conf = cpp.loss_fwd(x, y, int(Mode.SOFTMAX_FOCAL), 0.0, None, 255,
-                                                       False, True, True)
-    assert count.tolist() == [n0, n1] and tp.tolist() == [n0, 0] and int(bad) == 0
+    conf = torch.zeros(2, 2, dtype=torch.int64)
+    class_loss, _, count, tp, bad, _ = cpp.backend().fwd(x, y, None, None, conf, int(Mode.SOFTMAX_FOCAL), 0.0, 255,
+                                                         int(Reduction.CLASS), int(Weighting.NONE), True, True, False)
+    assert count.tolist() == [n0, n1] and tp.tolist() == [n0, 0] and int(bad[0]) == 0
     assert conf.tolist() == [[n0, 0], [n1, 0]]  # class 0's logit is the larger one at every pixel
     # what cross_entropy(reduction="sum") returns from these outputs
     assert class_loss.double().sum().item() == pytest.approx(total, rel=1e-5)
@@ -313,15 +314,50 @@ def test_double_backward_is_an_error(backend, name, reduction):
         torch.autograd.grad((g * g).sum(), x)
 
 
-@pytest.mark.parametrize("transform", ["grad", "jacrev"])
-def test_torch_func_says_what_is_unsupported(backend, transform):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["focal_loss", "recall_loss", "cb_sigmoid", "mse_outlying_loss"])
+def test_forward_mode_derivatives(backend, name, reduction):
+    """torch.autograd.forward_ad and torch.func.jvp give the loss's tangent ⟨∂L/∂x, t⟩ (per pixel for
+    "none") on the fused backends, as on the reference; torch.func.grad gives the gradient."""
+    import torch.autograd.forward_ad as fwAD
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float64)
+    x, y = x.to(dev), y.to(dev)
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dev)
+    fn = ALL_LOSSES[name]
+    want_out, want_t = torch.func.jvp(lambda a: fn(a, y, reduction=reduction, backend="reference"), (x,), (t,))
+    out, tangent = torch.func.jvp(lambda a: fn(a, y, reduction=reduction, backend=backend), (x,), (t,))
+    torch.testing.assert_close(out, want_out, **TOL[torch.float64])
+    torch.testing.assert_close(tangent, want_t, **TOL[torch.float64])
+    with fwAD.dual_level():
+        dual = fn(fwAD.make_dual(x, t), y, reduction=reduction, backend=backend)
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, want_t, **TOL[torch.float64])
+    g = torch.func.grad(lambda a: fn(a, y, reduction=reduction, backend=backend).sum())(x)
+    want_g = torch.func.grad(lambda a: fn(a, y, reduction=reduction, backend="reference").sum())(x)
+    torch.testing.assert_close(g, want_g, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
+def test_jacobians(backend, transform, reduction):
+    """torch.func.jacrev and jacfwd of a fused loss: the reference's Jacobian (per pixel for "none")."""
     dev = backend_device(backend)
     x, y = make_data((2, 4, 3, 3), torch.float64)
     x, y = x.to(dev), y.to(dev)
     tf = getattr(torch.func, transform)
-    with pytest.raises(RuntimeError, match=f"torch.func transforms .* fused '{backend}' backend"):
-        tf(lambda t: FI.focal_loss(t, y, backend=backend))(x)
-    # what the message recommends works: the reference inside torch.func, autograd with the backend
-    got = tf(lambda t: FI.focal_loss(t, y, backend="reference"))(x)
-    want, = torch.autograd.grad(FI.focal_loss(x.requires_grad_(True), y, backend=backend), x)
+    got = tf(lambda t: FI.focal_loss(t, y, reduction=reduction, backend=backend))(x)
+    want = tf(lambda t: FI.focal_loss(t, y, reduction=reduction, backend="reference"))(x)
     torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_vmap_says_what_is_unsupported(backend):
+    """vmap over the loss would batch the kernels: an error that says so, never a wrong number; the
+    reference works under it."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), torch.float64)
+    x, y = x.to(dev), y.to(dev)
+    batch = x[None].expand(2, *x.shape)
+    with pytest.raises(RuntimeError, match=f"torch.func.vmap over a fused loss .* '{backend}' backend"):
+        torch.func.vmap(lambda t: FI.focal_loss(t, y, backend=backend))(batch)
+    got = torch.func.vmap(lambda t: FI.focal_loss(t, y, backend="reference"))(batch)
+    torch.testing.assert_close(got[0], FI.focal_loss(x, y, backend=backend), **TOL[torch.float64])

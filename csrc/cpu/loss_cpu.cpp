@@ -1,5 +1,5 @@
-// CPU implementations of fused_imbalance::cpp_loss_fwd / cpp_loss_bwd / cpp_class_stats
-// (contract: fused_imbalance/ops/__init__.py).
+// CPU implementations of fused_imbalance::cpp_loss_fwd / cpp_loss_bwd (contract:
+// fused_imbalance/ops/__init__.py), also called directly by an eager call (fused_imbalance.cpp).
 //
 // The pixels are cut into blocks of P pixels (loss_kernels.h) and the blocks into chunks.
 // Both depend only on (N, C), never on the thread count: each chunk sums its pixels'
@@ -44,7 +44,8 @@ struct ChunkPlan {
 // and 256 K per-class slots (the slots are the only O(C) scratch per chunk).
 ChunkPlan plan_chunks(int64_t N, int64_t C) {
   ChunkPlan c;
-  c.P = block_pixels(C);
+  // a small input is one block of its own size, not a whole block of padding
+  c.P = std::min(block_pixels(C), std::max<int64_t>(kBlockAlign, (N + kBlockAlign - 1) / kBlockAlign * kBlockAlign));
   c.blocks = (N + c.P - 1) / c.P;
   int64_t chunks = (N * C + 65535) / 65536;
   chunks = std::min<int64_t>(chunks, 256);
@@ -160,21 +161,22 @@ void scatter_block(const T* buf, const PixelView& v, const int64_t* off, int64_t
 }
 
 template <typename X, typename T, typename L>
-void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64_t mode,
-                     double gamma, const T* tvals, int64_t ignore_index, const FwdOut& out) {
+Totals loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64_t mode, double gamma,
+                       const T* tvals, int64_t ignore_index, const FwdOut& out) {
   const int64_t N = v.B * v.S, C = v.C;
   const ChunkPlan plan = plan_chunks(N, C);
   const int64_t P = plan.P;
   ChunkSlots slots(plan.chunks, C);
   const X* xd = x.data_ptr<X>();
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
+  const T* weight = static_cast<const T*>(out.weight);
 
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<int32_t> y(P), argmax(P);
     std::vector<T> tvy(P, T(0)), loss(P);
     std::vector<int64_t> off(P);
     std::vector<T> xbuf;
-    ConfusionCounts confusion(out.confusion, C);
+    ConfusionCounts confusion(out.confusion, C, (c1 - c0) * plan.per * P);
     FwdBlock<T> fb;
     fb.C = C;
     fb.P = P;
@@ -182,7 +184,7 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
     fb.tvy = tvy.data();
     fb.gamma = gamma;
     fb.loss = loss.data();
-    fb.argmax = out.tp != nullptr || out.confusion != nullptr ? argmax.data() : nullptr;  // else not wanted
+    fb.argmax = out.need_argmax ? argmax.data() : nullptr;  // else not wanted
     ClassBanks banks(C);
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       banks.clear();
@@ -191,20 +193,20 @@ void loss_fwd_kernel(const Tensor& x, const PixelView& v, const L* labels, int64
       for (int64_t blk = chunk * plan.per; blk < b_end; ++blk) {
         const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
         std::tie(fb.x, fb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
-        bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss,
+        bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss, weight,
                              banks, confusion);
       }
       slots.store(chunk, banks, bad);
     }
     confusion.flush();
   });
-  slots.finish<T>(out);
+  return slots.finish();
 }
 
 template <typename X, typename T, typename L>
-void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const T* grad_pixel,
-                     int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
-                     const T* tvals, int64_t ignore_index, Tensor& grad, const PixelView& gv) {
+void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const T* up_grad, int64_t up_stride,
+                     const T* scale, int64_t mode, double gamma, const T* tvals, int64_t ignore_index, Tensor& grad,
+                     const PixelView& gv) {
   const int64_t N = v.B * v.S, C = v.C;
   const ChunkPlan plan = plan_chunks(N, C);
   const int64_t P = plan.P;
@@ -229,8 +231,7 @@ void loss_bwd_kernel(const Tensor& x, const PixelView& v, const L* labels, const
     for (int64_t blk = c0 * plan.per; blk < b_end; ++blk) {
       const int64_t n0 = blk * P, cnt = std::min(P, N - n0);
       load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-      backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
-                            tvy.data());
+      backward_coefficients(y.data(), n0, P, up_grad, up_stride, scale, tvals, coef.data(), tvy.data());
       std::tie(bb.x, bb.x_stride) = logits_block<X, T>(xd, v, n0, cnt, P, off, xbuf);
       X* gdir = direct_block<X, T>(gd, gv, n0, cnt, P);
       if (gdir != nullptr) {
@@ -269,88 +270,86 @@ Tensor check_inputs(const Tensor& x, const Tensor& target, int64_t mode, double 
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_loss_fwd_cpu(
-    const Tensor& x_in, const Tensor& target_in, int64_t mode, double gamma,
-    const std::optional<Tensor>& tvals_in, int64_t ignore_index, bool need_pixel_loss,
-    bool need_tp, bool need_confusion) {
+    const Tensor& x_in, const Tensor& target_in, const std::optional<Tensor>& weight_in,
+    const std::optional<Tensor>& tvals_in, const std::optional<Tensor>& confusion_in, int64_t mode, double gamma,
+    int64_t ignore_index, int64_t reduction, int64_t weighting, bool need_tp, bool validate, bool need_lse) {
   const Tensor x = check_inputs(x_in, target_in, mode, gamma);
+  check_reduction(reduction, weighting);
   const Tensor target = target_in.contiguous();
-  const Tensor tvals = mse_tvals(mode, tvals_in, x);
   const PixelView v = pixel_view(x);
   const int64_t N = v.B * v.S, C = v.C;
   const auto acc = acc_dtype(x);
-  const auto i64 = x.options().dtype(at::kLong);
-  Tensor pixel_loss = at::empty({need_pixel_loss ? N : 0}, x.options().dtype(acc));
-  Tensor class_loss = at::zeros({C}, x.options().dtype(acc));
-  Tensor count = at::zeros({C}, i64);
-  // The true positives come with the per-class banks at no extra cost; the empty (0,) output
-  // when they were not asked for keeps the op's contract the same on every backend.
-  Tensor tp = at::zeros({C}, i64);
-  Tensor bad = at::zeros({}, i64);
-  Tensor conf = need_confusion ? at::zeros({C, C}, i64) : at::empty({0, 0}, i64);
-  if (N > 0) {
-    FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(),
-               count.data_ptr<int64_t>(), tp.data_ptr<int64_t>(), bad.data_ptr<int64_t>(),
-               need_confusion ? conf.data_ptr<int64_t>() : nullptr};
-    dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
-      using X = typename decltype(xt)::type;
-      using T = typename decltype(tt)::type;
-      dispatch_labels(target.scalar_type(), [&](auto lt) {
-        using L = typename decltype(lt)::type;
-        loss_fwd_kernel<X, T, L>(x, v, target.data_ptr<L>(), mode, gamma,
-                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index,
-                                 out);
-      });
-    });
-  }
-  return {pixel_loss, class_loss, count, need_tp ? tp : at::empty({0}, i64), bad, conf};
-}
-
-Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in,
-                        const std::optional<Tensor>& grad_pixel_in,
-                        const std::optional<Tensor>& grad_class_in, int64_t mode, double gamma,
-                        const std::optional<Tensor>& tvals_in, int64_t ignore_index) {
-  const Tensor x = check_inputs(x_in, target_in, mode, gamma);
-  const Tensor target = target_in.contiguous();
   const Tensor tvals = mse_tvals(mode, tvals_in, x);
-  const PixelView v = pixel_view(x);
-  const int64_t N = v.B * v.S, C = v.C;
-  const auto acc = acc_dtype(x);
-  Tensor grad = at::empty_like(x_in);  // the dtype, shape and memory format of the logits
-  if (N == 0) return grad;
-  Tensor work = collapsible(grad) ? grad : at::empty_like(x);
-  const PixelView gv = pixel_view(work);
-
-  Tensor grad_pixel, grad_class;
-  std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
+  const Tensor weight = class_vector(weight_in, C, acc, "weight");
+  TORCH_CHECK(weight.defined() || (weighting != kGeneral && weighting != kPaper),
+              "fused_imbalance: this weighting needs class weights");
+  const Tensor confusion = checked_confusion(confusion_in, C);
+  need_tp = need_tp || weighting == kRecall;
+  Tensor loss, scale, count, tp, bad, lse;
+  std::tie(loss, scale, count, tp, bad, lse) = forward_outputs(x, C, N, reduction, need_tp);
+  const bool weigh = reduction == kNone && (weighting == kGeneral || weighting == kPaper);
   dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
     using X = typename decltype(xt)::type;
     using T = typename decltype(tt)::type;
     dispatch_labels(target.scalar_type(), [&](auto lt) {
       using L = typename decltype(lt)::type;
-      loss_bwd_kernel<X, T, L>(
-          x, v, target.data_ptr<L>(), grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
-          grad_pixel.defined() ? grad_pixel.stride(0) : 0,
-          grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
-          tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, work, gv);
+      const L* labels = target.data_ptr<L>();
+      // nothing is added into the caller's matrix from labels that will raise
+      if (validate && confusion.defined() && count_bad_labels(labels, N, C, ignore_index) > 0)
+        raise_bad_labels(labels, N, C, ignore_index);
+      FwdOut out;
+      out.pixel_loss = reduction == kNone ? loss.data_ptr() : nullptr;
+      out.weight = weigh ? weight.data_ptr() : nullptr;
+      out.confusion = confusion.defined() ? confusion.data_ptr<int64_t>() : nullptr;
+      out.need_argmax = need_tp || confusion.defined();
+      const Totals tot = N > 0 ? loss_fwd_kernel<X, T, L>(x, v, labels, mode, gamma,
+                                                           tvals.defined() ? tvals.data_ptr<T>() : nullptr,
+                                                           ignore_index, out)
+                               : Totals{std::vector<double>(C, 0.0), std::vector<int64_t>(C, 0),
+                                        std::vector<int64_t>(C, 0), 0};
+      record_bad(tot.bad, labels, N, C, ignore_index, validate, bad);
+      finish_forward<T>(tot, weight.defined() ? weight.data_ptr<T>() : nullptr, reduction, weighting, loss, scale,
+                        count, tp, need_tp);
+      if (reduction == kNone && weighting == kRecall)
+        weigh_pixels(loss.data_ptr<T>(), labels, N, C, ignore_index, scale.data_ptr<T>());
+    });
+  });
+  return {loss, scale, count, tp, bad, lse};
+}
+
+Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in, const std::optional<Tensor>& grad_in,
+                        const std::optional<Tensor>& scale_in, const std::optional<Tensor>& tvals_in,
+                        const std::optional<Tensor>& lse_in, int64_t mode, double gamma, int64_t ignore_index) {
+  const Tensor x = check_inputs(x_in, target_in, mode, gamma);
+  const Tensor target = target_in.contiguous();
+  const PixelView v = pixel_view(x);
+  const int64_t N = v.B * v.S, C = v.C;
+  const auto acc = acc_dtype(x);
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const Upstream up = upstream(grad_in, scale_in, N, C, acc);
+  (void)lse_in;  // the plain forward keeps nothing (keeps_lse = 0): a block's logits are re-read from cache
+  Tensor grad = at::empty_like(x_in);  // the dtype, shape and memory format of the logits
+  if (N == 0) return grad;
+  if (mode == kStats) return grad.zero_();
+  Tensor work = collapsible(grad) ? grad : at::empty_like(x);
+  const PixelView gv = pixel_view(work);
+  dispatch_logits(x.scalar_type(), [&](auto xt, auto tt) {
+    using X = typename decltype(xt)::type;
+    using T = typename decltype(tt)::type;
+    dispatch_labels(target.scalar_type(), [&](auto lt) {
+      using L = typename decltype(lt)::type;
+      loss_bwd_kernel<X, T, L>(x, v, target.data_ptr<L>(), up.grad.defined() ? up.grad.data_ptr<T>() : nullptr,
+                               up.grad_stride, up.scale.defined() ? up.scale.data_ptr<T>() : nullptr, mode, gamma,
+                               tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, work, gv);
     });
   });
   if (!work.is_same(grad)) grad.copy_(work);
   return grad;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_class_stats_cpu(const Tensor& x,
-                                                               const Tensor& target,
-                                                               int64_t ignore_index,
-                                                               bool need_confusion) {
-  auto r = cpp_loss_fwd_cpu(x, target, kStats, 0.0, std::nullopt, ignore_index, false, true,
-                            need_confusion);
-  return {std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
-}
-
 TORCH_LIBRARY_IMPL(fused_imbalance, CPU, m) {
   m.impl("cpp_loss_fwd", &cpp_loss_fwd_cpu);
   m.impl("cpp_loss_bwd", &cpp_loss_bwd_cpu);
-  m.impl("cpp_class_stats", &cpp_class_stats_cpu);
 }
 
 }  // namespace cpu

@@ -273,8 +273,8 @@ std::pair<const T*, int64_t> interpolated_block(const Resize<T>& r, const T* r0,
 }
 
 template <typename X, typename T, typename L>
-void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, int64_t mode, double gamma,
-                         const T* tvals, int64_t ignore_index, const FwdOut& out) {
+Totals upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, int64_t mode, double gamma,
+                           const T* tvals, int64_t ignore_index, const FwdOut& out) {
   const int64_t C = r.C, W = r.W, rows = r.B * r.H;
   // Chunks of whole rows, at least 64 K logits each, at most 256 chunks and 256 K per-class slots.
   int64_t chunks = std::min<int64_t>((rows * W * C + 65535) / 65536, 256);
@@ -287,6 +287,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
   ChunkSlots slots(chunks, C);
   const X* xd = x.data_ptr<X>();
   T* pixel_loss = static_cast<T*>(out.pixel_loss);
+  const T* weight = static_cast<const T*>(out.weight);
   T* lse_out = static_cast<T*>(out.lse);
   const int64_t Pb = block_pixels(C, r.Wp, 8192, kBlockAlign);
 
@@ -295,14 +296,14 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     std::vector<T> buf(r.nearest ? 0 : C * Pb), tvy(Pb, T(0)), loss(Pb), lse(lse_out != nullptr ? Pb : 0);
     std::vector<int32_t> y(Pb), argmax(Pb);
     ClassBanks banks(C);
-    ConfusionCounts confusion(out.confusion, C);
+    ConfusionCounts confusion(out.confusion, C, rows * W);
     FwdBlock<T> fb;
     fb.C = C;
     fb.y = y.data();
     fb.tvy = tvy.data();
     fb.gamma = gamma;
     fb.loss = loss.data();
-    fb.argmax = out.tp != nullptr || out.confusion != nullptr ? argmax.data() : nullptr;  // else not wanted
+    fb.argmax = out.need_argmax ? argmax.data() : nullptr;  // else not wanted
     fb.lse = lse_out != nullptr ? lse.data() : nullptr;
     for (int64_t chunk; (chunk = next()) >= 0;) {
       banks.clear();
@@ -319,7 +320,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
           std::tie(fb.x, fb.x_stride) = interpolated_block(r, r0, r1, Y, X0, P, buf);
           fb.P = P;
           bad += forward_block(mode, fb, labels, n0, cnt, ignore_index, tvals, y.data(), tvy.data(), pixel_loss,
-                               banks, confusion);
+                               weight, banks, confusion);
           if (lse_out != nullptr) std::copy(lse.data(), lse.data() + cnt, lse_out + n0);
         }
       }
@@ -327,7 +328,7 @@ void upsample_fwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, i
     }
     confusion.flush();
   });
-  slots.finish<T>(out);
+  return slots.finish();
 }
 
 // Bands of low-resolution rows per image for the backward: tasks (B·bands) enough for two per
@@ -369,9 +370,9 @@ Taps<T> make_taps(const Resize<T>& r) {
 }
 
 template <typename X, typename T, typename L>
-void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* grad_pixel,
-                         int64_t grad_pixel_stride, const T* grad_class, int64_t mode, double gamma,
-                         const T* tvals, int64_t ignore_index, const T* lse_in, Tensor& grad) {
+void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, const T* up_grad, int64_t up_stride,
+                         const T* scale, int64_t mode, double gamma, const T* tvals, int64_t ignore_index,
+                         const T* lse_in, Tensor& grad) {
   const int64_t C = r.C, W = r.W, h = r.h, w = r.w, Wp = r.Wp, Ws = r.Ws;
   const X* xd = x.data_ptr<X>();
   X* gd = grad.data_ptr<X>();
@@ -456,8 +457,7 @@ void upsample_bwd_kernel(const Tensor& x, const Resize<T>& r, const L* labels, c
           for (int64_t Yr = Y; Yr < Ye; ++Yr) {
             const int64_t n0 = (b * r.H + Yr) * W + X0;  // int64: B*H*W can exceed 2^31
             load_labels(labels, n0, cnt, P, C, ignore_index, y.data());
-            backward_coefficients(y.data(), n0, P, grad_pixel, grad_pixel_stride, grad_class, tvals, coef.data(),
-                                  tvy.data());
+            backward_coefficients(y.data(), n0, P, up_grad, up_stride, scale, tvals, coef.data(), tvy.data());
             if (lse_in != nullptr) std::copy(lse_in + n0, lse_in + n0 + cnt, lse.data());
             std::tie(bb.x, bb.x_stride) = interpolated_block(r, r0, r1, Yr, X0, P, buf);
             bb.P = P;
@@ -508,67 +508,85 @@ void dispatch_upsample(const Tensor& x, const Tensor& target, int64_t interp, bo
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
-    const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners, int64_t mode, double gamma,
-    const std::optional<Tensor>& tvals_in, int64_t ignore_index, bool need_pixel_loss, bool need_tp,
-    bool need_confusion, bool need_lse) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpp_upsample_loss_fwd_cpu(
+    const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners, const std::optional<Tensor>& weight_in,
+    const std::optional<Tensor>& tvals_in, const std::optional<Tensor>& confusion_in, int64_t mode, double gamma,
+    int64_t ignore_index, int64_t reduction, int64_t weighting, bool need_tp, bool validate, bool need_lse) {
   check_inputs(x, target_in, interp, mode, gamma);
+  check_reduction(reduction, weighting);
   need_lse = need_lse && mode == kSoftmaxFocal;
   const Tensor target = target_in.contiguous();
-  const Tensor tvals = mse_tvals(mode, tvals_in, x);
   const int64_t C = x.size(1), N = target.numel();
   const auto acc = acc_dtype(x);
-  const auto opt = x.options();
-  Tensor pixel_loss = at::empty({need_pixel_loss ? N : 0}, opt.dtype(acc));  // every element is written
-  Tensor class_loss = at::zeros({C}, opt.dtype(acc));
-  Tensor count = at::zeros({C}, opt.dtype(at::kLong));
-  Tensor tp = at::zeros({need_tp ? C : 0}, opt.dtype(at::kLong));
-  Tensor bad = at::zeros({}, opt.dtype(at::kLong));
-  Tensor confusion = at::zeros({need_confusion ? C : 0, need_confusion ? C : 0}, opt.dtype(at::kLong));
-  Tensor lse = at::empty({need_lse ? N : 0}, opt.dtype(acc));  // every element is written
-  if (N == 0) return {pixel_loss, class_loss, count, tp, bad, confusion, lse};
-  FwdOut out{need_pixel_loss ? pixel_loss.data_ptr() : nullptr, class_loss.data_ptr(), count.data_ptr<int64_t>(),
-             need_tp ? tp.data_ptr<int64_t>() : nullptr, bad.data_ptr<int64_t>(),
-             need_confusion ? confusion.data_ptr<int64_t>() : nullptr, need_lse ? lse.data_ptr() : nullptr};
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const Tensor weight = class_vector(weight_in, C, acc, "weight");
+  TORCH_CHECK(weight.defined() || (weighting != kGeneral && weighting != kPaper),
+              "fused_imbalance: this weighting needs class weights");
+  const Tensor confusion = checked_confusion(confusion_in, C);
+  need_tp = need_tp || weighting == kRecall;
+  Tensor loss, scale, count, tp, bad, lse;
+  std::tie(loss, scale, count, tp, bad, lse) = forward_outputs(x, C, N, reduction, need_tp, need_lse ? N : 0);
+  const bool weigh = reduction == kNone && (weighting == kGeneral || weighting == kPaper);
+  if (N == 0 || x.numel() == 0) lse.zero_();
   dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
     using T = typename std::decay_t<decltype(r)>::Acc;
     using L = typename decltype(lt)::type;
-    upsample_fwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), mode, gamma,
-                                 tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index, out);
+    const L* labels = target.data_ptr<L>();
+    // nothing is added into the caller's matrix from labels that will raise
+    if (validate && confusion.defined() && count_bad_labels(labels, N, C, ignore_index) > 0)
+      raise_bad_labels(labels, N, C, ignore_index);
+    FwdOut out;
+    out.pixel_loss = reduction == kNone ? loss.data_ptr() : nullptr;
+    out.weight = weigh ? weight.data_ptr() : nullptr;
+    out.confusion = confusion.defined() ? confusion.data_ptr<int64_t>() : nullptr;
+    out.need_argmax = need_tp || confusion.defined();
+    out.lse = need_lse ? lse.data_ptr() : nullptr;
+    Totals tot;
+    if (N > 0 && x.numel() > 0) {
+      tot = upsample_fwd_kernel<X, T, L>(x, r, labels, mode, gamma, tvals.defined() ? tvals.data_ptr<T>() : nullptr,
+                                         ignore_index, out);
+    } else {
+      tot = Totals{std::vector<double>(C, 0.0), std::vector<int64_t>(C, 0), std::vector<int64_t>(C, 0), 0};
+      if (reduction == kNone) loss.zero_();
+    }
+    record_bad(tot.bad, labels, N, C, ignore_index, validate, bad);
+    finish_forward<T>(tot, weight.defined() ? weight.data_ptr<T>() : nullptr, reduction, weighting, loss, scale, count,
+                      tp, need_tp);
+    if (reduction == kNone && weighting == kRecall)
+      weigh_pixels(loss.data_ptr<T>(), labels, N, C, ignore_index, scale.data_ptr<T>());
   });
-  return {pixel_loss, class_loss, count, tp, bad, confusion, lse};
+  return {loss, scale, count, tp, bad, lse};
 }
 
-Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, const std::optional<Tensor>& grad_pixel_in,
-                                 const std::optional<Tensor>& grad_class_in, int64_t interp, bool align_corners,
-                                 int64_t mode, double gamma, const std::optional<Tensor>& tvals_in,
-                                 int64_t ignore_index, const std::optional<Tensor>& lse_in) {
+Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners,
+                                 const std::optional<Tensor>& grad_in, const std::optional<Tensor>& scale_in,
+                                 const std::optional<Tensor>& tvals_in, const std::optional<Tensor>& lse_in,
+                                 int64_t mode, double gamma, int64_t ignore_index) {
   check_inputs(x, target_in, interp, mode, gamma);
   const Tensor target = target_in.contiguous();
-  const Tensor tvals = mse_tvals(mode, tvals_in, x);
   const int64_t C = x.size(1), N = target.numel();
   const auto acc = acc_dtype(x);
-  Tensor grad = at::empty_like(x);  // the dtype, shape and memory format of the low-resolution logits
-  if (x.numel() == 0) return grad;
-  Tensor grad_pixel, grad_class;
-  std::tie(grad_pixel, grad_class) = upstream_grads(grad_pixel_in, grad_class_in, N, C, acc);
-  // The forward's log-sum-exp (softmax focal only; other modes do not use it).
+  const Tensor tvals = mse_tvals(mode, tvals_in, x);
+  const Upstream up = upstream(grad_in, scale_in, N, C, acc);
+  // The forward's log-sum-exp (softmax focal only; other modes do not use it), checked before any read.
   Tensor lse;
-  if (lse_in.has_value() && lse_in->defined() && mode == kSoftmaxFocal) {
+  if (lse_in.has_value() && lse_in->defined() && lse_in->numel() > 0 && mode == kSoftmaxFocal) {
     TORCH_CHECK(lse_in->dim() == 1 && lse_in->numel() == N && lse_in->scalar_type() == acc &&
                     lse_in->device().is_cpu(),
-                "fused_imbalance: lse must be the forward's (B·H·W,) ", acc, " log-sum-exp, got ",
+                "fused_imbalance: lse must be the forward's (", N, ",) ", acc, " log-sum-exp, got ",
                 lse_in->sizes(), " ", lse_in->scalar_type());
     lse = lse_in->contiguous();
   }
+  Tensor grad = at::empty_like(x);  // the dtype, shape and memory format of the low-resolution logits
+  if (x.numel() == 0) return grad;
+  if (N == 0 || mode == kStats) return grad.zero_();
   dispatch_upsample(x, target, interp, align_corners, [&](auto xt, auto lt, const auto& r) {
     using X = typename decltype(xt)::type;
     using T = typename std::decay_t<decltype(r)>::Acc;
     using L = typename decltype(lt)::type;
-    upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), grad_pixel.defined() ? grad_pixel.data_ptr<T>() : nullptr,
-                                 grad_pixel.defined() ? grad_pixel.stride(0) : 0,
-                                 grad_class.defined() ? grad_class.data_ptr<T>() : nullptr, mode, gamma,
+    upsample_bwd_kernel<X, T, L>(x, r, target.data_ptr<L>(), up.grad.defined() ? up.grad.data_ptr<T>() : nullptr,
+                                 up.grad_stride, up.scale.defined() ? up.scale.data_ptr<T>() : nullptr, mode, gamma,
                                  tvals.defined() ? tvals.data_ptr<T>() : nullptr, ignore_index,
                                  lse.defined() ? lse.data_ptr<T>() : nullptr, grad);
   });

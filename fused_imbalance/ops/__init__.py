@@ -1,56 +1,73 @@
 """Fused kernel backends and the contract they share.
 
 Every loss of the package is one of a few *per-pixel* losses ℓ_n(x_n, y_n) combined with
-per-class weights and a reduction. The weights and the reduction only need small per-class
-vectors, so each backend implements exactly two ops over the logits:
+per-class weights and a reduction. Each backend implements two ops over the logits, and their
+twins on low-resolution logits (``upsample``, :mod:`.upsample`). A backend is a :class:`Backend`
+holding both the registered ``torch.library`` ops (what a ``torch.compile`` graph calls) and the
+plain functions behind them (what an eager call runs, without the dispatcher's layers): the two
+run the same launchers, so they give bit-identical results.
 
-forward  ``{backend}_loss_fwd(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
-need_tp, need_confusion) -> (pixel_loss, class_loss, count, tp, bad, confusion)``
+forward ``{backend}_loss_fwd(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index,
+reduction, weighting, need_tp, validate, need_lse) -> (loss, scale, count, tp, bad, lse)``
 
     x            logits, (N, C) or (B, C, d1, ..., dk), any float dtype, strides as described
                  by :func:`pixel_view` (contiguous NCHW, channels_last, (N, C) rows).
     target       (N_pixels,) contiguous labels, uint8/int16/int32/int64, pixel n = b * S + s.
-    loss_mode    a :class:`Mode` value (not named ``mode``, which torch's dispatch machinery
-                 uses for a keyword of its own).
-    gamma        focal exponent (ignored by the MSE modes).
+    weight       (C,) class weights in the accumulation dtype (``weighting`` 1 and 2), else None.
     tvals        (C,) target values of the MSE modes (the outlying labels), accumulation dtype;
                  None for the other modes.
-    need_pixel_loss  return ``pixel_loss``; otherwise it is an empty (0,) tensor.
-    need_tp      return ``tp``; otherwise it is an empty (0,) tensor. With ``need_confusion``
-                 false as well, a backend need not compute the argmax at all.
-    need_confusion   return ``confusion``; otherwise it is an empty (0, 0) tensor.
+    confusion    None, or the caller's (C, C) int64 contiguous matrix: the pass adds its confusion
+                 counts (row = label, column = argmax: first index on ties, NaN the maximum, as
+                 ``torch.argmax``) of the valid pixels into it. The only argument an op mutates.
+    loss_mode    a :class:`Mode` (not named ``mode``, a keyword torch's dispatch machinery uses).
+    gamma        focal exponent (ignored by the MSE modes).
+    reduction    a :class:`Reduction`: the loss is () for MEAN and SUM, the per-pixel loss (N,)
+                 for NONE (weighted, 0 at pixels that are not valid), the per-class sums
+                 S_c = Σ_{y_n = c} ℓ_n (C,) for CLASS (the caller weights them).
+    weighting    a :class:`Weighting`: the class weights w and the mean's denominator D
+                 (DESIGN.md §2): NONE w = 1; GENERAL ``weight``, D = Σ_n w_{y_n}; PAPER ``weight``,
+                 D = N_valid; RECALL w_c = 1 − TP_c / n_c of this pass (1 for an absent class),
+                 D = N_valid. A zero D divides by 1 (loss 0, gradient 0).
+    need_tp      return ``tp``; otherwise it is an empty (0,) tensor (RECALL computes it anyway).
+    validate     the C++ backend raises a ``ValueError`` naming a bad label before it touches
+                 ``confusion``; the Triton backend only counts them (its caller defers the check,
+                 :mod:`fused_imbalance._deferred`, so that no step waits for the device).
+    need_lse     keep what the backward may take instead of recomputing it (``lse``): the
+                 backend decides per launch (:attr:`Backend.keeps_lse`); autograd asks for it
+                 when it will differentiate the call.
 
-    pixel_loss   (N,) unweighted ℓ_n in the accumulation dtype, 0 at ignored or bad pixels.
-    class_loss   (C,) S_c = Σ ℓ_n over valid pixels of class c, reduced in a fixed order
-                 (bit-identical run to run).
+    loss         as ``reduction`` says, in the accumulation dtype.
+    scale        (C,) accumulation dtype: the backward's per-class factor, d(loss)/dℓ_n = scale[y_n]
+                 for MEAN (w_c / D), SUM and NONE (w_c); the weights w_c for CLASS.
     count        (C,) int64 n_c, valid pixels of class c.
-    tp           (C,) int64 pixels of class c whose argmax is c.
-    bad          () int64 number of labels outside [0, C) that are not ``ignore_index``;
-                 those pixels count as ignored everywhere else.
-    confusion    (C, C) int64 counts of this pass, row = label, column = argmax (first index
-                 on ties, NaN the maximum, as ``torch.argmax``).
+    tp           (C,) int64 pixels of class c whose argmax is c (or (0,), see need_tp).
+    bad          (2,) int64: the number of labels outside [0, C) that are not ``ignore_index``
+                 (those pixels count as ignored everywhere else) and the largest of them.
+    lse          (k·N,) what the forward kept for the backward, or (0,).
 
-    No argument is mutated: the caller adds ``confusion`` into a matrix of its own (after the
-    label check), so autograd registers through the public ``torch.library.register_autograd``.
+    Every sum has a fixed order (bit-identical run to run); integer counts are exact in any order.
 
-backward ``{backend}_loss_bwd(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals,
-ignore_index) -> grad``
+backward ``{backend}_loss_bwd(x, target, grad, scale, tvals, lse, loss_mode, gamma, ignore_index) -> dx``
 
-    grad[n, :] = (grad_pixel[n] + grad_class[y_n]) * ∂ℓ_n/∂x[n, :], 0 at ignored/bad pixels;
-    either of grad_pixel (N,) / grad_class (C,) may be None (taken as 0). ``grad`` has the
-    shape, dtype and memory format of ``x``. This is exactly the vector-Jacobian product of
-    the forward's two float outputs, so autograd is registered once for every backend
-    (:mod:`fused_imbalance.ops._autograd`).
+    dx[n, :] = g_n · scale[y_n] · ∂ℓ_n/∂x[n, :], 0 at ignored or bad pixels, where g_n is ``grad``
+    (the upstream gradient: one element for a scalar loss, read on the device; (N,) for a per-pixel
+    one) or 1 when None, and ``scale`` the forward's (or, for CLASS, the upstream gradient of the
+    per-class sums) or 1 when None. ``dx`` has the shape, dtype and memory format of ``x``.
 
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
-
-The loss on low-resolution logits (``upsample``, DESIGN.md §10) has its own pair of ops with the
-same outputs plus one (``lse``, each pixel's log-sum-exp, which the backward may take instead of
-recomputing it) and two more arguments, ``interp, align_corners``: see :mod:`.upsample`.
 """
 import enum
+from typing import NamedTuple
 
 import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def acc_dtype(x):
+    """The accumulation dtype of logits ``x``: float64 for float64, float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class Mode(enum.IntEnum):
@@ -60,7 +77,66 @@ class Mode(enum.IntEnum):
     SIGMOID_FOCAL = 1  # Σ_k −t_k (1−q_k)^γ log q_k − (1−t_k) q_k^γ log(1−q_k), q = σ(x), t = onehot(y)
     MSE_LOGITS = 2     # ½ Σ_k (x_k − t_k)², t_k = tvals[y]·[k = y]
     MSE_SOFTMAX = 3    # ½ Σ_k (p_k − t_k)², p = softmax(x)
-    STATS = 4          # no loss (pixel_loss/class_loss are 0): count, tp, bad, confusion only
+    STATS = 4          # no loss: count, tp, bad, confusion only
+
+
+class Reduction(enum.IntEnum):
+    """What the forward op returns as ``loss``."""
+
+    MEAN = 0   # Σ_n w_{y_n} ℓ_n / D, a scalar
+    SUM = 1    # Σ_n w_{y_n} ℓ_n, a scalar
+    NONE = 2   # w_{y_n} ℓ_n, (N,)
+    CLASS = 3  # S_c = Σ_{y_n = c} ℓ_n, (C,): the caller weights them (weights from a callable)
+
+    @classmethod
+    def of(cls, name):
+        return _REDUCTIONS[name]
+
+
+_REDUCTIONS = {"mean": Reduction.MEAN, "sum": Reduction.SUM, "none": Reduction.NONE}
+
+
+class Weighting(enum.IntEnum):
+    """The class weights of the forward op and the denominator of its mean (DESIGN.md §2)."""
+
+    NONE = 0     # w = 1
+    GENERAL = 1  # the given weights, mean over Σ_n w_{y_n} (as torch's cross_entropy)
+    PAPER = 2    # the given weights, mean over the valid pixels (the paper losses)
+    RECALL = 3   # w_c = 1 − TP_c / n_c of this pass, mean over the valid pixels (the recall loss)
+
+
+class FwdOut(NamedTuple):
+    """The forward op's outputs (see the contract above)."""
+
+    loss: torch.Tensor
+    scale: torch.Tensor
+    count: torch.Tensor
+    tp: torch.Tensor
+    bad: torch.Tensor
+    lse: torch.Tensor
+
+
+class Backend(NamedTuple):
+    """A fused backend: its name, the eager functions and the registered ops of the plain and the
+    upsampled loss (the ops call the same functions), and what it supports.
+
+    ``keeps_lse(x, mode, gamma, upsampled) -> int``: floats per pixel its forward keeps for the
+    backward when asked (``need_lse``). ``defers_validation``: bad labels are returned, not raised
+    (see the contract's ``validate``).
+    """
+
+    name: str
+    fwd: object
+    bwd: object
+    fwd_op: object
+    bwd_op: object
+    up_fwd: object
+    up_bwd: object
+    up_fwd_op: object
+    up_bwd_op: object
+    supports: object
+    keeps_lse: object
+    defers_validation: bool
 
 
 def pixel_view(x):
@@ -86,7 +162,7 @@ def pixel_view(x):
 
 def collapsible(x):
     """True when the spatial dims of ``x`` (dims 2..) can be read with one stride."""
-    if x.dim() <= 2:
+    if x.dim() <= 2 or x.is_contiguous():  # the common cases first: one call, no loop
         return True
     dims = [(d, st) for d, st in zip(x.shape[2:], x.stride()[2:]) if d != 1]
     for (d0, s0), (d1, s1) in zip(dims, dims[1:]):
@@ -95,11 +171,13 @@ def collapsible(x):
     return True
 
 
-def fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion):
+def fwd_fake(x, target, reduction, need_tp, lse_floats):
     """Empty outputs of a forward op with the contract's shapes and dtypes (the ops' fake kernels)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     C, N = x.shape[1], target.numel()
     i64 = torch.int64
-    return (x.new_empty(N if need_pixel_loss else 0, dtype=acc), x.new_empty(C, dtype=acc),
-            x.new_empty(C, dtype=i64), x.new_empty(C if need_tp else 0, dtype=i64), x.new_empty((), dtype=i64),
-            x.new_empty((C, C) if need_confusion else (0, 0), dtype=i64))
+    reduction = Reduction(reduction)
+    shape = (N,) if reduction == Reduction.NONE else (C,) if reduction == Reduction.CLASS else ()
+    return (x.new_empty(shape, dtype=acc), x.new_empty(C, dtype=acc), x.new_empty(C, dtype=i64),
+            x.new_empty(C if need_tp else 0, dtype=i64), x.new_empty(2, dtype=i64),
+            x.new_empty(N * lse_floats, dtype=acc))

@@ -1,4 +1,4 @@
-"""The C++ backend: fused CPU kernels (``csrc/cpu/``) and a CUDA statistics kernel (``csrc/cuda/``).
+"""The C++ backend: fused CPU kernels (``csrc/cpu/``).
 
 The ops are defined in C++ (``csrc/fused_imbalance.cpp``) and live in ``fused_imbalance._C``,
 built by ``pip install --no-build-isolation -e .``. When that module is missing, the same
@@ -6,10 +6,11 @@ sources are compiled on first use with :func:`torch.utils.cpp_extension.load` (c
 torch extensions directory). When neither works, :func:`available` is False, one warning says
 why, and ``backend="auto"`` uses the reference instead.
 
-``loss_fwd`` / ``loss_bwd`` follow the contract of :mod:`fused_imbalance.ops`; ``class_stats``
-is ``(x, target, ignore_index, need_confusion) -> (count, tp, bad, confusion)`` on CPU and, when the CUDA
-kernels were built, CUDA tensors. :func:`cpu_isa` names the instruction-set copy of the CPU
-kernels in use (``FUSED_IMBALANCE_CPU_ISA=base|avx2|avx512`` caps the choice; any other value
+:func:`backend` is the :class:`~fused_imbalance.ops.Backend`: the module's functions for eager
+calls (``_C.loss_fwd`` ...: the same C++ functions as the ops, without the dispatcher's Python
+layers) and the registered ops ``fused_imbalance::cpp_loss_fwd`` ... for ``torch.compile``, with
+the contract of :mod:`fused_imbalance.ops`. :func:`cpu_isa` names the instruction-set copy of the
+CPU kernels in use (``FUSED_IMBALANCE_CPU_ISA=base|avx2|avx512`` caps the choice; any other value
 is an error). :func:`unavailable_reason` says why the backend could not be loaded.
 """
 import importlib.util
@@ -20,18 +21,15 @@ import warnings
 
 import torch
 
-from . import Mode, fwd_fake
-from . import upsample as _upsample
-from ._autograd import register_loss_autograd
+from . import FLOAT_DTYPES, Backend, Mode, Weighting, fwd_fake
 
-__all__ = ["available", "unavailable_reason", "supports", "cpu_isa", "loss_fwd", "loss_bwd", "class_stats",
-           "upsample_loss_fwd", "upsample_loss_bwd"]
+__all__ = ["available", "unavailable_reason", "supports", "cpu_isa", "backend", "keeps_lse"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _lock = threading.Lock()
 _loaded = None  # None: not tried yet; then True or False
 _reason = None  # why loading failed
+_backend = None
 ISAS = ("base", "avx2", "avx512")
 
 
@@ -51,28 +49,25 @@ def _build_config():
 
 
 def _load_library():
-    """Load the compiled ops; returns None on success, else why it failed."""
+    """Load the compiled module (it registers the ops); returns (module, None) or (None, why it failed)."""
     try:
-        from fused_imbalance import _C  # noqa: F401  (registers the ops on import)
-        return None
+        from fused_imbalance import _C
+        return _C, None
     except (ImportError, OSError) as e:
         prebuilt = f"fused_imbalance._C is not built ({e})"
     if not os.path.isfile(os.path.join(_CSRC, "build_config.py")):
-        return prebuilt + " and the C++ sources are not in this installation"
+        return None, prebuilt + " and the C++ sources are not in this installation"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx.split()[0] if cxx.strip() else "c++") is None:
-        return f"{prebuilt}, and there is no C++ compiler to build csrc/ ({cxx!r} is not on PATH; set CXX)"
+        return None, f"{prebuilt}, and there is no C++ compiler to build csrc/ ({cxx!r} is not on PATH; set CXX)"
     try:
         from torch.utils.cpp_extension import load
         cfg = _build_config()
-        cuda = cfg.with_cuda()
-        cfg.set_cuda_arch_list(cuda)
-        load(name="fused_imbalance_C", sources=cfg.sources(cuda), extra_cflags=cfg.cxx_flags(),
-             extra_cuda_cflags=cfg.cuda_flags(), extra_ldflags=cfg.link_flags(),
-             is_python_module=False, verbose=False)
-        return None
+        module = load(name="fused_imbalance_C", sources=cfg.sources(), extra_cflags=cfg.cxx_flags(),
+                      extra_ldflags=cfg.link_flags(), is_python_module=True, verbose=False)
+        return module, None
     except Exception as e:  # failed build: the reference backend takes over
-        return f"{prebuilt}, and compiling csrc/ failed: {_build_error_summary(e)}"
+        return None, f"{prebuilt}, and compiling csrc/ failed: {_build_error_summary(e)}"
 
 
 def _build_error_summary(e):
@@ -97,48 +92,64 @@ def _build_error_summary(e):
     return f"{first} ({where})"
 
 
-def _register():
+def keeps_lse(x, mode, gamma, upsampled):
+    """Floats per pixel the forward keeps for its backward when asked: the upsampled softmax focal
+    forward keeps each pixel's log-sum-exp (its backward then needs one pass over the classes, one
+    exponential per logit); the plain forward nothing (its backward re-reads a block from cache)."""
+    return int(upsampled and mode == Mode.SOFTMAX_FOCAL)
+
+
+def _register(module):
+    """The fake kernels of the ops (for torch.compile) and the backend object."""
     ops = torch.ops.fused_imbalance
-    globals().update(loss_fwd=ops.cpp_loss_fwd.default, loss_bwd=ops.cpp_loss_bwd.default,
-                     class_stats=ops.cpp_class_stats.default)
 
     @torch.library.register_fake("fused_imbalance::cpp_loss_fwd")
-    def _(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
-        return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
+    def _(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction, weighting, need_tp,
+          validate, need_lse):
+        return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL,
+                        keeps_lse(x, loss_mode, gamma, False) if need_lse else 0)
 
     @torch.library.register_fake("fused_imbalance::cpp_loss_bwd")
-    def _(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index):
+    def _(x, target, grad, scale, tvals, lse, loss_mode, gamma, ignore_index):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("fused_imbalance::cpp_class_stats")
-    def _(x, target, ignore_index, need_confusion):
-        _, _, count, tp, bad, confusion = fwd_fake(x, target, False, True, need_confusion)
-        return count, tp, bad, confusion
+    @torch.library.register_fake("fused_imbalance::cpp_upsample_loss_fwd")
+    def _(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction,
+          weighting, need_tp, validate, need_lse):
+        return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL,
+                        keeps_lse(x, loss_mode, gamma, True) if need_lse else 0)
 
-    register_loss_autograd("fused_imbalance::cpp_loss_fwd", loss_bwd)
+    @torch.library.register_fake("fused_imbalance::cpp_upsample_loss_bwd")
+    def _(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index):
+        return torch.empty_like(x)
 
-    # The loss on low-resolution logits (DESIGN.md §10, csrc/cpu/upsample_cpu.cpp).
-    globals().update(upsample_loss_fwd=ops.cpp_upsample_loss_fwd.default,
-                     upsample_loss_bwd=ops.cpp_upsample_loss_bwd.default)
-    _upsample.register("fused_imbalance::cpp_upsample_loss_fwd", "fused_imbalance::cpp_upsample_loss_bwd",
-                       upsample_loss_bwd, keeps_lse=lambda x, mode, gamma: int(mode == Mode.SOFTMAX_FOCAL))
+    return Backend("cpp", module.loss_fwd, module.loss_bwd, ops.cpp_loss_fwd.default, ops.cpp_loss_bwd.default,
+                   module.upsample_loss_fwd, module.upsample_loss_bwd, ops.cpp_upsample_loss_fwd.default,
+                   ops.cpp_upsample_loss_bwd.default, supports, keeps_lse, False)
 
 
 def available():
     """True when the C++ ops are loaded (built ahead of time, or compiled now on first use)."""
-    global _loaded, _reason
+    global _loaded, _reason, _backend
     _check_isa_env()
     if _loaded is None:
         with _lock:
             if _loaded is None:
-                err = _load_library()
+                module, err = _load_library()
                 if err is None:
-                    _register()
+                    _backend = _register(module)
                 else:
                     warnings.warn(f"fused_imbalance: the C++ backend is unavailable, the reference "
                                   f"backend is used instead: {err}", RuntimeWarning, stacklevel=2)
                 _loaded, _reason = err is None, err
     return _loaded
+
+
+def backend():
+    """The C++ :class:`~fused_imbalance.ops.Backend` (loading it first); an error saying why when it cannot."""
+    if not available():
+        raise RuntimeError(f"fused_imbalance: the C++ backend is not available: {_reason}")
+    return _backend
 
 
 def unavailable_reason():
@@ -155,13 +166,4 @@ def cpu_isa():
 
 def supports(x):
     """The fused loss ops run CPU tensors of float16, bfloat16, float32 and float64."""
-    return x.device.type == "cpu" and x.dtype in _DTYPES
-
-
-def __getattr__(name):
-    # loss_fwd / loss_bwd / class_stats exist once the library is loaded
-    if name in ("loss_fwd", "loss_bwd", "class_stats", "upsample_loss_fwd", "upsample_loss_bwd"):
-        if available():
-            return globals()[name]
-        raise RuntimeError(f"fused_imbalance: the C++ backend is not available: {_reason}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return x.device.type == "cpu" and x.dtype in FLOAT_DTYPES

@@ -234,28 +234,65 @@ def _fwd_chunk(x_ptr, poff, pmask, y32, tv, c0, C, stride_c,
     return m, s, rest, s2r, xy, lsum, best_v, best_i, nan_i
 
 
+_NO_BAD = tl.constexpr(-(2 ** 63))  # "no bad label yet" in the running maximum of the bad labels
+
+
 @triton.jit
 def _labels(t_ptr, n, pmask, ignore_index, C, NOT_VALID: tl.constexpr):
-    """(valid, bad, y32) of the labels at pixels ``n``: y32 is NOT_VALID where not valid."""
+    """(valid, bad, y32, badv) of the labels at pixels ``n``: y32 is NOT_VALID where not valid, badv the
+    label (int64) where it is bad (outside [0, C) and not ``ignore_index``) and _NO_BAD elsewhere."""
     y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
     keep = pmask & (y != ignore_index)
     inr = (y >= 0) & (y < C)
     valid = keep & inr
     bad = keep & ~inr
-    return valid, bad, tl.where(valid, y, NOT_VALID).to(tl.int32)
+    return valid, bad, tl.where(valid, y, NOT_VALID).to(tl.int32), tl.where(bad, y, _NO_BAD)
+
+
+@triton.jit
+def _store_bad(bad_ptr, pid, nbad, vbad):
+    """A program's row of the bad-label table (scalars): how many of its labels were bad and the largest
+    of them (_NO_BAD when none), which the finalize launch reduces; the caller's error names that label."""
+    tl.store(bad_ptr + 2 * pid.to(tl.int64), nbad.to(tl.int64))
+    tl.store(bad_ptr + 2 * pid.to(tl.int64) + 1, vbad)
+
+
+@triton.jit
+def _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, one, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr):
+    """The backward's upstream weight of each pixel, d(output)/dℓ_n times the output's gradient:
+    grad[n · gp_stride] (a per-pixel gradient, or the scalar one with stride 0) times the per-class
+    factor wv[y_n] (the class weight over the mean's denominator, or the gradient of a per-class
+    sum); either is 1 when absent. 0 where the pixel is not valid. ``one`` gives the shape and dtype."""
+    w = one
+    if HAS_GP:
+        w = tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(one.dtype)
+    if HAS_WV:
+        w = w * tl.load(wv_ptr + y32, mask=valid, other=0.0).to(one.dtype)
+    return tl.where(valid, w, 0.0)
 
 
 @triton.jit
 def _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P: tl.constexpr):
-    """Pixel indices, offsets-to-be and labels of tile ``t``: (s, n, pmask, valid, bad, y32)."""
+    """Pixel indices, offsets-to-be and labels of tile ``t``: (b, s, n, pmask, valid, bad, y32, badv)."""
     b = t // tiles_per_b
     # int64: pixel and element offsets can exceed 2**31
     s = (t - b * tiles_per_b).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = s < S
     b = b.to(tl.int64)
     n = b * S + s
-    valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C, 0)
-    return b, s, n, pmask, valid, bad, y32
+    valid, bad, y32, badv = _labels(t_ptr, n, pmask, ignore_index, C, 0)
+    return b, s, n, pmask, valid, bad, y32, badv
+
+
+@triton.jit
+def _zero_rows(ptr, pid64, C, ZB: tl.constexpr):
+    """Zero the program's own row of C values at ``ptr`` (its dtype), ZB at a time: the per-program rows
+    it adds into, so that the launcher needs no zeroed buffer (a memset launch on a GPU). The caller
+    orders these stores before its additions with a barrier."""
+    cs = tl.arange(0, ZB)
+    for c0 in range(0, C, ZB):
+        c = c0 + cs
+        tl.store(ptr + (pid64 * C + c), tl.zeros([ZB], ptr.dtype.element_ty), mask=c < C)
 
 
 @triton.jit
@@ -263,12 +300,13 @@ def _fwd_chunked_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype; pixel n = b*S + s
     tv_ptr,  # (C,) MSE target values (accumulation dtype); unread by the other modes
+    w_ptr,  # (C,) class weights the stored per-pixel loss is multiplied by (WEIGH_PL)
     pl_ptr,  # (N,) per-pixel loss out (STORE_PL), accumulation dtype; its dtype sets the arithmetic
-    lrow_ptr,  # (programs, C) zeroed class-loss rows, one per program (ROWSUM)
-    cnt_ptr,  # (C,) int64 valid pixels per class, added into
-    tp_ptr,  # (C,) int64 valid pixels whose argmax is their label, added into (NEED_TP)
-    bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
-    conf_ptr,  # (C, C) int64 zeroed confusion counts [label, argmax], added into (CONF)
+    lrow_ptr,  # (programs, C) class-loss rows, one per program, zeroed here (ROWSUM)
+    crow_ptr,  # (programs, C) int32 valid pixels per class, one row per program, zeroed here
+    trow_ptr,  # (programs, C) int32 valid pixels whose argmax is their label (NEED_TP), as crow_ptr
+    bad_ptr,  # (programs, 2) int64 out: bad labels (outside [0, C), not ignore_index) and the largest
+    conf_ptr,  # (C, C) int64 confusion counts [label, argmax], added into (CONF): the caller's matrix
     C,  # classes
     S,  # pixels per image
     tiles_per_b,  # pixel tiles per image
@@ -279,25 +317,36 @@ def _fwd_chunked_kernel(
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_PL: tl.constexpr,  # write the per-pixel loss
+    WEIGH_PL: tl.constexpr,  # ... times the class weight of its label
     ROWSUM: tl.constexpr,  # add each pixel's loss into the program's class row (BLOCK_P == 1)
     NEED_TP: tl.constexpr,  # count true positives
     CONF: tl.constexpr,  # count the confusion matrix
     SINGLE: tl.constexpr,  # C <= BLOCK_C: one chunk
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # classes per chunk
+    ZB: tl.constexpr,  # classes per step of the rows' zeroing
 ):
     acc_ty = pl_ptr.dtype.element_ty
     gamma = _gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    pid64 = pid.to(tl.int64)
     NEED_AM: tl.constexpr = NEED_TP or CONF
-    bad_acc = tl.zeros([BLOCK_P], tl.int32)
-    one = tl.full([BLOCK_P], 1, tl.int64)
+    _zero_rows(crow_ptr, pid64, C, ZB)
+    if NEED_TP:
+        _zero_rows(trow_ptr, pid64, C, ZB)
+    if ROWSUM:
+        _zero_rows(lrow_ptr, pid64, C, ZB)
+    tl.debug_barrier()  # the zeros before this program's additions into its rows
+    nbad = tl.zeros([BLOCK_P], tl.int32)
+    vbad = tl.full([BLOCK_P], _NO_BAD, tl.int64)
+    one = tl.full([BLOCK_P], 1, tl.int32)
 
     for t in range(pid, num_tiles, nprog):
-        b, s, n, pmask, valid, bad, y32 = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                       BLOCK_P)
-        bad_acc += bad.to(tl.int32)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
+                                                             BLOCK_P)
+        nbad += bad.to(tl.int32)
+        vbad = tl.maximum(vbad, badv)
         poff = b * stride_b + s * stride_s
         tv = tl.zeros([BLOCK_P], acc_ty)
         if MODE == 2 or MODE == 3:
@@ -339,21 +388,25 @@ def _fwd_chunked_kernel(
         else:
             loss = lsum  # zeros
         lv = tl.where(valid, loss, 0.0)
-        if STORE_PL:
-            tl.store(pl_ptr + n, lv, mask=pmask)
         if ROWSUM:
             # one pixel per tile, tiles in a fixed order: a deterministic running sum per class
-            rp = lrow_ptr + pid.to(tl.int64) * C + y32
+            rp = lrow_ptr + pid64 * C + y32
             tl.store(rp, tl.load(rp, mask=valid, other=0.0) + lv, mask=valid)
+        if STORE_PL:
+            if WEIGH_PL:
+                lv = lv * tl.load(w_ptr + y32, mask=valid, other=0.0).to(acc_ty)
+            tl.store(pl_ptr + n, lv, mask=pmask)
 
-        tl.atomic_add(cnt_ptr + y32, one, mask=valid, sem="relaxed")
+        # integer sums into the program's own rows: exact in any order
+        tl.atomic_add(crow_ptr + (pid64 * C + y32), one, mask=valid, sem="relaxed")
         if NEED_AM:
             am = tl.where(nan_i < _BIG, nan_i, best_i)
             if NEED_TP:
-                tl.atomic_add(tp_ptr + y32, one, mask=valid & (am == y32), sem="relaxed")
+                tl.atomic_add(trow_ptr + (pid64 * C + y32), one, mask=valid & (am == y32), sem="relaxed")
             if CONF:
-                tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), one, mask=valid, sem="relaxed")
-    tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
+                tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([BLOCK_P], 1, tl.int64),
+                              mask=valid, sem="relaxed")
+    _store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
 
 
 @triton.jit
@@ -403,6 +456,157 @@ def _class_sum_kernel(
         cm = c < C
         sums = tl.sum(tl.load(col[None, :] + c.to(tl.int64)[:, None] * T, mask=cm[:, None], other=0.0), 1)
         tl.store(part_ptr + pid.to(tl.int64) * C + c, sums, mask=cm)
+
+
+@triton.jit
+def _reduce_rows_kernel(
+    lrow_ptr,  # (R, C) accumulation dtype: class-loss rows (SUMS)
+    crow_ptr,  # (R, C) int32 or int64: count rows
+    trow_ptr,  # (R, C): true-positive rows (NEED_TP)
+    lout_ptr, cout_ptr, tout_ptr,  # (C,) out: their sums over the rows (counts int64)
+    RL, RC, C,  # rows of the class-loss table and of the integer tables, classes
+    SUMS: tl.constexpr, NEED_TP: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,  # rows and classes per step
+):
+    """The per-program rows summed over the programs, BC classes per program of this launch, rows in
+    a fixed order (deterministic): ahead of the finalize launch when the rows are too many for its
+    one program (rows x C beyond _FINALIZE_ELEMS)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    cm = c < C
+    acc_ty = lout_ptr.dtype.element_ty
+    S = tl.zeros([BC], acc_ty)
+    n = tl.zeros([BC], tl.int64)
+    tp = tl.zeros([BC], tl.int64)
+    for r0 in range(0, RC, BR):
+        r = r0 + tl.arange(0, BR)
+        off = r.to(tl.int64)[:, None] * C + c[None, :]
+        mk = (r < RC)[:, None] & cm[None, :]
+        n += tl.sum(tl.load(crow_ptr + off, mask=mk, other=0).to(tl.int64), 0)
+        if NEED_TP:
+            tp += tl.sum(tl.load(trow_ptr + off, mask=mk, other=0).to(tl.int64), 0)
+    if SUMS:
+        for r0 in range(0, RL, BR):
+            r = r0 + tl.arange(0, BR)
+            off = r.to(tl.int64)[:, None] * C + c[None, :]
+            S += tl.sum(tl.load(lrow_ptr + off, mask=(r < RL)[:, None] & cm[None, :], other=0.0), 0)
+    tl.store(cout_ptr + c, n, mask=cm)
+    if NEED_TP:
+        tl.store(tout_ptr + c, tp, mask=cm)
+    if SUMS:
+        tl.store(lout_ptr + c, S, mask=cm)
+
+
+@triton.jit
+def _finalize_kernel(
+    lrow_ptr,  # (RL, C) accumulation dtype: class-loss sums per program (SUMS)
+    crow_ptr,  # (RC, C) int32 or int64: valid pixels per class, per program
+    trow_ptr,  # (RC, C): true positives per class, per program (NEED_TP)
+    brow_ptr,  # (RB, 2) int64: bad labels per program and the largest
+    w_ptr,  # (C,) class weights, accumulation dtype (WEIGHTING 1 and 2)
+    loss_ptr,  # out: the loss, () for MEAN and SUM; S_c (C,) for CLASS
+    scale_ptr,  # out (C,) accumulation dtype: the backward's per-class factor d(loss)/dℓ_n of a pixel of
+    #            class c (MEAN: w_c / D; SUM, NONE and CLASS: w_c); its dtype sets the arithmetic
+    cnt_ptr, tp_ptr,  # out (C,) int64: valid pixels and true positives per class
+    bad_ptr,  # out (2,) int64: bad labels in all, the largest of them
+    RL, RC, RB, C,  # rows of each table, classes
+    RED: tl.constexpr,  # Reduction: 0 mean, 1 sum, 2 none, 3 per-class sums
+    WEIGHTING: tl.constexpr,  # Weighting: 0 none, 1 weights with the mean over Σ w_y, 2 over N_valid,
+    #                           3 the batch's recall weights 1 - TP_c / n_c (mean over N_valid)
+    SUMS: tl.constexpr,  # there are class-loss rows (a loss and RED != 2)
+    NEED_TP: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,  # rows and classes per step
+):
+    """The forward's one small launch after the loss kernel: the programs' rows reduced in a fixed
+    order (deterministic), and from those C-vectors what the caller needs, on the device: the counts,
+    true positives and bad-label count, the class weights (the recall loss's from the counts), the
+    loss Σ_c w_c S_c / D (DESIGN.md §2: D = Σ_c w_c n_c or Σ_c n_c; a zero D divides by 1) and the
+    backward's per-class factor. As ``torch.nn.functional.cross_entropy``, a weight enters only
+    through the pixels of its class (``where(n_c > 0, w_c S_c, 0)``: an inf or NaN weight of an absent
+    class changes nothing). The weighted denominator is summed in float64, as the counts are exact
+    integers. One program: the tables are small (the launcher reduces large ones first)."""
+    acc_ty = scale_ptr.dtype.element_ty
+    cs = tl.arange(0, BC)
+    rs = tl.arange(0, BR)
+    total = tl.zeros([BC], acc_ty)
+    denom = tl.zeros([BC], tl.float64)
+    for c0 in range(0, C, BC):
+        c = c0 + cs
+        cm = c < C
+        n = tl.zeros([BC], tl.int64)
+        tp = tl.zeros([BC], tl.int64)
+        S = tl.zeros([BC], acc_ty)
+        for r0 in range(0, RC, BR):
+            r = r0 + rs
+            off = r.to(tl.int64)[:, None] * C + c[None, :]
+            mk = (r < RC)[:, None] & cm[None, :]
+            n += tl.sum(tl.load(crow_ptr + off, mask=mk, other=0).to(tl.int64), 0)
+            if NEED_TP:
+                tp += tl.sum(tl.load(trow_ptr + off, mask=mk, other=0).to(tl.int64), 0)
+        if SUMS:
+            for r0 in range(0, RL, BR):
+                r = r0 + rs
+                off = r.to(tl.int64)[:, None] * C + c[None, :]
+                S += tl.sum(tl.load(lrow_ptr + off, mask=(r < RL)[:, None] & cm[None, :], other=0.0), 0)
+        tl.store(cnt_ptr + c, n, mask=cm)
+        if NEED_TP:
+            tl.store(tp_ptr + c, tp, mask=cm)
+        if RED == 3:
+            tl.store(loss_ptr + c, S, mask=cm)
+        present = cm & (n > 0)
+        if WEIGHTING == 1 or WEIGHTING == 2:
+            w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_ty)
+        elif WEIGHTING == 3:
+            n64 = n.to(tl.float64)
+            w = tl.where(n > 0, 1.0 - tp.to(tl.float64) / tl.maximum(n64, 1.0), 1.0).to(acc_ty)
+        else:
+            w = tl.full([BC], 1.0, acc_ty)
+        if SUMS and RED != 3:
+            total += tl.where(present, w * S, 0.0)
+        if RED == 0:
+            if WEIGHTING == 1:
+                denom += tl.where(present, w.to(tl.float64) * n.to(tl.float64), 0.0)
+            else:
+                denom += n.to(tl.float64)
+        tl.store(scale_ptr + c, w, mask=cm)
+    if RED == 0 or RED == 1:
+        tot = tl.sum(total, 0)
+        if RED == 0:
+            d = tl.sum(denom, 0).to(acc_ty)
+            d = tl.where(d != 0.0, d, 1.0)  # no valid pixel (or Σ w_y = 0): loss 0, gradient 0
+            tl.store(loss_ptr, tot / d)
+            tl.debug_barrier()  # the weights stored above, read back by other threads
+            for c0 in range(0, C, BC):
+                c = c0 + cs
+                cm = c < C
+                tl.store(scale_ptr + c, tl.load(scale_ptr + c, mask=cm, other=0.0) / d, mask=cm)
+        else:
+            tl.store(loss_ptr, tot)
+    nb = tl.zeros([BR], tl.int64)
+    vb = tl.full([BR], _NO_BAD, tl.int64)
+    for r0 in range(0, RB, BR):
+        r = r0 + rs
+        rm = r < RB
+        nb += tl.load(brow_ptr + 2 * r.to(tl.int64), mask=rm, other=0)
+        vb = tl.maximum(vb, tl.load(brow_ptr + 2 * r.to(tl.int64) + 1, mask=rm, other=_NO_BAD))
+    tl.store(bad_ptr, tl.sum(nb, 0))
+    tl.store(bad_ptr + 1, tl.max(vb, 0))
+
+
+@triton.jit
+def _weigh_kernel(
+    pl_ptr,  # (N,) per-pixel loss, 0 at pixels that are not valid: multiplied in place
+    t_ptr,  # (N,) labels
+    scale_ptr,  # (C,) class weights
+    N, C, ignore_index,
+    BLOCK: tl.constexpr,
+):
+    """pl[n] *= w[y_n] at the valid pixels: the per-pixel output of a loss whose weights come from the
+    pass's own statistics (the recall loss with reduction="none"), once the finalize launch has them."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    valid, bad, y32, badv = _labels(t_ptr, n, m, ignore_index, C, 0)
+    w = tl.load(scale_ptr + y32, mask=valid, other=0.0)
+    tl.store(pl_ptr + n, tl.load(pl_ptr + n, mask=valid, other=0.0) * w, mask=valid)
 
 
 @triton.jit
@@ -456,20 +660,19 @@ def _bwd_chunked_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype
     tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
-    gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
-    gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
+    gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
+    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
     C, S, tiles_per_b, num_tiles,
     stride_b, stride_c, stride_s,  # logits strides
     gstride_b, gstride_c, gstride_s,  # gradient strides
-    gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
-    gc_stride,  # grad_class stride
+    gp_stride,  # upstream gradient stride (0: one value for every pixel)
     ignore_index,
     gamma, gamma64: tl.float64,
     MODE: tl.constexpr,
     FOCAL: tl.constexpr,
     HAS_GP: tl.constexpr,
-    HAS_GC: tl.constexpr,
+    HAS_WV: tl.constexpr,
     SINGLE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -479,15 +682,11 @@ def _bwd_chunked_kernel(
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
     for t in range(pid, num_tiles, tl.num_programs(0)):
-        b, s, n, pmask, valid, bad, y32 = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                       BLOCK_P)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
+                                                             BLOCK_P)
         poff = b * stride_b + s * stride_s
         goff = b * gstride_b + s * gstride_s
-        w = tl.zeros([BLOCK_P], acc_ty)
-        if HAS_GP:
-            w += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
-        if HAS_GC:
-            w += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
+        w = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([BLOCK_P], 1.0, acc_ty), HAS_GP, HAS_WV)
         tv = tl.zeros([BLOCK_P], acc_ty)
         if MODE == 2 or MODE == 3:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
@@ -537,7 +736,7 @@ def _bwd_chunked_kernel(
 def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr,
                  VEC: tl.constexpr):
     """Tile ``t`` as a [ROWS, VEC] block of pixels, VEC consecutive ones per thread:
-    (b, s, n, pmask, valid, bad, y32); y32 is -1 where the pixel is not valid."""
+    (b, s, n, pmask, valid, bad, y32, badv); y32 is -1 where the pixel is not valid."""
     b = t // tiles_per_b
     r = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     # int64: pixel and element offsets can exceed 2**31
@@ -545,8 +744,8 @@ def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr,
     pmask = s < S
     b = b.to(tl.int64)
     n = b * S + s
-    valid, bad, y32 = _labels(t_ptr, n, pmask, ignore_index, C, -1)
-    return b, s, n, pmask, valid, bad, y32
+    valid, bad, y32, badv = _labels(t_ptr, n, pmask, ignore_index, C, -1)
+    return b, s, n, pmask, valid, bad, y32, badv
 
 
 @triton.jit
@@ -723,16 +922,31 @@ def _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hi
                       NEED_TP: tl.constexpr, CONF: tl.constexpr):
     """The forwards' integer statistics that are added into memory (integer atomics: any order gives the
     same sums): with ROWS the program's row of class counts and true positives (when they are not
-    per-thread registers), with CONF the confusion [label, argmax], per program (1) or global (2)."""
+    per-thread registers), with CONF == 2 the confusion [label, argmax] straight into the caller's
+    int64 matrix (CONF == 1 counts in registers: _conf_hist)."""
     if ROWS:
         tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
         if NEED_TP:
             tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
-    if CONF == 1:
-        tl.atomic_add(conf_ptr + ((pid64 * C + y32) * C + am), 1, mask=valid, sem="relaxed")
-    elif CONF == 2:
+    if CONF == 2:
         tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full(y32.shape, 1, tl.int64), mask=valid,
                       sem="relaxed")
+
+
+@triton.jit
+def _conf_hist(hist, y32, am, valid, C, BINS: tl.constexpr):
+    """The program's confusion counts kept in registers (CONF == 1, C*C <= BINS): a histogram of
+    label * C + argmax over the tile's valid pixels added into ``hist`` ([BINS] int32)."""
+    key = y32 * C + am
+    return hist + tl.histogram(tl.reshape(key, [key.numel]), BINS, mask=tl.reshape(valid, [valid.numel]))
+
+
+@triton.jit
+def _conf_flush(conf_ptr, hist, C, BINS: tl.constexpr):
+    """Add a program's register histogram (_conf_hist) into the caller's (C, C) int64 matrix: one
+    integer atomic per non-empty cell, so contention stays low however skewed the classes are."""
+    cell = tl.arange(0, BINS)
+    tl.atomic_add(conf_ptr + cell, hist.to(tl.int64), mask=(cell < C * C) & (hist != 0), sem="relaxed")
 
 
 @triton.jit
@@ -740,13 +954,13 @@ def _fwd_static_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype; pixel n = b*S + s
     tv_ptr,  # (C,) MSE target values (accumulation dtype); unread by the other modes
+    w_ptr,  # (C,) class weights the stored per-pixel loss is multiplied by (WEIGH_PL)
     pl_ptr,  # (N,) per-pixel loss out (STORE_PL), accumulation dtype; its dtype sets the arithmetic
-    lrow_ptr,  # (programs, C) out: class-loss sums of each program (REG_STATS)
-    crow_ptr,  # (programs, C) int32: valid pixels per class; out (REG_STATS) or zeroed, added into
+    lrow_ptr,  # (programs, C) out: class-loss sums of each program (SUMS and REG_STATS)
+    crow_ptr,  # (programs, C) int32: valid pixels per class; out (REG_STATS) or zeroed here, added into
     trow_ptr,  # (programs, C) int32: true positives, as crow_ptr (NEED_TP)
-    bad_ptr,  # (programs,) int32 out: labels outside [0, C) that are not ignore_index
-    conf_ptr,  # zeroed confusion counts [label, argmax], added into (CONF): (programs, C, C) int32
-    #            (CONF == 1) or (C, C) int64 (CONF == 2)
+    bad_ptr,  # (programs, 2) int64 out: bad labels (outside [0, C), not ignore_index) and the largest
+    conf_ptr,  # (C, C) int64 confusion counts [label, argmax] added into (CONF): the caller's matrix
     S,  # pixels per image
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
@@ -759,18 +973,22 @@ def _fwd_static_kernel(
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_PL: tl.constexpr,  # write the per-pixel loss
+    WEIGH_PL: tl.constexpr,  # ... times the class weight of its label
+    SUMS: tl.constexpr,  # the class-loss sums in registers (REG_STATS; else the stored loss is summed)
     REG_STATS: tl.constexpr,  # class sums, counts, true positives in registers (small C)
     NEED_TP: tl.constexpr,  # count true positives
-    CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
+    CONF: tl.constexpr,  # 0: no confusion, 1: a register histogram (CONF_BINS cells), 2: integer atomics
+    CONF_BINS: tl.constexpr,  # a power of two >= C * C (CONF == 1)
     ROWS: tl.constexpr,  # pixel rows per tile
     VEC: tl.constexpr,  # consecutive pixels per thread and row
+    ZB: tl.constexpr,  # classes per step of the rows' zeroing (not REG_STATS)
 ):
     acc_ty = pl_ptr.dtype.element_ty
     gamma = _gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NEED_AM: tl.constexpr = NEED_TP or CONF > 0
-    HAS_LOSS: tl.constexpr = MODE != 4
+    pid64 = pid.to(tl.int64)
     if REG_STATS:
         lacc = ()
         cacc = ()
@@ -779,14 +997,22 @@ def _fwd_static_kernel(
             lacc = lacc + (tl.zeros([ROWS], acc_ty),)
             cacc = cacc + (tl.zeros([ROWS], tl.int32),)
             tacc = tacc + (tl.zeros([ROWS], tl.int32),)
-    bad_acc = tl.zeros([ROWS, VEC], tl.int32)
-    pid64 = pid.to(tl.int64)
+    else:
+        _zero_rows(crow_ptr, pid64, C, ZB)
+        if NEED_TP:
+            _zero_rows(trow_ptr, pid64, C, ZB)
+        tl.debug_barrier()  # the zeros before this program's additions into its rows
+    if CONF == 1:
+        hist = tl.zeros([CONF_BINS], tl.int32)
+    nbad = tl.zeros([ROWS, VEC], tl.int32)
+    vbad = tl.full([ROWS, VEC], _NO_BAD, tl.int64)
     sc = _i64(stride_c)
 
     for t in range(pid, num_tiles, nprog):
-        b, s, n, pmask, valid, bad, y32 = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                       ROWS, VEC)
-        bad_acc += bad.to(tl.int32)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
+                                                             ROWS, VEC)
+        nbad += bad.to(tl.int32)
+        vbad = tl.maximum(vbad, badv)
         xp = x_ptr + (b * stride_b + s * stride_s)
         tv = tl.zeros([ROWS, VEC], acc_ty)
         if MODE == 2 or MODE == 3:
@@ -815,7 +1041,10 @@ def _fwd_static_kernel(
                 loss = lsum
         lv = tl.where(valid, loss, 0.0)
         if STORE_PL:
-            tl.store(pl_ptr + n, lv, mask=pmask)
+            if WEIGH_PL:
+                tl.store(pl_ptr + n, lv * tl.load(w_ptr + y32, mask=valid, other=0.0).to(acc_ty), mask=pmask)
+            else:
+                tl.store(pl_ptr + n, lv, mask=pmask)
         hit = valid & (am == y32)
 
         if REG_STATS:
@@ -825,7 +1054,7 @@ def _fwd_static_kernel(
             nt = ()
             for c in tl.static_range(C):
                 is_c = y32 == c
-                if HAS_LOSS:
+                if SUMS:
                     nl = nl + (lacc[c] + tl.sum(tl.where(is_c, lv, 0.0), 1),)
                 else:
                     nl = nl + (lacc[c],)
@@ -837,17 +1066,21 @@ def _fwd_static_kernel(
             lacc = nl
             cacc = nc
             tacc = nt
+        if CONF == 1:
+            hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
         _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS, NEED_TP, CONF)
 
     if REG_STATS:
-        # one row per program, summed by the launcher in a fixed order: deterministic
+        # one row per program, reduced by the finalize launch in a fixed order: deterministic
         for c in tl.static_range(C):
-            if HAS_LOSS:
+            if SUMS:
                 tl.store(lrow_ptr + pid64 * C + c, tl.sum(lacc[c], 0))
             tl.store(crow_ptr + pid64 * C + c, tl.sum(cacc[c], 0))
             if NEED_TP:
                 tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
-    tl.store(bad_ptr + pid, tl.sum(tl.sum(bad_acc, 1), 0))
+    if CONF == 1:
+        _conf_flush(conf_ptr, hist, C, CONF_BINS)
+    _store_bad(bad_ptr, pid, tl.sum(tl.sum(nbad, 1), 0), tl.max(tl.max(vbad, 1), 0))
 
 
 @triton.jit
@@ -855,14 +1088,13 @@ def _bwd_static_kernel(
     x_ptr,  # logits, element (b, c, s) at b*stride_b + c*stride_c + s*stride_s
     t_ptr,  # (N,) labels, any integer dtype
     tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
-    gp_ptr,  # (N,) upstream gradient of the per-pixel loss (HAS_GP)
-    gc_ptr,  # (C,) upstream gradient of the class-loss sums (HAS_GC)
+    gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
+    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
     S, tiles_per_b, num_tiles,
     stride_b, stride_c, stride_s,  # logits strides
     gstride_b, gstride_c, gstride_s,  # gradient strides
-    gp_stride,  # grad_pixel stride (0 when autograd expands a scalar)
-    gc_stride,  # grad_class stride
+    gp_stride,  # upstream gradient stride (0: one value for every pixel)
     ignore_index,
     gamma, gamma64: tl.float64,
     C: tl.constexpr,
@@ -871,7 +1103,7 @@ def _bwd_static_kernel(
     MODE: tl.constexpr,
     FOCAL: tl.constexpr,
     HAS_GP: tl.constexpr,
-    HAS_GC: tl.constexpr,
+    HAS_WV: tl.constexpr,
     ROWS: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -885,16 +1117,11 @@ def _bwd_static_kernel(
     sc = _i64(stride_c)
     gsc = _i64(gstride_c)
     for t in range(pid, num_tiles, tl.num_programs(0)):
-        b, s, n, pmask, valid, bad, y32 = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                       ROWS, VEC)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
+                                                             ROWS, VEC)
         xp = x_ptr + (b * stride_b + s * stride_s)
         gq = g_ptr + (b * gstride_b + s * gstride_s)
-        w = tl.zeros([ROWS, VEC], acc_ty)
-        if HAS_GP:
-            w += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(acc_ty)
-        if HAS_GC:
-            w += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(acc_ty)
-        w = tl.where(valid, w, 0.0)
+        w = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([ROWS, VEC], 1.0, acc_ty), HAS_GP, HAS_WV)
         tv = tl.zeros([ROWS, VEC], acc_ty)
         if MODE == 2 or MODE == 3:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)

@@ -34,17 +34,16 @@ from typing import Optional
 
 import torch
 
-from . import Mode, fwd_fake, pixel_view
-from ._autograd import register_loss_autograd
-from ._triton_host import (_FLOATS, _acc_dtype, _cdiv, _focal, _interpret, _np2,  # noqa: F401
-                           _on_device, available, supports)
+from . import FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake, pixel_view
+from ._triton_host import (_INTERPRET_PROGRAMS, _RESIDENT_WARPS, _cdiv, _class_sums, _dummy, _focal, _interpret, _np2,  # noqa: F401
+                           _on_device,
+                           _programs, finalize, grad_arg, outputs)
 
 try:
     import triton
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_bwd_chunked_kernel, _bwd_static_kernel, _class_sum_kernel,
-                                 _fwd_chunked_kernel, _fwd_static_kernel)
+    from .triton_kernels import _bwd_chunked_kernel, _bwd_static_kernel, _fwd_chunked_kernel, _fwd_static_kernel
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
@@ -54,19 +53,14 @@ _UNROLL_C = 32  # up to this class count every class is unrolled; beyond, a loop
 _LOOP_GROUP = 16  # classes per group of that loop (fewer when registers are short)
 _GROUP_VALUES = 96  # logits a thread holds per max/exp group (GROUP x VEC x rows per thread)
 _WARPS = 4  # warps per program of the static kernels
-_CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
-_TILE = 4096  # logits per tile of the chunked kernels
 _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kernels)
 _STRIDED_TILE = (32, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
-_RESIDENT_WARPS = 32  # warps per SM the persistent grid fills (latency hiding)
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
-_SUM_BLOCK = 256  # threads per program of the class-sum kernel (one program per SM)
-_SUM_K = 4  # classes per step of its zeroing and final reduction
-_SUM_SCRATCH_BYTES = 1 << 25  # its per-thread columns of class sums, at most (they live in L2)
+_CONF_HIST_CELLS = 1024  # confusion counts in a per-program register histogram up to this many cells (C*C)
+_ZERO_BLOCK = 256  # classes per step of a kernel's zeroing of its own rows
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
-_INTERPRET_PROGRAMS = 3
 
 
 def _geometry(x, grad=None):
@@ -141,220 +135,173 @@ def _chunked_plan(C, S, ss, f64):
     return min(block_p, _np2(S)), block_c, single, num_warps
 
 
-def _programs(num_tiles, num_warps, device, per_sm=None):
-    """Programs of a persistent grid: program ``pid`` walks tiles pid, pid + P, ... in order.
-
-    A fixed assignment keeps the per-program rows (and so every sum) deterministic; enough
-    programs to fill ``_RESIDENT_WARPS`` warps per SM.
-    """
-    if device.type == "cuda":
-        if per_sm is None:
-            per_sm = max(1, _RESIDENT_WARPS // num_warps)
-        cap = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-    else:
-        cap = _INTERPRET_PROGRAMS
-    return max(1, min(num_tiles, cap))
+def _confusion(confusion, C, device):
+    """(CONF, CONF_BINS, matrix) of a forward launch: none; a per-program register histogram flushed
+    into the caller's matrix (C * C up to _CONF_HIST_CELLS cells); else integer atomics straight into
+    it. No scratch beyond the caller's matrix in either case."""
+    if confusion is None:
+        return 0, 1, _dummy(device, torch.int64)
+    if C * C <= _CONF_HIST_CELLS:
+        return 1, _np2(C * C), confusion
+    return 2, 1, confusion
 
 
-def _class_sums(target, pl, C):
-    """Σ of ``pl`` over the pixels of each class, in a fixed order (no float atomics): the O(N)
-    class-sum kernel, one program of ``_SUM_BLOCK`` threads per SM (fewer when the columns of C
-    sums per thread would exceed ``_SUM_SCRATCH_BYTES``), each thread summing its pixels into its
-    own column; the programs' rows summed here."""
-    N = pl.numel()
-    block = _SUM_BLOCK * (_INTERPRET_TILE_SCALE if _interpret() else 1)
-    if pl.device.type == "cuda":
-        cap = torch.cuda.get_device_properties(pl.device).multi_processor_count
-    else:
-        cap = _INTERPRET_PROGRAMS
-    # the columns, C x P x block sums, stay within _SUM_SCRATCH_BYTES (fewer programs for large C)
-    fit = _SUM_SCRATCH_BYTES // (C * block * pl.element_size())
-    P = max(1, min(_cdiv(N, block), cap, fit))
-    scratch = pl.new_empty((C, P * block))
-    part = pl.new_empty((P, C))
-    k = min(_np2(C), _SUM_K * (_INTERPRET_TILE_SCALE if _interpret() else 1))
-    wrap(_class_sum_kernel)[(P,)](target, pl, scratch, part, N, C, BLOCK=block, K=k,
-                                  num_warps=_SUM_BLOCK // 32)
-    return part.sum(0)
-
-
-def _class_loss(has_loss, in_rows, lrow, target, pl, C):
-    """The class-loss sums: the programs' rows summed in a fixed order (deterministic), or the
-    per-pixel losses summed per class by the class-sum kernel; None without a loss."""
-    if not has_loss:
-        return None
-    return lrow.sum(0) if in_rows else _class_sums(target, pl, C)
-
-
-def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
-    """The forward op's launcher (see the contract in :mod:`fused_imbalance.ops`)."""
-    mode = Mode(mode)
-    acc = _acc_dtype(x)
+def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting, need_tp,
+             validate, need_lse):
+    """The forward op's launcher (the contract of :mod:`fused_imbalance.ops`): the loss kernel, the
+    class-sum kernel beyond 32 classes, then the finalize launch. ``validate`` is the caller's: this
+    backend returns the bad labels (``bad``) and never waits for the device."""
+    mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
+    need_tp = need_tp or weighting == Weighting.RECALL
+    acc = acc_dtype(x)
     B, C, S, (sb, sc, ss), _ = _geometry(x)
     N = B * S
+    dev = x.device
     has_loss = mode != Mode.STATS
-    focal = _focal(mode, gamma)
-    empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
-    if N == 0:
-        return (x.new_zeros(0, dtype=acc), x.new_zeros(C, dtype=acc),
-                x.new_zeros(C, dtype=torch.int64),
-                x.new_zeros(C if need_tp else 0, dtype=torch.int64), x.new_zeros((), dtype=torch.int64),
-                empty_conf)
+    sums = has_loss and reduction != Reduction.NONE
+    out = outputs(x, C, N, reduction, need_tp)
+    lse = x.new_empty(0, dtype=acc)
+    i32 = torch.int32
     with _on_device(x):
+        if N == 0:  # no pixel: the finalize of no rows gives the zeros
+            z = x.new_empty((0, C), dtype=i32)
+            finalize(x.new_empty((0, C), dtype=acc), z, z, x.new_empty((0, 2), dtype=torch.int64), weight, out, C,
+                     reduction, weighting, sums, need_tp, ignore_index, target)
+            return FwdOut(*out, lse)
+        weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
+        wt = weight if weight is not None else _dummy(dev, acc)
+        tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
+        conf_mode, conf_bins, conf = _confusion(confusion, C, dev)
         if C <= _STATIC_C:
-            out = _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss,
-                                  need_tp, need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal)
+            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp)
+            tiles_per_b = _cdiv(S, rows * vec)
+            num_tiles = B * tiles_per_b
+            P = _programs(num_tiles, _WARPS, dev)
+            reg = C <= _REG_STATS_C
+            store_pl = reduction == Reduction.NONE or (sums and not reg)  # "none": zeros without a loss
+            pl = out[0] if reduction == Reduction.NONE else x.new_empty(N if store_pl else 1, dtype=acc)
+            lrow = x.new_empty((P, C), dtype=acc) if reg and sums else None
+            crow = x.new_empty((P, C), dtype=i32)
+            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
+            brow = x.new_empty((P, 2), dtype=torch.int64)
+            wrap(_fwd_static_kernel)[(P,)](
+                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
+                S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
+                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_PL=store_pl,
+                WEIGH_PL=weigh, SUMS=sums and reg, REG_STATS=reg, NEED_TP=need_tp, CONF=conf_mode,
+                CONF_BINS=conf_bins, ROWS=rows, VEC=vec, ZB=min(_np2(C), _ZERO_BLOCK), num_warps=_WARPS)
+            if sums and not reg:
+                lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
         else:
-            out = _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss,
-                                   need_tp, need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal)
-    pixel_loss, class_loss, count, tp, bad, conf = out
-    if not need_pixel_loss:
-        pixel_loss = x.new_zeros(0, dtype=acc)
-    if not has_loss:
-        class_loss = x.new_zeros(C, dtype=acc)
-    return (pixel_loss, class_loss, count, tp if need_tp else x.new_zeros(0, dtype=torch.int64), bad,
-            conf if need_confusion else empty_conf)
+            block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
+            tiles_per_b = _cdiv(S, block_p)
+            num_tiles = B * tiles_per_b
+            rowsum = sums and block_p == 1
+            P = _programs(num_tiles, num_warps, dev, _ROWSUM_PROGRAMS_PER_SM if rowsum else None)
+            store_pl = reduction == Reduction.NONE or (sums and not rowsum)
+            pl = out[0] if reduction == Reduction.NONE else x.new_empty(N if store_pl else 1, dtype=acc)
+            lrow = x.new_empty((P, C), dtype=acc) if rowsum else None
+            crow = x.new_empty((P, C), dtype=i32)
+            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
+            brow = x.new_empty((P, 2), dtype=torch.int64)
+            wrap(_fwd_chunked_kernel)[(P,)](
+                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
+                C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
+                MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_PL=store_pl, WEIGH_PL=weigh, ROWSUM=rowsum,
+                NEED_TP=need_tp, CONF=conf_mode > 0, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c,
+                ZB=min(_np2(C), _ZERO_BLOCK), num_warps=num_warps)
+            if sums and not rowsum:
+                lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
+        finalize(lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp, ignore_index, target)
+    return FwdOut(*out, lse)
 
 
-def _forward_static(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-                    need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal):
-    rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp)
-    tiles_per_b = _cdiv(S, rows * vec)
-    num_tiles = B * tiles_per_b
-    P = _programs(num_tiles, _WARPS, x.device)
-    reg = C <= _REG_STATS_C
-    store_pl = need_pixel_loss or (has_loss and not reg)
-    pl = x.new_empty(B * S if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
-    alloc = torch.empty if reg else torch.zeros  # rows written once (registers) or added into
-    lrow = x.new_empty((P, C) if reg and has_loss else (1,), dtype=acc)
-    crow = alloc((P, C), dtype=torch.int32, device=x.device)
-    trow = alloc((P, C) if need_tp else (1,), dtype=torch.int32, device=x.device)
-    bad = x.new_empty(P, dtype=torch.int32)
-    conf_mode = 0
-    conf = x.new_empty(1, dtype=torch.int32)
-    if need_confusion:
-        conf_mode = 1 if P * C * C * 4 <= _CONF_ROWS_BYTES else 2
-        conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
-                           dtype=torch.int32 if conf_mode == 1 else torch.int64)
-    tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
-    wrap(_fwd_static_kernel)[(P,)](
-        x, target, tv, pl, lrow, crow, trow, bad, conf,
-        S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
-        C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
-        NEED_TP=need_tp, CONF=conf_mode, ROWS=rows, VEC=vec, num_warps=_WARPS)
-    class_loss = _class_loss(has_loss, reg, lrow, target, pl, C)
-    count = crow.sum(0, dtype=torch.int64)
-    tp = trow.sum(0, dtype=torch.int64) if need_tp else None
-    if conf_mode == 1:
-        conf = conf.sum(0, dtype=torch.int64)
-    return pl, class_loss, count, tp, bad.sum(dtype=torch.int64), conf
-
-
-def _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-                     need_confusion, acc, B, C, S, sb, sc, ss, has_loss, focal):
-    block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
-    tiles_per_b = _cdiv(S, block_p)
-    num_tiles = B * tiles_per_b
-    rowsum = has_loss and block_p == 1
-    P = _programs(num_tiles, num_warps, x.device, _ROWSUM_PROGRAMS_PER_SM if rowsum else None)
-    store_pl = need_pixel_loss or (has_loss and not rowsum)
-    pl = x.new_empty(B * S if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
-    lrow = x.new_zeros((P, C) if rowsum else (1,), dtype=acc)
-    count = x.new_zeros(C, dtype=torch.int64)
-    tp = x.new_zeros(C if need_tp else 1, dtype=torch.int64)
-    bad = x.new_empty(P, dtype=torch.int32)
-    conf = x.new_zeros((C, C) if need_confusion else (1,), dtype=torch.int64)
-    tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
-    wrap(_fwd_chunked_kernel)[(P,)](
-        x, target, tv, pl, lrow, count, tp, bad, conf,
-        C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
-        MODE=int(mode), FOCAL=focal, STORE_PL=store_pl, ROWSUM=rowsum, NEED_TP=need_tp,
-        CONF=need_confusion, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    class_loss = _class_loss(has_loss, rowsum, lrow, target, pl, C)
-    return pl, class_loss, count, tp, bad.sum(dtype=torch.int64), conf
-
-
-def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
-    """The backward op's launcher: (grad_pixel[n] + grad_class[y_n]) * dℓ_n/dx, x's layout."""
+def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
+    """The backward op's launcher: grad[n] * scale[y_n] * dℓ_n/dx in x's layout (the contract of
+    :mod:`fused_imbalance.ops`); one launch."""
     mode = Mode(mode)
-    if (grad_pixel is None and grad_class is None) or mode == Mode.STATS or x.numel() == 0:
+    if mode == Mode.STATS or x.numel() == 0:
         return torch.zeros_like(x)
-    acc = _acc_dtype(x)
-    grad = torch.empty_like(x)
-    B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, grad)
-    dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
-    gp = grad_pixel if grad_pixel is not None else dummy
-    gc = grad_class if grad_class is not None else dummy
-    gp_stride = grad_pixel.stride(0) if grad_pixel is not None else 0
-    gc_stride = grad_class.stride(0) if grad_class is not None else 0
+    acc = acc_dtype(x)
+    dx = torch.empty_like(x)
+    B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, dx)
+    dev = x.device
+    tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
+    gp, gp_stride, has_gp = grad_arg(grad, B * S, dev, acc)
+    wv = scale if scale is not None else tv
     focal = _focal(mode, gamma)
     with _on_device(x):
         if C <= _STATIC_C:
             rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
-            wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, x.device),)](
-                x, target, dummy, gp, gc, grad, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
-                gp_stride, gc_stride, ignore_index, gamma, gamma,
-                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
-                HAS_GC=grad_class is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
+            wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, dev),)](
+                x, target, tv, gp, wv, dx, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
+                gp_stride, ignore_index, gamma, gamma,
+                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=has_gp,
+                HAS_WV=scale is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
         else:
             block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
             tiles_per_b = _cdiv(S, block_p)
             num_tiles = B * tiles_per_b
-            wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, x.device),)](
-                x, target, dummy, gp, gc, grad, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc,
-                gss, gp_stride, gc_stride, ignore_index, gamma, gamma,
-                MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
-                HAS_GC=grad_class is not None, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c,
-                num_warps=num_warps)
-    return grad
+            wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, dev),)](
+                x, target, tv, gp, wv, dx, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc,
+                gss, gp_stride, ignore_index, gamma, gamma,
+                MODE=int(mode), FOCAL=focal, HAS_GP=has_gp, HAS_WV=scale is not None, SINGLE=single,
+                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    return dx
+
+
+def keeps_lse(x, mode, gamma):
+    """Floats per pixel the plain forward keeps for its backward when asked (none yet: the backward
+    recomputes the softmax from the logits)."""
+    return 0
 
 
 if triton is not None:
 
-    # The argument is named ``loss_mode``, not ``mode``, a keyword torch's dispatch machinery uses itself.
-    @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args=())
+    @torch.library.triton_op("fused_imbalance::triton_loss_fwd", mutates_args=("confusion",))
     def loss_fwd(
         x: torch.Tensor,
         target: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        tvals: Optional[torch.Tensor],
+        confusion: Optional[torch.Tensor],
         loss_mode: int,
         gamma: float,
-        tvals: Optional[torch.Tensor],
         ignore_index: int,
-        need_pixel_loss: bool,
+        reduction: int,
+        weighting: int,
         need_tp: bool,
-        need_confusion: bool,
+        validate: bool,
+        need_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-                        need_confusion)
+        return tuple(_forward(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction,
+                              weighting, need_tp, validate, need_lse))
 
     @loss_fwd.register_fake
-    def _loss_fwd_fake(x, target, loss_mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-                       need_confusion):
-        return fwd_fake(x, target, need_pixel_loss, need_tp, need_confusion)
+    def _loss_fwd_fake(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction, weighting,
+                       need_tp, validate, need_lse):
+        lse = keeps_lse(x, loss_mode, gamma) if need_lse else 0
+        return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL, lse)
 
     @torch.library.triton_op("fused_imbalance::triton_loss_bwd", mutates_args=())
     def loss_bwd(
         x: torch.Tensor,
         target: torch.Tensor,
-        grad_pixel: Optional[torch.Tensor],
-        grad_class: Optional[torch.Tensor],
+        grad: Optional[torch.Tensor],
+        scale: Optional[torch.Tensor],
+        tvals: Optional[torch.Tensor],
+        lse: Optional[torch.Tensor],
         loss_mode: int,
         gamma: float,
-        tvals: Optional[torch.Tensor],
         ignore_index: int,
     ) -> torch.Tensor:
-        return _backward(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index)
+        return _backward(x, target, grad, scale, tvals, lse, loss_mode, gamma, ignore_index)
 
     @loss_bwd.register_fake
-    def _loss_bwd_fake(x, target, grad_pixel, grad_class, loss_mode, gamma, tvals, ignore_index):
+    def _loss_bwd_fake(x, target, grad, scale, tvals, lse, loss_mode, gamma, ignore_index):
         return torch.empty_like(x)
-
-    register_loss_autograd("fused_imbalance::triton_loss_fwd", loss_bwd)
 else:
     loss_fwd = None
     loss_bwd = None
-
-# The backend's upsampled ops (DESIGN.md §10), so that this module serves both op pairs.
-from .triton_upsample import upsample_loss_bwd, upsample_loss_fwd  # noqa: E402,F401

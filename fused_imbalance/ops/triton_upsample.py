@@ -100,21 +100,23 @@ from typing import Optional
 
 import torch
 
-from . import Mode, fwd_fake  # noqa: F401
-from ._triton_host import _FLOATS, _acc_dtype, _cdiv, _focal, _interpret, _np2, _on_device, available, supports  # noqa: F401
-from .upsample import Interp, register
+from . import FLOAT_DTYPES, FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake
+from ._triton_host import (_cdiv, _class_sums, _dummy, _focal, _interpret, _np2, _on_device, finalize, grad_arg,
+                           outputs)
+from .upsample import Interp, check_lse
 
 try:
     import triton
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_LOG2E, _bwd_softmax_coefs, _counts_in_memory, _focal_coef, _gamma, _i64, _labels, _lse,
-                                 _sigmoid_focal_grad, _sigmoid_focal_terms, _take_max)
+    from .triton_kernels import (_LOG2E, _NO_BAD, _bwd_softmax_coefs, _conf_flush, _conf_hist, _counts_in_memory,
+                                 _focal_coef, _gamma, _i64, _labels, _lse, _sigmoid_focal_grad, _sigmoid_focal_terms,
+                                 _store_bad, _take_max, _upstream, _zero_rows)
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
-__all__ = ["available", "supports", "upsample_loss_fwd", "upsample_loss_bwd"]
+__all__ = ["keeps_lse", "upsample_loss_fwd", "upsample_loss_bwd"]
 
 _CACHE_C = 32  # up to this class count the forward has one class group and cached horizontal rows
 _CACHE_C_F64 = 19  # the same in float64: more spilled, with the argmax
@@ -129,7 +131,6 @@ _BWD_GROUP = 19  # classes per backward group from the coefficient launch (unrol
 _BWD_GROUP_LOOP = 16  # the same in a loop over groups (more than _UNROLL_C classes)
 _TP_PACK = 4096  # REG_STATS: a float count + _TP_PACK x true positives (exact for H < _TP_PACK)
 _BIG_H = 1 << 24  # from this many output rows a program may count 2**31 pixels: int64 rows, no REG_STATS
-_CONF_ROWS_BYTES = 1 << 24  # per-program int32 confusion matrices up to this size in all
 _FWD_ROWS = 4  # low-resolution rows per forward program (horizontal passes: R + 1 per R rows)
 _BWD_ROWS = 8  # low-resolution rows per backward program (the halo row costs 1/R)
 _FWD_TY = 1  # output rows per step of the forward with cached rows (more ran out of registers)
@@ -264,18 +265,6 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP: tl.constexpr,
-                  HAS_GC: tl.constexpr):
-        """The upstream weight of each pixel, grad_pixel[n] + grad_class[y], 0 where not valid (``zero``
-        gives its shape and dtype)."""
-        w = zero
-        if HAS_GP:
-            w += tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(zero.dtype)
-        if HAS_GC:
-            w += tl.load(gc_ptr + y32 * gc_stride, mask=valid, other=0.0).to(zero.dtype)
-        return tl.where(valid, w, 0.0)
-
-    @triton.jit
     def _shift(s):
         """The per-pixel form of a softmax shift s for :func:`_exp_minus`: s·log2(e) in float32, s in float64."""
         if s.dtype == tl.float64:
@@ -386,39 +375,44 @@ if triton is not None:
         ax0_ptr,  # (W,) int32 first source column of each output column
         wx0_ptr, wx1_ptr,  # (W,) column weights
         tv_ptr,  # (C,) MSE target values (accumulation dtype)
+        w_ptr,  # (C,) class weights the stored per-pixel loss is multiplied by (WEIGH_PL)
         pl_ptr,  # (N,) per-pixel loss out (STORE_PL); its dtype sets the arithmetic
-        lrow_ptr,  # (programs, C) out: class-loss sums of each program (REG_STATS)
-        crow_ptr,  # (programs, C) int32 valid pixels per class: out (REG_STATS) or zeroed, added into
+        lrow_ptr,  # (programs, C) out: class-loss sums of each program (SUMS and REG_STATS)
+        crow_ptr,  # (programs, C) int32 valid pixels per class: out (REG_STATS) or zeroed here, added into
         #            (int64 when H >= _BIG_H)
         trow_ptr,  # (programs, C) true positives, as crow_ptr (NEED_TP)
-        bad_ptr,  # (programs,) int32 (int64 when H >= _BIG_H) out: labels outside [0, C) that are not ignore_index
-        conf_ptr,  # confusion [label, argmax] added into: (programs, C, C) int32 (CONF 1), (C, C) int64 (CONF 2)
-        gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients of pixel_loss and class_loss (COEF)
+        bad_ptr,  # (programs, 2) int64 out: bad labels (outside [0, C), not ignore_index) and the largest
+        conf_ptr,  # (C, C) int64 confusion [label, argmax] added into (CONF): the caller's matrix
+        gp_ptr, wv_ptr,  # upstream gradient and its per-class factor (COEF; see _upstream)
         coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse, q the focal weight out
         #                          (STORE_LSE)
         H, W, h, w,  # output and input sizes
         bands, xblocks,  # row bands per image, column blocks per row
         stride_b, stride_c, stride_h, stride_w,  # logits strides, in elements
-        gp_stride, gc_stride,  # upstream strides (0 when autograd expands a scalar)
+        gp_stride,  # upstream gradient stride (0: one value for every pixel)
         ignore_index, gamma, gamma64: tl.float64,
         C: tl.constexpr,  # classes
         GROUP: tl.constexpr,  # classes per group of the loop over groups (not CACHE)
         CACHE: tl.constexpr,  # one group, horizontal passes cached per low-resolution row
         MODE: tl.constexpr, FOCAL: tl.constexpr,
         STORE_PL: tl.constexpr,  # write the per-pixel loss
+        WEIGH_PL: tl.constexpr,  # ... times the class weight of its label
+        SUMS: tl.constexpr,  # the class-loss sums in registers (REG_STATS; else the stored loss is summed)
         REG_STATS: tl.constexpr,  # class statistics in registers (C <= 32)
         NEED_TP: tl.constexpr,  # count true positives
         PACK_TP: tl.constexpr,  # REG_STATS and NEED_TP: count + TP_PACK x true positives in one float (H < TP_PACK)
         TP_PACK: tl.constexpr,
-        CONF: tl.constexpr,  # 0: no confusion, 1: per-program int32 matrices, 2: the int64 matrix
+        CONF: tl.constexpr,  # 0: no confusion, 1: a register histogram (CONF_BINS cells), 2: integer atomics
+        CONF_BINS: tl.constexpr,  # a power of two >= C * C (CONF == 1)
         COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
         STORE_LSE: tl.constexpr,  # the forward (softmax focal) also writes each pixel's lse (and focal weight)
-        HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
+        HAS_GP: tl.constexpr, HAS_WV: tl.constexpr,
         TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr,  # two-tap axes (bilinear, size changed)
         OFF64: tl.constexpr,  # 64-bit offsets inside an image
         R: tl.constexpr,  # low-resolution rows per band
         TY: tl.constexpr,  # output rows per step (of one segment)
         BLOCK_X: tl.constexpr,  # output columns per program, one per thread
+        ZB: tl.constexpr,  # classes per step of the rows' zeroing (not REG_STATS)
     ):
         acc_ty = pl_ptr.dtype.element_ty
         gamma = _gamma(gamma, gamma64, acc_ty)
@@ -427,7 +421,6 @@ if triton is not None:
         band = (pid // xblocks) % bands
         b = (pid // (xblocks * bands)).to(tl.int64)
         NEED_AM: tl.constexpr = (NEED_TP or CONF > 0) and not COEF
-        HAS_LOSS: tl.constexpr = MODE != 4
         SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
         X = xb * BLOCK_X + tl.arange(0, BLOCK_X)
         xm = X < W
@@ -452,7 +445,15 @@ if triton is not None:
                 lacc = lacc + (tl.zeros([TY, BLOCK_X], acc_ty),)
                 cacc = cacc + (tl.zeros([TY, BLOCK_X], tl.float32),)
                 tacc = tacc + (tl.zeros([TY, BLOCK_X], tl.float32),)
-        bad_acc = tl.zeros([BLOCK_X], tl.int32)
+        elif not COEF:
+            _zero_rows(crow_ptr, pid64, C, ZB)
+            if NEED_TP:
+                _zero_rows(trow_ptr, pid64, C, ZB)
+            tl.debug_barrier()  # the zeros before this program's additions into its rows
+        if CONF == 1:
+            hist = tl.zeros([CONF_BINS], tl.int32)
+        nbad = tl.zeros([BLOCK_X], tl.int64)
+        vbad = tl.full([BLOCK_X], _NO_BAD, tl.int64)
         ya = band * R
         yb = tl.minimum(ya + R, h)
         ha = o0  # placeholders when not CACHE
@@ -472,8 +473,9 @@ if triton is not None:
                 ym = Y < Ye
                 pm = ym & xm[None, :]
                 n = (b * H + Y) * W + X[None, :]  # int64: B*H*W can exceed 2**31
-                valid, bad, y32 = _labels(t_ptr, n, pm, ignore_index, C, -1)
-                bad_acc += tl.sum(bad.to(tl.int32), 0)
+                valid, bad, y32, badv = _labels(t_ptr, n, pm, ignore_index, C, -1)
+                nbad += tl.sum(bad.to(tl.int64), 0)
+                vbad = tl.maximum(vbad, tl.max(badv, 0))
                 wy0 = tl.load(wy0_ptr + Y, mask=ym, other=0.0)
                 wy1 = wy0
                 if TAP2_Y:
@@ -495,8 +497,8 @@ if triton is not None:
                         if FOCAL:  # and the focal weight ∂ℓ/∂log p_y, the backward's a per unit upstream weight
                             tl.store(q_ptr + n, _focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pm)
                 if COEF:
-                    wgt = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride,
-                                    tl.zeros([TY, BLOCK_X], acc_ty), HAS_GP, HAS_GC)
+                    wgt = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([TY, BLOCK_X], 1.0, acc_ty),
+                                    HAS_GP, HAS_WV)
                     lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
                     tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
                     tl.store(lse_ptr + n, lse, mask=pm)
@@ -518,7 +520,11 @@ if triton is not None:
                         loss = lsum  # sigmoid focal terms; zeros for the statistics
                     lv = tl.where(valid, loss, 0.0)
                     if STORE_PL:
-                        tl.store(pl_ptr + n, lv, mask=pm)
+                        if WEIGH_PL:
+                            tl.store(pl_ptr + n, lv * tl.load(w_ptr + y32, mask=valid, other=0.0).to(acc_ty),
+                                     mask=pm)
+                        else:
+                            tl.store(pl_ptr + n, lv, mask=pm)
                     hit = valid & (am == y32)
                     if REG_STATS:
                         # per-thread running sums: a compare and a predicated add per pixel, class
@@ -533,7 +539,7 @@ if triton is not None:
                         nt = ()
                         for c in tl.static_range(C):
                             is_c = y32 == c
-                            if HAS_LOSS:
+                            if SUMS:
                                 nl = nl + (tl.where(is_c, lacc[c] + lv, lacc[c]),)
                             else:
                                 nl = nl + (lacc[c],)
@@ -548,6 +554,8 @@ if triton is not None:
                         lacc = nl
                         cacc = nc
                         tacc = nt
+                    if CONF == 1:
+                        hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
                     _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS,
                                       NEED_TP, CONF)
             if CACHE:
@@ -559,7 +567,7 @@ if triton is not None:
             if REG_STATS:
                 # one row per program, summed by the launcher in a fixed order: deterministic
                 for c in tl.static_range(C):
-                    if HAS_LOSS:
+                    if SUMS:
                         tl.store(lrow_ptr + pid64 * C + c, tl.sum(tl.sum(lacc[c], 1), 0))
                     ci = cacc[c].to(tl.int32)
                     if PACK_TP:
@@ -569,10 +577,9 @@ if triton is not None:
                         tl.store(crow_ptr + pid64 * C + c, tl.sum(tl.sum(ci, 1), 0))
                         if NEED_TP:
                             tl.store(trow_ptr + pid64 * C + c, tl.sum(tl.sum(tacc[c].to(tl.int32), 1), 0))
-            if REG_STATS:
-                tl.store(bad_ptr + pid, tl.sum(bad_acc, 0))
-            else:  # the int64 sum where a program may count 2**31 labels (H >= _BIG_H: no REG_STATS)
-                tl.store(bad_ptr + pid, tl.sum(bad_acc.to(tl.int64), 0))
+            if CONF == 1:
+                _conf_flush(conf_ptr, hist, C, CONF_BINS)
+            _store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
 
     @triton.jit
     def _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
@@ -649,18 +656,19 @@ if triton is not None:
 
 
     @triton.jit
-    def _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr,
+    def _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr,
                      wy0_ptr, wy1_ptr, sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr,
                      bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev, s0, s1, span, o0, o1, go,
-                     sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index, gamma, c0,
+                     sh, sc, gsh, gsc, gp_stride, ignore_index, gamma, c0,
                      acc_ty: tl.constexpr, C: tl.constexpr, NCLS: tl.constexpr, MODE: tl.constexpr,
-                     FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr, PRE: tl.constexpr,
+                     FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr, PRE: tl.constexpr,
                      TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, TJ: tl.constexpr, TY: tl.constexpr,
                      BLOCK_X: tl.constexpr):
         """The gradient of classes c0 .. c0 + NCLS - 1 of the band's low-resolution rows [ya, yb)
         at the lanes' columns (see the module docstring): A (row yy, own column), Bc (row yy, next
         column), An, Bn (row yy + 1), each a [TJ, TY, BLOCK_X] tile of partial sums."""
         zero = tl.zeros(xl.shape, acc_ty)
+        one = tl.full([TJ, TY, BLOCK_X], 1.0, acc_ty)
         zt = tl.zeros([TJ, TY, BLOCK_X], acc_ty)
         A = _zeros_like_tuple(zt, NCLS)
         Bc = A
@@ -703,12 +711,12 @@ if triton is not None:
                     ym = Y < Ye
                     pm = pmx & ym
                     n = (bH + Y) * W + X  # int64: B*H*W can exceed 2**31
-                    valid, bad, y32 = _labels(t_ptr, n, pm, ignore_index, C, -1)
-                    a = zero  # the upstream weight grad_pixel[n] + grad_class[y], or the coefficient
+                    valid, bad, y32, badv = _labels(t_ptr, n, pm, ignore_index, C, -1)
+                    a = zero  # the upstream weight grad[n] * scale[y], or the coefficient
                     lse = zero
                     q = zero
                     if PRE == 2:  # from the forward: a = the upstream weight x (-1, or the focal weight at q_ptr)
-                        a = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP, HAS_GC)
+                        a = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, one, HAS_GP, HAS_WV)
                         if FOCAL:
                             a = a * tl.load(q_ptr + n, mask=valid, other=0.0)
                         else:
@@ -720,7 +728,7 @@ if triton is not None:
                         if MODE == 3:
                             q = tl.load(q_ptr + n, mask=valid, other=0.0)
                     else:
-                        a = _upstream(gp_ptr, gc_ptr, n, y32, valid, gp_stride, gc_stride, zero, HAS_GP, HAS_GC)
+                        a = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, one, HAS_GP, HAS_WV)
                     tv = zero
                     if MODE == 2 or MODE == 3:
                         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
@@ -779,15 +787,15 @@ if triton is not None:
         wx0_ptr, wx1_ptr,  # (W,) column weights
         sx0_ptr, sx1_ptr,  # (w,) int32 output columns [sx0[x], sx1[x]) whose first source column is x
         tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
-        gp_ptr, gc_ptr,  # (N,), (C,) upstream gradients (HAS_GP, HAS_GC)
+        gp_ptr, wv_ptr,  # upstream gradient and its per-class factor (HAS_GP, HAS_WV; see _upstream)
         coef_ptr, lse_ptr, q_ptr,  # (N,) per-pixel a, lse, q of the coefficient launch (PRE)
         g_ptr,  # gradient out, x's dtype, element (b, c, y, x) at b*gsb + c*gsc + y*gsh + x*gsw
         H, W, h, w, bands, xblocks,
         stride_b, stride_c, stride_h, stride_w,
         gstride_b, gstride_c, gstride_h, gstride_w,
-        gp_stride, gc_stride, ignore_index, gamma, gamma64: tl.float64,
+        gp_stride, ignore_index, gamma, gamma64: tl.float64,
         C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
-        MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_GC: tl.constexpr,
+        MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr,
         PRE: tl.constexpr,  # class groups of a softmax mode: 1, the per-pixel scalars from the coefficient launch;
         #                     2, from the forward (softmax focal): lse, and a from the upstream weight and q_ptr
         TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, OFF64: tl.constexpr,
@@ -832,30 +840,32 @@ if triton is not None:
         FULL: tl.constexpr = (C // GROUP) * GROUP
         if LOOP:
             for c0 in range(0, FULL, GROUP):
-                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
+                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
                              sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
-                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index,
-                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_GC, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, ignore_index,
+                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_WV, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
         else:
             for c0 in tl.static_range(0, FULL, GROUP):
-                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
+                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
                              sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
-                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index,
-                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_GC, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, ignore_index,
+                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_WV, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
         if C % GROUP:
-            _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, gc_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
+            _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
                          sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
-                         s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, gc_stride, ignore_index,
-                         gamma, FULL, acc_ty, C, C % GROUP, MODE, FOCAL, HAS_GP, HAS_GC, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+                         s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, ignore_index,
+                         gamma, FULL, acc_ty, C, C % GROUP, MODE, FOCAL, HAS_GP, HAS_WV, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
 
 
 # --- launchers ---------------------------------------------------------------------------------
 
 class _Geometry:
-    """The resize's tables and per-axis flags, from the logits' and the labels' shapes."""
+    """The resize's tables and per-axis flags, from the logits' and the labels' shapes. The tables
+    depend on the sizes alone: they are built once per (sizes, mode, dtype, device), not per call
+    (each is a few small device ops, launches on a GPU)."""
 
     def __init__(self, x, H, W, interp, align_corners):
-        acc = _acc_dtype(x)
+        acc = acc_dtype(x)
         B, C, h, w = x.shape
         self.H, self.W, self.h, self.w = H, W, h, w
         ay0, _, self.wy0, self.wy1 = _axis(h, H, interp, align_corners, acc, x.device)
@@ -865,9 +875,25 @@ class _Geometry:
         bilinear = interp == Interp.BILINEAR
         self.tap2_y = bilinear and H != h  # otherwise one tap of weight 1: a copy, as torch makes it
         self.tap2_x = bilinear and W != w
-        # 32-bit offsets inside one image of logits (and of the gradient, laid out like them)
-        extent = sum((d - 1) * abs(s) for d, s in zip(x.shape[1:], x.stride()[1:]))
-        self.off64 = extent >= 2 ** 31
+
+
+_GEOMETRY_CACHE = 64  # resize geometries kept (a training run has one or a few)
+_geometries = {}
+
+
+def _geometry(x, H, W, interp, align_corners):
+    """(geometry, off64): the cached tables of this resize, and whether offsets inside one image of
+    logits (and of the gradient, laid out like them) need 64 bits."""
+    key = (x.shape[2], x.shape[3], H, W, int(interp), bool(align_corners), acc_dtype(x), x.device)
+    geo = _geometries.get(key)
+    if geo is None or torch.compiler.is_compiling():
+        geo = _Geometry(x, H, W, interp, align_corners)
+        if not torch.compiler.is_compiling():  # a traced graph's tensors are not kept across calls
+            if len(_geometries) >= _GEOMETRY_CACHE:
+                _geometries.pop(next(iter(_geometries)))
+            _geometries[key] = geo
+    extent = sum((d - 1) * abs(st) for d, st in zip(x.shape[1:], x.stride()[1:]))
+    return geo, extent >= 2 ** 31
 
 
 def _fwd_cached(C, mode, f64):
@@ -949,13 +975,6 @@ def _bwd_tile(geo):
     return lanes, _BWD_ROWS, 1, _BWD_TY, lanes // 32
 
 
-def _class_sums(target, pl, C):
-    """Σ of ``pl`` over the pixels of each class, in a fixed order: the plain ops' launcher of
-    ``_class_sum_kernel`` (imported here: :mod:`.triton_loss` imports this module at its end)."""
-    from .triton_loss import _class_sums as class_sums
-    return class_sums(target, pl, C)
-
-
 def _check(x, target, interp, loss_mode, gamma):
     if x.dim() != 4 or target.dim() != 3 or target.shape[0] != x.shape[0]:
         raise ValueError(f"upsampled losses take (B, C, h, w) logits and (B, H, W) labels, got "
@@ -966,7 +985,7 @@ def _check(x, target, interp, loss_mode, gamma):
         raise ValueError(f"unknown mode {loss_mode}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {x.dtype}")
 
 
@@ -981,43 +1000,50 @@ def keeps_lse(x, mode, gamma):
     return 2 if gamma != 0 else 1
 
 
-def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=False, need_tp=False, need_conf=False,
-                coef=None, grad_pixel=None, grad_class=None, store_lse=None):
-    """One launch of ``_up_fwd_kernel``: the forward (``store_lse``: the buffer of :func:`keeps_lse`,
-    softmax focal), or (``coef`` = (a, lse, q) buffers) the backward's per-pixel scalars. Returns
-    (pl, lrow, crow, trow, bad, conf, conf_mode, reg)."""
+_CONF_HIST_CELLS = 1024  # confusion counts in a per-program register histogram up to this many cells (C*C)
+_INTERPRET_SUM_SCALE = 8  # the class-sum kernel's larger blocks under the interpreter (its cost is per block)
+_ZERO_BLOCK = 256  # classes per step of a kernel's zeroing of its own rows
+
+
+def _launch_fwd(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, *, weight=None, weigh=False, sums=False,
+                store_pl=None, need_tp=False, confusion=None, coef=None, grad=None, scale=None, store_lse=None):
+    """One launch of ``_up_fwd_kernel``: the forward (``store_pl``: the (N,) per-pixel loss buffer, or None;
+    ``store_lse``: the buffer of :func:`keeps_lse`, softmax focal), or (``coef`` = (a, lse, q) buffers) the
+    backward's per-pixel scalars. Returns (pl, lrow, crow, trow, brow, reg) of a forward."""
     B, C = x.shape[0], x.shape[1]
+    dev = x.device
     is_coef = coef is not None
     f64 = acc == torch.float64
     block, R, ty, warps = _fwd_tile(geo, C, mode, f64)
     bands, xblocks = _cdiv(geo.h, R), _cdiv(geo.W, block)
     P = B * bands * xblocks
+    need_conf = confusion is not None
     group, _, cache = _class_plan(C, mode, f64, need_am=(need_tp or need_conf) and not is_coef, coef=is_coef)
-    has_loss = mode != Mode.STATS
     # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
-    # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead, its bad-label
-    # count int64 and the confusion the one int64 matrix
+    # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead
     big = geo.H >= _BIG_H
     reg = C <= _REG_STATS_C and not is_coef and not big
     row_ty = torch.int64 if big else torch.int32
-    store_pl = not is_coef and (store_pl or (has_loss and not reg))
-    pl = x.new_empty(t.numel() if store_pl else 1, dtype=acc)  # its dtype sets the arithmetic
-    one = x.new_empty(1, dtype=torch.int32)
+    one = _dummy(dev, acc)
     if is_coef:
-        lrow = crow = trow = bad = conf = one
-        conf_mode = 0
+        pl = one
+        lrow = crow = trow = brow = _dummy(dev, torch.int32)
+        conf_mode, bins, conf = 0, 1, _dummy(dev, torch.int64)
     else:
-        alloc = torch.empty if reg else torch.zeros  # rows written once (registers) or added into
-        lrow = x.new_empty((P, C) if reg and has_loss else (1,), dtype=acc)
-        crow = alloc((P, C), dtype=row_ty, device=x.device)
-        trow = alloc((P, C) if need_tp else (1,), dtype=row_ty, device=x.device)
-        bad = x.new_empty(P, dtype=row_ty)
-        conf_mode, conf = 0, one
-        if need_conf:
-            conf_mode = 1 if P * C * C * 4 <= _CONF_ROWS_BYTES and not big else 2
-            conf = x.new_zeros((P, C, C) if conf_mode == 1 else (C, C),
-                               dtype=torch.int32 if conf_mode == 1 else torch.int64)
-    tv = tvals if tvals is not None else x.new_empty(1, dtype=acc)
+        if store_pl is None and sums and not reg:
+            store_pl = x.new_empty(t.numel(), dtype=acc)  # summed per class by the class-sum kernel
+        pl = store_pl if store_pl is not None else one
+        lrow = x.new_empty((P, C), dtype=acc) if reg and sums else one
+        crow = x.new_empty((P, C), dtype=row_ty)
+        trow = x.new_empty((P, C), dtype=row_ty) if need_tp else crow
+        brow = x.new_empty((P, 2), dtype=torch.int64)
+        if not need_conf:
+            conf_mode, bins, conf = 0, 1, _dummy(dev, torch.int64)
+        elif C * C <= _CONF_HIST_CELLS and not big:
+            conf_mode, bins, conf = 1, _np2(C * C), confusion
+        else:
+            conf_mode, bins, conf = 2, 1, confusion
+    tv = tvals if tvals is not None else one
     focal = _focal(mode, gamma)
     if is_coef:
         a, lse, q = coef
@@ -1026,150 +1052,169 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
         a, lse, q = pl, store_lse[:N], store_lse[N:] if focal else pl
     else:
         a = lse = q = pl
+    gp, gp_stride, has_gp = grad_arg(grad, t.numel(), dev, acc)
     wrap(_up_fwd_kernel)[(P,)](
-        x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1, tv, pl, lrow, crow, trow, bad, conf,
-        grad_pixel if grad_pixel is not None else tv, grad_class if grad_class is not None else tv, a, lse, q,
+        x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1, tv,
+        weight if weight is not None else one, pl, lrow, crow, trow, brow, conf,
+        gp, scale if scale is not None else one, a, lse, q,
         geo.H, geo.W, geo.h, geo.w, bands, xblocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        grad_pixel.stride(0) if grad_pixel is not None else 0, grad_class.stride(0) if grad_class is not None else 0,
-        ignore_index, gamma, gamma,
+        gp_stride, ignore_index, gamma, gamma,
         C=C, GROUP=group, CACHE=cache, MODE=int(mode),
-        FOCAL=focal, STORE_PL=store_pl, REG_STATS=reg,
+        FOCAL=focal, STORE_PL=store_pl is not None and not is_coef, WEIGH_PL=weigh, SUMS=sums and reg, REG_STATS=reg,
         NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < _TP_PACK, TP_PACK=_TP_PACK,
-        CONF=conf_mode, COEF=is_coef, STORE_LSE=store_lse is not None, HAS_GP=grad_pixel is not None,
-        HAS_GC=grad_class is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64, R=R, TY=ty,
-        BLOCK_X=block, num_warps=warps)
-    return pl, lrow, crow, trow, bad, conf, conf_mode, reg
+        CONF=conf_mode, CONF_BINS=bins, COEF=is_coef, STORE_LSE=store_lse is not None, HAS_GP=has_gp,
+        HAS_WV=scale is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=off64, R=R, TY=ty,
+        BLOCK_X=block, ZB=min(_np2(C), _ZERO_BLOCK), num_warps=warps)
+    return pl, lrow, crow, trow, brow, reg
 
 
-def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
-             need_confusion, need_lse=False):
+def _forward(x, target, interp, align_corners, weight, tvals, confusion, mode, gamma, ignore_index, reduction,
+             weighting, need_tp, validate, need_lse):
+    """The upsampled forward op's launcher (the contract of :mod:`fused_imbalance.ops` with the loss of the
+    interpolated logits): the loss kernel, the class-sum kernel when the class sums are not registers,
+    the finalize launch."""
     _check(x, target, interp, mode, gamma)
-    mode = Mode(mode)
-    acc = _acc_dtype(x)
+    mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
+    need_tp = need_tp or weighting == Weighting.RECALL
+    acc = acc_dtype(x)
     B, C, h, w = x.shape
     H, W = target.shape[1], target.shape[2]
     N = B * H * W
     has_loss = mode != Mode.STATS
-    empty_conf = x.new_zeros((C, C) if need_confusion else (0, 0), dtype=torch.int64)
+    sums = has_loss and reduction != Reduction.NONE
+    out = outputs(x, C, N, reduction, need_tp)
     lse = x.new_empty(N * keeps_lse(x, mode, gamma) if need_lse else 0, dtype=acc)  # every element is written
-    if N == 0 or x.numel() == 0:
-        return (x.new_zeros(N if need_pixel_loss else 0, dtype=acc), x.new_zeros(C, dtype=acc),
-                x.new_zeros(C, dtype=torch.int64), x.new_zeros(C if need_tp else 0, dtype=torch.int64),
-                x.new_zeros((), dtype=torch.int64), empty_conf, lse)
-    t = target.reshape(-1).contiguous()
+    t = target.reshape(-1)
+    if not t.is_contiguous():
+        t = t.contiguous()
     with _on_device(x):
-        geo = _Geometry(x, H, W, interp, align_corners)
-        pl, lrow, crow, trow, bad, conf, conf_mode, reg = _launch_fwd(
-            x, t, geo, mode, gamma, tvals, ignore_index, acc, store_pl=need_pixel_loss, need_tp=need_tp,
-            need_conf=need_confusion, store_lse=lse if lse.numel() else None)
-        if not has_loss:
-            class_loss = x.new_zeros(C, dtype=acc)
-        elif reg:
-            class_loss = lrow.sum(0)  # the programs' rows in a fixed order: deterministic
-        else:
-            class_loss = _class_sums(t, pl, C)
-        count = crow.sum(0, dtype=torch.int64)
-        tp = trow.sum(0, dtype=torch.int64) if need_tp else x.new_zeros(0, dtype=torch.int64)
-        if conf_mode == 1:
-            conf = conf.sum(0, dtype=torch.int64)
-    pixel_loss = pl if need_pixel_loss else x.new_zeros(0, dtype=acc)
-    return (pixel_loss, class_loss, count, tp, bad.sum(dtype=torch.int64),
-            conf if need_confusion else empty_conf, lse)
+        if N == 0 or x.numel() == 0:  # no pixel: the finalize of no rows gives the zeros
+            z = x.new_empty((0, C), dtype=torch.int32)
+            finalize(x.new_empty((0, C), dtype=acc), z, z, x.new_empty((0, 2), dtype=torch.int64), weight, out, C,
+                     reduction, weighting, sums, need_tp, ignore_index, t)
+            if lse.numel():
+                lse.zero_()
+            return FwdOut(*out, lse)
+        geo, off64 = _geometry(x, H, W, interp, align_corners)
+        weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
+        pl, lrow, crow, trow, brow, reg = _launch_fwd(
+            x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, weight=weight, weigh=weigh, sums=sums,
+            store_pl=out[0] if reduction == Reduction.NONE else None, need_tp=need_tp,
+            confusion=confusion, store_lse=lse if lse.numel() else None)
+        if sums and not reg:
+            lrow = _class_sums(t, pl, C, _INTERPRET_SUM_SCALE)
+        finalize(lrow if sums else None, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp,
+                 ignore_index, t)
+    return FwdOut(*out, lse)
 
 
-def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, gamma, tvals, ignore_index,
-              lse_fwd=None):
+def _backward(x, target, interp, align_corners, grad, scale, tvals, lse_fwd, mode, gamma, ignore_index):
+    """The upsampled backward op's launcher: the gradient with respect to the low-resolution logits, one
+    launch (two for the class groups of a softmax mode without what the forward kept)."""
     _check(x, target, interp, mode, gamma)
     mode = Mode(mode)
     B, C, h, w = x.shape
     H, W = target.shape[1], target.shape[2]
     N = B * H * W
-    if (grad_pixel is None and grad_class is None) or mode == Mode.STATS or x.numel() == 0 or N == 0:
+    if mode == Mode.STATS or x.numel() == 0 or N == 0:
         return torch.zeros_like(x)
-    acc = _acc_dtype(x)
-    t = target.reshape(-1).contiguous()
-    grad = torch.empty_like(x)  # the shape, dtype and memory format of x
-    dummy = tvals if tvals is not None else x.new_empty(1, dtype=acc)  # its dtype sets the arithmetic
+    acc = acc_dtype(x)
+    dev = x.device
+    t = target.reshape(-1)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    grad_x = torch.empty_like(x)  # the shape, dtype and memory format of x
+    dummy = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
     focal = _focal(mode, gamma)
     group, loop, cache = _class_plan(C, mode, acc == torch.float64, bwd=True)
     pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
+    if lse_fwd is not None and lse_fwd.numel() == 0:
+        lse_fwd = None
     if lse_fwd is not None and (not pre or mode != Mode.SOFTMAX_FOCAL):
         lse_fwd = None  # the one-group backward computes the softmax itself
-    kept = N * keeps_lse(x, mode, gamma)
-    if lse_fwd is not None and (lse_fwd.shape != (kept,) or lse_fwd.dtype != acc or lse_fwd.device != x.device):
-        raise RuntimeError(f"fused_imbalance: lse must be the forward's ({kept},) {acc} log-sum-exp (and focal "
-                           f"weight), got {tuple(lse_fwd.shape)} {lse_fwd.dtype}")
+    if lse_fwd is not None:
+        check_lse(lse_fwd, N * keeps_lse(x, mode, gamma), acc, x.device)
+    gp, gp_stride, has_gp = grad_arg(grad, N, dev, acc)
+    wv = scale if scale is not None else dummy
     # PRE: 0 the softmax in the gradient pass, 1 a coefficient launch first, 2 from what the forward kept
     pre = (2 if lse_fwd is not None else 1) if pre else 0
     with _on_device(x):
-        geo = _Geometry(x, H, W, interp, align_corners)
+        geo, off64 = _geometry(x, H, W, interp, align_corners)
         # class groups of a softmax mode: the per-pixel scalars, O(B·H·W), from what the forward kept
         # (lse, the focal weight in q), else first a launch with a pass over every class
         coef = lse = q = dummy
         if pre == 2:
-            kept = lse_fwd.contiguous()
+            kept = lse_fwd if lse_fwd.is_contiguous() else lse_fwd.contiguous()
             lse, q = kept[:N], (kept[N:] if focal else dummy)
         elif pre:
             coef = x.new_empty(N, dtype=acc)
             lse = x.new_empty(N, dtype=acc)
             q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
-            _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, coef=(coef, lse, q),
-                        grad_pixel=grad_pixel, grad_class=grad_class)
+            _launch_fwd(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, coef=(coef, lse, q), grad=grad,
+                        scale=scale)
         block, R, tj, ty, warps = _bwd_tile(geo)
         bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
         wrap(_up_bwd_kernel)[(B * bands * xblocks,)](
             x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.wx0, geo.wx1, geo.sx0, geo.sx1, dummy,
-            grad_pixel if grad_pixel is not None else dummy, grad_class if grad_class is not None else dummy,
-            coef, lse, q, grad, H, W, h, w, bands, xblocks,
+            gp, wv, coef, lse, q, grad_x, H, W, h, w, bands, xblocks,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-            grad_pixel.stride(0) if grad_pixel is not None else 0,
-            grad_class.stride(0) if grad_class is not None else 0, ignore_index, gamma, gamma,
-            C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=grad_pixel is not None,
-            HAS_GC=grad_class is not None, PRE=pre, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=geo.off64,
+            grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
+            gp_stride, ignore_index, gamma, gamma,
+            C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=has_gp,
+            HAS_WV=scale is not None, PRE=pre, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=off64,
             R=R, TJ=tj, TY=ty, BLOCK_X=block, num_warps=warps)
-    return grad
+    return grad_x
 
 
 if triton is not None:
 
-    @torch.library.triton_op("fused_imbalance::triton_upsample_loss_fwd", mutates_args=())
+    @torch.library.triton_op("fused_imbalance::triton_upsample_loss_fwd", mutates_args=("confusion",))
     def upsample_loss_fwd(
         x: torch.Tensor,
         target: torch.Tensor,
         interp: int,
         align_corners: bool,
+        weight: Optional[torch.Tensor],
+        tvals: Optional[torch.Tensor],
+        confusion: Optional[torch.Tensor],
         loss_mode: int,
         gamma: float,
-        tvals: Optional[torch.Tensor],
         ignore_index: int,
-        need_pixel_loss: bool,
+        reduction: int,
+        weighting: int,
         need_tp: bool,
-        need_confusion: bool,
-        need_lse: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(x, target, interp, align_corners, loss_mode, gamma, tvals, ignore_index, need_pixel_loss,
-                        need_tp, need_confusion, need_lse)
+        validate: bool,
+        need_lse: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(_forward(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma,
+                              ignore_index, reduction, weighting, need_tp, validate, need_lse))
+
+    @upsample_loss_fwd.register_fake
+    def _upsample_loss_fwd_fake(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma,
+                                ignore_index, reduction, weighting, need_tp, validate, need_lse):
+        lse = keeps_lse(x, loss_mode, gamma) if need_lse else 0
+        return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL, lse)
 
     @torch.library.triton_op("fused_imbalance::triton_upsample_loss_bwd", mutates_args=())
     def upsample_loss_bwd(
         x: torch.Tensor,
         target: torch.Tensor,
-        grad_pixel: Optional[torch.Tensor],
-        grad_class: Optional[torch.Tensor],
         interp: int,
         align_corners: bool,
+        grad: Optional[torch.Tensor],
+        scale: Optional[torch.Tensor],
+        tvals: Optional[torch.Tensor],
+        lse: Optional[torch.Tensor],
         loss_mode: int,
         gamma: float,
-        tvals: Optional[torch.Tensor],
         ignore_index: int,
-        lse: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return _backward(x, target, grad_pixel, grad_class, interp, align_corners, loss_mode, gamma, tvals,
-                         ignore_index, lse)
+        return _backward(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index)
 
-    register("fused_imbalance::triton_upsample_loss_fwd", "fused_imbalance::triton_upsample_loss_bwd",
-             upsample_loss_bwd, keeps_lse=keeps_lse)
+    @upsample_loss_bwd.register_fake
+    def _upsample_loss_bwd_fake(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma,
+                                ignore_index):
+        return torch.empty_like(x)
 else:
     upsample_loss_fwd = None
     upsample_loss_bwd = None
