@@ -8,8 +8,8 @@ kernels, and the extra memory traffic of the passes that store per-pixel losses 
 The 72 cases are the example driver's.
 
 Launches go only through the public ops torch.ops.fused_imbalance.triton_loss_fwd / triton_loss_bwd (their contract
-is the docstring of fused_imbalance.ops), so the cases keep working across internal refactors while that contract
-holds. The one piece that knows the kernels is the trip model (TRIPS), written against kernel argument names: when a
+is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of ../shared/tools'
+calibration driver too) name the passes by their flags, so the cases keep working across internal refactors. The one piece that knows the kernels is the trip model (TRIPS), written against kernel argument names: when a
 name or the loop nesting changes, the tool flags the case ("no estimate") instead of estimating it with a stale model.
 
 Byte floor (DESIGN.md section 8): a forward reads the logits once, a backward reads them and writes the gradient once;
@@ -23,10 +23,29 @@ import torch
 # available() (a GPU, or TRITON_INTERPRET=1) gates the high-level API's choice of backend, not the ops themselves.
 importlib.import_module("fused_imbalance.ops.triton_loss")
 try:
-    FWD = torch.ops.fused_imbalance.triton_loss_fwd
-    BWD = torch.ops.fused_imbalance.triton_loss_bwd
+    _FWD = torch.ops.fused_imbalance.triton_loss_fwd
+    _BWD = torch.ops.fused_imbalance.triton_loss_bwd
 except (AttributeError, RuntimeError) as e:
     raise SystemExit(f"fused_imbalance's Triton ops are not registered ({e}): is triton installed?")
+from fused_imbalance.ops import Reduction, Weighting  # noqa: E402
+
+
+def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
+    """A forward pass through the op, by the flags these cases (and ../shared/tools' drivers) name it with:
+    the per-pixel loss ("none"), the statistics pass (true positives, the confusion counts into a matrix),
+    or a mean (the class-loss sums of the programs, reduced by the finalize launch)."""
+    C = x.shape[1]
+    conf = torch.zeros((C, C), dtype=torch.int64) if need_confusion else None
+    red = Reduction.NONE if need_pixel_loss else (Reduction.SUM if mode == 4 else Reduction.MEAN)
+    return _FWD(x, target, None, tvals, conf, mode, gamma, ignore_index, int(red), int(Weighting.NONE), need_tp,
+                False, False)
+
+
+def BWD(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+    """A backward pass through the op: the upstream gradient of a per-pixel loss (``grad_pixel``), or the
+    per-class factor of a weighted mean (``grad_class``: a scalar upstream gradient of 1 is left implicit)."""
+    return _BWD(x, target, grad_pixel, grad_class, tvals, None, mode, gamma, ignore_index)
+
 
 PROBLEMS = [  # name, shape (B, C, H, W) or (N, C), dtype, memory layout
     ("city_nchw_f32", (8, 19, 512, 1024), torch.float32, "nchw"),
@@ -56,18 +75,19 @@ def _extra_fwd_bytes(layout, N, C, mode, sms=132):
     """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: with
     32 < C <= 256 the per-pixel loss is written (4 B), then read back with the labels (4 + 8 B) by the class-sum
     kernel (its per-thread columns of class sums, C x 132 KB, are zeroed by the kernel itself and stay in the
-    50 MB L2: not counted); the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows; confusion
-    counts go to per-program int32 matrices (zeroed, read back) while those stay under 16 MB."""
+    50 MB L2: not counted); the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows
+    and int32 count rows; every path writes per-program int32 count rows, which the finalize launch reads back.
+    Confusion counts go into the caller's matrix (register histograms or atomics: no scratch)."""
     extra = 0
     has_loss = mode != 4
     if 32 < C <= 256 and has_loss:
         extra += N * (4 + 4 + 8)
-    if C > 256 and layout != "nchw" and has_loss:
-        extra += 2 * (2 * sms) * C * 4
-    if mode == 4 and C <= 256:
+    if C > 256 and layout != "nchw":
+        programs = 2 * sms
+        extra += 2 * programs * C * (4 if has_loss else 0) + 2 * programs * C * 4
+    elif C <= 256:
         programs = sms * 8
-        if programs * C * C * 4 <= 1 << 24:
-            extra += 2 * programs * C * C * 4
+        extra += 2 * programs * C * 4 * (2 if mode == 4 else 1)  # count rows (and true positives)
     return extra
 
 
@@ -155,6 +175,26 @@ def _class_sum_trips(launch):
     return {"programs": programs, "loops": [[per_class, steps, per_class]]}
 
 
+def _finalize_trips(launch):
+    """_finalize_kernel: one program. Depth 0, in address order: the loop over blocks of classes, for a mean
+    a second loop over them (the factors divided by the denominator), the loop over the rows of the bad-label
+    table; depth 1, inside the first: the loops over the rows of the count table and, with class-loss sums,
+    of the class-loss table."""
+    a, k = launch["ints"], launch["constexprs"]
+    blocks = _cdiv(a["C"], k["BC"])
+    top = [blocks] + ([blocks] if k["RED"] == 0 else []) + [_cdiv(a["RB"], k["BR"])]
+    inner = [_cdiv(a["RC"], k["BR"])] + ([_cdiv(a["RL"], k["BR"])] if k["SUMS"] else [])
+    return {"programs": 1, "loops": [top, inner]}
+
+
+def _reduce_rows_trips(launch):
+    """_reduce_rows_kernel: a program per block of classes, each a loop over the rows."""
+    a, k = launch["ints"], launch["constexprs"]
+    programs = _cdiv(a["C"], k["BC"])
+    return {"programs": programs, "loops": [programs * _cdiv(max(a["RC"], a["RL"], 1), k["BR"])]}
+
+
 TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,
          "_fwd_chunked_kernel": _chunked_trips, "_bwd_chunked_kernel": _chunked_trips,
-         "_class_sum_kernel": _class_sum_trips}
+         "_class_sum_kernel": _class_sum_trips, "_finalize_kernel": _finalize_trips,
+         "_reduce_rows_kernel": _reduce_rows_trips}

@@ -19,7 +19,7 @@ import importlib
 
 import torch
 
-from benchmarks.sm90_driver import _class_sum_trips  # the plain ops' class-sum kernel, same launcher
+from benchmarks.sm90_driver import _class_sum_trips, _finalize_trips, _reduce_rows_trips  # shared launchers
 
 T = importlib.import_module("fused_imbalance.ops.triton_upsample")
 try:
@@ -48,8 +48,11 @@ def _forward(shape, HW, dtype, mode, gamma):
     def run():
         x = torch.empty(shape, dtype=dtype)
         y = torch.empty((shape[0],) + HW, dtype=torch.int64)
-        # as in training: the statistics pass with its counts; a loss keeps its lse for the backward
-        FWD(x, y, BILINEAR, ALIGN_CORNERS, mode, gamma, None, IGNORE, False, mode == 4, mode == 4, mode != 4)
+        # as in training: the statistics pass with its counts into a matrix; a loss (its mean) keeps its lse
+        # for the backward
+        conf = torch.empty((shape[1], shape[1]), dtype=torch.int64) if mode == 4 else None
+        FWD(x, y, BILINEAR, ALIGN_CORNERS, None, None, conf, mode, gamma, IGNORE, 1 if mode == 4 else 0, 0,
+            mode == 4, False, mode != 4)
     return run
 
 
@@ -60,9 +63,9 @@ def _backward(shape, HW, dtype, mode, gamma):
         # the forward's log-sum-exp (and focal weight), which autograd passes where the forward keeps it
         kept = T.keeps_lse(x, mode, gamma)
         lse = torch.empty(kept * y.numel(), dtype=torch.float32) if kept else None
-        # the upstream gradient of class_loss only, as a weighted mean or sum gives it
-        BWD(x, y, None, torch.empty(shape[1], dtype=torch.float32), BILINEAR, ALIGN_CORNERS, mode, gamma, None,
-            IGNORE, lse)
+        # a mean's backward: its scalar upstream gradient and the per-class factor w_c / D
+        BWD(x, y, BILINEAR, ALIGN_CORNERS, torch.empty((), dtype=torch.float32),
+            torch.empty(shape[1], dtype=torch.float32), None, lse, mode, gamma, IGNORE)
     return run
 
 
@@ -167,4 +170,5 @@ def _bwd_trips(launch):
     return {"loops": loops}
 
 
-TRIPS = {"_up_fwd_kernel": _fwd_trips, "_up_bwd_kernel": _bwd_trips, "_class_sum_kernel": _class_sum_trips}
+TRIPS = {"_up_fwd_kernel": _fwd_trips, "_up_bwd_kernel": _bwd_trips, "_class_sum_kernel": _class_sum_trips,
+         "_finalize_kernel": _finalize_trips, "_reduce_rows_kernel": _reduce_rows_trips}
