@@ -7,8 +7,14 @@ backend of :mod:`fused_imbalance.functional`.
 Conventions (all functions): logits (N, C) or (B, C, d1..dk) in any layout; target (N,) or
 (B, d1..dk) with integer labels; pixels whose label is ``ignore_index`` contribute nothing;
 arithmetic in float32 (float64 for float64 logits); ``"none"`` returns the per-pixel loss
-shaped like ``target`` (0 at ignored pixels); a zero denominator gives loss 0 and gradient 0.
+shaped like ``target`` (0 at ignored pixels) — the per-(image,)class losses for the Dice family
+(DESIGN.md §12), which is a function of per-class sums; a zero denominator gives loss 0 and
+gradient 0.
 """
+import math
+import numbers
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +23,8 @@ from ._checks import (acc_dtype, check_class_vector, check_confusion, check_gamm
                       check_loss_type, check_range)
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
-           "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss"]
+           "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss", "dice_loss",
+           "generalized_dice_loss", "tversky_loss", "dice_ce_loss"]
 
 class _Pixels:
     """Logits as (N, C) rows in the accumulation dtype, labels, and the validity mask."""
@@ -251,3 +258,454 @@ def upsampled(logits, size, upsample, align_corners=False):
     x = logits.to(acc_dtype(logits))
     kwargs = {} if upsample == "nearest" else {"align_corners": align_corners}
     return F.interpolate(x, size=tuple(size), mode=upsample, **kwargs)
+
+
+# --- Dice family (DESIGN.md §12) --------------------------------------------------------------
+#
+# Soft Dice, generalized Dice, Tversky and Dice + cross-entropy on softmax probabilities, with the
+# options and the formulas of MONAI's DiceLoss, GeneralizedDiceLoss, TverskyLoss and DiceCELoss
+# (``softmax=True, to_onehot_y=True``). Everything is a function of three sums per class c, taken
+# per image s (or over the whole batch with ``batch=True``; (N, C) rows are one image), over valid
+# pixels only:
+#     I[s, c] = Σ_n p_{n,c} [y_n = c]     P[s, c] = Σ_n p_{n,c}  (Σ_n p_{n,c}² with squared_pred)
+#     G[s, c] = Σ_n [y_n = c]             (an exact count)
+#
+# The gradient, which the backward kernels compute from these sums (``_dice_grad_coefficients`` and
+# ``_dice_family_grad`` compute it this way, tested against autograd of the functions below). Write
+# a[s, c] for the derivative of the reduced loss with respect to one per-class loss: 1/(S·C') for
+# "mean" (S images, C' classes kept), 1 for "sum", grad_output[s, c] for "none", times weight[c].
+#   Dice     N = 2I + smooth_nr, D = P + G + smooth_dr, loss = 1 − N/D:
+#              ∂L/∂I = −2a/D                  ∂L/∂P = a·N/D²
+#   Jaccard  N = 2I + smooth_nr, D = 2(P + G − I) + smooth_dr:
+#              ∂L/∂I = −2a(D + N)/D²          ∂L/∂P = 2a·N/D²
+#   Tversky  N = I + smooth_nr, D = I + α(P − I) + β(G − I) + smooth_dr, T = N/D, loss = (1 − T)^γ,
+#            k = a·γ(1 − T)^(γ−1) (k = a for γ = 1; k = 0 where 1 − T <= 0 for γ != 1):
+#              ∂L/∂I = −k(D − (1 − α − β)N)/D²  ∂L/∂P = k·α·N/D²
+#   Generalized Dice, per image s with a[s] (1/S, 1 or grad_output[s]) and the class weights w[s, c]:
+#            Num = 2 Σ_c w_c I_c + smooth_nr, Den = Σ_c w_c (P_c + G_c) + smooth_dr:
+#              ∂L/∂I_c = −2a·w_c/Den          ∂L/∂P_c = a·w_c·Num/Den²
+#   A zero denominator (possible only with smooth_dr = 0) has the ratio 1 and both coefficients 0.
+#   A class dropped by include_background=False has both coefficients 0.
+# Then, for a valid pixel n of image s with label y_n (ignored pixels: gradient 0):
+#     ∂L/∂p_{n,c} = ∂L/∂I[s, c]·[y_n = c] + ∂L/∂P[s, c]·(2 p_{n,c} with squared_pred, else 1)
+# — without squared_pred one of two values per (image, class): ∂L/∂I + ∂L/∂P for the pixels of
+# class c, ∂L/∂P for the others — and through the softmax Jacobian, with g_c = ∂L/∂p_{n,c}:
+#     ∂L/∂x_{n,k} = p_{n,k} (g_k − Σ_c p_{n,c} g_c).
+# dice_ce_loss adds cross-entropy's λ_ce·b·w_{y_n}(p_{n,k} − [k = y_n]) with b = 1/Σ_valid w_y for
+# "mean" (0 when that sum is 0) and 1 for "sum".
+
+DICE_LOSSES = ("dice", "generalized_dice", "tversky")
+W_TYPES = ("square", "simple", "uniform")
+
+
+class DiceSums(NamedTuple):
+    """Per-(image, class) sums over valid pixels, each (S, C) in the accumulation dtype."""
+    intersection: torch.Tensor  # I = Σ p_c [y = c]
+    prediction: torch.Tensor    # P = Σ p_c, or Σ p_c² with squared_pred
+    ground: torch.Tensor        # G = Σ [y = c], an exact count
+
+
+class DiceGradCoefficients(NamedTuple):
+    """∂L/∂I and ∂L/∂P per (image, class), each (S, C); 0 for a class the loss leaves out."""
+    d_intersection: torch.Tensor
+    d_prediction: torch.Tensor
+
+
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_number(value, name, positive=False):
+    """A finite real number >= 0 (> 0 with ``positive``), as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    # Comparisons, not math.isfinite, so that NaN fails them too.
+    if not ((0 < value if positive else 0 <= value) and value < math.inf):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+    return float(value)
+
+
+def _kept_classes(logits, include_background):
+    """C' = the classes the Dice terms cover: C, or C − 1 without the background class 0."""
+    _check_flag(include_background, "include_background")
+    C = logits.shape[1]
+    if include_background:
+        return C
+    if C < 2:
+        raise ValueError("include_background=False needs at least 2 classes: with C = 1 there is no class left "
+                         "(and a softmax over one class is the constant 1)")
+    return C - 1
+
+
+def _dice_weight(weight, logits, kept, validate, name="weight"):
+    """The (C',) per-class weight of the Dice terms, checked: finite and >= 0, as MONAI requires."""
+    if weight is None:
+        return None
+    C = logits.shape[1]
+    if not isinstance(weight, torch.Tensor):
+        weight = torch.as_tensor(weight, dtype=acc_dtype(logits), device=logits.device)
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
+    if weight.dim() != 1 or weight.numel() != kept:
+        without = (" (include_background=False: the weight leaves out class 0, as MONAI's DiceLoss)"
+                   if kept != C else "")
+        raise ValueError(f"{name} must have shape ({kept},) for {C} classes{without}, got {tuple(weight.shape)}")
+    if weight.device != logits.device:
+        raise ValueError(f"{name} is on {weight.device} but logits are on {logits.device}")
+    w = weight.detach().to(acc_dtype(logits))
+    if validate:
+        bad = ~(torch.isfinite(w) & (w >= 0))
+        if torch.compiler.is_compiling():
+            torch._assert_async(~bad.any(), f"{name} must be finite and >= 0")
+        elif bool(bad.any()):
+            raise ValueError(f"{name} must be finite and >= 0 (as MONAI's Dice losses), got {w.tolist()}")
+    return w
+
+
+def _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch):
+    check_inputs(logits, target, ignore_index, reduction)
+    _check_flag(batch, "batch")
+    return _check_number(smooth_nr, "smooth_nr"), _check_number(smooth_dr, "smooth_dr")
+
+
+def _images(logits, batch):
+    """S, the number of per-image sums: B for (B, C, ...) logits, 1 with batch=True or (N, C) rows."""
+    return 1 if batch or logits.dim() == 2 else logits.shape[0]
+
+
+def _dice_sums(px, images, squared_pred):
+    """I, P, G of every (image, class); differentiable in I and P. The rows of ``px`` are image-major."""
+    C = px.C
+    valid = px.valid[:, None]
+    p = torch.where(valid, torch.softmax(px.x, dim=1), torch.zeros_like(px.x))
+    label = F.one_hot(px.y, C).bool() & valid
+    inter = torch.where(label, p, torch.zeros_like(p)).reshape(images, -1, C).sum(1)
+    pred = (p * p if squared_pred else p).reshape(images, -1, C).sum(1)
+    ground = label.reshape(images, -1, C).sum(1).to(px.x.dtype)  # counted in int64: exact
+    return DiceSums(inter, pred, ground)
+
+
+def _ratio(num, den):
+    """num / den, and 1 where den is 0 (only with smooth_dr = 0: nothing predicted, nothing there),
+    with a zero gradient there instead of inf or NaN."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.ones_like(num))
+
+
+def _dice_terms(s, jaccard, smooth_nr, smooth_dr):
+    I, P, G = s
+    num = 2 * I + smooth_nr
+    den = 2 * (P + G - I) + smooth_dr if jaccard else P + G + smooth_dr
+    return 1 - _ratio(num, den)
+
+
+def _tversky_terms(s, alpha, beta, gamma, smooth_nr, smooth_dr):
+    I, P, G = s
+    base = 1 - _ratio(I + smooth_nr, I + alpha * (P - I) + beta * (G - I) + smooth_dr)
+    if gamma == 1.0:
+        return base
+    # (1 − T)^γ: 1 − T <= 0 only where smooth_nr > smooth_dr or P − I rounds below 0 (a perfect
+    # prediction); the power of a negative base is NaN and its derivative at 0 infinite for γ < 1, so
+    # the term is 0 there with gradient 0. exp(γ log b) rather than pow, as _softmax_focal.
+    pos = base > 0
+    safe = torch.where(pos, base, torch.ones_like(base))
+    return torch.where(pos, torch.exp(gamma * torch.log(safe)), torch.zeros_like(base))
+
+
+def _gdl_class_weights(G, w_type):
+    """MONAI's class weights 1/G² ("square"), 1/G ("simple") or 1 ("uniform") per (image, class); a
+    class with G = 0 (infinite weight) gets the largest finite weight of its image (of the batch with
+    batch=True: the rows of G), and 0 when every class of the image is empty."""
+    if w_type == "uniform":
+        return torch.ones_like(G)
+    present = G > 0
+    safe = torch.where(present, G, torch.ones_like(G))
+    w = torch.where(present, 1 / (safe * safe if w_type == "square" else safe), torch.zeros_like(G))
+    return torch.where(present, w, w.amax(dim=1, keepdim=True))
+
+
+def _gdl_terms(s, w_type, smooth_nr, smooth_dr):
+    I, P, G = s
+    w = _gdl_class_weights(G, w_type)
+    return 1 - _ratio(2 * (w * I).sum(1) + smooth_nr, (w * (P + G)).sum(1) + smooth_dr)
+
+
+def _drop_background(s, include_background):
+    return s if include_background else DiceSums(*(t[:, 1:] for t in s))
+
+
+def _reduce_terms(terms, reduction, per_image_shape):
+    """Reduce the (S, C') or (S,) per-(image,)class losses; "mean" averages over all of them, as MONAI."""
+    if reduction == "none":
+        return terms.reshape(per_image_shape + terms.shape[1:])
+    total = terms.sum()
+    if reduction == "sum":
+        return total
+    return total / max(terms.numel(), 1)  # B = 0: no term, the loss is 0
+
+
+def _per_image_shape(logits, batch):
+    """The leading shape of ``"none"``: (B,) per image, () with batch=True or (N, C) rows."""
+    return () if batch or logits.dim() == 2 else (logits.shape[0],)
+
+
+def _dice_core(logits, target, weight, include_background, squared_pred, jaccard, smooth_nr, smooth_dr, batch,
+               ignore_index, reduction, confusion, validate):
+    """Checked Dice / Jaccard loss: (loss, px) so that dice_ce_loss reuses the pixels."""
+    _check_flag(squared_pred, "squared_pred")
+    _check_flag(jaccard, "jaccard")
+    check_confusion(confusion, logits)
+    kept = _kept_classes(logits, include_background)
+    w = _dice_weight(weight, logits, kept, validate)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    s = _drop_background(_dice_sums(px, _images(logits, batch), squared_pred), include_background)
+    terms = _dice_terms(s, jaccard, smooth_nr, smooth_dr)
+    if w is not None:
+        terms = terms * w
+    return _reduce_terms(terms, reduction, _per_image_shape(logits, batch)), px
+
+
+def dice_loss(logits, target, weight=None, include_background=True, squared_pred=False, jaccard=False,
+              smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *,
+              confusion=None, validate=True):
+    """Soft Dice loss on softmax probabilities (Milletari et al. 2016), as MONAI's
+    ``DiceLoss(softmax=True, to_onehot_y=True, ...)``.
+
+    Per class c and per image (over the whole batch with ``batch=True``; (N, C) rows are one image),
+    over valid pixels: I = Σ p_c [y = c], P = Σ p_c (Σ p_c² with ``squared_pred``), G = Σ [y = c];
+    loss_c = 1 − (2I + smooth_nr) / (P + G + smooth_dr), or with ``jaccard`` the soft IoU
+    1 − (2I + smooth_nr) / (2(P + G − I) + smooth_dr) (MONAI's form, numerator 2I included).
+
+    ``weight`` (C',) multiplies loss_c; C' = C, or C − 1 with ``include_background=False``, which
+    leaves out class 0 (C = 1 is then a ValueError). ``validate`` also checks that the weight is
+    finite and >= 0 (MONAI raises for a negative weight). ``"mean"`` averages the per-class losses
+    over classes and images (not Σ w), ``"sum"`` adds them, ``"none"`` returns them: (B, C'), or
+    (C',) with ``batch=True`` or (N, C) rows.
+
+    Edge cases. A class absent from an image (G = 0) keeps its term 1 − smooth_nr/(P + smooth_dr),
+    close to 1 while the class is predicted, which pushes its probability down (as MONAI;
+    segmentation_models_pytorch zeroes it instead). An image whose pixels are all ignored has I = P =
+    G = 0: every class's loss is 1 − smooth_nr/smooth_dr (0 with the default equal smoothing), what
+    MONAI gives for an empty image, and the gradient is 0; it still counts in the mean, as in MONAI
+    with its ``ignore_index``. A zero denominator, possible only with smooth_dr = 0, gives the ratio 1
+    (loss 0) and gradient 0, never NaN (MONAI divides by it).
+
+    Differences from MONAI: ignored pixels (``ignore_index``) contribute to no sum — as MONAI's
+    ``ignore_index`` for a value outside [0, C), the one case this package allows; a C = 1 softmax is
+    the constant 1 here (loss 0 with the default smoothing), where MONAI skips the softmax for one
+    channel and uses the input as a probability; ``"none"`` is (B, C'), not (B, C', 1, ..., 1); the
+    weight must have C' entries (MONAI also takes one number); arithmetic in float32 for 16-bit
+    logits, float64 for float64.
+    """
+    smooth_nr, smooth_dr = _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch)
+    return _dice_core(logits, target, weight, include_background, squared_pred, jaccard, smooth_nr, smooth_dr,
+                      batch, ignore_index, reduction, confusion, validate)[0]
+
+
+def generalized_dice_loss(logits, target, w_type="square", include_background=True, smooth_nr=1e-5,
+                          smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
+                          validate=True):
+    """Generalized Dice loss (Sudre et al. 2017), as MONAI's
+    ``GeneralizedDiceLoss(softmax=True, to_onehot_y=True, ...)``.
+
+    With the sums of :func:`dice_loss` and the class weights w_c = 1/G_c² (``w_type="square"``),
+    1/G_c (``"simple"``) or 1 (``"uniform"``): loss = 1 − (2 Σ_c w_c I_c + smooth_nr) /
+    (Σ_c w_c (P_c + G_c) + smooth_dr), one value per image, or one for the batch with ``batch=True``
+    (sums and weights over the whole batch) or for (N, C) rows. The weights are constants for
+    autograd.
+
+    A class absent from the image (G_c = 0, an infinite weight) gets the largest finite weight of
+    that image, as MONAI; when every class is absent (all pixels ignored) all weights are 0 and the
+    loss is 1 − smooth_nr/smooth_dr (0 by default) with gradient 0. ``"mean"`` averages over images,
+    ``"sum"`` adds them, ``"none"`` returns (B,), or a 0-dim tensor with ``batch=True`` or rows.
+
+    Differences from MONAI: ignored pixels contribute to no sum (MONAI's GeneralizedDiceLoss has no
+    ``ignore_index``); the weights are computed in the accumulation dtype (MONAI: float32 always);
+    ``"none"`` is (B,), not (B, 1, ..., 1); C = 1 and zero denominators as in :func:`dice_loss`.
+    """
+    smooth_nr, smooth_dr = _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch)
+    if w_type not in W_TYPES:
+        raise ValueError(f"w_type must be one of {W_TYPES}, got {w_type!r}")
+    check_confusion(confusion, logits)
+    _kept_classes(logits, include_background)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    s = _drop_background(_dice_sums(px, _images(logits, batch), False), include_background)
+    return _reduce_terms(_gdl_terms(s, w_type, smooth_nr, smooth_dr), reduction, _per_image_shape(logits, batch))
+
+
+def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5,
+                 smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
+                 validate=True):
+    """Tversky loss (Salehi et al. 2017) and focal Tversky loss (Abraham and Khan 2019).
+
+    With the sums of :func:`dice_loss`: TI_c = (I + smooth_nr) / (I + α(P − I) + β(G − I) +
+    smooth_dr) — α weighs the false positives P − I, β the false negatives G − I — and loss_c =
+    (1 − TI_c)^γ, then the reduction of :func:`dice_loss` (``"none"``: (B, C') or (C',)).
+    α = β = 0.5 is :func:`dice_loss` with the smoothing halved. γ = 1 is MONAI's
+    ``TverskyLoss(softmax=True, to_onehot_y=True, ...)``, including its ``ignore_index`` for a value
+    outside [0, C).
+
+    γ applies to each class's term; segmentation_models_pytorch's ``TverskyLoss(gamma=...)`` raises
+    the mean over classes to γ instead, the same at γ = 1 only. For γ != 1 a term whose 1 − TI is
+    <= 0 (only when smooth_nr > smooth_dr, or by rounding at a perfect prediction) is 0 with gradient
+    0, not NaN; at γ = 1 the term is 1 − TI as it is, as MONAI. α, β >= 0, γ > 0, all finite.
+    Edge cases and other differences from MONAI as in :func:`dice_loss`.
+    """
+    smooth_nr, smooth_dr = _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch)
+    alpha, beta = _check_number(alpha, "alpha"), _check_number(beta, "beta")
+    gamma = _check_number(gamma, "gamma", positive=True)
+    check_confusion(confusion, logits)
+    _kept_classes(logits, include_background)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    s = _drop_background(_dice_sums(px, _images(logits, batch), False), include_background)
+    terms = _tversky_terms(s, alpha, beta, gamma, smooth_nr, smooth_dr)
+    return _reduce_terms(terms, reduction, _per_image_shape(logits, batch))
+
+
+def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True,
+                 squared_pred=False, jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100,
+                 reduction="mean", *, confusion=None, validate=True):
+    """λ_ce · cross-entropy + λ_dice · Dice, as MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True, ...)``.
+
+    The cross-entropy is :func:`cross_entropy` with the class weights ``weight`` (C,) and
+    ``ignore_index`` (torch's semantics: ``"mean"`` = Σ w_y ℓ / Σ w_y over valid pixels, 0 when every
+    pixel is ignored); the Dice term is :func:`dice_loss` with the same options and the weight
+    ``weight``, or ``weight[1:]`` with ``include_background=False``, as MONAI. ``reduction`` is
+    ``"mean"`` or ``"sum"``, applied to each term, as MONAI: ``"none"`` is a ValueError, the
+    cross-entropy being per pixel and the Dice per class. λ_dice, λ_ce >= 0 and finite.
+
+    Differences from MONAI: ignored pixels count in neither term (MONAI's DiceCELoss has no
+    ``ignore_index``); ``validate`` checks that all C weights are finite and >= 0 (MONAI checks the
+    Dice term's, ``weight[1:]`` without background); otherwise those of :func:`dice_loss`.
+    """
+    if reduction == "none":
+        raise ValueError("dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
+                         "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape")
+    smooth_nr, smooth_dr = _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch)
+    lambda_dice, lambda_ce = _check_number(lambda_dice, "lambda_dice"), _check_number(lambda_ce, "lambda_ce")
+    kept = _kept_classes(logits, include_background)
+    w = None if weight is None else _dice_weight(weight, logits, logits.shape[1], validate)
+    dice, px = _dice_core(logits, target, None if w is None else w[logits.shape[1] - kept:], include_background,
+                          squared_pred, jaccard, smooth_nr, smooth_dr, batch, ignore_index, reduction, confusion,
+                          validate)
+    ce = _reduce(px, _softmax_focal(px, 0.0), w, reduction, True)
+    return lambda_ce * ce + lambda_dice * dice
+
+
+# --- the gradient of the Dice family in closed form (the comment block above) ----------------
+
+def _dice_grad_coefficients(sums, loss="dice", *, include_background=True, jaccard=False, alpha=0.5, beta=0.5,
+                            gamma=1.0, w_type="square", smooth_nr=1e-5, smooth_dr=1e-5, weight=None,
+                            reduction="mean", grad_output=None):
+    """∂L/∂I and ∂L/∂P per (image, class) from the sums alone, L the reduced loss.
+
+    ``sums``: :class:`DiceSums` of all C classes, (S, C) each, as the forward produces them.
+    ``loss``: "dice" (with ``jaccard``), "tversky" or "generalized_dice". ``weight``: the (C',)
+    weight of "dice". ``grad_output``: the upstream gradient, a number for "mean"/"sum" (default 1),
+    shaped like the ``"none"`` loss for "none". With these, for a valid pixel n of image s,
+    ∂L/∂p_{n,c} = d_intersection[s, c]·[y_n = c] + d_prediction[s, c]·(2p_{n,c} or 1).
+    """
+    I, P, G = (t.detach() for t in sums)
+    first = 0 if include_background else 1
+    I, P, G = I[:, first:], P[:, first:], G[:, first:]
+    S, kept = I.shape
+    go = 1.0 if grad_output is None else grad_output
+
+    def nonzero(den):
+        ok = den != 0
+        return ok, torch.where(ok, den, torch.ones_like(den))
+
+    if loss == "generalized_dice":
+        w = _gdl_class_weights(G, w_type)
+        num = 2 * (w * I).sum(1, keepdim=True) + smooth_nr
+        ok, den = nonzero((w * (P + G)).sum(1, keepdim=True) + smooth_dr)
+        a = (1.0 / max(S, 1) if reduction == "mean" else 1.0) * (
+            torch.as_tensor(go, dtype=I.dtype).reshape(-1, 1) if reduction == "none" else go)
+        dI = torch.where(ok, -2 * a * w / den, torch.zeros_like(I))
+        dP = torch.where(ok, a * w * num / (den * den), torch.zeros_like(I))
+    else:
+        if reduction == "none":
+            a = torch.as_tensor(go, dtype=I.dtype).reshape(S, kept)
+        else:
+            a = torch.ones_like(I) * ((1.0 / max(S * kept, 1) if reduction == "mean" else 1.0) * go)
+        if weight is not None:
+            a = a * weight
+        if loss == "dice":
+            num = 2 * I + smooth_nr
+            ok, den = nonzero(2 * (P + G - I) + smooth_dr if jaccard else P + G + smooth_dr)
+            dI = -2 * a * (den + num) / (den * den) if jaccard else -2 * a / den
+            dP = (2 if jaccard else 1) * a * num / (den * den)
+        elif loss == "tversky":
+            num = I + smooth_nr
+            ok, den = nonzero(I + alpha * (P - I) + beta * (G - I) + smooth_dr)
+            if gamma == 1.0:
+                k = a
+            else:
+                base = 1 - torch.where(ok, num / den, torch.ones_like(num))
+                pos = base > 0
+                safe = torch.where(pos, base, torch.ones_like(base))
+                k = torch.where(pos, a * gamma * torch.exp((gamma - 1) * torch.log(safe)), torch.zeros_like(a))
+            dI = -k * (den - (1 - alpha - beta) * num) / (den * den)
+            dP = k * alpha * num / (den * den)
+        else:
+            raise ValueError(f"loss must be one of {DICE_LOSSES}, got {loss!r}")
+        dI = torch.where(ok, dI, torch.zeros_like(dI))
+        dP = torch.where(ok, dP, torch.zeros_like(dP))
+    pad = (first, 0)
+    return DiceGradCoefficients(F.pad(dI, pad), F.pad(dP, pad))
+
+
+def _dice_family_grad(fn, logits, target, grad_output=None, **options):
+    """∂L/∂logits of ``fn`` (one of the four Dice-family functions above) in closed form, from the
+    per-class sums and :func:`_dice_grad_coefficients`: the backward the fused kernels compute. Same
+    shape as ``logits``, in the accumulation dtype."""
+    o = dict(include_background=True, squared_pred=False, jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5,
+             batch=False, ignore_index=-100, reduction="mean", weight=None, alpha=0.5, beta=0.5, gamma=1.0,
+             w_type="square", lambda_dice=1.0, lambda_ce=1.0)
+    unknown = set(options) - set(o)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    o.update(options)
+    loss = {dice_loss: "dice", dice_ce_loss: "dice", tversky_loss: "tversky",
+            generalized_dice_loss: "generalized_dice"}[fn]
+    px = _Pixels(logits.detach(), target, o["ignore_index"], validate=False)
+    C = px.C
+    squared = o["squared_pred"] and loss == "dice"
+    sums = _dice_sums(px, _images(logits, o["batch"]), squared)
+    weight, ce_weight = o["weight"], None
+    if fn is dice_ce_loss and weight is not None:
+        ce_weight = weight.detach().to(px.x.dtype)
+        weight = ce_weight if o["include_background"] else ce_weight[1:]
+    if weight is not None:
+        weight = weight.detach().to(px.x.dtype)
+    go = 1.0 if grad_output is None else grad_output
+    if fn is dice_ce_loss:
+        go = o["lambda_dice"] * go
+    coef = _dice_grad_coefficients(
+        sums, loss, include_background=o["include_background"], jaccard=o["jaccard"], alpha=o["alpha"],
+        beta=o["beta"], gamma=o["gamma"], w_type=o["w_type"], smooth_nr=o["smooth_nr"], smooth_dr=o["smooth_dr"],
+        weight=weight, reduction=o["reduction"], grad_output=go)
+    p = torch.softmax(px.x, dim=1)
+    image = torch.arange(p.shape[0], device=p.device) // max(p.shape[0] // sums.intersection.shape[0], 1)
+    dI, dP = coef.d_intersection[image], coef.d_prediction[image]
+    label = F.one_hot(px.y, C).to(p.dtype)
+    g = dI * label + dP * (2 * p if squared else 1)
+    grad = p * (g - (p * g).sum(1, keepdim=True))
+    if fn is dice_ce_loss:
+        valid = px.valid.to(p.dtype)
+        wy = valid if ce_weight is None else torch.where(px.valid, ce_weight[px.y], torch.zeros_like(valid))
+        b = 1.0
+        if o["reduction"] == "mean":
+            den = wy.sum()
+            b = torch.where(den != 0, 1 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        grad = grad + o["lambda_ce"] * (1.0 if grad_output is None else grad_output) * b * wy[:, None] * (p - label)
+    grad = torch.where(px.valid[:, None], grad, torch.zeros_like(grad))
+    shape = (logits.shape[0],) + tuple(logits.shape[2:]) + (C,)
+    return grad.reshape(shape).movedim(-1, 1)

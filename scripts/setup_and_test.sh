@@ -32,6 +32,9 @@ if python -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.spl
 fi
 # For tests/test_examples.py, which runs the examples on a tiny budget (the `examples` extra).
 python -m pip install --quiet scikit-learn tqdm matplotlib
+# For tests/test_dice_reference.py, which compares the Dice losses with MONAI's. MONAI needs only torch
+# and numpy, both installed above: --no-deps keeps pip from resolving another torch.
+python -m pip install --quiet --no-deps monai==1.6.1
 # Builds the C++ extension (csrc/) against the torch installed above.
 python -m pip install --quiet --no-build-isolation -e .
 python -c "import torch, triton, numpy, setuptools; print('torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__, '| setuptools', setuptools.__version__, '| cuda', torch.cuda.is_available())"
