@@ -64,6 +64,7 @@ def sources(cuda):
         os.path.join(CSRC, "cpu", "loss_kernels_avx2.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels_avx512.cpp"),
         os.path.join(CSRC, "cpu", "upsample_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "select_cpu.cpp"),
     ]
     if cuda:
         srcs.append(os.path.join(CSRC, "cuda", "class_stats.cu"))

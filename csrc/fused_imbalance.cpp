@@ -49,6 +49,7 @@ TORCH_LIBRARY(fused_imbalance, m) {
       "cpp_upsample_loss_bwd(Tensor x, Tensor target, Tensor? grad_pixel, Tensor? grad_class, "
       "int interp, bool align_corners, int loss_mode, float gamma, Tensor? tvals, int ignore_index, "
       "Tensor? lse=None) -> Tensor");
+  m.def("cpp_select_kth(Tensor values, Tensor k, Tensor? first_hist=None) -> Tensor");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });
