@@ -207,12 +207,15 @@ Tensor cpp_select_kth_cpu(const Tensor& values, const Tensor& k, const std::opti
               "fused_imbalance: select_kth values must be float32 or float64, got ", values.scalar_type());
   TORCH_CHECK(k.numel() == 1 && !at::isFloatingType(k.scalar_type()) && k.scalar_type() != at::kBool,
               "fused_imbalance: select_kth k must be one integer");
+  TORCH_CHECK(k.device().is_cpu(), "fused_imbalance: select_kth k must be on the CPU with the values");
   const Tensor v = values.contiguous();
   const int64_t* fh = nullptr;
   Tensor hist;
   if (first_hist.has_value() && first_hist->defined()) {
-    TORCH_CHECK(first_hist->scalar_type() == at::kLong && first_hist->numel() == (int64_t(1) << kRadixBits),
-                "fused_imbalance: select_kth first_hist must be int64 with ", int64_t(1) << kRadixBits, " bins");
+    TORCH_CHECK(first_hist->scalar_type() == at::kLong && first_hist->numel() == (int64_t(1) << kRadixBits) &&
+                    first_hist->device().is_cpu(),
+                "fused_imbalance: select_kth first_hist must be int64 with ", int64_t(1) << kRadixBits,
+                " bins, on the CPU");
     hist = first_hist->contiguous();
     fh = hist.data_ptr<int64_t>();
   }
