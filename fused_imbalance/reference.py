@@ -317,10 +317,11 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
     Where this differs from that code: no valid pixel or no kept pixel gives loss 0 and gradient
     0 (HRNet raises an IndexError or returns NaN); 16-bit logits are computed in float32 (both
     compute the softmax in the logits' dtype outside autocast); min_kept must be an int >= 0
-    and thresh a number in [0, 1] (mmsegmentation asserts min_kept > 1 and also takes
-    thresh=None, a top-k by weighted loss whose ties fall in sort order, not supported here).
-    Neither applies the interpolation their code starts with when the logits are smaller than
-    the labels: pass ``upsampled(logits, target.shape[-2:], "bilinear", align_corners)``.
+    and thresh a number in [0, 1] (mmsegmentation asserts min_kept > 1, where min_kept 0 and 1
+    take the same formula here, and also takes thresh=None, a top-k by weighted loss whose ties
+    fall in sort order, not supported here). Both codes first resize logits of another size
+    than the labels (bilinear); this function does not: pass
+    ``upsampled(logits, target.shape[-2:], "bilinear", align_corners)``.
 
     A fused backend computes p_n in its own order of operations: a pixel within rounding of the
     threshold may be kept by one and not by the other; exact ties (equal logits) stay ties.

@@ -336,14 +336,12 @@ def test_compile_fullgraph_triton():
     v[::3] = -1.0
 
     def f(v, fh):
-        k = torch.clamp((v >= 0).sum() - 1, max=40_000)
-        return SEL.select_kth(v, k), SEL.select_kth(v * 0.5, k, fh)
+        k = torch.clamp((v >= 0).sum() - 1, max=40_000)  # a device value
+        return SEL.select_kth(v, k), SEL.select_kth(v, k, fh)
 
     a, b = torch.compile(f, fullgraph=True)(v, histogram_of(v.cpu()).cuda())
     check(a, v.cpu(), 40_000)
-    assert b.item() == a.item()  # a histogram of other values: only checked not to crash under compile
-    _, b2 = f(v, histogram_of((v * 0.5).cpu()).cuda())
-    check(b2, (v * 0.5).cpu(), 40_000)
+    check(b, v.cpu(), 40_000)
 
 
 @pytest.mark.cuda
