@@ -18,6 +18,7 @@ def sources():
         os.path.join(CSRC, "cpu", "loss_kernels_avx2.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels_avx512.cpp"),
         os.path.join(CSRC, "cpu", "upsample_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "select_cpu.cpp"),
     ]
 
 

@@ -58,6 +58,8 @@ TORCH_LIBRARY(fused_imbalance, m) {
   m.def(
       "cpp_upsample_loss_bwd(Tensor x, Tensor target, int interp, bool align_corners, Tensor? grad, Tensor? scale, "
       "Tensor? tvals, Tensor? lse, int loss_mode, float gamma, int ignore_index) -> Tensor");
+  // The k-th smallest valid entry of values (csrc/cpu/select_cpu.cpp, fused_imbalance/ops/select.py).
+  m.def("cpp_select_kth(Tensor values, Tensor k, Tensor? first_hist=None) -> Tensor");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });

@@ -24,7 +24,7 @@ from ._checks import (acc_dtype, check_class_vector, check_confusion, check_gamm
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
            "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss", "dice_loss",
-           "generalized_dice_loss", "tversky_loss", "dice_ce_loss"]
+           "generalized_dice_loss", "tversky_loss", "dice_ce_loss", "ohem_cross_entropy"]
 
 class _Pixels:
     """Logits as (N, C) rows in the accumulation dtype, labels, and the validity mask."""
@@ -709,3 +709,118 @@ def _dice_family_grad(fn, logits, target, grad_output=None, **options):
     grad = torch.where(px.valid[:, None], grad, torch.zeros_like(grad))
     shape = (logits.shape[0],) + tuple(logits.shape[2:]) + (C,)
     return grad.reshape(shape).movedim(-1, 1)
+
+
+# --- OHEM cross-entropy (DESIGN.md §13) --------------------------------------------------------
+
+OHEM_CONVENTIONS = ("hrnet", "mmseg")
+
+
+def _check_ohem(thresh, min_kept, convention):
+    """(thresh, min_kept) of ``ohem_cross_entropy`` as a float and an int, or a clear error."""
+    if convention not in OHEM_CONVENTIONS:
+        raise ValueError(f"convention must be one of {OHEM_CONVENTIONS}, got {convention!r}")
+    if thresh is None:
+        raise TypeError("thresh must be a number in [0, 1]; mmsegmentation's thresh=None (keep exactly the "
+                        "min_kept pixels of largest loss, ties in sort order) is not supported: thresh=0.0 "
+                        "keeps those strictly below the min_kept-th smallest probability instead")
+    if isinstance(thresh, bool) or not isinstance(thresh, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"thresh must be a number in [0, 1] (a probability), got {type(thresh).__name__} "
+                        f"{thresh!r}")
+    # Comparisons, not math.isfinite, so that a symbolic thresh is checked by guards; NaN fails both.
+    if not (0 <= thresh <= 1):
+        raise ValueError(f"thresh must be in [0, 1] (a probability), got {thresh}")
+    if isinstance(min_kept, bool) or not isinstance(min_kept, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"min_kept must be an int >= 0 (a number of pixels), got {type(min_kept).__name__} "
+                        f"{min_kept!r}")
+    if min_kept < 0:
+        raise ValueError(f"min_kept must be an int >= 0, got {min_kept}")
+    return float(thresh), int(min_kept)
+
+
+def ohem_rank(min_kept, batch, convention):
+    """The 0-based rank, before clamping to ``n_valid - 1``, whose label probability sets the
+    threshold: ``max(1, min_kept)`` (HRNet) or ``min_kept * batch`` (mmsegmentation)."""
+    return max(1, min_kept) if convention == "hrnet" else min_kept * batch
+
+
+def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None, ignore_index=-100,
+                       reduction="mean", *, convention="hrnet", confusion=None, validate=True):
+    """Cross-entropy over the hard pixels only (online hard example mining), by sorting.
+
+    With p_n = softmax(x_n)[y_n] the label probability of valid pixel n, in the accumulation
+    dtype, and p_(0) <= p_(1) <= ... those of the ``n_valid`` valid pixels of the whole batch
+    sorted ascending:
+
+        threshold = max(p_(min(k, n_valid - 1)), thresh),   kept = {valid n : p_n < threshold},
+
+    strictly below, so pixels tied with the threshold are not kept. ``thresh`` takes part in the
+    comparisons rounded to the accumulation dtype, as a float in a comparison with a float32
+    tensor is in torch. The per-pixel loss is w_{y_n} (-log p_n) at kept pixels and 0 elsewhere
+    (``weight`` as in ``torch.nn.CrossEntropyLoss(reduction="none")``); ``"sum"`` adds it up,
+    ``"none"`` returns it shaped like ``target``. The kept set is a constant for autograd: the
+    loss is piecewise smooth, its gradient that of the kept pixels' terms.
+
+    ``convention="hrnet"`` (HRNet-Semantic-Segmentation, ``lib/core/criterion.py``,
+    ``OhemCrossEntropy``): k = max(1, min_kept), one threshold for the whole batch, and
+    ``"mean"`` divides by the number of kept pixels (not by Σ w_y).
+
+    ``convention="mmseg"`` (mmsegmentation's ``OHEMPixelSampler`` with its ``CrossEntropyLoss``
+    defaults): k = min_kept · B with B = ``logits.shape[0]`` (each row of (N, C) logits is then an
+    image), one threshold for the batch, and ``"mean"`` divides the kept pixels' sum by every
+    pixel of the batch, ignored ones included (``avg_non_ignore=False``).
+
+    Where this differs from that code: no valid pixel or no kept pixel gives loss 0 and gradient
+    0 (HRNet raises an IndexError or returns NaN); 16-bit logits are computed in float32 (both
+    compute the softmax in the logits' dtype outside autocast); min_kept must be an int >= 0
+    and thresh a number in [0, 1] (mmsegmentation asserts min_kept > 1, where min_kept 0 and 1
+    take the same formula here, and also takes thresh=None, a top-k by weighted loss whose ties
+    fall in sort order, not supported here). Both codes first resize logits of another size
+    than the labels (bilinear); this function does not: pass
+    ``upsampled(logits, target.shape[-2:], "bilinear", align_corners)``.
+
+    A fused backend computes p_n in its own order of operations: a pixel within rounding of the
+    threshold may be kept by one and not by the other; exact ties (equal logits) stay ties.
+    ``confusion`` counts every valid pixel, kept or not.
+    """
+    check_inputs(logits, target, ignore_index, reduction)
+    check_confusion(confusion, logits)
+    thresh, min_kept = _check_ohem(thresh, min_kept, convention)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    px = _Pixels(logits, target, ignore_index, validate)
+    px.add_confusion(confusion)
+    logp = torch.log_softmax(px.x, dim=1).gather(1, px.y[:, None]).squeeze(1)
+    with torch.no_grad():
+        p = torch.softmax(px.x, dim=1).gather(1, px.y[:, None]).squeeze(1)  # as HRNet: softmax, gathered
+        kept = _ohem_kept(p, px.valid, ohem_rank(min_kept, logits.shape[0], convention), thresh)
+    loss = -logp if w is None else w[px.y] * -logp
+    # selected, not multiplied: a pixel left out with p = 0 has an infinite loss
+    loss = torch.where(kept, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(px.shape)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if convention == "mmseg":
+        return total / max(1, px.valid.numel())  # every pixel of the batch; total is 0 without one
+    denom = kept.sum().to(total.dtype)
+    return total / torch.where(denom != 0, denom, torch.ones_like(denom))
+
+
+def _ohem_kept(p, valid, rank, thresh):
+    """Valid pixels whose ``p`` lies strictly below max(p_(min(rank, n_valid - 1)), thresh).
+
+    Written without a data-dependent shape (so that it compiles as one graph): the invalid
+    entries become NaN, which sorts after every value, as a valid NaN does, so position i <
+    n_valid of the sort holds the i-th smallest valid value. No valid pixel leaves NaN at
+    position 0, hence a NaN threshold and nothing kept; so does a NaN among the valid values
+    reached by the rank (nothing compares below NaN), as in HRNet's code.
+    """
+    if p.numel() == 0:
+        return valid
+    ranked = torch.sort(torch.where(valid, p, torch.full_like(p, math.nan))).values
+    n_valid = valid.sum()
+    i = torch.clamp(torch.clamp(n_valid - 1, max=rank), min=0)
+    # clamp propagates NaN like HRNet's max(p_k, thresh) with p_k NaN, and rounds thresh to p's dtype
+    threshold = ranked.gather(0, i.reshape(1)).clamp(min=thresh)
+    return valid & (p < threshold)

@@ -8,7 +8,8 @@ kernels are built exactly as ``fused_imbalance/ops/triton_loss.py`` configures t
 full-size ``torch.empty`` CPU tensors (pages never touched cost no memory). ptxas ``-v``, with
 Triton's own flags, gives registers and spill bytes. Prints one JSON record per compiled kernel.
 
-``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``) reaches every kernel and
+``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``, with ``UPSAMPLE_VARIANTS`` and
+``SELECT_VARIANTS``) reaches every kernel and
 every code path of each: all loss modes, every flag (per-pixel loss, true positives, confusion
 in a per-program register histogram and by atomics), statistics in registers and in rows,
 unrolled classes and the loop over class groups, every vector width (float64, float32, 16-bit
@@ -238,10 +239,25 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     return _COMPILED[start:]
 
 
+# --- the exact selection (fused_imbalance/ops/triton_select.py) ---------------------------------
+# (dtype, first_hist given): every pass of both digit plans, with and without the first pass.
+SELECT_VARIANTS = [("f32", False), ("f32", True), ("f64", False)]
+
+
+def compile_select_variant(dt, first):
+    from fused_imbalance.ops import triton_select as S
+    v = torch.empty(1 << 20, dtype=_DTYPES[dt])
+    first_hist = torch.zeros(S.FIRST_BINS, dtype=torch.int64) if first else None
+    start = len(_COMPILED)
+    S._select(v, torch.zeros((), dtype=torch.int64), first_hist)
+    return _COMPILED[start:]
+
+
 def main(argv):
     _install()
     variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
-    jobs = [(compile_variant, v) for v in variants] + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
+    jobs = ([(compile_variant, v) for v in variants] + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
+            + [(compile_select_variant, v) for v in SELECT_VARIANTS])
     seen = {}
     for compile_fn, v in jobs:
         for kernel, constexprs in compile_fn(*v):

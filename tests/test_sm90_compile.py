@@ -42,7 +42,7 @@ def report():
 
 
 def _every_kernel_compiles(report):
-    kernels = {r["kernel"] for r in report if not r["kernel"].startswith("_up_")}
+    kernels = {r["kernel"] for r in report if not r["kernel"].startswith(("_up_", "_select_"))}
     assert kernels == {"_fwd_static_kernel", "_bwd_static_kernel", "_fwd_chunked_kernel",
                        "_bwd_chunked_kernel", "_class_sum_kernel", "_finalize_kernel", "_reduce_rows_kernel"}
     # every flag of the static forward is reached with both values
@@ -78,9 +78,22 @@ def _upsample_kernels_compile(report):
     assert {c["PRE"] for c in bwd} == {"0", "1", "2"}  # the softmax in the pass, the coefficients, the lse
 
 
+# --- the exact selection (SELECT_VARIANTS of sm90_compile.py) -----------------------------------
+
+def _select_kernels_compile(report):
+    """Every histogram pass of the float32 and float64 digit plans (the first one, the first after
+    it, the later ones) and the final launch; no spills (_no_spills)."""
+    hist = [r["constexprs"] for r in report if r["kernel"] == "_select_hist_kernel"]
+    assert any(r["kernel"] == "_select_final_kernel" for r in report)
+    assert {c["FIRST"] for c in hist} == {"True", "False"}
+    assert {c["PREV_BITS"] for c in hist} == {"0", "8"}
+    assert {c["BITS"] for c in hist} == {"7", "8"}
+
+
 def test_sm90_compile(report):
     """The three checks in one test, so that the compile run (the module's fixture) happens once also
     under pytest-xdist, which runs a module fixture in every worker that gets one of its tests."""
     _every_kernel_compiles(report)
     _no_spills(report)
     _upsample_kernels_compile(report)
+    _select_kernels_compile(report)
