@@ -42,7 +42,7 @@ class FocalLoss(nn.Module):
         self.gamma = check_gamma(gamma)
         self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
         if weight is not None:
-            weight = torch.as_tensor(weight).detach().clone()
+            weight = torch.as_tensor(_weights._in_class_order(weight, "weight")).detach().clone()
             if not weight.is_floating_point():
                 weight = weight.to(torch.float32)
             if weight.dim() != 1:
@@ -219,7 +219,7 @@ class CDBLoss(nn.Module):
         """Set w = (1 − A)^τ from a (C,) accuracy in [0, 1], taken at face value: a class
         given accuracy 0 gets weight 1 and, with ``tau="dynamic"``, pushes τ towards 2.
         Returns the ``weight`` buffer."""
-        acc = torch.as_tensor(class_accuracy)
+        acc = torch.as_tensor(_weights._in_class_order(class_accuracy, "class_accuracy"))
         if acc.shape != (self.num_classes,):
             raise ValueError(f"class_accuracy must have shape ({self.num_classes},), got {tuple(acc.shape)}")
         w = _weights.cdb(acc, self.tau)

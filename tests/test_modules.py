@@ -1,4 +1,5 @@
 """Loss modules: equal to the functional calls, buffers, and the dynamic weights worked by hand."""
+import collections
 import math
 
 import pytest
@@ -141,6 +142,40 @@ def test_modules_forward_confusion():
         m(logits, target, confusion=confusion)
         assert torch.equal(confusion, expected.compute()), type(m).__name__
 
+
+
+def test_per_class_values_as_a_mapping_are_read_in_class_order():
+    """A Counter of the labels (keys in the order the classes were first seen) or any {class: value}
+    mapping gives what the values in class order give: to every module and loss that takes
+    per-class counts, class weights or accuracies."""
+    counts = collections.Counter([2] * 3 + [4] * 77 + [0] * 500 + [1] * 20)
+    counts[3] = 0
+    assert list(counts) != list(range(5))  # not in class order
+    logits, target = batch()
+    for make in (lambda c: ClassBalancedLoss(c, beta=0.999, ignore_index=IGN, backend="reference"),
+                 lambda c: OutlyingMSELoss(c, ignore_index=IGN, backend="reference")):
+        torch.testing.assert_close(make(counts)(logits, target), make(COUNTS)(logits, target), rtol=0, atol=0)
+    for backend in ("reference", "cpp"):
+        torch.testing.assert_close(
+            functional.class_balanced_loss(logits, target, counts, 0.999, ignore_index=IGN, backend=backend),
+            functional.class_balanced_loss(logits, target, COUNTS, 0.999, ignore_index=IGN, backend=backend),
+            rtol=0, atol=0)
+    accuracy = {4: 0.7, 0: 0.9, 1: 0.5, 2: 0.2, 3: 0.1}
+    m = CDBLoss(5, ignore_index=IGN, backend="reference")
+    m.update(accuracy)
+    in_order = CDBLoss(5)
+    in_order.update([0.9, 0.5, 0.2, 0.1, 0.7])
+    torch.testing.assert_close(m.weight, in_order.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        functional.cdb_loss(logits, target, accuracy, ignore_index=IGN, backend="reference"),
+        functional.cdb_loss(logits, target, [0.9, 0.5, 0.2, 0.1, 0.7], ignore_index=IGN, backend="reference"),
+        rtol=0, atol=0)
+    w = {1: 2.0, 0: 1.0, 2: 0.5, 3: 3.0, 4: 0.25}
+    assert torch.equal(FocalLoss(weight=w).weight, torch.tensor([1.0, 2.0, 0.5, 3.0, 0.25]))
+    with pytest.raises(TypeError, match="samples_per_class.*without class 3"):
+        ClassBalancedLoss({0: 500, 1: 20, 2: 3, 4: 77})
+    with pytest.raises(TypeError, match="class_accuracy.*class order"):
+        m.update({0.9, 0.5, 0.2, 0.1, 0.7})
 
 # ---------------------------------------------------------------- buffers
 
