@@ -218,13 +218,14 @@ class CDBLoss(nn.Module):
     def update(self, class_accuracy):
         """Set w = (1 − A)^τ from a (C,) accuracy in [0, 1], taken at face value: a class
         given accuracy 0 gets weight 1 and, with ``tau="dynamic"``, pushes τ towards 2.
-        Returns the ``weight`` buffer."""
+        Returns the new weights: a copy, which a later update leaves as it is (the live weights
+        are the buffer ``weight``)."""
         acc = torch.as_tensor(_weights._in_class_order(class_accuracy, "class_accuracy"))
         if acc.shape != (self.num_classes,):
             raise ValueError(f"class_accuracy must have shape ({self.num_classes},), got {tuple(acc.shape)}")
         w = _weights.cdb(acc, self.tau)
         self.weight.copy_(w.to(self.weight.device, self.weight.dtype))
-        return self.weight
+        return self.weight.clone()
 
     @torch.no_grad()
     def update_from_confusion(self, confusion):
@@ -236,7 +237,7 @@ class CDBLoss(nn.Module):
         has no measured accuracy: it is left out of τ (its made-up value would move the
         weights of every other class) and gets the largest weight of the measured classes,
         as a class with count 0 in :mod:`fused_imbalance.weights`. A matrix with no sample
-        at all is a ``ValueError``. Returns the ``weight`` buffer.
+        at all is a ``ValueError``. Returns the new weights, a copy, as :meth:`update` does.
         """
         m = confusion.compute() if hasattr(confusion, "compute") else torch.as_tensor(confusion)
         C = self.num_classes
@@ -254,7 +255,7 @@ class CDBLoss(nn.Module):
         w[present] = w_present
         w[~present] = w_present.max()
         self.weight.copy_(w.to(self.weight.device, self.weight.dtype))
-        return self.weight
+        return self.weight.clone()
 
     def forward(self, logits, target, confusion=None):
         return functional.weighted_loss(logits, target, self.weight, "softmax_focal", self.gamma, self.ignore_index,

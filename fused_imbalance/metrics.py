@@ -118,8 +118,10 @@ class ConfusionMatrix(nn.Module):
         self.matrix += torch.bincount(idx, minlength=C * C).view(C, C)
 
     def compute(self):
-        """The (C, C) int64 counts (the buffer itself, not a copy)."""
-        return self.matrix
+        """The (C, C) int64 counts of the window so far: a copy, which a later ``update()``,
+        ``reset()`` or ``sync()`` leaves as it is (as ``torchmetrics`` does). The live counts are
+        the buffer ``matrix``."""
+        return self.matrix.clone()
 
     def reset(self):
         """Zero the counts (start a new window)."""

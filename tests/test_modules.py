@@ -337,7 +337,7 @@ def test_cdb_update_from_confusion_by_hand():
     torch.testing.assert_close(m.weight, torch.ones(3), atol=0, rtol=0)  # before any update
     w = m.update_from_confusion(confusion)
     torch.testing.assert_close(w, expected, **TOL[torch.float32])
-    assert w is m.weight
+    assert torch.equal(w, m.weight)
 
     # the same from a ConfusionMatrix metric fed the corresponding predictions
     cm = ConfusionMatrix(3)
@@ -361,6 +361,18 @@ def test_cdb_update_from_full_confusion_matches_update():
     m1.update_from_confusion(confusion)
     m2.update([0.5, 0.9, 0.4])
     torch.testing.assert_close(m1.weight, m2.weight, **TOL[torch.float32])
+
+
+def test_cdb_update_returns_weights_a_later_update_leaves_alone():
+    """history.append(cdb.update(acc)) keeps each epoch's weights: what update() and
+    update_from_confusion() return is not the buffer that the next update overwrites."""
+    m = CDBLoss(3, tau=2.0)
+    history = [m.update([0.9, 0.5, 0.2])]
+    history.append(m.update_from_confusion(torch.tensor([[1, 1, 0], [0, 4, 0], [0, 0, 4]])))
+    m.update([0.0, 0.0, 0.0])
+    torch.testing.assert_close(history[0], torch.tensor([0.01, 0.25, 0.64]), **TOL[torch.float32])
+    torch.testing.assert_close(history[1], torch.tensor([0.25, 0.0, 0.0]), **TOL[torch.float32])
+    assert torch.equal(m.weight, torch.ones(3))
 
 
 def test_cdb_checks():
