@@ -216,6 +216,25 @@ def test_buffer_state_dict_and_to():
     assert cm2.compute().dtype == torch.int64 and cm2.compute().tolist() == MATRIX
 
 
+def test_options_set_later_take_effect_or_raise():
+    target, preds = batch()
+    cm = ConfusionMatrix(3)
+    cm.ignore_index = IGN  # as if built with it
+    cm.update(preds, target)
+    assert cm.compute().tolist() == MATRIX
+    for name, value, error in [("ignore_index", None, TypeError), ("ignore_index", 1.5, TypeError),
+                               ("backend", "cuda", ValueError)]:
+        with pytest.raises(error, match=name):
+            setattr(cm, name, value)
+        with pytest.raises(error, match=name):
+            ConfusionMatrix(3, **{name: value})
+    assert (cm.ignore_index, cm.backend) == (IGN, None)
+    cm.backend = "reference"
+    cm.reset()
+    cm.update(one_hot_logits(PREDS, 3), target)
+    assert cm.compute().tolist() == MATRIX
+
+
 def test_constructor_checks():
     with pytest.raises(ValueError):
         ConfusionMatrix(0)

@@ -217,6 +217,145 @@ def test_state_dict_round_trip():
     assert torch.equal(c.weight, d.weight)
 
 
+
+# ---------------------------------------------------------------- options set after construction
+
+ACC = [0.9, 0.5, 0.2, 0.1, 0.7]
+
+
+def _factory(cls, *args, **defaults):
+    return lambda **k: cls(*args, **{"ignore_index": IGN, "backend": "reference", **defaults, **k})
+
+
+def _cdb(**k):
+    m = CDBLoss(5, **{"ignore_index": IGN, "backend": "reference", **k})
+    m.update(ACC)
+    return m
+
+
+FOCAL, CB, MSE = _factory(FocalLoss), _factory(ClassBalancedLoss, COUNTS), _factory(OutlyingMSELoss, COUNTS)
+RECALL = _factory(RecallLoss, 5, momentum=0.5)
+# (module factory taking the option as a keyword, option, a new valid value, invalid values and their error)
+OPTION_CASES = [
+    (FOCAL, "gamma", 0.5, [(-1.0, ValueError), ("2", TypeError)]),
+    (FOCAL, "weight", [1.0, 2.0, 0.5, 3.0, 0.25], [(torch.ones(5, 1), ValueError), ({0: 1.0, 2: 1.0}, TypeError)]),
+    (FOCAL, "reduction", "sum", [("avg", ValueError)]),
+    (_factory(FocalLoss, ignore_index=-100), "ignore_index", IGN, [(None, TypeError), (1.5, TypeError)]),
+    (_factory(FocalLoss, backend="cpp"), "backend", "reference", [("cuda", ValueError)]),
+    (FOCAL, "validate", False, [("no", TypeError), (0, TypeError)]),
+    (FOCAL, "upsample", "bilinear", [("bicubic", ValueError)]),
+    (_factory(FocalLoss, upsample="bilinear"), "align_corners", True, [(1, TypeError)]),
+    (CB, "beta", 0.9, [(1.0, ValueError), (-0.5, ValueError)]),
+    (CB, "loss_type", "focal", [("logistic", ValueError)]),
+    (CB, "gamma", 1.0, [(-1.0, ValueError)]),
+    (MSE, "alpha", 2.0, [(0.0, ValueError), (float("nan"), ValueError)]),
+    (MSE, "input", "softmax", [("probs", ValueError)]),
+    (MSE, "reduction", "none", [("avg", ValueError)]),
+    (RECALL, "momentum", 0.9, [(1.0, ValueError), (-0.1, ValueError)]),
+    (RECALL, "distributed", True, [("yes", TypeError)]),
+    (_factory(RecallLoss, 5, ignore_index=-100), "ignore_index", IGN, [(None, TypeError)]),
+    (_cdb, "tau", 2.0, [("fixed", ValueError), (-1.0, ValueError)]),
+    (_cdb, "gamma", 2.0, [(-1.0, ValueError)]),
+]
+
+
+@pytest.mark.parametrize("make, name, value, bad", OPTION_CASES,
+                         ids=[f"{i}-{c[1]}" for i, c in enumerate(OPTION_CASES)])
+def test_an_option_set_later_takes_effect_or_raises(make, name, value, bad):
+    """Setting an option of a built module gives the module built with it (value, weights, repr);
+    a value the constructor rejects is rejected when set, with the same error, and changes
+    nothing."""
+    logits, target = batch()
+    if name in ("upsample", "align_corners"):  # low-resolution logits for labels of twice the size
+        target = target.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    if name == "validate":
+        target = target.clone()
+        target[0, 0, 0] = 7  # counted as ignored with validate=False, an error with True
+    m = make()
+    setattr(m, name, value)
+    built = make(**{name: value})
+    assert repr(m) == repr(built)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), built.state_dict().values()))
+    torch.testing.assert_close(m(logits, target), built(logits, target), rtol=0, atol=0)
+    before = {**m.state_dict(), name: getattr(m, name)}
+    for v, error in bad:
+        with pytest.raises(error, match=name):
+            setattr(m, name, v)
+        with pytest.raises(error, match=name):
+            make(**{name: v})
+        after = {**m.state_dict(), name: getattr(m, name)}
+        for key, was in before.items():
+            assert torch.equal(after[key], was) if isinstance(was, torch.Tensor) else after[key] == was, key
+
+
+def test_momentum_changes_between_numbers_only():
+    """running_recall and seen exist only with a momentum: None <-> a number would need a new module."""
+    for m, value in [(RecallLoss(5, momentum=0.5), None), (RecallLoss(5), 0.9)]:
+        with pytest.raises(ValueError, match="momentum can change from one number to another"):
+            m.momentum = value
+        assert m.momentum != value
+
+
+def test_a_weight_set_later_is_the_modules_own_copy():
+    w = torch.tensor([1, 2, 0, 3, 1])
+    m = FocalLoss()
+    m.weight = w
+    w[0] = 100
+    assert m.weight.dtype == torch.float32 and m.weight.tolist() == [1.0, 2.0, 0.0, 3.0, 1.0]
+    m.weight = None
+    assert m.weight is None and list(m.state_dict()) == []
+
+
+def test_the_upsample_pair_is_checked_together():
+    m = FocalLoss(upsample="bilinear", align_corners=True)
+    with pytest.raises(ValueError, match="align_corners"):
+        m.upsample = "nearest"  # not with align_corners=True, as at construction
+    m.align_corners = False
+    m.upsample = "nearest"
+    assert (m.upsample, m.align_corners) == ("nearest", False)
+
+
+def test_derived_buffers_and_num_classes_cannot_be_assigned():
+    cm = ConfusionMatrix(5)
+    for m, name in [(RecallLoss(5), "num_classes"), (CDBLoss(5), "num_classes"), (cm, "num_classes"),
+                    (ClassBalancedLoss(COUNTS), "weight"), (OutlyingMSELoss(COUNTS), "outlying"),
+                    (CDBLoss(5), "weight"), (RecallLoss(5, momentum=0.5), "running_recall"),
+                    (RecallLoss(5, momentum=0.5), "seen"), (cm, "matrix")]:
+        with pytest.raises(AttributeError, match=f"{type(m).__name__}.{name} cannot be set"):
+            setattr(m, name, getattr(m, name).clone() if name != "num_classes" else 4)
+    cm.matrix += 1  # in place, as update() does: allowed
+    assert cm.compute().sum() == 25
+
+
+def test_derived_buffers_follow_their_option_through_to_and_state_dict():
+    """beta, alpha and tau recompute their buffer in the buffer's current device and dtype; the
+    buffers still save, load and move."""
+    cb = ClassBalancedLoss(COUNTS, beta=0.99).to(torch.float64)
+    cb.beta = 0.9
+    assert cb.weight.dtype == torch.float64
+    torch.testing.assert_close(cb.weight, weights.effective_number(COUNTS, 0.9).double(), rtol=0, atol=0)
+    loaded = ClassBalancedLoss(COUNTS)
+    loaded.load_state_dict(cb.state_dict())
+    assert list(cb.state_dict()) == ["weight"] and torch.equal(loaded.weight, cb.weight.float())
+    mse = OutlyingMSELoss(COUNTS).to(torch.float64)
+    mse.alpha = 0.5
+    torch.testing.assert_close(mse.outlying, torch.tensor([0.5, 1.5, 2.0, 2.5, 1.0], dtype=torch.float64),
+                               rtol=0, atol=0)
+    cdb = CDBLoss(5)
+    cdb.tau = 2.0  # before any update: still ones
+    assert torch.equal(cdb.weight, torch.ones(5))
+    confusion = torch.diag(torch.tensor([8, 4, 0, 2, 1])) + 2
+    cdb.update_from_confusion(confusion)
+    acc = confusion.diagonal().double() / confusion.sum(1).double()  # 10/18, 6/14, 2/10, 4/12, 3/11
+    torch.testing.assert_close(cdb.weight, ((1 - acc) ** 2).float(), **TOL[torch.float32])
+    cdb.tau = 1.0
+    torch.testing.assert_close(cdb.weight, (1 - acc).float(), **TOL[torch.float32])
+    restored = CDBLoss(5)
+    restored.update([0.5] * 5)
+    restored.load_state_dict(cdb.state_dict())
+    restored.tau = 3.0  # the loaded weights' accuracy is not known: they stay until the next update
+    assert torch.equal(restored.weight, cdb.weight)
+
 # ---------------------------------------------------------------- recall weights by hand
 
 # Two classes; logits [1, 0] predict class 0 and [0, 1] class 1, so every pixel's
