@@ -7,6 +7,12 @@ once per :meth:`CDBLoss.update`. ``forward(logits, target, confusion=None)`` tak
 of DESIGN.md §2; a (C, C) int64 ``confusion`` receives the batch's argmax confusion counts
 from the same pass over the logits.
 
+Activation checkpointing (``torch.utils.checkpoint``) runs a forward inside the checkpointed region
+again in the backward: the ``confusion`` counts are then added twice and ``RecallLoss``'s moving
+average takes two steps per batch, as batch norm's running statistics do. Call the module outside the
+region (checkpoint the network and give the loss its output: a fused loss keeps nothing of the
+logits' size for the backward but the logits themselves, so checkpointing it saves little).
+
 ``validate`` (keyword, default True) is forwarded to the functional call: True checks the
 labels once after the pass (one small host sync), False skips that check.
 
@@ -170,7 +176,10 @@ class RecallLoss(CheckedOptions):
     starts from that batch's recall rather than from 0, so an early class is not held at
     weight ≈ 1 for many steps; the buffer ``seen`` records which classes have appeared, and a
     class never seen has R̄_c = 0, weight 1. As with batch norm, R̄ is updated only in
-    training mode; in eval mode the stored R̄ is used as it is.
+    training mode; in eval mode the stored R̄ is used as it is. Also as with batch norm, a call
+    inside a region of activation checkpointing (``torch.utils.checkpoint``) runs again in the
+    backward and updates R̄ a second time (and adds ``confusion`` twice): call the loss outside
+    the region, on the checkpointed network's output.
 
     Distributed training (``distributed=True`` with ``torch.distributed`` initialised): the
     batch's per-class counts n_c and true positives TP_c are all-reduced (summed) over the

@@ -1,6 +1,7 @@
 """Loss modules: equal to the functional calls, buffers, and the dynamic weights worked by hand."""
 import collections
 import math
+import os
 
 import pytest
 import torch
@@ -355,6 +356,42 @@ def test_derived_buffers_follow_their_option_through_to_and_state_dict():
     restored.load_state_dict(cdb.state_dict())
     restored.tau = 3.0  # the loaded weights' accuracy is not known: they stay until the next update
     assert torch.equal(restored.weight, cdb.weight)
+
+
+def test_activation_checkpointing_repeats_the_side_effects_as_documented():
+    """torch.utils.checkpoint reruns a checkpointed forward in the backward: confusion= counts are
+    added twice and RecallLoss's moving average takes two steps, as batch norm's statistics do. The
+    docs say so and say to call the loss outside the region; this pins both, so that a change of
+    either is noticed."""
+    import fused_imbalance
+    from fused_imbalance import losses
+    from torch.utils.checkpoint import checkpoint
+    logits, target = batch()
+    once = ConfusionMatrix(5, ignore_index=IGN)
+    once.update(logits, target)
+    m = RecallLoss(5, momentum=0.5, ignore_index=IGN, backend="reference")
+    m.running_recall.fill_(0.2)
+    m.seen.fill_(True)
+    count, tp = functional.class_stats(logits, target, IGN, backend="reference")
+    present = count > 0
+    r = torch.where(present, tp / count.clamp(min=1), torch.zeros(5, dtype=torch.float64)).float()
+    for reentrant in (False, True):
+        for fn, kwargs in [(functional.focal_loss, {}), (FocalLoss(ignore_index=IGN, backend="reference"), {})]:
+            confusion = torch.zeros(5, 5, dtype=torch.int64)
+            x = logits.clone().requires_grad_()
+            call = (lambda t: fn(t, target, ignore_index=IGN, confusion=confusion, backend="reference")
+                    if fn is functional.focal_loss else fn(t, target, confusion=confusion))
+            checkpoint(call, x, use_reentrant=reentrant).backward()
+            assert torch.equal(confusion, 2 * once.compute()), (fn, reentrant)
+        running = m.running_recall.clone()
+        checkpoint(lambda t: m(t, target), logits.clone().requires_grad_(), use_reentrant=reentrant).backward()
+        twice = 0.5 * (0.5 * running + 0.5 * r) + 0.5 * r
+        torch.testing.assert_close(m.running_recall, torch.where(present, twice, running), **TOL[torch.float32])
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    for where, text in [("functional", fused_imbalance.functional.__doc__), ("losses", losses.__doc__),
+                        ("RecallLoss", RecallLoss.__doc__), ("README", readme)]:
+        text = " ".join(text.split())
+        assert "torch.utils.checkpoint" in text and "outside the region" in text, where
 
 # ---------------------------------------------------------------- recall weights by hand
 
