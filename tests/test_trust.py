@@ -167,6 +167,69 @@ def test_tensors_on_another_device_are_errors(call, match):
         call(x, y)
 
 
+def _ops_of(backend):
+    from fused_imbalance.ops import cpp, triton_loss
+    return cpp if backend == "cpp" else triton_loss
+
+
+def test_ops_check_tensor_sizes_before_touching_memory(backend):
+    """Called directly, every loss op (plain and upsampled, forward and backward) rejects a target,
+    tvals, grad_pixel or grad_class of the wrong size, and the plain Triton ops logits they cannot
+    read through one pixel stride, with an error instead of reading out of bounds (the kernels index
+    them with the sizes of x and target). The short tensors are allocations of their own, not views
+    of longer ones, so that a read past their end is one for scripts/sanitize.sh too."""
+    from fused_imbalance.ops import Mode
+    ops, dev = _ops_of(backend), backend_device(backend)
+    C, mse, soft = 5, int(Mode.MSE_LOGITS), int(Mode.SOFTMAX_FOCAL)
+    x, y = (t.to(dev) for t in make_data((2, C, 3, 4), torch.float32))
+    y = y.reshape(-1).contiguous()
+    tv, gp, gc = torch.ones(C, device=dev), torch.ones(y.numel(), device=dev), torch.ones(C, device=dev)
+    fwd = lambda x, y, mode, tvals: ops.loss_fwd(x, y, mode, 2.0, tvals, -100, True, True, True)  # noqa: E731
+    bwd = lambda x, y, gp, gc, tvals=None: ops.loss_bwd(x, y, gp, gc, soft if tvals is None else mse, 2.0,  # noqa: E731
+                                                        tvals, -100)
+    bad = [(lambda: fwd(x, y[:-1].clone(), soft, None), "target"),
+           (lambda: fwd(x, torch.cat([y, y]), soft, None), "target"),
+           (lambda: fwd(x, y, mse, tv[:-1].clone()), "tvals"),
+           (lambda: fwd(x, y, mse, None), "tvals"),
+           (lambda: bwd(x, y, gp[:-1].clone(), None), "grad_pixel"),
+           (lambda: bwd(x, y, torch.cat([gp, gp]), None), "grad_pixel"),
+           (lambda: bwd(x, y, None, gc[:-1].clone()), "grad_class"),
+           (lambda: bwd(x, y, gp, torch.ones(2 * C, device=dev)), "grad_class"),
+           (lambda: bwd(x, y[:-1].clone(), gp[:-1].clone(), None), "target"),
+           (lambda: bwd(x, y, gp, None, tv[:-1].clone()), "tvals")]
+    # upsampled: (2, C, 3, 4) logits for (2, 5, 7) labels
+    yu = make_data((2, C, 5, 7), torch.float32)[1].to(dev)
+    gpu = torch.ones(yu.numel(), device=dev)
+    ufwd = lambda mode, tvals: ops.upsample_loss_fwd(x, yu, 1, False, mode, 2.0, tvals, -100, True, True, True)  # noqa: E731
+    ubwd = lambda gp, gc, mode=soft, tvals=None: ops.upsample_loss_bwd(x, yu, gp, gc, 1, False, mode, 2.0, tvals,  # noqa: E731
+                                                                       -100)
+    bad += [(lambda: ufwd(mse, tv[:-1].clone()), "tvals"),
+            (lambda: ufwd(mse, None), "tvals"),
+            (lambda: ubwd(gpu[:-1].clone(), None), "grad_pixel"),
+            (lambda: ubwd(torch.cat([gpu, gpu]), gc), "grad_pixel"),
+            (lambda: ubwd(None, gc[:-1].clone()), "grad_class"),
+            (lambda: ubwd(gpu, torch.ones(C + 1, device=dev)), "grad_class"),
+            (lambda: ubwd(gpu, None, mse, torch.ones(C - 1, device=dev)), "tvals")]
+    for call, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    # logits whose spatial dims do not collapse into one stride (H and W transposed)
+    xt = x.transpose(2, 3)
+    yt = y.reshape(2, 3, 4).transpose(1, 2).contiguous().reshape(-1)
+    if backend == "cpp":  # the C++ ops copy them
+        want = fwd(xt.contiguous(), yt, soft, None)
+        assert all(torch.equal(a, b) for a, b in zip(fwd(xt, yt, soft, None), want))
+    else:
+        with pytest.raises(RuntimeError, match="collapse"):
+            fwd(xt, yt, soft, None)
+        with pytest.raises(RuntimeError, match="collapse"):
+            bwd(xt, yt, gp, None)
+    if backend == "cpp":  # and the right sizes pass (the rest of the suite runs the Triton ops)
+        fwd(x, y, mse, tv)
+        bwd(x, y, gp, gc)
+        ubwd(gpu, gc)
+
+
 VIEWS = {
     "channel_slice": lambda x, y: (x[:, 1:4], y.remainder(3)),
     "spatial_step": lambda x, y: (x[:, :, ::2, 1:], y[:, ::2, 1:]),

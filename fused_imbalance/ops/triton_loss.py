@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import Mode, fwd_fake, pixel_view
+from ._args import check_tensor_args
 from ._autograd import register_loss_autograd
 from ._triton_host import (_FLOATS, _acc_dtype, _cdiv, _focal, _interpret, _np2,  # noqa: F401
                            _on_device, available, supports)
@@ -188,6 +189,7 @@ def _class_loss(has_loss, in_rows, lrow, target, pl, C):
 
 def _forward(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
     """The forward op's launcher (see the contract in :mod:`fused_imbalance.ops`)."""
+    check_tensor_args("triton_loss_fwd", x, target, None, mode, tvals)
     mode = Mode(mode)
     acc = _acc_dtype(x)
     B, C, S, (sb, sc, ss), _ = _geometry(x)
@@ -276,6 +278,7 @@ def _forward_chunked(x, target, mode, gamma, tvals, ignore_index, need_pixel_los
 
 def _backward(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
     """The backward op's launcher: (grad_pixel[n] + grad_class[y_n]) * dℓ_n/dx, x's layout."""
+    check_tensor_args("triton_loss_bwd", x, target, None, mode, tvals, grad_pixel, grad_class)
     mode = Mode(mode)
     if (grad_pixel is None and grad_class is None) or mode == Mode.STATS or x.numel() == 0:
         return torch.zeros_like(x)

@@ -102,6 +102,7 @@ import torch
 
 from . import Mode, fwd_fake  # noqa: F401
 from ._triton_host import _FLOATS, _acc_dtype, _cdiv, _focal, _interpret, _np2, _on_device, available, supports  # noqa: F401
+from ._args import check_tensor_args
 from .upsample import Interp, register
 
 try:
@@ -1044,6 +1045,7 @@ def _launch_fwd(x, t, geo, mode, gamma, tvals, ignore_index, acc, *, store_pl=Fa
 def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp,
              need_confusion, need_lse=False):
     _check(x, target, interp, mode, gamma)
+    check_tensor_args("triton_upsample_loss_fwd", x, target, target.numel(), mode, tvals)
     mode = Mode(mode)
     acc = _acc_dtype(x)
     B, C, h, w = x.shape
@@ -1080,6 +1082,7 @@ def _forward(x, target, interp, align_corners, mode, gamma, tvals, ignore_index,
 def _backward(x, target, grad_pixel, grad_class, interp, align_corners, mode, gamma, tvals, ignore_index,
               lse_fwd=None):
     _check(x, target, interp, mode, gamma)
+    check_tensor_args("triton_upsample_loss_bwd", x, target, target.numel(), mode, tvals, grad_pixel, grad_class)
     mode = Mode(mode)
     B, C, h, w = x.shape
     H, W = target.shape[1], target.shape[2]
