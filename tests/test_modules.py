@@ -156,7 +156,7 @@ def test_per_class_values_as_a_mapping_are_read_in_class_order():
     for make in (lambda c: ClassBalancedLoss(c, beta=0.999, ignore_index=IGN, backend="reference"),
                  lambda c: OutlyingMSELoss(c, ignore_index=IGN, backend="reference")):
         torch.testing.assert_close(make(counts)(logits, target), make(COUNTS)(logits, target), rtol=0, atol=0)
-    for backend in ("reference", "cpp"):
+    for backend in ("reference", None):  # None: the fused backend of the CPU where there is one
         torch.testing.assert_close(
             functional.class_balanced_loss(logits, target, counts, 0.999, ignore_index=IGN, backend=backend),
             functional.class_balanced_loss(logits, target, COUNTS, 0.999, ignore_index=IGN, backend=backend),
