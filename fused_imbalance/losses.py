@@ -54,6 +54,22 @@ def _class_weight(module, weight):
     return weight
 
 
+def _samples_per_class(derive):
+    """The ``samples_per_class`` option of the modules whose buffer ``derive(module, counts)`` derives
+    from it and one more option: float64 counts (exact, and out of ``.to()``'s reach: not a buffer);
+    once built, the buffer follows them, and the number of classes cannot change."""
+    def check(module, value):
+        counts = _weights._counts(value)
+        built = module.__dict__.get("samples_per_class")
+        if built is not None:
+            if counts.shape != built.shape:
+                raise ValueError(f"samples_per_class has {counts.numel()} classes, the module was built with "
+                                 f"{built.numel()}: build a new {type(module).__name__}")
+            derive(module, counts)
+        return counts
+    return check
+
+
 @torch.no_grad()
 def _derived_buffer(module, name, value):
     """Register buffer ``name`` (construction) or copy ``value`` into it, in its device and dtype
@@ -98,9 +114,13 @@ def _loss_type(module, loss_type):
 
 def _beta(module, beta):
     """ClassBalancedLoss.beta: the weights follow it."""
-    w = _weights.effective_number(module._samples_per_class, beta)  # checks beta
+    w = _weights.effective_number(module.samples_per_class, beta)  # checks beta
     _derived_buffer(module, "weight", w)
     return float(beta)
+
+
+def _cb_weights(module, counts):
+    _derived_buffer(module, "weight", _weights.effective_number(counts, module.beta))
 
 
 class ClassBalancedLoss(CheckedOptions):
@@ -113,12 +133,13 @@ class ClassBalancedLoss(CheckedOptions):
     "focal" (sigmoid focal, the paper's CB Focal), "softmax_focal". ``"mean"`` is over valid
     pixels.
 
-    Setting ``beta`` later recomputes ``weight`` from the counts given here (the counts and β are
-    options, not state: ``state_dict()`` holds ``weight`` alone). ``weight`` itself cannot be
-    assigned; for weights of your own use ``functional.weighted_loss``.
+    Setting ``beta`` or ``samples_per_class`` (as many classes) later recomputes ``weight`` (the counts,
+    float64, and β are options, not state: ``state_dict()`` holds ``weight`` alone). ``weight`` itself
+    cannot be assigned; for weights of your own use ``functional.weighted_loss``.
     """
 
-    OPTIONS = {**LOSS_OPTIONS, **GAMMA, "loss_type": _loss_type, "beta": _beta}
+    OPTIONS = {**LOSS_OPTIONS, **GAMMA, "loss_type": _loss_type, "beta": _beta,
+               "samples_per_class": _samples_per_class(_cb_weights)}
     FIXED = {"weight": "it is derived from samples_per_class and beta: set beta, or pass weights of your own "
                        "to functional.weighted_loss"}
 
@@ -128,8 +149,7 @@ class ClassBalancedLoss(CheckedOptions):
         super().__init__()
         _set_options(self, upsample=upsample, align_corners=align_corners, loss_type=loss_type,
                      ignore_index=ignore_index, reduction=reduction, gamma=gamma, backend=backend, validate=validate)
-        # float64 and out of .to()'s reach (not a buffer): a later beta recomputes the weights from the exact counts
-        self._samples_per_class = _weights._counts(samples_per_class)
+        self.samples_per_class = samples_per_class
         self.beta = beta
 
     def extra_repr(self):
@@ -376,8 +396,12 @@ def _input(module, input):
 
 def _alpha(module, alpha):
     """OutlyingMSELoss.alpha: the label values follow it."""
-    _derived_buffer(module, "outlying", _weights.outlying_labels(module._samples_per_class, alpha))  # checks alpha
+    _derived_buffer(module, "outlying", _weights.outlying_labels(module.samples_per_class, alpha))  # checks alpha
     return float(alpha)
+
+
+def _outlying_values(module, counts):
+    _derived_buffer(module, "outlying", _weights.outlying_labels(counts, module.alpha))
 
 
 class OutlyingMSELoss(CheckedOptions):
@@ -386,11 +410,13 @@ class OutlyingMSELoss(CheckedOptions):
     The outlying label values v = ``weights.outlying_labels(samples_per_class, alpha)`` (the
     most frequent class α, the rarest C·α) live in the buffer ``outlying``. a = the logits
     (``input="logits"``, the paper) or their softmax (``input="softmax"``). ``"mean"`` is
-    over valid pixels. Setting ``alpha`` later recomputes ``outlying`` from the counts given
-    here; ``outlying`` itself cannot be assigned (``functional.mse_outlying_loss`` takes any values).
+    over valid pixels. Setting ``alpha`` or ``samples_per_class`` (as many classes) later recomputes
+    ``outlying``, as in :class:`ClassBalancedLoss`; ``outlying`` itself cannot be assigned
+    (``functional.mse_outlying_loss`` takes any values).
     """
 
-    OPTIONS = {**LOSS_OPTIONS, "input": _input, "alpha": _alpha}
+    OPTIONS = {**LOSS_OPTIONS, "input": _input, "alpha": _alpha,
+               "samples_per_class": _samples_per_class(_outlying_values)}
     FIXED = {"outlying": "it is derived from samples_per_class and alpha: set alpha, or pass values of your own "
                          "to functional.mse_outlying_loss"}
 
@@ -400,7 +426,7 @@ class OutlyingMSELoss(CheckedOptions):
         super().__init__()
         _set_options(self, upsample=upsample, align_corners=align_corners, input=input, ignore_index=ignore_index,
                      reduction=reduction, backend=backend, validate=validate)
-        self._samples_per_class = _weights._counts(samples_per_class)  # as in ClassBalancedLoss
+        self.samples_per_class = samples_per_class
         self.alpha = alpha
 
     def extra_repr(self):

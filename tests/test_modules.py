@@ -234,7 +234,9 @@ def _cdb(**k):
     return m
 
 
-FOCAL, CB, MSE = _factory(FocalLoss), _factory(ClassBalancedLoss, COUNTS), _factory(OutlyingMSELoss, COUNTS)
+FOCAL = _factory(FocalLoss)
+CB = _factory(ClassBalancedLoss, samples_per_class=COUNTS)
+MSE = _factory(OutlyingMSELoss, samples_per_class=COUNTS)
 RECALL = _factory(RecallLoss, 5, momentum=0.5)
 # (module factory taking the option as a keyword, option, a new valid value, invalid values and their error)
 OPTION_CASES = [
@@ -247,6 +249,8 @@ OPTION_CASES = [
     (FOCAL, "upsample", "bilinear", [("bicubic", ValueError)]),
     (_factory(FocalLoss, upsample="bilinear"), "align_corners", True, [(1, TypeError)]),
     (CB, "beta", 0.9, [(1.0, ValueError), (-0.5, ValueError)]),
+    (CB, "samples_per_class", [10, 20, 30, 40, 50], [([1, -2, 3, 4, 5], ValueError), ({0: 1, 2: 3}, TypeError)]),
+    (MSE, "samples_per_class", [10, 20, 30, 40, 50], [([0, 0, 0, 0, 0], ValueError), (7, TypeError)]),
     (CB, "loss_type", "focal", [("logistic", ValueError)]),
     (CB, "gamma", 1.0, [(-1.0, ValueError)]),
     (MSE, "alpha", 2.0, [(0.0, ValueError), (float("nan"), ValueError)]),
@@ -287,6 +291,13 @@ def test_an_option_set_later_takes_effect_or_raises(make, name, value, bad):
         after = {**m.state_dict(), name: getattr(m, name)}
         for key, was in before.items():
             assert torch.equal(after[key], was) if isinstance(was, torch.Tensor) else after[key] == was, key
+
+
+def test_counts_set_later_keep_the_number_of_classes():
+    for m in (ClassBalancedLoss(COUNTS), OutlyingMSELoss(COUNTS)):
+        with pytest.raises(ValueError, match="samples_per_class has 4 classes, the module was built with 5"):
+            m.samples_per_class = COUNTS[:4]
+        assert m.samples_per_class.tolist() == COUNTS
 
 
 def test_momentum_changes_between_numbers_only():
