@@ -22,7 +22,7 @@ computes the loss of the logits interpolated to (H, W), without the interpolated
 
 Every option can be set after construction: it is checked as the constructor checks it and takes
 effect at the next call; an option that a buffer derives from updates the buffer
-(``ClassBalancedLoss.beta``, ``OutlyingMSELoss.alpha``, ``CDBLoss.tau``). ``num_classes`` and the
+(``beta``, ``alpha``, ``samples_per_class``, ``CDBLoss.tau``). ``num_classes`` and the
 derived buffers cannot be assigned (an ``AttributeError`` says what to do instead); see
 :mod:`._options`.
 """
@@ -35,6 +35,7 @@ from ._options import GAMMA, LOSS_OPTIONS, NUM_CLASSES, CheckedOptions
 from ._checks import check_loss_type, check_num_classes, dist_ready
 
 __all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss"]
+
 
 def _set_options(module, **options):
     """Set the options through their checks (CheckedOptions), in this order."""
@@ -140,7 +141,7 @@ class ClassBalancedLoss(CheckedOptions):
 
     OPTIONS = {**LOSS_OPTIONS, **GAMMA, "loss_type": _loss_type, "beta": _beta,
                "samples_per_class": _samples_per_class(_cb_weights)}
-    FIXED = {"weight": "it is derived from samples_per_class and beta: set beta, or pass weights of your own "
+    FIXED = {"weight": "it is derived from samples_per_class and beta: set those, or pass weights of your own "
                        "to functional.weighted_loss"}
 
     def __init__(self, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0, ignore_index=-100,
@@ -417,7 +418,7 @@ class OutlyingMSELoss(CheckedOptions):
 
     OPTIONS = {**LOSS_OPTIONS, "input": _input, "alpha": _alpha,
                "samples_per_class": _samples_per_class(_outlying_values)}
-    FIXED = {"outlying": "it is derived from samples_per_class and alpha: set alpha, or pass values of your own "
+    FIXED = {"outlying": "it is derived from samples_per_class and alpha: set those, or pass values of your own "
                          "to functional.mse_outlying_loss"}
 
     def __init__(self, samples_per_class, alpha=1.0, input="logits", ignore_index=-100, reduction="mean",
