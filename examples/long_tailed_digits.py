@@ -9,11 +9,11 @@ the split stays the same), and evaluated on the balanced test set: per-class rec
 accuracy and the mean accuracy of the rarest third of the classes, as mean ± std over seeds.
 
     python examples/long_tailed_digits.py                 # the committed results (a few minutes)
-    python examples/long_tailed_digits.py --smoke --out /tmp/lt   # seconds: checks that it runs
+    python examples/long_tailed_digits.py --smoke           # seconds: checks that it runs
 
 Writes ``long_tailed_digits.md`` (Markdown tables), ``long_tailed_digits.json`` (the numbers) and
 ``long_tailed_digits.png`` (test recall of each class against its training count, one line per
-loss) into ``--out`` (default: examples/results/).
+loss) into ``--out`` (default: examples/results/; with ``--smoke``, a new temporary folder).
 """
 import argparse
 import json
@@ -27,7 +27,7 @@ from torch import nn
 
 import fused_imbalance as fi
 import fused_imbalance.functional as F_fi
-from _common import add_run_options, describe_device, start  # examples/_common.py
+from _common import add_run_options, describe_device, output_folder, start  # examples/_common.py
 
 
 def long_tailed_split(X, y, num_classes, n_max, ratio, n_test, n_val, seed):
@@ -233,7 +233,7 @@ def main(argv=None):
     summary, rare = summarise(runs, counts)
     wall_s = time.perf_counter() - t0
     command = "python examples/long_tailed_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    os.makedirs(args.out, exist_ok=True)
+    output_folder(args, "long_tailed_digits")
     md = markdown(summary, counts, rare, args, seeds, wall_s, command.strip(), device)
     with open(os.path.join(args.out, "long_tailed_digits.md"), "w") as f:
         f.write(md)

@@ -15,12 +15,12 @@ own pass over the logits, not from a second read. After each epoch the validatio
 per-class IoU (and, for CDB, the class accuracies that set its weights).
 
     python examples/segmentation.py                         # the committed results (a few minutes)
-    python examples/segmentation.py --smoke --out /tmp/seg  # seconds: checks that it runs
+    python examples/segmentation.py --smoke                 # seconds: checks that it runs
     python examples/segmentation.py --memory                # memory and time: fused upsample vs interpolate
 
 Writes ``segmentation.md`` (per-class validation IoU per loss), ``segmentation.json`` and
 ``segmentation.png`` (per-class validation IoU over the epochs, one panel per loss) into ``--out``
-(default: examples/results/). ``--memory`` trains nothing: for one training batch it measures,
+(default: examples/results/; with ``--smoke``, a new temporary folder). ``--memory`` trains nothing: for one training batch it measures,
 per loss, the peak memory and the time of the loss's forward+backward and of a whole training
 step, fused upsample against interpolate + loss, and writes ``segmentation_memory.md``.
 """
@@ -41,7 +41,7 @@ import fused_imbalance as fi
 import fused_imbalance.functional as F_fi
 from tqdm import tqdm
 
-from _common import add_run_options, describe_device, start  # examples/_common.py
+from _common import add_run_options, describe_device, output_folder, start  # examples/_common.py
 
 CLASSES = ["sky", "ground", "blob", "square (rare)", "disc (rare)"]
 # Mean colour of each class; the rare ones sit close to a common one (square ~ blob, disc ~ ground).
@@ -419,7 +419,7 @@ def main(argv=None):
     print("training pixels per class: " + ", ".join(f"{n}: {k}" for n, k in zip(CLASSES, pixel_counts)),
           flush=True)
     command = ("python examples/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    os.makedirs(args.out, exist_ok=True)
+    output_folder(args, "segmentation")
 
     if args.memory:
         rows = measure_memory(pixel_counts, data, args, device)

@@ -7,6 +7,13 @@ logits (B, C, h, w) against labels (B, H, W), equal to that of ``F.interpolate(l
 mode=upsample, align_corners=align_corners)`` without the interpolated tensor (DESIGN.md §10,
 :mod:`._upsample`).
 
+Under activation checkpointing (``torch.utils.checkpoint``) a function called inside the checkpointed
+region runs again in the backward, and its ``confusion=`` counts are added twice, as batch norm's
+running statistics are updated twice. Call the loss outside the region (checkpoint the network, not
+the loss: a fused loss keeps nothing of the logits' size for the backward but the logits
+themselves, so checkpointing it saves little), or count outside it with
+``confusion_matrix(logits.detach(), target, out=...)``.
+
 Backends (DESIGN.md §7): ``"auto"`` (default, or the environment variable
 ``FUSED_IMBALANCE_BACKEND``) picks Triton for CUDA tensors and the C++ kernels for CPU tensors,
 falling back to ``"reference"`` (eager PyTorch) when those are not available; ``"triton"`` and

@@ -7,47 +7,97 @@ once per :meth:`CDBLoss.update`. ``forward(logits, target, confusion=None)`` tak
 of DESIGN.md §2; a (C, C) int64 ``confusion`` receives the batch's argmax confusion counts
 from the same pass over the logits.
 
+Activation checkpointing (``torch.utils.checkpoint``) runs a forward inside the checkpointed region
+again in the backward: the ``confusion`` counts are then added twice and ``RecallLoss``'s moving
+average takes two steps per batch, as batch norm's running statistics do. Call the module outside the
+region (checkpoint the network and give the loss its output: a fused loss keeps nothing of the
+logits' size for the backward but the logits themselves, so checkpointing it saves little).
+
 ``validate`` (keyword, default True) is forwarded to the functional call: True checks the
 labels once after the pass (one small host sync), False skips that check.
 
 ``upsample=None | "bilinear" | "nearest"`` and ``align_corners=False`` (keywords, DESIGN.md §10):
 with ``upsample`` the module takes low-resolution logits (B, C, h, w) and labels (B, H, W) and
 computes the loss of the logits interpolated to (H, W), without the interpolated tensor.
+
+Every option can be set after construction: it is checked as the constructor checks it and takes
+effect at the next call; an option that a buffer derives from updates the buffer
+(``beta``, ``alpha``, ``samples_per_class``, ``CDBLoss.tau``). ``num_classes`` and the
+derived buffers cannot be assigned (an ``AttributeError`` says what to do instead); see
+:mod:`._options`.
 """
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from . import functional
 from . import weights as _weights
-from ._upsample import check_options as check_upsample
-from ._checks import check_gamma, check_loss_type, check_num_classes, check_options, dist_ready
+from ._options import GAMMA, LOSS_OPTIONS, NUM_CLASSES, CheckedOptions
+from ._checks import check_loss_type, check_num_classes, dist_ready
 
 __all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss"]
 
-class FocalLoss(nn.Module):
+
+def _set_options(module, **options):
+    """Set the options through their checks (CheckedOptions), in this order."""
+    for name, value in options.items():
+        setattr(module, name, value)
+
+
+def _class_weight(module, weight):
+    """FocalLoss.weight: None, or a (C,) float tensor of its own (a copy of what was given)."""
+    if weight is None:
+        return None
+    weight = torch.as_tensor(_weights._in_class_order(weight, "weight")).detach().clone()
+    if not weight.is_floating_point():
+        weight = weight.to(torch.float32)
+    if weight.dim() != 1:
+        raise ValueError(f"weight must be a (C,) tensor, got shape {tuple(weight.shape)}")
+    return weight
+
+
+def _samples_per_class(derive):
+    """The ``samples_per_class`` option of the modules whose buffer ``derive(module, counts)`` derives
+    from it and one more option: float64 counts (exact, and out of ``.to()``'s reach: not a buffer);
+    once built, the buffer follows them, and the number of classes cannot change."""
+    def check(module, value):
+        counts = _weights._counts(value)
+        built = module.__dict__.get("samples_per_class")
+        if built is not None:
+            if counts.shape != built.shape:
+                raise ValueError(f"samples_per_class has {counts.numel()} classes, the module was built with "
+                                 f"{built.numel()}: build a new {type(module).__name__}")
+            derive(module, counts)
+        return counts
+    return check
+
+
+@torch.no_grad()
+def _derived_buffer(module, name, value):
+    """Register buffer ``name`` (construction) or copy ``value`` into it, in its device and dtype
+    (an option of a module that ``.to()`` has moved)."""
+    if name in module._buffers:
+        module._buffers[name].copy_(value)
+    else:
+        module.register_buffer(name, value)
+
+
+class FocalLoss(CheckedOptions):
     """Focal loss −w_y (1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is cross-entropy.
 
     ``weight`` (optional, (C,)) is kept in the buffer ``weight``; ``"mean"`` is
-    Σ w_y ℓ / Σ w_y over valid pixels, as ``torch.nn.CrossEntropyLoss``.
+    Σ w_y ℓ / Σ w_y over valid pixels, as ``torch.nn.CrossEntropyLoss``. Setting ``gamma`` or
+    ``weight`` later takes effect at the next call (checked as here; a new ``weight`` is copied).
     """
+
+    OPTIONS = {**LOSS_OPTIONS, **GAMMA, "weight": _class_weight}
 
     def __init__(self, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", backend=None, *,
                  validate=True, upsample=None,
                  align_corners=False):
         super().__init__()
-        check_upsample(upsample, align_corners)
-        self.upsample, self.align_corners = upsample, align_corners
-        check_options(ignore_index, reduction)
-        self.gamma = check_gamma(gamma)
-        self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
-        if weight is not None:
-            weight = torch.as_tensor(weight).detach().clone()
-            if not weight.is_floating_point():
-                weight = weight.to(torch.float32)
-            if weight.dim() != 1:
-                raise ValueError(f"weight must be a (C,) tensor, got shape {tuple(weight.shape)}")
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", None)
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, gamma=gamma, backend=backend, validate=validate, weight=weight)
 
     def extra_repr(self):
         return f"gamma={self.gamma}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
@@ -58,7 +108,23 @@ class FocalLoss(nn.Module):
             upsample=self.upsample, align_corners=self.align_corners)
 
 
-class ClassBalancedLoss(nn.Module):
+def _loss_type(module, loss_type):
+    check_loss_type(loss_type)
+    return loss_type
+
+
+def _beta(module, beta):
+    """ClassBalancedLoss.beta: the weights follow it."""
+    w = _weights.effective_number(module.samples_per_class, beta)  # checks beta
+    _derived_buffer(module, "weight", w)
+    return float(beta)
+
+
+def _cb_weights(module, counts):
+    _derived_buffer(module, "weight", _weights.effective_number(counts, module.beta))
+
+
+class ClassBalancedLoss(CheckedOptions):
     """Class-balanced loss (Cui et al. 2019).
 
     The effective-number weights ``weights.effective_number(samples_per_class, beta)`` (summing
@@ -67,19 +133,25 @@ class ClassBalancedLoss(nn.Module):
     ``loss_type``: "softmax" (cross-entropy), "sigmoid" (sigmoid BCE summed over classes),
     "focal" (sigmoid focal, the paper's CB Focal), "softmax_focal". ``"mean"`` is over valid
     pixels.
+
+    Setting ``beta`` or ``samples_per_class`` (as many classes) later recomputes ``weight`` (the counts,
+    float64, and β are options, not state: ``state_dict()`` holds ``weight`` alone). ``weight`` itself
+    cannot be assigned; for weights of your own use ``functional.weighted_loss``.
     """
+
+    OPTIONS = {**LOSS_OPTIONS, **GAMMA, "loss_type": _loss_type, "beta": _beta,
+               "samples_per_class": _samples_per_class(_cb_weights)}
+    FIXED = {"weight": "it is derived from samples_per_class and beta: set those, or pass weights of your own "
+                       "to functional.weighted_loss"}
 
     def __init__(self, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0, ignore_index=-100,
                  reduction="mean", backend=None, *, validate=True, upsample=None,
                  align_corners=False):
         super().__init__()
-        check_upsample(upsample, align_corners)
-        self.upsample, self.align_corners = upsample, align_corners
-        check_loss_type(loss_type)
-        check_options(ignore_index, reduction)
-        self.beta, self.loss_type, self.gamma = float(beta), loss_type, check_gamma(gamma)
-        self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
-        self.register_buffer("weight", _weights.effective_number(samples_per_class, beta))
+        _set_options(self, upsample=upsample, align_corners=align_corners, loss_type=loss_type,
+                     ignore_index=ignore_index, reduction=reduction, gamma=gamma, backend=backend, validate=validate)
+        self.samples_per_class = samples_per_class
+        self.beta = beta
 
     def extra_repr(self):
         return (f"num_classes={self.weight.numel()}, beta={self.beta}, loss_type={self.loss_type!r}, "
@@ -95,7 +167,26 @@ class ClassBalancedLoss(nn.Module):
                                         align_corners=self.align_corners)
 
 
-class RecallLoss(nn.Module):
+def _momentum(module, momentum):
+    """RecallLoss.momentum: None or a number in [0, 1); from one number to another only once built."""
+    if momentum is not None:
+        momentum = float(momentum)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
+    if "momentum" in module.__dict__ and (momentum is None) != (module.momentum is None):
+        raise ValueError(f"momentum can change from one number to another, not from {module.momentum} to {momentum}: "
+                         "the moving average's buffers (running_recall, seen) exist only with a momentum; "
+                         "build a new RecallLoss")
+    return momentum
+
+
+def _distributed(module, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"distributed must be True or False, got {value!r}")
+    return value
+
+
+class RecallLoss(CheckedOptions):
     """Recall loss (Tian et al. 2021): −(1 − R_y) log p_y with per-class recall R.
 
     Recall. Without ``momentum``, R is the recall of the current batch (argmax predictions),
@@ -106,7 +197,10 @@ class RecallLoss(nn.Module):
     starts from that batch's recall rather than from 0, so an early class is not held at
     weight ≈ 1 for many steps; the buffer ``seen`` records which classes have appeared, and a
     class never seen has R̄_c = 0, weight 1. As with batch norm, R̄ is updated only in
-    training mode; in eval mode the stored R̄ is used as it is.
+    training mode; in eval mode the stored R̄ is used as it is. Also as with batch norm, a call
+    inside a region of activation checkpointing (``torch.utils.checkpoint``) runs again in the
+    backward and updates R̄ a second time (and adds ``confusion`` twice): call the loss outside
+    the region, on the checkpointed network's output.
 
     Distributed training (``distributed=True`` with ``torch.distributed`` initialised): the
     batch's per-class counts n_c and true positives TP_c are all-reduced (summed) over the
@@ -128,25 +222,26 @@ class RecallLoss(nn.Module):
 
     Keep the module outside the DDP-wrapped model, or let it be: its buffers are the same on
     every rank when ``distributed=True``, so DDP's buffer broadcast changes nothing.
+
+    ``momentum`` can be set later from one number to another (checked as here; the next training
+    step uses it), not to or from None; ``distributed`` to True or False.
     """
+
+    OPTIONS = {**LOSS_OPTIONS, "momentum": _momentum, "distributed": _distributed}
+    FIXED = {**NUM_CLASSES, "running_recall": "it is the moving average: change it in place or with load_state_dict()",
+             "seen": "it is part of the moving average: change it in place or with load_state_dict()"}
 
     def __init__(self, num_classes, momentum=None, ignore_index=-100, reduction="mean", distributed=False,
                  backend=None, *, validate=True, upsample=None,
                  align_corners=False):
         super().__init__()
-        check_upsample(upsample, align_corners)
-        self.upsample, self.align_corners = upsample, align_corners
         self.num_classes = check_num_classes(num_classes)
-        check_options(ignore_index, reduction)
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, momentum=momentum, backend=backend, validate=validate,
+                     distributed=distributed)
         if momentum is not None:
-            momentum = float(momentum)
-            if not 0.0 <= momentum < 1.0:
-                raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
             self.register_buffer("running_recall", torch.zeros(num_classes, dtype=torch.float32))
             self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.momentum = momentum
-        self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
-        self.distributed = bool(distributed)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, momentum={self.momentum}, ignore_index={self.ignore_index}, "
@@ -187,7 +282,25 @@ class RecallLoss(nn.Module):
             upsample=self.upsample, align_corners=self.align_corners)
 
 
-class CDBLoss(nn.Module):
+def _cdb_weights(accuracy, present, tau):
+    """w = (1 − A)^τ over the classes present (τ from them alone); the others get the largest."""
+    w_present = _weights.cdb(accuracy[present], tau)
+    w = torch.empty(accuracy.shape, dtype=w_present.dtype, device=w_present.device)
+    w[present] = w_present
+    w[~present] = w_present.max()
+    return w
+
+
+def _tau(module, tau):
+    """CDBLoss.tau: the weights of the last update follow it."""
+    _weights.cdb([0.5], tau)  # checks tau
+    last = module.__dict__.get("_accuracy")
+    if last is not None:
+        _derived_buffer(module, "weight", _cdb_weights(*last, tau))
+    return tau
+
+
+class CDBLoss(CheckedOptions):
     """Class-wise difficulty-balanced loss (Sinha et al. 2020): −w_y (1 − p_y)^γ log p_y.
 
     The weights w_c = (1 − A_c)^τ live in the buffer ``weight``. They are all ones (plain
@@ -195,20 +308,32 @@ class CDBLoss(nn.Module):
     :meth:`update_from_confusion`, which refresh them from the per-class accuracy A measured
     on validation data — typically once an epoch. ``tau="dynamic"`` derives τ from A
     (DESIGN.md §4); a number fixes it. ``"mean"`` is over valid pixels.
+
+    Setting ``tau`` later recomputes the weights from the accuracy of this module's last update
+    (ones before any update stay ones). The accuracy is not in ``state_dict()``: after
+    ``load_state_dict()`` the loaded weights stay as they are and a new ``tau`` applies from the
+    next update. ``weight`` itself cannot be assigned.
     """
+
+    OPTIONS = {**LOSS_OPTIONS, **GAMMA, "tau": _tau}
+    FIXED = {**NUM_CLASSES, "weight": "it is derived from the class accuracy: use update() or "
+                                      "update_from_confusion(), or load_state_dict()"}
 
     def __init__(self, num_classes, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", backend=None,
                  *, validate=True, upsample=None,
                  align_corners=False):
         super().__init__()
-        check_upsample(upsample, align_corners)
-        self.upsample, self.align_corners = upsample, align_corners
         self.num_classes = check_num_classes(num_classes)
-        check_options(ignore_index, reduction)
-        _weights.cdb([0.5], tau)  # rejects a bad tau now rather than at the first update
-        self.tau, self.gamma = tau, check_gamma(gamma)
-        self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, tau=tau, gamma=gamma, backend=backend, validate=validate)
         self.register_buffer("weight", torch.ones(num_classes, dtype=torch.float32))
+        # (accuracy, present) of the last update, for a later tau; not state: a load forgets it
+        self._accuracy = None
+        self.register_load_state_dict_post_hook(CDBLoss._forget_accuracy)
+
+    @staticmethod
+    def _forget_accuracy(module, incompatible_keys):
+        module._accuracy = None
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, tau={self.tau!r}, gamma={self.gamma}, "
@@ -218,13 +343,13 @@ class CDBLoss(nn.Module):
     def update(self, class_accuracy):
         """Set w = (1 − A)^τ from a (C,) accuracy in [0, 1], taken at face value: a class
         given accuracy 0 gets weight 1 and, with ``tau="dynamic"``, pushes τ towards 2.
-        Returns the ``weight`` buffer."""
-        acc = torch.as_tensor(class_accuracy)
+        Returns the new weights: a copy, which a later update leaves as it is (the live weights
+        are the buffer ``weight``)."""
+        acc = torch.as_tensor(_weights._in_class_order(class_accuracy, "class_accuracy"))
         if acc.shape != (self.num_classes,):
             raise ValueError(f"class_accuracy must have shape ({self.num_classes},), got {tuple(acc.shape)}")
-        w = _weights.cdb(acc, self.tau)
-        self.weight.copy_(w.to(self.weight.device, self.weight.dtype))
-        return self.weight
+        return self._set_weights(acc.detach().to(torch.float64), torch.ones(acc.shape, dtype=torch.bool,
+                                                                            device=acc.device))
 
     @torch.no_grad()
     def update_from_confusion(self, confusion):
@@ -236,7 +361,7 @@ class CDBLoss(nn.Module):
         has no measured accuracy: it is left out of τ (its made-up value would move the
         weights of every other class) and gets the largest weight of the measured classes,
         as a class with count 0 in :mod:`fused_imbalance.weights`. A matrix with no sample
-        at all is a ``ValueError``. Returns the ``weight`` buffer.
+        at all is a ``ValueError``. Returns the new weights, a copy, as :meth:`update` does.
         """
         m = confusion.compute() if hasattr(confusion, "compute") else torch.as_tensor(confusion)
         C = self.num_classes
@@ -249,12 +374,13 @@ class CDBLoss(nn.Module):
         if not bool(present.any()):
             raise ValueError("confusion matrix holds no sample: cannot measure class accuracy")
         acc = m.diagonal().to(torch.float64) / n.clamp_min(1)
-        w_present = _weights.cdb(acc[present], self.tau)
-        w = torch.full((C,), 0.0, dtype=w_present.dtype, device=w_present.device)
-        w[present] = w_present
-        w[~present] = w_present.max()
+        return self._set_weights(acc, present)
+
+    def _set_weights(self, accuracy, present):
+        w = _cdb_weights(accuracy, present, self.tau)  # checks the accuracy before anything changes
         self.weight.copy_(w.to(self.weight.device, self.weight.dtype))
-        return self.weight
+        self._accuracy = (accuracy, present)
+        return self.weight.clone()
 
     def forward(self, logits, target, confusion=None):
         return functional.weighted_loss(logits, target, self.weight, "softmax_focal", self.gamma, self.ignore_index,
@@ -263,27 +389,46 @@ class CDBLoss(nn.Module):
             upsample=self.upsample, align_corners=self.align_corners)
 
 
-class OutlyingMSELoss(nn.Module):
+def _input(module, input):
+    if input not in ("logits", "softmax"):
+        raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
+    return input
+
+
+def _alpha(module, alpha):
+    """OutlyingMSELoss.alpha: the label values follow it."""
+    _derived_buffer(module, "outlying", _weights.outlying_labels(module.samples_per_class, alpha))  # checks alpha
+    return float(alpha)
+
+
+def _outlying_values(module, counts):
+    _derived_buffer(module, "outlying", _weights.outlying_labels(counts, module.alpha))
+
+
+class OutlyingMSELoss(CheckedOptions):
     """MSE with outlying labels: ½ Σ_k (a_k − t_k)², t_k = v_y·[k = y].
 
     The outlying label values v = ``weights.outlying_labels(samples_per_class, alpha)`` (the
     most frequent class α, the rarest C·α) live in the buffer ``outlying``. a = the logits
     (``input="logits"``, the paper) or their softmax (``input="softmax"``). ``"mean"`` is
-    over valid pixels.
+    over valid pixels. Setting ``alpha`` or ``samples_per_class`` (as many classes) later recomputes
+    ``outlying``, as in :class:`ClassBalancedLoss`; ``outlying`` itself cannot be assigned
+    (``functional.mse_outlying_loss`` takes any values).
     """
+
+    OPTIONS = {**LOSS_OPTIONS, "input": _input, "alpha": _alpha,
+               "samples_per_class": _samples_per_class(_outlying_values)}
+    FIXED = {"outlying": "it is derived from samples_per_class and alpha: set those, or pass values of your own "
+                         "to functional.mse_outlying_loss"}
 
     def __init__(self, samples_per_class, alpha=1.0, input="logits", ignore_index=-100, reduction="mean",
                  backend=None, *, validate=True, upsample=None,
                  align_corners=False):
         super().__init__()
-        check_upsample(upsample, align_corners)
-        self.upsample, self.align_corners = upsample, align_corners
-        if input not in ("logits", "softmax"):
-            raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
-        check_options(ignore_index, reduction)
-        self.alpha, self.input = float(alpha), input
-        self.ignore_index, self.reduction, self.backend, self.validate = ignore_index, reduction, backend, validate
-        self.register_buffer("outlying", _weights.outlying_labels(samples_per_class, alpha))
+        _set_options(self, upsample=upsample, align_corners=align_corners, input=input, ignore_index=ignore_index,
+                     reduction=reduction, backend=backend, validate=validate)
+        self.samples_per_class = samples_per_class
+        self.alpha = alpha
 
     def extra_repr(self):
         return (f"num_classes={self.outlying.numel()}, alpha={self.alpha}, input={self.input!r}, "

@@ -17,10 +17,10 @@ the module it wraps from rank 0, which would overwrite the other ranks' counts.
 """
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from . import _deferred, functional
-from ._checks import check_num_classes, check_options, dist_ready
+from ._checks import check_num_classes, dist_ready
+from ._options import METRIC_OPTIONS, NUM_CLASSES, CheckedOptions
 
 __all__ = ["ConfusionMatrix"]
 
@@ -37,7 +37,7 @@ def _ratio(num, den):
     return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
 
 
-class ConfusionMatrix(nn.Module):
+class ConfusionMatrix(CheckedOptions):
     """Accumulated (C, C) int64 confusion counts, row = true class, column = prediction.
 
     Args:
@@ -47,13 +47,18 @@ class ConfusionMatrix(nn.Module):
             :meth:`update` receives logits.
 
     The counts live in the buffer ``matrix``, so ``.to(device)`` moves them and
-    ``state_dict()`` saves them (``.to(dtype)`` leaves them int64).
+    ``state_dict()`` saves them (``.to(dtype)`` leaves them int64). ``ignore_index`` and
+    ``backend`` can be set later (checked as here; the next :meth:`update` uses them);
+    ``num_classes`` and ``matrix`` cannot be assigned.
     """
+
+    OPTIONS = METRIC_OPTIONS
+    FIXED = {**NUM_CLASSES, "matrix": "it holds the counts: use reset(), update() or load_state_dict()"}
 
     def __init__(self, num_classes, ignore_index=-100, backend=None):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        self.ignore_index = check_options(ignore_index)
+        self.ignore_index = ignore_index
         self.backend = backend
         self.register_buffer("matrix", torch.zeros(num_classes, num_classes, dtype=torch.int64))
         # sync() adds the other ranks' counts into `matrix`: a second sync(), or an update()
@@ -130,8 +135,10 @@ class ConfusionMatrix(nn.Module):
         self.matrix += counts[:-1].view(C, C)
 
     def compute(self):
-        """The (C, C) int64 counts (the buffer itself, not a copy)."""
-        return self.matrix
+        """The (C, C) int64 counts of the window so far: a copy, which a later ``update()``,
+        ``reset()`` or ``sync()`` leaves as it is (as ``torchmetrics`` does). The live counts are
+        the buffer ``matrix``."""
+        return self.matrix.clone()
 
     def reset(self):
         """Zero the counts (start a new window)."""

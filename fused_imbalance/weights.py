@@ -2,20 +2,59 @@
 
 A class with count 0 gets the largest weight of the others, never inf or NaN.
 
+Per-class values (counts, accuracies) are a sequence or a tensor in class order, or a mapping
+from class index to value whose keys are exactly 0 .. C − 1 (a ``collections.Counter`` of the
+labels, say), read in class order. A mapping that lacks a class in between is a ``TypeError``:
+whether that class has count 0 or does not exist cannot be told from it (pass
+``[counts.get(c, 0) for c in range(num_classes)]``); nor can a mapping tell that its highest
+classes are missing, so a Counter of a split where the last class never occurs gives C − 1
+weights, which a loss then rejects for C-class logits. A set or a mapping's ``.values()`` has no
+class order and is a ``TypeError`` too.
+
 The checks on the values are ``ValueError``s; inside ``torch.compile`` they are device
 assertions instead (no data-dependent branch), so the weights can be computed in a compiled step.
 """
 import math
+import numbers
+from collections.abc import Mapping, MappingView, Set
 
 import torch
 
 __all__ = ["effective_number", "inverse_frequency", "median_frequency", "outlying_labels", "cdb"]
 
 
+def _in_class_order(values, name):
+    """``values`` with a mapping {class index: value} replaced by its values in class order (keys
+    exactly 0 .. C − 1); anything else is returned as it is. A mapping with other keys, a set or a
+    mapping view (no class order) is a TypeError naming ``name`` and saying what to pass."""
+    if isinstance(values, Mapping):
+        keys = list(values.keys())
+        odd = [k for k in keys if isinstance(k, bool) or not isinstance(k, numbers.Integral)]
+        if odd:
+            hint = (" (a Counter of a tensor counts each element apart: use torch.bincount(labels, "
+                    "minlength=num_classes))" if isinstance(odd[0], torch.Tensor) else "")
+            raise TypeError(f"{name} as a mapping must have the class indices 0 .. C-1 as int keys, "
+                            f"got a key {odd[0]!r} of type {type(odd[0]).__name__}{hint}")
+        missing = sorted(set(range(len(keys))) - {int(k) for k in keys})
+        if missing:
+            raise TypeError(
+                f"{name} as a mapping must have every class index 0 .. C-1 as a key, got keys "
+                f"{sorted(int(k) for k in keys)[:8]}{'...' if len(keys) > 8 else ''} without class "
+                f"{missing[0]}: a missing class may have count 0 or not exist; pass a sequence in class "
+                f"order, e.g. [{name}.get(c, 0) for c in range(num_classes)]")
+        return [values[c] for c in range(len(keys))]
+    if isinstance(values, (Set, MappingView)):
+        raise TypeError(f"{name} must be in class order: a {type(values).__name__} has none; pass a "
+                        f"sequence in class order or the mapping itself (keys 0 .. C-1)")
+    return values
+
+
 def _per_class(values, name):
-    """A per-class sequence or tensor as a float64 tensor; a single number is a TypeError naming ``name``."""
+    """Per-class values (a sequence, a tensor or a mapping, see the module's docstring) as a float64
+    tensor; a single number is a TypeError naming ``name``."""
     if isinstance(values, torch.Tensor):
         return values.detach().to(torch.float64)
+    values = _in_class_order(values, name)
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{name} must be a sequence or tensor with one value per class, "
                         f"got {type(values).__name__} {values!r}")

@@ -611,3 +611,20 @@ def test_unknown_cpu_isa_is_an_error():
     """)
     env = {**os.environ, "PYTHONPATH": ROOT, "FUSED_IMBALANCE_CPU_ISA": "sse4"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
+
+
+def test_sanitizer_build_flags(monkeypatch):
+    """FUSED_IMBALANCE_SANITIZE (scripts/sanitize.sh) adds the sanitizers to the compile and link flags,
+    aborting at the first report; unset, the build has none; a name it does not know is an error, so
+    that a typo never builds without them."""
+    cfg = cpp._build_config()
+    monkeypatch.delenv("FUSED_IMBALANCE_SANITIZE", raising=False)
+    assert not any("sanitize" in f for f in cfg.cxx_flags() + cfg.link_flags())
+    monkeypatch.setenv("FUSED_IMBALANCE_SANITIZE", "address,undefined")
+    flags = cfg.cxx_flags()
+    assert "-fsanitize=address,undefined" in flags and "-fno-sanitize-recover=all" in flags
+    assert flags.index("-O1") > flags.index("-O3") and flags.index("-g1") > flags.index("-g0")  # the later flag wins
+    assert "-fsanitize=address,undefined" in cfg.link_flags()
+    monkeypatch.setenv("FUSED_IMBALANCE_SANITIZE", "adress")
+    with pytest.raises(ValueError, match="FUSED_IMBALANCE_SANITIZE.*adress"):
+        cfg.cxx_flags()

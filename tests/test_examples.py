@@ -4,10 +4,12 @@ Each test runs an example's ``main`` in this process (seconds) into a temporary 
 checks what it wrote: a row and finite numbers for every loss, a plot that is a PNG. They need
 the `examples` extra (scikit-learn, tqdm, matplotlib), which the `test` extra includes.
 """
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import tempfile
 
 import pytest
 import torch
@@ -28,6 +30,25 @@ def assert_png(path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
     assert os.path.getsize(path) > 10_000  # a drawn figure, not an empty canvas
+
+
+def smoke_output(tmp_path, monkeypatch):
+    """Where a --smoke run without --out writes: tempfile's folder, here tmp_path. Returns a check
+    that it made one new folder there and left the committed results alone, which gives that folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    committed = os.path.join(EXAMPLES, "results")
+
+    def digest():
+        return {f: hashlib.sha256(open(os.path.join(committed, f), "rb").read()).hexdigest()
+                for f in sorted(os.listdir(committed))}
+    before = digest()
+
+    def check():
+        assert digest() == before, "a --smoke run wrote into examples/results/"
+        made = list(tmp_path.iterdir())
+        assert len(made) == 1 and made[0].is_dir(), made
+        return made[0]
+    return check
 
 
 def table_rows(md):
@@ -61,8 +82,13 @@ def test_long_tailed_split_is_exponential_balanced_and_disjoint(monkeypatch):
 
 
 def test_long_tailed_digits_smoke(tmp_path, monkeypatch):
+    """--smoke without --out: into a new temporary folder, never over examples/results/."""
     lt = load("long_tailed_digits", monkeypatch)
-    summary = lt.main(["--smoke", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert lt.parse_args([]).out is None and lt.parse_args(["--smoke", "--out", "x"]).out == "x"
+    assert lt.output_folder(lt.parse_args([]), "long_tailed_digits") == os.path.join(EXAMPLES, "results")
+    written = smoke_output(tmp_path, monkeypatch)
+    summary = lt.main(["--smoke", "--threads", "1", "--device", "cpu"])
+    tmp_path = written()
     with open(tmp_path / "long_tailed_digits.json") as f:
         res = json.load(f)
     names = list(lt.make_losses(res["counts"], 10, lt.parse_args([])).keys())
@@ -100,8 +126,11 @@ def test_synthetic_segmentation_is_seeded_and_has_rare_classes(monkeypatch):
 
 
 def test_segmentation_smoke(tmp_path, monkeypatch):
+    """--smoke without --out: into a new temporary folder, never over examples/results/."""
     seg = load("segmentation", monkeypatch)
-    results = seg.main(["--smoke", "--threads", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    written = smoke_output(tmp_path, monkeypatch)
+    results = seg.main(["--smoke", "--threads", "1", "--device", "cpu", "--no-progress"])
+    tmp_path = written()
     args = seg.parse_args(["--smoke"])
     names = list(seg.make_losses([1] * 5, 5, args).keys())
     assert list(results) == names and len(names) == 6
@@ -162,7 +191,8 @@ def test_segmentation_memory_mode(tmp_path, monkeypatch):
     interpolated logits and their gradient alone, and both paths compute the same loss."""
     seg = load("segmentation", monkeypatch)
     rows = seg.main(["--smoke", "--memory", "--repeat", "1", "--threads", "1", "--device", "cpu",
-                     "--out", str(tmp_path)])
+                     "--out", str(tmp_path / "given")])  # --smoke with --out: there
+    tmp_path = tmp_path / "given"
     args = seg.parse_args(["--smoke"])
     assert list(rows) == list(seg.make_losses([1] * 5, 5, args))
     interpolated_bytes = 2 * args.batch_size * 5 * 64 * 64 * 4  # the (B, C, 64, 64) logits and their gradient

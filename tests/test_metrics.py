@@ -114,6 +114,23 @@ def test_accumulates_over_batches_and_resets():
     assert cm.compute().tolist() == [[0] * 3] * 3
 
 
+def test_compute_returns_counts_a_later_update_or_reset_leaves_alone():
+    """history.append(cm.compute()); cm.reset() keeps the window's counts, as in torchmetrics."""
+    target, preds = batch()
+    cm = ConfusionMatrix(3, ignore_index=IGN)
+    cm.update(preds, target)
+    history = [cm.compute()]
+    cm.reset()
+    cm.update(preds[:1], target[:1])
+    history.append(cm.compute())
+    cm.update(preds, target)
+    cm.sync()
+    assert history[0].tolist() == MATRIX
+    assert history[1].tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    history[1] += 5  # nor does a change to the result reach the metric
+    assert cm.compute().tolist() == [[3, 1, 0], [0, 1, 1], [2, 0, 2]]
+
+
 def test_ignore_index_default_and_negative_labels():
     # the default ignore_index is -100; -100 pixels are skipped whatever their prediction
     cm = ConfusionMatrix(2)
@@ -197,6 +214,25 @@ def test_buffer_state_dict_and_to():
     assert cm2.compute().tolist() == MATRIX
     cm2.to(torch.float64).to("cpu")  # counts stay int64
     assert cm2.compute().dtype == torch.int64 and cm2.compute().tolist() == MATRIX
+
+
+def test_options_set_later_take_effect_or_raise():
+    target, preds = batch()
+    cm = ConfusionMatrix(3)
+    cm.ignore_index = IGN  # as if built with it
+    cm.update(preds, target)
+    assert cm.compute().tolist() == MATRIX
+    for name, value, error in [("ignore_index", None, TypeError), ("ignore_index", 1.5, TypeError),
+                               ("backend", "cuda", ValueError)]:
+        with pytest.raises(error, match=name):
+            setattr(cm, name, value)
+        with pytest.raises(error, match=name):
+            ConfusionMatrix(3, **{name: value})
+    assert (cm.ignore_index, cm.backend) == (IGN, None)
+    cm.backend = "reference"
+    cm.reset()
+    cm.update(one_hot_logits(PREDS, 3), target)
+    assert cm.compute().tolist() == MATRIX
 
 
 def test_constructor_checks():

@@ -1,5 +1,7 @@
 """Loss modules: equal to the functional calls, buffers, and the dynamic weights worked by hand."""
+import collections
 import math
+import os
 
 import pytest
 import torch
@@ -142,6 +144,40 @@ def test_modules_forward_confusion():
         assert torch.equal(confusion, expected.compute()), type(m).__name__
 
 
+
+def test_per_class_values_as_a_mapping_are_read_in_class_order():
+    """A Counter of the labels (keys in the order the classes were first seen) or any {class: value}
+    mapping gives what the values in class order give: to every module and loss that takes
+    per-class counts, class weights or accuracies."""
+    counts = collections.Counter([2] * 3 + [4] * 77 + [0] * 500 + [1] * 20)
+    counts[3] = 0
+    assert list(counts) != list(range(5))  # not in class order
+    logits, target = batch()
+    for make in (lambda c: ClassBalancedLoss(c, beta=0.999, ignore_index=IGN, backend="reference"),
+                 lambda c: OutlyingMSELoss(c, ignore_index=IGN, backend="reference")):
+        torch.testing.assert_close(make(counts)(logits, target), make(COUNTS)(logits, target), rtol=0, atol=0)
+    for backend in ("reference", None):  # None: the fused backend of the CPU where there is one
+        torch.testing.assert_close(
+            functional.class_balanced_loss(logits, target, counts, 0.999, ignore_index=IGN, backend=backend),
+            functional.class_balanced_loss(logits, target, COUNTS, 0.999, ignore_index=IGN, backend=backend),
+            rtol=0, atol=0)
+    accuracy = {4: 0.7, 0: 0.9, 1: 0.5, 2: 0.2, 3: 0.1}
+    m = CDBLoss(5, ignore_index=IGN, backend="reference")
+    m.update(accuracy)
+    in_order = CDBLoss(5)
+    in_order.update([0.9, 0.5, 0.2, 0.1, 0.7])
+    torch.testing.assert_close(m.weight, in_order.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        functional.cdb_loss(logits, target, accuracy, ignore_index=IGN, backend="reference"),
+        functional.cdb_loss(logits, target, [0.9, 0.5, 0.2, 0.1, 0.7], ignore_index=IGN, backend="reference"),
+        rtol=0, atol=0)
+    w = {1: 2.0, 0: 1.0, 2: 0.5, 3: 3.0, 4: 0.25}
+    assert torch.equal(FocalLoss(weight=w).weight, torch.tensor([1.0, 2.0, 0.5, 3.0, 0.25]))
+    with pytest.raises(TypeError, match="samples_per_class.*without class 3"):
+        ClassBalancedLoss({0: 500, 1: 20, 2: 3, 4: 77})
+    with pytest.raises(TypeError, match="class_accuracy.*class order"):
+        m.update({0.9, 0.5, 0.2, 0.1, 0.7})
+
 # ---------------------------------------------------------------- buffers
 
 def test_buffers_state_dict_and_to():
@@ -181,6 +217,192 @@ def test_state_dict_round_trip():
     d.load_state_dict(c.state_dict())
     assert torch.equal(c.weight, d.weight)
 
+
+
+# ---------------------------------------------------------------- options set after construction
+
+ACC = [0.9, 0.5, 0.2, 0.1, 0.7]
+
+
+def _factory(cls, *args, **defaults):
+    return lambda **k: cls(*args, **{"ignore_index": IGN, "backend": "reference", **defaults, **k})
+
+
+def _cdb(**k):
+    m = CDBLoss(5, **{"ignore_index": IGN, "backend": "reference", **k})
+    m.update(ACC)
+    return m
+
+
+FOCAL = _factory(FocalLoss)
+CB = _factory(ClassBalancedLoss, samples_per_class=COUNTS)
+MSE = _factory(OutlyingMSELoss, samples_per_class=COUNTS)
+RECALL = _factory(RecallLoss, 5, momentum=0.5)
+# (module factory taking the option as a keyword, option, a new valid value, invalid values and their error)
+OPTION_CASES = [
+    (FOCAL, "gamma", 0.5, [(-1.0, ValueError), ("2", TypeError)]),
+    (FOCAL, "weight", [1.0, 2.0, 0.5, 3.0, 0.25], [(torch.ones(5, 1), ValueError), ({0: 1.0, 2: 1.0}, TypeError)]),
+    (FOCAL, "reduction", "sum", [("avg", ValueError)]),
+    (_factory(FocalLoss, ignore_index=-100), "ignore_index", IGN, [(None, TypeError), (1.5, TypeError)]),
+    (_factory(FocalLoss, backend="cpp"), "backend", "reference", [("cuda", ValueError)]),
+    (FOCAL, "validate", False, [("no", TypeError), (0, TypeError)]),
+    (FOCAL, "upsample", "bilinear", [("bicubic", ValueError)]),
+    (_factory(FocalLoss, upsample="bilinear"), "align_corners", True, [(1, TypeError)]),
+    (CB, "beta", 0.9, [(1.0, ValueError), (-0.5, ValueError)]),
+    (CB, "samples_per_class", [10, 20, 30, 40, 50], [([1, -2, 3, 4, 5], ValueError), ({0: 1, 2: 3}, TypeError)]),
+    (MSE, "samples_per_class", [10, 20, 30, 40, 50], [([0, 0, 0, 0, 0], ValueError), (7, TypeError)]),
+    (CB, "loss_type", "focal", [("logistic", ValueError)]),
+    (CB, "gamma", 1.0, [(-1.0, ValueError)]),
+    (MSE, "alpha", 2.0, [(0.0, ValueError), (float("nan"), ValueError)]),
+    (MSE, "input", "softmax", [("probs", ValueError)]),
+    (MSE, "reduction", "none", [("avg", ValueError)]),
+    (RECALL, "momentum", 0.9, [(1.0, ValueError), (-0.1, ValueError)]),
+    (RECALL, "distributed", True, [("yes", TypeError)]),
+    (_factory(RecallLoss, 5, ignore_index=-100), "ignore_index", IGN, [(None, TypeError)]),
+    (_cdb, "tau", 2.0, [("fixed", ValueError), (-1.0, ValueError)]),
+    (_cdb, "gamma", 2.0, [(-1.0, ValueError)]),
+]
+
+
+@pytest.mark.parametrize("make, name, value, bad", OPTION_CASES,
+                         ids=[f"{i}-{c[1]}" for i, c in enumerate(OPTION_CASES)])
+def test_an_option_set_later_takes_effect_or_raises(make, name, value, bad):
+    """Setting an option of a built module gives the module built with it (value, weights, repr);
+    a value the constructor rejects is rejected when set, with the same error, and changes
+    nothing."""
+    logits, target = batch()
+    if name in ("upsample", "align_corners"):  # low-resolution logits for labels of twice the size
+        target = target.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    if name == "validate":
+        target = target.clone()
+        target[0, 0, 0] = 7  # counted as ignored with validate=False, an error with True
+    m = make()
+    setattr(m, name, value)
+    built = make(**{name: value})
+    assert repr(m) == repr(built)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), built.state_dict().values()))
+    torch.testing.assert_close(m(logits, target), built(logits, target), rtol=0, atol=0)
+    before = {**m.state_dict(), name: getattr(m, name)}
+    for v, error in bad:
+        with pytest.raises(error, match=name):
+            setattr(m, name, v)
+        with pytest.raises(error, match=name):
+            make(**{name: v})
+        after = {**m.state_dict(), name: getattr(m, name)}
+        for key, was in before.items():
+            assert torch.equal(after[key], was) if isinstance(was, torch.Tensor) else after[key] == was, key
+
+
+def test_counts_set_later_keep_the_number_of_classes():
+    for m in (ClassBalancedLoss(COUNTS), OutlyingMSELoss(COUNTS)):
+        with pytest.raises(ValueError, match="samples_per_class has 4 classes, the module was built with 5"):
+            m.samples_per_class = COUNTS[:4]
+        assert m.samples_per_class.tolist() == COUNTS
+
+
+def test_momentum_changes_between_numbers_only():
+    """running_recall and seen exist only with a momentum: None <-> a number would need a new module."""
+    for m, value in [(RecallLoss(5, momentum=0.5), None), (RecallLoss(5), 0.9)]:
+        with pytest.raises(ValueError, match="momentum can change from one number to another"):
+            m.momentum = value
+        assert m.momentum != value
+
+
+def test_a_weight_set_later_is_the_modules_own_copy():
+    w = torch.tensor([1, 2, 0, 3, 1])
+    m = FocalLoss()
+    m.weight = w
+    w[0] = 100
+    assert m.weight.dtype == torch.float32 and m.weight.tolist() == [1.0, 2.0, 0.0, 3.0, 1.0]
+    m.weight = None
+    assert m.weight is None and list(m.state_dict()) == []
+
+
+def test_the_upsample_pair_is_checked_together():
+    m = FocalLoss(upsample="bilinear", align_corners=True)
+    with pytest.raises(ValueError, match="align_corners"):
+        m.upsample = "nearest"  # not with align_corners=True, as at construction
+    m.align_corners = False
+    m.upsample = "nearest"
+    assert (m.upsample, m.align_corners) == ("nearest", False)
+
+
+def test_derived_buffers_and_num_classes_cannot_be_assigned():
+    cm = ConfusionMatrix(5)
+    for m, name in [(RecallLoss(5), "num_classes"), (CDBLoss(5), "num_classes"), (cm, "num_classes"),
+                    (ClassBalancedLoss(COUNTS), "weight"), (OutlyingMSELoss(COUNTS), "outlying"),
+                    (CDBLoss(5), "weight"), (RecallLoss(5, momentum=0.5), "running_recall"),
+                    (RecallLoss(5, momentum=0.5), "seen"), (cm, "matrix")]:
+        with pytest.raises(AttributeError, match=f"{type(m).__name__}.{name} cannot be set"):
+            setattr(m, name, getattr(m, name).clone() if name != "num_classes" else 4)
+    cm.matrix += 1  # in place, as update() does: allowed
+    assert cm.compute().sum() == 25
+
+
+def test_derived_buffers_follow_their_option_through_to_and_state_dict():
+    """beta, alpha and tau recompute their buffer in the buffer's current device and dtype; the
+    buffers still save, load and move."""
+    cb = ClassBalancedLoss(COUNTS, beta=0.99).to(torch.float64)
+    cb.beta = 0.9
+    assert cb.weight.dtype == torch.float64
+    torch.testing.assert_close(cb.weight, weights.effective_number(COUNTS, 0.9).double(), rtol=0, atol=0)
+    loaded = ClassBalancedLoss(COUNTS)
+    loaded.load_state_dict(cb.state_dict())
+    assert list(cb.state_dict()) == ["weight"] and torch.equal(loaded.weight, cb.weight.float())
+    mse = OutlyingMSELoss(COUNTS).to(torch.float64)
+    mse.alpha = 0.5
+    torch.testing.assert_close(mse.outlying, torch.tensor([0.5, 1.5, 2.0, 2.5, 1.0], dtype=torch.float64),
+                               rtol=0, atol=0)
+    cdb = CDBLoss(5)
+    cdb.tau = 2.0  # before any update: still ones
+    assert torch.equal(cdb.weight, torch.ones(5))
+    confusion = torch.diag(torch.tensor([8, 4, 0, 2, 1])) + 2
+    cdb.update_from_confusion(confusion)
+    acc = confusion.diagonal().double() / confusion.sum(1).double()  # 10/18, 6/14, 2/10, 4/12, 3/11
+    torch.testing.assert_close(cdb.weight, ((1 - acc) ** 2).float(), **TOL[torch.float32])
+    cdb.tau = 1.0
+    torch.testing.assert_close(cdb.weight, (1 - acc).float(), **TOL[torch.float32])
+    restored = CDBLoss(5)
+    restored.update([0.5] * 5)
+    restored.load_state_dict(cdb.state_dict())
+    restored.tau = 3.0  # the loaded weights' accuracy is not known: they stay until the next update
+    assert torch.equal(restored.weight, cdb.weight)
+
+
+def test_activation_checkpointing_repeats_the_side_effects_as_documented():
+    """torch.utils.checkpoint reruns a checkpointed forward in the backward: confusion= counts are
+    added twice and RecallLoss's moving average takes two steps, as batch norm's statistics do. The
+    docs say so and say to call the loss outside the region; this pins both, so that a change of
+    either is noticed."""
+    import fused_imbalance
+    from fused_imbalance import losses
+    from torch.utils.checkpoint import checkpoint
+    logits, target = batch()
+    once = ConfusionMatrix(5, ignore_index=IGN)
+    once.update(logits, target)
+    m = RecallLoss(5, momentum=0.5, ignore_index=IGN, backend="reference")
+    m.running_recall.fill_(0.2)
+    m.seen.fill_(True)
+    count, tp = functional.class_stats(logits, target, IGN, backend="reference")
+    present = count > 0
+    r = torch.where(present, tp / count.clamp(min=1), torch.zeros(5, dtype=torch.float64)).float()
+    for reentrant in (False, True):
+        for fn, kwargs in [(functional.focal_loss, {}), (FocalLoss(ignore_index=IGN, backend="reference"), {})]:
+            confusion = torch.zeros(5, 5, dtype=torch.int64)
+            x = logits.clone().requires_grad_()
+            call = (lambda t: fn(t, target, ignore_index=IGN, confusion=confusion, backend="reference")
+                    if fn is functional.focal_loss else fn(t, target, confusion=confusion))
+            checkpoint(call, x, use_reentrant=reentrant).backward()
+            assert torch.equal(confusion, 2 * once.compute()), (fn, reentrant)
+        running = m.running_recall.clone()
+        checkpoint(lambda t: m(t, target), logits.clone().requires_grad_(), use_reentrant=reentrant).backward()
+        twice = 0.5 * (0.5 * running + 0.5 * r) + 0.5 * r
+        torch.testing.assert_close(m.running_recall, torch.where(present, twice, running), **TOL[torch.float32])
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    for where, text in [("functional", fused_imbalance.functional.__doc__), ("losses", losses.__doc__),
+                        ("RecallLoss", RecallLoss.__doc__), ("README", readme)]:
+        text = " ".join(text.split())
+        assert "torch.utils.checkpoint" in text and "outside the region" in text, where
 
 # ---------------------------------------------------------------- recall weights by hand
 
@@ -302,7 +524,7 @@ def test_cdb_update_from_confusion_by_hand():
     torch.testing.assert_close(m.weight, torch.ones(3), atol=0, rtol=0)  # before any update
     w = m.update_from_confusion(confusion)
     torch.testing.assert_close(w, expected, **TOL[torch.float32])
-    assert w is m.weight
+    assert torch.equal(w, m.weight)
 
     # the same from a ConfusionMatrix metric fed the corresponding predictions
     cm = ConfusionMatrix(3)
@@ -326,6 +548,18 @@ def test_cdb_update_from_full_confusion_matches_update():
     m1.update_from_confusion(confusion)
     m2.update([0.5, 0.9, 0.4])
     torch.testing.assert_close(m1.weight, m2.weight, **TOL[torch.float32])
+
+
+def test_cdb_update_returns_weights_a_later_update_leaves_alone():
+    """history.append(cdb.update(acc)) keeps each epoch's weights: what update() and
+    update_from_confusion() return is not the buffer that the next update overwrites."""
+    m = CDBLoss(3, tau=2.0)
+    history = [m.update([0.9, 0.5, 0.2])]
+    history.append(m.update_from_confusion(torch.tensor([[1, 1, 0], [0, 4, 0], [0, 0, 4]])))
+    m.update([0.0, 0.0, 0.0])
+    torch.testing.assert_close(history[0], torch.tensor([0.01, 0.25, 0.64]), **TOL[torch.float32])
+    torch.testing.assert_close(history[1], torch.tensor([0.25, 0.0, 0.0]), **TOL[torch.float32])
+    assert torch.equal(m.weight, torch.ones(3))
 
 
 def test_cdb_checks():

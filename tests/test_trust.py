@@ -167,6 +167,74 @@ def test_tensors_on_another_device_are_errors(call, match):
         call(x, y)
 
 
+def _ops_of(backend):
+    from fused_imbalance import functional
+    functional._backend_available(backend)
+    return functional._loaded[backend]
+
+
+def test_ops_check_tensor_sizes_before_touching_memory(backend):
+    """Called directly, every registered loss op (plain and upsampled, forward and backward) rejects a
+    target, tvals, weight, confusion matrix, upstream gradient or per-class factor of the wrong size,
+    with an error instead of reading out of bounds (the kernels index them with the sizes of x and
+    target). The short tensors are allocations of their own, not views of longer ones, so that a read
+    past their end is one for scripts/sanitize.sh too."""
+    from fused_imbalance.ops import Mode
+    be, dev = _ops_of(backend), backend_device(backend)
+    C, mse, soft = 5, int(Mode.MSE_LOGITS), int(Mode.SOFTMAX_FOCAL)
+    x, y = (t.to(dev) for t in make_data((2, C, 3, 4), torch.float32))
+    y = y.reshape(-1).contiguous()
+    tv, gp, gc = torch.ones(C, device=dev), torch.ones(y.numel(), device=dev), torch.ones(C, device=dev)
+    conf = torch.zeros(C, C, dtype=torch.int64, device=dev)
+
+    def fwd(x, y, mode, tvals, weight=None, confusion=None):
+        return be.fwd_op(x, y, weight, tvals, confusion, mode, 2.0, -100, 0, 1 if weight is not None else 0, True,
+                         False, False)
+
+    def bwd(x, y, g, scale, tvals=None):
+        return be.bwd_op(x, y, g, scale, tvals, None, soft if tvals is None else mse, 2.0, -100)
+
+    bad = [(lambda: fwd(x, y[:-1].clone(), soft, None), "target"),
+           (lambda: fwd(x, torch.cat([y, y]), soft, None), "target"),
+           (lambda: fwd(x, y, mse, tv[:-1].clone()), "tvals"),
+           (lambda: fwd(x, y, mse, None), "tvals"),
+           (lambda: fwd(x, y, soft, None, weight=tv[:-1].clone()), "weight"),
+           (lambda: fwd(x, y, soft, None, confusion=conf[:-1].clone()), "confusion"),
+           (lambda: fwd(x, y, soft, None, confusion=conf.int()), "confusion"),
+           (lambda: bwd(x, y, gp[:-1].clone(), None), "gradient|grad"),
+           (lambda: bwd(x, y, torch.cat([gp, gp]), None), "gradient|grad"),
+           (lambda: bwd(x, y, None, gc[:-1].clone()), "scale"),
+           (lambda: bwd(x, y, gp, torch.ones(2 * C, device=dev)), "scale"),
+           (lambda: bwd(x, y[:-1].clone(), gp[:-1].clone(), None), "target"),
+           (lambda: bwd(x, y, gp, None, tv[:-1].clone()), "tvals")]
+    # upsampled: (2, C, 3, 4) logits for (2, 5, 7) labels
+    yu = make_data((2, C, 5, 7), torch.float32)[1].to(dev)
+    gpu = torch.ones(yu.numel(), device=dev)
+
+    def ufwd(mode, tvals, confusion=None):
+        return be.up_fwd_op(x, yu, 1, False, None, tvals, confusion, mode, 2.0, -100, 2, 0, True, False, False)
+
+    def ubwd(g, scale, mode=soft, tvals=None):
+        return be.up_bwd_op(x, yu, 1, False, g, scale, tvals, None, mode, 2.0, -100)
+
+    bad += [(lambda: ufwd(mse, tv[:-1].clone()), "tvals"),
+            (lambda: ufwd(mse, None), "tvals"),
+            (lambda: ufwd(soft, None, conf[1:].clone()), "confusion"),
+            (lambda: ubwd(gpu[:-1].clone(), None), "gradient|grad"),
+            (lambda: ubwd(torch.cat([gpu, gpu]), gc), "gradient|grad"),
+            (lambda: ubwd(None, gc[:-1].clone()), "scale"),
+            (lambda: ubwd(gpu, torch.ones(C + 1, device=dev)), "scale"),
+            (lambda: ubwd(gpu, None, mse, torch.ones(C - 1, device=dev)), "tvals")]
+    for call, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    # and the right sizes pass
+    fwd(x, y, mse, tv, weight=gc, confusion=conf)
+    bwd(x, y, gp, gc)
+    ufwd(soft, None, conf)
+    ubwd(gpu, gc)
+
+
 VIEWS = {
     "channel_slice": lambda x, y: (x[:, 1:4], y.remainder(3)),
     "spatial_step": lambda x, y: (x[:, :, ::2, 1:], y[:, ::2, 1:]),

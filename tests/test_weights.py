@@ -1,4 +1,5 @@
 """Class-weighting schemes of ``fused_imbalance.weights`` against values worked by hand."""
+import collections
 import math
 
 import pytest
@@ -173,3 +174,45 @@ def test_output_is_float32_c_and_finite(scheme):
     w = scheme(torch.tensor([0, 5, 1, 0, 1000], dtype=torch.int64))
     assert w.dtype == torch.float32 and w.shape == (5,)
     assert torch.isfinite(w).all() and (w > 0).all()
+
+
+# ---------------------------------------------------------------- per-class values as a mapping
+
+MAPPED = [  # every function of the module that takes per-class values
+    lambda c: weights.effective_number(c, 0.99),
+    weights.inverse_frequency,
+    weights.median_frequency,
+    lambda c: weights.outlying_labels(c, 1.0),
+    lambda c: weights.cdb({k: v / 1000 for k, v in c.items()} if isinstance(c, dict) else [v / 1000 for v in c]),
+]
+
+
+@pytest.mark.parametrize("scheme", MAPPED)
+def test_a_mapping_is_read_in_class_order(scheme):
+    """{class: count}, e.g. a Counter of the labels, gives the weights of the counts in class order,
+    whatever the order of its keys: never those of its keys."""
+    labels = [2] * 3 + [0] * 500 + [1] * 20  # first seen: class 2, then 0, then 1
+    expected = scheme([500, 20, 3])
+    torch.testing.assert_close(scheme({0: 500, 1: 20, 2: 3}), expected, rtol=0, atol=0)
+    torch.testing.assert_close(scheme(dict(collections.Counter(labels))), expected, rtol=0, atol=0)
+
+
+def test_a_counter_gives_the_rarest_class_the_largest_weight():
+    w = weights.effective_number(collections.Counter([0] * 500 + [1] * 20 + [2] * 3), beta=0.999)
+    assert w[2] > w[1] > w[0]
+    close(weights.outlying_labels(collections.Counter([0] * 5 + [1] * 9 + [2] * 5 + [3])), [2.0, 1.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("counts, match", [
+    ({0: 5, 2: 7}, "without class 1.*range\\(num_classes\\)"),  # a class in between is missing
+    ({1: 5, 2: 7}, "without class 0"),
+    ({0: 5, "1": 7}, "int keys"),
+    ({0: 5, True: 7}, "int keys"),
+    ({0: 5, 1: 7}.values(), "class order"),
+    ({5, 7}, "class order"),
+    (collections.Counter(torch.tensor([0, 1, 1])), "bincount"),  # 0-d tensors as keys
+])
+@pytest.mark.parametrize("scheme", MAPPED[:4])
+def test_a_mapping_without_class_order_is_a_type_error(scheme, counts, match):
+    with pytest.raises(TypeError, match="samples_per_class.*" + match):
+        scheme(counts)

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake, pixel_view
+from ._args import check_tensor_args
 from ._triton_host import (_INTERPRET_PROGRAMS, _RESIDENT_WARPS, _cdiv, _class_sums, _dummy, _focal, _interpret, _np2,  # noqa: F401
                            _on_device,
                            _programs, finalize, grad_arg, outputs)
@@ -276,6 +277,7 @@ if triton is not None:
         validate: bool,
         need_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_tensor_args("triton_loss_fwd", x, target, None, loss_mode, tvals, weight, weighting, confusion)
         return tuple(_forward(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction,
                               weighting, need_tp, validate, need_lse))
 
@@ -297,6 +299,7 @@ if triton is not None:
         gamma: float,
         ignore_index: int,
     ) -> torch.Tensor:
+        check_tensor_args("triton_loss_bwd", x, target, None, loss_mode, tvals, grad=grad, scale=scale)
         return _backward(x, target, grad, scale, tvals, lse, loss_mode, gamma, ignore_index)
 
     @loss_bwd.register_fake

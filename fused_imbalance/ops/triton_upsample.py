@@ -103,6 +103,7 @@ import torch
 from . import FLOAT_DTYPES, FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake
 from ._triton_host import (_cdiv, _class_sums, _dummy, _focal, _interpret, _np2, _on_device, finalize, grad_arg,
                            outputs)
+from ._args import check_tensor_args
 from .upsample import Interp, check_lse
 
 try:
@@ -1186,6 +1187,8 @@ if triton is not None:
         validate: bool,
         need_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_tensor_args("triton_upsample_loss_fwd", x, target, target.numel(), loss_mode, tvals, weight, weighting,
+                          confusion)
         return tuple(_forward(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma,
                               ignore_index, reduction, weighting, need_tp, validate, need_lse))
 
@@ -1209,6 +1212,8 @@ if triton is not None:
         gamma: float,
         ignore_index: int,
     ) -> torch.Tensor:
+        check_tensor_args("triton_upsample_loss_bwd", x, target, target.numel(), loss_mode, tvals, grad=grad,
+                          scale=scale)
         return _backward(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index)
 
     @upsample_loss_bwd.register_fake
