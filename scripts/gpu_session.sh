@@ -29,7 +29,7 @@
 #   3 upsampled losses, 55 s: python -m benchmarks.upsample --plan session
 #   4 tests on CUDA, 55 s: the tests marked cuda, tests/test_triton.py and
 #     tests/test_upsample.py::test_lse_from_the_forward (benchmarks/gpu_tests.py), and that test
-#     again with the extension built with FUSED_IMBALANCE_CUDA=0.
+#     again with the extension built with FUSED_IMBALANCE_CUDA=0; the builds get 20 s of it to end.
 # Then summary.md (python -m benchmarks.summary) and logs.tar.gz. At most 315 s in all.
 # $OUT: env.txt warmup.csv bench.csv upsample.csv tests.txt summary.md session.log logs.tar.gz
 set -uo pipefail
@@ -175,10 +175,11 @@ stage_end $rc
 stage_begin tests $B4
 SELECTION="-p benchmarks.gpu_tests tests"
 LSE=tests/test_upsample.py::test_lse_from_the_forward
+PYTEST="python -m pytest -q -p no:cacheprovider"
 {
-  echo "CUDA build:  FUSED_IMBALANCE_REQUIRE_BACKENDS=cpp,triton python -m pytest -q -rfE -p no:cacheprovider -n 8" \
-       "--timeout 45 $SELECTION"
-  echo "CPU-only build (FUSED_IMBALANCE_CUDA=0, a copy of the tree): python -m pytest -q -rA -p no:cacheprovider $LSE"
+  echo "CUDA build: FUSED_IMBALANCE_REQUIRE_BACKENDS=cpp,triton $PYTEST -rfE -n 8 --dist worksteal $SELECTION"
+  echo "CPU-only build (FUSED_IMBALANCE_CUDA=0, a copy of the tree): FUSED_IMBALANCE_REQUIRE_BACKENDS=cpp,triton" \
+       "$PYTEST -rA $LSE"
 } > "$OUT/tests.txt"
 if [ "$DRY" = 1 ]; then
   # No pytest inside pytest: check from the sources that the selection names what exists.
@@ -191,11 +192,18 @@ else
     kill -0 "${!b}" 2>/dev/null && log "$b not finished after 20 s of stage 4"
     echo "RESULT $b: $(tail -1 "$LOGS/$b.log")" >> "$OUT/tests.txt"
   done
-  ( cd "$WORK/nocuda" && run_left $PY -m pytest -q -rA -p no:cacheprovider "$LSE" > "$LOGS/tests_nocuda.log" 2>&1
+  # Without a built extension the C++ backend would compile csrc/ on first use, in every pytest
+  # process at once: after a failed build it is left out (no compiler) and only Triton is required.
+  built() { [ "$(tail -1 "$LOGS/$1.log" 2>/dev/null)" = "exit 0" ]; }
+  need() { if built "$1"; then echo cpp,triton; else echo triton; fi; }
+  cxx() { if built "$1"; then echo "${CXX:-c++}"; else echo no-compiler-after-a-failed-build; fi; }
+  ( cd "$WORK/nocuda" && CXX=$(cxx build_nocuda) FUSED_IMBALANCE_REQUIRE_BACKENDS=$(need build_nocuda) \
+      run_left $PY -m pytest -q -p no:cacheprovider -rA "$LSE" > "$LOGS/tests_nocuda.log" 2>&1
     echo "RESULT FUSED_IMBALANCE_CUDA=0, $LSE: rc=$? | $(tail -1 "$LOGS/tests_nocuda.log")" > "$LOGS/tests_nocuda.result" ) &
   nocuda_tests=$!
-  FUSED_IMBALANCE_REQUIRE_BACKENDS=cpp,triton run_left $PY -m pytest -q -rfE -p no:cacheprovider -n 8 --timeout 45 \
-    --junitxml "$LOGS/junit.xml" $SELECTION > "$LOGS/tests.log" 2>&1
+  CXX=$(cxx build_cuda) FUSED_IMBALANCE_REQUIRE_BACKENDS=$(need build_cuda) \
+    run_left $PY -m pytest -q -p no:cacheprovider -rfE -n 8 --dist worksteal --junitxml "$LOGS/junit.xml" $SELECTION \
+    > "$LOGS/tests.log" 2>&1
   rc=$?
   echo "RESULT CUDA build, the selection: rc=$rc | $(tail -1 "$LOGS/tests.log")" >> "$OUT/tests.txt"
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -40 >> "$OUT/tests.txt"
