@@ -31,6 +31,7 @@ import concurrent.futures
 import csv
 import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -56,6 +57,12 @@ def jobs(plan, upsample_plan):
     ups = [("upsample", "upsample", provider, c) for provider in ("fused", "compile")
            for c in (UPSAMPLE_PLANS[upsample_plan] if upsample_plan else ())]
     return first + ups + later
+
+
+def sample(todo):
+    """The first job of each (stage, provider): every code path of the warm-up once."""
+    seen = set()
+    return [j for j in todo if (j[0], j[2]) not in seen and not seen.add((j[0], j[2]))]
 
 
 def _bench_inputs(case, device):
@@ -174,9 +181,14 @@ def main(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="the compile provider's torch.compile backend")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--csv", help="one row per job as it ends")
+    p.add_argument("--sample", action="store_true",
+                   help="the first job of each stage and provider only (a rehearsal: on a CPU the interpreted "
+                        "kernels and aot_eager leave nothing in the caches)")
     p.add_argument("--list", action="store_true", help="print the jobs and exit")
     args = p.parse_args(argv)
     todo = jobs(args.plan, args.upsample_plan)
+    if args.sample:
+        todo = sample(todo)
     if args.list:
         for j in todo:
             d = describe(j)
@@ -229,7 +241,12 @@ def main(argv=None):
                     writer.writerow(row)
                     out.flush()
     except KeyboardInterrupt:  # the stage's time budget: the caches keep what was compiled
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"interrupted after {done} of {len(todo)} jobs", flush=True)
+        # A worker turns the SIGINT into its job's exception and takes the next queued one: stop them
+        # here, or the exit would wait for them and they would share the GPU with the benchmark.
+        for proc in multiprocessing.active_children():
+            proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         return 0
     finally:
