@@ -144,7 +144,7 @@ class Group:
     providers: tuple
     busy: tuple = ("fused",)
     by_loss: bool = False
-    limit: int = None
+    limit: int | None = None
     as_time_allows: bool = False
 
     def cases(self, losses=LOSSES):
@@ -166,7 +166,8 @@ def session_plan(city, ade, rows, losses=LOSSES, first_losses=LOSSES, few=SOME, 
     NCHW) against eager and torch.compile, forward and training step; the other ``city_configs``
     (dtype, layout) against eager; ADE20K size ``ade`` in ``ade_configs``; the (N, C) ``rows``
     (``few`` losses, ``rows_dtypes``) beside Liger-Kernel; then torch.compile of all these, loss by
-    loss, while time remains."""
+    loss, while time remains. A loss added to LOSSES (with its arguments in ``loss_kwargs``) joins
+    every group but the rows."""
     def shapes(family, dims, configs, which):
         return tuple(Shape(family, dims, (d,), (lay,), FWD_BWD, which) for d, lay in configs)
 

@@ -53,7 +53,7 @@ def test_dry_run(tmp_path):
     env = dict(os.environ, GPU_SESSION_DRY="1", OUT=str(out), PYTHON=sys.executable,
                GPU_SESSION_WORK=str(tmp_path / "work"))
     env.pop("GPU_SESSION_BUDGETS", None)
-    run = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert set(os.listdir(out)) == FILES
     stages = stage_lines(out)
@@ -83,7 +83,7 @@ def test_dry_run(tmp_path):
 
     fields, warm = read_csv(out / "warmup.csv")
     assert tuple(fields) == warmup.FIELDS
-    assert len(warm) == len(warmup.jobs("session-dry", "session-dry"))
+    assert len(warm) == len(warmup.sample(warmup.jobs("session-dry", "session-dry"))) == 5
     assert all(r["status"] == "ok" or r["status"].startswith("skipped") for r in warm)
 
     assert "all found (rc=0)" in (out / "tests.txt").read_text()
