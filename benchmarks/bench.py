@@ -16,12 +16,14 @@ import re
 import shlex
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 from . import measure, report
-from .cases import (CHANNELS_LAST, CONTIGUOUS, DTYPES, LABEL_DTYPES, LOSSES, PRESETS, PROVIDERS, Unavailable, applies,
-                    floor_bytes, grid, has_backward, make_inputs, make_provider, parse_shape)
+from .cases import (CHANNELS_LAST, CONTIGUOUS, DTYPES, LABEL_DTYPES, LOSSES, PLANS, PRESETS, PROVIDERS, Case,
+                    Unavailable, applies, floor_bytes, fused_backend_name, grid, has_backward, make_inputs, make_provider,
+                    parse_shape)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -52,6 +54,7 @@ def environment(device, args):
         device=name, torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(),
         load=f"{os.getloadavg()[0]:.2f} at start", cores=os.cpu_count(),
         labels=args.labels, validate="on" if args.validate else "off (validate=False)",
+        compile_backend=args.compile_backend, fused_backend=args.fused_backend or fused_backend_name(device),
         command="python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in args.argv))
 
 
@@ -112,7 +115,7 @@ class Runner:
         self.args, self.device, self.env = args, device, env
         self.cuda = torch.device(device).type == "cuda"
         if self.cuda:
-            self.timer = measure.CudaTimer()
+            self.timer = measure.CudaTimer(args.warmup_ms, args.rep_ms)
             self.peak = measure.cuda_peak_bytes
             env["memory"] = measure.CUDA_MEMORY_METHOD
         else:
@@ -120,6 +123,7 @@ class Runner:
             self.peak = measure.cpu_peak_bytes
             env["memory"] = measure.CPU_MEMORY_METHOD
         env["timer"] = self.timer.describe()
+        env["busy"] = measure.BUSY_METHOD + f", {args.busy_reps} steps"
         self.tol, self.loss_tol = load_tolerances()
 
     def time(self, fn, setup, x):
@@ -127,9 +131,17 @@ class Runner:
             return self.timer(fn, grad_to_none=[x])  # do_bench sets x.grad = None between calls
         return self.timer(fn, setup=setup or (lambda: setattr(x, "grad", None)))
 
-    def run(self, case, progress):
-        """Rows (one per provider and pass) for one case."""
+    def run(self, case, progress, providers=None, timed=None, busy=()):
+        """The rows of one case (one per provider and pass), yielded provider by provider as each
+        finishes, so that the caller can write them before the next one runs.
+
+        ``providers`` run in this order (default ``--provider``; the first result is the reference
+        the others are checked against); ``timed``: those whose passes are timed and written
+        (default all; the others run once, untimed, for the check); ``busy``: those whose
+        training step is also profiled (``measure.kernel_profile``)."""
         args = self.args
+        providers = args.providers if providers is None else providers
+        timed = providers if timed is None else timed
         x0, t = make_inputs(case, self.device, args.labels)
         backward = has_backward(case.loss)
         x = x0.requires_grad_(backward)
@@ -137,25 +149,29 @@ class Runner:
                     pixels=case.shape.pixels, classes=case.shape.num_classes, dtype=case.dtype,
                     layout=case.layout, labels=args.labels,
                     grad_bytes=case.shape.numel * x.element_size() if backward else None)
-        rows, ref, ref_name = [], None, None
-        for provider in args.providers:
+        ref, ref_name = None, None
+        for provider in providers:
             if not applies(provider, case):
                 continue
-            progress(case, provider)
+            if provider in timed:
+                progress(case, provider)
             prow = dict(base, provider=provider)
             try:
-                fn = make_provider(provider, case, self.device, args.validate, args.labels)
+                fn = make_provider(provider, case, self.device, args.validate, args.labels, args.fused_backend,
+                                   args.compile_backend)
                 t0 = time.perf_counter()
                 out, grad = _step(fn, x, t, backward)
                 if self.cuda:
                     torch.cuda.synchronize()
                 prow["first_call_s"] = round(time.perf_counter() - t0, 3)
             except Unavailable as e:
-                rows += [dict(prow, **{"pass": p, "status": f"skipped: {e}"}) for p in case.passes]
+                if provider in timed:
+                    yield [dict(prow, **{"pass": p, "status": f"skipped: {e}"}) for p in case.passes]
                 continue
             except Exception as e:  # noqa: BLE001 - any failure of one provider is reported, not fatal
                 status = "OOM" if measure.is_oom(e) else f"error: {type(e).__name__}: {_oneline(e)}"
-                rows += [dict(prow, **{"pass": p, "status": status}) for p in case.passes]
+                if provider in timed:
+                    yield [dict(prow, **{"pass": p, "status": status}) for p in case.passes]
                 measure.free_memory(self.device)
                 continue
             if ref is None:
@@ -169,18 +185,18 @@ class Runner:
                 if why is not None:
                     status = f"FAIL vs {ref_name} ({why})"
             del out, grad
-            if status.startswith("FAIL"):  # a wrong kernel is not timed
-                rows += [dict(prow, **{"pass": p, "status": status}) for p in case.passes]
-                continue
-            rows += self.measure_passes(case, provider, fn, x, t, dict(prow, status=status))
+            if provider in timed and status.startswith("FAIL"):  # a wrong kernel is not timed
+                yield [dict(prow, **{"pass": p, "status": status}) for p in case.passes]
+            elif provider in timed:
+                yield self.measure_passes(case, provider, fn, x, t, dict(prow, status=status), provider in busy)
             del fn
             measure.free_memory(self.device)
-        return rows
 
-    def measure_passes(self, case, provider, fn, x, t, prow):
+    def measure_passes(self, case, provider, fn, x, t, prow, busy=False):
         """Time and peak memory of each pass. Backward alone: the forward runs before every
         call, outside the timed region (no retained graph: torch.compile's backward donates
-        its buffers and cannot be run twice)."""
+        its buffers and cannot be run twice). ``busy``: the training step's (fwd+bwd, or fwd
+        without a backward) wall and kernels' busy time too."""
         graph = {}
 
         def fwd():
@@ -198,6 +214,7 @@ class Runner:
 
         # setup None: only the gradient is cleared between calls
         calls = {"fwd": (fwd, None), "bwd": (bwd, forward_untimed), "fwd+bwd": (fwd_bwd, None)}
+        step = "fwd+bwd" if has_backward(case.loss) else "fwd"
         rows = []
         for pass_ in case.passes:
             row = dict(prow, **{"pass": pass_})
@@ -205,6 +222,12 @@ class Runner:
             try:
                 row.update(self.time(call, setup, x))
                 row["peak_bytes"] = self.peak(call, setup or (lambda: setattr(x, "grad", None)))
+                if busy and pass_ == step:
+                    prof = measure.kernel_profile(call, self.device, self.args.busy_reps,
+                                                  2 if self.cuda else self.args.warmup,
+                                                  setup=lambda: setattr(x, "grad", None))
+                    row.update(wall_ms=prof["wall_ms"], busy_ms=prof["busy_ms"], kernels=prof["kernels"],
+                               kernel_top=measure.top_names(prof["top"]))
             except Exception as e:  # noqa: BLE001
                 row["status"] = "OOM" if measure.is_oom(e) else f"error: {type(e).__name__}: {_oneline(e)}"
                 measure.free_memory(self.device)
@@ -215,6 +238,9 @@ class Runner:
                 row["gbps"] = row["floor_bytes"] / (row["ms"] * 1e-3) / 1e9
                 row["copy_gbps"] = round(self.env["copy_gbps"], 2)
                 row["pct_copy"] = 100.0 * row["gbps"] / self.env["copy_gbps"]
+                if row.get("busy_ms"):
+                    row["busy_pct_copy"] = 100.0 * row["floor_bytes"] / (row["busy_ms"] * 1e-3) / 1e9 \
+                        / self.env["copy_gbps"]
             rows.append(row)
         return rows
 
@@ -307,12 +333,29 @@ def parse_args(argv=None):
                         "validate=False, the kernels alone)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="validate=False for the eager and fused providers (the default)")
+    p.add_argument("--plan", choices=tuple(PLANS),
+                   help="run a plan instead of a grid: its groups of cases in order, each with its own providers "
+                        "(cases.PLANS; `session` is the GPU session's, `session-dry` its CPU rehearsal). --loss, "
+                        "--provider and --group filter it")
+    p.add_argument("--group", type=_csv_list(), help="with --plan: only these groups")
+    p.add_argument("--backend", dest="fused_backend", choices=("triton", "cpp"),
+                   help="the fused provider's backend (default: triton on CUDA, cpp on CPU; triton on CPU "
+                        "tensors needs TRITON_INTERPRET=1)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="the compile provider's torch.compile backend (default inductor)")
+    p.add_argument("--busy", type=_csv_list(PROVIDERS), default=[],
+                   help="providers whose training step is also profiled: wall time between CUDA events of steps "
+                        "run back to back against the kernels' busy time (a plan names its own)")
+    p.add_argument("--busy-reps", type=int, default=10, help="steps per busy-time measurement (default 10)")
+    p.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up, milliseconds (default 25)")
+    p.add_argument("--rep-ms", type=float, default=100, help="GPU: do_bench repetitions, milliseconds (default 100)")
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed warm-up calls per measurement")
     p.add_argument("--reps", type=int, default=10, help="CPU: most timed calls per measurement")
     p.add_argument("--budget", type=float, default=0.25,
                    help="CPU: stop timing after this many seconds of timed calls (at least 3 calls)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>-<date>)")
+    p.add_argument("--csv", help="the results CSV (default <out>/results.csv)")
     p.add_argument("--append", action="store_true",
                    help="add to an existing results.csv in --out (re-measured cases replace old rows)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -320,6 +363,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.providers = [q for q in PROVIDERS if q in args.provider]  # eager first: it is the reference
+    if args.plan and (args.shape or args.dtype or args.layout or args.level != "default"):
+        p.error("--plan names its own shapes, dtypes and layouts: --shape, --dtype, --layout, --quick and "
+                "--full do not apply")
+    if args.group and not args.plan:
+        p.error("--group needs --plan")
     return args
 
 
@@ -346,39 +394,83 @@ def select_cases(args, device):
     return grid(shapes, losses=args.loss or LOSSES, dtypes=args.dtype, layouts=args.layout)
 
 
+class Work(NamedTuple):
+    """One case of a run and how it runs (``Runner.run``'s arguments); ``group``: its plan group."""
+
+    case: Case
+    providers: tuple
+    timed: tuple = None
+    busy: tuple = ()
+    group: str = ""
+
+
+def select_work(args, device):
+    """The cases of a run, in order: the grid's (``--shape`` etc.) or the plan's (``--plan``)."""
+    if not args.plan:
+        return [Work(c, args.providers, busy=args.busy) for c in select_cases(args, device)]
+    groups = PLANS[args.plan]
+    unknown = set(args.group or ()) - {g.name for g in groups}
+    if unknown:
+        raise SystemExit(f"--group {','.join(sorted(unknown))}: plan {args.plan} has "
+                         f"{', '.join(g.name for g in groups)}")
+    work = []
+    for g in groups:
+        if args.group and g.name not in args.group:
+            continue
+        timed = [q for q in g.providers if q in args.providers]
+        if not timed:
+            continue
+        run = [q for q in PROVIDERS if q in timed or q == "eager"]  # eager first: the reference
+        for c in g.cases(args.loss or LOSSES):
+            work.append(Work(c, run, timed, g.busy, g.name))
+    return work
+
+
+def compile_settings():
+    """torch.compile's settings of a benchmark process (the GPU session's warm-up uses the same, so
+    that its compiled graphs are found in the cache). Every case compiles anew (static shapes);
+    keep dynamo from falling back to eager when a function has been compiled for many (shape,
+    dtype, layout) variants."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cases = select_cases(args, device)
+    work = select_work(args, device)
     if args.list:
-        for c in cases:
-            print(f"{c.loss:20s} {c.shape.name:22s} {c.dtype:9s} {c.layout:14s} {','.join(c.passes)}")
-        print(f"{len(cases)} cases")
+        for w in work:
+            c = w.case
+            print(f"{w.group:14s} {c.loss:20s} {c.shape.name:22s} {c.dtype:9s} {c.layout:14s} {','.join(c.passes):12s} "
+                  f"{','.join(w.timed or w.providers)}")
+        print(f"{len(work)} cases")
         return 0
-    if not cases:
+    if not work:
         raise SystemExit("no case matches the filters (see --list)")
-    # Every case compiles anew (static shapes); keep dynamo from falling back to eager when a
-    # function has been compiled for many (shape, dtype, layout) variants.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    compile_settings()
 
     env = environment(device, args)
     runner = Runner(args, device, env)
     env["copy_gbps"] = measure.copy_bandwidth(device, runner.timer)
     out_dir = args.out or os.path.join(RESULTS, f"{device_tag(env, device)}-{datetime.date.today():%Y%m%d}")
     os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "results.csv")
+    csv_path = args.csv or os.path.join(out_dir, "results.csv")
     log = report.CsvLog(csv_path, append=args.append)
     print(f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['threads']} threads · "
-          f"copy {env['copy_gbps']:.1f} GB/s · {len(cases)} cases → {out_dir}", file=sys.stderr)
+          f"copy {env['copy_gbps']:.1f} GB/s · {len(work)} cases → {out_dir}", file=sys.stderr)
 
-    progress = Progress(len(cases))
+    progress = Progress(len(work))
     try:
-        for case in cases:
+        for w in work:
             torch._dynamo.reset()
-            log.write(runner.run(case, progress))
+            for rows in runner.run(w.case, progress, w.providers, w.timed, w.busy):
+                log.write([dict(r, group=w.group) for r in rows])  # each provider's rows as it finishes
             progress.step()
+    except KeyboardInterrupt:  # a time budget (timeout -s INT): keep what was measured, write the table
+        env["stopped"] = f"interrupted after {progress.done} of {len(work)} cases"
+        print(f"\n{env['stopped']}", file=sys.stderr)
     finally:
         progress.close()
         log.close()

@@ -3,6 +3,7 @@
 Shared by the command-line harness (``bench.py``) and the pytest-benchmark suite
 (``test_bench.py``), so both time exactly the same calls.
 """
+import collections
 import dataclasses
 import functools
 import itertools
@@ -124,6 +125,79 @@ PRESETS = {
 }
 
 
+# --------------------------------------------------------------------------- plans
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One step of a plan (``--plan``): its cases, in order, and what runs on them.
+
+    ``providers`` are timed; the eager reference also runs once, untimed, when it is not among
+    them, for the check (its rows are not written). ``busy``: the providers whose training step
+    is also profiled for its kernels' busy time (``measure.kernel_profile``). ``by_loss``: the
+    cases loss by loss (each loss on every shape) instead of shape by shape; ``limit``: the first
+    cases only. ``as_time_allows``: a group that runs until its stage's time budget stops it
+    (the warm-up, benchmarks/warmup.py, compiles its kernels after those of the next stage).
+    """
+
+    name: str
+    shapes: tuple
+    providers: tuple
+    busy: tuple = ("fused",)
+    by_loss: bool = False
+    limit: int | None = None
+    as_time_allows: bool = False
+
+    def cases(self, losses=LOSSES):
+        cases = grid(self.shapes, losses)
+        if self.by_loss:
+            cases.sort(key=lambda c: LOSSES.index(c.loss))  # stable: the shapes keep their order
+        return cases[:self.limit]
+
+
+STEP = ("fwd", "fwd+bwd")
+NCHW_CONFIGS = (("float32", CONTIGUOUS), ("bfloat16", CONTIGUOUS), ("float32", CHANNELS_LAST),
+                ("bfloat16", CHANNELS_LAST))
+
+
+def session_plan(city, ade, rows, losses=LOSSES, first_losses=LOSSES, few=SOME, city_configs=NCHW_CONFIGS[1:],
+                 ade_configs=NCHW_CONFIGS, rows_dtypes=BOTH, compile_limit=None):
+    """The GPU session's benchmark (scripts/gpu_session.sh), most important first, so that what a
+    time budget cuts is what matters least: ``first_losses`` at Cityscapes size ``city`` (float32
+    NCHW) against eager and torch.compile, forward and training step; the other ``city_configs``
+    (dtype, layout) against eager; ADE20K size ``ade`` in ``ade_configs``; the (N, C) ``rows``
+    (``few`` losses, ``rows_dtypes``) beside Liger-Kernel; then torch.compile of all these, loss by
+    loss, while time remains. A loss added to LOSSES (with its arguments in ``loss_kwargs``) joins
+    every group but the rows."""
+    def shapes(family, dims, configs, which):
+        return tuple(Shape(family, dims, (d,), (lay,), FWD_BWD, which) for d, lay in configs)
+
+    city_more = shapes("seg", city, city_configs, losses)
+    ade_shapes = shapes("ade", ade, ade_configs, losses)
+    rows_shapes = (Shape("cls", rows, rows_dtypes, CONT, FWD_BWD, few),)
+    return (
+        Group("city", (Shape("seg", city, F32, CONT, STEP, first_losses),), ("eager", "fused", "compile"),
+              busy=("fused", "compile")),
+        Group("city-bf16-cl", city_more, ("eager", "fused")),
+        Group("ade", ade_shapes, ("eager", "fused")),
+        Group("rows", rows_shapes, ("eager", "fused", "liger")),
+        Group("compile", city_more + ade_shapes + rows_shapes, ("compile",), busy=("compile",), by_loss=True,
+              limit=compile_limit, as_time_allows=True),
+    )
+
+
+# ``session``: the GPU run. ``session-dry``: its rehearsal on a CPU (GPU_SESSION_DRY=1): the same
+# groups on tiny shapes with the Triton kernels interpreted, a case or two per group (a forward-only
+# loss, a 16-bit channels_last case, 150 classes, rows of 1000). It checks the script, its
+# arguments and its outputs, not the numbers.
+PLANS = {
+    "session": session_plan((8, 19, 512, 1024), (16, 150, 512, 512), (8192, 8142)),
+    "session-dry": session_plan((1, 19, 8, 16), (1, 150, 4, 8), (4, 1000), losses=("cross_entropy",),
+                                first_losses=("cross_entropy", "confusion_matrix"), few=("cross_entropy",),
+                                city_configs=NCHW_CONFIGS[3:], ade_configs=NCHW_CONFIGS[:1], rows_dtypes=F32,
+                                compile_limit=1),
+}
+
+
 def parse_shape(text, dtypes=BOTH):
     """A ``--shape`` value given as dims, e.g. "4x19x256x512" (family inferred from C and rank)."""
     dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
@@ -214,18 +288,41 @@ def loss_kwargs(loss, num_classes, device):
 
 def make_inputs(case, device, label_dtype="int64", seed=0):
     """(logits, target): logits N(0, 2²) in the case's dtype and layout, uniform labels with a
-    fraction IGNORED_FRACTION set to ``ignore_index`` (255 for uint8 labels, else -100)."""
-    g = torch.Generator().manual_seed(seed)
-    dims = case.shape.dims
-    C = dims[1]
-    x = (2.0 * torch.randn(dims, generator=g)).to(DTYPES[case.dtype])
+    fraction IGNORED_FRACTION set to ``ignore_index`` (255 for uint8 labels, else -100).
+
+    The logits are a fresh tensor on every call (callers set ``requires_grad`` on them, and Liger
+    writes into its input); the labels are shared between calls for the same shape (no provider
+    writes into them)."""
+    x, t = _base_inputs(case.shape.dims, device, label_dtype, seed)
+    x = x.to(DTYPES[case.dtype], copy=True)  # float32 -> 16 bits rounds to nearest even on every device
     if case.layout == CHANNELS_LAST:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x, t
+
+
+_BASE = collections.OrderedDict()
+_BASE_SHAPES = 3  # a session plan's three shapes (its last group revisits them loss by loss)
+
+
+def _base_inputs(dims, device, label_dtype, seed):
+    """float32 logits and labels drawn on the CPU (the same values on every device), kept for the
+    last few shapes: a run measures every loss, dtype and layout of a shape in a row, and drawing
+    16×150×512×512 normals takes seconds of one core, moving them to a GPU another second."""
+    key = (tuple(dims), str(device), label_dtype, seed)
+    if key in _BASE:
+        _BASE.move_to_end(key)
+        return _BASE[key]
+    while len(_BASE) >= _BASE_SHAPES:
+        _BASE.popitem(last=False)  # free the oldest first (2.5 GB at ADE20K size)
+    g = torch.Generator().manual_seed(seed)
+    C = dims[1]
+    x = 2.0 * torch.randn(dims, generator=g)
     tdims = (dims[0],) + tuple(dims[2:])
     t = torch.randint(0, C, tdims, generator=g)
     ignored = torch.rand(tdims, generator=g) < IGNORED_FRACTION
     t = torch.where(ignored, torch.full_like(t, ignore_index_for(label_dtype)), t)
-    return x.to(device), t.to(device=device, dtype=LABEL_DTYPES[label_dtype])
+    _BASE[key] = (x.to(device), t.to(device=device, dtype=LABEL_DTYPES[label_dtype]))
+    return _BASE[key]
 
 
 def ignore_index_for(label_dtype):
@@ -282,14 +379,20 @@ def _liger(case, device, ignore_index):
     return run
 
 
-def make_provider(provider, case, device, validate=False, label_dtype="int64"):
+def make_provider(provider, case, device, validate=False, label_dtype="int64", fused_backend=None,
+                  compile_backend="inductor"):
     """A callable ``f(logits, target)`` computing ``case.loss`` with ``provider``.
 
     eager    ``fused_imbalance.functional.<loss>(..., backend="reference")`` (the eager spec);
     compile  ``torch.compile(fused_imbalance.reference.<loss>, dynamic=False)``, called with
              ``validate=False``: the label check is a host sync and a graph break, and the
              baseline should be the best a compiler makes of the reference;
-    fused    ``functional.<loss>(..., backend="triton")`` on CUDA, ``backend="cpp"`` on CPU;
+    fused    ``functional.<loss>(..., backend="triton")`` on CUDA, ``backend="cpp"`` on CPU, or
+             ``fused_backend`` when given ("triton" on CPU tensors: the kernels under
+             ``TRITON_INTERPRET=1``, as the GPU session's rehearsal runs them);
+             ``compile_backend``: torch.compile's backend (the rehearsal's "aot_eager" traces the
+             graphs as Inductor would be given them, without its code generation, which takes
+             10-30 s a graph on a CPU);
     liger    Liger-Kernel's ``LigerCrossEntropyLoss`` (cross_entropy only, CUDA; see ``_liger``).
 
     ``validate`` (eager and fused; default False): with True, the label-range check runs inside
@@ -307,7 +410,7 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64"):
     if provider == "compile":
         from fused_imbalance import reference
 
-        compiled = torch.compile(getattr(reference, case.loss), dynamic=False)
+        compiled = torch.compile(getattr(reference, case.loss), dynamic=False, backend=compile_backend)
         return functools.partial(compiled, validate=False, **kwargs)
     functional = _functional()
     if provider == "eager":
@@ -319,7 +422,7 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64"):
     if provider == "fused":
         if functional is None:
             raise Unavailable("fused_imbalance.functional is missing")
-        backend = fused_backend_name(device)
+        backend = fused_backend or fused_backend_name(device)
         probe = torch.empty((1, C) + (1,) * (len(case.shape.dims) - 2), dtype=DTYPES[case.dtype],
                             device=device)
         try:

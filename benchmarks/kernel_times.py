@@ -3,13 +3,13 @@
     python -m benchmarks.kernel_times [--shape 8x19x512x1024] [--loss cross_entropy] [--dtype float32]
                                       [--layout contiguous] [--reps 10]
 
-Prints the torch profiler's table of CUDA kernels (device time per call, summed over ``--reps``
+Prints the torch profiler's table of CUDA kernels (device time per step, averaged over ``--reps``
 steps after a warm-up) beside the step's wall time between CUDA events: their difference is time
-the GPU waited for the host (launch and dispatch overhead)."""
+the GPU waited for the host (launch and dispatch overhead). ``measure.kernel_profile`` measures
+both; the benchmark records the same for its cases (``python -m benchmarks.bench --busy fused``)."""
 import argparse
 
-import torch
-
+from . import measure
 from .cases import CHANNELS_LAST, CONTIGUOUS, DTYPES, Case, make_inputs, make_provider, parse_shape
 
 
@@ -28,30 +28,14 @@ def main(argv=None):
     fn = make_provider(args.provider, case, "cuda")
 
     def step():
-        x.grad = None
         fn(x, t).backward()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.reps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    wall = start.elapsed_time(end) / args.reps
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.reps):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: -e.device_time_total)
-    busy = sum(e.device_time_total for e in events) / args.reps / 1e3
+    res = measure.kernel_profile(step, "cuda", reps=args.reps, warmup=3, setup=lambda: setattr(x, "grad", None))
+    wall, busy = res["wall_ms"], res["busy_ms"]
     print(f"{args.provider} {args.loss} {args.shape} {args.dtype} {args.layout}: fwd+bwd {wall:.3f} ms between "
           f"events, kernels {busy:.3f} ms ({100 * busy / wall:.0f} % busy)")
-    for e in events[:8]:
-        print(f"  {e.device_time_total / args.reps / 1e3:8.3f} ms  {e.count // args.reps:3d}x  {e.key[:90]}")
+    for name, ms, calls in res["top"][:8]:
+        print(f"  {ms:8.3f} ms  {calls:3g}x  {name[:90]}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ CPU  time: ``time.perf_counter`` around each call after ``warmup`` untimed calls
            ``malloc``/``new`` directly (e.g. ``std::vector`` scratch), allocations made on
            other threads (OpenMP workers), and allocator caching or fragmentation (the
            process RSS can be larger).
+Busy time (``kernel_profile``): a step's wall time, steps run back to back (CUDA events around
+           them; CPU ``time.perf_counter``), against the time the device is busy in them: on CUDA
+           the summed durations of the GPU activities ``torch.profiler`` records (kernels, memsets,
+           copies), on the CPU the summed self time of the ops it records. Their difference is
+           the time the device waits for the host (Python, dispatch, launches).
 """
 import contextlib
 import os
@@ -190,6 +195,64 @@ def cuda_peak_bytes(fn, setup=None):
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return peak
+
+
+# --------------------------------------------------------------------------- busy time
+
+BUSY_METHOD = ("wall: CUDA events around steps run back to back (CPU: time.perf_counter); busy: torch.profiler, "
+               "summed durations of the GPU activities (kernels, memsets, copies) per step (CPU: summed self "
+               "time of the profiled ops)")
+
+
+def kernel_profile(step, device, reps=10, warmup=2, setup=None):
+    """One step's wall time against its device busy time (see the module docstring).
+
+    Returns ``wall_ms`` and ``busy_ms`` per step, ``kernels`` (GPU activities per step; CPU: ops
+    per step) and ``top``: [(name, ms per step, calls per step)], the busiest first.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+
+    def steps(n):
+        for _ in range(n):
+            if setup is not None:
+                setup()
+            step()
+
+    steps(warmup)
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        steps(reps)
+        end.record()
+        torch.cuda.synchronize()
+        wall = start.elapsed_time(end) / reps
+    else:
+        t0 = time.perf_counter()
+        steps(reps)
+        wall = 1e3 * (time.perf_counter() - t0) / reps
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            steps(reps)
+            if cuda:
+                torch.cuda.synchronize()
+    per_name = {}
+    for e in prof.events():
+        if e.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
+            continue
+        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        t, n = per_name.get(e.name, (0.0, 0))
+        per_name[e.name] = (t + us, n + 1)
+    top = sorted(((name, t / reps / 1e3, n / reps) for name, (t, n) in per_name.items()), key=lambda r: -r[1])
+    return dict(wall_ms=wall, busy_ms=sum(r[1] for r in top), kernels=sum(r[2] for r in top), top=top)
+
+
+def top_names(top, k=3):
+    """The ``k`` busiest of ``kernel_profile``'s ``top`` as one CSV cell: "name ms×calls; ..."."""
+    return "; ".join(f"{' '.join(name.split())[:48]} {ms:.3g}ms×{n:g}" for name, ms, n in top[:k])
 
 
 # --------------------------------------------------------------------------- copy bandwidth

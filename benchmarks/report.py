@@ -4,12 +4,14 @@ import os
 
 from .cases import LOSSES, OTHER_PROVIDERS, OWN_PROVIDERS, PASSES
 
-FIELDS = ("date", "device", "torch", "triton", "threads", "loss", "family", "shape", "pixels", "classes",
+FIELDS = ("date", "device", "torch", "triton", "threads", "group", "loss", "family", "shape", "pixels", "classes",
           "dtype", "layout", "labels", "provider", "pass", "status", "ms", "ms_p20", "ms_p80", "reps",
-          "floor_bytes", "gbps", "copy_gbps", "pct_copy", "peak_bytes", "grad_bytes", "first_call_s")
+          "floor_bytes", "gbps", "copy_gbps", "pct_copy", "peak_bytes", "grad_bytes", "first_call_s",
+          "wall_ms", "busy_ms", "busy_pct_copy", "kernels", "kernel_top")
 KEY = ("loss", "shape", "dtype", "layout", "labels", "provider", "pass")
 NUMERIC = ("pixels", "classes", "ms", "ms_p20", "ms_p80", "reps", "floor_bytes", "gbps", "copy_gbps",
-           "pct_copy", "peak_bytes", "grad_bytes", "first_call_s", "threads")
+           "pct_copy", "peak_bytes", "grad_bytes", "first_call_s", "threads", "wall_ms", "busy_ms", "busy_pct_copy",
+           "kernels")
 
 
 # --------------------------------------------------------------------------- CSV
@@ -177,6 +179,27 @@ def other_table(rows):
         [head, "|" + "|".join("---" for _ in range(12)) + "|"] + lines)
 
 
+def busy_table(rows):
+    """The profiled training steps (``--busy``, a plan's busy providers): wall against busy time."""
+    lines = []
+    for (loss, shape, dtype, layout, _labels, pass_), by in group_rows(rows):
+        for p, r in by.items():
+            if r.get("busy_ms") is None:
+                continue
+            lines.append("| " + " | ".join([
+                p, loss, shape, dtype, layout, pass_, _fmt(r.get("ms")), _fmt(r.get("wall_ms")), _fmt(r["busy_ms"]),
+                f"{r['wall_ms'] / r['busy_ms']:.2f}×" if r.get("wall_ms") and r["busy_ms"] else "—",
+                _fmt(r.get("busy_pct_copy")) + " %" if r.get("busy_pct_copy") is not None else "—",
+                _fmt(r.get("kernels")), r.get("kernel_top") or ""]) + " |")
+    if not lines:
+        return None
+    head = ("| provider | loss | shape | dtype | layout | pass | ms | step wall ms | busy ms | wall / busy "
+            "| busy % of copy | kernels per step | busiest |")
+    return ("Wall time of steps run back to back against the device's busy time in them (the difference is "
+            "host time the device waits for):\n\n" + "\n".join([head, "|" + "|".join("---" for _ in range(13)) + "|"]
+                                                                  + lines))
+
+
 def notes(rows):
     """Each distinct reason a provider was skipped or failed, once."""
     seen = []
@@ -189,8 +212,8 @@ def notes(rows):
 
 def header(env):
     lines = [f"# fused_imbalance benchmark — {env['device']}", ""]
-    for k in ("date", "device", "torch", "triton", "threads", "copy_gbps", "load", "timer", "memory", "labels",
-              "validate", "command"):
+    for k in ("date", "device", "torch", "triton", "threads", "copy_gbps", "load", "timer", "memory", "busy",
+              "fused_backend", "compile_backend", "labels", "validate", "command", "stopped"):
         if env.get(k) is not None:
             v = env[k]
             if k == "copy_gbps":
@@ -212,8 +235,9 @@ not timed), could not run (n/a, err), or ran out of memory (OOM)."""
 
 
 def write_markdown(path, env, rows):
-    other = other_table(rows)
+    other, busy = other_table(rows), busy_table(rows)
     text = "\n\n".join([header(env), markdown_table(rows), LEGEND] + ([other] if other else [])
+                       + ([busy] if busy else [])
                        + (["Notes:\n" + "\n".join(notes(rows))] if notes(rows) else []))
     with open(path, "w") as f:
         f.write(text + "\n")

@@ -13,7 +13,9 @@ tests/tolerances.py); then forward and forward+backward are timed and the peak m
 the inputs is measured (benchmarks/measure.py says how). Byte floor: the labels plus the
 low-resolution logits once (forward) or three times (forward+backward: read twice, gradient
 written once). Results: Markdown on stdout and ``--out`` (default
-``benchmarks/results/upsample-<device>-<threads>t-<date>/``: results.csv, results.md).
+``benchmarks/results/upsample-<device>-<threads>t-<date>/``: results.csv, results.md); the CSV
+(``--csv`` to put it elsewhere) is written provider by provider, so a run stopped by a SIGINT (a
+time budget) keeps what it measured. ``--plan session`` runs the GPU session's cases in its order.
 """
 import argparse
 import csv
@@ -23,12 +25,13 @@ import functools
 import os
 import shlex
 import sys
+import time
 
 import torch
 
 from . import measure
 from .bench import cpu_name, load_tolerances, _compare, _step
-from .cases import loss_kwargs
+from .cases import fused_backend_name, loss_kwargs
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,6 +68,18 @@ def grid(device_type, losses, dtypes, modes):
             for name, low, size in SHAPES[device_type] for dtype in dtypes for mode in modes for loss in losses]
 
 
+# The GPU session's cases (scripts/gpu_session.sh), loss by loss, so that a time budget cuts whole
+# losses: cross-entropy on both shapes and dtypes first. ``session-dry`` is its rehearsal on a CPU:
+# two tiny cases, the second with classes in groups (more than 12) in bfloat16, the Triton kernels
+# interpreted (a few classes: the interpreter takes seconds per class and pixel block).
+PLANS = {
+    "session": [Case(name, low, size, dtype, "bilinear", loss) for loss in LOSSES for name, low, size in SHAPES["cuda"]
+                for dtype in ("float32", "bfloat16")],
+    "session-dry": [Case("cityscapes", (1, 4, 4, 8), (16, 32), "float32", "bilinear", "cross_entropy"),
+                    Case("ade", (1, 13, 2, 4), (8, 16), "bfloat16", "bilinear", "cross_entropy")],
+}
+
+
 def make_inputs(case, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     B, C, h, w = case.low
@@ -74,7 +89,7 @@ def make_inputs(case, device, seed=0):
     return x.to(device), y.to(device)
 
 
-def make_provider(provider, case, device):
+def make_provider(provider, case, device, fused_backend=None, compile_backend="inductor"):
     from fused_imbalance import functional, reference
 
     kwargs = dict(loss_kwargs(case.loss, case.low[1], device), ignore_index=IGNORE_INDEX)
@@ -84,8 +99,8 @@ def make_provider(provider, case, device):
         def interpolate_then_loss(x, y):
             return loss(reference.upsampled(x, case.size, case.mode), y, validate=False, **kwargs)
 
-        return torch.compile(interpolate_then_loss, dynamic=False)
-    backend = "reference" if provider == "eager" else ("triton" if torch.device(device).type == "cuda" else "cpp")
+        return torch.compile(interpolate_then_loss, dynamic=False, backend=compile_backend)
+    backend = "reference" if provider == "eager" else (fused_backend or fused_backend_name(device))
     return functools.partial(getattr(functional, case.loss), upsample=case.mode, backend=backend, **kwargs)
 
 
@@ -98,19 +113,31 @@ def floor_bytes(case, pass_):
     return labels + (1 if pass_ == "fwd" else 3) * low
 
 
-def run_case(case, device, timer, peak, tol, loss_tol):
+FIELDS = ("date", "device", "torch", "triton", "threads", "case", "shape", "dtype", "mode", "loss", "provider", "pass",
+          "status", "ms", "ms_p20", "ms_p80", "reps", "gbps", "peak_mb", "peak_bytes", "low_grad_bytes", "pixels",
+          "first_call_s")
+
+
+def run_case(case, device, timer, peak, tol, loss_tol, passes=("fwd", "fwd+bwd"), fused_backend=None, tags=None,
+             compile_backend="inductor"):
+    """The rows of one case, yielded provider by provider as each finishes (one row per pass)."""
     x0, y = make_inputs(case, device)
     x = x0.requires_grad_(True)
-    rows, ref = [], None
+    B, H, W = y.shape
+    ref = None
     for provider in PROVIDERS:
-        base = dict(case=case.name, shape=case.key, dtype=case.dtype, mode=case.mode, loss=case.loss,
-                    provider=provider)
+        base = dict(tags or {}, case=case.name, shape=case.key, dtype=case.dtype, mode=case.mode, loss=case.loss,
+                    provider=provider, low_grad_bytes=x.numel() * x.element_size(), pixels=B * H * W)
         try:
-            fn = make_provider(provider, case, device)
+            fn = make_provider(provider, case, device, fused_backend, compile_backend)
+            t0 = time.perf_counter()
             out, grad = _step(fn, x, y, True)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            base["first_call_s"] = round(time.perf_counter() - t0, 3)
         except Exception as e:  # noqa: BLE001 - one provider's failure is reported, not fatal
-            rows += [dict(base, **{"pass": p, "status": f"error: {type(e).__name__}: {str(e)[:120]}"})
-                     for p in ("fwd", "fwd+bwd")]
+            yield [dict(base, **{"pass": p, "status": f"error: {type(e).__name__}: {str(e)[:120]}"}) for p in passes]
+            measure.free_memory(device)
             continue
         if ref is None:
             ref, status = (out, grad), "reference"
@@ -118,18 +145,21 @@ def run_case(case, device, timer, peak, tol, loss_tol):
             why = _compare(out, ref[0], loss_tol[x.dtype], "loss") or _compare(grad, ref[1], tol[x.dtype], "grad")
             status = "ok" if why is None else f"FAIL ({why})"
         del out, grad
-        for pass_ in ("fwd", "fwd+bwd"):
+        rows = []
+        for pass_ in passes:
             row = dict(base, **{"pass": pass_, "status": status})
             if not status.startswith("FAIL"):
                 call = (lambda: fn(x, y)) if pass_ == "fwd" else (lambda: fn(x, y).backward())
                 clear = lambda: setattr(x, "grad", None)  # noqa: E731
                 row.update(timer(call, setup=clear))
-                row["peak_mb"] = (peak(call, clear) or 0) / 2**20
+                row["peak_bytes"] = peak(call, clear)
+                row["peak_mb"] = (row["peak_bytes"] or 0) / 2**20
                 row["gbps"] = floor_bytes(case, pass_) / (row["ms"] * 1e-3) / 1e9
             rows.append(row)
+        yield rows
+        del fn
         x.grad = None
         measure.free_memory(device)
-    return rows
 
 
 def markdown(rows):
@@ -166,45 +196,77 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, float32,bfloat16 on CUDA")
     p.add_argument("--mode", default="bilinear")
     p.add_argument("--shape", default=None, help="cityscapes, ade (default both)")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--plan", choices=tuple(PLANS),
+                   help="the cases of a plan instead (`session`: the GPU session's, loss by loss; `session-dry`: "
+                        "its CPU rehearsal); --loss and --shape filter it")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default both)")
+    p.add_argument("--backend", dest="fused_backend", choices=("triton", "cpp"),
+                   help="the fused provider's backend (default: triton on CUDA, cpp on CPU)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (default inductor)")
+    p.add_argument("--reps", type=int, default=10, help="CPU: most timed calls")
+    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed warm-up calls")
+    p.add_argument("--budget", type=float, default=1.0, help="CPU: stop timing after this many seconds")
+    p.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up, milliseconds")
+    p.add_argument("--rep-ms", type=float, default=100, help="GPU: do_bench repetitions, milliseconds")
     p.add_argument("--out", default=None)
+    p.add_argument("--csv", default=None, help="the results CSV (default <out>/results.csv)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = torch.device(device).type == "cuda"
-    dtypes = (args.dtype or ("float32,bfloat16" if cuda else "float32")).split(",")
-    cases = grid("cuda" if cuda else "cpu", args.loss.split(","), dtypes, args.mode.split(","))
+    if args.plan:
+        cases = [c for c in PLANS[args.plan] if c.loss in args.loss.split(",")]
+    else:
+        dtypes = (args.dtype or ("float32,bfloat16" if cuda else "float32")).split(",")
+        cases = grid("cuda" if cuda else "cpu", args.loss.split(","), dtypes, args.mode.split(","))
     if args.shape:
         cases = [c for c in cases if c.name in args.shape.split(",")]
-    timer = measure.CudaTimer() if cuda else measure.CpuTimer(1, args.reps, 3, 1.0)
+    passes = tuple(q for q in ("fwd", "fwd+bwd") if q in args.passes.split(","))
+    timer = (measure.CudaTimer(args.warmup_ms, args.rep_ms) if cuda
+             else measure.CpuTimer(args.warmup, args.reps, min(3, args.reps), args.budget))
     peak = measure.cuda_peak_bytes if cuda else measure.cpu_peak_bytes
     tol, loss_tol = load_tolerances()
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     date = datetime.datetime.now().astimezone()
-    header = (f"{name} · torch {torch.__version__} · {torch.get_num_threads()} threads of {os.cpu_count()} cores · "
-              f"load average {os.getloadavg()[0]:.2f} at start · {date:%Y-%m-%d %H:%M %Z}\n"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    tags = dict(date=date.isoformat(timespec="seconds"), device=name, torch=torch.__version__, triton=triton_version,
+                threads=torch.get_num_threads())
+    header = (f"{name} · torch {torch.__version__} · triton {triton_version} · {torch.get_num_threads()} threads of "
+              f"{os.cpu_count()} cores · load average {os.getloadavg()[0]:.2f} at start · {date:%Y-%m-%d %H:%M %Z}\n"
               f"command: python -m benchmarks.upsample {' '.join(shlex.quote(a) for a in argv)}\n"
-              f"timer: {timer.describe()}\nmemory: "
+              f"timer: {timer.describe()}\ntorch.compile backend: {args.compile_backend}\nmemory: "
               f"{measure.CUDA_MEMORY_METHOD if cuda else measure.CPU_MEMORY_METHOD}\n")
     print(header, file=sys.stderr)
-    rows = []
-    for case in cases:
-        print(f"{case.loss} {case.key} {case.dtype} {case.mode}", file=sys.stderr)
-        rows += run_case(case, device, timer, peak, tol, loss_tol)
-    table = markdown(rows)
-    print(table)
     tag = f"upsample-{'cuda' if cuda else 'cpu'}-{torch.get_num_threads()}t-{date:%Y%m%d}"
     out = args.out or os.path.join(RESULTS, tag)
     os.makedirs(out, exist_ok=True)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("case", "shape", "dtype", "mode", "loss",
-                                                                          "pass", "provider"), k))
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+    rows, stopped, i = [], None, 0
+    # Rows are written as each provider finishes, so a run that is stopped (a time budget's SIGINT)
+    # keeps what it measured.
+    with open(args.csv or os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        try:
+            for i, case in enumerate(cases):
+                print(f"[{i + 1}/{len(cases)}] {case.loss} {case.key} {case.dtype} {case.mode}", file=sys.stderr)
+                for provider_rows in run_case(case, device, timer, peak, tol, loss_tol, passes, args.fused_backend,
+                                              tags, args.compile_backend):
+                    w.writerows(provider_rows)
+                    f.flush()
+                    rows += provider_rows
+        except KeyboardInterrupt:
+            stopped = f"interrupted after {i} of {len(cases)} cases"
+            print(stopped, file=sys.stderr)
+    table = markdown(rows)
+    print(table)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("# Loss on low-resolution logits (upsample)\n\n```\n" + header + "```\n\n" + table + "\n")
+        f.write("# Loss on low-resolution logits (upsample)\n\n```\n" + header + (f"stopped: {stopped}\n" if stopped else "")
+                + "```\n\n" + table + "\n")
     print(f"\nwritten to {out}", file=sys.stderr)
 
 
