@@ -82,14 +82,21 @@ def stubbed_launches(counter):
     from fused_imbalance.ops import _triton_host, triton_loss, triton_upsample
 
     class _Stub:
+        def __init__(self, kernel):
+            self.finalize = getattr(kernel, "__name__", "") == "_finalize_kernel"
+
         def __getitem__(self, grid):
             counter[0] += 1
-            return lambda *args, **kwargs: None
+            return self.launch
 
-    stub = _Stub()
+        def launch(self, *args, **kwargs):
+            if self.finalize:  # the outputs (loss, scale, counts, true positives, bad labels) are never written:
+                for out in args[5:10]:  # zeros, so that what reads them goes on (a few CPU fills, counted)
+                    out.zero_()
+
     saved = [(m, m.wrap) for m in (_triton_host, triton_loss, triton_upsample)]
     for m, _ in saved:
-        m.wrap = lambda kernel: stub
+        m.wrap = _Stub
     try:
         yield
     finally:

@@ -86,8 +86,22 @@ def _backend_available(name):
     return _load(name) is not None
 
 
+_resolved = {}  # (backend, environment variable, device type, dtype) -> name, for the calls that resolved
+
+
 def resolve_backend(backend, logits):
     """The name of the backend that will run ``logits``: "triton", "cpp" or "reference"."""
+    env = os.environ.get("FUSED_IMBALANCE_BACKEND") if backend is None else None
+    key = (backend, env, logits.device.type, logits.dtype)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(backend, logits)
+        if not torch.compiler.is_compiling():
+            _resolved[key] = name
+    return name
+
+
+def _resolve(backend, logits):
     if backend is not None:
         name, source = backend, "backend"
     else:
