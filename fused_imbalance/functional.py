@@ -188,12 +188,10 @@ def _run(name, logits, target, rs, weight, tvals, confusion, mode, gamma, ignore
     red = reduction if isinstance(reduction, Reduction) else Reduction.of(reduction)
     if rs is None:
         x = logits if collapsible(logits) else logits.contiguous()
-        t = target.reshape(-1)
         geo = ()
     else:
-        x, t, geo = logits, target, (rs.interp, rs.align_corners)
-    if not t.is_contiguous():
-        t = t.contiguous()
+        x, geo = logits, (rs.interp, rs.align_corners)
+    t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
     loss, count, tp, _ = _fused.forward(name, x, t, geo, weight, tvals, confusion, mode, gamma, ignore_index, red,
                                         weighting, need_tp, validate)
     if red == Reduction.NONE:
