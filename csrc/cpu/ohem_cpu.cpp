@@ -129,9 +129,9 @@ void check_ohem_args(const Tensor& x, const Tensor& target, int64_t interp, doub
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_ohem_fwd_cpu(
-    const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners, const std::optional<Tensor>& weight_in,
-    const std::optional<Tensor>& confusion, double thresh, int64_t rank, int64_t ignore_index, int64_t reduction,
-    bool mean_over_all, bool validate, bool need_lse) {
+    const Tensor& x, const Tensor& target_in, int64_t interp, bool align_corners,
+    const std::optional<Tensor>& weight_in, const std::optional<Tensor>& confusion, double thresh, int64_t rank,
+    int64_t ignore_index, int64_t reduction, bool mean_over_all, bool validate, bool need_lse) {
   check_ohem_args(x, target_in, interp, thresh, rank, reduction);
   const int64_t C = x.size(1);
   const auto acc = acc_dtype(x);

@@ -61,14 +61,19 @@ _INTERPRET_BLOCK = 2048  # the interpreter pays per tile and per program: larger
 _INTERPRET_PROGRAMS = 3
 
 
+def _block(device):
+    return _INTERPRET_BLOCK if _interpret() and device.type != "cuda" else _BLOCK
+
+
 def _plan(N, device):
     """(programs, block) of a persistent O(N) launch."""
-    if device.type == "cuda":
-        return max(1, min(_cdiv(N, _BLOCK), _sms(device) * _PROGRAMS_PER_SM)), _BLOCK
-    return max(1, min(_cdiv(N, _INTERPRET_BLOCK), _INTERPRET_PROGRAMS)), _INTERPRET_BLOCK
+    block = _block(device)
+    cap = _sms(device) * _PROGRAMS_PER_SM if device.type == "cuda" else _INTERPRET_PROGRAMS
+    return max(1, min(_cdiv(N, block), cap)), block
 
 
 if triton is not None:
+    _BINS = tl.constexpr(FIRST_BINS)  # bins of the selection's first digit
 
     @triton.jit
     def _ohem_prob_kernel(
@@ -87,7 +92,7 @@ if triton is not None:
         nprog = tl.num_programs(0)
         if pid == 0:
             tl.store(k_ptr, _i64(rank))
-        counts = tl.zeros([FIRST_BINS], tl.int32)  # fewer than 2**31 pixels per program
+        counts = tl.zeros([_BINS], tl.int32)  # fewer than 2**31 pixels per program
         lanes = tl.arange(0, BLOCK)
         for start in range(pid.to(tl.int64) * BLOCK, N, nprog * BLOCK):  # int64: N can exceed 2**31
             n = start + lanes
@@ -100,8 +105,8 @@ if triton is not None:
                 w = tl.load(w_ptr + y32, mask=valid, other=0.0).to(loss.dtype)
                 tl.store(pl_ptr + n, loss * w, mask=valid)
             digit, ok = select_first_digit(p)
-            counts += tl.histogram(digit, FIRST_BINS, mask=valid & ok)
-        bins = tl.arange(0, FIRST_BINS)
+            counts += tl.histogram(digit, _BINS, mask=valid & ok)
+        bins = tl.arange(0, _BINS)
         tl.atomic_add(work_ptr + bins, counts.to(tl.int64), mask=counts != 0, sem="relaxed")
 
     @triton.jit
@@ -255,7 +260,7 @@ def _backward(x, target, interp, align_corners, grad, weight, pn, aux, lse, igno
     g = pn.new_empty(N)
     if N:
         gp, gp_stride, has_gp = grad_arg(grad, N, x.device, acc)
-        block = _BLOCK if x.is_cuda or not _interpret() else _INTERPRET_BLOCK
+        block = _block(x.device)
         with _on_device(x):
             wrap(_ohem_factor_kernel)[(_cdiv(N, block),)](pn, aux, gp, g, N, gp_stride, HAS_GP=has_gp, BLOCK=block,
                                                           num_warps=_WARPS)
