@@ -23,14 +23,16 @@ __all__ = ["forward"]
 
 
 class _Call:
-    """One call's arguments other than the logits (see :class:`._fused._Call`)."""
+    """One call's arguments other than the logits (see :class:`._fused._Call`); the eager path's forward
+    leaves the backward's per-pixel probabilities ``pn``, (threshold, factor) ``aux`` and ``lse`` here."""
 
-    __slots__ = ("name", "target", "geo", "weight", "confusion", "thresh", "rank", "ignore_index", "reduction",
-                 "mean_over_all", "validate", "need_lse")
+    __slots__ = ("name", "be", "target", "geo", "weight", "confusion", "thresh", "rank", "ignore_index", "reduction",
+                 "mean_over_all", "validate", "need_lse", "pn", "aux", "lse")
 
     def __init__(self, name, target, geo, weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all,
                  validate, need_lse):
-        self.name, self.target, self.geo, self.weight, self.confusion = name, target, geo, weight, confusion
+        self.name, self.be = name, _ops.load(name)
+        self.target, self.geo, self.weight, self.confusion = target, geo, weight, confusion
         self.thresh, self.rank, self.ignore_index, self.reduction = thresh, rank, ignore_index, reduction
         self.mean_over_all, self.validate, self.need_lse = mean_over_all, validate, need_lse
 
@@ -44,22 +46,20 @@ class _Call:
 
 
 def _fwd_call(s, x, graph):
-    be = _ops.load(s.name)
-    fn = be.fwd_op if graph else be.fwd
+    fn = s.be.fwd_op if graph else s.be.fwd
     return fn(x, s.target, *s.interp, s.weight, s.confusion, s.thresh, s.rank, s.ignore_index, int(s.reduction),
               s.mean_over_all, s.validate, s.need_lse)
 
 
 def _bwd_call(s, x, grad, pn, aux, lse, graph):
-    be = _ops.load(s.name)
-    fn = be.bwd_op if graph else be.bwd
+    fn = s.be.bwd_op if graph else s.be.bwd
     return fn(x, s.target, *s.interp, grad, s.weight, pn, aux, lse, s.ignore_index)
 
 
 def _run_forward(s, x):
     """The eager forward: (loss, pn, aux, lse), the deferred check of its bad labels made here."""
     loss, pn, aux, bad, lse = _fwd_call(s, x, False)
-    if s.validate and _ops.load(s.name).defers_validation:
+    if s.validate and s.be.defers_validation:
         _deferred.labels(bad, x.shape[1], s.ignore_index)
     return loss, pn, aux, lse
 
@@ -84,32 +84,31 @@ def _tangent(s, unit, x_t):
 
 
 class _Eager(torch.autograd.Function):
-    """The eager path: ctx-style, with forward-mode derivatives."""
+    """The eager path: ctx-style, one output (the loss), with forward-mode derivatives; the backward's
+    tensors other than the logits stay on the call object."""
 
     @staticmethod
     def forward(ctx, x, s):
-        loss, pn, aux, lse = _run_forward(s, x)
-        ctx.set_materialize_grads(False)
+        loss, s.pn, s.aux, s.lse = _run_forward(s, x)
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
-        ctx.s, ctx.pn, ctx.aux, ctx.lse = s, pn, aux, lse
+        ctx.s = s
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if grad_loss is None:
-            return None, None
         (x,) = ctx.saved_tensors
+        s = ctx.s
         if torch.is_grad_enabled():  # create_graph=True: a step whose own derivative is an error
-            return _Backward.apply(x, ctx.pn, ctx.aux, ctx.lse, grad_loss, ctx.s), None
-        return _bwd_call(ctx.s, x, grad_loss, ctx.pn, ctx.aux, ctx.lse, False), None
+            return _Backward.apply(x, s.pn, s.aux, s.lse, grad_loss, s), None
+        return _bwd_call(s, x, grad_loss, s.pn, s.aux, s.lse, False), None
 
     @staticmethod
     def jvp(ctx, x_t, _):
         if x_t is None:
             return None
-        x = ctx.saved_tensors[0]
-        return _tangent(ctx.s, _unit_grad(ctx.s, x, ctx.pn, ctx.aux, ctx.lse), x_t)
+        s = ctx.s
+        return _tangent(s, _unit_grad(s, ctx.saved_tensors[0], s.pn, s.aux, s.lse), x_t)
 
 
 class _Backward(torch.autograd.Function):
@@ -214,11 +213,9 @@ def forward(name, x, target, geo, weight, confusion, thresh, rank, ignore_index,
         return loss
     s = _Call(name, target, geo, weight, confusion, float(thresh), rank, ignore_index, Reduction(reduction),
               bool(mean_over_all), validate, need_lse)
-    try:
-        return _Eager.apply(x, s)
-    except RuntimeError as e:
-        # torch.func's transforms need a setup_context-style Function (torch says so before the forward
-        # runs: nothing has happened yet)
-        if "setup_context" not in str(e):
-            raise
+    if _fused._transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
         return _Func.apply(x, target, weight, confusion, s)[0]
+    return _eager_apply(_fused._unwrap_if_dead(x), s)
+
+
+_eager_apply = _fused.bound_apply(_Eager)

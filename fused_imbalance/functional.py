@@ -446,11 +446,10 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
     rank = min(_ref.ohem_rank(min_kept, logits.shape[0], convention), _MAX_RANK)
     if rs is None:
         x = logits if collapsible(logits) else logits.contiguous()
-        t, geo = target.reshape(-1), ()
+        geo = ()
     else:
-        x, t, geo = logits, target, (rs.interp, rs.align_corners)
-    if not t.is_contiguous():
-        t = t.contiguous()
+        x, geo = logits, (rs.interp, rs.align_corners)
+    t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
     loss = _ohem.forward(name, x, t, geo, w, confusion, thresh, rank, ii, Reduction.of(reduction),
                          convention == "mmseg", validate)
     return loss.view(target.shape) if reduction == "none" else loss
