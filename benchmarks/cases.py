@@ -11,7 +11,7 @@ import itertools
 import torch
 
 LOSSES = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
-          "cdb_loss", "mse_outlying_loss", "confusion_matrix")
+          "cdb_loss", "mse_outlying_loss", "ohem_cross_entropy", "confusion_matrix")
 PROVIDERS = ("eager", "compile", "fused", "liger")
 # Other libraries' kernels for one loss, timed beside the package's where they are installed.
 OTHER_PROVIDERS = {"liger": ("cross_entropy",)}
@@ -283,7 +283,43 @@ def loss_kwargs(loss, num_classes, device):
                     tau="dynamic")
     if loss == "mse_outlying_loss":
         return dict(outlying=weights.outlying_labels(counts, alpha=1.0).to(device))
+    if loss == "ohem_cross_entropy":
+        return dict(thresh=0.7, min_kept=100000)  # HRNet's OhemCrossEntropy defaults
     return {}
+
+
+def hrnet_ohem_cross_entropy(score, target, thresh=0.7, min_kept=100000, ignore_index=-100, weight=None,
+                             upsample="bilinear", align_corners=False):
+    """The eager OHEM cross-entropy users have: HRNet-Semantic-Segmentation's ``OhemCrossEntropy``
+    (``lib/core/criterion.py``, ``_ohem_forward``, as transcribed in tests/test_ohem_reference.py):
+    interpolate the logits to the labels' size when they differ, softmax, gather the label's
+    probability, sort the valid ones, keep those below max(the min_kept-th, thresh), mean of their
+    cross-entropy. 16-bit logits are computed in float32, as under autocast (its softmax and
+    cross-entropy run in float32); (N, C) rows and volumes take the same formula. The eager and
+    compile providers of ``ohem_cross_entropy`` (``make_provider``)."""
+    import torch.nn.functional as F
+
+    if score.dtype in (torch.float16, torch.bfloat16):
+        score = score.float()
+    min_kept = max(1, min_kept)
+    if score.dim() == 4 and tuple(score.shape[2:]) != tuple(target.shape[1:]):
+        score = F.interpolate(input=score, size=tuple(target.shape[1:]), mode=upsample,
+                              align_corners=None if upsample == "nearest" else align_corners)
+    pred = F.softmax(score, dim=1)
+    pixel_losses = F.cross_entropy(score, target, weight=weight, ignore_index=ignore_index,
+                                   reduction="none").contiguous().view(-1)
+    mask = target.contiguous().view(-1) != ignore_index
+
+    tmp_target = target.clone()
+    tmp_target[tmp_target == ignore_index] = 0
+    pred = pred.gather(1, tmp_target.unsqueeze(1))
+    pred, ind = pred.contiguous().view(-1,)[mask].contiguous().sort()
+    min_value = pred[min(min_kept, pred.numel() - 1)]
+    threshold = max(min_value, thresh)
+
+    pixel_losses = pixel_losses[mask][ind]
+    pixel_losses = pixel_losses[pred < threshold]
+    return pixel_losses.mean()
 
 
 def make_inputs(case, device, label_dtype="int64", seed=0):
@@ -383,8 +419,10 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64", f
                   compile_backend="inductor"):
     """A callable ``f(logits, target)`` computing ``case.loss`` with ``provider``.
 
-    eager    ``fused_imbalance.functional.<loss>(..., backend="reference")`` (the eager spec);
-    compile  ``torch.compile(fused_imbalance.reference.<loss>, dynamic=False)``, called with
+    eager    ``fused_imbalance.functional.<loss>(..., backend="reference")`` (the eager spec); for
+             ``ohem_cross_entropy`` HRNet's eager code (``hrnet_ohem_cross_entropy``), as users run it;
+    compile  ``torch.compile(fused_imbalance.reference.<loss>, dynamic=False)`` (for
+             ``ohem_cross_entropy`` of ``hrnet_ohem_cross_entropy``, without ``validate``), called with
              ``validate=False``: the label check is a host sync and a graph break, and the
              baseline should be the best a compiler makes of the reference;
     fused    ``functional.<loss>(..., backend="triton")`` on CUDA, ``backend="cpp"`` on CPU, or
@@ -407,6 +445,13 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64", f
         raise Unavailable(f"{provider} has no {case.loss}")
     if provider == "liger":
         return _liger(case, device, kwargs["ignore_index"])
+    if case.loss == "ohem_cross_entropy" and provider in ("eager", "compile"):
+        # HRNet's eager code, and torch.compile of it: what users run (its sort and boolean indexing
+        # are graph breaks, as in their training scripts)
+        if provider == "eager":
+            return functools.partial(hrnet_ohem_cross_entropy, **kwargs)
+        return functools.partial(torch.compile(hrnet_ohem_cross_entropy, dynamic=False, backend=compile_backend),
+                                 **kwargs)
     if provider == "compile":
         from fused_imbalance import reference
 

@@ -4,8 +4,8 @@ Providers, per case (loss × low-resolution logits → label size × dtype × mo
 
 | provider | what runs |
 |---|---|
-| `eager` | `functional.<loss>(x, y, upsample=..., backend="reference")`: `F.interpolate` to the label size, then the eager reference loss (the full-resolution logits and their gradient are materialised) |
-| `compile` | `torch.compile` of `reference.upsampled` + the reference loss (`dynamic=False`, `validate=False`): Inductor may fuse the resize into the loss |
+| `eager` | `functional.<loss>(x, y, upsample=..., backend="reference")`: `F.interpolate` to the label size, then the eager reference loss (the full-resolution logits and their gradient are materialised); for `ohem_cross_entropy` HRNet's eager code (`cases.hrnet_ohem_cross_entropy`: interpolate, softmax, gather, sort, masked mean) |
+| `compile` | `torch.compile` of `reference.upsampled` + the reference loss (`dynamic=False`, `validate=False`): Inductor may fuse the resize into the loss; for `ohem_cross_entropy` of HRNet's code |
 | `fused` | `functional.<loss>(x, y, upsample=..., backend=...)`: `cpp` on CPU, `triton` on CUDA |
 
 Each provider's loss and gradient are checked against eager first (the tolerance table of
@@ -31,11 +31,11 @@ import torch
 
 from . import measure
 from .bench import cpu_name, load_tolerances, _compare, _step
-from .cases import fused_backend_name, loss_kwargs
+from .cases import fused_backend_name, hrnet_ohem_cross_entropy, loss_kwargs
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LOSSES = ("cross_entropy", "focal_loss", "recall_loss")
+LOSSES = ("cross_entropy", "focal_loss", "recall_loss", "ohem_cross_entropy")
 PROVIDERS = ("eager", "compile", "fused")
 IGNORE_INDEX = -100
 
@@ -93,6 +93,10 @@ def make_provider(provider, case, device, fused_backend=None, compile_backend="i
     from fused_imbalance import functional, reference
 
     kwargs = dict(loss_kwargs(case.loss, case.low[1], device), ignore_index=IGNORE_INDEX)
+    if case.loss == "ohem_cross_entropy" and provider in ("eager", "compile"):
+        # HRNet's eager code (interpolate, softmax, gather, sort, masked mean), and torch.compile of it
+        fn = functools.partial(hrnet_ohem_cross_entropy, upsample=case.mode, **kwargs)
+        return fn if provider == "eager" else torch.compile(fn, dynamic=False, backend=compile_backend)
     if provider == "compile":
         loss = getattr(reference, case.loss)
 

@@ -19,6 +19,7 @@ def sources():
         os.path.join(CSRC, "cpu", "loss_kernels_avx512.cpp"),
         os.path.join(CSRC, "cpu", "upsample_cpu.cpp"),
         os.path.join(CSRC, "cpu", "select_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "ohem_cpu.cpp"),
     ]
 
 

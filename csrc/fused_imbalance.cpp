@@ -33,6 +33,13 @@ Tensor cpp_upsample_loss_bwd_cpu(const Tensor& x, const Tensor& target, int64_t 
                                  const std::optional<Tensor>& grad, const std::optional<Tensor>& scale,
                                  const std::optional<Tensor>& tvals, const std::optional<Tensor>& lse, int64_t mode,
                                  double gamma, int64_t ignore_index);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_ohem_fwd_cpu(
+    const Tensor& x, const Tensor& target, int64_t interp, bool align_corners, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& confusion, double thresh, int64_t rank, int64_t ignore_index, int64_t reduction,
+    bool mean_over_all, bool validate, bool need_lse);
+Tensor cpp_ohem_bwd_cpu(const Tensor& x, const Tensor& target, int64_t interp, bool align_corners,
+                        const std::optional<Tensor>& grad, const std::optional<Tensor>& weight, const Tensor& pn,
+                        const Tensor& aux, const std::optional<Tensor>& lse, int64_t ignore_index);
 
 }  // namespace cpu
 }  // namespace fused_imbalance
@@ -60,6 +67,17 @@ TORCH_LIBRARY(fused_imbalance, m) {
       "Tensor? tvals, Tensor? lse, int loss_mode, float gamma, int ignore_index) -> Tensor");
   // The k-th smallest valid entry of values (csrc/cpu/select_cpu.cpp, fused_imbalance/ops/select.py).
   m.def("cpp_select_kth(Tensor values, Tensor k, Tensor? first_hist=None) -> Tensor");
+  // The OHEM cross-entropy (csrc/cpu/ohem_cpu.cpp; the contract in fused_imbalance/ops/ohem.py): interp -1
+  // for logits of the labels' size, else the upsampled ops' interp; rank clamped to n_valid - 1 on the way.
+  // Returns (loss, pn, aux, bad, lse): pn the per-pixel label probabilities the kept set was decided on
+  // (-1 where not valid), aux (threshold, the mean's factor), both read by the backward.
+  m.def(
+      "cpp_ohem_fwd(Tensor x, Tensor target, int interp, bool align_corners, Tensor? weight, Tensor(a!)? confusion, "
+      "float thresh, int rank, int ignore_index, int reduction, bool mean_over_all, bool validate, bool need_lse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_ohem_bwd(Tensor x, Tensor target, int interp, bool align_corners, Tensor? grad, Tensor? weight, "
+      "Tensor pn, Tensor aux, Tensor? lse, int ignore_index) -> Tensor");
   // Which instruction-set copy of the CPU kernels runs here: "base", "avx2" or "avx512".
   m.def("cpp_cpu_isa() -> str",
         []() { return std::string(fused_imbalance::cpu::cpu_isa_name()); });
@@ -73,4 +91,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loss_bwd", &cpu::cpp_loss_bwd_cpu);
   m.def("upsample_loss_fwd", &cpu::cpp_upsample_loss_fwd_cpu);
   m.def("upsample_loss_bwd", &cpu::cpp_upsample_loss_bwd_cpu);
+  m.def("ohem_fwd", &cpu::cpp_ohem_fwd_cpu);
+  m.def("ohem_bwd", &cpu::cpp_ohem_bwd_cpu);
 }

@@ -6,13 +6,14 @@ matrix metric; fused Triton (CUDA) and C++ (CPU) kernels with an eager reference
 from . import functional, reference, weights
 from ._deferred import check_deferred
 from .functional import (cdb_loss, class_balanced_loss, confusion_matrix, cross_entropy, focal_loss,
-                         mse_outlying_loss, recall_loss, sigmoid_focal_loss)
-from .losses import CDBLoss, ClassBalancedLoss, FocalLoss, OutlyingMSELoss, RecallLoss
+                         mse_outlying_loss, ohem_cross_entropy, recall_loss, sigmoid_focal_loss)
+from .losses import CDBLoss, ClassBalancedLoss, FocalLoss, OhemCrossEntropyLoss, OutlyingMSELoss, RecallLoss
 from .metrics import ConfusionMatrix
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "reference", "weights", "cross_entropy", "focal_loss", "sigmoid_focal_loss",
-           "class_balanced_loss", "recall_loss", "cdb_loss", "mse_outlying_loss", "confusion_matrix",
-           "FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss", "ConfusionMatrix",
+           "class_balanced_loss", "recall_loss", "cdb_loss", "mse_outlying_loss", "ohem_cross_entropy",
+           "confusion_matrix", "FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss",
+           "OhemCrossEntropyLoss", "ConfusionMatrix",
            "check_deferred"]

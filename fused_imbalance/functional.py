@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-from . import _deferred, _fused, _upsample
+from . import _deferred, _fused, _ohem, _upsample
 from . import reference as _ref
 from . import weights as _weights
 from ._checks import (as_index, check_class_vector, check_confusion, check_gamma, check_inputs, check_loss_type,
@@ -47,7 +47,7 @@ from .ops import Mode, Reduction, Weighting, collapsible
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "weighted_loss",
            "recall_loss", "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "resolve_backend",
-           "check_deferred"]
+           "check_deferred", "ohem_cross_entropy"]
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 check_deferred = _deferred.check_deferred
@@ -418,3 +418,48 @@ def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=Tru
                             Weighting.NONE, validate, need_tp=True)
     return count, tp
 
+
+
+# --- OHEM cross-entropy (DESIGN.md §13) ------------------------------------------------------------
+
+_MAX_RANK = 1 << 62  # a rank beyond every pixel count (the op clamps it to n_valid - 1): fits int64
+
+
+def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None, ignore_index=-100,
+                       reduction="mean", *, convention="hrnet", confusion=None, backend=None, validate=True,
+                       upsample=None, align_corners=False):
+    """Cross-entropy over the hard pixels only (online hard example mining), as HRNet's
+    ``OhemCrossEntropy`` (``convention="hrnet"``) or mmsegmentation's ``OHEMPixelSampler`` with its
+    cross-entropy (``convention="mmseg"``).
+
+    With p_n the softmax probability of the label of valid pixel n and p_(k) the k-th smallest of them over
+    the whole batch: threshold = max(p_(min(k, n_valid - 1)), thresh), with k = max(1, min_kept) (HRNet)
+    or min_kept · B (mmsegmentation, B = ``logits.shape[0]``); the kept pixels are those with
+    p_n < threshold, strictly (ties with the threshold are not kept). The loss is the kept pixels'
+    Σ w_{y_n} (−log p_n): ``"sum"``; divided by the number of kept pixels (HRNet) or by every pixel of the
+    batch, ignored ones included (mmsegmentation), for ``"mean"``; per pixel, 0 where not kept, for
+    ``"none"``. No valid or no kept pixel gives loss 0 and gradient 0, never NaN. ``reference.ohem_cross_entropy``
+    is the definition and lists where it differs from both codes.
+
+    The fused backends find the threshold without sorting the probabilities (an exact radix selection on
+    the device, ties included) and without a host sync; their backward keeps exactly the pixels their
+    forward kept. With ``upsample`` the probabilities are those of the interpolated logits, which are
+    never materialised (DESIGN.md §10).
+    """
+    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    thresh, min_kept = _ref._check_ohem(thresh, min_kept, convention)
+    name = _backend(backend, logits, rs)
+    if name == "reference":
+        return _ref.ohem_cross_entropy(_interpolated(logits, rs), target, thresh, min_kept, weight, ii, reduction,
+                                       convention=convention, confusion=confusion, validate=validate)
+    w = None if weight is None else check_class_vector(weight, "weight", logits)
+    rank = min(_ref.ohem_rank(min_kept, logits.shape[0], convention), _MAX_RANK)
+    if rs is None:
+        x = logits if collapsible(logits) else logits.contiguous()
+        geo = ()
+    else:
+        x, geo = logits, (rs.interp, rs.align_corners)
+    t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
+    loss = _ohem.forward(name, x, t, geo, w, confusion, thresh, rank, ii, Reduction.of(reduction),
+                         convention == "mmseg", validate)
+    return loss.view(target.shape) if reduction == "none" else loss

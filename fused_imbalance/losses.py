@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 
 from . import functional
+from . import reference as _ref
 from . import weights as _weights
 from ._options import GAMMA, LOSS_OPTIONS, NUM_CLASSES, CheckedOptions
 from ._checks import check_loss_type, check_num_classes, dist_ready
 
-__all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss"]
+__all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss", "OhemCrossEntropyLoss"]
 
 
 def _set_options(module, **options):
@@ -438,3 +439,48 @@ class OutlyingMSELoss(CheckedOptions):
                                             self.input, confusion=confusion, backend=self.backend,
                                             validate=self.validate,
             upsample=self.upsample, align_corners=self.align_corners)
+
+
+def _thresh(module, thresh):
+    return _ref._check_ohem(thresh, 0, "hrnet")[0]
+
+
+def _min_kept(module, min_kept):
+    return _ref._check_ohem(0.0, min_kept, "hrnet")[1]
+
+
+def _convention(module, convention):
+    _ref._check_ohem(0.0, 0, convention)
+    return convention
+
+
+class OhemCrossEntropyLoss(CheckedOptions):
+    """OHEM cross-entropy (online hard example mining): the cross-entropy of the pixels whose label
+    probability lies strictly below max(the ``min_kept``-th smallest of the batch, ``thresh``), as HRNet's
+    ``OhemCrossEntropy`` (``convention="hrnet"``) or mmsegmentation's ``OHEMPixelSampler`` with its
+    cross-entropy (``convention="mmseg"``): see :func:`functional.ohem_cross_entropy`.
+
+    ``weight`` (optional, (C,)) is kept in the buffer ``weight``. ``thresh``, ``min_kept``, ``convention``
+    and the other options can be set later (checked as here; taking effect at the next call).
+    """
+
+    OPTIONS = {**LOSS_OPTIONS, "thresh": _thresh, "min_kept": _min_kept, "convention": _convention,
+               "weight": _class_weight}
+
+    def __init__(self, thresh=0.7, min_kept=100000, weight=None, ignore_index=-100, reduction="mean", backend=None,
+                 *, convention="hrnet", validate=True, upsample=None, align_corners=False):
+        super().__init__()
+        self.register_buffer("weight", None)
+        _set_options(self, upsample=upsample, align_corners=align_corners, thresh=thresh, min_kept=min_kept,
+                     convention=convention, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                     validate=validate, weight=weight)
+
+    def extra_repr(self):
+        return (f"thresh={self.thresh}, min_kept={self.min_kept}, convention={self.convention!r}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+
+    def forward(self, logits, target, confusion=None):
+        return functional.ohem_cross_entropy(logits, target, self.thresh, self.min_kept, self.weight, self.ignore_index,
+                                             self.reduction, convention=self.convention, confusion=confusion,
+                                             backend=self.backend, validate=self.validate, upsample=self.upsample,
+                                             align_corners=self.align_corners)

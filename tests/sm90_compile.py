@@ -8,8 +8,8 @@ kernels are built exactly as ``fused_imbalance/ops/triton_loss.py`` configures t
 full-size ``torch.empty`` CPU tensors (pages never touched cost no memory). ptxas ``-v``, with
 Triton's own flags, gives registers and spill bytes. Prints one JSON record per compiled kernel.
 
-``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``, with ``UPSAMPLE_VARIANTS`` and
-``SELECT_VARIANTS``) reaches every kernel and
+``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``, with ``UPSAMPLE_VARIANTS``,
+``SELECT_VARIANTS`` and ``OHEM_VARIANTS``) reaches every kernel and
 every code path of each: all loss modes, every flag (per-pixel loss, true positives, confusion
 in a per-program register histogram and by atomics), statistics in registers and in rows,
 unrolled classes and the loop over class groups, every vector width (float64, float32, 16-bit
@@ -255,11 +255,36 @@ def compile_select_variant(dt, first):
     return _COMPILED[start:]
 
 
+# --- the OHEM cross-entropy (fused_imbalance/ops/triton_ohem.py) ---------------------------------
+# (dtype, reduction, weighted, upsampled, mean over every pixel): its O(N) kernels in every flag combination,
+# the selection's passes after a first histogram counted elsewhere (float32 and float64 plans), and the
+# loss launchers' passes.
+OHEM_VARIANTS = [("f32", 0, True, False, False), ("f32", 2, False, False, False), ("f64", 1, False, False, False),
+                 ("bf16", 0, False, True, True)]
+
+
+def compile_ohem_variant(dt, reduction, weighted, upsampled, mean_over_all):
+    from fused_imbalance.ops import triton_ohem as O
+    dtype = _DTYPES[dt]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.empty((2, 19, 32, 64) if upsampled else (2, 19, 128, 256), dtype=dtype)
+    y = torch.empty((2, 128, 256) if upsampled else (2 * 128 * 256,), dtype=torch.int64)
+    interp = 1 if upsampled else -1
+    w = torch.empty(19, dtype=acc) if weighted else None
+    start = len(_COMPILED)
+    loss, pn, aux, bad, lse = O._forward(x, y, interp, False, w, None, 0.7, 100000, -100, reduction, mean_over_all,
+                                         False, False)
+    grad = torch.empty(y.numel() if reduction == 2 else (), dtype=acc)
+    O._backward(x, y, interp, False, grad, w, pn, aux, lse, -100)
+    return _COMPILED[start:]
+
+
 def main(argv):
     _install()
     variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
     jobs = ([(compile_variant, v) for v in variants] + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
-            + [(compile_select_variant, v) for v in SELECT_VARIANTS])
+            + [(compile_select_variant, v) for v in SELECT_VARIANTS]
+            + [(compile_ohem_variant, v) for v in OHEM_VARIANTS])
     seen = {}
     for compile_fn, v in jobs:
         for kernel, constexprs in compile_fn(*v):

@@ -42,7 +42,7 @@ def report():
 
 
 def _every_kernel_compiles(report):
-    kernels = {r["kernel"] for r in report if not r["kernel"].startswith(("_up_", "_select_"))}
+    kernels = {r["kernel"] for r in report if not r["kernel"].startswith(("_up_", "_select_", "_ohem_"))}
     assert kernels == {"_fwd_static_kernel", "_bwd_static_kernel", "_fwd_chunked_kernel",
                        "_bwd_chunked_kernel", "_class_sum_kernel", "_finalize_kernel", "_reduce_rows_kernel"}
     # every flag of the static forward is reached with both values
@@ -90,6 +90,24 @@ def _select_kernels_compile(report):
     assert {c["BITS"] for c in hist} == {"7", "8"}
 
 
+# --- the OHEM cross-entropy (OHEM_VARIANTS of sm90_compile.py) ------------------------------------
+
+def _ohem_kernels_compile(report):
+    """The O(N) kernels of the OHEM cross-entropy with every flag, and the selection's passes after a first
+    histogram counted by its probability kernel; no spills (_no_spills)."""
+    kernels = {r["kernel"]: [] for r in report if r["kernel"].startswith("_ohem_")}
+    for r in report:
+        if r["kernel"] in kernels:
+            kernels[r["kernel"]].append(r["constexprs"])
+    assert set(kernels) == {"_ohem_prob_kernel", "_ohem_kept_kernel", "_ohem_finalize_kernel", "_ohem_factor_kernel"}
+    assert {c["WEIGHTED"] for c in kernels["_ohem_prob_kernel"]} == {"True", "False"}
+    assert {(c["CLEAR"], c["UNIT"]) for c in kernels["_ohem_kept_kernel"]} == {("False", "False"), ("False", "True"),
+                                                                                ("True", "True")}
+    assert {(c["MEAN"], c["MEAN_ALL"]) for c in kernels["_ohem_finalize_kernel"]} >= {("True", "True"),
+                                                                                        ("True", "False"),
+                                                                                        ("False", "False")}
+
+
 def test_sm90_compile(report):
     """The three checks in one test, so that the compile run (the module's fixture) happens once also
     under pytest-xdist, which runs a module fixture in every worker that gets one of its tests."""
@@ -97,3 +115,4 @@ def test_sm90_compile(report):
     _no_spills(report)
     _upsample_kernels_compile(report)
     _select_kernels_compile(report)
+    _ohem_kernels_compile(report)

@@ -231,6 +231,14 @@ Tensor cpp_select_kth_cpu(const Tensor& values, const Tensor& k, const std::opti
 
 }  // namespace
 
+// The k-th smallest valid entry of contiguous float32 or float64 `values` on the CPU (the op's contract,
+// k as an int), for the OHEM cross-entropy op (ohem_cpu.cpp), which selects within its own call.
+double select_kth_value(const Tensor& values, int64_t k) {
+  if (values.scalar_type() == at::kDouble)
+    return select_kth<double>(values.data_ptr<double>(), values.numel(), k, nullptr);
+  return select_kth<float>(values.data_ptr<float>(), values.numel(), k, nullptr);
+}
+
 TORCH_LIBRARY_IMPL(fused_imbalance, CPU, m) {
   m.impl("cpp_select_kth", &cpp_select_kth_cpu);
 }

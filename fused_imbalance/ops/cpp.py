@@ -23,13 +23,14 @@ import torch
 
 from . import FLOAT_DTYPES, Backend, Mode, Weighting, fwd_fake
 
-__all__ = ["available", "unavailable_reason", "supports", "cpu_isa", "backend", "keeps_lse"]
+__all__ = ["available", "unavailable_reason", "supports", "cpu_isa", "backend", "keeps_lse", "module"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 _lock = threading.Lock()
 _loaded = None  # None: not tried yet; then True or False
 _reason = None  # why loading failed
 _backend = None
+_module = None  # the loaded extension module (its pybind11 functions)
 ISAS = ("base", "avx2", "avx512")
 
 
@@ -130,7 +131,7 @@ def _register(module):
 
 def available():
     """True when the C++ ops are loaded (built ahead of time, or compiled now on first use)."""
-    global _loaded, _reason, _backend
+    global _loaded, _reason, _backend, _module
     _check_isa_env()
     if _loaded is None:
         with _lock:
@@ -138,6 +139,7 @@ def available():
                 module, err = _load_library()
                 if err is None:
                     _backend = _register(module)
+                    _module = module
                 else:
                     warnings.warn(f"fused_imbalance: the C++ backend is unavailable, the reference "
                                   f"backend is used instead: {err}", RuntimeWarning, stacklevel=2)
@@ -150,6 +152,12 @@ def backend():
     if not available():
         raise RuntimeError(f"fused_imbalance: the C++ backend is not available: {_reason}")
     return _backend
+
+
+def module():
+    """The loaded extension module, whose pybind11 functions an eager call runs (loading it first)."""
+    backend()
+    return _module
 
 
 def unavailable_reason():

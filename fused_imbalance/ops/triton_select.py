@@ -215,30 +215,32 @@ if triton is not None:
         tl.store(out_ptr, tl.where(n_valid > 0, value, 0.0))
 
 
-def _select(values, k, first_hist):
-    """The launcher: the histogram passes and the final launch (see the module docstring)."""
-    v = values.reshape(-1)
-    N = v.numel()
-    plan = digit_plan(v.dtype)
-    widths = [w for _, w in plan]
-    # One int64 buffer, every kernel's only scratch argument (no views of one tensor passed as
-    # several arguments): the histogram of each digit, then a state after each digit but the last.
+def work_layout(dtype):
+    """(hist_at, state_at, size) of the selection's one int64 scratch buffer for values of ``dtype``: the
+    offset of each digit's histogram (the first at 0, ``FIRST_BINS`` long), of the state after each digit
+    but the last, and the buffer's length. A caller that counts the first histogram in its own pass
+    (:mod:`.triton_ohem`) adds it into a zeroed buffer of this size and runs :func:`launch_passes`."""
+    widths = [w for _, w in digit_plan(dtype)]
     hist_at = [0]
     for w in widths:
         hist_at.append(hist_at[-1] + (1 << w))
-    state_at = [hist_at[-1] + 3 * j for j in range(len(plan) - 1)]
-    size = hist_at[-1] + 3 * (len(plan) - 1)
-    if first_hist is None:
-        work = torch.zeros(size, dtype=torch.int64, device=v.device)
-    else:  # the given first histogram, the rest zeroed
-        work = torch.nn.functional.pad(first_hist, (0, size - FIRST_BINS))
-    k = k.reshape(()).to(torch.int64)
-    out = v.new_empty(())
+    state_at = [hist_at[-1] + 3 * j for j in range(len(widths) - 1)]
+    return hist_at, state_at, hist_at[-1] + 3 * (len(widths) - 1)
+
+
+def launch_passes(v, k, work, out, first_given):
+    """The histogram passes and the final launch over values ``v`` (N,), rank ``k`` (a 0-d int64 tensor),
+    into ``out`` (0-d, the values' dtype). ``work``: the zeroed buffer of :func:`work_layout`, holding the
+    first histogram when ``first_given`` (its pass is then skipped)."""
+    N = v.numel()
+    plan = digit_plan(v.dtype)
+    widths = [w for _, w in plan]
+    hist_at, state_at, _ = work_layout(v.dtype)
     interp = _interpret() and not v.is_cuda
     block = _INTERPRET_BLOCK if interp else _BLOCK
     grid = (_programs(_cdiv(N, block), v.device),)
     with _on_device(v):
-        for j in range(0 if first_hist is None else 1, len(plan)):
+        for j in range(1 if first_given else 0, len(plan)):
             shift, width = plan[j]
             prev = max(j - 1, 0)
             wrap(_select_hist_kernel)[grid](
@@ -249,6 +251,19 @@ def _select(values, k, first_hist):
         wrap(_select_final_kernel)[(1,)](k, work, out, PREV=hist_at[last], STATE_IN=state_at[max(last - 1, 0)],
                                          PREV_BITS=widths[last], FIRST=last == 0, num_warps=4)
     return out
+
+
+def _select(values, k, first_hist):
+    """The launcher: the histogram passes and the final launch (see the module docstring)."""
+    v = values.reshape(-1)
+    # One int64 buffer, every kernel's only scratch argument (no views of one tensor passed as
+    # several arguments): the histogram of each digit, then a state after each digit but the last.
+    size = work_layout(v.dtype)[2]
+    if first_hist is None:
+        work = torch.zeros(size, dtype=torch.int64, device=v.device)
+    else:  # the given first histogram, the rest zeroed
+        work = torch.nn.functional.pad(first_hist, (0, size - FIRST_BINS))
+    return launch_passes(v, k.reshape(()).to(torch.int64), work, v.new_empty(()), first_hist is not None)
 
 
 if triton is not None:
