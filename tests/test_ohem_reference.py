@@ -1,4 +1,4 @@
-"""The OHEM cross-entropy reference (``reference.ohem_cross_entropy``, DESIGN.md §13) against the code
+"""The OHEM cross-entropy reference (``reference.ohem_cross_entropy``, docs/DESIGN.md §13) against the code
 it follows, transcribed below from the published sources, and the sort rule on constructed ties,
 edge ranks, empty and all-ignored inputs, reductions, gradients, dtypes and layouts."""
 import pytest
