@@ -4,7 +4,7 @@ For each case (loss × logits shape × dtype × memory format) and provider (eag
 ``torch.compile`` of the reference, the fused backend) the harness checks the provider's loss
 and gradient against the eager reference, then times forward, backward and forward+backward,
 measures peak memory beyond the inputs, and reports GB/s against the byte floor of
-DESIGN.md §8. Results go to the terminal (Markdown) and to ``benchmarks/results/<tag>-<date>/``
+docs/DESIGN.md §8. Results go to the terminal (Markdown) and to ``benchmarks/results/<tag>-<date>/``
 (results.csv, results.md, bandwidth.png, speedup.png). See README.md for the columns.
 """
 import argparse

@@ -368,7 +368,7 @@ def ignore_index_for(label_dtype):
 # --------------------------------------------------------------------------- byte floor
 
 def floor_bytes(case, pass_, label_dtype="int64"):
-    """DESIGN.md §8: the logits read once per pass, the gradient written once, plus the labels.
+    """docs/DESIGN.md §8: the logits read once per pass, the gradient written once, plus the labels.
 
     fwd: N·C·s + labels; bwd: 2·N·C·s + labels (read logits, write gradient);
     fwd+bwd: 3·N·C·s + labels. s = bytes per logit, labels = N · bytes per label.

@@ -227,7 +227,7 @@ def header(env):
 LEGEND = """\
 Columns: times are medians in milliseconds; "fused vs eager/compile" = their time / fused time
 (> 1: fused is faster); GB/s = byte floor of the pass / time (fwd N·C·s + labels, bwd 2·N·C·s +
-labels, fwd+bwd 3·N·C·s + labels, DESIGN.md §8); "% of copy" = fused GB/s / measured copy
+labels, fwd+bwd 3·N·C·s + labels, docs/DESIGN.md §8); "% of copy" = fused GB/s / measured copy
 bandwidth; peak MiB = memory allocated beyond the inputs during the pass (the gradient itself,
 N·C·s, is part of bwd and fwd+bwd); "bwd" = backward alone (the forward runs untimed before each call); a check
 other than "ok" means the provider's loss or gradient differed from the eager reference (FAIL,

@@ -1,6 +1,6 @@
 """sm90_static driver: fused_imbalance's Triton loss passes on Cityscapes-, ADE20K- and long-tail-sized logits.
 
-    python ../shared/tools/sm90_static/sm90_static.py benchmarks/sm90_driver.py [--json OUT] [--only ade_cl]
+    python sm90_static.py benchmarks/sm90_driver.py [--json OUT] [--only ade_cl]
 
 The project's copy of the tool's example driver, kept in step with the kernels: the forward op's signature
 (need_tp / need_confusion flags, the confusion counts returned), the trip models of the static-class and chunked
@@ -8,11 +8,11 @@ kernels, and the extra memory traffic of the passes that store per-pixel losses 
 The 72 cases are the example driver's.
 
 Launches go only through the public ops torch.ops.fused_imbalance.triton_loss_fwd / triton_loss_bwd (their contract
-is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of ../shared/tools'
+is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of the sm90_static and sm90_memory tools'
 calibration driver too) name the passes by their flags, so the cases keep working across internal refactors. The one piece that knows the kernels is the trip model (TRIPS), written against kernel argument names: when a
 name or the loop nesting changes, the tool flags the case ("no estimate") instead of estimating it with a stale model.
 
-Byte floor (DESIGN.md section 8): a forward reads the logits once, a backward reads them and writes the gradient once;
+Byte floor (docs/DESIGN.md §8): a forward reads the logits once, a backward reads them and writes the gradient once;
 both read the int64 labels once. Inputs are torch.empty: nothing runs, the kernels are only compiled.
 """
 import importlib
@@ -31,7 +31,7 @@ from fused_imbalance.ops import Reduction, Weighting  # noqa: E402
 
 
 def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
-    """A forward pass through the op, by the flags these cases (and ../shared/tools' drivers) name it with:
+    """A forward pass through the op, by the flags these cases (and the sm90_static and sm90_memory tools' drivers) name it with:
     the per-pixel loss ("none"), the statistics pass (true positives, the confusion counts into a matrix),
     or a mean (the class-loss sums of the programs, reduced by the finalize launch)."""
     C = x.shape[1]

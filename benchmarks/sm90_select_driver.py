@@ -1,7 +1,7 @@
 """sm90_static driver: the exact k-th selection of fused_imbalance/ops/triton_select.py on Cityscapes- and
 ADE20K-sized label-probability vectors.
 
-    python ../shared/tools/sm90_static/sm90_static.py benchmarks/sm90_select_driver.py --cache DIR
+    python sm90_static.py benchmarks/sm90_select_driver.py --cache DIR
 
 Launches go through the public op torch.ops.fused_imbalance.triton_select_kth. A case is one whole
 selection: the zero-fill, the histogram passes (all of them, or all but the first with ``first_hist``)

@@ -1,13 +1,13 @@
-"""sm90_static driver: the Triton upsampled loss ops (DESIGN.md §10) on Cityscapes- and ADE20K-sized heads.
+"""sm90_static driver: the Triton upsampled loss ops (docs/DESIGN.md §10) on Cityscapes- and ADE20K-sized heads.
 
-    python ../shared/tools/sm90_static/sm90_static.py benchmarks/sm90_upsample_driver.py --cache DIR
+    python sm90_static.py benchmarks/sm90_upsample_driver.py --cache DIR
 
 Low-resolution logits (B, C, h, w) against full-resolution int64 labels (B, H, W), bilinear,
 align_corners=False, NCHW. Launches go through the public ops torch.ops.fused_imbalance.
 triton_upsample_loss_fwd / _bwd; the trip models (TRIPS) name the kernels' arguments and follow the
 loops of fused_imbalance/ops/triton_upsample.py.
 
-Byte floor (DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
+Byte floor (docs/DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
 2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what a backward
 with class groups (C > _FUSED_C) really moves beyond it: for the softmax focal losses the gradient
 launch reads what the forward kept per pixel (lse, and with γ != 0 the focal weight: 1-2 floats),

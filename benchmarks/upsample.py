@@ -1,4 +1,4 @@
-"""The loss on low-resolution logits (``upsample``, DESIGN.md §10): ``python -m benchmarks.upsample``.
+"""The loss on low-resolution logits (``upsample``, docs/DESIGN.md §10): ``python -m benchmarks.upsample``.
 
 Providers, per case (loss × low-resolution logits → label size × dtype × mode):
 

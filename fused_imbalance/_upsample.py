@@ -1,4 +1,4 @@
-"""The ``upsample`` option of the losses and statistics (DESIGN.md §10): argument checks,
+"""The ``upsample`` option of the losses and statistics (docs/DESIGN.md §10): argument checks,
 backend choice and the fused ops' call, kept apart from :mod:`.functional`.
 
 With ``upsample="bilinear" | "nearest"`` the logits are (B, C, h, w) and the target (B, H, W);

@@ -1,10 +1,10 @@
-"""The losses users call (DESIGN.md §3): argument checks, backend choice, weights and reduction.
+"""The losses users call (docs/DESIGN.md §3): argument checks, backend choice, weights and reduction.
 
 Every function takes keyword-only ``confusion=None`` (a (C, C) int64 tensor the same pass adds
 its argmax confusion counts into), ``backend=None``, ``validate=True``, and
 ``upsample=None | "bilinear" | "nearest"`` with ``align_corners=False``: the loss of low-resolution
 logits (B, C, h, w) against labels (B, H, W), equal to that of ``F.interpolate(logits, size=(H, W),
-mode=upsample, align_corners=align_corners)`` without the interpolated tensor (DESIGN.md §10,
+mode=upsample, align_corners=align_corners)`` without the interpolated tensor (docs/DESIGN.md §10,
 :mod:`._upsample`).
 
 Under activation checkpointing (``torch.utils.checkpoint``) a function called inside the checkpointed
@@ -14,7 +14,7 @@ the loss: a fused loss keeps nothing of the logits' size for the backward but th
 themselves, so checkpointing it saves little), or count outside it with
 ``confusion_matrix(logits.detach(), target, out=...)``.
 
-Backends (DESIGN.md §7): ``"auto"`` (default, or the environment variable
+Backends (docs/DESIGN.md §7): ``"auto"`` (default, or the environment variable
 ``FUSED_IMBALANCE_BACKEND``) picks Triton for CUDA tensors and the C++ kernels for CPU tensors,
 falling back to ``"reference"`` (eager PyTorch) when those are not available; ``"triton"`` and
 ``"cpp"`` ask for one backend and fail with a clear error when it cannot run the input.
@@ -22,7 +22,7 @@ falling back to ``"reference"`` (eager PyTorch) when those are not available; ``
 A call is one prologue shared by every function (argument checks, cached per shape so that a
 training loop's repeated calls cost a dictionary lookup; the backend), then one fused forward
 through :mod:`._fused`: the backend's pass over the logits computes the loss, the per-class
-counts and true positives, and the backward's per-class factor, on the device (DESIGN.md §2: the
+counts and true positives, and the backward's per-class factor, on the device (docs/DESIGN.md §2: the
 loss Σ_c w_c S_c / D with D = Σ_c w_c n_c for the general losses and D = Σ_c n_c for the paper
 losses). No step of it waits for the device.
 

@@ -1,10 +1,10 @@
-"""Loss modules (DESIGN.md §6): thin ``nn.Module`` shells over :mod:`fused_imbalance.functional`.
+"""Loss modules (docs/DESIGN.md §6): thin ``nn.Module`` shells over :mod:`fused_imbalance.functional`.
 
 Each module keeps its class weights (or its running statistics) in buffers, so
 ``.to(device)`` moves them and ``state_dict()`` saves them, and computes nothing per step
 beyond the functional call: static weights are computed once in ``__init__``, CDB weights
 once per :meth:`CDBLoss.update`. ``forward(logits, target, confusion=None)`` takes the shapes
-of DESIGN.md §2; a (C, C) int64 ``confusion`` receives the batch's argmax confusion counts
+of docs/DESIGN.md §2; a (C, C) int64 ``confusion`` receives the batch's argmax confusion counts
 from the same pass over the logits.
 
 Activation checkpointing (``torch.utils.checkpoint``) runs a forward inside the checkpointed region
@@ -17,7 +17,7 @@ logits' size for the backward but the logits themselves, so checkpointing it sav
 labels (without a host sync: on the GPU the error comes from a later call, see
 :func:`fused_imbalance.check_deferred`), False skips that check.
 
-``upsample=None | "bilinear" | "nearest"`` and ``align_corners=False`` (keywords, DESIGN.md §10):
+``upsample=None | "bilinear" | "nearest"`` and ``align_corners=False`` (keywords, docs/DESIGN.md §10):
 with ``upsample`` the module takes low-resolution logits (B, C, h, w) and labels (B, H, W) and
 computes the loss of the logits interpolated to (H, W), without the interpolated tensor.
 
@@ -307,7 +307,7 @@ class CDBLoss(CheckedOptions):
     cross-entropy / focal loss) until the first :meth:`update` or
     :meth:`update_from_confusion`, which refresh them from the per-class accuracy A measured
     on validation data — typically once an epoch. ``tau="dynamic"`` derives τ from A
-    (DESIGN.md §4); a number fixes it. ``"mean"`` is over valid pixels.
+    (docs/DESIGN.md §4); a number fixes it. ``"mean"`` is over valid pixels.
 
     Setting ``tau`` later recomputes the weights from the accuracy of this module's last update
     (ones before any update stay ones). The accuracy is not in ``state_dict()``: after

@@ -1,4 +1,4 @@
-"""Confusion-matrix metric for dense predictions (DESIGN.md §6).
+"""Confusion-matrix metric for dense predictions (docs/DESIGN.md §6).
 
 :class:`ConfusionMatrix` accumulates (C, C) int64 counts — row = true class, column =
 predicted class — over any number of batches, and derives recall, precision, IoU, mIoU and
@@ -80,7 +80,7 @@ class ConfusionMatrix(CheckedOptions):
 
         ``upsample="bilinear" | "nearest"`` (and ``align_corners``): the logits are (B, C, h, w) at a
         lower resolution than the (B, H, W) labels, and the prediction is the argmax of
-        ``F.interpolate(logits, size=(H, W), ...)``, computed without that tensor (DESIGN.md §10).
+        ``F.interpolate(logits, size=(H, W), ...)``, computed without that tensor (docs/DESIGN.md §10).
         """
         if self._synced:
             raise RuntimeError("ConfusionMatrix.update() after sync(): call reset() first "

@@ -1,4 +1,4 @@
-"""Eager PyTorch implementations of every loss: the executable specification (DESIGN.md §2–§4).
+"""Eager PyTorch implementations of every loss: the executable specification (docs/DESIGN.md §2–§4).
 
 These are written for clarity, not speed: they materialise softmax, one-hot targets and
 per-class masks. Every fused kernel is tested against them. They are also the ``"reference"``
@@ -8,7 +8,7 @@ Conventions (all functions): logits (N, C) or (B, C, d1..dk) in any layout; targ
 (B, d1..dk) with integer labels; pixels whose label is ``ignore_index`` contribute nothing;
 arithmetic in float32 (float64 for float64 logits); ``"none"`` returns the per-pixel loss
 shaped like ``target`` (0 at ignored pixels) — the per-(image,)class losses for the Dice family
-(DESIGN.md §12), which is a function of per-class sums; a zero denominator gives loss 0 and
+(docs/DESIGN.md §12), which is a function of per-class sums; a zero denominator gives loss 0 and
 gradient 0.
 """
 import math
@@ -103,7 +103,7 @@ def _mse(px, outlying, on_softmax):
 
 
 def _reduce(px, loss, w, reduction, mean_over_weights):
-    """Weighted reduction of per-pixel losses (DESIGN.md §2 "Mean")."""
+    """Weighted reduction of per-pixel losses (docs/DESIGN.md §2 "Mean")."""
     valid = px.valid.to(loss.dtype)
     loss = torch.where(px.valid, loss, torch.zeros_like(loss))
     # As torch's cross_entropy: an ignored pixel never meets a weight (an inf weight of the class
@@ -248,7 +248,7 @@ def class_stats(logits, target, ignore_index=-100, validate=True):
 
 
 def upsampled(logits, size, upsample, align_corners=False):
-    """The logits the losses see with ``upsample`` (DESIGN.md §10): ``F.interpolate`` of the
+    """The logits the losses see with ``upsample`` (docs/DESIGN.md §10): ``F.interpolate`` of the
     low-resolution logits to ``size`` = (H, W), in the accumulation dtype like every other
     arithmetic of the package (16-bit logits are interpolated in float32, not rounded back).
 
@@ -260,7 +260,7 @@ def upsampled(logits, size, upsample, align_corners=False):
     return F.interpolate(x, size=tuple(size), mode=upsample, **kwargs)
 
 
-# --- Dice family (DESIGN.md §12) --------------------------------------------------------------
+# --- Dice family (docs/DESIGN.md §12) --------------------------------------------------------------
 #
 # Soft Dice, generalized Dice, Tversky and Dice + cross-entropy on softmax probabilities, with the
 # options and the formulas of MONAI's DiceLoss, GeneralizedDiceLoss, TverskyLoss and DiceCELoss
@@ -711,7 +711,7 @@ def _dice_family_grad(fn, logits, target, grad_output=None, **options):
     return grad.reshape(shape).movedim(-1, 1)
 
 
-# --- OHEM cross-entropy (DESIGN.md §13) --------------------------------------------------------
+# --- OHEM cross-entropy (docs/DESIGN.md §13) --------------------------------------------------------
 
 OHEM_CONVENTIONS = ("hrnet", "mmseg")
 

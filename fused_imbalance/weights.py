@@ -1,4 +1,4 @@
-"""Class-weighting schemes (DESIGN.md §4–§5). Every function returns a float32 (C,) tensor.
+"""Class-weighting schemes (docs/DESIGN.md §4–§5). Every function returns a float32 (C,) tensor.
 
 A class with count 0 gets the largest weight of the others, never inf or NaN.
 

@@ -11,7 +11,7 @@ for a float64 oracle.
 import torch
 
 import fused_imbalance.reference as R
-from fused_imbalance.ops import Mode, Reduction, Weighting
+from fused_imbalance.ops import Mode, Reduction, Weighting, acc_dtype
 
 
 def _labels(x, y):
@@ -31,7 +31,7 @@ def pixel_loss(x, y, mode, gamma, tvals, ignore):
         out = R.mse_outlying_loss(x, y, tvals.to(x.device), input="logits" if mode == Mode.MSE_LOGITS else "softmax",
                                   **kw)
     else:
-        out = torch.zeros(y.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+        out = torch.zeros(y.shape, dtype=acc_dtype(x),
                           device=x.device) + 0 * x.sum()
     return out.reshape(-1)
 
@@ -45,7 +45,7 @@ def _valid(x, y, ignore):
 def weights_of(x, y, weight, weighting, ignore):
     """The class weights of a weighting (the recall loss's from the batch's statistics)."""
     C = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     if weighting in (Weighting.GENERAL, Weighting.PAPER):
         return weight.to(acc)
     if weighting == Weighting.RECALL:

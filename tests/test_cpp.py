@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import contract
-from fused_imbalance.ops import Mode, Reduction, Weighting
+from fused_imbalance.ops import Mode, Reduction, Weighting, acc_dtype
 from tolerances import LOSS_TOL, TOL
 
 cpp = pytest.importorskip("fused_imbalance.ops.cpp")
@@ -56,10 +56,6 @@ def layout(x, name):
     if name == "not_collapsible":  # spatial dims that no single stride describes
         return x.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, 1:]
     raise ValueError(name)
-
-
-def acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def fwd(x, target, mode, gamma=0.0, tvals=None, ignore_index=-100, reduction=NONE, weighting=0, weight=None,

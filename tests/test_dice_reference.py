@@ -1,4 +1,4 @@
-"""The Dice family's executable spec (DESIGN.md §12): MONAI's losses with the options mapped,
+"""The Dice family's executable spec (docs/DESIGN.md §12): MONAI's losses with the options mapped,
 segmentation_models_pytorch's formulas, hand-worked values, layouts, edge cases, gradients (autograd,
 gradcheck and the closed form the fused backward computes), errors."""
 import math

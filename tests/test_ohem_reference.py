@@ -1,4 +1,4 @@
-"""The OHEM cross-entropy reference (``reference.ohem_cross_entropy``, DESIGN.md §13) against the code
+"""The OHEM cross-entropy reference (``reference.ohem_cross_entropy``, docs/DESIGN.md §13) against the code
 it follows, transcribed below from the published sources, and the sort rule on constructed ties,
 edge ranks, empty and all-ignored inputs, reductions, gradients, dtypes and layouts."""
 import pytest
@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fused_imbalance.reference as R
+from fused_imbalance.ops import acc_dtype
 from cases import to_layout
 from tolerances import LOSS_TOL, TOL
 
@@ -101,7 +102,7 @@ def data(shape=(2, 5, 4, 6), dtype=torch.float64, seed=0, ignore=255, every=7, s
 
 def label_prob(x, y, ignore):
     """(p, valid) per pixel, flattened: the softmax probability of the label, in the accumulation dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     C = x.shape[1]
     rows = x.movedim(1, -1).reshape(-1, C).to(acc)
     yl = y.reshape(-1).long()

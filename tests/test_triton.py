@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 import contract  # noqa: E402
-from fused_imbalance.ops import Mode, Reduction, Weighting, pixel_view  # noqa: E402
+from fused_imbalance.ops import Mode, Reduction, Weighting, acc_dtype, pixel_view  # noqa: E402
 from fused_imbalance.ops import _triton_host as H  # noqa: E402
 from fused_imbalance.ops import triton_backend  # noqa: E402
 from fused_imbalance.ops import triton_loss as T  # noqa: E402
@@ -48,7 +48,7 @@ def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.in
         flat[3], flat[7] = C + 2, -3  # bad labels: counted, otherwise ignored
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    tvals = torch.linspace(1.0, 3.0, C, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    tvals = torch.linspace(1.0, 3.0, C, dtype=acc_dtype(x))
     return x.to(DEV), y.to(label_dtype).to(DEV), tvals.to(DEV)
 
 
@@ -68,7 +68,7 @@ def check_forward(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_conf
     rcl, _, rcount, rtp, rbad, rconf = contract.forward(x, y, None, tvals, mode, gamma, ignore, Reduction.CLASS,
                                                         Weighting.NONE)
     rpl = contract.pixel_loss(x, y, mode, gamma, tvals, ignore)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     assert pl.dtype == cl.dtype == acc and pl.shape == rpl.shape and cl.shape == rcl.shape
     torch.testing.assert_close(pl, rpl, **LOSS_TOL[x.dtype])
     torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
@@ -90,7 +90,7 @@ def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed
     """The backward against autograd of the reference, for each upstream form asked for: a per-pixel
     gradient (gp), a per-class factor (gc), a scalar gradient with a factor (both), or neither (1)."""
     C, N = x.shape[1], y.numel()
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     g = torch.Generator().manual_seed(seed)
     grad_pixel = torch.randn(N, generator=g, dtype=acc).to(x.device)
     grad_class = torch.randn(C, generator=g, dtype=acc).to(x.device)

@@ -1,4 +1,4 @@
-"""The loss on low-resolution logits (DESIGN.md §10): ``upsample="bilinear" | "nearest"``.
+"""The loss on low-resolution logits (docs/DESIGN.md §10): ``upsample="bilinear" | "nearest"``.
 
 The specification is literal: ``F.interpolate`` of the logits (in the accumulation dtype, see
 ``reference.upsampled``) followed by the reference loss. Every fused result — value, gradient with

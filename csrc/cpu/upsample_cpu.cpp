@@ -1,5 +1,5 @@
 // CPU implementations of fused_imbalance::cpp_upsample_loss_fwd / cpp_upsample_loss_bwd: the
-// loss of DESIGN.md §10 on low-resolution logits x (B, C, h, w) against labels (B, H, W), equal
+// loss of docs/DESIGN.md §10 on low-resolution logits x (B, C, h, w) against labels (B, H, W), equal
 // to F.interpolate(x, size=(H, W), mode, align_corners) followed by the loss, without ever
 // holding more than a few interpolated rows.
 //

@@ -26,7 +26,7 @@ reduction, weighting, need_tp, validate, need_lse) -> (loss, scale, count, tp, b
                  for NONE (weighted, 0 at pixels that are not valid), the per-class sums
                  S_c = Σ_{y_n = c} ℓ_n (C,) for CLASS (the caller weights them).
     weighting    a :class:`Weighting`: the class weights w and the mean's denominator D
-                 (DESIGN.md §2): NONE w = 1; GENERAL ``weight``, D = Σ_n w_{y_n}; PAPER ``weight``,
+                 (docs/DESIGN.md §2): NONE w = 1; GENERAL ``weight``, D = Σ_n w_{y_n}; PAPER ``weight``,
                  D = N_valid; RECALL w_c = 1 − TP_c / n_c of this pass (1 for an absent class),
                  D = N_valid. A zero D divides by 1 (loss 0, gradient 0).
     need_tp      return ``tp``; otherwise it is an empty (0,) tensor (RECALL computes it anyway).
@@ -98,7 +98,7 @@ _REDUCTIONS = {"mean": Reduction.MEAN, "sum": Reduction.SUM, "none": Reduction.N
 
 
 class Weighting(enum.IntEnum):
-    """The class weights of the forward op and the denominator of its mean (DESIGN.md §2)."""
+    """The class weights of the forward op and the denominator of its mean (docs/DESIGN.md §2)."""
 
     NONE = 0     # w = 1
     GENERAL = 1  # the given weights, mean over Σ_n w_{y_n} (as torch's cross_entropy)

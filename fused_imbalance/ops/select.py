@@ -1,5 +1,5 @@
 """The k-th smallest valid value of a vector, exactly and without a host sync: the threshold of the
-OHEM cross-entropy (DESIGN.md §13) found without sorting the per-pixel probabilities.
+OHEM cross-entropy (docs/DESIGN.md §13) found without sorting the per-pixel probabilities.
 
 ``select_kth(values, k, first_hist=None, *, backend=None) -> Tensor``
 

@@ -519,7 +519,7 @@ def _finalize_kernel(
     """The forward's one small launch after the loss kernel: the programs' rows reduced in a fixed
     order (deterministic), and from those C-vectors what the caller needs, on the device: the counts,
     true positives and bad-label count, the class weights (the recall loss's from the counts), the
-    loss Σ_c w_c S_c / D (DESIGN.md §2: D = Σ_c w_c n_c or Σ_c n_c; a zero D divides by 1) and the
+    loss Σ_c w_c S_c / D (docs/DESIGN.md §2: D = Σ_c w_c n_c or Σ_c n_c; a zero D divides by 1) and the
     backward's per-class factor. As ``torch.nn.functional.cross_entropy``, a weight enters only
     through the pixels of its class (``where(n_c > 0, w_c S_c, 0)``: an inf or NaN weight of an absent
     class changes nothing). The weighted denominator is summed in float64, as the counts are exact

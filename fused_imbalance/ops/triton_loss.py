@@ -36,9 +36,10 @@ import torch
 
 from . import FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake, pixel_view
 from ._args import check_tensor_args
-from ._triton_host import (_INTERPRET_PROGRAMS, _RESIDENT_WARPS, _cdiv, _class_sums, _dummy, _focal, _interpret, _np2,  # noqa: F401
-                           _on_device,
-                           _programs, finalize, grad_arg, outputs)
+from ._triton_host import (_cdiv, _class_sums, _dummy, _focal, _interpret, _np2, _on_device, _programs, finalize,
+                           grad_arg, outputs)
+# Re-exported, unused here: the sm90_memory tool's calibration driver reads triton_loss._RESIDENT_WARPS.
+from ._triton_host import _RESIDENT_WARPS  # noqa: F401
 
 try:
     import triton

@@ -1,5 +1,5 @@
 """Exact k-th smallest value of a vector on the device, without a sort and without a host sync:
-``fused_imbalance::triton_select_kth`` (the threshold of the OHEM cross-entropy, DESIGN.md §13).
+``fused_imbalance::triton_select_kth`` (the threshold of the OHEM cross-entropy, docs/DESIGN.md §13).
 
 **What it computes.** ``values`` (N,) float32 or float64. An entry < 0 is *invalid* and never
 selected; every other entry (±0, positive, +inf, NaN) is valid. ``k`` is a 0-d integer tensor
@@ -41,7 +41,7 @@ the scratch buffer is that histogram padded with zeros. A histogram that is not 
 * bytes: each histogram pass reads the N values once (s·N), and each program adds at most 256
   int64 counts with integer atomics and reads the previous 256 (2 KB, L2);
 * instructions per entry and pass, from the SASS for sm_90 (``benchmarks/sm90_select_driver.py``
-  with ``../shared/tools/sm90_static``): with triton 3.9, 17-19 (``tl.histogram`` is one
+  with ``sm90_static``): with triton 3.9, 17-19 (``tl.histogram`` is one
   shared-memory atomic increment per entry); with triton 3.6, 60-66 (its ``tl.histogram``
   counts with one warp ballot per digit bit and a popcount per bin a lane owns, so its cost
   grows with the bins: 11-bit digits, 3 passes instead of 4, cost about 180 per entry and pass

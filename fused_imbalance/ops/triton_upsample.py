@@ -1,4 +1,4 @@
-"""The Triton backend of the upsampled loss ops (DESIGN.md §10):
+"""The Triton backend of the upsampled loss ops (docs/DESIGN.md §10):
 ``fused_imbalance::triton_upsample_loss_fwd`` / ``triton_upsample_loss_bwd``.
 
 Same contract as the C++ ops (:mod:`.upsample`): the loss of ``F.interpolate(x, size=(H, W),

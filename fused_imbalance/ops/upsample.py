@@ -1,4 +1,4 @@
-"""The upsampled loss ops (DESIGN.md §10): low-resolution logits against full-resolution labels.
+"""The upsampled loss ops (docs/DESIGN.md §10): low-resolution logits against full-resolution labels.
 
 forward ``{backend}_upsample_loss_fwd(x, target, interp, align_corners, weight, tvals, confusion,
 loss_mode, gamma, ignore_index, reduction, weighting, need_tp, validate, need_lse) -> (loss, scale,
