@@ -1,4 +1,4 @@
-"""The autograd formula of the fused OHEM cross-entropy (DESIGN.md §13), the pattern of :mod:`._fused`.
+"""The autograd formula of the fused OHEM cross-entropy (docs/DESIGN.md §13), the pattern of :mod:`._fused`.
 
 An eager call goes from :func:`fused_imbalance.functional.ohem_cross_entropy` through one
 ``torch.autograd.Function`` to the backend's forward (the Triton launcher, or the C++ function through

@@ -420,7 +420,7 @@ def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=Tru
 
 
 
-# --- OHEM cross-entropy (DESIGN.md §13) ------------------------------------------------------------
+# --- OHEM cross-entropy (docs/DESIGN.md §13) ------------------------------------------------------------
 
 _MAX_RANK = 1 << 62  # a rank beyond every pixel count (the op clamps it to n_valid - 1): fits int64
 
@@ -444,7 +444,7 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
     The fused backends find the threshold without sorting the probabilities (an exact radix selection on
     the device, ties included) and without a host sync; their backward keeps exactly the pixels their
     forward kept. With ``upsample`` the probabilities are those of the interpolated logits, which are
-    never materialised (DESIGN.md §10).
+    never materialised (docs/DESIGN.md §10).
     """
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     thresh, min_kept = _ref._check_ohem(thresh, min_kept, convention)

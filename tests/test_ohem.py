@@ -1,4 +1,4 @@
-"""The fused OHEM cross-entropy (``functional.ohem_cross_entropy``, DESIGN.md §13) on every fused backend:
+"""The fused OHEM cross-entropy (``functional.ohem_cross_entropy``, docs/DESIGN.md §13) on every fused backend:
 values and gradients against the reference (the sort-based definition) and against HRNet's and
 mmsegmentation's code as transcribed in ``test_ohem_reference.py``; the kept set against a sort of the
 backend's own label probabilities, ties at the threshold included; edge ranks, empty kept sets, no valid

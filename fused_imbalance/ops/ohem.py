@@ -1,4 +1,4 @@
-"""The OHEM cross-entropy ops (DESIGN.md §13) and their registry, beside the loss ops' :class:`~.Backend`.
+"""The OHEM cross-entropy ops (docs/DESIGN.md §13) and their registry, beside the loss ops' :class:`~.Backend`.
 
 forward ``{backend}_ohem_fwd(x, target, interp, align_corners, weight, confusion, thresh, rank, ignore_index,
 reduction, mean_over_all, validate, need_lse) -> (loss, pn, aux, bad, lse)``

@@ -1,5 +1,5 @@
 """The Triton OHEM cross-entropy: ``fused_imbalance::triton_ohem_fwd`` / ``triton_ohem_bwd`` (the contract
-of :mod:`.ohem`; DESIGN.md §13), built on the cross-entropy launchers of :mod:`.triton_loss` (plain logits)
+of :mod:`.ohem`; docs/DESIGN.md §13), built on the cross-entropy launchers of :mod:`.triton_loss` (plain logits)
 and :mod:`.triton_upsample` (low-resolution logits) and on the exact selection of :mod:`.triton_select`.
 
 **Forward**, launches in order (N pixels, ``P`` persistent programs of the O(N) kernels):
