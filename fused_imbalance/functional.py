@@ -404,6 +404,36 @@ def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=Tru
 # keyword names (DiceLoss(softmax=True, to_onehot_y=True, ...) and its siblings). One pass over the
 # logits gives the per-(image,)class sums, the backward one more (:mod:`._dice`).
 
+_DICE_REFERENCE = {"dice": _ref.dice_loss, "generalized_dice": _ref.generalized_dice_loss,
+                   "tversky": _ref.tversky_loss, "dice_ce": _ref.dice_ce_loss}
+_DICE_KIND = {"dice": DiceKind.DICE, "generalized_dice": DiceKind.GENERALIZED, "tversky": DiceKind.TVERSKY,
+              "dice_ce": DiceKind.DICE}
+
+
+def _dice_family(loss, logits, target, ignore_index, reduction, confusion, backend, validate, upsample, align_corners,
+                 sync=None, weight=None, **options):
+    """The four Dice-family functions (``loss``: a key of ``_DICE_REFERENCE``) with their own ``options``;
+    ``sync``: the distributed modules' all-reduce of the sums (:mod:`._dice`)."""
+    if loss == "dice_ce" and reduction == "none":
+        raise ValueError("dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
+                         "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape")
+    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    name = _backend(backend, logits, rs)
+    if name == "reference":
+        if sync is not None:
+            raise RuntimeError("distributed=True needs a fused backend (cpp or triton): the reference backend "
+                               "computes the loss without handing out its per-class sums to all-reduce")
+        if loss in ("dice", "dice_ce"):
+            options["weight"] = weight
+        return _DICE_REFERENCE[loss](_interpolated(logits, rs), target, ignore_index=ii, reduction=reduction,
+                                     confusion=confusion, validate=validate, **options)
+    o = _dice.DiceOptions(logits, _DICE_KIND[loss], **options)
+    C = logits.shape[1]
+    ce = loss == "dice_ce"
+    w = _dice.check_weight(weight, logits, C if ce else C - o.first, validate)
+    return _dice.run(name, logits, target, rs, o, w, w if ce else None, confusion, ii, reduction, validate, sync)
+
+
 def dice_loss(logits, target, weight=None, include_background=True, squared_pred=False, jaccard=False,
               smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
               backend=None, validate=True, upsample=None, align_corners=False):
@@ -425,15 +455,9 @@ def dice_loss(logits, target, weight=None, include_background=True, squared_pred
     first, the Dice pass is fused but the interpolation is not (the interpolated logits and their
     gradient are allocated).
     """
-    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
-    name = _backend(backend, logits, rs)
-    if name == "reference":
-        return _ref.dice_loss(_interpolated(logits, rs), target, weight, include_background, squared_pred, jaccard,
-                              smooth_nr, smooth_dr, batch, ii, reduction, confusion=confusion, validate=validate)
-    o = _dice.DiceOptions(logits, DiceKind.DICE, include_background, squared_pred, jaccard, smooth_nr, smooth_dr,
-                          batch)
-    w = _dice.check_weight(weight, logits, logits.shape[1] - o.first, validate)
-    return _dice.run(name, logits, target, rs, o, w, None, confusion, ii, reduction, validate)
+    return _dice_family("dice", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
+                        align_corners, weight=weight, include_background=include_background, squared_pred=squared_pred,
+                        jaccard=jaccard, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
 
 
 def generalized_dice_loss(logits, target, w_type="square", include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
@@ -448,14 +472,9 @@ def generalized_dice_loss(logits, target, w_type="square", include_background=Tr
     as :func:`fused_imbalance.reference.generalized_dice_loss` (ignored pixels count in no sum, the
     weights in the accumulation dtype).
     """
-    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
-    name = _backend(backend, logits, rs)
-    if name == "reference":
-        return _ref.generalized_dice_loss(_interpolated(logits, rs), target, w_type, include_background, smooth_nr,
-                                          smooth_dr, batch, ii, reduction, confusion=confusion, validate=validate)
-    o = _dice.DiceOptions(logits, DiceKind.GENERALIZED, include_background, smooth_nr=smooth_nr,
-                          smooth_dr=smooth_dr, batch=batch, w_type=w_type)
-    return _dice.run(name, logits, target, rs, o, None, None, confusion, ii, reduction, validate)
+    return _dice_family("generalized_dice", logits, target, ignore_index, reduction, confusion, backend, validate,
+                        upsample, align_corners, w_type=w_type, include_background=include_background,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
 
 
 def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5,
@@ -468,14 +487,9 @@ def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_backgro
     (segmentation_models_pytorch raises the class mean to γ instead). For γ != 1 a term with 1 − TI <= 0
     is 0 with gradient 0. α, β >= 0, γ > 0, all finite.
     """
-    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
-    name = _backend(backend, logits, rs)
-    if name == "reference":
-        return _ref.tversky_loss(_interpolated(logits, rs), target, alpha, beta, gamma, include_background, smooth_nr,
-                                 smooth_dr, batch, ii, reduction, confusion=confusion, validate=validate)
-    o = _dice.DiceOptions(logits, DiceKind.TVERSKY, include_background, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                          batch=batch, alpha=alpha, beta=beta, gamma=gamma)
-    return _dice.run(name, logits, target, rs, o, None, None, confusion, ii, reduction, validate)
+    return _dice_family("tversky", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
+                        align_corners, alpha=alpha, beta=beta, gamma=gamma, include_background=include_background,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
 
 
 def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True,
@@ -491,16 +505,7 @@ def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, in
     Differences from MONAI: ignored pixels count in neither term (MONAI's DiceCELoss has no
     ``ignore_index``); ``validate`` checks that all C weights are finite and >= 0.
     """
-    if reduction == "none":
-        raise ValueError("dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
-                         "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape")
-    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
-    name = _backend(backend, logits, rs)
-    if name == "reference":
-        return _ref.dice_ce_loss(_interpolated(logits, rs), target, lambda_dice, lambda_ce, weight,
-                                 include_background, squared_pred, jaccard, smooth_nr, smooth_dr, batch, ii, reduction,
-                                 confusion=confusion, validate=validate)
-    o = _dice.DiceOptions(logits, DiceKind.DICE, include_background, squared_pred, jaccard, smooth_nr, smooth_dr,
-                          batch, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
-    w = _dice.check_weight(weight, logits, logits.shape[1], validate)
-    return _dice.run(name, logits, target, rs, o, w, w, confusion, ii, reduction, validate)
+    return _dice_family("dice_ce", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
+                        align_corners, weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                        include_background=include_background, squared_pred=squared_pred, jaccard=jaccard,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
