@@ -174,8 +174,10 @@ class _Graph(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, ce_weight, confusion, name, kind, w_type, flags, prm, ignore_index,
-                reduction, validate, sync):
+                reduction, validate, sync, same):
         be = dice_backend(name)
+        if same:
+            ce_weight = weight
         loss, coef, ce_scale, bad = _forward(be, True, x, target, weight, ce_weight, confusion, kind, w_type, flags,
                                              prm, ignore_index, reduction, validate, sync)
         ctx.mark_non_differentiable(bad)
@@ -188,7 +190,7 @@ class _Graph(torch.autograd.Function):
         x, target, coef, ce_scale = ctx.saved_tensors
         dx = _backward(dice_backend(ctx.name), True, x, target, coef, ce_scale, grad, ctx.kind, ctx.flags,
                        ctx.ignore_index, ctx.reduction)
-        return (dx,) + (None,) * 13
+        return (dx,) + (None,) * 14
 
 
 def run(name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index, reduction, validate, sync=None):
@@ -207,8 +209,10 @@ def run(name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index,
         t = t.contiguous()
     red = int(Reduction.of(reduction))
     if torch.compiler.is_compiling():
-        loss, bad = _Graph.apply(x, t, weight, ce_weight, confusion, name, o.kind, o.w_type, o.flags, o.params,
-                                 ignore_index, red, validate, sync)
+        # dice_ce_loss's one weight for both terms goes in once: Dynamo refuses a tensor given twice
+        same = ce_weight is weight and weight is not None
+        loss, bad = _Graph.apply(x, t, weight, None if same else ce_weight, confusion, name, o.kind, o.w_type,
+                                 o.flags, o.params, ignore_index, red, validate, sync, same)
         _check_labels(name, bad, x.shape[1], ignore_index, validate)  # a device assertion in the graph
     else:
         s = _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync)
