@@ -114,7 +114,10 @@ def test_class_counts(backend, C):
     # C = 1: the softmax is the constant 1; 19: every class unrolled; 40 and 150: the loop over class groups
     shape = (2, C, 3, 5) if backend == "triton" else (2, C, 17, 23)
     x, y = _data(shape, seed=C, device=backend_device(backend))
-    for name in ("dice", "generalized_dice", "focal_tversky", "dice_ce"):
+    # the interpreter's cost grows with C (every class is unrolled code): two losses there beyond 32 classes
+    names = ("generalized_dice", "dice_ce") if backend == "triton" and C > 32 else (
+        "dice", "generalized_dice", "focal_tversky", "dice_ce")
+    for name in names:
         if C == 1 and CALLS[name][2].get("include_background") is False:
             continue
         _compare(name, x, y, backend, ("mean",) if name != "dice" else None)
@@ -353,11 +356,12 @@ def test_weight_checks(backend):
 
 
 def test_deterministic(backend):
-    x, y = _data((2, 19, 6, 7), dtype=torch.float32, device=backend_device(backend))
+    C = 5 if backend == "triton" else 19
+    x, y = _data((2, C, 6, 7), dtype=torch.float32, device=backend_device(backend))
     for name in ("dice_ce", "generalized_dice"):
-        first = _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, 19, x.device))
+        first = _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, C, x.device))
         for _ in range(2):
-            again = _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, 19, x.device))
+            again = _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, C, x.device))
             assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
@@ -398,6 +402,7 @@ def test_registered_ops_equal_the_eager_functions(backend):
                        be.bwd_op(x, t, op[2], op[3], g, int(DiceKind.DICE), flags, -100, 0))
     # the forward without its finalize, then the finalize op on its sums: the same loss and coefficients
     _, sums, _, _, _ = be.fwd_op(*args, False)
+    torch.library.opcheck(be.fwd_op, args + (False,), test_utils=("test_schema", "test_faketensor"))
     fin = be.finalize_op(sums, w, w, int(DiceKind.DICE), 0, flags, prm, 0, 1.0)
     for a, b in zip(fin, (eager[0], eager[2], eager[3])):
         assert torch.equal(a, b)

@@ -433,10 +433,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_dice_fwd_cpu(
       record_bad(nbad, labels, N, C, ignore_index, validate, bad);
     });
   });
-  if (!finalize_now) {
-    const Tensor none = at::empty({0}, sums.options());
-    return {none, sums, none, none, bad};
-  }
+  if (!finalize_now)  // three distinct empty outputs: an op's outputs must not alias each other
+    return {at::empty({0}, sums.options()), sums, at::empty({0}, sums.options()), at::empty({0}, sums.options()), bad};
   const Finalized f = finalize(sums, weight, ce_weight, kind, w_type, flags, o, reduction, 1.0);
   return {f.loss, sums, f.coef, f.ce_scale, bad};
 }
