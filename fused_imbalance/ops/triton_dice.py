@@ -9,16 +9,16 @@ one run of pixels where one stride walks them) and P persistent programs per gro
 walking its group's tiles pid, pid + P, ... A tile is ``ROWS x VEC`` pixels of one image (NCHW: VEC = 4
 consecutive pixels per thread, one vector load per class; channels_last and float64: one pixel per
 thread), the classes a compile-time loop (C is a constant of the kernels: one compiled kernel per class
-count), unrolled up to 32 classes and a loop over groups of classes beyond.
+count), unrolled up to 24 classes and a loop over groups of classes beyond.
 
 Forward, per tile: the softmax's max and sum in groups of classes (``_static_softmax``: a max pass and
 an exp pass over the same values), then one more pass over the classes for p_c = exp(x_c − lse):
 I_c += p_c [y = c], P_c += p_c (p_c²), G_c += [y = c] and, with the cross-entropy, its per-class sums
-of −log p_y. Up to 32 classes these are per-thread registers (a select and two adds per logit); beyond,
+of −log p_y. Up to 24 classes these are per-thread registers (a select and two adds per logit); beyond,
 each class's tile sum is added into a per-program vector of C sums. A program writes its row of the
 (S·P, 4, C) table once; the finalize launch sums a group's rows in a fixed order (in float64), computes
 the loss and the backward's coefficients (float64), and reduces the bad-label rows. A table over
-2^18 values is first reduced by a launch over (group, block of classes). No float atomics: the results
+2^16 values is first reduced by a launch over (group, block of classes). No float atomics: the results
 are bit-identical run to run.
 
 Backward, per tile: the max, Σ e and q = Σ_c e_c a_P[c] (Σ e_c² a_P[c] with squared) in the same
@@ -48,11 +48,13 @@ except ImportError:  # the package works without triton; this backend is then un
 __all__ = ["backend"]
 
 _WARPS = 4
-_REG_C = 32  # up to this class count the sums are per-thread registers and every class is unrolled
+_REG_C = 24  # up to this class count the sums are per-thread registers and every class is unrolled
 _LOOP_GROUP = 16  # classes per group of the loop beyond (8 in float64)
 _GROUP_VALUES = 96  # logits a thread holds per max/exp group
-_FINALIZE_ELEMS = 1 << 18  # table values the one-program finalize sums itself; beyond, a reduce launch first
+_SUM_GROUP = 4  # classes per step of the forward's sums beyond _REG_C classes (16 spilled with triton 3.6)
+_FINALIZE_ELEMS = 1 << 16  # table values the one-warp finalize sums itself; beyond, a reduce launch first
 _FIN_BR, _FIN_BC = 16, 128  # rows and classes per step of the finalize
+_FIN_WARPS = 1  # the finalize's one program: with 2, 4 or 8 warps ptxas spilled it (tests/sm90_dice.py)
 _INTERPRET_TILE_SCALE = 8  # the interpreter's cost is per tile: larger tiles there
 
 
@@ -102,7 +104,7 @@ if triton is not None:
         ignore_index,  # label of pixels that take no part
         C: tl.constexpr,  # classes
         GROUP: tl.constexpr,  # classes per max/exp group of the softmax
-        LOOP: tl.constexpr,  # a loop over the class groups (C > 32), the sums in vectors of C
+        LOOP: tl.constexpr,  # a loop over the class groups (C > 24), the sums in vectors of C
         SQUARED: tl.constexpr,  # P sums p²
         CE: tl.constexpr,  # the cross-entropy's per-class sums too
         CONF: tl.constexpr,  # 0: no confusion, 1: a register histogram (CONF_BINS cells), 2: integer atomics
@@ -110,6 +112,7 @@ if triton is not None:
         ROWS: tl.constexpr,  # pixel rows per tile
         VEC: tl.constexpr,  # consecutive pixels per thread and row
         CP: tl.constexpr,  # a power of two >= C (LOOP)
+        SUM_GROUP: tl.constexpr,  # classes per step of the sums (LOOP)
     ):
         acc_ty = row_ptr.dtype.element_ty
         pid = tl.program_id(0)
@@ -154,13 +157,15 @@ if triton is not None:
                 xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
                 ce = tl.where(valid, ms + tl.log(ssum) - xy, 0.0)  # −log p_y
             if LOOP:
-                FULL: tl.constexpr = (C // GROUP) * GROUP
-                for c0 in range(0, FULL, GROUP):
+                # a few classes per step: each takes four tile sums, whose reductions the compiler
+                # would otherwise overlap across a whole group's classes (and spill)
+                FULL: tl.constexpr = (C // SUM_GROUP) * SUM_GROUP
+                for c0 in range(0, FULL, SUM_GROUP):
                     iv, pv, gv, cv = _dice_sums_group(xp, sc, pmask, valid, y32, ms, inv, ce, c0, iv, pv, gv, cv,
-                                                      cidx, acc_ty, GROUP, SQUARED, CE)
-                if C % GROUP:
+                                                      cidx, acc_ty, SUM_GROUP, SQUARED, CE)
+                if C % SUM_GROUP:
                     iv, pv, gv, cv = _dice_sums_group(xp, sc, pmask, valid, y32, ms, inv, ce, FULL, iv, pv, gv, cv,
-                                                      cidx, acc_ty, C % GROUP, SQUARED, CE)
+                                                      cidx, acc_ty, C % SUM_GROUP, SQUARED, CE)
             else:
                 # per-thread running sums: a compare, a select and a few adds per pixel and class
                 ni = ()
@@ -618,11 +623,19 @@ def _geometry(x, flags, grad=None):
     return 1, B, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
-def _plan(C, S, ss, itemsize):
+def _plan(C, S, ss, itemsize, forward):
     """(ROWS, VEC, GROUP, LOOP) as the static loss kernels' plan: VEC = 4 consecutive pixels per thread
     when pixels are contiguous (one pixel in float64, whose registers are twice as many), one pixel per
-    thread otherwise; GROUP classes per max/exp group (a thread holds about _GROUP_VALUES logits)."""
-    vec = (1 if itemsize == 8 else 4) if ss == 1 else 1
+    thread otherwise; GROUP classes per max/exp group (a thread holds about _GROUP_VALUES logits). The
+    forward holds three or four per-class sums per thread beside the logits: VEC = 2 beyond 8 classes
+    (4 spilled on sm_90 with 19 classes and the cross-entropy); the backward its coefficients: VEC = 2
+    from 21 to 24 classes (4 spilled with 24; tests/sm90_dice.py)."""
+    if ss != 1 or itemsize == 8:
+        vec = 1
+    elif forward:
+        vec = 4 if C <= 8 else 2
+    else:
+        vec = 2 if 20 < C <= _REG_C else 4
     rows = 32 * _WARPS
     values = _GROUP_VALUES // (2 if itemsize == 8 else 1)
     cap = max(1, values // vec)
@@ -683,7 +696,7 @@ def _finalize(rows, brow, sums, R, weight, ce_weight, out, kind, w_type, flags, 
         KIND=int(kind), W_TYPE=int(w_type), FIRST=0 if int(flags) & DiceFlags.INCLUDE_BACKGROUND else 1,
         JACCARD=bool(int(flags) & DiceFlags.JACCARD), GAMMA_ONE=prm[4] == 1.0, CE=bool(int(flags) & DiceFlags.CE),
         RED=int(reduction), HAS_W=weight is not None, HAS_CEW=ce_weight is not None, REDUCE=reduce, BAD=take_bad,
-        COMPUTE=compute, BR=_FIN_BR, BC=min(_np2(C), _FIN_BC), num_warps=4)
+        COMPUTE=compute, BR=_FIN_BR, BC=min(_np2(C), _FIN_BC), num_warps=_FIN_WARPS)
 
 
 def _outputs(sums, kind, flags, reduction):
@@ -701,7 +714,7 @@ def _forward(x, target, weight, ce_weight, confusion, kind, w_type, flags, prm, 
     C = x.shape[1]
     dev = x.device
     G, ipg, S, (sb, sc, ss), _ = _geometry(x, flags)
-    rows_, vec, group, loop = _plan(C, S, ss, x.element_size())
+    rows_, vec, group, loop = _plan(C, S, ss, x.element_size(), True)
     tiles_per_b = _cdiv(S, rows_ * vec)
     tiles_per_g = ipg * tiles_per_b
     P = _programs_per_group(tiles_per_g, G, dev)
@@ -721,7 +734,7 @@ def _forward(x, target, weight, ce_weight, confusion, kind, w_type, flags, prm, 
                 x, target, rows, brow, conf, S, tiles_per_b, tiles_per_g, sb, sc, ss, ignore_index,
                 C=C, GROUP=group, LOOP=loop, SQUARED=bool(int(flags) & DiceFlags.SQUARED),
                 CE=bool(int(flags) & DiceFlags.CE), CONF=conf_mode, CONF_BINS=conf_bins, ROWS=rows_, VEC=vec,
-                CP=_np2(C), num_warps=_WARPS)
+                CP=_np2(C), SUM_GROUP=_SUM_GROUP, num_warps=_WARPS)
         big = G * P * 4 * C > _FINALIZE_ELEMS
         if big:
             bc = min(_np2(C), _FIN_BC)
@@ -756,7 +769,7 @@ def _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduct
     g = grad.reshape(-1)
     if not g.is_contiguous():
         g = g.contiguous()
-    rows_, vec, group, loop = _plan(C, S, ss, x.element_size())
+    rows_, vec, group, loop = _plan(C, S, ss, x.element_size(), False)
     tiles_per_b = _cdiv(S, rows_ * vec)
     tiles_per_g = ipg * tiles_per_b
     P = _programs_per_group(tiles_per_g, G, x.device)
