@@ -175,6 +175,17 @@ def test_gradcheck_float64(backend, name):
                                     fast_mode=backend == "triton")
 
 
+def test_per_term_losses_summed_equal_the_sum(backend):
+    # the upstream gradient of "none" summed is autograd's expansion of one value (strides 0)
+    x, y = _data((2, 4, 3, 4), device=backend_device(backend))
+    for fn in (FI.dice_loss, FI.generalized_dice_loss):
+        a = x.clone().requires_grad_(True)
+        b = x.clone().requires_grad_(True)
+        fn(a, y, reduction="none", backend=backend).sum().backward()
+        fn(b, y, reduction="sum", backend=backend).backward()
+        torch.testing.assert_close(a.grad, b.grad, **F64)
+
+
 # --- edge cases ------------------------------------------------------------------------------------
 
 def test_all_ignored(backend):

@@ -6,9 +6,10 @@ their labels, the grouped online softmax, confusion counts, bad labels) are thos
 
 The grid is (P, S): S groups of sums (an image each, or one for the batch, whose images are folded into
 one run of pixels where one stride walks them) and P persistent programs per group, program ``pid``
-walking its group's tiles pid, pid + P, ... A tile is ``ROWS x VEC`` pixels of one image (NCHW: VEC = 4
-consecutive pixels per thread, one vector load per class; channels_last and float64: one pixel per
-thread), the classes a compile-time loop (C is a constant of the kernels: one compiled kernel per class
+walking its group's tiles pid, pid + P, ... A tile is ``ROWS x VEC`` pixels of one image (NCHW: VEC
+consecutive pixels per thread, one vector load per class, 4 or, where the per-class sums or coefficients
+take the registers, 2 (``_plan``); channels_last and float64: one pixel per thread), the classes a
+compile-time loop (C is a constant of the kernels: one compiled kernel per class
 count), unrolled up to 24 classes and a loop over groups of classes beyond.
 
 Forward, per tile: the softmax's max and sum in groups of classes (``_static_softmax``: a max pass and
@@ -766,9 +767,12 @@ def _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduct
     C = x.shape[1]
     G, ipg, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, flags, dx)
     u_ss, u_sc, first = upstream_index(grad, G, C, kind, flags, reduction)
-    g = grad.reshape(-1)
-    if not g.is_contiguous():
-        g = g.contiguous()
+    if grad.numel() > 1 and all(st == 0 for st in grad.stride()):
+        g, u_ss, u_sc = grad, 0, 0  # autograd's expansion of one value (a sum of the terms): no copy
+    else:
+        g = grad.reshape(-1)
+        if not g.is_contiguous():
+            g = g.contiguous()
     rows_, vec, group, loop = _plan(C, S, ss, x.element_size(), False)
     tiles_per_b = _cdiv(S, rows_ * vec)
     tiles_per_g = ipg * tiles_per_b
