@@ -16,7 +16,7 @@ import torch
 
 from . import _deferred, _upsample
 from . import reference as _ref
-from ._fused import DOUBLE_BACKWARD
+from ._fused import DOUBLE_BACKWARD, bound_apply, transforms_active, unwrap_if_dead
 from .ops import Reduction, acc_dtype, collapsible
 from .ops.dice import DiceFlags, DiceKind, WType, dice_backend, params
 
@@ -96,7 +96,7 @@ class _Call:
     """One call's arguments other than the logits, riding along as one object (as ``_fused._Call``)."""
 
     __slots__ = ("name", "target", "weight", "ce_weight", "confusion", "o", "ignore_index", "reduction",
-                 "validate", "sync")
+                 "validate", "sync", "coef", "ce_scale")
 
     def __init__(self, name, target, weight, ce_weight, confusion, o, ignore_index, reduction, validate, sync):
         self.name, self.target, self.weight, self.ce_weight = name, target, weight, ce_weight
@@ -132,25 +132,24 @@ def _backward(be, graph, x, target, coef, ce_scale, grad, kind, flags, ignore_in
 
 
 class _Eager(torch.autograd.Function):
+    """The eager path: ctx-style, one output (the loss); the backward's coefficients stay on the call object."""
+
     @staticmethod
     def forward(ctx, x, s):
         o = s.o
-        loss, coef, ce_scale, bad = _forward(dice_backend(s.name), False, x, s.target, s.weight, s.ce_weight,
-                                             s.confusion, o.kind, o.w_type, o.flags, o.params, s.ignore_index,
-                                             s.reduction, s.validate, s.sync)
+        loss, s.coef, s.ce_scale, bad = _forward(dice_backend(s.name), False, x, s.target, s.weight, s.ce_weight,
+                                                 s.confusion, o.kind, o.w_type, o.flags, o.params, s.ignore_index,
+                                                 s.reduction, s.validate, s.sync)
         _check_labels(s.name, bad, x.shape[1], s.ignore_index, s.validate)
-        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x)
-        ctx.s, ctx.coef, ctx.ce_scale = s, coef, ce_scale
+        ctx.s = s
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        if grad is None:
-            return None, None
         (x,) = ctx.saved_tensors
         s = ctx.s
-        args = (x, s.target, ctx.coef, ctx.ce_scale, grad, s.o.kind, s.o.flags, s.ignore_index, s.reduction)
+        args = (x, s.target, s.coef, s.ce_scale, grad, s.o.kind, s.o.flags, s.ignore_index, s.reduction)
         if torch.is_grad_enabled():  # create_graph=True: a step whose own derivative is an error
             return _Backward.apply(s.name, *args), None
         return _backward(dice_backend(s.name), False, *args), None
@@ -204,9 +203,7 @@ def run(name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index,
     if rs is not None:
         logits = _upsample.reference_logits(logits, rs)
     x = logits if collapsible(logits) else logits.contiguous()
-    t = target.reshape(-1)
-    if not t.is_contiguous():
-        t = t.contiguous()
+    t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
     red = int(Reduction.of(reduction))
     if torch.compiler.is_compiling():
         # dice_ce_loss's one weight for both terms goes in once: Dynamo refuses a tensor given twice
@@ -215,15 +212,13 @@ def run(name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index,
                                  o.flags, o.params, ignore_index, red, validate, sync, same)
         _check_labels(name, bad, x.shape[1], ignore_index, validate)  # a device assertion in the graph
     else:
-        s = _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync)
-        try:
-            loss = _Eager.apply(x, s)
-        except RuntimeError as e:
-            # torch.func's transforms need a setup_context-style Function (torch says so before the
-            # forward runs: nothing has happened yet)
-            if "setup_context" not in str(e):
-                raise
-            raise RuntimeError(TORCH_FUNC_UNSUPPORTED.format(backend=name)) from None
+        if transforms_active():
+            raise RuntimeError(TORCH_FUNC_UNSUPPORTED.format(backend=name))
+        loss = _eager_apply(unwrap_if_dead(x), _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red,
+                                                     validate, sync))
     if red == Reduction.NONE:
         loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & DiceFlags.BATCH)) + loss.shape[1:])
     return loss
+
+
+_eager_apply = bound_apply(_Eager)

@@ -14,7 +14,8 @@ forward ``{backend}_dice_fwd(x, target, weight, ce_weight, confusion, kind, w_ty
 ignore_index, reduction, validate, finalize) -> (loss, sums, coef, ce_scale, bad)``
 
     x            logits, (N, C) or (B, C, d1, ..., dk), any float dtype; strides as ``ops.pixel_view``.
-    target       (N_pixels,) contiguous labels, uint8/int16/int32/int64, pixel n = b * S_img + s.
+    target       the contiguous labels in their own shape, read flat (N_pixels elements), uint8/int16/int32/
+                 int64, pixel n = b * S_img + s.
     weight       (C,) accumulation dtype: the Dice terms' class weights (``kind`` DICE), class 0's
                  entry unread without INCLUDE_BACKGROUND; None for 1.
     ce_weight    (C,) accumulation dtype: the cross-entropy's class weights (flag CE); None for 1.
