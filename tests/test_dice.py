@@ -123,10 +123,9 @@ def test_class_counts(backend, C):
         _compare(name, x, y, backend, ("mean",) if name != "dice" else None)
 
 
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
 def test_larger_shapes_cpp(backend):
     # several blocks and chunks per image (the C++ plan), NCHW, channels_last and rows
-    if backend != "cpp":
-        pytest.skip("the C++ plan: many blocks per image")
     x, y = _data((3, 19, 61, 67), every=11)
     for layout in ("nchw", "channels_last"):
         _compare("dice_ce", to_layout(x, layout), y, backend)
@@ -376,9 +375,8 @@ def test_deterministic(backend):
             assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
 def test_cpp_bit_identical_across_thread_counts(backend):
-    if backend != "cpp":
-        pytest.skip("the C++ plan's chunks")
     x, y = _data((2, 19, 97, 131), dtype=torch.float32, every=13)
     threads = torch.get_num_threads()
     try:
@@ -392,6 +390,42 @@ def test_cpp_bit_identical_across_thread_counts(backend):
     for other in out[1:]:
         for (la, ga), (lb, gb) in zip(out[0], other):
             assert torch.equal(la, lb) and torch.equal(ga, gb)
+
+
+def test_strided_labels(backend):
+    # labels that are a view (every other column of a larger map): the ops read labels flat, so the call
+    # hands them a contiguous copy
+    x, y = _data((2, 4, 5, 6), device=backend_device(backend))
+    wide = torch.zeros((2, 5, 12), dtype=y.dtype, device=y.device)
+    wide[..., ::2] = y
+    view = wide[..., ::2]
+    assert not view.is_contiguous()
+    _compare("dice_ce", x, view, backend)
+    _compare("dice", x, view, backend, ("none",))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_step_launches(monkeypatch, backend):
+    """A step is the pass and the finalize (a reduce launch between them for a large table of program
+    rows), then one backward launch: nothing else runs a kernel."""
+    from fused_imbalance.ops import triton_dice as TD
+    launched = []
+    wrap = TD.wrap
+    monkeypatch.setattr(TD, "wrap", lambda kernel: launched.append(kernel) or wrap(kernel))
+    x, y = _data((2, 4, 3, 4), dtype=torch.float32)
+    xr = x.double().requires_grad_(True)
+    R.dice_ce_loss(xr, y, weight=torch.linspace(0.5, 2.0, 4, dtype=torch.float64)).backward()
+    for elems, forward in ((TD._FINALIZE_ELEMS, [TD._dice_fwd_kernel, TD._dice_finalize_kernel]),
+                           (0, [TD._dice_fwd_kernel, TD._dice_reduce_kernel, TD._dice_finalize_kernel])):
+        monkeypatch.setattr(TD, "_FINALIZE_ELEMS", elems)
+        xg = x.clone().requires_grad_(True)
+        launched.clear()
+        loss = FI.dice_ce_loss(xg, y, weight=torch.linspace(0.5, 2.0, 4), backend="triton")
+        assert launched == forward
+        launched.clear()
+        loss.backward()
+        assert launched == [TD._dice_bwd_kernel]
+        torch.testing.assert_close(xg.grad, xr.grad.float(), **TOL[torch.float32])
 
 
 def test_registered_ops_equal_the_eager_functions(backend):
@@ -584,11 +618,11 @@ def test_compile_fullgraph_first_call(backend_name):
     assert f"OK {backend_name}" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_compile_fullgraph_cuda compiles the kernels")
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_triton_graph_capture_without_a_break(backend):
     # the interpreter cannot run under AOT tracing: capture the graph with the "eager" backend, which runs
     # the registered ops (on a GPU, test_compile_fullgraph_cuda below compiles them with Inductor)
-    if backend != "triton" or torch.cuda.is_available():
-        pytest.skip("the interpreted Triton ops")
     x, y = _data((2, 4, 3, 4), dtype=torch.float32)
     step = lambda t: FI.dice_ce_loss(t, y, weight=torch.linspace(0.5, 2, 4), backend="triton") + FI.dice_loss(
         t, y, batch=True, reduction="none", backend="triton").sum()
