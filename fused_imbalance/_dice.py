@@ -12,6 +12,8 @@ the pass and the finalize, which all-reduces the (1, 4, C) sums of the batch ove
 is then the global batch's on every rank, and ``grad_scale`` (the world size) multiplies the
 coefficients, so that the gradients DDP averages over the ranks are the global batch's.
 """
+import weakref
+
 import torch
 
 from . import _deferred, _upsample
@@ -34,12 +36,37 @@ def _ready(name):
     return True
 
 
+_WEIGHTS = 64
+_weights = {}  # id(weight) -> (weak reference, key, the op's weight or None for the tensor itself)
+
+
 def check_weight(weight, logits, kept, validate, name="weight"):
     """A (kept,) Dice class weight in the accumulation dtype (shape, dtype and device as the reference's
     check). With ``validate``, finite and >= 0 (MONAI's check): at once for CPU tensors, deferred for
-    device tensors (no host sync in a training step: :mod:`._deferred`)."""
+    device tensors (no host sync in a training step: :mod:`._deferred`).
+
+    A weight tensor is checked and converted once per version (its in-place changes bump it): the
+    repeated calls of a training loop with one weight run no tensor operation for it."""
     if weight is None:
         return None
+    if not isinstance(weight, torch.Tensor) or torch.compiler.is_compiling():
+        return _check_weight(weight, logits, kept, validate, name)
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: checked at every call
+        return _check_weight(weight, logits, kept, validate, name)
+    key = (version, logits.shape[1], kept, logits.dtype, logits.device, validate, name)
+    hit = _weights.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return weight if hit[2] is None else hit[2]
+    w = _check_weight(weight, logits, kept, validate, name)
+    if len(_weights) >= _WEIGHTS:
+        _weights.clear()
+    _weights[id(weight)] = (weakref.ref(weight), key, None if w is weight else w)
+    return w
+
+
+def _check_weight(weight, logits, kept, validate, name):
     C = logits.shape[1]
     if not isinstance(weight, torch.Tensor):
         weight = torch.as_tensor(weight, dtype=acc_dtype(logits), device=logits.device)

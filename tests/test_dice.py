@@ -365,6 +365,34 @@ def test_weight_checks(backend):
                                R.dice_loss(x, y, bad, validate=False), **F64)
 
 
+def test_weight_checked_once_per_version(backend):
+    # a training loop's one weight tensor: checked and converted at the first call, then no tensor
+    # operation for it (on a GPU each would be a launch); an in-place change is seen at the next call
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, y = _data((2, 4, 3, 4), device=backend_device(backend))
+    w = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float32, device=x.device)  # converted to float64
+    for call in range(2):
+        names = []
+        with Ops():
+            loss = FI.dice_ce_loss(x, y, weight=w, backend=backend)
+        checks = {"_to_copy.default", "ge.Scalar", "all.default"} & set(names)  # conversion, w >= 0, all
+        assert len(checks) == (3 if call == 0 else 0), names
+        torch.testing.assert_close(loss, R.dice_ce_loss(x, y, weight=w.double()), **LOSS_TOL[torch.float64])
+    w.mul_(2)
+    torch.testing.assert_close(FI.dice_ce_loss(x, y, weight=w, backend=backend),
+                               R.dice_ce_loss(x, y, weight=w.double()), **LOSS_TOL[torch.float64])
+    w[1] = -1.0
+    if x.device.type == "cpu":
+        with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+            FI.dice_ce_loss(x, y, weight=w, backend=backend)
+
+
 def test_deterministic(backend):
     C = 5 if backend == "triton" else 19
     x, y = _data((2, C, 6, 7), dtype=torch.float32, device=backend_device(backend))
