@@ -22,7 +22,7 @@ from ._fused import DOUBLE_BACKWARD, bound_apply, transforms_active, unwrap_if_d
 from .ops import Reduction, acc_dtype, collapsible
 from .ops.dice import DiceFlags, DiceKind, WType, dice_backend, params
 
-__all__ = ["DiceOptions", "run", "check_weight"]
+__all__ = ["DiceOptions", "options", "run", "check_weight"]
 
 TORCH_FUNC_UNSUPPORTED = (
     "fused_imbalance: torch.func transforms (grad, jvp, vmap, ...) of the fused Dice losses are not implemented "
@@ -117,6 +117,27 @@ class DiceOptions:
         self.flags = int(flags)
         self.params = params(**prm)
         self.first = 0 if include_background else 1
+
+
+_PLAIN = (bool, int, float, str)
+_OPTIONS = 256
+_options = {}  # (kind, C, options, their types) -> DiceOptions
+
+
+def options(logits, kind, **kw):
+    """:class:`DiceOptions`, remembered per (kind, class count, options) when the options are plain
+    numbers, flags and names: the repeated calls of a training loop cost a dictionary lookup."""
+    types = tuple(map(type, kw.values()))
+    if torch.compiler.is_compiling() or not all(t in _PLAIN for t in types):
+        return DiceOptions(logits, kind, **kw)
+    key = (kind, logits.shape[1], tuple(kw.items()), types)  # the types: True and 1 are equal keys
+    o = _options.get(key)
+    if o is None:
+        o = DiceOptions(logits, kind, **kw)
+        if len(_options) >= _OPTIONS:
+            _options.clear()
+        _options[key] = o
+    return o
 
 
 class _Call:

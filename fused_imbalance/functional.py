@@ -439,7 +439,7 @@ def _dice_family(loss, logits, target, ignore_index, reduction, confusion, backe
             options["weight"] = weight
         return _DICE_REFERENCE[loss](_interpolated(logits, rs), target, ignore_index=ii, reduction=reduction,
                                      confusion=confusion, validate=validate, **options)
-    o = _dice.DiceOptions(logits, _DICE_KIND[loss], **options)
+    o = _dice.options(logits, _DICE_KIND[loss], **options)
     C = logits.shape[1]
     ce = loss == "dice_ce"
     w = _dice.check_weight(weight, logits, C if ce else C - o.first, validate)

@@ -393,6 +393,28 @@ def test_weight_checked_once_per_version(backend):
             FI.dice_ce_loss(x, y, weight=w, backend=backend)
 
 
+def test_options_remembered_per_call_signature(backend, monkeypatch):
+    # a training loop's repeated options are checked once; a value equal to an accepted one but of
+    # another type (1 for True, 1 for 1.0) is still checked, and refused where the check refuses it
+    from fused_imbalance import _dice
+    x, y = _data((2, 4, 3, 4), device=backend_device(backend))
+    built = []
+    cls = _dice.DiceOptions
+    monkeypatch.setattr(_dice, "DiceOptions", lambda *a, **k: built.append(k) or cls(*a, **k))
+    monkeypatch.setattr(_dice, "_options", {})
+    kw = dict(include_background=False, jaccard=True, smooth_nr=0.5)
+    first = FI.dice_loss(x, y, backend=backend, **kw)
+    assert torch.equal(FI.dice_loss(x, y, backend=backend, **kw), first) and len(built) == 1
+    torch.testing.assert_close(first, R.dice_loss(x, y, **kw), **LOSS_TOL[torch.float64])
+    with pytest.raises(TypeError, match="include_background must be a bool"):
+        FI.dice_loss(x, y, backend=backend, **dict(kw, include_background=0))
+    assert torch.equal(FI.dice_loss(x, y, backend=backend, **dict(kw, smooth_nr=1)),
+                       FI.dice_loss(x, y, backend=backend, **dict(kw, smooth_nr=1.0)))
+    assert len(built) == 4
+    other = FI.dice_loss(x, y, backend=backend, **dict(kw, jaccard=False))  # another option: its own entry
+    torch.testing.assert_close(other, R.dice_loss(x, y, **dict(kw, jaccard=False)), **LOSS_TOL[torch.float64])
+
+
 def test_deterministic(backend):
     C = 5 if backend == "triton" else 19
     x, y = _data((2, C, 6, 7), dtype=torch.float32, device=backend_device(backend))
