@@ -314,6 +314,14 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     outside [0, 1] (a percentage, say) is a ``ValueError`` naming ``recall`` (for a tensor on a GPU,
     deferred to a later call, as the label check).
     """
+    return _recall_loss(logits, target, ignore_index, reduction, recall, confusion, backend, validate, upsample,
+                        align_corners, False)
+
+
+def _recall_loss(logits, target, ignore_index, reduction, recall, confusion, backend, validate, upsample,
+                 align_corners, own_recall):
+    """``recall_loss``; ``own_recall``: ``recall`` is ``RecallLoss``'s own callable, whose recall is
+    finite and in [0, 1] by construction (no range check, no guard against NaN for absent classes)."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
     if name == "reference":
@@ -331,13 +339,15 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     red = Reduction.NONE if reduction == "none" else Reduction.CLASS
     out, count, tp = _run(name, logits, target, rs, None, None, confusion, mode, 0.0, ii, red, Weighting.NONE,
                           validate, need_tp=True)
-    w = (1.0 - _check_recall(recall(count, tp), logits)).to(out.dtype)
+    r = recall(count, tp)
+    w = (1.0 - (r if own_recall else _check_recall(r, logits))).to(out.dtype)
     if reduction == "none":
         C = logits.shape[1]
         y = target.long()
         valid = (y != ii) & (y >= 0) & (y < C)
         return out * torch.where(valid, w[y.clamp(0, C - 1)], torch.zeros_like(out))
-    total = torch.where(count > 0, w * out, torch.zeros_like(out)).sum()
+    # an absent class's sum is 0; a recall function may give it NaN (0 / 0), which must not reach the total
+    total = torch.dot(w, out) if own_recall else torch.where(count > 0, w * out, torch.zeros_like(out)).sum()
     if reduction == "sum":
         return total
     return total / count.sum().clamp(min=1).to(total.dtype)

@@ -259,12 +259,11 @@ class RecallLoss(CheckedOptions):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             count, tp = stats[0], stats[1]
         present = count > 0
-        batch = tp.to(torch.float64) / count.clamp_min(1).to(torch.float64)  # 0 for an absent class
+        batch = tp.to(torch.float64) / count.clamp_min(1)  # 0 for an absent class
         if self.momentum is None:
             return batch
         batch = batch.to(self.running_recall.dtype)
-        m = self.momentum
-        ema = m * self.running_recall + (1.0 - m) * batch
+        ema = torch.lerp(self.running_recall, batch, 1.0 - self.momentum)  # m·R̄ + (1 − m)·R
         new = torch.where(present, torch.where(self.seen, ema, batch), self.running_recall)
         self.running_recall.copy_(new)
         self.seen.logical_or_(present)
@@ -280,9 +279,8 @@ class RecallLoss(CheckedOptions):
             recall = None  # the functional's batch recall
         else:
             recall = self._recall_from_stats
-        return functional.recall_loss(logits, target, self.ignore_index, self.reduction, recall,
-                                      confusion=confusion, backend=self.backend, validate=self.validate,
-            upsample=self.upsample, align_corners=self.align_corners)
+        return functional._recall_loss(logits, target, self.ignore_index, self.reduction, recall, confusion,
+                                       self.backend, self.validate, self.upsample, self.align_corners, True)
 
 
 def _cdb_weights(accuracy, present, tau):
