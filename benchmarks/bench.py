@@ -321,7 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)), help="comma-separated logits dtypes")
     p.add_argument("--layout", type=_csv_list((CONTIGUOUS, CHANNELS_LAST)), help="memory formats")
     p.add_argument("--provider", type=_csv_list(PROVIDERS), default=list(PROVIDERS),
-                   help="comma-separated providers (default: eager,compile,fused,liger; liger: cross_entropy only)")
+                   help="comma-separated providers (default: eager,compile,fused,liger,monai,monai_compile; liger: "
+                        "cross_entropy only; monai, monai_compile: dice_loss and dice_ce_loss)")
     p.add_argument("--labels", default="int64", choices=tuple(LABEL_DTYPES), help="label dtype (default int64)")
     p.add_argument("--validate", dest="validate", action="store_true",
                    help="time the eager and fused providers with validate=True: the label-range check, a "

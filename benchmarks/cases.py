@@ -7,14 +7,19 @@ import collections
 import dataclasses
 import functools
 import itertools
+import warnings
 
 import torch
 
 LOSSES = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
-          "cdb_loss", "mse_outlying_loss", "ohem_cross_entropy", "confusion_matrix")
-PROVIDERS = ("eager", "compile", "fused", "liger")
-# Other libraries' kernels for one loss, timed beside the package's where they are installed.
-OTHER_PROVIDERS = {"liger": ("cross_entropy",)}
+          "cdb_loss", "mse_outlying_loss", "ohem_cross_entropy", "confusion_matrix", "dice_loss",
+          "dice_ce_loss")
+DICE = ("dice_loss", "dice_ce_loss")
+PROVIDERS = ("eager", "compile", "fused", "liger", "monai", "monai_compile")
+# Other libraries' kernels for a few losses, timed beside the package's where they are installed:
+# Liger-Kernel's cross-entropy; MONAI's DiceLoss / DiceCELoss(softmax=True, to_onehot_y=True), eager
+# and under torch.compile (what a MONAI user runs today).
+OTHER_PROVIDERS = {"liger": ("cross_entropy",), "monai": DICE, "monai_compile": DICE}
 OWN_PROVIDERS = tuple(p for p in PROVIDERS if p not in OTHER_PROVIDERS)  # the package's: every loss
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,7 +93,7 @@ PRESETS = {
     ("cuda", "default"): (
         Shape("seg", (8, 19, 512, 1024), BOTH, ALL),
         Shape("ade", (16, 150, 512, 512), BOTH, ALL),
-        Shape("volume", (2, 14, 128, 128, 128), F32, CONT, losses=SOME),
+        Shape("volume", (2, 14, 128, 128, 128), F32, CONT, losses=SOME + DICE),
         Shape("cls", (8192, 8142), BOTH, CONT, losses=SOME),
     ),
     ("cuda", "full"): (
@@ -112,6 +117,7 @@ PRESETS = {
         Shape("seg", (4, 19, 256, 512), F32, CONT, FWD_BWD),
         Shape("ade", (1, 150, 64, 128), F32, CONT, losses=SOME),
         Shape("volume", (1, 8, 32, 64, 64), F32, CONT, losses=SOME),
+        Shape("volume", (2, 14, 48, 64, 64), F32, CONT, FWD_BWD, losses=DICE),  # the Dice family's volume
         Shape("cls", (128, 8142), F32, CONT, losses=SOME),
     ),
     ("cpu", "full"): (
@@ -324,12 +330,13 @@ def hrnet_ohem_cross_entropy(score, target, thresh=0.7, min_kept=100000, ignore_
 
 def make_inputs(case, device, label_dtype="int64", seed=0):
     """(logits, target): logits N(0, 2²) in the case's dtype and layout, uniform labels with a
-    fraction IGNORED_FRACTION set to ``ignore_index`` (255 for uint8 labels, else -100).
+    fraction IGNORED_FRACTION set to ``ignore_index`` (255 for uint8 labels, else -100); none for the
+    Dice family, which MONAI's DiceCELoss (no ``ignore_index``) runs on too.
 
     The logits are a fresh tensor on every call (callers set ``requires_grad`` on them, and Liger
     writes into its input); the labels are shared between calls for the same shape (no provider
     writes into them)."""
-    x, t = _base_inputs(case.shape.dims, device, label_dtype, seed)
+    x, t = _base_inputs(case.shape.dims, device, label_dtype, seed, case.loss not in DICE)
     x = x.to(DTYPES[case.dtype], copy=True)  # float32 -> 16 bits rounds to nearest even on every device
     if case.layout == CHANNELS_LAST:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
@@ -340,11 +347,12 @@ _BASE = collections.OrderedDict()
 _BASE_SHAPES = 3  # a session plan's three shapes (its last group revisits them loss by loss)
 
 
-def _base_inputs(dims, device, label_dtype, seed):
+def _base_inputs(dims, device, label_dtype, seed, ignore=True):
     """float32 logits and labels drawn on the CPU (the same values on every device), kept for the
     last few shapes: a run measures every loss, dtype and layout of a shape in a row, and drawing
-    16×150×512×512 normals takes seconds of one core, moving them to a GPU another second."""
-    key = (tuple(dims), str(device), label_dtype, seed)
+    16×150×512×512 normals takes seconds of one core, moving them to a GPU another second.
+    ``ignore``: a fraction IGNORED_FRACTION of the labels is ``ignore_index``."""
+    key = (tuple(dims), str(device), label_dtype, seed, ignore)
     if key in _BASE:
         _BASE.move_to_end(key)
         return _BASE[key]
@@ -355,7 +363,7 @@ def _base_inputs(dims, device, label_dtype, seed):
     x = 2.0 * torch.randn(dims, generator=g)
     tdims = (dims[0],) + tuple(dims[2:])
     t = torch.randint(0, C, tdims, generator=g)
-    ignored = torch.rand(tdims, generator=g) < IGNORED_FRACTION
+    ignored = torch.rand(tdims, generator=g) < (IGNORED_FRACTION if ignore else 0.0)
     t = torch.where(ignored, torch.full_like(t, ignore_index_for(label_dtype)), t)
     _BASE[key] = (x.to(device), t.to(device=device, dtype=LABEL_DTYPES[label_dtype]))
     return _BASE[key]
@@ -415,6 +423,24 @@ def _liger(case, device, ignore_index):
     return run
 
 
+def _monai(case, compiled, compile_backend):
+    """MONAI's DiceLoss / DiceCELoss with softmax=True, to_onehot_y=True (a one-hot target and the
+    softmax as large as the logits), as a MONAI user calls them: labels (B, 1, ...); ``compiled``: under
+    torch.compile. Its loss has the logits' dtype (the others' is float32 for 16-bit logits)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI's import-time deprecation notices
+            from monai.losses import DiceCELoss, DiceLoss
+    except ImportError as e:
+        raise Unavailable(f"MONAI is not installed ({e}): pip install --no-deps monai==1.6.1") from None
+    loss = (DiceCELoss if case.loss == "dice_ce_loss" else DiceLoss)(softmax=True, to_onehot_y=True)
+    fn = torch.compile(loss, dynamic=False, backend=compile_backend) if compiled else loss
+
+    def run(x, target):
+        return fn(x, target.unsqueeze(1)).float()
+    return run
+
+
 def make_provider(provider, case, device, validate=False, label_dtype="int64", fused_backend=None,
                   compile_backend="inductor"):
     """A callable ``f(logits, target)`` computing ``case.loss`` with ``provider``.
@@ -431,7 +457,9 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64", f
              ``compile_backend``: torch.compile's backend (the rehearsal's "aot_eager" traces the
              graphs as Inductor would be given them, without its code generation, which takes
              10-30 s a graph on a CPU);
-    liger    Liger-Kernel's ``LigerCrossEntropyLoss`` (cross_entropy only, CUDA; see ``_liger``).
+    liger    Liger-Kernel's ``LigerCrossEntropyLoss`` (cross_entropy only, CUDA; see ``_liger``);
+    monai    MONAI's ``DiceLoss`` / ``DiceCELoss`` (the Dice family; see ``_monai``), and
+             ``monai_compile`` the same under ``torch.compile``.
 
     ``validate`` (eager and fused; default False): with True, the label-range check runs inside
     the timed call. On a GPU it is a device-to-host sync after the forward kernel: the host waits
@@ -452,6 +480,8 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64", f
             return functools.partial(hrnet_ohem_cross_entropy, **kwargs)
         return functools.partial(torch.compile(hrnet_ohem_cross_entropy, dynamic=False, backend=compile_backend),
                                  **kwargs)
+    if provider in ("monai", "monai_compile"):
+        return _monai(case, provider == "monai_compile", compile_backend)
     if provider == "compile":
         from fused_imbalance import reference
 

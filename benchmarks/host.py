@@ -56,6 +56,10 @@ def losses(device):
         ("CDBLoss", lambda b: _cdb(b, acc, device)),
         ("mse_outlying_loss", lambda b: lambda x, y: fi.mse_outlying_loss(x, y, outlying, backend=b)),
         ("cross_entropy upsample", lambda b: _upsampled(b)),
+        ("dice_loss", lambda b: lambda x, y: fi.dice_loss(x, y, backend=b)),
+        ("dice_ce_loss weight", lambda b: lambda x, y: fi.dice_ce_loss(x, y, weight=w, backend=b)),
+        ("DiceLoss batch", module(lambda backend: fi.DiceLoss(include_background=False, batch=True,
+                                                             backend=backend))),
     ]
 
 
@@ -80,22 +84,25 @@ def inputs(name, device):
 @contextlib.contextmanager
 def stubbed_launches(counter):
     """Every Triton kernel launch of the package a no-op (counted): the host path alone."""
-    from fused_imbalance.ops import _triton_host, triton_loss, triton_upsample
+    from fused_imbalance.ops import _triton_host, triton_dice, triton_loss, triton_upsample
+
+    # the finalize kernels' outputs (loss, backward factors, counts, bad labels) by argument position
+    outputs = {"_finalize_kernel": slice(5, 10), "_dice_finalize_kernel": slice(5, 9)}
 
     class _Stub:
         def __init__(self, kernel):
-            self.finalize = getattr(kernel, "__name__", "") == "_finalize_kernel"
+            self.outputs = outputs.get(getattr(kernel, "__name__", ""))
 
         def __getitem__(self, grid):
             counter[0] += 1
             return self.launch
 
         def launch(self, *args, **kwargs):
-            if self.finalize:  # the outputs (loss, scale, counts, true positives, bad labels) are never written:
-                for out in args[5:10]:  # zeros, so that what reads them goes on (a few CPU fills, counted)
+            if self.outputs is not None:  # the outputs are never written: zeros, so that what reads them
+                for out in args[self.outputs]:  # goes on (a few CPU fills, counted)
                     out.zero_()
 
-    saved = [(m, m.wrap) for m in (_triton_host, triton_loss, triton_upsample)]
+    saved = [(m, m.wrap) for m in (_triton_host, triton_dice, triton_loss, triton_upsample)]
     for m, _ in saved:
         m.wrap = _Stub
     try:

@@ -20,6 +20,10 @@ def sources():
         os.path.join(CSRC, "cpu", "upsample_cpu.cpp"),
         os.path.join(CSRC, "cpu", "select_cpu.cpp"),
         os.path.join(CSRC, "cpu", "ohem_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "dice_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "dice_kernels.cpp"),
+        os.path.join(CSRC, "cpu", "dice_kernels_avx2.cpp"),
+        os.path.join(CSRC, "cpu", "dice_kernels_avx512.cpp"),
     ]
 
 

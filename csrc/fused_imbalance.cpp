@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/loss_kernels.h"
 
@@ -41,6 +42,18 @@ Tensor cpp_ohem_bwd_cpu(const Tensor& x, const Tensor& target, int64_t interp, b
                         const std::optional<Tensor>& grad, const std::optional<Tensor>& weight, const Tensor& pn,
                         const Tensor& aux, const std::optional<Tensor>& lse, int64_t ignore_index);
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_dice_fwd_cpu(
+    const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight, const std::optional<Tensor>& ce_weight,
+    const std::optional<Tensor>& confusion, int64_t kind, int64_t w_type, int64_t flags, at::ArrayRef<double> params,
+    int64_t ignore_index, int64_t reduction, bool validate, bool finalize);
+std::tuple<Tensor, Tensor, Tensor> cpp_dice_finalize_cpu(const Tensor& sums, const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& ce_weight, int64_t kind,
+                                                         int64_t w_type, int64_t flags, at::ArrayRef<double> params,
+                                                         int64_t reduction, double grad_scale);
+Tensor cpp_dice_bwd_cpu(const Tensor& x, const Tensor& target, const Tensor& coef,
+                        const std::optional<Tensor>& ce_scale, const Tensor& grad, int64_t kind, int64_t flags,
+                        int64_t ignore_index, int64_t reduction);
+
 }  // namespace cpu
 }  // namespace fused_imbalance
 
@@ -65,6 +78,17 @@ TORCH_LIBRARY(fused_imbalance, m) {
   m.def(
       "cpp_upsample_loss_bwd(Tensor x, Tensor target, int interp, bool align_corners, Tensor? grad, Tensor? scale, "
       "Tensor? tvals, Tensor? lse, int loss_mode, float gamma, int ignore_index) -> Tensor");
+  // The Dice family (csrc/cpu/dice_cpu.cpp; the contract in fused_imbalance/ops/dice.py).
+  m.def(
+      "cpp_dice_fwd(Tensor x, Tensor target, Tensor? weight, Tensor? ce_weight, Tensor(a!)? confusion, int kind, "
+      "int w_type, int flags, float[] params, int ignore_index, int reduction, bool validate, bool finalize) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_dice_finalize(Tensor sums, Tensor? weight, Tensor? ce_weight, int kind, int w_type, int flags, "
+      "float[] params, int reduction, float grad_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_dice_bwd(Tensor x, Tensor target, Tensor coef, Tensor? ce_scale, Tensor grad, int kind, int flags, "
+      "int ignore_index, int reduction) -> Tensor");
   // The k-th smallest valid entry of values (csrc/cpu/select_cpu.cpp, fused_imbalance/ops/select.py).
   m.def("cpp_select_kth(Tensor values, Tensor k, Tensor? first_hist=None) -> Tensor");
   // The OHEM cross-entropy (csrc/cpu/ohem_cpu.cpp; the contract in fused_imbalance/ops/ohem.py): interp -1
@@ -93,4 +117,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_loss_bwd", &cpu::cpp_upsample_loss_bwd_cpu);
   m.def("ohem_fwd", &cpu::cpp_ohem_fwd_cpu);
   m.def("ohem_bwd", &cpu::cpp_ohem_bwd_cpu);
+  // float[] params: a Python list arrives as a std::vector (pybind11 has no caster for ArrayRef)
+  using at::Tensor;
+  using OptTensor = std::optional<Tensor>;
+  m.def("dice_fwd", [](const Tensor& x, const Tensor& target, const OptTensor& weight, const OptTensor& ce_weight,
+                       const OptTensor& confusion, int64_t kind, int64_t w_type, int64_t flags,
+                       const std::vector<double>& params, int64_t ignore_index, int64_t reduction, bool validate,
+                       bool finalize) {
+    return cpu::cpp_dice_fwd_cpu(x, target, weight, ce_weight, confusion, kind, w_type, flags, params, ignore_index,
+                                 reduction, validate, finalize);
+  });
+  m.def("dice_finalize", [](const Tensor& sums, const OptTensor& weight, const OptTensor& ce_weight, int64_t kind,
+                            int64_t w_type, int64_t flags, const std::vector<double>& params, int64_t reduction,
+                            double grad_scale) {
+    return cpu::cpp_dice_finalize_cpu(sums, weight, ce_weight, kind, w_type, flags, params, reduction, grad_scale);
+  });
+  m.def("dice_bwd", &cpu::cpp_dice_bwd_cpu);
 }

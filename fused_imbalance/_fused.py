@@ -312,28 +312,27 @@ def forward(name, x, target, geo, weight, tvals, confusion, mode, gamma, ignore_
     else:
         s = _Call(name, target, geo, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting,
                   need_tp, validate, need_lse)
-        if _transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
+        if transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
             return _Func.apply(x, target, weight, tvals, confusion, s)[:4]
-        out = (_eager_apply(_unwrap_if_dead(x), s), s.count, s.tp, s.bad)
+        out = (_eager_apply(unwrap_if_dead(x), s), s.count, s.tp, s.bad)
     return out
 
 
-# Function.apply without its Python layer, which on this path only checks for torch.func's transforms
-# (checked above) and unwraps a tensor that escaped one: the same steps, a few microseconds less per call.
-_transforms_active = torch._C._are_functorch_transforms_active
+# Function.apply without its Python layer, which on the eager paths only checks for torch.func's transforms
+# (the callers check them first) and unwraps a tensor that escaped one: the same steps, a few microseconds
+# less per call.
+transforms_active = torch._C._are_functorch_transforms_active
 try:
-    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-except AttributeError:  # another torch
-    _unwrap_if_dead = lambda x: x  # noqa: E731
+    _apply = torch._C._FunctionBase.__dict__["apply"]
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+except (AttributeError, KeyError):  # another torch: the public entry point
+    _apply = None
+    unwrap_if_dead = lambda x: x  # noqa: E731
 
 
-def bound_apply(cls):
-    """``cls.apply`` without its Python layer (the public entry point on a torch without that layer):
-    for an eager path that checks ``_transforms_active()`` and calls ``_unwrap_if_dead`` itself."""
-    try:
-        return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
-    except (AttributeError, KeyError):
-        return cls.apply
+def bound_apply(fn):
+    """``fn.apply`` (a ctx-style ``torch.autograd.Function``) for a call made outside torch.func's transforms."""
+    return fn.apply if _apply is None else _apply.__get__(None, fn)
 
 
 _eager_apply = bound_apply(_Eager)

@@ -213,9 +213,9 @@ def forward(name, x, target, geo, weight, confusion, thresh, rank, ignore_index,
         return loss
     s = _Call(name, target, geo, weight, confusion, float(thresh), rank, ignore_index, Reduction(reduction),
               bool(mean_over_all), validate, need_lse)
-    if _fused._transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
+    if _fused.transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
         return _Func.apply(x, target, weight, confusion, s)[0]
-    return _eager_apply(_fused._unwrap_if_dead(x), s)
+    return _eager_apply(_fused.unwrap_if_dead(x), s)
 
 
 _eager_apply = _fused.bound_apply(_Eager)

@@ -38,16 +38,18 @@ import warnings
 
 import torch
 
-from . import _deferred, _fused, _ohem, _upsample
+from . import _deferred, _dice, _fused, _ohem, _upsample
 from . import reference as _ref
 from . import weights as _weights
 from ._checks import (as_index, check_class_vector, check_confusion, check_gamma, check_inputs, check_loss_type,
                       check_range)
 from .ops import Mode, Reduction, Weighting, collapsible
+from .ops.dice import DiceKind
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "weighted_loss",
            "recall_loss", "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "resolve_backend",
-           "check_deferred", "ohem_cross_entropy"]
+           "check_deferred", "ohem_cross_entropy", "dice_loss", "generalized_dice_loss", "tversky_loss",
+           "dice_ce_loss"]
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 check_deferred = _deferred.check_deferred
@@ -463,3 +465,115 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
     loss = _ohem.forward(name, x, t, geo, w, confusion, thresh, rank, ii, Reduction.of(reduction),
                          convention == "mmseg", validate)
     return loss.view(target.shape) if reduction == "none" else loss
+
+
+# --- the Dice family (docs/DESIGN.md §12) ---------------------------------------------------------------
+# Soft Dice, generalized Dice, Tversky and Dice + cross-entropy on softmax probabilities, with MONAI's
+# keyword names (DiceLoss(softmax=True, to_onehot_y=True, ...) and its siblings). One pass over the
+# logits gives the per-(image,)class sums, the backward one more (:mod:`._dice`).
+
+_DICE_REFERENCE = {"dice": _ref.dice_loss, "generalized_dice": _ref.generalized_dice_loss,
+                   "tversky": _ref.tversky_loss, "dice_ce": _ref.dice_ce_loss}
+_DICE_KIND = {"dice": DiceKind.DICE, "generalized_dice": DiceKind.GENERALIZED, "tversky": DiceKind.TVERSKY,
+              "dice_ce": DiceKind.DICE}
+
+
+def _dice_family(loss, logits, target, ignore_index, reduction, confusion, backend, validate, upsample, align_corners,
+                 sync=None, weight=None, **options):
+    """The four Dice-family functions (``loss``: a key of ``_DICE_REFERENCE``) with their own ``options``;
+    ``sync``: the distributed modules' all-reduce of the sums (:mod:`._dice`)."""
+    if loss == "dice_ce" and reduction == "none":
+        raise ValueError("dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
+                         "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape")
+    ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    name = _backend(backend, logits, rs)
+    if name == "reference":
+        if sync is not None:
+            raise RuntimeError("distributed=True needs a fused backend (cpp or triton): the reference backend "
+                               "computes the loss without handing out its per-class sums to all-reduce")
+        if loss in ("dice", "dice_ce"):
+            options["weight"] = weight
+        return _DICE_REFERENCE[loss](_interpolated(logits, rs), target, ignore_index=ii, reduction=reduction,
+                                     confusion=confusion, validate=validate, **options)
+    o = _dice.options(logits, _DICE_KIND[loss], **options)
+    C = logits.shape[1]
+    ce = loss == "dice_ce"
+    w = _dice.check_weight(weight, logits, C if ce else C - o.first, validate)
+    return _dice.run(name, logits, target, rs, o, w, w if ce else None, confusion, ii, reduction, validate, sync)
+
+
+def dice_loss(logits, target, weight=None, include_background=True, squared_pred=False, jaccard=False,
+              smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
+              backend=None, validate=True, upsample=None, align_corners=False):
+    """Soft Dice loss on softmax probabilities, as MONAI's ``DiceLoss(softmax=True, to_onehot_y=True, ...)``:
+    per class c and per image (the whole batch with ``batch=True``; (N, C) rows are one image), over the
+    valid pixels, I = Σ p_c [y = c], P = Σ p_c (Σ p_c² with ``squared_pred``), G = Σ [y = c] and
+    loss_c = 1 − (2I + smooth_nr) / (P + G + smooth_dr) (``jaccard``: 1 − (2I + smooth_nr) /
+    (2(P + G − I) + smooth_dr)), times ``weight[c]`` ((C',): C' = C, or C − 1 with
+    ``include_background=False``). ``"mean"`` averages the per-class losses over classes and images,
+    ``"sum"`` adds them, ``"none"`` returns them: (B, C'), or (C',) with ``batch=True`` or rows.
+
+    Edge cases and the differences from MONAI are those of :func:`fused_imbalance.reference.dice_loss`:
+    ignored pixels (``ignore_index``) count in no sum; a class absent from an image keeps its term
+    1 − smooth_nr / (P + smooth_dr); an all-ignored image gives 1 − smooth_nr / smooth_dr (0 by default)
+    and gradient 0; a zero denominator (smooth_dr = 0) gives loss 0 and gradient 0, never NaN; a C = 1
+    softmax is the constant 1 (MONAI uses the one channel as a probability); ``"none"`` is (B, C'), not
+    (B, C', 1, ..., 1). ``validate`` also checks that the weight is finite and >= 0 (MONAI's check; on a
+    GPU deferred, as the label check). ``upsample``: the logits are interpolated with ``F.interpolate``
+    first, the Dice pass is fused but the interpolation is not (the interpolated logits and their
+    gradient are allocated).
+    """
+    return _dice_family("dice", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
+                        align_corners, weight=weight, include_background=include_background, squared_pred=squared_pred,
+                        jaccard=jaccard, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+
+
+def generalized_dice_loss(logits, target, w_type="square", include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
+                          batch=False, ignore_index=-100, reduction="mean", *, confusion=None, backend=None,
+                          validate=True, upsample=None, align_corners=False):
+    """Generalized Dice loss (Sudre et al. 2017), as MONAI's
+    ``GeneralizedDiceLoss(softmax=True, to_onehot_y=True, ...)``: with the sums of :func:`dice_loss` and
+    class weights w_c = 1/G_c² (``"square"``), 1/G_c (``"simple"``) or 1 (``"uniform"``),
+    loss = 1 − (2 Σ_c w_c I_c + smooth_nr) / (Σ_c w_c (P_c + G_c) + smooth_dr) per image (per batch with
+    ``batch=True``). A class absent from the image gets the largest finite weight of that image, as
+    MONAI. ``"none"`` returns (B,), or a 0-dim tensor with ``batch=True`` or rows. Differences from MONAI
+    as :func:`fused_imbalance.reference.generalized_dice_loss` (ignored pixels count in no sum, the
+    weights in the accumulation dtype).
+    """
+    return _dice_family("generalized_dice", logits, target, ignore_index, reduction, confusion, backend, validate,
+                        upsample, align_corners, w_type=w_type, include_background=include_background,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+
+
+def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5,
+                 smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None, backend=None,
+                 validate=True, upsample=None, align_corners=False):
+    """Tversky loss (Salehi et al. 2017) and focal Tversky loss (Abraham and Khan 2019): with the sums of
+    :func:`dice_loss`, TI_c = (I + smooth_nr) / (I + α(P − I) + β(G − I) + smooth_dr) (α weighs the false
+    positives, β the false negatives) and loss_c = (1 − TI_c)^γ, reduced as :func:`dice_loss`. γ = 1 is
+    MONAI's ``TverskyLoss(softmax=True, to_onehot_y=True, ...)``; γ applies to each class's term
+    (segmentation_models_pytorch raises the class mean to γ instead). For γ != 1 a term with 1 − TI <= 0
+    is 0 with gradient 0. α, β >= 0, γ > 0, all finite.
+    """
+    return _dice_family("tversky", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
+                        align_corners, alpha=alpha, beta=beta, gamma=gamma, include_background=include_background,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+
+
+def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True,
+                 squared_pred=False, jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100,
+                 reduction="mean", *, confusion=None, backend=None, validate=True, upsample=None,
+                 align_corners=False):
+    """λ_ce · cross-entropy + λ_dice · Dice, as MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True, ...)``,
+    both from the same pass over the logits. The cross-entropy is :func:`cross_entropy` with the class
+    weights ``weight`` (C,) and ``ignore_index`` (``"mean"`` = Σ w_y ℓ / Σ w_y over the valid pixels, 0
+    when every pixel is ignored); the Dice term is :func:`dice_loss` with the same options and
+    ``weight``, or ``weight[1:]`` with ``include_background=False`` (as MONAI). ``reduction`` is
+    ``"mean"`` or ``"sum"`` (applied to each term, as MONAI); ``"none"`` is a ValueError.
+    Differences from MONAI: ignored pixels count in neither term (MONAI's DiceCELoss has no
+    ``ignore_index``); ``validate`` checks that all C weights are finite and >= 0.
+    """
+    return _dice_family("dice_ce", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
+                        align_corners, weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                        include_background=include_background, squared_pred=squared_pred, jaccard=jaccard,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)

@@ -34,9 +34,10 @@ from . import functional
 from . import reference as _ref
 from . import weights as _weights
 from ._options import GAMMA, LOSS_OPTIONS, NUM_CLASSES, CheckedOptions
-from ._checks import check_loss_type, check_num_classes, dist_ready
+from ._checks import check_loss_type, check_num_classes, check_options, dist_ready
 
-__all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss", "OhemCrossEntropyLoss"]
+__all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss", "OhemCrossEntropyLoss",
+           "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "DiceCELoss"]
 
 
 def _set_options(module, **options):
@@ -484,3 +485,200 @@ class OhemCrossEntropyLoss(CheckedOptions):
                                              self.reduction, convention=self.convention, confusion=confusion,
                                              backend=self.backend, validate=self.validate, upsample=self.upsample,
                                              align_corners=self.align_corners)
+
+
+# --- the Dice family (docs/DESIGN.md §12) ---------------------------------------------------------------
+
+def _flag(name):
+    def check(module, value):
+        return _ref._check_flag(value, name)
+    return check
+
+
+def _number(name, positive=False):
+    def check(module, value):
+        return _ref._check_number(value, name, positive)
+    return check
+
+
+def _dice_batch(module, value):
+    value = _ref._check_flag(value, "batch")
+    if not value and module.__dict__.get("distributed"):
+        raise ValueError("batch=False with distributed=True: the sums of the global batch need batch=True "
+                         "(set distributed=False first)")
+    return value
+
+
+def _dice_distributed(module, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"distributed must be True or False, got {value!r}")
+    if value and not module.__dict__.get("batch"):
+        raise ValueError("distributed=True needs batch=True: it all-reduces the sums of the whole batch; with "
+                         "batch=False each image's loss is its own, and DDP's gradient averaging equals one process "
+                         "on the global batch when every rank has as many images")
+    return value
+
+
+def _w_type(module, value):
+    if value not in _ref.W_TYPES:
+        raise ValueError(f"w_type must be one of {_ref.W_TYPES}, got {value!r}")
+    return value
+
+
+def _dice_class_weight(module, weight):
+    """DiceLoss.weight / DiceCELoss.weight: None, or a (C',) float tensor of its own, finite and >= 0."""
+    weight = _class_weight(module, weight)
+    if weight is not None and not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+        raise ValueError(f"weight must be finite and >= 0 (as MONAI's Dice losses), got {weight.tolist()}")
+    return weight
+
+
+@torch.no_grad()
+def _all_reduce_sums(sums):
+    """The ``sync`` of the Dice family's distributed modules: the batch's (1, 4, C) sums summed over the
+    ranks (on the device: no host sync), and the world size that scales the backward (DDP averages the
+    gradients over the ranks; the global batch's gradient is their sum)."""
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return sums, dist.get_world_size()
+
+
+class _DiceModule(CheckedOptions):
+    """What the Dice family's modules share: the options of every loss of the family, and
+    ``distributed``'s all-reduce of the sums (see :class:`DiceLoss`)."""
+
+    def _call(self, loss, logits, target, confusion, **options):
+        sync = _all_reduce_sums if self.distributed and dist_ready() else None
+        return functional._dice_family(loss, logits, target, self.ignore_index, self.reduction, confusion,
+                                       self.backend, self.validate, self.upsample, self.align_corners, sync,
+                                       include_background=self.include_background, smooth_nr=self.smooth_nr,
+                                       smooth_dr=self.smooth_dr, batch=self.batch, **options)
+
+
+_DICE_OPTIONS = {**LOSS_OPTIONS, "include_background": _flag("include_background"),
+                 "smooth_nr": _number("smooth_nr"), "smooth_dr": _number("smooth_dr"), "batch": _dice_batch,
+                 "distributed": _dice_distributed}
+
+
+class DiceLoss(_DiceModule):
+    """Soft Dice loss on softmax probabilities, as MONAI's ``DiceLoss(softmax=True, to_onehot_y=True, ...)``
+    (:func:`fused_imbalance.functional.dice_loss`, the same options, MONAI's keyword names).
+
+    ``weight`` ((C',) with C' = C, or C − 1 without background) is kept in the buffer ``weight``.
+
+    ``distributed=True`` (with ``batch=True`` and ``torch.distributed`` initialised) all-reduces the
+    per-class sums of the batch (3·C numbers, never the logits) between the pass over the logits and the
+    loss: every rank returns the Dice loss of the whole global batch, and its backward is scaled by the
+    world size, so that after DDP averages the gradients over the ranks they are those of one process
+    training on the global batch, whatever the ranks' batch sizes. ``forward`` is then a collective:
+    every rank must call it. With ``batch=False`` each image's loss needs nothing from the other ranks
+    (``distributed=True`` is then a ValueError): DDP's averaging equals one process on the global batch
+    when every rank has as many images.
+    """
+
+    OPTIONS = {**_DICE_OPTIONS, "squared_pred": _flag("squared_pred"), "jaccard": _flag("jaccard"),
+               "weight": _dice_class_weight}
+
+    def __init__(self, weight=None, include_background=True, squared_pred=False, jaccard=False, smooth_nr=1e-5,
+                 smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", distributed=False, backend=None, *,
+                 validate=True, upsample=None, align_corners=False):
+        super().__init__()
+        self.register_buffer("weight", None)
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, include_background=include_background, squared_pred=squared_pred,
+                     jaccard=jaccard, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, distributed=distributed,
+                     backend=backend, validate=validate, weight=weight)
+
+    def extra_repr(self):
+        return (f"include_background={self.include_background}, squared_pred={self.squared_pred}, "
+                f"jaccard={self.jaccard}, batch={self.batch}, reduction={self.reduction!r}, "
+                f"distributed={self.distributed}")
+
+    def forward(self, logits, target, confusion=None):
+        return self._call("dice", logits, target, confusion, weight=self.weight, squared_pred=self.squared_pred,
+                          jaccard=self.jaccard)
+
+
+class GeneralizedDiceLoss(_DiceModule):
+    """Generalized Dice loss, as MONAI's ``GeneralizedDiceLoss(softmax=True, to_onehot_y=True, ...)``
+    (:func:`fused_imbalance.functional.generalized_dice_loss`); ``distributed`` as in :class:`DiceLoss`."""
+
+    OPTIONS = {**_DICE_OPTIONS, "w_type": _w_type}
+
+    def __init__(self, w_type="square", include_background=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=False,
+                 ignore_index=-100, reduction="mean", distributed=False, backend=None, *, validate=True, upsample=None,
+                 align_corners=False):
+        super().__init__()
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, w_type=w_type, include_background=include_background, smooth_nr=smooth_nr,
+                     smooth_dr=smooth_dr, batch=batch, distributed=distributed, backend=backend, validate=validate)
+
+    def extra_repr(self):
+        return (f"w_type={self.w_type!r}, include_background={self.include_background}, batch={self.batch}, "
+                f"reduction={self.reduction!r}, distributed={self.distributed}")
+
+    def forward(self, logits, target, confusion=None):
+        return self._call("generalized_dice", logits, target, confusion, w_type=self.w_type)
+
+
+class TverskyLoss(_DiceModule):
+    """Tversky loss (focal Tversky with ``gamma`` != 1), as MONAI's ``TverskyLoss(softmax=True,
+    to_onehot_y=True, ...)`` at γ = 1 (:func:`fused_imbalance.functional.tversky_loss`); ``distributed``
+    as in :class:`DiceLoss`."""
+
+    OPTIONS = {**_DICE_OPTIONS, "alpha": _number("alpha"), "beta": _number("beta"),
+               "gamma": _number("gamma", positive=True)}
+
+    def __init__(self, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
+                 batch=False, ignore_index=-100, reduction="mean", distributed=False, backend=None, *, validate=True,
+                 upsample=None, align_corners=False):
+        super().__init__()
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, alpha=alpha, beta=beta, gamma=gamma, include_background=include_background,
+                     smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, distributed=distributed, backend=backend,
+                     validate=validate)
+
+    def extra_repr(self):
+        return (f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, batch={self.batch}, "
+                f"reduction={self.reduction!r}, distributed={self.distributed}")
+
+    def forward(self, logits, target, confusion=None):
+        return self._call("tversky", logits, target, confusion, alpha=self.alpha, beta=self.beta, gamma=self.gamma)
+
+
+def _dice_ce_reduction(module, value):
+    if value == "none":
+        raise ValueError("DiceCELoss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss)")
+    check_options(reduction=value)
+    return value
+
+
+class DiceCELoss(_DiceModule):
+    """λ_ce · cross-entropy + λ_dice · Dice from one pass, as MONAI's ``DiceCELoss(softmax=True,
+    to_onehot_y=True, ...)`` (:func:`fused_imbalance.functional.dice_ce_loss`). ``weight`` (C,) weighs
+    both terms (the Dice term ``weight[1:]`` without background), kept in the buffer ``weight``.
+    ``distributed`` as in :class:`DiceLoss`: the cross-entropy's sums are all-reduced with the Dice
+    sums, so the loss and, after DDP's averaging, the gradient are the global batch's."""
+
+    OPTIONS = {**_DICE_OPTIONS, "squared_pred": _flag("squared_pred"), "jaccard": _flag("jaccard"),
+               "lambda_dice": _number("lambda_dice"), "lambda_ce": _number("lambda_ce"),
+               "weight": _dice_class_weight, "reduction": _dice_ce_reduction}
+
+    def __init__(self, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True, squared_pred=False,
+                 jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean",
+                 distributed=False, backend=None, *, validate=True, upsample=None, align_corners=False):
+        super().__init__()
+        self.register_buffer("weight", None)
+        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
+                     reduction=reduction, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                     include_background=include_background, squared_pred=squared_pred, jaccard=jaccard,
+                     smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, distributed=distributed, backend=backend,
+                     validate=validate, weight=weight)
+
+    def extra_repr(self):
+        return (f"lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}, include_background="
+                f"{self.include_background}, batch={self.batch}, reduction={self.reduction!r}, "
+                f"distributed={self.distributed}")
+
+    def forward(self, logits, target, confusion=None):
+        return self._call("dice_ce", logits, target, confusion, weight=self.weight, lambda_dice=self.lambda_dice,
+                          lambda_ce=self.lambda_ce, squared_pred=self.squared_pred, jaccard=self.jaccard)

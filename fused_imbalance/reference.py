@@ -380,12 +380,13 @@ def _images(logits, batch):
 def _dice_sums(px, images, squared_pred):
     """I, P, G of every (image, class); differentiable in I and P. The rows of ``px`` are image-major."""
     C = px.C
+    per_image = px.y.numel() // max(images, 1)  # not -1: an empty batch has 0 images of any size
     valid = px.valid[:, None]
     p = torch.where(valid, torch.softmax(px.x, dim=1), torch.zeros_like(px.x))
     label = F.one_hot(px.y, C).bool() & valid
-    inter = torch.where(label, p, torch.zeros_like(p)).reshape(images, -1, C).sum(1)
-    pred = (p * p if squared_pred else p).reshape(images, -1, C).sum(1)
-    ground = label.reshape(images, -1, C).sum(1).to(px.x.dtype)  # counted in int64: exact
+    inter = torch.where(label, p, torch.zeros_like(p)).reshape(images, per_image, C).sum(1)
+    pred = (p * p if squared_pred else p).reshape(images, per_image, C).sum(1)
+    ground = label.reshape(images, per_image, C).sum(1).to(px.x.dtype)  # counted in int64: exact
     return DiceSums(inter, pred, ground)
 
 

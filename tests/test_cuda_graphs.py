@@ -34,6 +34,10 @@ def _losses(dev):
         "mse_outlying_loss": lambda out, y: fi.mse_outlying_loss(out, y, outlying, input="softmax", **kw),
         "focal_none": lambda out, y: fi.focal_loss(out, y, 2.0, reduction="none", **kw),
         "focal_upsample": lambda out, y: fi.focal_loss(out, y, 2.0, upsample="bilinear", **kw),
+        "dice_ce_loss": lambda out, y: fi.dice_ce_loss(out, y, weight=w, **kw),
+        "generalized_dice_loss": lambda out, y: fi.generalized_dice_loss(out, y, **kw),
+        "tversky_none": lambda out, y: fi.tversky_loss(out, y, 0.3, 0.7, gamma=0.75, reduction="none", **kw),
+        "dice_module": fi.DiceLoss(w[1:], include_background=False, batch=True, **kw).to(dev),
     }
 
 
@@ -107,7 +111,7 @@ def test_cuda_graph_bad_label_is_a_device_assertion():
     torch.cuda.synchronize()  # a good batch replays cleanly
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "recall_loss", "focal_upsample"])
+@pytest.mark.parametrize("name", ["cross_entropy", "recall_loss", "focal_upsample", "dice_ce_loss"])
 def test_compile_reduce_overhead(name):
     """torch.compile(mode="reduce-overhead") of the forward and loss (Inductor's CUDA graphs): the same
     losses and gradients as eager over several steps."""

@@ -5,7 +5,8 @@ per-class weights and a reduction. Each backend implements two ops over the logi
 twins on low-resolution logits (``upsample``, :mod:`.upsample`). A backend is a :class:`Backend`
 holding both the registered ``torch.library`` ops (what a ``torch.compile`` graph calls) and the
 plain functions behind them (what an eager call runs, without the dispatcher's layers): the two
-run the same launchers, so they give bit-identical results.
+run the same launchers, so they give bit-identical results. The Dice family, a function of per-class
+sums rather than a sum of per-pixel losses, has ops and a contract of its own (:mod:`.dice`).
 
 forward ``{backend}_loss_fwd(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index,
 reduction, weighting, need_tp, validate, need_lse) -> (loss, scale, count, tp, bad, lse)``
