@@ -72,15 +72,16 @@ def _cdiv(a, b):
 
 
 def _extra_fwd_bytes(layout, N, C, mode, sms=132):
-    """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: with
+    """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: in NCHW with
     32 < C <= 256 the per-pixel loss is written (4 B), then read back with the labels (4 + 8 B) by the class-sum
     kernel (its per-thread columns of class sums, C x 132 KB, are zeroed by the kernel itself and stay in the
-    50 MB L2: not counted); the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows
-    and int32 count rows; every path writes per-program int32 count rows, which the finalize launch reads back.
-    Confusion counts go into the caller's matrix (register histograms or atomics: no scratch)."""
+    50 MB L2: not counted); the (N, C) rows path beyond 256 classes zeroes and reads back 2 programs per SM x C
+    float32 class-loss rows and int32 count rows; every path writes per-program int32 count rows (and float32
+    class-loss rows where the statistics are registers), which the finalize launch reads back. Confusion counts
+    go into the caller's matrix (register histograms or atomics: no scratch)."""
     extra = 0
     has_loss = mode != 4
-    if 32 < C <= 256 and has_loss:
+    if 32 < C <= 256 and has_loss and layout == "nchw":
         extra += N * (4 + 4 + 8)
     if C > 256 and layout != "nchw":
         programs = 2 * sms
@@ -88,6 +89,8 @@ def _extra_fwd_bytes(layout, N, C, mode, sms=132):
     elif C <= 256:
         programs = sms * 8
         extra += 2 * programs * C * 4 * (2 if mode == 4 else 1)  # count rows (and true positives)
+        if layout != "nchw" and has_loss:
+            extra += 2 * programs * C * 4  # the class-loss rows
     return extra
 
 
@@ -153,6 +156,15 @@ def _static_trips(launch):
     return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]), "loops": loops}
 
 
+def _rows_trips(launch):
+    """_fwd_rows_kernel / _bwd_rows_kernel: the tile loop as above, over the num_full tiles of P pixels when the
+    batch is folded into the pixels (FOLD; a last, shorter tile after the loop), else over every tile; the
+    classes of a tile are in registers (no inner loop)."""
+    a, k = launch["ints"], launch["constexprs"]
+    return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]),
+            "loops": [a["num_full"] if k["FOLD"] else a["num_tiles"]]}
+
+
 def _chunked_trips(launch):
     """_fwd_chunked_kernel / _bwd_chunked_kernel: the tile loop as above; when the classes do not fit one chunk
     (SINGLE false) each tile walks cdiv(C, BLOCK_C) chunks, at depth 1 (the softmax backward walks them twice: two
@@ -195,6 +207,7 @@ def _reduce_rows_trips(launch):
 
 
 TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,
+         "_fwd_rows_kernel": _rows_trips, "_bwd_rows_kernel": _rows_trips,
          "_fwd_chunked_kernel": _chunked_trips, "_bwd_chunked_kernel": _chunked_trips,
          "_class_sum_kernel": _class_sum_trips, "_finalize_kernel": _finalize_trips,
          "_reduce_rows_kernel": _reduce_rows_trips}

@@ -30,6 +30,7 @@ walking tiles pid, pid + P, ...: fixed per-program rows, hence deterministic sum
 The backward recomputes the softmax from the logits (beyond one class group, its second pass
 over a pixel's logits hits the cache) and writes the gradient once.
 """
+import math
 from typing import Optional
 
 import torch
@@ -45,6 +46,7 @@ try:
 
     from ._triton_compat import wrap
     from .triton_kernels import _bwd_chunked_kernel, _bwd_static_kernel, _fwd_chunked_kernel, _fwd_static_kernel
+    from .triton_rows import _bwd_rows_kernel, _fwd_rows_kernel
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
@@ -59,6 +61,8 @@ _STRIDED_TILE = (32, 64)  # (pixels, classes) per chunk when pixels are contiguo
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
 _CONF_HIST_CELLS = 1024  # confusion counts in a per-program register histogram up to this many cells (C*C)
 _ZERO_BLOCK = 256  # classes per step of a kernel's zeroing of its own rows
+_ROWS_PART_C = 24  # classes per thread of the rows kernels (half in float64); more classes, more threads per pixel
+_ROWS_BLOCK_BYTES = 16384  # bytes of a rows kernel's tile block, at most (32 elements of 4 bytes per thread)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
@@ -111,6 +115,39 @@ def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False):
         rows *= _INTERPRET_TILE_SCALE
     rows = max(1, min(rows, _np2(_cdiv(S, vec))))
     return rows, vec, group, loop
+
+
+def _rows_path(C, sc, ss, gsc=1, gss=None):
+    """Whether logits with these class and pixel strides (and their gradient's) take the rows kernels:
+    classes contiguous and dense (channels_last, channels_last_3d, (N, C) rows), C <= _STATIC_C."""
+    return 1 < C <= _STATIC_C and sc == 1 and ss == C and gsc == 1 and (gss is None or gss == C)
+
+
+def _rows_plan(C, S, itemsize):
+    """(PARTS, CPART, LV, PPIX, P, BL) of the rows kernels (:mod:`.triton_rows`).
+
+    PARTS threads per pixel, each holding CPART consecutive classes in 2**LV register slots (slot CPART
+    the label's logit): one up to ``_ROWS_PART_C`` classes (half in float64), more parts, a power of two,
+    beyond. PPIX = 128 / PARTS pixel slots per tile; P pixels, as many as fit a block of
+    ``_ROWS_BLOCK_BYTES`` (32 elements per thread), fewer so that P·C is a whole number of 16-byte vectors
+    (each tile starts aligned); BL the power of two above P·C. The interpreter takes larger tiles.
+    """
+    parts = _np2(_cdiv(C, _ROWS_PART_C // (2 if itemsize == 8 else 1)))
+    cpart = _cdiv(C, parts)
+    lv = cpart.bit_length()  # 2**lv > cpart: a slot for the label's logit
+    ppix = 32 * _WARPS // parts
+    vec = 16 // itemsize
+    step = vec // math.gcd(C, vec)  # P a multiple of it: P·C a multiple of vec
+    bl_max = _ROWS_BLOCK_BYTES // itemsize
+    if _interpret():
+        ppix *= _INTERPRET_TILE_SCALE
+        bl_max *= _INTERPRET_TILE_SCALE
+    ppix = max(1, min(ppix, _np2(S)))
+    p = min(ppix, bl_max // C)
+    if p >= step:
+        p -= p % step
+    p = max(1, p)
+    return parts, cpart, lv, ppix, p, _np2(p * C)
 
 
 def _chunked_plan(C, S, ss, f64):
@@ -173,7 +210,25 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
         wt = weight if weight is not None else _dummy(dev, acc)
         tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
         conf_mode, conf_bins, conf = _confusion(confusion, C, dev)
-        if C <= _STATIC_C:
+        if _rows_path(C, sc, ss):
+            parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
+            if parts > 1 and conf_mode == 1:
+                conf_mode, conf_bins = 2, 1  # the register histogram wants one thread per pixel
+            tiles_per_b = _cdiv(S, p)
+            num_tiles = B * tiles_per_b
+            P = _programs(num_tiles, _WARPS, dev)
+            pl = out[0] if reduction == Reduction.NONE else _dummy(dev, acc)
+            lrow = x.new_empty((P, C), dtype=acc) if sums else None
+            crow = x.new_empty((P, C), dtype=i32)
+            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
+            brow = x.new_empty((P, 2), dtype=torch.int64)
+            wrap(_fwd_rows_kernel)[(P,)](
+                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
+                S, tiles_per_b, num_tiles, S // p, sb, ignore_index, gamma, gamma,
+                C=C, PARTS=parts, CPART=cpart, LV=lv, PPIX=ppix, P=p, BL=bl, MODE=int(mode),
+                FOCAL=_focal(mode, gamma), STORE_PL=reduction == Reduction.NONE, WEIGH_PL=weigh, SUMS=sums,
+                NEED_TP=need_tp, CONF=conf_mode, CONF_BINS=conf_bins, FOLD=B == 1, num_warps=_WARPS)
+        elif C <= _STATIC_C:
             rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp)
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
@@ -232,7 +287,15 @@ def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
     wv = scale if scale is not None else tv
     focal = _focal(mode, gamma)
     with _on_device(x):
-        if C <= _STATIC_C:
+        if _rows_path(C, sc, ss, gsc, gss):
+            parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
+            tiles_per_b = _cdiv(S, p)
+            num_tiles = B * tiles_per_b
+            wrap(_bwd_rows_kernel)[(_programs(num_tiles, _WARPS, dev),)](
+                x, target, tv, gp, wv, dx, S, tiles_per_b, num_tiles, S // p, sb, gsb, gp_stride, ignore_index, gamma,
+                gamma, C=C, PARTS=parts, CPART=cpart, LV=lv, PPIX=ppix, P=p, BL=bl, MODE=int(mode), FOCAL=focal,
+                HAS_GP=has_gp, HAS_WV=scale is not None, FOLD=B == 1, num_warps=_WARPS)
+        elif C <= _STATIC_C:
             rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
