@@ -3,18 +3,20 @@
     python -m pytest -p benchmarks.gpu_tests tests      # only the selected tests
     python -m benchmarks.gpu_tests                      # check that what it names exists (no torch)
 
-Selected: every test marked ``cuda`` (CUDA-only: graph capture, more than 2^31 elements,
-``torch.compile(fullgraph=True)`` on CUDA, no host sync, the CUDA C++ kernel), every test of the
-Triton files (``FILES``: their kernels compiled for the GPU instead of interpreted) and the tests
-in ``NODES`` (``test_lse_from_the_forward``: it crashed the host of an H100 machine once). Not the
-whole suite: CI runs that on CPUs, and a GPU session has a minute for this.
+Selected: every test marked ``cuda`` (CUDA-only: graph capture, reduce-overhead, more than 2^31
+elements, ``torch.compile(fullgraph=True)`` on CUDA, no host sync), every test of the Triton files
+(``FILES``: their kernels compiled for the GPU instead of interpreted) and the tests in ``NODES``
+(``test_lse_from_the_forward`` crashed the host of an H100 machine once, at a C++ op's argument
+error; ``test_ops_check_tensor_sizes_before_touching_memory`` makes every op raise such errors). Not
+the whole suite: CI runs that on CPUs, and a GPU session has a minute for this.
 """
 import ast
 import os
 import sys
 
 FILES = ("tests/test_triton.py",)
-NODES = ("tests/test_upsample.py::test_lse_from_the_forward",)
+NODES = ("tests/test_upsample.py::test_lse_from_the_forward",
+         "tests/test_trust.py::test_ops_check_tensor_sizes_before_touching_memory")
 MARK = "cuda"
 
 

@@ -141,11 +141,11 @@ def check_confusion(confusion, logits, name="confusion"):
 
 
 def check_labels(bad, target, num_classes, ignore_index):
-    """Raise when ``bad`` (a count of labels outside [0, C) that are not ``ignore_index``) is not 0.
-
-    Eagerly one small host sync and a ``ValueError`` naming the value; inside ``torch.compile``
-    a device assertion (a ``RuntimeError`` that cannot name it), so the graph has no
-    data-dependent branch.
+    """Raise when ``bad`` (a count of labels outside [0, C) that are not ``ignore_index``) is not 0:
+    the reference backend's check. Eagerly a read of ``bad`` (a host sync for a GPU tensor: the
+    reference is the specification, not a training path) and a ``ValueError`` naming the value;
+    inside ``torch.compile`` a device assertion (a ``RuntimeError`` that cannot name it), so the
+    graph has no data-dependent branch. The fused backends never wait (see :mod:`._deferred`).
     """
     if torch.compiler.is_compiling():
         torch._assert_async(bad == 0, "target contains a label outside [0, C) that is not ignore_index")

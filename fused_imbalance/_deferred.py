@@ -95,7 +95,9 @@ def _finish(entry):
 
 def poll():
     """Raise the first failed check whose device work has completed; never waits. Every fused call
-    runs it first."""
+    runs it first (not while a CUDA graph is captured: no event may be queried then)."""
+    if not _queue or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
+        return
     while _queue:
         entry = _queue[0]
         if entry[1] is not None and not entry[1].query():

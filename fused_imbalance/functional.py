@@ -86,8 +86,22 @@ def _backend_available(name):
     return _load(name) is not None
 
 
+_resolved = {}  # (backend, environment variable, device type, dtype) -> name, for the calls that resolved
+
+
 def resolve_backend(backend, logits):
     """The name of the backend that will run ``logits``: "triton", "cpp" or "reference"."""
+    env = os.environ.get("FUSED_IMBALANCE_BACKEND") if backend is None else None
+    key = (backend, env, logits.device.type, logits.dtype)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(backend, logits)
+        if not torch.compiler.is_compiling():
+            _resolved[key] = name
+    return name
+
+
+def _resolve(backend, logits):
     if backend is not None:
         name, source = backend, "backend"
     else:
@@ -174,12 +188,10 @@ def _run(name, logits, target, rs, weight, tvals, confusion, mode, gamma, ignore
     red = reduction if isinstance(reduction, Reduction) else Reduction.of(reduction)
     if rs is None:
         x = logits if collapsible(logits) else logits.contiguous()
-        t = target.reshape(-1)
         geo = ()
     else:
-        x, t, geo = logits, target, (rs.interp, rs.align_corners)
-    if not t.is_contiguous():
-        t = t.contiguous()
+        x, geo = logits, (rs.interp, rs.align_corners)
+    t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
     loss, count, tp, _ = _fused.forward(name, x, t, geo, weight, tvals, confusion, mode, gamma, ignore_index, red,
                                         weighting, need_tp, validate)
     if red == Reduction.NONE:

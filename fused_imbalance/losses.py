@@ -14,7 +14,8 @@ region (checkpoint the network and give the loss its output: a fused loss keeps 
 logits' size for the backward but the logits themselves, so checkpointing it saves little).
 
 ``validate`` (keyword, default True) is forwarded to the functional call: True checks the
-labels once after the pass (one small host sync), False skips that check.
+labels (without a host sync: on the GPU the error comes from a later call, see
+:func:`fused_imbalance.check_deferred`), False skips that check.
 
 ``upsample=None | "bilinear" | "nearest"`` and ``align_corners=False`` (keywords, DESIGN.md §10):
 with ``upsample`` the module takes low-resolution logits (B, C, h, w) and labels (B, H, W) and

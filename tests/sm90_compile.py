@@ -113,7 +113,8 @@ _MODES = {"ce": (0, 0.0), "focal": (0, 2.0), "sigfocal": (1, 2.0), "mselogit": (
 
 # (C, layout, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's backward too.
 # need_pixel_loss: a weighted "none"; need_tp: the recall weights; need_confusion "global": integer atomics
-# into the caller's matrix instead of the per-program register histogram.
+# into the caller's matrix instead of the per-program register histogram, and the finalize's rows reduced
+# by a launch of their own first.
 VARIANTS = [
     # static kernels, every class unrolled, statistics in registers
     (19, "nchw", "bf16", "ce", False, False, False),  # 16-bit vectors of 4
@@ -176,15 +177,16 @@ def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
     y = torch.empty(N, dtype=torch.int64)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tv = torch.empty(C, dtype=acc) if mode in (2, 3) else None
+    from fused_imbalance.ops import _triton_host as H
     start = len(_COMPILED)
-    saved = T._CONF_HIST_CELLS
-    if need_conf == "global":
-        T._CONF_HIST_CELLS = 0
+    saved = T._CONF_HIST_CELLS, H._FINALIZE_ELEMS
+    if need_conf == "global":  # and the row reduction ahead of the finalize (rows x classes too many)
+        T._CONF_HIST_CELLS, H._FINALIZE_ELEMS = 0, 0
     try:
         weight, conf, red, wt = _call(need_pl, need_tp, need_conf, mode, C, acc)
         T._forward(x, y, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, False)
     finally:
-        T._CONF_HIST_CELLS = saved
+        T._CONF_HIST_CELLS, H._FINALIZE_ELEMS = saved
     if mode != 4:
         T._backward(x, y, torch.empty(N, dtype=acc), torch.empty(C, dtype=acc), tv, None, mode, gamma, -100)
     return _COMPILED[start:]

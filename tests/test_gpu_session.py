@@ -103,7 +103,7 @@ import json, os, runpy, sys, time
 argv = sys.argv[1:]
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps(dict(argv=argv, cwd=os.getcwd(), env={k: os.environ.get(k) for k in (
-        "TORCH_CUDA_ARCH_LIST", "FUSED_IMBALANCE_CUDA", "MAX_JOBS", "FUSED_IMBALANCE_REQUIRE_BACKENDS", "CXX")})) + "\\n")
+        "MAX_JOBS", "FUSED_IMBALANCE_REQUIRE_BACKENDS", "CXX")})) + "\\n")
 def opt(name):
     return argv[argv.index(name) + 1]
 if argv[:2] in (["-m", "benchmarks.summary"], ["-m", "benchmarks.gpu_tests"]):
@@ -185,22 +185,14 @@ def test_gpu_branch_with_stand_ins(tmp_path):
     assert b["argv"][b["argv"].index("--csv") + 1] == str(out / "bench.csv")
     (u,) = call("-m", "benchmarks.upsample")
     assert u["argv"][2:8] == ["--plan", "session", "--device", "cuda", "--passes", "fwd+bwd"]
-    builds = call("setup.py", "build_ext", "--inplace")
-    cuda_build = [c for c in builds if c["cwd"] == ROOT]
-    nocuda_build = [c for c in builds if c["env"]["FUSED_IMBALANCE_CUDA"] == "0"]
-    assert len(builds) == 2 and cuda_build and nocuda_build
-    assert cuda_build[0]["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0" and cuda_build[0]["env"]["MAX_JOBS"]
-    copy = nocuda_build[0]["cwd"]
-    assert copy != ROOT and os.path.exists(os.path.join(copy, "tests", "test_upsample.py"))
-    tests = call("-m", "pytest")
-    selection = [c for c in tests if c["cwd"] == ROOT]
-    assert selection and {"-p", "benchmarks.gpu_tests", "tests"} <= set(selection[0]["argv"])
-    assert selection[0]["env"]["FUSED_IMBALANCE_REQUIRE_BACKENDS"] == "cpp,triton"
-    assert all(c["env"]["FUSED_IMBALANCE_REQUIRE_BACKENDS"] == "cpp,triton" for c in tests)
-    assert all(c["env"]["CXX"] != "no-compiler-after-a-failed-build" for c in tests)
-    assert [c["argv"][-1] for c in tests if c["cwd"] == copy] == ["tests/test_upsample.py::test_lse_from_the_forward"]
+    (build,) = call("setup.py", "build_ext", "--inplace")  # the C++ extension: CPU code only, one build
+    assert build["cwd"] == ROOT and build["env"]["MAX_JOBS"]
+    (tests,) = call("-m", "pytest")
+    assert tests["cwd"] == ROOT and {"-p", "benchmarks.gpu_tests", "tests"} <= set(tests["argv"])
+    assert tests["env"]["FUSED_IMBALANCE_REQUIRE_BACKENDS"] == "cpp,triton"
+    assert tests["env"]["CXX"] != "no-compiler-after-a-failed-build"
     results = [line for line in (out / "tests.txt").read_text().splitlines() if line.startswith("RESULT")]
-    assert len(results) == 4 and all("rc=0" in r or "exit 0" in r for r in results), results
+    assert len(results) == 2 and all("rc=0" in r or "exit 0" in r for r in results), results
     assert (out / "summary.md").read_text().startswith("# GPU session summary: Stand-in GPU")
     assert "nvidia-smi" in (out / "env.txt").read_text()
 
@@ -212,7 +204,7 @@ def test_a_stage_stopped_by_its_budget_keeps_what_it_measured(tmp_path):
                                          STUB_BUILD_FAIL="1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     tests = [c for c in calls if c["argv"][:2] == ["-m", "pytest"]]
-    assert len(tests) == 2
+    assert len(tests) == 1
     assert all(c["env"]["FUSED_IMBALANCE_REQUIRE_BACKENDS"] == "triton" for c in tests)
     assert all(c["env"]["CXX"] == "no-compiler-after-a-failed-build" for c in tests)
     stages = stage_lines(out)

@@ -2,6 +2,7 @@
 answer on every backend, determinism, and inputs beyond 2**31 elements."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -429,3 +430,83 @@ def test_vmap_says_what_is_unsupported(backend):
         torch.func.vmap(lambda t: FI.focal_loss(t, y, backend=backend))(batch)
     got = torch.func.vmap(lambda t: FI.focal_loss(t, y, backend="reference"))(batch)
     torch.testing.assert_close(got[0], FI.focal_loss(x, y, backend=backend), **TOL[torch.float64])
+
+
+# --- arguments as torch takes them ---------------------------------------------------------------
+
+@pytest.mark.parametrize("ignore", [np.int64(255), np.int32(255), torch.tensor(255), torch.tensor(255, dtype=torch.int16)],
+                         ids=["np.int64", "np.int32", "tensor", "tensor_int16"])
+def test_integer_arguments_as_torch_takes_them(backend, ignore):
+    """ignore_index and num_classes as numpy integers or 0-dim integer tensors, as F.cross_entropy,
+    nn.CrossEntropyLoss and F.one_hot take them (configs often come from numpy); booleans stay refused."""
+    from fused_imbalance import ConfusionMatrix, FocalLoss, RecallLoss
+    dev = backend_device(backend)
+    x, y = make_data((2, 5, 3, 4), torch.float32, ignore=255)
+    x, y = x.to(dev), y.to(dev)
+    want = torch.nn.functional.cross_entropy(x, y, ignore_index=255)
+    torch.testing.assert_close(FI.cross_entropy(x, y, ignore_index=ignore, backend=backend), want)
+    torch.testing.assert_close(FocalLoss(0.0, ignore_index=ignore, backend=backend)(x, y), want)
+    cm = ConfusionMatrix(np.int64(5), ignore_index=ignore, backend=backend).to(dev)
+    cm.update(x, y)
+    assert cm.num_classes == 5 and type(cm.num_classes) is int
+    assert torch.equal(cm.compute(), FI.confusion_matrix(x, y, ignore_index=255, backend="reference"))
+    assert RecallLoss(np.int64(5), ignore_index=ignore, backend=backend)(x, y).isfinite()
+    with pytest.raises(TypeError, match="ignore_index"):
+        FI.cross_entropy(x, y, ignore_index=True, backend=backend)
+    with pytest.raises(TypeError, match="ignore_index"):
+        FI.cross_entropy(x, y, ignore_index=torch.tensor(255.0), backend=backend)
+    with pytest.raises(ValueError, match="num_classes"):
+        ConfusionMatrix(True)
+
+
+def test_align_corners_none_is_false(backend):
+    """align_corners=None means False, as in F.interpolate (where None is the default): in the
+    functions, the modules and ConfusionMatrix.update."""
+    from fused_imbalance import ConfusionMatrix, FocalLoss
+    dev = backend_device(backend)
+    x, y = make_data((2, 5, 3, 4), torch.float32)
+    y = torch.randint(0, 5, (2, 7, 9))
+    x, y = x.to(dev), y.to(dev)
+    kw = dict(upsample="bilinear", backend=backend)
+    want = FI.focal_loss(x, y, align_corners=False, **kw)
+    torch.testing.assert_close(FI.focal_loss(x, y, align_corners=None, **kw), want)
+    torch.testing.assert_close(FocalLoss(align_corners=None, **kw)(x, y), want)
+    cm = ConfusionMatrix(5, backend=backend).to(dev)
+    cm.update(x, y, upsample="bilinear", align_corners=None)
+    assert torch.equal(cm.compute(), FI.confusion_matrix(x, y, upsample="bilinear", backend="reference"))
+    FI.cross_entropy(torch.randn(4, 5, device=dev), torch.zeros(4, dtype=torch.int64, device=dev),
+                     align_corners=None, backend=backend)  # None without upsample: nothing to interpolate
+
+
+@pytest.mark.parametrize("bad", [[0.5, 85.0, 0.2, 0.1, 0.9], [0.5, -0.1, 0.2, 0.1, 0.9],
+                                 [0.5, float("nan"), 0.2, 0.1, 0.9]], ids=["percent", "negative", "nan"])
+def test_recall_out_of_range_is_an_error(backend, bad):
+    """A recall outside [0, 1] (a percentage, say) or NaN is a ValueError naming recall, on every
+    backend, never a negative or NaN loss; for CPU tensors at once."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 5, 3, 4), torch.float32)
+    x, y = x.to(dev), y.to(dev)
+    for b in (backend, "reference"):
+        with pytest.raises(ValueError, match="recall must hold recalls in \\[0, 1\\]"):
+            FI.recall_loss(x, y, recall=torch.tensor(bad, device=dev), backend=b)
+        with pytest.raises(ValueError, match="recall"):
+            FI.recall_loss(x, y, recall=lambda count, tp: torch.tensor(bad, device=dev), backend=b)
+    FI.recall_loss(x, y, recall=torch.tensor([0.0, 1.0, 0.2, 0.1, 0.9], device=dev), backend=backend)
+
+
+def test_confusion_update_needs_no_c_by_c_scratch(backend):
+    """Adding a few pixels' confusion counts into a large matrix allocates nothing of C x C beyond the
+    caller's matrix (the counts go straight into it), on every path."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = backend_device(backend)
+    C = 3000
+    x = torch.randn(4, C, device=dev)
+    y = torch.tensor([0, 5, C - 1, -100], device=dev)
+    out = torch.zeros(C, C, dtype=torch.int64, device=dev)
+    FI.confusion_matrix(x, y, out=out, backend=backend)  # first call: loads, compiles
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        FI.confusion_matrix(x, y, out=out, backend=backend)
+        FI.cross_entropy(x, y, confusion=out, backend=backend)
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert largest < C * C, largest  # well below one int8 C x C matrix (72 MB of int64)
+    assert int(out.sum()) == 9 and int(out[C - 1].argmax()) == int(x[2].argmax())  # 3 calls x 3 labelled pixels

@@ -12,7 +12,8 @@ reduction, weighting, need_tp, validate, need_lse) -> (loss, scale, count, tp, b
 
     x            logits, (N, C) or (B, C, d1, ..., dk), any float dtype, strides as described
                  by :func:`pixel_view` (contiguous NCHW, channels_last, (N, C) rows).
-    target       (N_pixels,) contiguous labels, uint8/int16/int32/int64, pixel n = b * S + s.
+    target       N_pixels contiguous labels (any shape: (N_pixels,), (B, d1, ..., dk)), uint8/int16/int32/int64,
+                 read flat: pixel n = b * S + s.
     weight       (C,) class weights in the accumulation dtype (``weighting`` 1 and 2), else None.
     tvals        (C,) target values of the MSE modes (the outlying labels), accumulation dtype;
                  None for the other modes.

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from . import FLOAT_DTYPES, Reduction, Weighting, acc_dtype
+from . import FLOAT_DTYPES, Mode, Reduction, Weighting, acc_dtype
 
 try:
     import triton
@@ -48,7 +48,6 @@ def supports(x):
 
 def _focal(mode, gamma):
     """Whether a launch computes focal terms (the FOCAL constexpr): a focal mode with γ ≠ 0."""
-    from . import Mode
     return gamma != 0 and mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL)
 
 

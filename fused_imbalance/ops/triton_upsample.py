@@ -453,7 +453,8 @@ if triton is not None:
             tl.debug_barrier()  # the zeros before this program's additions into its rows
         if CONF == 1:
             hist = tl.zeros([CONF_BINS], tl.int32)
-        nbad = tl.zeros([BLOCK_X], tl.int64)
+        # a lane counts at most H pixels: int32 unless the counts are int64 (H >= _BIG_H)
+        nbad = tl.zeros([BLOCK_X], crow_ptr.dtype.element_ty)
         vbad = tl.full([BLOCK_X], _NO_BAD, tl.int64)
         ya = band * R
         yb = tl.minimum(ya + R, h)
@@ -475,7 +476,7 @@ if triton is not None:
                 pm = ym & xm[None, :]
                 n = (b * H + Y) * W + X[None, :]  # int64: B*H*W can exceed 2**31
                 valid, bad, y32, badv = _labels(t_ptr, n, pm, ignore_index, C, -1)
-                nbad += tl.sum(bad.to(tl.int64), 0)
+                nbad += tl.sum(bad.to(nbad.dtype), 0)
                 vbad = tl.maximum(vbad, tl.max(badv, 0))
                 wy0 = tl.load(wy0_ptr + Y, mask=ym, other=0.0)
                 wy1 = wy0
@@ -580,7 +581,7 @@ if triton is not None:
                             tl.store(trow_ptr + pid64 * C + c, tl.sum(tl.sum(tacc[c].to(tl.int32), 1), 0))
             if CONF == 1:
                 _conf_flush(conf_ptr, hist, C, CONF_BINS)
-            _store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
+            _store_bad(bad_ptr, pid, tl.sum(nbad.to(tl.int64), 0), tl.max(vbad, 0))
 
     @triton.jit
     def _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,

@@ -1,0 +1,145 @@
+"""A whole training step — a small network's forward, a fused loss, its backward, an optimizer step —
+captured in a CUDA graph and replayed gives the eager step's loss and gradients, for every loss and
+with ``upsample``; ``torch.compile(mode="reduce-overhead")`` of such a step (Inductor's CUDA graphs)
+works too. Possible because no fused call waits for the device: inside a capture the label check is
+a device assertion. These need a GPU (marked ``cuda``); the deferred check itself is tested on the
+CPU (tests/test_parity.py, tests/test_deferred.py)."""
+import pytest
+import torch
+
+import fused_imbalance as fi
+from tolerances import TOL
+
+pytestmark = pytest.mark.cuda
+
+C = 5
+
+
+def _losses(dev):
+    """Every loss as a training loop calls it, its constant tensors made once on the device (a CPU
+    tensor copied in at every step would be read from freed host memory by a replayed graph)."""
+    w = torch.linspace(0.5, 2.0, C, device=dev)
+    acc = torch.linspace(0.2, 0.9, C, device=dev)
+    outlying = torch.arange(1.0, C + 1, device=dev)
+    kw = dict(backend="triton")
+    return {
+        "cross_entropy": lambda out, y: fi.cross_entropy(out, y, w, **kw),
+        "focal_loss": lambda out, y: fi.focal_loss(out, y, 2.0, **kw),
+        "sigmoid_focal_loss": lambda out, y: fi.sigmoid_focal_loss(out, y, 1.5, **kw),
+        "class_balanced": fi.ClassBalancedLoss([5, 4, 3, 2, 1], 0.9, "focal", **kw).to(dev),
+        "recall_loss": lambda out, y: fi.recall_loss(out, y, **kw),
+        "recall_module": fi.RecallLoss(C, momentum=0.9, **kw).to(dev),
+        "cdb_loss": lambda out, y: fi.cdb_loss(out, y, acc, gamma=0.5, **kw),
+        "cdb_module": fi.CDBLoss(C, gamma=0.5, **kw).to(dev),
+        "mse_outlying_loss": lambda out, y: fi.mse_outlying_loss(out, y, outlying, input="softmax", **kw),
+        "focal_none": lambda out, y: fi.focal_loss(out, y, 2.0, reduction="none", **kw),
+        "focal_upsample": lambda out, y: fi.focal_loss(out, y, 2.0, upsample="bilinear", **kw),
+    }
+
+
+STEPS = list(_losses("cpu"))
+
+
+def _setup(name, seed=0):
+    torch.manual_seed(seed)
+    dev = "cuda"
+    net = torch.nn.Conv2d(3, C, 3, padding=1).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    up = name == "focal_upsample"
+    x = torch.randn(2, 3, 8 if up else 16, 8 if up else 16, device=dev)
+    y = torch.randint(0, C, (2, 16, 16), device=dev)
+    y[:, 0] = -100
+    return net, opt, x, y, _losses(dev)[name]
+
+
+def _step(net, opt, x, y, loss_fn):
+    opt.zero_grad(set_to_none=False)
+    loss = loss_fn(net(x), y).sum()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_cuda_graph_training_step(name):
+    """Two replays of the captured step equal two eager steps from the same start: losses, the
+    updated parameters (so the gradients) and, for the recall module, its moving average."""
+    net, opt, x, y, loss_fn = _setup(name)
+    eager_net, eager_opt, _, _, eager_fn = _setup(name)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as CUDA-graph capture requires
+        for _ in range(3):
+            _step(net, opt, x, y, loss_fn)
+            _step(eager_net, eager_opt, x, y, eager_fn)
+    torch.cuda.current_stream().wait_stream(side)
+    fi.check_deferred()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _step(net, opt, x, y, loss_fn)
+    # capture records without running: the graph's parameters are those after the warm-up, as eager's
+    eager_net.load_state_dict(net.state_dict())
+    if name == "recall_module":
+        eager_fn.load_state_dict(loss_fn.state_dict())
+    for _ in range(2):
+        graph.replay()
+        want = _step(eager_net, eager_opt, x, y, eager_fn)
+        torch.testing.assert_close(static_loss, want, **TOL[torch.float32])
+        for p, q in zip(net.parameters(), eager_net.parameters()):
+            torch.testing.assert_close(p, q, **TOL[torch.float32])
+    if name == "recall_module":
+        torch.testing.assert_close(loss_fn.running_recall, eager_fn.running_recall, **TOL[torch.float32])
+
+
+def test_cuda_graph_bad_label_is_a_device_assertion():
+    """Inside a capture no Python runs at replay: the label check is a device assertion, captured too."""
+    net, opt, x, y, loss_fn = _setup("focal_loss")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _step(net, opt, x, y, loss_fn)
+    torch.cuda.current_stream().wait_stream(side)
+    fi.check_deferred()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _step(net, opt, x, y, loss_fn)
+    graph.replay()
+    torch.cuda.synchronize()  # a good batch replays cleanly
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "recall_loss", "focal_upsample"])
+def test_compile_reduce_overhead(name):
+    """torch.compile(mode="reduce-overhead") of the forward and loss (Inductor's CUDA graphs): the same
+    losses and gradients as eager over several steps."""
+    net, opt, x, y, loss_fn = _setup(name)
+    eager_net, eager_opt, _, _, eager_fn = _setup(name)
+
+    def forward(x, y):
+        return loss_fn(net(x), y).sum()
+
+    compiled = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):
+        opt.zero_grad(set_to_none=False)
+        loss = compiled(x, y)
+        loss.backward()
+        opt.step()
+        want = _step(eager_net, eager_opt, x, y, eager_fn)
+        torch.testing.assert_close(loss, want, **TOL[torch.float32])
+        for p, q in zip(net.parameters(), eager_net.parameters()):
+            torch.testing.assert_close(p, q, **TOL[torch.float32])
+    fi.check_deferred()
+
+
+def test_no_host_sync_in_a_step():
+    """torch.cuda.set_sync_debug_mode("error"): a step of each loss never synchronises the host with the
+    device (labels checked without one, loss finished on the device)."""
+    for name in STEPS:
+        net, opt, x, y, loss_fn = _setup(name)
+        _step(net, opt, x, y, loss_fn)  # first call: loads, compiles, caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _step(net, opt, x, y, loss_fn)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    fi.check_deferred()
