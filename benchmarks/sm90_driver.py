@@ -5,7 +5,9 @@
 The project's copy of the tool's example driver, kept in step with the kernels: the forward op's signature
 (need_tp / need_confusion flags, the confusion counts returned), the trip models of the static-class and chunked
 kernels, and the extra memory traffic of the passes that store per-pixel losses or per-program rows (mem_bytes).
-The 72 cases are the example driver's.
+The 72 cases are the example driver's. The
+forward of a loss keeps what its backward takes instead of a second pass over the logits (need_lse, as autograd
+asks for it in training), and the backward takes it.
 
 Launches go only through the public ops torch.ops.fused_imbalance.triton_loss_fwd / triton_loss_bwd (their contract
 is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of ../shared/tools'
@@ -21,7 +23,7 @@ import torch
 
 # The ops are registered when the Triton backend module is imported; that needs only `import triton`. Its
 # available() (a GPU, or TRITON_INTERPRET=1) gates the high-level API's choice of backend, not the ops themselves.
-importlib.import_module("fused_imbalance.ops.triton_loss")
+_TL = importlib.import_module("fused_imbalance.ops.triton_loss")
 try:
     _FWD = torch.ops.fused_imbalance.triton_loss_fwd
     _BWD = torch.ops.fused_imbalance.triton_loss_bwd
@@ -30,21 +32,28 @@ except (AttributeError, RuntimeError) as e:
 from fused_imbalance.ops import Reduction, Weighting  # noqa: E402
 
 
-def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
+def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion, need_lse=False):
     """A forward pass through the op, by the flags these cases (and ../shared/tools' drivers) name it with:
     the per-pixel loss ("none"), the statistics pass (true positives, the confusion counts into a matrix),
-    or a mean (the class-loss sums of the programs, reduced by the finalize launch)."""
+    or a mean (the class-loss sums of the programs, reduced by the finalize launch); ``need_lse``: what a
+    training step's forward keeps for its backward (fused_imbalance.ops.triton_loss.keeps_lse)."""
     C = x.shape[1]
     conf = torch.zeros((C, C), dtype=torch.int64) if need_confusion else None
     red = Reduction.NONE if need_pixel_loss else (Reduction.SUM if mode == 4 else Reduction.MEAN)
     return _FWD(x, target, None, tvals, conf, mode, gamma, ignore_index, int(red), int(Weighting.NONE), need_tp,
-                False, False)
+                False, need_lse)
 
 
-def BWD(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+def BWD(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index, lse=None):
     """A backward pass through the op: the upstream gradient of a per-pixel loss (``grad_pixel``), or the
-    per-class factor of a weighted mean (``grad_class``: a scalar upstream gradient of 1 is left implicit)."""
-    return _BWD(x, target, grad_pixel, grad_class, tvals, None, mode, gamma, ignore_index)
+    per-class factor of a weighted mean (``grad_class``: a scalar upstream gradient of 1 is left implicit);
+    ``lse``: what the forward kept (None: recomputed from the logits)."""
+    return _BWD(x, target, grad_pixel, grad_class, tvals, lse, mode, gamma, ignore_index)
+
+
+def kept(x, mode, gamma):
+    """Floats per pixel a training step's forward keeps for its backward (0: none)."""
+    return _TL.keeps_lse(x, mode, gamma)
 
 
 PROBLEMS = [  # name, shape (B, C, H, W) or (N, C), dtype, memory layout
@@ -105,7 +114,8 @@ def _forward(shape, dtype, layout, mode, gamma):
         C, N = shape[1], x.numel() // shape[1]
         tvals = torch.empty(C, dtype=torch.float32) if mode == 2 else None
         stats = mode == 4  # the statistics pass: true positives and the confusion matrix
-        FWD(x, torch.empty(N, dtype=torch.int64), mode, gamma, tvals, IGNORE, False, stats, stats)
+        # a loss keeps what its backward takes instead of a second pass, as in training
+        FWD(x, torch.empty(N, dtype=torch.int64), mode, gamma, tvals, IGNORE, False, stats, stats, not stats)
     return run
 
 
@@ -114,9 +124,11 @@ def _backward(shape, dtype, layout, mode, gamma):
         x = _logits(shape, dtype, layout)
         C, N = shape[1], x.numel() // shape[1]
         tvals = torch.empty(C, dtype=torch.float32) if mode == 2 else None
+        k = kept(x, mode, gamma)
+        lse = torch.empty(k * N, dtype=torch.float32) if k else None
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
         BWD(x, torch.empty(N, dtype=torch.int64), None, torch.empty(C, dtype=torch.float32), mode, gamma, tvals,
-            IGNORE)
+            IGNORE, lse)
     return run
 
 
@@ -129,12 +141,16 @@ def cases():
         N //= C
         logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
         for mname, mode, gamma in MODES:
+            k = kept(_logits(shape, dtype, layout), mode, gamma)  # floats per pixel kept by the forward
             yield {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, dtype, layout, mode, gamma),
                    "elements": N * C, "bytes": logit_bytes + label_bytes,
-                   "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode)}
+                   "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode) + 4 * k * N}
             if mode != 4:  # the statistics mode has no gradient (the op returns zeros without a launch)
-                yield {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, dtype, layout, mode, gamma),
-                       "elements": N * C, "bytes": 2 * logit_bytes + label_bytes}
+                case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, dtype, layout, mode, gamma),
+                        "elements": N * C, "bytes": 2 * logit_bytes + label_bytes}
+                if k:
+                    case["mem_bytes"] = 2 * logit_bytes + label_bytes + 4 * k * N  # the forward's lse read
+                yield case
 
 
 # ------------------------------------------------------------------ trip model (see sm90_static's docstring, 4)
