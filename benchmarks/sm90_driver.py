@@ -5,7 +5,9 @@
 The project's copy of the tool's example driver, kept in step with the kernels: the forward op's signature
 (need_tp / need_confusion flags, the confusion counts returned), the trip models of the static-class and chunked
 kernels, and the extra memory traffic of the passes that store per-pixel losses or per-program rows (mem_bytes).
-The 72 cases are the example driver's.
+The 72 cases are the example driver's. The
+forward of a loss keeps what its backward takes instead of a second pass over the logits (need_lse, as autograd
+asks for it in training), and the backward takes it.
 
 Launches go only through the public ops torch.ops.fused_imbalance.triton_loss_fwd / triton_loss_bwd (their contract
 is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of the sm90_static and sm90_memory tools'
@@ -21,7 +23,7 @@ import torch
 
 # The ops are registered when the Triton backend module is imported; that needs only `import triton`. Its
 # available() (a GPU, or TRITON_INTERPRET=1) gates the high-level API's choice of backend, not the ops themselves.
-importlib.import_module("fused_imbalance.ops.triton_loss")
+_TL = importlib.import_module("fused_imbalance.ops.triton_loss")
 try:
     _FWD = torch.ops.fused_imbalance.triton_loss_fwd
     _BWD = torch.ops.fused_imbalance.triton_loss_bwd
@@ -30,21 +32,28 @@ except (AttributeError, RuntimeError) as e:
 from fused_imbalance.ops import Reduction, Weighting  # noqa: E402
 
 
-def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion):
+def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion, need_lse=False):
     """A forward pass through the op, by the flags these cases (and the sm90_static and sm90_memory tools' drivers) name it with:
     the per-pixel loss ("none"), the statistics pass (true positives, the confusion counts into a matrix),
-    or a mean (the class-loss sums of the programs, reduced by the finalize launch)."""
+    or a mean (the class-loss sums of the programs, reduced by the finalize launch); ``need_lse``: what a
+    training step's forward keeps for its backward (fused_imbalance.ops.triton_loss.keeps_lse)."""
     C = x.shape[1]
     conf = torch.zeros((C, C), dtype=torch.int64) if need_confusion else None
     red = Reduction.NONE if need_pixel_loss else (Reduction.SUM if mode == 4 else Reduction.MEAN)
     return _FWD(x, target, None, tvals, conf, mode, gamma, ignore_index, int(red), int(Weighting.NONE), need_tp,
-                False, False)
+                False, need_lse)
 
 
-def BWD(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index):
+def BWD(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index, lse=None):
     """A backward pass through the op: the upstream gradient of a per-pixel loss (``grad_pixel``), or the
-    per-class factor of a weighted mean (``grad_class``: a scalar upstream gradient of 1 is left implicit)."""
-    return _BWD(x, target, grad_pixel, grad_class, tvals, None, mode, gamma, ignore_index)
+    per-class factor of a weighted mean (``grad_class``: a scalar upstream gradient of 1 is left implicit);
+    ``lse``: what the forward kept (None: recomputed from the logits)."""
+    return _BWD(x, target, grad_pixel, grad_class, tvals, lse, mode, gamma, ignore_index)
+
+
+def kept(x, mode, gamma):
+    """Floats per pixel a training step's forward keeps for its backward (0: none)."""
+    return _TL.keeps_lse(x, mode, gamma)
 
 
 PROBLEMS = [  # name, shape (B, C, H, W) or (N, C), dtype, memory layout
@@ -72,15 +81,16 @@ def _cdiv(a, b):
 
 
 def _extra_fwd_bytes(layout, N, C, mode, sms=132):
-    """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: with
+    """Forward traffic beyond the floor, as fused_imbalance/ops/triton_loss.py allocates it on an H100: in NCHW with
     32 < C <= 256 the per-pixel loss is written (4 B), then read back with the labels (4 + 8 B) by the class-sum
     kernel (its per-thread columns of class sums, C x 132 KB, are zeroed by the kernel itself and stay in the
-    50 MB L2: not counted); the (N, C) rows path zeroes and reads back 2 programs per SM x C float32 class-loss rows
-    and int32 count rows; every path writes per-program int32 count rows, which the finalize launch reads back.
-    Confusion counts go into the caller's matrix (register histograms or atomics: no scratch)."""
+    50 MB L2: not counted); the (N, C) rows path beyond 256 classes zeroes and reads back 2 programs per SM x C
+    float32 class-loss rows and int32 count rows; every path writes per-program int32 count rows (and float32
+    class-loss rows where the statistics are registers), which the finalize launch reads back. Confusion counts
+    go into the caller's matrix (register histograms or atomics: no scratch)."""
     extra = 0
     has_loss = mode != 4
-    if 32 < C <= 256 and has_loss:
+    if 32 < C <= 256 and has_loss and layout == "nchw":
         extra += N * (4 + 4 + 8)
     if C > 256 and layout != "nchw":
         programs = 2 * sms
@@ -88,6 +98,8 @@ def _extra_fwd_bytes(layout, N, C, mode, sms=132):
     elif C <= 256:
         programs = sms * 8
         extra += 2 * programs * C * 4 * (2 if mode == 4 else 1)  # count rows (and true positives)
+        if layout != "nchw" and has_loss:
+            extra += 2 * programs * C * 4  # the class-loss rows
     return extra
 
 
@@ -102,7 +114,8 @@ def _forward(shape, dtype, layout, mode, gamma):
         C, N = shape[1], x.numel() // shape[1]
         tvals = torch.empty(C, dtype=torch.float32) if mode == 2 else None
         stats = mode == 4  # the statistics pass: true positives and the confusion matrix
-        FWD(x, torch.empty(N, dtype=torch.int64), mode, gamma, tvals, IGNORE, False, stats, stats)
+        # a loss keeps what its backward takes instead of a second pass, as in training
+        FWD(x, torch.empty(N, dtype=torch.int64), mode, gamma, tvals, IGNORE, False, stats, stats, not stats)
     return run
 
 
@@ -111,9 +124,11 @@ def _backward(shape, dtype, layout, mode, gamma):
         x = _logits(shape, dtype, layout)
         C, N = shape[1], x.numel() // shape[1]
         tvals = torch.empty(C, dtype=torch.float32) if mode == 2 else None
+        k = kept(x, mode, gamma)
+        lse = torch.empty(k * N, dtype=torch.float32) if k else None
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
         BWD(x, torch.empty(N, dtype=torch.int64), None, torch.empty(C, dtype=torch.float32), mode, gamma, tvals,
-            IGNORE)
+            IGNORE, lse)
     return run
 
 
@@ -126,12 +141,16 @@ def cases():
         N //= C
         logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
         for mname, mode, gamma in MODES:
+            k = kept(_logits(shape, dtype, layout), mode, gamma)  # floats per pixel kept by the forward
             yield {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, dtype, layout, mode, gamma),
                    "elements": N * C, "bytes": logit_bytes + label_bytes,
-                   "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode)}
+                   "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode) + 4 * k * N}
             if mode != 4:  # the statistics mode has no gradient (the op returns zeros without a launch)
-                yield {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, dtype, layout, mode, gamma),
-                       "elements": N * C, "bytes": 2 * logit_bytes + label_bytes}
+                case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, dtype, layout, mode, gamma),
+                        "elements": N * C, "bytes": 2 * logit_bytes + label_bytes}
+                if k:
+                    case["mem_bytes"] = 2 * logit_bytes + label_bytes + 4 * k * N  # the forward's lse read
+                yield case
 
 
 # ------------------------------------------------------------------ trip model (see sm90_static's docstring, 4)
@@ -151,6 +170,15 @@ def _static_trips(launch):
     a, k = launch["ints"], launch["constexprs"]
     loops = [a["num_tiles"], k["C"] // k["GROUP"]] if k["LOOP"] else [a["num_tiles"]]
     return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]), "loops": loops}
+
+
+def _rows_trips(launch):
+    """_fwd_rows_kernel / _bwd_rows_kernel: the tile loop as above, over the num_full tiles of P pixels when the
+    batch is folded into the pixels (FOLD; a last, shorter tile after the loop), else over every tile; the
+    classes of a tile are in registers (no inner loop)."""
+    a, k = launch["ints"], launch["constexprs"]
+    return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]),
+            "loops": [a["num_full"] if k["FOLD"] else a["num_tiles"]]}
 
 
 def _chunked_trips(launch):
@@ -195,6 +223,7 @@ def _reduce_rows_trips(launch):
 
 
 TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,
+         "_fwd_rows_kernel": _rows_trips, "_bwd_rows_kernel": _rows_trips,
          "_fwd_chunked_kernel": _chunked_trips, "_bwd_chunked_kernel": _chunked_trips,
          "_class_sum_kernel": _class_sum_trips, "_finalize_kernel": _finalize_trips,
          "_reduce_rows_kernel": _reduce_rows_trips}

@@ -97,8 +97,17 @@ def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed
     forms = [(grad_pixel if gp else None, None), (None, grad_class if gc else None)]
     if gp and gc:
         forms.append((torch.tensor(0.75, dtype=acc, device=x.device), grad_class))
-    for up, scale in forms:
-        grad = bwd(x, y, up, scale, mode, gamma, tvals, ignore)
+    # where the forward keeps each pixel's lse (a backward that would read the logits twice), the forms
+    # after the first take it, as autograd passes it; the first recomputes it from the logits
+    kept = T.keeps_lse(x, mode, gamma)
+    lse = None
+    if kept:
+        lse = BE.fwd(x, y.reshape(-1), None, tvals if mode in (2, 3) else None, None, int(mode), gamma, ignore,
+                     int(Reduction.CLASS), int(Weighting.NONE), False, False, True)[5]
+        assert lse.shape == (kept * N,) and lse.dtype == acc
+    for i, (up, scale) in enumerate(forms):
+        grad = BE.bwd(x, y.reshape(-1), up, scale, tvals if mode in (2, 3) else None, lse if i else None, int(mode),
+                      gamma, ignore)
         assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
         ref = contract.grad(x, y, up, scale, mode, gamma, tvals, ignore)
         torch.testing.assert_close(grad, ref, **TOL[x.dtype])
@@ -111,6 +120,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(T, "_STATIC_C", 4)
     monkeypatch.setattr(T, "_ROW_CHUNK", 8)
     monkeypatch.setattr(T, "_STRIDED_TILE", (4, 4))
+    monkeypatch.setattr(T, "_L1_TILE_BYTES", 0)  # every tile of several chunks: the forward keeps the lse
 
 
 @pytest.fixture
@@ -119,6 +129,7 @@ def small_groups(monkeypatch):
     groups (groups of 4 classes and an unrolled tail)."""
     monkeypatch.setattr(T, "_UNROLL_C", 4)
     monkeypatch.setattr(T, "_LOOP_GROUP", 4)
+    monkeypatch.setattr(T, "_L1_TILE_BYTES", 0)  # every tile of several groups: the forward keeps the lse
 
 
 # --- each kernel path, every mode, float64 -------------------------------------------------
@@ -218,6 +229,52 @@ def test_small_chunks(small_chunks, shape, mode):
         x, y, tvals = make(shape, layout)
         check_forward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
         check_backward(x, y, mode, GAMMA.get(mode, 0.0), tvals)
+
+
+def test_kept_lse():
+    """Floats per pixel the forward keeps for its backward: where a softmax backward would read a pixel's
+    logits twice from memory (ADE20K's 150 classes in NCHW: several class groups over a tile beyond L1),
+    the lse, and the focal weight (γ != 0) or the softmax MSE's Σ p (p - t); nothing where one read
+    suffices (one class group, a tile that stays in L1, the rows kernels, the per-class modes)."""
+    def k(shape, dtype=torch.float32, layout="nchw", mode=Mode.SOFTMAX_FOCAL, gamma=0.0):
+        x = torch.empty(shape, dtype=dtype, device="meta")
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return T.keeps_lse(x, mode, gamma)
+
+    ade, city = (2, 150, 64, 64), (2, 19, 64, 64)
+    assert (k(ade), k(ade, gamma=2.0), k(ade, mode=Mode.MSE_SOFTMAX), k(ade, dtype=torch.bfloat16)) == (1, 2, 2, 1)
+    assert (k((2, 1000, 64, 64)), k((2, 300, 64, 64))) == (1, 0)  # chunked: 32 x 1000 classes; 32 x 300 in L1
+    assert (k(ade, mode=Mode.SIGMOID_FOCAL), k(ade, mode=Mode.MSE_LOGITS), k(ade, layout="cl")) == (0, 0, 0)
+    assert (k(city), k(city, dtype=torch.bfloat16), k((4096, 150)), k((4096, 8142))) == (0, 0, 0, 0)
+
+
+def test_training_keeps_lse(small_groups, monkeypatch):
+    """An eager call that autograd records asks the forward for the lse and hands it to the backward (a
+    call without autograd asks for nothing); the gradient is the reference's."""
+    from fused_imbalance import _fused
+    _fused.register_backend(BE)
+    seen = []
+
+    def fwd(*a):
+        seen.append(("fwd", a[-1]))
+        return BE.fwd(*a)
+
+    def bwd_spy(*a):
+        seen.append(("bwd", a[5] is not None and a[5].numel() > 0))
+        return BE.bwd(*a)
+
+    monkeypatch.setitem(_fused._BACKENDS, BE.name, BE._replace(fwd=fwd, bwd=bwd_spy))
+    x, y, tvals = make((1, 9, 2, 3), "nchw")
+    x.requires_grad_(True)
+    args = (y.reshape(-1), (), None, None, None, Mode.SOFTMAX_FOCAL, 2.0, -100, Reduction.SUM, Weighting.NONE,
+            False, False)
+    with torch.no_grad():
+        _fused.forward(BE.name, x, *args)
+    loss = _fused.forward(BE.name, x, *args)[0]
+    loss.backward()
+    assert seen == [("fwd", False), ("fwd", True), ("bwd", True)]
+    torch.testing.assert_close(x.grad, contract.grad(x, y, None, None, 0, 2.0, None), **TOL[x.dtype])
 
 
 def test_gamma_zero_is_cross_entropy():

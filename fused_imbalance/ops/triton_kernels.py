@@ -307,8 +307,10 @@ def _fwd_chunked_kernel(
     trow_ptr,  # (programs, C) int32 valid pixels whose argmax is their label (NEED_TP), as crow_ptr
     bad_ptr,  # (programs, 2) int64 out: bad labels (outside [0, C), not ignore_index) and the largest
     conf_ptr,  # (C, C) int64 confusion counts [label, argmax], added into (CONF): the caller's matrix
+    lse_ptr,  # (k * NP,) out (STORE_LSE): what the backward takes instead of a pass over the classes (_keep_lse)
     C,  # classes
     S,  # pixels per image
+    NP,  # pixels in all
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
     stride_b, stride_c, stride_s,  # logits strides, in elements
@@ -316,6 +318,7 @@ def _fwd_chunked_kernel(
     gamma, gamma64: tl.float64,  # focal exponent, twice (see _gamma)
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
+    STORE_LSE: tl.constexpr,  # keep each pixel's lse (and focal weight or q) for the backward
     STORE_PL: tl.constexpr,  # write the per-pixel loss
     WEIGH_PL: tl.constexpr,  # ... times the class weight of its label
     ROWSUM: tl.constexpr,  # add each pixel's loss into the program's class row (BLOCK_P == 1)
@@ -387,6 +390,8 @@ def _fwd_chunked_kernel(
             loss = 0.5 * (s2r / (ssum * ssum) + dy * dy)
         else:
             loss = lsum  # zeros
+        if STORE_LSE:
+            _keep_lse(lse_ptr, n, NP, pmask, m, ssum, rest, s2r, xy, tv, gamma, MODE, FOCAL)
         lv = tl.where(valid, loss, 0.0)
         if ROWSUM:
             # one pixel per tile, tiles in a fixed order: a deterministic running sum per class
@@ -639,6 +644,40 @@ def _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, w, gamma, MODE: tl.constexpr, FO
 
 
 @triton.jit
+def _keep_lse(lse_ptr, n, NP, pmask, m, s, rest, s2r, xy, tv, gamma, MODE: tl.constexpr, FOCAL: tl.constexpr):
+    """What the forward keeps for the backward of a softmax mode (STORE_LSE, ``keeps_lse``): each pixel's
+    log-sum-exp at lse[n] and, for the focal loss, ∂ℓ/∂log p_y per unit upstream weight (its a over w), for the
+    softmax MSE Σ_j p_j (p_j - t_j) (its q), at lse[NP + n]: the backward's coefficients without a pass over the
+    classes."""
+    lse = _lse(m, s)
+    tl.store(lse_ptr + n, lse, mask=pmask)
+    if MODE == 0:
+        if FOCAL:
+            logp = xy - lse
+            tl.store(lse_ptr + NP + n, _focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pmask)
+    else:
+        py = tl.exp(xy - lse)
+        tl.store(lse_ptr + NP + n, s2r / (s * s) + py * py - tv * py, mask=pmask)
+
+
+@triton.jit
+def _kept_coefs(lse_ptr, n, NP, valid, w, MODE: tl.constexpr, FOCAL: tl.constexpr):
+    """(lse, a, q) of the backward of a softmax mode from what the forward kept (_keep_lse), as
+    _bwd_softmax_coefs gives them: a = w·(-1, or the kept focal weight) for mode 0, w for mode 3."""
+    lse = tl.load(lse_ptr + n, mask=valid, other=0.0)
+    q = w
+    if MODE == 0:
+        if FOCAL:
+            a = w * tl.load(lse_ptr + NP + n, mask=valid, other=0.0)
+        else:
+            a = -w
+    else:
+        a = w
+        q = tl.load(lse_ptr + NP + n, mask=valid, other=0.0)
+    return lse, a, q
+
+
+@triton.jit
 def _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma,
                MODE: tl.constexpr, FOCAL: tl.constexpr):
     oh = c[None, :] == y32[:, None]
@@ -663,7 +702,8 @@ def _bwd_chunked_kernel(
     gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
     wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
-    C, S, tiles_per_b, num_tiles,
+    lse_ptr,  # (k * NP,) what the forward kept (HAS_LSE, _keep_lse)
+    C, S, NP, tiles_per_b, num_tiles,
     stride_b, stride_c, stride_s,  # logits strides
     gstride_b, gstride_c, gstride_s,  # gradient strides
     gp_stride,  # upstream gradient stride (0: one value for every pixel)
@@ -673,6 +713,7 @@ def _bwd_chunked_kernel(
     FOCAL: tl.constexpr,
     HAS_GP: tl.constexpr,
     HAS_WV: tl.constexpr,
+    HAS_LSE: tl.constexpr,  # the softmax coefficients from what the forward kept: one pass over the classes
     SINGLE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -711,7 +752,9 @@ def _bwd_chunked_kernel(
             gptrs = g_ptr + (goff[:, None] + c.to(tl.int64)[None, :] * gstride_c)
             tl.store(gptrs, g.to(g_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
         else:
-            if SOFTMAX:
+            if HAS_LSE:
+                lse, a, q = _kept_coefs(lse_ptr, n, NP, valid, w, MODE, FOCAL)
+            elif SOFTMAX:
                 # the first pass only reduces; its re-read in the second pass hits the cache
                 for c0 in range(0, C, BLOCK_C):
                     x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, acc_ty)
@@ -961,7 +1004,9 @@ def _fwd_static_kernel(
     trow_ptr,  # (programs, C) int32: true positives, as crow_ptr (NEED_TP)
     bad_ptr,  # (programs, 2) int64 out: bad labels (outside [0, C), not ignore_index) and the largest
     conf_ptr,  # (C, C) int64 confusion counts [label, argmax] added into (CONF): the caller's matrix
+    lse_ptr,  # (k * NP,) out (STORE_LSE): what the backward takes instead of a pass over the classes (_keep_lse)
     S,  # pixels per image
+    NP,  # pixels in all
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
     stride_b, stride_c, stride_s,  # logits strides, in elements
@@ -972,6 +1017,7 @@ def _fwd_static_kernel(
     LOOP: tl.constexpr,  # a loop over the groups (large C); otherwise all unrolled
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
+    STORE_LSE: tl.constexpr,  # keep each pixel's lse (and focal weight or q) for the backward
     STORE_PL: tl.constexpr,  # write the per-pixel loss
     WEIGH_PL: tl.constexpr,  # ... times the class weight of its label
     SUMS: tl.constexpr,  # the class-loss sums in registers (REG_STATS; else the stored loss is summed)
@@ -1032,6 +1078,8 @@ def _fwd_static_kernel(
             else:
                 dy = tl.exp(logp) - tv
                 loss = 0.5 * (s2r / (ssum * ssum) + dy * dy)
+            if STORE_LSE:
+                _keep_lse(lse_ptr, n, NP, pmask, m, ssum, rest, s2r, xy, tv, gamma, MODE, FOCAL)
         else:
             lsum, am = _static_terms(xp, sc, pmask, y32, tv, gamma, acc_ty, C, GROUP, LOOP,
                                      MODE, FOCAL, NEED_AM)
@@ -1091,7 +1139,8 @@ def _bwd_static_kernel(
     gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
     wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
-    S, tiles_per_b, num_tiles,
+    lse_ptr,  # (k * NP,) what the forward kept (HAS_LSE, _keep_lse)
+    S, NP, tiles_per_b, num_tiles,
     stride_b, stride_c, stride_s,  # logits strides
     gstride_b, gstride_c, gstride_s,  # gradient strides
     gp_stride,  # upstream gradient stride (0: one value for every pixel)
@@ -1104,6 +1153,7 @@ def _bwd_static_kernel(
     FOCAL: tl.constexpr,
     HAS_GP: tl.constexpr,
     HAS_WV: tl.constexpr,
+    HAS_LSE: tl.constexpr,  # the softmax coefficients from what the forward kept: one pass over the classes
     ROWS: tl.constexpr,
     VEC: tl.constexpr,
 ):
@@ -1128,7 +1178,9 @@ def _bwd_static_kernel(
         lse = w
         a = w
         q = w
-        if SOFTMAX:
+        if HAS_LSE:
+            lse, a, q = _kept_coefs(lse_ptr, n, NP, valid, w, MODE, FOCAL)
+        elif SOFTMAX:
             m, ssum, rest, s2r, am = _static_softmax(xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP,
                                                      FOCAL or MODE == 3, MODE == 3, False)
             xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)

@@ -30,22 +30,25 @@ walking tiles pid, pid + P, ...: fixed per-program rows, hence deterministic sum
 The backward recomputes the softmax from the logits (beyond one class group, its second pass
 over a pixel's logits hits the cache) and writes the gradient once.
 """
+import math
 from typing import Optional
 
 import torch
 
-from . import FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake, pixel_view
+from . import FwdOut, Mode, Reduction, Weighting, acc_dtype, collapsible, fwd_fake, pixel_view
 from ._args import check_tensor_args
 from ._triton_host import (_cdiv, _class_sums, _dummy, _focal, _interpret, _np2, _on_device, _programs, finalize,
                            grad_arg, outputs)
 # Re-exported, unused here: the sm90_memory tool's calibration driver reads triton_loss._RESIDENT_WARPS.
 from ._triton_host import _RESIDENT_WARPS  # noqa: F401
+from .upsample import check_lse
 
 try:
     import triton
 
     from ._triton_compat import wrap
     from .triton_kernels import _bwd_chunked_kernel, _bwd_static_kernel, _fwd_chunked_kernel, _fwd_static_kernel
+    from .triton_rows import _bwd_rows_kernel, _fwd_rows_kernel
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
@@ -54,12 +57,16 @@ _REG_STATS_C = 32  # up to this class count the class statistics are per-thread 
 _UNROLL_C = 32  # up to this class count every class is unrolled; beyond, a loop over groups
 _LOOP_GROUP = 16  # classes per group of that loop (fewer when registers are short)
 _GROUP_VALUES = 96  # logits a thread holds per max/exp group (GROUP x VEC x rows per thread)
+_LSE_GROUP = 10  # classes per step of the backward's loop from the forward's lse (16 made ptxas spill 8 bytes)
+_L1_TILE_BYTES = 1 << 16  # a tile's logits beyond this many bytes: a second pass over them misses L1 (keeps_lse)
 _WARPS = 4  # warps per program of the static kernels
 _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kernels)
 _STRIDED_TILE = (32, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
 _CONF_HIST_CELLS = 1024  # confusion counts in a per-program register histogram up to this many cells (C*C)
 _ZERO_BLOCK = 256  # classes per step of a kernel's zeroing of its own rows
+_ROWS_PART_C = 24  # classes per thread of the rows kernels (half in float64); more classes, more threads per pixel
+_ROWS_BLOCK_BYTES = 16384  # bytes of a rows kernel's tile block, at most (32 elements of 4 bytes per thread)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
 _INTERPRET_TILE_SCALE = 8
@@ -80,27 +87,36 @@ def _geometry(x, grad=None):
     return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
-def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False):
-    """(ROWS, VEC, GROUP, LOOP) of the static kernels.
+def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False, focal=False, bwd=False, scaled=True):
+    """(ROWS, VEC, GROUP, LOOP) of the static kernels, for the forward or (``bwd``) the backward; ``scaled``
+    False: the GPU's tile, without the interpreter's larger one.
 
-    Contiguous pixels (NCHW): a thread owns VEC consecutive pixels, one vector load per class
-    (4 float32 = 16 bytes; 16-bit logits 4 = 8 bytes: 8 would double the registers and spill;
-    2 when true positives are counted and 1 for float64, which spilled with more). Otherwise (channels_last) VEC = 1: a thread owns one pixel whose classes it
-    gathers, so that its labels and its logits have the same layout (two pixels per thread made
-    Triton convert layouts through shared memory on every tile). GROUP: classes per max/exp group, so that a thread keeps at most
-    about ``_GROUP_VALUES`` float32 logits live (half as many float64), split evenly (19
-    classes in bfloat16: 10 + 9). Up to ``_UNROLL_C`` classes every group is unrolled; beyond,
-    LOOP: a loop over groups of at most ``_LOOP_GROUP`` classes, then the last C % GROUP classes
+    Contiguous pixels (NCHW): a thread owns VEC consecutive pixels, one 16-byte vector load per class
+    (4 float32, 8 float16/bfloat16), fewer where registers are short: 4 16-bit pixels in the focal and
+    softmax MSE forwards (8 spilled), 2 when true positives are counted (a third set of per-class
+    registers), 1 for float64, which spilled with more. Otherwise (logits whose classes are neither the
+    planes nor dense rows) VEC = 1: a thread owns one pixel whose classes it gathers. GROUP: classes per
+    max/exp group, so that a thread keeps at most about ``_GROUP_VALUES`` float32 logits live (half as many
+    float64), split evenly (19 classes of 8 16-bit pixels: 10 + 9). A backward with more than one group
+    reads a tile's logits twice, the second time from L1 where the tile is small, unless it has what the
+    forward kept (:func:`keeps_lse`). Up to ``_UNROLL_C`` classes every group is unrolled;
+    beyond, LOOP: a loop over groups of at most ``_LOOP_GROUP`` classes, then the last C % GROUP classes
     unrolled (150 unrolled classes take minutes to compile; a loop of 16 seconds).
     """
     if ss == 1:
-        # float64 and true positives (a third set of per-class registers) spilled with more
-        vec, rows = (1 if itemsize == 8 else 2 if need_tp else 4), 32 * _WARPS
+        if itemsize == 8:
+            vec = 1
+        elif need_tp and not bwd:
+            vec = 2
+        elif itemsize == 2 and (bwd or not (focal or mode == Mode.MSE_SOFTMAX)):
+            vec = 8
+        else:
+            vec = 4
     else:
-        vec, rows = 1, 32 * _WARPS
-    per_thread = vec * rows // (32 * _WARPS)
-    values = _GROUP_VALUES // (2 if itemsize == 8 else 1)  # a float64 takes two registers
-    cap = max(1, values // per_thread)
+        vec = 1
+    rows = 32 * _WARPS
+    values = _GROUP_VALUES // (2 if itemsize == 8 else 1)
+    cap = max(1, values // vec)
     loop = C > _UNROLL_C
     if loop:  # C // group >= 2 full groups: the loop stays a loop
         # the sigmoid focal terms hold more temporaries per logit, and a float64 takes two registers:
@@ -108,14 +124,48 @@ def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False):
         group = min(cap, _LOOP_GROUP // 2 if (mode == Mode.SIGMOID_FOCAL or itemsize == 8) else _LOOP_GROUP)
     else:
         group = _cdiv(C, _cdiv(C, cap))
-    if _interpret():
+    if scaled and _interpret():
         rows *= _INTERPRET_TILE_SCALE
     rows = max(1, min(rows, _np2(_cdiv(S, vec))))
     return rows, vec, group, loop
 
 
-def _chunked_plan(C, S, ss, f64):
-    """(BLOCK_P, BLOCK_C, single chunk, num_warps) of the chunked kernels (C > _STATIC_C).
+def _rows_path(C, sc, ss, gsc=1, gss=None):
+    """Whether logits with these class and pixel strides (and their gradient's) take the rows kernels:
+    classes contiguous and dense (channels_last, channels_last_3d, (N, C) rows), C <= _STATIC_C."""
+    return 1 < C <= _STATIC_C and sc == 1 and ss == C and gsc == 1 and (gss is None or gss == C)
+
+
+def _rows_plan(C, S, itemsize):
+    """(PARTS, CPART, LV, PPIX, P, BL) of the rows kernels (:mod:`.triton_rows`).
+
+    PARTS threads per pixel, each holding CPART consecutive classes in 2**LV register slots (slot CPART
+    the label's logit): one up to ``_ROWS_PART_C`` classes (half in float64), more parts, a power of two,
+    beyond. PPIX = 128 / PARTS pixel slots per tile; P pixels, as many as fit a block of
+    ``_ROWS_BLOCK_BYTES`` (32 elements per thread), fewer so that P·C is a whole number of 16-byte vectors
+    (each tile starts aligned); BL the power of two above P·C. The interpreter takes larger tiles.
+    """
+    parts = _np2(_cdiv(C, _ROWS_PART_C // (2 if itemsize == 8 else 1)))
+    cpart = _cdiv(C, parts)
+    lv = cpart.bit_length()  # 2**lv > cpart: a slot for the label's logit
+    ppix = 32 * _WARPS // parts
+    vec = 16 // itemsize
+    step = vec // math.gcd(C, vec)  # P a multiple of it: P·C a multiple of vec
+    bl_max = _ROWS_BLOCK_BYTES // itemsize
+    if _interpret():
+        ppix *= _INTERPRET_TILE_SCALE
+        bl_max *= _INTERPRET_TILE_SCALE
+    ppix = max(1, min(ppix, _np2(S)))
+    p = min(ppix, bl_max // C)
+    if p >= step:
+        p -= p % step
+    p = max(1, p)
+    return parts, cpart, lv, ppix, p, _np2(p * C)
+
+
+def _chunked_plan(C, S, ss, f64, scaled=True):
+    """(BLOCK_P, BLOCK_C, single chunk, num_warps) of the chunked kernels (C > _STATIC_C); ``scaled`` as
+    for :func:`_static_plan`.
 
     Classes contiguous (rows, channels_last): one pixel per tile, its classes in chunks of up to
     ``_ROW_CHUNK`` across the lanes (reductions inside a warp and once across warps per chunk).
@@ -132,7 +182,7 @@ def _chunked_plan(C, S, ss, f64):
         block_c = min(bc, _ROW_CHUNK // 4 if f64 else _ROW_CHUNK)
         single, block_p = bc <= block_c, 1
         num_warps = 8 if block_c >= 4096 else 4
-    if _interpret() and block_p > 1:
+    if scaled and _interpret() and block_p > 1:
         block_p *= _INTERPRET_TILE_SCALE
     return min(block_p, _np2(S)), block_c, single, num_warps
 
@@ -162,7 +212,8 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
     has_loss = mode != Mode.STATS
     sums = has_loss and reduction != Reduction.NONE
     out = outputs(x, C, N, reduction, need_tp)
-    lse = x.new_empty(0, dtype=acc)
+    kept = keeps_lse(x, mode, gamma) if need_lse else 0
+    lse = x.new_empty(N * kept, dtype=acc)  # every element is written by the loss kernel
     i32 = torch.int32
     with _on_device(x):
         if N == 0:  # no pixel: the finalize of no rows gives the zeros
@@ -174,8 +225,26 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
         wt = weight if weight is not None else _dummy(dev, acc)
         tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
         conf_mode, conf_bins, conf = _confusion(confusion, C, dev)
-        if C <= _STATIC_C:
-            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp)
+        if _rows_path(C, sc, ss):
+            parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
+            if parts > 1 and conf_mode == 1:
+                conf_mode, conf_bins = 2, 1  # the register histogram wants one thread per pixel
+            tiles_per_b = _cdiv(S, p)
+            num_tiles = B * tiles_per_b
+            P = _programs(num_tiles, _WARPS, dev)
+            pl = out[0] if reduction == Reduction.NONE else _dummy(dev, acc)
+            lrow = x.new_empty((P, C), dtype=acc) if sums else None
+            crow = x.new_empty((P, C), dtype=i32)
+            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
+            brow = x.new_empty((P, 2), dtype=torch.int64)
+            wrap(_fwd_rows_kernel)[(P,)](
+                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
+                S, tiles_per_b, num_tiles, S // p, sb, ignore_index, gamma, gamma,
+                C=C, PARTS=parts, CPART=cpart, LV=lv, PPIX=ppix, P=p, BL=bl, MODE=int(mode),
+                FOCAL=_focal(mode, gamma), STORE_PL=reduction == Reduction.NONE, WEIGH_PL=weigh, SUMS=sums,
+                NEED_TP=need_tp, CONF=conf_mode, CONF_BINS=conf_bins, FOLD=B == 1, num_warps=_WARPS)
+        elif C <= _STATIC_C:
+            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp, _focal(mode, gamma))
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
             P = _programs(num_tiles, _WARPS, dev)
@@ -188,8 +257,9 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
             brow = x.new_empty((P, 2), dtype=torch.int64)
             wrap(_fwd_static_kernel)[(P,)](
                 x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
-                S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
-                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_PL=store_pl,
+                lse if kept else pl, S, N, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
+                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_LSE=kept > 0,
+                STORE_PL=store_pl,
                 WEIGH_PL=weigh, SUMS=sums and reg, REG_STATS=reg, NEED_TP=need_tp, CONF=conf_mode,
                 CONF_BINS=conf_bins, ROWS=rows, VEC=vec, ZB=min(_np2(C), _ZERO_BLOCK), num_warps=_WARPS)
             if sums and not reg:
@@ -208,8 +278,8 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
             brow = x.new_empty((P, 2), dtype=torch.int64)
             wrap(_fwd_chunked_kernel)[(P,)](
                 x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
-                C, S, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
-                MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_PL=store_pl, WEIGH_PL=weigh, ROWSUM=rowsum,
+                lse if kept else pl, C, S, N, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
+                MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_LSE=kept > 0, STORE_PL=store_pl, WEIGH_PL=weigh, ROWSUM=rowsum,
                 NEED_TP=need_tp, CONF=conf_mode > 0, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c,
                 ZB=min(_np2(C), _ZERO_BLOCK), num_warps=num_warps)
             if sums and not rowsum:
@@ -232,32 +302,72 @@ def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
     gp, gp_stride, has_gp = grad_arg(grad, B * S, dev, acc)
     wv = scale if scale is not None else tv
     focal = _focal(mode, gamma)
+    if lse is not None and lse.numel() == 0:
+        lse = None
+    kept = keeps_lse(x, mode, gamma)
+    if lse is not None:
+        if not kept:
+            lse = None  # the backward reads the logits once anyway
+        else:
+            check_lse(lse, B * S * kept, acc, dev)
     with _on_device(x):
-        if C <= _STATIC_C:
-            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode)
+        if _rows_path(C, sc, ss, gsc, gss):
+            parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
+            tiles_per_b = _cdiv(S, p)
+            num_tiles = B * tiles_per_b
+            wrap(_bwd_rows_kernel)[(_programs(num_tiles, _WARPS, dev),)](
+                x, target, tv, gp, wv, dx, S, tiles_per_b, num_tiles, S // p, sb, gsb, gp_stride, ignore_index, gamma,
+                gamma, C=C, PARTS=parts, CPART=cpart, LV=lv, PPIX=ppix, P=p, BL=bl, MODE=int(mode), FOCAL=focal,
+                HAS_GP=has_gp, HAS_WV=scale is not None, FOLD=B == 1, num_warps=_WARPS)
+        elif C <= _STATIC_C:
+            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, bwd=True)
+            if lse is not None and loop:
+                group = _LSE_GROUP  # one streaming pass: nothing is held across a group
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
             wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, dev),)](
-                x, target, tv, gp, wv, dx, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss,
-                gp_stride, ignore_index, gamma, gamma,
+                x, target, tv, gp, wv, dx, lse if lse is not None else tv, S, B * S, tiles_per_b, num_tiles,
+                sb, sc, ss, gsb, gsc, gss, gp_stride, ignore_index, gamma, gamma,
                 C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=has_gp,
-                HAS_WV=scale is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
+                HAS_WV=scale is not None, HAS_LSE=lse is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
         else:
             block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
             tiles_per_b = _cdiv(S, block_p)
             num_tiles = B * tiles_per_b
             wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, dev),)](
-                x, target, tv, gp, wv, dx, C, S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc,
-                gss, gp_stride, ignore_index, gamma, gamma,
-                MODE=int(mode), FOCAL=focal, HAS_GP=has_gp, HAS_WV=scale is not None, SINGLE=single,
+                x, target, tv, gp, wv, dx, lse if lse is not None else tv, C, S, B * S, tiles_per_b, num_tiles,
+                sb, sc, ss, gsb, gsc, gss, gp_stride, ignore_index, gamma, gamma,
+                MODE=int(mode), FOCAL=focal, HAS_GP=has_gp, HAS_WV=scale is not None, HAS_LSE=lse is not None,
+                SINGLE=single,
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return dx
 
 
 def keeps_lse(x, mode, gamma):
-    """Floats per pixel the plain forward keeps for its backward when asked (none yet: the backward
-    recomputes the softmax from the logits)."""
-    return 0
+    """Floats per pixel the plain forward keeps for its backward when asked (``need_lse``): where the
+    backward of a softmax mode would read a pixel's logits twice from memory (a max/sum pass, then the
+    gradient pass, over a tile larger than ``_L1_TILE_BYTES``: the static kernels beyond one class group,
+    the chunked kernels beyond one chunk, e.g. 150 classes in NCHW), each pixel's log-sum-exp and, for the
+    focal loss (γ != 0) and the softmax MSE, one more coefficient (``_keep_lse`` of the kernels): 1 or 2.
+    Then the backward is one read of the logits and one write of the gradient. 0 where one read suffices
+    (the rows kernels, one group or chunk, the per-class modes) or the second pass hits L1 (19 classes of
+    16-bit logits in two groups: 38 KB per tile). ``x``: the logits (their class count, layout and dtype)."""
+    mode = Mode(mode)
+    if mode not in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX) or x.dim() < 2 or not collapsible(x):
+        return 0
+    B, C, S, (sb, sc, ss), _ = _geometry(x)
+    if _rows_path(C, sc, ss):
+        return 0
+    if C <= _STATIC_C:
+        # the GPU's tile (the interpreter's larger tiles must not change what the op returns)
+        rows, vec, group, _ = _static_plan(C, S, ss, x.element_size(), mode, bwd=True, scaled=False)
+        twice = group < C and rows * vec * C * x.element_size() > _L1_TILE_BYTES
+    else:
+        block_p, _, single, _ = _chunked_plan(C, S, ss, x.dtype == torch.float64, scaled=False)
+        twice = not single and block_p * C * x.element_size() > _L1_TILE_BYTES
+    if not twice:
+        return 0
+    return 2 if (mode == Mode.MSE_SOFTMAX or gamma != 0) else 1
 
 
 if triton is not None:

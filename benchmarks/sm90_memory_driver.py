@@ -1,0 +1,159 @@
+"""sm90_memory / sm90_static driver: every pass of benchmarks/sm90_driver.py and benchmarks/sm90_upsample_driver.py.
+
+    python sm90_static.py benchmarks/sm90_memory_driver.py --json /tmp/static.json
+    TRITON_INTERPRET=1 python sm90_memory.py benchmarks/sm90_memory_driver.py \\
+        --static /tmp/static.json [--sites] [--only SUBSTR]
+
+cases(): the full-size cases of the two drivers (compile only, for sm90_static, with their trip models); the
+upsampled ones named "up_..." here. cases(small=True), for sm90_memory: the same passes on small real tensors
+(random logits, labels in [0, C)) that keep the tile structure of the full-size launch -- the same C, dtype,
+layout and stride pattern (NCHW keeps two images; channels_last folds the batch into the pixels as at full size),
+the same constexprs (ROWS, VEC, GROUP, LOOP, ...: sm90_memory compares them with the full-size compile given by
+--static and flags a mismatch with "!") -- and a few tiles per program. Under the interpreter the launchers take
+larger tiles to cut its per-step cost; here they take the GPU's (triton_loss._INTERPRET_TILE_SCALE = 1, the
+upsampled launchers' GPU tiling), so that the traced accesses are the H100's.
+
+Every call goes through the public ops with the arguments of the two drivers: a loss's forward keeps what its
+backward takes where the backend keeps anything (need_lse, as autograd asks in training), and the backward gets
+it (values from torch: what is traced is the addresses). ``bytes`` is the byte floor of the small tensors: the
+logits and the int64 labels read once (forward), the logits read and the gradient written once more (backward;
+the upsampled backward reads the low-resolution logits twice, see its driver).
+"""
+import importlib
+import pathlib
+import sys
+
+import torch
+
+import fused_imbalance
+
+try:
+    import benchmarks.sm90_driver as D
+    import benchmarks.sm90_upsample_driver as U
+except ImportError:  # run from elsewhere: the project's root is the installed package's parent
+    sys.path.insert(0, str(pathlib.Path(fused_imbalance.__file__).resolve().parents[1]))
+    import benchmarks.sm90_driver as D
+    import benchmarks.sm90_upsample_driver as U
+
+TL = importlib.import_module("fused_imbalance.ops.triton_loss")
+TU = importlib.import_module("fused_imbalance.ops.triton_upsample")
+FWD = torch.ops.fused_imbalance.triton_loss_fwd
+BWD = torch.ops.fused_imbalance.triton_loss_bwd
+UP_FWD = torch.ops.fused_imbalance.triton_upsample_loss_fwd
+UP_BWD = torch.ops.fused_imbalance.triton_upsample_loss_bwd
+
+SMALL = {  # sm90_driver's problem -> a small shape with its tiles: NCHW 2 images of 2048 pixels (2-4 tiles of
+    # 512 float32 / 1024 16-bit pixels each), channels_last 2048 pixels folded, 64 rows of 8142 classes
+    "city_nchw_f32": (2, 19, 32, 64), "city_nchw_bf16": (2, 19, 32, 64),
+    "city_cl_f32": (2, 19, 32, 32), "city_cl_bf16": (2, 19, 32, 32),
+    "ade_nchw_f32": (2, 150, 32, 64), "ade_nchw_bf16": (2, 150, 32, 64),
+    "ade_cl_f32": (2, 150, 32, 32),
+    "rows8142_f32": (64, 8142),
+}
+UP_SMALL = {  # sm90_upsample_driver's problem -> small (B, C, h, w) logits and (H, W) labels: the same scale
+    # factor (4) and 128 output columns (the full-size lanes per row)
+    "city_f32": ((2, 19, 8, 32), (32, 128)), "city_bf16": ((2, 19, 8, 32), (32, 128)),
+    "ade_f32": ((2, 150, 8, 32), (32, 128)), "ade_bf16": ((2, 150, 8, 32), (32, 128)),
+}
+
+
+def _data(shape, dtype, layout, labels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, shape[1], labels, generator=g)
+
+
+def _kept_lse(x, kept, N):
+    """What the forward would keep (kept floats per pixel): the lse of each pixel's logits, then zeros."""
+    lse = torch.zeros(kept * N, dtype=torch.float32)
+    if kept and x.dim() >= 2 and N == x.numel() // x.shape[1]:
+        lse[:N] = torch.logsumexp(x.float().movedim(1, -1).reshape(N, x.shape[1]), dim=1)
+    return lse
+
+
+def _small_run(shape, dtype, layout, mode, gamma, backward):
+    def run():
+        TL._INTERPRET_TILE_SCALE = 1  # the GPU's tiles (see the docstring)
+        C = shape[1]
+        N = 1
+        for d in shape:
+            N *= d
+        N //= C
+        x, y = _data(shape, dtype, layout, (N,))
+        tv = torch.linspace(1.0, 2.0, C) if mode == 2 else None
+        kept = TL.keeps_lse(x, mode, gamma) if mode != 4 else 0
+        if backward:
+            BWD(x, y, None, torch.ones(C), tv, _kept_lse(x, kept, N) if kept else None, mode, gamma, D.IGNORE)
+        else:
+            stats = mode == 4
+            conf = torch.zeros((C, C), dtype=torch.int64) if stats else None
+            red = D.Reduction.SUM if stats else D.Reduction.MEAN
+            FWD(x, y, None, tv, conf, mode, gamma, D.IGNORE, int(red), int(D.Weighting.NONE), stats, False, kept > 0)
+    return run
+
+
+def _up_small_run(shape, HW, dtype, mode, gamma, backward):
+    def run():
+        saved = TU._interpret
+        TU._interpret = lambda: False  # the GPU's tiling (see the docstring)
+        try:
+            x, y = _data(shape, dtype, "nchw", (shape[0],) + HW)
+            kept = TU.keeps_lse(x, mode, gamma) if mode != 4 else 0
+            if backward:
+                UP_BWD(x, y, U.BILINEAR, U.ALIGN_CORNERS, torch.ones(()), torch.ones(shape[1]), None,
+                       torch.zeros(kept * y.numel()) if kept else None, mode, gamma, U.IGNORE)
+            else:
+                conf = torch.zeros((shape[1], shape[1]), dtype=torch.int64) if mode == 4 else None
+                UP_FWD(x, y, U.BILINEAR, U.ALIGN_CORNERS, None, None, conf, mode, gamma, U.IGNORE,
+                       1 if mode == 4 else 0, 0, mode == 4, False, kept > 0)
+        finally:
+            TU._interpret = saved
+    return run
+
+
+def cases(small=False):
+    if not small:
+        yield from D.cases()
+        for case in U.cases():
+            yield dict(case, name="up_" + case["name"])
+        return
+    for pname, _, dtype, layout in D.PROBLEMS:
+        shape = SMALL[pname]
+        C = shape[1]
+        N = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+        logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
+        for mname, mode, gamma in D.MODES:
+            yield {"name": f"{pname}/{mname}/fwd", "run": _small_run(shape, dtype, layout, mode, gamma, False),
+                   "bytes": logit_bytes + label_bytes}
+            if mode != 4:
+                yield {"name": f"{pname}/{mname}/bwd", "run": _small_run(shape, dtype, layout, mode, gamma, True),
+                       "bytes": 2 * logit_bytes + label_bytes}
+    for pname, _, _, dtype in U.PROBLEMS:
+        shape, HW = UP_SMALL[pname]
+        B, C, h, w = shape
+        logit_bytes, label_bytes = B * C * h * w * dtype.itemsize, B * HW[0] * HW[1] * 8
+        for mname, mode, gamma in U.MODES:
+            yield {"name": f"up_{pname}/{mname}/fwd", "run": _up_small_run(shape, HW, dtype, mode, gamma, False),
+                   "bytes": logit_bytes + label_bytes}
+            if mode != 4:
+                yield {"name": f"up_{pname}/{mname}/bwd", "run": _up_small_run(shape, HW, dtype, mode, gamma, True),
+                       "bytes": 3 * logit_bytes + label_bytes}
+
+
+TRIPS = {**D.TRIPS, **U.TRIPS}  # sm90_static's trip models: the two drivers'
+
+
+def _persistent(launch):
+    """Programs per SM of the persistent grids on an H100 (_triton_host._programs): _RESIDENT_WARPS warps per SM,
+    _ROWSUM_PROGRAMS_PER_SM when each program owns a class-loss row."""
+    if launch["constexprs"].get("ROWSUM"):
+        return TL._ROWSUM_PROGRAMS_PER_SM
+    return max(1, TL._RESIDENT_WARPS // launch["num_warps"])
+
+
+RESIDENT = {"_fwd_static_kernel": _persistent, "_bwd_static_kernel": _persistent,
+            "_fwd_rows_kernel": _persistent, "_bwd_rows_kernel": _persistent,
+            "_fwd_chunked_kernel": _persistent, "_bwd_chunked_kernel": _persistent,
+            "_class_sum_kernel": lambda launch: 1}  # one program per SM (_triton_host._class_sums)
