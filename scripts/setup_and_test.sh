@@ -10,6 +10,7 @@
 #                                             # (compile-only sm_90 checks: 5-8 minutes and 1-2 minutes of
 #                                             # one core on an empty Triton cache)
 #   TEST_WORKERS=1 bash scripts/...           # pytest workers (default: auto, one per core)
+#   LINT=1 bash scripts/...                   # ruff (check and format --check, pyproject.toml) before the tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,6 +43,11 @@ python -c "import torch, triton, numpy, setuptools; print('torch', torch.__versi
 python -c "from fused_imbalance.ops import cpp; print('C++ backend built:', cpp.available())"
 if [ "${SETUP_ONLY:-0}" = 1 ]; then
   exit 0
+fi
+if [ "${LINT:-0}" = 1 ]; then
+  python -m pip install --quiet ruff==0.8.0
+  ruff check .
+  ruff format --check .
 fi
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
