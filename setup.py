@@ -7,6 +7,7 @@ builds with a C++ compiler alone, from the sources and flags of csrc/build_confi
 with the JIT build of fused_imbalance/ops/cpp.py. --no-build-isolation builds against the
 torch already installed, which is the torch the extension must match.
 """
+
 import os
 import sys
 

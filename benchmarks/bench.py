@@ -7,6 +7,7 @@ measures peak memory beyond the inputs, and reports GB/s against the byte floor 
 docs/DESIGN.md §8. Results go to the terminal (Markdown) and to ``benchmarks/results/<tag>-<date>/``
 (results.csv, results.md, bandwidth.png, speedup.png). See README.md for the columns.
 """
+
 import argparse
 import datetime
 import importlib.util
@@ -21,14 +22,32 @@ from typing import NamedTuple
 import torch
 
 from . import measure, report
-from .cases import (CHANNELS_LAST, CONTIGUOUS, DTYPES, LABEL_DTYPES, LOSSES, PLANS, PRESETS, PROVIDERS, Case,
-                    Unavailable, applies, floor_bytes, fused_backend_name, grid, has_backward, make_inputs, make_provider,
-                    parse_shape)
+from .cases import (
+    CHANNELS_LAST,
+    CONTIGUOUS,
+    DTYPES,
+    LABEL_DTYPES,
+    LOSSES,
+    PLANS,
+    PRESETS,
+    PROVIDERS,
+    Case,
+    Unavailable,
+    applies,
+    floor_bytes,
+    fused_backend_name,
+    grid,
+    has_backward,
+    make_inputs,
+    make_provider,
+    parse_shape,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # --------------------------------------------------------------------------- environment
+
 
 def cpu_name():
     try:
@@ -45,17 +64,25 @@ def environment(device, args):
     dev = torch.device(device)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     return dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        device=name, torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(),
-        load=f"{os.getloadavg()[0]:.2f} at start", cores=os.cpu_count(),
-        labels=args.labels, validate="on" if args.validate else "off (validate=False)",
-        compile_backend=args.compile_backend, fused_backend=args.fused_backend or fused_backend_name(device),
-        command="python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in args.argv))
+        device=name,
+        torch=torch.__version__,
+        triton=triton_version,
+        threads=torch.get_num_threads(),
+        load=f"{os.getloadavg()[0]:.2f} at start",
+        cores=os.cpu_count(),
+        labels=args.labels,
+        validate="on" if args.validate else "off (validate=False)",
+        compile_backend=args.compile_backend,
+        fused_backend=args.fused_backend or fused_backend_name(device),
+        command="python -m benchmarks.bench " + " ".join(shlex.quote(a) for a in args.argv),
+    )
 
 
 def device_tag(env, device):
@@ -76,6 +103,7 @@ def load_tolerances():
 
 
 # --------------------------------------------------------------------------- one case
+
 
 def _step(fn, x, t, backward):
     """One call (and backward): (output detached, gradient or None)."""
@@ -102,8 +130,10 @@ def _compare(got, want, tol, what):
         return None
     err = (g - w).abs().nan_to_num(float("inf"))
     i = int(err.reshape(-1).argmax())
-    return (f"{what}: max |Δ| {float(err.reshape(-1)[i]):.3g} (got {float(g.reshape(-1)[i]):.6g}, "
-            f"want {float(w.reshape(-1)[i]):.6g}; atol {tol['atol']:g} rtol {tol['rtol']:g})")
+    return (
+        f"{what}: max |Δ| {float(err.reshape(-1)[i]):.3g} (got {float(g.reshape(-1)[i]):.6g}, "
+        f"want {float(w.reshape(-1)[i]):.6g}; atol {tol['atol']:g} rtol {tol['rtol']:g})"
+    )
 
 
 class Runner:
@@ -141,10 +171,18 @@ class Runner:
         x0, t = make_inputs(case, self.device, args.labels)
         backward = has_backward(case.loss)
         x = x0.requires_grad_(backward)
-        base = dict(self.env_fields(), loss=case.loss, family=case.shape.family, shape=case.shape.name,
-                    pixels=case.shape.pixels, classes=case.shape.num_classes, dtype=case.dtype,
-                    layout=case.layout, labels=args.labels,
-                    grad_bytes=case.shape.numel * x.element_size() if backward else None)
+        base = dict(
+            self.env_fields(),
+            loss=case.loss,
+            family=case.shape.family,
+            shape=case.shape.name,
+            pixels=case.shape.pixels,
+            classes=case.shape.num_classes,
+            dtype=case.dtype,
+            layout=case.layout,
+            labels=args.labels,
+            grad_bytes=case.shape.numel * x.element_size() if backward else None,
+        )
         ref, ref_name = None, None
         for provider in providers:
             if not applies(provider, case):
@@ -153,8 +191,15 @@ class Runner:
                 progress(case, provider)
             prow = dict(base, provider=provider)
             try:
-                fn = make_provider(provider, case, self.device, args.validate, args.labels, args.fused_backend,
-                                   args.compile_backend)
+                fn = make_provider(
+                    provider,
+                    case,
+                    self.device,
+                    args.validate,
+                    args.labels,
+                    args.fused_backend,
+                    args.compile_backend,
+                )
                 t0 = time.perf_counter()
                 out, grad = _step(fn, x, t, backward)
                 if self.cuda:
@@ -172,7 +217,9 @@ class Runner:
                 continue
             if ref is None:
                 ref, ref_name = (out, grad), provider
-                status = "reference" if provider == "eager" else f"ok (unchecked: {provider} is the first result)"
+                status = (
+                    "reference" if provider == "eager" else f"ok (unchecked: {provider} is the first result)"
+                )
             else:
                 why = _compare(out, ref[0], self.loss_tol[x.dtype], "loss")
                 if why is None and backward:
@@ -184,7 +231,9 @@ class Runner:
             if provider in timed and status.startswith("FAIL"):  # a wrong kernel is not timed
                 yield [dict(prow, **{"pass": p, "status": status}) for p in case.passes]
             elif provider in timed:
-                yield self.measure_passes(case, provider, fn, x, t, dict(prow, status=status), provider in busy)
+                yield self.measure_passes(
+                    case, provider, fn, x, t, dict(prow, status=status), provider in busy
+                )
             del fn
             measure.free_memory(self.device)
 
@@ -219,11 +268,19 @@ class Runner:
                 row.update(self.time(call, setup, x))
                 row["peak_bytes"] = self.peak(call, setup or (lambda: setattr(x, "grad", None)))
                 if busy and pass_ == step:
-                    prof = measure.kernel_profile(call, self.device, self.args.busy_reps,
-                                                  2 if self.cuda else self.args.warmup,
-                                                  setup=lambda: setattr(x, "grad", None))
-                    row.update(wall_ms=prof["wall_ms"], busy_ms=prof["busy_ms"], kernels=prof["kernels"],
-                               kernel_top=measure.top_names(prof["top"]))
+                    prof = measure.kernel_profile(
+                        call,
+                        self.device,
+                        self.args.busy_reps,
+                        2 if self.cuda else self.args.warmup,
+                        setup=lambda: setattr(x, "grad", None),
+                    )
+                    row.update(
+                        wall_ms=prof["wall_ms"],
+                        busy_ms=prof["busy_ms"],
+                        kernels=prof["kernels"],
+                        kernel_top=measure.top_names(prof["top"]),
+                    )
             except Exception as e:  # noqa: BLE001
                 row["status"] = "OOM" if measure.is_oom(e) else f"error: {type(e).__name__}: {_oneline(e)}"
                 measure.free_memory(self.device)
@@ -235,23 +292,26 @@ class Runner:
                 row["copy_gbps"] = round(self.env["copy_gbps"], 2)
                 row["pct_copy"] = 100.0 * row["gbps"] / self.env["copy_gbps"]
                 if row.get("busy_ms"):
-                    row["busy_pct_copy"] = 100.0 * row["floor_bytes"] / (row["busy_ms"] * 1e-3) / 1e9 \
-                        / self.env["copy_gbps"]
+                    row["busy_pct_copy"] = (
+                        100.0 * row["floor_bytes"] / (row["busy_ms"] * 1e-3) / 1e9 / self.env["copy_gbps"]
+                    )
             rows.append(row)
         return rows
 
     def env_fields(self):
         e = self.env
-        return dict(date=e["date"], device=e["device"], torch=e["torch"], triton=e["triton"],
-                    threads=e["threads"])
+        return dict(
+            date=e["date"], device=e["device"], torch=e["torch"], triton=e["triton"], threads=e["threads"]
+        )
 
 
 def _oneline(e, limit=160):
     text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------- progress
+
 
 class Progress:
     """tqdm when it is installed, else one stderr line rewritten in place."""
@@ -260,6 +320,7 @@ class Progress:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
         try:
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
         except ImportError:
             self.bar = None
@@ -294,6 +355,7 @@ class Progress:
 
 # --------------------------------------------------------------------------- command line
 
+
 def _csv_list(choices=None):
     def parse(text):
         items = [s.strip() for s in text.split(",") if s.strip()]
@@ -302,67 +364,126 @@ def _csv_list(choices=None):
             if bad:
                 raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
         return items
+
     return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     level = p.add_mutually_exclusive_group()
-    level.add_argument("--quick", dest="level", action="store_const", const="quick", default="default",
-                       help="a small smoke-test grid")
-    level.add_argument("--full", dest="level", action="store_const", const="full",
-                       help="every loss on every shape, dtype and layout (long)")
+    level.add_argument(
+        "--quick",
+        dest="level",
+        action="store_const",
+        const="quick",
+        default="default",
+        help="a small smoke-test grid",
+    )
+    level.add_argument(
+        "--full",
+        dest="level",
+        action="store_const",
+        const="full",
+        help="every loss on every shape, dtype and layout (long)",
+    )
     p.add_argument("--loss", type=_csv_list(LOSSES), help="comma-separated losses (default: all)")
-    p.add_argument("--shape", type=_csv_list(),
-                   help="comma-separated families of the preset (seg, ade, volume, cls) and/or explicit "
-                        "logits shapes such as 4x19x256x512")
+    p.add_argument(
+        "--shape",
+        type=_csv_list(),
+        help="comma-separated families of the preset (seg, ade, volume, cls) and/or explicit "
+        "logits shapes such as 4x19x256x512",
+    )
     p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)), help="comma-separated logits dtypes")
     p.add_argument("--layout", type=_csv_list((CONTIGUOUS, CHANNELS_LAST)), help="memory formats")
-    p.add_argument("--provider", type=_csv_list(PROVIDERS), default=list(PROVIDERS),
-                   help="comma-separated providers (default: eager,compile,fused,liger,monai,monai_compile; liger: "
-                        "cross_entropy only; monai, monai_compile: dice_loss and dice_ce_loss)")
-    p.add_argument("--labels", default="int64", choices=tuple(LABEL_DTYPES), help="label dtype (default int64)")
-    p.add_argument("--validate", dest="validate", action="store_true",
-                   help="time the eager and fused providers with validate=True: the label-range check, a "
-                        "device-to-host sync after the forward, inside the timed region (default: "
-                        "validate=False, the kernels alone)")
-    p.add_argument("--no-validate", dest="validate", action="store_false",
-                   help="validate=False for the eager and fused providers (the default)")
-    p.add_argument("--plan", choices=tuple(PLANS),
-                   help="run a plan instead of a grid: its groups of cases in order, each with its own providers "
-                        "(cases.PLANS; `session` is the GPU session's, `session-dry` its CPU rehearsal). --loss, "
-                        "--provider and --group filter it")
+    p.add_argument(
+        "--provider",
+        type=_csv_list(PROVIDERS),
+        default=list(PROVIDERS),
+        help="comma-separated providers (default: eager,compile,fused,liger,monai,monai_compile; liger: "
+        "cross_entropy only; monai, monai_compile: dice_loss and dice_ce_loss)",
+    )
+    p.add_argument(
+        "--labels", default="int64", choices=tuple(LABEL_DTYPES), help="label dtype (default int64)"
+    )
+    p.add_argument(
+        "--validate",
+        dest="validate",
+        action="store_true",
+        help="time the eager and fused providers with validate=True: the label-range check, a "
+        "device-to-host sync after the forward, inside the timed region (default: "
+        "validate=False, the kernels alone)",
+    )
+    p.add_argument(
+        "--no-validate",
+        dest="validate",
+        action="store_false",
+        help="validate=False for the eager and fused providers (the default)",
+    )
+    p.add_argument(
+        "--plan",
+        choices=tuple(PLANS),
+        help="run a plan instead of a grid: its groups of cases in order, each with its own providers "
+        "(cases.PLANS; `session` is the GPU session's, `session-dry` its CPU rehearsal). --loss, "
+        "--provider and --group filter it",
+    )
     p.add_argument("--group", type=_csv_list(), help="with --plan: only these groups")
-    p.add_argument("--backend", dest="fused_backend", choices=("triton", "cpp"),
-                   help="the fused provider's backend (default: triton on CUDA, cpp on CPU; triton on CPU "
-                        "tensors needs TRITON_INTERPRET=1)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="the compile provider's torch.compile backend (default inductor)")
-    p.add_argument("--busy", type=_csv_list(PROVIDERS), default=[],
-                   help="providers whose training step is also profiled: wall time between CUDA events of steps "
-                        "run back to back against the kernels' busy time (a plan names its own)")
+    p.add_argument(
+        "--backend",
+        dest="fused_backend",
+        choices=("triton", "cpp"),
+        help="the fused provider's backend (default: triton on CUDA, cpp on CPU; triton on CPU "
+        "tensors needs TRITON_INTERPRET=1)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="the compile provider's torch.compile backend (default inductor)",
+    )
+    p.add_argument(
+        "--busy",
+        type=_csv_list(PROVIDERS),
+        default=[],
+        help="providers whose training step is also profiled: wall time between CUDA events of steps "
+        "run back to back against the kernels' busy time (a plan names its own)",
+    )
     p.add_argument("--busy-reps", type=int, default=10, help="steps per busy-time measurement (default 10)")
-    p.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up, milliseconds (default 25)")
-    p.add_argument("--rep-ms", type=float, default=100, help="GPU: do_bench repetitions, milliseconds (default 100)")
+    p.add_argument(
+        "--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up, milliseconds (default 25)"
+    )
+    p.add_argument(
+        "--rep-ms", type=float, default=100, help="GPU: do_bench repetitions, milliseconds (default 100)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed warm-up calls per measurement")
     p.add_argument("--reps", type=int, default=10, help="CPU: most timed calls per measurement")
-    p.add_argument("--budget", type=float, default=0.25,
-                   help="CPU: stop timing after this many seconds of timed calls (at least 3 calls)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.25,
+        help="CPU: stop timing after this many seconds of timed calls (at least 3 calls)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="output folder (default benchmarks/results/<device-tag>-<date>)")
     p.add_argument("--csv", help="the results CSV (default <out>/results.csv)")
-    p.add_argument("--append", action="store_true",
-                   help="add to an existing results.csv in --out (re-measured cases replace old rows)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add to an existing results.csv in --out (re-measured cases replace old rows)",
+    )
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.providers = [q for q in PROVIDERS if q in args.provider]  # eager first: it is the reference
     if args.plan and (args.shape or args.dtype or args.layout or args.level != "default"):
-        p.error("--plan names its own shapes, dtypes and layouts: --shape, --dtype, --layout, --quick and "
-                "--full do not apply")
+        p.error(
+            "--plan names its own shapes, dtypes and layouts: --shape, --dtype, --layout, --quick and "
+            "--full do not apply"
+        )
     if args.group and not args.plan:
         p.error("--group needs --plan")
     return args
@@ -408,8 +529,10 @@ def select_work(args, device):
     groups = PLANS[args.plan]
     unknown = set(args.group or ()) - {g.name for g in groups}
     if unknown:
-        raise SystemExit(f"--group {','.join(sorted(unknown))}: plan {args.plan} has "
-                         f"{', '.join(g.name for g in groups)}")
+        raise SystemExit(
+            f"--group {','.join(sorted(unknown))}: plan {args.plan} has "
+            f"{', '.join(g.name for g in groups)}"
+        )
     work = []
     for g in groups:
         if args.group and g.name not in args.group:
@@ -440,8 +563,10 @@ def main(argv=None):
     if args.list:
         for w in work:
             c = w.case
-            print(f"{w.group:14s} {c.loss:20s} {c.shape.name:22s} {c.dtype:9s} {c.layout:14s} {','.join(c.passes):12s} "
-                  f"{','.join(w.timed or w.providers)}")
+            print(
+                f"{w.group:14s} {c.loss:20s} {c.shape.name:22s} {c.dtype:9s} {c.layout:14s} {','.join(c.passes):12s} "
+                f"{','.join(w.timed or w.providers)}"
+            )
         print(f"{len(work)} cases")
         return 0
     if not work:
@@ -455,8 +580,11 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     csv_path = args.csv or os.path.join(out_dir, "results.csv")
     log = report.CsvLog(csv_path, append=args.append)
-    print(f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['threads']} threads · "
-          f"copy {env['copy_gbps']:.1f} GB/s · {len(work)} cases → {out_dir}", file=sys.stderr)
+    print(
+        f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['threads']} threads · "
+        f"copy {env['copy_gbps']:.1f} GB/s · {len(work)} cases → {out_dir}",
+        file=sys.stderr,
+    )
 
     progress = Progress(len(work))
     try:
@@ -472,8 +600,10 @@ def main(argv=None):
         progress.close()
         log.close()
 
-    env["load"] += f", {os.getloadavg()[0]:.2f} at end ({env['cores']} cores; a load above the thread count " \
-                   "means other processes shared the CPU and the CPU times are unreliable)"
+    env["load"] += (
+        f", {os.getloadavg()[0]:.2f} at end ({env['cores']} cores; a load above the thread count "
+        "means other processes shared the CPU and the CPU times are unreliable)"
+    )
     rows = report.read_rows(csv_path)
     text = report.write_markdown(os.path.join(out_dir, "results.md"), env, rows)
     plot_notes = report.write_plots(out_dir, env, rows) if args.plots else ["plots skipped (--no-plots)"]

@@ -3,6 +3,7 @@
 Shared by the command-line harness (``bench.py``) and the pytest-benchmark suite
 (``test_bench.py``), so both time exactly the same calls.
 """
+
 import collections
 import dataclasses
 import functools
@@ -11,9 +12,19 @@ import warnings
 
 import torch
 
-LOSSES = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
-          "cdb_loss", "mse_outlying_loss", "ohem_cross_entropy", "confusion_matrix", "dice_loss",
-          "dice_ce_loss")
+LOSSES = (
+    "cross_entropy",
+    "focal_loss",
+    "sigmoid_focal_loss",
+    "class_balanced_loss",
+    "recall_loss",
+    "cdb_loss",
+    "mse_outlying_loss",
+    "ohem_cross_entropy",
+    "confusion_matrix",
+    "dice_loss",
+    "dice_ce_loss",
+)
 DICE = ("dice_loss", "dice_ce_loss")
 PROVIDERS = ("eager", "compile", "fused", "liger", "monai", "monai_compile")
 # Other libraries' kernels for a few losses, timed beside the package's where they are installed:
@@ -28,7 +39,7 @@ CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05  # a few ignored pixels, as in real label maps (void / boundary)
-IMBALANCE = 100.0        # head/tail count ratio of the synthetic long-tailed class counts
+IMBALANCE = 100.0  # head/tail count ratio of the synthetic long-tailed class counts
 
 
 def has_backward(loss):
@@ -36,6 +47,7 @@ def has_backward(loss):
 
 
 # --------------------------------------------------------------------------- shapes
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -84,9 +96,7 @@ SOME = ("cross_entropy", "sigmoid_focal_loss", "recall_loss")
 # Segmentation B×19×H×W (Cityscapes), ADE20K-like C=150, a 3-D volume B×C×D×H×W and
 # long-tailed classification N×8142 (iNaturalist 2018). The "seg" family is the size sweep.
 PRESETS = {
-    ("cuda", "quick"): (
-        Shape("seg", (4, 19, 512, 1024), F32, CONT),
-    ),
+    ("cuda", "quick"): (Shape("seg", (4, 19, 512, 1024), F32, CONT),),
     # Every loss at Cityscapes size (8 crops of 512×1024) and ADE20K size (16 crops of 512×512),
     # float32 and bfloat16, NCHW and channels_last; the other families for three losses. Every
     # case compiles anew: most of the time is there (split a run with --loss and --append).
@@ -133,6 +143,7 @@ PRESETS = {
 
 # --------------------------------------------------------------------------- plans
 
+
 @dataclasses.dataclass(frozen=True)
 class Group:
     """One step of a plan (``--plan``): its cases, in order, and what runs on them.
@@ -157,16 +168,30 @@ class Group:
         cases = grid(self.shapes, losses)
         if self.by_loss:
             cases.sort(key=lambda c: LOSSES.index(c.loss))  # stable: the shapes keep their order
-        return cases[:self.limit]
+        return cases[: self.limit]
 
 
 STEP = ("fwd", "fwd+bwd")
-NCHW_CONFIGS = (("float32", CONTIGUOUS), ("bfloat16", CONTIGUOUS), ("float32", CHANNELS_LAST),
-                ("bfloat16", CHANNELS_LAST))
+NCHW_CONFIGS = (
+    ("float32", CONTIGUOUS),
+    ("bfloat16", CONTIGUOUS),
+    ("float32", CHANNELS_LAST),
+    ("bfloat16", CHANNELS_LAST),
+)
 
 
-def session_plan(city, ade, rows, losses=LOSSES, first_losses=LOSSES, few=SOME, city_configs=NCHW_CONFIGS[1:],
-                 ade_configs=NCHW_CONFIGS, rows_dtypes=BOTH, compile_limit=None):
+def session_plan(
+    city,
+    ade,
+    rows,
+    losses=LOSSES,
+    first_losses=LOSSES,
+    few=SOME,
+    city_configs=NCHW_CONFIGS[1:],
+    ade_configs=NCHW_CONFIGS,
+    rows_dtypes=BOTH,
+    compile_limit=None,
+):
     """The GPU session's benchmark (scripts/gpu_session.sh), most important first, so that what a
     time budget cuts is what matters least: ``first_losses`` at Cityscapes size ``city`` (float32
     NCHW) against eager and torch.compile, forward and training step; the other ``city_configs``
@@ -174,6 +199,7 @@ def session_plan(city, ade, rows, losses=LOSSES, first_losses=LOSSES, few=SOME, 
     (``few`` losses, ``rows_dtypes``) beside Liger-Kernel; then torch.compile of all these, loss by
     loss, while time remains. A loss added to LOSSES (with its arguments in ``loss_kwargs``) joins
     every group but the rows."""
+
     def shapes(family, dims, configs, which):
         return tuple(Shape(family, dims, (d,), (lay,), FWD_BWD, which) for d, lay in configs)
 
@@ -181,13 +207,24 @@ def session_plan(city, ade, rows, losses=LOSSES, first_losses=LOSSES, few=SOME, 
     ade_shapes = shapes("ade", ade, ade_configs, losses)
     rows_shapes = (Shape("cls", rows, rows_dtypes, CONT, FWD_BWD, few),)
     return (
-        Group("city", (Shape("seg", city, F32, CONT, STEP, first_losses),), ("eager", "fused", "compile"),
-              busy=("fused", "compile")),
+        Group(
+            "city",
+            (Shape("seg", city, F32, CONT, STEP, first_losses),),
+            ("eager", "fused", "compile"),
+            busy=("fused", "compile"),
+        ),
         Group("city-bf16-cl", city_more, ("eager", "fused")),
         Group("ade", ade_shapes, ("eager", "fused")),
         Group("rows", rows_shapes, ("eager", "fused", "liger")),
-        Group("compile", city_more + ade_shapes + rows_shapes, ("compile",), busy=("compile",), by_loss=True,
-              limit=compile_limit, as_time_allows=True),
+        Group(
+            "compile",
+            city_more + ade_shapes + rows_shapes,
+            ("compile",),
+            busy=("compile",),
+            by_loss=True,
+            limit=compile_limit,
+            as_time_allows=True,
+        ),
     )
 
 
@@ -197,10 +234,18 @@ def session_plan(city, ade, rows, losses=LOSSES, first_losses=LOSSES, few=SOME, 
 # arguments and its outputs, not the numbers.
 PLANS = {
     "session": session_plan((8, 19, 512, 1024), (16, 150, 512, 512), (8192, 8142)),
-    "session-dry": session_plan((1, 19, 8, 16), (1, 150, 4, 8), (4, 1000), losses=("cross_entropy",),
-                                first_losses=("cross_entropy", "confusion_matrix"), few=("cross_entropy",),
-                                city_configs=NCHW_CONFIGS[3:], ade_configs=NCHW_CONFIGS[:1], rows_dtypes=F32,
-                                compile_limit=1),
+    "session-dry": session_plan(
+        (1, 19, 8, 16),
+        (1, 150, 4, 8),
+        (4, 1000),
+        losses=("cross_entropy",),
+        first_losses=("cross_entropy", "confusion_matrix"),
+        few=("cross_entropy",),
+        city_configs=NCHW_CONFIGS[3:],
+        ade_configs=NCHW_CONFIGS[:1],
+        rows_dtypes=F32,
+        compile_limit=1,
+    ),
 }
 
 
@@ -258,16 +303,24 @@ def grid(shapes, losses=LOSSES, dtypes=None, layouts=None):
                 cases.append(Case(loss, shape, dtype, layout))
     # Run shape by shape, smallest first, so a run cut short still has a full small table.
     order = {s: i for i, s in enumerate(shapes)}
-    return sorted(cases, key=lambda c: (order.get(c.shape, 0), c.dtype != "float32", c.layout != CONTIGUOUS,
-                                        LOSSES.index(c.loss)))
+    return sorted(
+        cases,
+        key=lambda c: (
+            order.get(c.shape, 0),
+            c.dtype != "float32",
+            c.layout != CONTIGUOUS,
+            LOSSES.index(c.loss),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- inputs
 
+
 def long_tailed_counts(num_classes):
     """Synthetic per-class sample counts falling geometrically from 10^5 by a factor IMBALANCE."""
     r = torch.arange(num_classes, dtype=torch.float64) / max(num_classes - 1, 1)
-    return (1e5 * IMBALANCE ** -r).round()
+    return (1e5 * IMBALANCE**-r).round()
 
 
 def loss_kwargs(loss, num_classes, device):
@@ -285,8 +338,9 @@ def loss_kwargs(loss, num_classes, device):
         return dict(samples_per_class=counts, beta=0.9999, loss_type="softmax")
     if loss == "cdb_loss":
         # Head classes accurate, tail classes not: accuracies 0.95 → 0.30 along the count order.
-        return dict(class_accuracy=torch.linspace(0.95, 0.30, num_classes, dtype=torch.float64),
-                    tau="dynamic")
+        return dict(
+            class_accuracy=torch.linspace(0.95, 0.30, num_classes, dtype=torch.float64), tau="dynamic"
+        )
     if loss == "mse_outlying_loss":
         return dict(outlying=weights.outlying_labels(counts, alpha=1.0).to(device))
     if loss == "ohem_cross_entropy":
@@ -294,8 +348,16 @@ def loss_kwargs(loss, num_classes, device):
     return {}
 
 
-def hrnet_ohem_cross_entropy(score, target, thresh=0.7, min_kept=100000, ignore_index=-100, weight=None,
-                             upsample="bilinear", align_corners=False):
+def hrnet_ohem_cross_entropy(
+    score,
+    target,
+    thresh=0.7,
+    min_kept=100000,
+    ignore_index=-100,
+    weight=None,
+    upsample="bilinear",
+    align_corners=False,
+):
     """The eager OHEM cross-entropy users have: HRNet-Semantic-Segmentation's ``OhemCrossEntropy``
     (``lib/core/criterion.py``, ``_ohem_forward``, as transcribed in tests/test_ohem_reference.py):
     interpolate the logits to the labels' size when they differ, softmax, gather the label's
@@ -309,17 +371,31 @@ def hrnet_ohem_cross_entropy(score, target, thresh=0.7, min_kept=100000, ignore_
         score = score.float()
     min_kept = max(1, min_kept)
     if score.dim() == 4 and tuple(score.shape[2:]) != tuple(target.shape[1:]):
-        score = F.interpolate(input=score, size=tuple(target.shape[1:]), mode=upsample,
-                              align_corners=None if upsample == "nearest" else align_corners)
+        score = F.interpolate(
+            input=score,
+            size=tuple(target.shape[1:]),
+            mode=upsample,
+            align_corners=None if upsample == "nearest" else align_corners,
+        )
     pred = F.softmax(score, dim=1)
-    pixel_losses = F.cross_entropy(score, target, weight=weight, ignore_index=ignore_index,
-                                   reduction="none").contiguous().view(-1)
+    pixel_losses = (
+        F.cross_entropy(score, target, weight=weight, ignore_index=ignore_index, reduction="none")
+        .contiguous()
+        .view(-1)
+    )
     mask = target.contiguous().view(-1) != ignore_index
 
     tmp_target = target.clone()
     tmp_target[tmp_target == ignore_index] = 0
     pred = pred.gather(1, tmp_target.unsqueeze(1))
-    pred, ind = pred.contiguous().view(-1,)[mask].contiguous().sort()
+    pred, ind = (
+        pred.contiguous()
+        .view(
+            -1,
+        )[mask]
+        .contiguous()
+        .sort()
+    )
     min_value = pred[min(min_kept, pred.numel() - 1)]
     threshold = max(min_value, thresh)
 
@@ -375,6 +451,7 @@ def ignore_index_for(label_dtype):
 
 # --------------------------------------------------------------------------- byte floor
 
+
 def floor_bytes(case, pass_, label_dtype="int64"):
     """docs/DESIGN.md §8: the logits read once per pass, the gradient written once, plus the labels.
 
@@ -388,6 +465,7 @@ def floor_bytes(case, pass_, label_dtype="int64"):
 
 
 # --------------------------------------------------------------------------- providers
+
 
 class Unavailable(Exception):
     """A provider that cannot run on this machine (the reason is shown in the table)."""
@@ -420,6 +498,7 @@ def _liger(case, device, ignore_index):
         if x.dim() > 2:
             x, target = x.movedim(1, -1).reshape(-1, C), target.reshape(-1)
         return ce(x, target.long()).float()  # its loss has the logits' dtype; the others' is float32
+
     return run
 
 
@@ -438,11 +517,19 @@ def _monai(case, compiled, compile_backend):
 
     def run(x, target):
         return fn(x, target.unsqueeze(1)).float()
+
     return run
 
 
-def make_provider(provider, case, device, validate=False, label_dtype="int64", fused_backend=None,
-                  compile_backend="inductor"):
+def make_provider(
+    provider,
+    case,
+    device,
+    validate=False,
+    label_dtype="int64",
+    fused_backend=None,
+    compile_backend="inductor",
+):
     """A callable ``f(logits, target)`` computing ``case.loss`` with ``provider``.
 
     eager    ``fused_imbalance.functional.<loss>(..., backend="reference")`` (the eager spec); for
@@ -478,8 +565,9 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64", f
         # are graph breaks, as in their training scripts)
         if provider == "eager":
             return functools.partial(hrnet_ohem_cross_entropy, **kwargs)
-        return functools.partial(torch.compile(hrnet_ohem_cross_entropy, dynamic=False, backend=compile_backend),
-                                 **kwargs)
+        return functools.partial(
+            torch.compile(hrnet_ohem_cross_entropy, dynamic=False, backend=compile_backend), **kwargs
+        )
     if provider in ("monai", "monai_compile"):
         return _monai(case, provider == "monai_compile", compile_backend)
     if provider == "compile":
@@ -491,15 +579,18 @@ def make_provider(provider, case, device, validate=False, label_dtype="int64", f
     if provider == "eager":
         if functional is None:  # the functional API is optional: fall back to the spec itself
             from fused_imbalance import reference
+
             return functools.partial(getattr(reference, case.loss), validate=validate, **kwargs)
-        return functools.partial(getattr(functional, case.loss), backend="reference", validate=validate,
-                                 **kwargs)
+        return functools.partial(
+            getattr(functional, case.loss), backend="reference", validate=validate, **kwargs
+        )
     if provider == "fused":
         if functional is None:
             raise Unavailable("fused_imbalance.functional is missing")
         backend = fused_backend or fused_backend_name(device)
-        probe = torch.empty((1, C) + (1,) * (len(case.shape.dims) - 2), dtype=DTYPES[case.dtype],
-                            device=device)
+        probe = torch.empty(
+            (1, C) + (1,) * (len(case.shape.dims) - 2), dtype=DTYPES[case.dtype], device=device
+        )
         try:
             functional.resolve_backend(backend, probe)
         except (RuntimeError, ImportError) as e:

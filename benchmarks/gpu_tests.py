@@ -10,20 +10,26 @@ elements, ``torch.compile(fullgraph=True)`` on CUDA, no host sync), every test o
 error; ``test_ops_check_tensor_sizes_before_touching_memory`` makes every op raise such errors). Not
 the whole suite: CI runs that on CPUs, and a GPU session has a minute for this.
 """
+
 import ast
 import os
 import sys
 
 FILES = ("tests/test_triton.py",)
-NODES = ("tests/test_upsample.py::test_lse_from_the_forward",
-         "tests/test_trust.py::test_ops_check_tensor_sizes_before_touching_memory")
+NODES = (
+    "tests/test_upsample.py::test_lse_from_the_forward",
+    "tests/test_trust.py::test_ops_check_tensor_sizes_before_touching_memory",
+)
 MARK = "cuda"
 
 
 def selected(item):
     path = item.nodeid.split("::", 1)[0]
-    return (item.get_closest_marker(MARK) is not None or path in FILES
-            or any(item.nodeid == n or item.nodeid.startswith(n + "[") for n in NODES))
+    return (
+        item.get_closest_marker(MARK) is not None
+        or path in FILES
+        or any(item.nodeid == n or item.nodeid.startswith(n + "[") for n in NODES)
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,8 +50,9 @@ def check(root):
             with open(os.path.join(tests, name)) as f:
                 tree = ast.parse(f.read())
             for node in ast.walk(tree):
-                if isinstance(node, ast.FunctionDef) and any(ast.unparse(d).startswith(f"pytest.mark.{MARK}")
-                                                             for d in node.decorator_list):
+                if isinstance(node, ast.FunctionDef) and any(
+                    ast.unparse(d).startswith(f"pytest.mark.{MARK}") for d in node.decorator_list
+                ):
                     marked += 1
     for path in FILES:
         if not os.path.exists(os.path.join(root, path)):
@@ -70,8 +77,10 @@ def main():
     problems, marked = check(root)
     for p in problems:
         print(f"selection: {p}")
-    print(f"selection: {marked} tests marked {MARK}, files {', '.join(FILES)}, tests {', '.join(NODES)}"
-          + ("" if problems else ": all found"))
+    print(
+        f"selection: {marked} tests marked {MARK}, files {', '.join(FILES)}, tests {', '.join(NODES)}"
+        + ("" if problems else ": all found")
+    )
     return 1 if problems else 0
 
 

@@ -12,9 +12,11 @@ Per loss (the class-balanced and CDB losses through their modules, as a training
 
 Each ratio is the median over rounds of (fused step time / eager step time), the two timed in
 alternation as the calling thread's CPU time (``time.thread_time``: one intra-op thread, so the step's
-whole host work), which other processes on a busy machine inflate less than wall time. With ``--device cuda``: the real per-step wall
+whole host work), which other processes on a busy machine inflate less than wall time. With ``--device cuda``:
+the real per-step wall
 time against the kernels' busy time (torch.profiler) at a Cityscapes size, for each loss.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -58,8 +60,10 @@ def losses(device):
         ("cross_entropy upsample", lambda b: _upsampled(b)),
         ("dice_loss", lambda b: lambda x, y: fi.dice_loss(x, y, backend=b)),
         ("dice_ce_loss weight", lambda b: lambda x, y: fi.dice_ce_loss(x, y, weight=w, backend=b)),
-        ("DiceLoss batch", module(lambda backend: fi.DiceLoss(include_background=False, batch=True,
-                                                             backend=backend))),
+        (
+            "DiceLoss batch",
+            module(lambda backend: fi.DiceLoss(include_background=False, batch=True, backend=backend)),
+        ),
     ]
 
 
@@ -78,7 +82,9 @@ def inputs(name, device):
     if "upsample" in name:
         x = torch.randn(1, C, 2, 2, device=device, requires_grad=True)
         return x, torch.randint(0, C, (1, 4, 4), device=device)
-    return torch.randn(1, C, 4, 4, device=device, requires_grad=True), torch.randint(0, C, (1, 4, 4), device=device)
+    return torch.randn(1, C, 4, 4, device=device, requires_grad=True), torch.randint(
+        0, C, (1, 4, 4), device=device
+    )
 
 
 @contextlib.contextmanager
@@ -126,6 +132,7 @@ def step(fn, x, y):
     def run():
         x.grad = None
         fn(x, y).sum().backward()
+
     return run
 
 
@@ -175,14 +182,18 @@ def cpu_table(rounds, n):
             r_tri, e = ratio(run_t, eager, rounds, n)
             ops_tri, k_tri = count_step(run_t, launches)
         rows.append((name, r_cpp, ops_cpp, 0, r_tri, ops_tri, k_tri))
-        print(f"{name:24s} cpp {r_cpp:5.2f}x ({ops_cpp} aten ops)  triton {r_tri:5.2f}x ({ops_tri} aten ops, "
-              f"{k_tri} launches)", flush=True)
+        print(
+            f"{name:24s} cpp {r_cpp:5.2f}x ({ops_cpp} aten ops)  triton {r_tri:5.2f}x ({ops_tri} aten ops, "
+            f"{k_tri} launches)",
+            flush=True,
+        )
     return rows, e
 
 
 def cuda_table(rounds):
     """Per-step wall time against the kernels' busy time at 8x19x512x1024 (float32)."""
     from torch.profiler import ProfilerActivity, profile
+
     dev = "cuda"
     out = []
     for name, make in losses(dev):
@@ -209,8 +220,11 @@ def cuda_table(rounds):
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1000.0
         out.append((name, wall, busy, len(kernels)))
-        print(f"{name:24s} wall {wall:.3f} ms  kernels {busy:.3f} ms ({len(kernels)} launches)  "
-              f"wall/busy {wall / busy:.2f}", flush=True)
+        print(
+            f"{name:24s} wall {wall:.3f} ms  kernels {busy:.3f} ms ({len(kernels)} launches)  "
+            f"wall/busy {wall / busy:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -223,20 +237,31 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = (f"device: {a.device} ({platform.processor() or platform.machine()}, 1 intra-op thread), torch "
-            f"{torch.__version__}, python {sys.version.split()[0]}, {when}\n"
-            f"command: python -m benchmarks.host {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    head = (
+        f"device: {a.device} ({platform.processor() or platform.machine()}, 1 intra-op thread), torch "
+        f"{torch.__version__}, python {sys.version.split()[0]}, {when}\n"
+        f"command: python -m benchmarks.host {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
     if a.device == "cuda":
         rows = cuda_table(a.rounds)
-        md = head + "\n| loss | step wall (ms) | kernels busy (ms) | launches | wall / busy |\n|---|---|---|---|---|\n"
+        md = (
+            head
+            + "\n| loss | step wall (ms) | kernels busy (ms) | launches | wall / busy |\n|---|---|---|---|---|\n"
+        )
         md += "".join(f"| {n} | {w:.3f} | {b:.3f} | {k} | {w / b:.2f} |\n" for n, w, b, k in rows)
     else:
         rows, e = cpu_table(a.rounds, a.n)
-        md = (head + f"eager F.cross_entropy forward+backward: {e * 1e6:.1f} us per step on a 1x19x4x4 input\n\n"
-              "| loss | cpp: host time / eager CE | cpp: aten ops per step | triton (launches stubbed): host time / "
-              "eager CE | triton: aten ops per step | triton: kernel launches per step |\n|---|---|---|---|---|---|\n")
-        md += "".join(f"| {r[0]} | {r[1]:.2f} | {r[2]} | "
-                      + (f"{r[4]:.2f} | {r[5]} | {r[6]} |\n" if r[4] != "-" else "- | - | - |\n") for r in rows)
+        md = (
+            head
+            + f"eager F.cross_entropy forward+backward: {e * 1e6:.1f} us per step on a 1x19x4x4 input\n\n"
+            "| loss | cpp: host time / eager CE | cpp: aten ops per step | triton (launches stubbed): host time / "
+            "eager CE | triton: aten ops per step | triton: kernel launches per step |\n|---|---|---|---|---|---|\n"
+        )
+        md += "".join(
+            f"| {r[0]} | {r[1]:.2f} | {r[2]} | "
+            + (f"{r[4]:.2f} | {r[5]} | {r[6]} |\n" if r[4] != "-" else "- | - | - |\n")
+            for r in rows
+        )
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

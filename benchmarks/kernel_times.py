@@ -7,6 +7,7 @@ Prints the torch profiler's table of CUDA kernels (device time per step, average
 steps after a warm-up) beside the step's wall time between CUDA events: their difference is time
 the GPU waited for the host (launch and dispatch overhead). ``measure.kernel_profile`` measures
 both; the benchmark records the same for its cases (``python -m benchmarks.bench --busy fused``)."""
+
 import argparse
 
 from . import measure
@@ -30,10 +31,14 @@ def main(argv=None):
     def step():
         fn(x, t).backward()
 
-    res = measure.kernel_profile(step, "cuda", reps=args.reps, warmup=3, setup=lambda: setattr(x, "grad", None))
+    res = measure.kernel_profile(
+        step, "cuda", reps=args.reps, warmup=3, setup=lambda: setattr(x, "grad", None)
+    )
     wall, busy = res["wall_ms"], res["busy_ms"]
-    print(f"{args.provider} {args.loss} {args.shape} {args.dtype} {args.layout}: fwd+bwd {wall:.3f} ms between "
-          f"events, kernels {busy:.3f} ms ({100 * busy / wall:.0f} % busy)")
+    print(
+        f"{args.provider} {args.loss} {args.shape} {args.dtype} {args.layout}: fwd+bwd {wall:.3f} ms between "
+        f"events, kernels {busy:.3f} ms ({100 * busy / wall:.0f} % busy)"
+    )
     for name, ms, calls in res["top"][:8]:
         print(f"  {ms:8.3f} ms  {calls:3g}x  {name[:90]}")
 

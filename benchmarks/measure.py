@@ -20,6 +20,7 @@ Busy time (``kernel_profile``): a step's wall time, steps run back to back (CUDA
            copies), on the CPU the summed self time of the ops it records. Their difference is
            the time the device waits for the host (Python, dispatch, launches).
 """
+
 import contextlib
 import os
 import statistics
@@ -62,8 +63,10 @@ class CpuTimer:
         self.warmup, self.reps, self.min_reps, self.budget_s = warmup, reps, min_reps, budget_s
 
     def describe(self):
-        return (f"time.perf_counter per call, {self.warmup} warm-up calls, then up to {self.reps} "
-                f"timed calls (at least {self.min_reps}, stopping after {self.budget_s:g} s); median")
+        return (
+            f"time.perf_counter per call, {self.warmup} warm-up calls, then up to {self.reps} "
+            f"timed calls (at least {self.min_reps}, stopping after {self.budget_s:g} s); median"
+        )
 
     def __call__(self, fn, setup=None):
         times = []
@@ -93,16 +96,19 @@ class CudaTimer:
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
 
     def describe(self):
-        return (f"triton.testing.do_bench (warmup={self.warmup_ms} ms, rep={self.rep_ms} ms, L2 flushed, "
-                f"gradients set to None between calls); median")
+        return (
+            f"triton.testing.do_bench (warmup={self.warmup_ms} ms, rep={self.rep_ms} ms, L2 flushed, "
+            f"gradients set to None between calls); median"
+        )
 
     def __call__(self, fn, setup=None, grad_to_none=None):
         if setup is not None:
             return self._with_setup(fn, setup)
         from triton.testing import do_bench
 
-        med, lo, hi = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=grad_to_none,
-                               quantiles=[0.5, 0.2, 0.8])
+        med, lo, hi = do_bench(
+            fn, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+        )
         return dict(ms=med, ms_p20=lo, ms_p80=hi, reps=None)
 
     def _with_setup(self, fn, setup):
@@ -132,11 +138,15 @@ class CudaTimer:
 
 # --------------------------------------------------------------------------- memory
 
-CPU_MEMORY_METHOD = ("torch.profiler(profile_memory=True): peak of the running sum of PyTorch CPU-allocator "
-                     "allocations/frees on the calling thread during the call (not seen: direct malloc "
-                     "in kernels, other threads, allocator caching)")
-CUDA_MEMORY_METHOD = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory "
-                      "allocated before the call")
+CPU_MEMORY_METHOD = (
+    "torch.profiler(profile_memory=True): peak of the running sum of PyTorch CPU-allocator "
+    "allocations/frees on the calling thread during the call (not seen: direct malloc "
+    "in kernels, other threads, allocator caching)"
+)
+CUDA_MEMORY_METHOD = (
+    "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory "
+    "allocated before the call"
+)
 
 
 @contextlib.contextmanager
@@ -167,8 +177,11 @@ def cpu_peak_bytes(fn, setup=None):
             out = fn()
             del out
     try:
-        events = [e for e in prof.profiler.kineto_results.events()
-                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+        events = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+        ]
     except AttributeError:
         events = None
     if events is None:
@@ -199,9 +212,11 @@ def cuda_peak_bytes(fn, setup=None):
 
 # --------------------------------------------------------------------------- busy time
 
-BUSY_METHOD = ("wall: CUDA events around steps run back to back (CPU: time.perf_counter); busy: torch.profiler, "
-               "summed durations of the GPU activities (kernels, memsets, copies) per step (CPU: summed self "
-               "time of the profiled ops)")
+BUSY_METHOD = (
+    "wall: CUDA events around steps run back to back (CPU: time.perf_counter); busy: torch.profiler, "
+    "summed durations of the GPU activities (kernels, memsets, copies) per step (CPU: summed self "
+    "time of the profiled ops)"
+)
 
 
 def kernel_profile(step, device, reps=10, warmup=2, setup=None):
@@ -256,6 +271,7 @@ def top_names(top, k=3):
 
 
 # --------------------------------------------------------------------------- copy bandwidth
+
 
 def copy_bandwidth(device, timer, nbytes=None):
     """Measured copy bandwidth in GB/s (bytes read + bytes written per second).

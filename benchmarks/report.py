@@ -1,20 +1,70 @@
 """Benchmark output: the CSV of every measurement, the Markdown table, the PNG plots."""
+
 import csv
 import os
 
 from .cases import LOSSES, OTHER_PROVIDERS, OWN_PROVIDERS, PASSES
 
-FIELDS = ("date", "device", "torch", "triton", "threads", "group", "loss", "family", "shape", "pixels", "classes",
-          "dtype", "layout", "labels", "provider", "pass", "status", "ms", "ms_p20", "ms_p80", "reps",
-          "floor_bytes", "gbps", "copy_gbps", "pct_copy", "peak_bytes", "grad_bytes", "first_call_s",
-          "wall_ms", "busy_ms", "busy_pct_copy", "kernels", "kernel_top")
+FIELDS = (
+    "date",
+    "device",
+    "torch",
+    "triton",
+    "threads",
+    "group",
+    "loss",
+    "family",
+    "shape",
+    "pixels",
+    "classes",
+    "dtype",
+    "layout",
+    "labels",
+    "provider",
+    "pass",
+    "status",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "reps",
+    "floor_bytes",
+    "gbps",
+    "copy_gbps",
+    "pct_copy",
+    "peak_bytes",
+    "grad_bytes",
+    "first_call_s",
+    "wall_ms",
+    "busy_ms",
+    "busy_pct_copy",
+    "kernels",
+    "kernel_top",
+)
 KEY = ("loss", "shape", "dtype", "layout", "labels", "provider", "pass")
-NUMERIC = ("pixels", "classes", "ms", "ms_p20", "ms_p80", "reps", "floor_bytes", "gbps", "copy_gbps",
-           "pct_copy", "peak_bytes", "grad_bytes", "first_call_s", "threads", "wall_ms", "busy_ms", "busy_pct_copy",
-           "kernels")
+NUMERIC = (
+    "pixels",
+    "classes",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "reps",
+    "floor_bytes",
+    "gbps",
+    "copy_gbps",
+    "pct_copy",
+    "peak_bytes",
+    "grad_bytes",
+    "first_call_s",
+    "threads",
+    "wall_ms",
+    "busy_ms",
+    "busy_pct_copy",
+    "kernels",
+)
 
 
 # --------------------------------------------------------------------------- CSV
+
 
 class CsvLog:
     """Rows are written as they are measured, so a run that is cut short keeps what it did."""
@@ -59,13 +109,26 @@ def _num(v):
 
 # --------------------------------------------------------------------------- Markdown
 
-COLUMNS = ("loss", "shape", "dtype", "layout", "pass", "ms eager / compile / fused", "fused vs eager",
-           "fused vs compile", "GB/s eager / compile / fused", "fused % of copy",
-           "peak MiB eager / compile / fused", "check")
+COLUMNS = (
+    "loss",
+    "shape",
+    "dtype",
+    "layout",
+    "pass",
+    "ms eager / compile / fused",
+    "fused vs eager",
+    "fused vs compile",
+    "GB/s eager / compile / fused",
+    "fused % of copy",
+    "peak MiB eager / compile / fused",
+    "check",
+)
 
 
 def _short_status(status):
-    if status in (None, "", "reference") or status.startswith("ok"):  # "ok (vs fused)": checked against another
+    if status in (None, "", "reference") or status.startswith(
+        "ok"
+    ):  # "ok (vs fused)": checked against another
         return None
     if status.startswith("skipped"):
         return "n/a"
@@ -134,8 +197,11 @@ def group_rows(rows):
     for k in groups:
         if k[:5] not in seen:
             seen.append(k[:5])
-    return [(k, groups[k]) for case in seen
-            for k in sorted((k for k in groups if k[:5] == case), key=lambda k: order[k[5]])]
+    return [
+        (k, groups[k])
+        for case in seen
+        for k in sorted((k for k in groups if k[:5] == case), key=lambda k: order[k[5]])
+    ]
 
 
 def markdown_table(rows):
@@ -143,13 +209,17 @@ def markdown_table(rows):
     for (loss, shape, dtype, layout, _labels, pass_), by in group_rows(rows):
         fused = by.get("fused")
         cells = [
-            loss, shape, dtype, layout, pass_,
+            loss,
+            shape,
+            dtype,
+            layout,
+            pass_,
             _triple(by, "ms"),
             _ratio(by.get("eager"), fused) if fused else "—",
             _ratio(by.get("compile"), fused) if fused else "—",
             _triple(by, "gbps"),
             _fmt(fused.get("pct_copy")) + " %" if fused and fused.get("pct_copy") is not None else "—",
-            _triple(by, "peak_bytes", 1 / 2 ** 20),
+            _triple(by, "peak_bytes", 1 / 2**20),
             _check(by),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -165,18 +235,41 @@ def other_table(rows):
             r = by.get(p)
             if r is None:
                 continue
-            lines.append("| " + " | ".join([
-                p, loss, shape, dtype, layout, pass_, _fmt(r.get("ms")), _fmt(fused.get("ms")) if fused else "—",
-                _ratio(r, fused) if fused else "—", _fmt(r.get("pct_copy")) + " %" if r.get("pct_copy") else "—",
-                _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2 ** 20)
-                + " / " + _fmt(None if not fused or fused.get("peak_bytes") is None else fused["peak_bytes"] / 2 ** 20),
-                _short_status(r["status"]) or "ok"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        p,
+                        loss,
+                        shape,
+                        dtype,
+                        layout,
+                        pass_,
+                        _fmt(r.get("ms")),
+                        _fmt(fused.get("ms")) if fused else "—",
+                        _ratio(r, fused) if fused else "—",
+                        _fmt(r.get("pct_copy")) + " %" if r.get("pct_copy") else "—",
+                        _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20)
+                        + " / "
+                        + _fmt(
+                            None
+                            if not fused or fused.get("peak_bytes") is None
+                            else fused["peak_bytes"] / 2**20
+                        ),
+                        _short_status(r["status"]) or "ok",
+                    ]
+                )
+                + " |"
+            )
     if not lines:
         return None
-    head = ("| kernel | loss | shape | dtype | layout | pass | ms | ms fused | fused vs it | its % of copy "
-            "| peak MiB it / fused | check |")
+    head = (
+        "| kernel | loss | shape | dtype | layout | pass | ms | ms fused | fused vs it | its % of copy "
+        "| peak MiB it / fused | check |"
+    )
     return "Other libraries' kernels on the same cases:\n\n" + "\n".join(
-        [head, "|" + "|".join("---" for _ in range(12)) + "|"] + lines)
+        [head, "|" + "|".join("---" for _ in range(12)) + "|"] + lines
+    )
 
 
 def busy_table(rows):
@@ -186,18 +279,38 @@ def busy_table(rows):
         for p, r in by.items():
             if r.get("busy_ms") is None:
                 continue
-            lines.append("| " + " | ".join([
-                p, loss, shape, dtype, layout, pass_, _fmt(r.get("ms")), _fmt(r.get("wall_ms")), _fmt(r["busy_ms"]),
-                f"{r['wall_ms'] / r['busy_ms']:.2f}×" if r.get("wall_ms") and r["busy_ms"] else "—",
-                _fmt(r.get("busy_pct_copy")) + " %" if r.get("busy_pct_copy") is not None else "—",
-                _fmt(r.get("kernels")), r.get("kernel_top") or ""]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        p,
+                        loss,
+                        shape,
+                        dtype,
+                        layout,
+                        pass_,
+                        _fmt(r.get("ms")),
+                        _fmt(r.get("wall_ms")),
+                        _fmt(r["busy_ms"]),
+                        f"{r['wall_ms'] / r['busy_ms']:.2f}×" if r.get("wall_ms") and r["busy_ms"] else "—",
+                        _fmt(r.get("busy_pct_copy")) + " %" if r.get("busy_pct_copy") is not None else "—",
+                        _fmt(r.get("kernels")),
+                        r.get("kernel_top") or "",
+                    ]
+                )
+                + " |"
+            )
     if not lines:
         return None
-    head = ("| provider | loss | shape | dtype | layout | pass | ms | step wall ms | busy ms | wall / busy "
-            "| busy % of copy | kernels per step | busiest |")
-    return ("Wall time of steps run back to back against the device's busy time in them (the difference is "
-            "host time the device waits for):\n\n" + "\n".join([head, "|" + "|".join("---" for _ in range(13)) + "|"]
-                                                                  + lines))
+    head = (
+        "| provider | loss | shape | dtype | layout | pass | ms | step wall ms | busy ms | wall / busy "
+        "| busy % of copy | kernels per step | busiest |"
+    )
+    return (
+        "Wall time of steps run back to back against the device's busy time in them (the difference is "
+        "host time the device waits for):\n\n"
+        + "\n".join([head, "|" + "|".join("---" for _ in range(13)) + "|"] + lines)
+    )
 
 
 def notes(rows):
@@ -212,8 +325,24 @@ def notes(rows):
 
 def header(env):
     lines = [f"# fused_imbalance benchmark — {env['device']}", ""]
-    for k in ("date", "device", "torch", "triton", "threads", "copy_gbps", "load", "timer", "memory", "busy",
-              "fused_backend", "compile_backend", "labels", "validate", "command", "stopped"):
+    for k in (
+        "date",
+        "device",
+        "torch",
+        "triton",
+        "threads",
+        "copy_gbps",
+        "load",
+        "timer",
+        "memory",
+        "busy",
+        "fused_backend",
+        "compile_backend",
+        "labels",
+        "validate",
+        "command",
+        "stopped",
+    ):
         if env.get(k) is not None:
             v = env[k]
             if k == "copy_gbps":
@@ -236,15 +365,19 @@ not timed), could not run (n/a, err), or ran out of memory (OOM)."""
 
 def write_markdown(path, env, rows):
     other, busy = other_table(rows), busy_table(rows)
-    text = "\n\n".join([header(env), markdown_table(rows), LEGEND] + ([other] if other else [])
-                       + ([busy] if busy else [])
-                       + (["Notes:\n" + "\n".join(notes(rows))] if notes(rows) else []))
+    text = "\n\n".join(
+        [header(env), markdown_table(rows), LEGEND]
+        + ([other] if other else [])
+        + ([busy] if busy else [])
+        + (["Notes:\n" + "\n".join(notes(rows))] if notes(rows) else [])
+    )
     with open(path, "w") as f:
         f.write(text + "\n")
     return text
 
 
 # --------------------------------------------------------------------------- plots
+
 
 def _sweep(rows):
     """Rows of the size sweep: the segmentation family in its most measured (dtype, layout)."""
@@ -268,6 +401,7 @@ def write_plots(out_dir, env, rows):
     """speedup.png and bandwidth.png along the size sweep; returns notes on what was skipped."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FuncFormatter, LogFormatter
@@ -276,8 +410,10 @@ def write_plots(out_dir, env, rows):
     sweep, group = _sweep(rows)
     if not sweep:
         return ["plots skipped: no timed results"]
-    tag = f"{env['device']} · {group[0]} {group[1]} · torch {env['torch']} · triton {env['triton']} · " \
-          f"{env['threads']} threads · {env['date']}"
+    tag = (
+        f"{env['device']} · {group[0]} {group[1]} · torch {env['torch']} · triton {env['triton']} · "
+        f"{env['threads']} threads · {env['date']}"
+    )
     colors = {loss: plt.get_cmap("tab10")(i) for i, loss in enumerate(LOSSES)}
     styles = {"fused": "-", "compile": "--", "eager": ":"}
     passes = [p for p in PASSES if any(r["pass"] == p for r in sweep)]
@@ -293,12 +429,16 @@ def write_plots(out_dir, env, rows):
         for ax in axes:  # a loss may appear in one pass only (confusion_matrix: fwd)
             for h, label in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(label, h)
-        axes[-1].legend(handles.values(), handles.keys(), fontsize=6, loc="center left",
-                        bbox_to_anchor=(1.02, 0.5))
+        axes[-1].legend(
+            handles.values(), handles.keys(), fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5)
+        )
 
     def series(provider, loss, pass_):
-        pts = sorted((_mb(r), r) for r in sweep
-                     if r["provider"] == provider and r["loss"] == loss and r["pass"] == pass_)
+        pts = sorted(
+            (_mb(r), r)
+            for r in sweep
+            if r["provider"] == provider and r["loss"] == loss and r["pass"] == pass_
+        )
         return pts
 
     fig, axes = plt.subplots(1, len(passes), figsize=(5.5 * len(passes), 4.5), squeeze=False)
@@ -307,12 +447,24 @@ def write_plots(out_dir, env, rows):
             for provider in OWN_PROVIDERS:
                 pts = series(provider, loss, pass_)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1]["gbps"] for p in pts], styles[provider], marker="o",
-                            ms=3, color=colors[loss], label=f"{loss} ({provider})")
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1]["gbps"] for p in pts],
+                        styles[provider],
+                        marker="o",
+                        ms=3,
+                        color=colors[loss],
+                        label=f"{loss} ({provider})",
+                    )
         if env.get("copy_gbps"):
             ax.axhline(env["copy_gbps"], color="k", lw=0.8, label="copy bandwidth")
-        ax.set(xscale="log", yscale="log", xlabel="logits (MB)", ylabel="GB/s against the byte floor",
-               title=pass_)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="logits (MB)",
+            ylabel="GB/s against the byte floor",
+            title=pass_,
+        )
         plain_ticks(ax)
         ax.grid(True, which="both", alpha=0.3)
     legend(fig, axes[0])
@@ -331,8 +483,15 @@ def write_plots(out_dir, env, rows):
             for base, style in (("eager", "-"), ("compile", "--")):
                 pts = [(mb, r["ms"] / fused[mb]["ms"]) for mb, r in series(base, loss, pass_) if mb in fused]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
-                            color=colors[loss], label=f"{loss} vs {base}")
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        style,
+                        marker="o",
+                        ms=3,
+                        color=colors[loss],
+                        label=f"{loss} vs {base}",
+                    )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="logits (MB)", ylabel="speed-up of fused (×)", title=pass_)
         plain_ticks(ax)

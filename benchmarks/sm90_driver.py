@@ -10,13 +10,16 @@ forward of a loss keeps what its backward takes instead of a second pass over th
 asks for it in training), and the backward takes it.
 
 Launches go only through the public ops torch.ops.fused_imbalance.triton_loss_fwd / triton_loss_bwd (their contract
-is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of the sm90_static and sm90_memory tools'
-calibration driver too) name the passes by their flags, so the cases keep working across internal refactors. The one piece that knows the kernels is the trip model (TRIPS), written against kernel argument names: when a
+is the docstring of fused_imbalance.ops), through FWD / BWD below, whose arguments (those of the sm90_static
+and sm90_memory tools'
+calibration driver too) name the passes by their flags, so the cases keep working across internal refactors.
+The one piece that knows the kernels is the trip model (TRIPS), written against kernel argument names: when a
 name or the loop nesting changes, the tool flags the case ("no estimate") instead of estimating it with a stale model.
 
 Byte floor (docs/DESIGN.md §8): a forward reads the logits once, a backward reads them and writes the gradient once;
 both read the int64 labels once. Inputs are torch.empty: nothing runs, the kernels are only compiled.
 """
+
 import importlib
 
 import torch
@@ -32,16 +35,32 @@ except (AttributeError, RuntimeError) as e:
 from fused_imbalance.ops import Reduction, Weighting  # noqa: E402
 
 
-def FWD(x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion, need_lse=False):
-    """A forward pass through the op, by the flags these cases (and the sm90_static and sm90_memory tools' drivers) name it with:
+def FWD(
+    x, target, mode, gamma, tvals, ignore_index, need_pixel_loss, need_tp, need_confusion, need_lse=False
+):
+    """A forward pass through the op, by the flags these cases (and the sm90_static and sm90_memory tools'
+    drivers) name it with:
     the per-pixel loss ("none"), the statistics pass (true positives, the confusion counts into a matrix),
     or a mean (the class-loss sums of the programs, reduced by the finalize launch); ``need_lse``: what a
     training step's forward keeps for its backward (fused_imbalance.ops.triton_loss.keeps_lse)."""
     C = x.shape[1]
     conf = torch.zeros((C, C), dtype=torch.int64) if need_confusion else None
     red = Reduction.NONE if need_pixel_loss else (Reduction.SUM if mode == 4 else Reduction.MEAN)
-    return _FWD(x, target, None, tvals, conf, mode, gamma, ignore_index, int(red), int(Weighting.NONE), need_tp,
-                False, need_lse)
+    return _FWD(
+        x,
+        target,
+        None,
+        tvals,
+        conf,
+        mode,
+        gamma,
+        ignore_index,
+        int(red),
+        int(Weighting.NONE),
+        need_tp,
+        False,
+        need_lse,
+    )
 
 
 def BWD(x, target, grad_pixel, grad_class, mode, gamma, tvals, ignore_index, lse=None):
@@ -116,6 +135,7 @@ def _forward(shape, dtype, layout, mode, gamma):
         stats = mode == 4  # the statistics pass: true positives and the confusion matrix
         # a loss keeps what its backward takes instead of a second pass, as in training
         FWD(x, torch.empty(N, dtype=torch.int64), mode, gamma, tvals, IGNORE, False, stats, stats, not stats)
+
     return run
 
 
@@ -127,8 +147,18 @@ def _backward(shape, dtype, layout, mode, gamma):
         k = kept(x, mode, gamma)
         lse = torch.empty(k * N, dtype=torch.float32) if k else None
         # the upstream gradient of class_loss only, as a weighted mean or sum gives it
-        BWD(x, torch.empty(N, dtype=torch.int64), None, torch.empty(C, dtype=torch.float32), mode, gamma, tvals,
-            IGNORE, lse)
+        BWD(
+            x,
+            torch.empty(N, dtype=torch.int64),
+            None,
+            torch.empty(C, dtype=torch.float32),
+            mode,
+            gamma,
+            tvals,
+            IGNORE,
+            lse,
+        )
+
     return run
 
 
@@ -142,12 +172,20 @@ def cases():
         logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
         for mname, mode, gamma in MODES:
             k = kept(_logits(shape, dtype, layout), mode, gamma)  # floats per pixel kept by the forward
-            yield {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, dtype, layout, mode, gamma),
-                   "elements": N * C, "bytes": logit_bytes + label_bytes,
-                   "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode) + 4 * k * N}
+            yield {
+                "name": f"{pname}/{mname}/fwd",
+                "run": _forward(shape, dtype, layout, mode, gamma),
+                "elements": N * C,
+                "bytes": logit_bytes + label_bytes,
+                "mem_bytes": logit_bytes + label_bytes + _extra_fwd_bytes(layout, N, C, mode) + 4 * k * N,
+            }
             if mode != 4:  # the statistics mode has no gradient (the op returns zeros without a launch)
-                case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, dtype, layout, mode, gamma),
-                        "elements": N * C, "bytes": 2 * logit_bytes + label_bytes}
+                case = {
+                    "name": f"{pname}/{mname}/bwd",
+                    "run": _backward(shape, dtype, layout, mode, gamma),
+                    "elements": N * C,
+                    "bytes": 2 * logit_bytes + label_bytes,
+                }
                 if k:
                     case["mem_bytes"] = 2 * logit_bytes + label_bytes + 4 * k * N  # the forward's lse read
                 yield case
@@ -177,8 +215,10 @@ def _rows_trips(launch):
     batch is folded into the pixels (FOLD; a last, shorter tile after the loop), else over every tile; the
     classes of a tile are in registers (no inner loop)."""
     a, k = launch["ints"], launch["constexprs"]
-    return {"programs": _h100_programs(a["num_tiles"], launch["num_warps"]),
-            "loops": [a["num_full"] if k["FOLD"] else a["num_tiles"]]}
+    return {
+        "programs": _h100_programs(a["num_tiles"], launch["num_warps"]),
+        "loops": [a["num_full"] if k["FOLD"] else a["num_tiles"]],
+    }
 
 
 def _chunked_trips(launch):
@@ -222,8 +262,14 @@ def _reduce_rows_trips(launch):
     return {"programs": programs, "loops": [programs * _cdiv(max(a["RC"], a["RL"], 1), k["BR"])]}
 
 
-TRIPS = {"_fwd_static_kernel": _static_trips, "_bwd_static_kernel": _static_trips,
-         "_fwd_rows_kernel": _rows_trips, "_bwd_rows_kernel": _rows_trips,
-         "_fwd_chunked_kernel": _chunked_trips, "_bwd_chunked_kernel": _chunked_trips,
-         "_class_sum_kernel": _class_sum_trips, "_finalize_kernel": _finalize_trips,
-         "_reduce_rows_kernel": _reduce_rows_trips}
+TRIPS = {
+    "_fwd_static_kernel": _static_trips,
+    "_bwd_static_kernel": _static_trips,
+    "_fwd_rows_kernel": _rows_trips,
+    "_bwd_rows_kernel": _rows_trips,
+    "_fwd_chunked_kernel": _chunked_trips,
+    "_bwd_chunked_kernel": _chunked_trips,
+    "_class_sum_kernel": _class_sum_trips,
+    "_finalize_kernel": _finalize_trips,
+    "_reduce_rows_kernel": _reduce_rows_trips,
+}

@@ -19,6 +19,7 @@ it (values from torch: what is traced is the addresses). ``bytes`` is the byte f
 logits and the int64 labels read once (forward), the logits read and the gradient written once more (backward;
 the upsampled backward reads the low-resolution logits twice, see its driver).
 """
+
 import importlib
 import pathlib
 import sys
@@ -44,16 +45,21 @@ UP_BWD = torch.ops.fused_imbalance.triton_upsample_loss_bwd
 
 SMALL = {  # sm90_driver's problem -> a small shape with its tiles: NCHW 2 images of 2048 pixels (2-4 tiles of
     # 512 float32 / 1024 16-bit pixels each), channels_last 2048 pixels folded, 64 rows of 8142 classes
-    "city_nchw_f32": (2, 19, 32, 64), "city_nchw_bf16": (2, 19, 32, 64),
-    "city_cl_f32": (2, 19, 32, 32), "city_cl_bf16": (2, 19, 32, 32),
-    "ade_nchw_f32": (2, 150, 32, 64), "ade_nchw_bf16": (2, 150, 32, 64),
+    "city_nchw_f32": (2, 19, 32, 64),
+    "city_nchw_bf16": (2, 19, 32, 64),
+    "city_cl_f32": (2, 19, 32, 32),
+    "city_cl_bf16": (2, 19, 32, 32),
+    "ade_nchw_f32": (2, 150, 32, 64),
+    "ade_nchw_bf16": (2, 150, 32, 64),
     "ade_cl_f32": (2, 150, 32, 32),
     "rows8142_f32": (64, 8142),
 }
 UP_SMALL = {  # sm90_upsample_driver's problem -> small (B, C, h, w) logits and (H, W) labels: the same scale
     # factor (4) and 128 output columns (the full-size lanes per row)
-    "city_f32": ((2, 19, 8, 32), (32, 128)), "city_bf16": ((2, 19, 8, 32), (32, 128)),
-    "ade_f32": ((2, 150, 8, 32), (32, 128)), "ade_bf16": ((2, 150, 8, 32), (32, 128)),
+    "city_f32": ((2, 19, 8, 32), (32, 128)),
+    "city_bf16": ((2, 19, 8, 32), (32, 128)),
+    "ade_f32": ((2, 150, 8, 32), (32, 128)),
+    "ade_bf16": ((2, 150, 8, 32), (32, 128)),
 }
 
 
@@ -90,7 +96,22 @@ def _small_run(shape, dtype, layout, mode, gamma, backward):
             stats = mode == 4
             conf = torch.zeros((C, C), dtype=torch.int64) if stats else None
             red = D.Reduction.SUM if stats else D.Reduction.MEAN
-            FWD(x, y, None, tv, conf, mode, gamma, D.IGNORE, int(red), int(D.Weighting.NONE), stats, False, kept > 0)
+            FWD(
+                x,
+                y,
+                None,
+                tv,
+                conf,
+                mode,
+                gamma,
+                D.IGNORE,
+                int(red),
+                int(D.Weighting.NONE),
+                stats,
+                False,
+                kept > 0,
+            )
+
     return run
 
 
@@ -102,14 +123,41 @@ def _up_small_run(shape, HW, dtype, mode, gamma, backward):
             x, y = _data(shape, dtype, "nchw", (shape[0],) + HW)
             kept = TU.keeps_lse(x, mode, gamma) if mode != 4 else 0
             if backward:
-                UP_BWD(x, y, U.BILINEAR, U.ALIGN_CORNERS, torch.ones(()), torch.ones(shape[1]), None,
-                       torch.zeros(kept * y.numel()) if kept else None, mode, gamma, U.IGNORE)
+                UP_BWD(
+                    x,
+                    y,
+                    U.BILINEAR,
+                    U.ALIGN_CORNERS,
+                    torch.ones(()),
+                    torch.ones(shape[1]),
+                    None,
+                    torch.zeros(kept * y.numel()) if kept else None,
+                    mode,
+                    gamma,
+                    U.IGNORE,
+                )
             else:
                 conf = torch.zeros((shape[1], shape[1]), dtype=torch.int64) if mode == 4 else None
-                UP_FWD(x, y, U.BILINEAR, U.ALIGN_CORNERS, None, None, conf, mode, gamma, U.IGNORE,
-                       1 if mode == 4 else 0, 0, mode == 4, False, kept > 0)
+                UP_FWD(
+                    x,
+                    y,
+                    U.BILINEAR,
+                    U.ALIGN_CORNERS,
+                    None,
+                    None,
+                    conf,
+                    mode,
+                    gamma,
+                    U.IGNORE,
+                    1 if mode == 4 else 0,
+                    0,
+                    mode == 4,
+                    False,
+                    kept > 0,
+                )
         finally:
             TU._interpret = saved
+
     return run
 
 
@@ -125,21 +173,33 @@ def cases(small=False):
         N = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
         logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
         for mname, mode, gamma in D.MODES:
-            yield {"name": f"{pname}/{mname}/fwd", "run": _small_run(shape, dtype, layout, mode, gamma, False),
-                   "bytes": logit_bytes + label_bytes}
+            yield {
+                "name": f"{pname}/{mname}/fwd",
+                "run": _small_run(shape, dtype, layout, mode, gamma, False),
+                "bytes": logit_bytes + label_bytes,
+            }
             if mode != 4:
-                yield {"name": f"{pname}/{mname}/bwd", "run": _small_run(shape, dtype, layout, mode, gamma, True),
-                       "bytes": 2 * logit_bytes + label_bytes}
+                yield {
+                    "name": f"{pname}/{mname}/bwd",
+                    "run": _small_run(shape, dtype, layout, mode, gamma, True),
+                    "bytes": 2 * logit_bytes + label_bytes,
+                }
     for pname, _, _, dtype in U.PROBLEMS:
         shape, HW = UP_SMALL[pname]
         B, C, h, w = shape
         logit_bytes, label_bytes = B * C * h * w * dtype.itemsize, B * HW[0] * HW[1] * 8
         for mname, mode, gamma in U.MODES:
-            yield {"name": f"up_{pname}/{mname}/fwd", "run": _up_small_run(shape, HW, dtype, mode, gamma, False),
-                   "bytes": logit_bytes + label_bytes}
+            yield {
+                "name": f"up_{pname}/{mname}/fwd",
+                "run": _up_small_run(shape, HW, dtype, mode, gamma, False),
+                "bytes": logit_bytes + label_bytes,
+            }
             if mode != 4:
-                yield {"name": f"up_{pname}/{mname}/bwd", "run": _up_small_run(shape, HW, dtype, mode, gamma, True),
-                       "bytes": 3 * logit_bytes + label_bytes}
+                yield {
+                    "name": f"up_{pname}/{mname}/bwd",
+                    "run": _up_small_run(shape, HW, dtype, mode, gamma, True),
+                    "bytes": 3 * logit_bytes + label_bytes,
+                }
 
 
 TRIPS = {**D.TRIPS, **U.TRIPS}  # sm90_static's trip models: the two drivers'
@@ -153,7 +213,12 @@ def _persistent(launch):
     return max(1, TL._RESIDENT_WARPS // launch["num_warps"])
 
 
-RESIDENT = {"_fwd_static_kernel": _persistent, "_bwd_static_kernel": _persistent,
-            "_fwd_rows_kernel": _persistent, "_bwd_rows_kernel": _persistent,
-            "_fwd_chunked_kernel": _persistent, "_bwd_chunked_kernel": _persistent,
-            "_class_sum_kernel": lambda launch: 1}  # one program per SM (_triton_host._class_sums)
+RESIDENT = {
+    "_fwd_static_kernel": _persistent,
+    "_bwd_static_kernel": _persistent,
+    "_fwd_rows_kernel": _persistent,
+    "_bwd_rows_kernel": _persistent,
+    "_fwd_chunked_kernel": _persistent,
+    "_bwd_chunked_kernel": _persistent,
+    "_class_sum_kernel": lambda launch: 1,
+}  # one program per SM (_triton_host._class_sums)

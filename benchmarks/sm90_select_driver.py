@@ -7,6 +7,7 @@ Launches go through the public op torch.ops.fused_imbalance.triton_select_kth. A
 selection: the zero-fill, the histogram passes (all of them, or all but the first with ``first_hist``)
 and the final one-program launch. Byte floor: the values read once per histogram pass.
 """
+
 import importlib
 
 import torch
@@ -43,10 +44,16 @@ def cases():
     for name, n, dtype in PROBLEMS:
         passes = len(S.digit_plan(dtype))
         for first in (False, True):
+
             def run(n=n, dtype=dtype, first=first):
                 v = torch.empty(n, dtype=dtype)
                 fh = torch.empty(S.FIRST_BINS, dtype=torch.int64) if first else None
                 SELECT(v, torch.zeros((), dtype=torch.int64), fh)
+
             p = passes - first
-            yield {"name": f"{name}/{'first_hist' if first else 'all'}", "run": run, "elements": n,
-                   "bytes": p * n * torch.empty((), dtype=dtype).element_size()}
+            yield {
+                "name": f"{name}/{'first_hist' if first else 'all'}",
+                "run": run,
+                "elements": n,
+                "bytes": p * n * torch.empty((), dtype=dtype).element_size(),
+            }

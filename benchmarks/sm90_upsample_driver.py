@@ -15,6 +15,7 @@ which the forward writes; otherwise a coefficient launch reads the labels and th
 writes a and lse (2 floats per full-resolution pixel); and a forward with a loss and more than 32
 classes, whose per-pixel loss is written and read back, with the labels, by the class-sum kernel.
 """
+
 import importlib
 
 import torch
@@ -51,8 +52,24 @@ def _forward(shape, HW, dtype, mode, gamma):
         # as in training: the statistics pass with its counts into a matrix; a loss (its mean) keeps its lse
         # for the backward
         conf = torch.empty((shape[1], shape[1]), dtype=torch.int64) if mode == 4 else None
-        FWD(x, y, BILINEAR, ALIGN_CORNERS, None, None, conf, mode, gamma, IGNORE, 1 if mode == 4 else 0, 0,
-            mode == 4, False, mode != 4)
+        FWD(
+            x,
+            y,
+            BILINEAR,
+            ALIGN_CORNERS,
+            None,
+            None,
+            conf,
+            mode,
+            gamma,
+            IGNORE,
+            1 if mode == 4 else 0,
+            0,
+            mode == 4,
+            False,
+            mode != 4,
+        )
+
     return run
 
 
@@ -64,8 +81,20 @@ def _backward(shape, HW, dtype, mode, gamma):
         kept = T.keeps_lse(x, mode, gamma)
         lse = torch.empty(kept * y.numel(), dtype=torch.float32) if kept else None
         # a mean's backward: its scalar upstream gradient and the per-class factor w_c / D
-        BWD(x, y, BILINEAR, ALIGN_CORNERS, torch.empty((), dtype=torch.float32),
-            torch.empty(shape[1], dtype=torch.float32), None, lse, mode, gamma, IGNORE)
+        BWD(
+            x,
+            y,
+            BILINEAR,
+            ALIGN_CORNERS,
+            torch.empty((), dtype=torch.float32),
+            torch.empty(shape[1], dtype=torch.float32),
+            None,
+            lse,
+            mode,
+            gamma,
+            IGNORE,
+        )
+
     return run
 
 
@@ -75,20 +104,32 @@ def cases():
         N = B * HW[0] * HW[1]
         logit_bytes, label_bytes = B * C * h * w * dtype.itemsize, N * 8
         for mname, mode, gamma in MODES:
-            case = {"name": f"{pname}/{mname}/fwd", "run": _forward(shape, HW, dtype, mode, gamma),
-                    "elements": N * C, "bytes": logit_bytes + label_bytes}
+            case = {
+                "name": f"{pname}/{mname}/fwd",
+                "run": _forward(shape, HW, dtype, mode, gamma),
+                "elements": N * C,
+                "bytes": logit_bytes + label_bytes,
+            }
             # floats per pixel kept for the backward
-            kept = T.keeps_lse(torch.empty(shape, dtype=dtype, device="meta"), mode, gamma) if mode != 4 else 0
+            kept = (
+                T.keeps_lse(torch.empty(shape, dtype=dtype, device="meta"), mode, gamma) if mode != 4 else 0
+            )
             if C > T._REG_STATS_C and mode != 4:
                 # the class sums of more than 32 classes: the per-pixel loss written and read back with the labels
                 case["mem_bytes"] = logit_bytes + 2 * label_bytes + 2 * N * 4 + kept * N * 4
             elif kept:
-                case["mem_bytes"] = logit_bytes + label_bytes + kept * N * 4  # lse (and the focal weight) written
+                case["mem_bytes"] = (
+                    logit_bytes + label_bytes + kept * N * 4
+                )  # lse (and the focal weight) written
             yield case
             if mode != 4:
                 floor = 2 * logit_bytes + logit_bytes + label_bytes
-                case = {"name": f"{pname}/{mname}/bwd", "run": _backward(shape, HW, dtype, mode, gamma),
-                        "elements": N * C, "bytes": floor}
+                case = {
+                    "name": f"{pname}/{mname}/bwd",
+                    "run": _backward(shape, HW, dtype, mode, gamma),
+                    "elements": N * C,
+                    "bytes": floor,
+                }
                 if kept:
                     # the gradient launch reads the forward's lse (and focal weight), float32 per
                     # full-resolution pixel; no coefficient launch
@@ -118,9 +159,11 @@ def _fwd_trips(launch):
     """_up_fwd_kernel: per program the low-resolution rows of its band (depth 0, summed over programs),
     per row the steps of TY output rows of its segment, and in them the loop over class groups (not CACHE)."""
     a, k = launch["ints"], launch["constexprs"]
-    h, R, TY = a["h"], k["R"], k["TY"]
+    h, TY = a["h"], k["TY"]
     seg = _segments(h, a["H"])
-    rows = _programs(launch) // a["bands"] * h  # every program of an image's column block walks h / bands rows
+    rows = (
+        _programs(launch) // a["bands"] * h
+    )  # every program of an image's column block walks h / bands rows
     steps = sum(_cdiv(s, TY) for s in seg) / h
     loops = [rows, steps]
     if not k["CACHE"]:
@@ -163,12 +206,21 @@ def _bwd_trips(launch):
         if k["C"] % k["GROUP"]:
             # in the last classes' walk the compiler (triton 3.9) unswitches the column steps on an empty row
             # segment: a second, empty column loop after the first, walked only in rows without output rows
-            loops = [[nest[0], total_rows], [nest[1], jsteps, jsteps * empty / rows], [nest[2], ysteps / rows],
-                     [nest[3]]]
+            loops = [
+                [nest[0], total_rows],
+                [nest[1], jsteps, jsteps * empty / rows],
+                [nest[2], ysteps / rows],
+                [nest[3]],
+            ]
         else:
             loops = nest
     return {"loops": loops}
 
 
-TRIPS = {"_up_fwd_kernel": _fwd_trips, "_up_bwd_kernel": _bwd_trips, "_class_sum_kernel": _class_sum_trips,
-         "_finalize_kernel": _finalize_trips, "_reduce_rows_kernel": _reduce_rows_trips}
+TRIPS = {
+    "_up_fwd_kernel": _fwd_trips,
+    "_up_bwd_kernel": _bwd_trips,
+    "_class_sum_kernel": _class_sum_trips,
+    "_finalize_kernel": _finalize_trips,
+    "_reduce_rows_kernel": _reduce_rows_trips,
+}

@@ -9,6 +9,7 @@ a mark: ✓ met, ✗ a shortfall, "—" not measured (a stage stopped by its bud
 failed or could not run). Only the standard library: it runs in a second, even where torch is
 broken. Results measured on a CPU (the session's rehearsal) are marked so in the first line.
 """
+
 import argparse
 import csv
 import os
@@ -16,14 +17,14 @@ import re
 import sys
 
 # The goals the GPU numbers are held against.
-VS_EAGER = 5.0           # every loss at Cityscapes size: training step ≥ 5× eager
-VS_COMPILE = 2.0         # ... and ≥ 2× torch.compile of the reference
-WALL_OVER_BUSY = 1.15    # ... wall time within 1.15× of the kernels' busy time
-KERNEL_PCT_COPY = 85.0   # every case's kernels ≥ 85 % of copy bandwidth over the byte floor
-CL_OVER_NCHW = 1.15      # channels_last within 1.15× of NCHW
-BF16_SPEEDUP = 1.6       # bfloat16 ≥ 1.6× faster than float32 (half the bytes)
-UP_VS_COMPILE = 2.0      # upsampled losses ≥ 2× torch.compile of interpolate + loss
-UP_EXTRA_PER_PIXEL = 8   # ... peak extra ≤ the low-resolution gradient + 8 bytes per full-resolution pixel
+VS_EAGER = 5.0  # every loss at Cityscapes size: training step ≥ 5× eager
+VS_COMPILE = 2.0  # ... and ≥ 2× torch.compile of the reference
+WALL_OVER_BUSY = 1.15  # ... wall time within 1.15× of the kernels' busy time
+KERNEL_PCT_COPY = 85.0  # every case's kernels ≥ 85 % of copy bandwidth over the byte floor
+CL_OVER_NCHW = 1.15  # channels_last within 1.15× of NCHW
+BF16_SPEEDUP = 1.6  # bfloat16 ≥ 1.6× faster than float32 (half the bytes)
+UP_VS_COMPILE = 2.0  # upsampled losses ≥ 2× torch.compile of interpolate + loss
+UP_EXTRA_PER_PIXEL = 8  # ... peak extra ≤ the low-resolution gradient + 8 bytes per full-resolution pixel
 
 OK, SHORT, NONE = "✓", "✗", "—"
 
@@ -43,8 +44,18 @@ def read(path):
     for r in rows:
         for k in ("group", "loss", "shape", "dtype", "layout", "mode", "provider", "pass", "status"):
             r[k] = r.get(k) or ""  # a column a stopped or older run lacks reads as empty
-        for k in ("ms", "wall_ms", "busy_ms", "busy_pct_copy", "pct_copy", "copy_gbps", "peak_bytes",
-                  "low_grad_bytes", "pixels", "first_call_s"):
+        for k in (
+            "ms",
+            "wall_ms",
+            "busy_ms",
+            "busy_pct_copy",
+            "pct_copy",
+            "copy_gbps",
+            "peak_bytes",
+            "low_grad_bytes",
+            "pixels",
+            "first_call_s",
+        ):
             r[k] = _num(r.get(k))
     return rows
 
@@ -87,8 +98,10 @@ def _ratio(a, b):
 
 def index(rows):
     """{(loss, shape, dtype, layout, provider, pass): row}, the last row of a key winning."""
-    return {(r.get("loss"), r.get("shape"), r.get("dtype"), r.get("layout"), r.get("provider"), r.get("pass")): r
-            for r in rows}
+    return {
+        (r.get("loss"), r.get("shape"), r.get("dtype"), r.get("layout"), r.get("provider"), r.get("pass")): r
+        for r in rows
+    }
 
 
 def step_pass(loss_rows):
@@ -102,10 +115,13 @@ def city_table(rows, t):
     if not losses:
         return ["No case of the first group (every loss at Cityscapes size) was measured."]
     shape = city[0]["shape"]
-    out = [f"### Every loss at {shape} float32 NCHW, training step (forward + backward; confusion_matrix: forward)",
-           "", f"| loss | fused ms | vs eager ≥ {VS_EAGER:g}× | vs torch.compile ≥ {VS_COMPILE:g}× "
-           f"| wall / kernels' busy ≤ {WALL_OVER_BUSY:g}× | kernels % of copy ≥ {KERNEL_PCT_COPY:g} % |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"### Every loss at {shape} float32 NCHW, training step (forward + backward; confusion_matrix: forward)",
+        "",
+        f"| loss | fused ms | vs eager ≥ {VS_EAGER:g}× | vs torch.compile ≥ {VS_COMPILE:g}× "
+        f"| wall / kernels' busy ≤ {WALL_OVER_BUSY:g}× | kernels % of copy ≥ {KERNEL_PCT_COPY:g} % |",
+        "|---|---|---|---|---|---|",
+    ]
     for loss in losses:
         p = step_pass([r for r in city if r["loss"] == loss])
         f = by.get((loss, shape, "float32", "contiguous", "fused", p))
@@ -114,11 +130,13 @@ def city_table(rows, t):
         vs_e, vs_c = (_ratio(e, f) if f else None), (_ratio(c, f) if f else None)
         wb = f["wall_ms"] / f["busy_ms"] if f and f.get("wall_ms") and f.get("busy_ms") else None
         bw = f.get("busy_pct_copy") if f else None
-        out.append(f"| {loss} | {_ms(f['ms']) if timed(f) else _status(f)} | "
-                   f"{t.mark(vs_e, vs_e is not None and vs_e >= VS_EAGER, _x)} | "
-                   f"{t.mark(vs_c, vs_c is not None and vs_c >= VS_COMPILE, _x)} | "
-                   f"{t.mark(wb, wb is not None and wb <= WALL_OVER_BUSY, _x)} | "
-                   f"{t.mark(bw, bw is not None and bw >= KERNEL_PCT_COPY, _pct)} |")
+        out.append(
+            f"| {loss} | {_ms(f['ms']) if timed(f) else _status(f)} | "
+            f"{t.mark(vs_e, vs_e is not None and vs_e >= VS_EAGER, _x)} | "
+            f"{t.mark(vs_c, vs_c is not None and vs_c >= VS_COMPILE, _x)} | "
+            f"{t.mark(wb, wb is not None and wb <= WALL_OVER_BUSY, _x)} | "
+            f"{t.mark(bw, bw is not None and bw >= KERNEL_PCT_COPY, _pct)} |"
+        )
     return out
 
 
@@ -133,18 +151,32 @@ def cases_table(rows, t):
     """Every fused case beyond the first group: kernels' bandwidth, channels_last against NCHW,
     bfloat16 against float32; one row per (shape, loss)."""
     by = index(rows)
-    fused = [r for r in rows if r["provider"] == "fused" and r.get("group") not in ("city", "rows")
-             and r["pass"] in ("fwd+bwd", "fwd")]
+    fused = [
+        r
+        for r in rows
+        if r["provider"] == "fused"
+        and r.get("group") not in ("city", "rows")
+        and r["pass"] in ("fwd+bwd", "fwd")
+    ]
     keys = list(dict.fromkeys((r["shape"], r["loss"]) for r in fused))
     if not keys:
         return ["No bfloat16, channels_last or ADE20K-size case was measured."]
-    configs = (("float32", "contiguous"), ("bfloat16", "contiguous"), ("float32", "channels_last"),
-               ("bfloat16", "channels_last"))
-    out = ["### Every case: kernels' bandwidth, channels_last, bfloat16 (fused, training step)", "",
-           f"Kernels % of copy ≥ {KERNEL_PCT_COPY:g} % (float32 / bfloat16 / channels_last float32 / channels_last "
-           f"bfloat16), channels_last time / NCHW time ≤ {CL_OVER_NCHW:g}× (float32 / bfloat16), bfloat16 speed-up "
-           f"over float32 ≥ {BF16_SPEEDUP:g}× (NCHW / channels_last).", "",
-           "| shape | loss | kernels % of copy | channels_last / NCHW | bfloat16 speed-up |", "|---|---|---|---|---|"]
+    configs = (
+        ("float32", "contiguous"),
+        ("bfloat16", "contiguous"),
+        ("float32", "channels_last"),
+        ("bfloat16", "channels_last"),
+    )
+    out = [
+        "### Every case: kernels' bandwidth, channels_last, bfloat16 (fused, training step)",
+        "",
+        f"Kernels % of copy ≥ {KERNEL_PCT_COPY:g} % (float32 / bfloat16 / channels_last float32 / channels_last "
+        f"bfloat16), channels_last time / NCHW time ≤ {CL_OVER_NCHW:g}× (float32 / bfloat16), bfloat16 speed-up "
+        f"over float32 ≥ {BF16_SPEEDUP:g}× (NCHW / channels_last).",
+        "",
+        "| shape | loss | kernels % of copy | channels_last / NCHW | bfloat16 speed-up |",
+        "|---|---|---|---|---|",
+    ]
 
     def get(shape, loss, dtype, layout):
         p = "fwd" if loss == "confusion_matrix" else "fwd+bwd"
@@ -173,17 +205,22 @@ def rows_table(rows, t):
     fused = [r for r in rows if r.get("group") == "rows" and r["provider"] == "fused"]
     if not fused:
         return ["The (N, C) rows were not measured."]
-    out = ["### (N, C) rows (training step): faster than Liger-Kernel's cross-entropy; kernels % of copy", "",
-           "| shape | loss | dtype | fused ms | Liger ms | Liger / fused > 1 | kernels % of copy ≥ 85 % |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "### (N, C) rows (training step): faster than Liger-Kernel's cross-entropy; kernels % of copy",
+        "",
+        "| shape | loss | dtype | fused ms | Liger ms | Liger / fused > 1 | kernels % of copy ≥ 85 % |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in fused:
         lg = by.get((f["loss"], f["shape"], f["dtype"], f["layout"], "liger", f["pass"]))
         v = _ratio(lg, f) if lg else None
         bw = f.get("busy_pct_copy")
         liger_cell = _ms(lg["ms"]) if timed(lg) else ((lg.get("status") or NONE)[:40] if lg else NONE)
         vs = t.mark(v, v is not None and v > 1.0, _x) if f["loss"] == "cross_entropy" else NONE
-        out.append(f"| {f['shape']} | {f['loss']} | {f['dtype']} | {_ms(f['ms']) if timed(f) else _status(f)} | "
-                   f"{liger_cell} | {vs} | {t.mark(bw, bw is not None and bw >= KERNEL_PCT_COPY, _pct)} |")
+        out.append(
+            f"| {f['shape']} | {f['loss']} | {f['dtype']} | {_ms(f['ms']) if timed(f) else _status(f)} | "
+            f"{liger_cell} | {vs} | {t.mark(bw, bw is not None and bw >= KERNEL_PCT_COPY, _pct)} |"
+        )
     return out
 
 
@@ -191,23 +228,37 @@ def upsample_table(rows, t):
     fused = [r for r in rows if r["provider"] == "fused" and r["pass"] == "fwd+bwd"]
     if not fused:
         return ["The upsampled losses were not measured."]
-    by = {(r.get("shape"), r.get("dtype"), r.get("mode"), r.get("loss"), r.get("provider"), r.get("pass")): r
-          for r in rows}
-    out = ["### Upsampled losses (training step): fused against torch.compile of F.interpolate + loss; peak memory",
-           "", f"| logits → labels | dtype | loss | fused ms | compile ms | vs compile ≥ {UP_VS_COMPILE:g}× "
-           f"| eager ms | peak extra MiB ≤ low-res gradient + {UP_EXTRA_PER_PIXEL} B/pixel |", "|---|---|---|---|---|---|---|---|"]
+    by = {
+        (r.get("shape"), r.get("dtype"), r.get("mode"), r.get("loss"), r.get("provider"), r.get("pass")): r
+        for r in rows
+    }
+    out = [
+        "### Upsampled losses (training step): fused against torch.compile of F.interpolate + loss; peak memory",
+        "",
+        f"| logits → labels | dtype | loss | fused ms | compile ms | vs compile ≥ {UP_VS_COMPILE:g}× "
+        f"| eager ms | peak extra MiB ≤ low-res gradient + {UP_EXTRA_PER_PIXEL} B/pixel |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for f in fused:
         k = (f.get("shape"), f.get("dtype"), f.get("mode"), f.get("loss"))
         c, e = by.get(k + ("compile", "fwd+bwd")), by.get(k + ("eager", "fwd+bwd"))
         v = _ratio(c, f) if c else None
         peak = f.get("peak_bytes")
-        bound = (f["low_grad_bytes"] + UP_EXTRA_PER_PIXEL * f["pixels"]) if f.get("low_grad_bytes") is not None \
-            and f.get("pixels") is not None else None
-        mem = t.mark(peak, peak is not None and bound is not None and peak <= bound,
-                     lambda b: f"{b / 2**20:.3g} (bound {bound / 2**20:.3g})" if bound else f"{b / 2**20:.3g}")
-        out.append(f"| {f['shape']} | {f['dtype']} | {f['loss']} | {_ms(f['ms']) if timed(f) else _status(f)} | "
-                   f"{_ms(c['ms']) if timed(c) else _status(c)} | {t.mark(v, v is not None and v >= UP_VS_COMPILE, _x)} | "
-                   f"{_ms(e['ms']) if timed(e) else _status(e)} | {mem} |")
+        bound = (
+            (f["low_grad_bytes"] + UP_EXTRA_PER_PIXEL * f["pixels"])
+            if f.get("low_grad_bytes") is not None and f.get("pixels") is not None
+            else None
+        )
+        mem = t.mark(
+            peak,
+            peak is not None and bound is not None and peak <= bound,
+            lambda b: f"{b / 2**20:.3g} (bound {bound / 2**20:.3g})" if bound else f"{b / 2**20:.3g}",
+        )
+        out.append(
+            f"| {f['shape']} | {f['dtype']} | {f['loss']} | {_ms(f['ms']) if timed(f) else _status(f)} | "
+            f"{_ms(c['ms']) if timed(c) else _status(c)} | {t.mark(v, v is not None and v >= UP_VS_COMPILE, _x)} | "
+            f"{_ms(e['ms']) if timed(e) else _status(e)} | {mem} |"
+        )
     return out
 
 
@@ -232,7 +283,7 @@ def test_results(path):
     if not path or not os.path.exists(path):
         return []
     with open(path) as f:
-        return [line[len("RESULT "):].strip() for line in f if line.startswith("RESULT ")]
+        return [line[len("RESULT ") :].strip() for line in f if line.startswith("RESULT ")]
 
 
 def summary(bench, upsample, session=None, tests=None, dry=False):
@@ -242,13 +293,17 @@ def summary(bench, upsample, session=None, tests=None, dry=False):
     date = (any_row.get("date") or "")[:10]
     lines = []
     if dry:
-        lines.append(f"**DRY RUN on a CPU ({device}), {date}: tiny shapes, Triton interpreted, torch.compile without "
-                     "Inductor. These numbers check the script and its outputs; they say nothing about a GPU.**")
+        lines.append(
+            f"**DRY RUN on a CPU ({device}), {date}: tiny shapes, Triton interpreted, torch.compile without "
+            "Inductor. These numbers check the script and its outputs; they say nothing about a GPU.**"
+        )
     else:
         lines.append(f"# GPU session summary: {device}, {date}")
     lines.append("")
     copy = next((r["copy_gbps"] for r in rows if r.get("copy_gbps")), None)
-    firsts = [r["first_call_s"] for r in rows if r["provider"] == "fused" and r.get("first_call_s") is not None]
+    firsts = [
+        r["first_call_s"] for r in rows if r["provider"] == "fused" and r.get("first_call_s") is not None
+    ]
     meta = []
     st = stages(session)
     if st:
@@ -259,15 +314,19 @@ def summary(bench, upsample, session=None, tests=None, dry=False):
     if copy:
         meta.append(f"Copy bandwidth: {copy:.0f} GB/s (bytes read + written).")
     if firsts:
-        meta.append(f"Fused first calls (compile or cache load): median {sorted(firsts)[len(firsts) // 2]:.2f} s, "
-                    f"max {max(firsts):.2f} s over {len(firsts)} cases.")
+        meta.append(
+            f"Fused first calls (compile or cache load): median {sorted(firsts)[len(firsts) // 2]:.2f} s, "
+            f"max {max(firsts):.2f} s over {len(firsts)} cases."
+        )
     lines += meta + [""]
     t = Tally()
     body = []
     for part in (city_table(rows, t), cases_table(rows, t), rows_table(rows, t), upsample_table(ups, t)):
         body += part + [""]
-    lines.append(f"Goals: {t.ok} met ✓, {t.short} short ✗, {t.none} not measured —. Marks: ✓ the goal is met, ✗ a "
-                 "shortfall (as measured), — not measured.")
+    lines.append(
+        f"Goals: {t.ok} met ✓, {t.short} short ✗, {t.none} not measured —. Marks: ✓ the goal is met, ✗ a "
+        "shortfall (as measured), — not measured."
+    )
     lines.append("")
     return "\n".join(lines + body).rstrip() + "\n"
 

@@ -8,14 +8,26 @@ Small shapes, the same calls as ``python -m benchmarks.bench``. Each provider's 
 gradient are first checked against the eager reference; no test asserts a time. The main
 test suite (``pytest tests``) does not collect this file.
 """
+
 import functools
 
 import pytest
 import torch
 
 from .bench import _compare, _step, load_tolerances
-from .cases import (CONTIGUOUS, DTYPES, LOSSES, OWN_PROVIDERS, PASSES, Case, Shape, Unavailable, has_backward,
-                    make_inputs, make_provider)
+from .cases import (
+    CONTIGUOUS,
+    DTYPES,
+    LOSSES,
+    OWN_PROVIDERS,
+    PASSES,
+    Case,
+    Shape,
+    Unavailable,
+    has_backward,
+    make_inputs,
+    make_provider,
+)
 
 pytest.importorskip("pytest_benchmark")
 
@@ -34,8 +46,9 @@ def provider_fn(provider, case):
 @functools.lru_cache(maxsize=None)
 def reference_result(case):
     x, t = make_inputs(case, DEVICE)
-    return _step(provider_fn("eager", case), x.requires_grad_(has_backward(case.loss)), t,
-                 has_backward(case.loss))
+    return _step(
+        provider_fn("eager", case), x.requires_grad_(has_backward(case.loss)), t, has_backward(case.loss)
+    )
 
 
 def _sync(fn):
@@ -46,6 +59,7 @@ def _sync(fn):
         out = fn(*args)
         torch.cuda.synchronize()
         return out
+
     return synced
 
 
@@ -76,12 +90,18 @@ def test_loss(benchmark, case, provider, pass_):
     if pass_ == "fwd":
         benchmark(_sync(lambda: fn(x, t)))
     elif pass_ == "fwd+bwd":
+
         def fwd_bwd():
             x.grad = None
             fn(x, t).backward()
+
         benchmark(_sync(fwd_bwd))
     else:
+
         def forward_untimed():
             x.grad = None
             return (fn(x, t),), {}
-        benchmark.pedantic(_sync(lambda out: out.backward()), setup=forward_untimed, rounds=20, warmup_rounds=2)
+
+        benchmark.pedantic(
+            _sync(lambda out: out.backward()), setup=forward_untimed, rounds=20, warmup_rounds=2
+        )

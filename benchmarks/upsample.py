@@ -2,11 +2,13 @@
 
 Providers, per case (loss × low-resolution logits → label size × dtype × mode):
 
-| provider | what runs |
-|---|---|
-| `eager` | `functional.<loss>(x, y, upsample=..., backend="reference")`: `F.interpolate` to the label size, then the eager reference loss (the full-resolution logits and their gradient are materialised); for `ohem_cross_entropy` HRNet's eager code (`cases.hrnet_ohem_cross_entropy`: interpolate, softmax, gather, sort, masked mean) |
-| `compile` | `torch.compile` of `reference.upsampled` + the reference loss (`dynamic=False`, `validate=False`): Inductor may fuse the resize into the loss; for `ohem_cross_entropy` of HRNet's code |
-| `fused` | `functional.<loss>(x, y, upsample=..., backend=...)`: `cpp` on CPU, `triton` on CUDA |
+- `eager`: `functional.<loss>(x, y, upsample=..., backend="reference")`: `F.interpolate` to the label
+  size, then the eager reference loss (the full-resolution logits and their gradient are
+  materialised); for `ohem_cross_entropy` HRNet's eager code (`cases.hrnet_ohem_cross_entropy`:
+  interpolate, softmax, gather, sort, masked mean).
+- `compile`: `torch.compile` of `reference.upsampled` + the reference loss (`dynamic=False`,
+  `validate=False`): Inductor may fuse the resize into the loss; for `ohem_cross_entropy` of HRNet's code.
+- `fused`: `functional.<loss>(x, y, upsample=..., backend=...)`: `cpp` on CPU, `triton` on CUDA.
 
 Each provider's loss and gradient are checked against eager first (the tolerance table of
 tests/tolerances.py); then forward and forward+backward are timed and the peak memory beyond
@@ -17,6 +19,7 @@ written once). Results: Markdown on stdout and ``--out`` (default
 (``--csv`` to put it elsewhere) is written provider by provider, so a run stopped by a SIGINT (a
 time budget) keeps what it measured. ``--plan session`` runs the GPU session's cases in its order.
 """
+
 import argparse
 import csv
 import dataclasses
@@ -43,8 +46,8 @@ IGNORE_INDEX = -100
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    low: tuple      # (B, C, h, w)
-    size: tuple     # (H, W)
+    low: tuple  # (B, C, h, w)
+    size: tuple  # (H, W)
     dtype: str = "float32"
     mode: str = "bilinear"
     loss: str = "cross_entropy"
@@ -64,8 +67,13 @@ SHAPES = {
 
 
 def grid(device_type, losses, dtypes, modes):
-    return [Case(name, low, size, dtype, mode, loss)
-            for name, low, size in SHAPES[device_type] for dtype in dtypes for mode in modes for loss in losses]
+    return [
+        Case(name, low, size, dtype, mode, loss)
+        for name, low, size in SHAPES[device_type]
+        for dtype in dtypes
+        for mode in modes
+        for loss in losses
+    ]
 
 
 # The GPU session's cases (scripts/gpu_session.sh), loss by loss, so that a time budget cuts whole
@@ -73,10 +81,16 @@ def grid(device_type, losses, dtypes, modes):
 # two tiny cases, the second with classes in groups (more than 12) in bfloat16, the Triton kernels
 # interpreted (a few classes: the interpreter takes seconds per class and pixel block).
 PLANS = {
-    "session": [Case(name, low, size, dtype, "bilinear", loss) for loss in LOSSES for name, low, size in SHAPES["cuda"]
-                for dtype in ("float32", "bfloat16")],
-    "session-dry": [Case("cityscapes", (1, 4, 4, 8), (16, 32), "float32", "bilinear", "cross_entropy"),
-                    Case("ade", (1, 13, 2, 4), (8, 16), "bfloat16", "bilinear", "cross_entropy")],
+    "session": [
+        Case(name, low, size, dtype, "bilinear", loss)
+        for loss in LOSSES
+        for name, low, size in SHAPES["cuda"]
+        for dtype in ("float32", "bfloat16")
+    ],
+    "session-dry": [
+        Case("cityscapes", (1, 4, 4, 8), (16, 32), "float32", "bilinear", "cross_entropy"),
+        Case("ade", (1, 13, 2, 4), (8, 16), "bfloat16", "bilinear", "cross_entropy"),
+    ],
 }
 
 
@@ -117,21 +131,62 @@ def floor_bytes(case, pass_):
     return labels + (1 if pass_ == "fwd" else 3) * low
 
 
-FIELDS = ("date", "device", "torch", "triton", "threads", "case", "shape", "dtype", "mode", "loss", "provider", "pass",
-          "status", "ms", "ms_p20", "ms_p80", "reps", "gbps", "peak_mb", "peak_bytes", "low_grad_bytes", "pixels",
-          "first_call_s")
+FIELDS = (
+    "date",
+    "device",
+    "torch",
+    "triton",
+    "threads",
+    "case",
+    "shape",
+    "dtype",
+    "mode",
+    "loss",
+    "provider",
+    "pass",
+    "status",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "reps",
+    "gbps",
+    "peak_mb",
+    "peak_bytes",
+    "low_grad_bytes",
+    "pixels",
+    "first_call_s",
+)
 
 
-def run_case(case, device, timer, peak, tol, loss_tol, passes=("fwd", "fwd+bwd"), fused_backend=None, tags=None,
-             compile_backend="inductor"):
+def run_case(
+    case,
+    device,
+    timer,
+    peak,
+    tol,
+    loss_tol,
+    passes=("fwd", "fwd+bwd"),
+    fused_backend=None,
+    tags=None,
+    compile_backend="inductor",
+):
     """The rows of one case, yielded provider by provider as each finishes (one row per pass)."""
     x0, y = make_inputs(case, device)
     x = x0.requires_grad_(True)
     B, H, W = y.shape
     ref = None
     for provider in PROVIDERS:
-        base = dict(tags or {}, case=case.name, shape=case.key, dtype=case.dtype, mode=case.mode, loss=case.loss,
-                    provider=provider, low_grad_bytes=x.numel() * x.element_size(), pixels=B * H * W)
+        base = dict(
+            tags or {},
+            case=case.name,
+            shape=case.key,
+            dtype=case.dtype,
+            mode=case.mode,
+            loss=case.loss,
+            provider=provider,
+            low_grad_bytes=x.numel() * x.element_size(),
+            pixels=B * H * W,
+        )
         try:
             fn = make_provider(provider, case, device, fused_backend, compile_backend)
             t0 = time.perf_counter()
@@ -140,20 +195,25 @@ def run_case(case, device, timer, peak, tol, loss_tol, passes=("fwd", "fwd+bwd")
                 torch.cuda.synchronize()
             base["first_call_s"] = round(time.perf_counter() - t0, 3)
         except Exception as e:  # noqa: BLE001 - one provider's failure is reported, not fatal
-            yield [dict(base, **{"pass": p, "status": f"error: {type(e).__name__}: {str(e)[:120]}"}) for p in passes]
+            yield [
+                dict(base, **{"pass": p, "status": f"error: {type(e).__name__}: {str(e)[:120]}"})
+                for p in passes
+            ]
             measure.free_memory(device)
             continue
         if ref is None:
             ref, status = (out, grad), "reference"
         else:
-            why = _compare(out, ref[0], loss_tol[x.dtype], "loss") or _compare(grad, ref[1], tol[x.dtype], "grad")
+            why = _compare(out, ref[0], loss_tol[x.dtype], "loss") or _compare(
+                grad, ref[1], tol[x.dtype], "grad"
+            )
             status = "ok" if why is None else f"FAIL ({why})"
         del out, grad
         rows = []
         for pass_ in passes:
             row = dict(base, **{"pass": pass_, "status": status})
             if not status.startswith("FAIL"):
-                call = (lambda: fn(x, y)) if pass_ == "fwd" else (lambda: fn(x, y).backward())
+                call = (lambda fn=fn: fn(x, y)) if pass_ == "fwd" else (lambda fn=fn: fn(x, y).backward())
                 clear = lambda: setattr(x, "grad", None)  # noqa: E731
                 row.update(timer(call, setup=clear))
                 row["peak_bytes"] = peak(call, clear)
@@ -170,10 +230,13 @@ def markdown(rows):
     by = {}
     for r in rows:
         by.setdefault((r["shape"], r["dtype"], r["mode"], r["loss"], r["pass"]), {})[r["provider"]] = r
-    lines = ["| logits → labels | dtype | mode | loss | pass | eager ms | compile ms | fused ms | fused vs eager | "
-             "fused vs compile | peak MB eager / compile / fused | fused GB/s (floor) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| logits → labels | dtype | mode | loss | pass | eager ms | compile ms | fused ms | fused vs eager | "
+        "fused vs compile | peak MB eager / compile / fused | fused GB/s (floor) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (shape, dtype, mode, loss, pass_), p in by.items():
+
         def ms(name):
             r = p.get(name, {})
             return r.get("ms")
@@ -184,10 +247,12 @@ def markdown(rows):
         e, c, f = ms("eager"), ms("compile"), ms("fused")
         peaks = " / ".join(fmt(p.get(n, {}).get("peak_mb")) for n in PROVIDERS)
         bad = [f"{n}: {r['status']}" for n, r in p.items() if r["status"] not in ("ok", "reference")]
-        lines.append(f"| {shape} | {dtype} | {mode} | {loss} | {pass_} | {fmt(e)} | {fmt(c)} | {fmt(f)} | "
-                     f"{fmt(e / f if e and f else None, '.1f')}× | {fmt(c / f if c and f else None, '.1f')}× | "
-                     f"{peaks} | {fmt(p.get('fused', {}).get('gbps'), '.2f')} |"
-                     + (" " + "; ".join(bad) if bad else ""))
+        lines.append(
+            f"| {shape} | {dtype} | {mode} | {loss} | {pass_} | {fmt(e)} | {fmt(c)} | {fmt(f)} | "
+            f"{fmt(e / f if e and f else None, '.1f')}× | {fmt(c / f if c and f else None, '.1f')}× | "
+            f"{peaks} | {fmt(p.get('fused', {}).get('gbps'), '.2f')} |"
+            + (" " + "; ".join(bad) if bad else "")
+        )
     return "\n".join(lines)
 
 
@@ -200,12 +265,19 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, float32,bfloat16 on CUDA")
     p.add_argument("--mode", default="bilinear")
     p.add_argument("--shape", default=None, help="cityscapes, ade (default both)")
-    p.add_argument("--plan", choices=tuple(PLANS),
-                   help="the cases of a plan instead (`session`: the GPU session's, loss by loss; `session-dry`: "
-                        "its CPU rehearsal); --loss and --shape filter it")
+    p.add_argument(
+        "--plan",
+        choices=tuple(PLANS),
+        help="the cases of a plan instead (`session`: the GPU session's, loss by loss; `session-dry`: "
+        "its CPU rehearsal); --loss and --shape filter it",
+    )
     p.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (default both)")
-    p.add_argument("--backend", dest="fused_backend", choices=("triton", "cpp"),
-                   help="the fused provider's backend (default: triton on CUDA, cpp on CPU)")
+    p.add_argument(
+        "--backend",
+        dest="fused_backend",
+        choices=("triton", "cpp"),
+        help="the fused provider's backend (default: triton on CUDA, cpp on CPU)",
+    )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (default inductor)")
     p.add_argument("--reps", type=int, default=10, help="CPU: most timed calls")
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed warm-up calls")
@@ -227,24 +299,35 @@ def main(argv=None):
     if args.shape:
         cases = [c for c in cases if c.name in args.shape.split(",")]
     passes = tuple(q for q in ("fwd", "fwd+bwd") if q in args.passes.split(","))
-    timer = (measure.CudaTimer(args.warmup_ms, args.rep_ms) if cuda
-             else measure.CpuTimer(args.warmup, args.reps, min(3, args.reps), args.budget))
+    timer = (
+        measure.CudaTimer(args.warmup_ms, args.rep_ms)
+        if cuda
+        else measure.CpuTimer(args.warmup, args.reps, min(3, args.reps), args.budget)
+    )
     peak = measure.cuda_peak_bytes if cuda else measure.cpu_peak_bytes
     tol, loss_tol = load_tolerances()
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     date = datetime.datetime.now().astimezone()
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    tags = dict(date=date.isoformat(timespec="seconds"), device=name, torch=torch.__version__, triton=triton_version,
-                threads=torch.get_num_threads())
-    header = (f"{name} · torch {torch.__version__} · triton {triton_version} · {torch.get_num_threads()} threads of "
-              f"{os.cpu_count()} cores · load average {os.getloadavg()[0]:.2f} at start · {date:%Y-%m-%d %H:%M %Z}\n"
-              f"command: python -m benchmarks.upsample {' '.join(shlex.quote(a) for a in argv)}\n"
-              f"timer: {timer.describe()}\ntorch.compile backend: {args.compile_backend}\nmemory: "
-              f"{measure.CUDA_MEMORY_METHOD if cuda else measure.CPU_MEMORY_METHOD}\n")
+    tags = dict(
+        date=date.isoformat(timespec="seconds"),
+        device=name,
+        torch=torch.__version__,
+        triton=triton_version,
+        threads=torch.get_num_threads(),
+    )
+    header = (
+        f"{name} · torch {torch.__version__} · triton {triton_version} · {torch.get_num_threads()} threads of "
+        f"{os.cpu_count()} cores · load average {os.getloadavg()[0]:.2f} at start · {date:%Y-%m-%d %H:%M %Z}\n"
+        f"command: python -m benchmarks.upsample {' '.join(shlex.quote(a) for a in argv)}\n"
+        f"timer: {timer.describe()}\ntorch.compile backend: {args.compile_backend}\nmemory: "
+        f"{measure.CUDA_MEMORY_METHOD if cuda else measure.CPU_MEMORY_METHOD}\n"
+    )
     print(header, file=sys.stderr)
     tag = f"upsample-{'cuda' if cuda else 'cpu'}-{torch.get_num_threads()}t-{date:%Y%m%d}"
     out = args.out or os.path.join(RESULTS, tag)
@@ -257,9 +340,21 @@ def main(argv=None):
         w.writeheader()
         try:
             for i, case in enumerate(cases):
-                print(f"[{i + 1}/{len(cases)}] {case.loss} {case.key} {case.dtype} {case.mode}", file=sys.stderr)
-                for provider_rows in run_case(case, device, timer, peak, tol, loss_tol, passes, args.fused_backend,
-                                              tags, args.compile_backend):
+                print(
+                    f"[{i + 1}/{len(cases)}] {case.loss} {case.key} {case.dtype} {case.mode}", file=sys.stderr
+                )
+                for provider_rows in run_case(
+                    case,
+                    device,
+                    timer,
+                    peak,
+                    tol,
+                    loss_tol,
+                    passes,
+                    args.fused_backend,
+                    tags,
+                    args.compile_backend,
+                ):
                     w.writerows(provider_rows)
                     f.flush()
                     rows += provider_rows
@@ -269,8 +364,14 @@ def main(argv=None):
     table = markdown(rows)
     print(table)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("# Loss on low-resolution logits (upsample)\n\n```\n" + header + (f"stopped: {stopped}\n" if stopped else "")
-                + "```\n\n" + table + "\n")
+        f.write(
+            "# Loss on low-resolution logits (upsample)\n\n```\n"
+            + header
+            + (f"stopped: {stopped}\n" if stopped else "")
+            + "```\n\n"
+            + table
+            + "\n"
+        )
     print(f"\nwritten to {out}", file=sys.stderr)
 
 

@@ -26,6 +26,7 @@ the warm-up cuts what the benchmark needs last. On CUDA the jobs start in that o
 estimated memory (the inputs, the gradient, the compiled graph's intermediates) fits in 70 % of
 the free memory. One CSV row per job as it ends (``--csv``).
 """
+
 import argparse
 import concurrent.futures
 import csv
@@ -35,7 +36,19 @@ import signal
 import sys
 import time
 
-FIELDS = ("job", "stage", "group", "provider", "loss", "shape", "dtype", "layout", "status", "seconds", "end_s")
+FIELDS = (
+    "job",
+    "stage",
+    "group",
+    "provider",
+    "loss",
+    "shape",
+    "dtype",
+    "layout",
+    "status",
+    "seconds",
+    "end_s",
+)
 CONTEXT_BYTES = 600 << 20  # a CUDA context and the allocator's slack, per worker
 
 
@@ -54,8 +67,11 @@ def jobs(plan, upsample_plan):
                 if key not in seen:
                     seen.add(key)
                     (later if g.as_time_allows else first).append(("bench", g.name, provider, c))
-    ups = [("upsample", "upsample", provider, c) for provider in ("fused", "compile")
-           for c in (UPSAMPLE_PLANS[upsample_plan] if upsample_plan else ())]
+    ups = [
+        ("upsample", "upsample", provider, c)
+        for provider in ("fused", "compile")
+        for c in (UPSAMPLE_PLANS[upsample_plan] if upsample_plan else ())
+    ]
     return first + ups + later
 
 
@@ -96,7 +112,11 @@ def estimate_bytes(job):
     B, C, h, w = case.low
     full = B * C * case.size[0] * case.size[1] * 4
     low = B * C * h * w * torch.empty((), dtype=UP_DTYPES[case.dtype]).element_size()
-    return CONTEXT_BYTES + 3 * low + (4 * full if provider == "compile" else 16 * B * case.size[0] * case.size[1])
+    return (
+        CONTEXT_BYTES
+        + 3 * low
+        + (4 * full if provider == "compile" else 16 * B * case.size[0] * case.size[1])
+    )
 
 
 def run_job(job, device, fused_backend, compile_backend):
@@ -115,7 +135,9 @@ def run_job(job, device, fused_backend, compile_backend):
     torch._dynamo.reset()
     try:
         if stage == "bench":
-            fn = make_provider(provider, case, device, fused_backend=fused_backend, compile_backend=compile_backend)
+            fn = make_provider(
+                provider, case, device, fused_backend=fused_backend, compile_backend=compile_backend
+            )
             x, t = _bench_inputs(case, device)
             backward = has_backward(case.loss)
         else:
@@ -141,10 +163,24 @@ def run_job(job, device, fused_backend, compile_backend):
 def describe(job):
     stage, group, provider, case = job
     if stage == "bench":
-        return dict(stage=stage, group=group, provider=provider, loss=case.loss, shape=case.shape.name,
-                    dtype=case.dtype, layout=case.layout)
-    return dict(stage=stage, group=group, provider=provider, loss=case.loss, shape=case.key, dtype=case.dtype,
-                layout=case.mode)
+        return dict(
+            stage=stage,
+            group=group,
+            provider=provider,
+            loss=case.loss,
+            shape=case.shape.name,
+            dtype=case.dtype,
+            layout=case.layout,
+        )
+    return dict(
+        stage=stage,
+        group=group,
+        provider=provider,
+        loss=case.loss,
+        shape=case.key,
+        dtype=case.dtype,
+        layout=case.mode,
+    )
 
 
 def environment(device):
@@ -152,13 +188,16 @@ def environment(device):
     import platform
 
     import torch
+
     try:
         import triton
+
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
     try:
         from importlib.metadata import version
+
         liger = version("liger-kernel")
     except Exception:  # noqa: BLE001 - not installed
         liger = "not installed"
@@ -167,9 +206,12 @@ def environment(device):
         dev = f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, cuda {torch.version.cuda}"
     else:
         from .bench import cpu_name
+
         dev = f"{cpu_name()} (CPU)"
-    return (f"python {platform.python_version()} | torch {torch.__version__} | triton {tv} | liger-kernel {liger} | "
-            f"{dev} | {os.cpu_count()} cores")
+    return (
+        f"python {platform.python_version()} | torch {torch.__version__} | triton {tv} | liger-kernel {liger} | "
+        f"{dev} | {os.cpu_count()} cores"
+    )
 
 
 def main(argv=None):
@@ -177,13 +219,20 @@ def main(argv=None):
     p.add_argument("--plan", default="session", help="the benchmark plan (cases.PLANS)")
     p.add_argument("--upsample-plan", help="the upsampled losses' plan (upsample.PLANS)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--backend", dest="fused_backend", choices=("triton", "cpp"), help="the fused provider's backend")
-    p.add_argument("--compile-backend", default="inductor", help="the compile provider's torch.compile backend")
+    p.add_argument(
+        "--backend", dest="fused_backend", choices=("triton", "cpp"), help="the fused provider's backend"
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="the compile provider's torch.compile backend"
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--csv", help="one row per job as it ends")
-    p.add_argument("--sample", action="store_true",
-                   help="the first job of each stage and provider only (a rehearsal: on a CPU the interpreted "
-                        "kernels and aot_eager leave nothing in the caches)")
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="the first job of each stage and provider only (a rehearsal: on a CPU the interpreted "
+        "kernels and aot_eager leave nothing in the caches)",
+    )
     p.add_argument("--list", action="store_true", help="print the jobs and exit")
     args = p.parse_args(argv)
     todo = jobs(args.plan, args.upsample_plan)
@@ -192,7 +241,11 @@ def main(argv=None):
     if args.list:
         for j in todo:
             d = describe(j)
-            print(" ".join(str(d[k]) for k in ("stage", "group", "provider", "loss", "shape", "dtype", "layout")))
+            print(
+                " ".join(
+                    str(d[k]) for k in ("stage", "group", "provider", "loss", "shape", "dtype", "layout")
+                )
+            )
         print(f"{len(todo)} jobs")
         return 0
     import torch
@@ -205,8 +258,9 @@ def main(argv=None):
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     # forkserver: the workers fork from a process that imported torch once and never touched CUDA
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "fused_imbalance", "benchmarks.cases", "benchmarks.bench",
-                                "benchmarks.upsample"])
+    ctx.set_forkserver_preload(
+        ["torch", "fused_imbalance", "benchmarks.cases", "benchmarks.bench", "benchmarks.upsample"]
+    )
     out = open(args.csv, "w", newline="") if args.csv else None
     writer = csv.DictWriter(out, fieldnames=FIELDS) if out else None
     if writer:
@@ -218,10 +272,16 @@ def main(argv=None):
     try:
         while pending or running:
             # in order, while the next job's memory fits (a job larger than the budget runs alone)
-            while pending and len(running) < args.workers and (
-                    not running or used + estimate_bytes(pending[0][1]) <= budget):
+            while (
+                pending
+                and len(running) < args.workers
+                and (not running or used + estimate_bytes(pending[0][1]) <= budget)
+            ):
                 i, job = pending.pop(0)
-                running[pool.submit(run_job, job, args.device, args.fused_backend, args.compile_backend)] = (i, job)
+                running[pool.submit(run_job, job, args.device, args.fused_backend, args.compile_backend)] = (
+                    i,
+                    job,
+                )
                 used += estimate_bytes(job)
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for fut in finished:
@@ -233,10 +293,18 @@ def main(argv=None):
                     seconds, status = float("nan"), f"error: {type(e).__name__}: {e}"
                 done += 1
                 failed += not (status == "ok" or status.startswith("skipped"))
-                row = dict(describe(job), job=i, status=status, seconds=round(seconds, 2),
-                           end_s=round(time.perf_counter() - t0, 2))
-                print(f"[{done}/{len(todo)}] {row['end_s']:6.1f} s  {seconds:5.1f} s  {row['stage']} {row['provider']} "
-                      f"{row['loss']} {row['shape']} {row['dtype']} {row['layout']}: {status}", flush=True)
+                row = dict(
+                    describe(job),
+                    job=i,
+                    status=status,
+                    seconds=round(seconds, 2),
+                    end_s=round(time.perf_counter() - t0, 2),
+                )
+                print(
+                    f"[{done}/{len(todo)}] {row['end_s']:6.1f} s  {seconds:5.1f} s  {row['stage']} {row['provider']} "
+                    f"{row['loss']} {row['shape']} {row['dtype']} {row['layout']}: {status}",
+                    flush=True,
+                )
                 if writer:
                     writer.writerow(row)
                     out.flush()
@@ -253,8 +321,10 @@ def main(argv=None):
         if out:
             out.close()
     pool.shutdown()
-    print(f"warm-up: {done} jobs ({failed} failed) in {time.perf_counter() - t0:.1f} s on {args.workers} processes",
-          flush=True)
+    print(
+        f"warm-up: {done} jobs ({failed} failed) in {time.perf_counter() - t0:.1f} s on {args.workers} processes",
+        flush=True,
+    )
     return 0
 
 

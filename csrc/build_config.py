@@ -4,6 +4,7 @@ fused_imbalance/ops/cpp.py (JIT on first use), so both compile the same sources 
 The extension is C++ for the CPU only (the GPU kernels are Triton): it needs no CUDA toolkit, and
 its build does not depend on whether one, or a GPU, is present.
 """
+
 import os
 import sys
 
@@ -34,7 +35,9 @@ def sanitizers():
     names = [n for n in value.split(",") if n]
     unknown = [n for n in names if n not in ("address", "undefined")]
     if unknown:
-        raise ValueError(f"FUSED_IMBALANCE_SANITIZE names {unknown}: only 'address' and 'undefined' are supported")
+        raise ValueError(
+            f"FUSED_IMBALANCE_SANITIZE names {unknown}: only 'address' and 'undefined' are supported"
+        )
     return ",".join(names)
 
 

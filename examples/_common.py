@@ -1,4 +1,5 @@
 """What both examples share: the device to run on and how it is named in the results."""
+
 import os
 import platform
 import tempfile
@@ -32,9 +33,12 @@ def add_run_options(parser):
     """The options both examples take: threads, device, output folder, no plot."""
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--out", default=None,
-                        help="where the table, the numbers and the plot go (default: examples/results/, "
-                             "with --smoke a new temporary folder)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where the table, the numbers and the plot go (default: examples/results/, "
+        "with --smoke a new temporary folder)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the plot (matplotlib not needed)")
 
 

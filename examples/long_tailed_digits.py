@@ -15,6 +15,7 @@ Writes ``long_tailed_digits.md`` (Markdown tables), ``long_tailed_digits.json`` 
 ``long_tailed_digits.png`` (test recall of each class against its training count, one line per
 loss) into ``--out`` (default: examples/results/; with ``--smoke``, a new temporary folder).
 """
+
 import argparse
 import json
 import math
@@ -45,15 +46,21 @@ def long_tailed_split(X, y, num_classes, n_max, ratio, n_test, n_val, seed):
         if idx.numel() < n_test + n_val + counts[c]:
             raise ValueError(f"class {c} has {idx.numel()} images: too few for this split")
         parts["test"].append(idx[:n_test])
-        parts["val"].append(idx[n_test:n_test + n_val])
-        parts["train"].append(idx[n_test + n_val:n_test + n_val + counts[c]])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val : n_test + n_val + counts[c]])
     return {k: (X[torch.cat(v)], y[torch.cat(v)]) for k, v in parts.items()}, counts
 
 
 class MLP(nn.Sequential):
     def __init__(self, num_classes, hidden=128):
-        super().__init__(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, num_classes))
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
 
 
 def make_losses(counts, num_classes, args):
@@ -64,8 +71,10 @@ def make_losses(counts, num_classes, args):
         "focal (γ=2)": (lambda: fi.FocalLoss(gamma=2.0), False),
         "CB softmax": (lambda: fi.ClassBalancedLoss(counts, beta=args.beta, loss_type="softmax"), False),
         "CB sigmoid": (lambda: fi.ClassBalancedLoss(counts, beta=args.beta, loss_type="sigmoid"), True),
-        "CB focal (γ=2)": (lambda: fi.ClassBalancedLoss(counts, beta=args.beta, loss_type="focal", gamma=2.0),
-                           True),
+        "CB focal (γ=2)": (
+            lambda: fi.ClassBalancedLoss(counts, beta=args.beta, loss_type="focal", gamma=2.0),
+            True,
+        ),
         "recall": (lambda: fi.RecallLoss(C), False),
         "CDB (τ dynamic)": (lambda: fi.CDBLoss(C, tau="dynamic"), False),
         f"MSE outlying (α={args.alpha:g})": (lambda: fi.OutlyingMSELoss(counts, alpha=args.alpha), False),
@@ -100,7 +109,7 @@ def train_one(criterion, sigmoid, data, counts, args, seed, device):
         model.train()
         perm = torch.randperm(ytr.numel(), generator=g).to(device)
         for i in range(0, ytr.numel(), args.batch_size):
-            b = perm[i:i + args.batch_size]
+            b = perm[i : i + args.batch_size]
             loss = criterion(model(Xtr[b]), ytr[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,7 +132,7 @@ def summarise(runs, counts):
     """runs: name -> list of per-seed results. Adds mean ± std of accuracy, rare-third accuracy and
     per-class recall."""
     C = len(counts)
-    rare = sorted(range(C), key=lambda c: counts[c])[:max(1, round(C / 3))]
+    rare = sorted(range(C), key=lambda c: counts[c])[: max(1, round(C / 3))]
     out = {}
     for name, rs in runs.items():
         rare_acc = [sum(r["recall"][c] for c in rare) / len(rare) for r in rs]
@@ -157,9 +166,13 @@ def markdown(summary, counts, rare, args, seeds, wall_s, command, device):
     ]
     for name, s in summary.items():
         lines.append(f"| {name} | {pm(s['accuracy'])} | {pm(s['rare_third'])} |")
-    lines += ["", "Per-class test recall (%), mean ± std over seeds:", "",
-              "| loss | " + " | ".join(f"{c} (n={counts[c]})" for c in range(C)) + " |",
-              "|---|" + "---|" * C]
+    lines += [
+        "",
+        "Per-class test recall (%), mean ± std over seeds:",
+        "",
+        "| loss | " + " | ".join(f"{c} (n={counts[c]})" for c in range(C)) + " |",
+        "|---|" + "---|" * C,
+    ]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(pm(r, digits=0) for r in s["recall"]) + " |")
     return "\n".join(lines) + "\n"
@@ -167,14 +180,23 @@ def markdown(summary, counts, rare, args, seeds, wall_s, command, device):
 
 def plot(summary, counts, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     order = sorted(range(len(counts)), key=lambda c: counts[c])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (name, s) in enumerate(summary.items()):
         style = "-" if i < 7 else "--"
-        ax.plot([counts[c] for c in order], [100 * s["recall"][c][0] for c in order], style, marker="o",
-                markersize=3, label=name, color=f"C{i}")
+        ax.plot(
+            [counts[c] for c in order],
+            [100 * s["recall"][c][0] for c in order],
+            style,
+            marker="o",
+            markersize=3,
+            label=name,
+            color=f"C{i}",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("test recall of the class (%), mean over seeds")
@@ -202,7 +224,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=1.0, help="outlying-label α")
     p.add_argument("--split-seed", type=int, default=0)
     add_run_options(p)
-    p.add_argument("--smoke", action="store_true", help="tiny budget (2 seeds, 2 epochs): checks that it runs")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny budget (2 seeds, 2 epochs): checks that it runs"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.epochs = 2, 2
@@ -219,7 +243,9 @@ def main(argv=None):
     X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
     C = 10
-    data, counts = long_tailed_split(X, y, C, args.n_max, args.imbalance, args.n_test, args.n_val, args.split_seed)
+    data, counts = long_tailed_split(
+        X, y, C, args.n_max, args.imbalance, args.n_test, args.n_val, args.split_seed
+    )
     data = {k: (a.to(device), b.to(device)) for k, (a, b) in data.items()}
     print(f"training counts per class: {counts}; device {device}", flush=True)
 
@@ -238,8 +264,19 @@ def main(argv=None):
     with open(os.path.join(args.out, "long_tailed_digits.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "long_tailed_digits.json"), "w") as f:
-        json.dump({"counts": counts, "rarest_third": rare, "seeds": seeds, "summary": summary, "runs": runs,
-                   "wall_s": wall_s, "command": command.strip()}, f, indent=1)
+        json.dump(
+            {
+                "counts": counts,
+                "rarest_third": rare,
+                "seeds": seeds,
+                "summary": summary,
+                "runs": runs,
+                "wall_s": wall_s,
+                "command": command.strip(),
+            },
+            f,
+            indent=1,
+        )
     if not args.no_plot:
         plot(summary, counts, os.path.join(args.out, "long_tailed_digits.png"))
     print(md)

@@ -20,10 +20,12 @@ per-class IoU (and, for CDB, the class accuracies that set its weights).
 
 Writes ``segmentation.md`` (per-class validation IoU per loss), ``segmentation.json`` and
 ``segmentation.png`` (per-class validation IoU over the epochs, one panel per loss) into ``--out``
-(default: examples/results/; with ``--smoke``, a new temporary folder). ``--memory`` trains nothing: for one training batch it measures,
+(default: examples/results/; with ``--smoke``, a new temporary folder). ``--memory`` trains nothing: for one
+training batch it measures,
 per loss, the peak memory and the time of the loss's forward+backward and of a whole training
 step, fused upsample against interpolate + loss, and writes ``segmentation_memory.md``.
 """
+
 import argparse
 import functools
 import json
@@ -45,8 +47,9 @@ from _common import add_run_options, describe_device, output_folder, start  # ex
 
 CLASSES = ["sky", "ground", "blob", "square (rare)", "disc (rare)"]
 # Mean colour of each class; the rare ones sit close to a common one (square ~ blob, disc ~ ground).
-COLOURS = torch.tensor([[0.25, 0.45, 0.80], [0.40, 0.60, 0.25], [0.75, 0.30, 0.30], [0.90, 0.55, 0.20],
-                        [0.45, 0.85, 0.45]])
+COLOURS = torch.tensor(
+    [[0.25, 0.45, 0.80], [0.40, 0.60, 0.25], [0.75, 0.30, 0.30], [0.90, 0.55, 0.20], [0.45, 0.85, 0.45]]
+)
 
 
 def synthetic_segmentation(n, size=64, noise=0.3, seed=0):
@@ -56,8 +59,9 @@ def synthetic_segmentation(n, size=64, noise=0.3, seed=0):
     def u(lo, hi):
         return lo + (hi - lo) * torch.rand((), generator=g).item()
 
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     labels = torch.empty(n, size, size, dtype=torch.int64)
     for i in range(n):
         horizon = u(0.3, 0.6) * size + u(2, 6) * torch.sin(xx / u(5, 12) + u(0, 6.3))
@@ -68,7 +72,7 @@ def synthetic_segmentation(n, size=64, noise=0.3, seed=0):
         if u(0, 1) < 0.5:  # rare squares, in half of the images
             for _ in range(int(u(1, 3))):
                 s, cy, cx = int(u(4, 9)), int(u(0, size - 8)), int(u(0, size - 8))
-                lab[cy:cy + s, cx:cx + s] = 3
+                lab[cy : cy + s, cx : cx + s] = 3
         if u(0, 1) < 0.3:  # a rarer disc, in 30 % of the images
             cy, cx, r = u(5, size - 5), u(5, size - 5), u(3, 5)
             lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 4
@@ -85,12 +89,20 @@ class FCN(nn.Module):
         super().__init__()
 
         def block(cin, cout, stride=1, dilation=1):
-            return [nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
-                    nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
-        self.body = nn.Sequential(*block(3, width // 2), *block(width // 2, width, stride=2),
-                                  *block(width, width), *block(width, 2 * width, stride=2),
-                                  *block(2 * width, 2 * width, dilation=2), *block(2 * width, 2 * width, dilation=4))
+        self.body = nn.Sequential(
+            *block(3, width // 2),
+            *block(width // 2, width, stride=2),
+            *block(width, width),
+            *block(width, 2 * width, stride=2),
+            *block(2 * width, 2 * width, dilation=2),
+            *block(2 * width, 2 * width, dilation=4),
+        )
         self.head = nn.Conv2d(2 * width, num_classes, 1)
 
     def forward(self, x):
@@ -126,7 +138,9 @@ def make_losses(pixel_counts, num_classes, args):
         "ClassBalancedLoss (softmax)": lambda: fi.ClassBalancedLoss(pixel_counts, beta=args.beta, **up),
         "RecallLoss": lambda: fi.RecallLoss(C, **up),
         "CDBLoss (τ dynamic)": lambda: fi.CDBLoss(C, **up),
-        f"OutlyingMSELoss (α={args.alpha:g})": lambda: fi.OutlyingMSELoss(pixel_counts, alpha=args.alpha, **up),
+        f"OutlyingMSELoss (α={args.alpha:g})": lambda: fi.OutlyingMSELoss(
+            pixel_counts, alpha=args.alpha, **up
+        ),
     }
 
 
@@ -135,7 +149,7 @@ def validate(model, images, labels, num_classes, args):
     model.eval()
     cm = fi.ConfusionMatrix(num_classes).to(images.device)
     for i in range(0, labels.shape[0], args.batch_size):
-        x, y = images[i:i + args.batch_size], labels[i:i + args.batch_size]
+        x, y = images[i : i + args.batch_size], labels[i : i + args.batch_size]
         cm.update(loss_input(model(x), y, args), y, **upsample_options(args))
     return cm
 
@@ -168,7 +182,7 @@ def train_one(name, criterion, data, args, device):
         perm = torch.randperm(ytr.shape[0], generator=g).to(device)
         loss_sum = 0.0
         for i in range(steps):
-            b = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            b = perm[i * args.batch_size : (i + 1) * args.batch_size]
             x, y = xtr[b], ytr[b]
             loss = train_step(model, criterion, opt, x, y, train_cm.matrix, args)
             value = loss.item()  # a host sync per step, for the progress bar
@@ -206,6 +220,7 @@ def peak_extra_bytes(fn, device):
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
+
     stderr = os.dup(2)  # the profiler's C++ side prints a line at start and stop on fd 2
     try:
         with open(os.devnull, "w") as devnull:
@@ -215,8 +230,11 @@ def peak_extra_bytes(fn, device):
     finally:
         os.dup2(stderr, 2)
         os.close(stderr)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
     live = peak = 0
     for _, nbytes in events:  # allocations are positive, frees negative
         live += nbytes
@@ -246,13 +264,15 @@ def measure_memory(pixel_counts, data, args, device):
     difference between the two paths' losses and gradients."""
     C = len(CLASSES)
     xtr, ytr = data["train"]
-    x, y = xtr[:args.batch_size], ytr[:args.batch_size]
+    x, y = xtr[: args.batch_size], ytr[: args.batch_size]
     torch.manual_seed(args.seed)
     model = FCN(C, args.width).to(device)
     with torch.no_grad():
         low_res = model(x)  # the head's logits for this batch
-    paths = {"interpolate": argparse.Namespace(**{**vars(args), "interpolate": True}),
-             "fused": argparse.Namespace(**{**vars(args), "interpolate": False})}
+    paths = {
+        "interpolate": argparse.Namespace(**{**vars(args), "interpolate": True}),
+        "fused": argparse.Namespace(**{**vars(args), "interpolate": False}),
+    }
     rows = {}
     for name in make_losses(pixel_counts, C, args):
         row = {}
@@ -278,7 +298,8 @@ def measure_memory(pixel_counts, data, args, device):
             step_model = FCN(C, args.width).to(device)
             opt = torch.optim.Adam(step_model.parameters(), lr=args.lr)
             row[path]["step_ms"] = median_ms(
-                lambda: train_step(step_model, criterion, opt, x, y, cm, pargs), device, args.repeat)
+                lambda: train_step(step_model, criterion, opt, x, y, cm, pargs), device, args.repeat
+            )
         fused, interp = row["fused"], row["interpolate"]
         row["max_loss_diff"] = abs(fused["loss"] - interp["loss"])
         row["max_grad_diff"] = float((fused.pop("grad") - interp.pop("grad")).abs().max())
@@ -301,9 +322,14 @@ def memory_markdown(rows, args, command, device, device_name, shape):
         f'`upsample="bilinear"` on the 16x16 logits.  ',
         "*Peak extra*: the peak memory allocated during the loss's forward+backward (from the 1/4-resolution "
         "logits to their gradient, with the training step's `confusion=`) beyond what was allocated before "
-        "it" + (" (CUDA allocator statistics)." if device.type == "cuda"
-                else " (profiler allocation events, `profile_memory=True`, which include the C++ ops' "
-                     "own allocations).") + "  ",
+        "it"
+        + (
+            " (CUDA allocator statistics)."
+            if device.type == "cuda"
+            else " (profiler allocation events, `profile_memory=True`, which include the C++ ops' "
+            "own allocations)."
+        )
+        + "  ",
         f"*Loss ms*: median of {args.repeat} such forward+backward calls; *step ms*: median of {args.repeat} whole "
         "training steps (net forward, loss, backward, Adam step). Times are from a shared machine: noisy.  ",
         "*max diff*: the largest absolute difference between the two paths' loss values and gradients "
@@ -319,7 +345,8 @@ def memory_markdown(rows, args, command, device, device_name, shape):
         lines.append(
             f"| {name} | {i['peak_bytes'] / 1024:.1f} | {f['peak_bytes'] / 1024:.1f} | {100 * saved:.0f} % "
             f"| {i['loss_ms']:.2f} | {f['loss_ms']:.2f} | {i['step_ms']:.1f} | {f['step_ms']:.1f} "
-            f"| {r['max_loss_diff']:.1e} / {r['max_grad_diff']:.1e} | {'same' if r['same_confusion'] else 'differ'} |")
+            f"| {r['max_loss_diff']:.1e} / {r['max_grad_diff']:.1e} | {'same' if r['same_confusion'] else 'differ'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -334,8 +361,9 @@ def markdown(results, pixel_counts, args, wall_s, command, device_name):
         f"{args.n_train} training and {args.n_val} validation images of 64x64, {C} classes; FCN width "
         f"{args.width}, logits at 16x16, {path_description(args)}; Adam lr {args.lr:g}, "
         f"batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}; CB β = {args.beta:g}.  ",
-        "Training pixels per class: " + ", ".join(
-            f"{CLASSES[c]} {100 * pixel_counts[c] / total:.2f} %" for c in range(C)) + ".",
+        "Training pixels per class: "
+        + ", ".join(f"{CLASSES[c]} {100 * pixel_counts[c] / total:.2f} %" for c in range(C))
+        + ".",
         "",
         "IoU in % on the validation set after the last epoch; *train mIoU* is that of the last epoch, "
         "from the confusion counts of the loss's own pass.",
@@ -344,20 +372,26 @@ def markdown(results, pixel_counts, args, wall_s, command, device_name):
         "|---|" + "---|" * (C + 2),
     ]
     for name, h in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in h["val_iou"][-1])
-                     + f" | {100 * h['val_miou']:.1f} | {100 * h['train_miou'][-1]:.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * v:.1f}" for v in h["val_iou"][-1])
+            + f" | {100 * h['val_miou']:.1f} | {100 * h['train_miou'][-1]:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(results, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     n = len(results)
     cols = 3
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharex=True, sharey=True, squeeze=False
+    )
     for ax, (name, h) in zip(axes.flat, results.items()):
         iou = torch.tensor(h["val_iou"])  # (epochs, C)
         epochs = range(1, iou.shape[0] + 1)
@@ -386,20 +420,32 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--width", type=int, default=16, help="channels of the first stride (doubled later)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--beta", type=float, default=0.99999,
-                   help="class-balanced β (pixel counts are large: 0.9999 would saturate above ~10^4 pixels)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=0.99999,
+        help="class-balanced β (pixel counts are large: 0.9999 would saturate above ~10^4 pixels)",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="outlying-label α")
     p.add_argument("--seed", type=int, default=0, help="data and model seed")
     add_run_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--interpolate", action="store_true",
-                   help="F.interpolate the logits to the label size before the loss instead of the losses' "
-                        "fused upsample='bilinear' (for comparison: same result, more memory)")
-    p.add_argument("--memory", action="store_true",
-                   help="train nothing: measure the memory and time of the loss on one batch, fused upsample "
-                        "vs interpolate + loss, and write segmentation_memory.md")
+    p.add_argument(
+        "--interpolate",
+        action="store_true",
+        help="F.interpolate the logits to the label size before the loss instead of the losses' "
+        "fused upsample='bilinear' (for comparison: same result, more memory)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="train nothing: measure the memory and time of the loss on one batch, fused upsample "
+        "vs interpolate + loss, and write segmentation_memory.md",
+    )
     p.add_argument("--repeat", type=int, default=10, help="--memory: timed repetitions (median)")
-    p.add_argument("--smoke", action="store_true", help="tiny budget (2 epochs of 16 images): checks that it runs")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny budget (2 epochs of 16 images): checks that it runs"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.n_train, args.n_val, args.batch_size, args.width = 2, 16, 8, 8, 8
@@ -416,30 +462,48 @@ def main(argv=None):
     xva, yva = synthetic_segmentation(args.n_val, seed=args.seed + 1000)
     pixel_counts = torch.bincount(ytr.flatten(), minlength=C).tolist()
     data = {"train": (xtr.to(device), ytr.to(device)), "val": (xva.to(device), yva.to(device))}
-    print("training pixels per class: " + ", ".join(f"{n}: {k}" for n, k in zip(CLASSES, pixel_counts)),
-          flush=True)
-    command = ("python examples/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    print(
+        "training pixels per class: " + ", ".join(f"{n}: {k}" for n, k in zip(CLASSES, pixel_counts)),
+        flush=True,
+    )
+    command = (
+        "python examples/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
     output_folder(args, "segmentation")
 
     if args.memory:
         rows = measure_memory(pixel_counts, data, args, device)
         n = min(args.batch_size, ytr.shape[0])
-        md = memory_markdown(rows, args, command, device, device_name, (n, C, ytr.shape[1] // 4, ytr.shape[2] // 4))
+        md = memory_markdown(
+            rows, args, command, device, device_name, (n, C, ytr.shape[1] // 4, ytr.shape[2] // 4)
+        )
         with open(os.path.join(args.out, "segmentation_memory.md"), "w") as f:
             f.write(md)
         print(md)
         return rows
 
-    results = {name: train_one(name, make(), data, args, device)
-               for name, make in make_losses(pixel_counts, C, args).items()}
+    results = {
+        name: train_one(name, make(), data, args, device)
+        for name, make in make_losses(pixel_counts, C, args).items()
+    }
 
     wall_s = time.perf_counter() - t0
     md = markdown(results, pixel_counts, args, wall_s, command, device_name)
     with open(os.path.join(args.out, "segmentation.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "segmentation.json"), "w") as f:
-        json.dump({"classes": CLASSES, "pixel_counts": pixel_counts, "results": results, "wall_s": wall_s,
-                   "command": command, "path": "interpolate" if args.interpolate else "fused upsample"}, f, indent=1)
+        json.dump(
+            {
+                "classes": CLASSES,
+                "pixel_counts": pixel_counts,
+                "results": results,
+                "wall_s": wall_s,
+                "command": command,
+                "path": "interpolate" if args.interpolate else "fused upsample",
+            },
+            f,
+            indent=1,
+        )
     if not args.no_plot:
         plot(results, os.path.join(args.out, "segmentation.png"))
     print(md)

@@ -1,5 +1,6 @@
 """Argument checks shared by the reference and the fused backends: bad input gets a clear
 error, never a wrong number."""
+
 import math
 import numbers
 
@@ -19,9 +20,18 @@ def as_index(value, name):
     if type(value) is int:
         return value
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
+        if (
+            value.dim() == 0
+            and not value.is_floating_point()
+            and not value.is_complex()
+            and value.dtype != torch.bool
+        ):
             return int(value)
-    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+    elif (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and type(value).__name__ != "bool_"
+    ):
         return int(value)
     raise TypeError(f"{name} must be an int, got {value!r}")
 
@@ -48,8 +58,13 @@ def check_inputs(logits, target, ignore_index, reduction="mean"):
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
             f"expected {expected}"
-            + ("; for (B, C, h, w) logits at a lower resolution than (B, H, W) labels pass upsample='bilinear' "
-               "or 'nearest'" if logits.dim() == 4 and target.dim() == 3 else ""))
+            + (
+                "; for (B, C, h, w) logits at a lower resolution than (B, H, W) labels pass upsample='bilinear' "
+                "or 'nearest'"
+                if logits.dim() == 4 and target.dim() == 3
+                else ""
+            )
+        )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     return check_options(ignore_index, reduction)
@@ -84,6 +99,7 @@ def check_range(values, lo, hi, message):
             raise ValueError(message)
     else:
         from . import _deferred
+
         _deferred.flag(ok, message)
 
 
@@ -119,10 +135,14 @@ def check_gamma(gamma):
     if isinstance(gamma, torch.Tensor) and gamma.numel() == 1:
         gamma = float(gamma)
     if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, torch.SymInt, torch.SymFloat)):
-        what = (f"a tensor of shape {tuple(gamma.shape)}" if isinstance(gamma, torch.Tensor)
-                else f"{type(gamma).__name__} {gamma!r}")
-        raise TypeError(f"gamma must be a number (the focal exponent), got {what}; per-class weights "
-                        "go in weight=")
+        what = (
+            f"a tensor of shape {tuple(gamma.shape)}"
+            if isinstance(gamma, torch.Tensor)
+            else f"{type(gamma).__name__} {gamma!r}"
+        )
+        raise TypeError(
+            f"gamma must be a number (the focal exponent), got {what}; per-class weights " "go in weight="
+        )
     # Comparisons, not math.isfinite, so a symbolic γ is checked by guards; NaN fails both.
     if not (0 <= gamma < math.inf):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
@@ -164,4 +184,5 @@ def bad_label_error(target, num_classes, ignore_index):
     shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
     return ValueError(
         f"target contains label {values[0] if values else '?'} outside [0, {num_classes}) "
-        f"(values: {shown}; ignore_index={ignore_index})")
+        f"(values: {shown}; ignore_index={ignore_index})"
+    )

@@ -15,13 +15,16 @@ name the value). The Triton backend defers on every device (the interpreter's CP
 the mechanism runs in the CPU test suite); on CPU the "event" is complete at once. The C++ backend
 and the reference check immediately: on the CPU that costs nothing.
 """
+
 import collections
 
 import torch
 
 __all__ = ["check_deferred", "labels", "flag", "poll", "pending"]
 
-_queue = collections.deque()  # (message, None) done at once, or (numpy view of a pinned slot, event, describe, slot)
+_queue = (
+    collections.deque()
+)  # (message, None) done at once, or (numpy view of a pinned slot, event, describe, slot)
 _free_slots = {}  # device -> pinned (2,) int64 host tensors to reuse, with their numpy views
 
 
@@ -58,9 +61,12 @@ def _label_message(C, ignore_index):
         n, value = int(v[0]), int(v[1])
         if n == 0:
             return None
-        return (f"target contains label {value} outside [0, {C}) ({n} such label{'s' if n != 1 else ''}, the "
-                f"largest shown; ignore_index={ignore_index}); found by the check of an earlier call's labels, "
-                f"which treated them as ignored")
+        return (
+            f"target contains label {value} outside [0, {C}) ({n} such label{'s' if n != 1 else ''}, the "
+            f"largest shown; ignore_index={ignore_index}); found by the check of an earlier call's labels, "
+            f"which treated them as ignored"
+        )
+
     return describe
 
 

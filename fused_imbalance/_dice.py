@@ -12,6 +12,7 @@ the pass and the finalize, which all-reduces the (1, 4, C) sums of the batch ove
 is then the global batch's on every rank, and ``grad_scale`` (the world size) multiplies the
 coefficients, so that the gradients DDP averages over the ranks are the global batch's.
 """
+
 import weakref
 
 import torch
@@ -26,7 +27,8 @@ __all__ = ["DiceOptions", "options", "run", "check_weight"]
 
 TORCH_FUNC_UNSUPPORTED = (
     "fused_imbalance: torch.func transforms (grad, jvp, vmap, ...) of the fused Dice losses are not implemented "
-    "on the {backend!r} backend; use backend=\"reference\" under them")
+    "on the {backend!r} backend; use backend=\"reference\" under them"
+)
 
 
 @torch.compiler.assume_constant_result
@@ -89,9 +91,23 @@ class DiceOptions:
 
     __slots__ = ("kind", "w_type", "flags", "params", "first")
 
-    def __init__(self, logits, kind, include_background=True, squared_pred=False, jaccard=False, smooth_nr=1e-5,
-                 smooth_dr=1e-5, batch=False, alpha=0.5, beta=0.5, gamma=1.0, w_type="square", lambda_dice=1.0,
-                 lambda_ce=None):
+    def __init__(
+        self,
+        logits,
+        kind,
+        include_background=True,
+        squared_pred=False,
+        jaccard=False,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=False,
+        alpha=0.5,
+        beta=0.5,
+        gamma=1.0,
+        w_type="square",
+        lambda_dice=1.0,
+        lambda_ce=None,
+    ):
         chk, num = _ref._check_flag, _ref._check_number
         flags = DiceFlags(0)
         if chk(include_background, "include_background"):
@@ -109,7 +125,9 @@ class DiceOptions:
             raise ValueError(f"w_type must be one of {_ref.W_TYPES}, got {w_type!r}")
         prm = dict(smooth_nr=num(smooth_nr, "smooth_nr"), smooth_dr=num(smooth_dr, "smooth_dr"))
         if kind == DiceKind.TVERSKY:
-            prm.update(alpha=num(alpha, "alpha"), beta=num(beta, "beta"), gamma=num(gamma, "gamma", positive=True))
+            prm.update(
+                alpha=num(alpha, "alpha"), beta=num(beta, "beta"), gamma=num(gamma, "gamma", positive=True)
+            )
         if lambda_ce is not None:
             prm.update(lambda_dice=num(lambda_dice, "lambda_dice"), lambda_ce=num(lambda_ce, "lambda_ce"))
         self.kind = int(kind)
@@ -143,29 +161,86 @@ def options(logits, kind, **kw):
 class _Call:
     """One call's arguments other than the logits, riding along as one object (as ``_fused._Call``)."""
 
-    __slots__ = ("name", "target", "weight", "ce_weight", "confusion", "o", "ignore_index", "reduction",
-                 "validate", "sync", "coef", "ce_scale")
+    __slots__ = (
+        "name",
+        "target",
+        "weight",
+        "ce_weight",
+        "confusion",
+        "o",
+        "ignore_index",
+        "reduction",
+        "validate",
+        "sync",
+        "coef",
+        "ce_scale",
+    )
 
-    def __init__(self, name, target, weight, ce_weight, confusion, o, ignore_index, reduction, validate, sync):
+    def __init__(
+        self, name, target, weight, ce_weight, confusion, o, ignore_index, reduction, validate, sync
+    ):
         self.name, self.target, self.weight, self.ce_weight = name, target, weight, ce_weight
         self.confusion, self.o, self.ignore_index, self.reduction = confusion, o, ignore_index, reduction
         self.validate, self.sync = validate, sync
 
 
-def _forward(be, graph, x, target, weight, ce_weight, confusion, kind, w_type, flags, prm, ignore_index, reduction,
-             validate, sync):
+def _forward(
+    be,
+    graph,
+    x,
+    target,
+    weight,
+    ce_weight,
+    confusion,
+    kind,
+    w_type,
+    flags,
+    prm,
+    ignore_index,
+    reduction,
+    validate,
+    sync,
+):
     """(loss, coef, ce_scale, bad): the pass and its finalize, with the sums all-reduced between them
     when there is a ``sync``."""
     fwd = be.fwd_op if graph else be.fwd
     if sync is None:
-        loss, _, coef, ce_scale, bad = fwd(x, target, weight, ce_weight, confusion, kind, w_type, flags, prm,
-                                           ignore_index, reduction, validate, True)
+        loss, _, coef, ce_scale, bad = fwd(
+            x,
+            target,
+            weight,
+            ce_weight,
+            confusion,
+            kind,
+            w_type,
+            flags,
+            prm,
+            ignore_index,
+            reduction,
+            validate,
+            True,
+        )
         return loss, coef, ce_scale, bad
-    _, sums, _, _, bad = fwd(x, target, weight, ce_weight, confusion, kind, w_type, flags, prm, ignore_index,
-                             reduction, validate, False)
+    _, sums, _, _, bad = fwd(
+        x,
+        target,
+        weight,
+        ce_weight,
+        confusion,
+        kind,
+        w_type,
+        flags,
+        prm,
+        ignore_index,
+        reduction,
+        validate,
+        False,
+    )
     sums, grad_scale = sync(sums)
     fin = be.finalize_op if graph else be.finalize
-    loss, coef, ce_scale = fin(sums, weight, ce_weight, kind, w_type, flags, prm, reduction, float(grad_scale))
+    loss, coef, ce_scale = fin(
+        sums, weight, ce_weight, kind, w_type, flags, prm, reduction, float(grad_scale)
+    )
     return loss, coef, ce_scale, bad
 
 
@@ -176,7 +251,9 @@ def _check_labels(name, bad, C, ignore_index, validate):
 
 def _backward(be, graph, x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduction):
     bwd = be.bwd_op if graph else be.bwd
-    return bwd(x, target, coef, ce_scale if ce_scale.numel() else None, grad, kind, flags, ignore_index, reduction)
+    return bwd(
+        x, target, coef, ce_scale if ce_scale.numel() else None, grad, kind, flags, ignore_index, reduction
+    )
 
 
 class _Eager(torch.autograd.Function):
@@ -185,9 +262,23 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s):
         o = s.o
-        loss, s.coef, s.ce_scale, bad = _forward(dice_backend(s.name), False, x, s.target, s.weight, s.ce_weight,
-                                                 s.confusion, o.kind, o.w_type, o.flags, o.params, s.ignore_index,
-                                                 s.reduction, s.validate, s.sync)
+        loss, s.coef, s.ce_scale, bad = _forward(
+            dice_backend(s.name),
+            False,
+            x,
+            s.target,
+            s.weight,
+            s.ce_weight,
+            s.confusion,
+            o.kind,
+            o.w_type,
+            o.flags,
+            o.params,
+            s.ignore_index,
+            s.reduction,
+            s.validate,
+            s.sync,
+        )
         _check_labels(s.name, bad, x.shape[1], s.ignore_index, s.validate)
         ctx.save_for_backward(x)
         ctx.s = s
@@ -220,27 +311,77 @@ class _Graph(torch.autograd.Function):
     """The path inside torch.compile: the registered ops, which Dynamo and Inductor trace."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, ce_weight, confusion, name, kind, w_type, flags, prm, ignore_index,
-                reduction, validate, sync, same):
+    def forward(
+        ctx,
+        x,
+        target,
+        weight,
+        ce_weight,
+        confusion,
+        name,
+        kind,
+        w_type,
+        flags,
+        prm,
+        ignore_index,
+        reduction,
+        validate,
+        sync,
+        same,
+    ):
         be = dice_backend(name)
         if same:
             ce_weight = weight
-        loss, coef, ce_scale, bad = _forward(be, True, x, target, weight, ce_weight, confusion, kind, w_type, flags,
-                                             prm, ignore_index, reduction, validate, sync)
+        loss, coef, ce_scale, bad = _forward(
+            be,
+            True,
+            x,
+            target,
+            weight,
+            ce_weight,
+            confusion,
+            kind,
+            w_type,
+            flags,
+            prm,
+            ignore_index,
+            reduction,
+            validate,
+            sync,
+        )
         ctx.mark_non_differentiable(bad)
         ctx.save_for_backward(x, target, coef, ce_scale)
-        ctx.name, ctx.kind, ctx.flags, ctx.ignore_index, ctx.reduction = name, kind, flags, ignore_index, reduction
+        ctx.name, ctx.kind, ctx.flags, ctx.ignore_index, ctx.reduction = (
+            name,
+            kind,
+            flags,
+            ignore_index,
+            reduction,
+        )
         return loss, bad
 
     @staticmethod
     def backward(ctx, grad, _):
         x, target, coef, ce_scale = ctx.saved_tensors
-        dx = _backward(dice_backend(ctx.name), True, x, target, coef, ce_scale, grad, ctx.kind, ctx.flags,
-                       ctx.ignore_index, ctx.reduction)
+        dx = _backward(
+            dice_backend(ctx.name),
+            True,
+            x,
+            target,
+            coef,
+            ce_scale,
+            grad,
+            ctx.kind,
+            ctx.flags,
+            ctx.ignore_index,
+            ctx.reduction,
+        )
         return (dx,) + (None,) * 14
 
 
-def run(name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index, reduction, validate, sync=None):
+def run(
+    name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index, reduction, validate, sync=None
+):
     """The fused loss of backend ``name`` ("triton" or "cpp") with the checked options ``o``; the loss of
     ``"none"`` shaped as the reference's ((B, C') or (C',); (B,) or () for the generalized Dice).
 
@@ -256,14 +397,31 @@ def run(name, logits, target, rs, o, weight, ce_weight, confusion, ignore_index,
     if torch.compiler.is_compiling():
         # dice_ce_loss's one weight for both terms goes in once: Dynamo refuses a tensor given twice
         same = ce_weight is weight and weight is not None
-        loss, bad = _Graph.apply(x, t, weight, None if same else ce_weight, confusion, name, o.kind, o.w_type,
-                                 o.flags, o.params, ignore_index, red, validate, sync, same)
+        loss, bad = _Graph.apply(
+            x,
+            t,
+            weight,
+            None if same else ce_weight,
+            confusion,
+            name,
+            o.kind,
+            o.w_type,
+            o.flags,
+            o.params,
+            ignore_index,
+            red,
+            validate,
+            sync,
+            same,
+        )
         _check_labels(name, bad, x.shape[1], ignore_index, validate)  # a device assertion in the graph
     else:
         if transforms_active():
             raise RuntimeError(TORCH_FUNC_UNSUPPORTED.format(backend=name))
-        loss = _eager_apply(unwrap_if_dead(x), _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red,
-                                                     validate, sync))
+        loss = _eager_apply(
+            unwrap_if_dead(x),
+            _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync),
+        )
     if red == Reduction.NONE:
         loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & DiceFlags.BATCH)) + loss.shape[1:])
     return loss

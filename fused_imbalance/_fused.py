@@ -17,6 +17,7 @@ vector-Jacobian products dotted with the tangent: for a scalar loss ⟨∂L/∂x
 the jvp are torch operations on the gradient of a unit upstream gradient, which the forward computes.
 ``torch.func.vmap`` of the loss itself is an error that says so, never a wrong number.
 """
+
 import torch
 
 from . import _deferred
@@ -29,29 +30,78 @@ _BACKENDS = {}  # name -> ops.Backend, filled as the backends load (functional.r
 VMAP_UNSUPPORTED = (
     "fused_imbalance: torch.func.vmap over a fused loss cannot batch the {backend!r} backend's kernels (a "
     "batch of losses is one call on the concatenated batch with reduction=\"none\"); torch.func.grad, jvp, "
-    "jacrev and jacfwd of the loss work, or use backend=\"reference\" under vmap")
-JVP_UPSAMPLED = ("fused_imbalance: forward-mode derivatives of the per-pixel or per-class outputs of an upsampled "
-                 "loss are not implemented on the fused {backend!r} backend (those of a mean or sum are); use "
-                 "backend=\"reference\" for them")
-DOUBLE_BACKWARD = ("fused_imbalance: second derivatives of the fused losses are not implemented (the backward "
-                   "of the {backend!r} backend has no derivative); use backend=\"reference\" for double backward, "
-                   "Hessians or gradient penalties through the loss")
+    "jacrev and jacfwd of the loss work, or use backend=\"reference\" under vmap"
+)
+JVP_UPSAMPLED = (
+    "fused_imbalance: forward-mode derivatives of the per-pixel or per-class outputs of an upsampled "
+    "loss are not implemented on the fused {backend!r} backend (those of a mean or sum are); use "
+    "backend=\"reference\" for them"
+)
+DOUBLE_BACKWARD = (
+    "fused_imbalance: second derivatives of the fused losses are not implemented (the backward "
+    "of the {backend!r} backend has no derivative); use backend=\"reference\" for double backward, "
+    "Hessians or gradient penalties through the loss"
+)
 
 
 def register_backend(be):
     _BACKENDS[be.name] = be
 
 
-def _fwd_call(name, graph, x, target, geo, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting,
-              need_tp, validate, need_lse):
+def _fwd_call(
+    name,
+    graph,
+    x,
+    target,
+    geo,
+    weight,
+    tvals,
+    confusion,
+    mode,
+    gamma,
+    ignore_index,
+    reduction,
+    weighting,
+    need_tp,
+    validate,
+    need_lse,
+):
     be = _BACKENDS[name]
     if geo:
         fn = be.up_fwd_op if graph else be.up_fwd
-        return fn(x, target, geo[0], geo[1], weight, tvals, confusion, mode, gamma, ignore_index, reduction,
-                  weighting, need_tp, validate, need_lse)
+        return fn(
+            x,
+            target,
+            geo[0],
+            geo[1],
+            weight,
+            tvals,
+            confusion,
+            mode,
+            gamma,
+            ignore_index,
+            reduction,
+            weighting,
+            need_tp,
+            validate,
+            need_lse,
+        )
     fn = be.fwd_op if graph else be.fwd
-    return fn(x, target, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting, need_tp,
-              validate, need_lse)
+    return fn(
+        x,
+        target,
+        weight,
+        tvals,
+        confusion,
+        mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    )
 
 
 def _bwd_call(name, graph, x, target, geo, grad, scale, tvals, lse, mode, gamma, ignore_index):
@@ -75,7 +125,9 @@ def _upstream(grad_loss, scale, reduction, weighting):
 def _vjp(s, x, scale, lse, grad_loss, graph):
     grad, sc = _upstream(grad_loss, scale, s.reduction, s.weighting)
     if graph:
-        return _bwd_call(s.name, True, x, s.target, s.geo, grad, sc, s.tvals, lse, s.mode, s.gamma, s.ignore_index)
+        return _bwd_call(
+            s.name, True, x, s.target, s.geo, grad, sc, s.tvals, lse, s.mode, s.gamma, s.ignore_index
+        )
     return s.bwd(x, grad, sc, lse)
 
 
@@ -98,7 +150,9 @@ def _jvp(s, x, scale, lse, x_t, graph=False):
     # per-class sums: each pixel's dot added into its class (0 at pixels that are not valid)
     C = x.shape[1]
     unit = torch.ones(C, dtype=acc, device=x.device)
-    g = _bwd_call(s.name, graph, x, s.target, s.geo, None, unit, s.tvals, lse, s.mode, s.gamma, s.ignore_index)
+    g = _bwd_call(
+        s.name, graph, x, s.target, s.geo, None, unit, s.tvals, lse, s.mode, s.gamma, s.ignore_index
+    )
     dots = (g.to(acc) * x_t.to(acc)).sum(1).reshape(-1)
     y = s.target.reshape(-1).long()
     return torch.zeros(C, dtype=acc, device=x.device).index_add_(0, y.clamp(0, C - 1), dots)
@@ -114,11 +168,39 @@ class _Call:
 
     __slots__ = ("name", "be", "geo", "args", "count", "tp", "bad", "scale", "lse")
 
-    def __init__(self, name, target, geo, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting,
-                 need_tp, validate, need_lse):
+    def __init__(
+        self,
+        name,
+        target,
+        geo,
+        weight,
+        tvals,
+        confusion,
+        mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    ):
         self.name, self.be, self.geo = name, _BACKENDS[name], geo
-        self.args = (target, *geo, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting, need_tp,
-                     validate, need_lse)
+        self.args = (
+            target,
+            *geo,
+            weight,
+            tvals,
+            confusion,
+            mode,
+            gamma,
+            ignore_index,
+            reduction,
+            weighting,
+            need_tp,
+            validate,
+            need_lse,
+        )
 
     # the arguments by name, counted from the end (``geo`` sits after the labels)
     target = property(lambda self: self.args[0])
@@ -206,8 +288,9 @@ class _Func(torch.autograd.Function):
         s = _with_tensors(s, target, weight, tvals, confusion)
         loss, scale, count, tp, bad, lse = _run_forward(s, x)
         if s.reduction == Reduction.CLASS:
-            unit = _bwd_call(s.name, False, x, s.target, s.geo, None, None, s.tvals, lse, s.mode, s.gamma,
-                             s.ignore_index)
+            unit = _bwd_call(
+                s.name, False, x, s.target, s.geo, None, None, s.tvals, lse, s.mode, s.gamma, s.ignore_index
+            )
         else:
             unit = _vjp(s, x, scale, lse, torch.ones((), dtype=acc_dtype(x), device=x.device), False)
         return loss, count, tp, bad, unit
@@ -245,7 +328,8 @@ class _Func(torch.autograd.Function):
             if s.reduction == Reduction.CLASS:
                 C = unit.shape[1]
                 dots = torch.zeros(C, dtype=dots.dtype, device=dots.device).index_add(
-                    0, target.reshape(-1).long().clamp(0, C - 1), dots)
+                    0, target.reshape(-1).long().clamp(0, C - 1), dots
+                )
             out = dots
         return out.to(acc_dtype(unit)), None, None, None, None
 
@@ -259,8 +343,9 @@ def _scaled(s, unit, target, grad_loss):
     if s.reduction in (Reduction.MEAN, Reduction.SUM):
         return unit * grad_loss.to(unit.dtype)
     if s.geo:
-        raise RuntimeError(JVP_UPSAMPLED.replace("forward-mode derivatives", "torch.func derivatives")
-                           .format(backend=s.name))
+        raise RuntimeError(
+            JVP_UPSAMPLED.replace("forward-mode derivatives", "torch.func derivatives").format(backend=s.name)
+        )
     if s.reduction == Reduction.CLASS:  # the gradient of each class's sum, at the pixels of that class
         C = unit.shape[1]
         grad_loss = grad_loss[target.reshape(-1).long().clamp(0, C - 1)]
@@ -270,19 +355,64 @@ def _scaled(s, unit, target, grad_loss):
 
 def _with_tensors(s, target, weight, tvals, confusion):
     """A copy of the call ``s`` with its tensors replaced (the transforms' unwrapped ones)."""
-    return _Call(s.name, target, s.geo, weight, tvals, confusion, s.mode, s.gamma, s.ignore_index, s.reduction,
-                 s.weighting, s.need_tp, s.validate, s.need_lse)
+    return _Call(
+        s.name,
+        target,
+        s.geo,
+        weight,
+        tvals,
+        confusion,
+        s.mode,
+        s.gamma,
+        s.ignore_index,
+        s.reduction,
+        s.weighting,
+        s.need_tp,
+        s.validate,
+        s.need_lse,
+    )
 
 
 class _Graph(torch.autograd.Function):
     """The path inside torch.compile: the registered ops, which Dynamo and Inductor trace."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, tvals, confusion, name, geo, mode, gamma, ignore_index, reduction,
-                weighting, need_tp, validate, need_lse):
-        loss, scale, count, tp, bad, lse = _fwd_call(name, True, x, target, geo, weight, tvals, confusion, mode,
-                                                     gamma, ignore_index, reduction, weighting, need_tp, validate,
-                                                     need_lse)
+    def forward(
+        ctx,
+        x,
+        target,
+        weight,
+        tvals,
+        confusion,
+        name,
+        geo,
+        mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    ):
+        loss, scale, count, tp, bad, lse = _fwd_call(
+            name,
+            True,
+            x,
+            target,
+            geo,
+            weight,
+            tvals,
+            confusion,
+            mode,
+            gamma,
+            ignore_index,
+            reduction,
+            weighting,
+            need_tp,
+            validate,
+            need_lse,
+        )
         ctx.mark_non_differentiable(count, tp, bad)
         ctx.save_for_backward(x, target, tvals, scale, lse)
         ctx.name, ctx.geo, ctx.mode, ctx.gamma, ctx.ignore_index = name, geo, mode, gamma, ignore_index
@@ -293,25 +423,69 @@ class _Graph(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         x, target, tvals, scale, lse = ctx.saved_tensors
         grad, sc = _upstream(grad_loss, scale, ctx.reduction, ctx.weighting)
-        dx = _bwd_call(ctx.name, True, x, target, ctx.geo, grad, sc, tvals, lse, ctx.mode, ctx.gamma,
-                       ctx.ignore_index)
+        dx = _bwd_call(
+            ctx.name, True, x, target, ctx.geo, grad, sc, tvals, lse, ctx.mode, ctx.gamma, ctx.ignore_index
+        )
         return (dx,) + (None,) * 14
 
 
-def forward(name, x, target, geo, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting, need_tp,
-            validate):
+def forward(
+    name,
+    x,
+    target,
+    geo,
+    weight,
+    tvals,
+    confusion,
+    mode,
+    gamma,
+    ignore_index,
+    reduction,
+    weighting,
+    need_tp,
+    validate,
+):
     """Run the fused forward of backend ``name`` through the autograd formula: (loss, count, tp, bad).
     ``geo`` is () or the upsampled ops' (interp, align_corners)."""
     be = _BACKENDS[name]
     need_lse = torch.is_grad_enabled() and x.requires_grad and be.keeps_lse(x, mode, gamma, bool(geo)) > 0
     if torch.compiler.is_compiling():
-        out = _Graph.apply(x, target, weight, tvals, confusion, name, geo, int(mode), float(gamma), ignore_index,
-                           int(reduction), int(weighting), need_tp, validate, need_lse)
+        out = _Graph.apply(
+            x,
+            target,
+            weight,
+            tvals,
+            confusion,
+            name,
+            geo,
+            int(mode),
+            float(gamma),
+            ignore_index,
+            int(reduction),
+            int(weighting),
+            need_tp,
+            validate,
+            need_lse,
+        )
         if validate and be.defers_validation:
             _deferred.labels(out[3], x.shape[1], ignore_index)  # a device assertion in the graph
     else:
-        s = _Call(name, target, geo, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting,
-                  need_tp, validate, need_lse)
+        s = _Call(
+            name,
+            target,
+            geo,
+            weight,
+            tvals,
+            confusion,
+            mode,
+            gamma,
+            ignore_index,
+            reduction,
+            weighting,
+            need_tp,
+            validate,
+            need_lse,
+        )
         if transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
             return _Func.apply(x, target, weight, tvals, confusion, s)[:4]
         out = (_eager_apply(unwrap_if_dead(x), s), s.count, s.tp, s.bad)

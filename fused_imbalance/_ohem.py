@@ -12,6 +12,7 @@ pixels' terms, linear in the upstream gradient. Forward-mode derivatives and ``t
 jacrev, jacfwd) use that linearity as :mod:`._fused` does; ``vmap`` of the loss, second derivatives and
 forward-mode derivatives of the per-pixel output of an upsampled call are errors that say so.
 """
+
 import torch
 
 from . import _deferred, _fused
@@ -26,19 +27,60 @@ class _Call:
     """One call's arguments other than the logits (see :class:`._fused._Call`); the eager path's forward
     leaves the backward's per-pixel probabilities ``pn``, (threshold, factor) ``aux`` and ``lse`` here."""
 
-    __slots__ = ("name", "be", "target", "geo", "weight", "confusion", "thresh", "rank", "ignore_index", "reduction",
-                 "mean_over_all", "validate", "need_lse", "pn", "aux", "lse")
+    __slots__ = (
+        "name",
+        "be",
+        "target",
+        "geo",
+        "weight",
+        "confusion",
+        "thresh",
+        "rank",
+        "ignore_index",
+        "reduction",
+        "mean_over_all",
+        "validate",
+        "need_lse",
+        "pn",
+        "aux",
+        "lse",
+    )
 
-    def __init__(self, name, target, geo, weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all,
-                 validate, need_lse):
+    def __init__(
+        self,
+        name,
+        target,
+        geo,
+        weight,
+        confusion,
+        thresh,
+        rank,
+        ignore_index,
+        reduction,
+        mean_over_all,
+        validate,
+        need_lse,
+    ):
         self.name, self.be = name, _ops.load(name)
         self.target, self.geo, self.weight, self.confusion = target, geo, weight, confusion
         self.thresh, self.rank, self.ignore_index, self.reduction = thresh, rank, ignore_index, reduction
         self.mean_over_all, self.validate, self.need_lse = mean_over_all, validate, need_lse
 
     def with_tensors(self, target, weight, confusion):
-        return _Call(self.name, target, self.geo, weight, confusion, self.thresh, self.rank, self.ignore_index,
-                     self.reduction, self.mean_over_all, self.validate, self.need_lse)
+        return _Call(
+            self.name,
+            target,
+            self.geo,
+            weight,
+            confusion,
+            self.thresh,
+            self.rank,
+            self.ignore_index,
+            self.reduction,
+            self.mean_over_all,
+            self.validate,
+            self.need_lse,
+        )
 
     @property
     def interp(self):
@@ -47,8 +89,20 @@ class _Call:
 
 def _fwd_call(s, x, graph):
     fn = s.be.fwd_op if graph else s.be.fwd
-    return fn(x, s.target, *s.interp, s.weight, s.confusion, s.thresh, s.rank, s.ignore_index, int(s.reduction),
-              s.mean_over_all, s.validate, s.need_lse)
+    return fn(
+        x,
+        s.target,
+        *s.interp,
+        s.weight,
+        s.confusion,
+        s.thresh,
+        s.rank,
+        s.ignore_index,
+        int(s.reduction),
+        s.mean_over_all,
+        s.validate,
+        s.need_lse,
+    )
 
 
 def _bwd_call(s, x, grad, pn, aux, lse, graph):
@@ -151,8 +205,11 @@ class _Func(torch.autograd.Function):
         if s.reduction != Reduction.NONE:
             return (unit * grad_loss.to(unit.dtype),) + (None,) * 4
         if s.geo:
-            raise RuntimeError(JVP_UPSAMPLED.replace("forward-mode derivatives", "torch.func derivatives")
-                               .format(backend=s.name))
+            raise RuntimeError(
+                JVP_UPSAMPLED.replace("forward-mode derivatives", "torch.func derivatives").format(
+                    backend=s.name
+                )
+            )
         shape = (unit.shape[0], 1) + tuple(unit.shape[2:])
         return (unit * grad_loss.to(unit.dtype).reshape(shape),) + (None,) * 4
 
@@ -173,10 +230,36 @@ class _Graph(torch.autograd.Function):
     plain arguments, as in :class:`._fused._Graph`)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, confusion, name, geo, thresh, rank, ignore_index, reduction, mean_over_all,
-                validate, need_lse):
-        s = _Call(name, target, geo, weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all,
-                  validate, need_lse)
+    def forward(
+        ctx,
+        x,
+        target,
+        weight,
+        confusion,
+        name,
+        geo,
+        thresh,
+        rank,
+        ignore_index,
+        reduction,
+        mean_over_all,
+        validate,
+        need_lse,
+    ):
+        s = _Call(
+            name,
+            target,
+            geo,
+            weight,
+            confusion,
+            thresh,
+            rank,
+            ignore_index,
+            reduction,
+            mean_over_all,
+            validate,
+            need_lse,
+        )
         loss, pn, aux, bad, lse = _fwd_call(s, x, True)
         ctx.mark_non_differentiable(bad)
         ctx.save_for_backward(x, target, weight, pn, aux, lse)
@@ -186,8 +269,20 @@ class _Graph(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _):
         x, target, weight, pn, aux, lse = ctx.saved_tensors
-        s = _Call(ctx.name, target, ctx.geo, weight, None, 0.0, 0, ctx.ignore_index, Reduction.MEAN, False, False,
-                  False)
+        s = _Call(
+            ctx.name,
+            target,
+            ctx.geo,
+            weight,
+            None,
+            0.0,
+            0,
+            ctx.ignore_index,
+            Reduction.MEAN,
+            False,
+            False,
+            False,
+        )
         return (_bwd_call(s, x, grad_loss, pn, aux, lse, True),) + (None,) * 12
 
 
@@ -199,20 +294,50 @@ def _loaded(name):
     return True
 
 
-def forward(name, x, target, geo, weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all, validate):
+def forward(
+    name, x, target, geo, weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all, validate
+):
     """The fused OHEM loss of backend ``name`` through the autograd formula: the loss (a scalar, or (N,) for
     "none"). ``geo`` is () or the upsampled ops' (interp, align_corners)."""
     _loaded(name)
-    need_lse = (torch.is_grad_enabled() and x.requires_grad
-                and _fused._BACKENDS[name].keeps_lse(x, Mode.SOFTMAX_FOCAL, 0.0, bool(geo)) > 0)
+    need_lse = (
+        torch.is_grad_enabled()
+        and x.requires_grad
+        and _fused._BACKENDS[name].keeps_lse(x, Mode.SOFTMAX_FOCAL, 0.0, bool(geo)) > 0
+    )
     if torch.compiler.is_compiling():
-        loss, bad = _Graph.apply(x, target, weight, confusion, name, geo, float(thresh), rank, ignore_index,
-                                 int(reduction), bool(mean_over_all), validate, need_lse)
+        loss, bad = _Graph.apply(
+            x,
+            target,
+            weight,
+            confusion,
+            name,
+            geo,
+            float(thresh),
+            rank,
+            ignore_index,
+            int(reduction),
+            bool(mean_over_all),
+            validate,
+            need_lse,
+        )
         if validate and _ops.load(name).defers_validation:
             _deferred.labels(bad, x.shape[1], ignore_index)  # a device assertion in the graph
         return loss
-    s = _Call(name, target, geo, weight, confusion, float(thresh), rank, ignore_index, Reduction(reduction),
-              bool(mean_over_all), validate, need_lse)
+    s = _Call(
+        name,
+        target,
+        geo,
+        weight,
+        confusion,
+        float(thresh),
+        rank,
+        ignore_index,
+        Reduction(reduction),
+        bool(mean_over_all),
+        validate,
+        need_lse,
+    )
     if _fused.transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
         return _Func.apply(x, target, weight, confusion, s)[0]
     return _eager_apply(_fused.unwrap_if_dead(x), s)

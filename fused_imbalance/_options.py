@@ -10,6 +10,7 @@ instead: ``num_classes`` (the size of the buffers) and the buffers that the modu
 (``ClassBalancedLoss.weight``, ``CDBLoss.weight``, ``ConfusionMatrix.matrix``, ...). Those buffers
 still move with ``.to()`` and load with ``load_state_dict()``, which do not assign attributes.
 """
+
 from torch import nn
 
 from . import functional
@@ -30,8 +31,12 @@ class CheckedOptions(nn.Module):
         check = self.OPTIONS.get(name)
         if check is not None:
             value = check(self, value)
-        elif name in self.FIXED and self._holds(name) and value is not getattr(self, name):  # `+=` is in place
-            raise AttributeError(f"{type(self).__name__}.{name} cannot be set after construction: {self.FIXED[name]}")
+        elif (
+            name in self.FIXED and self._holds(name) and value is not getattr(self, name)
+        ):  # `+=` is in place
+            raise AttributeError(
+                f"{type(self).__name__}.{name} cannot be set after construction: {self.FIXED[name]}"
+            )
         super().__setattr__(name, value)
 
     def _holds(self, name):
@@ -53,8 +58,10 @@ def _reduction(module, value):
 
 def _backend(module, value):
     if value is not None and value not in functional.BACKENDS:
-        raise ValueError(f"backend must be None (the environment variable FUSED_IMBALANCE_BACKEND, else 'auto') "
-                         f"or one of {functional.BACKENDS}, got {value!r}")
+        raise ValueError(
+            f"backend must be None (the environment variable FUSED_IMBALANCE_BACKEND, else 'auto') "
+            f"or one of {functional.BACKENDS}, got {value!r}"
+        )
     return value
 
 
@@ -76,8 +83,14 @@ def _align_corners(module, value):
 
 
 # The options every loss module has, and those of upsample=.
-LOSS_OPTIONS = {"ignore_index": _ignore_index, "reduction": _reduction, "backend": _backend,
-                "validate": _validate, "upsample": _upsample, "align_corners": _align_corners}
+LOSS_OPTIONS = {
+    "ignore_index": _ignore_index,
+    "reduction": _reduction,
+    "backend": _backend,
+    "validate": _validate,
+    "upsample": _upsample,
+    "align_corners": _align_corners,
+}
 GAMMA = {"gamma": _gamma}
 METRIC_OPTIONS = {"ignore_index": _ignore_index, "backend": _backend}
 NUM_CLASSES = {"num_classes": "the buffers are sized by it; build a new module"}

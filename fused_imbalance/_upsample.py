@@ -6,10 +6,9 @@ the result is that of ``F.interpolate(logits, size=(H, W), mode=upsample,
 align_corners=align_corners)`` followed by the loss, computed without the interpolated tensor by
 the ops of :mod:`.ops.upsample`.
 """
-import os
+
 from typing import NamedTuple, Optional
 
-import torch
 
 from . import reference as _ref
 from ._checks import check_options as check_loss_options
@@ -56,15 +55,21 @@ def check(logits, target, upsample, align_corners, ignore_index=-100, reduction=
     align_corners = bool(align_corners)
     check_types(logits, target)
     if logits.dim() != 4:
-        raise ValueError(f"upsample needs 2-D images: logits (B, C, h, w), got shape {tuple(logits.shape)} "
-                         f"(volumes and 1-D signals are not supported)")
+        raise ValueError(
+            f"upsample needs 2-D images: logits (B, C, h, w), got shape {tuple(logits.shape)} "
+            f"(volumes and 1-D signals are not supported)"
+        )
     B, C, h, w = logits.shape
     if target.dim() != 3 or target.shape[0] != B:
-        raise ValueError(f"with upsample, target must be (B, H, W) = ({B}, H, W) for logits {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(
+            f"with upsample, target must be (B, H, W) = ({B}, H, W) for logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
     if C < 1 or h < 1 or w < 1 or target.shape[1] < 1 or target.shape[2] < 1:
-        raise ValueError(f"upsample needs C, h, w, H, W >= 1: logits {tuple(logits.shape)}, "
-                         f"target {tuple(target.shape)}")
+        raise ValueError(
+            f"upsample needs C, h, w, H, W >= 1: logits {tuple(logits.shape)}, "
+            f"target {tuple(target.shape)}"
+        )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     check_loss_options(ignore_index, reduction)

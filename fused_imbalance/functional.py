@@ -33,6 +33,7 @@ the Triton backend without a host sync, deferred to a later call (:mod:`._deferr
 CUDA-graph capture the check is a device assertion (a ``RuntimeError`` that does not name the
 value). ``validate=False`` skips the check (out-of-range labels are then ignored).
 """
+
 import os
 import warnings
 
@@ -41,15 +42,37 @@ import torch
 from . import _deferred, _dice, _fused, _ohem, _upsample
 from . import reference as _ref
 from . import weights as _weights
-from ._checks import (as_index, check_class_vector, check_confusion, check_gamma, check_inputs, check_loss_type,
-                      check_range)
+from ._checks import (
+    as_index,
+    check_class_vector,
+    check_confusion,
+    check_gamma,
+    check_inputs,
+    check_loss_type,
+    check_range,
+)
 from .ops import Mode, Reduction, Weighting, collapsible
 from .ops.dice import DiceKind
 
-__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "weighted_loss",
-           "recall_loss", "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "resolve_backend",
-           "check_deferred", "ohem_cross_entropy", "dice_loss", "generalized_dice_loss", "tversky_loss",
-           "dice_ce_loss"]
+__all__ = [
+    "cross_entropy",
+    "focal_loss",
+    "sigmoid_focal_loss",
+    "class_balanced_loss",
+    "weighted_loss",
+    "recall_loss",
+    "cdb_loss",
+    "mse_outlying_loss",
+    "confusion_matrix",
+    "class_stats",
+    "resolve_backend",
+    "check_deferred",
+    "ohem_cross_entropy",
+    "dice_loss",
+    "generalized_dice_loss",
+    "tversky_loss",
+    "dice_ce_loss",
+]
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 check_deferred = _deferred.check_deferred
@@ -107,7 +130,10 @@ def _resolve(backend, logits):
     if backend is not None:
         name, source = backend, "backend"
     else:
-        name, source = os.environ.get("FUSED_IMBALANCE_BACKEND", "auto"), "the environment variable FUSED_IMBALANCE_BACKEND"
+        name, source = (
+            os.environ.get("FUSED_IMBALANCE_BACKEND", "auto"),
+            "the environment variable FUSED_IMBALANCE_BACKEND",
+        )
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "reference":
@@ -119,10 +145,15 @@ def _resolve(backend, logits):
         return "reference"
     if not _backend_available(name):
         why = _why.get(name)
-        raise RuntimeError(f"the {name!r} backend is not available on this machine"
-                           + (f": {why}" if why else "")
-                           + (" (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
-                              if name == "triton" and not logits.is_cuda else ""))
+        raise RuntimeError(
+            f"the {name!r} backend is not available on this machine"
+            + (f": {why}" if why else "")
+            + (
+                " (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+                if name == "triton" and not logits.is_cuda
+                else ""
+            )
+        )
     if not _loaded[name].supports(logits):
         raise RuntimeError(f"the {name!r} backend does not support {logits.dtype} logits on {logits.device}")
     return name
@@ -149,16 +180,30 @@ def _prologue(logits, target, ignore_index, reduction, confusion, upsample, alig
     ignore_index = as_index(ignore_index, "ignore_index")
     if align_corners is None:  # as F.interpolate, where None is the default and means False
         align_corners = False
-    if torch.compiler.is_compiling() or not (isinstance(logits, torch.Tensor) and isinstance(target, torch.Tensor)):
-        return ignore_index, _check_all(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
+    if torch.compiler.is_compiling() or not (
+        isinstance(logits, torch.Tensor) and isinstance(target, torch.Tensor)
+    ):
+        return ignore_index, _check_all(
+            logits, target, ignore_index, reduction, confusion, upsample, align_corners
+        )
     if confusion is None:
         ck = None
     elif isinstance(confusion, torch.Tensor):
         ck = (confusion.shape, confusion.dtype, confusion.device, confusion.is_contiguous())
     else:
         ck = type(confusion)
-    key = (logits.shape, logits.dtype, logits.device, target.shape, target.dtype, target.device, reduction,
-           upsample, align_corners, ck)
+    key = (
+        logits.shape,
+        logits.dtype,
+        logits.device,
+        target.shape,
+        target.dtype,
+        target.device,
+        reduction,
+        upsample,
+        align_corners,
+        ck,
+    )
     try:
         return ignore_index, _checked[key]
     except (KeyError, TypeError):  # TypeError: an unhashable argument, which the checks refuse
@@ -183,8 +228,22 @@ def _interpolated(logits, rs):
     return logits if rs is None else _upsample.reference_logits(logits, rs)
 
 
-def _run(name, logits, target, rs, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting,
-         validate, need_tp=False):
+def _run(
+    name,
+    logits,
+    target,
+    rs,
+    weight,
+    tvals,
+    confusion,
+    mode,
+    gamma,
+    ignore_index,
+    reduction,
+    weighting,
+    validate,
+    need_tp=False,
+):
     """The fused forward (:func:`._fused.forward`): (loss, count, tp); the loss of ``"none"`` shaped like
     the target."""
     red = reduction if isinstance(reduction, Reduction) else Reduction.of(reduction)
@@ -194,8 +253,22 @@ def _run(name, logits, target, rs, weight, tvals, confusion, mode, gamma, ignore
     else:
         x, geo = logits, (rs.interp, rs.align_corners)
     t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
-    loss, count, tp, _ = _fused.forward(name, x, t, geo, weight, tvals, confusion, mode, gamma, ignore_index, red,
-                                        weighting, need_tp, validate)
+    loss, count, tp, _ = _fused.forward(
+        name,
+        x,
+        t,
+        geo,
+        weight,
+        tvals,
+        confusion,
+        mode,
+        gamma,
+        ignore_index,
+        red,
+        weighting,
+        need_tp,
+        validate,
+    )
     if red == Reduction.NONE:
         loss = loss.view(target.shape)
     return loss, count, tp
@@ -207,10 +280,36 @@ def _weighting(weight, mean_over_weights):
     return Weighting.GENERAL if mean_over_weights else Weighting.PAPER
 
 
-def _loss(name, logits, target, rs, weight, tvals, confusion, mode, gamma, ignore_index, reduction, validate,
-          mean_over_weights):
-    return _run(name, logits, target, rs, weight, tvals, confusion, mode, gamma, ignore_index, reduction,
-                _weighting(weight, mean_over_weights), validate)[0]
+def _loss(
+    name,
+    logits,
+    target,
+    rs,
+    weight,
+    tvals,
+    confusion,
+    mode,
+    gamma,
+    ignore_index,
+    reduction,
+    validate,
+    mean_over_weights,
+):
+    return _run(
+        name,
+        logits,
+        target,
+        rs,
+        weight,
+        tvals,
+        confusion,
+        mode,
+        gamma,
+        ignore_index,
+        reduction,
+        _weighting(weight, mean_over_weights),
+        validate,
+    )[0]
 
 
 def _check_recall(recall, logits):
@@ -223,67 +322,148 @@ def _check_recall(recall, logits):
 
 # --- the losses ---------------------------------------------------------------------------------------
 
-def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", *, confusion=None,
-                  backend=None, validate=True, upsample=None,
-                  align_corners=False):
+
+def cross_entropy(
+    logits,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Cross-entropy −log p_y; a drop-in for ``torch.nn.functional.cross_entropy`` with class
     indices (``"mean"`` = Σ w_y ℓ / Σ w_y over valid pixels)."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.cross_entropy(_interpolated(logits, rs), target, weight, ii, reduction, confusion, validate)
+        return _ref.cross_entropy(
+            _interpolated(logits, rs), target, weight, ii, reduction, confusion, validate
+        )
     w = None if weight is None else check_class_vector(weight, "weight", logits)
-    return _loss(name, logits, target, rs, w, None, confusion, Mode.SOFTMAX_FOCAL, 0.0, ii, reduction, validate,
-                 True)
+    return _loss(
+        name, logits, target, rs, w, None, confusion, Mode.SOFTMAX_FOCAL, 0.0, ii, reduction, validate, True
+    )
 
 
-def focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", *,
-               confusion=None, backend=None, validate=True, upsample=None,
-               align_corners=False):
+def focal_loss(
+    logits,
+    target,
+    gamma=2.0,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Focal loss −(1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is ``cross_entropy``."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.focal_loss(_interpolated(logits, rs), target, gamma, weight, ii, reduction, confusion, validate)
+        return _ref.focal_loss(
+            _interpolated(logits, rs), target, gamma, weight, ii, reduction, confusion, validate
+        )
     w = None if weight is None else check_class_vector(weight, "weight", logits)
-    return _loss(name, logits, target, rs, w, None, confusion, Mode.SOFTMAX_FOCAL, gamma, ii, reduction, validate,
-                 True)
+    return _loss(
+        name, logits, target, rs, w, None, confusion, Mode.SOFTMAX_FOCAL, gamma, ii, reduction, validate, True
+    )
 
 
-def sigmoid_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", *,
-                       confusion=None, backend=None, validate=True, upsample=None,
-                       align_corners=False):
+def sigmoid_focal_loss(
+    logits,
+    target,
+    gamma=2.0,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Sigmoid focal loss summed over the C class logits against the one-hot target; γ = 0 is
     ``binary_cross_entropy_with_logits`` summed over classes."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.sigmoid_focal_loss(_interpolated(logits, rs), target, gamma, weight, ii, reduction, confusion,
-                                       validate)
+        return _ref.sigmoid_focal_loss(
+            _interpolated(logits, rs), target, gamma, weight, ii, reduction, confusion, validate
+        )
     w = None if weight is None else check_class_vector(weight, "weight", logits)
-    return _loss(name, logits, target, rs, w, None, confusion, Mode.SIGMOID_FOCAL, gamma, ii, reduction, validate,
-                 True)
+    return _loss(
+        name, logits, target, rs, w, None, confusion, Mode.SIGMOID_FOCAL, gamma, ii, reduction, validate, True
+    )
 
 
-def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0,
-                        ignore_index=-100, reduction="mean", *, confusion=None, backend=None, validate=True,
-                        upsample=None, align_corners=False):
+def class_balanced_loss(
+    logits,
+    target,
+    samples_per_class,
+    beta=0.9999,
+    loss_type="softmax",
+    gamma=2.0,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Class-balanced loss (Cui et al. 2019): the ``loss_type`` loss ("softmax", "sigmoid", "focal",
     "softmax_focal") weighted by ``weights.effective_number(samples_per_class, beta)``;
     ``"mean"`` divides by the number of valid pixels."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits and target must be torch.Tensor")
-    w = check_class_vector(_weights.effective_number(samples_per_class, beta, deferred=True).to(logits.device),
-                           "samples_per_class", logits)
-    return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion=confusion,
-                         backend=backend, validate=validate, upsample=upsample, align_corners=align_corners)
+    w = check_class_vector(
+        _weights.effective_number(samples_per_class, beta, deferred=True).to(logits.device),
+        "samples_per_class",
+        logits,
+    )
+    return weighted_loss(
+        logits,
+        target,
+        w,
+        loss_type,
+        gamma,
+        ignore_index,
+        reduction,
+        confusion=confusion,
+        backend=backend,
+        validate=validate,
+        upsample=upsample,
+        align_corners=align_corners,
+    )
 
 
-def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore_index=-100, reduction="mean",
-                  *, confusion=None, backend=None, validate=True, upsample=None,
-                  align_corners=False):
+def weighted_loss(
+    logits,
+    target,
+    weight,
+    loss_type="softmax",
+    gamma=2.0,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """A ``loss_type`` loss with fixed class weights and the paper mean (Σ w_y ℓ / N_valid).
 
     ``class_balanced_loss`` with precomputed weights: ``ClassBalancedLoss`` calls this so the
@@ -294,17 +474,28 @@ def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore
     gamma = check_gamma(gamma)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.weighted_loss(_interpolated(logits, rs), target, weight, loss_type, gamma, ii, reduction, confusion,
-                                  validate)
+        return _ref.weighted_loss(
+            _interpolated(logits, rs), target, weight, loss_type, gamma, ii, reduction, confusion, validate
+        )
     w = check_class_vector(weight, "weight", logits)
     mode = Mode.SOFTMAX_FOCAL if loss_type in ("softmax", "softmax_focal") else Mode.SIGMOID_FOCAL
     g = gamma if loss_type in ("focal", "softmax_focal") else 0.0
     return _loss(name, logits, target, rs, w, None, confusion, mode, g, ii, reduction, validate, False)
 
 
-def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None, *, confusion=None,
-                backend=None, validate=True, upsample=None,
-                align_corners=False):
+def recall_loss(
+    logits,
+    target,
+    ignore_index=-100,
+    reduction="mean",
+    recall=None,
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Recall loss (Tian et al. 2021): −(1 − R_y) log p_y, R = this batch's per-class recall
     (argmax), in the same single pass over the logits; ``"mean"`` is over valid pixels.
 
@@ -315,12 +506,34 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     outside [0, 1] (a percentage, say) is a ``ValueError`` naming ``recall`` (for a tensor on a GPU,
     deferred to a later call, as the label check).
     """
-    return _recall_loss(logits, target, ignore_index, reduction, recall, confusion, backend, validate, upsample,
-                        align_corners, False)
+    return _recall_loss(
+        logits,
+        target,
+        ignore_index,
+        reduction,
+        recall,
+        confusion,
+        backend,
+        validate,
+        upsample,
+        align_corners,
+        False,
+    )
 
 
-def _recall_loss(logits, target, ignore_index, reduction, recall, confusion, backend, validate, upsample,
-                 align_corners, own_recall):
+def _recall_loss(
+    logits,
+    target,
+    ignore_index,
+    reduction,
+    recall,
+    confusion,
+    backend,
+    validate,
+    upsample,
+    align_corners,
+    own_recall,
+):
     """``recall_loss``; ``own_recall``: ``recall`` is ``RecallLoss``'s own callable, whose recall is
     finite and in [0, 1] by construction (no range check, no guard against NaN for absent classes)."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
@@ -329,17 +542,45 @@ def _recall_loss(logits, target, ignore_index, reduction, recall, confusion, bac
         return _ref.recall_loss(_interpolated(logits, rs), target, ii, reduction, recall, confusion, validate)
     mode = Mode.SOFTMAX_FOCAL
     if recall is None:  # the weights from the pass's own counts, on the device
-        return _run(name, logits, target, rs, None, None, confusion, mode, 0.0, ii, reduction, Weighting.RECALL,
-                    validate)[0]
+        return _run(
+            name,
+            logits,
+            target,
+            rs,
+            None,
+            None,
+            confusion,
+            mode,
+            0.0,
+            ii,
+            reduction,
+            Weighting.RECALL,
+            validate,
+        )[0]
     if not callable(recall):  # fixed weights: the pass needs no argmax
         w = 1.0 - _check_recall(recall, logits)
-        return _run(name, logits, target, rs, w, None, confusion, mode, 0.0, ii, reduction, Weighting.PAPER,
-                    validate)[0]
+        return _run(
+            name, logits, target, rs, w, None, confusion, mode, 0.0, ii, reduction, Weighting.PAPER, validate
+        )[0]
     # weights from a function of the batch's statistics: the pass returns the per-class sums (or the
     # per-pixel losses), weighted here once the function has the counts
     red = Reduction.NONE if reduction == "none" else Reduction.CLASS
-    out, count, tp = _run(name, logits, target, rs, None, None, confusion, mode, 0.0, ii, red, Weighting.NONE,
-                          validate, need_tp=True)
+    out, count, tp = _run(
+        name,
+        logits,
+        target,
+        rs,
+        None,
+        None,
+        confusion,
+        mode,
+        0.0,
+        ii,
+        red,
+        Weighting.NONE,
+        validate,
+        need_tp=True,
+    )
     r = recall(count, tp)
     w = (1.0 - (r if own_recall else _check_recall(r, logits))).to(out.dtype)
     if reduction == "none":
@@ -354,26 +595,64 @@ def _recall_loss(logits, target, ignore_index, reduction, recall, confusion, bac
     return total / count.sum().clamp(min=1).to(total.dtype)
 
 
-def cdb_loss(logits, target, class_accuracy, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", *,
-             confusion=None, backend=None, validate=True, upsample=None,
-             align_corners=False):
+def cdb_loss(
+    logits,
+    target,
+    class_accuracy,
+    tau="dynamic",
+    gamma=0.0,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Class-wise difficulty-balanced loss (Sinha et al. 2020) with w = ``weights.cdb(class_accuracy, tau)``;
     ``"mean"`` is over valid pixels."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     gamma = check_gamma(gamma)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.cdb_loss(_interpolated(logits, rs), target, class_accuracy, tau, gamma, ii, reduction, confusion,
-                             validate)
-    w = check_class_vector(_weights.cdb(class_accuracy, tau, deferred=True).to(logits.device), "class_accuracy",
-                           logits)
-    return _loss(name, logits, target, rs, w, None, confusion, Mode.SOFTMAX_FOCAL, gamma, ii, reduction, validate,
-                 False)
+        return _ref.cdb_loss(
+            _interpolated(logits, rs), target, class_accuracy, tau, gamma, ii, reduction, confusion, validate
+        )
+    w = check_class_vector(
+        _weights.cdb(class_accuracy, tau, deferred=True).to(logits.device), "class_accuracy", logits
+    )
+    return _loss(
+        name,
+        logits,
+        target,
+        rs,
+        w,
+        None,
+        confusion,
+        Mode.SOFTMAX_FOCAL,
+        gamma,
+        ii,
+        reduction,
+        validate,
+        False,
+    )
 
 
-def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="mean", input="logits", *,
-                      confusion=None, backend=None, validate=True, upsample=None,
-                      align_corners=False):
+def mse_outlying_loss(
+    logits,
+    target,
+    outlying,
+    ignore_index=-100,
+    reduction="mean",
+    input="logits",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """MSE with outlying labels: ½ Σ_k (a_k − t_k)², t_k = outlying[y]·[k = y], a = logits or softmax;
     ``outlying`` is a (C,) tensor such as ``weights.outlying_labels(counts, alpha)``."""
     if input not in ("logits", "softmax"):
@@ -381,15 +660,25 @@ def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="me
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.mse_outlying_loss(_interpolated(logits, rs), target, outlying, ii, reduction, input, confusion,
-                                      validate)
+        return _ref.mse_outlying_loss(
+            _interpolated(logits, rs), target, outlying, ii, reduction, input, confusion, validate
+        )
     tvals = check_class_vector(outlying, "outlying", logits).contiguous()
     mode = Mode.MSE_LOGITS if input == "logits" else Mode.MSE_SOFTMAX
     return _loss(name, logits, target, rs, None, tvals, confusion, mode, 0.0, ii, reduction, validate, False)
 
 
-def confusion_matrix(logits, target, ignore_index=-100, out=None, *, backend=None, validate=True, upsample=None,
-                     align_corners=False):
+def confusion_matrix(
+    logits,
+    target,
+    ignore_index=-100,
+    out=None,
+    *,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """(C, C) int64 confusion counts, row = label, column = argmax (first index on ties).
 
     With ``out`` the counts are added into it in place and ``out`` is returned.
@@ -403,23 +692,50 @@ def confusion_matrix(logits, target, ignore_index=-100, out=None, *, backend=Non
     if out is None:
         out = torch.zeros(C, C, dtype=torch.int64, device=logits.device)
     with torch.no_grad():
-        _run(name, logits.detach(), target, rs, None, None, out, Mode.STATS, 0.0, ii, Reduction.SUM, Weighting.NONE,
-             validate)
+        _run(
+            name,
+            logits.detach(),
+            target,
+            rs,
+            None,
+            None,
+            out,
+            Mode.STATS,
+            0.0,
+            ii,
+            Reduction.SUM,
+            Weighting.NONE,
+            validate,
+        )
     return out
 
 
-def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=True, upsample=None,
-                align_corners=False):
+def class_stats(
+    logits, target, ignore_index=-100, *, backend=None, validate=True, upsample=None, align_corners=False
+):
     """(count, tp): int64 (C,) valid pixels of each class and those whose argmax is their class."""
     ii, rs = _prologue(logits, target, ignore_index, "mean", None, upsample, align_corners)
     name = _backend(backend, logits, rs)
     if name == "reference":
         return _ref.class_stats(_interpolated(logits.detach(), rs), target, ii, validate)
     with torch.no_grad():
-        _, count, tp = _run(name, logits.detach(), target, rs, None, None, None, Mode.STATS, 0.0, ii, Reduction.SUM,
-                            Weighting.NONE, validate, need_tp=True)
+        _, count, tp = _run(
+            name,
+            logits.detach(),
+            target,
+            rs,
+            None,
+            None,
+            None,
+            Mode.STATS,
+            0.0,
+            ii,
+            Reduction.SUM,
+            Weighting.NONE,
+            validate,
+            need_tp=True,
+        )
     return count, tp
-
 
 
 # --- OHEM cross-entropy (docs/DESIGN.md §13) ------------------------------------------------------------
@@ -427,9 +743,22 @@ def class_stats(logits, target, ignore_index=-100, *, backend=None, validate=Tru
 _MAX_RANK = 1 << 62  # a rank beyond every pixel count (the op clamps it to n_valid - 1): fits int64
 
 
-def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None, ignore_index=-100,
-                       reduction="mean", *, convention="hrnet", confusion=None, backend=None, validate=True,
-                       upsample=None, align_corners=False):
+def ohem_cross_entropy(
+    logits,
+    target,
+    thresh=0.7,
+    min_kept=100000,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    convention="hrnet",
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Cross-entropy over the hard pixels only (online hard example mining), as HRNet's
     ``OhemCrossEntropy`` (``convention="hrnet"``) or mmsegmentation's ``OHEMPixelSampler`` with its
     cross-entropy (``convention="mmseg"``).
@@ -452,8 +781,18 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
     thresh, min_kept = _ref._check_ohem(thresh, min_kept, convention)
     name = _backend(backend, logits, rs)
     if name == "reference":
-        return _ref.ohem_cross_entropy(_interpolated(logits, rs), target, thresh, min_kept, weight, ii, reduction,
-                                       convention=convention, confusion=confusion, validate=validate)
+        return _ref.ohem_cross_entropy(
+            _interpolated(logits, rs),
+            target,
+            thresh,
+            min_kept,
+            weight,
+            ii,
+            reduction,
+            convention=convention,
+            confusion=confusion,
+            validate=validate,
+        )
     w = None if weight is None else check_class_vector(weight, "weight", logits)
     rank = min(_ref.ohem_rank(min_kept, logits.shape[0], convention), _MAX_RANK)
     if rs is None:
@@ -462,8 +801,20 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
     else:
         x, geo = logits, (rs.interp, rs.align_corners)
     t = target if target.is_contiguous() else target.contiguous()  # the ops read the labels flat
-    loss = _ohem.forward(name, x, t, geo, w, confusion, thresh, rank, ii, Reduction.of(reduction),
-                         convention == "mmseg", validate)
+    loss = _ohem.forward(
+        name,
+        x,
+        t,
+        geo,
+        w,
+        confusion,
+        thresh,
+        rank,
+        ii,
+        Reduction.of(reduction),
+        convention == "mmseg",
+        validate,
+    )
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -472,39 +823,89 @@ def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None,
 # keyword names (DiceLoss(softmax=True, to_onehot_y=True, ...) and its siblings). One pass over the
 # logits gives the per-(image,)class sums, the backward one more (:mod:`._dice`).
 
-_DICE_REFERENCE = {"dice": _ref.dice_loss, "generalized_dice": _ref.generalized_dice_loss,
-                   "tversky": _ref.tversky_loss, "dice_ce": _ref.dice_ce_loss}
-_DICE_KIND = {"dice": DiceKind.DICE, "generalized_dice": DiceKind.GENERALIZED, "tversky": DiceKind.TVERSKY,
-              "dice_ce": DiceKind.DICE}
+_DICE_REFERENCE = {
+    "dice": _ref.dice_loss,
+    "generalized_dice": _ref.generalized_dice_loss,
+    "tversky": _ref.tversky_loss,
+    "dice_ce": _ref.dice_ce_loss,
+}
+_DICE_KIND = {
+    "dice": DiceKind.DICE,
+    "generalized_dice": DiceKind.GENERALIZED,
+    "tversky": DiceKind.TVERSKY,
+    "dice_ce": DiceKind.DICE,
+}
 
 
-def _dice_family(loss, logits, target, ignore_index, reduction, confusion, backend, validate, upsample, align_corners,
-                 sync=None, weight=None, **options):
+def _dice_family(
+    loss,
+    logits,
+    target,
+    ignore_index,
+    reduction,
+    confusion,
+    backend,
+    validate,
+    upsample,
+    align_corners,
+    sync=None,
+    weight=None,
+    **options,
+):
     """The four Dice-family functions (``loss``: a key of ``_DICE_REFERENCE``) with their own ``options``;
     ``sync``: the distributed modules' all-reduce of the sums (:mod:`._dice`)."""
     if loss == "dice_ce" and reduction == "none":
-        raise ValueError("dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
-                         "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape")
+        raise ValueError(
+            "dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
+            "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape"
+        )
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
     if name == "reference":
         if sync is not None:
-            raise RuntimeError("distributed=True needs a fused backend (cpp or triton): the reference backend "
-                               "computes the loss without handing out its per-class sums to all-reduce")
+            raise RuntimeError(
+                "distributed=True needs a fused backend (cpp or triton): the reference backend "
+                "computes the loss without handing out its per-class sums to all-reduce"
+            )
         if loss in ("dice", "dice_ce"):
             options["weight"] = weight
-        return _DICE_REFERENCE[loss](_interpolated(logits, rs), target, ignore_index=ii, reduction=reduction,
-                                     confusion=confusion, validate=validate, **options)
+        return _DICE_REFERENCE[loss](
+            _interpolated(logits, rs),
+            target,
+            ignore_index=ii,
+            reduction=reduction,
+            confusion=confusion,
+            validate=validate,
+            **options,
+        )
     o = _dice.options(logits, _DICE_KIND[loss], **options)
     C = logits.shape[1]
     ce = loss == "dice_ce"
     w = _dice.check_weight(weight, logits, C if ce else C - o.first, validate)
-    return _dice.run(name, logits, target, rs, o, w, w if ce else None, confusion, ii, reduction, validate, sync)
+    return _dice.run(
+        name, logits, target, rs, o, w, w if ce else None, confusion, ii, reduction, validate, sync
+    )
 
 
-def dice_loss(logits, target, weight=None, include_background=True, squared_pred=False, jaccard=False,
-              smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
-              backend=None, validate=True, upsample=None, align_corners=False):
+def dice_loss(
+    logits,
+    target,
+    weight=None,
+    include_background=True,
+    squared_pred=False,
+    jaccard=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Soft Dice loss on softmax probabilities, as MONAI's ``DiceLoss(softmax=True, to_onehot_y=True, ...)``:
     per class c and per image (the whole batch with ``batch=True``; (N, C) rows are one image), over the
     valid pixels, I = Σ p_c [y = c], P = Σ p_c (Σ p_c² with ``squared_pred``), G = Σ [y = c] and
@@ -523,14 +924,44 @@ def dice_loss(logits, target, weight=None, include_background=True, squared_pred
     first, the Dice pass is fused but the interpolation is not (the interpolated logits and their
     gradient are allocated).
     """
-    return _dice_family("dice", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
-                        align_corners, weight=weight, include_background=include_background, squared_pred=squared_pred,
-                        jaccard=jaccard, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+    return _dice_family(
+        "dice",
+        logits,
+        target,
+        ignore_index,
+        reduction,
+        confusion,
+        backend,
+        validate,
+        upsample,
+        align_corners,
+        weight=weight,
+        include_background=include_background,
+        squared_pred=squared_pred,
+        jaccard=jaccard,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+    )
 
 
-def generalized_dice_loss(logits, target, w_type="square", include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
-                          batch=False, ignore_index=-100, reduction="mean", *, confusion=None, backend=None,
-                          validate=True, upsample=None, align_corners=False):
+def generalized_dice_loss(
+    logits,
+    target,
+    w_type="square",
+    include_background=True,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Generalized Dice loss (Sudre et al. 2017), as MONAI's
     ``GeneralizedDiceLoss(softmax=True, to_onehot_y=True, ...)``: with the sums of :func:`dice_loss` and
     class weights w_c = 1/G_c² (``"square"``), 1/G_c (``"simple"``) or 1 (``"uniform"``),
@@ -540,14 +971,44 @@ def generalized_dice_loss(logits, target, w_type="square", include_background=Tr
     as :func:`fused_imbalance.reference.generalized_dice_loss` (ignored pixels count in no sum, the
     weights in the accumulation dtype).
     """
-    return _dice_family("generalized_dice", logits, target, ignore_index, reduction, confusion, backend, validate,
-                        upsample, align_corners, w_type=w_type, include_background=include_background,
-                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+    return _dice_family(
+        "generalized_dice",
+        logits,
+        target,
+        ignore_index,
+        reduction,
+        confusion,
+        backend,
+        validate,
+        upsample,
+        align_corners,
+        w_type=w_type,
+        include_background=include_background,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+    )
 
 
-def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5,
-                 smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None, backend=None,
-                 validate=True, upsample=None, align_corners=False):
+def tversky_loss(
+    logits,
+    target,
+    alpha=0.5,
+    beta=0.5,
+    gamma=1.0,
+    include_background=True,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """Tversky loss (Salehi et al. 2017) and focal Tversky loss (Abraham and Khan 2019): with the sums of
     :func:`dice_loss`, TI_c = (I + smooth_nr) / (I + α(P − I) + β(G − I) + smooth_dr) (α weighs the false
     positives, β the false negatives) and loss_c = (1 − TI_c)^γ, reduced as :func:`dice_loss`. γ = 1 is
@@ -555,15 +1016,48 @@ def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_backgro
     (segmentation_models_pytorch raises the class mean to γ instead). For γ != 1 a term with 1 − TI <= 0
     is 0 with gradient 0. α, β >= 0, γ > 0, all finite.
     """
-    return _dice_family("tversky", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
-                        align_corners, alpha=alpha, beta=beta, gamma=gamma, include_background=include_background,
-                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+    return _dice_family(
+        "tversky",
+        logits,
+        target,
+        ignore_index,
+        reduction,
+        confusion,
+        backend,
+        validate,
+        upsample,
+        align_corners,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        include_background=include_background,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+    )
 
 
-def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True,
-                 squared_pred=False, jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100,
-                 reduction="mean", *, confusion=None, backend=None, validate=True, upsample=None,
-                 align_corners=False):
+def dice_ce_loss(
+    logits,
+    target,
+    lambda_dice=1.0,
+    lambda_ce=1.0,
+    weight=None,
+    include_background=True,
+    squared_pred=False,
+    jaccard=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    backend=None,
+    validate=True,
+    upsample=None,
+    align_corners=False,
+):
     """λ_ce · cross-entropy + λ_dice · Dice, as MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True, ...)``,
     both from the same pass over the logits. The cross-entropy is :func:`cross_entropy` with the class
     weights ``weight`` (C,) and ``ignore_index`` (``"mean"`` = Σ w_y ℓ / Σ w_y over the valid pixels, 0
@@ -573,7 +1067,24 @@ def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, in
     Differences from MONAI: ignored pixels count in neither term (MONAI's DiceCELoss has no
     ``ignore_index``); ``validate`` checks that all C weights are finite and >= 0.
     """
-    return _dice_family("dice_ce", logits, target, ignore_index, reduction, confusion, backend, validate, upsample,
-                        align_corners, weight=weight, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-                        include_background=include_background, squared_pred=squared_pred, jaccard=jaccard,
-                        smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+    return _dice_family(
+        "dice_ce",
+        logits,
+        target,
+        ignore_index,
+        reduction,
+        confusion,
+        backend,
+        validate,
+        upsample,
+        align_corners,
+        weight=weight,
+        lambda_dice=lambda_dice,
+        lambda_ce=lambda_ce,
+        include_background=include_background,
+        squared_pred=squared_pred,
+        jaccard=jaccard,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+    )

@@ -27,6 +27,7 @@ effect at the next call; an option that a buffer derives from updates the buffer
 derived buffers cannot be assigned (an ``AttributeError`` says what to do instead); see
 :mod:`._options`.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -36,8 +37,18 @@ from . import weights as _weights
 from ._options import GAMMA, LOSS_OPTIONS, NUM_CLASSES, CheckedOptions
 from ._checks import check_loss_type, check_num_classes, check_options, dist_ready
 
-__all__ = ["FocalLoss", "ClassBalancedLoss", "RecallLoss", "CDBLoss", "OutlyingMSELoss", "OhemCrossEntropyLoss",
-           "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "DiceCELoss"]
+__all__ = [
+    "FocalLoss",
+    "ClassBalancedLoss",
+    "RecallLoss",
+    "CDBLoss",
+    "OutlyingMSELoss",
+    "OhemCrossEntropyLoss",
+    "DiceLoss",
+    "GeneralizedDiceLoss",
+    "TverskyLoss",
+    "DiceCELoss",
+]
 
 
 def _set_options(module, **options):
@@ -62,15 +73,19 @@ def _samples_per_class(derive):
     """The ``samples_per_class`` option of the modules whose buffer ``derive(module, counts)`` derives
     from it and one more option: float64 counts (exact, and out of ``.to()``'s reach: not a buffer);
     once built, the buffer follows them, and the number of classes cannot change."""
+
     def check(module, value):
         counts = _weights._counts(value)
         built = module.__dict__.get("samples_per_class")
         if built is not None:
             if counts.shape != built.shape:
-                raise ValueError(f"samples_per_class has {counts.numel()} classes, the module was built with "
-                                 f"{built.numel()}: build a new {type(module).__name__}")
+                raise ValueError(
+                    f"samples_per_class has {counts.numel()} classes, the module was built with "
+                    f"{built.numel()}: build a new {type(module).__name__}"
+                )
             derive(module, counts)
         return counts
+
     return check
 
 
@@ -94,21 +109,49 @@ class FocalLoss(CheckedOptions):
 
     OPTIONS = {**LOSS_OPTIONS, **GAMMA, "weight": _class_weight}
 
-    def __init__(self, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", backend=None, *,
-                 validate=True, upsample=None,
-                 align_corners=False):
+    def __init__(
+        self,
+        gamma=2.0,
+        weight=None,
+        ignore_index=-100,
+        reduction="mean",
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
         self.register_buffer("weight", None)
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, gamma=gamma, backend=backend, validate=validate, weight=weight)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            gamma=gamma,
+            backend=backend,
+            validate=validate,
+            weight=weight,
+        )
 
     def extra_repr(self):
         return f"gamma={self.gamma}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
 
     def forward(self, logits, target, confusion=None):
-        return functional.focal_loss(logits, target, self.gamma, self.weight, self.ignore_index, self.reduction,
-                                     confusion=confusion, backend=self.backend, validate=self.validate,
-            upsample=self.upsample, align_corners=self.align_corners)
+        return functional.focal_loss(
+            logits,
+            target,
+            self.gamma,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            confusion=confusion,
+            backend=self.backend,
+            validate=self.validate,
+            upsample=self.upsample,
+            align_corners=self.align_corners,
+        )
 
 
 def _loss_type(module, loss_type):
@@ -142,32 +185,73 @@ class ClassBalancedLoss(CheckedOptions):
     cannot be assigned; for weights of your own use ``functional.weighted_loss``.
     """
 
-    OPTIONS = {**LOSS_OPTIONS, **GAMMA, "loss_type": _loss_type, "beta": _beta,
-               "samples_per_class": _samples_per_class(_cb_weights)}
-    FIXED = {"weight": "it is derived from samples_per_class and beta: set those, or pass weights of your own "
-                       "to functional.weighted_loss"}
+    OPTIONS = {
+        **LOSS_OPTIONS,
+        **GAMMA,
+        "loss_type": _loss_type,
+        "beta": _beta,
+        "samples_per_class": _samples_per_class(_cb_weights),
+    }
+    FIXED = {
+        "weight": "it is derived from samples_per_class and beta: set those, or pass weights of your own "
+        "to functional.weighted_loss"
+    }
 
-    def __init__(self, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0, ignore_index=-100,
-                 reduction="mean", backend=None, *, validate=True, upsample=None,
-                 align_corners=False):
+    def __init__(
+        self,
+        samples_per_class,
+        beta=0.9999,
+        loss_type="softmax",
+        gamma=2.0,
+        ignore_index=-100,
+        reduction="mean",
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
-        _set_options(self, upsample=upsample, align_corners=align_corners, loss_type=loss_type,
-                     ignore_index=ignore_index, reduction=reduction, gamma=gamma, backend=backend, validate=validate)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            loss_type=loss_type,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            gamma=gamma,
+            backend=backend,
+            validate=validate,
+        )
         self.samples_per_class = samples_per_class
         self.beta = beta
 
     def extra_repr(self):
-        return (f"num_classes={self.weight.numel()}, beta={self.beta}, loss_type={self.loss_type!r}, "
-                f"gamma={self.gamma}, reduction={self.reduction!r}")
+        return (
+            f"num_classes={self.weight.numel()}, beta={self.beta}, loss_type={self.loss_type!r}, "
+            f"gamma={self.gamma}, reduction={self.reduction!r}"
+        )
 
     def forward(self, logits, target, confusion=None):
         if logits.dim() >= 2 and logits.shape[1] != self.weight.numel():
-            raise ValueError(f"ClassBalancedLoss was built with samples_per_class of {self.weight.numel()} classes, "
-                             f"but the logits have {logits.shape[1]} (dim 1)")
-        return functional.weighted_loss(logits, target, self.weight, self.loss_type, self.gamma, self.ignore_index,
-                                        self.reduction, confusion=confusion, backend=self.backend,
-                                        validate=self.validate, upsample=self.upsample,
-                                        align_corners=self.align_corners)
+            raise ValueError(
+                f"ClassBalancedLoss was built with samples_per_class of {self.weight.numel()} classes, "
+                f"but the logits have {logits.shape[1]} (dim 1)"
+            )
+        return functional.weighted_loss(
+            logits,
+            target,
+            self.weight,
+            self.loss_type,
+            self.gamma,
+            self.ignore_index,
+            self.reduction,
+            confusion=confusion,
+            backend=self.backend,
+            validate=self.validate,
+            upsample=self.upsample,
+            align_corners=self.align_corners,
+        )
 
 
 def _momentum(module, momentum):
@@ -177,9 +261,11 @@ def _momentum(module, momentum):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1) or None, got {momentum}")
     if "momentum" in module.__dict__ and (momentum is None) != (module.momentum is None):
-        raise ValueError(f"momentum can change from one number to another, not from {module.momentum} to {momentum}: "
-                         "the moving average's buffers (running_recall, seen) exist only with a momentum; "
-                         "build a new RecallLoss")
+        raise ValueError(
+            f"momentum can change from one number to another, not from {module.momentum} to {momentum}: "
+            "the moving average's buffers (running_recall, seen) exist only with a momentum; "
+            "build a new RecallLoss"
+        )
     return momentum
 
 
@@ -231,24 +317,47 @@ class RecallLoss(CheckedOptions):
     """
 
     OPTIONS = {**LOSS_OPTIONS, "momentum": _momentum, "distributed": _distributed}
-    FIXED = {**NUM_CLASSES, "running_recall": "it is the moving average: change it in place or with load_state_dict()",
-             "seen": "it is part of the moving average: change it in place or with load_state_dict()"}
+    FIXED = {
+        **NUM_CLASSES,
+        "running_recall": "it is the moving average: change it in place or with load_state_dict()",
+        "seen": "it is part of the moving average: change it in place or with load_state_dict()",
+    }
 
-    def __init__(self, num_classes, momentum=None, ignore_index=-100, reduction="mean", distributed=False,
-                 backend=None, *, validate=True, upsample=None,
-                 align_corners=False):
+    def __init__(
+        self,
+        num_classes,
+        momentum=None,
+        ignore_index=-100,
+        reduction="mean",
+        distributed=False,
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, momentum=momentum, backend=backend, validate=validate,
-                     distributed=distributed)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            momentum=momentum,
+            backend=backend,
+            validate=validate,
+            distributed=distributed,
+        )
         if momentum is not None:
             self.register_buffer("running_recall", torch.zeros(num_classes, dtype=torch.float32))
             self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
     def extra_repr(self):
-        return (f"num_classes={self.num_classes}, momentum={self.momentum}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, distributed={self.distributed}")
+        return (
+            f"num_classes={self.num_classes}, momentum={self.momentum}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, distributed={self.distributed}"
+        )
 
     @torch.no_grad()
     def _recall_from_stats(self, count, tp):
@@ -271,16 +380,29 @@ class RecallLoss(CheckedOptions):
 
     def forward(self, logits, target, confusion=None):
         if logits.dim() < 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"RecallLoss({self.num_classes}) got logits of shape {tuple(logits.shape)}: "
-                             f"expected (N, {self.num_classes}) or (B, {self.num_classes}, ...)")
+            raise ValueError(
+                f"RecallLoss({self.num_classes}) got logits of shape {tuple(logits.shape)}: "
+                f"expected (N, {self.num_classes}) or (B, {self.num_classes}, ...)"
+            )
         if self.momentum is not None and not self.training:
             recall = self.running_recall
         elif self.momentum is None and not self.distributed:
             recall = None  # the functional's batch recall
         else:
             recall = self._recall_from_stats
-        return functional._recall_loss(logits, target, self.ignore_index, self.reduction, recall, confusion,
-                                       self.backend, self.validate, self.upsample, self.align_corners, True)
+        return functional._recall_loss(
+            logits,
+            target,
+            self.ignore_index,
+            self.reduction,
+            recall,
+            confusion,
+            self.backend,
+            self.validate,
+            self.upsample,
+            self.align_corners,
+            True,
+        )
 
 
 def _cdb_weights(accuracy, present, tau):
@@ -317,16 +439,38 @@ class CDBLoss(CheckedOptions):
     """
 
     OPTIONS = {**LOSS_OPTIONS, **GAMMA, "tau": _tau}
-    FIXED = {**NUM_CLASSES, "weight": "it is derived from the class accuracy: use update() or "
-                                      "update_from_confusion(), or load_state_dict()"}
+    FIXED = {
+        **NUM_CLASSES,
+        "weight": "it is derived from the class accuracy: use update() or "
+        "update_from_confusion(), or load_state_dict()",
+    }
 
-    def __init__(self, num_classes, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean", backend=None,
-                 *, validate=True, upsample=None,
-                 align_corners=False):
+    def __init__(
+        self,
+        num_classes,
+        tau="dynamic",
+        gamma=0.0,
+        ignore_index=-100,
+        reduction="mean",
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, tau=tau, gamma=gamma, backend=backend, validate=validate)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            tau=tau,
+            gamma=gamma,
+            backend=backend,
+            validate=validate,
+        )
         self.register_buffer("weight", torch.ones(num_classes, dtype=torch.float32))
         # (accuracy, present) of the last update, for a later tau; not state: a load forgets it
         self._accuracy = None
@@ -337,8 +481,10 @@ class CDBLoss(CheckedOptions):
         module._accuracy = None
 
     def extra_repr(self):
-        return (f"num_classes={self.num_classes}, tau={self.tau!r}, gamma={self.gamma}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"num_classes={self.num_classes}, tau={self.tau!r}, gamma={self.gamma}, "
+            f"reduction={self.reduction!r}"
+        )
 
     @torch.no_grad()
     def update(self, class_accuracy):
@@ -349,8 +495,9 @@ class CDBLoss(CheckedOptions):
         acc = torch.as_tensor(_weights._in_class_order(class_accuracy, "class_accuracy"))
         if acc.shape != (self.num_classes,):
             raise ValueError(f"class_accuracy must have shape ({self.num_classes},), got {tuple(acc.shape)}")
-        return self._set_weights(acc.detach().to(torch.float64), torch.ones(acc.shape, dtype=torch.bool,
-                                                                            device=acc.device))
+        return self._set_weights(
+            acc.detach().to(torch.float64), torch.ones(acc.shape, dtype=torch.bool, device=acc.device)
+        )
 
     @torch.no_grad()
     def update_from_confusion(self, confusion):
@@ -384,10 +531,20 @@ class CDBLoss(CheckedOptions):
         return self.weight.clone()
 
     def forward(self, logits, target, confusion=None):
-        return functional.weighted_loss(logits, target, self.weight, "softmax_focal", self.gamma, self.ignore_index,
-                                        self.reduction, confusion=confusion, backend=self.backend,
-                                        validate=self.validate,
-            upsample=self.upsample, align_corners=self.align_corners)
+        return functional.weighted_loss(
+            logits,
+            target,
+            self.weight,
+            "softmax_focal",
+            self.gamma,
+            self.ignore_index,
+            self.reduction,
+            confusion=confusion,
+            backend=self.backend,
+            validate=self.validate,
+            upsample=self.upsample,
+            align_corners=self.align_corners,
+        )
 
 
 def _input(module, input):
@@ -398,7 +555,9 @@ def _input(module, input):
 
 def _alpha(module, alpha):
     """OutlyingMSELoss.alpha: the label values follow it."""
-    _derived_buffer(module, "outlying", _weights.outlying_labels(module.samples_per_class, alpha))  # checks alpha
+    _derived_buffer(
+        module, "outlying", _weights.outlying_labels(module.samples_per_class, alpha)
+    )  # checks alpha
     return float(alpha)
 
 
@@ -417,29 +576,64 @@ class OutlyingMSELoss(CheckedOptions):
     (``functional.mse_outlying_loss`` takes any values).
     """
 
-    OPTIONS = {**LOSS_OPTIONS, "input": _input, "alpha": _alpha,
-               "samples_per_class": _samples_per_class(_outlying_values)}
-    FIXED = {"outlying": "it is derived from samples_per_class and alpha: set those, or pass values of your own "
-                         "to functional.mse_outlying_loss"}
+    OPTIONS = {
+        **LOSS_OPTIONS,
+        "input": _input,
+        "alpha": _alpha,
+        "samples_per_class": _samples_per_class(_outlying_values),
+    }
+    FIXED = {
+        "outlying": "it is derived from samples_per_class and alpha: set those, or pass values of your own "
+        "to functional.mse_outlying_loss"
+    }
 
-    def __init__(self, samples_per_class, alpha=1.0, input="logits", ignore_index=-100, reduction="mean",
-                 backend=None, *, validate=True, upsample=None,
-                 align_corners=False):
+    def __init__(
+        self,
+        samples_per_class,
+        alpha=1.0,
+        input="logits",
+        ignore_index=-100,
+        reduction="mean",
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
-        _set_options(self, upsample=upsample, align_corners=align_corners, input=input, ignore_index=ignore_index,
-                     reduction=reduction, backend=backend, validate=validate)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            input=input,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            backend=backend,
+            validate=validate,
+        )
         self.samples_per_class = samples_per_class
         self.alpha = alpha
 
     def extra_repr(self):
-        return (f"num_classes={self.outlying.numel()}, alpha={self.alpha}, input={self.input!r}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"num_classes={self.outlying.numel()}, alpha={self.alpha}, input={self.input!r}, "
+            f"reduction={self.reduction!r}"
+        )
 
     def forward(self, logits, target, confusion=None):
-        return functional.mse_outlying_loss(logits, target, self.outlying, self.ignore_index, self.reduction,
-                                            self.input, confusion=confusion, backend=self.backend,
-                                            validate=self.validate,
-            upsample=self.upsample, align_corners=self.align_corners)
+        return functional.mse_outlying_loss(
+            logits,
+            target,
+            self.outlying,
+            self.ignore_index,
+            self.reduction,
+            self.input,
+            confusion=confusion,
+            backend=self.backend,
+            validate=self.validate,
+            upsample=self.upsample,
+            align_corners=self.align_corners,
+        )
 
 
 def _thresh(module, thresh):
@@ -465,47 +659,92 @@ class OhemCrossEntropyLoss(CheckedOptions):
     and the other options can be set later (checked as here; taking effect at the next call).
     """
 
-    OPTIONS = {**LOSS_OPTIONS, "thresh": _thresh, "min_kept": _min_kept, "convention": _convention,
-               "weight": _class_weight}
+    OPTIONS = {
+        **LOSS_OPTIONS,
+        "thresh": _thresh,
+        "min_kept": _min_kept,
+        "convention": _convention,
+        "weight": _class_weight,
+    }
 
-    def __init__(self, thresh=0.7, min_kept=100000, weight=None, ignore_index=-100, reduction="mean", backend=None,
-                 *, convention="hrnet", validate=True, upsample=None, align_corners=False):
+    def __init__(
+        self,
+        thresh=0.7,
+        min_kept=100000,
+        weight=None,
+        ignore_index=-100,
+        reduction="mean",
+        backend=None,
+        *,
+        convention="hrnet",
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
         self.register_buffer("weight", None)
-        _set_options(self, upsample=upsample, align_corners=align_corners, thresh=thresh, min_kept=min_kept,
-                     convention=convention, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                     validate=validate, weight=weight)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            thresh=thresh,
+            min_kept=min_kept,
+            convention=convention,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            backend=backend,
+            validate=validate,
+            weight=weight,
+        )
 
     def extra_repr(self):
-        return (f"thresh={self.thresh}, min_kept={self.min_kept}, convention={self.convention!r}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+        return (
+            f"thresh={self.thresh}, min_kept={self.min_kept}, convention={self.convention!r}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )
 
     def forward(self, logits, target, confusion=None):
-        return functional.ohem_cross_entropy(logits, target, self.thresh, self.min_kept, self.weight, self.ignore_index,
-                                             self.reduction, convention=self.convention, confusion=confusion,
-                                             backend=self.backend, validate=self.validate, upsample=self.upsample,
-                                             align_corners=self.align_corners)
+        return functional.ohem_cross_entropy(
+            logits,
+            target,
+            self.thresh,
+            self.min_kept,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            convention=self.convention,
+            confusion=confusion,
+            backend=self.backend,
+            validate=self.validate,
+            upsample=self.upsample,
+            align_corners=self.align_corners,
+        )
 
 
 # --- the Dice family (docs/DESIGN.md §12) ---------------------------------------------------------------
 
+
 def _flag(name):
     def check(module, value):
         return _ref._check_flag(value, name)
+
     return check
 
 
 def _number(name, positive=False):
     def check(module, value):
         return _ref._check_number(value, name, positive)
+
     return check
 
 
 def _dice_batch(module, value):
     value = _ref._check_flag(value, "batch")
     if not value and module.__dict__.get("distributed"):
-        raise ValueError("batch=False with distributed=True: the sums of the global batch need batch=True "
-                         "(set distributed=False first)")
+        raise ValueError(
+            "batch=False with distributed=True: the sums of the global batch need batch=True "
+            "(set distributed=False first)"
+        )
     return value
 
 
@@ -513,9 +752,11 @@ def _dice_distributed(module, value):
     if not isinstance(value, bool):
         raise TypeError(f"distributed must be True or False, got {value!r}")
     if value and not module.__dict__.get("batch"):
-        raise ValueError("distributed=True needs batch=True: it all-reduces the sums of the whole batch; with "
-                         "batch=False each image's loss is its own, and DDP's gradient averaging equals one process "
-                         "on the global batch when every rank has as many images")
+        raise ValueError(
+            "distributed=True needs batch=True: it all-reduces the sums of the whole batch; with "
+            "batch=False each image's loss is its own, and DDP's gradient averaging equals one process "
+            "on the global batch when every rank has as many images"
+        )
     return value
 
 
@@ -548,15 +789,34 @@ class _DiceModule(CheckedOptions):
 
     def _call(self, loss, logits, target, confusion, **options):
         sync = _all_reduce_sums if self.distributed and dist_ready() else None
-        return functional._dice_family(loss, logits, target, self.ignore_index, self.reduction, confusion,
-                                       self.backend, self.validate, self.upsample, self.align_corners, sync,
-                                       include_background=self.include_background, smooth_nr=self.smooth_nr,
-                                       smooth_dr=self.smooth_dr, batch=self.batch, **options)
+        return functional._dice_family(
+            loss,
+            logits,
+            target,
+            self.ignore_index,
+            self.reduction,
+            confusion,
+            self.backend,
+            self.validate,
+            self.upsample,
+            self.align_corners,
+            sync,
+            include_background=self.include_background,
+            smooth_nr=self.smooth_nr,
+            smooth_dr=self.smooth_dr,
+            batch=self.batch,
+            **options,
+        )
 
 
-_DICE_OPTIONS = {**LOSS_OPTIONS, "include_background": _flag("include_background"),
-                 "smooth_nr": _number("smooth_nr"), "smooth_dr": _number("smooth_dr"), "batch": _dice_batch,
-                 "distributed": _dice_distributed}
+_DICE_OPTIONS = {
+    **LOSS_OPTIONS,
+    "include_background": _flag("include_background"),
+    "smooth_nr": _number("smooth_nr"),
+    "smooth_dr": _number("smooth_dr"),
+    "batch": _dice_batch,
+    "distributed": _dice_distributed,
+}
 
 
 class DiceLoss(_DiceModule):
@@ -575,27 +835,68 @@ class DiceLoss(_DiceModule):
     when every rank has as many images.
     """
 
-    OPTIONS = {**_DICE_OPTIONS, "squared_pred": _flag("squared_pred"), "jaccard": _flag("jaccard"),
-               "weight": _dice_class_weight}
+    OPTIONS = {
+        **_DICE_OPTIONS,
+        "squared_pred": _flag("squared_pred"),
+        "jaccard": _flag("jaccard"),
+        "weight": _dice_class_weight,
+    }
 
-    def __init__(self, weight=None, include_background=True, squared_pred=False, jaccard=False, smooth_nr=1e-5,
-                 smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", distributed=False, backend=None, *,
-                 validate=True, upsample=None, align_corners=False):
+    def __init__(
+        self,
+        weight=None,
+        include_background=True,
+        squared_pred=False,
+        jaccard=False,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=False,
+        ignore_index=-100,
+        reduction="mean",
+        distributed=False,
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
         self.register_buffer("weight", None)
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, include_background=include_background, squared_pred=squared_pred,
-                     jaccard=jaccard, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, distributed=distributed,
-                     backend=backend, validate=validate, weight=weight)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            include_background=include_background,
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            distributed=distributed,
+            backend=backend,
+            validate=validate,
+            weight=weight,
+        )
 
     def extra_repr(self):
-        return (f"include_background={self.include_background}, squared_pred={self.squared_pred}, "
-                f"jaccard={self.jaccard}, batch={self.batch}, reduction={self.reduction!r}, "
-                f"distributed={self.distributed}")
+        return (
+            f"include_background={self.include_background}, squared_pred={self.squared_pred}, "
+            f"jaccard={self.jaccard}, batch={self.batch}, reduction={self.reduction!r}, "
+            f"distributed={self.distributed}"
+        )
 
     def forward(self, logits, target, confusion=None):
-        return self._call("dice", logits, target, confusion, weight=self.weight, squared_pred=self.squared_pred,
-                          jaccard=self.jaccard)
+        return self._call(
+            "dice",
+            logits,
+            target,
+            confusion,
+            weight=self.weight,
+            squared_pred=self.squared_pred,
+            jaccard=self.jaccard,
+        )
 
 
 class GeneralizedDiceLoss(_DiceModule):
@@ -604,17 +905,44 @@ class GeneralizedDiceLoss(_DiceModule):
 
     OPTIONS = {**_DICE_OPTIONS, "w_type": _w_type}
 
-    def __init__(self, w_type="square", include_background=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=False,
-                 ignore_index=-100, reduction="mean", distributed=False, backend=None, *, validate=True, upsample=None,
-                 align_corners=False):
+    def __init__(
+        self,
+        w_type="square",
+        include_background=True,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=False,
+        ignore_index=-100,
+        reduction="mean",
+        distributed=False,
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, w_type=w_type, include_background=include_background, smooth_nr=smooth_nr,
-                     smooth_dr=smooth_dr, batch=batch, distributed=distributed, backend=backend, validate=validate)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            w_type=w_type,
+            include_background=include_background,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            distributed=distributed,
+            backend=backend,
+            validate=validate,
+        )
 
     def extra_repr(self):
-        return (f"w_type={self.w_type!r}, include_background={self.include_background}, batch={self.batch}, "
-                f"reduction={self.reduction!r}, distributed={self.distributed}")
+        return (
+            f"w_type={self.w_type!r}, include_background={self.include_background}, batch={self.batch}, "
+            f"reduction={self.reduction!r}, distributed={self.distributed}"
+        )
 
     def forward(self, logits, target, confusion=None):
         return self._call("generalized_dice", logits, target, confusion, w_type=self.w_type)
@@ -625,24 +953,60 @@ class TverskyLoss(_DiceModule):
     to_onehot_y=True, ...)`` at γ = 1 (:func:`fused_imbalance.functional.tversky_loss`); ``distributed``
     as in :class:`DiceLoss`."""
 
-    OPTIONS = {**_DICE_OPTIONS, "alpha": _number("alpha"), "beta": _number("beta"),
-               "gamma": _number("gamma", positive=True)}
+    OPTIONS = {
+        **_DICE_OPTIONS,
+        "alpha": _number("alpha"),
+        "beta": _number("beta"),
+        "gamma": _number("gamma", positive=True),
+    }
 
-    def __init__(self, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5,
-                 batch=False, ignore_index=-100, reduction="mean", distributed=False, backend=None, *, validate=True,
-                 upsample=None, align_corners=False):
+    def __init__(
+        self,
+        alpha=0.5,
+        beta=0.5,
+        gamma=1.0,
+        include_background=True,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=False,
+        ignore_index=-100,
+        reduction="mean",
+        distributed=False,
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, alpha=alpha, beta=beta, gamma=gamma, include_background=include_background,
-                     smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, distributed=distributed, backend=backend,
-                     validate=validate)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            include_background=include_background,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            distributed=distributed,
+            backend=backend,
+            validate=validate,
+        )
 
     def extra_repr(self):
-        return (f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, batch={self.batch}, "
-                f"reduction={self.reduction!r}, distributed={self.distributed}")
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, batch={self.batch}, "
+            f"reduction={self.reduction!r}, distributed={self.distributed}"
+        )
 
     def forward(self, logits, target, confusion=None):
-        return self._call("tversky", logits, target, confusion, alpha=self.alpha, beta=self.beta, gamma=self.gamma)
+        return self._call(
+            "tversky", logits, target, confusion, alpha=self.alpha, beta=self.beta, gamma=self.gamma
+        )
 
 
 def _dice_ce_reduction(module, value):
@@ -659,26 +1023,74 @@ class DiceCELoss(_DiceModule):
     ``distributed`` as in :class:`DiceLoss`: the cross-entropy's sums are all-reduced with the Dice
     sums, so the loss and, after DDP's averaging, the gradient are the global batch's."""
 
-    OPTIONS = {**_DICE_OPTIONS, "squared_pred": _flag("squared_pred"), "jaccard": _flag("jaccard"),
-               "lambda_dice": _number("lambda_dice"), "lambda_ce": _number("lambda_ce"),
-               "weight": _dice_class_weight, "reduction": _dice_ce_reduction}
+    OPTIONS = {
+        **_DICE_OPTIONS,
+        "squared_pred": _flag("squared_pred"),
+        "jaccard": _flag("jaccard"),
+        "lambda_dice": _number("lambda_dice"),
+        "lambda_ce": _number("lambda_ce"),
+        "weight": _dice_class_weight,
+        "reduction": _dice_ce_reduction,
+    }
 
-    def __init__(self, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True, squared_pred=False,
-                 jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean",
-                 distributed=False, backend=None, *, validate=True, upsample=None, align_corners=False):
+    def __init__(
+        self,
+        lambda_dice=1.0,
+        lambda_ce=1.0,
+        weight=None,
+        include_background=True,
+        squared_pred=False,
+        jaccard=False,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=False,
+        ignore_index=-100,
+        reduction="mean",
+        distributed=False,
+        backend=None,
+        *,
+        validate=True,
+        upsample=None,
+        align_corners=False,
+    ):
         super().__init__()
         self.register_buffer("weight", None)
-        _set_options(self, upsample=upsample, align_corners=align_corners, ignore_index=ignore_index,
-                     reduction=reduction, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
-                     include_background=include_background, squared_pred=squared_pred, jaccard=jaccard,
-                     smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, distributed=distributed, backend=backend,
-                     validate=validate, weight=weight)
+        _set_options(
+            self,
+            upsample=upsample,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            lambda_dice=lambda_dice,
+            lambda_ce=lambda_ce,
+            include_background=include_background,
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            distributed=distributed,
+            backend=backend,
+            validate=validate,
+            weight=weight,
+        )
 
     def extra_repr(self):
-        return (f"lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}, include_background="
-                f"{self.include_background}, batch={self.batch}, reduction={self.reduction!r}, "
-                f"distributed={self.distributed}")
+        return (
+            f"lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}, include_background="
+            f"{self.include_background}, batch={self.batch}, reduction={self.reduction!r}, "
+            f"distributed={self.distributed}"
+        )
 
     def forward(self, logits, target, confusion=None):
-        return self._call("dice_ce", logits, target, confusion, weight=self.weight, lambda_dice=self.lambda_dice,
-                          lambda_ce=self.lambda_ce, squared_pred=self.squared_pred, jaccard=self.jaccard)
+        return self._call(
+            "dice_ce",
+            logits,
+            target,
+            confusion,
+            weight=self.weight,
+            lambda_dice=self.lambda_dice,
+            lambda_ce=self.lambda_ce,
+            squared_pred=self.squared_pred,
+            jaccard=self.jaccard,
+        )

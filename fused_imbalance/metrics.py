@@ -15,6 +15,7 @@ times, as any collective), after which every rank holds the counts of the whole 
 Keep the metric outside a ``DistributedDataParallel`` module: DDP broadcasts the buffers of
 the module it wraps from rank 0, which would overwrite the other ranks' counts.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -83,17 +84,28 @@ class ConfusionMatrix(CheckedOptions):
         ``F.interpolate(logits, size=(H, W), ...)``, computed without that tensor (docs/DESIGN.md §10).
         """
         if self._synced:
-            raise RuntimeError("ConfusionMatrix.update() after sync(): call reset() first "
-                               "(the matrix already holds the counts of every rank)")
+            raise RuntimeError(
+                "ConfusionMatrix.update() after sync(): call reset() first "
+                "(the matrix already holds the counts of every rank)"
+            )
         x = logits_or_preds
         if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError("logits_or_preds and target must be torch.Tensor")
         if x.is_floating_point():
             if x.dim() < 2 or x.shape[1] != self.num_classes:
-                raise ValueError(f"logits must be (N, {self.num_classes}) or (B, {self.num_classes}, ...), "
-                                 f"got shape {tuple(x.shape)}")
-            functional.confusion_matrix(x, target, ignore_index=self.ignore_index, out=self.matrix,
-                                        backend=self.backend, upsample=upsample, align_corners=align_corners)
+                raise ValueError(
+                    f"logits must be (N, {self.num_classes}) or (B, {self.num_classes}, ...), "
+                    f"got shape {tuple(x.shape)}"
+                )
+            functional.confusion_matrix(
+                x,
+                target,
+                ignore_index=self.ignore_index,
+                out=self.matrix,
+                backend=self.backend,
+                upsample=upsample,
+                align_corners=align_corners,
+            )
         elif x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
             if upsample is not None:
                 raise ValueError("upsample applies to float logits, not to integer predictions")
@@ -104,14 +116,18 @@ class ConfusionMatrix(CheckedOptions):
     def _add_predictions(self, preds, target):
         C = self.num_classes
         if preds.shape != target.shape:
-            raise ValueError(f"integer predictions must be shaped like target: got {tuple(preds.shape)} "
-                             f"and {tuple(target.shape)}")
+            raise ValueError(
+                f"integer predictions must be shaped like target: got {tuple(preds.shape)} "
+                f"and {tuple(target.shape)}"
+            )
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"target must hold integer labels, got {target.dtype}")
         for name, t in (("predictions", preds), ("target", target)):
             if t.device != self.matrix.device:
-                raise ValueError(f"{name} are on {t.device} but the matrix is on {self.matrix.device}: "
-                                 f"move the metric with .to(device)")
+                raise ValueError(
+                    f"{name} are on {t.device} but the matrix is on {self.matrix.device}: "
+                    f"move the metric with .to(device)"
+                )
         y = target.reshape(-1).long()
         p = preds.reshape(-1).long()
         valid = y != self.ignore_index
@@ -121,8 +137,10 @@ class ConfusionMatrix(CheckedOptions):
             if bool((bad_y | bad_p).any()):
                 if bool(bad_y.any()):
                     v = y[bad_y].unique().tolist()
-                    raise ValueError(f"target contains label {v[0]} outside [0, {C}) "
-                                     f"(values: {v[:5]}; ignore_index={self.ignore_index})")
+                    raise ValueError(
+                        f"target contains label {v[0]} outside [0, {C}) "
+                        f"(values: {v[:5]}; ignore_index={self.ignore_index})"
+                    )
                 v = p[bad_p].unique().tolist()
                 raise ValueError(f"predictions contain class {v[0]} outside [0, {C}) (values: {v[:5]})")
         else:  # on a GPU without a host sync: deferred, as the losses' label check (those pixels are not counted)
@@ -131,7 +149,9 @@ class ConfusionMatrix(CheckedOptions):
         # scatter-add, not bincount (whose size depends on the largest value: a host sync on a GPU)
         keep = valid & ~bad_y & ~bad_p
         idx = torch.where(keep, y * C + p, torch.full_like(y, C * C))
-        counts = torch.zeros(C * C + 1, dtype=torch.int64, device=y.device).scatter_add_(0, idx, torch.ones_like(idx))
+        counts = torch.zeros(C * C + 1, dtype=torch.int64, device=y.device).scatter_add_(
+            0, idx, torch.ones_like(idx)
+        )
         self.matrix += counts[:-1].view(C, C)
 
     def compute(self):

@@ -11,6 +11,7 @@ shaped like ``target`` (0 at ignored pixels) — the per-(image,)class losses fo
 (docs/DESIGN.md §12), which is a function of per-class sums; a zero denominator gives loss 0 and
 gradient 0.
 """
+
 import math
 import numbers
 from typing import NamedTuple
@@ -19,12 +20,35 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as _weights
-from ._checks import (acc_dtype, check_class_vector, check_confusion, check_gamma, check_inputs, check_labels,
-                      check_loss_type, check_range)
+from ._checks import (
+    acc_dtype,
+    check_class_vector,
+    check_confusion,
+    check_gamma,
+    check_inputs,
+    check_labels,
+    check_loss_type,
+    check_range,
+)
 
-__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "class_balanced_loss", "recall_loss",
-           "cdb_loss", "mse_outlying_loss", "confusion_matrix", "class_stats", "weighted_loss", "dice_loss",
-           "generalized_dice_loss", "tversky_loss", "dice_ce_loss", "ohem_cross_entropy"]
+__all__ = [
+    "cross_entropy",
+    "focal_loss",
+    "sigmoid_focal_loss",
+    "class_balanced_loss",
+    "recall_loss",
+    "cdb_loss",
+    "mse_outlying_loss",
+    "confusion_matrix",
+    "class_stats",
+    "weighted_loss",
+    "dice_loss",
+    "generalized_dice_loss",
+    "tversky_loss",
+    "dice_ce_loss",
+    "ohem_cross_entropy",
+]
+
 
 class _Pixels:
     """Logits as (N, C) rows in the accumulation dtype, labels, and the validity mask."""
@@ -119,8 +143,18 @@ def _reduce(px, loss, w, reduction, mean_over_weights):
     return total / torch.where(denom != 0, denom, torch.ones_like(denom))
 
 
-def _loss(logits, target, per_pixel, weight, ignore_index, reduction, confusion, validate, mean_over_weights,
-          weight_name="weight"):
+def _loss(
+    logits,
+    target,
+    per_pixel,
+    weight,
+    ignore_index,
+    reduction,
+    confusion,
+    validate,
+    mean_over_weights,
+    weight_name="weight",
+):
     """Check the arguments, compute ``per_pixel(px)`` and reduce it with the class weights."""
     ignore_index = check_inputs(logits, target, ignore_index, reduction)
     check_confusion(confusion, logits)
@@ -130,49 +164,100 @@ def _loss(logits, target, per_pixel, weight, ignore_index, reduction, confusion,
     return _reduce(px, per_pixel(px), w, reduction, mean_over_weights)
 
 
-def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", confusion=None,
-                  validate=True):
+def cross_entropy(
+    logits, target, weight=None, ignore_index=-100, reduction="mean", confusion=None, validate=True
+):
     """−log p_y; ``"mean"`` = Σ w_y ℓ / Σ w_y, as ``torch.nn.functional.cross_entropy``."""
-    return _loss(logits, target, lambda px: _softmax_focal(px, 0.0), weight, ignore_index, reduction, confusion,
-                 validate, True)
+    return _loss(
+        logits,
+        target,
+        lambda px: _softmax_focal(px, 0.0),
+        weight,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+        True,
+    )
 
 
-def focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", confusion=None,
-               validate=True):
+def focal_loss(
+    logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", confusion=None, validate=True
+):
     """−(1 − p_y)^γ log p_y (Lin et al. 2017); γ = 0 is ``cross_entropy``."""
     gamma = check_gamma(gamma)
-    return _loss(logits, target, lambda px: _softmax_focal(px, gamma), weight, ignore_index, reduction, confusion,
-                 validate, True)
+    return _loss(
+        logits,
+        target,
+        lambda px: _softmax_focal(px, gamma),
+        weight,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+        True,
+    )
 
 
-def sigmoid_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",
-                       confusion=None, validate=True):
+def sigmoid_focal_loss(
+    logits, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean", confusion=None, validate=True
+):
     """Σ_k of the sigmoid focal loss of each class logit against the one-hot target."""
     gamma = check_gamma(gamma)
-    return _loss(logits, target, lambda px: _sigmoid_focal(px, gamma), weight, ignore_index, reduction, confusion,
-                 validate, True)
+    return _loss(
+        logits,
+        target,
+        lambda px: _sigmoid_focal(px, gamma),
+        weight,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+        True,
+    )
 
 
-def weighted_loss(logits, target, weight, loss_type="softmax", gamma=2.0, ignore_index=-100, reduction="mean",
-                  confusion=None, validate=True):
+def weighted_loss(
+    logits,
+    target,
+    weight,
+    loss_type="softmax",
+    gamma=2.0,
+    ignore_index=-100,
+    reduction="mean",
+    confusion=None,
+    validate=True,
+):
     """A ``loss_type`` loss ("softmax", "sigmoid", "focal", "softmax_focal") with fixed class
     weights and the paper mean Σ w_y ℓ / N_valid."""
     check_loss_type(loss_type)
     gamma = check_gamma(gamma) if loss_type in ("focal", "softmax_focal") else 0.0
     fn = _softmax_focal if loss_type in ("softmax", "softmax_focal") else _sigmoid_focal
-    return _loss(logits, target, lambda px: fn(px, gamma), weight, ignore_index, reduction, confusion, validate,
-                 False)
+    return _loss(
+        logits, target, lambda px: fn(px, gamma), weight, ignore_index, reduction, confusion, validate, False
+    )
 
 
-def class_balanced_loss(logits, target, samples_per_class, beta=0.9999, loss_type="softmax", gamma=2.0,
-                        ignore_index=-100, reduction="mean", confusion=None, validate=True):
+def class_balanced_loss(
+    logits,
+    target,
+    samples_per_class,
+    beta=0.9999,
+    loss_type="softmax",
+    gamma=2.0,
+    ignore_index=-100,
+    reduction="mean",
+    confusion=None,
+    validate=True,
+):
     """Class-balanced loss (Cui et al. 2019) with effective-number weights summing to C.
 
     ``"mean"`` divides by the number of valid pixels, as the official code.
     """
     check_inputs(logits, target, ignore_index, reduction)
-    w = check_class_vector(_weights.effective_number(samples_per_class, beta).to(logits.device),
-                           "samples_per_class", logits)
+    w = check_class_vector(
+        _weights.effective_number(samples_per_class, beta).to(logits.device), "samples_per_class", logits
+    )
     return weighted_loss(logits, target, w, loss_type, gamma, ignore_index, reduction, confusion, validate)
 
 
@@ -183,8 +268,9 @@ def recall_weights(count, tp):
     return torch.where(count > 0, 1.0 - recall, torch.ones_like(recall))
 
 
-def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None, confusion=None,
-                validate=True):
+def recall_loss(
+    logits, target, ignore_index=-100, reduction="mean", recall=None, confusion=None, validate=True
+):
     """Recall loss (Tian et al. 2021): −(1 − R_y) log p_y with R the batch recall.
 
     ``recall`` may be a (C,) tensor used instead of the batch recall, or a callable
@@ -207,26 +293,62 @@ def recall_loss(logits, target, ignore_index=-100, reduction="mean", recall=None
     return _reduce(px, _softmax_focal(px, 0.0), w, reduction, False)
 
 
-def cdb_loss(logits, target, class_accuracy, tau="dynamic", gamma=0.0, ignore_index=-100, reduction="mean",
-             confusion=None, validate=True):
+def cdb_loss(
+    logits,
+    target,
+    class_accuracy,
+    tau="dynamic",
+    gamma=0.0,
+    ignore_index=-100,
+    reduction="mean",
+    confusion=None,
+    validate=True,
+):
     """Class-wise difficulty-balanced loss (Sinha et al. 2020): −w_y (1 − p_y)^γ log p_y,
     w = (1 − A)^τ; ``"mean"`` is over valid pixels."""
     gamma = check_gamma(gamma)
     w = _weights.cdb(class_accuracy, tau).to(logits.device)
-    return _loss(logits, target, lambda px: _softmax_focal(px, gamma), w, ignore_index, reduction, confusion,
-                 validate, False, "class_accuracy")
+    return _loss(
+        logits,
+        target,
+        lambda px: _softmax_focal(px, gamma),
+        w,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+        False,
+        "class_accuracy",
+    )
 
 
-def mse_outlying_loss(logits, target, outlying, ignore_index=-100, reduction="mean", input="logits",
-                      confusion=None, validate=True):
+def mse_outlying_loss(
+    logits,
+    target,
+    outlying,
+    ignore_index=-100,
+    reduction="mean",
+    input="logits",
+    confusion=None,
+    validate=True,
+):
     """MSE with outlying labels (eq. 4): ½ Σ_k (a_k − t_k)², t_k = outlying[y]·[k = y];
     a = logits (``input="logits"``) or softmax (``input="softmax"``); mean over valid pixels."""
     if input not in ("logits", "softmax"):
         raise ValueError(f"input must be 'logits' or 'softmax', got {input!r}")
     check_inputs(logits, target, ignore_index, reduction)
     out = check_class_vector(outlying, "outlying", logits)
-    return _loss(logits, target, lambda px: _mse(px, out, input == "softmax"), None, ignore_index, reduction,
-                 confusion, validate, False)
+    return _loss(
+        logits,
+        target,
+        lambda px: _mse(px, out, input == "softmax"),
+        None,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+        False,
+    )
 
 
 def confusion_matrix(logits, target, ignore_index=-100, out=None, validate=True):
@@ -300,13 +422,15 @@ W_TYPES = ("square", "simple", "uniform")
 
 class DiceSums(NamedTuple):
     """Per-(image, class) sums over valid pixels, each (S, C) in the accumulation dtype."""
+
     intersection: torch.Tensor  # I = Σ p_c [y = c]
-    prediction: torch.Tensor    # P = Σ p_c, or Σ p_c² with squared_pred
-    ground: torch.Tensor        # G = Σ [y = c], an exact count
+    prediction: torch.Tensor  # P = Σ p_c, or Σ p_c² with squared_pred
+    ground: torch.Tensor  # G = Σ [y = c], an exact count
 
 
 class DiceGradCoefficients(NamedTuple):
     """∂L/∂I and ∂L/∂P per (image, class), each (S, C); 0 for a class the loss leaves out."""
+
     d_intersection: torch.Tensor
     d_prediction: torch.Tensor
 
@@ -336,8 +460,10 @@ def _kept_classes(logits, include_background):
     if include_background:
         return C
     if C < 2:
-        raise ValueError("include_background=False needs at least 2 classes: with C = 1 there is no class left "
-                         "(and a softmax over one class is the constant 1)")
+        raise ValueError(
+            "include_background=False needs at least 2 classes: with C = 1 there is no class left "
+            "(and a softmax over one class is the constant 1)"
+        )
     return C - 1
 
 
@@ -351,9 +477,14 @@ def _dice_weight(weight, logits, kept, validate, name="weight"):
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}")
     if weight.dim() != 1 or weight.numel() != kept:
-        without = (" (include_background=False: the weight leaves out class 0, as MONAI's DiceLoss)"
-                   if kept != C else "")
-        raise ValueError(f"{name} must have shape ({kept},) for {C} classes{without}, got {tuple(weight.shape)}")
+        without = (
+            " (include_background=False: the weight leaves out class 0, as MONAI's DiceLoss)"
+            if kept != C
+            else ""
+        )
+        raise ValueError(
+            f"{name} must have shape ({kept},) for {C} classes{without}, got {tuple(weight.shape)}"
+        )
     if weight.device != logits.device:
         raise ValueError(f"{name} is on {weight.device} but logits are on {logits.device}")
     w = weight.detach().to(acc_dtype(logits))
@@ -454,8 +585,21 @@ def _per_image_shape(logits, batch):
     return () if batch or logits.dim() == 2 else (logits.shape[0],)
 
 
-def _dice_core(logits, target, weight, include_background, squared_pred, jaccard, smooth_nr, smooth_dr, batch,
-               ignore_index, reduction, confusion, validate):
+def _dice_core(
+    logits,
+    target,
+    weight,
+    include_background,
+    squared_pred,
+    jaccard,
+    smooth_nr,
+    smooth_dr,
+    batch,
+    ignore_index,
+    reduction,
+    confusion,
+    validate,
+):
     """Checked Dice / Jaccard loss: (loss, px) so that dice_ce_loss reuses the pixels."""
     _check_flag(squared_pred, "squared_pred")
     _check_flag(jaccard, "jaccard")
@@ -471,9 +615,22 @@ def _dice_core(logits, target, weight, include_background, squared_pred, jaccard
     return _reduce_terms(terms, reduction, _per_image_shape(logits, batch)), px
 
 
-def dice_loss(logits, target, weight=None, include_background=True, squared_pred=False, jaccard=False,
-              smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *,
-              confusion=None, validate=True):
+def dice_loss(
+    logits,
+    target,
+    weight=None,
+    include_background=True,
+    squared_pred=False,
+    jaccard=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    validate=True,
+):
     """Soft Dice loss on softmax probabilities (Milletari et al. 2016), as MONAI's
     ``DiceLoss(softmax=True, to_onehot_y=True, ...)``.
 
@@ -504,13 +661,37 @@ def dice_loss(logits, target, weight=None, include_background=True, squared_pred
     logits, float64 for float64.
     """
     smooth_nr, smooth_dr = _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch)
-    return _dice_core(logits, target, weight, include_background, squared_pred, jaccard, smooth_nr, smooth_dr,
-                      batch, ignore_index, reduction, confusion, validate)[0]
+    return _dice_core(
+        logits,
+        target,
+        weight,
+        include_background,
+        squared_pred,
+        jaccard,
+        smooth_nr,
+        smooth_dr,
+        batch,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+    )[0]
 
 
-def generalized_dice_loss(logits, target, w_type="square", include_background=True, smooth_nr=1e-5,
-                          smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
-                          validate=True):
+def generalized_dice_loss(
+    logits,
+    target,
+    w_type="square",
+    include_background=True,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    validate=True,
+):
     """Generalized Dice loss (Sudre et al. 2017), as MONAI's
     ``GeneralizedDiceLoss(softmax=True, to_onehot_y=True, ...)``.
 
@@ -537,12 +718,27 @@ def generalized_dice_loss(logits, target, w_type="square", include_background=Tr
     px = _Pixels(logits, target, ignore_index, validate)
     px.add_confusion(confusion)
     s = _drop_background(_dice_sums(px, _images(logits, batch), False), include_background)
-    return _reduce_terms(_gdl_terms(s, w_type, smooth_nr, smooth_dr), reduction, _per_image_shape(logits, batch))
+    return _reduce_terms(
+        _gdl_terms(s, w_type, smooth_nr, smooth_dr), reduction, _per_image_shape(logits, batch)
+    )
 
 
-def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_background=True, smooth_nr=1e-5,
-                 smooth_dr=1e-5, batch=False, ignore_index=-100, reduction="mean", *, confusion=None,
-                 validate=True):
+def tversky_loss(
+    logits,
+    target,
+    alpha=0.5,
+    beta=0.5,
+    gamma=1.0,
+    include_background=True,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    validate=True,
+):
     """Tversky loss (Salehi et al. 2017) and focal Tversky loss (Abraham and Khan 2019).
 
     With the sums of :func:`dice_loss`: TI_c = (I + smooth_nr) / (I + α(P − I) + β(G − I) +
@@ -570,9 +766,24 @@ def tversky_loss(logits, target, alpha=0.5, beta=0.5, gamma=1.0, include_backgro
     return _reduce_terms(terms, reduction, _per_image_shape(logits, batch))
 
 
-def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, include_background=True,
-                 squared_pred=False, jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False, ignore_index=-100,
-                 reduction="mean", *, confusion=None, validate=True):
+def dice_ce_loss(
+    logits,
+    target,
+    lambda_dice=1.0,
+    lambda_ce=1.0,
+    weight=None,
+    include_background=True,
+    squared_pred=False,
+    jaccard=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    batch=False,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    confusion=None,
+    validate=True,
+):
     """λ_ce · cross-entropy + λ_dice · Dice, as MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True, ...)``.
 
     The cross-entropy is :func:`cross_entropy` with the class weights ``weight`` (C,) and
@@ -587,24 +798,52 @@ def dice_ce_loss(logits, target, lambda_dice=1.0, lambda_ce=1.0, weight=None, in
     Dice term's, ``weight[1:]`` without background); otherwise those of :func:`dice_loss`.
     """
     if reduction == "none":
-        raise ValueError("dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
-                         "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape")
+        raise ValueError(
+            "dice_ce_loss takes reduction 'mean' or 'sum' (as MONAI's DiceCELoss): its "
+            "cross-entropy is per pixel and its Dice per class, there is no one unreduced shape"
+        )
     smooth_nr, smooth_dr = _dice_options(logits, target, ignore_index, reduction, smooth_nr, smooth_dr, batch)
     lambda_dice, lambda_ce = _check_number(lambda_dice, "lambda_dice"), _check_number(lambda_ce, "lambda_ce")
     kept = _kept_classes(logits, include_background)
     w = None if weight is None else _dice_weight(weight, logits, logits.shape[1], validate)
-    dice, px = _dice_core(logits, target, None if w is None else w[logits.shape[1] - kept:], include_background,
-                          squared_pred, jaccard, smooth_nr, smooth_dr, batch, ignore_index, reduction, confusion,
-                          validate)
+    dice, px = _dice_core(
+        logits,
+        target,
+        None if w is None else w[logits.shape[1] - kept :],
+        include_background,
+        squared_pred,
+        jaccard,
+        smooth_nr,
+        smooth_dr,
+        batch,
+        ignore_index,
+        reduction,
+        confusion,
+        validate,
+    )
     ce = _reduce(px, _softmax_focal(px, 0.0), w, reduction, True)
     return lambda_ce * ce + lambda_dice * dice
 
 
 # --- the gradient of the Dice family in closed form (the comment block above) ----------------
 
-def _dice_grad_coefficients(sums, loss="dice", *, include_background=True, jaccard=False, alpha=0.5, beta=0.5,
-                            gamma=1.0, w_type="square", smooth_nr=1e-5, smooth_dr=1e-5, weight=None,
-                            reduction="mean", grad_output=None):
+
+def _dice_grad_coefficients(
+    sums,
+    loss="dice",
+    *,
+    include_background=True,
+    jaccard=False,
+    alpha=0.5,
+    beta=0.5,
+    gamma=1.0,
+    w_type="square",
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    weight=None,
+    reduction="mean",
+    grad_output=None,
+):
     """∂L/∂I and ∂L/∂P per (image, class) from the sums alone, L the reduced loss.
 
     ``sums``: :class:`DiceSums` of all C classes, (S, C) each, as the forward produces them.
@@ -628,7 +867,8 @@ def _dice_grad_coefficients(sums, loss="dice", *, include_background=True, jacca
         num = 2 * (w * I).sum(1, keepdim=True) + smooth_nr
         ok, den = nonzero((w * (P + G)).sum(1, keepdim=True) + smooth_dr)
         a = (1.0 / max(S, 1) if reduction == "mean" else 1.0) * (
-            torch.as_tensor(go, dtype=I.dtype).reshape(-1, 1) if reduction == "none" else go)
+            torch.as_tensor(go, dtype=I.dtype).reshape(-1, 1) if reduction == "none" else go
+        )
         dI = torch.where(ok, -2 * a * w / den, torch.zeros_like(I))
         dP = torch.where(ok, a * w * num / (den * den), torch.zeros_like(I))
     else:
@@ -652,7 +892,9 @@ def _dice_grad_coefficients(sums, loss="dice", *, include_background=True, jacca
                 base = 1 - torch.where(ok, num / den, torch.ones_like(num))
                 pos = base > 0
                 safe = torch.where(pos, base, torch.ones_like(base))
-                k = torch.where(pos, a * gamma * torch.exp((gamma - 1) * torch.log(safe)), torch.zeros_like(a))
+                k = torch.where(
+                    pos, a * gamma * torch.exp((gamma - 1) * torch.log(safe)), torch.zeros_like(a)
+                )
             dI = -k * (den - (1 - alpha - beta) * num) / (den * den)
             dP = k * alpha * num / (den * den)
         else:
@@ -667,15 +909,33 @@ def _dice_family_grad(fn, logits, target, grad_output=None, **options):
     """∂L/∂logits of ``fn`` (one of the four Dice-family functions above) in closed form, from the
     per-class sums and :func:`_dice_grad_coefficients`: the backward the fused kernels compute. Same
     shape as ``logits``, in the accumulation dtype."""
-    o = dict(include_background=True, squared_pred=False, jaccard=False, smooth_nr=1e-5, smooth_dr=1e-5,
-             batch=False, ignore_index=-100, reduction="mean", weight=None, alpha=0.5, beta=0.5, gamma=1.0,
-             w_type="square", lambda_dice=1.0, lambda_ce=1.0)
+    o = dict(
+        include_background=True,
+        squared_pred=False,
+        jaccard=False,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=False,
+        ignore_index=-100,
+        reduction="mean",
+        weight=None,
+        alpha=0.5,
+        beta=0.5,
+        gamma=1.0,
+        w_type="square",
+        lambda_dice=1.0,
+        lambda_ce=1.0,
+    )
     unknown = set(options) - set(o)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
     o.update(options)
-    loss = {dice_loss: "dice", dice_ce_loss: "dice", tversky_loss: "tversky",
-            generalized_dice_loss: "generalized_dice"}[fn]
+    loss = {
+        dice_loss: "dice",
+        dice_ce_loss: "dice",
+        tversky_loss: "tversky",
+        generalized_dice_loss: "generalized_dice",
+    }[fn]
     px = _Pixels(logits.detach(), target, o["ignore_index"], validate=False)
     C = px.C
     squared = o["squared_pred"] and loss == "dice"
@@ -690,9 +950,20 @@ def _dice_family_grad(fn, logits, target, grad_output=None, **options):
     if fn is dice_ce_loss:
         go = o["lambda_dice"] * go
     coef = _dice_grad_coefficients(
-        sums, loss, include_background=o["include_background"], jaccard=o["jaccard"], alpha=o["alpha"],
-        beta=o["beta"], gamma=o["gamma"], w_type=o["w_type"], smooth_nr=o["smooth_nr"], smooth_dr=o["smooth_dr"],
-        weight=weight, reduction=o["reduction"], grad_output=go)
+        sums,
+        loss,
+        include_background=o["include_background"],
+        jaccard=o["jaccard"],
+        alpha=o["alpha"],
+        beta=o["beta"],
+        gamma=o["gamma"],
+        w_type=o["w_type"],
+        smooth_nr=o["smooth_nr"],
+        smooth_dr=o["smooth_dr"],
+        weight=weight,
+        reduction=o["reduction"],
+        grad_output=go,
+    )
     p = torch.softmax(px.x, dim=1)
     image = torch.arange(p.shape[0], device=p.device) // max(p.shape[0] // sums.intersection.shape[0], 1)
     dI, dP = coef.d_intersection[image], coef.d_prediction[image]
@@ -705,8 +976,12 @@ def _dice_family_grad(fn, logits, target, grad_output=None, **options):
         b = 1.0
         if o["reduction"] == "mean":
             den = wy.sum()
-            b = torch.where(den != 0, 1 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(den))
-        grad = grad + o["lambda_ce"] * (1.0 if grad_output is None else grad_output) * b * wy[:, None] * (p - label)
+            b = torch.where(
+                den != 0, 1 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(den)
+            )
+        grad = grad + o["lambda_ce"] * (1.0 if grad_output is None else grad_output) * b * wy[:, None] * (
+            p - label
+        )
     grad = torch.where(px.valid[:, None], grad, torch.zeros_like(grad))
     shape = (logits.shape[0],) + tuple(logits.shape[2:]) + (C,)
     return grad.reshape(shape).movedim(-1, 1)
@@ -722,18 +997,23 @@ def _check_ohem(thresh, min_kept, convention):
     if convention not in OHEM_CONVENTIONS:
         raise ValueError(f"convention must be one of {OHEM_CONVENTIONS}, got {convention!r}")
     if thresh is None:
-        raise TypeError("thresh must be a number in [0, 1]; mmsegmentation's thresh=None (keep exactly the "
-                        "min_kept pixels of largest loss, ties in sort order) is not supported: thresh=0.0 "
-                        "keeps those strictly below the min_kept-th smallest probability instead")
+        raise TypeError(
+            "thresh must be a number in [0, 1]; mmsegmentation's thresh=None (keep exactly the "
+            "min_kept pixels of largest loss, ties in sort order) is not supported: thresh=0.0 "
+            "keeps those strictly below the min_kept-th smallest probability instead"
+        )
     if isinstance(thresh, bool) or not isinstance(thresh, (numbers.Real, torch.SymFloat)):
-        raise TypeError(f"thresh must be a number in [0, 1] (a probability), got {type(thresh).__name__} "
-                        f"{thresh!r}")
+        raise TypeError(
+            f"thresh must be a number in [0, 1] (a probability), got {type(thresh).__name__} " f"{thresh!r}"
+        )
     # Comparisons, not math.isfinite, so that a symbolic thresh is checked by guards; NaN fails both.
     if not (0 <= thresh <= 1):
         raise ValueError(f"thresh must be in [0, 1] (a probability), got {thresh}")
     if isinstance(min_kept, bool) or not isinstance(min_kept, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"min_kept must be an int >= 0 (a number of pixels), got {type(min_kept).__name__} "
-                        f"{min_kept!r}")
+        raise TypeError(
+            f"min_kept must be an int >= 0 (a number of pixels), got {type(min_kept).__name__} "
+            f"{min_kept!r}"
+        )
     if min_kept < 0:
         raise ValueError(f"min_kept must be an int >= 0, got {min_kept}")
     return float(thresh), int(min_kept)
@@ -745,8 +1025,19 @@ def ohem_rank(min_kept, batch, convention):
     return max(1, min_kept) if convention == "hrnet" else min_kept * batch
 
 
-def ohem_cross_entropy(logits, target, thresh=0.7, min_kept=100000, weight=None, ignore_index=-100,
-                       reduction="mean", *, convention="hrnet", confusion=None, validate=True):
+def ohem_cross_entropy(
+    logits,
+    target,
+    thresh=0.7,
+    min_kept=100000,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    *,
+    convention="hrnet",
+    confusion=None,
+    validate=True,
+):
     """Cross-entropy over the hard pixels only (online hard example mining), by sorting.
 
     With p_n = softmax(x_n)[y_n] the label probability of valid pixel n, in the accumulation

@@ -14,6 +14,7 @@ class order and is a ``TypeError`` too.
 The checks on the values are ``ValueError``s; inside ``torch.compile`` they are device
 assertions instead (no data-dependent branch), so the weights can be computed in a compiled step.
 """
+
 import math
 import numbers
 from collections.abc import Mapping, MappingView, Set
@@ -31,21 +32,30 @@ def _in_class_order(values, name):
         keys = list(values.keys())
         odd = [k for k in keys if isinstance(k, bool) or not isinstance(k, numbers.Integral)]
         if odd:
-            hint = (" (a Counter of a tensor counts each element apart: use torch.bincount(labels, "
-                    "minlength=num_classes))" if isinstance(odd[0], torch.Tensor) else "")
-            raise TypeError(f"{name} as a mapping must have the class indices 0 .. C-1 as int keys, "
-                            f"got a key {odd[0]!r} of type {type(odd[0]).__name__}{hint}")
+            hint = (
+                " (a Counter of a tensor counts each element apart: use torch.bincount(labels, "
+                "minlength=num_classes))"
+                if isinstance(odd[0], torch.Tensor)
+                else ""
+            )
+            raise TypeError(
+                f"{name} as a mapping must have the class indices 0 .. C-1 as int keys, "
+                f"got a key {odd[0]!r} of type {type(odd[0]).__name__}{hint}"
+            )
         missing = sorted(set(range(len(keys))) - {int(k) for k in keys})
         if missing:
             raise TypeError(
                 f"{name} as a mapping must have every class index 0 .. C-1 as a key, got keys "
                 f"{sorted(int(k) for k in keys)[:8]}{'...' if len(keys) > 8 else ''} without class "
                 f"{missing[0]}: a missing class may have count 0 or not exist; pass a sequence in class "
-                f"order, e.g. [{name}.get(c, 0) for c in range(num_classes)]")
+                f"order, e.g. [{name}.get(c, 0) for c in range(num_classes)]"
+            )
         return [values[c] for c in range(len(keys))]
     if isinstance(values, (Set, MappingView)):
-        raise TypeError(f"{name} must be in class order: a {type(values).__name__} has none; pass a "
-                        f"sequence in class order or the mapping itself (keys 0 .. C-1)")
+        raise TypeError(
+            f"{name} must be in class order: a {type(values).__name__} has none; pass a "
+            f"sequence in class order or the mapping itself (keys 0 .. C-1)"
+        )
     return values
 
 
@@ -56,8 +66,10 @@ def _per_class(values, name):
         return values.detach().to(torch.float64)
     values = _in_class_order(values, name)
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{name} must be a sequence or tensor with one value per class, "
-                        f"got {type(values).__name__} {values!r}")
+        raise TypeError(
+            f"{name} must be a sequence or tensor with one value per class, "
+            f"got {type(values).__name__} {values!r}"
+        )
     return torch.as_tensor(list(values), dtype=torch.float64)
 
 
@@ -69,6 +81,7 @@ def _require(ok, message, deferred=False):
         torch._assert_async(ok, "fused_imbalance.weights: invalid per-class values")
     elif deferred and ok.device.type != "cpu":
         from . import _deferred
+
         _deferred.flag(ok, message() if callable(message) else message)
     elif not bool(ok):
         raise ValueError(message())
@@ -79,11 +92,16 @@ def _counts(samples_per_class, deferred=False):
     counts = _per_class(samples_per_class, "samples_per_class")
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(
-            f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}")
+            f"samples_per_class must be a non-empty 1-D sequence of counts, got shape {tuple(counts.shape)}"
+        )
     _require(torch.isfinite(counts).all(), lambda: "samples_per_class must be finite", deferred)
-    _require((counts >= 0).all(),
-             (lambda: f"samples_per_class must be non-negative, got {counts[counts < 0][0].item():g}")
-             if counts.device.type == "cpu" or not deferred else "samples_per_class must be non-negative", deferred)
+    _require(
+        (counts >= 0).all(),
+        (lambda: f"samples_per_class must be non-negative, got {counts[counts < 0][0].item():g}")
+        if counts.device.type == "cpu" or not deferred
+        else "samples_per_class must be non-negative",
+        deferred,
+    )
     _require((counts != 0).any(), lambda: "samples_per_class is all zeros: no class has a sample", deferred)
     return counts
 
@@ -165,10 +183,12 @@ def cdb(class_accuracy, tau="dynamic", *, deferred=False):
     """
     acc = _per_class(class_accuracy, "class_accuracy")
     if acc.dim() != 1 or acc.numel() == 0:
-        raise ValueError(
-            f"class_accuracy must be a non-empty 1-D sequence, got shape {tuple(acc.shape)}")
-    _require((torch.isfinite(acc) & (acc >= 0) & (acc <= 1)).all(),
-             lambda: "class_accuracy must hold accuracies in [0, 1]", deferred)
+        raise ValueError(f"class_accuracy must be a non-empty 1-D sequence, got shape {tuple(acc.shape)}")
+    _require(
+        (torch.isfinite(acc) & (acc >= 0) & (acc <= 1)).all(),
+        lambda: "class_accuracy must hold accuracies in [0, 1]",
+        deferred,
+    )
     if isinstance(tau, str):
         if tau != "dynamic":
             raise ValueError(f"tau must be 'dynamic' or a number, got {tau!r}")

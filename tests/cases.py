@@ -1,4 +1,5 @@
 """Inputs and loss calls shared by the test files."""
+
 import torch
 
 import fused_imbalance.functional as FI
@@ -17,8 +18,7 @@ def loss_and_grad(fn, x, y, backend, reduction="mean", **kw):
     return loss.detach(), x.grad
 
 
-def make_data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100, label_dtype=torch.int64,
-              every=7):
+def make_data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100, label_dtype=torch.int64, every=7):
     """Random logits of ``shape`` and labels with every ``every``-th pixel set to ``ignore``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64).mul_(2).to(dtype)
@@ -31,19 +31,26 @@ def make_data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100, labe
 
 ALL_LOSSES = {
     "cross_entropy": lambda x, y, **k: FI.cross_entropy(
-        x, y, torch.linspace(0.5, 2, x.shape[1], dtype=torch.float64).to(x), **k),
+        x, y, torch.linspace(0.5, 2, x.shape[1], dtype=torch.float64).to(x), **k
+    ),
     "focal_loss": lambda x, y, **k: FI.focal_loss(x, y, gamma=2.0, **k),
     "sigmoid_focal_loss": lambda x, y, **k: FI.sigmoid_focal_loss(x, y, gamma=1.5, **k),
     "class_balanced_loss": lambda x, y, **k: FI.class_balanced_loss(
-        x, y, list(range(1, x.shape[1] + 1)), beta=0.9, loss_type="focal", **k),
+        x, y, list(range(1, x.shape[1] + 1)), beta=0.9, loss_type="focal", **k
+    ),
     "recall_loss": lambda x, y, **k: FI.recall_loss(x, y, **k),
-    "cdb_loss": lambda x, y, **k: FI.cdb_loss(x, y, torch.linspace(0.2, 0.9, x.shape[1], device=x.device), gamma=0.5, **k),
+    "cdb_loss": lambda x, y, **k: FI.cdb_loss(
+        x, y, torch.linspace(0.2, 0.9, x.shape[1], device=x.device), gamma=0.5, **k
+    ),
     "mse_outlying_loss": lambda x, y, **k: FI.mse_outlying_loss(
-        x, y, torch.arange(1, x.shape[1] + 1, dtype=torch.float64).to(x), input="softmax", **k),
+        x, y, torch.arange(1, x.shape[1] + 1, dtype=torch.float64).to(x), input="softmax", **k
+    ),
     "mse_outlying_logits": lambda x, y, **k: FI.mse_outlying_loss(
-        x, y, torch.arange(1, x.shape[1] + 1, dtype=torch.float64).to(x), **k),
-    "cb_sigmoid": lambda x, y, **k: FI.class_balanced_loss(x, y, [3] * x.shape[1], beta=0.5,
-                                                            loss_type="sigmoid", **k),
+        x, y, torch.arange(1, x.shape[1] + 1, dtype=torch.float64).to(x), **k
+    ),
+    "cb_sigmoid": lambda x, y, **k: FI.class_balanced_loss(
+        x, y, [3] * x.shape[1], beta=0.5, loss_type="sigmoid", **k
+    ),
 }
 
 

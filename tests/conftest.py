@@ -5,6 +5,7 @@ import sys
 # flag must be set before triton (and so the package) is imported.
 try:
     import torch
+
     _cuda = torch.cuda.is_available()
 except ImportError:  # pragma: no cover
     _cuda = False
@@ -21,12 +22,17 @@ def _old_interpreter_with_new_numpy():
         import triton
     except ImportError:
         return None
+
     def version(mod):
         return tuple(int(p) for p in mod.__version__.split("+")[0].split(".")[:2])
+
     if version(triton) < (3, 8) and version(numpy) >= (2, 4):
-        return (f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (numpy {numpy.__version__} is "
-                "installed): pip install 'numpy<2.4'")
+        return (
+            f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (numpy {numpy.__version__} is "
+            "installed): pip install 'numpy<2.4'"
+        )
     return None
+
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from tolerances import TOL`
 
@@ -61,6 +67,7 @@ def backend(request):
     names it (CI names both), where that is a failure."""
     from cases import backend_device
     from fused_imbalance.functional import resolve_backend
+
     name = request.param
     try:
         resolve_backend(name, torch.zeros(1, 2, device=backend_device(name)))
@@ -77,6 +84,7 @@ def _no_deferred_checks_left():
     (``check_deferred``); one left behind would make the next test's first fused call raise, so the
     remaining checks are made here and a failing one fails the test that left it."""
     from fused_imbalance import _deferred
+
     yield
     try:
         _deferred.check_deferred()

@@ -8,6 +8,7 @@ for a float64 oracle.
 (``"none"`` and the per-class sums, without weights) and returns what the per-pixel tests compare:
 (pixel_loss, class_loss, count, tp, bad count, confusion counts).
 """
+
 import torch
 
 import fused_imbalance.reference as R
@@ -28,11 +29,11 @@ def pixel_loss(x, y, mode, gamma, tvals, ignore):
     elif mode == Mode.SIGMOID_FOCAL:
         out = R.sigmoid_focal_loss(x, y, gamma, **kw)
     elif mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX):
-        out = R.mse_outlying_loss(x, y, tvals.to(x.device), input="logits" if mode == Mode.MSE_LOGITS else "softmax",
-                                  **kw)
+        out = R.mse_outlying_loss(
+            x, y, tvals.to(x.device), input="logits" if mode == Mode.MSE_LOGITS else "softmax", **kw
+        )
     else:
-        out = torch.zeros(y.shape, dtype=acc_dtype(x),
-                          device=x.device) + 0 * x.sum()
+        out = torch.zeros(y.shape, dtype=acc_dtype(x), device=x.device) + 0 * x.sum()
     return out.reshape(-1)
 
 
@@ -102,16 +103,46 @@ def grad(x, y, up, scale, mode, gamma, tvals, ignore=-100):
     return torch.zeros_like(x) if g is None else g
 
 
-def per_pixel_and_class(fwd, x, target, mode, gamma, tvals, ignore, need_tp=True, need_confusion=True, geo=()):
+def per_pixel_and_class(
+    fwd, x, target, mode, gamma, tvals, ignore, need_tp=True, need_confusion=True, geo=()
+):
     """A backend forward's per-pixel and per-class losses without weights, from two calls (``"none"``
     and the per-class sums): (pixel_loss, class_loss, count, tp, bad count, confusion or None). Both
     calls must agree on the statistics."""
     C = x.shape[1]
     conf = torch.zeros(C, C, dtype=torch.int64, device=x.device) if need_confusion else None
-    pl, _, count, tp, bad, _ = fwd(x, target, *geo, None, tvals, None, int(mode), gamma, ignore, int(Reduction.NONE),
-                                   int(Weighting.NONE), need_tp, False, False)
-    cl, _, count2, tp2, bad2, _ = fwd(x, target, *geo, None, tvals, conf, int(mode), gamma, ignore,
-                                      int(Reduction.CLASS), int(Weighting.NONE), need_tp, False, False)
+    pl, _, count, tp, bad, _ = fwd(
+        x,
+        target,
+        *geo,
+        None,
+        tvals,
+        None,
+        int(mode),
+        gamma,
+        ignore,
+        int(Reduction.NONE),
+        int(Weighting.NONE),
+        need_tp,
+        False,
+        False,
+    )
+    cl, _, count2, tp2, bad2, _ = fwd(
+        x,
+        target,
+        *geo,
+        None,
+        tvals,
+        conf,
+        int(mode),
+        gamma,
+        ignore,
+        int(Reduction.CLASS),
+        int(Weighting.NONE),
+        need_tp,
+        False,
+        False,
+    )
     assert torch.equal(count, count2) and torch.equal(tp, tp2) and torch.equal(bad, bad2)
     assert bad.shape == (2,) and bad.dtype == torch.int64
     return pl, cl, count, tp, bad[0], conf

@@ -19,6 +19,7 @@ cores): C is a compile-time constant of the static kernels, so each class count 
 kernel, and modes x dtypes x layouts multiply. ``--all`` adds every mode x dtype x layout for
 C = 19, 150 and 8142 rows.
 """
+
 import json
 import os
 import re
@@ -92,6 +93,7 @@ def _install():
 def _ptxas_usage(kernel):
     """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` with Triton's flags."""
     import tempfile
+
     md = kernel.metadata
     flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(90)}"]
     if not getattr(md, "enable_fp_fusion", True):
@@ -100,16 +102,26 @@ def _ptxas_usage(kernel):
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(kernel.asm["ptx"])
-        log = subprocess.run([get_ptxas(90).path, *flags, src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [get_ptxas(90).path, *flags, src, "-o", os.path.join(tmp, "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return regs, int(m.group(1)), int(m.group(2))
 
 
 _DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-_MODES = {"ce": (0, 0.0), "focal": (0, 2.0), "sigfocal": (1, 2.0), "mselogit": (2, 0.0),
-          "msesoftmax": (3, 0.0), "stats": (4, 0.0)}
+_MODES = {
+    "ce": (0, 0.0),
+    "focal": (0, 2.0),
+    "sigfocal": (1, 2.0),
+    "mselogit": (2, 0.0),
+    "msesoftmax": (3, 0.0),
+    "stats": (4, 0.0),
+}
 
 # (C, layout, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's backward too.
 # need_pixel_loss: a weighted "none"; need_tp: the recall weights; need_confusion "global": integer atomics
@@ -160,6 +172,7 @@ def _call(need_pl, need_tp, need_conf, mode, C, acc):
     """(weight, confusion, reduction, weighting) of a forward call with these flags: the per-pixel loss
     is a weighted "none" (its in-kernel weighting), true positives come with the recall weights."""
     from fused_imbalance.ops import Reduction, Weighting
+
     conf = torch.empty((C, C), dtype=torch.int64) if need_conf else None
     if mode == 4:
         return None, conf, int(Reduction.SUM), int(Weighting.NONE)
@@ -170,6 +183,7 @@ def _call(need_pl, need_tp, need_conf, mode, C, acc):
 
 def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
     from fused_imbalance.ops import triton_loss as T
+
     dtype = _DTYPES[dt]
     mode, gamma = _MODES[mode_name]
     x = _logits(C, layout, dtype)
@@ -178,6 +192,7 @@ def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tv = torch.empty(C, dtype=acc) if mode in (2, 3) else None
     from fused_imbalance.ops import _triton_host as H
+
     start = len(_COMPILED)
     saved = T._CONF_HIST_CELLS, H._FINALIZE_ELEMS
     if need_conf == "global":  # and the row reduction ahead of the finalize (rows x classes too many)
@@ -196,10 +211,37 @@ def compile_variant(C, layout, dt, mode_name, need_pl, need_tp, need_conf):
 # (C, interp, align_corners, dtype, mode, need_pixel_loss, need_tp, need_confusion); each forward's
 # backward too. Low-resolution (2, C, 32, 64) logits against (2, 128, 256) labels.
 UPSAMPLE_VARIANTS = [
-    (19, "bilinear", False, "f32", "focal", True, True, True),  # cached rows, statistics in registers, coefficients
-    (8, "nearest", False, "bf16", "ce", False, False, False),  # one-tap axes, the softmax in the gradient pass
+    (
+        19,
+        "bilinear",
+        False,
+        "f32",
+        "focal",
+        True,
+        True,
+        True,
+    ),  # cached rows, statistics in registers, coefficients
+    (
+        8,
+        "nearest",
+        False,
+        "bf16",
+        "ce",
+        False,
+        False,
+        False,
+    ),  # one-tap axes, the softmax in the gradient pass
     (19, "bilinear", True, "f64", "msesoftmax", False, False, False),  # float64: the most registers
-    (150, "bilinear", False, "bf16", "focal", False, True, True),  # class groups in a loop, coefficient launch
+    (
+        150,
+        "bilinear",
+        False,
+        "bf16",
+        "focal",
+        False,
+        True,
+        True,
+    ),  # class groups in a loop, coefficient launch
     # (and, for the softmax focal class groups, the forward that keeps lse and the launch of the
     # coefficients from it)
     (40, "bilinear", False, "f64", "focal", True, True, True),  # float64 class groups, steps of 4 rows
@@ -220,6 +262,7 @@ UPSAMPLE_VARIANTS = [
 
 def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, need_tp, need_conf):
     from fused_imbalance.ops import triton_upsample as U
+
     dtype = _DTYPES[dt]
     mode, gamma = _MODES[mode_name]
     x = torch.empty((2, C, 32, 64), dtype=dtype)
@@ -231,13 +274,36 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     weight, conf, red, wt = _call(need_pl, need_tp, need_conf, mode, C, acc)
     U._forward(x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, False)
     if mode != 4:
-        U._backward(x, y, ip, align_corners, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), tv, None,
-                    mode, gamma, -100)
+        U._backward(
+            x,
+            y,
+            ip,
+            align_corners,
+            torch.empty(y.numel(), dtype=acc),
+            torch.empty(C, dtype=acc),
+            tv,
+            None,
+            mode,
+            gamma,
+            -100,
+        )
     if U.keeps_lse(x, mode, gamma):
-        lse = U._forward(x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False,
-                         True)[5]
-        U._backward(x, y, ip, align_corners, torch.empty(y.numel(), dtype=acc), torch.empty(C, dtype=acc), tv, lse,
-                    mode, gamma, -100)
+        lse = U._forward(
+            x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, True
+        )[5]
+        U._backward(
+            x,
+            y,
+            ip,
+            align_corners,
+            torch.empty(y.numel(), dtype=acc),
+            torch.empty(C, dtype=acc),
+            tv,
+            lse,
+            mode,
+            gamma,
+            -100,
+        )
     return _COMPILED[start:]
 
 
@@ -248,6 +314,7 @@ SELECT_VARIANTS = [("f32", False), ("f32", True), ("f64", False)]
 
 def compile_select_variant(dt, first):
     from fused_imbalance.ops import triton_select as S
+
     v = torch.empty(1 << 20, dtype=_DTYPES[dt])
     first_hist = torch.zeros(S.FIRST_BINS, dtype=torch.int64) if first else None
     start = len(_COMPILED)
@@ -259,12 +326,17 @@ def compile_select_variant(dt, first):
 # (dtype, reduction, weighted, upsampled, mean over every pixel): its O(N) kernels in every flag combination,
 # the selection's passes after a first histogram counted elsewhere (float32 and float64 plans), and the
 # loss launchers' passes.
-OHEM_VARIANTS = [("f32", 0, True, False, False), ("f32", 2, False, False, False), ("f64", 1, False, False, False),
-                 ("bf16", 0, False, True, True)]
+OHEM_VARIANTS = [
+    ("f32", 0, True, False, False),
+    ("f32", 2, False, False, False),
+    ("f64", 1, False, False, False),
+    ("bf16", 0, False, True, True),
+]
 
 
 def compile_ohem_variant(dt, reduction, weighted, upsampled, mean_over_all):
     from fused_imbalance.ops import triton_ohem as O
+
     dtype = _DTYPES[dt]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.empty((2, 19, 32, 64) if upsampled else (2, 19, 128, 256), dtype=dtype)
@@ -272,8 +344,9 @@ def compile_ohem_variant(dt, reduction, weighted, upsampled, mean_over_all):
     interp = 1 if upsampled else -1
     w = torch.empty(19, dtype=acc) if weighted else None
     start = len(_COMPILED)
-    loss, pn, aux, bad, lse = O._forward(x, y, interp, False, w, None, 0.7, 100000, -100, reduction, mean_over_all,
-                                         False, False)
+    loss, pn, aux, bad, lse = O._forward(
+        x, y, interp, False, w, None, 0.7, 100000, -100, reduction, mean_over_all, False, False
+    )
     grad = torch.empty(y.numel() if reduction == 2 else (), dtype=acc)
     O._backward(x, y, interp, False, grad, w, pn, aux, lse, -100)
     return _COMPILED[start:]
@@ -282,9 +355,12 @@ def compile_ohem_variant(dt, reduction, weighted, upsampled, mean_over_all):
 def main(argv):
     _install()
     variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
-    jobs = ([(compile_variant, v) for v in variants] + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
-            + [(compile_select_variant, v) for v in SELECT_VARIANTS]
-            + [(compile_ohem_variant, v) for v in OHEM_VARIANTS])
+    jobs = (
+        [(compile_variant, v) for v in variants]
+        + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
+        + [(compile_select_variant, v) for v in SELECT_VARIANTS]
+        + [(compile_ohem_variant, v) for v in OHEM_VARIANTS]
+    )
     seen = {}
     for compile_fn, v in jobs:
         for kernel, constexprs in compile_fn(*v):
@@ -292,8 +368,15 @@ def main(argv):
             if h in seen:
                 continue
             regs, st, ld = _ptxas_usage(kernel)
-            seen[h] = dict(variant=list(v), kernel=kernel.metadata.name, num_warps=kernel.metadata.num_warps,
-                           constexprs=constexprs, registers=regs, spill_stores=st, spill_loads=ld)
+            seen[h] = dict(
+                variant=list(v),
+                kernel=kernel.metadata.name,
+                num_warps=kernel.metadata.num_warps,
+                constexprs=constexprs,
+                registers=regs,
+                spill_stores=st,
+                spill_loads=ld,
+            )
             print(json.dumps(seen[h]), flush=True)
 
 

@@ -9,6 +9,7 @@ with the cross-entropy, confusion counts in a register histogram and by integer 
 of 4 (16-bit and float32), gathered channels_last pixels, float64; the finalize with and without its
 row reduction, the reduce launch of a large table, the finalize op alone; the backward of each.
 """
+
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ _DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
 def compile_variant(C, layout, dt, kind, flags, reduction, confusion):
     from fused_imbalance.ops import triton_dice as T
     from fused_imbalance.ops.dice import params
+
     dtype = _DTYPES[dt]
     x = S._logits(C, layout, dtype)
     N = x.numel() // C
@@ -78,8 +80,15 @@ def main():
             if h in seen:
                 continue
             regs, st, ld = S._ptxas_usage(kernel)
-            seen[h] = dict(variant=list(v), kernel=kernel.metadata.name, num_warps=kernel.metadata.num_warps,
-                           constexprs=constexprs, registers=regs, spill_stores=st, spill_loads=ld)
+            seen[h] = dict(
+                variant=list(v),
+                kernel=kernel.metadata.name,
+                num_warps=kernel.metadata.num_warps,
+                constexprs=constexprs,
+                registers=regs,
+                spill_stores=st,
+                spill_loads=ld,
+            )
             print(json.dumps(seen[h]), flush=True)
 
 

@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) through a training step, in a fresh process where no backend has
 been loaded yet (loading one cannot be traced: it must not break the graph)."""
+
 import os
 import subprocess
 import sys
@@ -74,14 +75,20 @@ def _run(script, backend):
     if backend != "reference":
         from fused_imbalance.functional import resolve_backend
         import torch
+
         try:
             resolve_backend("cpp", torch.zeros(1, 2))
         except RuntimeError as e:
             pytest.skip(f"cpp backend unavailable: {e}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", f"BACKEND = {backend!r}\n" + script], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", f"BACKEND = {backend!r}\n" + script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"OK {'reference' if backend == 'reference' else 'cpp'}" in out.stdout
 

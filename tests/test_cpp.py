@@ -8,6 +8,7 @@ the backward with both incoming gradients, block and chunk boundaries, memory la
 strides, numerics at the edges, opcheck, torch.compile, bit-identical results across runs,
 thread counts and instruction-set copies, and the build/fallback machinery.
 """
+
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ MEAN, SUM, NONE, CLASS = (int(r) for r in Reduction)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
 
 def make(shape, dtype=torch.float32, label_dtype=torch.int64, seed=0, ignore_index=-100, scale=2.0):
     g = torch.Generator().manual_seed(seed)
@@ -58,35 +60,72 @@ def layout(x, name):
     raise ValueError(name)
 
 
-def fwd(x, target, mode, gamma=0.0, tvals=None, ignore_index=-100, reduction=NONE, weighting=0, weight=None,
-        confusion=None, need_tp=True, validate=False):
-    return BE.fwd(x, target, weight, tvals, confusion, int(mode), gamma, ignore_index, reduction, int(weighting),
-                  need_tp, validate, False)
+def fwd(
+    x,
+    target,
+    mode,
+    gamma=0.0,
+    tvals=None,
+    ignore_index=-100,
+    reduction=NONE,
+    weighting=0,
+    weight=None,
+    confusion=None,
+    need_tp=True,
+    validate=False,
+):
+    return BE.fwd(
+        x,
+        target,
+        weight,
+        tvals,
+        confusion,
+        int(mode),
+        gamma,
+        ignore_index,
+        reduction,
+        int(weighting),
+        need_tp,
+        validate,
+        False,
+    )
 
 
 def check_fwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, confusion=True):
     C = x.shape[1]
     tv = tvals.to(acc_dtype(x)) if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     target = y.reshape(-1)
-    pixel, class_loss, count, tp, bad, conf = contract.per_pixel_and_class(BE.fwd, x, target, mode, gamma, tv,
-                                                                            ignore_index, True, confusion)
-    want = contract.forward(x.double(), target, None, tvals, mode, gamma, ignore_index, Reduction.CLASS,
-                            Weighting.NONE)
+    pixel, class_loss, count, tp, bad, conf = contract.per_pixel_and_class(
+        BE.fwd, x, target, mode, gamma, tv, ignore_index, True, confusion
+    )
+    want = contract.forward(
+        x.double(), target, None, tvals, mode, gamma, ignore_index, Reduction.CLASS, Weighting.NONE
+    )
     pl_want = contract.pixel_loss(x.double(), target, mode, gamma, tvals, ignore_index)
     assert pixel.dtype == class_loss.dtype == acc_dtype(x)
     assert pixel.shape == (target.numel(),) and class_loss.shape == (C,)
     tol = LOSS_TOL[x.dtype]
     torch.testing.assert_close(pixel.double(), pl_want, **tol)
-    torch.testing.assert_close(class_loss.double(), want[0], atol=tol["atol"] * max(1, target.numel()),
-                               rtol=tol["rtol"])
+    torch.testing.assert_close(
+        class_loss.double(), want[0], atol=tol["atol"] * max(1, target.numel()), rtol=tol["rtol"]
+    )
     assert torch.equal(count, want[2]) and torch.equal(tp, want[3]) and bad.item() == want[4].item()
     if confusion:
         assert torch.equal(conf, want[5])
     if mode != Mode.STATS:  # the weighted mean, and its backward factor, from the same pass
         w = torch.linspace(0.5, 2.0, C, dtype=acc_dtype(x))
         loss, scale, *_ = fwd(x, target, mode, gamma, tv, ignore_index, MEAN, Weighting.GENERAL, w)
-        wl, ws, *_ = contract.forward(x.double(), target, w.double(), tvals, mode, gamma, ignore_index,
-                                      Reduction.MEAN, Weighting.GENERAL)
+        wl, ws, *_ = contract.forward(
+            x.double(),
+            target,
+            w.double(),
+            tvals,
+            mode,
+            gamma,
+            ignore_index,
+            Reduction.MEAN,
+            Weighting.GENERAL,
+        )
         assert loss.shape == () and scale.shape == (C,)
         torch.testing.assert_close(loss.double(), wl, **tol)
         torch.testing.assert_close(scale.double(), ws, **tol)
@@ -115,18 +154,38 @@ def check_bwd(x, y, mode, gamma=0.0, tvals=None, ignore_index=-100, seed=1):
 
 # --- every mode and γ, every layout, dtype and label dtype ----------------------------------------
 
-CASES = [(Mode.SOFTMAX_FOCAL, 0.0), (Mode.SOFTMAX_FOCAL, 0.5), (Mode.SOFTMAX_FOCAL, 1.0),
-         (Mode.SOFTMAX_FOCAL, 2.0), (Mode.SOFTMAX_FOCAL, 2.5), (Mode.SIGMOID_FOCAL, 0.0),
-         (Mode.SIGMOID_FOCAL, 1.0), (Mode.SIGMOID_FOCAL, 2.0), (Mode.SIGMOID_FOCAL, 1.5),
-         (Mode.MSE_LOGITS, 0.0), (Mode.MSE_SOFTMAX, 0.0), (Mode.STATS, 0.0)]
+CASES = [
+    (Mode.SOFTMAX_FOCAL, 0.0),
+    (Mode.SOFTMAX_FOCAL, 0.5),
+    (Mode.SOFTMAX_FOCAL, 1.0),
+    (Mode.SOFTMAX_FOCAL, 2.0),
+    (Mode.SOFTMAX_FOCAL, 2.5),
+    (Mode.SIGMOID_FOCAL, 0.0),
+    (Mode.SIGMOID_FOCAL, 1.0),
+    (Mode.SIGMOID_FOCAL, 2.0),
+    (Mode.SIGMOID_FOCAL, 1.5),
+    (Mode.MSE_LOGITS, 0.0),
+    (Mode.MSE_SOFTMAX, 0.0),
+    (Mode.STATS, 0.0),
+]
 
 
 @pytest.mark.parametrize("mode, gamma", CASES)
-@pytest.mark.parametrize("shape, lay", [((2, 5, 7, 13), "nchw"), ((2, 5, 7, 13), "channels_last"),
-                                        ((91, 6), "nchw"), ((91, 6), "rows_transposed"),
-                                        ((2, 3, 3, 4, 5), "nchw"), ((2, 3, 3, 4, 5), "channels_last"),
-                                        ((2, 4, 6, 5), "channel_slice"), ((2, 4, 6, 5), "not_collapsible"),
-                                        ((3, 2, 1, 1), "nchw"), ((4, 1, 3, 3), "nchw")])
+@pytest.mark.parametrize(
+    "shape, lay",
+    [
+        ((2, 5, 7, 13), "nchw"),
+        ((2, 5, 7, 13), "channels_last"),
+        ((91, 6), "nchw"),
+        ((91, 6), "rows_transposed"),
+        ((2, 3, 3, 4, 5), "nchw"),
+        ((2, 3, 3, 4, 5), "channels_last"),
+        ((2, 4, 6, 5), "channel_slice"),
+        ((2, 4, 6, 5), "not_collapsible"),
+        ((3, 2, 1, 1), "nchw"),
+        ((4, 1, 3, 3), "nchw"),
+    ],
+)
 def test_modes_layouts(mode, gamma, shape, lay):
     x, y, tvals = make(shape)
     x = layout(x, lay)
@@ -136,8 +195,10 @@ def test_modes_layouts(mode, gamma, shape, lay):
     check_bwd(x, y, mode, gamma, tvals)
 
 
-@pytest.mark.parametrize("mode, gamma", [(Mode.SOFTMAX_FOCAL, 1.5), (Mode.SIGMOID_FOCAL, 2.0),
-                                         (Mode.MSE_LOGITS, 0.0), (Mode.MSE_SOFTMAX, 0.0)])
+@pytest.mark.parametrize(
+    "mode, gamma",
+    [(Mode.SOFTMAX_FOCAL, 1.5), (Mode.SIGMOID_FOCAL, 2.0), (Mode.MSE_LOGITS, 0.0), (Mode.MSE_SOFTMAX, 0.0)],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
 def test_dtypes(mode, gamma, dtype, lay):
@@ -147,12 +208,16 @@ def test_dtypes(mode, gamma, dtype, lay):
     check_bwd(x, y, mode, gamma, tvals)
 
 
-@pytest.mark.parametrize("label_dtype, ignore_index", [(torch.uint8, 255), (torch.uint8, -100),
-                                                       (torch.int16, -100), (torch.int32, -1),
-                                                       (torch.int64, 0)])
+@pytest.mark.parametrize(
+    "label_dtype, ignore_index",
+    [(torch.uint8, 255), (torch.uint8, -100), (torch.int16, -100), (torch.int32, -1), (torch.int64, 0)],
+)
 def test_label_dtypes(label_dtype, ignore_index):
-    x, y, tvals = make((2, 6, 8, 9), label_dtype=label_dtype,
-                       ignore_index=ignore_index if ignore_index >= 0 or label_dtype != torch.uint8 else 255)
+    x, y, tvals = make(
+        (2, 6, 8, 9),
+        label_dtype=label_dtype,
+        ignore_index=ignore_index if ignore_index >= 0 or label_dtype != torch.uint8 else 255,
+    )
     for mode, gamma in [(Mode.SOFTMAX_FOCAL, 2.0), (Mode.MSE_SOFTMAX, 0.0)]:
         check_fwd(x, y, mode, gamma, tvals, ignore_index)
         check_bwd(x, y, mode, gamma, tvals, ignore_index)
@@ -180,6 +245,7 @@ def test_large_class_count_rows(C):
 
 
 # --- statistics, edges ---------------------------------------------------------------------------
+
 
 def test_ties_and_nan_argmax_like_torch():
     x, y, _ = make((2, 5, 6, 7))
@@ -213,13 +279,17 @@ def test_validate_raises_naming_the_labels_before_touching_the_confusion():
     target = y.reshape(-1)
     conf = torch.ones(4, 4, dtype=torch.int64)
     for confusion in (conf, None):
-        with pytest.raises(ValueError, match=r"label -3 outside \[0, 4\) \(values: -3, 4, 100; ignore_index=-100\)"):
+        with pytest.raises(
+            ValueError, match=r"label -3 outside \[0, 4\) \(values: -3, 4, 100; ignore_index=-100\)"
+        ):
             fwd(x, target, 0, reduction=MEAN, confusion=confusion, validate=True)
     assert torch.equal(conf, torch.ones_like(conf))
     fwd(x, target, 0, reduction=MEAN, confusion=conf, validate=False)
     valid = torch.where((y >= 0) & (y < 4), y, torch.full_like(y, -100))
-    assert torch.equal(conf - 1, contract.forward(x.double(), valid, None, None, 0, 0.0, -100, Reduction.MEAN,
-                                                  Weighting.NONE)[5])
+    assert torch.equal(
+        conf - 1,
+        contract.forward(x.double(), valid, None, None, 0, 0.0, -100, Reduction.MEAN, Weighting.NONE)[5],
+    )
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 5), (0, 3)])
@@ -232,8 +302,9 @@ def test_zero_pixels(shape):
     assert tp.shape == (C,) and (tp == 0).all() and (conf == 0).all()
     class_loss = fwd(x, y.reshape(-1), 0, 2.0, reduction=CLASS)[0]
     assert class_loss.shape == (C,) and (class_loss == 0).all()
-    loss, scale, *_ = fwd(x, y.reshape(-1), 0, 2.0, reduction=MEAN, weighting=Weighting.GENERAL,
-                          weight=torch.full((C,), 2.0))
+    loss, scale, *_ = fwd(
+        x, y.reshape(-1), 0, 2.0, reduction=MEAN, weighting=Weighting.GENERAL, weight=torch.full((C,), 2.0)
+    )
     assert loss.item() == 0 and torch.equal(scale, torch.full((C,), 2.0))  # D = 0 divides by 1
     assert BE.bwd(x, y.reshape(-1), None, torch.ones(C), None, None, 0, 2.0, -100).shape == x.shape
 
@@ -260,9 +331,9 @@ def test_need_tp_false_and_strided_grads():
     assert torch.equal(class_loss, full[0]) and torch.equal(count, full[2])
     gp = torch.tensor(0.5).expand(target.numel())  # a stride-0 gradient, as from .sum()
     grad = BE.bwd(x, target, gp, None, None, None, 0, 2.0, -100)
-    torch.testing.assert_close(grad.double(),
-                               contract.grad(x.double(), target, gp, None, 0, 2.0, None, -100),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        grad.double(), contract.grad(x.double(), target, gp, None, 0, 2.0, None, -100), **TOL[torch.float32]
+    )
 
 
 def test_reductions_and_weightings():
@@ -275,17 +346,23 @@ def test_reductions_and_weightings():
     for red in (Reduction.MEAN, Reduction.SUM, Reduction.NONE):
         for wt in Weighting:
             weight = w if wt in (Weighting.GENERAL, Weighting.PAPER) else None
-            loss, scale, count, tp, _, _ = fwd(x, target, 0, 1.5, reduction=int(red), weighting=wt, weight=weight,
-                                               need_tp=False)
+            loss, scale, count, tp, _, _ = fwd(
+                x, target, 0, 1.5, reduction=int(red), weighting=wt, weight=weight, need_tp=False
+            )
             want = contract.forward(x, target, weight, None, 0, 1.5, -100, red, wt)
             torch.testing.assert_close(loss, want[0], **TOL[torch.float64])
             assert tp.shape == ((5,) if wt == Weighting.RECALL else (0,))
             present = count > 0
             torch.testing.assert_close(scale[present], want[1][present], **TOL[torch.float64])
-            up = torch.tensor(1.25, dtype=torch.float64) if red != Reduction.NONE else torch.rand(target.numel(),
-                                                                                                   dtype=torch.float64)
+            up = (
+                torch.tensor(1.25, dtype=torch.float64)
+                if red != Reduction.NONE
+                else torch.rand(target.numel(), dtype=torch.float64)
+            )
             grad = BE.bwd(x, target, up, scale, None, None, 0, 1.5, -100)
-            torch.testing.assert_close(grad, contract.grad(x, target, up, want[1], 0, 1.5, None), **TOL[torch.float64])
+            torch.testing.assert_close(
+                grad, contract.grad(x, target, up, want[1], 0, 1.5, None), **TOL[torch.float64]
+            )
 
 
 def test_focal_numerics_at_certainty():
@@ -298,15 +375,18 @@ def test_focal_numerics_at_certainty():
         assert (pixel == 0).all()
         grad = BE.bwd(x, y, torch.ones(3), None, None, None, 0, gamma, -100)
         assert torch.isfinite(grad).all()
-        torch.testing.assert_close(grad.double(),
-                                   contract.grad(x.double(), y, torch.ones(3), None, 0, gamma, None, -100),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(
+            grad.double(),
+            contract.grad(x.double(), y, torch.ones(3), None, 0, gamma, None, -100),
+            **TOL[torch.float32],
+        )
     for gamma in (0.0, 0.5, 2.0):
         pixel = fwd(x, y, 1, gamma)[0]
         grad = BE.bwd(x, y, torch.ones(3), None, None, None, 1, gamma, -100)
         assert torch.isfinite(pixel).all() and torch.isfinite(grad).all()
-        torch.testing.assert_close(pixel.double(), contract.pixel_loss(x.double(), y, 1, gamma, None, -100),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(
+            pixel.double(), contract.pixel_loss(x.double(), y, 1, gamma, None, -100), **TOL[torch.float32]
+        )
 
 
 def test_tiny_probability_focal():
@@ -315,42 +395,59 @@ def test_tiny_probability_focal():
     y = torch.tensor([0, 0])
     for gamma in (0.5, 2.0):
         pixel = fwd(x, y, 0, gamma)[0]
-        torch.testing.assert_close(pixel.double(), contract.pixel_loss(x.double(), y, 0, gamma, None, -100),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(
+            pixel.double(), contract.pixel_loss(x.double(), y, 0, gamma, None, -100), **TOL[torch.float32]
+        )
 
 
 @pytest.mark.parametrize("mode, gamma", CASES[:-1])
 def test_gradcheck_float64(mode, gamma):
     """Through the autograd formula (functional.py's path), every reduction."""
     from fused_imbalance import _fused
+
     _fused.register_backend(BE)
     x, y, tvals = make((2, 4, 3, 2), torch.float64, scale=1.0)
     target = y.reshape(-1)
     tv = tvals if mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     x.requires_grad_(True)
     w = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
-    for red, wt in [(Reduction.MEAN, Weighting.GENERAL), (Reduction.SUM, Weighting.NONE),
-                    (Reduction.NONE, Weighting.PAPER), (Reduction.CLASS, Weighting.NONE)]:
+    for red, wt in [
+        (Reduction.MEAN, Weighting.GENERAL),
+        (Reduction.SUM, Weighting.NONE),
+        (Reduction.NONE, Weighting.PAPER),
+        (Reduction.CLASS, Weighting.NONE),
+    ]:
         weight = w if wt != Weighting.NONE else None
         assert torch.autograd.gradcheck(
-            lambda t: _fused.forward("cpp", t, target, (), weight, tv, None, mode, gamma, -100, red, wt, False,
-                                     False)[0], (x,))
+            lambda t: _fused.forward(
+                "cpp", t, target, (), weight, tv, None, mode, gamma, -100, red, wt, False, False
+            )[0],
+            (x,),
+        )
 
 
 # --- torch.library and torch.compile -------------------------------------------------------------
 
-@pytest.mark.parametrize("reduction, need_tp, with_confusion", [(NONE, True, True), (MEAN, False, False),
-                                                                (CLASS, True, False)])
+
+@pytest.mark.parametrize(
+    "reduction, need_tp, with_confusion", [(NONE, True, True), (MEAN, False, False), (CLASS, True, False)]
+)
 def test_opcheck(reduction, need_tp, with_confusion):
     x, y, tvals = make((2, 4, 3, 5), torch.float64)
     target = y.reshape(-1)
     conf = torch.zeros(4, 4, dtype=torch.int64) if with_confusion else None
     w = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
-    torch.library.opcheck(BE.fwd_op, (x, target, w, None, conf, 0, 1.5, -100, reduction, 1, need_tp, False, False))
-    torch.library.opcheck(BE.fwd_op, (x, target, None, tvals, conf, 3, 0.0, -100, reduction, 3, need_tp, True, False))
+    torch.library.opcheck(
+        BE.fwd_op, (x, target, w, None, conf, 0, 1.5, -100, reduction, 1, need_tp, False, False)
+    )
+    torch.library.opcheck(
+        BE.fwd_op, (x, target, None, tvals, conf, 3, 0.0, -100, reduction, 3, need_tp, True, False)
+    )
     gp = torch.randn(target.numel(), dtype=torch.float64)
     torch.library.opcheck(BE.bwd_op, (x, target, gp, None, None, None, 1, 2.0, -100))
-    torch.library.opcheck(BE.bwd_op, (x, target, torch.tensor(0.5, dtype=torch.float64), w, tvals, None, 2, 0.0, -100))
+    torch.library.opcheck(
+        BE.bwd_op, (x, target, torch.tensor(0.5, dtype=torch.float64), w, tvals, None, 2, 0.0, -100)
+    )
 
 
 def test_eager_functions_are_the_ops():
@@ -363,21 +460,26 @@ def test_eager_functions_are_the_ops():
     b = BE.fwd_op(x, target, w, None, c2, 0, 2.0, -100, MEAN, 1, True, True, False)
     assert all(torch.equal(u, v) for u, v in zip(a, b)) and torch.equal(c1, c2)
     g = torch.tensor(1.0)
-    assert torch.equal(BE.bwd(x, target, g, a[1], None, None, 0, 2.0, -100),
-                       BE.bwd_op(x, target, g, a[1], None, None, 0, 2.0, -100))
+    assert torch.equal(
+        BE.bwd(x, target, g, a[1], None, None, 0, 2.0, -100),
+        BE.bwd_op(x, target, g, a[1], None, None, 0, 2.0, -100),
+    )
 
 
 def test_compile_training_step():
     import fused_imbalance.functional as FI
+
     torch._dynamo.reset()
     x0, y, _ = make((2, 5, 6, 7))
     x0 = x0.contiguous(memory_format=torch.channels_last)
     outlying = torch.arange(1.0, 6.0)
 
     def step(x, y, conf):
-        return (FI.recall_loss(x, y, confusion=conf, backend="cpp")
-                + FI.focal_loss(x, y, gamma=1.5, backend="cpp")
-                + FI.mse_outlying_loss(x, y, outlying, input="softmax", backend="cpp"))
+        return (
+            FI.recall_loss(x, y, confusion=conf, backend="cpp")
+            + FI.focal_loss(x, y, gamma=1.5, backend="cpp")
+            + FI.mse_outlying_loss(x, y, outlying, input="softmax", backend="cpp")
+        )
 
     results = []
     for fn in (step, torch.compile(step, fullgraph=True)):
@@ -438,8 +540,12 @@ DET_SCRIPT = textwrap.dedent("""
 
 def _det_outputs(tmp_path, name, **env):
     path = tmp_path / f"{name}.pt"
-    subprocess.run([sys.executable, "-c", DET_SCRIPT, str(path)], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": ROOT, **env})
+    subprocess.run(
+        [sys.executable, "-c", DET_SCRIPT, str(path)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+    )
     return torch.load(path)
 
 
@@ -500,6 +606,7 @@ def test_instruction_sets(tmp_path):
 
 
 # --- loading ------------------------------------------------------------------------------------
+
 
 def test_supports():
     assert cpp.supports(torch.zeros(2, 3))
@@ -619,7 +726,9 @@ def test_sanitizer_build_flags(monkeypatch):
     monkeypatch.setenv("FUSED_IMBALANCE_SANITIZE", "address,undefined")
     flags = cfg.cxx_flags()
     assert "-fsanitize=address,undefined" in flags and "-fno-sanitize-recover=all" in flags
-    assert flags.index("-O1") > flags.index("-O3") and flags.index("-g1") > flags.index("-g0")  # the later flag wins
+    assert flags.index("-O1") > flags.index("-O3") and flags.index("-g1") > flags.index(
+        "-g0"
+    )  # the later flag wins
     assert "-fsanitize=address,undefined" in cfg.link_flags()
     monkeypatch.setenv("FUSED_IMBALANCE_SANITIZE", "adress")
     with pytest.raises(ValueError, match="FUSED_IMBALANCE_SANITIZE.*adress"):

@@ -4,6 +4,7 @@ with ``upsample``; ``torch.compile(mode="reduce-overhead")`` of such a step (Ind
 works too. Possible because no fused call waits for the device: inside a capture the label check is
 a device assertion. These need a GPU (marked ``cuda``); the deferred check itself is tested on the
 CPU (tests/test_parity.py, tests/test_deferred.py)."""
+
 import pytest
 import torch
 

@@ -6,6 +6,7 @@ C = 1 ... 150, upsample, the confusion counts, bad labels, determinism, the ops 
 registered op), torch.compile, the modules and their options.
 
 The Triton kernels run through the interpreter on CPU tensors: their inputs stay a few hundred pixels."""
+
 import os
 import subprocess
 import sys
@@ -28,22 +29,38 @@ W4 = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
 # stands for a weight of C classes (C' for the Dice term without background), built for the input.
 CALLS = {
     "dice": (FI.dice_loss, R.dice_loss, {}),
-    "dice_jaccard_squared_weighted": (FI.dice_loss, R.dice_loss,
-                                      dict(weight="w'", include_background=False, jaccard=True, squared_pred=True)),
+    "dice_jaccard_squared_weighted": (
+        FI.dice_loss,
+        R.dice_loss,
+        dict(weight="w'", include_background=False, jaccard=True, squared_pred=True),
+    ),
     "dice_batch_smooth": (FI.dice_loss, R.dice_loss, dict(batch=True, smooth_nr=1e-2, smooth_dr=3e-2)),
     "generalized_dice": (FI.generalized_dice_loss, R.generalized_dice_loss, {}),
-    "generalized_dice_simple": (FI.generalized_dice_loss, R.generalized_dice_loss,
-                                dict(w_type="simple", batch=True, include_background=False)),
+    "generalized_dice_simple": (
+        FI.generalized_dice_loss,
+        R.generalized_dice_loss,
+        dict(w_type="simple", batch=True, include_background=False),
+    ),
     "generalized_dice_uniform": (FI.generalized_dice_loss, R.generalized_dice_loss, dict(w_type="uniform")),
     "tversky": (FI.tversky_loss, R.tversky_loss, dict(alpha=0.3, beta=0.7)),
-    "focal_tversky": (FI.tversky_loss, R.tversky_loss,
-                      dict(alpha=0.7, beta=0.6, gamma=0.75, include_background=False, batch=True)),
+    "focal_tversky": (
+        FI.tversky_loss,
+        R.tversky_loss,
+        dict(alpha=0.7, beta=0.6, gamma=0.75, include_background=False, batch=True),
+    ),
     "dice_ce": (FI.dice_ce_loss, R.dice_ce_loss, dict(lambda_dice=0.6, lambda_ce=1.4, weight="w")),
-    "dice_ce_jaccard": (FI.dice_ce_loss, R.dice_ce_loss,
-                        dict(jaccard=True, squared_pred=True, batch=True, include_background=False, weight="w")),
+    "dice_ce_jaccard": (
+        FI.dice_ce_loss,
+        R.dice_ce_loss,
+        dict(jaccard=True, squared_pred=True, batch=True, include_background=False, weight="w"),
+    ),
 }
-FUSED_OF = {R.dice_loss: FI.dice_loss, R.generalized_dice_loss: FI.generalized_dice_loss,
-            R.tversky_loss: FI.tversky_loss, R.dice_ce_loss: FI.dice_ce_loss}
+FUSED_OF = {
+    R.dice_loss: FI.dice_loss,
+    R.generalized_dice_loss: FI.generalized_dice_loss,
+    R.tversky_loss: FI.tversky_loss,
+    R.dice_ce_loss: FI.dice_ce_loss,
+}
 
 
 def _reductions(name):
@@ -91,6 +108,7 @@ def _compare(name, x, y, backend, reductions=None, dtype_tol=torch.float64):
 
 # --- against the reference ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 @pytest.mark.parametrize("name", CALLS)
 def test_matches_reference_2d(backend, name, layout):
@@ -115,8 +133,11 @@ def test_class_counts(backend, C):
     shape = (2, C, 3, 5) if backend == "triton" else (2, C, 17, 23)
     x, y = _data(shape, seed=C, device=backend_device(backend))
     # the interpreter's cost grows with C (every class is unrolled code): two losses there beyond 32 classes
-    names = ("generalized_dice", "dice_ce") if backend == "triton" and C > 32 else (
-        "dice", "generalized_dice", "focal_tversky", "dice_ce")
+    names = (
+        ("generalized_dice", "dice_ce")
+        if backend == "triton" and C > 32
+        else ("dice", "generalized_dice", "focal_tversky", "dice_ce")
+    )
     for name in names:
         if C == 1 and CALLS[name][2].get("include_background") is False:
             continue
@@ -162,16 +183,18 @@ def test_label_dtypes(backend, label_dtype):
         torch.testing.assert_close(gf, gr, **F64)
 
 
-@pytest.mark.parametrize("name", ["dice", "dice_jaccard_squared_weighted", "generalized_dice", "focal_tversky",
-                                  "dice_ce_jaccard"])
+@pytest.mark.parametrize(
+    "name", ["dice", "dice_jaccard_squared_weighted", "generalized_dice", "focal_tversky", "dice_ce_jaccard"]
+)
 def test_gradcheck_float64(backend, name):
     fused, _, _ = CALLS[name]
     x, y = _data((2, 3, 2, 3), every=4, device=backend_device(backend))
     kw = _kw(name, 3, x.device)
     x.requires_grad_(True)
     reduction = _reductions(name)[-1]  # "none" holds the whole Jacobian that "mean" and "sum" reduce
-    assert torch.autograd.gradcheck(lambda t: fused(t, y, reduction=reduction, backend=backend, **kw), (x,),
-                                    fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(
+        lambda t: fused(t, y, reduction=reduction, backend=backend, **kw), (x,), fast_mode=backend == "triton"
+    )
 
 
 def test_per_term_losses_summed_equal_the_sum(backend):
@@ -186,6 +209,7 @@ def test_per_term_losses_summed_equal_the_sum(backend):
 
 
 # --- edge cases ------------------------------------------------------------------------------------
+
 
 def test_all_ignored(backend):
     # I = P = G = 0: every term is 1 − smooth_nr/smooth_dr (0 with equal smoothing), the gradient 0
@@ -202,8 +226,11 @@ def test_all_ignored(backend):
                 assert (lf == 0).all(), (name, reduction)
     for smooth in (dict(smooth_dr=4e-5), dict(smooth_nr=0.0, smooth_dr=0.0)):
         for fn in (FI.dice_loss, FI.tversky_loss, FI.generalized_dice_loss):
-            ref = {FI.dice_loss: R.dice_loss, FI.tversky_loss: R.tversky_loss,
-                   FI.generalized_dice_loss: R.generalized_dice_loss}[fn]
+            ref = {
+                FI.dice_loss: R.dice_loss,
+                FI.tversky_loss: R.tversky_loss,
+                FI.generalized_dice_loss: R.generalized_dice_loss,
+            }[fn]
             torch.testing.assert_close(fn(x, y, backend=backend, **smooth), ref(x, y, **smooth), **F64)
     assert FI.dice_loss(x, y, smooth_dr=4e-5, backend=backend).item() == pytest.approx(0.75)
 
@@ -246,8 +273,11 @@ def test_empty_batch_and_empty_images(backend):
         y = torch.zeros((shape[0],) + shape[2:], dtype=torch.int64, device=dev)
         for fn in (FI.dice_loss, FI.generalized_dice_loss, FI.dice_ce_loss):
             loss = fn(x, y, backend=backend)
-            ref = {FI.dice_loss: R.dice_loss, FI.generalized_dice_loss: R.generalized_dice_loss,
-                   FI.dice_ce_loss: R.dice_ce_loss}[fn](x.detach(), y)
+            ref = {
+                FI.dice_loss: R.dice_loss,
+                FI.generalized_dice_loss: R.generalized_dice_loss,
+                FI.dice_ce_loss: R.dice_ce_loss,
+            }[fn](x.detach(), y)
             torch.testing.assert_close(loss.detach(), ref, **F64)
             loss.backward()
             assert x.grad.shape == x.shape and (x.grad == 0).all()
@@ -255,6 +285,7 @@ def test_empty_batch_and_empty_images(backend):
 
 
 # --- against MONAI and segmentation_models_pytorch --------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def monai():
@@ -275,7 +306,7 @@ def _monai(cls, x, y, **kw):
 def test_matches_monai(backend, monai, dims):
     x, y = _data(dims, every=0, device=backend_device(backend))
     xc, yc = x.cpu(), y.cpu()
-    w = torch.tensor([0.5, 1.0, 2.0, 0.25][:dims[1]], dtype=torch.float64)
+    w = torch.tensor([0.5, 1.0, 2.0, 0.25][: dims[1]], dtype=torch.float64)
     cases = [
         (FI.dice_loss, monai.DiceLoss, dict(reduction="none")),
         (FI.dice_loss, monai.DiceLoss, dict(jaccard=True, batch=True, include_background=False)),
@@ -284,7 +315,9 @@ def test_matches_monai(backend, monai, dims):
         (FI.dice_ce_loss, monai.DiceCELoss, dict(weight=w, lambda_dice=0.3, lambda_ce=1.7, batch=True)),
     ]
     for ours, cls, kw in cases:
-        got = ours(x, y, backend=backend, **{k: v.to(x.device) if torch.is_tensor(v) else v for k, v in kw.items()})
+        got = ours(
+            x, y, backend=backend, **{k: v.to(x.device) if torch.is_tensor(v) else v for k, v in kw.items()}
+        )
         want = _monai(cls, xc, yc, **kw)
         torch.testing.assert_close(got.cpu(), want.reshape(got.shape), **F64)
     # MONAI computes the generalized Dice weights in float32 whatever the input
@@ -314,6 +347,7 @@ def test_dice_matches_smp_formula(backend):
 
 
 # --- statistics, labels, determinism --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("C", [4, 40])
 def test_confusion_counts(backend, C):
@@ -361,8 +395,11 @@ def test_weight_checks(backend):
     with pytest.raises(ValueError, match="gamma"):
         FI.tversky_loss(x, y, gamma=0.0, backend=backend)
     # validate=False: the weight as it is, as the reference
-    torch.testing.assert_close(FI.dice_loss(x, y, bad, backend=backend, validate=False),
-                               R.dice_loss(x, y, bad, validate=False), **F64)
+    torch.testing.assert_close(
+        FI.dice_loss(x, y, bad, backend=backend, validate=False),
+        R.dice_loss(x, y, bad, validate=False),
+        **F64,
+    )
 
 
 def test_weight_checked_once_per_version(backend):
@@ -385,8 +422,11 @@ def test_weight_checked_once_per_version(backend):
         assert len(checks) == (3 if call == 0 else 0), names
         torch.testing.assert_close(loss, R.dice_ce_loss(x, y, weight=w.double()), **LOSS_TOL[torch.float64])
     w.mul_(2)
-    torch.testing.assert_close(FI.dice_ce_loss(x, y, weight=w, backend=backend),
-                               R.dice_ce_loss(x, y, weight=w.double()), **LOSS_TOL[torch.float64])
+    torch.testing.assert_close(
+        FI.dice_ce_loss(x, y, weight=w, backend=backend),
+        R.dice_ce_loss(x, y, weight=w.double()),
+        **LOSS_TOL[torch.float64],
+    )
     w[1] = -1.0
     if x.device.type == "cpu":
         with pytest.raises(ValueError, match="weight must be finite and >= 0"):
@@ -397,6 +437,7 @@ def test_options_remembered_per_call_signature(backend, monkeypatch):
     # a training loop's repeated options are checked once; a value equal to an accepted one but of
     # another type (1 for True, 1 for 1.0) is still checked, and refused where the check refuses it
     from fused_imbalance import _dice
+
     x, y = _data((2, 4, 3, 4), device=backend_device(backend))
     built = []
     cls = _dice.DiceOptions
@@ -408,8 +449,10 @@ def test_options_remembered_per_call_signature(backend, monkeypatch):
     torch.testing.assert_close(first, R.dice_loss(x, y, **kw), **LOSS_TOL[torch.float64])
     with pytest.raises(TypeError, match="include_background must be a bool"):
         FI.dice_loss(x, y, backend=backend, **dict(kw, include_background=0))
-    assert torch.equal(FI.dice_loss(x, y, backend=backend, **dict(kw, smooth_nr=1)),
-                       FI.dice_loss(x, y, backend=backend, **dict(kw, smooth_nr=1.0)))
+    assert torch.equal(
+        FI.dice_loss(x, y, backend=backend, **dict(kw, smooth_nr=1)),
+        FI.dice_loss(x, y, backend=backend, **dict(kw, smooth_nr=1.0)),
+    )
     assert len(built) == 4
     other = FI.dice_loss(x, y, backend=backend, **dict(kw, jaccard=False))  # another option: its own entry
     torch.testing.assert_close(other, R.dice_loss(x, y, **dict(kw, jaccard=False)), **LOSS_TOL[torch.float64])
@@ -433,8 +476,12 @@ def test_cpp_bit_identical_across_thread_counts(backend):
         out = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out.append([_run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, 19, "cpu"))
-                        for name in ("dice_ce", "dice_batch_smooth")])
+            out.append(
+                [
+                    _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, 19, "cpu"))
+                    for name in ("dice_ce", "dice_batch_smooth")
+                ]
+            )
     finally:
         torch.set_num_threads(threads)
     for other in out[1:]:
@@ -459,14 +506,17 @@ def test_triton_step_launches(monkeypatch, backend):
     """A step is the pass and the finalize (a reduce launch between them for a large table of program
     rows), then one backward launch: nothing else runs a kernel."""
     from fused_imbalance.ops import triton_dice as TD
+
     launched = []
     wrap = TD.wrap
     monkeypatch.setattr(TD, "wrap", lambda kernel: launched.append(kernel) or wrap(kernel))
     x, y = _data((2, 4, 3, 4), dtype=torch.float32)
     xr = x.double().requires_grad_(True)
     R.dice_ce_loss(xr, y, weight=torch.linspace(0.5, 2.0, 4, dtype=torch.float64)).backward()
-    for elems, forward in ((TD._FINALIZE_ELEMS, [TD._dice_fwd_kernel, TD._dice_finalize_kernel]),
-                           (0, [TD._dice_fwd_kernel, TD._dice_reduce_kernel, TD._dice_finalize_kernel])):
+    for elems, forward in (
+        (TD._FINALIZE_ELEMS, [TD._dice_fwd_kernel, TD._dice_finalize_kernel]),
+        (0, [TD._dice_fwd_kernel, TD._dice_reduce_kernel, TD._dice_finalize_kernel]),
+    ):
         monkeypatch.setattr(TD, "_FINALIZE_ELEMS", elems)
         xg = x.clone().requires_grad_(True)
         launched.clear()
@@ -481,6 +531,7 @@ def test_triton_step_launches(monkeypatch, backend):
 def test_registered_ops_equal_the_eager_functions(backend):
     # what torch.compile calls (the registered ops) and what an eager call runs: bit-identical
     from fused_imbalance.ops.dice import DiceFlags, DiceKind, dice_backend, params
+
     FI.resolve_backend(backend, torch.zeros(1, 2, device=backend_device(backend)))
     be = dice_backend(backend)
     x, y = _data((2, 5, 4, 5), dtype=torch.float32, device=backend_device(backend))
@@ -493,8 +544,10 @@ def test_registered_ops_equal_the_eager_functions(backend):
     for a, b in zip(eager, op):
         assert torch.equal(a, b)
     g = torch.tensor(0.75, device=x.device)
-    assert torch.equal(be.bwd(x, t, eager[2], eager[3], g, int(DiceKind.DICE), flags, -100, 0),
-                       be.bwd_op(x, t, op[2], op[3], g, int(DiceKind.DICE), flags, -100, 0))
+    assert torch.equal(
+        be.bwd(x, t, eager[2], eager[3], g, int(DiceKind.DICE), flags, -100, 0),
+        be.bwd_op(x, t, op[2], op[3], g, int(DiceKind.DICE), flags, -100, 0),
+    )
     # the forward without its finalize, then the finalize op on its sums: the same loss and coefficients
     _, sums, _, _, _ = be.fwd_op(*args, False)
     torch.library.opcheck(be.fwd_op, args + (False,), test_utils=("test_schema", "test_faketensor"))
@@ -506,9 +559,12 @@ def test_registered_ops_equal_the_eager_functions(backend):
 
 
 def test_opcheck(backend):
-    from fused_imbalance.ops.dice import DiceFlags, DiceKind, params
+    from fused_imbalance.ops.dice import DiceFlags, params
+
     FI.resolve_backend(backend, torch.zeros(1, 2, device=backend_device(backend)))
-    FI.dice_loss(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.int64), backend=backend)  # loads the ops
+    FI.dice_loss(
+        torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.int64), backend=backend
+    )  # loads the ops
     ops = torch.ops.fused_imbalance
     fwd = getattr(ops, f"{backend}_dice_fwd")
     fin = getattr(ops, f"{backend}_dice_finalize")
@@ -524,12 +580,28 @@ def test_opcheck(backend):
             args = (x, t, None, None, conf, kind, 0, flags, params(), -100, red, True, True)
             torch.library.opcheck(fwd, args, test_utils=tests)
             loss, sums, coef, ce_scale, _ = fwd(*args)
-            torch.library.opcheck(fin, (sums, None, None, kind, 0, flags, params(), red, 2.0), test_utils=tests)
-            torch.library.opcheck(bwd, (x, t, coef, ce_scale if ce_scale.numel() else None, torch.ones_like(loss),
-                                        kind, flags, -100, red), test_utils=tests)
+            torch.library.opcheck(
+                fin, (sums, None, None, kind, 0, flags, params(), red, 2.0), test_utils=tests
+            )
+            torch.library.opcheck(
+                bwd,
+                (
+                    x,
+                    t,
+                    coef,
+                    ce_scale if ce_scale.numel() else None,
+                    torch.ones_like(loss),
+                    kind,
+                    flags,
+                    -100,
+                    red,
+                ),
+                test_utils=tests,
+            )
 
 
 # --- autograd -----------------------------------------------------------------------------------------
+
 
 def test_double_backward_and_torch_func_are_errors(backend):
     x, y = _data((2, 3, 2, 3), device=backend_device(backend))
@@ -543,6 +615,7 @@ def test_double_backward_and_torch_func_are_errors(backend):
 
 # --- upsample -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode, align", [("bilinear", False), ("bilinear", True), ("nearest", False)])
 def test_upsample_equals_interpolate_then_reference(backend, mode, align):
     x, _ = _data((2, 4, 3, 4), device=backend_device(backend))
@@ -552,30 +625,47 @@ def test_upsample_equals_interpolate_then_reference(backend, mode, align):
         fused, ref, _ = CALLS[name]
         o = _kw(name, 4, x.device)
         lf, gf = _run(fused, x, y, "mean", backend=backend, upsample=mode, **kw, **o)
-        lr, gr = _run(lambda t, yy, **k: ref(F.interpolate(t, size=(7, 9), mode=mode, **kw), yy, **k), x, y, "mean",
-                      **o)
+        lr, gr = _run(
+            lambda t, yy, **k: ref(F.interpolate(t, size=(7, 9), mode=mode, **kw), yy, **k), x, y, "mean", **o
+        )
         torch.testing.assert_close(lf, lr, **F64)
         torch.testing.assert_close(gf, gr, **F64)
     with pytest.raises(ValueError, match="2-D"):
-        FI.dice_loss(torch.zeros(1, 2, 2, 2, 2, device=x.device), torch.zeros(1, 4, 4, dtype=torch.int64),
-                     upsample="bilinear", backend=backend)
+        FI.dice_loss(
+            torch.zeros(1, 2, 2, 2, 2, device=x.device),
+            torch.zeros(1, 4, 4, dtype=torch.int64),
+            upsample="bilinear",
+            backend=backend,
+        )
 
 
 # --- modules --------------------------------------------------------------------------------------------
+
 
 def test_modules_equal_the_functions(backend):
     x, y = _data((2, 4, 4, 5), dtype=torch.float32, device=backend_device(backend))
     w = torch.linspace(0.5, 2.0, 4)
     cases = [
-        (fi.DiceLoss(w[1:], include_background=False, jaccard=True, backend=backend),
-         lambda: FI.dice_loss(x, y, w[1:].to(x.device), include_background=False, jaccard=True, backend=backend)),
-        (fi.GeneralizedDiceLoss("simple", batch=True, reduction="none", backend=backend),
-         lambda: FI.generalized_dice_loss(x, y, "simple", batch=True, reduction="none", backend=backend)),
-        (fi.TverskyLoss(0.2, 0.8, 1.5, smooth_nr=0.0, backend=backend),
-         lambda: FI.tversky_loss(x, y, 0.2, 0.8, 1.5, smooth_nr=0.0, backend=backend)),
-        (fi.DiceCELoss(0.4, 1.6, w, squared_pred=True, reduction="sum", backend=backend),
-         lambda: FI.dice_ce_loss(x, y, 0.4, 1.6, w.to(x.device), squared_pred=True, reduction="sum",
-                                 backend=backend)),
+        (
+            fi.DiceLoss(w[1:], include_background=False, jaccard=True, backend=backend),
+            lambda: FI.dice_loss(
+                x, y, w[1:].to(x.device), include_background=False, jaccard=True, backend=backend
+            ),
+        ),
+        (
+            fi.GeneralizedDiceLoss("simple", batch=True, reduction="none", backend=backend),
+            lambda: FI.generalized_dice_loss(x, y, "simple", batch=True, reduction="none", backend=backend),
+        ),
+        (
+            fi.TverskyLoss(0.2, 0.8, 1.5, smooth_nr=0.0, backend=backend),
+            lambda: FI.tversky_loss(x, y, 0.2, 0.8, 1.5, smooth_nr=0.0, backend=backend),
+        ),
+        (
+            fi.DiceCELoss(0.4, 1.6, w, squared_pred=True, reduction="sum", backend=backend),
+            lambda: FI.dice_ce_loss(
+                x, y, 0.4, 1.6, w.to(x.device), squared_pred=True, reduction="sum", backend=backend
+            ),
+        ),
     ]
     for module, call in cases:
         assert torch.equal(module.to(x.device)(x, y), call())
@@ -610,10 +700,22 @@ def test_module_options_set_later(backend):
 def test_distributed_needs_a_fused_backend():
     # the reference computes the loss without its sums: a distributed module says so instead of a wrong number
     from fused_imbalance import functional
+
     with pytest.raises(RuntimeError, match="distributed=True needs a fused backend"):
-        functional._dice_family("dice", torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64), -100,
-                                "mean", None, "reference", True, None, False, sync=lambda s: (s, 1),
-                                batch=True)
+        functional._dice_family(
+            "dice",
+            torch.zeros(1, 2, 2, 2),
+            torch.zeros(1, 2, 2, dtype=torch.int64),
+            -100,
+            "mean",
+            None,
+            "reference",
+            True,
+            None,
+            False,
+            sync=lambda s: (s, 1),
+            batch=True,
+        )
 
 
 # --- torch.compile ----------------------------------------------------------------------------------
@@ -662,8 +764,13 @@ def test_compile_fullgraph_first_call(backend_name):
             pytest.skip(f"cpp backend unavailable: {e}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", f"BACKEND = {backend_name!r}\n" + COMPILE], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", f"BACKEND = {backend_name!r}\n" + COMPILE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"OK {backend_name}" in out.stdout
 
@@ -674,8 +781,10 @@ def test_triton_graph_capture_without_a_break(backend):
     # the interpreter cannot run under AOT tracing: capture the graph with the "eager" backend, which runs
     # the registered ops (on a GPU, test_compile_fullgraph_cuda below compiles them with Inductor)
     x, y = _data((2, 4, 3, 4), dtype=torch.float32)
-    step = lambda t: FI.dice_ce_loss(t, y, weight=torch.linspace(0.5, 2, 4), backend="triton") + FI.dice_loss(
-        t, y, batch=True, reduction="none", backend="triton").sum()
+    step = (
+        lambda t: FI.dice_ce_loss(t, y, weight=torch.linspace(0.5, 2, 4), backend="triton")
+        + FI.dice_loss(t, y, batch=True, reduction="none", backend="triton").sum()
+    )
     xa = x.clone().requires_grad_(True)
     xb = x.clone().requires_grad_(True)
     la = torch.compile(step, fullgraph=True, backend="eager")(xa)
@@ -712,4 +821,3 @@ def test_fused_memory_is_the_gradient_cuda():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < x.numel() * 4 + (1 << 20), extra  # the gradient and less than 1 MiB more
-

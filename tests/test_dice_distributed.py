@@ -1,6 +1,7 @@
 """The Dice family's ``distributed=True`` over 2 gloo ranks on CPU (C++ backend): the loss is the global
 batch's on every rank, and after DDP averages the gradients they are those of one process training on
 the whole global batch, with uneven shards and ignored pixels."""
+
 import os
 import socket
 import time
@@ -14,8 +15,9 @@ from tolerances import TOL
 
 import fused_imbalance as fi
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 WORLD = 2
 C = 4
@@ -30,8 +32,10 @@ MODULES = {
     "generalized_dice": (fi.GeneralizedDiceLoss, dict(w_type="simple")),
     "tversky": (fi.TverskyLoss, dict(alpha=0.3, beta=0.7, gamma=1.5)),
     "tversky_none": (fi.TverskyLoss, dict(alpha=0.3, beta=0.7, reduction="none")),
-    "dice_ce": (fi.DiceCELoss, dict(lambda_dice=0.7, lambda_ce=1.3, weight=torch.tensor([0.5, 1.0, 2.0, 3.0],
-                                                                                          dtype=torch.float64))),
+    "dice_ce": (
+        fi.DiceCELoss,
+        dict(lambda_dice=0.7, lambda_ce=1.3, weight=torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)),
+    ),
     "dice_ce_sum": (fi.DiceCELoss, dict(reduction="sum")),
 }
 
@@ -77,8 +81,13 @@ def _free_port():
 
 def _worker(rank, world, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     try:
         res = {"cpp": cpp_available()}
         if res["cpp"]:
@@ -103,8 +112,9 @@ def _worker(rank, world, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dice_dist"))
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):

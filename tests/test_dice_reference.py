@@ -1,6 +1,7 @@
 """The Dice family's executable spec (docs/DESIGN.md §12): MONAI's losses with the options mapped,
 segmentation_models_pytorch's formulas, hand-worked values, layouts, edge cases, gradients (autograd,
 gradcheck and the closed form the fused backward computes), errors."""
+
 import math
 import warnings
 from fractions import Fraction
@@ -15,18 +16,29 @@ from tolerances import LOSS_TOL, TOL
 
 REDUCTIONS = ("mean", "sum", "none")
 F64 = TOL[torch.float64]
-FNS = {"dice": R.dice_loss, "generalized_dice": R.generalized_dice_loss, "tversky": R.tversky_loss,
-       "dice_ce": R.dice_ce_loss}
+FNS = {
+    "dice": R.dice_loss,
+    "generalized_dice": R.generalized_dice_loss,
+    "tversky": R.tversky_loss,
+    "dice_ce": R.dice_ce_loss,
+}
 # One call of each function with options away from the defaults, for the tests that cover all four.
 CALLS = {
     "dice": lambda x, y, **k: R.dice_loss(x, y, **k),
     "jaccard_squared": lambda x, y, **k: R.dice_loss(
-        x, y, torch.linspace(0.5, 2, x.shape[1] - 1, dtype=torch.float64).to(x.device), include_background=False,
-        jaccard=True, squared_pred=True, **k),
+        x,
+        y,
+        torch.linspace(0.5, 2, x.shape[1] - 1, dtype=torch.float64).to(x.device),
+        include_background=False,
+        jaccard=True,
+        squared_pred=True,
+        **k,
+    ),
     "generalized_dice": lambda x, y, **k: R.generalized_dice_loss(x, y, **k),
     "tversky": lambda x, y, **k: R.tversky_loss(x, y, alpha=0.3, beta=0.7, gamma=1.5, **k),
     "dice_ce": lambda x, y, **k: R.dice_ce_loss(
-        x, y, 0.6, 1.4, torch.linspace(0.5, 2, x.shape[1], dtype=torch.float64).to(x.device), **k),
+        x, y, 0.6, 1.4, torch.linspace(0.5, 2, x.shape[1], dtype=torch.float64).to(x.device), **k
+    ),
 }
 SCALAR_REDUCTIONS = {"dice_ce": ("mean", "sum")}  # dice_ce_loss has no "none", as MONAI's DiceCELoss
 
@@ -84,8 +96,15 @@ DICE_OPTIONS = [
 @pytest.mark.parametrize("opts", DICE_OPTIONS, ids=str)
 def test_dice_matches_monai(monai, opts, reduction):
     x, y = _data()
-    ours = R.dice_loss(x, y, **{**opts, "weight": None if "weight" not in opts else torch.tensor(
-        opts["weight"], dtype=torch.float64)}, reduction=reduction)
+    ours = R.dice_loss(
+        x,
+        y,
+        **{
+            **opts,
+            "weight": None if "weight" not in opts else torch.tensor(opts["weight"], dtype=torch.float64),
+        },
+        reduction=reduction,
+    )
     theirs = _monai(monai.DiceLoss, x, y, reduction=reduction, **opts)
     _close(ours, theirs.reshape(ours.shape))
 
@@ -120,14 +139,24 @@ def test_generalized_dice_every_class_absent_matches_monai(monai):
     x, y = _data(shape=(2, 3, 4, 4), dtype=torch.float32, absent=False)
     y[1] = 0
     ours = R.generalized_dice_loss(x, y, include_background=False, smooth_dr=2e-5, reduction="none")
-    theirs = _monai(monai.GeneralizedDiceLoss, x, y, include_background=False, smooth_dr=2e-5, reduction="none")
+    theirs = _monai(
+        monai.GeneralizedDiceLoss, x, y, include_background=False, smooth_dr=2e-5, reduction="none"
+    )
     _close(ours, theirs.reshape(ours.shape), torch.float32)
     assert ours[1].item() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("opts", [{}, {"alpha": 0.3, "beta": 0.7}, {"alpha": 0.9, "beta": 0.2, "batch": True},
-                                  {"alpha": 0.0, "beta": 1.0, "include_background": False}], ids=str)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"alpha": 0.3, "beta": 0.7},
+        {"alpha": 0.9, "beta": 0.2, "batch": True},
+        {"alpha": 0.0, "beta": 1.0, "include_background": False},
+    ],
+    ids=str,
+)
 def test_tversky_matches_monai(monai, opts, reduction):
     x, y = _data()
     ours = R.tversky_loss(x, y, reduction=reduction, **opts)
@@ -136,14 +165,23 @@ def test_tversky_matches_monai(monai, opts, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("opts", [
-    {},
-    {"weight": [0.5, 1.0, 2.0, 3.0]},
-    {"weight": [0.5, 1.0, 2.0, 3.0], "include_background": False},  # Dice takes weight[1:]
-    {"lambda_dice": 0.3, "lambda_ce": 1.7, "jaccard": True, "batch": True},
-    {"weight": [2.0, 1.0, 0.5, 1.0], "squared_pred": False, "smooth_nr": 0.0, "include_background": False,
-     "batch": True},
-], ids=str)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"weight": [0.5, 1.0, 2.0, 3.0]},
+        {"weight": [0.5, 1.0, 2.0, 3.0], "include_background": False},  # Dice takes weight[1:]
+        {"lambda_dice": 0.3, "lambda_ce": 1.7, "jaccard": True, "batch": True},
+        {
+            "weight": [2.0, 1.0, 0.5, 1.0],
+            "squared_pred": False,
+            "smooth_nr": 0.0,
+            "include_background": False,
+            "batch": True,
+        },
+    ],
+    ids=str,
+)
 def test_dice_ce_matches_monai(monai, opts, reduction):
     x, y = _data()
     w = opts.get("weight")
@@ -158,8 +196,10 @@ def test_dice_ce_matches_monai(monai, opts, reduction):
 def test_ignored_pixels_match_monai_ignore_index(monai, shape, opts):
     # MONAI's Dice and Tversky losses take an ignore_index, whose pixels it masks out of every sum.
     x, y = _data(shape, every=3)
-    for ours_fn, cls, kw in [(R.dice_loss, monai.DiceLoss, {}), (R.tversky_loss, monai.TverskyLoss,
-                                                                  {"alpha": 0.2, "beta": 0.8})]:
+    for ours_fn, cls, kw in [
+        (R.dice_loss, monai.DiceLoss, {}),
+        (R.tversky_loss, monai.TverskyLoss, {"alpha": 0.2, "beta": 0.8}),
+    ]:
         ours = ours_fn(x, y, reduction="none", **opts, **kw)
         theirs = _monai(cls, x, y, reduction="none", ignore_index=-100, **opts, **kw)
         _close(ours, theirs.reshape(ours.shape))
@@ -195,7 +235,9 @@ def test_ignored_rows_are_removed_rows(name):
         assert (xa.grad[~keep] == 0).all()
 
 
-@pytest.mark.parametrize("name, cls", [("generalized_dice", "GeneralizedDiceLoss"), ("dice_ce", "DiceCELoss")])
+@pytest.mark.parametrize(
+    "name, cls", [("generalized_dice", "GeneralizedDiceLoss"), ("dice_ce", "DiceCELoss")]
+)
 def test_ignored_rows_match_monai_on_the_rest(monai, name, cls):
     # MONAI's generalized Dice and Dice+CE have no ignore_index: compare with the valid rows alone.
     x, y = make_data((40, 5), every=0, seed=4)
@@ -211,6 +253,7 @@ def test_ignored_rows_match_monai_on_the_rest(monai, name, cls):
 # segmentation_models_pytorch/losses/dice.py (DiceLoss.forward, mode="multiclass"),
 # losses/tversky.py (TverskyLoss.aggregate_loss) and losses/_functional.py (soft_dice_score,
 # soft_tversky_score).
+
 
 def _smp_multiclass(x, y, score, ignore_index=None, classes_mean=lambda loss: loss.mean()):
     """smp's multiclass DiceLoss.forward with from_logits=True and log_loss=False."""
@@ -235,6 +278,7 @@ def _smp_soft_dice_score(smooth, eps=1e-7):
         intersection = torch.sum(output * target, dim=dims)
         cardinality = torch.sum(output + target, dim=dims)
         return (2.0 * intersection + smooth) / (cardinality + smooth).clamp_min(eps)
+
     return score
 
 
@@ -244,6 +288,7 @@ def _smp_soft_tversky_score(alpha, beta, smooth, eps=1e-7):
         fp = torch.sum(output * (1.0 - target), dim=dims)
         fn = torch.sum((1 - output) * target, dim=dims)
         return (intersection + smooth) / (intersection + alpha * fp + beta * fn + smooth).clamp_min(eps)
+
     return score
 
 
@@ -269,14 +314,15 @@ def test_dice_absent_class_differs_from_smp_as_documented():
 @pytest.mark.parametrize("alpha, beta", [(0.5, 0.5), (0.3, 0.7)])
 def test_tversky_matches_smp_formula_at_gamma_one_only(alpha, beta):
     x, y = _data(every=4, absent=False)
-    smp = lambda gamma: _smp_multiclass(x, y, _smp_soft_tversky_score(alpha, beta, 0.0), -100,
-                                        lambda loss: loss.mean() ** gamma)
+    smp = lambda gamma: _smp_multiclass(
+        x, y, _smp_soft_tversky_score(alpha, beta, 0.0), -100, lambda loss: loss.mean() ** gamma
+    )
     kw = dict(alpha=alpha, beta=beta, batch=True, smooth_nr=0.0, smooth_dr=0.0)
     _close(R.tversky_loss(x, y, **kw), smp(1.0))
     # γ != 1: smp raises the mean over classes to γ, here each class's term is raised to γ.
     per_class = R.tversky_loss(x, y, reduction="none", **kw)
     ours = R.tversky_loss(x, y, gamma=2.0, **kw)
-    _close(ours, (per_class ** 2).mean())
+    _close(ours, (per_class**2).mean())
     _close(smp(2.0), per_class.mean() ** 2)
     assert abs(ours.item() - smp(2.0).item()) > 1e-3
 
@@ -289,8 +335,12 @@ def test_tversky_matches_smp_formula_at_gamma_one_only(alpha, beta):
 L3 = math.log(3.0)
 HAND_X = torch.tensor([[0.0, 0.0], [L3, 0.0], [0.0, L3]], dtype=torch.float64)
 HAND_Y = torch.tensor([0, 0, 1])
-I_, P_, G_, Q_ = ((Fraction(5, 4), Fraction(3, 4)), (Fraction(3, 2), Fraction(3, 2)), (2, 1),
-                  (Fraction(7, 8), Fraction(7, 8)))
+I_, P_, G_, Q_ = (
+    (Fraction(5, 4), Fraction(3, 4)),
+    (Fraction(3, 2), Fraction(3, 2)),
+    (2, 1),
+    (Fraction(7, 8), Fraction(7, 8)),
+)
 
 
 def _hand(fn, **kw):
@@ -299,20 +349,33 @@ def _hand(fn, **kw):
 
 def test_dice_by_hand():
     # 1 - 2I / (P + G): 1 - (5/2)/(7/2) = 2/7 and 1 - (3/2)/(5/2) = 2/5
-    torch.testing.assert_close(_hand(R.dice_loss, reduction="none"),
-                               torch.tensor([2 / 7, 2 / 5], dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        _hand(R.dice_loss, reduction="none"),
+        torch.tensor([2 / 7, 2 / 5], dtype=torch.float64),
+        rtol=1e-14,
+        atol=0,
+    )
     assert _hand(R.dice_loss).item() == pytest.approx(12 / 35, rel=1e-14)
     # jaccard 1 - 2I / (2(P + G - I)): 1 - (5/2)/(9/2) = 4/9, 1 - (3/2)/(7/2) = 4/7
     assert _hand(R.dice_loss, jaccard=True, reduction="sum").item() == pytest.approx(4 / 9 + 4 / 7, rel=1e-14)
     # squared: P = Σp² = 7/8: 1 - (5/2)/(23/8) = 3/23, 1 - (3/2)/(15/8) = 1/5
-    assert _hand(R.dice_loss, squared_pred=True, reduction="sum").item() == pytest.approx(3 / 23 + 1 / 5, rel=1e-14)
+    assert _hand(R.dice_loss, squared_pred=True, reduction="sum").item() == pytest.approx(
+        3 / 23 + 1 / 5, rel=1e-14
+    )
     # weight on the second class only, no background: 2/5 * 3
-    assert _hand(R.dice_loss, weight=torch.tensor([3.0], dtype=torch.float64), include_background=False,
-                 ).item() == pytest.approx(6 / 5, rel=1e-14)
+    assert _hand(
+        R.dice_loss,
+        weight=torch.tensor([3.0], dtype=torch.float64),
+        include_background=False,
+    ).item() == pytest.approx(6 / 5, rel=1e-14)
     # the default smoothing 1e-5 in both terms
     want = [1 - (2 * float(i) + 1e-5) / (float(p) + g + 1e-5) for i, p, g in zip(I_, P_, G_)]
-    torch.testing.assert_close(R.dice_loss(HAND_X, HAND_Y, reduction="none"),
-                               torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        R.dice_loss(HAND_X, HAND_Y, reduction="none"),
+        torch.tensor(want, dtype=torch.float64),
+        rtol=1e-14,
+        atol=0,
+    )
 
 
 def test_generalized_dice_by_hand():
@@ -342,17 +405,23 @@ def test_tversky_by_hand():
     t1 = 0.75 / (0.75 + 0.3 * 0.75 + 0.7 * 0.25)
     kw = dict(alpha=0.3, beta=0.7)
     assert _hand(R.tversky_loss, **kw).item() == pytest.approx(((1 - t0) + (1 - t1)) / 2, rel=1e-14)
-    assert _hand(R.tversky_loss, gamma=2.0, **kw).item() == pytest.approx(((1 - t0) ** 2 + (1 - t1) ** 2) / 2,
-                                                                           rel=1e-14)
+    assert _hand(R.tversky_loss, gamma=2.0, **kw).item() == pytest.approx(
+        ((1 - t0) ** 2 + (1 - t1) ** 2) / 2, rel=1e-14
+    )
     # α = β = 1/2 is the Dice loss with the smoothing halved
-    torch.testing.assert_close(R.tversky_loss(HAND_X, HAND_Y, smooth_nr=1e-3, smooth_dr=2e-3),
-                               R.dice_loss(HAND_X, HAND_Y, smooth_nr=2e-3, smooth_dr=4e-3), **F64)
+    torch.testing.assert_close(
+        R.tversky_loss(HAND_X, HAND_Y, smooth_nr=1e-3, smooth_dr=2e-3),
+        R.dice_loss(HAND_X, HAND_Y, smooth_nr=2e-3, smooth_dr=4e-3),
+        **F64,
+    )
 
 
 def test_dice_ce_by_hand():
     # CE = (ln 2 + 2 ln(4/3)) / 3; Dice 12/35; λ_ce = 2, λ_dice = 0.5
     ce = (math.log(2) + 2 * math.log(4 / 3)) / 3
-    assert _hand(R.dice_ce_loss, lambda_dice=0.5, lambda_ce=2.0).item() == pytest.approx(2 * ce + 6 / 35, rel=1e-14)
+    assert _hand(R.dice_ce_loss, lambda_dice=0.5, lambda_ce=2.0).item() == pytest.approx(
+        2 * ce + 6 / 35, rel=1e-14
+    )
     # weight (1, 3): CE mean Σ w ℓ / Σ w = (ln 2 + ln(4/3) + 3 ln(4/3)) / 5; Dice (2/7 + 3 * 2/5) / 2
     w = torch.tensor([1.0, 3.0], dtype=torch.float64)
     want = (math.log(2) + 4 * math.log(4 / 3)) / 5 + (2 / 7 + 6 / 5) / 2
@@ -360,6 +429,7 @@ def test_dice_ce_by_hand():
 
 
 # --- layouts, shapes, dtypes ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(2, 4, 5, 6), (2, 4, 3, 4, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("name", CALLS)
@@ -370,10 +440,14 @@ def test_layouts(name, shape):
         ref = fn(x, y, reduction=reduction)
         _close(fn(to_layout(x, "channels_last"), y, reduction=reduction), ref)
         # (N, C) rows are one image: the batch=True loss of the image form
-        _close(fn(to_layout(x, "rows"), y.reshape(-1), reduction=reduction),
-               fn(x, y, batch=True, reduction=reduction))
-        _close(fn(to_layout(x, "rows"), y.reshape(-1), batch=True, reduction=reduction),
-               fn(x, y, batch=True, reduction=reduction))
+        _close(
+            fn(to_layout(x, "rows"), y.reshape(-1), reduction=reduction),
+            fn(x, y, batch=True, reduction=reduction),
+        )
+        _close(
+            fn(to_layout(x, "rows"), y.reshape(-1), batch=True, reduction=reduction),
+            fn(x, y, batch=True, reduction=reduction),
+        )
 
 
 @pytest.mark.parametrize("name", CALLS)
@@ -394,7 +468,7 @@ def test_batch_false_is_per_image():
     for name in ("dice", "generalized_dice", "tversky", "jaccard_squared"):
         none = CALLS[name](x, y, reduction="none")
         for b in range(2):
-            _close(none[b], CALLS[name](x[b:b + 1], y[b:b + 1], reduction="none")[0])
+            _close(none[b], CALLS[name](x[b : b + 1], y[b : b + 1], reduction="none")[0])
 
 
 @pytest.mark.parametrize("name", ["dice", "jaccard_squared", "generalized_dice", "tversky"])
@@ -425,11 +499,14 @@ def test_class_counts(monai, C):
             assert loss.item() == 0.0 and (xg.grad == 0).all()
         return
     _close(R.dice_loss(x, y, reduction="none"), _monai(monai.DiceLoss, x, y, reduction="none").reshape(2, C))
-    _close(R.tversky_loss(x, y, alpha=0.4, beta=0.6),
-           _monai(monai.TverskyLoss, x, y, alpha=0.4, beta=0.6))
-    _close(R.generalized_dice_loss(x.float(), y),
-           _monai(monai.GeneralizedDiceLoss, x.float(), y), torch.float32)
-    _close(R.dice_ce_loss(x, y, include_background=False), _monai(monai.DiceCELoss, x, y, include_background=False))
+    _close(R.tversky_loss(x, y, alpha=0.4, beta=0.6), _monai(monai.TverskyLoss, x, y, alpha=0.4, beta=0.6))
+    _close(
+        R.generalized_dice_loss(x.float(), y), _monai(monai.GeneralizedDiceLoss, x.float(), y), torch.float32
+    )
+    _close(
+        R.dice_ce_loss(x, y, include_background=False),
+        _monai(monai.DiceCELoss, x, y, include_background=False),
+    )
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
@@ -456,6 +533,7 @@ def test_half_inputs_compute_in_float32(name, dtype):
 
 # --- edge cases -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", CALLS)
 def test_all_ignored(name):
     # I = P = G = 0: every term is 1 - smooth_nr / smooth_dr (0 with the defaults), gradient 0
@@ -470,7 +548,7 @@ def test_all_ignored(name):
     # unequal smoothing: Dice 1 - 1e-5/4e-5 = 3/4 per class (MONAI's value for an empty image)
     assert R.dice_loss(x, y, smooth_dr=4e-5).item() == pytest.approx(0.75)
     assert R.generalized_dice_loss(x, y, smooth_dr=4e-5).item() == pytest.approx(0.75)
-    assert R.tversky_loss(x, y, smooth_dr=4e-5, gamma=2.0).item() == pytest.approx(0.75 ** 2)
+    assert R.tversky_loss(x, y, smooth_dr=4e-5, gamma=2.0).item() == pytest.approx(0.75**2)
     # smooth_nr > smooth_dr: 1 - T < 0, as it is at γ = 1 (MONAI), 0 for γ != 1
     assert R.tversky_loss(x, y, smooth_nr=2e-5).item() == pytest.approx(-1.0)
     assert R.tversky_loss(x, y, smooth_nr=2e-5, gamma=0.5).item() == 0.0
@@ -511,6 +589,7 @@ def test_absent_class_still_pushes_its_probability_down(name):
 
 # --- gradients --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", CALLS)
 def test_gradcheck(name):
     # "none" (the per-class losses; "sum" for dice_ce) holds the whole Jacobian that "mean" and "sum" reduce.
@@ -521,13 +600,17 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(lambda t: CALLS[name](t, y, reduction=reduction, validate=False), (x,))
 
 
-@pytest.mark.parametrize("fn, kw", [
-    (R.dice_loss, dict(jaccard=True, batch=True)),
-    (R.dice_loss, dict(squared_pred=True)),
-    (R.generalized_dice_loss, dict(w_type="simple", batch=True, include_background=False)),
-    (R.tversky_loss, dict(alpha=0.8, beta=0.1, gamma=0.75, include_background=False)),
-    (R.dice_ce_loss, dict(jaccard=True, include_background=False, batch=True)),
-], ids=["jaccard_batch", "squared", "gdl_simple", "focal_tversky", "dice_ce_jaccard"])
+@pytest.mark.parametrize(
+    "fn, kw",
+    [
+        (R.dice_loss, dict(jaccard=True, batch=True)),
+        (R.dice_loss, dict(squared_pred=True)),
+        (R.generalized_dice_loss, dict(w_type="simple", batch=True, include_background=False)),
+        (R.tversky_loss, dict(alpha=0.8, beta=0.1, gamma=0.75, include_background=False)),
+        (R.dice_ce_loss, dict(jaccard=True, include_background=False, batch=True)),
+    ],
+    ids=["jaccard_batch", "squared", "gdl_simple", "focal_tversky", "dice_ce_jaccard"],
+)
 def test_gradcheck_options(fn, kw):
     x, y = _data((2, 3, 3, 2), every=4)
     x.requires_grad_(True)
@@ -538,16 +621,25 @@ CLOSED_FORM = [
     (R.dice_loss, {}),
     (R.dice_loss, dict(jaccard=True, include_background=False)),
     (R.dice_loss, dict(squared_pred=True, batch=True, smooth_nr=1e-2, smooth_dr=3e-2)),
-    (R.dice_loss, dict(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64), squared_pred=True,
-                       jaccard=True)),
+    (
+        R.dice_loss,
+        dict(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64), squared_pred=True, jaccard=True),
+    ),
     (R.generalized_dice_loss, {}),
     (R.generalized_dice_loss, dict(w_type="simple", batch=True, include_background=False)),
     (R.generalized_dice_loss, dict(w_type="uniform", smooth_nr=0.1)),
     (R.tversky_loss, dict(alpha=0.3, beta=0.7)),
     (R.tversky_loss, dict(alpha=0.7, beta=0.6, gamma=2.0, batch=True)),
     (R.tversky_loss, dict(alpha=0.2, beta=0.3, gamma=0.6, include_background=False)),
-    (R.dice_ce_loss, dict(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64),
-                          include_background=False, lambda_dice=0.7, lambda_ce=1.3)),
+    (
+        R.dice_ce_loss,
+        dict(
+            weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64),
+            include_background=False,
+            lambda_dice=0.7,
+            lambda_ce=1.3,
+        ),
+    ),
     (R.dice_ce_loss, dict(jaccard=True, squared_pred=True, batch=True)),
 ]
 
@@ -574,12 +666,18 @@ def test_closed_form_all_ignored_and_zero_denominators():
         assert (R._dice_family_grad(fn, x, y, smooth_nr=0.0, smooth_dr=0.0) == 0).all()
 
 
-@pytest.mark.parametrize("loss, kw", [
-    ("dice", {}), ("dice", dict(jaccard=True, include_background=False)),
-    ("dice", dict(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), reduction="sum")),
-    ("tversky", dict(alpha=0.2, beta=0.9, gamma=1.7)), ("tversky", dict(gamma=0.5, reduction="sum")),
-    ("generalized_dice", {}), ("generalized_dice", dict(w_type="simple", include_background=False)),
-])
+@pytest.mark.parametrize(
+    "loss, kw",
+    [
+        ("dice", {}),
+        ("dice", dict(jaccard=True, include_background=False)),
+        ("dice", dict(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), reduction="sum")),
+        ("tversky", dict(alpha=0.2, beta=0.9, gamma=1.7)),
+        ("tversky", dict(gamma=0.5, reduction="sum")),
+        ("generalized_dice", {}),
+        ("generalized_dice", dict(w_type="simple", include_background=False)),
+    ],
+)
 def test_grad_coefficients_are_the_derivatives_of_the_sums(loss, kw):
     # ∂L/∂I and ∂L/∂P from the sums alone equal autograd through the loss's formula of the sums.
     x, y = _data((3, 3, 4, 4), every=5)
@@ -610,6 +708,7 @@ def test_grad_coefficients_are_the_derivatives_of_the_sums(loss, kw):
 
 # --- arguments ------------------------------------------------------------------------------------
 
+
 def test_confusion_argument():
     x, y = _data(every=7)
     want = R.confusion_matrix(x, y)
@@ -629,49 +728,86 @@ def test_validate_false_skips_the_weight_check():
 W4 = torch.ones(4, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda x, y: R.dice_loss(x, y, reduction="avg"), ValueError, "reduction"),
-    (lambda x, y: R.generalized_dice_loss(x, y, reduction="batchmean"), ValueError, "reduction"),
-    (lambda x, y: R.tversky_loss(x, y, reduction=None), ValueError, "reduction"),
-    (lambda x, y: R.dice_ce_loss(x, y, reduction="none"), ValueError, "'mean' or 'sum'"),
-    (lambda x, y: R.dice_ce_loss(x, y, reduction="avg"), ValueError, "reduction"),
-    (lambda x, y: R.dice_loss(x, y, torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
-    (lambda x, y: R.dice_loss(x, y, W4, include_background=False), ValueError,
-     r"weight must have shape \(3,\) for 4 classes \(include_background=False"),
-    (lambda x, y: R.dice_ce_loss(x, y, weight=torch.ones(3), include_background=False), ValueError,
-     r"weight must have shape \(4,\)"),
-    (lambda x, y: R.dice_loss(x, y, torch.tensor([1.0, -0.5, 1.0, 1.0])), ValueError, "weight must be finite and >= 0"),
-    (lambda x, y: R.dice_ce_loss(x, y, weight=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError,
-     "weight must be finite"),
-    (lambda x, y: R.dice_loss(x, y, torch.ones(4, dtype=torch.int64)), TypeError, "floating-point"),
-    (lambda x, y: R.generalized_dice_loss(x, y, w_type="cube"), ValueError, "w_type"),
-    (lambda x, y: R.tversky_loss(x, y, alpha=-0.1), ValueError, "alpha"),
-    (lambda x, y: R.tversky_loss(x, y, beta=float("nan")), ValueError, "beta"),
-    (lambda x, y: R.tversky_loss(x, y, gamma=0.0), ValueError, "gamma must be a finite number > 0"),
-    (lambda x, y: R.tversky_loss(x, y, gamma=-1.0), ValueError, "gamma"),
-    (lambda x, y: R.tversky_loss(x, y, gamma=float("inf")), ValueError, "gamma"),
-    (lambda x, y: R.tversky_loss(x, y, alpha="0.5"), TypeError, "alpha must be a number"),
-    (lambda x, y: R.dice_loss(x, y, smooth_nr=-1e-5), ValueError, "smooth_nr"),
-    (lambda x, y: R.tversky_loss(x, y, smooth_dr=-1.0), ValueError, "smooth_dr"),
-    (lambda x, y: R.generalized_dice_loss(x, y, smooth_dr=float("nan")), ValueError, "smooth_dr"),
-    (lambda x, y: R.dice_ce_loss(x, y, smooth_nr=float("inf")), ValueError, "smooth_nr"),
-    (lambda x, y: R.dice_ce_loss(x, y, lambda_dice=-1.0), ValueError, "lambda_dice"),
-    (lambda x, y: R.dice_ce_loss(x, y, lambda_ce=float("nan")), ValueError, "lambda_ce"),
-    (lambda x, y: R.dice_loss(x, y, include_background=None), TypeError, "include_background must be a bool"),
-    (lambda x, y: R.dice_loss(x, y, batch=1), TypeError, "batch must be a bool"),
-    (lambda x, y: R.dice_loss(x, y, jaccard="yes"), TypeError, "jaccard"),
-    (lambda x, y: R.dice_ce_loss(x, y, squared_pred=1), TypeError, "squared_pred"),
-    (lambda x, y: R.dice_loss(x[:, :1], y.clamp(max=0), include_background=False), ValueError, "at least 2 classes"),
-    (lambda x, y: R.generalized_dice_loss(x[:, :1], y.clamp(max=0), include_background=False), ValueError,
-     "at least 2 classes"),
-    (lambda x, y: R.tversky_loss(x[:, :1], y.clamp(max=0), include_background=False), ValueError,
-     "at least 2 classes"),
-    (lambda x, y: R.dice_ce_loss(x[:, :1], y.clamp(max=0), include_background=False), ValueError,
-     "at least 2 classes"),
-    (lambda x, y: R.dice_loss(x, y.masked_fill(y == 3, 9)), ValueError, "label 9"),
-    (lambda x, y: R.dice_ce_loss(x, y[:, :2]), ValueError, "does not match"),
-    (lambda x, y: R.tversky_loss(x, y, confusion=torch.zeros(3, 3, dtype=torch.int64)), ValueError, "confusion"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x, y: R.dice_loss(x, y, reduction="avg"), ValueError, "reduction"),
+        (lambda x, y: R.generalized_dice_loss(x, y, reduction="batchmean"), ValueError, "reduction"),
+        (lambda x, y: R.tversky_loss(x, y, reduction=None), ValueError, "reduction"),
+        (lambda x, y: R.dice_ce_loss(x, y, reduction="none"), ValueError, "'mean' or 'sum'"),
+        (lambda x, y: R.dice_ce_loss(x, y, reduction="avg"), ValueError, "reduction"),
+        (lambda x, y: R.dice_loss(x, y, torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
+        (
+            lambda x, y: R.dice_loss(x, y, W4, include_background=False),
+            ValueError,
+            r"weight must have shape \(3,\) for 4 classes \(include_background=False",
+        ),
+        (
+            lambda x, y: R.dice_ce_loss(x, y, weight=torch.ones(3), include_background=False),
+            ValueError,
+            r"weight must have shape \(4,\)",
+        ),
+        (
+            lambda x, y: R.dice_loss(x, y, torch.tensor([1.0, -0.5, 1.0, 1.0])),
+            ValueError,
+            "weight must be finite and >= 0",
+        ),
+        (
+            lambda x, y: R.dice_ce_loss(x, y, weight=torch.tensor([1.0, float("nan"), 1.0, 1.0])),
+            ValueError,
+            "weight must be finite",
+        ),
+        (lambda x, y: R.dice_loss(x, y, torch.ones(4, dtype=torch.int64)), TypeError, "floating-point"),
+        (lambda x, y: R.generalized_dice_loss(x, y, w_type="cube"), ValueError, "w_type"),
+        (lambda x, y: R.tversky_loss(x, y, alpha=-0.1), ValueError, "alpha"),
+        (lambda x, y: R.tversky_loss(x, y, beta=float("nan")), ValueError, "beta"),
+        (lambda x, y: R.tversky_loss(x, y, gamma=0.0), ValueError, "gamma must be a finite number > 0"),
+        (lambda x, y: R.tversky_loss(x, y, gamma=-1.0), ValueError, "gamma"),
+        (lambda x, y: R.tversky_loss(x, y, gamma=float("inf")), ValueError, "gamma"),
+        (lambda x, y: R.tversky_loss(x, y, alpha="0.5"), TypeError, "alpha must be a number"),
+        (lambda x, y: R.dice_loss(x, y, smooth_nr=-1e-5), ValueError, "smooth_nr"),
+        (lambda x, y: R.tversky_loss(x, y, smooth_dr=-1.0), ValueError, "smooth_dr"),
+        (lambda x, y: R.generalized_dice_loss(x, y, smooth_dr=float("nan")), ValueError, "smooth_dr"),
+        (lambda x, y: R.dice_ce_loss(x, y, smooth_nr=float("inf")), ValueError, "smooth_nr"),
+        (lambda x, y: R.dice_ce_loss(x, y, lambda_dice=-1.0), ValueError, "lambda_dice"),
+        (lambda x, y: R.dice_ce_loss(x, y, lambda_ce=float("nan")), ValueError, "lambda_ce"),
+        (
+            lambda x, y: R.dice_loss(x, y, include_background=None),
+            TypeError,
+            "include_background must be a bool",
+        ),
+        (lambda x, y: R.dice_loss(x, y, batch=1), TypeError, "batch must be a bool"),
+        (lambda x, y: R.dice_loss(x, y, jaccard="yes"), TypeError, "jaccard"),
+        (lambda x, y: R.dice_ce_loss(x, y, squared_pred=1), TypeError, "squared_pred"),
+        (
+            lambda x, y: R.dice_loss(x[:, :1], y.clamp(max=0), include_background=False),
+            ValueError,
+            "at least 2 classes",
+        ),
+        (
+            lambda x, y: R.generalized_dice_loss(x[:, :1], y.clamp(max=0), include_background=False),
+            ValueError,
+            "at least 2 classes",
+        ),
+        (
+            lambda x, y: R.tversky_loss(x[:, :1], y.clamp(max=0), include_background=False),
+            ValueError,
+            "at least 2 classes",
+        ),
+        (
+            lambda x, y: R.dice_ce_loss(x[:, :1], y.clamp(max=0), include_background=False),
+            ValueError,
+            "at least 2 classes",
+        ),
+        (lambda x, y: R.dice_loss(x, y.masked_fill(y == 3, 9)), ValueError, "label 9"),
+        (lambda x, y: R.dice_ce_loss(x, y[:, :2]), ValueError, "does not match"),
+        (
+            lambda x, y: R.tversky_loss(x, y, confusion=torch.zeros(3, 3, dtype=torch.int64)),
+            ValueError,
+            "confusion",
+        ),
+    ],
+)
 def test_bad_input_errors(call, exc, match):
     x, y = _data()
     with pytest.raises(exc, match=match):

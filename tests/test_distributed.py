@@ -1,6 +1,7 @@
 """ConfusionMatrix.sync, RecallLoss(distributed=True) and CDB weights over 2 gloo ranks on CPU,
 compared with one process that sees the whole batch; also with ``upsample`` (low-resolution
 logits, full-resolution labels) on the C++ backend, against F.interpolate + the reference."""
+
 import os
 import socket
 import time
@@ -16,8 +17,9 @@ from tolerances import TOL
 from fused_imbalance.losses import CDBLoss, RecallLoss
 from fused_imbalance.metrics import ConfusionMatrix
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 WORLD = 2
 C = 4
@@ -92,8 +94,13 @@ def _free_port():
 
 def _worker(rank, world, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     try:
         res = {}
         # metric: rank 0 passes logits, rank 1 integer predictions; then sync
@@ -117,8 +124,9 @@ def _worker(rank, world, port, out_dir):
             logits, target = make_data(1, ignore)
             for reduction in ("none", "sum", "mean"):
                 x = logits[sl].clone().requires_grad_()
-                loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, distributed=True,
-                                  backend="reference")(x, target[sl])
+                loss = RecallLoss(
+                    C, ignore_index=IGN, reduction=reduction, distributed=True, backend="reference"
+                )(x, target[sl])
                 loss.sum().backward()
                 res[("recall", ignore, reduction)] = (loss.detach(), x.grad)
 
@@ -142,8 +150,14 @@ def _worker(rank, world, port, out_dir):
                 logits, target = upsample_data(2, ignore)
                 for reduction in ("none", "sum"):
                     x = logits[sl].clone().requires_grad_()
-                    loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, distributed=True, backend="cpp",
-                                      upsample="bilinear")(x, target[sl])
+                    loss = RecallLoss(
+                        C,
+                        ignore_index=IGN,
+                        reduction=reduction,
+                        distributed=True,
+                        backend="cpp",
+                        upsample="bilinear",
+                    )(x, target[sl])
                     loss.sum().backward()
                     res[("up_recall", ignore, reduction)] = (loss.detach(), x.grad)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -155,8 +169,9 @@ def _worker(rank, world, port, out_dir):
 def ranks(tmp_path_factory):
     """Run the 2-rank job once; the results of each rank, as saved by ``_worker``."""
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):  # raises if a rank failed
@@ -174,13 +189,15 @@ def single(reduction, ignore, distributed=False):
     """One process on the whole batch: (loss, grad)."""
     logits, target = make_data(1, ignore)
     x = logits.clone().requires_grad_()
-    loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, distributed=distributed,
-                      backend="reference")(x, target)
+    loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, distributed=distributed, backend="reference")(
+        x, target
+    )
     loss.sum().backward()
     return loss.detach(), x.grad
 
 
 # ---------------------------------------------------------------- metric and CDB
+
 
 def test_confusion_sync_equals_one_process(ranks):
     logits, target, _ = confusion_data()
@@ -206,6 +223,7 @@ def test_cdb_weights_after_sync_are_global(ranks):
 
 
 # ---------------------------------------------------------------- recall loss
+
 
 @pytest.mark.parametrize("ignore", [False, True])
 def test_recall_weights_are_those_of_the_global_batch(ranks, ignore):
@@ -235,8 +253,9 @@ def test_recall_mean_with_equal_valid_counts(ranks):
     # means (what DDP's gradient averaging optimises) is the one-process mean, and each
     # rank's gradient divided by the number of ranks is the one-process gradient.
     loss, grad = single("mean", ignore=False)
-    torch.testing.assert_close(sum(ranks[r][("recall", False, "mean")][0] for r in range(WORLD)) / WORLD,
-                               loss, **TOL64)
+    torch.testing.assert_close(
+        sum(ranks[r][("recall", False, "mean")][0] for r in range(WORLD)) / WORLD, loss, **TOL64
+    )
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r][("recall", False, "mean")][1] / WORLD, grad[SHARDS[r]], **TOL64)
 
@@ -273,6 +292,7 @@ def test_recall_momentum_is_the_same_on_every_rank(ranks):
 
 # ---------------------------------------------------------------- with upsample, C++ backend
 
+
 @pytest.fixture
 def up_ranks(ranks):
     if not all(r["cpp"] for r in ranks):
@@ -288,8 +308,9 @@ def test_upsampled_confusion_sync_equals_one_process(up_ranks):
     pred = interpolated(logits).argmax(1)
     valid = target != IGN
     expected = torch.zeros(C, C, dtype=torch.int64)
-    expected.index_put_((target[valid].long(), pred[valid]), torch.ones(int(valid.sum()), dtype=torch.int64),
-                        accumulate=True)
+    expected.index_put_(
+        (target[valid].long(), pred[valid]), torch.ones(int(valid.sum()), dtype=torch.int64), accumulate=True
+    )
     for r in range(WORLD):
         assert torch.equal(up_ranks[r]["up_confusion"], expected)
     assert not torch.equal(up_ranks[0]["up_local_confusion"], up_ranks[1]["up_local_confusion"])
@@ -302,18 +323,25 @@ def test_upsampled_recall_uses_the_global_batch(up_ranks, ignore):
     logits, target = upsample_data(2, ignore)
     for reduction in ("none", "sum"):
         x = logits.clone().requires_grad_()
-        loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, backend="reference")(interpolated(x), target)
+        loss = RecallLoss(C, ignore_index=IGN, reduction=reduction, backend="reference")(
+            interpolated(x), target
+        )
         loss.sum().backward()
         if reduction == "none":  # each rank's per-pixel losses are the global batch's
             for r in range(WORLD):
-                torch.testing.assert_close(up_ranks[r][("up_recall", ignore, "none")][0], loss.detach()[SHARDS[r]],
-                                           **TOL64)
+                torch.testing.assert_close(
+                    up_ranks[r][("up_recall", ignore, "none")][0], loss.detach()[SHARDS[r]], **TOL64
+                )
         else:  # the per-rank sums add up to the global sum; each rank's gradient is its slice
             total = sum(up_ranks[r][("up_recall", ignore, "sum")][0] for r in range(WORLD))
             torch.testing.assert_close(total, loss.detach(), **TOL64)
             for r in range(WORLD):
-                torch.testing.assert_close(up_ranks[r][("up_recall", ignore, "sum")][1], x.grad[SHARDS[r]], **TOL64)
+                torch.testing.assert_close(
+                    up_ranks[r][("up_recall", ignore, "sum")][1], x.grad[SHARDS[r]], **TOL64
+                )
     # the halves' own weights would differ from the global ones
     sl = SHARDS[1]
-    own = RecallLoss(C, ignore_index=IGN, reduction="none", backend="reference")(interpolated(logits[sl]), target[sl])
+    own = RecallLoss(C, ignore_index=IGN, reduction="none", backend="reference")(
+        interpolated(logits[sl]), target[sl]
+    )
     assert not torch.allclose(own, up_ranks[1][("up_recall", ignore, "none")][0])

@@ -4,6 +4,7 @@ Each test runs an example's ``main`` in this process (seconds) into a temporary 
 checks what it wrote: a row and finite numbers for every loss, a plot that is a PNG. They need
 the `examples` extra (scikit-learn, tqdm, matplotlib), which the `test` extra includes.
 """
+
 import hashlib
 import importlib.util
 import json
@@ -39,8 +40,11 @@ def smoke_output(tmp_path, monkeypatch):
     committed = os.path.join(EXAMPLES, "results")
 
     def digest():
-        return {f: hashlib.sha256(open(os.path.join(committed, f), "rb").read()).hexdigest()
-                for f in sorted(os.listdir(committed))}
+        return {
+            f: hashlib.sha256(open(os.path.join(committed, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(committed))
+        }
+
     before = digest()
 
     def check():
@@ -48,6 +52,7 @@ def smoke_output(tmp_path, monkeypatch):
         made = list(tmp_path.iterdir())
         assert len(made) == 1 and made[0].is_dir(), made
         return made[0]
+
     return check
 
 
@@ -190,8 +195,20 @@ def test_segmentation_memory_mode(tmp_path, monkeypatch):
     """--memory measures both paths on one batch: the fused upsample allocates less than the
     interpolated logits and their gradient alone, and both paths compute the same loss."""
     seg = load("segmentation", monkeypatch)
-    rows = seg.main(["--smoke", "--memory", "--repeat", "1", "--threads", "1", "--device", "cpu",
-                     "--out", str(tmp_path / "given")])  # --smoke with --out: there
+    rows = seg.main(
+        [
+            "--smoke",
+            "--memory",
+            "--repeat",
+            "1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "given"),
+        ]
+    )  # --smoke with --out: there
     tmp_path = tmp_path / "given"
     args = seg.parse_args(["--smoke"])
     assert list(rows) == list(seg.make_losses([1] * 5, 5, args))

@@ -8,6 +8,7 @@
   recorded), so its shell code, arguments, budgets and outputs are exercised too.
 - The summary marks each goal as measured: hand-made results with known ratios.
 """
+
 import csv
 import json
 import os
@@ -20,8 +21,16 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_session.sh")
-FILES = {"env.txt", "warmup.csv", "bench.csv", "upsample.csv", "tests.txt", "summary.md", "session.log",
-         "logs.tar.gz"}
+FILES = {
+    "env.txt",
+    "warmup.csv",
+    "bench.csv",
+    "upsample.csv",
+    "tests.txt",
+    "summary.md",
+    "session.log",
+    "logs.tar.gz",
+}
 STAGES = ("env-install", "headline", "upsample", "tests")
 sys.path.insert(0, ROOT)
 
@@ -29,6 +38,7 @@ sys.path.insert(0, ROOT)
 def stage_lines(out):
     """{stage: (budget, elapsed, rc)} from session.log."""
     from benchmarks.summary import STAGE
+
     res = {}
     with open(os.path.join(out, "session.log")) as f:
         for line in f:
@@ -50,8 +60,13 @@ def test_dry_run(tmp_path):
 
     out = tmp_path / "out"
     # the work folder (caches, logs) in tmp_path: nothing shared with another test process
-    env = dict(os.environ, GPU_SESSION_DRY="1", OUT=str(out), PYTHON=sys.executable,
-               GPU_SESSION_WORK=str(tmp_path / "work"))
+    env = dict(
+        os.environ,
+        GPU_SESSION_DRY="1",
+        OUT=str(out),
+        PYTHON=sys.executable,
+        GPU_SESSION_WORK=str(tmp_path / "work"),
+    )
     env.pop("GPU_SESSION_BUDGETS", None)
     run = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -67,18 +82,26 @@ def test_dry_run(tmp_path):
     assert {r["status"] for r in rows} <= {"reference", "ok", "skipped: Liger-Kernel runs on CUDA only"}
     assert {r["provider"] for r in rows} == {"eager", "fused", "compile", "liger"}
     busy = [r for r in rows if r["busy_ms"]]
-    assert {(r["group"], r["provider"]) for r in busy} == {("city", "fused"), ("city", "compile"),
-                                                             ("city-bf16-cl", "fused"), ("ade", "fused"),
-                                                             ("rows", "fused"), ("compile", "compile")}
+    assert {(r["group"], r["provider"]) for r in busy} == {
+        ("city", "fused"),
+        ("city", "compile"),
+        ("city-bf16-cl", "fused"),
+        ("ade", "fused"),
+        ("rows", "fused"),
+        ("compile", "compile"),
+    }
     for r in busy:
         assert float(r["wall_ms"]) > 0 and float(r["busy_ms"]) > 0 and float(r["kernels"]) >= 1
         assert float(r["busy_pct_copy"]) > 0 and r["kernel_top"]
-    assert all(float(r["ms"]) > 0 and r["peak_bytes"] != "" for r in rows if r["status"] in ("ok", "reference"))
+    assert all(
+        float(r["ms"]) > 0 and r["peak_bytes"] != "" for r in rows if r["status"] in ("ok", "reference")
+    )
 
     fields, ups = read_csv(out / "upsample.csv")
     assert tuple(fields) == upsample.FIELDS
-    assert [(r["case"], r["provider"]) for r in ups] == [(c.name, p) for c in upsample.PLANS["session-dry"]
-                                                         for p in upsample.PROVIDERS]
+    assert [(r["case"], r["provider"]) for r in ups] == [
+        (c.name, p) for c in upsample.PLANS["session-dry"] for p in upsample.PROVIDERS
+    ]
     assert {r["status"] for r in ups} == {"reference", "ok"} and all(float(r["ms"]) > 0 for r in ups)
 
     fields, warm = read_csv(out / "warmup.csv")
@@ -141,18 +164,29 @@ else:
 def run_with_stand_ins(tmp_path, **extra):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    (bin_ / "nvidia-smi").write_text(textwrap.dedent('''\
+    (bin_ / "nvidia-smi").write_text(
+        textwrap.dedent('''\
         #!/bin/sh
         case "$*" in *compute_cap*--format=csv,noheader*) echo 9.0;; *) echo "stand-in nvidia-smi $*";; esac
-        '''))
-    (bin_ / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\necho 'Build stand-in'\n")
+        ''')
+    )
+    (bin_ / "nvcc").write_text(
+        "#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\necho 'Build stand-in'\n"
+    )
     for f in bin_.iterdir():
         f.chmod(0o755)
     stub = tmp_path / "stub.py"
     stub.write_text(STUB)
     out, log = tmp_path / "out", tmp_path / "calls.jsonl"
-    env = dict(os.environ, OUT=str(out), PYTHON=f"{sys.executable} {stub}", STUB_LOG=str(log),
-               PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", GPU_SESSION_WORK=str(tmp_path / "work"), **extra)
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        PYTHON=f"{sys.executable} {stub}",
+        STUB_LOG=str(log),
+        PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}",
+        GPU_SESSION_WORK=str(tmp_path / "work"),
+        **extra,
+    )
     env.pop("GPU_SESSION_DRY", None)
     run = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -171,14 +205,24 @@ def test_gpu_branch_with_stand_ins(tmp_path):
     assert sum(budgets.values()) <= 330 - 15  # 5.5 minutes with a margin for the summary and the archive
 
     def call(*prefix):
-        found = [c for c in calls if c["argv"][:len(prefix)] == list(prefix)]
+        found = [c for c in calls if c["argv"][: len(prefix)] == list(prefix)]
         assert found, f"no call {prefix}: {[c['argv'][:3] for c in calls]}"
         return found
 
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     (w,) = call("-m", "benchmarks.warmup")
-    assert w["argv"][2:] == ["--plan", "session", "--upsample-plan", "session", "--device", "cuda", "--workers",
-                             nproc, "--csv", str(out / "warmup.csv")]
+    assert w["argv"][2:] == [
+        "--plan",
+        "session",
+        "--upsample-plan",
+        "session",
+        "--device",
+        "cuda",
+        "--workers",
+        nproc,
+        "--csv",
+        str(out / "warmup.csv"),
+    ]
     (b,) = call("-m", "benchmarks.bench")
     assert b["argv"][2:6] == ["--plan", "session", "--device", "cuda"]
     assert {"--warmup-ms", "--rep-ms", "--busy-reps", "--no-plots"} <= set(b["argv"])
@@ -200,15 +244,18 @@ def test_gpu_branch_with_stand_ins(tmp_path):
 def test_a_stage_stopped_by_its_budget_keeps_what_it_measured(tmp_path):
     """Also: after a failed build the tests require Triton only, and the C++ backend finds no compiler
     (it would compile csrc/ in every pytest process)."""
-    run, out, calls = run_with_stand_ins(tmp_path, GPU_SESSION_BUDGETS="20 2 2 2 30", STUB_SLEEP="120",
-                                         STUB_BUILD_FAIL="1")
+    run, out, calls = run_with_stand_ins(
+        tmp_path, GPU_SESSION_BUDGETS="20 2 2 2 30", STUB_SLEEP="120", STUB_BUILD_FAIL="1"
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     tests = [c for c in calls if c["argv"][:2] == ["-m", "pytest"]]
     assert len(tests) == 1
     assert all(c["env"]["FUSED_IMBALANCE_REQUIRE_BACKENDS"] == "triton" for c in tests)
     assert all(c["env"]["CXX"] == "no-compiler-after-a-failed-build" for c in tests)
     stages = stage_lines(out)
-    assert stages["headline"][0] == 2 and stages["headline"][2] == 124  # timeout's code: stopped by its budget
+    assert (
+        stages["headline"][0] == 2 and stages["headline"][2] == 124
+    )  # timeout's code: stopped by its budget
     assert stages["upsample"][2] == 124 and stages["tests"][2] == 0
     for name in ("bench.csv", "upsample.csv"):
         assert read_csv(out / name)[1][0]["ms"] == "1.0"  # the row written before the budget ran out
@@ -217,20 +264,62 @@ def test_a_stage_stopped_by_its_budget_keeps_what_it_measured(tmp_path):
 
 # --- the summary's marks ----------------------------------------------------------------------
 
+
 def test_summary_marks_each_goal(tmp_path):
     from benchmarks import summary
 
     bench = tmp_path / "bench.csv"
-    cols = ["group", "loss", "shape", "dtype", "layout", "provider", "pass", "status", "ms", "wall_ms", "busy_ms",
-            "busy_pct_copy", "copy_gbps", "device", "date"]
+    cols = [
+        "group",
+        "loss",
+        "shape",
+        "dtype",
+        "layout",
+        "provider",
+        "pass",
+        "status",
+        "ms",
+        "wall_ms",
+        "busy_ms",
+        "busy_pct_copy",
+        "copy_gbps",
+        "device",
+        "date",
+    ]
     city, ade = "8x19x512x1024", "16x150x512x512"
     data = [  # fused 1 ms: eager 6 ms (6× ✓), compile 1.5 ms (1.5× ✗); wall 1.3 / busy 1.0 (1.3× ✗), 90 % ✓
         ["city", "cross_entropy", city, "float32", "contiguous", "eager", "fwd+bwd", "reference", "6.0"],
         ["city", "cross_entropy", city, "float32", "contiguous", "compile", "fwd+bwd", "ok", "1.5"],
-        ["city", "cross_entropy", city, "float32", "contiguous", "fused", "fwd+bwd", "ok", "1.0", "1.3", "1.0", "90"],
+        [
+            "city",
+            "cross_entropy",
+            city,
+            "float32",
+            "contiguous",
+            "fused",
+            "fwd+bwd",
+            "ok",
+            "1.0",
+            "1.3",
+            "1.0",
+            "90",
+        ],
         # ADE: channels_last 2.0 / NCHW 1.0 ms (2× ✗); bf16 0.5 ms: 2× faster than float32 (✓); 84 % ✗
         ["ade", "cross_entropy", ade, "float32", "contiguous", "fused", "fwd+bwd", "ok", "1.0", "", "", "84"],
-        ["ade", "cross_entropy", ade, "bfloat16", "contiguous", "fused", "fwd+bwd", "ok", "0.5", "", "", "86"],
+        [
+            "ade",
+            "cross_entropy",
+            ade,
+            "bfloat16",
+            "contiguous",
+            "fused",
+            "fwd+bwd",
+            "ok",
+            "0.5",
+            "",
+            "",
+            "86",
+        ],
         ["ade", "cross_entropy", ade, "float32", "channels_last", "fused", "fwd+bwd", "ok", "2.0"],
         # rows: Liger 0.7 ms against fused 1.0 ms: Liger / fused = 0.70× ✗
         ["rows", "cross_entropy", "8192x8142", "float32", "contiguous", "fused", "fwd+bwd", "ok", "1.0"],
@@ -243,14 +332,21 @@ def test_summary_marks_each_goal(tmp_path):
             w.writerow(row + [""] * (12 - len(row)) + ["3000", "Stand-in GPU", "2026-01-01"])
     ups = tmp_path / "upsample.csv"
     # compile 3 ms / fused 1 ms: 3× ✓; peak 1 MiB + 8 B × 65536 pixels = 1.5 MiB bound, 1.6 MiB used ✗
-    ups.write_text("shape,dtype,mode,loss,provider,pass,status,ms,peak_bytes,low_grad_bytes,pixels\n"
-                   "a,float32,bilinear,cross_entropy,compile,fwd+bwd,ok,3.0,,,\n"
-                   f"a,float32,bilinear,cross_entropy,fused,fwd+bwd,ok,1.0,{int(1.6 * 2**20)},{2**20},65536\n")
+    ups.write_text(
+        "shape,dtype,mode,loss,provider,pass,status,ms,peak_bytes,low_grad_bytes,pixels\n"
+        "a,float32,bilinear,cross_entropy,compile,fwd+bwd,ok,3.0,,,\n"
+        f"a,float32,bilinear,cross_entropy,fused,fwd+bwd,ok,1.0,{int(1.6 * 2**20)},{2**20},65536\n"
+    )
     text = summary.summary(str(bench), str(ups))
-    lines = {line.split("|")[1].strip() + "|" + line.split("|")[2].strip(): line for line in text.splitlines()
-             if line.startswith("| ") and not line.startswith("| loss") and not line.startswith("| shape")}
+    lines = {
+        line.split("|")[1].strip() + "|" + line.split("|")[2].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| loss") and not line.startswith("| shape")
+    }
     city_line = lines["cross_entropy|1"]
-    assert "6.00× ✓" in city_line and "1.50× ✗" in city_line and "1.30× ✗" in city_line and "90 % ✓" in city_line
+    assert (
+        "6.00× ✓" in city_line and "1.50× ✗" in city_line and "1.30× ✗" in city_line and "90 % ✓" in city_line
+    )
     ade_line = lines[f"{ade}|cross_entropy"]
     assert "84 % ✗ / 86 % ✓ / — / —" in ade_line and "2.00× ✗ / —" in ade_line and "2.00× ✓ / —" in ade_line
     assert "0.70× ✗" in lines["8192x8142|cross_entropy"]

@@ -1,4 +1,5 @@
 """ConfusionMatrix against counts and ratios worked by hand."""
+
 from fractions import Fraction
 
 import pytest
@@ -17,9 +18,7 @@ IGN = 255
 TARGET = [0, 0, 0, 1, 1, 2, 2, 2, 2, IGN]
 PREDS = [0, 1, 0, 1, 2, 2, 2, 0, 0, 1]
 # rows = label, columns = prediction
-MATRIX = [[2, 1, 0],
-          [0, 1, 1],
-          [2, 0, 2]]
+MATRIX = [[2, 1, 0], [0, 1, 1], [2, 0, 2]]
 # row sums (labels) [3, 2, 4], column sums (predictions) [4, 2, 3], diagonal [2, 1, 2]
 RECALL = [Fraction(2, 3), Fraction(1, 2), Fraction(2, 4)]
 PRECISION = [Fraction(2, 4), Fraction(1, 2), Fraction(2, 3)]
@@ -50,8 +49,9 @@ def assert_ratios(cm, recall, precision, iou, miou, accuracy):
     torch.testing.assert_close(cm.precision(), f64(precision), atol=0, rtol=1e-15)
     torch.testing.assert_close(cm.iou(), f64(iou), atol=0, rtol=1e-15)
     torch.testing.assert_close(cm.miou(), torch.tensor(float(miou), dtype=torch.float64), atol=0, rtol=1e-15)
-    torch.testing.assert_close(cm.accuracy(), torch.tensor(float(accuracy), dtype=torch.float64),
-                               atol=0, rtol=1e-15)
+    torch.testing.assert_close(
+        cm.accuracy(), torch.tensor(float(accuracy), dtype=torch.float64), atol=0, rtol=1e-15
+    )
 
 
 def test_counts_and_ratios_from_predictions():
@@ -145,11 +145,13 @@ def test_absent_and_predicted_only_classes():
     preds = torch.tensor(PREDS + [4])
     cm = ConfusionMatrix(5, ignore_index=IGN)
     cm.update(preds, target)
-    assert cm.compute().tolist() == [[2, 1, 0, 0, 1],
-                                     [0, 1, 1, 0, 0],
-                                     [2, 0, 2, 0, 0],
-                                     [0, 0, 0, 0, 0],
-                                     [0, 0, 0, 0, 0]]
+    assert cm.compute().tolist() == [
+        [2, 1, 0, 0, 1],
+        [0, 1, 1, 0, 0],
+        [2, 0, 2, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+    ]
     # class 0 now has 4 labels, 2 right; class 4: recall 0/0 -> 0, precision 0/1, IoU 0/1
     recall = [Fraction(2, 4), Fraction(1, 2), Fraction(2, 4), 0, 0]
     precision = [Fraction(2, 4), Fraction(1, 2), Fraction(2, 3), 0, 0]
@@ -222,8 +224,11 @@ def test_options_set_later_take_effect_or_raise():
     cm.ignore_index = IGN  # as if built with it
     cm.update(preds, target)
     assert cm.compute().tolist() == MATRIX
-    for name, value, error in [("ignore_index", None, TypeError), ("ignore_index", 1.5, TypeError),
-                               ("backend", "cuda", ValueError)]:
+    for name, value, error in [
+        ("ignore_index", None, TypeError),
+        ("ignore_index", 1.5, TypeError),
+        ("backend", "cuda", ValueError),
+    ]:
         with pytest.raises(error, match=name):
             setattr(cm, name, value)
         with pytest.raises(error, match=name):

@@ -1,4 +1,5 @@
 """Loss modules: equal to the functional calls, buffers, and the dynamic weights worked by hand."""
+
 import collections
 import math
 import os
@@ -40,6 +41,7 @@ def assert_same_loss_and_grad(module, fn, logits, target):
 
 # ---------------------------------------------------------------- module == functional
 
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weight", [None, [1.0, 2.0, 0.5, 3.0, 0.25]])
 def test_focal_loss_module(reduction, weight):
@@ -47,7 +49,11 @@ def test_focal_loss_module(reduction, weight):
     m = FocalLoss(gamma=1.5, weight=weight, ignore_index=IGN, reduction=reduction, backend="reference")
     w = None if weight is None else torch.tensor(weight)
     assert_same_loss_and_grad(
-        m, lambda x, y: functional.focal_loss(x, y, 1.5, w, IGN, reduction, backend="reference"), logits, target)
+        m,
+        lambda x, y: functional.focal_loss(x, y, 1.5, w, IGN, reduction, backend="reference"),
+        logits,
+        target,
+    )
 
 
 def test_focal_loss_gamma_zero_is_torch_cross_entropy():
@@ -63,13 +69,24 @@ def test_focal_loss_gamma_zero_is_torch_cross_entropy():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_class_balanced_module(loss_type, reduction):
     logits, target = batch()
-    m = ClassBalancedLoss(COUNTS, beta=0.99, loss_type=loss_type, gamma=0.5, ignore_index=IGN,
-                          reduction=reduction, backend="reference")
+    m = ClassBalancedLoss(
+        COUNTS,
+        beta=0.99,
+        loss_type=loss_type,
+        gamma=0.5,
+        ignore_index=IGN,
+        reduction=reduction,
+        backend="reference",
+    )
     torch.testing.assert_close(m.weight, weights.effective_number(COUNTS, 0.99), atol=0, rtol=0)
     assert_same_loss_and_grad(
-        m, lambda x, y: functional.class_balanced_loss(x, y, COUNTS, 0.99, loss_type, 0.5, IGN, reduction,
-                                                       backend="reference"),
-        logits, target)
+        m,
+        lambda x, y: functional.class_balanced_loss(
+            x, y, COUNTS, 0.99, loss_type, 0.5, IGN, reduction, backend="reference"
+        ),
+        logits,
+        target,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -78,7 +95,8 @@ def test_recall_module_without_momentum(reduction):
     for distributed in (False, True):  # without torch.distributed initialised: the same loss
         m = RecallLoss(5, ignore_index=IGN, reduction=reduction, distributed=distributed, backend="reference")
         assert_same_loss_and_grad(
-            m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target)
+            m, lambda x, y: functional.recall_loss(x, y, IGN, reduction, backend="reference"), logits, target
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -89,9 +107,12 @@ def test_recall_module_fused(backend, reduction):
     logits, target = batch()
     expected = functional.recall_loss(logits, target, IGN, reduction, backend="reference")
     for momentum in (None, 0.0):
-        m = RecallLoss(5, momentum=momentum, ignore_index=IGN, reduction=reduction, distributed=True,
-                       backend=backend).to(dev)
-        torch.testing.assert_close(m(logits.to(dev), target.to(dev)).cpu(), expected, **LOSS_TOL[torch.float32])
+        m = RecallLoss(
+            5, momentum=momentum, ignore_index=IGN, reduction=reduction, distributed=True, backend=backend
+        ).to(dev)
+        torch.testing.assert_close(
+            m(logits.to(dev), target.to(dev)).cpu(), expected, **LOSS_TOL[torch.float32]
+        )
 
 
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
@@ -101,29 +122,40 @@ def test_cdb_module(gamma):
     m = CDBLoss(5, gamma=gamma, ignore_index=IGN, backend="reference")
     # before any update the weights are ones: the plain (focal) loss averaged over valid pixels
     assert_same_loss_and_grad(
-        m, lambda x, y: functional.focal_loss(x, y, gamma, None, IGN, backend="reference"), logits, target)
+        m, lambda x, y: functional.focal_loss(x, y, gamma, None, IGN, backend="reference"), logits, target
+    )
     m.update(acc)
     assert_same_loss_and_grad(
-        m, lambda x, y: functional.cdb_loss(x, y, torch.tensor(acc), "dynamic", gamma, IGN, backend="reference"),
-        logits, target)
+        m,
+        lambda x, y: functional.cdb_loss(x, y, torch.tensor(acc), "dynamic", gamma, IGN, backend="reference"),
+        logits,
+        target,
+    )
     m = CDBLoss(5, tau=1.5, gamma=gamma, ignore_index=IGN, reduction="sum", backend="reference")
     m.update(torch.tensor(acc))
     assert_same_loss_and_grad(
-        m, lambda x, y: functional.cdb_loss(x, y, acc, 1.5, gamma, IGN, "sum", backend="reference"),
-        logits, target)
+        m,
+        lambda x, y: functional.cdb_loss(x, y, acc, 1.5, gamma, IGN, "sum", backend="reference"),
+        logits,
+        target,
+    )
 
 
 @pytest.mark.parametrize("input", ["logits", "softmax"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_outlying_mse_module(input, reduction):
     logits, target = batch()
-    m = OutlyingMSELoss(COUNTS, alpha=0.5, input=input, ignore_index=IGN, reduction=reduction,
-                        backend="reference")
+    m = OutlyingMSELoss(
+        COUNTS, alpha=0.5, input=input, ignore_index=IGN, reduction=reduction, backend="reference"
+    )
     out = weights.outlying_labels(COUNTS, 0.5)
     torch.testing.assert_close(m.outlying, torch.tensor([0.5, 1.5, 2.0, 2.5, 1.0]), atol=0, rtol=0)
     assert_same_loss_and_grad(
-        m, lambda x, y: functional.mse_outlying_loss(x, y, out, IGN, reduction, input, backend="reference"),
-        logits, target)
+        m,
+        lambda x, y: functional.mse_outlying_loss(x, y, out, IGN, reduction, input, backend="reference"),
+        logits,
+        target,
+    )
 
 
 def test_modules_forward_confusion():
@@ -132,17 +164,18 @@ def test_modules_forward_confusion():
     expected.update(logits, target)
     cdb = CDBLoss(5, ignore_index=IGN, backend="reference")
     cdb.update([0.5] * 5)
-    modules = [FocalLoss(ignore_index=IGN, backend="reference"),
-               ClassBalancedLoss(COUNTS, ignore_index=IGN, backend="reference"),
-               RecallLoss(5, ignore_index=IGN, backend="reference"),
-               RecallLoss(5, momentum=0.5, ignore_index=IGN, backend="reference"),
-               cdb,
-               OutlyingMSELoss(COUNTS, ignore_index=IGN, backend="reference")]
+    modules = [
+        FocalLoss(ignore_index=IGN, backend="reference"),
+        ClassBalancedLoss(COUNTS, ignore_index=IGN, backend="reference"),
+        RecallLoss(5, ignore_index=IGN, backend="reference"),
+        RecallLoss(5, momentum=0.5, ignore_index=IGN, backend="reference"),
+        cdb,
+        OutlyingMSELoss(COUNTS, ignore_index=IGN, backend="reference"),
+    ]
     for m in modules:
         confusion = torch.zeros(5, 5, dtype=torch.int64)
         m(logits, target, confusion=confusion)
         assert torch.equal(confusion, expected.compute()), type(m).__name__
-
 
 
 def test_per_class_values_as_a_mapping_are_read_in_class_order():
@@ -153,14 +186,18 @@ def test_per_class_values_as_a_mapping_are_read_in_class_order():
     counts[3] = 0
     assert list(counts) != list(range(5))  # not in class order
     logits, target = batch()
-    for make in (lambda c: ClassBalancedLoss(c, beta=0.999, ignore_index=IGN, backend="reference"),
-                 lambda c: OutlyingMSELoss(c, ignore_index=IGN, backend="reference")):
+    for make in (
+        lambda c: ClassBalancedLoss(c, beta=0.999, ignore_index=IGN, backend="reference"),
+        lambda c: OutlyingMSELoss(c, ignore_index=IGN, backend="reference"),
+    ):
         torch.testing.assert_close(make(counts)(logits, target), make(COUNTS)(logits, target), rtol=0, atol=0)
     for backend in ("reference", None):  # None: the fused backend of the CPU where there is one
         torch.testing.assert_close(
             functional.class_balanced_loss(logits, target, counts, 0.999, ignore_index=IGN, backend=backend),
             functional.class_balanced_loss(logits, target, COUNTS, 0.999, ignore_index=IGN, backend=backend),
-            rtol=0, atol=0)
+            rtol=0,
+            atol=0,
+        )
     accuracy = {4: 0.7, 0: 0.9, 1: 0.5, 2: 0.2, 3: 0.1}
     m = CDBLoss(5, ignore_index=IGN, backend="reference")
     m.update(accuracy)
@@ -170,7 +207,9 @@ def test_per_class_values_as_a_mapping_are_read_in_class_order():
     torch.testing.assert_close(
         functional.cdb_loss(logits, target, accuracy, ignore_index=IGN, backend="reference"),
         functional.cdb_loss(logits, target, [0.9, 0.5, 0.2, 0.1, 0.7], ignore_index=IGN, backend="reference"),
-        rtol=0, atol=0)
+        rtol=0,
+        atol=0,
+    )
     w = {1: 2.0, 0: 1.0, 2: 0.5, 3: 3.0, 4: 0.25}
     assert torch.equal(FocalLoss(weight=w).weight, torch.tensor([1.0, 2.0, 0.5, 3.0, 0.25]))
     with pytest.raises(TypeError, match="samples_per_class.*without class 3"):
@@ -178,13 +217,21 @@ def test_per_class_values_as_a_mapping_are_read_in_class_order():
     with pytest.raises(TypeError, match="class_accuracy.*class order"):
         m.update({0.9, 0.5, 0.2, 0.1, 0.7})
 
+
 # ---------------------------------------------------------------- buffers
+
 
 def test_buffers_state_dict_and_to():
     modules = {
-        "focal": (FocalLoss(weight=[1.0, 2.0, 0.5, 3.0, 0.25], ignore_index=IGN, backend="reference"), ["weight"]),
+        "focal": (
+            FocalLoss(weight=[1.0, 2.0, 0.5, 3.0, 0.25], ignore_index=IGN, backend="reference"),
+            ["weight"],
+        ),
         "cb": (ClassBalancedLoss(COUNTS, ignore_index=IGN, backend="reference"), ["weight"]),
-        "recall": (RecallLoss(5, momentum=0.9, ignore_index=IGN, backend="reference"), ["running_recall", "seen"]),
+        "recall": (
+            RecallLoss(5, momentum=0.9, ignore_index=IGN, backend="reference"),
+            ["running_recall", "seen"],
+        ),
         "cdb": (CDBLoss(5, ignore_index=IGN, backend="reference"), ["weight"]),
         "mse": (OutlyingMSELoss(COUNTS, ignore_index=IGN, backend="reference"), ["outlying"]),
     }
@@ -218,7 +265,6 @@ def test_state_dict_round_trip():
     assert torch.equal(c.weight, d.weight)
 
 
-
 # ---------------------------------------------------------------- options set after construction
 
 ACC = [0.9, 0.5, 0.2, 0.1, 0.7]
@@ -241,7 +287,12 @@ RECALL = _factory(RecallLoss, 5, momentum=0.5)
 # (module factory taking the option as a keyword, option, a new valid value, invalid values and their error)
 OPTION_CASES = [
     (FOCAL, "gamma", 0.5, [(-1.0, ValueError), ("2", TypeError)]),
-    (FOCAL, "weight", [1.0, 2.0, 0.5, 3.0, 0.25], [(torch.ones(5, 1), ValueError), ({0: 1.0, 2: 1.0}, TypeError)]),
+    (
+        FOCAL,
+        "weight",
+        [1.0, 2.0, 0.5, 3.0, 0.25],
+        [(torch.ones(5, 1), ValueError), ({0: 1.0, 2: 1.0}, TypeError)],
+    ),
     (FOCAL, "reduction", "sum", [("avg", ValueError)]),
     (_factory(FocalLoss, ignore_index=-100), "ignore_index", IGN, [(None, TypeError), (1.5, TypeError)]),
     (_factory(FocalLoss, backend="cpp"), "backend", "reference", [("cuda", ValueError)]),
@@ -249,7 +300,12 @@ OPTION_CASES = [
     (FOCAL, "upsample", "bilinear", [("bicubic", ValueError)]),
     (_factory(FocalLoss, upsample="bilinear"), "align_corners", True, [(1, TypeError)]),
     (CB, "beta", 0.9, [(1.0, ValueError), (-0.5, ValueError)]),
-    (CB, "samples_per_class", [10, 20, 30, 40, 50], [([1, -2, 3, 4, 5], ValueError), ({0: 1, 2: 3}, TypeError)]),
+    (
+        CB,
+        "samples_per_class",
+        [10, 20, 30, 40, 50],
+        [([1, -2, 3, 4, 5], ValueError), ({0: 1, 2: 3}, TypeError)],
+    ),
     (MSE, "samples_per_class", [10, 20, 30, 40, 50], [([0, 0, 0, 0, 0], ValueError), (7, TypeError)]),
     (CB, "loss_type", "focal", [("logistic", ValueError)]),
     (CB, "gamma", 1.0, [(-1.0, ValueError)]),
@@ -264,8 +320,9 @@ OPTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("make, name, value, bad", OPTION_CASES,
-                         ids=[f"{i}-{c[1]}" for i, c in enumerate(OPTION_CASES)])
+@pytest.mark.parametrize(
+    "make, name, value, bad", OPTION_CASES, ids=[f"{i}-{c[1]}" for i, c in enumerate(OPTION_CASES)]
+)
 def test_an_option_set_later_takes_effect_or_raises(make, name, value, bad):
     """Setting an option of a built module gives the module built with it (value, weights, repr);
     a value the constructor rejects is rejected when set, with the same error, and changes
@@ -329,10 +386,17 @@ def test_the_upsample_pair_is_checked_together():
 
 def test_derived_buffers_and_num_classes_cannot_be_assigned():
     cm = ConfusionMatrix(5)
-    for m, name in [(RecallLoss(5), "num_classes"), (CDBLoss(5), "num_classes"), (cm, "num_classes"),
-                    (ClassBalancedLoss(COUNTS), "weight"), (OutlyingMSELoss(COUNTS), "outlying"),
-                    (CDBLoss(5), "weight"), (RecallLoss(5, momentum=0.5), "running_recall"),
-                    (RecallLoss(5, momentum=0.5), "seen"), (cm, "matrix")]:
+    for m, name in [
+        (RecallLoss(5), "num_classes"),
+        (CDBLoss(5), "num_classes"),
+        (cm, "num_classes"),
+        (ClassBalancedLoss(COUNTS), "weight"),
+        (OutlyingMSELoss(COUNTS), "outlying"),
+        (CDBLoss(5), "weight"),
+        (RecallLoss(5, momentum=0.5), "running_recall"),
+        (RecallLoss(5, momentum=0.5), "seen"),
+        (cm, "matrix"),
+    ]:
         with pytest.raises(AttributeError, match=f"{type(m).__name__}.{name} cannot be set"):
             setattr(m, name, getattr(m, name).clone() if name != "num_classes" else 4)
     cm.matrix += 1  # in place, as update() does: allowed
@@ -351,8 +415,9 @@ def test_derived_buffers_follow_their_option_through_to_and_state_dict():
     assert list(cb.state_dict()) == ["weight"] and torch.equal(loaded.weight, cb.weight.float())
     mse = OutlyingMSELoss(COUNTS).to(torch.float64)
     mse.alpha = 0.5
-    torch.testing.assert_close(mse.outlying, torch.tensor([0.5, 1.5, 2.0, 2.5, 1.0], dtype=torch.float64),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        mse.outlying, torch.tensor([0.5, 1.5, 2.0, 2.5, 1.0], dtype=torch.float64), rtol=0, atol=0
+    )
     cdb = CDBLoss(5)
     cdb.tau = 2.0  # before any update: still ones
     assert torch.equal(cdb.weight, torch.ones(5))
@@ -377,6 +442,7 @@ def test_activation_checkpointing_repeats_the_side_effects_as_documented():
     import fused_imbalance
     from fused_imbalance import losses
     from torch.utils.checkpoint import checkpoint
+
     logits, target = batch()
     once = ConfusionMatrix(5, ignore_index=IGN)
     once.update(logits, target)
@@ -387,29 +453,46 @@ def test_activation_checkpointing_repeats_the_side_effects_as_documented():
     present = count > 0
     r = torch.where(present, tp / count.clamp(min=1), torch.zeros(5, dtype=torch.float64)).float()
     for reentrant in (False, True):
-        for fn, kwargs in [(functional.focal_loss, {}), (FocalLoss(ignore_index=IGN, backend="reference"), {})]:
+        for fn, kwargs in [
+            (functional.focal_loss, {}),
+            (FocalLoss(ignore_index=IGN, backend="reference"), {}),
+        ]:
             confusion = torch.zeros(5, 5, dtype=torch.int64)
             x = logits.clone().requires_grad_()
-            call = (lambda t: fn(t, target, ignore_index=IGN, confusion=confusion, backend="reference")
-                    if fn is functional.focal_loss else fn(t, target, confusion=confusion))
+            call = (
+                lambda t: fn(t, target, ignore_index=IGN, confusion=confusion, backend="reference")
+                if fn is functional.focal_loss
+                else fn(t, target, confusion=confusion)
+            )
             checkpoint(call, x, use_reentrant=reentrant).backward()
             assert torch.equal(confusion, 2 * once.compute()), (fn, reentrant)
         running = m.running_recall.clone()
-        checkpoint(lambda t: m(t, target), logits.clone().requires_grad_(), use_reentrant=reentrant).backward()
+        checkpoint(
+            lambda t: m(t, target), logits.clone().requires_grad_(), use_reentrant=reentrant
+        ).backward()
         twice = 0.5 * (0.5 * running + 0.5 * r) + 0.5 * r
-        torch.testing.assert_close(m.running_recall, torch.where(present, twice, running), **TOL[torch.float32])
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    for where, text in [("functional", fused_imbalance.functional.__doc__), ("losses", losses.__doc__),
-                        ("RecallLoss", RecallLoss.__doc__), ("README", readme)]:
+        torch.testing.assert_close(
+            m.running_recall, torch.where(present, twice, running), **TOL[torch.float32]
+        )
+    readme = open(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    ).read()
+    for where, text in [
+        ("functional", fused_imbalance.functional.__doc__),
+        ("losses", losses.__doc__),
+        ("RecallLoss", RecallLoss.__doc__),
+        ("README", readme),
+    ]:
         text = " ".join(text.split())
         assert "torch.utils.checkpoint" in text and "outside the region" in text, where
+
 
 # ---------------------------------------------------------------- recall weights by hand
 
 # Two classes; logits [1, 0] predict class 0 and [0, 1] class 1, so every pixel's
 # cross-entropy is either A (argmax right) or B (argmax wrong):
 A = math.log(1 + math.exp(-1))  # -log softmax([1, 0])[0]
-B = math.log(1 + math.exp(1))   # -log softmax([1, 0])[1]
+B = math.log(1 + math.exp(1))  # -log softmax([1, 0])[1]
 
 
 def toy(labels, preds, dev="cpu"):
@@ -423,8 +506,9 @@ def test_recall_weights_by_hand():
     pixel = [A / 3, A / 3, B / 3, 0.0, 0.0]
     for reduction, expected in [("none", pixel), ("sum", sum(pixel)), ("mean", sum(pixel) / 4)]:
         m = RecallLoss(2, ignore_index=IGN, reduction=reduction, backend="reference")
-        torch.testing.assert_close(m(logits, target), torch.tensor(expected, dtype=torch.float64),
-                                   **TOL[torch.float64])
+        torch.testing.assert_close(
+            m(logits, target), torch.tensor(expected, dtype=torch.float64), **TOL[torch.float64]
+        )
 
 
 def test_recall_momentum_by_hand():
@@ -453,7 +537,9 @@ def momentum_by_hand(backend, dev):
     loss = m(logits, target).cpu()
     torch.testing.assert_close(m.running_recall.cpu(), torch.tensor([0.55, 2 / 3]), **tol)
     assert m.seen.cpu().tolist() == [True, True]
-    torch.testing.assert_close(loss, torch.tensor((0.45 * A + (2 * A + B) / 3) / 4, dtype=torch.float64), **tol)
+    torch.testing.assert_close(
+        loss, torch.tensor((0.45 * A + (2 * A + B) / 3) / 4, dtype=torch.float64), **tol
+    )
 
     # step 3: labels 1 ign, argmax 1 0. R_1 = 1: R̄_1 = 0.9·2/3 + 0.1·1 = 0.7; class 0
     # absent: R̄_0 stays 0.55 -> weights [0.45, 0.3]
@@ -474,8 +560,11 @@ def momentum_by_hand(backend, dev):
 def test_recall_momentum_zero_is_batch_recall_once_seen():
     logits, target = batch(seed=1)
     m = RecallLoss(5, momentum=0.0, ignore_index=IGN, backend="reference")
-    torch.testing.assert_close(m(logits, target), functional.recall_loss(logits, target, IGN, backend="reference"),
-                               **LOSS_TOL[torch.float32])
+    torch.testing.assert_close(
+        m(logits, target),
+        functional.recall_loss(logits, target, IGN, backend="reference"),
+        **LOSS_TOL[torch.float32],
+    )
 
 
 @pytest.mark.cuda
@@ -510,16 +599,15 @@ def test_recall_loss_checks():
 
 # ---------------------------------------------------------------- CDB weights by hand
 
+
 def test_cdb_update_from_confusion_by_hand():
     # rows = true class: class 0 has 8/10 right, class 1 4/10, class 2 no sample.
-    confusion = torch.tensor([[8, 2, 0],
-                              [1, 4, 5],
-                              [0, 0, 0]])
+    confusion = torch.tensor([[8, 2, 0], [1, 4, 5], [0, 0, 0]])
     # A = [0.8, 0.4] over the measured classes: b = 0.8 / (0.4 + 1e-4) - 1,
     # tau = 2 / (1 + e^-b), w = [0.2^tau, 0.6^tau]; class 2 gets the largest, 0.6^tau
     b = 0.8 / 0.4001 - 1
     tau = 2 / (1 + math.exp(-b))
-    expected = torch.tensor([0.2 ** tau, 0.6 ** tau, 0.6 ** tau])
+    expected = torch.tensor([0.2**tau, 0.6**tau, 0.6**tau])
     m = CDBLoss(3, backend="reference")
     torch.testing.assert_close(m.weight, torch.ones(3), atol=0, rtol=0)  # before any update
     w = m.update_from_confusion(confusion)

@@ -1,6 +1,7 @@
 """The OHEM cross-entropy reference (``reference.ohem_cross_entropy``, docs/DESIGN.md §13) against the code
 it follows, transcribed below from the published sources, and the sort rule on constructed ties,
 edge ranks, empty and all-ignored inputs, reductions, gradients, dtypes and layouts."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ CONVENTIONS = ("hrnet", "mmseg")
 
 
 # --- the published code, transcribed ---------------------------------------------------------
+
 
 def hrnet_ohem(score, target, ignore_label=-1, thres=0.7, min_kept=100000, weight=None, align_corners=False):
     """HRNet-Semantic-Segmentation, ``lib/core/criterion.py`` (master), ``OhemCrossEntropy``:
@@ -36,7 +38,14 @@ def hrnet_ohem(score, target, ignore_label=-1, thres=0.7, min_kept=100000, weigh
     tmp_target = target.clone()
     tmp_target[tmp_target == ignore_label] = 0
     pred = pred.gather(1, tmp_target.unsqueeze(1))
-    pred, ind = pred.contiguous().view(-1,)[mask].contiguous().sort()
+    pred, ind = (
+        pred.contiguous()
+        .view(
+            -1,
+        )[mask]
+        .contiguous()
+        .sort()
+    )
     min_value = pred[min(min_kept, pred.numel() - 1)]
     threshold = max(min_value, thresh)
 
@@ -45,8 +54,16 @@ def hrnet_ohem(score, target, ignore_label=-1, thres=0.7, min_kept=100000, weigh
     return pixel_losses.mean()
 
 
-def mmseg_ohem(seg_logit, seg_label, ignore_index=255, thresh=0.7, min_kept=100000, class_weight=None,
-               reduction="mean", align_corners=False):
+def mmseg_ohem(
+    seg_logit,
+    seg_label,
+    ignore_index=255,
+    thresh=0.7,
+    min_kept=100000,
+    class_weight=None,
+    reduction="mean",
+    align_corners=False,
+):
     """mmsegmentation as a decode head with ``sampler=dict(type='OHEMPixelSampler', thresh, min_kept)``
     and the default ``CrossEntropyLoss`` computes it:
     ``mmseg/models/decode_heads/decode_head.py`` ``loss_by_feat`` (resize, sample, loss),
@@ -55,7 +72,9 @@ def mmseg_ohem(seg_logit, seg_label, ignore_index=255, thresh=0.7, min_kept=1000
     with ``avg_non_ignore=False`` and ``mmseg/models/losses/utils.py`` ``weight_reduce_loss``."""
     seg_label = seg_label.unsqueeze(1)  # (N, 1, H, W), as _stack_batch_gt gives it
     # loss_by_feat: mmseg's resize is F.interpolate
-    seg_logit = F.interpolate(seg_logit, size=seg_label.shape[2:], mode='bilinear', align_corners=align_corners)
+    seg_logit = F.interpolate(
+        seg_logit, size=seg_label.shape[2:], mode='bilinear', align_corners=align_corners
+    )
 
     # OHEMPixelSampler.sample
     assert min_kept > 1  # OHEMPixelSampler.__init__
@@ -79,17 +98,20 @@ def mmseg_ohem(seg_logit, seg_label, ignore_index=255, thresh=0.7, min_kept=1000
         else:
             min_threshold = 0.0
         threshold = max(min_threshold, thresh)
-        valid_seg_weight[seg_prob[valid_mask] < threshold] = 1.
+        valid_seg_weight[seg_prob[valid_mask] < threshold] = 1.0
         seg_weight[valid_mask] = valid_seg_weight
 
     seg_label = seg_label.squeeze(1)
     # cross_entropy + weight_reduce_loss (avg_factor None, avg_non_ignore False)
-    loss = F.cross_entropy(seg_logit, seg_label, weight=class_weight, reduction='none', ignore_index=ignore_index)
+    loss = F.cross_entropy(
+        seg_logit, seg_label, weight=class_weight, reduction='none', ignore_index=ignore_index
+    )
     loss = loss * seg_weight
     return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
 
 
 # --- inputs and the sort rule -----------------------------------------------------------------
+
 
 def data(shape=(2, 5, 4, 6), dtype=torch.float64, seed=0, ignore=255, every=7, scale=2.0):
     g = torch.Generator().manual_seed(seed)
@@ -128,8 +150,11 @@ def kept_of(x, y, ignore, **kw):
 
 # --- against the published code ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("thresh, min_kept", [(0.7, 100000), (0.3, 20), (0.0, 30), (0.9, 1), (1.0, 0), (0.5, 5)])
+@pytest.mark.parametrize(
+    "thresh, min_kept", [(0.7, 100000), (0.3, 20), (0.0, 30), (0.9, 1), (1.0, 0), (0.5, 5)]
+)
 @pytest.mark.parametrize("use_weight", [False, True])
 def test_hrnet_equals_published_code(dtype, thresh, min_kept, use_weight):
     x, y = data(dtype=dtype)
@@ -156,8 +181,9 @@ def test_mmseg_equals_published_code(dtype, thresh, min_kept, reduction):
     x, y = data(dtype=dtype, shape=(3, 5, 4, 6))
     w = torch.linspace(0.5, 2.0, 5, dtype=dtype)
     want = mmseg_ohem(x, y, 255, thresh, min_kept, w, reduction)
-    got = R.ohem_cross_entropy(x, y, thresh, min_kept, w, ignore_index=255, reduction=reduction,
-                               convention="mmseg")
+    got = R.ohem_cross_entropy(
+        x, y, thresh, min_kept, w, ignore_index=255, reduction=reduction, convention="mmseg"
+    )
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
@@ -166,7 +192,9 @@ def test_mmseg_resizes_first():
     _, y = data(shape=(2, 5, 6, 8), seed=4)
     want = mmseg_ohem(x, y, 255, 0.5, 6, align_corners=True)
     xu = R.upsampled(x, y.shape[-2:], "bilinear", align_corners=True)
-    torch.testing.assert_close(R.ohem_cross_entropy(xu, y, 0.5, 6, ignore_index=255, convention="mmseg"), want)
+    torch.testing.assert_close(
+        R.ohem_cross_entropy(xu, y, 0.5, 6, ignore_index=255, convention="mmseg"), want
+    )
 
 
 def test_the_conventions_differ_where_their_code_does():
@@ -185,10 +213,13 @@ def test_the_conventions_differ_where_their_code_does():
 
 # --- the kept set: the sort rule, ties, edge ranks ----------------------------------------------
 
+
 def tied(dtype=torch.float32):
     """Logits with exact ties: every pixel's row is one of four rows, so its label probability is
     one of a few values, each taken by several pixels (equal rows give equal softmax bits)."""
-    rows = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.5, 0.0], [3.0, -1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    rows = torch.tensor(
+        [[0.0, 1.0, 2.0], [0.5, 0.5, 0.0], [3.0, -1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64
+    )
     g = torch.Generator().manual_seed(5)
     pick = torch.randint(0, 4, (2 * 5 * 6,), generator=g)
     y = torch.randint(0, 3, (2 * 5 * 6,), generator=g)
@@ -306,6 +337,7 @@ def test_nan_probability_at_the_rank_keeps_nothing():
 
 # --- reductions, weights ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("convention", CONVENTIONS)
 def test_reductions_agree(convention):
     x, y = data(seed=8)
@@ -325,11 +357,13 @@ def test_reductions_agree(convention):
 def test_mean_divides_by_kept_pixels_not_weights():
     x, y = data(seed=9)
     w = torch.full((5,), 3.0, dtype=torch.float64)
-    torch.testing.assert_close(R.ohem_cross_entropy(x, y, 0.6, 4, w, 255),
-                               3 * R.ohem_cross_entropy(x, y, 0.6, 4, None, 255))
+    torch.testing.assert_close(
+        R.ohem_cross_entropy(x, y, 0.6, 4, w, 255), 3 * R.ohem_cross_entropy(x, y, 0.6, 4, None, 255)
+    )
 
 
 # --- gradients --------------------------------------------------------------------------------
+
 
 def _away_from_the_threshold(x, y, rank, ignore=255):
     """A thresh in the widest gap of the sorted probabilities above the rank's, so that a small
@@ -382,12 +416,15 @@ def test_no_gradient_through_the_selection_at_p_zero():
 
 # --- dtypes, layouts, labels, confusion ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_compute_in_float32(dtype):
     x, y = data(dtype=dtype)
     loss = R.ohem_cross_entropy(x, y, 0.6, 10, ignore_index=255)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, R.ohem_cross_entropy(x.float(), y, 0.6, 10, ignore_index=255), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loss, R.ohem_cross_entropy(x.float(), y, 0.6, 10, ignore_index=255), rtol=0, atol=0
+    )
     x.requires_grad_(True)
     R.ohem_cross_entropy(x, y, 0.6, 10, ignore_index=255).backward()
     assert x.grad.dtype == dtype
@@ -399,7 +436,9 @@ def test_layouts_equal_contiguous(convention, shape):
     x, y = data(shape=shape, seed=12)
     kw = dict(thresh=0.5, min_kept=7, ignore_index=255, convention=convention)
     ref = R.ohem_cross_entropy(x, y, reduction="none", **kw)
-    torch.testing.assert_close(R.ohem_cross_entropy(to_layout(x, "channels_last"), y, reduction="none", **kw), ref)
+    torch.testing.assert_close(
+        R.ohem_cross_entropy(to_layout(x, "channels_last"), y, reduction="none", **kw), ref
+    )
     if convention == "hrnet":  # as (N, C) rows every row is an image: mmseg's rank would change
         rows = R.ohem_cross_entropy(to_layout(x, "rows"), y.reshape(-1), reduction="none", **kw)
         torch.testing.assert_close(rows, ref.reshape(-1))
@@ -426,20 +465,23 @@ def test_bad_label_names_the_value():
         R.ohem_cross_entropy(x, y, ignore_index=255)
 
 
-@pytest.mark.parametrize("kw, exc, match", [
-    (dict(thresh=None), TypeError, "thresh=None"),
-    (dict(thresh="0.7"), TypeError, "thresh must be a number"),
-    (dict(thresh=True), TypeError, "thresh must be a number"),
-    (dict(thresh=1.5), ValueError, r"thresh must be in \[0, 1\]"),
-    (dict(thresh=-0.1), ValueError, r"thresh must be in \[0, 1\]"),
-    (dict(thresh=float("nan")), ValueError, r"thresh must be in \[0, 1\]"),
-    (dict(min_kept=-1), ValueError, "min_kept must be an int >= 0"),
-    (dict(min_kept=1e5), TypeError, "min_kept must be an int"),
-    (dict(min_kept=True), TypeError, "min_kept must be an int"),
-    (dict(convention="torch"), ValueError, "convention must be one of"),
-    (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(5,\)"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(thresh=None), TypeError, "thresh=None"),
+        (dict(thresh="0.7"), TypeError, "thresh must be a number"),
+        (dict(thresh=True), TypeError, "thresh must be a number"),
+        (dict(thresh=1.5), ValueError, r"thresh must be in \[0, 1\]"),
+        (dict(thresh=-0.1), ValueError, r"thresh must be in \[0, 1\]"),
+        (dict(thresh=float("nan")), ValueError, r"thresh must be in \[0, 1\]"),
+        (dict(min_kept=-1), ValueError, "min_kept must be an int >= 0"),
+        (dict(min_kept=1e5), TypeError, "min_kept must be an int"),
+        (dict(min_kept=True), TypeError, "min_kept must be an int"),
+        (dict(convention="torch"), ValueError, "convention must be one of"),
+        (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(5,\)"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+    ],
+)
 def test_bad_options(kw, exc, match):
     x, y = data()
     with pytest.raises(exc, match=match):
@@ -450,6 +492,8 @@ def test_compiles_as_one_graph():
     """No data-dependent shape: the reference compiles with fullgraph=True and gives the same value."""
     x, y = data(seed=16, dtype=torch.float32)
     for convention in CONVENTIONS:
+
         def f(x, y):
             return R.ohem_cross_entropy(x, y, 0.6, 8, ignore_index=255, convention=convention)
+
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, y), f(x, y), **LOSS_TOL[torch.float32])

@@ -5,6 +5,7 @@ The backends run on CPU tensors here: ``cpp`` natively, ``triton`` through TRITO
 A backend that cannot run is skipped, unless it is named in FUSED_IMBALANCE_REQUIRE_BACKENDS
 (CI names both), where that is a failure.
 """
+
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ def check(fn, x, y, backend, reduction="mean", **kw):
 
 
 # --- every loss × reduction × layout, float32 ----------------------------------------------
+
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows", "volume", "volume_cl"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -58,6 +60,7 @@ def test_label_dtypes(backend, name, label_dtype):
 
 # --- odd sizes and tails ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("C", [1, 2, 19, 150])
 @pytest.mark.parametrize("hw", [(1, 1), (7, 13)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -81,7 +84,9 @@ def test_many_classes_rows(backend, C):
     check(ALL_LOSSES["focal_loss"], x.to(torch.bfloat16), y, backend, "sum")
 
 
-@pytest.mark.parametrize("name", ["focal_loss", "sigmoid_focal_loss", "mse_outlying_loss", "mse_outlying_logits"])
+@pytest.mark.parametrize(
+    "name", ["focal_loss", "sigmoid_focal_loss", "mse_outlying_loss", "mse_outlying_logits"]
+)
 def test_many_classes_float32_is_accurate(backend, name):
     """A float32 per-pixel loss over tens of thousands of classes stays within the float32
     tolerance of the float64 loss: the sum over classes must not lose digits as C grows."""
@@ -97,6 +102,7 @@ def test_many_classes_float32_is_accurate(backend, name):
 
 
 # --- statistics ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("C, layout", [(3, "nchw"), (19, "channels_last"), (150, "nchw"), (150, "rows")])
 def test_confusion_and_stats_exact(backend, C, layout):
@@ -186,6 +192,7 @@ def test_bad_labels(backend):
 
 # --- gradients and determinism ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_gradcheck_float64(backend, name, reduction):
@@ -197,8 +204,9 @@ def test_gradcheck_float64(backend, name, reduction):
     # Under the interpreter every launch costs ~40 ms: check the Jacobian through random projections
     # (fast_mode) there, which still fails on any wrong gradient; element by element elsewhere.
     fast = backend == "triton" and dev == "cpu"
-    assert torch.autograd.gradcheck(lambda t: fn(t, y, reduction=reduction, backend=backend), (x,),
-                                    fast_mode=fast)
+    assert torch.autograd.gradcheck(
+        lambda t: fn(t, y, reduction=reduction, backend=backend), (x,), fast_mode=fast
+    )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])

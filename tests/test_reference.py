@@ -1,4 +1,5 @@
 """The executable spec itself: hand-worked values, equality with torch, layouts, gradcheck, errors."""
+
 import math
 
 import pytest
@@ -20,6 +21,7 @@ def _data(shape=(2, 5, 3, 4), dtype=torch.float64, seed=0, ignore=-100):
 
 
 # --- hand-worked values -------------------------------------------------------------------
+
 
 def test_focal_value_gamma2_by_hand():
     # One pixel, 3 classes, logits (0, ln 2, ln 5) -> softmax (1/8, 2/8, 5/8); label 2:
@@ -54,6 +56,7 @@ def test_recall_loss_uses_given_recall_and_callable():
     def hook(count, tp):
         seen["count"], seen["tp"] = count, tp
         return r
+
     torch.testing.assert_close(FI.recall_loss(x, y, recall=hook, **B), expected)
     assert int(seen["count"].sum()) == int(valid)
 
@@ -92,15 +95,18 @@ def test_class_balanced_matches_official_formula():
     ce = F.cross_entropy(x, y, reduction="none")
     torch.testing.assert_close(
         FI.class_balanced_loss(x, y, counts, beta=0.99, loss_type="softmax", **B),
-        (w[ysafe] * ce)[valid].sum() / valid.sum())
+        (w[ysafe] * ce)[valid].sum() / valid.sum(),
+    )
     onehot = F.one_hot(ysafe, 5).movedim(-1, 1).double()
     bce = F.binary_cross_entropy_with_logits(x, onehot, reduction="none").sum(1)
     torch.testing.assert_close(
         FI.class_balanced_loss(x, y, counts, beta=0.99, loss_type="sigmoid", **B),
-        (w[ysafe] * bce)[valid].sum() / valid.sum())
+        (w[ysafe] * bce)[valid].sum() / valid.sum(),
+    )
 
 
 # --- equality with torch ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("use_weight", [False, True])
@@ -108,23 +114,31 @@ def test_class_balanced_matches_official_formula():
 def test_cross_entropy_equals_torch(reduction, use_weight, dtype):
     x, y = _data(dtype=dtype)
     w = torch.rand(5, dtype=dtype) + 0.1 if use_weight else None
-    torch.testing.assert_close(FI.cross_entropy(x, y, w, reduction=reduction, **B),
-                               F.cross_entropy(x, y, w, reduction=reduction), **TOL[dtype])
+    torch.testing.assert_close(
+        FI.cross_entropy(x, y, w, reduction=reduction, **B),
+        F.cross_entropy(x, y, w, reduction=reduction),
+        **TOL[dtype],
+    )
 
 
 def test_cross_entropy_ignore_index_255_uint8():
     x, y = _data(ignore=255)
     yu = y.to(torch.uint8)
-    torch.testing.assert_close(FI.cross_entropy(x, yu, ignore_index=255, **B),
-                               F.cross_entropy(x, y, ignore_index=255))
+    torch.testing.assert_close(
+        FI.cross_entropy(x, yu, ignore_index=255, **B), F.cross_entropy(x, y, ignore_index=255)
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_focal_gamma0_equals_cross_entropy(reduction):
     x, y = _data()
     w = torch.rand(5, dtype=torch.float64)
-    torch.testing.assert_close(FI.focal_loss(x, y, gamma=0.0, weight=w, reduction=reduction, **B),
-                               FI.cross_entropy(x, y, w, reduction=reduction, **B), rtol=0, atol=0)
+    torch.testing.assert_close(
+        FI.focal_loss(x, y, gamma=0.0, weight=w, reduction=reduction, **B),
+        FI.cross_entropy(x, y, w, reduction=reduction, **B),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -138,6 +152,7 @@ def test_sigmoid_focal_gamma0_equals_bce_summed(reduction):
 
 
 # --- layouts ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_channels_last_and_flattened_equal_contiguous(name):
@@ -163,6 +178,7 @@ def test_volumes(name):
 
 # --- gradients ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_gradcheck(name, reduction):
@@ -173,6 +189,7 @@ def test_gradcheck(name, reduction):
 
 
 # --- conventions --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -203,15 +220,18 @@ def test_means_follow_their_rule():
     cb_w = weights.effective_number([5, 4, 3, 2, 1], 0.9).double()
     s_cb = FI.class_balanced_loss(x, y, [5, 4, 3, 2, 1], beta=0.9, reduction="sum", **B)
     torch.testing.assert_close(s_cb, FI.cross_entropy(x, y, cb_w, reduction="sum", **B))
-    torch.testing.assert_close(FI.class_balanced_loss(x, y, [5, 4, 3, 2, 1], beta=0.9, **B), s_cb / valid.sum())
+    torch.testing.assert_close(
+        FI.class_balanced_loss(x, y, [5, 4, 3, 2, 1], beta=0.9, **B), s_cb / valid.sum()
+    )
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_label_dtypes(label_dtype):
     x, y = _data(ignore=255 if label_dtype == torch.uint8 else -100)
     ii = 255 if label_dtype == torch.uint8 else -100
-    torch.testing.assert_close(FI.focal_loss(x, y.to(label_dtype), ignore_index=ii, **B),
-                               FI.focal_loss(x, y, ignore_index=ii, **B))
+    torch.testing.assert_close(
+        FI.focal_loss(x, y.to(label_dtype), ignore_index=ii, **B), FI.focal_loss(x, y, ignore_index=ii, **B)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -243,6 +263,7 @@ def test_confusion_matrix_and_confusion_argument():
 
 # --- errors -------------------------------------------------------------------------------
 
+
 def test_label_out_of_range_names_the_value():
     x, y = _data()
     y[0, 1, 1] = 17
@@ -253,33 +274,44 @@ def test_label_out_of_range_names_the_value():
         FI.recall_loss(x, y, **B)
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda x, y: FI.cross_entropy(x, y[:, :2]), ValueError, "does not match"),
-    (lambda x, y: FI.cross_entropy(x.long(), y), TypeError, "logits must be"),
-    (lambda x, y: FI.cross_entropy(x, y.float()), TypeError, "target must be"),
-    (lambda x, y: FI.cross_entropy(x, y, torch.ones(4)), ValueError, r"shape \(5,\)"),
-    (lambda x, y: FI.cross_entropy(x, y, reduction="avg"), ValueError, "reduction"),
-    (lambda x, y: FI.cross_entropy(x, y, backend="cuda-magic"), ValueError, "backend"),
-    (lambda x, y: FI.class_balanced_loss(x, y, [1, 2, 3, 4, 5], loss_type="hinge"), ValueError, "loss_type"),
-    (lambda x, y: FI.class_balanced_loss(x, y, [1, -2, 3, 4, 5]), ValueError, "non-negative"),
-    (lambda x, y: FI.class_balanced_loss(x, y, []), ValueError, "non-empty"),
-    (lambda x, y: FI.class_balanced_loss(x, y, [1, 2, 3]), ValueError, r"\(5,\)"),
-    (lambda x, y: FI.focal_loss(x, y, gamma=-1.0), ValueError, "gamma"),
-    (lambda x, y: FI.cdb_loss(x, y, [0.5] * 5, tau="fast"), ValueError, "tau"),
-    (lambda x, y: FI.mse_outlying_loss(x, y, torch.ones(5), input="probs"), ValueError, "input"),
-    (lambda x, y: FI.confusion_matrix(x, y, out=torch.zeros(5, 5)), TypeError, "int64"),
-    # argument mix-ups: the message names the argument the user got wrong
-    (lambda x, y: FI.class_balanced_loss(x, y, [10, 5]), ValueError, r"samples_per_class must have shape \(5,\)"),
-    (lambda x, y: FI.class_balanced_loss(x, y, 10), TypeError, "samples_per_class must be a sequence"),
-    (lambda x, y: weights.effective_number(10), TypeError, "samples_per_class must be a sequence"),
-    (lambda x, y: weights.outlying_labels(3.0), TypeError, "samples_per_class must be a sequence"),
-    (lambda x, y: weights.cdb(0.5), TypeError, "class_accuracy must be a sequence"),
-    (lambda x, y: FI.focal_loss(x, y, torch.ones(5)), TypeError, r"gamma must be a number.*weight="),
-    (lambda x, y: FI.sigmoid_focal_loss(x, y, [1.0, 2.0]), TypeError, "gamma must be a number"),
-    (lambda x, y: FI.focal_loss(x, y, float("nan")), ValueError, "gamma"),
-    (lambda x, y: FocalLoss(torch.ones(5)), TypeError, r"gamma must be a number.*weight="),
-    (lambda x, y: CDBLoss(5, gamma=torch.ones(5)), TypeError, "gamma must be a number"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x, y: FI.cross_entropy(x, y[:, :2]), ValueError, "does not match"),
+        (lambda x, y: FI.cross_entropy(x.long(), y), TypeError, "logits must be"),
+        (lambda x, y: FI.cross_entropy(x, y.float()), TypeError, "target must be"),
+        (lambda x, y: FI.cross_entropy(x, y, torch.ones(4)), ValueError, r"shape \(5,\)"),
+        (lambda x, y: FI.cross_entropy(x, y, reduction="avg"), ValueError, "reduction"),
+        (lambda x, y: FI.cross_entropy(x, y, backend="cuda-magic"), ValueError, "backend"),
+        (
+            lambda x, y: FI.class_balanced_loss(x, y, [1, 2, 3, 4, 5], loss_type="hinge"),
+            ValueError,
+            "loss_type",
+        ),
+        (lambda x, y: FI.class_balanced_loss(x, y, [1, -2, 3, 4, 5]), ValueError, "non-negative"),
+        (lambda x, y: FI.class_balanced_loss(x, y, []), ValueError, "non-empty"),
+        (lambda x, y: FI.class_balanced_loss(x, y, [1, 2, 3]), ValueError, r"\(5,\)"),
+        (lambda x, y: FI.focal_loss(x, y, gamma=-1.0), ValueError, "gamma"),
+        (lambda x, y: FI.cdb_loss(x, y, [0.5] * 5, tau="fast"), ValueError, "tau"),
+        (lambda x, y: FI.mse_outlying_loss(x, y, torch.ones(5), input="probs"), ValueError, "input"),
+        (lambda x, y: FI.confusion_matrix(x, y, out=torch.zeros(5, 5)), TypeError, "int64"),
+        # argument mix-ups: the message names the argument the user got wrong
+        (
+            lambda x, y: FI.class_balanced_loss(x, y, [10, 5]),
+            ValueError,
+            r"samples_per_class must have shape \(5,\)",
+        ),
+        (lambda x, y: FI.class_balanced_loss(x, y, 10), TypeError, "samples_per_class must be a sequence"),
+        (lambda x, y: weights.effective_number(10), TypeError, "samples_per_class must be a sequence"),
+        (lambda x, y: weights.outlying_labels(3.0), TypeError, "samples_per_class must be a sequence"),
+        (lambda x, y: weights.cdb(0.5), TypeError, "class_accuracy must be a sequence"),
+        (lambda x, y: FI.focal_loss(x, y, torch.ones(5)), TypeError, r"gamma must be a number.*weight="),
+        (lambda x, y: FI.sigmoid_focal_loss(x, y, [1.0, 2.0]), TypeError, "gamma must be a number"),
+        (lambda x, y: FI.focal_loss(x, y, float("nan")), ValueError, "gamma"),
+        (lambda x, y: FocalLoss(torch.ones(5)), TypeError, r"gamma must be a number.*weight="),
+        (lambda x, y: CDBLoss(5, gamma=torch.ones(5)), TypeError, "gamma must be a number"),
+    ],
+)
 def test_bad_input_errors(call, exc, match):
     x, y = _data()
     with pytest.raises(exc, match=match):

@@ -4,6 +4,7 @@ subnormals, inf and NaN, invalid entries, every rank and beyond, float32 and flo
 programs and tails -- with the first histogram given or not, under ``torch.compile``, and without
 a host sync. Without a GPU the Triton kernels run on CPU tensors through TRITON_INTERPRET=1 (set
 by conftest); the interpreted calls are kept to a few thousand entries."""
+
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def histogram_of(v):
 
 
 def ranks(n_valid):
-    return sorted({0, 1, n_valid // 2, n_valid - 1, n_valid, 10 ** 12, -5})
+    return sorted({0, 1, n_valid // 2, n_valid - 1, n_valid, 10**12, -5})
 
 
 @pytest.fixture(params=["triton", "cpp", "reference"])
@@ -63,6 +64,7 @@ def sel_backend(request):
 
 def _available(name):
     from conftest import REQUIRED
+
     v = torch.zeros(1, device=backend_device(name))
     try:
         SEL.select_kth(v, 0, backend=name)
@@ -79,6 +81,7 @@ def on(backend, t):
 
 # --- values -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_random_values_with_invalid_entries(sel_backend, dtype):
     g = torch.Generator().manual_seed(0)
@@ -89,7 +92,11 @@ def test_random_values_with_invalid_entries(sel_backend, dtype):
     n_valid = int((v >= 0).sum())
     for i, k in enumerate(ranks(n_valid)):
         kk = torch.tensor(k) if i % 2 else k  # a device tensor or an int
-        check(SEL.select_kth(on(sel_backend, v), on(sel_backend, kk) if i % 2 else kk, backend=sel_backend), v, k)
+        check(
+            SEL.select_kth(on(sel_backend, v), on(sel_backend, kk) if i % 2 else kk, backend=sel_backend),
+            v,
+            k,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,7 +117,7 @@ def test_many_ties(sel_backend, dtype):
 def test_all_equal(sel_backend, dtype):
     v = torch.full((700,), 0.7, dtype=dtype)
     v[::3] = -2.0
-    for k in (0, 200, 466, 10 ** 6):
+    for k in (0, 200, 466, 10**6):
         got = SEL.select_kth(on(sel_backend, v), k, backend=sel_backend)
         check(got, v, k)
         assert got.item() == torch.tensor(0.7, dtype=dtype).item()
@@ -122,8 +129,20 @@ def test_zero_one_subnormals_inf_nan(sel_backend, dtype):
     1 and the float just below it, the largest finite value, +inf and NaN (sorted last)."""
     fi = torch.finfo(dtype)
     sub_min = fi.smallest_normal * fi.eps  # 2**-149 for float32
-    specials = [1.0, 0.0, float("nan"), -0.0, sub_min, fi.smallest_normal - sub_min, fi.smallest_normal,
-                float("inf"), fi.max, 1.0 - fi.eps / 2, 0.5, sub_min]
+    specials = [
+        1.0,
+        0.0,
+        float("nan"),
+        -0.0,
+        sub_min,
+        fi.smallest_normal - sub_min,
+        fi.smallest_normal,
+        float("inf"),
+        fi.max,
+        1.0 - fi.eps / 2,
+        0.5,
+        sub_min,
+    ]
     v = torch.tensor(specials + [-1.0, -float("inf")], dtype=dtype)
     assert (v[4] > 0) and (v[5] < fi.smallest_normal) and (v[9] < 1.0)  # really subnormal, really below 1
     for k in range(len(specials)):
@@ -154,6 +173,7 @@ def test_shape_is_read_flattened(sel_backend):
 
 
 # --- the first histogram given ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_first_hist_given(sel_backend, dtype):
@@ -209,9 +229,11 @@ def test_wrong_first_hist_does_not_crash(sel_backend):
     if sel_backend == "reference":
         pytest.skip("the reference sorts: it takes no histogram")
     v = torch.rand(900)
-    for fh in (torch.zeros(SEL.FIRST_BINS, dtype=torch.int64),
-               torch.full((SEL.FIRST_BINS,), 10 ** 6, dtype=torch.int64),
-               torch.arange(SEL.FIRST_BINS, dtype=torch.int64)):
+    for fh in (
+        torch.zeros(SEL.FIRST_BINS, dtype=torch.int64),
+        torch.full((SEL.FIRST_BINS,), 10**6, dtype=torch.int64),
+        torch.arange(SEL.FIRST_BINS, dtype=torch.int64),
+    ):
         out = SEL.select_kth(on(sel_backend, v), 450, on(sel_backend, fh), backend=sel_backend)
         assert out.shape == ()
 
@@ -233,9 +255,24 @@ def test_select_first_digit_is_the_histograms_digit(dtype):
         tl.store(ok_ptr + offs, ok.to(tl.int32), mask=m)
 
     fi = torch.finfo(dtype)
-    v = torch.tensor([0.0, -0.0, 1.0, 0.7, fi.smallest_normal * fi.eps, float("inf"), float("nan"), -1.0,
-                      -float("inf"), fi.max, 3.5e-5, 0.5], dtype=dtype, device="cuda" if torch.cuda.is_available()
-                     else "cpu")
+    v = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            0.7,
+            fi.smallest_normal * fi.eps,
+            float("inf"),
+            float("nan"),
+            -1.0,
+            -float("inf"),
+            fi.max,
+            3.5e-5,
+            0.5,
+        ],
+        dtype=dtype,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
     d = torch.empty(v.numel(), dtype=torch.int32, device=v.device)
     ok = torch.empty(v.numel(), dtype=torch.int32, device=v.device)
     digits_kernel[(1,)](v, d, ok, v.numel(), BLOCK=16)
@@ -246,6 +283,7 @@ def test_select_first_digit_is_the_histograms_digit(dtype):
 
 
 # --- sizes: several programs, tiles, chunks -----------------------------------------------------
+
 
 @pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
 def test_triton_several_programs_and_tails(monkeypatch):
@@ -274,7 +312,7 @@ def test_cpp_many_chunks_and_a_large_bin():
     v[::17] = -1.0
     threads = torch.get_num_threads()
     try:
-        for k in (0, 25_000, 150_000, 10 ** 9):
+        for k in (0, 25_000, 150_000, 10**9):
             want = SEL.select_kth(v, k, backend="cpp")
             check(want, v, k)
             torch.set_num_threads(1)
@@ -287,6 +325,7 @@ def test_cpp_many_chunks_and_a_large_bin():
 
 # --- torch.library, torch.compile, host syncs ---------------------------------------------------
 
+
 def test_default_backend_by_device():
     v = torch.rand(100)
     want = oracle(v, 10)
@@ -298,8 +337,11 @@ def test_opcheck_cpp():
     v = torch.rand(300, dtype=torch.float64)
     v[::4] = -1
     fh = histogram_of(v)
-    for args in [(v, torch.tensor(17)), (v.float(), torch.tensor(0), histogram_of(v.float())),
-                 (v, torch.tensor(10 ** 5), fh)]:
+    for args in [
+        (v, torch.tensor(17)),
+        (v.float(), torch.tensor(0), histogram_of(v.float())),
+        (v, torch.tensor(10**5), fh),
+    ]:
         torch.library.opcheck(torch.ops.fused_imbalance.cpp_select_kth.default, args)
 
 
@@ -311,7 +353,10 @@ def test_opcheck_triton():
     # under TRITON_INTERPRET the kernels cannot be traced (torch does not trace interpreted kernels)
     utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
     utils += ["test_aot_dispatch_dynamic"] if torch.cuda.is_available() else []
-    for args in [(v, torch.tensor(17, device=dev), None), (v, torch.tensor(5, device=dev), histogram_of(v).to(dev))]:
+    for args in [
+        (v, torch.tensor(17, device=dev), None),
+        (v, torch.tensor(5, device=dev), histogram_of(v).to(dev)),
+    ]:
         torch.library.opcheck(TS.select_kth, args, test_utils=utils)
 
 
@@ -386,17 +431,26 @@ def test_no_host_sync_cpu(sel_backend, monkeypatch):
 
 # --- errors -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, kw, exc, match", [
-    ((torch.arange(5), 1), {}, TypeError, "values must be a float32 or float64"),
-    ((torch.rand(5).half(), 1), {}, TypeError, "values must be a float32 or float64"),
-    ((torch.rand(5), 1.0), {}, TypeError, "k must be an int"),
-    ((torch.rand(5), True), {}, TypeError, "k must be an int"),
-    ((torch.rand(5), torch.tensor(1.0)), {}, TypeError, "k must be an int"),
-    ((torch.rand(5), torch.tensor([1, 2])), {}, TypeError, "k must be an int"),
-    ((torch.rand(5), 1, torch.zeros(SEL.FIRST_BINS)), {}, TypeError, "first_hist must be an int64"),
-    ((torch.rand(5), 1, torch.zeros(7, dtype=torch.int64)), {}, ValueError, r"first_hist must have shape"),
-    ((torch.rand(5), 1), {"backend": "cuda"}, ValueError, "backend must be one of"),
-])
+
+@pytest.mark.parametrize(
+    "args, kw, exc, match",
+    [
+        ((torch.arange(5), 1), {}, TypeError, "values must be a float32 or float64"),
+        ((torch.rand(5).half(), 1), {}, TypeError, "values must be a float32 or float64"),
+        ((torch.rand(5), 1.0), {}, TypeError, "k must be an int"),
+        ((torch.rand(5), True), {}, TypeError, "k must be an int"),
+        ((torch.rand(5), torch.tensor(1.0)), {}, TypeError, "k must be an int"),
+        ((torch.rand(5), torch.tensor([1, 2])), {}, TypeError, "k must be an int"),
+        ((torch.rand(5), 1, torch.zeros(SEL.FIRST_BINS)), {}, TypeError, "first_hist must be an int64"),
+        (
+            (torch.rand(5), 1, torch.zeros(7, dtype=torch.int64)),
+            {},
+            ValueError,
+            r"first_hist must have shape",
+        ),
+        ((torch.rand(5), 1), {"backend": "cuda"}, ValueError, "backend must be one of"),
+    ],
+)
 def test_bad_arguments(args, kw, exc, match):
     with pytest.raises(exc, match=match):
         SEL.select_kth(*args, **kw)

@@ -8,6 +8,7 @@ that cannot be compiled. The variant set reaches every kernel and every code pat
 kernels and each C is its own kernel. ``python tests/sm90_compile.py --all`` checks more.
 Triton's cache (``TRITON_CACHE_DIR``, by default ~/.triton/cache) makes repeated runs fast.
 """
+
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ ROOT = os.path.dirname(HERE)
 def _nvidia_backend():
     try:
         from triton.backends.nvidia.compiler import get_ptxas
+
         return os.path.exists(get_ptxas(90).path)
     except Exception:  # pragma: no cover - a triton build without the NVIDIA backend
         return False
@@ -35,16 +37,29 @@ def report():
         pytest.skip("this triton has no NVIDIA backend with ptxas")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py")], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sm90_compile.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def _every_kernel_compiles(report):
     kernels = {r["kernel"] for r in report if not r["kernel"].startswith(("_up_", "_select_", "_ohem_"))}
-    assert kernels == {"_fwd_static_kernel", "_bwd_static_kernel", "_fwd_chunked_kernel",
-                       "_bwd_chunked_kernel", "_class_sum_kernel", "_finalize_kernel", "_reduce_rows_kernel"}
+    assert kernels == {
+        "_fwd_static_kernel",
+        "_bwd_static_kernel",
+        "_fwd_chunked_kernel",
+        "_bwd_chunked_kernel",
+        "_class_sum_kernel",
+        "_finalize_kernel",
+        "_reduce_rows_kernel",
+    }
     # every flag of the static forward is reached with both values
     fwd = [r["constexprs"] for r in report if r["kernel"] == "_fwd_static_kernel"]
     for flag in ("LOOP", "REG_STATS", "STORE_PL", "WEIGH_PL", "NEED_TP", "FOCAL"):
@@ -66,6 +81,7 @@ def _no_spills(report):
 
 # --- the upsampled ops (UPSAMPLE_VARIANTS of sm90_compile.py) -----------------------------------
 
+
 def _upsample_kernels_compile(report):
     """Both upsampled kernels, each class plan (cached rows; groups in a loop with the coefficient
     launch or, cross-entropy, the forward's lse), one- and two-tap axes; no spills (_no_spills)."""
@@ -80,6 +96,7 @@ def _upsample_kernels_compile(report):
 
 # --- the exact selection (SELECT_VARIANTS of sm90_compile.py) -----------------------------------
 
+
 def _select_kernels_compile(report):
     """Every histogram pass of the float32 and float64 digit plans (the first one, the first after
     it, the later ones) and the final launch; no spills (_no_spills)."""
@@ -92,6 +109,7 @@ def _select_kernels_compile(report):
 
 # --- the OHEM cross-entropy (OHEM_VARIANTS of sm90_compile.py) ------------------------------------
 
+
 def _ohem_kernels_compile(report):
     """The O(N) kernels of the OHEM cross-entropy with every flag, and the selection's passes after a first
     histogram counted by its probability kernel; no spills (_no_spills)."""
@@ -99,13 +117,23 @@ def _ohem_kernels_compile(report):
     for r in report:
         if r["kernel"] in kernels:
             kernels[r["kernel"]].append(r["constexprs"])
-    assert set(kernels) == {"_ohem_prob_kernel", "_ohem_kept_kernel", "_ohem_finalize_kernel", "_ohem_factor_kernel"}
+    assert set(kernels) == {
+        "_ohem_prob_kernel",
+        "_ohem_kept_kernel",
+        "_ohem_finalize_kernel",
+        "_ohem_factor_kernel",
+    }
     assert {c["WEIGHTED"] for c in kernels["_ohem_prob_kernel"]} == {"True", "False"}
-    assert {(c["CLEAR"], c["UNIT"]) for c in kernels["_ohem_kept_kernel"]} == {("False", "False"), ("False", "True"),
-                                                                                ("True", "True")}
-    assert {(c["MEAN"], c["MEAN_ALL"]) for c in kernels["_ohem_finalize_kernel"]} >= {("True", "True"),
-                                                                                        ("True", "False"),
-                                                                                        ("False", "False")}
+    assert {(c["CLEAR"], c["UNIT"]) for c in kernels["_ohem_kept_kernel"]} == {
+        ("False", "False"),
+        ("False", "True"),
+        ("True", "True"),
+    }
+    assert {(c["MEAN"], c["MEAN_ALL"]) for c in kernels["_ohem_finalize_kernel"]} >= {
+        ("True", "True"),
+        ("True", "False"),
+        ("False", "False"),
+    }
 
 
 def test_sm90_compile(report):

@@ -9,6 +9,7 @@ need_tp / need_confusion specialisations, the gradient inputs, non-dense logits,
 ``opcheck`` and ``gradcheck``. Without a GPU the kernels run on CPU tensors through
 TRITON_INTERPRET=1 (set by conftest).
 """
+
 import pytest
 import torch
 
@@ -55,18 +56,30 @@ def make(shape, layout="nchw", dtype=torch.float64, seed=0, label_dtype=torch.in
 def run_fwd(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_confusion=True):
     """The forward's per-pixel and per-class losses (two calls): (pixel_loss, class_loss, count, tp, bad
     count, confusion or None)."""
-    return contract.per_pixel_and_class(BE.fwd, x, y.reshape(-1), mode, gamma, tvals if mode in (2, 3) else None,
-                                        ignore, need_tp, need_confusion)
+    return contract.per_pixel_and_class(
+        BE.fwd,
+        x,
+        y.reshape(-1),
+        mode,
+        gamma,
+        tvals if mode in (2, 3) else None,
+        ignore,
+        need_tp,
+        need_confusion,
+    )
 
 
 def bwd(x, y, up, scale, mode, gamma, tvals, ignore=-100):
-    return BE.bwd(x, y.reshape(-1), up, scale, tvals if mode in (2, 3) else None, None, int(mode), gamma, ignore)
+    return BE.bwd(
+        x, y.reshape(-1), up, scale, tvals if mode in (2, 3) else None, None, int(mode), gamma, ignore
+    )
 
 
 def check_forward(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_confusion=True):
     pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, gamma, tvals, ignore, need_tp, need_confusion)
-    rcl, _, rcount, rtp, rbad, rconf = contract.forward(x, y, None, tvals, mode, gamma, ignore, Reduction.CLASS,
-                                                        Weighting.NONE)
+    rcl, _, rcount, rtp, rbad, rconf = contract.forward(
+        x, y, None, tvals, mode, gamma, ignore, Reduction.CLASS, Weighting.NONE
+    )
     rpl = contract.pixel_loss(x, y, mode, gamma, tvals, ignore)
     acc = acc_dtype(x)
     assert pl.dtype == cl.dtype == acc and pl.shape == rpl.shape and cl.shape == rcl.shape
@@ -79,8 +92,21 @@ def check_forward(x, y, mode, gamma, tvals, ignore=-100, need_tp=True, need_conf
     if mode != Mode.STATS:  # the weighted mean from the same pass, and its backward factor
         C = x.shape[1]
         w = torch.linspace(0.5, 2.0, C, dtype=acc, device=x.device)
-        loss, scale, *_ = BE.fwd(x, y.reshape(-1), w, tvals if mode in (2, 3) else None, None, int(mode), gamma,
-                                 ignore, int(Reduction.MEAN), int(Weighting.GENERAL), False, False, False)
+        loss, scale, *_ = BE.fwd(
+            x,
+            y.reshape(-1),
+            w,
+            tvals if mode in (2, 3) else None,
+            None,
+            int(mode),
+            gamma,
+            ignore,
+            int(Reduction.MEAN),
+            int(Weighting.GENERAL),
+            False,
+            False,
+            False,
+        )
         wl, ws, *_ = contract.forward(x, y, w, tvals, mode, gamma, ignore, Reduction.MEAN, Weighting.GENERAL)
         torch.testing.assert_close(loss, wl, **LOSS_TOL[x.dtype])
         torch.testing.assert_close(scale, ws, **LOSS_TOL[x.dtype])
@@ -102,13 +128,37 @@ def check_backward(x, y, mode, gamma, tvals, ignore=-100, gp=True, gc=True, seed
     kept = T.keeps_lse(x, mode, gamma)
     lse = None
     if kept:
-        lse = BE.fwd(x, y.reshape(-1), None, tvals if mode in (2, 3) else None, None, int(mode), gamma, ignore,
-                     int(Reduction.CLASS), int(Weighting.NONE), False, False, True)[5]
+        lse = BE.fwd(
+            x,
+            y.reshape(-1),
+            None,
+            tvals if mode in (2, 3) else None,
+            None,
+            int(mode),
+            gamma,
+            ignore,
+            int(Reduction.CLASS),
+            int(Weighting.NONE),
+            False,
+            False,
+            True,
+        )[5]
         assert lse.shape == (kept * N,) and lse.dtype == acc
     for i, (up, scale) in enumerate(forms):
-        grad = BE.bwd(x, y.reshape(-1), up, scale, tvals if mode in (2, 3) else None, lse if i else None, int(mode),
-                      gamma, ignore)
-        assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
+        grad = BE.bwd(
+            x,
+            y.reshape(-1),
+            up,
+            scale,
+            tvals if mode in (2, 3) else None,
+            lse if i else None,
+            int(mode),
+            gamma,
+            ignore,
+        )
+        assert (
+            grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == torch.empty_like(x).stride()
+        )
         ref = contract.grad(x, y, up, scale, mode, gamma, tvals, ignore)
         torch.testing.assert_close(grad, ref, **TOL[x.dtype])
     return grad
@@ -203,15 +253,31 @@ def test_finalize_after_a_row_reduction(monkeypatch):
         shape, layout = PATHS[path]
         x, y, tvals = make(shape, layout, dtype=torch.float32)
         check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals)
-        loss = BE.fwd(x, y.reshape(-1), None, None, None, 0, 0.0, -100, int(Reduction.MEAN),
-                      int(Weighting.RECALL), False, False, False)[0]
+        loss = BE.fwd(
+            x,
+            y.reshape(-1),
+            None,
+            None,
+            None,
+            0,
+            0.0,
+            -100,
+            int(Reduction.MEAN),
+            int(Weighting.RECALL),
+            False,
+            False,
+            False,
+        )[0]
         want = contract.forward(x, y, None, None, 0, 0.0, -100, Reduction.MEAN, Weighting.RECALL)[0]
         torch.testing.assert_close(loss, want, **LOSS_TOL[x.dtype])
 
 
 @pytest.mark.parametrize("mode", [Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX])
-@pytest.mark.parametrize("shape, layout", [((2, 11, 3, 4), "nchw"), ((2, 11, 3, 4), "cl"), ((7, 12), "rows")],
-                         ids=["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((2, 11, 3, 4), "nchw"), ((2, 11, 3, 4), "cl"), ((7, 12), "rows")],
+    ids=["nchw", "channels_last", "rows"],
+)
 def test_small_groups(small_groups, shape, layout, mode):
     """The static kernels' loop over groups of 4 classes, with an unrolled tail of 3 (none for 12)."""
     x, y, tvals = make(shape, layout)
@@ -236,6 +302,7 @@ def test_kept_lse():
     logits twice from memory (ADE20K's 150 classes in NCHW: several class groups over a tile beyond L1),
     the lse, and the focal weight (γ != 0) or the softmax MSE's Σ p (p - t); nothing where one read
     suffices (one class group, a tile that stays in L1, the rows kernels, the per-class modes)."""
+
     def k(shape, dtype=torch.float32, layout="nchw", mode=Mode.SOFTMAX_FOCAL, gamma=0.0):
         x = torch.empty(shape, dtype=dtype, device="meta")
         if layout == "cl":
@@ -243,7 +310,12 @@ def test_kept_lse():
         return T.keeps_lse(x, mode, gamma)
 
     ade, city = (2, 150, 64, 64), (2, 19, 64, 64)
-    assert (k(ade), k(ade, gamma=2.0), k(ade, mode=Mode.MSE_SOFTMAX), k(ade, dtype=torch.bfloat16)) == (1, 2, 2, 1)
+    assert (k(ade), k(ade, gamma=2.0), k(ade, mode=Mode.MSE_SOFTMAX), k(ade, dtype=torch.bfloat16)) == (
+        1,
+        2,
+        2,
+        1,
+    )
     assert (k((2, 1000, 64, 64)), k((2, 300, 64, 64))) == (1, 0)  # chunked: 32 x 1000 classes; 32 x 300 in L1
     assert (k(ade, mode=Mode.SIGMOID_FOCAL), k(ade, mode=Mode.MSE_LOGITS), k(ade, layout="cl")) == (0, 0, 0)
     assert (k(city), k(city, dtype=torch.bfloat16), k((4096, 150)), k((4096, 8142))) == (0, 0, 0, 0)
@@ -253,6 +325,7 @@ def test_training_keeps_lse(small_groups, monkeypatch):
     """An eager call that autograd records asks the forward for the lse and hands it to the backward (a
     call without autograd asks for nothing); the gradient is the reference's."""
     from fused_imbalance import _fused
+
     _fused.register_backend(BE)
     seen = []
 
@@ -267,8 +340,20 @@ def test_training_keeps_lse(small_groups, monkeypatch):
     monkeypatch.setitem(_fused._BACKENDS, BE.name, BE._replace(fwd=fwd, bwd=bwd_spy))
     x, y, tvals = make((1, 9, 2, 3), "nchw")
     x.requires_grad_(True)
-    args = (y.reshape(-1), (), None, None, None, Mode.SOFTMAX_FOCAL, 2.0, -100, Reduction.SUM, Weighting.NONE,
-            False, False)
+    args = (
+        y.reshape(-1),
+        (),
+        None,
+        None,
+        None,
+        Mode.SOFTMAX_FOCAL,
+        2.0,
+        -100,
+        Reduction.SUM,
+        Weighting.NONE,
+        False,
+        False,
+    )
     with torch.no_grad():
         _fused.forward(BE.name, x, *args)
     loss = _fused.forward(BE.name, x, *args)[0]
@@ -280,8 +365,9 @@ def test_training_keeps_lse(small_groups, monkeypatch):
 def test_gamma_zero_is_cross_entropy():
     x, y, tvals = make((2, 5, 4, 3), dtype=torch.float32)
     pl, cl, *_ = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
-    ce = torch.nn.functional.cross_entropy(x, torch.where((y >= 0) & (y < 5), y, -100).long(),
-                                           reduction="none").reshape(-1)
+    ce = torch.nn.functional.cross_entropy(
+        x, torch.where((y >= 0) & (y < 5), y, -100).long(), reduction="none"
+    ).reshape(-1)
     torch.testing.assert_close(pl, ce, **LOSS_TOL[torch.float32])
     for mode in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL):
         check_forward(x, y, mode, 0.0, tvals)
@@ -297,9 +383,14 @@ def test_gamma_is_float64_for_float64_kernels():
     import triton.language as tl
 
     from fused_imbalance.ops import triton_kernels, triton_upsample
+
     # triton.jit's kernels (interpreted or not): the parameters are those of their Python function
-    kernels = [k.fn for mod in (triton_kernels, triton_upsample) for name, k in vars(mod).items()
-               if name.endswith("_kernel") and hasattr(k, "fn")]
+    kernels = [
+        k.fn
+        for mod in (triton_kernels, triton_upsample)
+        for name, k in vars(mod).items()
+        if name.endswith("_kernel") and hasattr(k, "fn")
+    ]
     kernels = [f for f in kernels if "gamma" in inspect.signature(f).parameters]
     assert len(kernels) == 6
     for f in kernels:
@@ -325,6 +416,7 @@ def test_multiple_programs_and_tiles(monkeypatch):
 
 
 # --- dtypes ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["nchw", "channels_last", "nchw_c40", "rows_chunks"])
@@ -354,11 +446,12 @@ def test_labels_are_widened_before_comparing():
     """int64 labels 2**32 + 1 and -2**32 are bad, not class 1 and 0 after a 32-bit truncation;
     an ignore_index inside [0, C) ignores that class."""
     x, y, tvals = make((2, 4, 3, 3), "nchw")
-    y.view(-1)[:2] = torch.tensor([2**32 + 1, -2**32])
+    y.view(-1)[:2] = torch.tensor([2**32 + 1, -(2**32)])
     for ignore in (-100, 2):
         pl, cl, count, tp, bad, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None, ignore)
-        rcl, _, rcount, rtp, rbad, rconf = contract.forward(x, y, None, None, Mode.SOFTMAX_FOCAL, 0.0, ignore,
-                                                            Reduction.CLASS, Weighting.NONE)
+        rcl, _, rcount, rtp, rbad, rconf = contract.forward(
+            x, y, None, None, Mode.SOFTMAX_FOCAL, 0.0, ignore, Reduction.CLASS, Weighting.NONE
+        )
         assert int(bad) == int(rbad) and pl[:2].eq(0).all()
         assert torch.equal(count, rcount) and torch.equal(conf, rconf)
         torch.testing.assert_close(cl, rcl, **LOSS_TOL[x.dtype])
@@ -366,6 +459,7 @@ def test_labels_are_widened_before_comparing():
 
 
 # --- argmax, ties and non-finite logits -----------------------------------------------------
+
 
 @pytest.mark.parametrize("tiling", ["unrolled", "groups", "chunks"])
 def test_argmax_ties_nan_and_infinities(request, tiling):
@@ -389,8 +483,9 @@ def test_argmax_ties_nan_and_infinities(request, tiling):
     pl, _, count, tp, _, conf = run_fwd(x, y, Mode.SOFTMAX_FOCAL, 0.0, None)
     am = x.argmax(1)
     assert am.tolist()[:4] == [2, 3, 10, 0]
-    expect = torch.zeros(C, C, dtype=torch.int64, device=DEV).index_put_((y, am), torch.ones_like(y),
-                                                                        accumulate=True)
+    expect = torch.zeros(C, C, dtype=torch.int64, device=DEV).index_put_(
+        (y, am), torch.ones_like(y), accumulate=True
+    )
     assert torch.equal(conf, expect)
     assert torch.equal(tp, torch.bincount(y[am == y], minlength=C))
     ref = torch.nn.functional.cross_entropy(x, y, reduction="none")
@@ -436,7 +531,7 @@ def test_softmax_float32_far_from_zero():
     exponent, far beyond ex2's range). Compared as per-pixel losses and gradients."""
     base = torch.tensor([1e9, -3e12, 1e20, -1e30, 7.5e29]).repeat_interleave(4)
     spread = torch.tensor([[0.0, 1.5, -2.0], [3.0, 0.0, 0.25]]).repeat(10, 1)
-    x = (base[:, None] + spread.to(torch.float64) * base.abs()[:, None] * 2.0 ** -20).float()
+    x = (base[:, None] + spread.to(torch.float64) * base.abs()[:, None] * 2.0**-20).float()
     y = torch.arange(x.shape[0]) % 3
     x, y = x.to(DEV), y.to(DEV)
     for mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX):
@@ -446,6 +541,7 @@ def test_softmax_float32_far_from_zero():
 
 
 # --- the gradient inputs and layouts of the backward ---------------------------------------
+
 
 @pytest.mark.parametrize("gp, gc", [(True, False), (False, True), (False, False)])
 def test_backward_inputs(gp, gc):
@@ -482,6 +578,7 @@ def test_non_dense_logits():
 
 # --- degenerate inputs --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4)])
 def test_empty(shape):
     x = torch.zeros(shape, device=DEV)
@@ -500,8 +597,15 @@ def test_all_ignored():
     for mode in MODES:
         pl, cl, count, tp, bad, conf = run_fwd(x, y, mode, 2.0, tvals)
         assert (pl == 0).all() and (cl == 0).all() and (count == 0).all() and (conf == 0).all()
-        grad = bwd(x, y, torch.ones(y.numel(), dtype=torch.float64, device=DEV),
-                   torch.ones(5, dtype=torch.float64, device=DEV), int(mode), 2.0, tvals)
+        grad = bwd(
+            x,
+            y,
+            torch.ones(y.numel(), dtype=torch.float64, device=DEV),
+            torch.ones(5, dtype=torch.float64, device=DEV),
+            int(mode),
+            2.0,
+            tvals,
+        )
         assert (grad == 0).all()
 
 
@@ -532,6 +636,7 @@ def test_gradcheck(request, mode, chunked):
     """The per-pixel and per-class outputs through the autograd formula (functional.py's path), in
     float64."""
     from fused_imbalance import _fused
+
     _fused.register_backend(BE)
     if chunked:
         request.getfixturevalue("small_chunks")
@@ -546,8 +651,12 @@ def test_gradcheck(request, mode, chunked):
 
     def f(t):
         args = (tv, None, mode, GAMMA.get(mode, 0.0), -100)
-        pl = _fused.forward("triton", t, y.reshape(-1), (), None, *args, Reduction.NONE, Weighting.NONE, False, False)[0]
-        cl = _fused.forward("triton", t, y.reshape(-1), (), None, *args, Reduction.CLASS, Weighting.NONE, False, False)[0]
+        pl = _fused.forward(
+            "triton", t, y.reshape(-1), (), None, *args, Reduction.NONE, Weighting.NONE, False, False
+        )[0]
+        cl = _fused.forward(
+            "triton", t, y.reshape(-1), (), None, *args, Reduction.CLASS, Weighting.NONE, False, False
+        )[0]
         return (pl * wp).sum() + (cl * wc).sum()
 
     assert torch.autograd.gradcheck(f, (x,))
@@ -566,10 +675,12 @@ def test_opcheck():
     y = y.reshape(-1)
     w = torch.linspace(0.5, 2.0, 5, dtype=torch.float64, device=DEV)
     conf = torch.zeros(5, 5, dtype=torch.int64, device=DEV)
-    for args in [(x, y, w, None, conf, 0, 2.0, -100, 0, 1, True, True, False),
-                 (x, y, None, tvals, None, 3, 0.0, -100, 2, 0, False, False, False),
-                 (x, y, None, None, conf, 4, 0.0, -100, 1, 0, True, True, False),
-                 (x, y, None, None, None, 0, 0.0, -100, 3, 3, False, True, False)]:
+    for args in [
+        (x, y, w, None, conf, 0, 2.0, -100, 0, 1, True, True, False),
+        (x, y, None, tvals, None, 3, 0.0, -100, 2, 0, False, False, False),
+        (x, y, None, None, conf, 4, 0.0, -100, 1, 0, True, True, False),
+        (x, y, None, None, None, 0, 0.0, -100, 3, 3, False, True, False),
+    ]:
         torch.library.opcheck(T.loss_fwd, args, test_utils=_opcheck_utils())
     gp = torch.randn(y.numel(), dtype=torch.float64, device=DEV)
     gc = torch.randn(5, dtype=torch.float64, device=DEV)
@@ -587,18 +698,22 @@ def test_eager_launchers_are_the_ops():
     b = BE.fwd_op(x, t, w, None, c2, 0, 2.0, -100, 0, 1, True, True, False)
     assert all(torch.equal(u, v) for u, v in zip(a, b)) and torch.equal(c1, c2)
     g = torch.tensor(1.0, device=DEV)
-    assert torch.equal(BE.bwd(x, t, g, a[1], None, None, 0, 2.0, -100), BE.bwd_op(x, t, g, a[1], None, None, 0, 2.0,
-                                                                                  -100))
+    assert torch.equal(
+        BE.bwd(x, t, g, a[1], None, None, 0, 2.0, -100), BE.bwd_op(x, t, g, a[1], None, None, 0, 2.0, -100)
+    )
 
 
 @pytest.mark.cuda  # under TRITON_INTERPRET the kernels cannot be traced (see _opcheck_utils)
 def test_compile_fullgraph():
     import fused_imbalance.functional as FI
+
     x, y, _ = make((2, 5, 6, 4), "cl", dtype=torch.float32)
     y = torch.where((y >= 0) & (y < 5), y, torch.full_like(y, -100))
 
     def f(x, conf):
-        return FI.focal_loss(x, y, 2.0, confusion=conf, backend="triton") + FI.recall_loss(x, y, backend="triton")
+        return FI.focal_loss(x, y, 2.0, confusion=conf, backend="triton") + FI.recall_loss(
+            x, y, backend="triton"
+        )
 
     xe = x.clone().requires_grad_(True)
     xc = x.clone().requires_grad_(True)

@@ -1,5 +1,6 @@
 """What users of long training runs rely on: defined behaviour on bad or unusual input, the same
 answer on every backend, determinism, and inputs beyond 2**31 elements."""
+
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ def _same_as_reference(fn, x, y, backend, reduction="mean", **kw):
 
 
 # --- non-finite logits ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_nan_logit_poisons_only_its_pixel(backend, name):
@@ -101,12 +103,15 @@ def test_class_weights_behave_as_torch(backend, case, reduction):
     w = torch.tensor(WEIGHTS[case], dtype=torch.float64, device=dev)
     want = torch.nn.functional.cross_entropy(x, y, weight=w, reduction=reduction)
     x_leaf = x.clone().requires_grad_(True)
-    want_grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(x_leaf, y, weight=w, reduction=reduction).sum(),
-                                     x_leaf)
+    (want_grad,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(x_leaf, y, weight=w, reduction=reduction).sum(), x_leaf
+    )
     finite = case != "inf_present"
     for b in (backend, "reference"):
-        for fn in (lambda t, yy, **k: FI.cross_entropy(t, yy, w, **k),
-                   lambda t, yy, **k: FI.focal_loss(t, yy, 0.0, w, **k)):
+        for fn in (
+            lambda t, yy, **k: FI.cross_entropy(t, yy, w, **k),
+            lambda t, yy, **k: FI.focal_loss(t, yy, 0.0, w, **k),
+        ):
             loss, grad = loss_and_grad(fn, x, y, b, reduction)
             torch.testing.assert_close(loss, want, **LOSS_TOL[torch.float64], equal_nan=True)
             if finite:
@@ -122,8 +127,10 @@ def test_class_weights_same_on_every_backend(backend, case, name):
     dev = backend_device(backend)
     x, y = _weight_data(dev)
     w = torch.tensor(WEIGHTS[case], dtype=torch.float64, device=dev)
-    fn = {"sigmoid_focal_loss": lambda t, yy, **k: FI.sigmoid_focal_loss(t, yy, 1.5, w, **k),
-          "weighted_focal": lambda t, yy, **k: FI.weighted_loss(t, yy, w, "softmax_focal", 2.0, **k)}[name]
+    fn = {
+        "sigmoid_focal_loss": lambda t, yy, **k: FI.sigmoid_focal_loss(t, yy, 1.5, w, **k),
+        "weighted_focal": lambda t, yy, **k: FI.weighted_loss(t, yy, w, "softmax_focal", 2.0, **k),
+    }[name]
     for reduction in ("mean", "sum", "none"):
         loss, grad = _same_as_reference(fn, x, y, backend, reduction)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
@@ -131,9 +138,17 @@ def test_class_weights_same_on_every_backend(backend, case, name):
 
 # --- confident logits ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, label_logit", [(torch.float32, 89.0), (torch.float32, 1e4),
-                                                (torch.float32, math.inf), (torch.float64, 750.0),
-                                                (torch.float64, math.inf)])
+
+@pytest.mark.parametrize(
+    "dtype, label_logit",
+    [
+        (torch.float32, 89.0),
+        (torch.float32, 1e4),
+        (torch.float32, math.inf),
+        (torch.float64, 750.0),
+        (torch.float64, math.inf),
+    ],
+)
 @pytest.mark.parametrize("gamma", [0.25, 0.5, 0.999, 1.5])
 def test_focal_gradient_at_a_certain_label_is_finite(backend, dtype, label_logit, gamma):
     """A label logit so large (or +inf) that 1 − q_y rounds to 0: the focal factor (1 − q_y)^γ has
@@ -155,13 +170,20 @@ def test_focal_gradient_at_a_certain_label_is_finite(backend, dtype, label_logit
 
 # --- devices and views -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, match", [
-    (lambda x, y: FI.cross_entropy(x, y, torch.ones(5, device="meta")), "weight is on meta"),
-    (lambda x, y: FI.cross_entropy(x, y.to("meta")), "target is on meta"),
-    (lambda x, y: FI.recall_loss(x, y, recall=torch.ones(5, device="meta")), "recall is on meta"),
-    (lambda x, y: FI.mse_outlying_loss(x, y, torch.ones(5, device="meta")), "outlying is on meta"),
-    (lambda x, y: FI.confusion_matrix(x, y, out=torch.zeros(5, 5, dtype=torch.long, device="meta")), "out is on meta"),
-])
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x, y: FI.cross_entropy(x, y, torch.ones(5, device="meta")), "weight is on meta"),
+        (lambda x, y: FI.cross_entropy(x, y.to("meta")), "target is on meta"),
+        (lambda x, y: FI.recall_loss(x, y, recall=torch.ones(5, device="meta")), "recall is on meta"),
+        (lambda x, y: FI.mse_outlying_loss(x, y, torch.ones(5, device="meta")), "outlying is on meta"),
+        (
+            lambda x, y: FI.confusion_matrix(x, y, out=torch.zeros(5, 5, dtype=torch.long, device="meta")),
+            "out is on meta",
+        ),
+    ],
+)
 def test_tensors_on_another_device_are_errors(call, match):
     x, y = make_data((2, 5, 3, 3), torch.float32)
     with pytest.raises(ValueError, match=match):
@@ -170,6 +192,7 @@ def test_tensors_on_another_device_are_errors(call, match):
 
 def _ops_of(backend):
     from fused_imbalance import functional
+
     functional._backend_available(backend)
     return functional._loaded[backend]
 
@@ -181,6 +204,7 @@ def test_ops_check_tensor_sizes_before_touching_memory(backend):
     target). The short tensors are allocations of their own, not views of longer ones, so that a read
     past their end is one for scripts/sanitize.sh too."""
     from fused_imbalance.ops import Mode
+
     be, dev = _ops_of(backend), backend_device(backend)
     C, mse, soft = 5, int(Mode.MSE_LOGITS), int(Mode.SOFTMAX_FOCAL)
     x, y = (t.to(dev) for t in make_data((2, C, 3, 4), torch.float32))
@@ -189,43 +213,62 @@ def test_ops_check_tensor_sizes_before_touching_memory(backend):
     conf = torch.zeros(C, C, dtype=torch.int64, device=dev)
 
     def fwd(x, y, mode, tvals, weight=None, confusion=None):
-        return be.fwd_op(x, y, weight, tvals, confusion, mode, 2.0, -100, 0, 1 if weight is not None else 0, True,
-                         False, False)
+        return be.fwd_op(
+            x,
+            y,
+            weight,
+            tvals,
+            confusion,
+            mode,
+            2.0,
+            -100,
+            0,
+            1 if weight is not None else 0,
+            True,
+            False,
+            False,
+        )
 
     def bwd(x, y, g, scale, tvals=None):
         return be.bwd_op(x, y, g, scale, tvals, None, soft if tvals is None else mse, 2.0, -100)
 
-    bad = [(lambda: fwd(x, y[:-1].clone(), soft, None), "target"),
-           (lambda: fwd(x, torch.cat([y, y]), soft, None), "target"),
-           (lambda: fwd(x, y, mse, tv[:-1].clone()), "tvals"),
-           (lambda: fwd(x, y, mse, None), "tvals"),
-           (lambda: fwd(x, y, soft, None, weight=tv[:-1].clone()), "weight"),
-           (lambda: fwd(x, y, soft, None, confusion=conf[:-1].clone()), "confusion"),
-           (lambda: fwd(x, y, soft, None, confusion=conf.int()), "confusion"),
-           (lambda: bwd(x, y, gp[:-1].clone(), None), "gradient|grad"),
-           (lambda: bwd(x, y, torch.cat([gp, gp]), None), "gradient|grad"),
-           (lambda: bwd(x, y, None, gc[:-1].clone()), "scale"),
-           (lambda: bwd(x, y, gp, torch.ones(2 * C, device=dev)), "scale"),
-           (lambda: bwd(x, y[:-1].clone(), gp[:-1].clone(), None), "target"),
-           (lambda: bwd(x, y, gp, None, tv[:-1].clone()), "tvals")]
+    bad = [
+        (lambda: fwd(x, y[:-1].clone(), soft, None), "target"),
+        (lambda: fwd(x, torch.cat([y, y]), soft, None), "target"),
+        (lambda: fwd(x, y, mse, tv[:-1].clone()), "tvals"),
+        (lambda: fwd(x, y, mse, None), "tvals"),
+        (lambda: fwd(x, y, soft, None, weight=tv[:-1].clone()), "weight"),
+        (lambda: fwd(x, y, soft, None, confusion=conf[:-1].clone()), "confusion"),
+        (lambda: fwd(x, y, soft, None, confusion=conf.int()), "confusion"),
+        (lambda: bwd(x, y, gp[:-1].clone(), None), "gradient|grad"),
+        (lambda: bwd(x, y, torch.cat([gp, gp]), None), "gradient|grad"),
+        (lambda: bwd(x, y, None, gc[:-1].clone()), "scale"),
+        (lambda: bwd(x, y, gp, torch.ones(2 * C, device=dev)), "scale"),
+        (lambda: bwd(x, y[:-1].clone(), gp[:-1].clone(), None), "target"),
+        (lambda: bwd(x, y, gp, None, tv[:-1].clone()), "tvals"),
+    ]
     # upsampled: (2, C, 3, 4) logits for (2, 5, 7) labels
     yu = make_data((2, C, 5, 7), torch.float32)[1].to(dev)
     gpu = torch.ones(yu.numel(), device=dev)
 
     def ufwd(mode, tvals, confusion=None):
-        return be.up_fwd_op(x, yu, 1, False, None, tvals, confusion, mode, 2.0, -100, 2, 0, True, False, False)
+        return be.up_fwd_op(
+            x, yu, 1, False, None, tvals, confusion, mode, 2.0, -100, 2, 0, True, False, False
+        )
 
     def ubwd(g, scale, mode=soft, tvals=None):
         return be.up_bwd_op(x, yu, 1, False, g, scale, tvals, None, mode, 2.0, -100)
 
-    bad += [(lambda: ufwd(mse, tv[:-1].clone()), "tvals"),
-            (lambda: ufwd(mse, None), "tvals"),
-            (lambda: ufwd(soft, None, conf[1:].clone()), "confusion"),
-            (lambda: ubwd(gpu[:-1].clone(), None), "gradient|grad"),
-            (lambda: ubwd(torch.cat([gpu, gpu]), gc), "gradient|grad"),
-            (lambda: ubwd(None, gc[:-1].clone()), "scale"),
-            (lambda: ubwd(gpu, torch.ones(C + 1, device=dev)), "scale"),
-            (lambda: ubwd(gpu, None, mse, torch.ones(C - 1, device=dev)), "tvals")]
+    bad += [
+        (lambda: ufwd(mse, tv[:-1].clone()), "tvals"),
+        (lambda: ufwd(mse, None), "tvals"),
+        (lambda: ufwd(soft, None, conf[1:].clone()), "confusion"),
+        (lambda: ubwd(gpu[:-1].clone(), None), "gradient|grad"),
+        (lambda: ubwd(torch.cat([gpu, gpu]), gc), "gradient|grad"),
+        (lambda: ubwd(None, gc[:-1].clone()), "scale"),
+        (lambda: ubwd(gpu, torch.ones(C + 1, device=dev)), "scale"),
+        (lambda: ubwd(gpu, None, mse, torch.ones(C - 1, device=dev)), "tvals"),
+    ]
     for call, match in bad:
         with pytest.raises(RuntimeError, match=match):
             call()
@@ -240,8 +283,10 @@ VIEWS = {
     "channel_slice": lambda x, y: (x[:, 1:4], y.remainder(3)),
     "spatial_step": lambda x, y: (x[:, :, ::2, 1:], y[:, ::2, 1:]),
     "expanded_batch": lambda x, y: (x[:1].expand(3, *x.shape[1:]), y[:1].expand(3, *y.shape[1:])),
-    "transposed_rows": lambda x, y: (x.movedim(1, -1).reshape(-1, x.shape[1]).t().contiguous().t(),
-                                     y.reshape(-1)),
+    "transposed_rows": lambda x, y: (
+        x.movedim(1, -1).reshape(-1, x.shape[1]).t().contiguous().t(),
+        y.reshape(-1),
+    ),
     "sliced_rows": lambda x, y: (x.movedim(1, -1).reshape(-1, x.shape[1])[::3], y.reshape(-1)[::3]),
 }
 
@@ -256,6 +301,7 @@ def test_non_contiguous_views(backend, view, name):
 
 
 # --- fuzz --------------------------------------------------------------------------------------
+
 
 @st.composite
 def _inputs(draw):
@@ -275,8 +321,12 @@ def _inputs(draw):
         x = x.contiguous(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
     elif layout == "permuted" and len(spatial) >= 1:  # classes last in memory, any rank
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    return x, y.to(label_dtype), draw(st.sampled_from(sorted(ALL_LOSSES))), \
-        draw(st.sampled_from(["mean", "sum", "none"]))
+    return (
+        x,
+        y.to(label_dtype),
+        draw(st.sampled_from(sorted(ALL_LOSSES))),
+        draw(st.sampled_from(["mean", "sum", "none"])),
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -288,6 +338,7 @@ def test_fuzz(backend, data):
 
 
 # --- determinism -----------------------------------------------------------------------------
+
 
 def test_deterministic_algorithms_mode(backend):
     """Under torch.use_deterministic_algorithms(True) every backend runs (no nondeterministic op is
@@ -310,6 +361,7 @@ def test_deterministic_algorithms_mode(backend):
 
 # --- beyond 2**31 elements -------------------------------------------------------------------
 
+
 def _huge_case(n_pixels, device, dtype):
     """Logits (1, 2, n) that are the same two values at every pixel (expanded: no memory) and real
     uint8 labels whose classes change along the pixels, so a wrapped 32-bit pixel index reads the
@@ -318,8 +370,8 @@ def _huge_case(n_pixels, device, dtype):
     x = torch.tensor([a, b], dtype=dtype, device=device).view(1, 2, 1).expand(1, 2, n_pixels)
     y = torch.zeros(1, n_pixels, dtype=torch.uint8, device=device)
     n1 = n_pixels // 3
-    y[0, -n1:] = 1                       # the last third, past 2**31, is class 1
-    y[0, -7:] = 255                      # and the very last pixels are ignored
+    y[0, -n1:] = 1  # the last third, past 2**31, is class 1
+    y[0, -7:] = 255  # and the very last pixels are ignored
     lse = math.log(math.exp(a) + math.exp(b))
     n0 = n_pixels - n1
     n1 -= 7
@@ -336,11 +388,25 @@ def test_more_than_2_31_pixels_cpu():
     except RuntimeError as e:
         pytest.skip(f"cpp backend unavailable: {e}")
     from fused_imbalance.ops import Mode, Reduction, Weighting, cpp
+
     n = 2**31 + 2**10
     x, y, (n0, n1), total = _huge_case(n, "cpu", torch.float32)
     conf = torch.zeros(2, 2, dtype=torch.int64)
-    class_loss, _, count, tp, bad, _ = cpp.backend().fwd(x, y, None, None, conf, int(Mode.SOFTMAX_FOCAL), 0.0, 255,
-                                                         int(Reduction.CLASS), int(Weighting.NONE), True, True, False)
+    class_loss, _, count, tp, bad, _ = cpp.backend().fwd(
+        x,
+        y,
+        None,
+        None,
+        conf,
+        int(Mode.SOFTMAX_FOCAL),
+        0.0,
+        255,
+        int(Reduction.CLASS),
+        int(Weighting.NONE),
+        True,
+        True,
+        False,
+    )
     assert count.tolist() == [n0, n1] and tp.tolist() == [n0, 0] and int(bad[0]) == 0
     assert conf.tolist() == [[n0, 0], [n1, 0]]  # class 0's logit is the larger one at every pixel
     # what cross_entropy(reduction="sum") returns from these outputs
@@ -367,6 +433,7 @@ def test_more_than_2_31_elements_cuda():
 
 # --- what autograd cannot do with a fused op: a clear error, never a wrong number ---------------
 
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("name", ["focal_loss", "sigmoid_focal_loss", "recall_loss", "mse_outlying_loss"])
 def test_double_backward_is_an_error(backend, name, reduction):
@@ -376,8 +443,8 @@ def test_double_backward_is_an_error(backend, name, reduction):
     x, y = make_data((2, 4, 3, 3), torch.float64)
     x, y = x.to(dev).requires_grad_(True), y.to(dev)
     fn = ALL_LOSSES[name]
-    g, = torch.autograd.grad(fn(x, y, reduction=reduction, backend=backend).sum(), x, create_graph=True)
-    want, = torch.autograd.grad(fn(x, y, reduction=reduction, backend="reference").sum(), x)
+    (g,) = torch.autograd.grad(fn(x, y, reduction=reduction, backend=backend).sum(), x, create_graph=True)
+    (want,) = torch.autograd.grad(fn(x, y, reduction=reduction, backend="reference").sum(), x)
     torch.testing.assert_close(g.detach(), want, **TOL[torch.float64])
     with pytest.raises(RuntimeError, match="second derivatives of the fused losses are not implemented"):
         torch.autograd.grad((g * g).sum(), x)
@@ -389,12 +456,15 @@ def test_forward_mode_derivatives(backend, name, reduction):
     """torch.autograd.forward_ad and torch.func.jvp give the loss's tangent ⟨∂L/∂x, t⟩ (per pixel for
     "none") on the fused backends, as on the reference; torch.func.grad gives the gradient."""
     import torch.autograd.forward_ad as fwAD
+
     dev = backend_device(backend)
     x, y = make_data((2, 4, 3, 3), torch.float64)
     x, y = x.to(dev), y.to(dev)
     t = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dev)
     fn = ALL_LOSSES[name]
-    want_out, want_t = torch.func.jvp(lambda a: fn(a, y, reduction=reduction, backend="reference"), (x,), (t,))
+    want_out, want_t = torch.func.jvp(
+        lambda a: fn(a, y, reduction=reduction, backend="reference"), (x,), (t,)
+    )
     out, tangent = torch.func.jvp(lambda a: fn(a, y, reduction=reduction, backend=backend), (x,), (t,))
     torch.testing.assert_close(out, want_out, **TOL[torch.float64])
     torch.testing.assert_close(tangent, want_t, **TOL[torch.float64])
@@ -434,12 +504,17 @@ def test_vmap_says_what_is_unsupported(backend):
 
 # --- arguments as torch takes them ---------------------------------------------------------------
 
-@pytest.mark.parametrize("ignore", [np.int64(255), np.int32(255), torch.tensor(255), torch.tensor(255, dtype=torch.int16)],
-                         ids=["np.int64", "np.int32", "tensor", "tensor_int16"])
+
+@pytest.mark.parametrize(
+    "ignore",
+    [np.int64(255), np.int32(255), torch.tensor(255), torch.tensor(255, dtype=torch.int16)],
+    ids=["np.int64", "np.int32", "tensor", "tensor_int16"],
+)
 def test_integer_arguments_as_torch_takes_them(backend, ignore):
     """ignore_index and num_classes as numpy integers or 0-dim integer tensors, as F.cross_entropy,
     nn.CrossEntropyLoss and F.one_hot take them (configs often come from numpy); booleans stay refused."""
     from fused_imbalance import ConfusionMatrix, FocalLoss, RecallLoss
+
     dev = backend_device(backend)
     x, y = make_data((2, 5, 3, 4), torch.float32, ignore=255)
     x, y = x.to(dev), y.to(dev)
@@ -463,6 +538,7 @@ def test_align_corners_none_is_false(backend):
     """align_corners=None means False, as in F.interpolate (where None is the default): in the
     functions, the modules and ConfusionMatrix.update."""
     from fused_imbalance import ConfusionMatrix, FocalLoss
+
     dev = backend_device(backend)
     x, y = make_data((2, 5, 3, 4), torch.float32)
     y = torch.randint(0, 5, (2, 7, 9))
@@ -474,12 +550,19 @@ def test_align_corners_none_is_false(backend):
     cm = ConfusionMatrix(5, backend=backend).to(dev)
     cm.update(x, y, upsample="bilinear", align_corners=None)
     assert torch.equal(cm.compute(), FI.confusion_matrix(x, y, upsample="bilinear", backend="reference"))
-    FI.cross_entropy(torch.randn(4, 5, device=dev), torch.zeros(4, dtype=torch.int64, device=dev),
-                     align_corners=None, backend=backend)  # None without upsample: nothing to interpolate
+    FI.cross_entropy(
+        torch.randn(4, 5, device=dev),
+        torch.zeros(4, dtype=torch.int64, device=dev),
+        align_corners=None,
+        backend=backend,
+    )  # None without upsample: nothing to interpolate
 
 
-@pytest.mark.parametrize("bad", [[0.5, 85.0, 0.2, 0.1, 0.9], [0.5, -0.1, 0.2, 0.1, 0.9],
-                                 [0.5, float("nan"), 0.2, 0.1, 0.9]], ids=["percent", "negative", "nan"])
+@pytest.mark.parametrize(
+    "bad",
+    [[0.5, 85.0, 0.2, 0.1, 0.9], [0.5, -0.1, 0.2, 0.1, 0.9], [0.5, float("nan"), 0.2, 0.1, 0.9]],
+    ids=["percent", "negative", "nan"],
+)
 def test_recall_out_of_range_is_an_error(backend, bad):
     """A recall outside [0, 1] (a percentage, say) or NaN is a ValueError naming recall, on every
     backend, never a negative or NaN loss; for CPU tensors at once."""
@@ -498,6 +581,7 @@ def test_confusion_update_needs_no_c_by_c_scratch(backend):
     """Adding a few pixels' confusion counts into a large matrix allocates nothing of C x C beyond the
     caller's matrix (the counts go straight into it), on every path."""
     from torch.profiler import ProfilerActivity, profile
+
     dev = backend_device(backend)
     C = 3000
     x = torch.randn(4, C, device=dev)
@@ -509,4 +593,6 @@ def test_confusion_update_needs_no_c_by_c_scratch(backend):
         FI.cross_entropy(x, y, confusion=out, backend=backend)
     largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
     assert largest < C * C, largest  # well below one int8 C x C matrix (72 MB of int64)
-    assert int(out.sum()) == 9 and int(out[C - 1].argmax()) == int(x[2].argmax())  # 3 calls x 3 labelled pixels
+    assert int(out.sum()) == 9 and int(out[C - 1].argmax()) == int(
+        x[2].argmax()
+    )  # 3 calls x 3 labelled pixels

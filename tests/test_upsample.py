@@ -7,6 +7,7 @@ raw ops (every output of the op contract) and through the functional API and the
 the op never allocates a tensor of B·C·H·W elements (profiler), the backward is bit-identical
 across runs and thread counts, gradcheck in float64, opcheck, torch.compile.
 """
+
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ BACKENDS = ["cpp", "triton"]
 try:
     from fused_imbalance.ops import triton_backend
     from fused_imbalance.ops import triton_upsample as tup
+
     HAVE_TRITON = triton_backend.available()
 except ImportError:
     tup, HAVE_TRITON = None, False
@@ -51,13 +53,21 @@ OP_MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SO
 def _on_the_gpu(op):
     """``op`` with its tensor arguments on the GPU and its tensor results back on the device of its
     first argument (differentiable moves: autograd's backward crosses them too)."""
+
     def run(*args, **kwargs):
         home = args[0].device
-        out = op(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args],
-                 **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        out = op(
+            *[a.cuda() if isinstance(a, torch.Tensor) else a for a in args],
+            **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+        )
         if isinstance(out, tuple) and out and isinstance(out[-1], torch.Tensor):
-            return type(out)(*(o.to(home) for o in out)) if hasattr(out, "_fields") else tuple(o.to(home) for o in out)
+            return (
+                type(out)(*(o.to(home) for o in out))
+                if hasattr(out, "_fields")
+                else tuple(o.to(home) for o in out)
+            )
         return out.to(home)
+
     run.gpu_op = op
     return run
 
@@ -69,6 +79,7 @@ def _triton_on_the_gpu(monkeypatch):
     if not ON_GPU:
         return
     from fused_imbalance import _fused, functional
+
     functional._backend_available("triton")
     be = functional._loaded["triton"]
     moved = be._replace(supports=lambda x: True, up_fwd=_on_the_gpu(be.up_fwd), up_bwd=_on_the_gpu(be.up_bwd))
@@ -89,6 +100,7 @@ class _Ops:
     @property
     def be(self):
         from fused_imbalance import functional
+
         functional._backend_available(self.name)
         return functional._loaded[self.name]
 
@@ -98,24 +110,77 @@ class _Ops:
     def bwd(self):
         return self.be.up_bwd_op if self.op else self.be.up_bwd
 
-    def upsample_loss_fwd(self, x, y, interp, ac, mode, gamma, tvals, ignore, need_pixel_loss, need_tp,
-                          need_confusion, need_lse=False):
+    def upsample_loss_fwd(
+        self,
+        x,
+        y,
+        interp,
+        ac,
+        mode,
+        gamma,
+        tvals,
+        ignore,
+        need_pixel_loss,
+        need_tp,
+        need_confusion,
+        need_lse=False,
+    ):
         """(pixel_loss or (0,), class_loss, count, tp, bad count, confusion or (0, 0), lse)."""
         C = x.shape[1]
         fwd = self.fwd()
         conf = torch.zeros(C, C, dtype=torch.int64, device=x.device) if need_confusion else None
-        pl, _, count, tp, bad, lse = fwd(x, y, interp, ac, None, tvals, None, int(mode), gamma, ignore,
-                                         int(Reduction.NONE), int(Weighting.NONE), need_tp, False, need_lse)
-        cl, _, count2, tp2, bad2, _ = fwd(x, y, interp, ac, None, tvals, conf, int(mode), gamma, ignore,
-                                          int(Reduction.CLASS), int(Weighting.NONE), need_tp, False, False)
+        pl, _, count, tp, bad, lse = fwd(
+            x,
+            y,
+            interp,
+            ac,
+            None,
+            tvals,
+            None,
+            int(mode),
+            gamma,
+            ignore,
+            int(Reduction.NONE),
+            int(Weighting.NONE),
+            need_tp,
+            False,
+            need_lse,
+        )
+        cl, _, count2, tp2, bad2, _ = fwd(
+            x,
+            y,
+            interp,
+            ac,
+            None,
+            tvals,
+            conf,
+            int(mode),
+            gamma,
+            ignore,
+            int(Reduction.CLASS),
+            int(Weighting.NONE),
+            need_tp,
+            False,
+            False,
+        )
         assert torch.equal(count, count2) and torch.equal(tp, tp2) and torch.equal(bad, bad2)
-        return (pl if need_pixel_loss else pl.new_empty(0), cl, count, tp, bad[0],
-                conf if need_confusion else torch.zeros(0, 0, dtype=torch.int64), lse)
+        return (
+            pl if need_pixel_loss else pl.new_empty(0),
+            cl,
+            count,
+            tp,
+            bad[0],
+            conf if need_confusion else torch.zeros(0, 0, dtype=torch.int64),
+            lse,
+        )
 
     def upsample_loss_bwd(self, x, y, gp, gc, interp, ac, mode, gamma, tvals, ignore, lse=None):
         bwd = self.bwd()
-        parts = [bwd(x, y, interp, ac, g, s, tvals, lse, int(mode), gamma, ignore)
-                 for g, s in ((gp, None), (None, gc)) if g is not None or s is not None]
+        parts = [
+            bwd(x, y, interp, ac, g, s, tvals, lse, int(mode), gamma, ignore)
+            for g, s in ((gp, None), (None, gc))
+            if g is not None or s is not None
+        ]
         if not parts:
             return torch.zeros_like(x)
         if len(parts) == 1:
@@ -163,8 +228,17 @@ def combos(cases, triton):
     return [("cpp",) + c for c in cases] + [("triton",) + c for c in cases if triton(c)]
 
 
-def make(B=2, C=5, hw=(7, 9), HW=(29, 31), dtype=torch.float32, label_dtype=torch.int64, seed=0,
-         ignore_index=-100, every=7):
+def make(
+    B=2,
+    C=5,
+    hw=(7, 9),
+    HW=(29, 31),
+    dtype=torch.float32,
+    label_dtype=torch.int64,
+    seed=0,
+    ignore_index=-100,
+    every=7,
+):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn((B, C) + tuple(hw), generator=g, dtype=torch.float64) * 2).to(dtype)
     y = torch.randint(0, C, (B,) + tuple(HW), generator=g)
@@ -187,10 +261,23 @@ def shape_for(backend, cpp_shape, triton_shape):
 
 # --- the interpolation itself: torch's source indices and weights -------------------------------
 
+
 @pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("hw, HW", [((4, 5), (4, 5)), ((4, 5), (8, 10)), ((4, 5), (16, 20)), ((4, 5), (32, 40)),
-                                    ((33, 47), (129, 190)), ((7, 9), (29, 31)), ((16, 12), (7, 5)),
-                                    ((1, 1), (3, 4)), ((5, 3), (1, 1)), ((3, 7), (10, 7))])
+@pytest.mark.parametrize(
+    "hw, HW",
+    [
+        ((4, 5), (4, 5)),
+        ((4, 5), (8, 10)),
+        ((4, 5), (16, 20)),
+        ((4, 5), (32, 40)),
+        ((33, 47), (129, 190)),
+        ((7, 9), (29, 31)),
+        ((16, 12), (7, 5)),
+        ((1, 1), (3, 4)),
+        ((5, 3), (1, 1)),
+        ((3, 7), (10, 7)),
+    ],
+)
 def test_interpolation_exact(ops, mode, align_corners, hw, HW):
     """MSE on the logits with target 0 everywhere is ½ Σ_k x̃_k²: with a one-hot input x̃ is the
     interpolation weights themselves, compared in float64 with F.interpolate's."""
@@ -206,15 +293,27 @@ def test_interpolation_exact(ops, mode, align_corners, hw, HW):
         x = torch.eye(C, dtype=torch.float64).view(1, C, *hw)
         y = torch.zeros((1,) + HW, dtype=torch.int64)
         tvals = torch.zeros(C, dtype=torch.float64)
-    pixel = ops.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS), 0.0,
-                                  tvals, -100, True, False, False)[0]
+    pixel = ops.upsample_loss_fwd(
+        x,
+        y,
+        0 if mode == "nearest" else 1,
+        align_corners,
+        int(Mode.MSE_LOGITS),
+        0.0,
+        tvals,
+        -100,
+        True,
+        False,
+        False,
+    )[0]
     ref = 0.5 * up(x, HW, mode, align_corners).pow(2).sum(1).reshape(-1)
     torch.testing.assert_close(pixel, ref, atol=1e-15, rtol=1e-14)
     # the gradient of Σ x̃[k, Y, X] at one output pixel is the weight map of that pixel, transposed
     gp = torch.zeros(y.numel(), dtype=torch.float64)
     gp[y.numel() // 3] = 1.0
-    g = ops.upsample_loss_bwd(x, y, gp, None, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS),
-                              0.0, tvals, -100)
+    g = ops.upsample_loss_bwd(
+        x, y, gp, None, 0 if mode == "nearest" else 1, align_corners, int(Mode.MSE_LOGITS), 0.0, tvals, -100
+    )
     xr = x.clone().requires_grad_(True)
     (gr,) = torch.autograd.grad((0.5 * up(xr, HW, mode, align_corners).pow(2).sum(1)).reshape(-1), xr, gp)
     torch.testing.assert_close(g, gr, atol=1e-15, rtol=1e-14)
@@ -222,10 +321,12 @@ def test_interpolation_exact(ops, mode, align_corners, hw, HW):
 
 # --- the raw ops against the contract on the interpolated logits ----------------------------------
 
+
 def _per_pixel_and_class(x, y, op_mode, gamma, tvals, ignore_index):
     """The reference's (pixel_loss, class_loss, count, tp, bad count, confusion) of logits ``x``."""
-    cl, _, count, tp, bad, conf = contract.forward(x, y, None, tvals, op_mode, gamma, ignore_index, Reduction.CLASS,
-                                                   Weighting.NONE)
+    cl, _, count, tp, bad, conf = contract.forward(
+        x, y, None, tvals, op_mode, gamma, ignore_index, Reduction.CLASS, Weighting.NONE
+    )
     return contract.pixel_loss(x, y, op_mode, gamma, tvals, ignore_index), cl, count, tp, bad, conf
 
 
@@ -242,8 +343,11 @@ def _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, ignore_index,
 
 
 @pytest.mark.parametrize("mode, align_corners", MODES)
-@pytest.mark.parametrize("op_mode, gamma", [(m, 0.0) for m in OP_MODES]
-                         + [(m, g) for m in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL) for g in (2.0, 0.7)])
+@pytest.mark.parametrize(
+    "op_mode, gamma",
+    [(m, 0.0) for m in OP_MODES]
+    + [(m, g) for m in (Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL) for g in (2.0, 0.7)],
+)
 def test_op_contract(ops, mode, align_corners, op_mode, gamma):
     # float64: the contract itself, free of float32's interpolation weights (their rounding is
     # torch's too, and the float32 results are checked against the float32 reference below)
@@ -253,8 +357,9 @@ def test_op_contract(ops, mode, align_corners, op_mode, gamma):
     tvals = torch.arange(1, 7, dtype=torch.float64) * 0.75
     tv = tvals if op_mode in (Mode.MSE_LOGITS, Mode.MSE_SOFTMAX) else None
     interp = 0 if mode == "nearest" else 1
-    pixel, class_loss, count, tp, bad, conf, lse = ops.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode),
-                                                                          gamma, tv, -100, True, True, True, True)
+    pixel, class_loss, count, tp, bad, conf, lse = ops.upsample_loss_fwd(
+        x, y, interp, align_corners, int(op_mode), gamma, tv, -100, True, True, True, True
+    )
     gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gc = torch.linspace(-1, 2, 6, dtype=torch.float64)
     want, want_grad = _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, -100, gp, gc)
@@ -284,7 +389,9 @@ def test_op_optional_outputs(ops):
     full = ops.upsample_loss_fwd(x, y, 1, False, 0, 2.0, None, -100, True, True, True, True)
     assert torch.equal(out[1], full[1]) and torch.equal(out[2], full[2])
     assert full[6].shape == ((y.numel(),) if ops is cpp else (0,))
-    assert ops.upsample_loss_fwd(x, y, 1, False, 1, 2.0, None, -100, False, False, False, True)[6].shape == (0,)
+    assert ops.upsample_loss_fwd(x, y, 1, False, 1, 2.0, None, -100, False, False, False, True)[6].shape == (
+        0,
+    )
 
 
 def test_lse_from_the_forward(ops, monkeypatch):
@@ -297,24 +404,36 @@ def test_lse_from_the_forward(ops, monkeypatch):
     wrong lse is an error."""
     C = 6 if ops is cpp else 14
     backend = "cpp" if ops is cpp else "triton"
-    if ops is tup_ops:  # the coefficient launches (a forward launch with coef=...): none in autograd's backward
+    if (
+        ops is tup_ops
+    ):  # the coefficient launches (a forward launch with coef=...): none in autograd's backward
         launches = []
         launch = tup._launch_fwd
-        monkeypatch.setattr(tup, "_launch_fwd", lambda *a, **k: launches.append(k.get("coef")) or launch(*a, **k))
+        monkeypatch.setattr(
+            tup, "_launch_fwd", lambda *a, **k: launches.append(k.get("coef")) or launch(*a, **k)
+        )
     x, y = make(B=2, C=C, **shape_for(backend, dict(hw=(7, 9), HW=(29, 31)), dict(hw=(3, 5), HW=(11, 17))))
     for mode, ac in [("bilinear", False), ("nearest", False)]:
         interp = 1 if mode == "bilinear" else 0
         for gamma in (0.0, 2.0):
             xr = x.clone().requires_grad_(True)
-            loss = FI.focal_loss(xr, y, gamma=gamma, upsample=mode, align_corners=ac, backend=backend,
-                                 reduction="sum")
+            loss = FI.focal_loss(
+                xr, y, gamma=gamma, upsample=mode, align_corners=ac, backend=backend, reduction="sum"
+            )
             if ops is tup_ops:
                 launches.clear()
             loss.backward()
             if ops is tup_ops:
                 assert launches == []
-            _, ref_grad = loss_and_grad(lambda t, yy, **k: FI.focal_loss(t, yy, gamma=gamma, **k), x, y,
-                                        "reference", "sum", upsample=mode, align_corners=ac)
+            _, ref_grad = loss_and_grad(
+                lambda t, yy, **k: FI.focal_loss(t, yy, gamma=gamma, **k),
+                x,
+                y,
+                "reference",
+                "sum",
+                upsample=mode,
+                align_corners=ac,
+            )
             torch.testing.assert_close(xr.grad, ref_grad, **TOL[torch.float32])
             gc = torch.ones(C)
             lse = ops.upsample_loss_fwd(x, y, interp, ac, 0, gamma, None, -100, False, False, False, True)[6]
@@ -322,25 +441,30 @@ def test_lse_from_the_forward(ops, monkeypatch):
             assert lse.shape == (kept * y.numel(),)
             xi = up(x.double(), y.shape[1:], mode, ac)
             want = torch.logsumexp(xi, 1).reshape(-1)
-            torch.testing.assert_close(lse[:y.numel()].double(), want, **TOL[torch.float32])
+            torch.testing.assert_close(lse[: y.numel()].double(), want, **TOL[torch.float32])
             if kept == 2:  # the focal weight of the labelled pixels
                 valid = y.reshape(-1) >= 0
                 logp = xi.gather(1, y.clamp(min=0).unsqueeze(1)).reshape(-1) - want
                 p = logp.exp()
-                weight = -(1 - p) ** gamma + gamma * p * logp * (1 - p) ** (gamma - 1)
-                torch.testing.assert_close(lse[y.numel():].double()[valid], weight[valid], **TOL[torch.float32])
+                weight = -((1 - p) ** gamma) + gamma * p * logp * (1 - p) ** (gamma - 1)
+                torch.testing.assert_close(
+                    lse[y.numel() :].double()[valid], weight[valid], **TOL[torch.float32]
+                )
             with_lse = ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, lse)
             without = ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100)
             assert torch.equal(xr.grad, with_lse)
             shifted = lse.clone()
-            shifted[:y.numel()] += 1.0  # the backward uses the lse it is given
-            assert not torch.equal(ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, shifted),
-                                   with_lse)
+            shifted[: y.numel()] += 1.0  # the backward uses the lse it is given
+            assert not torch.equal(
+                ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, shifted), with_lse
+            )
             if kept == 2:  # and the focal weight: a is the upstream weight times it, exactly
                 doubled = lse.clone()
-                doubled[y.numel():] *= 2
-                assert torch.equal(ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, doubled),
-                                   2 * with_lse)
+                doubled[y.numel() :] *= 2
+                assert torch.equal(
+                    ops.upsample_loss_bwd(x, y, None, gc, interp, ac, 0, gamma, None, -100, doubled),
+                    2 * with_lse,
+                )
             torch.testing.assert_close(with_lse, without, **TOL[torch.float32])
     with pytest.raises(RuntimeError, match="lse must be"):
         ops.upsample_loss_bwd(x, y, None, gc, 1, False, 0, 2.0, None, -100, lse[:-1])
@@ -355,7 +479,9 @@ def _opcheck_utils(ops):
     return utils + (["test_aot_dispatch_dynamic"] if ops is cpp or torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("reduction, need_tp, need_confusion", [(2, True, True), (0, False, False), (3, True, False)])
+@pytest.mark.parametrize(
+    "reduction, need_tp, need_confusion", [(2, True, True), (0, False, False), (3, True, False)]
+)
 def test_opcheck(ops, reduction, need_tp, need_confusion):
     dev = "cuda" if ops is tup_ops and ON_GPU else "cpu"
     x, y = (t.to(dev) for t in make(B=2, C=4, hw=(3, 5), HW=(7, 9), dtype=torch.float64))
@@ -363,69 +489,120 @@ def test_opcheck(ops, reduction, need_tp, need_confusion):
     w = torch.linspace(0.5, 2.0, 4, dtype=torch.float64, device=dev)
     fwd, bwd = _raw(ops.be.up_fwd_op), _raw(ops.be.up_bwd_op)
     conf = torch.zeros(4, 4, dtype=torch.int64, device=dev) if need_confusion else None
-    for args in [(1, False, w, None, conf, 0, 1.5, -100, reduction, 1), (1, True, None, tvals, conf, 3, 0.0, -100,
-                                                                        reduction, 0),
-                 (0, False, None, None, conf, 1, 2.0, -100, reduction, 3)]:
-        torch.library.opcheck(fwd, (x, y) + args + (need_tp, False, reduction == 2), test_utils=_opcheck_utils(ops))
+    for args in [
+        (1, False, w, None, conf, 0, 1.5, -100, reduction, 1),
+        (1, True, None, tvals, conf, 3, 0.0, -100, reduction, 0),
+        (0, False, None, None, conf, 1, 2.0, -100, reduction, 3),
+    ]:
+        torch.library.opcheck(
+            fwd, (x, y) + args + (need_tp, False, reduction == 2), test_utils=_opcheck_utils(ops)
+        )
     gp = torch.randn(y.numel(), dtype=torch.float64, device=dev)
-    torch.library.opcheck(bwd, (x, y, 1, False, gp, None, None, None, 1, 2.0, -100), test_utils=_opcheck_utils(ops))
+    torch.library.opcheck(
+        bwd, (x, y, 1, False, gp, None, None, None, 1, 2.0, -100), test_utils=_opcheck_utils(ops)
+    )
     lse = fwd(x, y, 1, False, None, None, None, 0, 1.5, -100, 0, 0, False, False, True)[5]
-    torch.library.opcheck(bwd, (x, y, 1, False, gp, None, None, lse, 0, 1.5, -100), test_utils=_opcheck_utils(ops))
-    torch.library.opcheck(bwd, (x, y, 0, False, torch.tensor(0.5, dtype=torch.float64, device=dev), w, tvals, None,
-                                2, 0.0, -100), test_utils=_opcheck_utils(ops))
+    torch.library.opcheck(
+        bwd, (x, y, 1, False, gp, None, None, lse, 0, 1.5, -100), test_utils=_opcheck_utils(ops)
+    )
+    torch.library.opcheck(
+        bwd,
+        (x, y, 0, False, torch.tensor(0.5, dtype=torch.float64, device=dev), w, tvals, None, 2, 0.0, -100),
+        test_utils=_opcheck_utils(ops),
+    )
 
 
 # --- the functional API against interpolate + the reference --------------------------------------
 
+
 def check(fn, x, y, backend, mode, align_corners, reduction="mean", **kw):
     size = tuple(y.shape[1:])
     loss, grad = loss_and_grad(fn, x, y, backend, reduction, upsample=mode, align_corners=align_corners, **kw)
-    ref_loss, ref_grad = loss_and_grad(lambda t, yy, **k: fn(up(t, size, mode, align_corners), yy, **k),
-                                       x, y, "reference", reduction, **kw)
+    ref_loss, ref_grad = loss_and_grad(
+        lambda t, yy, **k: fn(up(t, size, mode, align_corners), yy, **k), x, y, "reference", reduction, **kw
+    )
     assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.stride() == x.stride()
     torch.testing.assert_close(loss, ref_loss, **LOSS_TOL[x.dtype])
     torch.testing.assert_close(grad, ref_grad, **TOL[x.dtype])
     # the reference backend with upsample is the same specification
-    ref2, _ = loss_and_grad(fn, x, y, "reference", reduction, upsample=mode, align_corners=align_corners, **kw)
+    ref2, _ = loss_and_grad(
+        fn, x, y, "reference", reduction, upsample=mode, align_corners=align_corners, **kw
+    )
     torch.testing.assert_close(ref2, ref_loss, atol=0, rtol=0)
     return loss, grad
 
 
-@pytest.mark.parametrize("backend, name, mode, align_corners, reduction", combos(
-    [(n, m, a, r) for n in ALL_LOSSES for m, a in MODES for r in ("mean", "sum", "none")],
-    lambda c: c[3] == "mean" or (c[1:3] == MODES[0] and c[3] == "none") or (c[0] == "focal_loss" and c[3] == "sum")))
+@pytest.mark.parametrize(
+    "backend, name, mode, align_corners, reduction",
+    combos(
+        [(n, m, a, r) for n in ALL_LOSSES for m, a in MODES for r in ("mean", "sum", "none")],
+        lambda c: c[3] == "mean"
+        or (c[1:3] == MODES[0] and c[3] == "none")
+        or (c[0] == "focal_loss" and c[3] == "sum"),
+    ),
+)
 def test_losses(backend, name, mode, align_corners, reduction):
     _need(backend)
-    x, y = make(**shape_for(backend, dict(B=2, C=5, hw=(7, 9), HW=(29, 31)), dict(B=1, C=5, hw=(3, 5), HW=(11, 19))))
+    x, y = make(
+        **shape_for(backend, dict(B=2, C=5, hw=(7, 9), HW=(29, 31)), dict(B=1, C=5, hw=(3, 5), HW=(11, 19)))
+    )
     check(ALL_LOSSES[name], x, y, backend, mode, align_corners, reduction)
 
 
-SIZES = [((6, 5), (6, 5)), ((6, 5), (12, 10)), ((6, 5), (24, 20)), ((6, 5), (48, 40)), ((33, 47), (129, 190)),
-         ((10, 11), (23, 37)), ((16, 12), (7, 5)), ((1, 1), (5, 3)), ((9, 4), (9, 13))]
+SIZES = [
+    ((6, 5), (6, 5)),
+    ((6, 5), (12, 10)),
+    ((6, 5), (24, 20)),
+    ((6, 5), (48, 40)),
+    ((33, 47), (129, 190)),
+    ((10, 11), (23, 37)),
+    ((16, 12), (7, 5)),
+    ((1, 1), (5, 3)),
+    ((9, 4), (9, 13)),
+]
 
 
-@pytest.mark.parametrize("backend, mode, align_corners, hw, HW", combos(
-    [(m, a, hw, HW) for m, a in MODES for hw, HW in SIZES],
-    lambda c: c[:2] == MODES[0] or c[2] in ((16, 12), (1, 1))))
+@pytest.mark.parametrize(
+    "backend, mode, align_corners, hw, HW",
+    combos(
+        [(m, a, hw, HW) for m, a in MODES for hw, HW in SIZES],
+        lambda c: c[:2] == MODES[0] or c[2] in ((16, 12), (1, 1)),
+    ),
+)
 def test_sizes(backend, mode, align_corners, hw, HW):
     """Scale factors 1, 2, 4, 8, odd and non-integer ratios, downsampling (H < h), 1×1 inputs."""
     _need(backend)
     # Triton: the size is what is tested; the largest one on one image of two classes
-    x, y = make(**shape_for(backend, dict(B=2, C=4, hw=hw, HW=HW),
-                            dict(B=1, C=2, hw=hw, HW=HW) if hw[0] > 16 else dict(B=2, C=3, hw=hw, HW=HW)))
+    x, y = make(
+        **shape_for(
+            backend,
+            dict(B=2, C=4, hw=hw, HW=HW),
+            dict(B=1, C=2, hw=hw, HW=HW) if hw[0] > 16 else dict(B=2, C=3, hw=hw, HW=HW),
+        )
+    )
     for name in ("focal_loss", "recall_loss"):
         check(ALL_LOSSES[name], x, y, backend, mode, align_corners, "mean")
 
 
-@pytest.mark.parametrize("backend, mode, align_corners, dtype, layout", combos(
-    [(m, a, d, lay) for m, a in MODES for d in (torch.float64, torch.float16, torch.bfloat16)
-     for lay in ("nchw", "channels_last")],
-    lambda c: c[:2] == MODES[0] or c[2] == torch.bfloat16))
+@pytest.mark.parametrize(
+    "backend, mode, align_corners, dtype, layout",
+    combos(
+        [
+            (m, a, d, lay)
+            for m, a in MODES
+            for d in (torch.float64, torch.float16, torch.bfloat16)
+            for lay in ("nchw", "channels_last")
+        ],
+        lambda c: c[:2] == MODES[0] or c[2] == torch.bfloat16,
+    ),
+)
 def test_dtypes_and_layouts(backend, mode, align_corners, dtype, layout):
     _need(backend)
-    x, y = make(**shape_for(backend, dict(B=2, C=6, hw=(5, 7), HW=(17, 22)), dict(B=2, C=4, hw=(3, 7), HW=(11, 22))),
-                dtype=dtype)
+    x, y = make(
+        **shape_for(backend, dict(B=2, C=6, hw=(5, 7), HW=(17, 22)), dict(B=2, C=4, hw=(3, 7), HW=(11, 22))),
+        dtype=dtype,
+    )
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     # losses whose arguments do not depend on the logits' dtype (cross_entropy's weight of
@@ -437,8 +614,11 @@ def test_dtypes_and_layouts(backend, mode, align_corners, dtype, layout):
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_label_dtypes(backend, label_dtype):
     ignore = 255 if label_dtype == torch.uint8 else -100
-    x, y = make(**shape_for(backend, dict(C=5, hw=(6, 5), HW=(13, 11)), dict(C=5, hw=(3, 5), HW=(7, 11))),
-                ignore_index=ignore, label_dtype=label_dtype)
+    x, y = make(
+        **shape_for(backend, dict(C=5, hw=(6, 5), HW=(13, 11)), dict(C=5, hw=(3, 5), HW=(7, 11))),
+        ignore_index=ignore,
+        label_dtype=label_dtype,
+    )
     for name in ("focal_loss", "recall_loss"):
         check(ALL_LOSSES[name], x, y, backend, "bilinear", False, "mean", ignore_index=ignore)
 
@@ -448,7 +628,11 @@ def test_strided_views_and_empty_batch(backend):
     image); the gradient reaches the tensor they view. An empty batch gives 0 and an empty gradient."""
     wide0, y = make(B=2, C=6, hw=(6, 10), HW=(13, 11))
     y5 = torch.where(y == 5, torch.zeros_like(y), y)  # labels of the 5-class slice
-    for view, labels in ((lambda t: t[:, 1:], y5), (lambda t: t[..., ::2], y), (lambda t: t.transpose(2, 3), y)):
+    for view, labels in (
+        (lambda t: t[:, 1:], y5),
+        (lambda t: t[..., ::2], y),
+        (lambda t: t.transpose(2, 3), y),
+    ):
         results = []
         for be, mode in ((backend, "bilinear"), ("reference", "bilinear")):
             wide = wide0.clone().requires_grad_(True)
@@ -469,14 +653,26 @@ def test_class_counts(backend, C):
     if backend == "triton" and C == 150:
         C = 40  # the interpreter, whose cost is per class: the same paths (class groups, class sums past 32)
     x, y = make(B=1, C=C, hw=(5, 6) if backend == "cpp" else (3, 6), HW=(11, 21))
-    check(ALL_LOSSES["focal_loss"], x.contiguous(memory_format=torch.channels_last), y, backend, "bilinear", False)
+    check(
+        ALL_LOSSES["focal_loss"],
+        x.contiguous(memory_format=torch.channels_last),
+        y,
+        backend,
+        "bilinear",
+        False,
+    )
     check(ALL_LOSSES["recall_loss"], x, y, backend, "nearest", False)
 
 
 @pytest.mark.parametrize("mode, align_corners", MODES)
 def test_statistics_and_confusion(backend, mode, align_corners):
-    x, y = make(B=2, C=7, hw=(9, 8) if backend == "cpp" else (4, 8), HW=(31, 27) if backend == "cpp" else (15, 27),
-                every=5)
+    x, y = make(
+        B=2,
+        C=7,
+        hw=(9, 8) if backend == "cpp" else (4, 8),
+        HW=(31, 27) if backend == "cpp" else (15, 27),
+        every=5,
+    )
     x[:, 0] = x[:, 1]  # ties: the first index wins, as torch.argmax on the interpolated logits
     size = tuple(y.shape[1:])
     xi = up(x, size, mode, align_corners)
@@ -490,7 +686,9 @@ def test_statistics_and_confusion(backend, mode, align_corners):
     conf = torch.zeros(7, 7, dtype=torch.int64)
     FI.recall_loss(x, y, confusion=conf, backend=backend, **kw)
     assert torch.equal(conf, expected)
-    for got, want in zip(FI.class_stats(x, y, backend=backend, **kw), FI.class_stats(xi, y, backend="reference")):
+    for got, want in zip(
+        FI.class_stats(x, y, backend=backend, **kw), FI.class_stats(xi, y, backend="reference")
+    ):
         assert torch.equal(got, want)
     assert torch.equal(FI.confusion_matrix(x, y, backend="reference", **kw), expected)
 
@@ -545,14 +743,17 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="align_corners"):
         FI.focal_loss(x, y, align_corners=True)
     with pytest.raises(ValueError, match="2-D"):
-        FI.focal_loss(torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 8, 8, 8, dtype=torch.long), upsample="bilinear")
+        FI.focal_loss(
+            torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 8, 8, 8, dtype=torch.long), upsample="bilinear"
+        )
     with pytest.raises(ValueError, match="2-D"):
         FI.cross_entropy(torch.randn(6, 3), torch.zeros(6, dtype=torch.long), upsample="nearest")
     with pytest.raises(ValueError, match="target"):
         FI.focal_loss(x, y[:1], upsample="bilinear")
     with pytest.raises(ValueError, match="2-D"):
-        FI.confusion_matrix(torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 8, 8, 8, dtype=torch.long),
-                            upsample="bilinear")
+        FI.confusion_matrix(
+            torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 8, 8, 8, dtype=torch.long), upsample="bilinear"
+        )
 
 
 def test_fused_backends_run_upsample():
@@ -563,8 +764,9 @@ def test_fused_backends_run_upsample():
     for name in BACKENDS:
         _need(name)
         got = FI.cross_entropy(x, y, upsample="bilinear", backend=name)
-        torch.testing.assert_close(got, FI.cross_entropy(x, y, upsample="bilinear", backend="reference"),
-                                   **LOSS_TOL[torch.float32])
+        torch.testing.assert_close(
+            got, FI.cross_entropy(x, y, upsample="bilinear", backend="reference"), **LOSS_TOL[torch.float32]
+        )
 
 
 def test_triton_nan_argmax_and_ties():
@@ -577,17 +779,26 @@ def test_triton_nan_argmax_and_ties():
     for mode, ac in MODES:
         xi = up(x, (7, 9), mode, ac)
         want = torch.zeros(4, 4, dtype=torch.int64)
-        want.index_put_((y.reshape(-1), xi.argmax(1).reshape(-1)), torch.ones(y.numel(), dtype=torch.int64),
-                        accumulate=True)
-        conf = tup_ops.upsample_loss_fwd(x, y, 0 if mode == "nearest" else 1, ac, int(Mode.STATS), 0.0, None, -100,
-                                     False, True, True)[5]
+        want.index_put_(
+            (y.reshape(-1), xi.argmax(1).reshape(-1)),
+            torch.ones(y.numel(), dtype=torch.int64),
+            accumulate=True,
+        )
+        conf = tup_ops.upsample_loss_fwd(
+            x, y, 0 if mode == "nearest" else 1, ac, int(Mode.STATS), 0.0, None, -100, False, True, True
+        )[5]
         assert torch.equal(conf, want) and want[:, 2].sum() > 0
 
 
-@pytest.mark.parametrize("mode, align_corners, C, op_mode", [("bilinear", False, 5, Mode.SOFTMAX_FOCAL),
-                                                          ("bilinear", True, 14, Mode.MSE_SOFTMAX),
-                                                          ("nearest", False, 26, Mode.SIGMOID_FOCAL),
-                                                          ("bilinear", False, 26, Mode.SOFTMAX_FOCAL)])
+@pytest.mark.parametrize(
+    "mode, align_corners, C, op_mode",
+    [
+        ("bilinear", False, 5, Mode.SOFTMAX_FOCAL),
+        ("bilinear", True, 14, Mode.MSE_SOFTMAX),
+        ("nearest", False, 26, Mode.SIGMOID_FOCAL),
+        ("bilinear", False, 26, Mode.SOFTMAX_FOCAL),
+    ],
+)
 def test_triton_gpu_tiling(monkeypatch, mode, align_corners, C, op_mode):
     """The interpreter runs one band of all columns per image; a GPU runs bands of R low-resolution rows
     x blocks of columns, one output row (and column) per step, the backward with a halo row above each
@@ -595,7 +806,9 @@ def test_triton_gpu_tiling(monkeypatch, mode, align_corners, C, op_mode):
     the contract (C = 14: the backward's coefficient launch and class groups; C = 26: the forward's
     class groups too, bilinear in steps of several output rows of a segment)."""
     _need("triton")
-    monkeypatch.setattr(tup, "_fwd_tile", lambda geo, C, mode, f64: (32, 2, tup._fwd_step(geo, C, mode, f64), 1))
+    monkeypatch.setattr(
+        tup, "_fwd_tile", lambda geo, C, mode, f64: (32, 2, tup._fwd_step(geo, C, mode, f64), 1)
+    )
     monkeypatch.setattr(tup, "_bwd_tile", lambda geo: (32, 2, 1, 1, 1))
     # several bands and column blocks (two of backward lanes, with the halo) either way
     hw, HW = ((5, 40), (11, 70)) if C < 26 else ((4, 40), (9, 83))
@@ -604,7 +817,9 @@ def test_triton_gpu_tiling(monkeypatch, mode, align_corners, C, op_mode):
     tv = tvals if op_mode == Mode.MSE_SOFTMAX else None
     interp = 0 if mode == "nearest" else 1
     gamma = 0.0 if op_mode == Mode.MSE_SOFTMAX else 2.0
-    out = tup_ops.upsample_loss_fwd(x, y, interp, align_corners, int(op_mode), gamma, tv, -100, True, True, True)
+    out = tup_ops.upsample_loss_fwd(
+        x, y, interp, align_corners, int(op_mode), gamma, tv, -100, True, True, True
+    )
     gp = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gc = torch.linspace(-1, 2, C, dtype=torch.float64)
     want, want_grad = _op_expected(x, y, mode, align_corners, op_mode, gamma, tvals, -100, gp, gc)
@@ -628,7 +843,9 @@ def test_triton_counts_per_thread(monkeypatch, H):
     y = torch.zeros(1, H, 3, dtype=torch.int64)
     y[0, -1, 0] = 1  # column 0: H - 1 true positives, column 1: H, column 2: one ignored pixel
     y[0, 0, 2] = -100
-    out = tup_ops.upsample_loss_fwd(x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 0.0, None, -100, False, True, False)
+    out = tup_ops.upsample_loss_fwd(
+        x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 0.0, None, -100, False, True, False
+    )
     assert out[2].tolist() == [3 * H - 2, 1, 0] and out[3].tolist() == [3 * H - 2, 0, 0]
 
 
@@ -644,12 +861,15 @@ def test_triton_counts_of_tall_labels(monkeypatch, need_tp):
     monkeypatch.setattr(tup, "_launch_fwd", lambda *a, **k: launches.append(launch(*a, **k)) or launches[-1])
     x, y = make(B=2, C=5, hw=(3, 4), HW=(9, 7), every=4)
     y[1, 2, 3] = 7  # a bad label
-    out = tup_ops.upsample_loss_fwd(x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 2.0, None, -100, False, need_tp, True)
+    out = tup_ops.upsample_loss_fwd(
+        x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 2.0, None, -100, False, need_tp, True
+    )
     assert len(launches) == 2  # the "none" and the per-class calls
-    for (_, _, crow, trow, _, reg) in launches:
+    for _, _, crow, trow, _, reg in launches:
         assert not reg and crow.dtype == trow.dtype == torch.int64
-    want = _per_pixel_and_class(up(x.double(), y.shape[1:], "bilinear", False), y, Mode.SOFTMAX_FOCAL, 2.0, None,
-                                -100)
+    want = _per_pixel_and_class(
+        up(x.double(), y.shape[1:], "bilinear", False), y, Mode.SOFTMAX_FOCAL, 2.0, None, -100
+    )
     assert out[4].item() == want[4].item() == 1
     assert torch.equal(out[5], want[5]) and want[5].sum() > 0
     assert torch.equal(out[2], want[2])
@@ -674,6 +894,7 @@ def test_triton_bit_identical():
 
 # --- modules ----------------------------------------------------------------------------------------
 
+
 def test_modules(backend):
     x, y = make(C=5, hw=(5, 6), HW=(15, 17))
     kw = dict(upsample="bilinear", align_corners=True, backend=backend)
@@ -682,7 +903,10 @@ def test_modules(backend):
     xi = up(x, size, "bilinear", True)
     pairs = [
         (fi.FocalLoss(gamma=2.0, **kw), fi.FocalLoss(gamma=2.0, backend="reference")),
-        (fi.ClassBalancedLoss(counts, beta=0.99, **kw), fi.ClassBalancedLoss(counts, beta=0.99, backend="reference")),
+        (
+            fi.ClassBalancedLoss(counts, beta=0.99, **kw),
+            fi.ClassBalancedLoss(counts, beta=0.99, backend="reference"),
+        ),
         (fi.RecallLoss(5, **kw), fi.RecallLoss(5, backend="reference")),
         (fi.CDBLoss(5, **kw), fi.CDBLoss(5, backend="reference")),
         (fi.OutlyingMSELoss(counts, **kw), fi.OutlyingMSELoss(counts, backend="reference")),
@@ -701,16 +925,22 @@ def test_recall_statistics_callable(backend):
     ref = fi.RecallLoss(5, momentum=0.5, distributed=True, backend="reference")
     for step in range(3):  # different batches: the running recall moves
         x, y = make(C=5, hw=(5, 6), HW=(15, 17), seed=step)
-        torch.testing.assert_close(fused(x, y), ref(up(x, tuple(y.shape[1:]), "bilinear", False), y),
-                                   **LOSS_TOL[torch.float32])
+        torch.testing.assert_close(
+            fused(x, y), ref(up(x, tuple(y.shape[1:]), "bilinear", False), y), **LOSS_TOL[torch.float32]
+        )
         torch.testing.assert_close(fused.running_recall, ref.running_recall, atol=0, rtol=0)
     assert fused.seen.all() and 0 < fused.running_recall.min() < fused.running_recall.max() < 1
 
 
 # --- gradients, determinism, memory, compile -----------------------------------------------------
 
-@pytest.mark.parametrize("backend, name, mode, align_corners", combos(
-    [(n, m, a) for n in ALL_LOSSES for m, a in MODES], lambda c: c[1:] == MODES[0] or c[0] == "focal_loss"))
+
+@pytest.mark.parametrize(
+    "backend, name, mode, align_corners",
+    combos(
+        [(n, m, a) for n in ALL_LOSSES for m, a in MODES], lambda c: c[1:] == MODES[0] or c[0] == "focal_loss"
+    ),
+)
 def test_gradcheck_float64(backend, name, mode, align_corners):
     _need(backend)
     x, y = make(B=2 if backend == "cpp" else 1, C=3, hw=(3, 4), HW=(5, 7), dtype=torch.float64)
@@ -718,8 +948,10 @@ def test_gradcheck_float64(backend, name, mode, align_corners):
     fn = ALL_LOSSES[name]
     # the interpreter: gradcheck's fast mode (a random projection of the Jacobian, both sides)
     assert torch.autograd.gradcheck(
-        lambda t: fn(t, y, reduction="none", backend=backend, upsample=mode, align_corners=align_corners), (x,),
-        fast_mode=backend == "triton")
+        lambda t: fn(t, y, reduction="none", backend=backend, upsample=mode, align_corners=align_corners),
+        (x,),
+        fast_mode=backend == "triton",
+    )
 
 
 @needs_cpp
@@ -735,8 +967,18 @@ def test_bit_identical_across_runs_and_thread_counts(mode, layout):
         for threads in (prev, 1, prev, 3):
             torch.set_num_threads(threads)
             loss, grad = loss_and_grad(ALL_LOSSES["recall_loss"], x, y, "cpp", "mean", upsample=mode)
-            g2 = cpp.upsample_loss_bwd(x, y, torch.randn(y.numel(), generator=torch.Generator().manual_seed(0)),
-                                       torch.ones(19), 1 if mode == "bilinear" else 0, False, 1, 2.0, None, -100)
+            g2 = cpp.upsample_loss_bwd(
+                x,
+                y,
+                torch.randn(y.numel(), generator=torch.Generator().manual_seed(0)),
+                torch.ones(19),
+                1 if mode == "bilinear" else 0,
+                False,
+                1,
+                2.0,
+                None,
+                -100,
+            )
             outs.append((loss, grad, g2))
     finally:
         torch.set_num_threads(prev)
@@ -749,9 +991,12 @@ def _allocations(fn):
     """The sizes (bytes) of every CPU tensor allocation while ``fn`` runs, from the profiler's memory
     events (the kernels' own scratch is O(C·W) per thread and not a tensor)."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    return [
+        e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0
+    ]
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
@@ -768,6 +1013,7 @@ def test_no_full_resolution_logits(backend, mode, reduction):
             xx = x.clone().requires_grad_(True)
             loss = FI.recall_loss(xx, y, reduction=reduction, upsample=mode, backend=backend)
             loss.sum().backward()
+
         return run
 
     fused = _allocations(step(backend))
@@ -820,8 +1066,9 @@ def test_triton_compile_fullgraph():
     y[0, 0] = 255
 
     def step(x, y, conf):
-        return (FI.recall_loss(x, y, ignore_index=255, confusion=conf, backend="triton", upsample="bilinear")
-                + FI.focal_loss(x, y, 2.0, ignore_index=255, backend="triton", upsample="nearest"))
+        return FI.recall_loss(
+            x, y, ignore_index=255, confusion=conf, backend="triton", upsample="bilinear"
+        ) + FI.focal_loss(x, y, 2.0, ignore_index=255, backend="triton", upsample="nearest")
 
     conf_c, conf_e = torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)
     compiled = torch.compile(step, fullgraph=True, backend="eager")
@@ -844,6 +1091,7 @@ def test_interpolate_is_the_spec_in_float32():
 
 # --- beyond 2**31 full-resolution pixels ----------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_more_than_2_31_full_resolution_pixels_cpu():
     """2**31 + 2**20 full-resolution pixels (uint8 labels, C = 2) from 1 × 4 low-resolution logits,
@@ -860,9 +1108,9 @@ def test_more_than_2_31_full_resolution_pixels_cpu():
     tvals = torch.tensor([1.0, 3.0])
     y = torch.zeros(1, H, W, dtype=torch.uint8)
     top, bottom = H // 4, H - H // 3
-    y[0, bottom:] = 1        # the last third of the rows, past pixel 2**31, is class 1
-    y[0, :top, ::3] = 1      # and every third column of the first quarter
-    y[0, -1, -7:] = 255      # the very last pixels are ignored
+    y[0, bottom:] = 1  # the last third of the rows, past pixel 2**31, is class 1
+    y[0, :top, ::3] = 1  # and every third column of the first quarter
+    y[0, -1, -7:] = 255  # the very last pixels are ignored
     col = torch.arange(W)
     n1 = (H - bottom) + torch.where(col % 3 == 0, top, 0) - torch.where(col >= W - 7, 1, 0)
     n0 = H - (H - bottom) - torch.where(col % 3 == 0, top, 0)
@@ -872,15 +1120,17 @@ def test_more_than_2_31_full_resolution_pixels_cpu():
     want_loss = torch.stack([(n0 * l0).sum(), (n1 * l1).sum()])
     pred = row.argmax(0)
     want_tp = torch.stack([(n0 * (pred == 0)).sum(), (n1 * (pred == 1)).sum()])
-    _, class_loss, count, tp, bad, _, _ = cpp.upsample_loss_fwd(x, y, 1, False, int(Mode.MSE_LOGITS), 0.0, tvals,
-                                                                255, False, True, False)
+    _, class_loss, count, tp, bad, _, _ = cpp.upsample_loss_fwd(
+        x, y, 1, False, int(Mode.MSE_LOGITS), 0.0, tvals, 255, False, True, False
+    )
     assert count.tolist() == [int(n0.sum()), int(n1.sum())] and sum(count.tolist()) == H * W - 7
     assert tp.tolist() == want_tp.tolist() and 0 < tp.sum() < count.sum()
     assert int(bad) == 0
     torch.testing.assert_close(class_loss.double(), want_loss, rtol=1e-5, atol=0)
     # what reduction="mean" returns from these outputs
-    torch.testing.assert_close(class_loss.double().sum() / count.sum(), want_loss.sum() / (H * W - 7), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(
+        class_loss.double().sum() / count.sum(), want_loss.sum() / (H * W - 7), rtol=1e-5, atol=0
+    )
 
 
 def _need_cuda_triton():
@@ -914,11 +1164,11 @@ def test_more_than_2_31_full_resolution_pixels_cuda():
     total = torch.zeros((), dtype=torch.float64, device="cuda")
     band = 2**9
     for y0 in range(0, H, band):
-        vb = v.detach()[:, :, y0:y0 + band].requires_grad_(True)
+        vb = v.detach()[:, :, y0 : y0 + band].requires_grad_(True)
         xb = F.interpolate(vb, size=(vb.shape[2], W), mode="bilinear", align_corners=False)  # horizontal
-        lb = F.cross_entropy(xb, y[:, y0:y0 + band].long(), ignore_index=255, reduction="sum")
+        lb = F.cross_entropy(xb, y[:, y0 : y0 + band].long(), ignore_index=255, reduction="sum")
         lb.backward()
-        gv[:, :, y0:y0 + band] = vb.grad
+        gv[:, :, y0 : y0 + band] = vb.grad
         total += lb.detach()
     v.backward(gv)
     assert loss.item() == pytest.approx(total.item(), rel=1e-4)

@@ -1,4 +1,5 @@
 """Class-weighting schemes of ``fused_imbalance.weights`` against values worked by hand."""
+
 import collections
 import math
 
@@ -18,14 +19,17 @@ def close(actual, expected):
 
 # ---------------------------------------------------------------- effective number
 
+
 def test_effective_number_by_hand():
     # counts [1, 10, 100], beta = 0.9, raw w_c = (1 - beta) / (1 - beta^n_c):
     #   n = 1:   0.1 / (1 - 0.9)                  = 1
     #   n = 10:  0.1 / (1 - 0.3486784401)         = 0.1 / 0.6513215599      = 0.15353399327876294
     #   n = 100: 0.1 / (1 - 2.6561398887587e-5)  = 0.1 / 0.99997343860111 = 0.10000265621044142
     # sum = 1.2535366494892044, rescaled by 3 / sum:
-    close(weights.effective_number([1, 10, 100], beta=0.9),
-          [2.393228790895305, 0.3674419730958617, 0.23932923600883357])
+    close(
+        weights.effective_number([1, 10, 100], beta=0.9),
+        [2.393228790895305, 0.3674419730958617, 0.23932923600883357],
+    )
 
 
 def test_effective_number_sums_to_c_and_accepts_tensors():
@@ -45,8 +49,10 @@ def test_effective_number_zero_count_gets_largest_other_weight():
     # counts [0, 10, 100], beta = 0.9: raw [w10, w10, w100] with the absent class given the
     # largest present weight w10 = 0.15353399327876294; w100 = 0.10000265621044142;
     # sum = 0.40707064276796734, rescaled by 3 / sum:
-    close(weights.effective_number([0, 10, 100], beta=0.9),
-          [1.1315038016603784, 1.1315038016603784, 0.7369923966792432])
+    close(
+        weights.effective_number([0, 10, 100], beta=0.9),
+        [1.1315038016603784, 1.1315038016603784, 0.7369923966792432],
+    )
 
 
 def test_effective_number_beta_near_one_is_finite():
@@ -64,6 +70,7 @@ def test_effective_number_bad_beta(beta):
 
 
 # ---------------------------------------------------------------- inverse / median frequency
+
 
 def test_inverse_frequency_by_hand():
     # 1/2, 1/4, 1/8 sum to 7/8; rescaled by 3 / (7/8) = 24/7: [12/7, 6/7, 3/7]
@@ -91,6 +98,7 @@ def test_median_frequency_zero_count():
 
 # ---------------------------------------------------------------- outlying labels
 
+
 def test_outlying_labels_ties_are_stable():
     # descending by count, stable: class 1 (9) -> rank 0, class 0 (5) -> 1, class 2 (5) -> 2,
     # class 3 (1) -> 3; alpha * (rank + 1) with alpha = 0.5
@@ -109,6 +117,7 @@ def test_outlying_labels_bad_alpha(alpha):
 
 # ---------------------------------------------------------------- CDB
 
+
 def test_cdb_dynamic_tau_by_hand():
     # A = [0.9, 0.5, 0.2]: b = 0.9 / (0.2 + 1e-4) - 1 = 3.497751124437781,
     # tau = 2 / (1 + e^-b) = 1.9412474283241785, w = (1 - A)^tau:
@@ -116,8 +125,7 @@ def test_cdb_dynamic_tau_by_hand():
     b = 0.9 / 0.2001 - 1
     tau = 2 / (1 + math.exp(-b))
     assert abs(tau - 1.9412474283241785) < 1e-12
-    close(weights.cdb([0.9, 0.5, 0.2]),
-          [0.011448605002210895, 0.2603911952268825, 0.6484458071777144])
+    close(weights.cdb([0.9, 0.5, 0.2]), [0.011448605002210895, 0.2603911952268825, 0.6484458071777144])
 
 
 def test_cdb_fixed_tau():
@@ -156,14 +164,17 @@ SCHEMES = [
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("counts, match", [
-    ([3, -1, 2], "non-negative"),
-    ([], "non-empty"),
-    (torch.zeros(2, 2), "non-empty"),
-    ([1.0, float("nan")], "finite"),
-    ([1.0, float("inf")], "finite"),
-    ([0, 0, 0], "all zeros"),
-])
+@pytest.mark.parametrize(
+    "counts, match",
+    [
+        ([3, -1, 2], "non-negative"),
+        ([], "non-empty"),
+        (torch.zeros(2, 2), "non-empty"),
+        ([1.0, float("nan")], "finite"),
+        ([1.0, float("inf")], "finite"),
+        ([0, 0, 0], "all zeros"),
+    ],
+)
 def test_bad_counts(scheme, counts, match):
     with pytest.raises(ValueError, match=match):
         scheme(counts)
@@ -183,7 +194,9 @@ MAPPED = [  # every function of the module that takes per-class values
     weights.inverse_frequency,
     weights.median_frequency,
     lambda c: weights.outlying_labels(c, 1.0),
-    lambda c: weights.cdb({k: v / 1000 for k, v in c.items()} if isinstance(c, dict) else [v / 1000 for v in c]),
+    lambda c: weights.cdb(
+        {k: v / 1000 for k, v in c.items()} if isinstance(c, dict) else [v / 1000 for v in c]
+    ),
 ]
 
 
@@ -200,18 +213,23 @@ def test_a_mapping_is_read_in_class_order(scheme):
 def test_a_counter_gives_the_rarest_class_the_largest_weight():
     w = weights.effective_number(collections.Counter([0] * 500 + [1] * 20 + [2] * 3), beta=0.999)
     assert w[2] > w[1] > w[0]
-    close(weights.outlying_labels(collections.Counter([0] * 5 + [1] * 9 + [2] * 5 + [3])), [2.0, 1.0, 3.0, 4.0])
+    close(
+        weights.outlying_labels(collections.Counter([0] * 5 + [1] * 9 + [2] * 5 + [3])), [2.0, 1.0, 3.0, 4.0]
+    )
 
 
-@pytest.mark.parametrize("counts, match", [
-    ({0: 5, 2: 7}, "without class 1.*range\\(num_classes\\)"),  # a class in between is missing
-    ({1: 5, 2: 7}, "without class 0"),
-    ({0: 5, "1": 7}, "int keys"),
-    ({0: 5, True: 7}, "int keys"),
-    ({0: 5, 1: 7}.values(), "class order"),
-    ({5, 7}, "class order"),
-    (collections.Counter(torch.tensor([0, 1, 1])), "bincount"),  # 0-d tensors as keys
-])
+@pytest.mark.parametrize(
+    "counts, match",
+    [
+        ({0: 5, 2: 7}, "without class 1.*range\\(num_classes\\)"),  # a class in between is missing
+        ({1: 5, 2: 7}, "without class 0"),
+        ({0: 5, "1": 7}, "int keys"),
+        ({0: 5, True: 7}, "int keys"),
+        ({0: 5, 1: 7}.values(), "class order"),
+        ({5, 7}, "class order"),
+        (collections.Counter(torch.tensor([0, 1, 1])), "bincount"),  # 0-d tensors as keys
+    ],
+)
 @pytest.mark.parametrize("scheme", MAPPED[:4])
 def test_a_mapping_without_class_order_is_a_type_error(scheme, counts, match):
     with pytest.raises(TypeError, match="samples_per_class.*" + match):

@@ -4,12 +4,13 @@ A fused result is compared against the reference run on the same input. float16/
 inputs are computed in float32 by every backend, so the differences are summation order and
 the rounding of the stored gradient (one ulp of the dtype), not the input precision.
 """
+
 import torch
 
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-9),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),   # gradient stored in float16: 2^-10 relative
+    torch.float16: dict(atol=1e-3, rtol=1e-3),  # gradient stored in float16: 2^-10 relative
     torch.bfloat16: dict(atol=1e-2, rtol=8e-3),  # gradient stored in bfloat16: 2^-7 relative
 }
 

@@ -58,6 +58,7 @@ backward ``{backend}_loss_bwd(x, target, grad, scale, tvals, lse, loss_mode, gam
 
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
 """
+
 import enum
 from typing import NamedTuple
 
@@ -77,17 +78,17 @@ class Mode(enum.IntEnum):
 
     SOFTMAX_FOCAL = 0  # −(1 − p_y)^γ log p_y, p = softmax(x); γ = 0 is cross-entropy
     SIGMOID_FOCAL = 1  # Σ_k −t_k (1−q_k)^γ log q_k − (1−t_k) q_k^γ log(1−q_k), q = σ(x), t = onehot(y)
-    MSE_LOGITS = 2     # ½ Σ_k (x_k − t_k)², t_k = tvals[y]·[k = y]
-    MSE_SOFTMAX = 3    # ½ Σ_k (p_k − t_k)², p = softmax(x)
-    STATS = 4          # no loss: count, tp, bad, confusion only
+    MSE_LOGITS = 2  # ½ Σ_k (x_k − t_k)², t_k = tvals[y]·[k = y]
+    MSE_SOFTMAX = 3  # ½ Σ_k (p_k − t_k)², p = softmax(x)
+    STATS = 4  # no loss: count, tp, bad, confusion only
 
 
 class Reduction(enum.IntEnum):
     """What the forward op returns as ``loss``."""
 
-    MEAN = 0   # Σ_n w_{y_n} ℓ_n / D, a scalar
-    SUM = 1    # Σ_n w_{y_n} ℓ_n, a scalar
-    NONE = 2   # w_{y_n} ℓ_n, (N,)
+    MEAN = 0  # Σ_n w_{y_n} ℓ_n / D, a scalar
+    SUM = 1  # Σ_n w_{y_n} ℓ_n, a scalar
+    NONE = 2  # w_{y_n} ℓ_n, (N,)
     CLASS = 3  # S_c = Σ_{y_n = c} ℓ_n, (C,): the caller weights them (weights from a callable)
 
     @classmethod
@@ -101,10 +102,10 @@ _REDUCTIONS = {"mean": Reduction.MEAN, "sum": Reduction.SUM, "none": Reduction.N
 class Weighting(enum.IntEnum):
     """The class weights of the forward op and the denominator of its mean (docs/DESIGN.md §2)."""
 
-    NONE = 0     # w = 1
+    NONE = 0  # w = 1
     GENERAL = 1  # the given weights, mean over Σ_n w_{y_n} (as torch's cross_entropy)
-    PAPER = 2    # the given weights, mean over the valid pixels (the paper losses)
-    RECALL = 3   # w_c = 1 − TP_c / n_c of this pass, mean over the valid pixels (the recall loss)
+    PAPER = 2  # the given weights, mean over the valid pixels (the paper losses)
+    RECALL = 3  # w_c = 1 − TP_c / n_c of this pass, mean over the valid pixels (the recall loss)
 
 
 class FwdOut(NamedTuple):
@@ -180,6 +181,11 @@ def fwd_fake(x, target, reduction, need_tp, lse_floats):
     i64 = torch.int64
     reduction = Reduction(reduction)
     shape = (N,) if reduction == Reduction.NONE else (C,) if reduction == Reduction.CLASS else ()
-    return (x.new_empty(shape, dtype=acc), x.new_empty(C, dtype=acc), x.new_empty(C, dtype=i64),
-            x.new_empty(C if need_tp else 0, dtype=i64), x.new_empty(2, dtype=i64),
-            x.new_empty(N * lse_floats, dtype=acc))
+    return (
+        x.new_empty(shape, dtype=acc),
+        x.new_empty(C, dtype=acc),
+        x.new_empty(C, dtype=i64),
+        x.new_empty(C if need_tp else 0, dtype=i64),
+        x.new_empty(2, dtype=i64),
+        x.new_empty(N * lse_floats, dtype=acc),
+    )

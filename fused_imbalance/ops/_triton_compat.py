@@ -1,4 +1,5 @@
 """Launching Triton kernels from a ``torch.library.triton_op`` on every supported torch."""
+
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 

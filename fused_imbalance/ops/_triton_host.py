@@ -3,6 +3,7 @@
 the programs' rows into the op's outputs, and the small buffers a launch passes for arguments it
 does not use. Neither launcher module imports the other.
 """
+
 import contextlib
 import os
 
@@ -118,8 +119,9 @@ def _class_sums(target, pl, C, interpret_scale):
     scratch = pl.new_empty((C, P * block))
     part = pl.new_empty((P, C))
     k = min(_np2(C), _SUM_K * (interpret_scale if _interpret() else 1))
-    wrap(_class_sum_kernel)[(P,)](target, pl, scratch, part, N, C, BLOCK=block, K=k,
-                                  num_warps=_SUM_BLOCK // 32)
+    wrap(_class_sum_kernel)[(P,)](
+        target, pl, scratch, part, N, C, BLOCK=block, K=k, num_warps=_SUM_BLOCK // 32
+    )
     return part
 
 
@@ -134,11 +136,18 @@ def outputs(x, C, N, reduction, need_tp):
     else:
         loss = x.new_empty((), dtype=acc)
     i64 = torch.int64
-    return loss, x.new_empty(C, dtype=acc), x.new_empty(C, dtype=i64), x.new_empty(C if need_tp else 0, dtype=i64), \
-        x.new_empty(2, dtype=i64)
+    return (
+        loss,
+        x.new_empty(C, dtype=acc),
+        x.new_empty(C, dtype=i64),
+        x.new_empty(C if need_tp else 0, dtype=i64),
+        x.new_empty(2, dtype=i64),
+    )
 
 
-def finalize(lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp, ignore_index, target):
+def finalize(
+    lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp, ignore_index, target
+):
     """The finalize launch (``_finalize_kernel``; a row reduction first when the rows are many) writing
     ``out`` = (loss, scale, count, tp, bad); then, for the recall loss's per-pixel output, the weighting
     launch. ``lrow`` (RL, C) or None, ``crow``/``trow`` (RC, C), ``brow`` (RB, 2)."""
@@ -154,22 +163,52 @@ def finalize(lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums,
         csum = crow.new_empty((1, C), dtype=torch.int64)
         tsum = crow.new_empty((1, C), dtype=torch.int64) if need_tp else csum
         wrap(_reduce_rows_kernel)[(_cdiv(C, bc),)](
-            lrow if sums else lsum, crow, trow if need_tp else crow, lsum, csum, tsum, RL, RC, C,
-            SUMS=sums, NEED_TP=need_tp, BR=br, BC=bc)
+            lrow if sums else lsum,
+            crow,
+            trow if need_tp else crow,
+            lsum,
+            csum,
+            tsum,
+            RL,
+            RC,
+            C,
+            SUMS=sums,
+            NEED_TP=need_tp,
+            BR=br,
+            BC=bc,
+        )
         lrow, crow, trow = lsum, csum, tsum
         RC, RL = 1, (1 if sums else 0)
     bc = min(_np2(C), 128)
     br = max(1, min(_FINALIZE_BLOCK // bc, _np2(max(RC, RL, brow.shape[0], 1))))
     wrap(_finalize_kernel)[(1,)](
-        lrow if sums else _dummy(dev, acc), crow, trow if need_tp else crow, brow,
-        weight if weight is not None else _dummy(dev, acc), loss, scale, count, tp if need_tp else count, bad,
-        RL, RC, brow.shape[0], C,
-        RED=int(reduction), WEIGHTING=int(weighting), SUMS=sums, NEED_TP=need_tp, BR=br, BC=bc)
+        lrow if sums else _dummy(dev, acc),
+        crow,
+        trow if need_tp else crow,
+        brow,
+        weight if weight is not None else _dummy(dev, acc),
+        loss,
+        scale,
+        count,
+        tp if need_tp else count,
+        bad,
+        RL,
+        RC,
+        brow.shape[0],
+        C,
+        RED=int(reduction),
+        WEIGHTING=int(weighting),
+        SUMS=sums,
+        NEED_TP=need_tp,
+        BR=br,
+        BC=bc,
+    )
     if reduction == Reduction.NONE and weighting == Weighting.RECALL:
         N = loss.numel()
         if N:
-            wrap(_weigh_kernel)[(_cdiv(N, _WEIGH_BLOCK),)](loss, target, scale, N, C, ignore_index,
-                                                          BLOCK=_WEIGH_BLOCK)
+            wrap(_weigh_kernel)[(_cdiv(N, _WEIGH_BLOCK),)](
+                loss, target, scale, N, C, ignore_index, BLOCK=_WEIGH_BLOCK
+            )
 
 
 def grad_arg(grad, N, device, acc):

@@ -13,6 +13,7 @@ the contract of :mod:`fused_imbalance.ops`. :func:`cpu_isa` names the instructio
 CPU kernels in use (``FUSED_IMBALANCE_CPU_ISA=base|avx2|avx512`` caps the choice; any other value
 is an error). :func:`unavailable_reason` says why the backend could not be loaded.
 """
+
 import importlib.util
 import os
 import shutil
@@ -37,13 +38,16 @@ ISAS = ("base", "avx2", "avx512")
 def _check_isa_env():
     isa = os.environ.get("FUSED_IMBALANCE_CPU_ISA")
     if isa is not None and isa not in ISAS:
-        raise ValueError(f"the environment variable FUSED_IMBALANCE_CPU_ISA must be one of {ISAS} "
-                         f"(or unset), got {isa!r}")
+        raise ValueError(
+            f"the environment variable FUSED_IMBALANCE_CPU_ISA must be one of {ISAS} "
+            f"(or unset), got {isa!r}"
+        )
 
 
 def _build_config():
-    spec = importlib.util.spec_from_file_location("_fused_imbalance_build_config",
-                                                  os.path.join(_CSRC, "build_config.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_fused_imbalance_build_config", os.path.join(_CSRC, "build_config.py")
+    )
     cfg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg)
     return cfg
@@ -53,6 +57,7 @@ def _load_library():
     """Load the compiled module (it registers the ops); returns (module, None) or (None, why it failed)."""
     try:
         from fused_imbalance import _C
+
         return _C, None
     except (ImportError, OSError) as e:
         prebuilt = f"fused_imbalance._C is not built ({e})"
@@ -60,12 +65,22 @@ def _load_library():
         return None, prebuilt + " and the C++ sources are not in this installation"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx.split()[0] if cxx.strip() else "c++") is None:
-        return None, f"{prebuilt}, and there is no C++ compiler to build csrc/ ({cxx!r} is not on PATH; set CXX)"
+        return (
+            None,
+            f"{prebuilt}, and there is no C++ compiler to build csrc/ ({cxx!r} is not on PATH; set CXX)",
+        )
     try:
         from torch.utils.cpp_extension import load
+
         cfg = _build_config()
-        module = load(name="fused_imbalance_C", sources=cfg.sources(), extra_cflags=cfg.cxx_flags(),
-                      extra_ldflags=cfg.link_flags(), is_python_module=True, verbose=False)
+        module = load(
+            name="fused_imbalance_C",
+            sources=cfg.sources(),
+            extra_cflags=cfg.cxx_flags(),
+            extra_ldflags=cfg.link_flags(),
+            is_python_module=True,
+            verbose=False,
+        )
         return module, None
     except Exception as e:  # failed build: the reference backend takes over
         return None, f"{prebuilt}, and compiling csrc/ failed: {_build_error_summary(e)}"
@@ -74,16 +89,22 @@ def _load_library():
 def _build_error_summary(e):
     """The build error's first informative line, with the whole message saved to a log file."""
     import traceback
-    text = (f"Building the fused_imbalance C++ extension from {_CSRC} failed "
-            f"(CXX={os.environ.get('CXX', 'c++')!r}):\n" + "".join(traceback.format_exception(e)))
+
+    text = (
+        f"Building the fused_imbalance C++ extension from {_CSRC} failed "
+        f"(CXX={os.environ.get('CXX', 'c++')!r}):\n" + "".join(traceback.format_exception(e))
+    )
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     # the compiler's or linker's own message, not torch's "Error building extension ...: [1/7] c++ ..."
     marks = ("error:", "error ", "cannot find", "no such file", "not found")
-    first = next((ln for ln in lines[1:] if any(m in ln.lower() for m in marks) and not ln.startswith("[")),
-                 lines[0] if lines else type(e).__name__)
+    first = next(
+        (ln for ln in lines[1:] if any(m in ln.lower() for m in marks) and not ln.startswith("[")),
+        lines[0] if lines else type(e).__name__,
+    )
     first = first if len(first) <= 300 else first[:297] + "..."
     try:
         import tempfile
+
         fd, log = tempfile.mkstemp(prefix="fused_imbalance_build_", suffix=".log")
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
@@ -105,28 +126,77 @@ def _register(module):
     ops = torch.ops.fused_imbalance
 
     @torch.library.register_fake("fused_imbalance::cpp_loss_fwd")
-    def _(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction, weighting, need_tp,
-          validate, need_lse):
-        return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL,
-                        keeps_lse(x, loss_mode, gamma, False) if need_lse else 0)
+    def _(
+        x,
+        target,
+        weight,
+        tvals,
+        confusion,
+        loss_mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    ):
+        return fwd_fake(
+            x,
+            target,
+            reduction,
+            need_tp or weighting == Weighting.RECALL,
+            keeps_lse(x, loss_mode, gamma, False) if need_lse else 0,
+        )
 
     @torch.library.register_fake("fused_imbalance::cpp_loss_bwd")
     def _(x, target, grad, scale, tvals, lse, loss_mode, gamma, ignore_index):
         return torch.empty_like(x)
 
     @torch.library.register_fake("fused_imbalance::cpp_upsample_loss_fwd")
-    def _(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction,
-          weighting, need_tp, validate, need_lse):
-        return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL,
-                        keeps_lse(x, loss_mode, gamma, True) if need_lse else 0)
+    def _(
+        x,
+        target,
+        interp,
+        align_corners,
+        weight,
+        tvals,
+        confusion,
+        loss_mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    ):
+        return fwd_fake(
+            x,
+            target,
+            reduction,
+            need_tp or weighting == Weighting.RECALL,
+            keeps_lse(x, loss_mode, gamma, True) if need_lse else 0,
+        )
 
     @torch.library.register_fake("fused_imbalance::cpp_upsample_loss_bwd")
     def _(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index):
         return torch.empty_like(x)
 
-    return Backend("cpp", module.loss_fwd, module.loss_bwd, ops.cpp_loss_fwd.default, ops.cpp_loss_bwd.default,
-                   module.upsample_loss_fwd, module.upsample_loss_bwd, ops.cpp_upsample_loss_fwd.default,
-                   ops.cpp_upsample_loss_bwd.default, supports, keeps_lse, False)
+    return Backend(
+        "cpp",
+        module.loss_fwd,
+        module.loss_bwd,
+        ops.cpp_loss_fwd.default,
+        ops.cpp_loss_bwd.default,
+        module.upsample_loss_fwd,
+        module.upsample_loss_bwd,
+        ops.cpp_upsample_loss_fwd.default,
+        ops.cpp_upsample_loss_bwd.default,
+        supports,
+        keeps_lse,
+        False,
+    )
 
 
 def available():
@@ -141,8 +211,12 @@ def available():
                     _backend = _register(module)
                     _module = module
                 else:
-                    warnings.warn(f"fused_imbalance: the C++ backend is unavailable, the reference "
-                                  f"backend is used instead: {err}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"fused_imbalance: the C++ backend is unavailable, the reference "
+                        f"backend is used instead: {err}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 _loaded, _reason = err is None, err
     return _loaded
 

@@ -2,6 +2,7 @@
 ``cpp_dice_finalize`` and ``cpp_dice_bwd``, with the contract of :mod:`.dice`. An eager call runs the
 module's functions (``_C.dice_fwd`` ...: the same C++ functions as the ops, through pybind11); a
 ``torch.compile`` graph calls the registered ops, whose fake kernels are here."""
+
 import torch
 
 from . import cpp
@@ -20,8 +21,21 @@ def backend():
         from fused_imbalance import _C
 
         @torch.library.register_fake("fused_imbalance::cpp_dice_fwd")
-        def _(x, target, weight, ce_weight, confusion, kind, w_type, flags, params, ignore_index, reduction,
-              validate, finalize):
+        def _(
+            x,
+            target,
+            weight,
+            ce_weight,
+            confusion,
+            kind,
+            w_type,
+            flags,
+            params,
+            ignore_index,
+            reduction,
+            validate,
+            finalize,
+        ):
             return fwd_fake(x, target, kind, flags, reduction, finalize)
 
         @torch.library.register_fake("fused_imbalance::cpp_dice_finalize")
@@ -33,6 +47,13 @@ def backend():
             return torch.empty_like(x)
 
         ops = torch.ops.fused_imbalance
-        _backend = DiceBackend("cpp", _C.dice_fwd, _C.dice_finalize, _C.dice_bwd, ops.cpp_dice_fwd.default,
-                               ops.cpp_dice_finalize.default, ops.cpp_dice_bwd.default)
+        _backend = DiceBackend(
+            "cpp",
+            _C.dice_fwd,
+            _C.dice_finalize,
+            _C.dice_bwd,
+            ops.cpp_dice_fwd.default,
+            ops.cpp_dice_finalize.default,
+            ops.cpp_dice_bwd.default,
+        )
     return _backend

@@ -64,6 +64,7 @@ A backend is a :class:`DiceBackend`, looked up by name with :func:`dice_backend`
 (what an eager call runs) and the registered ops (what a ``torch.compile`` graph calls), which run the
 same functions.
 """
+
 import enum
 from typing import NamedTuple
 
@@ -73,14 +74,14 @@ from . import Reduction, acc_dtype
 
 
 class DiceKind(enum.IntEnum):
-    DICE = 0         # 1 − (2I + nr)/(P + G + dr) per class, or the Jaccard form (flag JACCARD)
-    TVERSKY = 1      # (1 − (I + nr)/(I + α(P − I) + β(G − I) + dr))^γ per class
+    DICE = 0  # 1 − (2I + nr)/(P + G + dr) per class, or the Jaccard form (flag JACCARD)
+    TVERSKY = 1  # (1 − (I + nr)/(I + α(P − I) + β(G − I) + dr))^γ per class
     GENERALIZED = 2  # 1 − (2 Σ w I + nr)/(Σ w (P + G) + dr) per image, w from G (WType)
 
 
 class WType(enum.IntEnum):
-    SQUARE = 0   # w = 1/G²
-    SIMPLE = 1   # w = 1/G
+    SQUARE = 0  # w = 1/G²
+    SIMPLE = 1  # w = 1/G
     UNIFORM = 2  # w = 1
 
     @classmethod
@@ -90,10 +91,10 @@ class WType(enum.IntEnum):
 
 class DiceFlags(enum.IntFlag):
     INCLUDE_BACKGROUND = 1  # class 0 is one of the terms
-    SQUARED = 2             # P = Σ p² (DICE only)
-    JACCARD = 4             # the Jaccard form (DICE only)
-    BATCH = 8               # one group of sums for the whole batch
-    CE = 16                 # + λ_ce · cross-entropy (dice_ce_loss)
+    SQUARED = 2  # P = Σ p² (DICE only)
+    JACCARD = 4  # the Jaccard form (DICE only)
+    BATCH = 8  # one group of sums for the whole batch
+    CE = 16  # + λ_ce · cross-entropy (dice_ce_loss)
 
 
 PARAMS = ("smooth_nr", "smooth_dr", "alpha", "beta", "gamma", "lambda_dice", "lambda_ce")
@@ -101,8 +102,15 @@ PARAMS = ("smooth_nr", "smooth_dr", "alpha", "beta", "gamma", "lambda_dice", "la
 
 def params(smooth_nr=1e-5, smooth_dr=1e-5, alpha=0.5, beta=0.5, gamma=1.0, lambda_dice=1.0, lambda_ce=0.0):
     """The ops' ``params`` list, in the order of ``PARAMS``."""
-    return [float(smooth_nr), float(smooth_dr), float(alpha), float(beta), float(gamma), float(lambda_dice),
-            float(lambda_ce)]
+    return [
+        float(smooth_nr),
+        float(smooth_dr),
+        float(alpha),
+        float(beta),
+        float(gamma),
+        float(lambda_dice),
+        float(lambda_ce),
+    ]
 
 
 def groups(x, flags):
@@ -126,18 +134,30 @@ def fwd_fake(x, target, kind, flags, reduction, finalize):
     acc, C, S = acc_dtype(x), x.shape[1], groups(x, flags)
     ce = bool(int(flags) & DiceFlags.CE)
     if not finalize:
-        return (x.new_empty(0, dtype=acc), x.new_empty((S, 4, C), dtype=acc), x.new_empty(0, dtype=acc),
-                x.new_empty(0, dtype=acc), x.new_empty(2, dtype=torch.int64))
-    return (x.new_empty(loss_shape(S, C, kind, flags, reduction), dtype=acc), x.new_empty((S, 4, C), dtype=acc),
-            x.new_empty((S, 2, C), dtype=acc), x.new_empty(C if ce else 0, dtype=acc),
-            x.new_empty(2, dtype=torch.int64))
+        return (
+            x.new_empty(0, dtype=acc),
+            x.new_empty((S, 4, C), dtype=acc),
+            x.new_empty(0, dtype=acc),
+            x.new_empty(0, dtype=acc),
+            x.new_empty(2, dtype=torch.int64),
+        )
+    return (
+        x.new_empty(loss_shape(S, C, kind, flags, reduction), dtype=acc),
+        x.new_empty((S, 4, C), dtype=acc),
+        x.new_empty((S, 2, C), dtype=acc),
+        x.new_empty(C if ce else 0, dtype=acc),
+        x.new_empty(2, dtype=torch.int64),
+    )
 
 
 def finalize_fake(sums, kind, flags, reduction):
     S, _, C = sums.shape
     ce = bool(int(flags) & DiceFlags.CE)
-    return (sums.new_empty(loss_shape(S, C, kind, flags, reduction)), sums.new_empty((S, 2, C)),
-            sums.new_empty(C if ce else 0))
+    return (
+        sums.new_empty(loss_shape(S, C, kind, flags, reduction)),
+        sums.new_empty((S, 2, C)),
+        sums.new_empty(C if ce else 0),
+    )
 
 
 def upstream_index(grad, S, C, kind, flags, reduction):
@@ -146,8 +166,9 @@ def upstream_index(grad, S, C, kind, flags, reduction):
     A scalar loss has strides 0; raises for a gradient of the wrong size."""
     if Reduction(reduction) != Reduction.NONE:
         if grad.numel() != 1:
-            raise RuntimeError(f"fused_imbalance: the upstream gradient of a scalar Dice loss has {grad.numel()} "
-                               "elements")
+            raise RuntimeError(
+                f"fused_imbalance: the upstream gradient of a scalar Dice loss has {grad.numel()} " "elements"
+            )
         return 0, 0, 0
     first = 0 if int(flags) & DiceFlags.INCLUDE_BACKGROUND else 1
     if DiceKind(kind) == DiceKind.GENERALIZED:
@@ -155,8 +176,10 @@ def upstream_index(grad, S, C, kind, flags, reduction):
     else:
         want, strides = S * (C - first), (C - first, 1)
     if grad.numel() != want:
-        raise RuntimeError(f"fused_imbalance: the upstream gradient of the per-term Dice loss has {grad.numel()} "
-                           f"elements for {want} terms")
+        raise RuntimeError(
+            f"fused_imbalance: the upstream gradient of the per-term Dice loss has {grad.numel()} "
+            f"elements for {want} terms"
+        )
     return strides + (first,)
 
 

@@ -38,6 +38,7 @@ elsewhere; the shape, dtype and memory format of ``x``.
 
 Both are deterministic (every float sum in a fixed order) and never wait for the device.
 """
+
 import threading
 from typing import NamedTuple
 
@@ -66,8 +67,13 @@ def fwd_fake(x, target, reduction, lse_floats):
     acc = acc_dtype(x)
     N = target.numel()
     loss = x.new_empty((N,) if Reduction(reduction) == Reduction.NONE else (), dtype=acc)
-    return (loss, x.new_empty(N, dtype=acc), x.new_empty(2, dtype=acc), x.new_empty(2, dtype=torch.int64),
-            x.new_empty(N * lse_floats, dtype=acc))
+    return (
+        loss,
+        x.new_empty(N, dtype=acc),
+        x.new_empty(2, dtype=acc),
+        x.new_empty(2, dtype=torch.int64),
+        x.new_empty(N * lse_floats, dtype=acc),
+    )
 
 
 _lock = threading.Lock()
@@ -88,22 +94,40 @@ def load(name):
 
 def _triton():
     from . import triton_ohem as T
+
     return OhemBackend("triton", T._forward, T._backward, T.ohem_fwd, T.ohem_bwd, True)
 
 
 def _cpp():
     from . import cpp
+
     module = cpp.module()
 
     @torch.library.register_fake("fused_imbalance::cpp_ohem_fwd")
-    def _(x, target, interp, align_corners, weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all,
-          validate, need_lse):
-        return fwd_fake(x, target, reduction, cpp.keeps_lse(x, Mode.SOFTMAX_FOCAL, 0.0, interp >= 0) if need_lse else 0)
+    def _(
+        x,
+        target,
+        interp,
+        align_corners,
+        weight,
+        confusion,
+        thresh,
+        rank,
+        ignore_index,
+        reduction,
+        mean_over_all,
+        validate,
+        need_lse,
+    ):
+        return fwd_fake(
+            x, target, reduction, cpp.keeps_lse(x, Mode.SOFTMAX_FOCAL, 0.0, interp >= 0) if need_lse else 0
+        )
 
     @torch.library.register_fake("fused_imbalance::cpp_ohem_bwd")
     def _(x, target, interp, align_corners, grad, weight, pn, aux, lse, ignore_index):
         return torch.empty_like(x)
 
     ops = torch.ops.fused_imbalance
-    return OhemBackend("cpp", module.ohem_fwd, module.ohem_bwd, ops.cpp_ohem_fwd.default, ops.cpp_ohem_bwd.default,
-                       False)
+    return OhemBackend(
+        "cpp", module.ohem_fwd, module.ohem_bwd, ops.cpp_ohem_fwd.default, ops.cpp_ohem_bwd.default, False
+    )

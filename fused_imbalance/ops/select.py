@@ -28,6 +28,7 @@ picks Triton for CUDA tensors and C++ for CPU tensors (the reference when the ex
 built). Every backend is exact, deterministic, free of host syncs (the C++ op reads ``k`` from
 CPU memory) and traceable by ``torch.compile(fullgraph=True)``.
 """
+
 import math
 import threading
 
@@ -54,9 +55,11 @@ def _cpp_ready():
         return False
     with _lock:
         if not _cpp_fake:
+
             @torch.library.register_fake("fused_imbalance::cpp_select_kth")
             def _(values, k, first_hist=None):
                 return values.new_empty(())
+
             _cpp_fake = True
     return True
 
@@ -70,19 +73,27 @@ def select_kth_reference(values, k):
         return v.new_zeros(())
     ranked = torch.sort(torch.where(valid, v.abs(), torch.full_like(v, math.nan))).values
     n_valid = valid.sum()
-    k = k.reshape(()) if isinstance(k, torch.Tensor) else torch.full((), k, dtype=torch.int64, device=v.device)
+    k = (
+        k.reshape(())
+        if isinstance(k, torch.Tensor)
+        else torch.full((), k, dtype=torch.int64, device=v.device)
+    )
     i = torch.clamp(torch.clamp(k.to(torch.int64), max=n_valid - 1), min=0)
     return torch.where(n_valid > 0, ranked.gather(0, i.reshape(1)).reshape(()), v.new_zeros(()))
 
 
 def _check(values, k, first_hist, backend):
     if not isinstance(values, torch.Tensor) or values.dtype not in (torch.float32, torch.float64):
-        raise TypeError("values must be a float32 or float64 tensor, got "
-                        + (str(values.dtype) if isinstance(values, torch.Tensor) else type(values).__name__))
+        raise TypeError(
+            "values must be a float32 or float64 tensor, got "
+            + (str(values.dtype) if isinstance(values, torch.Tensor) else type(values).__name__)
+        )
     if isinstance(k, torch.Tensor):
         if k.numel() != 1 or k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
-            raise TypeError(f"k must be an int or a one-element integer tensor, got {k.dtype} of shape "
-                            f"{tuple(k.shape)}")
+            raise TypeError(
+                f"k must be an int or a one-element integer tensor, got {k.dtype} of shape "
+                f"{tuple(k.shape)}"
+            )
         if k.device != values.device:
             raise ValueError(f"k is on {k.device} but values are on {values.device}")
     elif isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
@@ -110,10 +121,13 @@ def select_kth(values, k, first_hist=None, *, backend=None):
         k = torch.full((), k, dtype=torch.int64, device=v.device)  # a fill, not a host-to-device copy
     if backend == "cpp":
         if v.is_cuda or not _cpp_ready():
-            raise RuntimeError("the 'cpp' select runs CPU tensors and needs the C++ extension"
-                               + ("" if v.is_cuda else f": {_cpp.unavailable_reason()}"))
+            raise RuntimeError(
+                "the 'cpp' select runs CPU tensors and needs the C++ extension"
+                + ("" if v.is_cuda else f": {_cpp.unavailable_reason()}")
+            )
         return torch.ops.fused_imbalance.cpp_select_kth(v, k.reshape(()), first_hist)
     if _triton_select.select_kth is None or not (v.is_cuda or _triton_available()):
-        raise RuntimeError("the 'triton' select needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for "
-                           "CPU tensors")
+        raise RuntimeError(
+            "the 'triton' select needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for " "CPU tensors"
+        )
     return _triton_select.select_kth(v, k.reshape(()), first_hist)

@@ -4,6 +4,7 @@ calls, and the ``torch.library.triton_op``\\ s around them for ``torch.compile``
 sees the kernels). It never waits for the device: bad labels are returned, and the caller defers
 their check (:mod:`fused_imbalance._deferred`).
 """
+
 from . import Backend
 from ._triton_host import available, supports, triton
 
@@ -15,6 +16,7 @@ _backend = None
 def keeps_lse(x, mode, gamma, upsampled):
     """Floats per pixel the forward keeps for its backward when asked (see the launchers)."""
     from . import triton_loss, triton_upsample
+
     return triton_upsample.keeps_lse(x, mode, gamma) if upsampled else triton_loss.keeps_lse(x, mode, gamma)
 
 
@@ -25,6 +27,19 @@ def backend():
         if triton is None:
             raise RuntimeError("fused_imbalance: the Triton backend needs the triton package")
         from . import triton_loss as tl_, triton_upsample as tu
-        _backend = Backend("triton", tl_._forward, tl_._backward, tl_.loss_fwd, tl_.loss_bwd, tu._forward,
-                           tu._backward, tu.upsample_loss_fwd, tu.upsample_loss_bwd, supports, keeps_lse, True)
+
+        _backend = Backend(
+            "triton",
+            tl_._forward,
+            tl_._backward,
+            tl_.loss_fwd,
+            tl_.loss_bwd,
+            tu._forward,
+            tu._backward,
+            tu.upsample_loss_fwd,
+            tu.upsample_loss_bwd,
+            supports,
+            keeps_lse,
+            True,
+        )
     return _backend

@@ -28,12 +28,22 @@ writes dx_k = p_k (g_k − Σ_c p_c g_c) + a_ce (p_k − [k = y]); the coefficie
 scalar load per tile. Cost per logit: a load, the exponential, about six FLOPs per pass; the per-tile
 coefficient loads are spread over the tile's pixels.
 """
+
 from typing import Optional
 
 import torch
 
 from . import acc_dtype, collapsible, pixel_view
-from ._triton_host import _INTERPRET_PROGRAMS, _RESIDENT_WARPS, _cdiv, _dummy, _interpret, _np2, _on_device, _sms
+from ._triton_host import (
+    _INTERPRET_PROGRAMS,
+    _RESIDENT_WARPS,
+    _cdiv,
+    _dummy,
+    _interpret,
+    _np2,
+    _on_device,
+    _sms,
+)
 from .dice import DiceBackend, DiceFlags, finalize_fake, fwd_fake, groups, loss_shape, upstream_index
 
 try:
@@ -41,8 +51,17 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_LOG2E, _NO_BAD, _conf_flush, _conf_hist, _counts_in_memory, _i64,
-                                 _static_softmax, _store_bad, _tile_pixels)
+    from .triton_kernels import (
+        _LOG2E,
+        _NO_BAD,
+        _conf_flush,
+        _conf_hist,
+        _counts_in_memory,
+        _i64,
+        _static_softmax,
+        _store_bad,
+        _tile_pixels,
+    )
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
@@ -72,8 +91,26 @@ if triton is not None:
         return tl.where(valid, e * inv, 0.0)
 
     @triton.jit
-    def _dice_sums_group(xp, stride_c, pmask, valid, y32, ms, inv, ce, c0, iv, pv, gv, cv, cidx,
-                         acc_ty: tl.constexpr, NCLS: tl.constexpr, SQUARED: tl.constexpr, CE: tl.constexpr):
+    def _dice_sums_group(
+        xp,
+        stride_c,
+        pmask,
+        valid,
+        y32,
+        ms,
+        inv,
+        ce,
+        c0,
+        iv,
+        pv,
+        gv,
+        cv,
+        cidx,
+        acc_ty: tl.constexpr,
+        NCLS: tl.constexpr,
+        SQUARED: tl.constexpr,
+        CE: tl.constexpr,
+    ):
         """Classes c0 .. c0 + NCLS − 1 (unrolled) of a tile added into the program's vectors of C sums
         (many classes: one tile sum per class and quantity, put at its class by a select)."""
         for k in tl.static_range(NCLS):
@@ -101,7 +138,9 @@ if triton is not None:
         S,  # pixels per image
         tiles_per_b,  # pixel tiles per image
         tiles_per_g,  # pixel tiles per group (its images' tiles, image-major)
-        stride_b, stride_c, stride_s,  # logits strides, in elements
+        stride_b,
+        stride_c,
+        stride_s,  # logits strides, in elements
         ignore_index,  # label of pixels that take no part
         C: tl.constexpr,  # classes
         GROUP: tl.constexpr,  # classes per max/exp group of the softmax
@@ -144,13 +183,15 @@ if triton is not None:
         t0 = grp.to(tl.int64) * tiles_per_g  # the group's first tile, image-major
 
         for t in range(pid, tiles_per_g, nprog):
-            b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(t_ptr, t0 + t, tiles_per_b, S, ignore_index, C,
-                                                                 ROWS, VEC)
+            b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+                t_ptr, t0 + t, tiles_per_b, S, ignore_index, C, ROWS, VEC
+            )
             nbad += bad.to(tl.int32)
             vbad = tl.maximum(vbad, badv)
             xp = x_ptr + (b * stride_b + s * stride_s)
-            m, ssum, rest, s2r, am = _static_softmax(xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, False, False,
-                                                     NEED_AM)
+            m, ssum, rest, s2r, am = _static_softmax(
+                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, False, False, NEED_AM
+            )
             ms = tl.where(m == float("-inf"), 0.0, m)
             inv = tl.where(valid, 1.0 / ssum, 0.0)
             ce = inv
@@ -162,11 +203,47 @@ if triton is not None:
                 # would otherwise overlap across a whole group's classes (and spill)
                 FULL: tl.constexpr = (C // SUM_GROUP) * SUM_GROUP
                 for c0 in range(0, FULL, SUM_GROUP):
-                    iv, pv, gv, cv = _dice_sums_group(xp, sc, pmask, valid, y32, ms, inv, ce, c0, iv, pv, gv, cv,
-                                                      cidx, acc_ty, SUM_GROUP, SQUARED, CE)
+                    iv, pv, gv, cv = _dice_sums_group(
+                        xp,
+                        sc,
+                        pmask,
+                        valid,
+                        y32,
+                        ms,
+                        inv,
+                        ce,
+                        c0,
+                        iv,
+                        pv,
+                        gv,
+                        cv,
+                        cidx,
+                        acc_ty,
+                        SUM_GROUP,
+                        SQUARED,
+                        CE,
+                    )
                 if C % SUM_GROUP:
-                    iv, pv, gv, cv = _dice_sums_group(xp, sc, pmask, valid, y32, ms, inv, ce, FULL, iv, pv, gv, cv,
-                                                      cidx, acc_ty, C % SUM_GROUP, SQUARED, CE)
+                    iv, pv, gv, cv = _dice_sums_group(
+                        xp,
+                        sc,
+                        pmask,
+                        valid,
+                        y32,
+                        ms,
+                        inv,
+                        ce,
+                        FULL,
+                        iv,
+                        pv,
+                        gv,
+                        cv,
+                        cidx,
+                        acc_ty,
+                        C % SUM_GROUP,
+                        SQUARED,
+                        CE,
+                    )
             else:
                 # per-thread running sums: a compare, a select and a few adds per pixel and class
                 ni = ()
@@ -249,8 +326,11 @@ if triton is not None:
         brow_ptr,  # (RB, 2) int64 their bad labels
         sums_ptr,  # (groups, 4, C) out
         bad_ptr,  # (2,) int64 out
-        R, RB, C,  # rows per group, bad rows, classes
-        BR: tl.constexpr, BC: tl.constexpr,
+        R,
+        RB,
+        C,  # rows per group, bad rows, classes
+        BR: tl.constexpr,
+        BC: tl.constexpr,
     ):
         """The rows of a large table summed over (group, block of classes) programs, ahead of the finalize."""
         grp = tl.program_id(0)
@@ -289,9 +369,18 @@ if triton is not None:
         coef_ptr,  # (groups, 2, C) out: ∂L/∂I, ∂L/∂P for a unit upstream gradient
         ce_ptr,  # (C,) out: the cross-entropy's per-class factor (CE)
         bad_ptr,  # (2,) int64 out (BAD)
-        R, RB, G, C,  # rows per group, bad rows, groups, classes
-        smooth_nr: tl.float64, smooth_dr: tl.float64, alpha: tl.float64, beta: tl.float64, gamma: tl.float64,
-        lam_dice: tl.float64, lam_ce: tl.float64, grad_scale: tl.float64,
+        R,
+        RB,
+        G,
+        C,  # rows per group, bad rows, groups, classes
+        smooth_nr: tl.float64,
+        smooth_dr: tl.float64,
+        alpha: tl.float64,
+        beta: tl.float64,
+        gamma: tl.float64,
+        lam_dice: tl.float64,
+        lam_ce: tl.float64,
+        grad_scale: tl.float64,
         KIND: tl.constexpr,  # DiceKind
         W_TYPE: tl.constexpr,  # WType (KIND 2)
         FIRST: tl.constexpr,  # 0, or 1 without the background class
@@ -299,9 +388,13 @@ if triton is not None:
         GAMMA_ONE: tl.constexpr,  # Tversky's γ = 1: the term as it is
         CE: tl.constexpr,
         RED: tl.constexpr,  # Reduction: 0 mean, 1 sum, 2 none
-        HAS_W: tl.constexpr, HAS_CEW: tl.constexpr,
-        REDUCE: tl.constexpr, BAD: tl.constexpr, COMPUTE: tl.constexpr,  # which steps this launch takes
-        BR: tl.constexpr, BC: tl.constexpr,
+        HAS_W: tl.constexpr,
+        HAS_CEW: tl.constexpr,
+        REDUCE: tl.constexpr,
+        BAD: tl.constexpr,
+        COMPUTE: tl.constexpr,  # which steps this launch takes
+        BR: tl.constexpr,
+        BC: tl.constexpr,
     ):
         """The forward's small launch (the formulas of fused_imbalance.reference's comment block, in
         float64, from the sums as they are stored): one program, the tables are small."""
@@ -474,8 +567,23 @@ if triton is not None:
         return tl.load(cf + c) * u, tl.load(cf + C + c) * u
 
     @triton.jit
-    def _dice_bwd_group(xp, stride_c, pmask, c0, m, s, q, cf, up, u_sc, first, C, acc_ty: tl.constexpr,
-                        NCLS: tl.constexpr, SQUARED: tl.constexpr):
+    def _dice_bwd_group(
+        xp,
+        stride_c,
+        pmask,
+        c0,
+        m,
+        s,
+        q,
+        cf,
+        up,
+        u_sc,
+        first,
+        C,
+        acc_ty: tl.constexpr,
+        NCLS: tl.constexpr,
+        SQUARED: tl.constexpr,
+    ):
         """Fold classes c0 .. c0 + NCLS − 1 into the running max m, Σ e and q = Σ e·a_P (Σ e²·a_P): a max
         pass over their logits, the sums rescaled once, then an exp pass over the same values."""
         gm = m
@@ -504,8 +612,28 @@ if triton is not None:
         return gm, s, q
 
     @triton.jit
-    def _dice_grad_group(xp, gq, stride_c, gstride_c, pmask, valid, y32, ms, inv, shift, a, c0, cf, up, u_sc, first,
-                         C, acc_ty: tl.constexpr, NCLS: tl.constexpr, SQUARED: tl.constexpr):
+    def _dice_grad_group(
+        xp,
+        gq,
+        stride_c,
+        gstride_c,
+        pmask,
+        valid,
+        y32,
+        ms,
+        inv,
+        shift,
+        a,
+        c0,
+        cf,
+        up,
+        u_sc,
+        first,
+        C,
+        acc_ty: tl.constexpr,
+        NCLS: tl.constexpr,
+        SQUARED: tl.constexpr,
+    ):
         """Store the gradient of classes c0 .. c0 + NCLS − 1 (unrolled)."""
         xg = xp + c0 * stride_c
         gg = gq + c0 * gstride_c
@@ -534,10 +662,18 @@ if triton is not None:
         ce_ptr,  # (C,) the cross-entropy's per-class factor (CE)
         gp_ptr,  # the upstream gradient: the term (g, c)'s at g*u_ss + (c − first)*u_sc; element 0 the scalar one
         g_ptr,  # gradient out, x's dtype and layout
-        S, tiles_per_b, tiles_per_g,
-        stride_b, stride_c, stride_s,  # logits strides
-        gstride_b, gstride_c, gstride_s,  # gradient strides
-        u_ss, u_sc, first,  # the upstream gradient's strides (0 for a scalar loss) and first class
+        S,
+        tiles_per_b,
+        tiles_per_g,
+        stride_b,
+        stride_c,
+        stride_s,  # logits strides
+        gstride_b,
+        gstride_c,
+        gstride_s,  # gradient strides
+        u_ss,
+        u_sc,
+        first,  # the upstream gradient's strides (0 for a scalar loss) and first class
         ignore_index,
         C: tl.constexpr,
         GROUP: tl.constexpr,
@@ -559,8 +695,9 @@ if triton is not None:
         t0 = g64 * tiles_per_g
         FULL: tl.constexpr = (C // GROUP) * GROUP
         for t in range(pid, tiles_per_g, nprog):
-            b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(t_ptr, t0 + t, tiles_per_b, S, ignore_index, C,
-                                                                 ROWS, VEC)
+            b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+                t_ptr, t0 + t, tiles_per_b, S, ignore_index, C, ROWS, VEC
+            )
             xp = x_ptr + (b * stride_b + s * stride_s)
             gq = g_ptr + (b * gstride_b + s * gstride_s)
             m = tl.full([ROWS, VEC], float("-inf"), acc_ty)
@@ -568,15 +705,18 @@ if triton is not None:
             q = tl.zeros([ROWS, VEC], acc_ty)
             if LOOP:
                 for c0 in range(0, FULL, GROUP):
-                    m, ssum, q = _dice_bwd_group(xp, sc, pmask, c0, m, ssum, q, cf, up, u_sc, first, C, acc_ty,
-                                                 GROUP, SQUARED)
+                    m, ssum, q = _dice_bwd_group(
+                        xp, sc, pmask, c0, m, ssum, q, cf, up, u_sc, first, C, acc_ty, GROUP, SQUARED
+                    )
             else:
                 for c0 in tl.static_range(0, FULL, GROUP):
-                    m, ssum, q = _dice_bwd_group(xp, sc, pmask, c0, m, ssum, q, cf, up, u_sc, first, C, acc_ty,
-                                                 GROUP, SQUARED)
+                    m, ssum, q = _dice_bwd_group(
+                        xp, sc, pmask, c0, m, ssum, q, cf, up, u_sc, first, C, acc_ty, GROUP, SQUARED
+                    )
             if C % GROUP:
-                m, ssum, q = _dice_bwd_group(xp, sc, pmask, FULL, m, ssum, q, cf, up, u_sc, first, C, acc_ty,
-                                             C % GROUP, SQUARED)
+                m, ssum, q = _dice_bwd_group(
+                    xp, sc, pmask, FULL, m, ssum, q, cf, up, u_sc, first, C, acc_ty, C % GROUP, SQUARED
+                )
             ms = tl.where(m == float("-inf"), 0.0, m)
             inv = 1.0 / ssum
             xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
@@ -597,15 +737,75 @@ if triton is not None:
             shift = a - dot
             if LOOP:
                 for c0 in range(0, FULL, GROUP):
-                    _dice_grad_group(xp, gq, sc, gsc, pmask, valid, y32, ms, inv, shift, a, c0, cf, up, u_sc, first,
-                                     C, acc_ty, GROUP, SQUARED)
+                    _dice_grad_group(
+                        xp,
+                        gq,
+                        sc,
+                        gsc,
+                        pmask,
+                        valid,
+                        y32,
+                        ms,
+                        inv,
+                        shift,
+                        a,
+                        c0,
+                        cf,
+                        up,
+                        u_sc,
+                        first,
+                        C,
+                        acc_ty,
+                        GROUP,
+                        SQUARED,
+                    )
             else:
                 for c0 in tl.static_range(0, FULL, GROUP):
-                    _dice_grad_group(xp, gq, sc, gsc, pmask, valid, y32, ms, inv, shift, a, c0, cf, up, u_sc, first,
-                                     C, acc_ty, GROUP, SQUARED)
+                    _dice_grad_group(
+                        xp,
+                        gq,
+                        sc,
+                        gsc,
+                        pmask,
+                        valid,
+                        y32,
+                        ms,
+                        inv,
+                        shift,
+                        a,
+                        c0,
+                        cf,
+                        up,
+                        u_sc,
+                        first,
+                        C,
+                        acc_ty,
+                        GROUP,
+                        SQUARED,
+                    )
             if C % GROUP:
-                _dice_grad_group(xp, gq, sc, gsc, pmask, valid, y32, ms, inv, shift, a, FULL, cf, up, u_sc, first,
-                                 C, acc_ty, C % GROUP, SQUARED)
+                _dice_grad_group(
+                    xp,
+                    gq,
+                    sc,
+                    gsc,
+                    pmask,
+                    valid,
+                    y32,
+                    ms,
+                    inv,
+                    shift,
+                    a,
+                    FULL,
+                    cf,
+                    up,
+                    u_sc,
+                    first,
+                    C,
+                    acc_ty,
+                    C % GROUP,
+                    SQUARED,
+                )
 
 
 def _geometry(x, flags, grad=None):
@@ -659,28 +859,39 @@ def _programs_per_group(tiles, G, device):
 
 def _check_args(op, x, target, weight=None, ce_weight=None, confusion=None):
     """The sizes a launch indexes with, checked before it (as the C++ ops do)."""
+
     def fail(message):
         raise RuntimeError(f"fused_imbalance: {op}: {message}")
 
     if x.dim() < 2 or x.shape[1] < 1:
         fail(f"logits must be (N, C) or (B, C, ...) with C >= 1, got shape {tuple(x.shape)}")
     if not collapsible(x):
-        fail(f"logits of shape {tuple(x.shape)} and strides {x.stride()} do not collapse into one pixel stride: "
-             "pass them .contiguous()")
+        fail(
+            f"logits of shape {tuple(x.shape)} and strides {x.stride()} do not collapse into one pixel stride: "
+            "pass them .contiguous()"
+        )
     C, pixels = x.shape[1], x.shape[0]
     for d in x.shape[2:]:
         pixels *= d
     if target.numel() != pixels or target.device != x.device or not target.is_contiguous():
-        fail(f"target must be {pixels} contiguous labels on {x.device}, got {target.numel()} on {target.device}")
+        fail(
+            f"target must be {pixels} contiguous labels on {x.device}, got {target.numel()} on {target.device}"
+        )
     for name, t in (("weight", weight), ("ce_weight", ce_weight)):
         if t is not None and (t.dim() != 1 or t.numel() != C or t.device != x.device):
             fail(f"{name} must be a ({C},) tensor on {x.device}, got shape {tuple(t.shape)} on {t.device}")
-    if confusion is not None and (confusion.shape != (C, C) or confusion.dtype != torch.int64
-                                  or confusion.device != x.device or not confusion.is_contiguous()):
+    if confusion is not None and (
+        confusion.shape != (C, C)
+        or confusion.dtype != torch.int64
+        or confusion.device != x.device
+        or not confusion.is_contiguous()
+    ):
         fail(f"confusion must be a contiguous ({C}, {C}) int64 tensor on {x.device}")
 
 
-def _finalize(rows, brow, sums, R, weight, ce_weight, out, kind, w_type, flags, prm, reduction, grad_scale, steps):
+def _finalize(
+    rows, brow, sums, R, weight, ce_weight, out, kind, w_type, flags, prm, reduction, grad_scale, steps
+):
     """One launch of the finalize kernel: ``steps`` = (REDUCE, BAD, COMPUTE)."""
     loss, coef, ce_scale, bad = out
     dev = sums.device
@@ -688,27 +899,64 @@ def _finalize(rows, brow, sums, R, weight, ce_weight, out, kind, w_type, flags, 
     G, _, C = sums.shape
     reduce, take_bad, compute = steps
     wrap(_dice_finalize_kernel)[(1,)](
-        rows if rows is not None else _dummy(dev, acc), brow if brow is not None else _dummy(dev, torch.int64), sums,
-        weight if weight is not None else _dummy(dev, acc), ce_weight if ce_weight is not None else _dummy(dev, acc),
-        loss if loss is not None else _dummy(dev, acc), coef if coef is not None else _dummy(dev, acc),
+        rows if rows is not None else _dummy(dev, acc),
+        brow if brow is not None else _dummy(dev, torch.int64),
+        sums,
+        weight if weight is not None else _dummy(dev, acc),
+        ce_weight if ce_weight is not None else _dummy(dev, acc),
+        loss if loss is not None else _dummy(dev, acc),
+        coef if coef is not None else _dummy(dev, acc),
         ce_scale if ce_scale is not None and ce_scale.numel() else _dummy(dev, acc),
         bad if bad is not None else _dummy(dev, torch.int64),
-        R, brow.shape[0] if brow is not None else 0, G, C, *prm, float(grad_scale),
-        KIND=int(kind), W_TYPE=int(w_type), FIRST=0 if int(flags) & DiceFlags.INCLUDE_BACKGROUND else 1,
-        JACCARD=bool(int(flags) & DiceFlags.JACCARD), GAMMA_ONE=prm[4] == 1.0, CE=bool(int(flags) & DiceFlags.CE),
-        RED=int(reduction), HAS_W=weight is not None, HAS_CEW=ce_weight is not None, REDUCE=reduce, BAD=take_bad,
-        COMPUTE=compute, BR=_FIN_BR, BC=min(_np2(C), _FIN_BC), num_warps=_FIN_WARPS)
+        R,
+        brow.shape[0] if brow is not None else 0,
+        G,
+        C,
+        *prm,
+        float(grad_scale),
+        KIND=int(kind),
+        W_TYPE=int(w_type),
+        FIRST=0 if int(flags) & DiceFlags.INCLUDE_BACKGROUND else 1,
+        JACCARD=bool(int(flags) & DiceFlags.JACCARD),
+        GAMMA_ONE=prm[4] == 1.0,
+        CE=bool(int(flags) & DiceFlags.CE),
+        RED=int(reduction),
+        HAS_W=weight is not None,
+        HAS_CEW=ce_weight is not None,
+        REDUCE=reduce,
+        BAD=take_bad,
+        COMPUTE=compute,
+        BR=_FIN_BR,
+        BC=min(_np2(C), _FIN_BC),
+        num_warps=_FIN_WARPS,
+    )
 
 
 def _outputs(sums, kind, flags, reduction):
     G, _, C = sums.shape
     ce = bool(int(flags) & DiceFlags.CE)
-    return (sums.new_empty(loss_shape(G, C, kind, flags, reduction)), sums.new_empty((G, 2, C)),
-            sums.new_empty(C if ce else 0))
+    return (
+        sums.new_empty(loss_shape(G, C, kind, flags, reduction)),
+        sums.new_empty((G, 2, C)),
+        sums.new_empty(C if ce else 0),
+    )
 
 
-def _forward(x, target, weight, ce_weight, confusion, kind, w_type, flags, prm, ignore_index, reduction, validate,
-             finalize):
+def _forward(
+    x,
+    target,
+    weight,
+    ce_weight,
+    confusion,
+    kind,
+    w_type,
+    flags,
+    prm,
+    ignore_index,
+    reduction,
+    validate,
+    finalize,
+):
     """The forward op's launcher: the pass, then the finalize (a reduce launch first for a large table).
     ``validate`` is the caller's: this backend returns the bad labels and never waits for the device."""
     acc = acc_dtype(x)
@@ -732,30 +980,95 @@ def _forward(x, target, weight, ce_weight, confusion, kind, w_type, flags, prm, 
             else:
                 conf_mode, conf_bins, conf = 2, 1, confusion
             wrap(_dice_fwd_kernel)[(P, G)](
-                x, target, rows, brow, conf, S, tiles_per_b, tiles_per_g, sb, sc, ss, ignore_index,
-                C=C, GROUP=group, LOOP=loop, SQUARED=bool(int(flags) & DiceFlags.SQUARED),
-                CE=bool(int(flags) & DiceFlags.CE), CONF=conf_mode, CONF_BINS=conf_bins, ROWS=rows_, VEC=vec,
-                CP=_np2(C), SUM_GROUP=_SUM_GROUP, num_warps=_WARPS)
+                x,
+                target,
+                rows,
+                brow,
+                conf,
+                S,
+                tiles_per_b,
+                tiles_per_g,
+                sb,
+                sc,
+                ss,
+                ignore_index,
+                C=C,
+                GROUP=group,
+                LOOP=loop,
+                SQUARED=bool(int(flags) & DiceFlags.SQUARED),
+                CE=bool(int(flags) & DiceFlags.CE),
+                CONF=conf_mode,
+                CONF_BINS=conf_bins,
+                ROWS=rows_,
+                VEC=vec,
+                CP=_np2(C),
+                SUM_GROUP=_SUM_GROUP,
+                num_warps=_WARPS,
+            )
         big = G * P * 4 * C > _FINALIZE_ELEMS
         if big:
             bc = min(_np2(C), _FIN_BC)
-            wrap(_dice_reduce_kernel)[(G, _cdiv(C, bc))](rows, brow, sums, bad, P, G * P, C, BR=_FIN_BR, BC=bc)
+            wrap(_dice_reduce_kernel)[(G, _cdiv(C, bc))](
+                rows, brow, sums, bad, P, G * P, C, BR=_FIN_BR, BC=bc
+            )
         if finalize:
             out = _outputs(sums, kind, flags, reduction)
-            _finalize(None if big else rows, brow, sums, P, weight, ce_weight, out + (bad,), kind, w_type, flags,
-                      prm, reduction, 1.0, (not big, not big, True))
+            _finalize(
+                None if big else rows,
+                brow,
+                sums,
+                P,
+                weight,
+                ce_weight,
+                out + (bad,),
+                kind,
+                w_type,
+                flags,
+                prm,
+                reduction,
+                1.0,
+                (not big, not big, True),
+            )
             return (out[0], sums, out[1], out[2], bad)
         if not big:
-            _finalize(rows, brow, sums, P, None, None, (None, None, None, bad), kind, w_type, flags, prm, reduction,
-                      1.0, (True, True, False))
+            _finalize(
+                rows,
+                brow,
+                sums,
+                P,
+                None,
+                None,
+                (None, None, None, bad),
+                kind,
+                w_type,
+                flags,
+                prm,
+                reduction,
+                1.0,
+                (True, True, False),
+            )
     return x.new_empty(0, dtype=acc), sums, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc), bad
 
 
 def _finalize_op(sums, weight, ce_weight, kind, w_type, flags, prm, reduction, grad_scale):
     out = _outputs(sums, kind, flags, reduction)
     with _on_device(sums):
-        _finalize(None, None, sums.contiguous(), 1, weight, ce_weight, out + (None,), kind, w_type, flags, prm,
-                  reduction, grad_scale, (False, False, True))
+        _finalize(
+            None,
+            None,
+            sums.contiguous(),
+            1,
+            weight,
+            ce_weight,
+            out + (None,),
+            kind,
+            w_type,
+            flags,
+            prm,
+            reduction,
+            grad_scale,
+            (False, False, True),
+        )
     return out
 
 
@@ -780,10 +1093,34 @@ def _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduct
     ce = bool(int(flags) & DiceFlags.CE)
     with _on_device(x):
         wrap(_dice_bwd_kernel)[(P, G)](
-            x, target, coef, ce_scale if ce else coef, g, dx, S, tiles_per_b, tiles_per_g, sb, sc, ss, gsb, gsc, gss,
-            u_ss, u_sc, first, ignore_index,
-            C=C, GROUP=group, LOOP=loop, SQUARED=bool(int(flags) & DiceFlags.SQUARED), CE=ce, ROWS=rows_, VEC=vec,
-            num_warps=_WARPS)
+            x,
+            target,
+            coef,
+            ce_scale if ce else coef,
+            g,
+            dx,
+            S,
+            tiles_per_b,
+            tiles_per_g,
+            sb,
+            sc,
+            ss,
+            gsb,
+            gsc,
+            gss,
+            u_ss,
+            u_sc,
+            first,
+            ignore_index,
+            C=C,
+            GROUP=group,
+            LOOP=loop,
+            SQUARED=bool(int(flags) & DiceFlags.SQUARED),
+            CE=ce,
+            ROWS=rows_,
+            VEC=vec,
+            num_warps=_WARPS,
+        )
     return dx
 
 
@@ -806,12 +1143,40 @@ if triton is not None:
         finalize: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_args("triton_dice_fwd", x, target, weight, ce_weight, confusion)
-        return tuple(_forward(x, target, weight, ce_weight, confusion, kind, w_type, flags, params, ignore_index,
-                              reduction, validate, finalize))
+        return tuple(
+            _forward(
+                x,
+                target,
+                weight,
+                ce_weight,
+                confusion,
+                kind,
+                w_type,
+                flags,
+                params,
+                ignore_index,
+                reduction,
+                validate,
+                finalize,
+            )
+        )
 
     @dice_fwd.register_fake
-    def _dice_fwd_fake(x, target, weight, ce_weight, confusion, kind, w_type, flags, params, ignore_index, reduction,
-                       validate, finalize):
+    def _dice_fwd_fake(
+        x,
+        target,
+        weight,
+        ce_weight,
+        confusion,
+        kind,
+        w_type,
+        flags,
+        params,
+        ignore_index,
+        reduction,
+        validate,
+        finalize,
+    ):
         return fwd_fake(x, target, kind, flags, reduction, finalize)
 
     @torch.library.triton_op("fused_imbalance::triton_dice_finalize", mutates_args=())
@@ -827,8 +1192,12 @@ if triton is not None:
         grad_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if sums.dim() != 3 or sums.shape[1] != 4:
-            raise RuntimeError(f"fused_imbalance: triton_dice_finalize: sums must be (S, 4, C), got {tuple(sums.shape)}")
-        return tuple(_finalize_op(sums, weight, ce_weight, kind, w_type, flags, params, reduction, grad_scale))
+            raise RuntimeError(
+                f"fused_imbalance: triton_dice_finalize: sums must be (S, 4, C), got {tuple(sums.shape)}"
+            )
+        return tuple(
+            _finalize_op(sums, weight, ce_weight, kind, w_type, flags, params, reduction, grad_scale)
+        )
 
     @dice_finalize.register_fake
     def _dice_finalize_fake(sums, weight, ce_weight, kind, w_type, flags, params, reduction, grad_scale):
@@ -848,8 +1217,12 @@ if triton is not None:
     ) -> torch.Tensor:
         _check_args("triton_dice_bwd", x, target)
         G, C = groups(x, flags), x.shape[1]
-        if coef.numel() != G * 2 * C or (int(flags) & DiceFlags.CE and (ce_scale is None or ce_scale.numel() != C)):
-            raise RuntimeError(f"fused_imbalance: triton_dice_bwd: coef must be ({G}, 2, {C}) and ce_scale ({C},)")
+        if coef.numel() != G * 2 * C or (
+            int(flags) & DiceFlags.CE and (ce_scale is None or ce_scale.numel() != C)
+        ):
+            raise RuntimeError(
+                f"fused_imbalance: triton_dice_bwd: coef must be ({G}, 2, {C}) and ce_scale ({C},)"
+            )
         return _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduction)
 
     @dice_bwd.register_fake
@@ -868,4 +1241,3 @@ def backend():
             raise RuntimeError("fused_imbalance: the Triton backend needs the triton package")
         _backend = DiceBackend("triton", _forward, _finalize_op, _backward, dice_fwd, dice_finalize, dice_bwd)
     return _backend
-

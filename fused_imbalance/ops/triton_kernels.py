@@ -32,7 +32,8 @@ bandwidth is about 45 for a float32 forward, 25 for bfloat16, twice that for a b
 for 16-bit logits, 1 max, 2 for exp(x - m) (an FFMA and the MUFU ex2; float32), 1 sum; focal
 and the softmax MSE add 3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax
 about 5, MSE on the logits 4, sigmoid focal about 20 (two ex2 on the MUFU unit and a degree-8
-polynomial log1p; tl.log would be a ~24-instruction software logarithm). Per-pixel work (labels, log of the sum, the focal power, the store) is spread
+polynomial log1p; tl.log would be a ~24-instruction software logarithm). Per-pixel work (labels, log of the
+sum, the focal power, the store) is spread
 over the C classes. Class statistics: with C <= 32 the per-class loss sums, counts and true
 positives are per-thread registers (about 5 per logit: a compare, selects and adds), reduced
 and written once per program as one row of a (programs, C) table that the launcher sums in a
@@ -52,6 +53,7 @@ losses go to an (N,) buffer summed by ``_class_sum_kernel``.
 No float atomics anywhere: every float sum has a fixed order, so results are bit-identical run
 to run.
 """
+
 import inspect
 
 import triton
@@ -213,10 +215,30 @@ def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_chunk(x_ptr, poff, pmask, y32, tv, c0, C, stride_c,
-               m, s, rest, s2r, xy, lsum, best_v, best_i, nan_i, gamma,
-               MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+def _fwd_chunk(
+    x_ptr,
+    poff,
+    pmask,
+    y32,
+    tv,
+    c0,
+    C,
+    stride_c,
+    m,
+    s,
+    rest,
+    s2r,
+    xy,
+    lsum,
+    best_v,
+    best_i,
+    nan_i,
+    gamma,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    NEED_AM: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Fold classes ``c0 .. c0 + BLOCK_C`` of a pixel tile into its running forward state."""
     x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, m.dtype)
     oh = c[None, :] == y32[:, None]
@@ -234,7 +256,7 @@ def _fwd_chunk(x_ptr, poff, pmask, y32, tv, c0, C, stride_c,
     return m, s, rest, s2r, xy, lsum, best_v, best_i, nan_i
 
 
-_NO_BAD = tl.constexpr(-(2 ** 63))  # "no bad label yet" in the running maximum of the bad labels
+_NO_BAD = tl.constexpr(-(2**63))  # "no bad label yet" in the running maximum of the bad labels
 
 
 @triton.jit
@@ -313,9 +335,12 @@ def _fwd_chunked_kernel(
     NP,  # pixels in all
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
-    stride_b, stride_c, stride_s,  # logits strides, in elements
+    stride_b,
+    stride_c,
+    stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
-    gamma, gamma64: tl.float64,  # focal exponent, twice (see _gamma)
+    gamma,
+    gamma64: tl.float64,  # focal exponent, twice (see _gamma)
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_LSE: tl.constexpr,  # keep each pixel's lse (and focal weight or q) for the backward
@@ -346,8 +371,9 @@ def _fwd_chunked_kernel(
     one = tl.full([BLOCK_P], 1, tl.int32)
 
     for t in range(pid, num_tiles, nprog):
-        b, s, n, pmask, valid, bad, y32, badv = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                             BLOCK_P)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_labels(
+            t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P
+        )
         nbad += bad.to(tl.int32)
         vbad = tl.maximum(vbad, badv)
         poff = b * stride_b + s * stride_s
@@ -366,13 +392,55 @@ def _fwd_chunked_kernel(
         nan_i = tl.full([BLOCK_P], _BIG, tl.int32)
         if SINGLE:
             m, ssum, rest, s2r, xy, lsum, best_v, best_i, nan_i = _fwd_chunk(
-                x_ptr, poff, pmask, y32, tv, 0, C, stride_c, m, ssum, rest, s2r, xy, lsum,
-                best_v, best_i, nan_i, gamma, MODE, FOCAL, NEED_AM, BLOCK_C)
+                x_ptr,
+                poff,
+                pmask,
+                y32,
+                tv,
+                0,
+                C,
+                stride_c,
+                m,
+                ssum,
+                rest,
+                s2r,
+                xy,
+                lsum,
+                best_v,
+                best_i,
+                nan_i,
+                gamma,
+                MODE,
+                FOCAL,
+                NEED_AM,
+                BLOCK_C,
+            )
         else:
             for c0 in range(0, C, BLOCK_C):
                 m, ssum, rest, s2r, xy, lsum, best_v, best_i, nan_i = _fwd_chunk(
-                    x_ptr, poff, pmask, y32, tv, c0, C, stride_c, m, ssum, rest, s2r, xy, lsum,
-                    best_v, best_i, nan_i, gamma, MODE, FOCAL, NEED_AM, BLOCK_C)
+                    x_ptr,
+                    poff,
+                    pmask,
+                    y32,
+                    tv,
+                    c0,
+                    C,
+                    stride_c,
+                    m,
+                    ssum,
+                    rest,
+                    s2r,
+                    xy,
+                    lsum,
+                    best_v,
+                    best_i,
+                    nan_i,
+                    gamma,
+                    MODE,
+                    FOCAL,
+                    NEED_AM,
+                    BLOCK_C,
+                )
 
         if MODE == 0:
             logp = xy - _lse(m, ssum)
@@ -409,8 +477,12 @@ def _fwd_chunked_kernel(
             if NEED_TP:
                 tl.atomic_add(trow_ptr + (pid64 * C + y32), one, mask=valid & (am == y32), sem="relaxed")
             if CONF:
-                tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full([BLOCK_P], 1, tl.int64),
-                              mask=valid, sem="relaxed")
+                tl.atomic_add(
+                    conf_ptr + (y32.to(tl.int64) * C + am),
+                    tl.full([BLOCK_P], 1, tl.int64),
+                    mask=valid,
+                    sem="relaxed",
+                )
     _store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
 
 
@@ -441,8 +513,11 @@ def _class_sum_kernel(
     ks = tl.arange(0, K)
     for c0 in range(0, C, K):
         c = c0 + ks
-        tl.store(col[None, :] + c.to(tl.int64)[:, None] * T,
-                 tl.zeros([K, BLOCK], pl_ptr.dtype.element_ty), mask=(c < C)[:, None])
+        tl.store(
+            col[None, :] + c.to(tl.int64)[:, None] * T,
+            tl.zeros([K, BLOCK], pl_ptr.dtype.element_ty),
+            mask=(c < C)[:, None],
+        )
     # the [K, BLOCK] blocks may lie on other threads than the [BLOCK] pixel vectors: a barrier
     # orders the zeroing (and, below, the last additions) before another thread reads them
     tl.debug_barrier()
@@ -468,10 +543,16 @@ def _reduce_rows_kernel(
     lrow_ptr,  # (R, C) accumulation dtype: class-loss rows (SUMS)
     crow_ptr,  # (R, C) int32 or int64: count rows
     trow_ptr,  # (R, C): true-positive rows (NEED_TP)
-    lout_ptr, cout_ptr, tout_ptr,  # (C,) out: their sums over the rows (counts int64)
-    RL, RC, C,  # rows of the class-loss table and of the integer tables, classes
-    SUMS: tl.constexpr, NEED_TP: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,  # rows and classes per step
+    lout_ptr,
+    cout_ptr,
+    tout_ptr,  # (C,) out: their sums over the rows (counts int64)
+    RL,
+    RC,
+    C,  # rows of the class-loss table and of the integer tables, classes
+    SUMS: tl.constexpr,
+    NEED_TP: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,  # rows and classes per step
 ):
     """The per-program rows summed over the programs, BC classes per program of this launch, rows in
     a fixed order (deterministic): ahead of the finalize launch when the rows are too many for its
@@ -511,15 +592,20 @@ def _finalize_kernel(
     loss_ptr,  # out: the loss, () for MEAN and SUM; S_c (C,) for CLASS
     scale_ptr,  # out (C,) accumulation dtype: the backward's per-class factor d(loss)/dℓ_n of a pixel of
     #            class c (MEAN: w_c / D; SUM, NONE and CLASS: w_c); its dtype sets the arithmetic
-    cnt_ptr, tp_ptr,  # out (C,) int64: valid pixels and true positives per class
+    cnt_ptr,
+    tp_ptr,  # out (C,) int64: valid pixels and true positives per class
     bad_ptr,  # out (2,) int64: bad labels in all, the largest of them
-    RL, RC, RB, C,  # rows of each table, classes
+    RL,
+    RC,
+    RB,
+    C,  # rows of each table, classes
     RED: tl.constexpr,  # Reduction: 0 mean, 1 sum, 2 none, 3 per-class sums
     WEIGHTING: tl.constexpr,  # Weighting: 0 none, 1 weights with the mean over Σ w_y, 2 over N_valid,
     #                           3 the batch's recall weights 1 - TP_c / n_c (mean over N_valid)
     SUMS: tl.constexpr,  # there are class-loss rows (a loss and RED != 2)
     NEED_TP: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,  # rows and classes per step
+    BR: tl.constexpr,
+    BC: tl.constexpr,  # rows and classes per step
 ):
     """The forward's one small launch after the loss kernel: the programs' rows reduced in a fixed
     order (deterministic), and from those C-vectors what the caller needs, on the device: the counts,
@@ -602,7 +688,9 @@ def _weigh_kernel(
     pl_ptr,  # (N,) per-pixel loss, 0 at pixels that are not valid: multiplied in place
     t_ptr,  # (N,) labels
     scale_ptr,  # (C,) class weights
-    N, C, ignore_index,
+    N,
+    C,
+    ignore_index,
     BLOCK: tl.constexpr,
 ):
     """pl[n] *= w[y_n] at the valid pixels: the per-pixel output of a loss whose weights come from the
@@ -678,8 +766,7 @@ def _kept_coefs(lse_ptr, n, NP, valid, w, MODE: tl.constexpr, FOCAL: tl.constexp
 
 
 @triton.jit
-def _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma,
-               MODE: tl.constexpr, FOCAL: tl.constexpr):
+def _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma, MODE: tl.constexpr, FOCAL: tl.constexpr):
     oh = c[None, :] == y32[:, None]
     if MODE == 0:
         p = tl.exp(x - lse[:, None])
@@ -703,12 +790,21 @@ def _bwd_chunked_kernel(
     wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
     lse_ptr,  # (k * NP,) what the forward kept (HAS_LSE, _keep_lse)
-    C, S, NP, tiles_per_b, num_tiles,
-    stride_b, stride_c, stride_s,  # logits strides
-    gstride_b, gstride_c, gstride_s,  # gradient strides
+    C,
+    S,
+    NP,
+    tiles_per_b,
+    num_tiles,
+    stride_b,
+    stride_c,
+    stride_s,  # logits strides
+    gstride_b,
+    gstride_c,
+    gstride_s,  # gradient strides
     gp_stride,  # upstream gradient stride (0: one value for every pixel)
     ignore_index,
-    gamma, gamma64: tl.float64,
+    gamma,
+    gamma64: tl.float64,
     MODE: tl.constexpr,
     FOCAL: tl.constexpr,
     HAS_GP: tl.constexpr,
@@ -723,11 +819,14 @@ def _bwd_chunked_kernel(
     pid = tl.program_id(0)
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
     for t in range(pid, num_tiles, tl.num_programs(0)):
-        b, s, n, pmask, valid, bad, y32, badv = _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                             BLOCK_P)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_labels(
+            t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P
+        )
         poff = b * stride_b + s * stride_s
         goff = b * gstride_b + s * gstride_s
-        w = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([BLOCK_P], 1.0, acc_ty), HAS_GP, HAS_WV)
+        w = _upstream(
+            gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([BLOCK_P], 1.0, acc_ty), HAS_GP, HAS_WV
+        )
         tv = tl.zeros([BLOCK_P], acc_ty)
         if MODE == 2 or MODE == 3:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
@@ -744,8 +843,7 @@ def _bwd_chunked_kernel(
             x, c, cmask = _load_chunk(x_ptr, poff, pmask, 0, C, stride_c, BLOCK_C, acc_ty)
             if SOFTMAX:
                 oh = c[None, :] == y32[:, None]
-                m, ssum, rest, s2r, xy = _softmax_step(x, oh, tl.max(x, 1), m, ssum, rest, s2r,
-                                                       xy, MODE == 3)
+                m, ssum, rest, s2r, xy = _softmax_step(x, oh, tl.max(x, 1), m, ssum, rest, s2r, xy, MODE == 3)
                 lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
             g = _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma, MODE, FOCAL)
             g = tl.where(valid[:, None], g, 0.0)
@@ -759,8 +857,9 @@ def _bwd_chunked_kernel(
                 for c0 in range(0, C, BLOCK_C):
                     x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, acc_ty)
                     oh = c[None, :] == y32[:, None]
-                    m, ssum, rest, s2r, xy = _softmax_step(x, oh, tl.max(x, 1), m, ssum, rest,
-                                                           s2r, xy, MODE == 3)
+                    m, ssum, rest, s2r, xy = _softmax_step(
+                        x, oh, tl.max(x, 1), m, ssum, rest, s2r, xy, MODE == 3
+                    )
                 lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
             for c0 in range(0, C, BLOCK_C):
                 x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, acc_ty)
@@ -776,8 +875,7 @@ def _bwd_chunked_kernel(
 
 
 @triton.jit
-def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr,
-                 VEC: tl.constexpr):
+def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr, VEC: tl.constexpr):
     """Tile ``t`` as a [ROWS, VEC] block of pixels, VEC consecutive ones per thread:
     (b, s, n, pmask, valid, bad, y32, badv); y32 is -1 where the pixel is not valid."""
     b = t // tiles_per_b
@@ -818,9 +916,24 @@ def _take_max(x, bv, bi, c):
 
 
 @triton.jit
-def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
-                   acc_ty: tl.constexpr, NCLS: tl.constexpr, NEED_REST: tl.constexpr,
-                   NEED_S2: tl.constexpr, NEED_AM: tl.constexpr):
+def _softmax_group(
+    xp,
+    stride_c,
+    pmask,
+    y32,
+    c0,
+    m,
+    s,
+    rest,
+    s2r,
+    bv,
+    am,
+    acc_ty: tl.constexpr,
+    NCLS: tl.constexpr,
+    NEED_REST: tl.constexpr,
+    NEED_S2: tl.constexpr,
+    NEED_AM: tl.constexpr,
+):
     """Fold classes c0 .. c0 + NCLS - 1 (NCLS unrolled) into the running softmax state: a max
     pass over their logits, the sums rescaled once, then an exp pass over the same values
     (same addresses, no store in between: the compiler keeps them in registers)."""
@@ -859,9 +972,19 @@ def _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r, bv, am,
 
 
 @triton.jit
-def _static_softmax(xp, stride_c, pmask, y32, acc_ty: tl.constexpr, C: tl.constexpr,
-                    GROUP: tl.constexpr, LOOP: tl.constexpr, NEED_REST: tl.constexpr,
-                    NEED_S2: tl.constexpr, NEED_AM: tl.constexpr):
+def _static_softmax(
+    xp,
+    stride_c,
+    pmask,
+    y32,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    GROUP: tl.constexpr,
+    LOOP: tl.constexpr,
+    NEED_REST: tl.constexpr,
+    NEED_S2: tl.constexpr,
+    NEED_AM: tl.constexpr,
+):
     """(m, s, rest, s2r, am) of a pixel block over classes 0..C-1, in groups of GROUP classes.
 
     m = max_k x_k, s = Σ e_k, rest = Σ_{k≠y} e_k, s2r = Σ_{k≠y} e_k² with e_k = exp(x_k - ms),
@@ -879,25 +1002,84 @@ def _static_softmax(xp, stride_c, pmask, y32, acc_ty: tl.constexpr, C: tl.conste
     FULL: tl.constexpr = (C // GROUP) * GROUP
     if LOOP:
         for c0 in range(0, FULL, GROUP):
-            m, s, rest, s2r, bv, am = _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r,
-                                                     bv, am, acc_ty, GROUP, NEED_REST, NEED_S2,
-                                                     NEED_AM)
+            m, s, rest, s2r, bv, am = _softmax_group(
+                xp,
+                stride_c,
+                pmask,
+                y32,
+                c0,
+                m,
+                s,
+                rest,
+                s2r,
+                bv,
+                am,
+                acc_ty,
+                GROUP,
+                NEED_REST,
+                NEED_S2,
+                NEED_AM,
+            )
     else:
         for c0 in tl.static_range(0, FULL, GROUP):
-            m, s, rest, s2r, bv, am = _softmax_group(xp, stride_c, pmask, y32, c0, m, s, rest, s2r,
-                                                     bv, am, acc_ty, GROUP, NEED_REST, NEED_S2,
-                                                     NEED_AM)
+            m, s, rest, s2r, bv, am = _softmax_group(
+                xp,
+                stride_c,
+                pmask,
+                y32,
+                c0,
+                m,
+                s,
+                rest,
+                s2r,
+                bv,
+                am,
+                acc_ty,
+                GROUP,
+                NEED_REST,
+                NEED_S2,
+                NEED_AM,
+            )
     if C % GROUP:
-        m, s, rest, s2r, bv, am = _softmax_group(xp, stride_c, pmask, y32, FULL, m, s, rest, s2r,
-                                                 bv, am, acc_ty, C % GROUP, NEED_REST, NEED_S2,
-                                                 NEED_AM)
+        m, s, rest, s2r, bv, am = _softmax_group(
+            xp,
+            stride_c,
+            pmask,
+            y32,
+            FULL,
+            m,
+            s,
+            rest,
+            s2r,
+            bv,
+            am,
+            acc_ty,
+            C % GROUP,
+            NEED_REST,
+            NEED_S2,
+            NEED_AM,
+        )
     return m, s, rest, s2r, am
 
 
 @triton.jit
-def _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am, acc_ty: tl.constexpr,
-                 NCLS: tl.constexpr, MODE: tl.constexpr, FOCAL: tl.constexpr,
-                 NEED_AM: tl.constexpr):
+def _terms_group(
+    xp,
+    stride_c,
+    pmask,
+    y32,
+    tv,
+    gamma,
+    c0,
+    lsum,
+    bv,
+    am,
+    acc_ty: tl.constexpr,
+    NCLS: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    NEED_AM: tl.constexpr,
+):
     xg = xp + c0 * stride_c
     for k in tl.static_range(NCLS):
         x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
@@ -912,9 +1094,21 @@ def _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am, acc_ty: 
 
 
 @triton.jit
-def _static_terms(xp, stride_c, pmask, y32, tv, gamma, acc_ty: tl.constexpr, C: tl.constexpr,
-                  GROUP: tl.constexpr, LOOP: tl.constexpr, MODE: tl.constexpr,
-                  FOCAL: tl.constexpr, NEED_AM: tl.constexpr):
+def _static_terms(
+    xp,
+    stride_c,
+    pmask,
+    y32,
+    tv,
+    gamma,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    GROUP: tl.constexpr,
+    LOOP: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    NEED_AM: tl.constexpr,
+):
     """(Σ_k term_k, argmax) of the per-class modes over groups as in ``_static_softmax``:
     sigmoid focal terms (MODE 1), (x_k - t_k)² (MODE 2), nothing (MODE 4); the argmax only
     when NEED_AM."""
@@ -924,22 +1118,41 @@ def _static_terms(xp, stride_c, pmask, y32, tv, gamma, acc_ty: tl.constexpr, C: 
     FULL: tl.constexpr = (C // GROUP) * GROUP
     if LOOP:
         for c0 in range(0, FULL, GROUP):
-            lsum, bv, am = _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am,
-                                        acc_ty, GROUP, MODE, FOCAL, NEED_AM)
+            lsum, bv, am = _terms_group(
+                xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am, acc_ty, GROUP, MODE, FOCAL, NEED_AM
+            )
     else:
         for c0 in tl.static_range(0, FULL, GROUP):
-            lsum, bv, am = _terms_group(xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am,
-                                        acc_ty, GROUP, MODE, FOCAL, NEED_AM)
+            lsum, bv, am = _terms_group(
+                xp, stride_c, pmask, y32, tv, gamma, c0, lsum, bv, am, acc_ty, GROUP, MODE, FOCAL, NEED_AM
+            )
     if C % GROUP:
-        lsum, bv, am = _terms_group(xp, stride_c, pmask, y32, tv, gamma, FULL, lsum, bv, am,
-                                    acc_ty, C % GROUP, MODE, FOCAL, NEED_AM)
+        lsum, bv, am = _terms_group(
+            xp, stride_c, pmask, y32, tv, gamma, FULL, lsum, bv, am, acc_ty, C % GROUP, MODE, FOCAL, NEED_AM
+        )
     return lsum, am
 
 
 @triton.jit
-def _grad_group(xp, gq, stride_c, gstride_c, pmask, valid, y32, tv, lse, a, q, gamma, c0,
-                acc_ty: tl.constexpr, NCLS: tl.constexpr, MODE: tl.constexpr,
-                FOCAL: tl.constexpr):
+def _grad_group(
+    xp,
+    gq,
+    stride_c,
+    gstride_c,
+    pmask,
+    valid,
+    y32,
+    tv,
+    lse,
+    a,
+    q,
+    gamma,
+    c0,
+    acc_ty: tl.constexpr,
+    NCLS: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+):
     """Store the gradient of classes c0 .. c0 + NCLS - 1 (unrolled)."""
     xg = xp + c0 * stride_c
     gg = gq + c0 * gstride_c
@@ -961,8 +1174,20 @@ def _grad_group(xp, gq, stride_c, gstride_c, pmask, valid, y32, tv, lse, a, q, g
 
 
 @triton.jit
-def _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, ROWS: tl.constexpr,
-                      NEED_TP: tl.constexpr, CONF: tl.constexpr):
+def _counts_in_memory(
+    crow_ptr,
+    trow_ptr,
+    conf_ptr,
+    pid64,
+    C,
+    y32,
+    am,
+    valid,
+    hit,
+    ROWS: tl.constexpr,
+    NEED_TP: tl.constexpr,
+    CONF: tl.constexpr,
+):
     """The forwards' integer statistics that are added into memory (integer atomics: any order gives the
     same sums): with ROWS the program's row of class counts and true positives (when they are not
     per-thread registers), with CONF == 2 the confusion [label, argmax] straight into the caller's
@@ -972,8 +1197,9 @@ def _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hi
         if NEED_TP:
             tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
     if CONF == 2:
-        tl.atomic_add(conf_ptr + (y32.to(tl.int64) * C + am), tl.full(y32.shape, 1, tl.int64), mask=valid,
-                      sem="relaxed")
+        tl.atomic_add(
+            conf_ptr + (y32.to(tl.int64) * C + am), tl.full(y32.shape, 1, tl.int64), mask=valid, sem="relaxed"
+        )
 
 
 @triton.jit
@@ -1009,9 +1235,12 @@ def _fwd_static_kernel(
     NP,  # pixels in all
     tiles_per_b,  # pixel tiles per image
     num_tiles,  # pixel tiles in all
-    stride_b, stride_c, stride_s,  # logits strides, in elements
+    stride_b,
+    stride_c,
+    stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
-    gamma, gamma64: tl.float64,  # focal exponent, twice (see _gamma)
+    gamma,
+    gamma64: tl.float64,  # focal exponent, twice (see _gamma)
     C: tl.constexpr,  # classes
     GROUP: tl.constexpr,  # classes per group (max/exp passes of the softmax)
     LOOP: tl.constexpr,  # a loop over the groups (large C); otherwise all unrolled
@@ -1055,8 +1284,9 @@ def _fwd_static_kernel(
     sc = _i64(stride_c)
 
     for t in range(pid, num_tiles, nprog):
-        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                             ROWS, VEC)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+            t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS, VEC
+        )
         nbad += bad.to(tl.int32)
         vbad = tl.maximum(vbad, badv)
         xp = x_ptr + (b * stride_b + s * stride_s)
@@ -1064,8 +1294,9 @@ def _fwd_static_kernel(
         if MODE == 2 or MODE == 3:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
         if MODE == 0 or MODE == 3:
-            m, ssum, rest, s2r, am = _static_softmax(xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP,
-                                                     FOCAL or MODE == 3, MODE == 3, NEED_AM)
+            m, ssum, rest, s2r, am = _static_softmax(
+                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, FOCAL or MODE == 3, MODE == 3, NEED_AM
+            )
             # the label's logit: one gathered load per pixel
             xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
             logp = xy - _lse(m, ssum)
@@ -1081,8 +1312,9 @@ def _fwd_static_kernel(
             if STORE_LSE:
                 _keep_lse(lse_ptr, n, NP, pmask, m, ssum, rest, s2r, xy, tv, gamma, MODE, FOCAL)
         else:
-            lsum, am = _static_terms(xp, sc, pmask, y32, tv, gamma, acc_ty, C, GROUP, LOOP,
-                                     MODE, FOCAL, NEED_AM)
+            lsum, am = _static_terms(
+                xp, sc, pmask, y32, tv, gamma, acc_ty, C, GROUP, LOOP, MODE, FOCAL, NEED_AM
+            )
             if MODE == 2:
                 loss = 0.5 * lsum
             else:
@@ -1116,7 +1348,9 @@ def _fwd_static_kernel(
             tacc = nt
         if CONF == 1:
             hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
-        _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS, NEED_TP, CONF)
+        _counts_in_memory(
+            crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS, NEED_TP, CONF
+        )
 
     if REG_STATS:
         # one row per program, reduced by the finalize launch in a fixed order: deterministic
@@ -1140,12 +1374,20 @@ def _bwd_static_kernel(
     wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
     lse_ptr,  # (k * NP,) what the forward kept (HAS_LSE, _keep_lse)
-    S, NP, tiles_per_b, num_tiles,
-    stride_b, stride_c, stride_s,  # logits strides
-    gstride_b, gstride_c, gstride_s,  # gradient strides
+    S,
+    NP,
+    tiles_per_b,
+    num_tiles,
+    stride_b,
+    stride_c,
+    stride_s,  # logits strides
+    gstride_b,
+    gstride_c,
+    gstride_s,  # gradient strides
     gp_stride,  # upstream gradient stride (0: one value for every pixel)
     ignore_index,
-    gamma, gamma64: tl.float64,
+    gamma,
+    gamma64: tl.float64,
     C: tl.constexpr,
     GROUP: tl.constexpr,
     LOOP: tl.constexpr,
@@ -1167,11 +1409,14 @@ def _bwd_static_kernel(
     sc = _i64(stride_c)
     gsc = _i64(gstride_c)
     for t in range(pid, num_tiles, tl.num_programs(0)):
-        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C,
-                                                             ROWS, VEC)
+        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+            t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS, VEC
+        )
         xp = x_ptr + (b * stride_b + s * stride_s)
         gq = g_ptr + (b * gstride_b + s * gstride_s)
-        w = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([ROWS, VEC], 1.0, acc_ty), HAS_GP, HAS_WV)
+        w = _upstream(
+            gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([ROWS, VEC], 1.0, acc_ty), HAS_GP, HAS_WV
+        )
         tv = tl.zeros([ROWS, VEC], acc_ty)
         if MODE == 2 or MODE == 3:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
@@ -1181,19 +1426,23 @@ def _bwd_static_kernel(
         if HAS_LSE:
             lse, a, q = _kept_coefs(lse_ptr, n, NP, valid, w, MODE, FOCAL)
         elif SOFTMAX:
-            m, ssum, rest, s2r, am = _static_softmax(xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP,
-                                                     FOCAL or MODE == 3, MODE == 3, False)
+            m, ssum, rest, s2r, am = _static_softmax(
+                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, FOCAL or MODE == 3, MODE == 3, False
+            )
             xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
             lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
         FULL: tl.constexpr = (C // GROUP) * GROUP
         if LOOP:
             for c0 in range(0, FULL, GROUP):
-                _grad_group(xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, c0,
-                            acc_ty, GROUP, MODE, FOCAL)
+                _grad_group(
+                    xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, c0, acc_ty, GROUP, MODE, FOCAL
+                )
         else:
             for c0 in tl.static_range(0, FULL, GROUP):
-                _grad_group(xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, c0,
-                            acc_ty, GROUP, MODE, FOCAL)
+                _grad_group(
+                    xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, c0, acc_ty, GROUP, MODE, FOCAL
+                )
         if C % GROUP:
-            _grad_group(xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, FULL,
-                        acc_ty, C % GROUP, MODE, FOCAL)
+            _grad_group(
+                xp, gq, sc, gsc, pmask, valid, y32, tv, lse, a, q, gamma, FULL, acc_ty, C % GROUP, MODE, FOCAL
+            )

@@ -30,6 +30,7 @@ walking tiles pid, pid + P, ...: fixed per-program rows, hence deterministic sum
 The backward recomputes the softmax from the logits (beyond one class group, its second pass
 over a pixel's logits hits the cache) and writes the gradient once.
 """
+
 import math
 from typing import Optional
 
@@ -37,8 +38,20 @@ import torch
 
 from . import FwdOut, Mode, Reduction, Weighting, acc_dtype, collapsible, fwd_fake, pixel_view
 from ._args import check_tensor_args
-from ._triton_host import (_cdiv, _class_sums, _dummy, _focal, _interpret, _np2, _on_device, _programs, finalize,
-                           grad_arg, outputs)
+from ._triton_host import (
+    _cdiv,
+    _class_sums,
+    _dummy,
+    _focal,
+    _interpret,
+    _np2,
+    _on_device,
+    _programs,
+    finalize,
+    grad_arg,
+    outputs,
+)
+
 # Re-exported, unused here: the sm90_memory tool's calibration driver reads triton_loss._RESIDENT_WARPS.
 from ._triton_host import _RESIDENT_WARPS  # noqa: F401
 from .upsample import check_lse
@@ -47,7 +60,12 @@ try:
     import triton
 
     from ._triton_compat import wrap
-    from .triton_kernels import _bwd_chunked_kernel, _bwd_static_kernel, _fwd_chunked_kernel, _fwd_static_kernel
+    from .triton_kernels import (
+        _bwd_chunked_kernel,
+        _bwd_static_kernel,
+        _fwd_chunked_kernel,
+        _fwd_static_kernel,
+    )
     from .triton_rows import _bwd_rows_kernel, _fwd_rows_kernel
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -57,15 +75,21 @@ _REG_STATS_C = 32  # up to this class count the class statistics are per-thread 
 _UNROLL_C = 32  # up to this class count every class is unrolled; beyond, a loop over groups
 _LOOP_GROUP = 16  # classes per group of that loop (fewer when registers are short)
 _GROUP_VALUES = 96  # logits a thread holds per max/exp group (GROUP x VEC x rows per thread)
-_LSE_GROUP = 10  # classes per step of the backward's loop from the forward's lse (16 made ptxas spill 8 bytes)
-_L1_TILE_BYTES = 1 << 16  # a tile's logits beyond this many bytes: a second pass over them misses L1 (keeps_lse)
+_LSE_GROUP = (
+    10  # classes per step of the backward's loop from the forward's lse (16 made ptxas spill 8 bytes)
+)
+_L1_TILE_BYTES = (
+    1 << 16
+)  # a tile's logits beyond this many bytes: a second pass over them misses L1 (keeps_lse)
 _WARPS = 4  # warps per program of the static kernels
 _ROW_CHUNK = 4096  # classes per chunk when classes are contiguous (chunked kernels)
 _STRIDED_TILE = (32, 64)  # (pixels, classes) per chunk when pixels are contiguous and C is large
 _ROWSUM_PROGRAMS_PER_SM = 2  # persistent programs per SM when each owns a class-loss row of C
 _CONF_HIST_CELLS = 1024  # confusion counts in a per-program register histogram up to this many cells (C*C)
 _ZERO_BLOCK = 256  # classes per step of a kernel's zeroing of its own rows
-_ROWS_PART_C = 24  # classes per thread of the rows kernels (half in float64); more classes, more threads per pixel
+_ROWS_PART_C = (
+    24  # classes per thread of the rows kernels (half in float64); more classes, more threads per pixel
+)
 _ROWS_BLOCK_BYTES = 16384  # bytes of a rows kernel's tile block, at most (32 elements of 4 bytes per thread)
 # The interpreter runs a tile as whole-array numpy operations and programs one after another,
 # so its cost is per tile and per unrolled class: larger tiles there, and still several programs.
@@ -87,7 +111,9 @@ def _geometry(x, grad=None):
     return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
-def _static_plan(C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False, focal=False, bwd=False, scaled=True):
+def _static_plan(
+    C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False, focal=False, bwd=False, scaled=True
+):
     """(ROWS, VEC, GROUP, LOOP) of the static kernels, for the forward or (``bwd``) the backward; ``scaled``
     False: the GPU's tile, without the interpreter's larger one.
 
@@ -198,8 +224,21 @@ def _confusion(confusion, C, device):
     return 2, 1, confusion
 
 
-def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting, need_tp,
-             validate, need_lse):
+def _forward(
+    x,
+    target,
+    weight,
+    tvals,
+    confusion,
+    mode,
+    gamma,
+    ignore_index,
+    reduction,
+    weighting,
+    need_tp,
+    validate,
+    need_lse,
+):
     """The forward op's launcher (the contract of :mod:`fused_imbalance.ops`): the loss kernel, the
     class-sum kernel beyond 32 classes, then the finalize launch. ``validate`` is the caller's: this
     backend returns the bad labels (``bad``) and never waits for the device."""
@@ -218,8 +257,21 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
     with _on_device(x):
         if N == 0:  # no pixel: the finalize of no rows gives the zeros
             z = x.new_empty((0, C), dtype=i32)
-            finalize(x.new_empty((0, C), dtype=acc), z, z, x.new_empty((0, 2), dtype=torch.int64), weight, out, C,
-                     reduction, weighting, sums, need_tp, ignore_index, target)
+            finalize(
+                x.new_empty((0, C), dtype=acc),
+                z,
+                z,
+                x.new_empty((0, 2), dtype=torch.int64),
+                weight,
+                out,
+                C,
+                reduction,
+                weighting,
+                sums,
+                need_tp,
+                ignore_index,
+                target,
+            )
             return FwdOut(*out, lse)
         weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
         wt = weight if weight is not None else _dummy(dev, acc)
@@ -238,13 +290,46 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
             trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
             brow = x.new_empty((P, 2), dtype=torch.int64)
             wrap(_fwd_rows_kernel)[(P,)](
-                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
-                S, tiles_per_b, num_tiles, S // p, sb, ignore_index, gamma, gamma,
-                C=C, PARTS=parts, CPART=cpart, LV=lv, PPIX=ppix, P=p, BL=bl, MODE=int(mode),
-                FOCAL=_focal(mode, gamma), STORE_PL=reduction == Reduction.NONE, WEIGH_PL=weigh, SUMS=sums,
-                NEED_TP=need_tp, CONF=conf_mode, CONF_BINS=conf_bins, FOLD=B == 1, num_warps=_WARPS)
+                x,
+                target,
+                tv,
+                wt,
+                pl,
+                lrow if lrow is not None else pl,
+                crow,
+                trow,
+                brow,
+                conf,
+                S,
+                tiles_per_b,
+                num_tiles,
+                S // p,
+                sb,
+                ignore_index,
+                gamma,
+                gamma,
+                C=C,
+                PARTS=parts,
+                CPART=cpart,
+                LV=lv,
+                PPIX=ppix,
+                P=p,
+                BL=bl,
+                MODE=int(mode),
+                FOCAL=_focal(mode, gamma),
+                STORE_PL=reduction == Reduction.NONE,
+                WEIGH_PL=weigh,
+                SUMS=sums,
+                NEED_TP=need_tp,
+                CONF=conf_mode,
+                CONF_BINS=conf_bins,
+                FOLD=B == 1,
+                num_warps=_WARPS,
+            )
         elif C <= _STATIC_C:
-            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp, _focal(mode, gamma))
+            rows, vec, group, loop = _static_plan(
+                C, S, ss, x.element_size(), mode, need_tp, _focal(mode, gamma)
+            )
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
             P = _programs(num_tiles, _WARPS, dev)
@@ -256,12 +341,45 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
             trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
             brow = x.new_empty((P, 2), dtype=torch.int64)
             wrap(_fwd_static_kernel)[(P,)](
-                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
-                lse if kept else pl, S, N, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
-                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_LSE=kept > 0,
+                x,
+                target,
+                tv,
+                wt,
+                pl,
+                lrow if lrow is not None else pl,
+                crow,
+                trow,
+                brow,
+                conf,
+                lse if kept else pl,
+                S,
+                N,
+                tiles_per_b,
+                num_tiles,
+                sb,
+                sc,
+                ss,
+                ignore_index,
+                gamma,
+                gamma,
+                C=C,
+                GROUP=group,
+                LOOP=loop,
+                MODE=int(mode),
+                FOCAL=_focal(mode, gamma),
+                STORE_LSE=kept > 0,
                 STORE_PL=store_pl,
-                WEIGH_PL=weigh, SUMS=sums and reg, REG_STATS=reg, NEED_TP=need_tp, CONF=conf_mode,
-                CONF_BINS=conf_bins, ROWS=rows, VEC=vec, ZB=min(_np2(C), _ZERO_BLOCK), num_warps=_WARPS)
+                WEIGH_PL=weigh,
+                SUMS=sums and reg,
+                REG_STATS=reg,
+                NEED_TP=need_tp,
+                CONF=conf_mode,
+                CONF_BINS=conf_bins,
+                ROWS=rows,
+                VEC=vec,
+                ZB=min(_np2(C), _ZERO_BLOCK),
+                num_warps=_WARPS,
+            )
             if sums and not reg:
                 lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
         else:
@@ -277,14 +395,47 @@ def _forward(x, target, weight, tvals, confusion, mode, gamma, ignore_index, red
             trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
             brow = x.new_empty((P, 2), dtype=torch.int64)
             wrap(_fwd_chunked_kernel)[(P,)](
-                x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf,
-                lse if kept else pl, C, S, N, tiles_per_b, num_tiles, sb, sc, ss, ignore_index, gamma, gamma,
-                MODE=int(mode), FOCAL=_focal(mode, gamma), STORE_LSE=kept > 0, STORE_PL=store_pl, WEIGH_PL=weigh, ROWSUM=rowsum,
-                NEED_TP=need_tp, CONF=conf_mode > 0, SINGLE=single, BLOCK_P=block_p, BLOCK_C=block_c,
-                ZB=min(_np2(C), _ZERO_BLOCK), num_warps=num_warps)
+                x,
+                target,
+                tv,
+                wt,
+                pl,
+                lrow if lrow is not None else pl,
+                crow,
+                trow,
+                brow,
+                conf,
+                lse if kept else pl,
+                C,
+                S,
+                N,
+                tiles_per_b,
+                num_tiles,
+                sb,
+                sc,
+                ss,
+                ignore_index,
+                gamma,
+                gamma,
+                MODE=int(mode),
+                FOCAL=_focal(mode, gamma),
+                STORE_LSE=kept > 0,
+                STORE_PL=store_pl,
+                WEIGH_PL=weigh,
+                ROWSUM=rowsum,
+                NEED_TP=need_tp,
+                CONF=conf_mode > 0,
+                SINGLE=single,
+                BLOCK_P=block_p,
+                BLOCK_C=block_c,
+                ZB=min(_np2(C), _ZERO_BLOCK),
+                num_warps=num_warps,
+            )
             if sums and not rowsum:
                 lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
-        finalize(lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp, ignore_index, target)
+        finalize(
+            lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp, ignore_index, target
+        )
     return FwdOut(*out, lse)
 
 
@@ -316,9 +467,36 @@ def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
             tiles_per_b = _cdiv(S, p)
             num_tiles = B * tiles_per_b
             wrap(_bwd_rows_kernel)[(_programs(num_tiles, _WARPS, dev),)](
-                x, target, tv, gp, wv, dx, S, tiles_per_b, num_tiles, S // p, sb, gsb, gp_stride, ignore_index, gamma,
-                gamma, C=C, PARTS=parts, CPART=cpart, LV=lv, PPIX=ppix, P=p, BL=bl, MODE=int(mode), FOCAL=focal,
-                HAS_GP=has_gp, HAS_WV=scale is not None, FOLD=B == 1, num_warps=_WARPS)
+                x,
+                target,
+                tv,
+                gp,
+                wv,
+                dx,
+                S,
+                tiles_per_b,
+                num_tiles,
+                S // p,
+                sb,
+                gsb,
+                gp_stride,
+                ignore_index,
+                gamma,
+                gamma,
+                C=C,
+                PARTS=parts,
+                CPART=cpart,
+                LV=lv,
+                PPIX=ppix,
+                P=p,
+                BL=bl,
+                MODE=int(mode),
+                FOCAL=focal,
+                HAS_GP=has_gp,
+                HAS_WV=scale is not None,
+                FOLD=B == 1,
+                num_warps=_WARPS,
+            )
         elif C <= _STATIC_C:
             rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, bwd=True)
             if lse is not None and loop:
@@ -326,20 +504,76 @@ def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
             tiles_per_b = _cdiv(S, rows * vec)
             num_tiles = B * tiles_per_b
             wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, dev),)](
-                x, target, tv, gp, wv, dx, lse if lse is not None else tv, S, B * S, tiles_per_b, num_tiles,
-                sb, sc, ss, gsb, gsc, gss, gp_stride, ignore_index, gamma, gamma,
-                C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=has_gp,
-                HAS_WV=scale is not None, HAS_LSE=lse is not None, ROWS=rows, VEC=vec, num_warps=_WARPS)
+                x,
+                target,
+                tv,
+                gp,
+                wv,
+                dx,
+                lse if lse is not None else tv,
+                S,
+                B * S,
+                tiles_per_b,
+                num_tiles,
+                sb,
+                sc,
+                ss,
+                gsb,
+                gsc,
+                gss,
+                gp_stride,
+                ignore_index,
+                gamma,
+                gamma,
+                C=C,
+                GROUP=group,
+                LOOP=loop,
+                MODE=int(mode),
+                FOCAL=focal,
+                HAS_GP=has_gp,
+                HAS_WV=scale is not None,
+                HAS_LSE=lse is not None,
+                ROWS=rows,
+                VEC=vec,
+                num_warps=_WARPS,
+            )
         else:
             block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
             tiles_per_b = _cdiv(S, block_p)
             num_tiles = B * tiles_per_b
             wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, dev),)](
-                x, target, tv, gp, wv, dx, lse if lse is not None else tv, C, S, B * S, tiles_per_b, num_tiles,
-                sb, sc, ss, gsb, gsc, gss, gp_stride, ignore_index, gamma, gamma,
-                MODE=int(mode), FOCAL=focal, HAS_GP=has_gp, HAS_WV=scale is not None, HAS_LSE=lse is not None,
+                x,
+                target,
+                tv,
+                gp,
+                wv,
+                dx,
+                lse if lse is not None else tv,
+                C,
+                S,
+                B * S,
+                tiles_per_b,
+                num_tiles,
+                sb,
+                sc,
+                ss,
+                gsb,
+                gsc,
+                gss,
+                gp_stride,
+                ignore_index,
+                gamma,
+                gamma,
+                MODE=int(mode),
+                FOCAL=focal,
+                HAS_GP=has_gp,
+                HAS_WV=scale is not None,
+                HAS_LSE=lse is not None,
                 SINGLE=single,
-                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+                BLOCK_P=block_p,
+                BLOCK_C=block_c,
+                num_warps=num_warps,
+            )
     return dx
 
 
@@ -389,12 +623,40 @@ if triton is not None:
         need_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         check_tensor_args("triton_loss_fwd", x, target, None, loss_mode, tvals, weight, weighting, confusion)
-        return tuple(_forward(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction,
-                              weighting, need_tp, validate, need_lse))
+        return tuple(
+            _forward(
+                x,
+                target,
+                weight,
+                tvals,
+                confusion,
+                loss_mode,
+                gamma,
+                ignore_index,
+                reduction,
+                weighting,
+                need_tp,
+                validate,
+                need_lse,
+            )
+        )
 
     @loss_fwd.register_fake
-    def _loss_fwd_fake(x, target, weight, tvals, confusion, loss_mode, gamma, ignore_index, reduction, weighting,
-                       need_tp, validate, need_lse):
+    def _loss_fwd_fake(
+        x,
+        target,
+        weight,
+        tvals,
+        confusion,
+        loss_mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    ):
         lse = keeps_lse(x, loss_mode, gamma) if need_lse else 0
         return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL, lse)
 

@@ -33,6 +33,7 @@ prob and kept passes (12 per pixel), p_n written once and read by 3 selection pa
 the factor kernel (24), g_n written and read (8): about 44 bytes per pixel, against 3·C·s bytes of logits
 (228 for 19 float32 classes). Every sum has a fixed order; counts are integers: deterministic.
 """
+
 from typing import Optional
 
 import torch
@@ -84,7 +85,9 @@ if triton is not None:
         work_ptr,  # the selection's zeroed int64 scratch: the first digits' histogram is added at offset 0
         k_ptr,  # () int64 out: the rank, stored by program 0
         rank,  # the rank to select (clamped to n_valid − 1 by the selection)
-        N, C, ignore_index,
+        N,
+        C,
+        ignore_index,
         WEIGHTED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -117,7 +120,8 @@ if triton is not None:
         aux_ptr,  # (2,) out: the threshold (program 0), and the backward's factor 1 (UNIT)
         srow_ptr,  # (programs,) out: each program's sum of the kept losses, accumulation dtype
         crow_ptr,  # (programs,) int64 out: each program's number of kept pixels
-        thresh, thresh64: tl.float64,  # the threshold's floor, twice (see triton_kernels._gamma)
+        thresh,
+        thresh64: tl.float64,  # the threshold's floor, twice (see triton_kernels._gamma)
         N,
         CLEAR: tl.constexpr,  # reduction "none": the output is pl, zero where not kept
         UNIT: tl.constexpr,  # the backward's factor is 1 (sum, none): stored here, no finalize
@@ -185,7 +189,8 @@ if triton is not None:
         aux_ptr,  # (2,) the forward's threshold and factor
         gp_ptr,  # the upstream gradient: one value (gp_stride 0) or (N,) (HAS_GP)
         g_ptr,  # (N,) out: the backward's per-pixel upstream factor
-        N, gp_stride,
+        N,
+        gp_stride,
         HAS_GP: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -202,8 +207,19 @@ if triton is not None:
 
 def _loss_fwd(x, t, interp, align_corners, confusion, ignore_index, validate, need_lse):
     """The per-pixel cross-entropy of the loss launchers: (ℓ (N,), bad, lse)."""
-    args = (None, None, confusion, Mode.SOFTMAX_FOCAL, 0.0, ignore_index, Reduction.NONE, Weighting.NONE, False,
-            validate, need_lse)
+    args = (
+        None,
+        None,
+        confusion,
+        Mode.SOFTMAX_FOCAL,
+        0.0,
+        ignore_index,
+        Reduction.NONE,
+        Weighting.NONE,
+        False,
+        validate,
+        need_lse,
+    )
     if interp < 0:
         out = triton_loss._forward(x, t, *args)
     else:
@@ -211,8 +227,21 @@ def _loss_fwd(x, t, interp, align_corners, confusion, ignore_index, validate, ne
     return out.loss, out.bad, out.lse
 
 
-def _forward(x, target, interp, align_corners, weight, confusion, thresh, rank, ignore_index, reduction,
-             mean_over_all, validate, need_lse):
+def _forward(
+    x,
+    target,
+    interp,
+    align_corners,
+    weight,
+    confusion,
+    thresh,
+    rank,
+    ignore_index,
+    reduction,
+    mean_over_all,
+    validate,
+    need_lse,
+):
     """The forward op's launcher (the module docstring lists its launches)."""
     reduction = Reduction(reduction)
     pl, bad, lse = _loss_fwd(x, target, interp, align_corners, confusion, ignore_index, validate, need_lse)
@@ -230,20 +259,54 @@ def _forward(x, target, interp, align_corners, weight, confusion, thresh, rank, 
     P, block = _plan(N, dev)
     with _on_device(x):
         wrap(_ohem_prob_kernel)[(P,)](
-            pl, t, weight if weight is not None else _dummy(dev, acc), pn, work, k, rank, N, x.shape[1],
-            ignore_index, WEIGHTED=weight is not None, BLOCK=block, num_warps=_WARPS)
+            pl,
+            t,
+            weight if weight is not None else _dummy(dev, acc),
+            pn,
+            work,
+            k,
+            rank,
+            N,
+            x.shape[1],
+            ignore_index,
+            WEIGHTED=weight is not None,
+            BLOCK=block,
+            num_warps=_WARPS,
+        )
         triton_select.launch_passes(pn, k, work, sel, True)
         srow = pl.new_empty(P)
         crow = pl.new_empty(P, dtype=torch.int64)
         wrap(_ohem_kept_kernel)[(P,)](
-            pn, pl, sel, aux, srow, crow, thresh, thresh, N, CLEAR=reduction == Reduction.NONE,
-            UNIT=reduction != Reduction.MEAN, BLOCK=block, num_warps=_WARPS)
+            pn,
+            pl,
+            sel,
+            aux,
+            srow,
+            crow,
+            thresh,
+            thresh,
+            N,
+            CLEAR=reduction == Reduction.NONE,
+            UNIT=reduction != Reduction.MEAN,
+            BLOCK=block,
+            num_warps=_WARPS,
+        )
         if reduction == Reduction.NONE:
             loss = pl
         else:
             loss = pl.new_empty(())
-            wrap(_ohem_finalize_kernel)[(1,)](srow, crow, loss, aux, P, N, MEAN=reduction == Reduction.MEAN,
-                                              MEAN_ALL=bool(mean_over_all), BR=_np2(P), num_warps=1)
+            wrap(_ohem_finalize_kernel)[(1,)](
+                srow,
+                crow,
+                loss,
+                aux,
+                P,
+                N,
+                MEAN=reduction == Reduction.MEAN,
+                MEAN_ALL=bool(mean_over_all),
+                BR=_np2(P),
+                num_warps=1,
+            )
     return loss, pn, aux, bad, lse
 
 
@@ -252,8 +315,10 @@ def _backward(x, target, interp, align_corners, grad, weight, pn, aux, lse, igno
     acc = acc_dtype(x)
     N = target.numel()
     if pn.numel() != N or pn.dtype != acc or aux.numel() != 2 or aux.dtype != acc:
-        raise RuntimeError(f"fused_imbalance: triton_ohem_bwd: pn and aux must be the forward's ({N},) and (2,) "
-                           f"{acc} tensors, got {tuple(pn.shape)} {pn.dtype} and {tuple(aux.shape)} {aux.dtype}")
+        raise RuntimeError(
+            f"fused_imbalance: triton_ohem_bwd: pn and aux must be the forward's ({N},) and (2,) "
+            f"{acc} tensors, got {tuple(pn.shape)} {pn.dtype} and {tuple(aux.shape)} {aux.dtype}"
+        )
     t = target.reshape(-1)
     if not t.is_contiguous():
         t = t.contiguous()
@@ -262,19 +327,23 @@ def _backward(x, target, interp, align_corners, grad, weight, pn, aux, lse, igno
         gp, gp_stride, has_gp = grad_arg(grad, N, x.device, acc)
         block = _block(x.device)
         with _on_device(x):
-            wrap(_ohem_factor_kernel)[(_cdiv(N, block),)](pn, aux, gp, g, N, gp_stride, HAS_GP=has_gp, BLOCK=block,
-                                                          num_warps=_WARPS)
+            wrap(_ohem_factor_kernel)[(_cdiv(N, block),)](
+                pn, aux, gp, g, N, gp_stride, HAS_GP=has_gp, BLOCK=block, num_warps=_WARPS
+            )
     if interp < 0:
         return triton_loss._backward(x, t, g, weight, None, lse, Mode.SOFTMAX_FOCAL, 0.0, ignore_index)
-    return triton_upsample._backward(x, target, interp, align_corners, g, weight, None, lse, Mode.SOFTMAX_FOCAL,
-                                     0.0, ignore_index)
+    return triton_upsample._backward(
+        x, target, interp, align_corners, g, weight, None, lse, Mode.SOFTMAX_FOCAL, 0.0, ignore_index
+    )
 
 
 def _check_args(op, x, target, interp, weight, confusion):
     if interp < 0:
         check_tensor_args(op, x, target, None, Mode.SOFTMAX_FOCAL, weight=weight, confusion=confusion)
     else:
-        check_tensor_args(op, x, target, target.numel(), Mode.SOFTMAX_FOCAL, weight=weight, confusion=confusion)
+        check_tensor_args(
+            op, x, target, target.numel(), Mode.SOFTMAX_FOCAL, weight=weight, confusion=confusion
+        )
 
 
 if triton is not None:
@@ -296,15 +365,44 @@ if triton is not None:
         need_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_args("triton_ohem_fwd", x, target, interp, weight, confusion)
-        return _forward(x, target, interp, align_corners, weight, confusion, thresh, rank, ignore_index, reduction,
-                        mean_over_all, validate, need_lse)
+        return _forward(
+            x,
+            target,
+            interp,
+            align_corners,
+            weight,
+            confusion,
+            thresh,
+            rank,
+            ignore_index,
+            reduction,
+            mean_over_all,
+            validate,
+            need_lse,
+        )
 
     @ohem_fwd.register_fake
-    def _ohem_fwd_fake(x, target, interp, align_corners, weight, confusion, thresh, rank, ignore_index, reduction,
-                       mean_over_all, validate, need_lse):
+    def _ohem_fwd_fake(
+        x,
+        target,
+        interp,
+        align_corners,
+        weight,
+        confusion,
+        thresh,
+        rank,
+        ignore_index,
+        reduction,
+        mean_over_all,
+        validate,
+        need_lse,
+    ):
         from .ohem import fwd_fake
         from .triton_backend import keeps_lse
-        return fwd_fake(x, target, reduction, keeps_lse(x, Mode.SOFTMAX_FOCAL, 0.0, interp >= 0) if need_lse else 0)
+
+        return fwd_fake(
+            x, target, reduction, keeps_lse(x, Mode.SOFTMAX_FOCAL, 0.0, interp >= 0) if need_lse else 0
+        )
 
     @torch.library.triton_op("fused_imbalance::triton_ohem_bwd", mutates_args=())
     def ohem_bwd(

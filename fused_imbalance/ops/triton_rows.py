@@ -34,12 +34,26 @@ per-thread work (pixel slots without a pixel: 0 for 19 classes, 23 % for 150) an
 the block's loads and stores (59 % of the block holds data for 19 classes; 95 % for 150 in float32).
 Shared memory per program: the block (BL elements) and, in the backward, the gradient slots.
 """
+
 import triton
 import triton.language as tl
 
-from .triton_kernels import (_LOG2E, _NO_BAD, _bwd_softmax_coefs, _conf_flush, _conf_hist, _counts_in_memory, _gamma,
-                             _labels, _lse, _sigmoid_focal_grad, _sigmoid_focal_terms, _store_bad, _take_max,
-                             _upstream)
+from .triton_kernels import (
+    _LOG2E,
+    _NO_BAD,
+    _bwd_softmax_coefs,
+    _conf_flush,
+    _conf_hist,
+    _counts_in_memory,
+    _gamma,
+    _labels,
+    _lse,
+    _sigmoid_focal_grad,
+    _sigmoid_focal_terms,
+    _store_bad,
+    _take_max,
+    _upstream,
+)
 
 __all__ = ["_fwd_rows_kernel", "_bwd_rows_kernel"]
 
@@ -73,8 +87,21 @@ def _join_slots(parts, LV: tl.constexpr):
 
 
 @triton.jit
-def _rows_tile(x_ptr, base, FULL: tl.constexpr, lim, p2, cls, y32, acc_ty: tl.constexpr, C: tl.constexpr,
-               CPART: tl.constexpr, LV: tl.constexpr, P: tl.constexpr, BL: tl.constexpr):
+def _rows_tile(
+    x_ptr,
+    base,
+    FULL: tl.constexpr,
+    lim,
+    p2,
+    cls,
+    y32,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    CPART: tl.constexpr,
+    LV: tl.constexpr,
+    P: tl.constexpr,
+    BL: tl.constexpr,
+):
     """(v, xs) of a tile: its BL elements at ``base`` in ``acc_ty`` (P·C of them when ``FULL``, else ``lim``;
     0 past them), and their slots (each [PPIX, PARTS]): slot j < CPART class cls + j of pixel p2 (anything
     where there is no such class or pixel), slot CPART the label's logit (y32 >= 0; anything where it is
@@ -87,7 +114,7 @@ def _rows_tile(x_ptr, base, FULL: tl.constexpr, lim, p2, cls, y32, acc_ty: tl.co
     v = v.to(acc_ty)
     pc = p2 * C + cls
     idx = ()
-    for j in tl.static_range(2 ** LV):
+    for j in tl.static_range(2**LV):
         if j < CPART:
             k = pc + j
         elif j == CPART:
@@ -95,13 +122,21 @@ def _rows_tile(x_ptr, base, FULL: tl.constexpr, lim, p2, cls, y32, acc_ty: tl.co
         else:
             k = pc  # a slot nothing reads: the compiler drops its load
         idx = idx + (tl.minimum(k, BL - 1),)
-    g = tl.gather(v, tl.reshape(_join_slots(idx, LV), [idx[0].numel * 2 ** LV]), 0)
+    g = tl.gather(v, tl.reshape(_join_slots(idx, LV), [idx[0].numel * 2**LV]), 0)
     return v, _split_slots(tl.reshape(g, [p2.shape[0], cls.shape[1]] + [2] * LV), LV)
 
 
 @triton.jit
-def _slot(xs, j: tl.constexpr, cls, fill, acc_ty: tl.constexpr, C: tl.constexpr, CPART: tl.constexpr,
-          PARTS: tl.constexpr):
+def _slot(
+    xs,
+    j: tl.constexpr,
+    cls,
+    fill,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    CPART: tl.constexpr,
+    PARTS: tl.constexpr,
+):
     """Slot j in ``acc_ty``; ``fill`` where it lies past the last class (the last part's slots only)."""
     x = xs[j]
     if (PARTS - 1) * CPART + j >= C:
@@ -129,8 +164,18 @@ def _rows_argmax(bv, am, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _rows_softmax(xs, cls, y2, acc_ty: tl.constexpr, C: tl.constexpr, CPART: tl.constexpr, PARTS: tl.constexpr,
-                  NEED_REST: tl.constexpr, NEED_S2: tl.constexpr, NEED_AM: tl.constexpr):
+def _rows_softmax(
+    xs,
+    cls,
+    y2,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    CPART: tl.constexpr,
+    PARTS: tl.constexpr,
+    NEED_REST: tl.constexpr,
+    NEED_S2: tl.constexpr,
+    NEED_AM: tl.constexpr,
+):
     """(m, s, rest, s2r, am) of each pixel ([PPIX]) as _static_softmax defines them: a max pass and
     an exp pass over the thread's slots, then across the pixel's parts."""
     m = tl.full(xs[0].shape, float("-inf"), acc_ty)
@@ -172,8 +217,20 @@ def _rows_softmax(xs, cls, y2, acc_ty: tl.constexpr, C: tl.constexpr, CPART: tl.
 
 
 @triton.jit
-def _rows_terms(xs, cls, y2, tv2, gamma, acc_ty: tl.constexpr, C: tl.constexpr, CPART: tl.constexpr,
-                PARTS: tl.constexpr, MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr):
+def _rows_terms(
+    xs,
+    cls,
+    y2,
+    tv2,
+    gamma,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    CPART: tl.constexpr,
+    PARTS: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    NEED_AM: tl.constexpr,
+):
     """(Σ_k term_k, argmax) of each pixel for the per-class modes, as _static_terms."""
     lsum = tl.zeros(xs[0].shape, acc_ty)
     bv = tl.full(xs[0].shape, float("-inf"), acc_ty)
@@ -200,8 +257,17 @@ def _rows_terms(xs, cls, y2, tv2, gamma, acc_ty: tl.constexpr, C: tl.constexpr, 
 
 
 @triton.jit
-def _rows_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C: tl.constexpr, P: tl.constexpr, PPIX: tl.constexpr,
-                 FOLD: tl.constexpr):
+def _rows_pixels(
+    t_ptr,
+    t,
+    tiles_per_b,
+    S,
+    ignore_index,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    PPIX: tl.constexpr,
+    FOLD: tl.constexpr,
+):
     """Tile ``t``: P pixels from s0 of image b, in PPIX slots: (b, s0, s, n, pmask, valid, bad, y32, badv).
     FOLD: one image (the batch folded into the pixels), no division by tiles_per_b."""
     if FOLD:
@@ -221,29 +287,68 @@ def _rows_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C: tl.constexpr, P: tl.
 
 
 @triton.jit
-def _fwd_rows_tile(x_ptr, t_ptr, tv_ptr, w_ptr, pl_ptr, crow_ptr, trow_ptr, conf_ptr, t, S, tiles_per_b, stride_b,
-                   ignore_index, gamma, pid64, p2, cls, lacc, cacc, tacc, hist, nbad, vbad,
-                   acc_ty: tl.constexpr, C: tl.constexpr, PARTS: tl.constexpr, CPART: tl.constexpr,
-                   LV: tl.constexpr, PPIX: tl.constexpr, P: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
-                   FOCAL: tl.constexpr, STORE_PL: tl.constexpr, WEIGH_PL: tl.constexpr, SUMS: tl.constexpr,
-                   NEED_TP: tl.constexpr, CONF: tl.constexpr, CONF_BINS: tl.constexpr,
-                   FOLD: tl.constexpr, FULL: tl.constexpr):
+def _fwd_rows_tile(
+    x_ptr,
+    t_ptr,
+    tv_ptr,
+    w_ptr,
+    pl_ptr,
+    crow_ptr,
+    trow_ptr,
+    conf_ptr,
+    t,
+    S,
+    tiles_per_b,
+    stride_b,
+    ignore_index,
+    gamma,
+    pid64,
+    p2,
+    cls,
+    lacc,
+    cacc,
+    tacc,
+    hist,
+    nbad,
+    vbad,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    PARTS: tl.constexpr,
+    CPART: tl.constexpr,
+    LV: tl.constexpr,
+    PPIX: tl.constexpr,
+    P: tl.constexpr,
+    BL: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    STORE_PL: tl.constexpr,
+    WEIGH_PL: tl.constexpr,
+    SUMS: tl.constexpr,
+    NEED_TP: tl.constexpr,
+    CONF: tl.constexpr,
+    CONF_BINS: tl.constexpr,
+    FOLD: tl.constexpr,
+    FULL: tl.constexpr,
+):
     """The forward of tile t (FULL: all its P pixels inside the image, a constant mask), folded into the
     program's running statistics, which it returns."""
     NEED_AM: tl.constexpr = NEED_TP or CONF > 0
-    b, s0, s, n, pmask, valid, bad, y32, badv = _rows_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, P,
-                                                              PPIX, FOLD)
+    b, s0, s, n, pmask, valid, bad, y32, badv = _rows_pixels(
+        t_ptr, t, tiles_per_b, S, ignore_index, C, P, PPIX, FOLD
+    )
     nbad += bad.to(tl.int32)
     vbad = tl.maximum(vbad, badv)
-    v, xs = _rows_tile(x_ptr, b * stride_b + s0 * C, FULL, (S - s0) * C, p2, cls, y32, acc_ty, C, CPART, LV, P,
-                       BL)
+    v, xs = _rows_tile(
+        x_ptr, b * stride_b + s0 * C, FULL, (S - s0) * C, p2, cls, y32, acc_ty, C, CPART, LV, P, BL
+    )
     y2 = y32[:, None]
     tv = tl.zeros([PPIX], acc_ty)
     if MODE == 2 or MODE == 3:
         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
     if MODE == 0 or MODE == 3:
-        m, ssum, rest, s2r, am = _rows_softmax(xs, cls, y2, acc_ty, C, CPART, PARTS, FOCAL or MODE == 3,
-                                               MODE == 3, NEED_AM)
+        m, ssum, rest, s2r, am = _rows_softmax(
+            xs, cls, y2, acc_ty, C, CPART, PARTS, FOCAL or MODE == 3, MODE == 3, NEED_AM
+        )
         xy = tl.max(xs[CPART], 1)  # the label's logit (the same in every part)
         logp = xy - _lse(m, ssum)
         if MODE == 0:
@@ -314,7 +419,8 @@ def _fwd_rows_kernel(
     num_full,  # FOLD: the tiles of P pixels (num_tiles - 1 when the last has fewer)
     stride_b,  # logits image stride, in elements
     ignore_index,  # label of pixels that take no part
-    gamma, gamma64: tl.float64,  # focal exponent, twice (see _gamma)
+    gamma,
+    gamma64: tl.float64,  # focal exponent, twice (see _gamma)
     C: tl.constexpr,  # classes
     PARTS: tl.constexpr,  # threads per pixel
     CPART: tl.constexpr,  # classes per thread
@@ -360,23 +466,137 @@ def _fwd_rows_kernel(
         # program whose turn it is: every program's rows in a fixed order
         for t in range(pid, num_full, nprog):
             lacc, cacc, tacc, hist, nbad, vbad = _fwd_rows_tile(
-                x_ptr, t_ptr, tv_ptr, w_ptr, pl_ptr, crow_ptr, trow_ptr, conf_ptr, t, S, tiles_per_b, stride_b,
-                ignore_index, gamma, pid64, p2, cls, lacc, cacc, tacc, hist, nbad, vbad, acc_ty, C, PARTS, CPART,
-                LV, PPIX, P, BL, MODE, FOCAL, STORE_PL, WEIGH_PL, SUMS, NEED_TP, CONF, CONF_BINS, FOLD,
-                True)
+                x_ptr,
+                t_ptr,
+                tv_ptr,
+                w_ptr,
+                pl_ptr,
+                crow_ptr,
+                trow_ptr,
+                conf_ptr,
+                t,
+                S,
+                tiles_per_b,
+                stride_b,
+                ignore_index,
+                gamma,
+                pid64,
+                p2,
+                cls,
+                lacc,
+                cacc,
+                tacc,
+                hist,
+                nbad,
+                vbad,
+                acc_ty,
+                C,
+                PARTS,
+                CPART,
+                LV,
+                PPIX,
+                P,
+                BL,
+                MODE,
+                FOCAL,
+                STORE_PL,
+                WEIGH_PL,
+                SUMS,
+                NEED_TP,
+                CONF,
+                CONF_BINS,
+                FOLD,
+                True,
+            )
         if (num_full < num_tiles) & (pid == num_full % nprog):
             lacc, cacc, tacc, hist, nbad, vbad = _fwd_rows_tile(
-                x_ptr, t_ptr, tv_ptr, w_ptr, pl_ptr, crow_ptr, trow_ptr, conf_ptr, num_full, S, tiles_per_b,
-                stride_b, ignore_index, gamma, pid64, p2, cls, lacc, cacc, tacc, hist, nbad, vbad, acc_ty, C, PARTS,
-                CPART, LV, PPIX, P, BL, MODE, FOCAL, STORE_PL, WEIGH_PL, SUMS, NEED_TP, CONF, CONF_BINS,
-                FOLD, False)
+                x_ptr,
+                t_ptr,
+                tv_ptr,
+                w_ptr,
+                pl_ptr,
+                crow_ptr,
+                trow_ptr,
+                conf_ptr,
+                num_full,
+                S,
+                tiles_per_b,
+                stride_b,
+                ignore_index,
+                gamma,
+                pid64,
+                p2,
+                cls,
+                lacc,
+                cacc,
+                tacc,
+                hist,
+                nbad,
+                vbad,
+                acc_ty,
+                C,
+                PARTS,
+                CPART,
+                LV,
+                PPIX,
+                P,
+                BL,
+                MODE,
+                FOCAL,
+                STORE_PL,
+                WEIGH_PL,
+                SUMS,
+                NEED_TP,
+                CONF,
+                CONF_BINS,
+                FOLD,
+                False,
+            )
     else:
         for t in range(pid, num_tiles, nprog):
             lacc, cacc, tacc, hist, nbad, vbad = _fwd_rows_tile(
-                x_ptr, t_ptr, tv_ptr, w_ptr, pl_ptr, crow_ptr, trow_ptr, conf_ptr, t, S, tiles_per_b, stride_b,
-                ignore_index, gamma, pid64, p2, cls, lacc, cacc, tacc, hist, nbad, vbad, acc_ty, C, PARTS, CPART,
-                LV, PPIX, P, BL, MODE, FOCAL, STORE_PL, WEIGH_PL, SUMS, NEED_TP, CONF, CONF_BINS, FOLD,
-                False)
+                x_ptr,
+                t_ptr,
+                tv_ptr,
+                w_ptr,
+                pl_ptr,
+                crow_ptr,
+                trow_ptr,
+                conf_ptr,
+                t,
+                S,
+                tiles_per_b,
+                stride_b,
+                ignore_index,
+                gamma,
+                pid64,
+                p2,
+                cls,
+                lacc,
+                cacc,
+                tacc,
+                hist,
+                nbad,
+                vbad,
+                acc_ty,
+                C,
+                PARTS,
+                CPART,
+                LV,
+                PPIX,
+                P,
+                BL,
+                MODE,
+                FOCAL,
+                STORE_PL,
+                WEIGH_PL,
+                SUMS,
+                NEED_TP,
+                CONF,
+                CONF_BINS,
+                FOLD,
+                False,
+            )
 
     # one row per program, reduced by the finalize launch in a fixed order: deterministic
     c1 = tl.arange(0, PARTS) * CPART
@@ -393,14 +613,46 @@ def _fwd_rows_kernel(
 
 
 @triton.jit
-def _bwd_rows_tile(x_ptr, t_ptr, tv_ptr, gp_ptr, wv_ptr, g_ptr, t, S, tiles_per_b, stride_b, gstride_b, gp_stride,
-                   ignore_index, gamma, p2, cls, f, pf, kf, acc_ty: tl.constexpr, C: tl.constexpr, PARTS: tl.constexpr,
-                   CPART: tl.constexpr, LV: tl.constexpr, PPIX: tl.constexpr, P: tl.constexpr, BL: tl.constexpr,
-                   MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr,
-                   FOLD: tl.constexpr, FULL: tl.constexpr):
+def _bwd_rows_tile(
+    x_ptr,
+    t_ptr,
+    tv_ptr,
+    gp_ptr,
+    wv_ptr,
+    g_ptr,
+    t,
+    S,
+    tiles_per_b,
+    stride_b,
+    gstride_b,
+    gp_stride,
+    ignore_index,
+    gamma,
+    p2,
+    cls,
+    f,
+    pf,
+    kf,
+    acc_ty: tl.constexpr,
+    C: tl.constexpr,
+    PARTS: tl.constexpr,
+    CPART: tl.constexpr,
+    LV: tl.constexpr,
+    PPIX: tl.constexpr,
+    P: tl.constexpr,
+    BL: tl.constexpr,
+    MODE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    HAS_GP: tl.constexpr,
+    HAS_WV: tl.constexpr,
+    FOLD: tl.constexpr,
+    FULL: tl.constexpr,
+):
     """The gradient of tile t (FULL: a constant mask)."""
     SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
-    b, s0, s, n, pmask, valid, bad, y32, badv = _rows_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, P, PPIX, FOLD)
+    b, s0, s, n, pmask, valid, bad, y32, badv = _rows_pixels(
+        t_ptr, t, tiles_per_b, S, ignore_index, C, P, PPIX, FOLD
+    )
     lim = (S - s0) * C
     v, xs = _rows_tile(x_ptr, b * stride_b + s0 * C, FULL, lim, p2, cls, y32, acc_ty, C, CPART, LV, P, BL)
     w = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([PPIX], 1.0, acc_ty), HAS_GP, HAS_WV)
@@ -409,8 +661,9 @@ def _bwd_rows_tile(x_ptr, t_ptr, tv_ptr, gp_ptr, wv_ptr, g_ptr, t, S, tiles_per_
         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
     a = w
     if SOFTMAX:
-        m, ssum, rest, s2r, am = _rows_softmax(xs, cls, y32[:, None], acc_ty, C, CPART, PARTS, FOCAL or MODE == 3,
-                                               MODE == 3, False)
+        m, ssum, rest, s2r, am = _rows_softmax(
+            xs, cls, y32[:, None], acc_ty, C, CPART, PARTS, FOCAL or MODE == 3, MODE == 3, False
+        )
         lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, tl.max(xs[CPART], 1), tv, w, gamma, MODE, FOCAL)
     # the pixel's label (-1 where it is not valid) and coefficients at each element of the block: three or
     # four gathers of one value per pixel
@@ -448,13 +701,16 @@ def _bwd_rows_kernel(
     gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
     wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + s*C + c
-    S, tiles_per_b, num_tiles,
+    S,
+    tiles_per_b,
+    num_tiles,
     num_full,  # FOLD: the tiles of P pixels (num_tiles - 1 when the last has fewer)
     stride_b,  # logits image stride
     gstride_b,  # gradient image stride
     gp_stride,  # upstream gradient stride (0: one value for every pixel)
     ignore_index,
-    gamma, gamma64: tl.float64,
+    gamma,
+    gamma64: tl.float64,
     C: tl.constexpr,
     PARTS: tl.constexpr,
     CPART: tl.constexpr,
@@ -483,15 +739,111 @@ def _bwd_rows_kernel(
     kf = (f % C).to(acc_ty)
     if FOLD:
         for t in range(pid, num_full, nprog):
-            _bwd_rows_tile(x_ptr, t_ptr, tv_ptr, gp_ptr, wv_ptr, g_ptr, t, S, tiles_per_b, stride_b, gstride_b,
-                           gp_stride, ignore_index, gamma, p2, cls, f, pf, kf, acc_ty, C, PARTS, CPART, LV, PPIX, P,
-                           BL, MODE, FOCAL, HAS_GP, HAS_WV, FOLD, True)
+            _bwd_rows_tile(
+                x_ptr,
+                t_ptr,
+                tv_ptr,
+                gp_ptr,
+                wv_ptr,
+                g_ptr,
+                t,
+                S,
+                tiles_per_b,
+                stride_b,
+                gstride_b,
+                gp_stride,
+                ignore_index,
+                gamma,
+                p2,
+                cls,
+                f,
+                pf,
+                kf,
+                acc_ty,
+                C,
+                PARTS,
+                CPART,
+                LV,
+                PPIX,
+                P,
+                BL,
+                MODE,
+                FOCAL,
+                HAS_GP,
+                HAS_WV,
+                FOLD,
+                True,
+            )
         if (num_full < num_tiles) & (pid == num_full % nprog):
-            _bwd_rows_tile(x_ptr, t_ptr, tv_ptr, gp_ptr, wv_ptr, g_ptr, num_full, S, tiles_per_b, stride_b,
-                           gstride_b, gp_stride, ignore_index, gamma, p2, cls, f, pf, kf, acc_ty, C, PARTS, CPART,
-                           LV, PPIX, P, BL, MODE, FOCAL, HAS_GP, HAS_WV, FOLD, False)
+            _bwd_rows_tile(
+                x_ptr,
+                t_ptr,
+                tv_ptr,
+                gp_ptr,
+                wv_ptr,
+                g_ptr,
+                num_full,
+                S,
+                tiles_per_b,
+                stride_b,
+                gstride_b,
+                gp_stride,
+                ignore_index,
+                gamma,
+                p2,
+                cls,
+                f,
+                pf,
+                kf,
+                acc_ty,
+                C,
+                PARTS,
+                CPART,
+                LV,
+                PPIX,
+                P,
+                BL,
+                MODE,
+                FOCAL,
+                HAS_GP,
+                HAS_WV,
+                FOLD,
+                False,
+            )
     else:
         for t in range(pid, num_tiles, nprog):
-            _bwd_rows_tile(x_ptr, t_ptr, tv_ptr, gp_ptr, wv_ptr, g_ptr, t, S, tiles_per_b, stride_b, gstride_b,
-                           gp_stride, ignore_index, gamma, p2, cls, f, pf, kf, acc_ty, C, PARTS, CPART, LV, PPIX, P,
-                           BL, MODE, FOCAL, HAS_GP, HAS_WV, FOLD, False)
+            _bwd_rows_tile(
+                x_ptr,
+                t_ptr,
+                tv_ptr,
+                gp_ptr,
+                wv_ptr,
+                g_ptr,
+                t,
+                S,
+                tiles_per_b,
+                stride_b,
+                gstride_b,
+                gp_stride,
+                ignore_index,
+                gamma,
+                p2,
+                cls,
+                f,
+                pf,
+                kf,
+                acc_ty,
+                C,
+                PARTS,
+                CPART,
+                LV,
+                PPIX,
+                P,
+                BL,
+                MODE,
+                FOCAL,
+                HAS_GP,
+                HAS_WV,
+                FOLD,
+                False,
+            )

@@ -60,6 +60,7 @@ pixel forward, 152 backward) the 12-16 bytes per pixel of 3-4 passes are 5-7 %.
 
 Kernel arguments are commented in the kernels; offsets are int64 (N may exceed 2**31).
 """
+
 from typing import Optional
 
 import torch
@@ -132,8 +133,14 @@ if triton is not None:
         return digit, valid
 
     @triton.jit
-    def _descend(k_ptr, work_ptr, PREV: tl.constexpr, STATE_IN: tl.constexpr, PREV_BITS: tl.constexpr,
-                 FIRST: tl.constexpr):
+    def _descend(
+        k_ptr,
+        work_ptr,
+        PREV: tl.constexpr,
+        STATE_IN: tl.constexpr,
+        PREV_BITS: tl.constexpr,
+        FIRST: tl.constexpr,
+    ):
         """(prefix, rank, n_valid) once the previous digit is known: the bin of its histogram (at
         ``work_ptr + PREV``) that holds the rank-th key is appended to the prefix, and the keys of
         the lower bins leave the rank. The state before it is at ``work_ptr + STATE_IN``, or, when
@@ -244,12 +251,32 @@ def launch_passes(v, k, work, out, first_given):
             shift, width = plan[j]
             prev = max(j - 1, 0)
             wrap(_select_hist_kernel)[grid](
-                v, k, work, N, PREV=hist_at[prev], STATE_IN=state_at[max(j - 2, 0)], STATE_OUT=state_at[prev],
-                HIST=hist_at[j], SHIFT=shift, BITS=width, PREV_BITS=widths[j - 1] if j else 0, FIRST=j == 1,
-                BLOCK=block, num_warps=_WARPS)
+                v,
+                k,
+                work,
+                N,
+                PREV=hist_at[prev],
+                STATE_IN=state_at[max(j - 2, 0)],
+                STATE_OUT=state_at[prev],
+                HIST=hist_at[j],
+                SHIFT=shift,
+                BITS=width,
+                PREV_BITS=widths[j - 1] if j else 0,
+                FIRST=j == 1,
+                BLOCK=block,
+                num_warps=_WARPS,
+            )
         last = len(plan) - 1
-        wrap(_select_final_kernel)[(1,)](k, work, out, PREV=hist_at[last], STATE_IN=state_at[max(last - 1, 0)],
-                                         PREV_BITS=widths[last], FIRST=last == 0, num_warps=4)
+        wrap(_select_final_kernel)[(1,)](
+            k,
+            work,
+            out,
+            PREV=hist_at[last],
+            STATE_IN=state_at[max(last - 1, 0)],
+            PREV_BITS=widths[last],
+            FIRST=last == 0,
+            num_warps=4,
+        )
     return out
 
 
@@ -269,8 +296,9 @@ def _select(values, k, first_hist):
 if triton is not None:
 
     @torch.library.triton_op("fused_imbalance::triton_select_kth", mutates_args=())
-    def select_kth(values: torch.Tensor, k: torch.Tensor,
-                   first_hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def select_kth(
+        values: torch.Tensor, k: torch.Tensor, first_hist: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return _select(values, k, first_hist)
 
     @select_kth.register_fake

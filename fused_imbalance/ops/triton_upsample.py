@@ -38,7 +38,8 @@ segment and one band per image.)
 With C <= ``_CACHE_C`` the horizontal passes of rows y and y + 1 are kept in registers
 (2·C values per thread), computed once per low-resolution row of the band (R + 1 per band) and
 reused by the H/h output rows of the segment; beyond, each step recomputes them per class
-group (4 gathered loads, cache hits, and 3 multiply-adds per class, for the TY rows of the step). Per pixel: the label, the
+group (4 gathered loads, cache hits, and 3 multiply-adds per class, for the TY rows of the step). Per pixel:
+the label, the
 softmax in one max pass and one exp pass over the group's interpolated values, or the per-class
 terms of the elementwise modes; the label's interpolated logit is 4 gathered loads per pixel.
 Class statistics as in the static forward: per-thread registers (a predicated add per pixel, class
@@ -57,7 +58,8 @@ and one row of the walk (halos apart). There it recomputes the interpolated logi
 lane's columns read the same two source columns: their values in rows yy and yy + 1 are loaded once
 per row, row yy + 1's kept for the next row; the horizontal passes at column X are blended from them
 once per column and reused over the rows), the loss gradient g of each class, and adds wy0·wx0·g,
-wy0·wx1·g, wy1·wx0·g, wy1·wx1·g into four per-thread accumulators: (row yy, column x_i), (yy, x_i + 1), (yy + 1, x_i), (yy + 1, x_i + 1)
+wy0·wx1·g, wy1·wx0·g, wy1·wx1·g into four per-thread accumulators: (row yy, column x_i), (yy, x_i + 1), (yy +
+1, x_i), (yy + 1, x_i + 1)
 (steps of TJ columns x TY rows: 1 x 1 on a GPU, whole segments in the interpreter).
 When row yy is done its elements are complete: column x_i's value is its own first accumulator
 plus the second of lane i - 1 (one ``tl.gather`` per low-resolution element); the yy + 1
@@ -96,13 +98,24 @@ to 5.6 (150 bfloat16 classes) exponentials per byte: they are compute-bound by c
 their ceiling is the special-function rate (about 85 % of the floor's speed for 19 float32
 classes, 23 % for 150 bfloat16 classes), not the memory.
 """
+
 from typing import Optional
 
 import torch
 
 from . import FLOAT_DTYPES, FwdOut, Mode, Reduction, Weighting, acc_dtype, fwd_fake
-from ._triton_host import (_cdiv, _class_sums, _dummy, _focal, _interpret, _np2, _on_device, finalize, grad_arg,
-                           outputs)
+from ._triton_host import (
+    _cdiv,
+    _class_sums,
+    _dummy,
+    _focal,
+    _interpret,
+    _np2,
+    _on_device,
+    finalize,
+    grad_arg,
+    outputs,
+)
 from ._args import check_tensor_args
 from .upsample import Interp, check_lse
 
@@ -111,9 +124,25 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (_LOG2E, _NO_BAD, _bwd_softmax_coefs, _conf_flush, _conf_hist, _counts_in_memory,
-                                 _focal_coef, _gamma, _i64, _labels, _lse, _sigmoid_focal_grad, _sigmoid_focal_terms,
-                                 _store_bad, _take_max, _upstream, _zero_rows)
+    from .triton_kernels import (
+        _LOG2E,
+        _NO_BAD,
+        _bwd_softmax_coefs,
+        _conf_flush,
+        _conf_hist,
+        _counts_in_memory,
+        _focal_coef,
+        _gamma,
+        _i64,
+        _labels,
+        _lse,
+        _sigmoid_focal_grad,
+        _sigmoid_focal_terms,
+        _store_bad,
+        _take_max,
+        _upstream,
+        _zero_rows,
+    )
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
 
@@ -128,7 +157,9 @@ _FUSED_C_F64_SIGMOID = 6  # float64 with the sigmoid focal terms
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the backward's class groups are unrolled; beyond, a loop over groups
 _GROUP = 12  # classes per forward group beyond _CACHE_C: see _class_plan
-_BWD_GROUP = 19  # classes per backward group from the coefficient launch (unrolled; 20 took all 255 registers)
+_BWD_GROUP = (
+    19  # classes per backward group from the coefficient launch (unrolled; 20 took all 255 registers)
+)
 _BWD_GROUP_LOOP = 16  # the same in a loop over groups (more than _UNROLL_C classes)
 _TP_PACK = 4096  # REG_STATS: a float count + _TP_PACK x true positives (exact for H < _TP_PACK)
 _BIG_H = 1 << 24  # from this many output rows a program may count 2**31 pixels: int64 rows, no REG_STATS
@@ -153,10 +184,20 @@ def _axis(n_in, n_out, interp, align_corners, dtype, device):
             scale = torch.tensor(float(n_in), dtype=torch.float32, device=device) / float(n_out)
             s = torch.clamp((d.to(torch.float32) * scale).floor().to(torch.int64), max=n_in - 1)
         s = s.to(torch.int32)
-        return s, s, torch.ones(n_out, dtype=dtype, device=device), torch.zeros(n_out, dtype=dtype, device=device)
+        return (
+            s,
+            s,
+            torch.ones(n_out, dtype=dtype, device=device),
+            torch.zeros(n_out, dtype=dtype, device=device),
+        )
     if n_out == n_in:  # scale factor 1 is a copy
         s = d.to(torch.int32)
-        return s, s, torch.ones(n_out, dtype=dtype, device=device), torch.zeros(n_out, dtype=dtype, device=device)
+        return (
+            s,
+            s,
+            torch.ones(n_out, dtype=dtype, device=device),
+            torch.zeros(n_out, dtype=dtype, device=device),
+        )
     one = torch.ones((), dtype=dtype, device=device)
     dt = d.to(dtype)
     if align_corners:
@@ -174,8 +215,10 @@ def _axis(n_in, n_out, interp, align_corners, dtype, device):
 def _segments(i0, n_in):
     """(start, end) int32 (n_in,): the output indices whose first source index is each input index."""
     src = torch.arange(n_in, dtype=i0.dtype, device=i0.device)
-    return (torch.searchsorted(i0, src, right=False).to(torch.int32),
-            torch.searchsorted(i0, src, right=True).to(torch.int32))
+    return (
+        torch.searchsorted(i0, src, right=False).to(torch.int32),
+        torch.searchsorted(i0, src, right=True).to(torch.int32),
+    )
 
 
 if triton is not None:
@@ -219,8 +262,9 @@ if triton is not None:
         return hs
 
     @triton.jit
-    def _hrow(xp, off, o0, o1, wx0, wx1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
-              TAP2_X: tl.constexpr):
+    def _hrow(
+        xp, off, o0, o1, wx0, wx1, m, sc, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr, TAP2_X: tl.constexpr
+    ):
         """Horizontal passes of one low-resolution row at the lanes' columns, classes c0 .. c0 + NCLS - 1:
         a tuple of NCLS vectors."""
         t0, t1 = _taps(xp, off, o0, o1, m, sc, c0, acc_ty, NCLS, TAP2_X)
@@ -240,8 +284,24 @@ if triton is not None:
         return vs
 
     @triton.jit
-    def _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, m, sc, c0, acc_ty: tl.constexpr,
-                  NCLS: tl.constexpr, TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
+    def _row_vals(
+        xp,
+        r0,
+        r1,
+        o0,
+        o1,
+        wx0,
+        wx1,
+        wy0,
+        wy1,
+        m,
+        sc,
+        c0,
+        acc_ty: tl.constexpr,
+        NCLS: tl.constexpr,
+        TAP2_X: tl.constexpr,
+        TAP2_Y: tl.constexpr,
+    ):
         """Interpolated logits of classes c0 .. c0 + NCLS - 1 at the lanes' pixels of one output row."""
         ha = _hrow(xp, r0, o0, o1, wx0, wx1, m, sc, c0, acc_ty, NCLS, TAP2_X)
         hb = ha
@@ -250,8 +310,22 @@ if triton is not None:
         return _vert(ha, hb, wy0, wy1, NCLS, TAP2_Y)
 
     @triton.jit
-    def _interp_at(xp, co, r0, r1, o0, o1, wx0, wx1, wy0, wy1, m, acc_ty: tl.constexpr,
-                   TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr):
+    def _interp_at(
+        xp,
+        co,
+        r0,
+        r1,
+        o0,
+        o1,
+        wx0,
+        wx1,
+        wy0,
+        wy1,
+        m,
+        acc_ty: tl.constexpr,
+        TAP2_X: tl.constexpr,
+        TAP2_Y: tl.constexpr,
+    ):
         """The interpolated logit of class offset ``co`` (per lane), the same operations as
         :func:`_row_vals`: 4 gathered loads (one per tap)."""
         p = xp + co
@@ -284,8 +358,25 @@ if triton is not None:
             return tl.exp2(tl.fma(v, _LOG2E, -sh))
 
     @triton.jit
-    def _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, NCLS: tl.constexpr,
-              MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr, FIRST: tl.constexpr = False):
+    def _fold(
+        vals,
+        c0,
+        yk,
+        tv,
+        gamma,
+        m,
+        s,
+        rest,
+        s2r,
+        lsum,
+        bv,
+        am,
+        NCLS: tl.constexpr,
+        MODE: tl.constexpr,
+        FOCAL: tl.constexpr,
+        NEED_AM: tl.constexpr,
+        FIRST: tl.constexpr = False,
+    ):
         """Fold one class group's interpolated logits into a pixel's running state: the softmax
         (a max pass, the sums rescaled once, an exp pass: m, s = Σ e_k, rest = Σ_{k≠y} e_k,
         s2r = Σ_{k≠y} e_k², as ``_softmax_group`` of the static kernels), or the per-class terms
@@ -329,10 +420,33 @@ if triton is not None:
         return m, s, rest, s2r, lsum, bv, am
 
     @triton.jit
-    def _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, y32, tv, gamma,
-                   acc_ty: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, CACHE: tl.constexpr,
-                   MODE: tl.constexpr, FOCAL: tl.constexpr, NEED_AM: tl.constexpr, TAP2_X: tl.constexpr,
-                   TAP2_Y: tl.constexpr):
+    def _row_state(
+        xp,
+        ha,
+        hb,
+        r0,
+        r1,
+        o0,
+        o1,
+        wx0,
+        wx1,
+        wy0,
+        wy1,
+        xm,
+        sc,
+        y32,
+        tv,
+        gamma,
+        acc_ty: tl.constexpr,
+        C: tl.constexpr,
+        GROUP: tl.constexpr,
+        CACHE: tl.constexpr,
+        MODE: tl.constexpr,
+        FOCAL: tl.constexpr,
+        NEED_AM: tl.constexpr,
+        TAP2_X: tl.constexpr,
+        TAP2_Y: tl.constexpr,
+    ):
         """(m, s, rest, s2r, lsum, am) of one output row's pixels over all classes: from the cached
         horizontal rows (CACHE, one group), or per class group (a loop) from the low-resolution logits."""
         # One group (C <= 32): the label as int16 for the class pass's comparisons (exact: it is -1 or below
@@ -351,30 +465,38 @@ if triton is not None:
         am = tl.zeros(y32.shape, tl.int32)
         if CACHE:
             vals = _vert(ha, hb, wy0, wy1, C, TAP2_Y)
-            m, s, rest, s2r, lsum, bv, am = _fold(vals, 0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am,
-                                                  C, MODE, FOCAL, NEED_AM, True)
+            m, s, rest, s2r, lsum, bv, am = _fold(
+                vals, 0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, C, MODE, FOCAL, NEED_AM, True
+            )
         else:  # a loop over the class groups (unrolled groups spilled)
             FULL: tl.constexpr = (C // GROUP) * GROUP
             for c0 in range(0, FULL, GROUP):
-                vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP,
-                                 TAP2_X, TAP2_Y)
-                m, s, rest, s2r, lsum, bv, am = _fold(vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum,
-                                                      bv, am, GROUP, MODE, FOCAL, NEED_AM)
+                vals = _row_vals(
+                    xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP, TAP2_X, TAP2_Y
+                )
+                m, s, rest, s2r, lsum, bv, am = _fold(
+                    vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, GROUP, MODE, FOCAL, NEED_AM
+                )
             if C % GROUP:
-                vals = _row_vals(xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, FULL, acc_ty, C % GROUP,
-                                 TAP2_X, TAP2_Y)
-                m, s, rest, s2r, lsum, bv, am = _fold(vals, FULL, yk, tv, gamma, m, s, rest, s2r, lsum,
-                                                      bv, am, C % GROUP, MODE, FOCAL, NEED_AM)
+                vals = _row_vals(
+                    xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, FULL, acc_ty, C % GROUP, TAP2_X, TAP2_Y
+                )
+                m, s, rest, s2r, lsum, bv, am = _fold(
+                    vals, FULL, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, C % GROUP, MODE, FOCAL, NEED_AM
+                )
         return m, s, rest, s2r, lsum, am
 
     @triton.jit
     def _up_fwd_kernel(
         x_ptr,  # low-resolution logits, element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
         t_ptr,  # (B*H*W,) labels, any integer dtype; pixel (b, Y, X) at (b*H + Y)*W + X
-        wy0_ptr, wy1_ptr,  # (H,) row weights (accumulation dtype)
-        sy0_ptr, sy1_ptr,  # (h,) int32: output rows [sy0[y], sy1[y]) whose first source row is y
+        wy0_ptr,
+        wy1_ptr,  # (H,) row weights (accumulation dtype)
+        sy0_ptr,
+        sy1_ptr,  # (h,) int32: output rows [sy0[y], sy1[y]) whose first source row is y
         ax0_ptr,  # (W,) int32 first source column of each output column
-        wx0_ptr, wx1_ptr,  # (W,) column weights
+        wx0_ptr,
+        wx1_ptr,  # (W,) column weights
         tv_ptr,  # (C,) MSE target values (accumulation dtype)
         w_ptr,  # (C,) class weights the stored per-pixel loss is multiplied by (WEIGH_PL)
         pl_ptr,  # (N,) per-pixel loss out (STORE_PL); its dtype sets the arithmetic
@@ -384,18 +506,31 @@ if triton is not None:
         trow_ptr,  # (programs, C) true positives, as crow_ptr (NEED_TP)
         bad_ptr,  # (programs, 2) int64 out: bad labels (outside [0, C), not ignore_index) and the largest
         conf_ptr,  # (C, C) int64 confusion [label, argmax] added into (CONF): the caller's matrix
-        gp_ptr, wv_ptr,  # upstream gradient and its per-class factor (COEF; see _upstream)
-        coef_ptr, lse_ptr, q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse, q the focal weight out
+        gp_ptr,
+        wv_ptr,  # upstream gradient and its per-class factor (COEF; see _upstream)
+        coef_ptr,
+        lse_ptr,
+        q_ptr,  # (N,) out (COEF): a, lse, q of each output pixel; lse, q the focal weight out
         #                          (STORE_LSE)
-        H, W, h, w,  # output and input sizes
-        bands, xblocks,  # row bands per image, column blocks per row
-        stride_b, stride_c, stride_h, stride_w,  # logits strides, in elements
+        H,
+        W,
+        h,
+        w,  # output and input sizes
+        bands,
+        xblocks,  # row bands per image, column blocks per row
+        stride_b,
+        stride_c,
+        stride_h,
+        stride_w,  # logits strides, in elements
         gp_stride,  # upstream gradient stride (0: one value for every pixel)
-        ignore_index, gamma, gamma64: tl.float64,
+        ignore_index,
+        gamma,
+        gamma64: tl.float64,
         C: tl.constexpr,  # classes
         GROUP: tl.constexpr,  # classes per group of the loop over groups (not CACHE)
         CACHE: tl.constexpr,  # one group, horizontal passes cached per low-resolution row
-        MODE: tl.constexpr, FOCAL: tl.constexpr,
+        MODE: tl.constexpr,
+        FOCAL: tl.constexpr,
         STORE_PL: tl.constexpr,  # write the per-pixel loss
         WEIGH_PL: tl.constexpr,  # ... times the class weight of its label
         SUMS: tl.constexpr,  # the class-loss sums in registers (REG_STATS; else the stored loss is summed)
@@ -407,8 +542,10 @@ if triton is not None:
         CONF_BINS: tl.constexpr,  # a power of two >= C * C (CONF == 1)
         COEF: tl.constexpr,  # the backward's first launch: per-pixel gradient scalars, no statistics
         STORE_LSE: tl.constexpr,  # the forward (softmax focal) also writes each pixel's lse (and focal weight)
-        HAS_GP: tl.constexpr, HAS_WV: tl.constexpr,
-        TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr,  # two-tap axes (bilinear, size changed)
+        HAS_GP: tl.constexpr,
+        HAS_WV: tl.constexpr,
+        TAP2_X: tl.constexpr,
+        TAP2_Y: tl.constexpr,  # two-tap axes (bilinear, size changed)
         OFF64: tl.constexpr,  # 64-bit offsets inside an image
         R: tl.constexpr,  # low-resolution rows per band
         TY: tl.constexpr,  # output rows per step (of one segment)
@@ -485,22 +622,60 @@ if triton is not None:
                 tv = tl.zeros([TY, BLOCK_X], acc_ty)
                 if MODE == 2 or MODE == 3:
                     tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-                m, s, rest, s2r, lsum, am = _row_state(xp, ha, hb, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm,
-                                                       sc, y32, tv, gamma, acc_ty, C, GROUP, CACHE,
-                                                       MODE, FOCAL, NEED_AM, TAP2_X, TAP2_Y)
+                m, s, rest, s2r, lsum, am = _row_state(
+                    xp,
+                    ha,
+                    hb,
+                    r0,
+                    r1,
+                    o0,
+                    o1,
+                    wx0,
+                    wx1,
+                    wy0,
+                    wy1,
+                    xm,
+                    sc,
+                    y32,
+                    tv,
+                    gamma,
+                    acc_ty,
+                    C,
+                    GROUP,
+                    CACHE,
+                    MODE,
+                    FOCAL,
+                    NEED_AM,
+                    TAP2_X,
+                    TAP2_Y,
+                )
                 if SOFTMAX:
                     # the label's interpolated logit: 4 gathered loads per pixel
-                    xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty,
-                                    TAP2_X, TAP2_Y)
+                    xy = _interp_at(
+                        xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty, TAP2_X, TAP2_Y
+                    )
                     lse_v = _lse(m, s)
                     logp = xy - lse_v
                     if STORE_LSE:  # the forward keeps it for the backward (softmax focal, keeps_lse)
                         tl.store(lse_ptr + n, lse_v, mask=pm)
-                        if FOCAL:  # and the focal weight ∂ℓ/∂log p_y, the backward's a per unit upstream weight
-                            tl.store(q_ptr + n, _focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pm)
+                        if (
+                            FOCAL
+                        ):  # and the focal weight ∂ℓ/∂log p_y, the backward's a per unit upstream weight
+                            tl.store(
+                                q_ptr + n, _focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pm
+                            )
                 if COEF:
-                    wgt = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([TY, BLOCK_X], 1.0, acc_ty),
-                                    HAS_GP, HAS_WV)
+                    wgt = _upstream(
+                        gp_ptr,
+                        wv_ptr,
+                        n,
+                        y32,
+                        valid,
+                        gp_stride,
+                        tl.full([TY, BLOCK_X], 1.0, acc_ty),
+                        HAS_GP,
+                        HAS_WV,
+                    )
                     lse, a, q = _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, wgt, gamma, MODE, FOCAL)
                     tl.store(coef_ptr + n, tl.where(valid, a, 0.0), mask=pm)
                     tl.store(lse_ptr + n, lse, mask=pm)
@@ -523,8 +698,11 @@ if triton is not None:
                     lv = tl.where(valid, loss, 0.0)
                     if STORE_PL:
                         if WEIGH_PL:
-                            tl.store(pl_ptr + n, lv * tl.load(w_ptr + y32, mask=valid, other=0.0).to(acc_ty),
-                                     mask=pm)
+                            tl.store(
+                                pl_ptr + n,
+                                lv * tl.load(w_ptr + y32, mask=valid, other=0.0).to(acc_ty),
+                                mask=pm,
+                            )
                         else:
                             tl.store(pl_ptr + n, lv, mask=pm)
                     hit = valid & (am == y32)
@@ -558,8 +736,20 @@ if triton is not None:
                         tacc = nt
                     if CONF == 1:
                         hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
-                    _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS,
-                                      NEED_TP, CONF)
+                    _counts_in_memory(
+                        crow_ptr,
+                        trow_ptr,
+                        conf_ptr,
+                        pid64,
+                        C,
+                        y32,
+                        am,
+                        valid,
+                        hit,
+                        not REG_STATS,
+                        NEED_TP,
+                        CONF,
+                    )
             if CACHE:
                 if TAP2_Y:
                     ha = hb
@@ -584,8 +774,22 @@ if triton is not None:
             _store_bad(bad_ptr, pid, tl.sum(nbad.to(tl.int64), 0), tl.max(vbad, 0))
 
     @triton.jit
-    def _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty: tl.constexpr, NCLS: tl.constexpr,
-                     MODE: tl.constexpr, FOCAL: tl.constexpr, PRE: tl.constexpr):
+    def _pixel_grads(
+        vals,
+        y32,
+        valid,
+        tv,
+        a,
+        lse,
+        q,
+        gamma,
+        c0,
+        acc_ty: tl.constexpr,
+        NCLS: tl.constexpr,
+        MODE: tl.constexpr,
+        FOCAL: tl.constexpr,
+        PRE: tl.constexpr,
+    ):
         """∂ℓ/∂x̃_k of one output row's pixels for classes c0 .. c0 + NCLS - 1 (a tuple), 0 where not
         valid; ``a`` is the upstream weight (grad_pixel + grad_class[y]). Softmax modes: with PRE the
         per-pixel (a, lse, q) come from the coefficient launch; otherwise NCLS = C and the softmax is
@@ -656,16 +860,62 @@ if triton is not None:
             t = t + (acc[k] + c * gs[k],)
         return t
 
-
     @triton.jit
-    def _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr,
-                     wy0_ptr, wy1_ptr, sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr,
-                     bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev, s0, s1, span, o0, o1, go,
-                     sh, sc, gsh, gsc, gp_stride, ignore_index, gamma, c0,
-                     acc_ty: tl.constexpr, C: tl.constexpr, NCLS: tl.constexpr, MODE: tl.constexpr,
-                     FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr, PRE: tl.constexpr,
-                     TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, TJ: tl.constexpr, TY: tl.constexpr,
-                     BLOCK_X: tl.constexpr):
+    def _bwd_classes(
+        xp,
+        gq,
+        t_ptr,
+        tv_ptr,
+        gp_ptr,
+        wv_ptr,
+        coef_ptr,
+        lse_ptr,
+        q_ptr,
+        wy0_ptr,
+        wy1_ptr,
+        sy0_ptr,
+        sy1_ptr,
+        wx0_ptr,
+        wx1_ptr,
+        bH,
+        W,
+        h,
+        ys,
+        ya,
+        yb,
+        xl,
+        lm,
+        om,
+        lastc,
+        prev,
+        s0,
+        s1,
+        span,
+        o0,
+        o1,
+        go,
+        sh,
+        sc,
+        gsh,
+        gsc,
+        gp_stride,
+        ignore_index,
+        gamma,
+        c0,
+        acc_ty: tl.constexpr,
+        C: tl.constexpr,
+        NCLS: tl.constexpr,
+        MODE: tl.constexpr,
+        FOCAL: tl.constexpr,
+        HAS_GP: tl.constexpr,
+        HAS_WV: tl.constexpr,
+        PRE: tl.constexpr,
+        TAP2_X: tl.constexpr,
+        TAP2_Y: tl.constexpr,
+        TJ: tl.constexpr,
+        TY: tl.constexpr,
+        BLOCK_X: tl.constexpr,
+    ):
         """The gradient of classes c0 .. c0 + NCLS - 1 of the band's low-resolution rows [ya, yb)
         at the lanes' columns (see the module docstring): A (row yy, own column), Bc (row yy, next
         column), An, Bn (row yy + 1), each a [TJ, TY, BLOCK_X] tile of partial sums."""
@@ -717,7 +967,9 @@ if triton is not None:
                     a = zero  # the upstream weight grad[n] * scale[y], or the coefficient
                     lse = zero
                     q = zero
-                    if PRE == 2:  # from the forward: a = the upstream weight x (-1, or the focal weight at q_ptr)
+                    if (
+                        PRE == 2
+                    ):  # from the forward: a = the upstream weight x (-1, or the focal weight at q_ptr)
                         a = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, one, HAS_GP, HAS_WV)
                         if FOCAL:
                             a = a * tl.load(q_ptr + n, mask=valid, other=0.0)
@@ -739,8 +991,9 @@ if triton is not None:
                     if TAP2_Y:
                         wy1 = tl.load(wy1_ptr + Y, mask=ym, other=0.0)
                     vals = _vert(h0, h1, wy0, wy1, NCLS, TAP2_Y)
-                    gs = _pixel_grads(vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty, NCLS, MODE, FOCAL,
-                                      PRE)
+                    gs = _pixel_grads(
+                        vals, y32, valid, tv, a, lse, q, gamma, c0, acc_ty, NCLS, MODE, FOCAL, PRE
+                    )
                     if TAP2_X:
                         if TAP2_Y:
                             A = _madd(A, wy0 * wx0, gs, NCLS)
@@ -784,25 +1037,54 @@ if triton is not None:
     def _up_bwd_kernel(
         x_ptr,  # low-resolution logits, element (b, c, y, x) at b*sb + c*sc + y*sh + x*sw
         t_ptr,  # (B*H*W,) labels, any integer dtype
-        wy0_ptr, wy1_ptr,  # (H,) row weights
-        sy0_ptr, sy1_ptr,  # (h,) int32 output rows [sy0[y], sy1[y]) whose first source row is y
-        wx0_ptr, wx1_ptr,  # (W,) column weights
-        sx0_ptr, sx1_ptr,  # (w,) int32 output columns [sx0[x], sx1[x]) whose first source column is x
+        wy0_ptr,
+        wy1_ptr,  # (H,) row weights
+        sy0_ptr,
+        sy1_ptr,  # (h,) int32 output rows [sy0[y], sy1[y]) whose first source row is y
+        wx0_ptr,
+        wx1_ptr,  # (W,) column weights
+        sx0_ptr,
+        sx1_ptr,  # (w,) int32 output columns [sx0[x], sx1[x]) whose first source column is x
         tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
-        gp_ptr, wv_ptr,  # upstream gradient and its per-class factor (HAS_GP, HAS_WV; see _upstream)
-        coef_ptr, lse_ptr, q_ptr,  # (N,) per-pixel a, lse, q of the coefficient launch (PRE)
+        gp_ptr,
+        wv_ptr,  # upstream gradient and its per-class factor (HAS_GP, HAS_WV; see _upstream)
+        coef_ptr,
+        lse_ptr,
+        q_ptr,  # (N,) per-pixel a, lse, q of the coefficient launch (PRE)
         g_ptr,  # gradient out, x's dtype, element (b, c, y, x) at b*gsb + c*gsc + y*gsh + x*gsw
-        H, W, h, w, bands, xblocks,
-        stride_b, stride_c, stride_h, stride_w,
-        gstride_b, gstride_c, gstride_h, gstride_w,
-        gp_stride, ignore_index, gamma, gamma64: tl.float64,
-        C: tl.constexpr, GROUP: tl.constexpr, LOOP: tl.constexpr,
-        MODE: tl.constexpr, FOCAL: tl.constexpr, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr,
+        H,
+        W,
+        h,
+        w,
+        bands,
+        xblocks,
+        stride_b,
+        stride_c,
+        stride_h,
+        stride_w,
+        gstride_b,
+        gstride_c,
+        gstride_h,
+        gstride_w,
+        gp_stride,
+        ignore_index,
+        gamma,
+        gamma64: tl.float64,
+        C: tl.constexpr,
+        GROUP: tl.constexpr,
+        LOOP: tl.constexpr,
+        MODE: tl.constexpr,
+        FOCAL: tl.constexpr,
+        HAS_GP: tl.constexpr,
+        HAS_WV: tl.constexpr,
         PRE: tl.constexpr,  # class groups of a softmax mode: 1, the per-pixel scalars from the coefficient launch;
         #                     2, from the forward (softmax focal): lse, and a from the upstream weight and q_ptr
-        TAP2_X: tl.constexpr, TAP2_Y: tl.constexpr, OFF64: tl.constexpr,
+        TAP2_X: tl.constexpr,
+        TAP2_Y: tl.constexpr,
+        OFF64: tl.constexpr,
         R: tl.constexpr,  # low-resolution rows per band
-        TJ: tl.constexpr, TY: tl.constexpr,  # output columns (of a lane's segment) and rows per step
+        TJ: tl.constexpr,
+        TY: tl.constexpr,  # output columns (of a lane's segment) and rows per step
         BLOCK_X: tl.constexpr,  # lanes: low-resolution columns (one of them a halo on a two-tap axis)
     ):
         acc_ty = tv_ptr.dtype.element_ty
@@ -842,24 +1124,178 @@ if triton is not None:
         FULL: tl.constexpr = (C // GROUP) * GROUP
         if LOOP:
             for c0 in range(0, FULL, GROUP):
-                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
-                             sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
-                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, ignore_index,
-                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_WV, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+                _bwd_classes(
+                    xp,
+                    gq,
+                    t_ptr,
+                    tv_ptr,
+                    gp_ptr,
+                    wv_ptr,
+                    coef_ptr,
+                    lse_ptr,
+                    q_ptr,
+                    wy0_ptr,
+                    wy1_ptr,
+                    sy0_ptr,
+                    sy1_ptr,
+                    wx0_ptr,
+                    wx1_ptr,
+                    bH,
+                    W,
+                    h,
+                    ys,
+                    ya,
+                    yb,
+                    xl,
+                    lm,
+                    om,
+                    lastc,
+                    prev,
+                    s0,
+                    s1,
+                    span,
+                    o0,
+                    o1,
+                    go,
+                    sh,
+                    sc,
+                    gsh,
+                    gsc,
+                    gp_stride,
+                    ignore_index,
+                    gamma,
+                    c0,
+                    acc_ty,
+                    C,
+                    GROUP,
+                    MODE,
+                    FOCAL,
+                    HAS_GP,
+                    HAS_WV,
+                    PRE,
+                    TAP2_X,
+                    TAP2_Y,
+                    TJ,
+                    TY,
+                    BLOCK_X,
+                )
         else:
             for c0 in tl.static_range(0, FULL, GROUP):
-                _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
-                             sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
-                             s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, ignore_index,
-                             gamma, c0, acc_ty, C, GROUP, MODE, FOCAL, HAS_GP, HAS_WV, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+                _bwd_classes(
+                    xp,
+                    gq,
+                    t_ptr,
+                    tv_ptr,
+                    gp_ptr,
+                    wv_ptr,
+                    coef_ptr,
+                    lse_ptr,
+                    q_ptr,
+                    wy0_ptr,
+                    wy1_ptr,
+                    sy0_ptr,
+                    sy1_ptr,
+                    wx0_ptr,
+                    wx1_ptr,
+                    bH,
+                    W,
+                    h,
+                    ys,
+                    ya,
+                    yb,
+                    xl,
+                    lm,
+                    om,
+                    lastc,
+                    prev,
+                    s0,
+                    s1,
+                    span,
+                    o0,
+                    o1,
+                    go,
+                    sh,
+                    sc,
+                    gsh,
+                    gsc,
+                    gp_stride,
+                    ignore_index,
+                    gamma,
+                    c0,
+                    acc_ty,
+                    C,
+                    GROUP,
+                    MODE,
+                    FOCAL,
+                    HAS_GP,
+                    HAS_WV,
+                    PRE,
+                    TAP2_X,
+                    TAP2_Y,
+                    TJ,
+                    TY,
+                    BLOCK_X,
+                )
         if C % GROUP:
-            _bwd_classes(xp, gq, t_ptr, tv_ptr, gp_ptr, wv_ptr, coef_ptr, lse_ptr, q_ptr, wy0_ptr, wy1_ptr,
-                         sy0_ptr, sy1_ptr, wx0_ptr, wx1_ptr, bH, W, h, ys, ya, yb, xl, lm, om, lastc, prev,
-                         s0, s1, span, o0, o1, go, sh, sc, gsh, gsc, gp_stride, ignore_index,
-                         gamma, FULL, acc_ty, C, C % GROUP, MODE, FOCAL, HAS_GP, HAS_WV, PRE, TAP2_X, TAP2_Y, TJ, TY, BLOCK_X)
+            _bwd_classes(
+                xp,
+                gq,
+                t_ptr,
+                tv_ptr,
+                gp_ptr,
+                wv_ptr,
+                coef_ptr,
+                lse_ptr,
+                q_ptr,
+                wy0_ptr,
+                wy1_ptr,
+                sy0_ptr,
+                sy1_ptr,
+                wx0_ptr,
+                wx1_ptr,
+                bH,
+                W,
+                h,
+                ys,
+                ya,
+                yb,
+                xl,
+                lm,
+                om,
+                lastc,
+                prev,
+                s0,
+                s1,
+                span,
+                o0,
+                o1,
+                go,
+                sh,
+                sc,
+                gsh,
+                gsc,
+                gp_stride,
+                ignore_index,
+                gamma,
+                FULL,
+                acc_ty,
+                C,
+                C % GROUP,
+                MODE,
+                FOCAL,
+                HAS_GP,
+                HAS_WV,
+                PRE,
+                TAP2_X,
+                TAP2_Y,
+                TJ,
+                TY,
+                BLOCK_X,
+            )
 
 
 # --- launchers ---------------------------------------------------------------------------------
+
 
 class _Geometry:
     """The resize's tables and per-axis flags, from the logits' and the labels' shapes. The tables
@@ -895,7 +1331,7 @@ def _geometry(x, H, W, interp, align_corners):
                 _geometries.pop(next(iter(_geometries)))
             _geometries[key] = geo
     extent = sum((d - 1) * abs(st) for d, st in zip(x.shape[1:], x.stride()[1:]))
-    return geo, extent >= 2 ** 31
+    return geo, extent >= 2**31
 
 
 def _fwd_cached(C, mode, f64):
@@ -936,7 +1372,9 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
         # in steps of 4 rows; 8 spilled with the argmax (and the softmax focal terms), 12 in the
         # coefficient launch of the softmax focal loss on triton 3.6
         group = 6 if need_am and mode != Mode.STATS else (10 if coef else _GROUP)
-    if not loop:  # the backward's unrolled groups (the forward's always loop): even groups, 30 classes are 15 + 15
+    if (
+        not loop
+    ):  # the backward's unrolled groups (the forward's always loop): even groups, 30 classes are 15 + 15
         group = _cdiv(C, _cdiv(C, group))
     return group, loop, False
 
@@ -979,8 +1417,10 @@ def _bwd_tile(geo):
 
 def _check(x, target, interp, loss_mode, gamma):
     if x.dim() != 4 or target.dim() != 3 or target.shape[0] != x.shape[0]:
-        raise ValueError(f"upsampled losses take (B, C, h, w) logits and (B, H, W) labels, got "
-                         f"{tuple(x.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"upsampled losses take (B, C, h, w) logits and (B, H, W) labels, got "
+            f"{tuple(x.shape)} and {tuple(target.shape)}"
+        )
     if interp not in (Interp.NEAREST, Interp.BILINEAR):
         raise ValueError(f"unknown interpolation {interp}")
     if not 0 <= loss_mode <= int(Mode.STATS):
@@ -1007,8 +1447,28 @@ _INTERPRET_SUM_SCALE = 8  # the class-sum kernel's larger blocks under the inter
 _ZERO_BLOCK = 256  # classes per step of a kernel's zeroing of its own rows
 
 
-def _launch_fwd(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, *, weight=None, weigh=False, sums=False,
-                store_pl=None, need_tp=False, confusion=None, coef=None, grad=None, scale=None, store_lse=None):
+def _launch_fwd(
+    x,
+    t,
+    geo,
+    off64,
+    mode,
+    gamma,
+    tvals,
+    ignore_index,
+    acc,
+    *,
+    weight=None,
+    weigh=False,
+    sums=False,
+    store_pl=None,
+    need_tp=False,
+    confusion=None,
+    coef=None,
+    grad=None,
+    scale=None,
+    store_lse=None,
+):
     """One launch of ``_up_fwd_kernel``: the forward (``store_pl``: the (N,) per-pixel loss buffer, or None;
     ``store_lse``: the buffer of :func:`keeps_lse`, softmax focal), or (``coef`` = (a, lse, q) buffers) the
     backward's per-pixel scalars. Returns (pl, lrow, crow, trow, brow, reg) of a forward."""
@@ -1056,22 +1516,89 @@ def _launch_fwd(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, *, weig
         a = lse = q = pl
     gp, gp_stride, has_gp = grad_arg(grad, t.numel(), dev, acc)
     wrap(_up_fwd_kernel)[(P,)](
-        x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1, tv,
-        weight if weight is not None else one, pl, lrow, crow, trow, brow, conf,
-        gp, scale if scale is not None else one, a, lse, q,
-        geo.H, geo.W, geo.h, geo.w, bands, xblocks, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        gp_stride, ignore_index, gamma, gamma,
-        C=C, GROUP=group, CACHE=cache, MODE=int(mode),
-        FOCAL=focal, STORE_PL=store_pl is not None and not is_coef, WEIGH_PL=weigh, SUMS=sums and reg, REG_STATS=reg,
-        NEED_TP=need_tp and not is_coef, PACK_TP=reg and need_tp and geo.H < _TP_PACK, TP_PACK=_TP_PACK,
-        CONF=conf_mode, CONF_BINS=bins, COEF=is_coef, STORE_LSE=store_lse is not None, HAS_GP=has_gp,
-        HAS_WV=scale is not None, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=off64, R=R, TY=ty,
-        BLOCK_X=block, ZB=min(_np2(C), _ZERO_BLOCK), num_warps=warps)
+        x,
+        t,
+        geo.wy0,
+        geo.wy1,
+        geo.sy0,
+        geo.sy1,
+        geo.ax0,
+        geo.wx0,
+        geo.wx1,
+        tv,
+        weight if weight is not None else one,
+        pl,
+        lrow,
+        crow,
+        trow,
+        brow,
+        conf,
+        gp,
+        scale if scale is not None else one,
+        a,
+        lse,
+        q,
+        geo.H,
+        geo.W,
+        geo.h,
+        geo.w,
+        bands,
+        xblocks,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        gp_stride,
+        ignore_index,
+        gamma,
+        gamma,
+        C=C,
+        GROUP=group,
+        CACHE=cache,
+        MODE=int(mode),
+        FOCAL=focal,
+        STORE_PL=store_pl is not None and not is_coef,
+        WEIGH_PL=weigh,
+        SUMS=sums and reg,
+        REG_STATS=reg,
+        NEED_TP=need_tp and not is_coef,
+        PACK_TP=reg and need_tp and geo.H < _TP_PACK,
+        TP_PACK=_TP_PACK,
+        CONF=conf_mode,
+        CONF_BINS=bins,
+        COEF=is_coef,
+        STORE_LSE=store_lse is not None,
+        HAS_GP=has_gp,
+        HAS_WV=scale is not None,
+        TAP2_X=geo.tap2_x,
+        TAP2_Y=geo.tap2_y,
+        OFF64=off64,
+        R=R,
+        TY=ty,
+        BLOCK_X=block,
+        ZB=min(_np2(C), _ZERO_BLOCK),
+        num_warps=warps,
+    )
     return pl, lrow, crow, trow, brow, reg
 
 
-def _forward(x, target, interp, align_corners, weight, tvals, confusion, mode, gamma, ignore_index, reduction,
-             weighting, need_tp, validate, need_lse):
+def _forward(
+    x,
+    target,
+    interp,
+    align_corners,
+    weight,
+    tvals,
+    confusion,
+    mode,
+    gamma,
+    ignore_index,
+    reduction,
+    weighting,
+    need_tp,
+    validate,
+    need_lse,
+):
     """The upsampled forward op's launcher (the contract of :mod:`fused_imbalance.ops` with the loss of the
     interpolated logits): the loss kernel, the class-sum kernel when the class sums are not registers,
     the finalize launch."""
@@ -1092,21 +1619,61 @@ def _forward(x, target, interp, align_corners, weight, tvals, confusion, mode, g
     with _on_device(x):
         if N == 0 or x.numel() == 0:  # no pixel: the finalize of no rows gives the zeros
             z = x.new_empty((0, C), dtype=torch.int32)
-            finalize(x.new_empty((0, C), dtype=acc), z, z, x.new_empty((0, 2), dtype=torch.int64), weight, out, C,
-                     reduction, weighting, sums, need_tp, ignore_index, t)
+            finalize(
+                x.new_empty((0, C), dtype=acc),
+                z,
+                z,
+                x.new_empty((0, 2), dtype=torch.int64),
+                weight,
+                out,
+                C,
+                reduction,
+                weighting,
+                sums,
+                need_tp,
+                ignore_index,
+                t,
+            )
             if lse.numel():
                 lse.zero_()
             return FwdOut(*out, lse)
         geo, off64 = _geometry(x, H, W, interp, align_corners)
         weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
         pl, lrow, crow, trow, brow, reg = _launch_fwd(
-            x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, weight=weight, weigh=weigh, sums=sums,
-            store_pl=out[0] if reduction == Reduction.NONE else None, need_tp=need_tp,
-            confusion=confusion, store_lse=lse if lse.numel() else None)
+            x,
+            t,
+            geo,
+            off64,
+            mode,
+            gamma,
+            tvals,
+            ignore_index,
+            acc,
+            weight=weight,
+            weigh=weigh,
+            sums=sums,
+            store_pl=out[0] if reduction == Reduction.NONE else None,
+            need_tp=need_tp,
+            confusion=confusion,
+            store_lse=lse if lse.numel() else None,
+        )
         if sums and not reg:
             lrow = _class_sums(t, pl, C, _INTERPRET_SUM_SCALE)
-        finalize(lrow if sums else None, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp,
-                 ignore_index, t)
+        finalize(
+            lrow if sums else None,
+            crow,
+            trow,
+            brow,
+            weight,
+            out,
+            C,
+            reduction,
+            weighting,
+            sums,
+            need_tp,
+            ignore_index,
+            t,
+        )
     return FwdOut(*out, lse)
 
 
@@ -1152,19 +1719,75 @@ def _backward(x, target, interp, align_corners, grad, scale, tvals, lse_fwd, mod
             coef = x.new_empty(N, dtype=acc)
             lse = x.new_empty(N, dtype=acc)
             q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
-            _launch_fwd(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, coef=(coef, lse, q), grad=grad,
-                        scale=scale)
+            _launch_fwd(
+                x,
+                t,
+                geo,
+                off64,
+                mode,
+                gamma,
+                tvals,
+                ignore_index,
+                acc,
+                coef=(coef, lse, q),
+                grad=grad,
+                scale=scale,
+            )
         block, R, tj, ty, warps = _bwd_tile(geo)
         bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
         wrap(_up_bwd_kernel)[(B * bands * xblocks,)](
-            x, t, geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.wx0, geo.wx1, geo.sx0, geo.sx1, dummy,
-            gp, wv, coef, lse, q, grad_x, H, W, h, w, bands, xblocks,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
-            gp_stride, ignore_index, gamma, gamma,
-            C=C, GROUP=group, LOOP=loop, MODE=int(mode), FOCAL=focal, HAS_GP=has_gp,
-            HAS_WV=scale is not None, PRE=pre, TAP2_X=geo.tap2_x, TAP2_Y=geo.tap2_y, OFF64=off64,
-            R=R, TJ=tj, TY=ty, BLOCK_X=block, num_warps=warps)
+            x,
+            t,
+            geo.wy0,
+            geo.wy1,
+            geo.sy0,
+            geo.sy1,
+            geo.wx0,
+            geo.wx1,
+            geo.sx0,
+            geo.sx1,
+            dummy,
+            gp,
+            wv,
+            coef,
+            lse,
+            q,
+            grad_x,
+            H,
+            W,
+            h,
+            w,
+            bands,
+            xblocks,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            grad_x.stride(0),
+            grad_x.stride(1),
+            grad_x.stride(2),
+            grad_x.stride(3),
+            gp_stride,
+            ignore_index,
+            gamma,
+            gamma,
+            C=C,
+            GROUP=group,
+            LOOP=loop,
+            MODE=int(mode),
+            FOCAL=focal,
+            HAS_GP=has_gp,
+            HAS_WV=scale is not None,
+            PRE=pre,
+            TAP2_X=geo.tap2_x,
+            TAP2_Y=geo.tap2_y,
+            OFF64=off64,
+            R=R,
+            TJ=tj,
+            TY=ty,
+            BLOCK_X=block,
+            num_warps=warps,
+        )
     return grad_x
 
 
@@ -1188,14 +1811,55 @@ if triton is not None:
         validate: bool,
         need_lse: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_tensor_args("triton_upsample_loss_fwd", x, target, target.numel(), loss_mode, tvals, weight, weighting,
-                          confusion)
-        return tuple(_forward(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma,
-                              ignore_index, reduction, weighting, need_tp, validate, need_lse))
+        check_tensor_args(
+            "triton_upsample_loss_fwd",
+            x,
+            target,
+            target.numel(),
+            loss_mode,
+            tvals,
+            weight,
+            weighting,
+            confusion,
+        )
+        return tuple(
+            _forward(
+                x,
+                target,
+                interp,
+                align_corners,
+                weight,
+                tvals,
+                confusion,
+                loss_mode,
+                gamma,
+                ignore_index,
+                reduction,
+                weighting,
+                need_tp,
+                validate,
+                need_lse,
+            )
+        )
 
     @upsample_loss_fwd.register_fake
-    def _upsample_loss_fwd_fake(x, target, interp, align_corners, weight, tvals, confusion, loss_mode, gamma,
-                                ignore_index, reduction, weighting, need_tp, validate, need_lse):
+    def _upsample_loss_fwd_fake(
+        x,
+        target,
+        interp,
+        align_corners,
+        weight,
+        tvals,
+        confusion,
+        loss_mode,
+        gamma,
+        ignore_index,
+        reduction,
+        weighting,
+        need_tp,
+        validate,
+        need_lse,
+    ):
         lse = keeps_lse(x, loss_mode, gamma) if need_lse else 0
         return fwd_fake(x, target, reduction, need_tp or weighting == Weighting.RECALL, lse)
 
@@ -1213,13 +1877,17 @@ if triton is not None:
         gamma: float,
         ignore_index: int,
     ) -> torch.Tensor:
-        check_tensor_args("triton_upsample_loss_bwd", x, target, target.numel(), loss_mode, tvals, grad=grad,
-                          scale=scale)
-        return _backward(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index)
+        check_tensor_args(
+            "triton_upsample_loss_bwd", x, target, target.numel(), loss_mode, tvals, grad=grad, scale=scale
+        )
+        return _backward(
+            x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index
+        )
 
     @upsample_loss_bwd.register_fake
-    def _upsample_loss_bwd_fake(x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma,
-                                ignore_index):
+    def _upsample_loss_bwd_fake(
+        x, target, interp, align_corners, grad, scale, tvals, lse, loss_mode, gamma, ignore_index
+    ):
         return torch.empty_like(x)
 else:
     upsample_loss_fwd = None

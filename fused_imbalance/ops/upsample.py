@@ -26,6 +26,7 @@ passes more); None or empty: recomputed.
 
 Neither op allocates anything of B·C·H·W elements.
 """
+
 import enum
 
 __all__ = ["Interp", "check_lse"]
@@ -41,5 +42,7 @@ class Interp(enum.IntEnum):
 def check_lse(lse, numel, dtype, device):
     """The backward's ``lse`` must be what the forward kept: checked before any kernel reads it."""
     if lse.dim() != 1 or lse.numel() != numel or lse.dtype != dtype or lse.device != device:
-        raise RuntimeError(f"fused_imbalance: lse must be the forward's ({numel},) {dtype} tensor on {device} "
-                           f"(log-sum-exp, and focal weight), got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+        raise RuntimeError(
+            f"fused_imbalance: lse must be the forward's ({numel},) {dtype} tensor on {device} "
+            f"(log-sum-exp, and focal weight), got {tuple(lse.shape)} {lse.dtype} on {lse.device}"
+        )
