@@ -79,6 +79,24 @@ def backend(request):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """The Triton launchers cache each launch's plan, derived from the module's tiling limits, which
+    some tests shrink (monkeypatch): every test starts and ends with no plan made under other limits."""
+    from fused_imbalance.ops import triton_backend
+
+    if not triton_backend.available():
+        yield
+        return
+    from fused_imbalance.ops import triton_loss
+
+    triton_loss._fwd_plans.clear()
+    triton_loss._bwd_plans.clear()
+    yield
+    triton_loss._fwd_plans.clear()
+    triton_loss._bwd_plans.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_deferred_checks_left():
     """A test that makes the Triton backend defer a failing label check consumes it
     (``check_deferred``); one left behind would make the next test's first fused call raise, so the

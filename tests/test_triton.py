@@ -236,6 +236,51 @@ def test_class_sums_in_one_program(monkeypatch):
     check_forward(x, y, Mode.SOFTMAX_FOCAL, 2.0, tvals, need_tp=False, need_confusion=False)
 
 
+def test_launch_plans_follow_every_key():
+    """A launch's cached plan is keyed on everything it derives from: calls that differ in one of layout,
+    dtype, confusion matrix, flags or γ = 0 after one another each make their own plan, and give the
+    bits of the same call made with no plan cached."""
+    C = 5
+    base = make((1, C, 4, 4), dtype=torch.float32)
+    cl = make((1, C, 4, 4), "cl", dtype=torch.float32)
+    half = make((1, C, 4, 4), dtype=torch.bfloat16)
+    F, S, M = int(Mode.SOFTMAX_FOCAL), int(Mode.SIGMOID_FOCAL), int(Reduction.MEAN)
+    N_, CL = int(Reduction.NONE), int(Reduction.CLASS)
+    # (inputs, mode, gamma, reduction, weighting, need_tp, need_lse, confusion)
+    calls = [
+        (base, F, 0.0, M, 0, False, False, False),
+        (cl, F, 0.0, M, 0, False, False, False),  # the layout
+        (half, F, 0.0, M, 0, False, False, False),  # the dtype
+        (base, F, 0.0, M, 0, False, False, True),  # a confusion matrix
+        (base, F, 2.0, M, 0, False, False, False),  # γ ≠ 0: the focal terms
+        (base, S, 0.0, M, 0, False, False, False),  # the mode
+        (base, F, 0.0, N_, 0, False, False, False),  # the reduction
+        (base, F, 0.0, CL, 0, True, False, False),  # true positives
+        (base, F, 0.0, M, int(Weighting.GENERAL), False, False, False),  # the weighting
+        (base, F, 0.0, M, 0, False, True, False),  # the kept lse asked for
+    ]
+    w = torch.linspace(0.5, 2.0, C, device=DEV)
+
+    def step(args):
+        (x, y, _), mode, gamma, red, wtg, tp, lse, conf = args
+        confusion = torch.zeros(C, C, dtype=torch.int64, device=DEV) if conf else None
+        out = BE.fwd(
+            x, y.reshape(-1), w if wtg else None, None, confusion, mode, gamma, -100, red, wtg, tp, False, lse
+        )
+        grad = BE.bwd(x, y.reshape(-1), None, out[1], None, out[5], mode, gamma, -100)
+        return [t.clone() for t in out] + [grad] + ([confusion] if conf else [])
+
+    warm = [step(c) for c in calls]
+    assert len(T._fwd_plans) == len(calls)
+    # the backward's key: layout, dtype, mode and γ = 0 (the kept lse's presence and the factor too)
+    assert len(T._bwd_plans) == 5
+    for args, got in zip(calls, warm):
+        T._fwd_plans.clear()
+        T._bwd_plans.clear()
+        for a, b in zip(got, step(args)):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("path", ["nchw", "channels_last_c40"])
 def test_confusion_by_atomics(monkeypatch, path):
     """Confusion counts added straight into the caller's (C, C) matrix by integer atomics (the

@@ -32,7 +32,7 @@ over a pixel's logits hits the cache) and writes the gradient once.
 """
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -213,15 +213,174 @@ def _chunked_plan(C, S, ss, f64, scaled=True):
     return min(block_p, _np2(S)), block_c, single, num_warps
 
 
-def _confusion(confusion, C, device):
-    """(CONF, CONF_BINS, matrix) of a forward launch: none; a per-program register histogram flushed
-    into the caller's matrix (C * C up to _CONF_HIST_CELLS cells); else integer atomics straight into
-    it. No scratch beyond the caller's matrix in either case."""
-    if confusion is None:
-        return 0, 1, _dummy(device, torch.int64)
+def _confusion_mode(has_conf, C):
+    """(CONF, CONF_BINS) of a forward launch: none; a per-program register histogram flushed into the
+    caller's matrix (C * C up to _CONF_HIST_CELLS cells); else integer atomics straight into it. No
+    scratch beyond the caller's matrix in either case."""
+    if not has_conf:
+        return 0, 1
     if C * C <= _CONF_HIST_CELLS:
-        return 1, _np2(C * C), confusion
-    return 2, 1, confusion
+        return 1, _np2(C * C)
+    return 2, 1
+
+
+# A launch's plan: everything a forward or backward launch derives from the logits' shape, strides,
+# dtype and device and the op's flags (geometry, tiling, grid, constexprs, what to allocate), cached so
+# that a training step's repeated call costs one dict lookup, its allocations and its launches. Bounded:
+# cleared when full (a loop over many shapes recomputes them, as without the cache).
+_PLANS_MAX = 256
+_fwd_plans = {}
+_bwd_plans = {}
+
+
+class _FwdPlan(NamedTuple):
+    acc: torch.dtype
+    C: int
+    N: int
+    sums: bool
+    need_tp: bool
+    kept: int  # floats per pixel of the kept log-sum-exp (:func:`keeps_lse`)
+    kernel: object  # None: no pixel, the finalize of no rows alone
+    P: int  # programs
+    pl: int  # the per-pixel loss buffer: 0 the "none" loss output, 1 a dummy, 2 its own (N,)
+    lrow: bool  # the loss kernel writes (P, C) class-loss rows
+    lse_arg: bool  # the static and chunked kernels take the lse buffer (or a stand-in) after ``conf``
+    ints: tuple  # the kernel's integer arguments before (ignore_index, gamma, gamma)
+    kw: dict  # its constexprs and num_warps
+    class_sums: bool  # the class-loss rows come from the class-sum kernel over the per-pixel loss
+
+
+class _BwdPlan(NamedTuple):
+    kernel: object
+    P: int
+    N: int
+    acc: torch.dtype
+    kept: int
+    lse_arg: bool  # the static and chunked kernels take the lse buffer (or a stand-in) after ``dx``
+    ints: tuple  # the kernel's integer arguments between the tensors and (gp_stride, ...)
+    kw: dict  # its constexprs (HAS_GP excepted: the upstream gradient's) and num_warps
+
+
+def _cacheable(x):
+    """Whether a plan for ``x`` may be cached: not under tracing with symbolic sizes (their plan is
+    recomputed each time, as the sizes it depends on are not known)."""
+    return all(type(d) is int for d in x.shape)
+
+
+def _remember(plans, key, plan):
+    if len(plans) >= _PLANS_MAX:
+        plans.clear()
+    plans[key] = plan
+
+
+def _fwd_plan(x, mode, gamma, reduction, weighting, need_tp, need_lse, has_conf):
+    """The :class:`_FwdPlan` of a forward launch (computed; :func:`_forward` caches it)."""
+    acc = acc_dtype(x)
+    B, C, S, (sb, sc, ss), _ = _geometry(x)
+    N = B * S
+    has_loss = mode != Mode.STATS
+    sums = has_loss and reduction != Reduction.NONE
+    kept = keeps_lse(x, mode, gamma) if need_lse else 0
+    none = reduction == Reduction.NONE
+    if N == 0:  # no pixel: the finalize of no rows gives the zeros
+        return _FwdPlan(
+            acc, C, N, sums, need_tp, kept, kernel=None, P=0, pl=1, lrow=False,
+            lse_arg=False, ints=(), kw={}, class_sums=False,
+        )  # fmt: skip
+    dev = x.device
+    weigh = none and weighting in (Weighting.GENERAL, Weighting.PAPER)
+    focal = _focal(mode, gamma)
+    conf_mode, conf_bins = _confusion_mode(has_conf, C)
+    if _rows_path(C, sc, ss):
+        parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
+        if parts > 1 and conf_mode == 1:
+            conf_mode, conf_bins = 2, 1  # the register histogram wants one thread per pixel
+        tiles_per_b = _cdiv(S, p)
+        num_tiles = B * tiles_per_b
+        P = _programs(num_tiles, _WARPS, dev)
+        kw = dict(
+            C=C,
+            PARTS=parts,
+            CPART=cpart,
+            LV=lv,
+            PPIX=ppix,
+            P=p,
+            BL=bl,
+            MODE=int(mode),
+            FOCAL=focal,
+            STORE_PL=none,
+            WEIGH_PL=weigh,
+            SUMS=sums,
+            NEED_TP=need_tp,
+            CONF=conf_mode,
+            CONF_BINS=conf_bins,
+            FOLD=B == 1,
+            num_warps=_WARPS,
+        )
+        ints = (S, tiles_per_b, num_tiles, S // p, sb)
+        return _FwdPlan(
+            acc, C, N, sums, need_tp, kept, kernel=_fwd_rows_kernel, P=P, pl=0 if none else 1, lrow=sums,
+            lse_arg=False, ints=ints, kw=kw, class_sums=False,
+        )  # fmt: skip
+    if C <= _STATIC_C:
+        rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, need_tp, focal)
+        tiles_per_b = _cdiv(S, rows * vec)
+        num_tiles = B * tiles_per_b
+        P = _programs(num_tiles, _WARPS, dev)
+        reg = C <= _REG_STATS_C
+        store_pl = none or (sums and not reg)  # "none": zeros without a loss
+        kw = dict(
+            C=C,
+            GROUP=group,
+            LOOP=loop,
+            MODE=int(mode),
+            FOCAL=focal,
+            STORE_LSE=kept > 0,
+            STORE_PL=store_pl,
+            WEIGH_PL=weigh,
+            SUMS=sums and reg,
+            REG_STATS=reg,
+            NEED_TP=need_tp,
+            CONF=conf_mode,
+            CONF_BINS=conf_bins,
+            ROWS=rows,
+            VEC=vec,
+            ZB=min(_np2(C), _ZERO_BLOCK),
+            num_warps=_WARPS,
+        )
+        ints = (S, N, tiles_per_b, num_tiles, sb, sc, ss)
+        pl = 0 if none else (2 if store_pl else 1)
+        return _FwdPlan(
+            acc, C, N, sums, need_tp, kept, kernel=_fwd_static_kernel, P=P, pl=pl, lrow=reg and sums,
+            lse_arg=True, ints=ints, kw=kw, class_sums=sums and not reg,
+        )  # fmt: skip
+    block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
+    tiles_per_b = _cdiv(S, block_p)
+    num_tiles = B * tiles_per_b
+    rowsum = sums and block_p == 1
+    P = _programs(num_tiles, num_warps, dev, _ROWSUM_PROGRAMS_PER_SM if rowsum else None)
+    store_pl = none or (sums and not rowsum)
+    kw = dict(
+        MODE=int(mode),
+        FOCAL=focal,
+        STORE_LSE=kept > 0,
+        STORE_PL=store_pl,
+        WEIGH_PL=weigh,
+        ROWSUM=rowsum,
+        NEED_TP=need_tp,
+        CONF=conf_mode > 0,
+        SINGLE=single,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        ZB=min(_np2(C), _ZERO_BLOCK),
+        num_warps=num_warps,
+    )
+    ints = (C, S, N, tiles_per_b, num_tiles, sb, sc, ss)
+    pl = 0 if none else (2 if store_pl else 1)
+    return _FwdPlan(
+        acc, C, N, sums, need_tp, kept, kernel=_fwd_chunked_kernel, P=P, pl=pl, lrow=rowsum,
+        lse_arg=True, ints=ints, kw=kw, class_sums=sums and not rowsum,
+    )  # fmt: skip
 
 
 def _forward(
@@ -242,20 +401,27 @@ def _forward(
     """The forward op's launcher (the contract of :mod:`fused_imbalance.ops`): the loss kernel, the
     class-sum kernel beyond 32 classes, then the finalize launch. ``validate`` is the caller's: this
     backend returns the bad labels (``bad``) and never waits for the device."""
-    mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
-    need_tp = need_tp or weighting == Weighting.RECALL
-    acc = acc_dtype(x)
-    B, C, S, (sb, sc, ss), _ = _geometry(x)
-    N = B * S
+    need_tp = bool(need_tp) or weighting == Weighting.RECALL
+    # mode, reduction and weighting as given (ints or their enums: equal keys); every flag the plan
+    # reads, the interpreter's scaled tiles included
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, mode, reduction, weighting, need_tp, bool(need_lse),
+        confusion is not None, gamma == 0, _interpret(),
+    )  # fmt: skip
+    cache = _cacheable(x)
+    plan = _fwd_plans.get(key) if cache else None
+    if plan is None:
+        mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
+        plan = _fwd_plan(x, mode, gamma, reduction, weighting, need_tp, need_lse, confusion is not None)
+        if cache:
+            _remember(_fwd_plans, key, plan)
+    acc, C, N, sums = plan.acc, plan.C, plan.N, plan.sums
     dev = x.device
-    has_loss = mode != Mode.STATS
-    sums = has_loss and reduction != Reduction.NONE
     out = outputs(x, C, N, reduction, need_tp)
-    kept = keeps_lse(x, mode, gamma) if need_lse else 0
-    lse = x.new_empty(N * kept, dtype=acc)  # every element is written by the loss kernel
+    lse = x.new_empty(N * plan.kept, dtype=acc)  # every element is written by the loss kernel
     i32 = torch.int32
     with _on_device(x):
-        if N == 0:  # no pixel: the finalize of no rows gives the zeros
+        if plan.kernel is None:
             z = x.new_empty((0, C), dtype=i32)
             finalize(
                 x.new_empty((0, C), dtype=acc),
@@ -273,307 +439,133 @@ def _forward(
                 target,
             )
             return FwdOut(*out, lse)
-        weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
+        P = plan.P
         wt = weight if weight is not None else _dummy(dev, acc)
         tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
-        conf_mode, conf_bins, conf = _confusion(confusion, C, dev)
-        if _rows_path(C, sc, ss):
-            parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
-            if parts > 1 and conf_mode == 1:
-                conf_mode, conf_bins = 2, 1  # the register histogram wants one thread per pixel
-            tiles_per_b = _cdiv(S, p)
-            num_tiles = B * tiles_per_b
-            P = _programs(num_tiles, _WARPS, dev)
-            pl = out[0] if reduction == Reduction.NONE else _dummy(dev, acc)
-            lrow = x.new_empty((P, C), dtype=acc) if sums else None
-            crow = x.new_empty((P, C), dtype=i32)
-            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
-            brow = x.new_empty((P, 2), dtype=torch.int64)
-            wrap(_fwd_rows_kernel)[(P,)](
-                x,
-                target,
-                tv,
-                wt,
-                pl,
-                lrow if lrow is not None else pl,
-                crow,
-                trow,
-                brow,
-                conf,
-                S,
-                tiles_per_b,
-                num_tiles,
-                S // p,
-                sb,
-                ignore_index,
-                gamma,
-                gamma,
-                C=C,
-                PARTS=parts,
-                CPART=cpart,
-                LV=lv,
-                PPIX=ppix,
-                P=p,
-                BL=bl,
-                MODE=int(mode),
-                FOCAL=_focal(mode, gamma),
-                STORE_PL=reduction == Reduction.NONE,
-                WEIGH_PL=weigh,
-                SUMS=sums,
-                NEED_TP=need_tp,
-                CONF=conf_mode,
-                CONF_BINS=conf_bins,
-                FOLD=B == 1,
-                num_warps=_WARPS,
-            )
-        elif C <= _STATIC_C:
-            rows, vec, group, loop = _static_plan(
-                C, S, ss, x.element_size(), mode, need_tp, _focal(mode, gamma)
-            )
-            tiles_per_b = _cdiv(S, rows * vec)
-            num_tiles = B * tiles_per_b
-            P = _programs(num_tiles, _WARPS, dev)
-            reg = C <= _REG_STATS_C
-            store_pl = reduction == Reduction.NONE or (sums and not reg)  # "none": zeros without a loss
-            pl = out[0] if reduction == Reduction.NONE else x.new_empty(N if store_pl else 1, dtype=acc)
-            lrow = x.new_empty((P, C), dtype=acc) if reg and sums else None
-            crow = x.new_empty((P, C), dtype=i32)
-            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
-            brow = x.new_empty((P, 2), dtype=torch.int64)
-            wrap(_fwd_static_kernel)[(P,)](
-                x,
-                target,
-                tv,
-                wt,
-                pl,
-                lrow if lrow is not None else pl,
-                crow,
-                trow,
-                brow,
-                conf,
-                lse if kept else pl,
-                S,
-                N,
-                tiles_per_b,
-                num_tiles,
-                sb,
-                sc,
-                ss,
-                ignore_index,
-                gamma,
-                gamma,
-                C=C,
-                GROUP=group,
-                LOOP=loop,
-                MODE=int(mode),
-                FOCAL=_focal(mode, gamma),
-                STORE_LSE=kept > 0,
-                STORE_PL=store_pl,
-                WEIGH_PL=weigh,
-                SUMS=sums and reg,
-                REG_STATS=reg,
-                NEED_TP=need_tp,
-                CONF=conf_mode,
-                CONF_BINS=conf_bins,
-                ROWS=rows,
-                VEC=vec,
-                ZB=min(_np2(C), _ZERO_BLOCK),
-                num_warps=_WARPS,
-            )
-            if sums and not reg:
-                lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
+        conf = confusion if confusion is not None else _dummy(dev, torch.int64)
+        if plan.pl == 0:
+            pl = out[0]
+        elif plan.pl == 1:
+            pl = _dummy(dev, acc)  # not stored: the kernel never writes it
         else:
-            block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
-            tiles_per_b = _cdiv(S, block_p)
-            num_tiles = B * tiles_per_b
-            rowsum = sums and block_p == 1
-            P = _programs(num_tiles, num_warps, dev, _ROWSUM_PROGRAMS_PER_SM if rowsum else None)
-            store_pl = reduction == Reduction.NONE or (sums and not rowsum)
-            pl = out[0] if reduction == Reduction.NONE else x.new_empty(N if store_pl else 1, dtype=acc)
-            lrow = x.new_empty((P, C), dtype=acc) if rowsum else None
-            crow = x.new_empty((P, C), dtype=i32)
-            trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
-            brow = x.new_empty((P, 2), dtype=torch.int64)
-            wrap(_fwd_chunked_kernel)[(P,)](
-                x,
-                target,
-                tv,
-                wt,
-                pl,
-                lrow if lrow is not None else pl,
-                crow,
-                trow,
-                brow,
-                conf,
-                lse if kept else pl,
-                C,
-                S,
-                N,
-                tiles_per_b,
-                num_tiles,
-                sb,
-                sc,
-                ss,
-                ignore_index,
-                gamma,
-                gamma,
-                MODE=int(mode),
-                FOCAL=_focal(mode, gamma),
-                STORE_LSE=kept > 0,
-                STORE_PL=store_pl,
-                WEIGH_PL=weigh,
-                ROWSUM=rowsum,
-                NEED_TP=need_tp,
-                CONF=conf_mode > 0,
-                SINGLE=single,
-                BLOCK_P=block_p,
-                BLOCK_C=block_c,
-                ZB=min(_np2(C), _ZERO_BLOCK),
-                num_warps=num_warps,
-            )
-            if sums and not rowsum:
-                lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
+            pl = x.new_empty(N, dtype=acc)
+        lrow = x.new_empty((P, C), dtype=acc) if plan.lrow else None
+        crow = x.new_empty((P, C), dtype=i32)
+        trow = x.new_empty((P, C), dtype=i32) if need_tp else crow
+        brow = x.new_empty((P, 2), dtype=torch.int64)
+        tensors = (x, target, tv, wt, pl, lrow if lrow is not None else pl, crow, trow, brow, conf)
+        if plan.lse_arg:
+            tensors += (lse if plan.kept else pl,)
+        wrap(plan.kernel)[(P,)](*tensors, *plan.ints, ignore_index, gamma, gamma, **plan.kw)
+        if plan.class_sums:
+            lrow = _class_sums(target, pl, C, _INTERPRET_TILE_SCALE)
         finalize(
             lrow, crow, trow, brow, weight, out, C, reduction, weighting, sums, need_tp, ignore_index, target
         )
     return FwdOut(*out, lse)
 
 
+def _bwd_plan(x, dx, mode, gamma, has_lse, has_wv):
+    """The :class:`_BwdPlan` of a backward launch (computed; :func:`_backward` caches it). ``has_lse``:
+    the caller passed a non-empty lse (read only where this layout keeps one)."""
+    acc = acc_dtype(x)
+    B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, dx)
+    dev = x.device
+    focal = _focal(mode, gamma)
+    kept = keeps_lse(x, mode, gamma)
+    lse = has_lse and kept > 0  # else the backward reads the logits once anyway
+    if _rows_path(C, sc, ss, gsc, gss):
+        parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
+        tiles_per_b = _cdiv(S, p)
+        num_tiles = B * tiles_per_b
+        kw = dict(
+            C=C,
+            PARTS=parts,
+            CPART=cpart,
+            LV=lv,
+            PPIX=ppix,
+            P=p,
+            BL=bl,
+            MODE=int(mode),
+            FOCAL=focal,
+            HAS_WV=has_wv,
+            FOLD=B == 1,
+            num_warps=_WARPS,
+        )
+        ints = (S, tiles_per_b, num_tiles, S // p, sb, gsb)
+        P = _programs(num_tiles, _WARPS, dev)
+        return _BwdPlan(_bwd_rows_kernel, P, B * S, acc, kept, False, ints, kw)
+    if C <= _STATIC_C:
+        rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, bwd=True)
+        if lse and loop:
+            group = _LSE_GROUP  # one streaming pass: nothing is held across a group
+        tiles_per_b = _cdiv(S, rows * vec)
+        num_tiles = B * tiles_per_b
+        kw = dict(
+            C=C,
+            GROUP=group,
+            LOOP=loop,
+            MODE=int(mode),
+            FOCAL=focal,
+            HAS_WV=has_wv,
+            HAS_LSE=lse,
+            ROWS=rows,
+            VEC=vec,
+            num_warps=_WARPS,
+        )
+        ints = (S, B * S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss)
+        P = _programs(num_tiles, _WARPS, dev)
+        return _BwdPlan(_bwd_static_kernel, P, B * S, acc, kept, True, ints, kw)
+    block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
+    tiles_per_b = _cdiv(S, block_p)
+    num_tiles = B * tiles_per_b
+    kw = dict(
+        MODE=int(mode),
+        FOCAL=focal,
+        HAS_WV=has_wv,
+        HAS_LSE=lse,
+        SINGLE=single,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    ints = (C, S, B * S, tiles_per_b, num_tiles, sb, sc, ss, gsb, gsc, gss)
+    P = _programs(num_tiles, num_warps, dev)
+    return _BwdPlan(_bwd_chunked_kernel, P, B * S, acc, kept, True, ints, kw)
+
+
 def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
     """The backward op's launcher: grad[n] * scale[y_n] * dℓ_n/dx in x's layout (the contract of
     :mod:`fused_imbalance.ops`); one launch."""
-    mode = Mode(mode)
     if mode == Mode.STATS or x.numel() == 0:
         return torch.zeros_like(x)
-    acc = acc_dtype(x)
     dx = torch.empty_like(x)
-    B, C, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, dx)
+    has_lse = lse is not None and lse.numel() > 0
+    has_wv = scale is not None
+    # dx's strides follow from x's (empty_like of the same layout): x's key covers both
+    key = (x.shape, x.stride(), x.dtype, x.device, mode, gamma == 0, has_lse, has_wv, _interpret())
+    cache = _cacheable(x)
+    plan = _bwd_plans.get(key) if cache else None
+    if plan is None:
+        plan = _bwd_plan(x, dx, Mode(mode), gamma, has_lse, has_wv)
+        if cache:
+            _remember(_bwd_plans, key, plan)
+    acc = plan.acc
     dev = x.device
     tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
-    gp, gp_stride, has_gp = grad_arg(grad, B * S, dev, acc)
-    wv = scale if scale is not None else tv
-    focal = _focal(mode, gamma)
-    if lse is not None and lse.numel() == 0:
+    gp, gp_stride, has_gp = grad_arg(grad, plan.N, dev, acc)
+    wv = scale if has_wv else tv
+    if has_lse and plan.kept:
+        check_lse(lse, plan.N * plan.kept, acc, dev)
+    else:
         lse = None
-    kept = keeps_lse(x, mode, gamma)
-    if lse is not None:
-        if not kept:
-            lse = None  # the backward reads the logits once anyway
-        else:
-            check_lse(lse, B * S * kept, acc, dev)
+    tensors = (x, target, tv, gp, wv, dx)
+    if plan.lse_arg:
+        tensors += (lse if lse is not None else tv,)
     with _on_device(x):
-        if _rows_path(C, sc, ss, gsc, gss):
-            parts, cpart, lv, ppix, p, bl = _rows_plan(C, S, x.element_size())
-            tiles_per_b = _cdiv(S, p)
-            num_tiles = B * tiles_per_b
-            wrap(_bwd_rows_kernel)[(_programs(num_tiles, _WARPS, dev),)](
-                x,
-                target,
-                tv,
-                gp,
-                wv,
-                dx,
-                S,
-                tiles_per_b,
-                num_tiles,
-                S // p,
-                sb,
-                gsb,
-                gp_stride,
-                ignore_index,
-                gamma,
-                gamma,
-                C=C,
-                PARTS=parts,
-                CPART=cpart,
-                LV=lv,
-                PPIX=ppix,
-                P=p,
-                BL=bl,
-                MODE=int(mode),
-                FOCAL=focal,
-                HAS_GP=has_gp,
-                HAS_WV=scale is not None,
-                FOLD=B == 1,
-                num_warps=_WARPS,
-            )
-        elif C <= _STATIC_C:
-            rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, bwd=True)
-            if lse is not None and loop:
-                group = _LSE_GROUP  # one streaming pass: nothing is held across a group
-            tiles_per_b = _cdiv(S, rows * vec)
-            num_tiles = B * tiles_per_b
-            wrap(_bwd_static_kernel)[(_programs(num_tiles, _WARPS, dev),)](
-                x,
-                target,
-                tv,
-                gp,
-                wv,
-                dx,
-                lse if lse is not None else tv,
-                S,
-                B * S,
-                tiles_per_b,
-                num_tiles,
-                sb,
-                sc,
-                ss,
-                gsb,
-                gsc,
-                gss,
-                gp_stride,
-                ignore_index,
-                gamma,
-                gamma,
-                C=C,
-                GROUP=group,
-                LOOP=loop,
-                MODE=int(mode),
-                FOCAL=focal,
-                HAS_GP=has_gp,
-                HAS_WV=scale is not None,
-                HAS_LSE=lse is not None,
-                ROWS=rows,
-                VEC=vec,
-                num_warps=_WARPS,
-            )
-        else:
-            block_p, block_c, single, num_warps = _chunked_plan(C, S, ss, acc == torch.float64)
-            tiles_per_b = _cdiv(S, block_p)
-            num_tiles = B * tiles_per_b
-            wrap(_bwd_chunked_kernel)[(_programs(num_tiles, num_warps, dev),)](
-                x,
-                target,
-                tv,
-                gp,
-                wv,
-                dx,
-                lse if lse is not None else tv,
-                C,
-                S,
-                B * S,
-                tiles_per_b,
-                num_tiles,
-                sb,
-                sc,
-                ss,
-                gsb,
-                gsc,
-                gss,
-                gp_stride,
-                ignore_index,
-                gamma,
-                gamma,
-                MODE=int(mode),
-                FOCAL=focal,
-                HAS_GP=has_gp,
-                HAS_WV=scale is not None,
-                HAS_LSE=lse is not None,
-                SINGLE=single,
-                BLOCK_P=block_p,
-                BLOCK_C=block_c,
-                num_warps=num_warps,
-            )
+        wrap(plan.kernel)[(plan.P,)](
+            *tensors, *plan.ints, gp_stride, ignore_index, gamma, gamma, HAS_GP=has_gp, **plan.kw
+        )
     return dx
 
 
