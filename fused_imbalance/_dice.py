@@ -86,6 +86,18 @@ def _check_weight(weight, logits, kept, validate, name):
     return w.contiguous()
 
 
+_INCLUDE_BACKGROUND, _SQUARED, _JACCARD, _BATCH, _CE = (
+    int(f)
+    for f in (
+        DiceFlags.INCLUDE_BACKGROUND,
+        DiceFlags.SQUARED,
+        DiceFlags.JACCARD,
+        DiceFlags.BATCH,
+        DiceFlags.CE,
+    )
+)
+
+
 class DiceOptions:
     """The checked options of one call: the op arguments (``kind``, ``w_type``, ``flags``, ``params``)."""
 
@@ -109,17 +121,17 @@ class DiceOptions:
         lambda_ce=None,
     ):
         chk, num = _ref._check_flag, _ref._check_number
-        flags = DiceFlags(0)
+        flags = 0  # plain ints: torch.compile of torch 2.11 cannot trace the making of an IntFlag
         if chk(include_background, "include_background"):
-            flags |= DiceFlags.INCLUDE_BACKGROUND
+            flags |= _INCLUDE_BACKGROUND
         if chk(squared_pred, "squared_pred"):
-            flags |= DiceFlags.SQUARED
+            flags |= _SQUARED
         if chk(jaccard, "jaccard"):
-            flags |= DiceFlags.JACCARD
+            flags |= _JACCARD
         if chk(batch, "batch"):
-            flags |= DiceFlags.BATCH
+            flags |= _BATCH
         if lambda_ce is not None:
-            flags |= DiceFlags.CE
+            flags |= _CE
         _ref._kept_classes(logits, include_background)
         if kind == DiceKind.GENERALIZED and w_type not in _ref.W_TYPES:
             raise ValueError(f"w_type must be one of {_ref.W_TYPES}, got {w_type!r}")
@@ -423,7 +435,7 @@ def run(
             _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync),
         )
     if red == Reduction.NONE:
-        loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & DiceFlags.BATCH)) + loss.shape[1:])
+        loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & _BATCH)) + loss.shape[1:])
     return loss
 
 
