@@ -134,6 +134,15 @@ VARIANTS = [
     (19, "cl", "f32", "msesoftmax", True, False, False),  # gathered channels_last pixels
     (19, "nchw", "bf16", "sigfocal", False, False, False),
     (19, "cl", "bf16", "mselogit", False, False, False),
+    (
+        19,
+        "nchw",
+        "bf16",
+        "mselogit",
+        False,
+        False,
+        False,
+    ),  # the static kernels' MODE 2 (cl takes the rows kernels)
     (19, "nchw", "f32", "stats", False, True, True),
     (19, "nchw", "f64", "sigfocal", True, True, True),  # float64: vectors of 2, the most registers
     # static kernels, a loop over class groups, statistics in rows, the class-sum kernel

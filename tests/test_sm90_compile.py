@@ -56,6 +56,8 @@ def _every_kernel_compiles(report):
         "_bwd_static_kernel",
         "_fwd_chunked_kernel",
         "_bwd_chunked_kernel",
+        "_fwd_rows_kernel",
+        "_bwd_rows_kernel",
         "_class_sum_kernel",
         "_finalize_kernel",
         "_reduce_rows_kernel",
@@ -68,7 +70,7 @@ def _every_kernel_compiles(report):
     assert {c["RED"] for c in fin} >= {"0", "1", "2"} and {c["WEIGHTING"] for c in fin} >= {"0", "1", "3"}
     assert {c["CONF"] for c in fwd} == {"0", "1", "2"}
     assert {c["MODE"] for c in fwd} == {"0", "1", "2", "3", "4"}
-    assert {c["VEC"] for c in fwd} == {"1", "2", "4"}  # float64 NCHW is 1: channels_last's path
+    assert {c["VEC"] for c in fwd} == {"1", "2", "4", "8"}  # 8: 16-bit NCHW; 1: float64 NCHW
     chunked = [r["constexprs"] for r in report if r["kernel"] == "_fwd_chunked_kernel"]
     assert {c["ROWSUM"] for c in chunked} == {"True", "False"}
     assert {c["SINGLE"] for c in chunked} == {"True", "False"}

@@ -133,7 +133,8 @@ def _static_plan(
         if itemsize == 8:
             vec = 1
         elif need_tp and not bwd:
-            vec = 2
+            # the focal terms beside the true positives spilled 8 bytes with 2 float32 pixels (triton 3.6)
+            vec = 1 if (focal and itemsize == 4) else 2
         elif itemsize == 2 and (bwd or not (focal or mode == Mode.MSE_SOFTMAX)):
             vec = 8
         else:
@@ -578,7 +579,7 @@ def keeps_lse(x, mode, gamma):
     Then the backward is one read of the logits and one write of the gradient. 0 where one read suffices
     (the rows kernels, one group or chunk, the per-class modes) or the second pass hits L1 (19 classes of
     16-bit logits in two groups: 38 KB per tile). ``x``: the logits (their class count, layout and dtype)."""
-    mode = Mode(mode)
+    mode = int(mode)  # not Mode(mode): torch.compile of torch 2.11 cannot trace the making of an enum
     if mode not in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX) or x.dim() < 2 or not collapsible(x):
         return 0
     B, C, S, (sb, sc, ss), _ = _geometry(x)
