@@ -91,9 +91,11 @@ def _fresh_launch_plans():
 
     triton_loss._fwd_plans.clear()
     triton_loss._bwd_plans.clear()
+    triton_loss._lse_keeps.clear()
     yield
     triton_loss._fwd_plans.clear()
     triton_loss._bwd_plans.clear()
+    triton_loss._lse_keeps.clear()
 
 
 @pytest.fixture(autouse=True)

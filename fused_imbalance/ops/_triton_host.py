@@ -125,6 +125,23 @@ def _class_sums(target, pl, C, interpret_scale):
     return part
 
 
+_nothings = {}
+
+
+def nothing(x, dtype):
+    """A tensor of no elements on ``x``'s device (an output a call does not ask for: the true positives
+    without ``need_tp``, the log-sum-exp that is not kept): for a plain tensor ``x`` one allocated once per
+    device and dtype (nothing can be written into it); for a tracer's tensor (torch.compile's fake and
+    functional tensors) a new one of its kind."""
+    if type(x) is not torch.Tensor:
+        return x.new_empty(0, dtype=dtype)
+    key = (x.device, dtype)
+    t = _nothings.get(key)
+    if t is None:
+        t = _nothings[key] = torch.empty(0, dtype=dtype, device=x.device)
+    return t
+
+
 def outputs(x, C, N, reduction, need_tp):
     """The forward op's outputs (loss, scale, count, tp, bad), uninitialised: every element is written
     by the finalize launch (the loss of ``"none"`` by the loss kernel)."""
@@ -140,7 +157,7 @@ def outputs(x, C, N, reduction, need_tp):
         loss,
         x.new_empty(C, dtype=acc),
         x.new_empty(C, dtype=i64),
-        x.new_empty(C if need_tp else 0, dtype=i64),
+        x.new_empty(C, dtype=i64) if need_tp else nothing(x, i64),
         x.new_empty(2, dtype=i64),
     )
 

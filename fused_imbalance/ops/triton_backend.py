@@ -11,23 +11,25 @@ from ._triton_host import available, supports, triton
 __all__ = ["available", "supports", "backend"]
 
 _backend = None
+_keeps_lse = _up_keeps_lse = None  # the launchers' keeps_lse, bound with the backend
 
 
 def keeps_lse(x, mode, gamma, upsampled):
     """Floats per pixel the forward keeps for its backward when asked (see the launchers)."""
-    from . import triton_loss, triton_upsample
-
-    return triton_upsample.keeps_lse(x, mode, gamma) if upsampled else triton_loss.keeps_lse(x, mode, gamma)
+    if _keeps_lse is None:
+        backend()
+    return (_up_keeps_lse if upsampled else _keeps_lse)(x, mode, gamma)
 
 
 def backend():
     """The Triton :class:`~fused_imbalance.ops.Backend` (its modules imported on first use)."""
-    global _backend
+    global _backend, _keeps_lse, _up_keeps_lse
     if _backend is None:
         if triton is None:
             raise RuntimeError("fused_imbalance: the Triton backend needs the triton package")
         from . import triton_loss as tl_, triton_upsample as tu
 
+        _keeps_lse, _up_keeps_lse = tl_.keeps_lse, tu.keeps_lse
         _backend = Backend(
             "triton",
             tl_._forward,

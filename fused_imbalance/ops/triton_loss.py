@@ -49,6 +49,7 @@ from ._triton_host import (
     _programs,
     finalize,
     grad_arg,
+    nothing,
     outputs,
 )
 
@@ -232,6 +233,7 @@ def _confusion_mode(has_conf, C):
 _PLANS_MAX = 256
 _fwd_plans = {}
 _bwd_plans = {}
+_lse_keeps = {}  # keeps_lse's answers
 
 
 class _FwdPlan(NamedTuple):
@@ -265,7 +267,7 @@ class _BwdPlan(NamedTuple):
 def _cacheable(x):
     """Whether a plan for ``x`` may be cached: not under tracing with symbolic sizes (their plan is
     recomputed each time, as the sizes it depends on are not known)."""
-    return all(type(d) is int for d in x.shape)
+    return type(sum(x.shape)) is int  # a symbolic size makes the sum symbolic
 
 
 def _remember(plans, key, plan):
@@ -419,7 +421,8 @@ def _forward(
     acc, C, N, sums = plan.acc, plan.C, plan.N, plan.sums
     dev = x.device
     out = outputs(x, C, N, reduction, need_tp)
-    lse = x.new_empty(N * plan.kept, dtype=acc)  # every element is written by the loss kernel
+    # every element is written by the loss kernel
+    lse = x.new_empty(N * plan.kept, dtype=acc) if plan.kept else nothing(x, acc)
     i32 = torch.int32
     with _on_device(x):
         if plan.kernel is None:
@@ -580,7 +583,22 @@ def keeps_lse(x, mode, gamma):
     (the rows kernels, one group or chunk, the per-class modes) or the second pass hits L1 (19 classes of
     16-bit logits in two groups: 38 KB per tile). ``x``: the logits (their class count, layout and dtype)."""
     mode = int(mode)  # not Mode(mode): torch.compile of torch 2.11 cannot trace the making of an enum
-    if mode not in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX) or x.dim() < 2 or not collapsible(x):
+    if mode not in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX) or x.dim() < 2:
+        return 0
+    # every eager step asks (before its forward): one dict lookup when the logits' geometry repeats; not
+    # while torch.compile traces (no global state written there; the answer is recomputed)
+    cache = not torch.compiler.is_compiling() and _cacheable(x)
+    key = (x.shape, x.stride(), x.dtype, mode, gamma != 0)
+    keep = _lse_keeps.get(key) if cache else None
+    if keep is None:
+        keep = _keeps_lse(x, mode, gamma)
+        if cache:
+            _remember(_lse_keeps, key, keep)
+    return keep
+
+
+def _keeps_lse(x, mode, gamma):
+    if not collapsible(x):
         return 0
     B, C, S, (sb, sc, ss), _ = _geometry(x)
     if _rows_path(C, sc, ss):
