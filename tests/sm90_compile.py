@@ -133,6 +133,8 @@ VARIANTS = [
     (19, "nchw", "f32", "focal", True, True, True),  # every flag, per-program confusion
     (19, "cl", "f32", "msesoftmax", True, False, False),  # gathered channels_last pixels
     (19, "nchw", "bf16", "sigfocal", False, False, False),
+    (19, "nchw", "bf16", "focal", True, False, False),  # 16-bit softmax terms: backward groups of 4
+    (40, "nchw", "bf16", "msesoftmax", True, False, False),  # and their forward's loop groups of 8
     (19, "cl", "bf16", "mselogit", False, False, False),
     (
         19,

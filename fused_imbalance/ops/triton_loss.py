@@ -112,6 +112,12 @@ def _geometry(x, grad=None):
     return B, C, S, (sb, sc, ss), (gsb, gsc, gss)
 
 
+def _softmax_terms(mode, focal):
+    """Whether a pixel's softmax forward keeps per-class terms beyond the max and the sum: the focal loss
+    (γ != 0) and the softmax MSE."""
+    return (focal and mode == Mode.SOFTMAX_FOCAL) or mode == Mode.MSE_SOFTMAX
+
+
 def _static_plan(
     C, S, ss, itemsize, mode=Mode.SOFTMAX_FOCAL, need_tp=False, focal=False, bwd=False, scaled=True
 ):
@@ -124,7 +130,9 @@ def _static_plan(
     registers), 1 for float64, which spilled with more. Otherwise (logits whose classes are neither the
     planes nor dense rows) VEC = 1: a thread owns one pixel whose classes it gathers. GROUP: classes per
     max/exp group, so that a thread keeps at most about ``_GROUP_VALUES`` float32 logits live (half as many
-    float64), split evenly (19 classes of 8 16-bit pixels: 10 + 9). A backward with more than one group
+    float64), split evenly (19 classes of 8 16-bit pixels: 10 + 9); a third of that in the backward of 8
+    16-bit pixels with per-class softmax terms (focal, softmax MSE: groups of 10 spilled 20-44 bytes), and
+    loop groups of 8 in their 16-bit forward (16 spilled 4 bytes with triton 3.6). A backward with more than one group
     reads a tile's logits twice, the second time from L1 where the tile is small, unless it has what the
     forward kept (:func:`keeps_lse`). Up to ``_UNROLL_C`` classes every group is unrolled;
     beyond, LOOP: a loop over groups of at most ``_LOOP_GROUP`` classes, then the last C % GROUP classes
@@ -144,12 +152,21 @@ def _static_plan(
         vec = 1
     rows = 32 * _WARPS
     values = _GROUP_VALUES // (2 if itemsize == 8 else 1)
+    if vec == 8 and bwd and _softmax_terms(mode, focal):
+        values //= 3  # their per-pixel terms: groups of 10 classes of 8 pixels spilled 20-44 bytes
     cap = max(1, values // vec)
     loop = C > _UNROLL_C
     if loop:  # C // group >= 2 full groups: the loop stays a loop
         # the sigmoid focal terms hold more temporaries per logit, and a float64 takes two registers:
         # groups of 16 spilled there
-        group = min(cap, _LOOP_GROUP // 2 if (mode == Mode.SIGMOID_FOCAL or itemsize == 8) else _LOOP_GROUP)
+        group = min(
+            cap,
+            _LOOP_GROUP // 2
+            if (
+                mode == Mode.SIGMOID_FOCAL or itemsize == 8 or (itemsize == 2 and _softmax_terms(mode, focal))
+            )
+            else _LOOP_GROUP,
+        )
     else:
         group = _cdiv(C, _cdiv(C, cap))
     if scaled and _interpret():
@@ -500,7 +517,7 @@ def _bwd_plan(x, dx, mode, gamma, has_lse, has_wv):
         P = _programs(num_tiles, _WARPS, dev)
         return _BwdPlan(_bwd_rows_kernel, P, B * S, acc, kept, False, ints, kw)
     if C <= _STATIC_C:
-        rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, bwd=True)
+        rows, vec, group, loop = _static_plan(C, S, ss, x.element_size(), mode, focal=focal, bwd=True)
         if lse and loop:
             group = _LSE_GROUP  # one streaming pass: nothing is held across a group
         tiles_per_b = _cdiv(S, rows * vec)
@@ -605,7 +622,9 @@ def _keeps_lse(x, mode, gamma):
         return 0
     if C <= _STATIC_C:
         # the GPU's tile (the interpreter's larger tiles must not change what the op returns)
-        rows, vec, group, _ = _static_plan(C, S, ss, x.element_size(), mode, bwd=True, scaled=False)
+        rows, vec, group, _ = _static_plan(
+            C, S, ss, x.element_size(), mode, focal=_focal(mode, gamma), bwd=True, scaled=False
+        )
         twice = group < C and rows * vec * C * x.element_size() > _L1_TILE_BYTES
     else:
         block_p, _, single, _ = _chunked_plan(C, S, ss, x.dtype == torch.float64, scaled=False)
