@@ -21,7 +21,7 @@ from . import _deferred, _upsample
 from . import reference as _ref
 from ._fused import DOUBLE_BACKWARD, bound_apply, transforms_active, unwrap_if_dead
 from .ops import Reduction, acc_dtype, collapsible
-from .ops.dice import DiceFlags, DiceKind, WType, dice_backend, params
+from .ops.dice import BATCH, CE, INCLUDE_BACKGROUND, JACCARD, SQUARED, DiceKind, WType, dice_backend, params
 
 __all__ = ["DiceOptions", "options", "run", "check_weight"]
 
@@ -86,18 +86,6 @@ def _check_weight(weight, logits, kept, validate, name):
     return w.contiguous()
 
 
-_INCLUDE_BACKGROUND, _SQUARED, _JACCARD, _BATCH, _CE = (
-    int(f)
-    for f in (
-        DiceFlags.INCLUDE_BACKGROUND,
-        DiceFlags.SQUARED,
-        DiceFlags.JACCARD,
-        DiceFlags.BATCH,
-        DiceFlags.CE,
-    )
-)
-
-
 class DiceOptions:
     """The checked options of one call: the op arguments (``kind``, ``w_type``, ``flags``, ``params``)."""
 
@@ -123,15 +111,15 @@ class DiceOptions:
         chk, num = _ref._check_flag, _ref._check_number
         flags = 0  # plain ints: torch.compile of torch 2.11 cannot trace the making of an IntFlag
         if chk(include_background, "include_background"):
-            flags |= _INCLUDE_BACKGROUND
+            flags |= INCLUDE_BACKGROUND
         if chk(squared_pred, "squared_pred"):
-            flags |= _SQUARED
+            flags |= SQUARED
         if chk(jaccard, "jaccard"):
-            flags |= _JACCARD
+            flags |= JACCARD
         if chk(batch, "batch"):
-            flags |= _BATCH
+            flags |= BATCH
         if lambda_ce is not None:
-            flags |= _CE
+            flags |= CE
         _ref._kept_classes(logits, include_background)
         if kind == DiceKind.GENERALIZED and w_type not in _ref.W_TYPES:
             raise ValueError(f"w_type must be one of {_ref.W_TYPES}, got {w_type!r}")
@@ -435,7 +423,7 @@ def run(
             _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync),
         )
     if red == Reduction.NONE:
-        loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & _BATCH)) + loss.shape[1:])
+        loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & BATCH)) + loss.shape[1:])
     return loss
 
 

@@ -87,15 +87,11 @@ def _fresh_launch_plans():
     if not triton_backend.available():
         yield
         return
-    from fused_imbalance.ops import triton_loss
+    from fused_imbalance.ops import _triton_host
 
-    triton_loss._fwd_plans.clear()
-    triton_loss._bwd_plans.clear()
-    triton_loss._lse_keeps.clear()
+    _triton_host.forget_plans()
     yield
-    triton_loss._fwd_plans.clear()
-    triton_loss._bwd_plans.clear()
-    triton_loss._lse_keeps.clear()
+    _triton_host.forget_plans()
 
 
 @pytest.fixture(autouse=True)

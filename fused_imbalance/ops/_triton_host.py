@@ -91,6 +91,39 @@ def _programs(num_tiles, num_warps, device, per_sm=None):
     return max(1, min(num_tiles, cap))
 
 
+# Launch plans: everything a launch derives from its tensors' shapes, strides, dtypes and devices and
+# the op's flags (geometry, tiling, grid, constexprs, what to allocate), cached so that a training step's
+# repeated call costs one dict lookup, its allocations and its launches. Each cache is bounded: cleared
+# when full (a loop over many shapes recomputes them, as without the cache).
+_PLANS_MAX = 256
+_plan_caches = []
+
+
+def plan_cache():
+    """A new cache of launch plans (a dict), which :func:`forget_plans` clears."""
+    plans = {}
+    _plan_caches.append(plans)
+    return plans
+
+
+def forget_plans():
+    """Clear every launch plan (tests that change the tiling limits start from none)."""
+    for plans in _plan_caches:
+        plans.clear()
+
+
+def cacheable(x):
+    """Whether a plan for ``x`` may be cached: not under tracing with symbolic sizes (their plan is
+    recomputed each time, as the sizes it depends on are not known)."""
+    return type(sum(x.shape)) is int  # a symbolic size makes the sum symbolic
+
+
+def remember(plans, key, plan):
+    if len(plans) >= _PLANS_MAX:
+        plans.clear()
+    plans[key] = plan
+
+
 _dummies = {}
 
 

@@ -97,6 +97,19 @@ class DiceFlags(enum.IntFlag):
     CE = 16  # + λ_ce · cross-entropy (dice_ce_loss)
 
 
+# The flags as plain ints, for the bit tests every call makes (an IntFlag's operators run Python enum code,
+# and torch.compile of torch 2.11 cannot trace the making of one).
+INCLUDE_BACKGROUND, SQUARED, JACCARD, BATCH, CE = (
+    int(f)
+    for f in (
+        DiceFlags.INCLUDE_BACKGROUND,
+        DiceFlags.SQUARED,
+        DiceFlags.JACCARD,
+        DiceFlags.BATCH,
+        DiceFlags.CE,
+    )
+)
+
 PARAMS = ("smooth_nr", "smooth_dr", "alpha", "beta", "gamma", "lambda_dice", "lambda_ce")
 
 
@@ -115,12 +128,12 @@ def params(smooth_nr=1e-5, smooth_dr=1e-5, alpha=0.5, beta=0.5, gamma=1.0, lambd
 
 def groups(x, flags):
     """S, the number of groups of sums: 1 with BATCH or (N, C) rows, else the number of images."""
-    return 1 if (int(flags) & DiceFlags.BATCH) or x.dim() == 2 else x.shape[0]
+    return 1 if (int(flags) & BATCH) or x.dim() == 2 else x.shape[0]
 
 
 def kept(C, flags):
     """C', the classes the Dice terms cover."""
-    return C if int(flags) & DiceFlags.INCLUDE_BACKGROUND else C - 1
+    return C if int(flags) & INCLUDE_BACKGROUND else C - 1
 
 
 def loss_shape(S, C, kind, flags, reduction):
@@ -132,7 +145,7 @@ def loss_shape(S, C, kind, flags, reduction):
 def fwd_fake(x, target, kind, flags, reduction, finalize):
     """Empty outputs of a forward op (its fake kernel)."""
     acc, C, S = acc_dtype(x), x.shape[1], groups(x, flags)
-    ce = bool(int(flags) & DiceFlags.CE)
+    ce = bool(int(flags) & CE)
     if not finalize:
         return (
             x.new_empty(0, dtype=acc),
@@ -152,7 +165,7 @@ def fwd_fake(x, target, kind, flags, reduction, finalize):
 
 def finalize_fake(sums, kind, flags, reduction):
     S, _, C = sums.shape
-    ce = bool(int(flags) & DiceFlags.CE)
+    ce = bool(int(flags) & CE)
     return (
         sums.new_empty(loss_shape(S, C, kind, flags, reduction)),
         sums.new_empty((S, 2, C)),
@@ -170,7 +183,7 @@ def upstream_index(grad, S, C, kind, flags, reduction):
                 f"fused_imbalance: the upstream gradient of a scalar Dice loss has {grad.numel()} " "elements"
             )
         return 0, 0, 0
-    first = 0 if int(flags) & DiceFlags.INCLUDE_BACKGROUND else 1
+    first = 0 if int(flags) & INCLUDE_BACKGROUND else 1
     if DiceKind(kind) == DiceKind.GENERALIZED:
         want, strides = S, (1, 0)
     else:

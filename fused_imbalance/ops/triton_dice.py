@@ -29,7 +29,7 @@ scalar load per tile. Cost per logit: a load, the exponential, about six FLOPs p
 coefficient loads are spread over the tile's pixels.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -43,8 +43,23 @@ from ._triton_host import (
     _np2,
     _on_device,
     _sms,
+    cacheable,
+    plan_cache,
+    remember,
 )
-from .dice import DiceBackend, DiceFlags, finalize_fake, fwd_fake, groups, loss_shape, upstream_index
+from .dice import (
+    BATCH,
+    CE,
+    INCLUDE_BACKGROUND,
+    JACCARD,
+    SQUARED,
+    DiceBackend,
+    finalize_fake,
+    fwd_fake,
+    groups,
+    loss_shape,
+    upstream_index,
+)
 
 try:
     import triton
@@ -857,6 +872,46 @@ def _programs_per_group(tiles, G, device):
     return max(1, min(tiles, _cdiv(cap, max(G, 1))))
 
 
+class _Pass(NamedTuple):
+    """A pass's launch plan: the geometry (:func:`_geometry`), the tiling (:func:`_plan`) and the grid."""
+
+    G: int
+    ipg: int
+    S: int
+    xs: tuple  # the logits' (b, c, s) strides
+    gs: tuple  # the gradient's
+    rows: int
+    vec: int
+    group: int
+    loop: bool
+    tiles_per_b: int
+    tiles_per_g: int
+    P: int  # programs per group
+
+
+_passes = plan_cache()
+
+
+def _pass(x, flags, forward, grad=None):
+    """The :class:`_Pass` of a forward or (``grad`` the gradient's tensor) backward pass over ``x``, cached
+    per shape, strides, dtype, device and grouping, so that a training step's repeated call looks it up."""
+    key = (
+        x.shape, x.stride(), None if grad is None else grad.stride(), x.dtype, x.device, int(flags) & BATCH,
+        forward, _interpret(),
+    )  # fmt: skip
+    cache = cacheable(x)
+    plan = _passes.get(key) if cache else None
+    if plan is None:
+        G, ipg, S, xs, gs = _geometry(x, flags, grad)
+        rows, vec, group, loop = _plan(x.shape[1], S, xs[2], x.element_size(), forward)
+        tiles_per_b = _cdiv(S, rows * vec)
+        P = _programs_per_group(ipg * tiles_per_b, G, x.device)
+        plan = _Pass(G, ipg, S, xs, gs, rows, vec, group, loop, tiles_per_b, ipg * tiles_per_b, P)
+        if cache:
+            remember(_passes, key, plan)
+    return plan
+
+
 def _check_args(op, x, target, weight=None, ce_weight=None, confusion=None):
     """The sizes a launch indexes with, checked before it (as the C++ ops do)."""
 
@@ -916,10 +971,10 @@ def _finalize(
         float(grad_scale),
         KIND=int(kind),
         W_TYPE=int(w_type),
-        FIRST=0 if int(flags) & DiceFlags.INCLUDE_BACKGROUND else 1,
-        JACCARD=bool(int(flags) & DiceFlags.JACCARD),
+        FIRST=0 if int(flags) & INCLUDE_BACKGROUND else 1,
+        JACCARD=bool(int(flags) & JACCARD),
         GAMMA_ONE=prm[4] == 1.0,
-        CE=bool(int(flags) & DiceFlags.CE),
+        CE=bool(int(flags) & CE),
         RED=int(reduction),
         HAS_W=weight is not None,
         HAS_CEW=ce_weight is not None,
@@ -934,7 +989,7 @@ def _finalize(
 
 def _outputs(sums, kind, flags, reduction):
     G, _, C = sums.shape
-    ce = bool(int(flags) & DiceFlags.CE)
+    ce = bool(int(flags) & CE)
     return (
         sums.new_empty(loss_shape(G, C, kind, flags, reduction)),
         sums.new_empty((G, 2, C)),
@@ -962,11 +1017,16 @@ def _forward(
     acc = acc_dtype(x)
     C = x.shape[1]
     dev = x.device
-    G, ipg, S, (sb, sc, ss), _ = _geometry(x, flags)
-    rows_, vec, group, loop = _plan(C, S, ss, x.element_size(), True)
-    tiles_per_b = _cdiv(S, rows_ * vec)
-    tiles_per_g = ipg * tiles_per_b
-    P = _programs_per_group(tiles_per_g, G, dev)
+    pl = _pass(x, flags, True)
+    G, S, (sb, sc, ss), P = pl.G, pl.S, pl.xs, pl.P
+    rows_, vec, group, loop, tiles_per_b, tiles_per_g = (
+        pl.rows,
+        pl.vec,
+        pl.group,
+        pl.loop,
+        pl.tiles_per_b,
+        pl.tiles_per_g,
+    )
     sums = x.new_empty((G, 4, C), dtype=acc)
     bad = x.new_empty(2, dtype=torch.int64)
     with _on_device(x):
@@ -995,8 +1055,8 @@ def _forward(
                 C=C,
                 GROUP=group,
                 LOOP=loop,
-                SQUARED=bool(int(flags) & DiceFlags.SQUARED),
-                CE=bool(int(flags) & DiceFlags.CE),
+                SQUARED=bool(int(flags) & SQUARED),
+                CE=bool(int(flags) & CE),
                 CONF=conf_mode,
                 CONF_BINS=conf_bins,
                 ROWS=rows_,
@@ -1078,7 +1138,8 @@ def _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduct
     if x.numel() == 0:
         return dx
     C = x.shape[1]
-    G, ipg, S, (sb, sc, ss), (gsb, gsc, gss) = _geometry(x, flags, dx)
+    pl = _pass(x, flags, False, dx)
+    G, S, (sb, sc, ss), (gsb, gsc, gss), P = pl.G, pl.S, pl.xs, pl.gs, pl.P
     u_ss, u_sc, first = upstream_index(grad, G, C, kind, flags, reduction)
     if grad.numel() > 1 and all(st == 0 for st in grad.stride()):
         g, u_ss, u_sc = grad, 0, 0  # autograd's expansion of one value (a sum of the terms): no copy
@@ -1086,11 +1147,15 @@ def _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduct
         g = grad.reshape(-1)
         if not g.is_contiguous():
             g = g.contiguous()
-    rows_, vec, group, loop = _plan(C, S, ss, x.element_size(), False)
-    tiles_per_b = _cdiv(S, rows_ * vec)
-    tiles_per_g = ipg * tiles_per_b
-    P = _programs_per_group(tiles_per_g, G, x.device)
-    ce = bool(int(flags) & DiceFlags.CE)
+    rows_, vec, group, loop, tiles_per_b, tiles_per_g = (
+        pl.rows,
+        pl.vec,
+        pl.group,
+        pl.loop,
+        pl.tiles_per_b,
+        pl.tiles_per_g,
+    )
+    ce = bool(int(flags) & CE)
     with _on_device(x):
         wrap(_dice_bwd_kernel)[(P, G)](
             x,
@@ -1115,7 +1180,7 @@ def _backward(x, target, coef, ce_scale, grad, kind, flags, ignore_index, reduct
             C=C,
             GROUP=group,
             LOOP=loop,
-            SQUARED=bool(int(flags) & DiceFlags.SQUARED),
+            SQUARED=bool(int(flags) & SQUARED),
             CE=ce,
             ROWS=rows_,
             VEC=vec,
@@ -1217,9 +1282,7 @@ if triton is not None:
     ) -> torch.Tensor:
         _check_args("triton_dice_bwd", x, target)
         G, C = groups(x, flags), x.shape[1]
-        if coef.numel() != G * 2 * C or (
-            int(flags) & DiceFlags.CE and (ce_scale is None or ce_scale.numel() != C)
-        ):
+        if coef.numel() != G * 2 * C or (int(flags) & CE and (ce_scale is None or ce_scale.numel() != C)):
             raise RuntimeError(
                 f"fused_imbalance: triton_dice_bwd: coef must be ({G}, 2, {C}) and ce_scale ({C},)"
             )

@@ -47,10 +47,13 @@ from ._triton_host import (
     _np2,
     _on_device,
     _programs,
+    cacheable,
     finalize,
     grad_arg,
     nothing,
     outputs,
+    plan_cache,
+    remember,
 )
 
 # Re-exported, unused here: the sm90_memory tool's calibration driver reads triton_loss._RESIDENT_WARPS.
@@ -243,14 +246,10 @@ def _confusion_mode(has_conf, C):
     return 2, 1
 
 
-# A launch's plan: everything a forward or backward launch derives from the logits' shape, strides,
-# dtype and device and the op's flags (geometry, tiling, grid, constexprs, what to allocate), cached so
-# that a training step's repeated call costs one dict lookup, its allocations and its launches. Bounded:
-# cleared when full (a loop over many shapes recomputes them, as without the cache).
-_PLANS_MAX = 256
-_fwd_plans = {}
-_bwd_plans = {}
-_lse_keeps = {}  # keeps_lse's answers
+# The launch plans (_triton_host.plan_cache) of the forward and backward launches, and keeps_lse's answers
+_fwd_plans = plan_cache()
+_bwd_plans = plan_cache()
+_lse_keeps = plan_cache()
 
 
 class _FwdPlan(NamedTuple):
@@ -279,18 +278,6 @@ class _BwdPlan(NamedTuple):
     lse_arg: bool  # the static and chunked kernels take the lse buffer (or a stand-in) after ``dx``
     ints: tuple  # the kernel's integer arguments between the tensors and (gp_stride, ...)
     kw: dict  # its constexprs (HAS_GP excepted: the upstream gradient's) and num_warps
-
-
-def _cacheable(x):
-    """Whether a plan for ``x`` may be cached: not under tracing with symbolic sizes (their plan is
-    recomputed each time, as the sizes it depends on are not known)."""
-    return type(sum(x.shape)) is int  # a symbolic size makes the sum symbolic
-
-
-def _remember(plans, key, plan):
-    if len(plans) >= _PLANS_MAX:
-        plans.clear()
-    plans[key] = plan
 
 
 def _fwd_plan(x, mode, gamma, reduction, weighting, need_tp, need_lse, has_conf):
@@ -428,13 +415,13 @@ def _forward(
         x.shape, x.stride(), x.dtype, x.device, mode, reduction, weighting, need_tp, bool(need_lse),
         confusion is not None, gamma == 0, _interpret(),
     )  # fmt: skip
-    cache = _cacheable(x)
+    cache = cacheable(x)
     plan = _fwd_plans.get(key) if cache else None
     if plan is None:
         mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
         plan = _fwd_plan(x, mode, gamma, reduction, weighting, need_tp, need_lse, confusion is not None)
         if cache:
-            _remember(_fwd_plans, key, plan)
+            remember(_fwd_plans, key, plan)
     acc, C, N, sums = plan.acc, plan.C, plan.N, plan.sums
     dev = x.device
     out = outputs(x, C, N, reduction, need_tp)
@@ -565,12 +552,12 @@ def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
     has_wv = scale is not None
     # dx's strides follow from x's (empty_like of the same layout): x's key covers both
     key = (x.shape, x.stride(), x.dtype, x.device, mode, gamma == 0, has_lse, has_wv, _interpret())
-    cache = _cacheable(x)
+    cache = cacheable(x)
     plan = _bwd_plans.get(key) if cache else None
     if plan is None:
         plan = _bwd_plan(x, dx, Mode(mode), gamma, has_lse, has_wv)
         if cache:
-            _remember(_bwd_plans, key, plan)
+            remember(_bwd_plans, key, plan)
     acc = plan.acc
     dev = x.device
     tv = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
@@ -604,13 +591,13 @@ def keeps_lse(x, mode, gamma):
         return 0
     # every eager step asks (before its forward): one dict lookup when the logits' geometry repeats; not
     # while torch.compile traces (no global state written there; the answer is recomputed)
-    cache = not torch.compiler.is_compiling() and _cacheable(x)
+    cache = not torch.compiler.is_compiling() and cacheable(x)
     key = (x.shape, x.stride(), x.dtype, mode, gamma != 0)
     keep = _lse_keeps.get(key) if cache else None
     if keep is None:
         keep = _keeps_lse(x, mode, gamma)
         if cache:
-            _remember(_lse_keeps, key, keep)
+            remember(_lse_keeps, key, keep)
     return keep
 
 
