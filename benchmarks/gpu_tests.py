@@ -4,8 +4,8 @@
     python -m benchmarks.gpu_tests                      # check that what it names exists (no torch)
 
 Selected: every test marked ``cuda`` (CUDA-only: graph capture, reduce-overhead, more than 2^31
-elements, ``torch.compile(fullgraph=True)`` on CUDA, no host sync), every test of the Triton files
-(``FILES``: their kernels compiled for the GPU instead of interpreted) and the tests in ``NODES``
+elements, ``torch.compile(fullgraph=True)`` on CUDA, no host sync), every test of the Triton kernels'
+own file (``FILES``: their kernels compiled for the GPU instead of interpreted) and the tests in ``NODES``
 (``test_lse_from_the_forward`` crashed the host of an H100 machine once, at a C++ op's argument
 error; ``test_ops_check_tensor_sizes_before_touching_memory`` makes every op raise such errors). Not
 the whole suite: CI runs that on CPUs, and a GPU session has a minute for this.
@@ -15,10 +15,10 @@ import ast
 import os
 import sys
 
-FILES = ("tests/test_triton.py",)
+FILES = ("tests/test_internals_triton.py",)
 NODES = (
     "tests/test_upsample.py::test_lse_from_the_forward",
-    "tests/test_trust.py::test_ops_check_tensor_sizes_before_touching_memory",
+    "tests/test_robustness.py::test_ops_check_tensor_sizes_before_touching_memory",
 )
 MARK = "cuda"
 

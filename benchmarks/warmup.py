@@ -11,7 +11,7 @@ Inductor's (``TORCHINDUCTOR_CACHE_DIR``: its FX-graph and autograd caches), wher
 then finds them: its ``first_call_s`` column shows whether it did.
 
 Why real calls on the real device rather than compiling for a stand-in target with no GPU, as
-``tests/sm90_compile.py`` does: Triton's on-disk key (``triton/runtime/cache.py``,
+``benchmarks/sm90_compile.py`` does: Triton's on-disk key (``triton/runtime/cache.py``,
 ``get_cache_key``: Triton's own hash, the kernel source with its specialisation, the backend's
 ptxas version and architecture, the compile options, the cache-relevant environment) would be the
 same for ``GPUTarget("cuda", 90, 32)`` and an H100. But the specialisation comes from the launch's

@@ -26,7 +26,7 @@
 #   2 headline benchmark, 140 s plus what stage 1 left (at most 150 s):
 #     python -m benchmarks.bench --plan session (benchmarks/cases.py, session_plan, says what and why)
 #   3 upsampled losses, 55 s: python -m benchmarks.upsample --plan session
-#   4 tests on CUDA, 55 s: the tests marked cuda, tests/test_triton.py and the C++ ops' argument
+#   4 tests on CUDA, 55 s: the tests marked cuda, tests/test_internals_triton.py and the C++ ops' argument
 #     errors on this host (tests/test_upsample.py::test_lse_from_the_forward crashed an H100 machine's
 #     host once; benchmarks/gpu_tests.py); the build gets 20 s of it to end.
 # Then summary.md (python -m benchmarks.summary) and logs.tar.gz. At most 315 s in all.

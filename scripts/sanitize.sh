@@ -48,10 +48,12 @@ assert os.path.dirname(c.__file__) == os.path.abspath('fused_imbalance') and cpp
 # The C++ backend's tests (parametrised by backend: -k cpp), except: the > 2**31-pixel runs (slow: tens
 # of GB under the sanitizer's shadow memory); torch.compile's, opcheck's and gradcheck's (they call the
 # same kernels as the others, many times, or spend their time in torch and the compiler); and the build
-# and import-order checks that start a Python of their own for what is not a kernel.
-skip="compile or opcheck or gradcheck or import_order or failed_build or no_compiler or unknown_cpu_isa"
+# and import-order checks that start a Python of their own for what is not a kernel. The C++ kernels'
+# determinism checks live in test_determinism.py under names without "cpp": named here.
+skip="compile_ or opcheck or gradcheck or import_order or failed_build or no_compiler or unknown_cpu_isa"
+det="test_determinism.py and (bit_identical_across_runs or instruction_sets)"
 rc=0
 python -m pytest tests -q -n "${TEST_WORKERS:-auto}" --capture=sys -m "not slow and not cuda" -p no:cacheprovider \
-  --ignore tests/test_sm90_compile.py -k "cpp and not ($skip)" "$@" || rc=$?
+  --ignore tests/test_sm90_compile.py -k "(cpp or ($det)) and not ($skip)" "$@" || rc=$?
 echo "sanitize: done after $((SECONDS - start)) s (rc $rc)"
 exit "$rc"

@@ -6,9 +6,9 @@
 #                                             # torch 2.11 (the registry's CUDA build, which runs on CPU
 #                                             # too), triton 3.6, numpy < 2.4, a setuptools older than 77
 #   SETUP_ONLY=1 bash scripts/...             # set up, run no test (scripts/setup_and_bench.sh)
-#   SM90_COMPILE=0 bash scripts/...           # leave out tests/test_sm90_compile.py and test_sm90_dice.py
-#                                             # (compile-only sm_90 checks: 5-8 minutes and 1-2 minutes of
-#                                             # one core on an empty Triton cache)
+#   SM90_COMPILE=0 bash scripts/...           # leave out tests/test_sm90_compile.py (the compile-only sm_90
+#                                             # checks of benchmarks/sm90_compile.py and sm90_dice.py: 5-8
+#                                             # and 1-2 minutes of one core on an empty Triton cache)
 #   TEST_WORKERS=1 bash scripts/...           # pytest workers (default: auto, one per core)
 #   LINT=1 bash scripts/...                   # ruff (check and format --check, pyproject.toml) before the tests
 set -euo pipefail
@@ -34,7 +34,7 @@ if python -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.spl
 fi
 # For tests/test_examples.py, which runs the examples on a tiny budget (the `examples` extra).
 python -m pip install --quiet scikit-learn tqdm matplotlib
-# For tests/test_dice_reference.py, which compares the Dice losses with MONAI's. MONAI needs only torch
+# For tests/test_dice_reference.py and tests/test_dice.py, which compare the Dice losses with MONAI's. MONAI needs only torch
 # and numpy, both installed above: --no-deps keeps pip from resolving another torch.
 python -m pip install --quiet --no-deps monai==1.6.1
 # Builds the C++ extension (csrc/) against the torch installed above.
@@ -56,15 +56,16 @@ export FUSED_IMBALANCE_REQUIRE_BACKENDS=${FUSED_IMBALANCE_REQUIRE_BACKENDS:-cpp,
 # One pytest worker per core (pytest-xdist): the interpreted Triton kernels keep a process on one core;
 # worksteal: an idle worker takes the tests queued behind a long one (the sm_90 compile run).
 workers=${TEST_WORKERS:-auto}
-# tests/test_sm90_compile.py compiles 81 kernels for sm_90 with ptxas: 5-8 minutes of one core on an
+# tests/test_sm90_compile.py compiles 81 kernels for sm_90 with ptxas (benchmarks/sm90_compile.py, then
+# the Dice family's with benchmarks/sm90_dice.py): 5-8 minutes of one core on an
 # empty Triton cache. With one worker, fill the cache beside the suite, so that the test finds it warm
 # (with more, one worker compiles while the others go on).
 warm=
 extra=()
 if [ "${SM90_COMPILE:-1}" != 1 ]; then
-  extra=(--ignore tests/test_sm90_compile.py --ignore tests/test_sm90_dice.py)
+  extra=(--ignore tests/test_sm90_compile.py)
 elif [ "$workers" = 1 ] || [ "$workers" = 0 ]; then  # one process (0: pytest-xdist off)
-  (env -u TRITON_INTERPRET python tests/sm90_compile.py > /dev/null 2>&1 || true) &
+  (env -u TRITON_INTERPRET python benchmarks/sm90_compile.py > /dev/null 2>&1 || true) &
   warm=$!
 fi
 rc=0

@@ -1,13 +1,38 @@
-"""Inputs and loss calls shared by the test files."""
+"""Inputs and loss calls shared by the test files, and the backends every test file runs on."""
 
+import os
+
+import pytest
 import torch
 
 import fused_imbalance.functional as FI
+
+# The fused backends: every test that runs on each of them takes them from here (the ``backend``
+# fixture of conftest.py, or these names with ``require_backend``).
+FUSED_BACKENDS = ("cpp", "triton")
+# Backends whose absence fails a test instead of skipping it (CI names both).
+REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
 
 
 def backend_device(name):
     """The device a backend's test tensors live on: CPU for cpp, CUDA for triton when there is a GPU."""
     return "cuda" if (name == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def require_backend(name):
+    """``name`` when that backend can run here (the reference always can). Otherwise the calling test
+    is skipped, or fails where FUSED_IMBALANCE_REQUIRE_BACKENDS names the backend."""
+    if name == "reference":
+        return name
+    from fused_imbalance.functional import resolve_backend
+
+    try:
+        resolve_backend(name, torch.zeros(1, 2, device=backend_device(name)))
+    except RuntimeError as e:
+        if name in REQUIRED:
+            pytest.fail(f"backend {name!r} is required but unavailable: {e}")
+        pytest.skip(f"backend {name!r} unavailable: {e}")
+    return name
 
 
 def loss_and_grad(fn, x, y, backend, reduction="mean", **kw):

@@ -56,26 +56,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# --- the fused backends, for the suites that run on each of them ------------------------------
+# --- the backends: every test file takes them from here and cases.py -----------------------------
 
-REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
+from cases import FUSED_BACKENDS, REQUIRED, require_backend  # noqa: E402,F401 (REQUIRED: for the tests)
 
 
-@pytest.fixture(params=["cpp", "triton"])
+@pytest.fixture(params=FUSED_BACKENDS)
 def backend(request):
     """A fused backend that can run here; skipped when it cannot, unless FUSED_IMBALANCE_REQUIRE_BACKENDS
     names it (CI names both), where that is a failure."""
-    from cases import backend_device
-    from fused_imbalance.functional import resolve_backend
+    return require_backend(request.param)
 
-    name = request.param
-    try:
-        resolve_backend(name, torch.zeros(1, 2, device=backend_device(name)))
-    except RuntimeError as e:
-        if name in REQUIRED:
-            pytest.fail(f"backend {name!r} is required but unavailable: {e}")
-        pytest.skip(f"backend {name!r} unavailable: {e}")
-    return name
+
+@pytest.fixture(params=["triton", "cpp", "reference"])
+def sel_backend(request):
+    """A fused backend that can run here, or the reference (the exact selection's tests, which check
+    all three against one oracle); skipped or failed as ``backend``."""
+    return require_backend(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -2,14 +2,12 @@
 reference (the executable spec, itself tested against MONAI in test_dice_reference.py), against MONAI
 and segmentation_models_pytorch's formula directly, gradcheck in float64, 2-D and 3-D, both layouts and
 (N, C) rows, every dtype and label dtype, ignored pixels, absent classes, all-ignored input,
-C = 1 ... 150, upsample, the confusion counts, bad labels, determinism, the ops (opcheck, eager ==
-registered op), torch.compile, the modules and their options.
+C = 1 ... 150, upsample, the confusion counts, bad labels, the ops (opcheck, eager == registered op),
+the modules and their options. Determinism: test_determinism.py; torch.compile and torch.func:
+test_compile.py (and test_compile_cuda.py); the Triton launches: test_internals_triton.py.
 
 The Triton kernels run through the interpreter on CPU tensors: their inputs stay a few hundred pixels."""
 
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -458,37 +456,6 @@ def test_options_remembered_per_call_signature(backend, monkeypatch):
     torch.testing.assert_close(other, R.dice_loss(x, y, **dict(kw, jaccard=False)), **LOSS_TOL[torch.float64])
 
 
-def test_deterministic(backend):
-    C = 5 if backend == "triton" else 19
-    x, y = _data((2, C, 6, 7), dtype=torch.float32, device=backend_device(backend))
-    for name in ("dice_ce", "generalized_dice"):
-        first = _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, C, x.device))
-        for _ in range(2):
-            again = _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, C, x.device))
-            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-
-
-@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
-def test_cpp_bit_identical_across_thread_counts(backend):
-    x, y = _data((2, 19, 97, 131), dtype=torch.float32, every=13)
-    threads = torch.get_num_threads()
-    try:
-        out = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            out.append(
-                [
-                    _run(CALLS[name][0], x, y, "mean", backend=backend, **_kw(name, 19, "cpu"))
-                    for name in ("dice_ce", "dice_batch_smooth")
-                ]
-            )
-    finally:
-        torch.set_num_threads(threads)
-    for other in out[1:]:
-        for (la, ga), (lb, gb) in zip(out[0], other):
-            assert torch.equal(la, lb) and torch.equal(ga, gb)
-
-
 def test_strided_labels(backend):
     # labels that are a view (every other column of a larger map): the ops read labels flat, so the call
     # hands them a contiguous copy
@@ -499,33 +466,6 @@ def test_strided_labels(backend):
     assert not view.is_contiguous()
     _compare("dice_ce", x, view, backend)
     _compare("dice", x, view, backend, ("none",))
-
-
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
-def test_triton_step_launches(monkeypatch, backend):
-    """A step is the pass and the finalize (a reduce launch between them for a large table of program
-    rows), then one backward launch: nothing else runs a kernel."""
-    from fused_imbalance.ops import triton_dice as TD
-
-    launched = []
-    wrap = TD.wrap
-    monkeypatch.setattr(TD, "wrap", lambda kernel: launched.append(kernel) or wrap(kernel))
-    x, y = _data((2, 4, 3, 4), dtype=torch.float32)
-    xr = x.double().requires_grad_(True)
-    R.dice_ce_loss(xr, y, weight=torch.linspace(0.5, 2.0, 4, dtype=torch.float64)).backward()
-    for elems, forward in (
-        (TD._FINALIZE_ELEMS, [TD._dice_fwd_kernel, TD._dice_finalize_kernel]),
-        (0, [TD._dice_fwd_kernel, TD._dice_reduce_kernel, TD._dice_finalize_kernel]),
-    ):
-        monkeypatch.setattr(TD, "_FINALIZE_ELEMS", elems)
-        xg = x.clone().requires_grad_(True)
-        launched.clear()
-        loss = FI.dice_ce_loss(xg, y, weight=torch.linspace(0.5, 2.0, 4), backend="triton")
-        assert launched == forward
-        launched.clear()
-        loss.backward()
-        assert launched == [TD._dice_bwd_kernel]
-        torch.testing.assert_close(xg.grad, xr.grad.float(), **TOL[torch.float32])
 
 
 def test_registered_ops_equal_the_eager_functions(backend):
@@ -598,19 +538,6 @@ def test_opcheck(backend):
                 ),
                 test_utils=tests,
             )
-
-
-# --- autograd -----------------------------------------------------------------------------------------
-
-
-def test_double_backward_and_torch_func_are_errors(backend):
-    x, y = _data((2, 3, 2, 3), device=backend_device(backend))
-    xg = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(FI.dice_loss(xg, y, backend=backend), xg, create_graph=True)
-    with pytest.raises(RuntimeError, match="second derivatives"):
-        g.sum().backward()
-    with pytest.raises(RuntimeError, match="torch.func"):
-        torch.func.grad(lambda t: FI.dice_loss(t, y, backend=backend))(x)
 
 
 # --- upsample -----------------------------------------------------------------------------------------
@@ -718,94 +645,7 @@ def test_distributed_needs_a_fused_backend():
         )
 
 
-# --- torch.compile ----------------------------------------------------------------------------------
-
-COMPILE = r"""
-import torch, fused_imbalance as fi
-torch.manual_seed(0)
-x = torch.randn(2, 5, 6, 7, requires_grad=True)
-y = torch.randint(0, 5, (2, 6, 7)); y[0, 0] = 255
-w = torch.linspace(0.5, 2.0, 5)
-kw = dict(ignore_index=255, backend=BACKEND)
-dice = fi.DiceLoss(w[1:], include_background=False, jaccard=True, **kw)
-
-def step(x, y, conf):
-    return (dice(x, y, confusion=conf) + fi.dice_ce_loss(x, y, 0.7, 1.3, w, batch=True, **kw)
-            + fi.generalized_dice_loss(x, y, "simple", **kw) + fi.tversky_loss(x, y, 0.3, 0.7, 1.5, **kw)
-            + fi.tversky_loss(x, y, reduction="none", **kw).sum())
-
-conf_c, conf_e = torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)
-lc = torch.compile(step, fullgraph=True)(x, y, conf_c)
-gc, = torch.autograd.grad(lc, x)
-le = step(x, y, conf_e)
-ge, = torch.autograd.grad(le, x)
-torch.testing.assert_close(lc, le)
-torch.testing.assert_close(gc, ge)
-assert torch.equal(conf_c, conf_e)
-y_bad = y.clone(); y_bad[1, 2, 3] = 9
-try:
-    torch.compile(step, fullgraph=True)(x, y_bad, conf_c)
-except (RuntimeError, ValueError) as e:
-    assert "outside [0," in str(e), e
-else:
-    raise AssertionError("a bad label passed the compiled check")
-print("OK", fi.functional.resolve_backend(BACKEND, x))
-"""
-
-
-@pytest.mark.parametrize("backend_name", ["cpp", "reference"])
-def test_compile_fullgraph_first_call(backend_name):
-    """A training step of all four losses under torch.compile(fullgraph=True), in a fresh process where no
-    backend has been loaded yet, equals the eager step (value, gradient, confusion counts)."""
-    if backend_name == "cpp":
-        try:
-            FI.resolve_backend("cpp", torch.zeros(1, 2))
-        except RuntimeError as e:
-            pytest.skip(f"cpp backend unavailable: {e}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run(
-        [sys.executable, "-c", f"BACKEND = {backend_name!r}\n" + COMPILE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"OK {backend_name}" in out.stdout
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="test_compile_fullgraph_cuda compiles the kernels")
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
-def test_triton_graph_capture_without_a_break(backend):
-    # the interpreter cannot run under AOT tracing: capture the graph with the "eager" backend, which runs
-    # the registered ops (on a GPU, test_compile_fullgraph_cuda below compiles them with Inductor)
-    x, y = _data((2, 4, 3, 4), dtype=torch.float32)
-    step = (
-        lambda t: FI.dice_ce_loss(t, y, weight=torch.linspace(0.5, 2, 4), backend="triton")
-        + FI.dice_loss(t, y, batch=True, reduction="none", backend="triton").sum()
-    )
-    xa = x.clone().requires_grad_(True)
-    xb = x.clone().requires_grad_(True)
-    la = torch.compile(step, fullgraph=True, backend="eager")(xa)
-    lb = step(xb)
-    la.backward()
-    lb.backward()
-    assert torch.equal(la, lb) and torch.equal(xa.grad, xb.grad)
-
-
-@pytest.mark.cuda
-def test_compile_fullgraph_cuda():
-    x, y = _data((2, 19, 32, 48), dtype=torch.float32, device="cuda")
-    step = lambda t: FI.dice_ce_loss(t, y, batch=True) + FI.generalized_dice_loss(t, y)
-    xa = x.clone().requires_grad_(True)
-    xb = x.clone().requires_grad_(True)
-    la = torch.compile(step, fullgraph=True)(xa)
-    lb = step(xb)
-    la.backward()
-    lb.backward()
-    torch.testing.assert_close(la, lb)
-    torch.testing.assert_close(xa.grad, xb.grad)
+# --- memory on a GPU ---------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import REQUIRED
 from tolerances import TOL
 
 import fused_imbalance as fi
@@ -127,7 +128,7 @@ def ranks(tmp_path_factory):
                 p.join()
     res = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     if not all(r["cpp"] for r in res):
-        if "cpp" in os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(","):
+        if "cpp" in REQUIRED:
             pytest.fail("backend 'cpp' is required but unavailable in the ranks")
         pytest.skip("the C++ backend could not be built here")
     return res

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from cases import REQUIRED
 from tolerances import TOL
 
 from fused_imbalance.losses import CDBLoss, RecallLoss
@@ -296,7 +297,7 @@ def test_recall_momentum_is_the_same_on_every_rank(ranks):
 @pytest.fixture
 def up_ranks(ranks):
     if not all(r["cpp"] for r in ranks):
-        if "cpp" in os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(","):
+        if "cpp" in REQUIRED:
             pytest.fail("backend 'cpp' is required but unavailable in the ranks")
         pytest.skip("the C++ backend could not be built here")
     return ranks

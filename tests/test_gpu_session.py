@@ -366,9 +366,9 @@ def test_gpu_test_selection():
         def get_closest_marker(self, name):
             return name if name in self.marks else None
 
-    assert gpu_tests.selected(Item("tests/test_trust.py::test_x", marks=("cuda",)))
-    assert gpu_tests.selected(Item("tests/test_triton.py::test_paths[a]"))
+    assert gpu_tests.selected(Item("tests/test_robustness.py::test_x", marks=("cuda",)))
+    assert gpu_tests.selected(Item("tests/test_internals_triton.py::test_paths[a]"))
     assert gpu_tests.selected(Item("tests/test_upsample.py::test_lse_from_the_forward[cpp]"))
     assert not gpu_tests.selected(Item("tests/test_upsample.py::test_lse_from_the_forward_more"))
-    assert not gpu_tests.selected(Item("tests/test_parity.py::test_losses[x]", marks=("slow",)))
+    assert not gpu_tests.selected(Item("tests/test_losses.py::test_losses[x]", marks=("slow",)))
     assert gpu_tests.check(ROOT)[0] == []

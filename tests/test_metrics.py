@@ -1,10 +1,11 @@
-"""ConfusionMatrix against counts and ratios worked by hand."""
+"""ConfusionMatrix against counts and ratios worked by hand, and the confusion counts a loss adds."""
 
 from fractions import Fraction
 
 import pytest
 import torch
 
+import fused_imbalance.functional as FI
 from cases import backend_device
 
 from fused_imbalance.metrics import ConfusionMatrix
@@ -245,3 +246,27 @@ def test_constructor_checks():
         ConfusionMatrix(0)
     with pytest.raises(TypeError):
         ConfusionMatrix(3, ignore_index=1.5)
+
+
+# --- confusion updates ----------------------------------------------------------------------------
+
+
+def test_confusion_update_needs_no_c_by_c_scratch(backend):
+    """Adding a few pixels' confusion counts into a large matrix allocates nothing of C x C beyond the
+    caller's matrix (the counts go straight into it), on every path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = backend_device(backend)
+    C = 3000
+    x = torch.randn(4, C, device=dev)
+    y = torch.tensor([0, 5, C - 1, -100], device=dev)
+    out = torch.zeros(C, C, dtype=torch.int64, device=dev)
+    FI.confusion_matrix(x, y, out=out, backend=backend)  # first call: loads, compiles
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        FI.confusion_matrix(x, y, out=out, backend=backend)
+        FI.cross_entropy(x, y, confusion=out, backend=backend)
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert largest < C * C, largest  # well below one int8 C x C matrix (72 MB of int64)
+    assert int(out.sum()) == 9 and int(out[C - 1].argmax()) == int(
+        x[2].argmax()
+    )  # 3 calls x 3 labelled pixels

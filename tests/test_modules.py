@@ -567,24 +567,6 @@ def test_recall_momentum_zero_is_batch_recall_once_seen():
     )
 
 
-@pytest.mark.cuda
-def test_recall_forward_has_no_host_sync(backend):
-    # the moving average and the weights stay on the device: with validate=False a training
-    # step of RecallLoss never waits for the GPU
-    if backend_device(backend) != "cuda":
-        pytest.skip("host syncs are a CUDA matter")
-    logits, target = batch()
-    logits, target = logits.cuda().requires_grad_(), target.cuda()
-    m = RecallLoss(5, momentum=0.9, ignore_index=IGN, backend=backend, validate=False).cuda()
-    m(logits, target)  # warm-up: kernel compilation may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        m(logits, target).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
 def test_recall_loss_checks():
     with pytest.raises(ValueError, match="momentum"):
         RecallLoss(3, momentum=1.0)

@@ -2,13 +2,10 @@
 values and gradients against the reference (the sort-based definition) and against HRNet's and
 mmsegmentation's code as transcribed in ``test_ohem_reference.py``; the kept set against a sort of the
 backend's own label probabilities, ties at the threshold included; edge ranks, empty kept sets, no valid
-pixel; upsample; dtypes, layouts and label dtypes; determinism; the ops (eager functions and registered ops
-bit-identical, opcheck, torch.compile); torch.func; the module. Without a GPU the Triton kernels run on CPU
-tensors through TRITON_INTERPRET=1 (set by conftest): its cases stay small."""
-
-import os
-import subprocess
-import sys
+pixel; upsample; dtypes, layouts and label dtypes; the ops (eager functions and registered ops
+bit-identical, opcheck); the module. Determinism: test_determinism.py; torch.compile and torch.func:
+test_compile.py; no host sync: test_robustness.py. Without a GPU the Triton kernels run on CPU tensors
+through TRITON_INTERPRET=1 (set by conftest): its cases stay small."""
 
 import pytest
 import torch
@@ -485,32 +482,6 @@ def test_bad_labels(backend):
     )
 
 
-def test_deterministic(backend):
-    x, y = data(
-        shape=(2, 19, 24, 20) if backend == "triton" else (2, 19, 240, 200), seed=66, dtype=torch.float32
-    )
-    x, y = on(backend, x, y)
-    for reduction in ("mean", "none"):
-        a = run(backend, x, y, reduction, thresh=0.7, min_kept=1000, ignore_index=IGN)
-        b = run(backend, x, y, reduction, thresh=0.7, min_kept=1000, ignore_index=IGN)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-def test_cpp_bit_identical_across_thread_counts():
-    """The O(N) passes work in chunks that depend only on N (here several), summed in chunk order."""
-    pytest.importorskip("fused_imbalance._C")
-    x, y = data(shape=(2, 7, 160, 150), seed=67, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        a = run("cpp", x, y, thresh=0.7, min_kept=20000, ignore_index=IGN)
-        torch.set_num_threads(max(2, threads))
-        b = run("cpp", x, y, thresh=0.7, min_kept=20000, ignore_index=IGN)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
 def test_eager_functions_and_registered_ops_are_bit_identical(backend):
     """An eager call runs the backend's functions, torch.compile the registered ops: the same launchers."""
     x, y = data(seed=68, dtype=torch.float32)
@@ -564,93 +535,6 @@ def test_opcheck(backend):
         torch.library.opcheck(be.bwd_op, (x, t, interp, False, g, w, pn, aux, lse, IGN), test_utils=utils)
 
 
-def test_compile_fullgraph_cpp():
-    pytest.importorskip("fused_imbalance._C")
-    script = r"""
-import torch, fused_imbalance as fi
-torch.manual_seed(0)
-x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-y = torch.randint(0, 5, (2, 6, 7)); y[0, 0] = 255
-yu = torch.randint(0, 5, (2, 23, 19)); yu[0, 0] = 255
-
-def step(x, y, yu, conf):
-    return (fi.ohem_cross_entropy(x, y, 0.6, 20, ignore_index=255, confusion=conf, backend="cpp")
-            + fi.ohem_cross_entropy(x, yu, 0.5, 4, ignore_index=255, backend="cpp", convention="mmseg",
-                                    upsample="bilinear", align_corners=True)
-            + fi.ohem_cross_entropy(x, y, 0.7, 3, ignore_index=255, backend="cpp", reduction="none").sum())
-
-conf_c, conf_e = torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)
-lc = torch.compile(step, fullgraph=True)(x, y, yu, conf_c)
-gc, = torch.autograd.grad(lc, x)
-le = step(x, y, yu, conf_e)
-ge, = torch.autograd.grad(le, x)
-torch.testing.assert_close(lc, le, atol=0, rtol=0)
-torch.testing.assert_close(gc, ge, atol=0, rtol=0)
-assert torch.equal(conf_c, conf_e) and conf_c.sum() > 0 and lc > 0
-print("OK")
-"""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK" in out.stdout
-
-
-def test_compile_fullgraph_triton():
-    """The Triton ops are captured without a graph break (their fake kernels) and match eager; the graph
-    runs eagerly (backend="eager": under TRITON_INTERPRET AOT tracing would launch the interpreted
-    kernels on fake tensors)."""
-    from conftest import REQUIRED
-
-    try:
-        FI.resolve_backend("triton", torch.zeros(1, 2, device=backend_device("triton")))
-    except RuntimeError as e:
-        if "triton" in REQUIRED:
-            pytest.fail(str(e))
-        pytest.skip(str(e))
-    torch.compiler.reset()
-    x, y = on("triton", *data(shape=(2, 5, 4, 6), seed=70, dtype=torch.float32))
-    yu = on("triton", torch.randint(0, 5, (2, 9, 7), generator=torch.Generator().manual_seed(71)))[0]
-    x.requires_grad_(True)
-
-    def step(x, y, yu, conf):
-        return FI.ohem_cross_entropy(
-            x, y, 0.6, 9, ignore_index=IGN, confusion=conf, backend="triton"
-        ) + FI.ohem_cross_entropy(x, yu, 0.5, 3, backend="triton", upsample="bilinear", convention="mmseg")
-
-    conf_c, conf_e = (torch.zeros(5, 5, dtype=torch.long, device=x.device) for _ in range(2))
-    lc = torch.compile(step, fullgraph=True, backend="eager")(x, y, yu, conf_c)
-    (gc,) = torch.autograd.grad(lc, x)
-    le = step(x, y, yu, conf_e)
-    (ge,) = torch.autograd.grad(le, x)
-    assert torch.equal(lc, le) and torch.equal(gc, ge) and torch.equal(conf_c, conf_e) and conf_c.sum() > 0
-
-
-def test_torch_func(backend):
-    """torch.func.grad and jvp equal the eager gradient and its dot with the tangent; vmap and second
-    derivatives are errors that say so."""
-    x, y = on(backend, *data(seed=72))
-    kw = dict(thresh=0.5, min_kept=9, ignore_index=IGN, backend=backend)
-    rkw = {k: v for k, v in kw.items() if k != "backend"}
-    loss, grad = run(backend, x, y, **rkw)
-    g = torch.func.grad(lambda t: FI.ohem_cross_entropy(t, y, **kw))(x)
-    torch.testing.assert_close(g, grad, atol=0, rtol=0)
-    t = torch.randn_like(x)
-    _, tangent = torch.func.jvp(lambda u: FI.ohem_cross_entropy(u, y, **kw), (x,), (t,))
-    torch.testing.assert_close(tangent, (grad * t).sum(), **TOL[torch.float64])
-    with torch.autograd.forward_ad.dual_level():
-        out = FI.ohem_cross_entropy(torch.autograd.forward_ad.make_dual(x, t), y, reduction="none", **kw)
-        per_pixel = torch.autograd.forward_ad.unpack_dual(out).tangent
-    _, gn = run(backend, x, y, "none", **rkw)  # per pixel: each pixel's own logits only
-    torch.testing.assert_close(per_pixel.reshape(-1), (gn * t).sum(1).reshape(-1), **TOL[torch.float64])
-    with pytest.raises(RuntimeError, match="vmap"):
-        torch.func.vmap(lambda u: FI.ohem_cross_entropy(u, y, **kw))(x[None])
-    xx = x.clone().requires_grad_(True)
-    (gg,) = torch.autograd.grad(FI.ohem_cross_entropy(xx, y, **kw), xx, create_graph=True)
-    with pytest.raises(RuntimeError, match="second derivatives"):
-        gg.sum().backward()
-
-
 def test_argument_errors():
     x, y = data()
     for kw, exc, match in [
@@ -666,22 +550,6 @@ def test_argument_errors():
         for backend in ("cpp", "reference"):
             with pytest.raises(exc, match=match):
                 FI.ohem_cross_entropy(x, y, ignore_index=IGN, backend=backend, **kw)
-
-
-@pytest.mark.cuda
-def test_training_step_has_no_host_sync():
-    x, y = data(shape=(2, 19, 64, 64), dtype=torch.float32, seed=73)
-    x, y = x.cuda().requires_grad_(True), y.cuda()
-    FI.ohem_cross_entropy(x, y, ignore_index=IGN, backend="triton", validate=False).backward()  # compiles
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        FI.ohem_cross_entropy(x, y, ignore_index=IGN, backend="triton").backward()
-        FI.ohem_cross_entropy(
-            x[:, :, ::4, ::4].contiguous(), y, ignore_index=IGN, backend="triton", upsample="bilinear"
-        ).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 # --- the module -------------------------------------------------------------------------------------

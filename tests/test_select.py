@@ -1,14 +1,16 @@
 """The exact k-th selection (``fused_imbalance.ops.select``): every backend returns exactly the value at
 position k of ``torch.sort`` of the valid entries -- random values, ties, equal values, 0 and 1,
 subnormals, inf and NaN, invalid entries, every rank and beyond, float32 and float64, several
-programs and tails -- with the first histogram given or not, under ``torch.compile``, and without
-a host sync. Without a GPU the Triton kernels run on CPU tensors through TRITON_INTERPRET=1 (set
-by conftest); the interpreted calls are kept to a few thousand entries."""
+programs and tails -- with the first histogram given or not. Its launches, tiling and opcheck are in
+test_internals_triton.py and test_internals_cpp.py, ``torch.compile`` in test_compile.py and
+test_compile_cuda.py, no host sync in test_robustness.py. Without a GPU the Triton kernels run on CPU
+tensors through TRITON_INTERPRET=1 (set by conftest); the interpreted calls are kept to a few thousand
+entries."""
 
 import pytest
 import torch
 
-from cases import backend_device
+from cases import backend_device, require_backend
 from fused_imbalance.ops import select as SEL
 from fused_imbalance.ops import triton_select as TS
 
@@ -55,24 +57,7 @@ def ranks(n_valid):
     return sorted({0, 1, n_valid // 2, n_valid - 1, n_valid, 10**12, -5})
 
 
-@pytest.fixture(params=["triton", "cpp", "reference"])
-def sel_backend(request):
-    """A backend that can run here: skipped when it cannot, unless FUSED_IMBALANCE_REQUIRE_BACKENDS
-    names it (as the losses' ``backend`` fixture)."""
-    return "reference" if request.param == "reference" else _available(request.param)
-
-
-def _available(name):
-    from conftest import REQUIRED
-
-    v = torch.zeros(1, device=backend_device(name))
-    try:
-        SEL.select_kth(v, 0, backend=name)
-    except RuntimeError as e:
-        if name in REQUIRED:
-            pytest.fail(f"backend {name!r} is required but unavailable: {e}")
-        pytest.skip(f"backend {name!r} unavailable: {e}")
-    return name
+_available = require_backend  # the backend fixtures (``sel_backend``: conftest.py) and cases.py
 
 
 def on(backend, t):
@@ -201,29 +186,6 @@ def test_first_hist_is_used(sel_backend):
     assert got == v[10] and got != oracle(v, 10) == v[11]
 
 
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_launches(monkeypatch, dtype):
-    """One histogram pass per digit, one fewer with first_hist, and one final launch, whatever the data."""
-    launched = []
-    wrap = TS.wrap
-
-    def counting(kernel):
-        launched.append(kernel)
-        return wrap(kernel)
-
-    monkeypatch.setattr(TS, "wrap", counting)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    v = torch.rand(300, dtype=dtype, device=dev)
-    passes = len(TS.digit_plan(dtype))
-    assert passes == (4 if dtype == torch.float32 else 8)
-    for fh, hist_passes in ((None, passes), (histogram_of(v.cpu()).to(dev), passes - 1)):
-        launched.clear()
-        SEL.select_kth(v, 7, fh, backend="triton")
-        assert launched.count(TS._select_hist_kernel) == hist_passes
-        assert launched.count(TS._select_final_kernel) == 1 and len(launched) == hist_passes + 1
-
-
 def test_wrong_first_hist_does_not_crash(sel_backend):
     """A histogram not of the values gives an unspecified value, but no error and no bad access."""
     if sel_backend == "reference":
@@ -238,195 +200,13 @@ def test_wrong_first_hist_does_not_crash(sel_backend):
         assert out.shape == ()
 
 
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_select_first_digit_is_the_histograms_digit(dtype):
-    """The jit helper a loss kernel calls to count first_hist gives the digit and validity defined
-    here (so the histogram it counts is the one the selection expects)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def digits_kernel(v_ptr, d_ptr, ok_ptr, N, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        m = offs < N
-        d, ok = TS.select_first_digit(tl.load(v_ptr + offs, mask=m, other=-1.0))
-        tl.store(d_ptr + offs, d, mask=m)
-        tl.store(ok_ptr + offs, ok.to(tl.int32), mask=m)
-
-    fi = torch.finfo(dtype)
-    v = torch.tensor(
-        [
-            0.0,
-            -0.0,
-            1.0,
-            0.7,
-            fi.smallest_normal * fi.eps,
-            float("inf"),
-            float("nan"),
-            -1.0,
-            -float("inf"),
-            fi.max,
-            3.5e-5,
-            0.5,
-        ],
-        dtype=dtype,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )
-    d = torch.empty(v.numel(), dtype=torch.int32, device=v.device)
-    ok = torch.empty(v.numel(), dtype=torch.int32, device=v.device)
-    digits_kernel[(1,)](v, d, ok, v.numel(), BLOCK=16)
-    want_d, want_ok = first_digit(v.cpu())
-    assert torch.equal(ok.cpu().bool(), want_ok)
-    assert torch.equal(d.cpu()[want_ok].long(), want_d[want_ok])
-    assert (d.cpu() >= 0).all() and (d.cpu() < SEL.FIRST_BINS).all()
-
-
-# --- sizes: several programs, tiles, chunks -----------------------------------------------------
-
-
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-def test_triton_several_programs_and_tails(monkeypatch):
-    """Tiles of 128 entries: 4003 entries are 32 tiles (the last one partial) over several programs
-    (3 interpreted, on a GPU one per tile up to 2 per SM), each walking several tiles."""
-    monkeypatch.setattr(TS, "_INTERPRET_BLOCK", 128)
-    monkeypatch.setattr(TS, "_BLOCK", 128)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tiles = TS._cdiv(4003, 128)
-    assert tiles > TS._programs(tiles, torch.device(dev)) > 1 and 4003 % 128
-    g = torch.Generator().manual_seed(4)
-    for dtype in DTYPES:
-        v = torch.randn(4003, generator=g, dtype=torch.float64).to(dtype)  # about half invalid
-        n_valid = int((v >= 0).sum())
-        for k in (0, n_valid // 2, n_valid - 1):
-            check(SEL.select_kth(v.to(dev), k, backend="triton"), v, k)
-
-
-def test_cpp_many_chunks_and_a_large_bin():
-    """300 000 entries: several parallel chunks; most of them in one binade, so the keys copied
-    after the first digit exceed one chunk and the later digits run as parallel passes too."""
-    _available("cpp")
-    g = torch.Generator().manual_seed(5)
-    v = 0.5 + torch.rand(300_000, generator=g) / 2  # [0.5, 1): one first digit
-    v[::10] = torch.rand(30_000, generator=g) / 4
-    v[::17] = -1.0
-    threads = torch.get_num_threads()
-    try:
-        for k in (0, 25_000, 150_000, 10**9):
-            want = SEL.select_kth(v, k, backend="cpp")
-            check(want, v, k)
-            torch.set_num_threads(1)
-            assert torch.equal(SEL.select_kth(v, k, backend="cpp"), want)  # the same for any thread count
-            torch.set_num_threads(threads)
-        check(SEL.select_kth(v.double(), 150_000, backend="cpp"), v.double(), 150_000)
-    finally:
-        torch.set_num_threads(threads)
-
-
-# --- torch.library, torch.compile, host syncs ---------------------------------------------------
+# --- the default backend ------------------------------------------------------------------------
 
 
 def test_default_backend_by_device():
     v = torch.rand(100)
     want = oracle(v, 10)
     assert SEL.select_kth(v, 10) == want  # CPU: the C++ op (or the reference without the extension)
-
-
-def test_opcheck_cpp():
-    _available("cpp")
-    v = torch.rand(300, dtype=torch.float64)
-    v[::4] = -1
-    fh = histogram_of(v)
-    for args in [
-        (v, torch.tensor(17)),
-        (v.float(), torch.tensor(0), histogram_of(v.float())),
-        (v, torch.tensor(10**5), fh),
-    ]:
-        torch.library.opcheck(torch.ops.fused_imbalance.cpp_select_kth.default, args)
-
-
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-def test_opcheck_triton():
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    v = torch.rand(300, device=dev)
-    v[::4] = -1
-    # under TRITON_INTERPRET the kernels cannot be traced (torch does not trace interpreted kernels)
-    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
-    utils += ["test_aot_dispatch_dynamic"] if torch.cuda.is_available() else []
-    for args in [
-        (v, torch.tensor(17, device=dev), None),
-        (v, torch.tensor(5, device=dev), histogram_of(v).to(dev)),
-    ]:
-        torch.library.opcheck(TS.select_kth, args, test_utils=utils)
-
-
-@pytest.mark.parametrize("backend", [None, "reference"])
-def test_compile_fullgraph_cpu(backend):
-    """The default CPU backend (the C++ op) and the reference, traced as one graph; k a tensor
-    computed in the graph from the data (what the OHEM loss does: no value leaves the device)."""
-    v = torch.rand(1000)
-    v[::3] = -1.0
-
-    def f(v, rank):
-        k = torch.clamp((v >= 0).sum() - 1, max=rank)  # a device value
-        return SEL.select_kth(v, k, backend=backend)
-
-    got = torch.compile(f, fullgraph=True)(v, 400)
-    check(got, v, min(int((v >= 0).sum()) - 1, 400))
-
-
-@pytest.mark.cuda  # under TRITON_INTERPRET the Triton kernels cannot be traced
-def test_compile_fullgraph_triton():
-    v = torch.rand(100_000, device="cuda")
-    v[::3] = -1.0
-
-    def f(v, fh):
-        k = torch.clamp((v >= 0).sum() - 1, max=40_000)  # a device value
-        return SEL.select_kth(v, k), SEL.select_kth(v, k, fh)
-
-    a, b = torch.compile(f, fullgraph=True)(v, histogram_of(v.cpu()).cuda())
-    check(a, v.cpu(), 40_000)
-    check(b, v.cpu(), 40_000)
-
-
-@pytest.mark.cuda
-def test_no_host_sync_cuda():
-    v = torch.rand(200_000, device="cuda")
-    v[::3] = -1.0
-    fh = histogram_of(v.cpu()).cuda()
-    k = torch.tensor(1234, device="cuda")
-    SEL.select_kth(v, k)  # compile and load outside the check
-    SEL.select_kth(v, 5, fh)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        a = SEL.select_kth(v, k)
-        b = SEL.select_kth(v, 5, fh)
-        c = SEL.select_kth(v, k, backend="reference")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    check(a, v.cpu(), 1234)
-    check(b, v.cpu(), 5)
-    check(c, v.cpu(), 1234)
-
-
-def test_no_host_sync_cpu(sel_backend, monkeypatch):
-    """No tensor value reaches Python on the way: every conversion that would wait for a device
-    raises while the selection runs (k a tensor, as the loss passes it)."""
-    v = torch.rand(1500)
-    v[::4] = -1.0
-    k = torch.tensor(321)
-    fh = histogram_of(v) if sel_backend != "reference" else None
-    SEL.select_kth(on(sel_backend, v), on(sel_backend, k), fh, backend=sel_backend)  # load the backend first
-
-    def sync(*args, **kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
-    got = SEL.select_kth(on(sel_backend, v), on(sel_backend, k), fh, backend=sel_backend)
-    monkeypatch.undo()
-    check(got, v, 321)
 
 
 # --- errors -------------------------------------------------------------------------------------

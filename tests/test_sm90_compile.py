@@ -1,12 +1,16 @@
 """The Triton kernels compile for the H100 (sm_90a) with no register spills; no GPU needed.
 
-``sm90_compile.py`` (beside this file) compiles the kernels through the launcher exactly as it
+``benchmarks/sm90_compile.py`` compiles the kernels through the launcher exactly as it
 configures them, with Triton's bundled ptxas behind a stand-in driver, in a subprocess: the test
 process runs Triton under TRITON_INTERPRET=1, where ``@triton.jit`` makes interpreted functions
 that cannot be compiled. The variant set reaches every kernel and every code path of each
 (see ``VARIANTS`` there), not every class count: C is a compile-time constant of the static
-kernels and each C is its own kernel. ``python tests/sm90_compile.py --all`` checks more.
+kernels and each C is its own kernel. ``python benchmarks/sm90_compile.py --all`` checks more.
 Triton's cache (``TRITON_CACHE_DIR``, by default ~/.triton/cache) makes repeated runs fast.
+
+``benchmarks/sm90_dice.py`` does the same for the Dice family's kernels, with the same stand-in driver
+and ptxas (its variant set: ``VARIANTS`` there). These checks run with the other compile-only checks
+(scripts/setup_and_test.sh: SM90_COMPILE).
 """
 
 import json
@@ -18,8 +22,8 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "benchmarks")  # the compile-only drivers
 
 
 def _nvidia_backend():
@@ -38,7 +42,7 @@ def report():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sm90_compile.py")],
+        [sys.executable, os.path.join(TOOLS, "sm90_compile.py")],
         capture_output=True,
         text=True,
         env=env,
@@ -146,3 +150,44 @@ def test_sm90_compile(report):
     _upsample_kernels_compile(report)
     _select_kernels_compile(report)
     _ohem_kernels_compile(report)
+
+
+# --- the Dice family's kernels (benchmarks/sm90_dice.py) ------------------------------------------
+
+
+def test_sm90_dice_kernels_compile_without_spills():
+    if not _nvidia_backend():
+        pytest.skip("this triton has no NVIDIA backend with ptxas")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "sm90_dice.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    kernels = {r["kernel"] for r in report}
+    assert kernels == {"_dice_fwd_kernel", "_dice_bwd_kernel", "_dice_finalize_kernel", "_dice_reduce_kernel"}
+    fwd = [r["constexprs"] for r in report if r["kernel"] == "_dice_fwd_kernel"]
+    for flag in ("LOOP", "SQUARED", "CE"):
+        assert {c[flag] for c in fwd} == {"True", "False"}, flag
+    assert {c["CONF"] for c in fwd} == {"0", "1", "2"}
+    assert {c["VEC"] for c in fwd} == {"1", "2", "4"}
+    bwd = [r["constexprs"] for r in report if r["kernel"] == "_dice_bwd_kernel"]
+    assert (
+        {c["LOOP"] for c in bwd} == {c["SQUARED"] for c in bwd} == {c["CE"] for c in bwd} == {"True", "False"}
+    )
+    assert {c["VEC"] for c in bwd} == {"1", "2", "4"}
+    fin = [r["constexprs"] for r in report if r["kernel"] == "_dice_finalize_kernel"]
+    assert {c["KIND"] for c in fin} == {"0", "1", "2"} and {c["RED"] for c in fin} == {"0", "1", "2"}
+    assert {(c["REDUCE"], c["BAD"], c["COMPUTE"]) for c in fin} == {
+        ("True", "True", "True"),
+        ("False", "False", "True"),
+        ("True", "True", "False"),
+    }
+    spilling = [r for r in report if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, json.dumps(spilling, indent=1)

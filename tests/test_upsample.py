@@ -5,12 +5,9 @@ The specification is literal: ``F.interpolate`` of the logits (in the accumulati
 respect to the low-resolution logits, statistics, confusion — is compared with it, through the
 raw ops (every output of the op contract) and through the functional API and the modules. Also:
 the op never allocates a tensor of B·C·H·W elements (profiler), the backward is bit-identical
-across runs and thread counts, gradcheck in float64, opcheck, torch.compile.
+across runs and thread counts, gradcheck in float64, opcheck, the Triton kernels' tiling.
+torch.compile: test_compile.py; beyond 2**31 pixels: test_robustness.py.
 """
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ import contract
 import fused_imbalance as fi
 import fused_imbalance.functional as FI
 import fused_imbalance.reference as R
-from cases import ALL_LOSSES, loss_and_grad
+from cases import ALL_LOSSES, FUSED_BACKENDS, loss_and_grad, require_backend
 from fused_imbalance.ops import Mode
 from tolerances import LOSS_TOL, TOL
 
@@ -30,9 +27,6 @@ from fused_imbalance.ops import cpp as _cpp
 HAVE_CPP = _cpp.available()
 needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason="the C++ backend could not be built here")
 
-REQUIRED = set(filter(None, os.environ.get("FUSED_IMBALANCE_REQUIRE_BACKENDS", "").split(",")))
-# The fused backends with the upsampled ops.
-BACKENDS = ["cpp", "triton"]
 try:
     from fused_imbalance.ops import triton_backend
     from fused_imbalance.ops import triton_upsample as tup
@@ -44,7 +38,8 @@ except ImportError:
 # TRITON_INTERPRET (tests/conftest.py sets it); with one, _triton_on_the_gpu moves each op's inputs
 # there and its outputs back.
 ON_GPU = HAVE_TRITON and torch.cuda.is_available()
-_NO_TRITON = "the Triton backend is not available here"
+# The fused backends with the upsampled ops.
+BACKENDS = FUSED_BACKENDS
 
 MODES = [("bilinear", False), ("bilinear", True), ("nearest", False)]
 OP_MODES = [Mode.SOFTMAX_FOCAL, Mode.SIGMOID_FOCAL, Mode.MSE_LOGITS, Mode.MSE_SOFTMAX, Mode.STATS]
@@ -197,24 +192,10 @@ def _raw(op):
     return getattr(op, "gpu_op", op)
 
 
-def _need(name):
-    if name == "cpp" and not HAVE_CPP:
-        if "cpp" in REQUIRED:
-            pytest.fail("backend 'cpp' is required but unavailable")
-        pytest.skip("the C++ backend could not be built here")
-    if name == "triton" and not HAVE_TRITON:
-        if "triton" in REQUIRED:
-            pytest.fail("backend 'triton' is required but unavailable")
-        pytest.skip(_NO_TRITON)
+_need = require_backend  # skips (or fails, where required) a test on a backend that cannot run here
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    _need(request.param)
-    return request.param
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=FUSED_BACKENDS)
 def ops(request):
     """A fused backend's upsampled ops (see _Ops)."""
     _need(request.param)
@@ -474,7 +455,7 @@ def test_lse_from_the_forward(ops, monkeypatch):
 
 def _opcheck_utils(ops):
     # Under TRITON_INTERPRET, wrap_triton hands an interpreted kernel back untraced: AOT tracing
-    # would launch it on fake tensors (tests/test_triton.py), so that check needs a GPU there.
+    # would launch it on fake tensors (tests/test_internals_triton.py), so that check needs a GPU there.
     utils = ["test_schema", "test_faketensor"]
     return utils + (["test_aot_dispatch_dynamic"] if ops is cpp or torch.cuda.is_available() else [])
 
@@ -694,7 +675,7 @@ def test_statistics_and_confusion(backend, mode, align_corners):
 
 
 def test_bad_labels(backend):
-    """As the plain losses (tests/test_parity.py): at once on the C++ backend, deferred on Triton."""
+    """As the plain losses (tests/test_robustness.py): at once on the C++ backend, deferred on Triton."""
     x, y = make(C=5, hw=(4, 4), HW=(9, 9))
     y_bad = y.clone()
     y_bad[1, 2, 3] = 5
@@ -932,7 +913,7 @@ def test_recall_statistics_callable(backend):
     assert fused.seen.all() and 0 < fused.running_recall.min() < fused.running_recall.max() < 1
 
 
-# --- gradients, determinism, memory, compile -----------------------------------------------------
+# --- gradients, determinism, memory -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -1022,157 +1003,9 @@ def test_no_full_resolution_logits(backend, mode, reduction):
     assert max(_allocations(step("reference"))) >= B * C * H * W * 4
 
 
-@needs_cpp
-def test_compile_fullgraph():
-    script = r"""
-import torch, fused_imbalance as fi
-torch.manual_seed(0)
-x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-y = torch.randint(0, 5, (2, 23, 19)); y[0, 0] = 255
-
-def step(x, y, conf):
-    return (fi.recall_loss(x, y, ignore_index=255, confusion=conf, backend="cpp", upsample="bilinear")
-            + fi.focal_loss(x, y, 2.0, ignore_index=255, backend="cpp", upsample="nearest")
-            + fi.mse_outlying_loss(x, y, torch.arange(1.0, 6.0), ignore_index=255, backend="cpp",
-                                   upsample="bilinear", align_corners=True))
-
-conf_c, conf_e = torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)
-lc = torch.compile(step, fullgraph=True)(x, y, conf_c)
-gc, = torch.autograd.grad(lc, x)
-le = step(x, y, conf_e)
-ge, = torch.autograd.grad(le, x)
-torch.testing.assert_close(lc, le)
-torch.testing.assert_close(gc, ge)
-assert torch.equal(conf_c, conf_e) and conf_c.sum() > 0
-print("OK")
-"""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK" in out.stdout
-
-
-def test_triton_compile_fullgraph():
-    """torch.compile(fullgraph=True) captures the Triton upsampled ops (their fake kernels) without a graph
-    break, and forward, gradient and confusion match eager. The captured graph runs eagerly
-    (``backend="eager"``): under TRITON_INTERPRET, AOT tracing would launch the interpreted kernels on fake
-    tensors (see ``_opcheck_utils``)."""
-    _need("triton")
-    torch.compiler.reset()
-    x = torch.randn(2, 5, 6, 7, generator=torch.Generator().manual_seed(0))
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    y = torch.randint(0, 5, (2, 23, 19), generator=torch.Generator().manual_seed(1))
-    y[0, 0] = 255
-
-    def step(x, y, conf):
-        return FI.recall_loss(
-            x, y, ignore_index=255, confusion=conf, backend="triton", upsample="bilinear"
-        ) + FI.focal_loss(x, y, 2.0, ignore_index=255, backend="triton", upsample="nearest")
-
-    conf_c, conf_e = torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, 5, dtype=torch.long)
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    lc = compiled(x, y, conf_c)
-    (gc,) = torch.autograd.grad(lc, x)
-    le = step(x, y, conf_e)
-    (ge,) = torch.autograd.grad(le, x)
-    torch.testing.assert_close(lc, le, atol=0, rtol=0)
-    torch.testing.assert_close(gc, ge, atol=0, rtol=0)
-    assert torch.equal(conf_c, conf_e) and conf_c.sum() > 0
-
-
 def test_interpolate_is_the_spec_in_float32():
     """For float32 logits ``reference.upsampled`` is F.interpolate itself."""
     x, _ = make(C=3, hw=(5, 7))
     for mode, ac in MODES:
         kw = {} if mode == "nearest" else {"align_corners": ac}
         assert torch.equal(up(x, (11, 13), mode, ac), F.interpolate(x, size=(11, 13), mode=mode, **kw))
-
-
-# --- beyond 2**31 full-resolution pixels ----------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_more_than_2_31_full_resolution_pixels_cpu():
-    """2**31 + 2**20 full-resolution pixels (uint8 labels, C = 2) from 1 × 4 low-resolution logits,
-    bilinear, on the C++ backend: one forward pass of the op in the MSE-on-logits mode (the loss
-    of mse_outlying_loss; no exp/log per logit keeps the pass to a few seconds on 2 cores) without
-    per-pixel loss, so nothing of B·H·W floats (2.5 GB in all, the labels). Every full-resolution
-    row is the same interpolated row R (h = 1) and the labels are blocks of rows and columns, so
-    the expected sums follow from per-column class counts: n_c(X) pixels of class c at column X
-    give Σ_X n_c(X)·½ Σ_k (R[k, X] − t_c·[k = c])². A 32-bit pixel offset reads the labels of the
-    wrong rows and changes the counts."""
-    _need("cpp")
-    H, W = 2**16 + 32, 2**15
-    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [-0.75, 1.5, -0.5, 0.0]]).view(1, 2, 1, 4)
-    tvals = torch.tensor([1.0, 3.0])
-    y = torch.zeros(1, H, W, dtype=torch.uint8)
-    top, bottom = H // 4, H - H // 3
-    y[0, bottom:] = 1  # the last third of the rows, past pixel 2**31, is class 1
-    y[0, :top, ::3] = 1  # and every third column of the first quarter
-    y[0, -1, -7:] = 255  # the very last pixels are ignored
-    col = torch.arange(W)
-    n1 = (H - bottom) + torch.where(col % 3 == 0, top, 0) - torch.where(col >= W - 7, 1, 0)
-    n0 = H - (H - bottom) - torch.where(col % 3 == 0, top, 0)
-    row = R.upsampled(x.double(), (1, W), "bilinear")[0, :, 0]  # (2, W): the spec's interpolated row
-    l0 = 0.5 * ((row[0] - tvals[0]) ** 2 + row[1] ** 2)  # per-pixel loss of class 0 at each column
-    l1 = 0.5 * (row[0] ** 2 + (row[1] - tvals[1]) ** 2)
-    want_loss = torch.stack([(n0 * l0).sum(), (n1 * l1).sum()])
-    pred = row.argmax(0)
-    want_tp = torch.stack([(n0 * (pred == 0)).sum(), (n1 * (pred == 1)).sum()])
-    _, class_loss, count, tp, bad, _, _ = cpp.upsample_loss_fwd(
-        x, y, 1, False, int(Mode.MSE_LOGITS), 0.0, tvals, 255, False, True, False
-    )
-    assert count.tolist() == [int(n0.sum()), int(n1.sum())] and sum(count.tolist()) == H * W - 7
-    assert tp.tolist() == want_tp.tolist() and 0 < tp.sum() < count.sum()
-    assert int(bad) == 0
-    torch.testing.assert_close(class_loss.double(), want_loss, rtol=1e-5, atol=0)
-    # what reduction="mean" returns from these outputs
-    torch.testing.assert_close(
-        class_loss.double().sum() / count.sum(), want_loss.sum() / (H * W - 7), rtol=1e-5, atol=0
-    )
-
-
-def _need_cuda_triton():
-    """The Triton upsampled kernels on a GPU, on CUDA tensors (this module's other Triton tests give
-    them CPU tensors: through the interpreter, or copied to the GPU by _triton_on_the_gpu)."""
-    if tup is None or not HAVE_TRITON:
-        if "triton" in REQUIRED:
-            pytest.fail("backend 'triton' is required but unavailable")
-        pytest.skip("the Triton backend is unavailable")
-
-
-@pytest.mark.cuda
-def test_more_than_2_31_full_resolution_pixels_cuda():
-    """bfloat16 low-resolution logits against 2**31 + 2**21 full-resolution uint8 labels on the
-    Triton backend, forward and backward (reduction "sum"), against a chunked float64 reference:
-    the bilinear interpolation is separable, so the vertical pass of the whole image (C × H × w)
-    followed by the horizontal pass of a band of rows is the spec's F.interpolate, band by band."""
-    _need_cuda_triton()
-    B, C, h, w, H, W = 1, 3, 40, 64, 2**15 + 32, 2**16
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = (2 * torch.randn(B, C, h, w, device="cuda", generator=g)).to(torch.bfloat16)
-    y = torch.randint(0, C, (B, H, W), device="cuda", dtype=torch.uint8, generator=g)
-    y[0, -3:, :] = 255
-    xr = x.detach().requires_grad_(True)
-    loss = FI.cross_entropy(xr, y, ignore_index=255, reduction="sum", upsample="bilinear", backend="triton")
-    loss.backward()
-
-    x64 = x.detach().double().requires_grad_(True)
-    v = F.interpolate(x64, size=(H, w), mode="bilinear", align_corners=False)  # vertical pass only
-    gv = torch.zeros_like(v)
-    total = torch.zeros((), dtype=torch.float64, device="cuda")
-    band = 2**9
-    for y0 in range(0, H, band):
-        vb = v.detach()[:, :, y0 : y0 + band].requires_grad_(True)
-        xb = F.interpolate(vb, size=(vb.shape[2], W), mode="bilinear", align_corners=False)  # horizontal
-        lb = F.cross_entropy(xb, y[:, y0 : y0 + band].long(), ignore_index=255, reduction="sum")
-        lb.backward()
-        gv[:, :, y0 : y0 + band] = vb.grad
-        total += lb.detach()
-    v.backward(gv)
-    assert loss.item() == pytest.approx(total.item(), rel=1e-4)
-    # A low-resolution logit gathers the gradient of about s = (H/h)·(W/w) pixels: compared per
-    # pixel (both divided by s) so that the table's bfloat16 atol applies to O(1) values.
-    s = (H / h) * (W / w)
-    torch.testing.assert_close(xr.grad.double() / s, x64.grad / s, **TOL[torch.bfloat16])

@@ -1,4 +1,5 @@
-"""Every fused backend against the reference: values, gradients, statistics, layouts, dtypes.
+"""Every fused backend against the reference: values, gradients, statistics, layouts, dtypes; class
+weights as torch takes them, numerics at the edges, non-contiguous views, random inputs (hypothesis).
 
 The backends run on CPU tensors here: ``cpp`` natively, ``triton`` through TRITON_INTERPRET=1
 (set by conftest when there is no GPU). With a GPU the Triton cases run on CUDA tensors.
@@ -6,10 +7,13 @@ A backend that cannot run is skipped, unless it is named in FUSED_IMBALANCE_REQU
 (CI names both), where that is a failure.
 """
 
+import math
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import fused_imbalance as fi
 import fused_imbalance.functional as FI
 from cases import ALL_LOSSES, backend_device, loss_and_grad, make_data, to_layout
 from tolerances import LOSS_TOL, TOL
@@ -150,46 +154,6 @@ def test_empty(backend):
             assert loss.item() == 0 and grad.shape == x.shape
 
 
-def test_bad_labels(backend):
-    """A label outside [0, C) is a ValueError naming it: at once on the C++ backend (nothing added into
-    the caller's matrix), deferred on the Triton one (its call treats those labels as ignored and adds
-    the valid pixels' counts; the next fused call raises, or at once fused_imbalance.check_deferred)."""
-    dev = backend_device(backend)
-    x, y = make_data((2, 5, 4, 4), torch.float32)
-    x, y = x.to(dev), y.to(dev)
-    y_bad = y.clone()
-    y_bad[1, 2, 3] = 5
-    y_bad[0, 0, 1] = -7
-    y_ign = torch.where((y_bad < 0) | (y_bad >= 5), torch.full_like(y, -100), y_bad)
-    conf = torch.ones(5, 5, dtype=torch.int64, device=dev)
-    if backend == "triton":
-        got = FI.focal_loss(x, y_bad, backend=backend)  # no error yet: the check is deferred
-        torch.testing.assert_close(got, FI.focal_loss(x, y_ign, backend="reference"))
-        with pytest.raises(ValueError, match=r"label 5 outside \[0, 5\) \(2 such labels"):
-            fi.check_deferred()
-        FI.confusion_matrix(x, y_bad, out=conf, backend=backend)
-        with pytest.raises(ValueError, match="label 5"):  # the next fused call raises
-            FI.cross_entropy(x, y, backend=backend)
-        assert torch.equal(conf - 1, FI.confusion_matrix(x, y_ign, backend="reference"))
-        FI.recall_loss(x, y_bad, backend=backend, validate=False)  # nothing to check later
-        fi.check_deferred()  # nothing was left to check: no error
-    else:
-        with pytest.raises(ValueError, match="5"):
-            FI.focal_loss(x, y_bad, backend=backend)
-        with pytest.raises(ValueError, match="-7"):
-            FI.confusion_matrix(x, y_bad, backend=backend)
-        # an update that raises leaves the caller's counts as they were
-        with pytest.raises(ValueError):
-            FI.confusion_matrix(x, y_bad, out=conf, backend=backend)
-        with pytest.raises(ValueError):
-            FI.recall_loss(x, y_bad, confusion=conf, backend=backend)
-        assert torch.equal(conf, torch.ones_like(conf))
-    # validate=False: out-of-range labels are ignored, as the reference does with validate=False
-    for name in ("focal_loss", "recall_loss"):
-        got = ALL_LOSSES[name](x, y_bad, backend=backend, validate=False)
-        torch.testing.assert_close(got, ALL_LOSSES[name](x, y_ign, backend="reference"))
-
-
 # --- gradients and determinism ---------------------------------------------------------------
 
 
@@ -209,20 +173,6 @@ def test_gradcheck_float64(backend, name, reduction):
     )
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-def test_deterministic(backend, layout):
-    x, y = make_data((2, 19, 33, 31), torch.float32)
-    x = to_layout(x, layout)
-    if layout == "rows":
-        y = y.reshape(-1)
-    dev = backend_device(backend)
-    x, y = x.to(dev), y.to(dev)
-    for name in ("recall_loss", "sigmoid_focal_loss"):
-        a = loss_and_grad(ALL_LOSSES[name], x, y, backend, "mean")
-        b = loss_and_grad(ALL_LOSSES[name], x, y, backend, "mean")
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
 @pytest.mark.parametrize("gamma", [0.25, 2.0])
 def test_focal_where_p_is_one(backend, gamma):
     """p_y rounds to 1 in some pixels: loss and gradient there are 0 (the limit), never NaN."""
@@ -232,3 +182,160 @@ def test_focal_where_p_is_one(backend, gamma):
     fn = lambda t, yy, **k: FI.focal_loss(t, yy, gamma=gamma, **k)  # noqa: E731
     loss, grad = check(fn, x, y, backend, "sum")
     assert torch.isfinite(grad).all() and (grad[0, :, 1, 2] == 0).all()
+
+
+# --- class weights, numerics at the edges, views and random inputs --------------------------------
+
+
+def _same_as_reference(fn, x, y, backend, reduction="mean", **kw):
+    loss, grad = loss_and_grad(fn, x, y, backend, reduction, **kw)
+    ref_loss, ref_grad = loss_and_grad(fn, x, y, "reference", reduction, **kw)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL[x.dtype], equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, **TOL[x.dtype], equal_nan=True)
+    return loss, grad
+
+
+# Classes 0 and 3 are absent from the batch below; some pixels are ignored.
+WEIGHTS = {
+    "inf_absent": [1.0, 2.0, 0.5, math.inf],
+    "nan_absent": [1.0, 2.0, 0.5, math.nan],
+    "inf_class0_ignored": [math.inf, 1.0, 2.0, 1.0],  # ignored labels must not meet class 0's weight
+    "negative_sum": [1.0, -3.0, -0.5, 2.0],
+    "all_negative": [-1.0, -2.0, -0.5, -1.0],
+    "inf_present": [1.0, math.inf, 0.5, 1.0],  # a present class: inf/NaN where torch has them
+}
+
+
+def _weight_data(dev):
+    x, y = make_data((2, 4, 3, 3), torch.float64, every=0)
+    y = 1 + y.remainder(2)  # classes 1 and 2 only
+    y.view(-1)[::4] = -100
+    return x.to(dev), y.to(dev)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", WEIGHTS)
+def test_class_weights_behave_as_torch(backend, case, reduction):
+    """A weight enters only through the pixels of its class, as in torch.nn.functional.cross_entropy:
+    an inf/NaN weight of an absent class, or of the class an ignored label would index, changes
+    nothing, and "mean" divides by a negative Σ w_y as it is. Every backend gives torch's answer."""
+    dev = backend_device(backend)
+    x, y = _weight_data(dev)
+    w = torch.tensor(WEIGHTS[case], dtype=torch.float64, device=dev)
+    want = torch.nn.functional.cross_entropy(x, y, weight=w, reduction=reduction)
+    x_leaf = x.clone().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(x_leaf, y, weight=w, reduction=reduction).sum(), x_leaf
+    )
+    finite = case != "inf_present"
+    for b in (backend, "reference"):
+        for fn in (
+            lambda t, yy, **k: FI.cross_entropy(t, yy, w, **k),
+            lambda t, yy, **k: FI.focal_loss(t, yy, 0.0, w, **k),
+        ):
+            loss, grad = loss_and_grad(fn, x, y, b, reduction)
+            torch.testing.assert_close(loss, want, **LOSS_TOL[torch.float64], equal_nan=True)
+            if finite:
+                assert torch.isfinite(loss).all()
+                torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", [c for c in WEIGHTS if c != "inf_present"])
+@pytest.mark.parametrize("name", ["sigmoid_focal_loss", "weighted_focal"])
+def test_class_weights_same_on_every_backend(backend, case, name):
+    """The losses torch has no twin of follow the same rule on every backend: finite where the
+    non-finite weights belong to no valid pixel."""
+    dev = backend_device(backend)
+    x, y = _weight_data(dev)
+    w = torch.tensor(WEIGHTS[case], dtype=torch.float64, device=dev)
+    fn = {
+        "sigmoid_focal_loss": lambda t, yy, **k: FI.sigmoid_focal_loss(t, yy, 1.5, w, **k),
+        "weighted_focal": lambda t, yy, **k: FI.weighted_loss(t, yy, w, "softmax_focal", 2.0, **k),
+    }[name]
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = _same_as_reference(fn, x, y, backend, reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, label_logit",
+    [
+        (torch.float32, 89.0),
+        (torch.float32, 1e4),
+        (torch.float32, math.inf),
+        (torch.float64, 750.0),
+        (torch.float64, math.inf),
+    ],
+)
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.999, 1.5])
+def test_focal_gradient_at_a_certain_label_is_finite(backend, dtype, label_logit, gamma):
+    """A label logit so large (or +inf) that 1 − q_y rounds to 0: the focal factor (1 − q_y)^γ has
+    an infinite derivative there for γ < 1, the loss term is 0, and the gradient is its limit,
+    never 0 · inf = NaN, on every backend and the reference."""
+    dev = backend_device(backend)
+    x, y = make_data((2, 4, 3, 3), dtype, every=0)
+    for b, i, j in ((0, 1, 1), (1, 2, 0)):
+        x[b, y[b, i, j], i, j] = label_logit
+    x, y = x.to(dev), y.to(dev)
+    fns = [lambda t, yy, **k: FI.sigmoid_focal_loss(t, yy, gamma, **k)]
+    if math.isfinite(label_logit):  # softmax of a +inf logit is NaN (inf − inf), as torch.log_softmax
+        fns.append(lambda t, yy, **k: FI.focal_loss(t, yy, gamma, **k))
+    for fn in fns:
+        for reduction in ("sum", "none"):
+            loss, grad = _same_as_reference(fn, x, y, backend, reduction)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+VIEWS = {
+    "channel_slice": lambda x, y: (x[:, 1:4], y.remainder(3)),
+    "spatial_step": lambda x, y: (x[:, :, ::2, 1:], y[:, ::2, 1:]),
+    "expanded_batch": lambda x, y: (x[:1].expand(3, *x.shape[1:]), y[:1].expand(3, *y.shape[1:])),
+    "transposed_rows": lambda x, y: (
+        x.movedim(1, -1).reshape(-1, x.shape[1]).t().contiguous().t(),
+        y.reshape(-1),
+    ),
+    "sliced_rows": lambda x, y: (x.movedim(1, -1).reshape(-1, x.shape[1])[::3], y.reshape(-1)[::3]),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("name", ["focal_loss", "recall_loss", "sigmoid_focal_loss", "mse_outlying_loss"])
+def test_non_contiguous_views(backend, view, name):
+    dev = backend_device(backend)
+    x, y = make_data((2, 5, 6, 7), torch.float32)
+    xv, yv = VIEWS[view](x.to(dev), y.to(dev))
+    _same_as_reference(ALL_LOSSES[name], xv, yv, backend)
+
+
+@st.composite
+def _inputs(draw):
+    B = draw(st.integers(0, 3))
+    C = draw(st.integers(1, 12))
+    spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=3)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    label_dtype = draw(st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.int64]))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "permuted"]))
+    seed = draw(st.integers(0, 2**16))
+    ignore_p = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((B, C) + spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, C, (B,) + spatial, generator=g)
+    y[torch.rand(y.shape, generator=g) < ignore_p] = 255
+    if layout == "channels_last" and len(spatial) in (2, 3):
+        x = x.contiguous(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
+    elif layout == "permuted" and len(spatial) >= 1:  # classes last in memory, any rank
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return (
+        x,
+        y.to(label_dtype),
+        draw(st.sampled_from(sorted(ALL_LOSSES))),
+        draw(st.sampled_from(["mean", "sum", "none"])),
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_inputs())
+def test_fuzz(backend, data):
+    x, y, name, reduction = data
+    dev = backend_device(backend)
+    _same_as_reference(ALL_LOSSES[name], x.to(dev), y.to(dev), backend, reduction, ignore_index=255)

@@ -1,12 +1,13 @@
 """The C++ backend's ops themselves (fused_imbalance.ops.cpp), against the contract computed from the
 reference (tests/contract.py, in float64).
 
-test_parity.py and test_trust.py run every loss through the functional API on this backend;
+test_losses.py and test_robustness.py run every loss through the functional API on this backend;
 here the raw ops are checked on what only they see: each mode and γ, every output of the
 contract (per-pixel and per-class losses, counts, true positives, bad labels, confusion),
 the backward with both incoming gradients, block and chunk boundaries, memory layouts and
-strides, numerics at the edges, opcheck, torch.compile, bit-identical results across runs,
-thread counts and instruction-set copies, and the build/fallback machinery.
+strides, numerics at the edges, opcheck, the exact selection's chunks, and the build/fallback
+machinery. Their torch.compile is in test_compile.py; bit-identical results across runs, thread
+counts and instruction-set copies in test_determinism.py.
 """
 
 import os
@@ -19,6 +20,8 @@ import torch
 
 import contract
 from fused_imbalance.ops import Mode, Reduction, Weighting, acc_dtype
+from fused_imbalance.ops import select as SEL
+from test_select import _available, check, histogram_of
 from tolerances import LOSS_TOL, TOL
 
 cpp = pytest.importorskip("fused_imbalance.ops.cpp")
@@ -466,145 +469,6 @@ def test_eager_functions_are_the_ops():
     )
 
 
-def test_compile_training_step():
-    import fused_imbalance.functional as FI
-
-    torch._dynamo.reset()
-    x0, y, _ = make((2, 5, 6, 7))
-    x0 = x0.contiguous(memory_format=torch.channels_last)
-    outlying = torch.arange(1.0, 6.0)
-
-    def step(x, y, conf):
-        return (
-            FI.recall_loss(x, y, confusion=conf, backend="cpp")
-            + FI.focal_loss(x, y, gamma=1.5, backend="cpp")
-            + FI.mse_outlying_loss(x, y, outlying, input="softmax", backend="cpp")
-        )
-
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        x = x0.clone(memory_format=torch.preserve_format).requires_grad_(True)
-        conf = torch.zeros(5, 5, dtype=torch.int64)
-        loss = fn(x, y, conf)
-        loss.backward()
-        results.append((loss.detach(), x.grad, conf))
-    (l0, g0, c0), (l1, g1, c1) = results
-    torch.testing.assert_close(l1, l0, **TOL[torch.float32])
-    torch.testing.assert_close(g1, g0, **TOL[torch.float32])
-    assert torch.equal(c1, c0) and c0.sum() > 0
-
-
-# --- determinism --------------------------------------------------------------------------------
-
-DET_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from fused_imbalance.ops import cpp
-    be = cpp.backend()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 19, 45, 71, generator=g, dtype=torch.float64).mul(3).float()
-    y = torch.randint(0, 19, (2 * 45 * 71,), generator=g)
-    tv = torch.arange(1.0, 20.0)
-    gc = torch.linspace(-1, 1, 19)
-    out = {"isa": cpp.cpu_isa()}
-    for mode, gamma in [(0, 0.0), (0, 1.5), (1, 2.0), (1, 0.7), (2, 0.0), (3, 0.0)]:
-        t = tv if mode in (2, 3) else None
-        for name, xx in [("nchw", x), ("cl", x.contiguous(memory_format=torch.channels_last)),
-                         ("f64", x.double())]:
-            tt = t.to(xx.dtype) if t is not None and xx.dtype == torch.float64 else t
-            conf = torch.zeros(19, 19, dtype=torch.int64)
-            f = be.fwd(xx, y, None, tt, conf, mode, gamma, -100, 2, 0, True, False, False)
-            c = be.fwd(xx, y, None, tt, None, mode, gamma, -100, 3, 0, True, False, False)
-            b = be.bwd(xx, y, f[0] * 0 + 0.25, gc.to(f[1].dtype), tt, None, mode, gamma, -100)
-            out[(mode, gamma, name)] = (f[0], c[0], f[2], f[3], conf, b)
-    # the upsampled ops: an upsampling (the shuffled horizontal pass) and a downsampling
-    for low, size in [((2, 19, 9, 13), (37, 50)), ((1, 6, 20, 30), (13, 17))]:
-        xu = torch.randn(low, generator=g, dtype=torch.float64).mul(3).float()
-        yu = torch.randint(0, low[1], (low[0],) + size, generator=g)
-        yu[0, 0, :5] = -100
-        gp = torch.randn(yu.numel(), generator=g)
-        for interp, ac in [(1, False), (1, True), (0, False)]:
-            for mode, gamma in [(0, 2.0), (1, 1.5), (3, 0.0)]:
-                for name, xx in [("nchw", xu), ("cl", xu.contiguous(memory_format=torch.channels_last)),
-                                 ("f64", xu.double())]:
-                    t = torch.arange(1.0, low[1] + 1, dtype=xx.dtype) if mode == 3 else None
-                    conf = torch.zeros(low[1], low[1], dtype=torch.int64)
-                    f = be.up_fwd(xx, yu, interp, ac, None, t, conf, mode, gamma, -100, 2, 0, True, False, True)
-                    c = be.up_fwd(xx, yu, interp, ac, None, t, None, mode, gamma, -100, 3, 0, True, False, False)
-                    gpu, gcu = gp.to(f[0].dtype), torch.linspace(-1, 1, low[1]).to(f[0].dtype)
-                    b = be.up_bwd(xx, yu, interp, ac, gpu, gcu, t, None, mode, gamma, -100)
-                    bl = be.up_bwd(xx, yu, interp, ac, gpu, gcu, t, f[5], mode, gamma, -100)  # the forward's lse
-                    out[("up", low, interp, ac, mode, gamma, name)] = (f[0], c[0], f[2], f[3], f[5], conf, b, bl)
-    torch.save(out, sys.argv[1])
-""")
-
-
-def _det_outputs(tmp_path, name, **env):
-    path = tmp_path / f"{name}.pt"
-    subprocess.run(
-        [sys.executable, "-c", DET_SCRIPT, str(path)],
-        check=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, **env},
-    )
-    return torch.load(path)
-
-
-def _assert_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if k == "isa":
-            continue
-        for u, v in zip(a[k], b[k]):
-            assert torch.equal(u, v), k
-
-
-def test_bit_identical_across_runs_and_thread_counts():
-    x, y, _ = make((2, 19, 40, 70))
-    target = y.reshape(-1)
-    prev = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (prev, 1, prev, 3):
-            torch.set_num_threads(threads)
-            f = fwd(x, target, 0, 2.0, reduction=MEAN, weighting=Weighting.RECALL)
-            c = fwd(x, target, 0, 2.0, reduction=CLASS)
-            g = BE.bwd(x, target, None, torch.ones(19), None, None, 0, 2.0, -100)
-            outs.append(f[:4] + (c[0], g))
-    finally:
-        torch.set_num_threads(prev)
-    for o in outs[1:]:
-        for u, v in zip(o, outs[0]):
-            assert torch.equal(u, v)
-
-
-def test_instruction_sets(tmp_path):
-    """The AVX2 and AVX-512 copies of the kernels, which both use fused multiply-adds, compute the
-    same bits (checked where this CPU has AVX-512: FUSED_IMBALANCE_CPU_ISA only lowers the choice);
-    the portable copy rounds each multiply-add twice and agrees with them within the tolerance
-    table, with the same integer outputs (counts, true positives, confusion)."""
-    best = _det_outputs(tmp_path, "best")
-    assert best["isa"] == cpp.cpu_isa()
-    if best["isa"] == "avx512":
-        avx2 = _det_outputs(tmp_path, "avx2", FUSED_IMBALANCE_CPU_ISA="avx2")
-        assert avx2["isa"] == "avx2"
-        _assert_identical(avx2, best)
-    base = _det_outputs(tmp_path, "base", FUSED_IMBALANCE_CPU_ISA="base")
-    assert base["isa"] == "base"
-    assert base.keys() == best.keys()
-    differ = 0
-    for k in best:
-        if k == "isa":
-            continue
-        for u, v in zip(base[k], best[k]):
-            if u.is_floating_point():
-                torch.testing.assert_close(u, v, **TOL[u.dtype], msg=lambda m: f"{k}: {m}")
-                differ += not torch.equal(u, v)
-            else:
-                assert torch.equal(u, v), k
-    if best["isa"] != "base":  # the comparison sees two different copies
-        assert differ > 0
-
-
 # --- loading ------------------------------------------------------------------------------------
 
 
@@ -733,3 +597,37 @@ def test_sanitizer_build_flags(monkeypatch):
     monkeypatch.setenv("FUSED_IMBALANCE_SANITIZE", "adress")
     with pytest.raises(ValueError, match="FUSED_IMBALANCE_SANITIZE.*adress"):
         cfg.cxx_flags()
+
+
+def test_cpp_many_chunks_and_a_large_bin():
+    """300 000 entries: several parallel chunks; most of them in one binade, so the keys copied
+    after the first digit exceed one chunk and the later digits run as parallel passes too."""
+    _available("cpp")
+    g = torch.Generator().manual_seed(5)
+    v = 0.5 + torch.rand(300_000, generator=g) / 2  # [0.5, 1): one first digit
+    v[::10] = torch.rand(30_000, generator=g) / 4
+    v[::17] = -1.0
+    threads = torch.get_num_threads()
+    try:
+        for k in (0, 25_000, 150_000, 10**9):
+            want = SEL.select_kth(v, k, backend="cpp")
+            check(want, v, k)
+            torch.set_num_threads(1)
+            assert torch.equal(SEL.select_kth(v, k, backend="cpp"), want)  # the same for any thread count
+            torch.set_num_threads(threads)
+        check(SEL.select_kth(v.double(), 150_000, backend="cpp"), v.double(), 150_000)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_opcheck_cpp():
+    _available("cpp")
+    v = torch.rand(300, dtype=torch.float64)
+    v[::4] = -1
+    fh = histogram_of(v)
+    for args in [
+        (v, torch.tensor(17)),
+        (v.float(), torch.tensor(0), histogram_of(v.float())),
+        (v, torch.tensor(10**5), fh),
+    ]:
+        torch.library.opcheck(torch.ops.fused_imbalance.cpp_select_kth.default, args)

@@ -1,15 +1,31 @@
-"""A whole training step — a small network's forward, a fused loss, its backward, an optimizer step —
+"""torch.compile and CUDA graphs on a GPU (the checks that run on CPUs are in test_compile.py).
+
+A whole training step — a small network's forward, a fused loss, its backward, an optimizer step —
 captured in a CUDA graph and replayed gives the eager step's loss and gradients, for every loss and
 with ``upsample``; ``torch.compile(mode="reduce-overhead")`` of such a step (Inductor's CUDA graphs)
 works too. Possible because no fused call waits for the device: inside a capture the label check is
-a device assertion. These need a GPU (marked ``cuda``); the deferred check itself is tested on the
-CPU (tests/test_parity.py, tests/test_deferred.py)."""
+a device assertion. Also torch.compile(fullgraph=True) of the Triton kernels compiled for the GPU
+(the plain losses, the Dice family, the exact selection). These need a GPU (marked ``cuda``); the
+deferred check itself is tested on the CPU (tests/test_robustness.py::test_bad_labels)."""
 
 import pytest
 import torch
 
 import fused_imbalance as fi
+import fused_imbalance.functional as FI
+from fused_imbalance.ops import select as SEL
+from test_dice import _data
+from test_select import check, histogram_of
 from tolerances import TOL
+
+try:
+    from fused_imbalance.ops import triton_backend
+
+    _HAVE_TRITON = triton_backend.available()
+except ImportError:
+    _HAVE_TRITON = False
+if _HAVE_TRITON:  # the Triton ops' inputs (test_internals_triton.py skips itself without them)
+    from test_internals_triton import DEV, make
 
 pytestmark = pytest.mark.cuda
 
@@ -135,16 +151,56 @@ def test_compile_reduce_overhead(name):
     fi.check_deferred()
 
 
-def test_no_host_sync_in_a_step():
-    """torch.cuda.set_sync_debug_mode("error"): a step of each loss never synchronises the host with the
-    device (labels checked without one, loss finished on the device)."""
-    for name in STEPS:
-        net, opt, x, y, loss_fn = _setup(name)
-        _step(net, opt, x, y, loss_fn)  # first call: loads, compiles, caches
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            _step(net, opt, x, y, loss_fn)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    fi.check_deferred()
+# --- torch.compile(fullgraph=True) on CUDA --------------------------------------------------------
+
+
+@pytest.mark.cuda  # under TRITON_INTERPRET the kernels cannot be traced (see _opcheck_utils)
+def test_compile_fullgraph():
+    import fused_imbalance.functional as FI
+
+    x, y, _ = make((2, 5, 6, 4), "cl", dtype=torch.float32)
+    y = torch.where((y >= 0) & (y < 5), y, torch.full_like(y, -100))
+
+    def f(x, conf):
+        return FI.focal_loss(x, y, 2.0, confusion=conf, backend="triton") + FI.recall_loss(
+            x, y, backend="triton"
+        )
+
+    xe = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    ce, cc = (torch.zeros(5, 5, dtype=torch.int64, device=DEV) for _ in range(2))
+    le = f(xe, ce)
+    lc = torch.compile(f, fullgraph=True)(xc, cc)
+    le.backward()
+    lc.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    assert torch.equal(cc, ce)
+
+
+@pytest.mark.cuda
+def test_compile_fullgraph_cuda():
+    x, y = _data((2, 19, 32, 48), dtype=torch.float32, device="cuda")
+    step = lambda t: FI.dice_ce_loss(t, y, batch=True) + FI.generalized_dice_loss(t, y)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    la = torch.compile(step, fullgraph=True)(xa)
+    lb = step(xb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.cuda  # under TRITON_INTERPRET the Triton kernels cannot be traced
+def test_compile_fullgraph_triton():
+    v = torch.rand(100_000, device="cuda")
+    v[::3] = -1.0
+
+    def f(v, fh):
+        k = torch.clamp((v >= 0).sum() - 1, max=40_000)  # a device value
+        return SEL.select_kth(v, k), SEL.select_kth(v, k, fh)
+
+    a, b = torch.compile(f, fullgraph=True)(v, histogram_of(v.cpu()).cuda())
+    check(a, v.cpu(), 40_000)
+    check(b, v.cpu(), 40_000)

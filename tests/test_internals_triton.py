@@ -1,13 +1,14 @@
 """The Triton ops of the kernel contract, tested directly against the eager reference.
 
-``test_parity.py`` runs every loss of the functional API on this backend; this file covers the
+``test_losses.py`` runs every loss of the functional API on this backend; this file covers the
 two ops themselves: each kernel and tiling the launcher picks (static-class kernels with class
 statistics in registers or in per-program rows, one or several class groups, 16-byte vectors of
 1/2/4/8 pixels or gathered channels_last pixels; chunked kernels with per-program class rows or
 the class-sum kernel), argmax and non-finite logits, labels of every dtype and out of range, the
-need_tp / need_confusion specialisations, the gradient inputs, non-dense logits, determinism,
-``opcheck`` and ``gradcheck``. Without a GPU the kernels run on CPU tensors through
-TRITON_INTERPRET=1 (set by conftest).
+need_tp / need_confusion specialisations, the gradient inputs, non-dense logits, determinism of each
+tiling, ``opcheck`` and ``gradcheck``; the launches of the Dice family and of the exact selection (its
+programs, tails and first digit). torch.compile on a GPU: test_compile_cuda.py. Without a GPU the
+kernels run on CPU tensors through TRITON_INTERPRET=1 (set by conftest).
 """
 
 import pytest
@@ -21,6 +22,13 @@ from fused_imbalance.ops import _triton_host as H  # noqa: E402
 from fused_imbalance.ops import triton_backend  # noqa: E402
 from fused_imbalance.ops import triton_loss as T  # noqa: E402
 from tolerances import LOSS_TOL, TOL  # noqa: E402
+
+import fused_imbalance.functional as FI  # noqa: E402
+import fused_imbalance.reference as R  # noqa: E402
+from fused_imbalance.ops import select as SEL  # noqa: E402
+from fused_imbalance.ops import triton_select as TS  # noqa: E402
+from test_dice import _data  # noqa: E402
+from test_select import DTYPES, check, first_digit, histogram_of  # noqa: E402
 
 if not triton_backend.available():
     pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -748,30 +756,6 @@ def test_eager_launchers_are_the_ops():
     )
 
 
-@pytest.mark.cuda  # under TRITON_INTERPRET the kernels cannot be traced (see _opcheck_utils)
-def test_compile_fullgraph():
-    import fused_imbalance.functional as FI
-
-    x, y, _ = make((2, 5, 6, 4), "cl", dtype=torch.float32)
-    y = torch.where((y >= 0) & (y < 5), y, torch.full_like(y, -100))
-
-    def f(x, conf):
-        return FI.focal_loss(x, y, 2.0, confusion=conf, backend="triton") + FI.recall_loss(
-            x, y, backend="triton"
-        )
-
-    xe = x.clone().requires_grad_(True)
-    xc = x.clone().requires_grad_(True)
-    ce, cc = (torch.zeros(5, 5, dtype=torch.int64, device=DEV) for _ in range(2))
-    le = f(xe, ce)
-    lc = torch.compile(f, fullgraph=True)(xc, cc)
-    le.backward()
-    lc.backward()
-    torch.testing.assert_close(lc, le)
-    torch.testing.assert_close(xc.grad, xe.grad)
-    assert torch.equal(cc, ce)
-
-
 @pytest.mark.cuda
 def test_launches_on_the_logits_device():
     """Logits on cuda:1 while cuda:0 is current: every launch runs on the logits' device."""
@@ -787,3 +771,135 @@ def test_launches_on_the_logits_device():
         assert a.device == x1.device
         torch.testing.assert_close(a.cpu(), b.cpu())
     assert grad.device == x1.device
+
+
+# --- the Dice kernels' launches -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_step_launches(monkeypatch, backend):
+    """A step is the pass and the finalize (a reduce launch between them for a large table of program
+    rows), then one backward launch: nothing else runs a kernel."""
+    from fused_imbalance.ops import triton_dice as TD
+
+    launched = []
+    wrap = TD.wrap
+    monkeypatch.setattr(TD, "wrap", lambda kernel: launched.append(kernel) or wrap(kernel))
+    x, y = _data((2, 4, 3, 4), dtype=torch.float32)
+    xr = x.double().requires_grad_(True)
+    R.dice_ce_loss(xr, y, weight=torch.linspace(0.5, 2.0, 4, dtype=torch.float64)).backward()
+    for elems, forward in (
+        (TD._FINALIZE_ELEMS, [TD._dice_fwd_kernel, TD._dice_finalize_kernel]),
+        (0, [TD._dice_fwd_kernel, TD._dice_reduce_kernel, TD._dice_finalize_kernel]),
+    ):
+        monkeypatch.setattr(TD, "_FINALIZE_ELEMS", elems)
+        xg = x.clone().requires_grad_(True)
+        launched.clear()
+        loss = FI.dice_ce_loss(xg, y, weight=torch.linspace(0.5, 2.0, 4), backend="triton")
+        assert launched == forward
+        launched.clear()
+        loss.backward()
+        assert launched == [TD._dice_bwd_kernel]
+        torch.testing.assert_close(xg.grad, xr.grad.float(), **TOL[torch.float32])
+
+
+# --- the exact selection's kernels ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_launches(monkeypatch, dtype):
+    """One histogram pass per digit, one fewer with first_hist, and one final launch, whatever the data."""
+    launched = []
+    wrap = TS.wrap
+
+    def counting(kernel):
+        launched.append(kernel)
+        return wrap(kernel)
+
+    monkeypatch.setattr(TS, "wrap", counting)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    v = torch.rand(300, dtype=dtype, device=dev)
+    passes = len(TS.digit_plan(dtype))
+    assert passes == (4 if dtype == torch.float32 else 8)
+    for fh, hist_passes in ((None, passes), (histogram_of(v.cpu()).to(dev), passes - 1)):
+        launched.clear()
+        SEL.select_kth(v, 7, fh, backend="triton")
+        assert launched.count(TS._select_hist_kernel) == hist_passes
+        assert launched.count(TS._select_final_kernel) == 1 and len(launched) == hist_passes + 1
+
+
+@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_first_digit_is_the_histograms_digit(dtype):
+    """The jit helper a loss kernel calls to count first_hist gives the digit and validity defined
+    here (so the histogram it counts is the one the selection expects)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def digits_kernel(v_ptr, d_ptr, ok_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        d, ok = TS.select_first_digit(tl.load(v_ptr + offs, mask=m, other=-1.0))
+        tl.store(d_ptr + offs, d, mask=m)
+        tl.store(ok_ptr + offs, ok.to(tl.int32), mask=m)
+
+    fi = torch.finfo(dtype)
+    v = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            0.7,
+            fi.smallest_normal * fi.eps,
+            float("inf"),
+            float("nan"),
+            -1.0,
+            -float("inf"),
+            fi.max,
+            3.5e-5,
+            0.5,
+        ],
+        dtype=dtype,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    d = torch.empty(v.numel(), dtype=torch.int32, device=v.device)
+    ok = torch.empty(v.numel(), dtype=torch.int32, device=v.device)
+    digits_kernel[(1,)](v, d, ok, v.numel(), BLOCK=16)
+    want_d, want_ok = first_digit(v.cpu())
+    assert torch.equal(ok.cpu().bool(), want_ok)
+    assert torch.equal(d.cpu()[want_ok].long(), want_d[want_ok])
+    assert (d.cpu() >= 0).all() and (d.cpu() < SEL.FIRST_BINS).all()
+
+
+@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+def test_triton_several_programs_and_tails(monkeypatch):
+    """Tiles of 128 entries: 4003 entries are 32 tiles (the last one partial) over several programs
+    (3 interpreted, on a GPU one per tile up to 2 per SM), each walking several tiles."""
+    monkeypatch.setattr(TS, "_INTERPRET_BLOCK", 128)
+    monkeypatch.setattr(TS, "_BLOCK", 128)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tiles = TS._cdiv(4003, 128)
+    assert tiles > TS._programs(tiles, torch.device(dev)) > 1 and 4003 % 128
+    g = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        v = torch.randn(4003, generator=g, dtype=torch.float64).to(dtype)  # about half invalid
+        n_valid = int((v >= 0).sum())
+        for k in (0, n_valid // 2, n_valid - 1):
+            check(SEL.select_kth(v.to(dev), k, backend="triton"), v, k)
+
+
+@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+def test_opcheck_triton():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    v = torch.rand(300, device=dev)
+    v[::4] = -1
+    # under TRITON_INTERPRET the kernels cannot be traced (torch does not trace interpreted kernels)
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    utils += ["test_aot_dispatch_dynamic"] if torch.cuda.is_available() else []
+    for args in [
+        (v, torch.tensor(17, device=dev), None),
+        (v, torch.tensor(5, device=dev), histogram_of(v).to(dev)),
+    ]:
+        torch.library.opcheck(TS.select_kth, args, test_utils=utils)

@@ -1,7 +1,8 @@
 """Compile the Dice family's Triton kernels for the H100 (sm_90a) with no GPU and report registers and
-spills, as ``sm90_compile.py`` (beside this file) does for the other kernels, with its stand-in driver.
+spills, as ``sm90_compile.py`` (beside this file) does for the other kernels, with its stand-in driver
+(run by ``tests/test_sm90_compile.py``).
 
-    python tests/sm90_dice.py > report.json
+    python benchmarks/sm90_dice.py > report.json
 
 ``VARIANTS`` reaches every kernel of ``fused_imbalance/ops/triton_dice.py`` and every path of each:
 the sums in registers (every class unrolled) and in vectors of C (a loop over class groups), squared,

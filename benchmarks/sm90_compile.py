@@ -1,6 +1,6 @@
 """Compile the Triton kernels for the H100 (sm_90a) with no GPU and report registers and spills.
 
-    python tests/sm90_compile.py [--all] > report.json
+    python benchmarks/sm90_compile.py [--all] > report.json
 
 A stand-in CUDA driver reports an sm_90 target, so Triton compiles with the ptxas bundled in
 its wheel; every launch the launcher makes is turned into a compile (nothing runs), so the
