@@ -89,7 +89,7 @@ _GROUP_VALUES = 96  # logits a thread holds per max/exp group
 _SUM_GROUP = 4  # classes per step of the forward's sums beyond _REG_C classes (16 spilled with triton 3.6)
 _FINALIZE_ELEMS = 1 << 16  # table values the one-warp finalize sums itself; beyond, a reduce launch first
 _FIN_BR, _FIN_BC = 16, 128  # rows and classes per step of the finalize
-_FIN_WARPS = 1  # the finalize's one program: with 2, 4 or 8 warps ptxas spilled it (tests/sm90_dice.py)
+_FIN_WARPS = 1  # the finalize's one program: with 2, 4 or 8 warps ptxas spilled it (benchmarks/sm90_dice.py)
 _INTERPRET_TILE_SCALE = 8  # the interpreter's cost is per tile: larger tiles there
 
 
@@ -845,7 +845,7 @@ def _plan(C, S, ss, itemsize, forward):
     thread otherwise; GROUP classes per max/exp group (a thread holds about _GROUP_VALUES logits). The
     forward holds three or four per-class sums per thread beside the logits: VEC = 2 beyond 8 classes
     (4 spilled on sm_90 with 19 classes and the cross-entropy); the backward its coefficients: VEC = 2
-    from 21 to 24 classes (4 spilled with 24; tests/sm90_dice.py)."""
+    from 21 to 24 classes (4 spilled with 24; benchmarks/sm90_dice.py)."""
     if ss != 1 or itemsize == 8:
         vec = 1
     elif forward:
