@@ -7,8 +7,8 @@ without a copy. Triton specialises integer arguments equal to 1 (and divisible b
 unit stride is a compile-time constant and NCHW planes load 16 bytes per instruction. All
 offsets are int64.
 
-Modes (``Mode`` in :mod:`fused_imbalance.ops`): 0 softmax focal, 1 sigmoid focal, 2 MSE on the
-logits, 3 MSE on the softmax, 4 statistics only.
+Modes (``Mode`` in :mod:`fused_imbalance.ops`, compared by name: ``MODE_*`` of :mod:`.triton_common`):
+0 softmax focal, 1 sigmoid focal, 2 MSE on the logits, 3 MSE on the softmax, 4 statistics only.
 
 Two families of kernels:
 

@@ -197,7 +197,7 @@ def _rows_softmax(
     s2r = s
     for j in tl.static_range(CPART):
         x = _slot(xs, j, cls, float("-inf"), acc_ty, C, CPART, PARTS)
-        # as in _softmax_group: the special-function ex2 of the difference in float32
+        # as in static_softmax's groups: the special-function ex2 of the difference in float32
         if acc_ty == tl.float64:
             e = tl.exp(x - ms)
         else:

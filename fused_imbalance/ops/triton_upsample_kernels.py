@@ -213,7 +213,7 @@ def _fold(
 ):
     """Fold one class group's interpolated logits into a pixel's running state: the softmax
     (a max pass, the sums rescaled once, an exp pass: m, s = Σ e_k, rest = Σ_{k≠y} e_k,
-    s2r = Σ_{k≠y} e_k², as ``_softmax_group`` of the static kernels), or the per-class terms
+    s2r = Σ_{k≠y} e_k², as the groups of :func:`static_softmax`), or the per-class terms
     of the elementwise modes (lsum); the argmax when NEED_AM. ``yk`` is the label as
     :func:`_row_state` compares it here; yr = yk - c0 is compared with the constants k. FIRST: the
     pixel's first group (the sums are still 0: nothing to rescale)."""
