@@ -395,11 +395,9 @@ def _band_start(
 
 
 @triton.jit
-def _row_start(
+def _cached_below(
     xp,
-    y,
-    h,
-    sh,
+    r1,
     hb,
     o0,
     o1,
@@ -409,25 +407,20 @@ def _row_start(
     sc,
     acc_ty: tl.constexpr,
     C: tl.constexpr,
-    CACHE: tl.constexpr,
     TAP2_X: tl.constexpr,
     TAP2_Y: tl.constexpr,
 ):
-    """Row offsets r0, r1 of low-resolution row y and the one below; CACHE on a two-tap vertical axis, the
-    horizontal passes of the row below (hb)."""
-    r0 = y * sh
-    r1 = tl.minimum(y + 1, h - 1) * sh
-    if CACHE:
-        if TAP2_Y:
-            hb = _hrow(xp, r1, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)
-    return r0, r1, hb
+    """CACHE, at a low-resolution row: the horizontal passes of the row below (offset r1) on a two-tap
+    vertical axis (hb kept otherwise)."""
+    if TAP2_Y:
+        hb = _hrow(xp, r1, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)
+    return hb
 
 
 @triton.jit
-def _row_end(
+def _cached_next(
     xp,
     r1,
-    ha,
     hb,
     o0,
     o1,
@@ -437,16 +430,15 @@ def _row_end(
     sc,
     acc_ty: tl.constexpr,
     C: tl.constexpr,
-    CACHE: tl.constexpr,
     TAP2_X: tl.constexpr,
     TAP2_Y: tl.constexpr,
 ):
-    """CACHE: the horizontal passes of the next low-resolution row (ha), kept from hb on a two-tap axis."""
-    if CACHE:
-        if TAP2_Y:
-            ha = hb
-        else:
-            ha = _hrow(xp, r1, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)  # the next row
+    """CACHE, after a low-resolution row: the horizontal passes of the next row (ha), those of the row
+    below (hb) on a two-tap vertical axis."""
+    if TAP2_Y:
+        ha = hb
+    else:
+        ha = _hrow(xp, r1, o0, o1, wx0, wx1, xm, sc, 0, acc_ty, C, TAP2_X)  # the next row
     return ha
 
 
@@ -657,7 +649,11 @@ def _up_fwd_kernel(
     vbad = tl.full([BLOCK_X], NO_BAD, tl.int64)
     ya, yb, ha, hb = _band_start(xp, band, h, sh, o0, o1, wx0, wx1, xm, sc, acc_ty, C, CACHE, TAP2_X, R)
     for y in range(ya, yb):
-        r0, r1, hb = _row_start(xp, y, h, sh, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, CACHE, TAP2_X, TAP2_Y)
+        r0 = y * sh
+        r1 = tl.minimum(y + 1, h - 1) * sh
+        # the cached horizontal passes (CACHE; ha, hb are placeholders otherwise, not carried by the loop)
+        if CACHE:
+            hb = _cached_below(xp, r1, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, TAP2_X, TAP2_Y)
         Ye = tl.load(sy1_ptr + y)
         for Y0 in range(tl.load(sy0_ptr + y), Ye, TY):
             Y, ym, pm, n, valid, bad, y32, badv = _step_labels(
@@ -772,7 +768,8 @@ def _up_fwd_kernel(
                 NEED_TP,
                 CONF,
             )
-        ha = _row_end(xp, r1, ha, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, CACHE, TAP2_X, TAP2_Y)
+        if CACHE:
+            ha = _cached_next(xp, r1, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, TAP2_X, TAP2_Y)
     if REG_STATS:
         # one row per program, summed by the launcher in a fixed order: deterministic
         for c in tl.static_range(C):
@@ -864,7 +861,11 @@ def _up_coef_kernel(
     )
     ya, yb, ha, hb = _band_start(xp, band, h, sh, o0, o1, wx0, wx1, xm, sc, acc_ty, C, CACHE, TAP2_X, R)
     for y in range(ya, yb):
-        r0, r1, hb = _row_start(xp, y, h, sh, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, CACHE, TAP2_X, TAP2_Y)
+        r0 = y * sh
+        r1 = tl.minimum(y + 1, h - 1) * sh
+        # the cached horizontal passes (CACHE; ha, hb are placeholders otherwise, not carried by the loop)
+        if CACHE:
+            hb = _cached_below(xp, r1, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, TAP2_X, TAP2_Y)
         Ye = tl.load(sy1_ptr + y)
         for Y0 in range(tl.load(sy0_ptr + y), Ye, TY):
             Y, ym, pm, n, valid, bad, y32, badv = _step_labels(
@@ -910,7 +911,8 @@ def _up_coef_kernel(
             tl.store(lse_ptr + n, lse, mask=pm)
             if MODE == MODE_MSE_SOFTMAX:
                 tl.store(q_ptr + n, q, mask=pm)
-        ha = _row_end(xp, r1, ha, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, CACHE, TAP2_X, TAP2_Y)
+        if CACHE:
+            ha = _cached_next(xp, r1, hb, o0, o1, wx0, wx1, xm, sc, acc_ty, C, TAP2_X, TAP2_Y)
 
 
 @triton.jit
