@@ -5,7 +5,7 @@
 Low-resolution logits (B, C, h, w) against full-resolution int64 labels (B, H, W), bilinear,
 align_corners=False, NCHW. Launches go through the public ops torch.ops.fused_imbalance.
 triton_upsample_loss_fwd / _bwd; the trip models (TRIPS) name the kernels' arguments and follow the
-loops of fused_imbalance/ops/triton_upsample.py.
+loops of fused_imbalance/ops/triton_upsample_kernels.py.
 
 Byte floor (docs/DESIGN.md §10): forward = labels + the low-resolution logits once; backward = labels +
 2x the low-resolution logits (read) + 1x (the gradient written). ``mem_bytes`` adds what a backward
@@ -156,8 +156,9 @@ def _programs(launch):
 
 
 def _fwd_trips(launch):
-    """_up_fwd_kernel: per program the low-resolution rows of its band (depth 0, summed over programs),
-    per row the steps of TY output rows of its segment, and in them the loop over class groups (not CACHE)."""
+    """_up_fwd_kernel and _up_coef_kernel (the same walk): per program the low-resolution rows of its band
+    (depth 0, summed over programs), per row the steps of TY output rows of its segment, and in them the loop
+    over class groups (not CACHE)."""
     a, k = launch["ints"], launch["constexprs"]
     h, TY = a["h"], k["TY"]
     seg = _segments(h, a["H"])
@@ -219,6 +220,7 @@ def _bwd_trips(launch):
 
 TRIPS = {
     "_up_fwd_kernel": _fwd_trips,
+    "_up_coef_kernel": _fwd_trips,
     "_up_bwd_kernel": _bwd_trips,
     "_class_sum_kernel": _class_sum_trips,
     "_finalize_kernel": _finalize_trips,

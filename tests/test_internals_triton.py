@@ -435,17 +435,17 @@ def test_gamma_is_float64_for_float64_kernels():
 
     import triton.language as tl
 
-    from fused_imbalance.ops import triton_kernels, triton_upsample
+    from fused_imbalance.ops import triton_kernels, triton_upsample_kernels
 
     # triton.jit's kernels (interpreted or not): the parameters are those of their Python function
     kernels = [
         k.fn
-        for mod in (triton_kernels, triton_upsample)
+        for mod in (triton_kernels, triton_upsample_kernels)
         for name, k in vars(mod).items()
         if name.endswith("_kernel") and hasattr(k, "fn")
     ]
     kernels = [f for f in kernels if "gamma" in inspect.signature(f).parameters]
-    assert len(kernels) == 6
+    assert len(kernels) == 7
     for f in kernels:
         names = list(inspect.signature(f).parameters)
         gamma64 = inspect.signature(f).parameters[names[names.index("gamma") + 1]]

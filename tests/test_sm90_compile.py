@@ -89,12 +89,13 @@ def _no_spills(report):
 
 
 def _upsample_kernels_compile(report):
-    """Both upsampled kernels, each class plan (cached rows; groups in a loop with the coefficient
+    """The three upsampled kernels, each class plan (cached rows; groups in a loop with the coefficient
     launch or, cross-entropy, the forward's lse), one- and two-tap axes; no spills (_no_spills)."""
     fwd = [r["constexprs"] for r in report if r["kernel"] == "_up_fwd_kernel"]
+    coef = [r["constexprs"] for r in report if r["kernel"] == "_up_coef_kernel"]
     bwd = [r["constexprs"] for r in report if r["kernel"] == "_up_bwd_kernel"]
-    assert fwd and bwd
-    assert {c["CACHE"] for c in fwd} == {c["COEF"] for c in fwd} == {"True", "False"}
+    assert fwd and coef and bwd
+    assert {c["CACHE"] for c in fwd} == {c["CACHE"] for c in coef} == {"True", "False"}
     assert {c["REG_STATS"] for c in fwd} == {"True", "False"}
     assert {c["TAP2_X"] for c in bwd} == {"True", "False"}
     assert {c["PRE"] for c in bwd} == {"0", "1", "2"}  # the softmax in the pass, the coefficients, the lse

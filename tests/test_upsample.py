@@ -385,14 +385,10 @@ def test_lse_from_the_forward(ops, monkeypatch):
     wrong lse is an error."""
     C = 6 if ops is cpp else 14
     backend = "cpp" if ops is cpp else "triton"
-    if (
-        ops is tup_ops
-    ):  # the coefficient launches (a forward launch with coef=...): none in autograd's backward
+    if ops is tup_ops:  # the coefficient launches: none in autograd's backward
         launches = []
-        launch = tup._launch_fwd
-        monkeypatch.setattr(
-            tup, "_launch_fwd", lambda *a, **k: launches.append(k.get("coef")) or launch(*a, **k)
-        )
+        launch = tup._launch_coef
+        monkeypatch.setattr(tup, "_launch_coef", lambda *a, **k: launches.append(a) or launch(*a, **k))
     x, y = make(B=2, C=C, **shape_for(backend, dict(hw=(7, 9), HW=(29, 31)), dict(hw=(3, 5), HW=(11, 17))))
     for mode, ac in [("bilinear", False), ("nearest", False)]:
         interp = 1 if mode == "bilinear" else 0

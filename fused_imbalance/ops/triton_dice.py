@@ -2,7 +2,7 @@
 and ``triton_dice_bwd`` (the contract: :mod:`.dice`). Kernels, launchers and ``torch.library.triton_op``
 registration, so that ``torch.compile`` sees the kernels; the shared JIT helpers (tiles of pixels and
 their labels, the grouped online softmax, confusion counts, bad labels) are those of
-:mod:`.triton_kernels`, the grid and buffers those of :mod:`._triton_host`.
+:mod:`.triton_common`, the grid and buffers those of :mod:`._triton_host`.
 
 The grid is (P, S): S groups of sums (an image each, or one for the batch, whose images are folded into
 one run of pixels where one stride walks them) and P persistent programs per group, program ``pid``
@@ -12,7 +12,7 @@ take the registers, 2 (``_plan``); channels_last and float64: one pixel per thre
 compile-time loop (C is a constant of the kernels: one compiled kernel per class
 count), unrolled up to 24 classes and a loop over groups of classes beyond.
 
-Forward, per tile: the softmax's max and sum in groups of classes (``_static_softmax``: a max pass and
+Forward, per tile: the softmax's max and sum in groups of classes (``static_softmax``: a max pass and
 an exp pass over the same values), then one more pass over the classes for p_c = exp(x_c − lse):
 I_c += p_c [y = c], P_c += p_c (p_c²), G_c += [y = c] and, with the cross-entropy, its per-class sums
 of −log p_y. Up to 24 classes these are per-thread registers (a select and two adds per logit); beyond,
@@ -54,6 +54,8 @@ from .dice import (
     JACCARD,
     SQUARED,
     DiceBackend,
+    DiceKind,
+    WType,
     finalize_fake,
     fwd_fake,
     groups,
@@ -66,16 +68,18 @@ try:
     import triton.language as tl
 
     from ._triton_compat import wrap
-    from .triton_kernels import (
-        _LOG2E,
-        _NO_BAD,
-        _conf_flush,
-        _conf_hist,
-        _counts_in_memory,
-        _i64,
-        _static_softmax,
-        _store_bad,
-        _tile_pixels,
+    from .triton_common import (
+        LOG2E,
+        NO_BAD,
+        RED_MEAN,
+        RED_NONE,
+        conf_flush,
+        conf_hist,
+        counts_in_memory,
+        i64,
+        static_softmax,
+        store_bad,
+        tile_pixels,
     )
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -94,6 +98,13 @@ _INTERPRET_TILE_SCALE = 8  # the interpreter's cost is per tile: larger tiles th
 
 
 if triton is not None:
+    # KIND and W_TYPE by name (a global read inside a jitted function must be a tl.constexpr)
+    KIND_DICE = tl.constexpr(int(DiceKind.DICE))
+    KIND_TVERSKY = tl.constexpr(int(DiceKind.TVERSKY))
+    KIND_GENERALIZED = tl.constexpr(int(DiceKind.GENERALIZED))
+    W_TYPE_SQUARE = tl.constexpr(int(WType.SQUARE))
+    W_TYPE_SIMPLE = tl.constexpr(int(WType.SIMPLE))
+    W_TYPE_UNIFORM = tl.constexpr(int(WType.UNIFORM))
 
     @triton.jit
     def _dice_p(xp, c, stride_c, pmask, valid, ms, inv, acc_ty: tl.constexpr):
@@ -102,7 +113,7 @@ if triton is not None:
         if acc_ty == tl.float64:
             e = tl.exp(x - ms)
         else:
-            e = tl.exp2((x - ms) * _LOG2E)  # as _static_softmax's sum
+            e = tl.exp2((x - ms) * LOG2E)  # as static_softmax's sum
         return tl.where(valid, e * inv, 0.0)
 
     @triton.jit
@@ -174,7 +185,7 @@ if triton is not None:
         grp = tl.program_id(1)
         nprog = tl.num_programs(0)
         NEED_AM: tl.constexpr = CONF > 0
-        sc = _i64(stride_c)
+        sc = i64(stride_c)
         if LOOP:
             cidx = tl.arange(0, CP)
             iv = tl.zeros([CP], acc_ty)
@@ -194,17 +205,17 @@ if triton is not None:
         if CONF == 1:
             hist = tl.zeros([CONF_BINS], tl.int32)
         nbad = tl.zeros([ROWS, VEC], tl.int32)
-        vbad = tl.full([ROWS, VEC], _NO_BAD, tl.int64)
+        vbad = tl.full([ROWS, VEC], NO_BAD, tl.int64)
         t0 = grp.to(tl.int64) * tiles_per_g  # the group's first tile, image-major
 
         for t in range(pid, tiles_per_g, nprog):
-            b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+            b, s, n, pmask, valid, bad, y32, badv = tile_pixels(
                 t_ptr, t0 + t, tiles_per_b, S, ignore_index, C, ROWS, VEC
             )
             nbad += bad.to(tl.int32)
             vbad = tl.maximum(vbad, badv)
             xp = x_ptr + (b * stride_b + s * stride_s)
-            m, ssum, rest, s2r, am = _static_softmax(
+            m, ssum, rest, s2r, am = static_softmax(
                 xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, False, False, NEED_AM
             )
             ms = tl.where(m == float("-inf"), 0.0, m)
@@ -283,9 +294,9 @@ if triton is not None:
                 gacc = ng
                 cacc = nc
             if CONF == 1:
-                hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
+                hist = conf_hist(hist, y32, am, valid, C, CONF_BINS)
             if CONF == 2:
-                _counts_in_memory(conf_ptr, conf_ptr, conf_ptr, 0, C, y32, am, valid, valid, False, False, 2)
+                counts_in_memory(conf_ptr, conf_ptr, conf_ptr, 0, C, y32, am, valid, valid, False, False, 2)
 
         row = grp * nprog + pid
         base = row_ptr + row.to(tl.int64) * (4 * C)
@@ -303,8 +314,8 @@ if triton is not None:
                 tl.store(base + 2 * C + c, tl.sum(gacc[c], 0).to(acc_ty))
                 tl.store(base + 3 * C + c, tl.sum(cacc[c], 0))
         if CONF == 1:
-            _conf_flush(conf_ptr, hist, C, CONF_BINS)
-        _store_bad(bad_ptr, row, tl.sum(tl.sum(nbad, 1), 0), tl.max(tl.max(vbad, 1), 0))
+            conf_flush(conf_ptr, hist, C, CONF_BINS)
+        store_bad(bad_ptr, row, tl.sum(tl.sum(nbad, 1), 0), tl.max(tl.max(vbad, 1), 0))
 
     @triton.jit
     def _dice_reduce_block(row_ptr, sums_ptr, grp, c0, R, C, BR: tl.constexpr, BC: tl.constexpr):
@@ -312,7 +323,7 @@ if triton is not None:
         c = c0 + tl.arange(0, BC)
         cm = c < C
         rs = tl.arange(0, BR)
-        g64 = _i64(grp)
+        g64 = i64(grp)
         for q in tl.static_range(4):
             acc = tl.zeros([BC], tl.float64)
             for r0 in range(0, R, BR):
@@ -326,12 +337,12 @@ if triton is not None:
     def _dice_reduce_bad(brow_ptr, bad_ptr, RB, BR: tl.constexpr):
         rs = tl.arange(0, BR)
         nb = tl.zeros([BR], tl.int64)
-        vb = tl.full([BR], _NO_BAD, tl.int64)
+        vb = tl.full([BR], NO_BAD, tl.int64)
         for r0 in range(0, RB, BR):
             r = r0 + rs
             rm = r < RB
             nb += tl.load(brow_ptr + 2 * r.to(tl.int64), mask=rm, other=0)
-            vb = tl.maximum(vb, tl.load(brow_ptr + 2 * r.to(tl.int64) + 1, mask=rm, other=_NO_BAD))
+            vb = tl.maximum(vb, tl.load(brow_ptr + 2 * r.to(tl.int64) + 1, mask=rm, other=NO_BAD))
         tl.store(bad_ptr, tl.sum(nb, 0))
         tl.store(bad_ptr + 1, tl.max(vb, 0))
 
@@ -365,9 +376,9 @@ if triton is not None:
         """MONAI's generalized Dice weights of present classes (0 elsewhere): 1/G², 1/G or 1."""
         present = cm & (Gc > 0)
         safe = tl.where(present, Gc, 1.0)
-        if W_TYPE == 0:
+        if W_TYPE == W_TYPE_SQUARE:
             w = 1.0 / (safe * safe)
-        elif W_TYPE == 1:
+        elif W_TYPE == W_TYPE_SIMPLE:
             w = 1.0 / safe
         else:
             w = tl.full(Gc.shape, 1.0, tl.float64)
@@ -380,7 +391,7 @@ if triton is not None:
         sums_ptr,  # (groups, 4, C) I, P, G, CE: written (REDUCE), then read (COMPUTE)
         w_ptr,  # (C,) the Dice terms' class weights (HAS_W)
         cew_ptr,  # (C,) the cross-entropy's class weights (HAS_CEW)
-        loss_ptr,  # out: () or the per-term losses (RED == 2)
+        loss_ptr,  # out: () or the per-term losses (RED == RED_NONE)
         coef_ptr,  # (groups, 2, C) out: ∂L/∂I, ∂L/∂P for a unit upstream gradient
         ce_ptr,  # (C,) out: the cross-entropy's per-class factor (CE)
         bad_ptr,  # (2,) int64 out (BAD)
@@ -433,14 +444,14 @@ if triton is not None:
             cs = tl.arange(0, BC)
             kept = C - FIRST
             total = tl.zeros([BC], tl.float64)
-            if KIND == 2:
-                if RED == 0:
+            if KIND == KIND_GENERALIZED:
+                if RED == RED_MEAN:
                     f = 1.0 / tl.maximum(G, 1).to(tl.float64)
                 else:
                     f = _f64(1.0)
                 a = f * lam * gs
                 for gi in range(0, G):
-                    base = sums_ptr + _i64(gi) * 4 * C
+                    base = sums_ptr + i64(gi) * 4 * C
                     wmax = tl.zeros([BC], tl.float64)
                     for c0 in range(0, C, BC):
                         c = c0 + cs
@@ -464,7 +475,7 @@ if triton is not None:
                     ok = den != 0.0
                     dsafe = tl.where(ok, den, 1.0)
                     term = tl.where(ok, 1.0 - num / dsafe, 0.0)
-                    if RED == 2:
+                    if RED == RED_NONE:
                         tl.store(loss_ptr + gi, term.to(out_ty))
                     total += tl.where(cs == 0, term, 0.0)
                     for c0 in range(0, C, BC):
@@ -473,12 +484,12 @@ if triton is not None:
                         Gc = tl.load(base + 2 * C + c, mask=cm, other=0.0).to(tl.float64)
                         w = tl.where(cm, tl.where(Gc > 0, _gdl_weight(Gc, cm, W_TYPE), wm), 0.0)
                         w = tl.where(ok, w, 0.0)
-                        cp = coef_ptr + _i64(gi) * 2 * C + c
+                        cp = coef_ptr + i64(gi) * 2 * C + c
                         tl.store(cp, (-2.0 * a * w / dsafe).to(out_ty), mask=c < C)
                         tl.store(cp + C, (a * w * num / (dsafe * dsafe)).to(out_ty), mask=c < C)
                 total = total * f
             else:
-                if RED == 0:
+                if RED == RED_MEAN:
                     f = 1.0 / tl.maximum(G * kept, 1).to(tl.float64)
                 else:
                     f = _f64(1.0)
@@ -486,7 +497,7 @@ if triton is not None:
                 be = _f64(beta)
                 gm = _f64(gamma)
                 for gi in range(0, G):
-                    base = sums_ptr + _i64(gi) * 4 * C
+                    base = sums_ptr + i64(gi) * 4 * C
                     for c0 in range(0, C, BC):
                         c = c0 + cs
                         cm = (c < C) & (c >= FIRST)
@@ -496,7 +507,7 @@ if triton is not None:
                         w = tl.full([BC], 1.0, tl.float64)
                         if HAS_W:
                             w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float64)
-                        if KIND == 0:
+                        if KIND == KIND_DICE:
                             num = 2.0 * Ic + nr
                             if JACCARD:
                                 den = 2.0 * (Pc + Gc - Ic) + dr
@@ -529,11 +540,11 @@ if triton is not None:
                             di = -k * (den - (1.0 - al - be) * num) / (dsafe * dsafe)
                             dp = k * al * num / (dsafe * dsafe)
                         wt = tl.where(cm, w * term, 0.0)
-                        if RED == 2:
-                            tl.store(loss_ptr + (_i64(gi) * kept + c - FIRST), wt.to(out_ty), mask=cm)
+                        if RED == RED_NONE:
+                            tl.store(loss_ptr + (i64(gi) * kept + c - FIRST), wt.to(out_ty), mask=cm)
                         total += wt
                         sa = tl.where(cm, tl.where(ok, f * lam * gs * w, 0.0), 0.0)
-                        cp = coef_ptr + _i64(gi) * 2 * C + c
+                        cp = coef_ptr + i64(gi) * 2 * C + c
                         tl.store(cp, (sa * di).to(out_ty), mask=c < C)
                         tl.store(cp + C, (sa * dp).to(out_ty), mask=c < C)
                 total = total * f
@@ -550,7 +561,7 @@ if triton is not None:
                     n = tl.zeros([BC], tl.float64)
                     ls = tl.zeros([BC], tl.float64)
                     for gi in range(0, G):
-                        base = sums_ptr + _i64(gi) * 4 * C
+                        base = sums_ptr + i64(gi) * 4 * C
                         n += tl.load(base + 2 * C + c, mask=cm, other=0.0).to(tl.float64)
                         ls += tl.load(base + 3 * C + c, mask=cm, other=0.0).to(tl.float64)
                     w = tl.full([BC], 1.0, tl.float64)
@@ -560,7 +571,7 @@ if triton is not None:
                     numer += tl.where(present, w * ls, 0.0)
                     denom += tl.where(present, w * n, 0.0)
                 d = tl.sum(denom, 0)
-                if RED == 0:
+                if RED == RED_MEAN:
                     b = tl.where(d != 0.0, 1.0 / tl.where(d != 0.0, d, 1.0), 0.0)
                 else:
                     b = _f64(1.0)
@@ -572,7 +583,7 @@ if triton is not None:
                         w = tl.load(cew_ptr + c, mask=cm, other=0.0).to(tl.float64)
                     tl.store(ce_ptr + c, (lce * w * b * gs).to(out_ty), mask=cm)
                 loss = lam * loss + lce * tl.sum(numer, 0) * b
-            if RED != 2:
+            if RED != RED_NONE:
                 tl.store(loss_ptr, loss.to(out_ty))
 
     @triton.jit
@@ -617,7 +628,7 @@ if triton is not None:
             if acc_ty == tl.float64:
                 e = tl.exp(x - ms)
             else:
-                e = tl.exp2((x - ms) * _LOG2E)
+                e = tl.exp2((x - ms) * LOG2E)
             s += e
             ai, ap = _dice_coefs(cf, up, u_sc, first, c0 + k, C)
             if SQUARED:
@@ -657,7 +668,7 @@ if triton is not None:
             if acc_ty == tl.float64:
                 p = tl.exp(x - ms) * inv
             else:
-                p = tl.exp2((x - ms) * _LOG2E) * inv
+                p = tl.exp2((x - ms) * LOG2E) * inv
             ai, ap = _dice_coefs(cf, up, u_sc, first, c0 + k, C)
             ap = ap.to(acc_ty)
             if SQUARED:
@@ -702,15 +713,15 @@ if triton is not None:
         pid = tl.program_id(0)
         grp = tl.program_id(1)
         nprog = tl.num_programs(0)
-        sc = _i64(stride_c)
-        gsc = _i64(gstride_c)
+        sc = i64(stride_c)
+        gsc = i64(gstride_c)
         g64 = grp.to(tl.int64)
         cf = coef_ptr + g64 * (2 * C)
         up = gp_ptr + g64 * u_ss
         t0 = g64 * tiles_per_g
         FULL: tl.constexpr = (C // GROUP) * GROUP
         for t in range(pid, tiles_per_g, nprog):
-            b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+            b, s, n, pmask, valid, bad, y32, badv = tile_pixels(
                 t_ptr, t0 + t, tiles_per_b, S, ignore_index, C, ROWS, VEC
             )
             xp = x_ptr + (b * stride_b + s * stride_s)
@@ -738,7 +749,7 @@ if triton is not None:
             if acc_ty == tl.float64:
                 py = tl.exp(xy - ms) * inv
             else:
-                py = tl.exp2((xy - ms) * _LOG2E) * inv
+                py = tl.exp2((xy - ms) * LOG2E) * inv
             uy = tl.load(up + (y32 - first) * u_sc, mask=valid & (y32 >= first), other=0.0).to(acc_ty)
             aiy = tl.load(cf + y32, mask=valid, other=0.0).to(acc_ty) * uy
             # Σ_c p_c g_c with g_c = a_I[c]·[c = y] + a_P[c] (2 a_P[c] p_c with squared)

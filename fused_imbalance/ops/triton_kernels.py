@@ -7,8 +7,8 @@ without a copy. Triton specialises integer arguments equal to 1 (and divisible b
 unit stride is a compile-time constant and NCHW planes load 16 bytes per instruction. All
 offsets are int64.
 
-Modes (``Mode`` in :mod:`fused_imbalance.ops`): 0 softmax focal, 1 sigmoid focal, 2 MSE on the
-logits, 3 MSE on the softmax, 4 statistics only.
+Modes (``Mode`` in :mod:`fused_imbalance.ops`, compared by name: ``MODE_*`` of :mod:`.triton_common`):
+0 softmax focal, 1 sigmoid focal, 2 MSE on the logits, 3 MSE on the softmax, 4 statistics only.
 
 Two families of kernels:
 
@@ -54,15 +54,41 @@ No float atomics anywhere: every float sum has a fixed order, so results are bit
 to run.
 """
 
-import inspect
-
 import triton
 import triton.language as tl
 
+from .triton_common import (
+    MODE_MSE_LOGITS,
+    MODE_MSE_SOFTMAX,
+    MODE_SIGMOID_FOCAL,
+    MODE_SOFTMAX_FOCAL,
+    NO_BAD,
+    RED_CLASS,
+    RED_MEAN,
+    RED_SUM,
+    WEIGHTING_GENERAL,
+    WEIGHTING_PAPER,
+    WEIGHTING_RECALL,
+    acc_gamma,
+    bwd_softmax_coefs,
+    conf_flush,
+    conf_hist,
+    counts_in_memory,
+    focal_coef,
+    i64,
+    load_labels,
+    log_sum_exp,
+    sigmoid_focal_grad,
+    sigmoid_focal_terms,
+    static_softmax,
+    store_bad,
+    take_max,
+    tile_pixels,
+    upstream,
+    zero_rows,
+)
+
 _BIG = tl.constexpr(2147483647)  # "no index yet" in the int32 index reductions
-# tl.fdiv takes approx= in newer triton (3.9: div.approx.f32); triton 3.6 has no such argument, and its
-# default (ieee_rounding=False) is the fast full-range division, div.full.f32, also within 2 ulp.
-_FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
 
 
 @triton.jit
@@ -117,104 +143,6 @@ def _softmax_step(x, oh, cmax, m, s, rest, s2r, xy, NEED_S2: tl.constexpr):
 
 
 @triton.jit
-def _lse(m, s):
-    return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _softplus_parts(z):
-    """(e, w, l) with e = exp(-|z|), w = 1 + e and l = log(1 + e), so softplus(z) = max(z, 0) + l
-    and softplus(-z) = max(-z, 0) + l, with the relative accuracy of the dtype down to a tiny e.
-
-    float32: e = exp2(-|z| log2(e)), the special-function unit's ex2 (tl.exp adds a multiply
-    and range fix-ups; an e below float32's normal range flushes to 0), and l = e P(e), P the
-    degree-8 polynomial closest to log1p(e) / e on [0, 1] in relative error (3e-8; about 4 ulp
-    evaluated in float32 by Horner's rule): eight explicit fused multiply-adds (tl.fma: the same
-    on any triton, whatever its default for fusing a multiply and an add) and a multiply, where tl.log is a
-    ~24-instruction software logarithm on sm_90 and the special-function lg2 is accurate only to
-    2^-22 absolute near 1 (not at all, relatively, for a small e). Written inline: the
-    interpreter pays for every call of a jit function.
-    float64: l = log(w) - δ/w with δ = (w - 1) - e exact, so a tiny e keeps its digits (l = e
-    when w = 1); 1/w ~ 2 - w on [1, 2], no division (the correction, at most 2^-53, changes by
-    at most half)."""
-    if z.dtype == tl.float64:
-        e = tl.exp(-tl.abs(z))
-        w = 1.0 + e
-        l = tl.log(w) - ((w - 1.0) - e) * (2.0 - w)
-    else:
-        e = tl.exp2(tl.abs(z) * -_LOG2E)
-        w = 1.0 + e
-        p = tl.fma(e, 0.005232746247202158, -0.02950545959174633)
-        p = tl.fma(p, e, 0.07822633534669876)
-        p = tl.fma(p, e, -0.13663281500339508)
-        p = tl.fma(p, e, 0.19106024503707886)
-        p = tl.fma(p, e, -0.24842987954616547)
-        p = tl.fma(p, e, 0.3331909775733948)
-        p = tl.fma(p, e, -0.4999949336051941)
-        p = tl.fma(p, e, 0.9999999403953552)
-        l = p * e
-    return e, w, l
-
-
-@triton.jit
-def _recip(w):
-    """1 / w: the fast approximate division in float32 (2 ulp), IEEE in float64."""
-    if w.dtype == tl.float64:
-        return 1.0 / w
-    else:
-        if _FDIV_APPROX:
-            return tl.fdiv(tl.full(w.shape, 1.0, w.dtype), w, approx=True)
-        else:
-            return tl.fdiv(tl.full(w.shape, 1.0, w.dtype), w)
-
-
-@triton.jit
-def _sigmoid_focal_terms(x, oh, gamma, FOCAL: tl.constexpr):
-    """Per-class FL_k = σ(z)^γ softplus(z) with z = x_k for k ≠ y and z = -x_y for k = y.
-
-    Both halves of the sigmoid focal loss are this one function of z: -log(1 - σ(x)) =
-    softplus(x), -log σ(x) = softplus(-x), and σ(z)^γ = exp(-γ softplus(-z)): two exponentials
-    per logit on the special-function unit and a polynomial log1p, no division.
-    """
-    z = tl.where(oh, -x, x)
-    e, w, l = _softplus_parts(z)
-    sp = tl.maximum(z, 0.0) + l
-    if FOCAL:
-        u = tl.maximum(-z, 0.0) + l
-        if u.dtype == tl.float64:
-            sp = tl.exp(-gamma * u) * sp
-        else:
-            sp = tl.exp2(u * (-gamma * _LOG2E)) * sp  # the special-function ex2, as in _softplus_parts
-    return sp
-
-
-@triton.jit
-def _sigmoid_focal_grad(x, oh, gamma, FOCAL: tl.constexpr):
-    """∂ℓ/∂x_k of the sigmoid focal loss, ±d/dz [σ(z)^γ sp(z)] = ±σ(z)^γ (γ σ(-z) sp(z) + σ(z)),
-    sp = softplus; σ(±z) from e = exp(-|z|) and one reciprocal of 1 + e (no overflow)."""
-    z = tl.where(oh, -x, x)
-    e, w, l = _softplus_parts(z)
-    r = _recip(w)
-    pos = z >= 0.0
-    sig = tl.where(pos, 1.0, e) * r  # σ(z)
-    if FOCAL:
-        sp = tl.maximum(z, 0.0) + l
-        sig_neg = tl.where(pos, e, 1.0) * r  # σ(-z)
-        u = tl.maximum(-z, 0.0) + l
-        if u.dtype == tl.float64:
-            fz = tl.exp(-gamma * u)  # σ(z)^γ
-        else:
-            fz = tl.exp2(u * (-gamma * _LOG2E))
-        d = fz * (gamma * sig_neg * sp + sig)
-    else:
-        d = sig
-    return tl.where(oh, -d, d)
-
-
-@triton.jit
 def _fwd_chunk(
     x_ptr,
     poff,
@@ -242,55 +170,18 @@ def _fwd_chunk(
     """Fold classes ``c0 .. c0 + BLOCK_C`` of a pixel tile into its running forward state."""
     x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, m.dtype)
     oh = c[None, :] == y32[:, None]
-    if NEED_AM or MODE == 0 or MODE == 3:
+    if NEED_AM or MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
         cmax = tl.max(x, 1)
     if NEED_AM:
         best_v, best_i, nan_i = _argmax_step(x, cmax, c0, best_v, best_i, nan_i, BLOCK_C)
-    if MODE == 0 or MODE == 3:
-        m, s, rest, s2r, xy = _softmax_step(x, oh, cmax, m, s, rest, s2r, xy, MODE == 3)
-    elif MODE == 1:
-        lsum += tl.sum(_sigmoid_focal_terms(x, oh, gamma, FOCAL), 1)
-    elif MODE == 2:
+    if MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
+        m, s, rest, s2r, xy = _softmax_step(x, oh, cmax, m, s, rest, s2r, xy, MODE == MODE_MSE_SOFTMAX)
+    elif MODE == MODE_SIGMOID_FOCAL:
+        lsum += tl.sum(sigmoid_focal_terms(x, oh, gamma, FOCAL), 1)
+    elif MODE == MODE_MSE_LOGITS:
         d = x - tl.where(oh, tv[:, None], 0.0)
         lsum += tl.sum(tl.where(cmask[None, :], d * d, 0.0), 1)
     return m, s, rest, s2r, xy, lsum, best_v, best_i, nan_i
-
-
-_NO_BAD = tl.constexpr(-(2**63))  # "no bad label yet" in the running maximum of the bad labels
-
-
-@triton.jit
-def _labels(t_ptr, n, pmask, ignore_index, C, NOT_VALID: tl.constexpr):
-    """(valid, bad, y32, badv) of the labels at pixels ``n``: y32 is NOT_VALID where not valid, badv the
-    label (int64) where it is bad (outside [0, C) and not ``ignore_index``) and _NO_BAD elsewhere."""
-    y = tl.load(t_ptr + n, mask=pmask, other=0).to(tl.int64)  # widen before comparing
-    keep = pmask & (y != ignore_index)
-    inr = (y >= 0) & (y < C)
-    valid = keep & inr
-    bad = keep & ~inr
-    return valid, bad, tl.where(valid, y, NOT_VALID).to(tl.int32), tl.where(bad, y, _NO_BAD)
-
-
-@triton.jit
-def _store_bad(bad_ptr, pid, nbad, vbad):
-    """A program's row of the bad-label table (scalars): how many of its labels were bad and the largest
-    of them (_NO_BAD when none), which the finalize launch reduces; the caller's error names that label."""
-    tl.store(bad_ptr + 2 * pid.to(tl.int64), nbad.to(tl.int64))
-    tl.store(bad_ptr + 2 * pid.to(tl.int64) + 1, vbad)
-
-
-@triton.jit
-def _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, one, HAS_GP: tl.constexpr, HAS_WV: tl.constexpr):
-    """The backward's upstream weight of each pixel, d(output)/dℓ_n times the output's gradient:
-    grad[n · gp_stride] (a per-pixel gradient, or the scalar one with stride 0) times the per-class
-    factor wv[y_n] (the class weight over the mean's denominator, or the gradient of a per-class
-    sum); either is 1 when absent. 0 where the pixel is not valid. ``one`` gives the shape and dtype."""
-    w = one
-    if HAS_GP:
-        w = tl.load(gp_ptr + n * gp_stride, mask=valid, other=0.0).to(one.dtype)
-    if HAS_WV:
-        w = w * tl.load(wv_ptr + y32, mask=valid, other=0.0).to(one.dtype)
-    return tl.where(valid, w, 0.0)
 
 
 @triton.jit
@@ -302,19 +193,8 @@ def _tile_labels(t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P: tl.constexp
     pmask = s < S
     b = b.to(tl.int64)
     n = b * S + s
-    valid, bad, y32, badv = _labels(t_ptr, n, pmask, ignore_index, C, 0)
+    valid, bad, y32, badv = load_labels(t_ptr, n, pmask, ignore_index, C, 0)
     return b, s, n, pmask, valid, bad, y32, badv
-
-
-@triton.jit
-def _zero_rows(ptr, pid64, C, ZB: tl.constexpr):
-    """Zero the program's own row of C values at ``ptr`` (its dtype), ZB at a time: the per-program rows
-    it adds into, so that the launcher needs no zeroed buffer (a memset launch on a GPU). The caller
-    orders these stores before its additions with a barrier."""
-    cs = tl.arange(0, ZB)
-    for c0 in range(0, C, ZB):
-        c = c0 + cs
-        tl.store(ptr + (pid64 * C + c), tl.zeros([ZB], ptr.dtype.element_ty), mask=c < C)
 
 
 @triton.jit
@@ -340,7 +220,7 @@ def _fwd_chunked_kernel(
     stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
     gamma,
-    gamma64: tl.float64,  # focal exponent, twice (see _gamma)
+    gamma64: tl.float64,  # focal exponent, twice (see acc_gamma)
     MODE: tl.constexpr,  # Mode
     FOCAL: tl.constexpr,  # gamma != 0
     STORE_LSE: tl.constexpr,  # keep each pixel's lse (and focal weight or q) for the backward
@@ -355,19 +235,19 @@ def _fwd_chunked_kernel(
     ZB: tl.constexpr,  # classes per step of the rows' zeroing
 ):
     acc_ty = pl_ptr.dtype.element_ty
-    gamma = _gamma(gamma, gamma64, acc_ty)
+    gamma = acc_gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid64 = pid.to(tl.int64)
     NEED_AM: tl.constexpr = NEED_TP or CONF
-    _zero_rows(crow_ptr, pid64, C, ZB)
+    zero_rows(crow_ptr, pid64, C, ZB)
     if NEED_TP:
-        _zero_rows(trow_ptr, pid64, C, ZB)
+        zero_rows(trow_ptr, pid64, C, ZB)
     if ROWSUM:
-        _zero_rows(lrow_ptr, pid64, C, ZB)
+        zero_rows(lrow_ptr, pid64, C, ZB)
     tl.debug_barrier()  # the zeros before this program's additions into its rows
     nbad = tl.zeros([BLOCK_P], tl.int32)
-    vbad = tl.full([BLOCK_P], _NO_BAD, tl.int64)
+    vbad = tl.full([BLOCK_P], NO_BAD, tl.int64)
     one = tl.full([BLOCK_P], 1, tl.int32)
 
     for t in range(pid, num_tiles, nprog):
@@ -378,7 +258,7 @@ def _fwd_chunked_kernel(
         vbad = tl.maximum(vbad, badv)
         poff = b * stride_b + s * stride_s
         tv = tl.zeros([BLOCK_P], acc_ty)
-        if MODE == 2 or MODE == 3:
+        if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
 
         m = tl.full([BLOCK_P], float("-inf"), acc_ty)
@@ -442,19 +322,19 @@ def _fwd_chunked_kernel(
                     BLOCK_C,
                 )
 
-        if MODE == 0:
-            logp = xy - _lse(m, ssum)
+        if MODE == MODE_SOFTMAX_FOCAL:
+            logp = xy - log_sum_exp(m, ssum)
             if FOCAL:
                 # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
                 loss = -tl.exp(gamma * tl.log(rest / ssum)) * logp
             else:
                 loss = -logp
-        elif MODE == 1:
+        elif MODE == MODE_SIGMOID_FOCAL:
             loss = lsum
-        elif MODE == 2:
+        elif MODE == MODE_MSE_LOGITS:
             loss = 0.5 * lsum
-        elif MODE == 3:
-            dy = tl.exp(xy - _lse(m, ssum)) - tv
+        elif MODE == MODE_MSE_SOFTMAX:
+            dy = tl.exp(xy - log_sum_exp(m, ssum)) - tv
             loss = 0.5 * (s2r / (ssum * ssum) + dy * dy)
         else:
             loss = lsum  # zeros
@@ -483,7 +363,7 @@ def _fwd_chunked_kernel(
                     mask=valid,
                     sem="relaxed",
                 )
-    _store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
+    store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
 
 
 @triton.jit
@@ -602,7 +482,7 @@ def _finalize_kernel(
     RED: tl.constexpr,  # Reduction: 0 mean, 1 sum, 2 none, 3 per-class sums
     WEIGHTING: tl.constexpr,  # Weighting: 0 none, 1 weights with the mean over Σ w_y, 2 over N_valid,
     #                           3 the batch's recall weights 1 - TP_c / n_c (mean over N_valid)
-    SUMS: tl.constexpr,  # there are class-loss rows (a loss and RED != 2)
+    SUMS: tl.constexpr,  # there are class-loss rows (a loss and RED != RED_NONE)
     NEED_TP: tl.constexpr,
     BR: tl.constexpr,
     BC: tl.constexpr,  # rows and classes per step
@@ -641,27 +521,27 @@ def _finalize_kernel(
         tl.store(cnt_ptr + c, n, mask=cm)
         if NEED_TP:
             tl.store(tp_ptr + c, tp, mask=cm)
-        if RED == 3:
+        if RED == RED_CLASS:
             tl.store(loss_ptr + c, S, mask=cm)
         present = cm & (n > 0)
-        if WEIGHTING == 1 or WEIGHTING == 2:
+        if WEIGHTING == WEIGHTING_GENERAL or WEIGHTING == WEIGHTING_PAPER:
             w = tl.load(w_ptr + c, mask=cm, other=0.0).to(acc_ty)
-        elif WEIGHTING == 3:
+        elif WEIGHTING == WEIGHTING_RECALL:
             n64 = n.to(tl.float64)
             w = tl.where(n > 0, 1.0 - tp.to(tl.float64) / tl.maximum(n64, 1.0), 1.0).to(acc_ty)
         else:
             w = tl.full([BC], 1.0, acc_ty)
-        if SUMS and RED != 3:
+        if SUMS and RED != RED_CLASS:
             total += tl.where(present, w * S, 0.0)
-        if RED == 0:
-            if WEIGHTING == 1:
+        if RED == RED_MEAN:
+            if WEIGHTING == WEIGHTING_GENERAL:
                 denom += tl.where(present, w.to(tl.float64) * n.to(tl.float64), 0.0)
             else:
                 denom += n.to(tl.float64)
         tl.store(scale_ptr + c, w, mask=cm)
-    if RED == 0 or RED == 1:
+    if RED == RED_MEAN or RED == RED_SUM:
         tot = tl.sum(total, 0)
-        if RED == 0:
+        if RED == RED_MEAN:
             d = tl.sum(denom, 0).to(acc_ty)
             d = tl.where(d != 0.0, d, 1.0)  # no valid pixel (or Σ w_y = 0): loss 0, gradient 0
             tl.store(loss_ptr, tot / d)
@@ -673,12 +553,12 @@ def _finalize_kernel(
         else:
             tl.store(loss_ptr, tot)
     nb = tl.zeros([BR], tl.int64)
-    vb = tl.full([BR], _NO_BAD, tl.int64)
+    vb = tl.full([BR], NO_BAD, tl.int64)
     for r0 in range(0, RB, BR):
         r = r0 + rs
         rm = r < RB
         nb += tl.load(brow_ptr + 2 * r.to(tl.int64), mask=rm, other=0)
-        vb = tl.maximum(vb, tl.load(brow_ptr + 2 * r.to(tl.int64) + 1, mask=rm, other=_NO_BAD))
+        vb = tl.maximum(vb, tl.load(brow_ptr + 2 * r.to(tl.int64) + 1, mask=rm, other=NO_BAD))
     tl.store(bad_ptr, tl.sum(nb, 0))
     tl.store(bad_ptr + 1, tl.max(vb, 0))
 
@@ -697,38 +577,9 @@ def _weigh_kernel(
     pass's own statistics (the recall loss with reduction="none"), once the finalize launch has them."""
     n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    valid, bad, y32, badv = _labels(t_ptr, n, m, ignore_index, C, 0)
+    valid, bad, y32, badv = load_labels(t_ptr, n, m, ignore_index, C, 0)
     w = tl.load(scale_ptr + y32, mask=valid, other=0.0)
     tl.store(pl_ptr + n, tl.load(pl_ptr + n, mask=valid, other=0.0) * w, mask=valid)
-
-
-@triton.jit
-def _focal_coef(w, logp, p, omp, gamma):
-    """The softmax focal backward's per-pixel weight a = w ∂ℓ/∂log p_y, given p = p_y and omp = 1 - p_y:
-    ∂ℓ/∂log p = -(1-p)^γ + γ p log p (1-p)^(γ-1) = -(1-p)^γ (1 - γ p log p / (1-p)); log p / (1-p) -> -1
-    as p -> 1, and (1-p)^γ = 0 there (γ > 0), so the limit is 0, not 0*inf."""
-    wf = tl.exp(gamma * tl.log(omp))
-    r = tl.where(omp > 0.0, logp / omp, -1.0)
-    return -w * wf * (1.0 - gamma * p * r)
-
-
-@triton.jit
-def _bwd_softmax_coefs(m, s, rest, s2r, xy, tv, w, gamma, MODE: tl.constexpr, FOCAL: tl.constexpr):
-    """Per-pixel (lse, a, q): ∂ℓ/∂x_k = a (onehot_k - p_k) for mode 0, a p_k (p_k - t onehot_k - q)
-    for mode 3, with the upstream gradient w already folded into a."""
-    lse = _lse(m, s)
-    logp = xy - lse
-    if MODE == 0:
-        if FOCAL:
-            a = _focal_coef(w, logp, tl.exp(logp), rest / s, gamma)
-        else:
-            a = -w
-        q = a  # unused
-    else:
-        py = tl.exp(logp)
-        q = s2r / (s * s) + py * py - tv * py  # Σ_j p_j (p_j - t_j)
-        a = w
-    return lse, a, q
 
 
 @triton.jit
@@ -737,12 +588,12 @@ def _keep_lse(lse_ptr, n, NP, pmask, m, s, rest, s2r, xy, tv, gamma, MODE: tl.co
     log-sum-exp at lse[n] and, for the focal loss, ∂ℓ/∂log p_y per unit upstream weight (its a over w), for the
     softmax MSE Σ_j p_j (p_j - t_j) (its q), at lse[NP + n]: the backward's coefficients without a pass over the
     classes."""
-    lse = _lse(m, s)
+    lse = log_sum_exp(m, s)
     tl.store(lse_ptr + n, lse, mask=pmask)
-    if MODE == 0:
+    if MODE == MODE_SOFTMAX_FOCAL:
         if FOCAL:
             logp = xy - lse
-            tl.store(lse_ptr + NP + n, _focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pmask)
+            tl.store(lse_ptr + NP + n, focal_coef(1.0, logp, tl.exp(logp), rest / s, gamma), mask=pmask)
     else:
         py = tl.exp(xy - lse)
         tl.store(lse_ptr + NP + n, s2r / (s * s) + py * py - tv * py, mask=pmask)
@@ -751,10 +602,10 @@ def _keep_lse(lse_ptr, n, NP, pmask, m, s, rest, s2r, xy, tv, gamma, MODE: tl.co
 @triton.jit
 def _kept_coefs(lse_ptr, n, NP, valid, w, MODE: tl.constexpr, FOCAL: tl.constexpr):
     """(lse, a, q) of the backward of a softmax mode from what the forward kept (_keep_lse), as
-    _bwd_softmax_coefs gives them: a = w·(-1, or the kept focal weight) for mode 0, w for mode 3."""
+    bwd_softmax_coefs gives them: a = w·(-1, or the kept focal weight) for mode 0, w for mode 3."""
     lse = tl.load(lse_ptr + n, mask=valid, other=0.0)
     q = w
-    if MODE == 0:
+    if MODE == MODE_SOFTMAX_FOCAL:
         if FOCAL:
             a = w * tl.load(lse_ptr + NP + n, mask=valid, other=0.0)
         else:
@@ -768,14 +619,14 @@ def _kept_coefs(lse_ptr, n, NP, valid, w, MODE: tl.constexpr, FOCAL: tl.constexp
 @triton.jit
 def _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma, MODE: tl.constexpr, FOCAL: tl.constexpr):
     oh = c[None, :] == y32[:, None]
-    if MODE == 0:
+    if MODE == MODE_SOFTMAX_FOCAL:
         p = tl.exp(x - lse[:, None])
         g = a[:, None] * (tl.where(oh, 1.0, 0.0) - p)
-    elif MODE == 3:
+    elif MODE == MODE_MSE_SOFTMAX:
         p = tl.exp(x - lse[:, None])
         g = a[:, None] * p * (p - tl.where(oh, tv[:, None], 0.0) - q[:, None])
-    elif MODE == 1:
-        g = a[:, None] * _sigmoid_focal_grad(x, oh, gamma, FOCAL)
+    elif MODE == MODE_SIGMOID_FOCAL:
+        g = a[:, None] * sigmoid_focal_grad(x, oh, gamma, FOCAL)
     else:
         g = a[:, None] * (x - tl.where(oh, tv[:, None], 0.0))
     return g
@@ -787,7 +638,7 @@ def _bwd_chunked_kernel(
     t_ptr,  # (N,) labels, any integer dtype
     tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
     gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
-    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
+    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
     lse_ptr,  # (k * NP,) what the forward kept (HAS_LSE, _keep_lse)
     C,
@@ -815,20 +666,20 @@ def _bwd_chunked_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc_ty = tv_ptr.dtype.element_ty
-    gamma = _gamma(gamma, gamma64, acc_ty)
+    gamma = acc_gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
-    SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
+    SOFTMAX: tl.constexpr = MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX
     for t in range(pid, num_tiles, tl.num_programs(0)):
         b, s, n, pmask, valid, bad, y32, badv = _tile_labels(
             t_ptr, t, tiles_per_b, S, ignore_index, C, BLOCK_P
         )
         poff = b * stride_b + s * stride_s
         goff = b * gstride_b + s * gstride_s
-        w = _upstream(
+        w = upstream(
             gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([BLOCK_P], 1.0, acc_ty), HAS_GP, HAS_WV
         )
         tv = tl.zeros([BLOCK_P], acc_ty)
-        if MODE == 2 or MODE == 3:
+        if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
 
         m = tl.full([BLOCK_P], float("-inf"), acc_ty)
@@ -843,8 +694,10 @@ def _bwd_chunked_kernel(
             x, c, cmask = _load_chunk(x_ptr, poff, pmask, 0, C, stride_c, BLOCK_C, acc_ty)
             if SOFTMAX:
                 oh = c[None, :] == y32[:, None]
-                m, ssum, rest, s2r, xy = _softmax_step(x, oh, tl.max(x, 1), m, ssum, rest, s2r, xy, MODE == 3)
-                lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
+                m, ssum, rest, s2r, xy = _softmax_step(
+                    x, oh, tl.max(x, 1), m, ssum, rest, s2r, xy, MODE == MODE_MSE_SOFTMAX
+                )
+                lse, a, q = bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
             g = _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma, MODE, FOCAL)
             g = tl.where(valid[:, None], g, 0.0)
             gptrs = g_ptr + (goff[:, None] + c.to(tl.int64)[None, :] * gstride_c)
@@ -858,9 +711,9 @@ def _bwd_chunked_kernel(
                     x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, acc_ty)
                     oh = c[None, :] == y32[:, None]
                     m, ssum, rest, s2r, xy = _softmax_step(
-                        x, oh, tl.max(x, 1), m, ssum, rest, s2r, xy, MODE == 3
+                        x, oh, tl.max(x, 1), m, ssum, rest, s2r, xy, MODE == MODE_MSE_SOFTMAX
                     )
-                lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
+                lse, a, q = bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
             for c0 in range(0, C, BLOCK_C):
                 x, c, cmask = _load_chunk(x_ptr, poff, pmask, c0, C, stride_c, BLOCK_C, acc_ty)
                 g = _bwd_chunk(x, c, cmask, y32, tv, lse, a, q, gamma, MODE, FOCAL)
@@ -872,194 +725,6 @@ def _bwd_chunked_kernel(
 # ---------------------------------------------------------------------------------------------
 # Static classes: pixels on lanes, classes unrolled (C constexpr)
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_pixels(t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS: tl.constexpr, VEC: tl.constexpr):
-    """Tile ``t`` as a [ROWS, VEC] block of pixels, VEC consecutive ones per thread:
-    (b, s, n, pmask, valid, bad, y32, badv); y32 is -1 where the pixel is not valid."""
-    b = t // tiles_per_b
-    r = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    # int64: pixel and element offsets can exceed 2**31
-    s = (t - b * tiles_per_b).to(tl.int64) * (ROWS * VEC) + r
-    pmask = s < S
-    b = b.to(tl.int64)
-    n = b * S + s
-    valid, bad, y32, badv = _labels(t_ptr, n, pmask, ignore_index, C, -1)
-    return b, s, n, pmask, valid, bad, y32, badv
-
-
-@triton.jit
-def _i64(v):
-    """``v`` (an integer argument, possibly specialised to a constant) as an int64 scalar, so that
-    ``k * v`` cannot overflow 32 bits."""
-    return v + tl.zeros([], tl.int64)
-
-
-@triton.jit
-def _gamma(gamma, gamma64, acc_ty: tl.constexpr):
-    """γ in the accumulation type. Every kernel takes it twice: a Python float argument is float32
-    in a plain launch (γ = 0.999 off by 1e-8 for float64 logits) and float64 in an Inductor-compiled
-    graph (where float32 kernels then promoted their sums to float64 and failed to compile).
-    float64 kernels take gamma64, annotated float64 for both; the others round gamma once (a no-op
-    in a plain launch: a float64 parameter costs float32 kernels a register, and spilled two).
-    Through tl.full in both cases: the interpreter reads an annotated float64 argument as float32
-    in arithmetic."""
-    return tl.full((), gamma64 if acc_ty == tl.float64 else gamma, acc_ty)
-
-
-@triton.jit
-def _take_max(x, bv, bi, c):
-    """Running argmax step: first index on ties, and the first NaN wins (torch.argmax)."""
-    take = ((x > bv) | (x != x)) & (bv == bv)
-    return tl.where(take, x, bv), tl.where(take, c, bi)
-
-
-@triton.jit
-def _softmax_group(
-    xp,
-    stride_c,
-    pmask,
-    y32,
-    c0,
-    m,
-    s,
-    rest,
-    s2r,
-    bv,
-    am,
-    acc_ty: tl.constexpr,
-    NCLS: tl.constexpr,
-    NEED_REST: tl.constexpr,
-    NEED_S2: tl.constexpr,
-    NEED_AM: tl.constexpr,
-):
-    """Fold classes c0 .. c0 + NCLS - 1 (NCLS unrolled) into the running softmax state: a max
-    pass over their logits, the sums rescaled once, then an exp pass over the same values
-    (same addresses, no store in between: the compiler keeps them in registers)."""
-    gm = m
-    xg = xp + c0 * stride_c
-    for k in tl.static_range(NCLS):
-        x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
-        gm = tl.maximum(gm, x)
-        if NEED_AM:
-            bv, am = _take_max(x, bv, am, c0 + k)
-    ms = tl.where(gm == float("-inf"), 0.0, gm)
-    alpha = tl.exp(m - ms)  # 0 while m is still -inf (the sums are 0 then too)
-    s = s * alpha
-    if NEED_REST:
-        rest = rest * alpha
-    if NEED_S2:
-        s2r = s2r * (alpha * alpha)
-    # float32: exp(x - ms) = exp2((x - ms) log2(e)) on the special-function ex2 (tl.exp adds range
-    # fix-ups: 2-3 more instructions per logit); e_k below float32's normal range flush to 0. Not
-    # exp2(x log2(e) - ms log2(e)) as one fused multiply-add: that one's exact product minus the
-    # rounded ms log2(e) leaves the rounding error of the latter, |ms| 2^-25 log2(e), in every
-    # exponent, which overflows ex2 for logits beyond about 1e9.
-    for k in tl.static_range(NCLS):
-        x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
-        if acc_ty == tl.float64:
-            e = tl.exp(x - ms)
-        else:
-            e = tl.exp2((x - ms) * _LOG2E)
-        s += e
-        if NEED_REST:
-            er = tl.where(y32 == c0 + k, 0.0, e)
-            rest += er
-            if NEED_S2:
-                s2r += er * er
-    return gm, s, rest, s2r, bv, am
-
-
-@triton.jit
-def _static_softmax(
-    xp,
-    stride_c,
-    pmask,
-    y32,
-    acc_ty: tl.constexpr,
-    C: tl.constexpr,
-    GROUP: tl.constexpr,
-    LOOP: tl.constexpr,
-    NEED_REST: tl.constexpr,
-    NEED_S2: tl.constexpr,
-    NEED_AM: tl.constexpr,
-):
-    """(m, s, rest, s2r, am) of a pixel block over classes 0..C-1, in groups of GROUP classes.
-
-    m = max_k x_k, s = Σ e_k, rest = Σ_{k≠y} e_k, s2r = Σ_{k≠y} e_k² with e_k = exp(x_k - ms),
-    ms = m (0 while every logit is -inf, so that exp(-inf - ms) is 0, not NaN); ``rest / s``
-    is 1 - p_y without the cancellation of 1 - exp(log p_y). am: argmax (NEED_AM).
-    LOOP false: every group unrolled (small C). LOOP true: a loop over the C // GROUP full
-    groups, then the C % GROUP last classes unrolled (bounded code size for large C).
-    """
-    m = tl.full(y32.shape, float("-inf"), acc_ty)
-    s = tl.zeros(y32.shape, acc_ty)
-    rest = tl.zeros(y32.shape, acc_ty)
-    s2r = tl.zeros(y32.shape, acc_ty)
-    bv = tl.full(y32.shape, float("-inf"), acc_ty)
-    am = tl.zeros(y32.shape, tl.int32)
-    FULL: tl.constexpr = (C // GROUP) * GROUP
-    if LOOP:
-        for c0 in range(0, FULL, GROUP):
-            m, s, rest, s2r, bv, am = _softmax_group(
-                xp,
-                stride_c,
-                pmask,
-                y32,
-                c0,
-                m,
-                s,
-                rest,
-                s2r,
-                bv,
-                am,
-                acc_ty,
-                GROUP,
-                NEED_REST,
-                NEED_S2,
-                NEED_AM,
-            )
-    else:
-        for c0 in tl.static_range(0, FULL, GROUP):
-            m, s, rest, s2r, bv, am = _softmax_group(
-                xp,
-                stride_c,
-                pmask,
-                y32,
-                c0,
-                m,
-                s,
-                rest,
-                s2r,
-                bv,
-                am,
-                acc_ty,
-                GROUP,
-                NEED_REST,
-                NEED_S2,
-                NEED_AM,
-            )
-    if C % GROUP:
-        m, s, rest, s2r, bv, am = _softmax_group(
-            xp,
-            stride_c,
-            pmask,
-            y32,
-            FULL,
-            m,
-            s,
-            rest,
-            s2r,
-            bv,
-            am,
-            acc_ty,
-            C % GROUP,
-            NEED_REST,
-            NEED_S2,
-            NEED_AM,
-        )
-    return m, s, rest, s2r, am
 
 
 @triton.jit
@@ -1083,13 +748,13 @@ def _terms_group(
     xg = xp + c0 * stride_c
     for k in tl.static_range(NCLS):
         x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
-        if MODE == 1:
-            lsum += _sigmoid_focal_terms(x, y32 == c0 + k, gamma, FOCAL)
-        elif MODE == 2:
+        if MODE == MODE_SIGMOID_FOCAL:
+            lsum += sigmoid_focal_terms(x, y32 == c0 + k, gamma, FOCAL)
+        elif MODE == MODE_MSE_LOGITS:
             d = x - tl.where(y32 == c0 + k, tv, 0.0)
             lsum += d * d
         if NEED_AM:
-            bv, am = _take_max(x, bv, am, c0 + k)
+            bv, am = take_max(x, bv, am, c0 + k)
     return lsum, bv, am
 
 
@@ -1109,7 +774,7 @@ def _static_terms(
     FOCAL: tl.constexpr,
     NEED_AM: tl.constexpr,
 ):
-    """(Σ_k term_k, argmax) of the per-class modes over groups as in ``_static_softmax``:
+    """(Σ_k term_k, argmax) of the per-class modes over groups as in ``static_softmax``:
     sigmoid focal terms (MODE 1), (x_k - t_k)² (MODE 2), nothing (MODE 4); the argmax only
     when NEED_AM."""
     lsum = tl.zeros(y32.shape, acc_ty)
@@ -1159,63 +824,18 @@ def _grad_group(
     for k in tl.static_range(NCLS):
         x = tl.load(xg + k * stride_c, mask=pmask, other=0.0).to(acc_ty)
         oh = y32 == c0 + k
-        if MODE == 0:
+        if MODE == MODE_SOFTMAX_FOCAL:
             g = a * (tl.where(oh, 1.0, 0.0) - tl.exp(x - lse))
-        elif MODE == 3:
+        elif MODE == MODE_MSE_SOFTMAX:
             p = tl.exp(x - lse)
             g = a * p * (p - tl.where(oh, tv, 0.0) - q)
-        elif MODE == 1:
-            g = a * _sigmoid_focal_grad(x, oh, gamma, FOCAL)
+        elif MODE == MODE_SIGMOID_FOCAL:
+            g = a * sigmoid_focal_grad(x, oh, gamma, FOCAL)
         else:
             g = a * (x - tl.where(oh, tv, 0.0))
         # a = 0 at ignored pixels, but 0 * inf or 0 * NaN would not be 0
         g = tl.where(valid, g, 0.0)
         tl.store(gg + k * gstride_c, g.to(gq.dtype.element_ty), mask=pmask)
-
-
-@triton.jit
-def _counts_in_memory(
-    crow_ptr,
-    trow_ptr,
-    conf_ptr,
-    pid64,
-    C,
-    y32,
-    am,
-    valid,
-    hit,
-    ROWS: tl.constexpr,
-    NEED_TP: tl.constexpr,
-    CONF: tl.constexpr,
-):
-    """The forwards' integer statistics that are added into memory (integer atomics: any order gives the
-    same sums): with ROWS the program's row of class counts and true positives (when they are not
-    per-thread registers), with CONF == 2 the confusion [label, argmax] straight into the caller's
-    int64 matrix (CONF == 1 counts in registers: _conf_hist)."""
-    if ROWS:
-        tl.atomic_add(crow_ptr + (pid64 * C + y32), 1, mask=valid, sem="relaxed")
-        if NEED_TP:
-            tl.atomic_add(trow_ptr + (pid64 * C + y32), 1, mask=hit, sem="relaxed")
-    if CONF == 2:
-        tl.atomic_add(
-            conf_ptr + (y32.to(tl.int64) * C + am), tl.full(y32.shape, 1, tl.int64), mask=valid, sem="relaxed"
-        )
-
-
-@triton.jit
-def _conf_hist(hist, y32, am, valid, C, BINS: tl.constexpr):
-    """The program's confusion counts kept in registers (CONF == 1, C*C <= BINS): a histogram of
-    label * C + argmax over the tile's valid pixels added into ``hist`` ([BINS] int32)."""
-    key = y32 * C + am
-    return hist + tl.histogram(tl.reshape(key, [key.numel]), BINS, mask=tl.reshape(valid, [valid.numel]))
-
-
-@triton.jit
-def _conf_flush(conf_ptr, hist, C, BINS: tl.constexpr):
-    """Add a program's register histogram (_conf_hist) into the caller's (C, C) int64 matrix: one
-    integer atomic per non-empty cell, so contention stays low however skewed the classes are."""
-    cell = tl.arange(0, BINS)
-    tl.atomic_add(conf_ptr + cell, hist.to(tl.int64), mask=(cell < C * C) & (hist != 0), sem="relaxed")
 
 
 @triton.jit
@@ -1240,7 +860,7 @@ def _fwd_static_kernel(
     stride_s,  # logits strides, in elements
     ignore_index,  # label of pixels that take no part
     gamma,
-    gamma64: tl.float64,  # focal exponent, twice (see _gamma)
+    gamma64: tl.float64,  # focal exponent, twice (see acc_gamma)
     C: tl.constexpr,  # classes
     GROUP: tl.constexpr,  # classes per group (max/exp passes of the softmax)
     LOOP: tl.constexpr,  # a loop over the groups (large C); otherwise all unrolled
@@ -1259,7 +879,7 @@ def _fwd_static_kernel(
     ZB: tl.constexpr,  # classes per step of the rows' zeroing (not REG_STATS)
 ):
     acc_ty = pl_ptr.dtype.element_ty
-    gamma = _gamma(gamma, gamma64, acc_ty)
+    gamma = acc_gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NEED_AM: tl.constexpr = NEED_TP or CONF > 0
@@ -1273,34 +893,44 @@ def _fwd_static_kernel(
             cacc = cacc + (tl.zeros([ROWS], tl.int32),)
             tacc = tacc + (tl.zeros([ROWS], tl.int32),)
     else:
-        _zero_rows(crow_ptr, pid64, C, ZB)
+        zero_rows(crow_ptr, pid64, C, ZB)
         if NEED_TP:
-            _zero_rows(trow_ptr, pid64, C, ZB)
+            zero_rows(trow_ptr, pid64, C, ZB)
         tl.debug_barrier()  # the zeros before this program's additions into its rows
     if CONF == 1:
         hist = tl.zeros([CONF_BINS], tl.int32)
     nbad = tl.zeros([ROWS, VEC], tl.int32)
-    vbad = tl.full([ROWS, VEC], _NO_BAD, tl.int64)
-    sc = _i64(stride_c)
+    vbad = tl.full([ROWS, VEC], NO_BAD, tl.int64)
+    sc = i64(stride_c)
 
     for t in range(pid, num_tiles, nprog):
-        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+        b, s, n, pmask, valid, bad, y32, badv = tile_pixels(
             t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS, VEC
         )
         nbad += bad.to(tl.int32)
         vbad = tl.maximum(vbad, badv)
         xp = x_ptr + (b * stride_b + s * stride_s)
         tv = tl.zeros([ROWS, VEC], acc_ty)
-        if MODE == 2 or MODE == 3:
+        if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-        if MODE == 0 or MODE == 3:
-            m, ssum, rest, s2r, am = _static_softmax(
-                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, FOCAL or MODE == 3, MODE == 3, NEED_AM
+        if MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
+            m, ssum, rest, s2r, am = static_softmax(
+                xp,
+                sc,
+                pmask,
+                y32,
+                acc_ty,
+                C,
+                GROUP,
+                LOOP,
+                FOCAL or MODE == MODE_MSE_SOFTMAX,
+                MODE == MODE_MSE_SOFTMAX,
+                NEED_AM,
             )
             # the label's logit: one gathered load per pixel
             xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
-            logp = xy - _lse(m, ssum)
-            if MODE == 0:
+            logp = xy - log_sum_exp(m, ssum)
+            if MODE == MODE_SOFTMAX_FOCAL:
                 if FOCAL:
                     # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
                     loss = -tl.exp(gamma * tl.log(rest / ssum)) * logp
@@ -1315,7 +945,7 @@ def _fwd_static_kernel(
             lsum, am = _static_terms(
                 xp, sc, pmask, y32, tv, gamma, acc_ty, C, GROUP, LOOP, MODE, FOCAL, NEED_AM
             )
-            if MODE == 2:
+            if MODE == MODE_MSE_LOGITS:
                 loss = 0.5 * lsum
             else:
                 loss = lsum
@@ -1347,8 +977,8 @@ def _fwd_static_kernel(
             cacc = nc
             tacc = nt
         if CONF == 1:
-            hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
-        _counts_in_memory(
+            hist = conf_hist(hist, y32, am, valid, C, CONF_BINS)
+        counts_in_memory(
             crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, not REG_STATS, NEED_TP, CONF
         )
 
@@ -1361,8 +991,8 @@ def _fwd_static_kernel(
             if NEED_TP:
                 tl.store(trow_ptr + pid64 * C + c, tl.sum(tacc[c], 0))
     if CONF == 1:
-        _conf_flush(conf_ptr, hist, C, CONF_BINS)
-    _store_bad(bad_ptr, pid, tl.sum(tl.sum(nbad, 1), 0), tl.max(tl.max(vbad, 1), 0))
+        conf_flush(conf_ptr, hist, C, CONF_BINS)
+    store_bad(bad_ptr, pid, tl.sum(tl.sum(nbad, 1), 0), tl.max(tl.max(vbad, 1), 0))
 
 
 @triton.jit
@@ -1371,7 +1001,7 @@ def _bwd_static_kernel(
     t_ptr,  # (N,) labels, any integer dtype
     tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
     gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
-    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
+    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + c*gstride_c + s*gstride_s
     lse_ptr,  # (k * NP,) what the forward kept (HAS_LSE, _keep_lse)
     S,
@@ -1403,22 +1033,22 @@ def _bwd_static_kernel(
     unrolled pass that recomputes each class's p_k from its logit and stores the gradient
     (with C <= GROUP the logits are still in registers; beyond, the re-read hits the cache)."""
     acc_ty = tv_ptr.dtype.element_ty
-    gamma = _gamma(gamma, gamma64, acc_ty)
+    gamma = acc_gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
-    SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
-    sc = _i64(stride_c)
-    gsc = _i64(gstride_c)
+    SOFTMAX: tl.constexpr = MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX
+    sc = i64(stride_c)
+    gsc = i64(gstride_c)
     for t in range(pid, num_tiles, tl.num_programs(0)):
-        b, s, n, pmask, valid, bad, y32, badv = _tile_pixels(
+        b, s, n, pmask, valid, bad, y32, badv = tile_pixels(
             t_ptr, t, tiles_per_b, S, ignore_index, C, ROWS, VEC
         )
         xp = x_ptr + (b * stride_b + s * stride_s)
         gq = g_ptr + (b * gstride_b + s * gstride_s)
-        w = _upstream(
+        w = upstream(
             gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([ROWS, VEC], 1.0, acc_ty), HAS_GP, HAS_WV
         )
         tv = tl.zeros([ROWS, VEC], acc_ty)
-        if MODE == 2 or MODE == 3:
+        if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
         lse = w
         a = w
@@ -1426,11 +1056,21 @@ def _bwd_static_kernel(
         if HAS_LSE:
             lse, a, q = _kept_coefs(lse_ptr, n, NP, valid, w, MODE, FOCAL)
         elif SOFTMAX:
-            m, ssum, rest, s2r, am = _static_softmax(
-                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, FOCAL or MODE == 3, MODE == 3, False
+            m, ssum, rest, s2r, am = static_softmax(
+                xp,
+                sc,
+                pmask,
+                y32,
+                acc_ty,
+                C,
+                GROUP,
+                LOOP,
+                FOCAL or MODE == MODE_MSE_SOFTMAX,
+                MODE == MODE_MSE_SOFTMAX,
+                False,
             )
             xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
-            lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
+            lse, a, q = bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
         FULL: tl.constexpr = (C // GROUP) * GROUP
         if LOOP:
             for c0 in range(0, FULL, GROUP):

@@ -48,7 +48,11 @@ try:
 
     from . import triton_loss, triton_select, triton_upsample
     from ._triton_compat import wrap
-    from .triton_kernels import _gamma, _i64, _labels
+    from .triton_common import (
+        acc_gamma,
+        i64,
+        load_labels,
+    )
     from .triton_select import FIRST_BINS, select_first_digit
 except ImportError:  # the package works without triton; this backend is then unavailable
     triton = None
@@ -94,13 +98,13 @@ if triton is not None:
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         if pid == 0:
-            tl.store(k_ptr, _i64(rank))
+            tl.store(k_ptr, i64(rank))
         counts = tl.zeros([_BINS], tl.int32)  # fewer than 2**31 pixels per program
         lanes = tl.arange(0, BLOCK)
         for start in range(pid.to(tl.int64) * BLOCK, N, nprog * BLOCK):  # int64: N can exceed 2**31
             n = start + lanes
             inside = n < N
-            valid, bad, y32, badv = _labels(t_ptr, n, inside, ignore_index, C, 0)
+            valid, bad, y32, badv = load_labels(t_ptr, n, inside, ignore_index, C, 0)
             loss = tl.load(pl_ptr + n, mask=inside, other=0.0)
             p = tl.where(valid, tl.exp(-loss), -1.0)
             tl.store(p_ptr + n, p, mask=inside)
@@ -121,7 +125,7 @@ if triton is not None:
         srow_ptr,  # (programs,) out: each program's sum of the kept losses, accumulation dtype
         crow_ptr,  # (programs,) int64 out: each program's number of kept pixels
         thresh,
-        thresh64: tl.float64,  # the threshold's floor, twice (see triton_kernels._gamma)
+        thresh64: tl.float64,  # the threshold's floor, twice (see triton_common.acc_gamma)
         N,
         CLEAR: tl.constexpr,  # reduction "none": the output is pl, zero where not kept
         UNIT: tl.constexpr,  # the backward's factor is 1 (sum, none): stored here, no finalize
@@ -131,7 +135,7 @@ if triton is not None:
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         sel = tl.load(sel_ptr)
-        floor = _gamma(thresh, thresh64, acc_ty)
+        floor = acc_gamma(thresh, thresh64, acc_ty)
         # max(p_k, thresh) as the reference's clamp: NaN stays NaN (and keeps nothing)
         thr = tl.where(sel != sel, sel, tl.maximum(sel, floor))
         if pid == 0:
@@ -172,7 +176,7 @@ if triton is not None:
         total = tl.sum(tl.load(srow_ptr + r, mask=r < R, other=0.0), 0)
         if MEAN:
             if MEAN_ALL:
-                den = _i64(n_all)
+                den = i64(n_all)
             else:
                 den = tl.sum(tl.load(crow_ptr + r, mask=r < R, other=0), 0)
             d = tl.maximum(den, 1).to(acc_ty)

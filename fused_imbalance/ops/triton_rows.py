@@ -38,21 +38,25 @@ Shared memory per program: the block (BL elements) and, in the backward, the gra
 import triton
 import triton.language as tl
 
-from .triton_kernels import (
-    _LOG2E,
-    _NO_BAD,
-    _bwd_softmax_coefs,
-    _conf_flush,
-    _conf_hist,
-    _counts_in_memory,
-    _gamma,
-    _labels,
-    _lse,
-    _sigmoid_focal_grad,
-    _sigmoid_focal_terms,
-    _store_bad,
-    _take_max,
-    _upstream,
+from .triton_common import (
+    LOG2E,
+    MODE_MSE_LOGITS,
+    MODE_MSE_SOFTMAX,
+    MODE_SIGMOID_FOCAL,
+    MODE_SOFTMAX_FOCAL,
+    NO_BAD,
+    acc_gamma,
+    bwd_softmax_coefs,
+    conf_flush,
+    conf_hist,
+    counts_in_memory,
+    load_labels,
+    log_sum_exp,
+    sigmoid_focal_grad,
+    sigmoid_focal_terms,
+    store_bad,
+    take_max,
+    upstream,
 )
 
 __all__ = ["_fwd_rows_kernel", "_bwd_rows_kernel"]
@@ -176,7 +180,7 @@ def _rows_softmax(
     NEED_S2: tl.constexpr,
     NEED_AM: tl.constexpr,
 ):
-    """(m, s, rest, s2r, am) of each pixel ([PPIX]) as _static_softmax defines them: a max pass and
+    """(m, s, rest, s2r, am) of each pixel ([PPIX]) as static_softmax defines them: a max pass and
     an exp pass over the thread's slots, then across the pixel's parts."""
     m = tl.full(xs[0].shape, float("-inf"), acc_ty)
     bv = m
@@ -185,7 +189,7 @@ def _rows_softmax(
         x = _slot(xs, j, cls, float("-inf"), acc_ty, C, CPART, PARTS)
         m = tl.maximum(m, x)
         if NEED_AM:
-            bv, am = _take_max(x, bv, am, cls + j)
+            bv, am = take_max(x, bv, am, cls + j)
     m = tl.max(m, 1)
     ms = tl.where(m == float("-inf"), 0.0, m)[:, None]
     s = tl.zeros(xs[0].shape, acc_ty)
@@ -193,11 +197,11 @@ def _rows_softmax(
     s2r = s
     for j in tl.static_range(CPART):
         x = _slot(xs, j, cls, float("-inf"), acc_ty, C, CPART, PARTS)
-        # as in _softmax_group: the special-function ex2 of the difference in float32
+        # as in static_softmax's groups: the special-function ex2 of the difference in float32
         if acc_ty == tl.float64:
             e = tl.exp(x - ms)
         else:
-            e = tl.exp2((x - ms) * _LOG2E)
+            e = tl.exp2((x - ms) * LOG2E)
         s += e
         if NEED_REST:
             er = tl.where(y2 == cls + j, 0.0, e)
@@ -238,17 +242,17 @@ def _rows_terms(
     for j in tl.static_range(CPART):
         x = xs[j]
         oh = y2 == cls + j
-        if MODE == 1:
-            t = _sigmoid_focal_terms(x, oh, gamma, FOCAL)
-        elif MODE == 2:
+        if MODE == MODE_SIGMOID_FOCAL:
+            t = sigmoid_focal_terms(x, oh, gamma, FOCAL)
+        elif MODE == MODE_MSE_LOGITS:
             d = x - tl.where(oh, tv2, 0.0)
             t = d * d
-        if MODE == 1 or MODE == 2:
+        if MODE == MODE_SIGMOID_FOCAL or MODE == MODE_MSE_LOGITS:
             if (PARTS - 1) * CPART + j >= C:
                 t = tl.where(cls + j < C, t, 0.0)
             lsum += t
         if NEED_AM:
-            bv, am = _take_max(_slot(xs, j, cls, float("-inf"), acc_ty, C, CPART, PARTS), bv, am, cls + j)
+            bv, am = take_max(_slot(xs, j, cls, float("-inf"), acc_ty, C, CPART, PARTS), bv, am, cls + j)
     if NEED_AM:
         am = _rows_argmax(bv, am, PARTS)
     else:
@@ -282,7 +286,7 @@ def _rows_pixels(
     s = s0 + p
     pmask = (p < P) & (s < S)
     n = b * S + s
-    valid, bad, y32, badv = _labels(t_ptr, n, pmask, ignore_index, C, -1)
+    valid, bad, y32, badv = load_labels(t_ptr, n, pmask, ignore_index, C, -1)
     return b, s0, s, n, pmask, valid, bad, y32, badv
 
 
@@ -343,15 +347,24 @@ def _fwd_rows_tile(
     )
     y2 = y32[:, None]
     tv = tl.zeros([PPIX], acc_ty)
-    if MODE == 2 or MODE == 3:
+    if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-    if MODE == 0 or MODE == 3:
+    if MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
         m, ssum, rest, s2r, am = _rows_softmax(
-            xs, cls, y2, acc_ty, C, CPART, PARTS, FOCAL or MODE == 3, MODE == 3, NEED_AM
+            xs,
+            cls,
+            y2,
+            acc_ty,
+            C,
+            CPART,
+            PARTS,
+            FOCAL or MODE == MODE_MSE_SOFTMAX,
+            MODE == MODE_MSE_SOFTMAX,
+            NEED_AM,
         )
         xy = tl.max(xs[CPART], 1)  # the label's logit (the same in every part)
-        logp = xy - _lse(m, ssum)
-        if MODE == 0:
+        logp = xy - log_sum_exp(m, ssum)
+        if MODE == MODE_SOFTMAX_FOCAL:
             if FOCAL:
                 # (1 - p_y)^γ; 1 - p_y = 0 gives exp(-inf) = 0 for γ > 0
                 loss = -tl.exp(gamma * tl.log(rest / ssum)) * logp
@@ -362,7 +375,7 @@ def _fwd_rows_tile(
             loss = 0.5 * (s2r / (ssum * ssum) + dy * dy)
     else:
         lsum, am = _rows_terms(xs, cls, y2, tv[:, None], gamma, acc_ty, C, CPART, PARTS, MODE, FOCAL, NEED_AM)
-        if MODE == 2:
+        if MODE == MODE_MSE_LOGITS:
             loss = 0.5 * lsum
         else:
             loss = lsum
@@ -396,8 +409,8 @@ def _fwd_rows_tile(
     cacc = nc
     tacc = nt
     if CONF == 1:
-        hist = _conf_hist(hist, y32, am, valid, C, CONF_BINS)
-    _counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, False, NEED_TP, CONF)
+        hist = conf_hist(hist, y32, am, valid, C, CONF_BINS)
+    counts_in_memory(crow_ptr, trow_ptr, conf_ptr, pid64, C, y32, am, valid, hit, False, NEED_TP, CONF)
     return lacc, cacc, tacc, hist, nbad, vbad
 
 
@@ -420,7 +433,7 @@ def _fwd_rows_kernel(
     stride_b,  # logits image stride, in elements
     ignore_index,  # label of pixels that take no part
     gamma,
-    gamma64: tl.float64,  # focal exponent, twice (see _gamma)
+    gamma64: tl.float64,  # focal exponent, twice (see acc_gamma)
     C: tl.constexpr,  # classes
     PARTS: tl.constexpr,  # threads per pixel
     CPART: tl.constexpr,  # classes per thread
@@ -439,7 +452,7 @@ def _fwd_rows_kernel(
     FOLD: tl.constexpr,  # one image: the batch folded into the pixels
 ):
     acc_ty = pl_ptr.dtype.element_ty
-    gamma = _gamma(gamma, gamma64, acc_ty)
+    gamma = acc_gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid64 = pid.to(tl.int64)
@@ -455,7 +468,7 @@ def _fwd_rows_kernel(
     if CONF == 1:
         hist = tl.zeros([CONF_BINS], tl.int32)
     nbad = tl.zeros([PPIX], tl.int32)
-    vbad = tl.full([PPIX], _NO_BAD, tl.int64)
+    vbad = tl.full([PPIX], NO_BAD, tl.int64)
     p2 = tl.arange(0, PPIX)[:, None]
     cls = tl.arange(0, PARTS)[None, :] * CPART  # the first class of each part
 
@@ -608,8 +621,8 @@ def _fwd_rows_kernel(
         if NEED_TP:
             tl.store(trow_ptr + pid64 * C + c1 + j, tl.sum(tacc[j], 0), mask=cm)
     if CONF == 1:
-        _conf_flush(conf_ptr, hist, C, CONF_BINS)
-    _store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
+        conf_flush(conf_ptr, hist, C, CONF_BINS)
+    store_bad(bad_ptr, pid, tl.sum(nbad, 0), tl.max(vbad, 0))
 
 
 @triton.jit
@@ -649,22 +662,31 @@ def _bwd_rows_tile(
     FULL: tl.constexpr,
 ):
     """The gradient of tile t (FULL: a constant mask)."""
-    SOFTMAX: tl.constexpr = MODE == 0 or MODE == 3
+    SOFTMAX: tl.constexpr = MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX
     b, s0, s, n, pmask, valid, bad, y32, badv = _rows_pixels(
         t_ptr, t, tiles_per_b, S, ignore_index, C, P, PPIX, FOLD
     )
     lim = (S - s0) * C
     v, xs = _rows_tile(x_ptr, b * stride_b + s0 * C, FULL, lim, p2, cls, y32, acc_ty, C, CPART, LV, P, BL)
-    w = _upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([PPIX], 1.0, acc_ty), HAS_GP, HAS_WV)
+    w = upstream(gp_ptr, wv_ptr, n, y32, valid, gp_stride, tl.full([PPIX], 1.0, acc_ty), HAS_GP, HAS_WV)
     tv = tl.zeros([PPIX], acc_ty)
-    if MODE == 2 or MODE == 3:
+    if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
     a = w
     if SOFTMAX:
         m, ssum, rest, s2r, am = _rows_softmax(
-            xs, cls, y32[:, None], acc_ty, C, CPART, PARTS, FOCAL or MODE == 3, MODE == 3, False
+            xs,
+            cls,
+            y32[:, None],
+            acc_ty,
+            C,
+            CPART,
+            PARTS,
+            FOCAL or MODE == MODE_MSE_SOFTMAX,
+            MODE == MODE_MSE_SOFTMAX,
+            False,
         )
-        lse, a, q = _bwd_softmax_coefs(m, ssum, rest, s2r, tl.max(xs[CPART], 1), tv, w, gamma, MODE, FOCAL)
+        lse, a, q = bwd_softmax_coefs(m, ssum, rest, s2r, tl.max(xs[CPART], 1), tv, w, gamma, MODE, FOCAL)
     # the pixel's label (-1 where it is not valid) and coefficients at each element of the block: three or
     # four gathers of one value per pixel
     yf = tl.gather(y32.to(acc_ty), pf, 0)
@@ -675,13 +697,13 @@ def _bwd_rows_tile(
         if acc_ty == tl.float64:
             pk = tl.exp(d)
         else:
-            pk = tl.exp2(d * _LOG2E)  # the special-function ex2, as in the forward
-        if MODE == 0:
+            pk = tl.exp2(d * LOG2E)  # the special-function ex2, as in the forward
+        if MODE == MODE_SOFTMAX_FOCAL:
             g = af * (tl.where(oh, 1.0, 0.0) - pk)
         else:
             g = af * pk * (pk - tl.where(oh, tl.gather(tv, pf, 0), 0.0) - tl.gather(q, pf, 0))
-    elif MODE == 1:
-        g = af * _sigmoid_focal_grad(v, oh, gamma, FOCAL)
+    elif MODE == MODE_SIGMOID_FOCAL:
+        g = af * sigmoid_focal_grad(v, oh, gamma, FOCAL)
     else:
         g = af * (v - tl.where(oh, tl.gather(tv, pf, 0), 0.0))
     # a = 0 at ignored pixels, but 0 * inf or 0 * NaN would not be 0
@@ -699,7 +721,7 @@ def _bwd_rows_kernel(
     t_ptr,  # (N,) labels, any integer dtype
     tv_ptr,  # (C,) MSE target values, accumulation dtype (a dummy of that dtype otherwise)
     gp_ptr,  # upstream gradient: (N,) of a per-pixel output, or the scalar one with gp_stride 0 (HAS_GP)
-    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see _upstream)
+    wv_ptr,  # (C,) per-class factor of the upstream weight (HAS_WV; see upstream)
     g_ptr,  # gradient out, x's dtype, element (b, c, s) at b*gstride_b + s*C + c
     S,
     tiles_per_b,
@@ -728,7 +750,7 @@ def _bwd_rows_kernel(
     coefficients; these few per-pixel values are gathered back to the tile's flat layout, where each logit's
     gradient is computed and stored in the same 16-byte vectors it was read in."""
     acc_ty = tv_ptr.dtype.element_ty
-    gamma = _gamma(gamma, gamma64, acc_ty)
+    gamma = acc_gamma(gamma, gamma64, acc_ty)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     p2 = tl.arange(0, PPIX)[:, None]
