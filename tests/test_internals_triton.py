@@ -806,7 +806,12 @@ def test_triton_step_launches(monkeypatch, backend):
 # --- the exact selection's kernels ----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+_select_kernels = pytest.mark.skipif(
+    not triton_backend.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1"
+)
+
+
+@_select_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_launches(monkeypatch, dtype):
     """One histogram pass per digit, one fewer with first_hist, and one final launch, whatever the data."""
@@ -829,7 +834,7 @@ def test_triton_launches(monkeypatch, dtype):
         assert launched.count(TS._select_final_kernel) == 1 and len(launched) == hist_passes + 1
 
 
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+@_select_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_first_digit_is_the_histograms_digit(dtype):
     """The jit helper a loss kernel calls to count first_hist gives the digit and validity defined
@@ -873,14 +878,14 @@ def test_select_first_digit_is_the_histograms_digit(dtype):
     assert (d.cpu() >= 0).all() and (d.cpu() < SEL.FIRST_BINS).all()
 
 
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+@_select_kernels
 def test_triton_several_programs_and_tails(monkeypatch):
     """Tiles of 128 entries: 4003 entries are 32 tiles (the last one partial) over several programs
     (3 interpreted, on a GPU one per tile up to 2 per SM), each walking several tiles."""
     monkeypatch.setattr(TS, "_INTERPRET_BLOCK", 128)
     monkeypatch.setattr(TS, "_BLOCK", 128)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tiles = TS._cdiv(4003, 128)
+    tiles = H._cdiv(4003, 128)
     assert tiles > TS._programs(tiles, torch.device(dev)) > 1 and 4003 % 128
     g = torch.Generator().manual_seed(4)
     for dtype in DTYPES:
@@ -890,7 +895,7 @@ def test_triton_several_programs_and_tails(monkeypatch):
             check(SEL.select_kth(v.to(dev), k, backend="triton"), v, k)
 
 
-@pytest.mark.skipif(not TS.available(), reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+@_select_kernels
 def test_opcheck_triton():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     v = torch.rand(300, device=dev)

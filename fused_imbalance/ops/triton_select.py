@@ -65,7 +65,7 @@ from typing import Optional
 
 import torch
 
-from ._triton_host import _cdiv, _interpret, _on_device, available  # noqa: F401
+from ._triton_host import _cdiv, _interpret, _on_device
 
 try:
     import triton
