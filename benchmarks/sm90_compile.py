@@ -366,12 +366,17 @@ def compile_ohem_variant(dt, reduction, weighted, upsampled, mean_over_all):
 def main(argv):
     _install()
     variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
-    jobs = (
+    report(
         [(compile_variant, v) for v in variants]
         + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
         + [(compile_select_variant, v) for v in SELECT_VARIANTS]
         + [(compile_ohem_variant, v) for v in OHEM_VARIANTS]
     )
+
+
+def report(jobs):
+    """Compile each (compile function, variant) job and print one JSON record per distinct kernel
+    (the stand-in driver installed first: :func:`_install`)."""
     seen = {}
     for compile_fn, v in jobs:
         for kernel, constexprs in compile_fn(*v):

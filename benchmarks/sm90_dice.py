@@ -11,7 +11,6 @@ of 4 (16-bit and float32), gathered channels_last pixels, float64; the finalize 
 row reduction, the reduce launch of a large table, the finalize op alone; the backward of each.
 """
 
-import json
 import os
 import sys
 
@@ -74,23 +73,7 @@ def compile_variant(C, layout, dt, kind, flags, reduction, confusion):
 
 def main():
     S._install()
-    seen = {}
-    for v in VARIANTS:
-        for kernel, constexprs in compile_variant(*v):
-            h = kernel.metadata.hash
-            if h in seen:
-                continue
-            regs, st, ld = S._ptxas_usage(kernel)
-            seen[h] = dict(
-                variant=list(v),
-                kernel=kernel.metadata.name,
-                num_warps=kernel.metadata.num_warps,
-                constexprs=constexprs,
-                registers=regs,
-                spill_stores=st,
-                spill_loads=ld,
-            )
-            print(json.dumps(seen[h]), flush=True)
+    S.report([(compile_variant, v) for v in VARIANTS])
 
 
 if __name__ == "__main__":

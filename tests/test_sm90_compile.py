@@ -35,14 +35,14 @@ def _nvidia_backend():
         return False
 
 
-@pytest.fixture(scope="module")
-def report():
+def _compile_report(tool):
+    """The JSON records of a compile-only driver in benchmarks/ (skipped without ptxas for sm_90)."""
     if not _nvidia_backend():
         pytest.skip("this triton has no NVIDIA backend with ptxas")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "sm90_compile.py")],
+        [sys.executable, os.path.join(TOOLS, tool)],
         capture_output=True,
         text=True,
         env=env,
@@ -51,6 +51,11 @@ def report():
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _compile_report("sm90_compile.py")
 
 
 def _every_kernel_compiles(report):
@@ -157,20 +162,7 @@ def test_sm90_compile(report):
 
 
 def test_sm90_dice_kernels_compile_without_spills():
-    if not _nvidia_backend():
-        pytest.skip("this triton has no NVIDIA backend with ptxas")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "sm90_dice.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=1800,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    report = _compile_report("sm90_dice.py")
     kernels = {r["kernel"] for r in report}
     assert kernels == {"_dice_fwd_kernel", "_dice_bwd_kernel", "_dice_finalize_kernel", "_dice_reduce_kernel"}
     fwd = [r["constexprs"] for r in report if r["kernel"] == "_dice_fwd_kernel"]
