@@ -296,6 +296,29 @@ def _fwd_grid(geo, B, C, mode, f64):
     return block, R, ty, warps, bands, xblocks, B * bands * xblocks
 
 
+def _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid):
+    """What ``_up_fwd_kernel`` and ``_up_coef_kernel`` take alike for their shared walk: (tables, sizes,
+    constexprs), the tables after the labels, the sizes after the per-launch buffers. ``grid``: :func:`_fwd_grid`'s."""
+    block, R, ty, warps, bands, xblocks, _ = grid
+    tables = (geo.wy0, geo.wy1, geo.sy0, geo.sy1, geo.ax0, geo.wx0, geo.wx1)
+    sizes = (geo.H, geo.W, geo.h, geo.w, bands, xblocks, *x.stride())
+    kw = dict(
+        C=C,
+        GROUP=group,
+        CACHE=cache,
+        MODE=int(mode),
+        FOCAL=_focal(mode, gamma),
+        TAP2_X=geo.tap2_x,
+        TAP2_Y=geo.tap2_y,
+        OFF64=off64,
+        R=R,
+        TY=ty,
+        BLOCK_X=block,
+        num_warps=warps,
+    )
+    return tables, sizes, kw
+
+
 def _launch_fwd(
     x,
     t,
@@ -320,9 +343,11 @@ def _launch_fwd(
     B, C = x.shape[0], x.shape[1]
     dev = x.device
     f64 = acc == torch.float64
-    block, R, ty, warps, bands, xblocks, P = _fwd_grid(geo, B, C, mode, f64)
+    grid = _fwd_grid(geo, B, C, mode, f64)
+    P = grid[-1]
     need_conf = confusion is not None
     group, _, cache = _class_plan(C, mode, f64, need_am=need_tp or need_conf)
+    tables, sizes, walk = _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid)
     # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
     # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead
     big = geo.H >= _BIG_H
@@ -343,7 +368,7 @@ def _launch_fwd(
     else:
         conf_mode, bins, conf = 2, 1, confusion
     tv = tvals if tvals is not None else one
-    focal = _focal(mode, gamma)
+    focal = walk["FOCAL"]
     if store_lse is not None:  # lse, then with γ != 0 the focal weight (q_ptr)
         N = t.numel()
         lse, q = store_lse[:N], store_lse[N:] if focal else pl
@@ -352,13 +377,7 @@ def _launch_fwd(
     wrap(_up_fwd_kernel)[(P,)](
         x,
         t,
-        geo.wy0,
-        geo.wy1,
-        geo.sy0,
-        geo.sy1,
-        geo.ax0,
-        geo.wx0,
-        geo.wx1,
+        *tables,
         tv,
         weight if weight is not None else one,
         pl,
@@ -369,24 +388,11 @@ def _launch_fwd(
         conf,
         lse,
         q,
-        geo.H,
-        geo.W,
-        geo.h,
-        geo.w,
-        bands,
-        xblocks,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
+        *sizes,
         ignore_index,
         gamma,
         gamma,
-        C=C,
-        GROUP=group,
-        CACHE=cache,
-        MODE=int(mode),
-        FOCAL=focal,
+        **walk,
         STORE_PL=store_pl is not None,
         WEIGH_PL=weigh,
         SUMS=sums and reg,
@@ -397,14 +403,7 @@ def _launch_fwd(
         CONF=conf_mode,
         CONF_BINS=bins,
         STORE_LSE=store_lse is not None,
-        TAP2_X=geo.tap2_x,
-        TAP2_Y=geo.tap2_y,
-        OFF64=off64,
-        R=R,
-        TY=ty,
-        BLOCK_X=block,
         ZB=min(_np2(C), _ZERO_BLOCK),
-        num_warps=warps,
     )
     return pl, lrow, crow, trow, brow, reg
 
@@ -415,54 +414,29 @@ def _launch_coef(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, coef, 
     B, C = x.shape[0], x.shape[1]
     dev = x.device
     f64 = acc == torch.float64
-    block, R, ty, warps, bands, xblocks, P = _fwd_grid(geo, B, C, mode, f64)
+    grid = _fwd_grid(geo, B, C, mode, f64)
     group, _, cache = _class_plan(C, mode, f64, coef=True)
+    tables, sizes, walk = _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid)
     one = _dummy(dev, acc)
     gp, gp_stride, has_gp = grad_arg(grad, t.numel(), dev, acc)
-    wrap(_up_coef_kernel)[(P,)](
+    wrap(_up_coef_kernel)[(grid[-1],)](
         x,
         t,
-        geo.wy0,
-        geo.wy1,
-        geo.sy0,
-        geo.sy1,
-        geo.ax0,
-        geo.wx0,
-        geo.wx1,
+        *tables,
         tvals if tvals is not None else one,
         gp,
         scale if scale is not None else one,
         coef,
         lse,
         q,
-        geo.H,
-        geo.W,
-        geo.h,
-        geo.w,
-        bands,
-        xblocks,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
+        *sizes,
         gp_stride,
         ignore_index,
         gamma,
         gamma,
-        C=C,
-        GROUP=group,
-        CACHE=cache,
-        MODE=int(mode),
-        FOCAL=_focal(mode, gamma),
+        **walk,
         HAS_GP=has_gp,
         HAS_WV=scale is not None,
-        TAP2_X=geo.tap2_x,
-        TAP2_Y=geo.tap2_y,
-        OFF64=off64,
-        R=R,
-        TY=ty,
-        BLOCK_X=block,
-        num_warps=warps,
     )
 
 
