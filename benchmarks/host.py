@@ -93,7 +93,11 @@ def stubbed_launches(counter):
     from fused_imbalance.ops import _triton_host, triton_dice, triton_loss, triton_upsample
 
     # the finalize kernels' outputs (loss, backward factors, counts, bad labels) by argument position
-    outputs = {"_finalize_kernel": slice(5, 10), "_dice_finalize_kernel": slice(5, 9)}
+    outputs = {
+        "_finalize_kernel": slice(5, 10),
+        "_dice_finalize_kernel": slice(5, 9),
+        "_recall_ema_kernel": slice(6, 8),
+    }
 
     class _Stub:
         def __init__(self, kernel):

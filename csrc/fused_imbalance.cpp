@@ -53,6 +53,8 @@ std::tuple<Tensor, Tensor, Tensor> cpp_dice_finalize_cpu(const Tensor& sums, con
 Tensor cpp_dice_bwd_cpu(const Tensor& x, const Tensor& target, const Tensor& coef,
                         const std::optional<Tensor>& ce_scale, const Tensor& grad, int64_t kind, int64_t flags,
                         int64_t ignore_index, int64_t reduction);
+std::tuple<Tensor, Tensor> recall_ema_cpu(const Tensor& sums, const Tensor& count, const Tensor& tp, Tensor running,
+                                          Tensor seen, double weight, int64_t reduction);
 
 }  // namespace cpu
 }  // namespace fused_imbalance
@@ -117,6 +119,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_loss_bwd", &cpu::cpp_upsample_loss_bwd_cpu);
   m.def("ohem_fwd", &cpu::cpp_ohem_fwd_cpu);
   m.def("ohem_bwd", &cpu::cpp_ohem_bwd_cpu);
+  // RecallLoss's moving average and loss (eager calls only: a compiled graph traces the module's torch ops)
+  m.def("recall_ema", &cpu::recall_ema_cpu);
   // float[] params: a Python list arrives as a std::vector (pybind11 has no caster for ArrayRef)
   using at::Tensor;
   using OptTensor = std::optional<Tensor>;

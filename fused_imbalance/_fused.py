@@ -123,7 +123,10 @@ def _upstream(grad_loss, scale, reduction, weighting):
 
 
 def _vjp(s, x, scale, lse, grad_loss, graph):
-    grad, sc = _upstream(grad_loss, scale, s.reduction, s.weighting)
+    if s.ema is None:
+        grad, sc = _upstream(grad_loss, scale, s.reduction, s.weighting)
+    else:  # the per-class sums weighted after the forward: a scalar loss with the factor of its weighting
+        grad, sc = grad_loss, scale
     if graph:
         return _bwd_call(
             s.name, True, x, s.target, s.geo, grad, sc, s.tvals, lse, s.mode, s.gamma, s.ignore_index
@@ -139,7 +142,7 @@ def _jvp(s, x, scale, lse, x_t, graph=False):
         return None
     acc = acc_dtype(x)
     N = s.target.numel()
-    if s.reduction in (Reduction.MEAN, Reduction.SUM):
+    if s.reduction in (Reduction.MEAN, Reduction.SUM) or s.ema is not None:
         g = _vjp(s, x, scale, lse, torch.ones((), dtype=acc, device=x.device), graph)
         return (g.to(acc) * x_t.to(acc)).sum()
     if s.geo:  # a per-pixel output of the interpolated logits: its tangent needs the full-resolution gradient
@@ -164,9 +167,11 @@ class _Call:
     object, so that autograd's ``apply`` handles a single tensor input (the logits). ``args`` is the
     tuple the backend's eager forward function takes after the logits (the upsampled one's with
     ``geo`` after the labels); the eager path's forward leaves the counts, true positives and bad
-    labels here (``count``, ``tp``, ``bad``), outside autograd, and the backward's ``scale`` and ``lse``."""
+    labels here (``count``, ``tp``, ``bad``), outside autograd, and the backward's ``scale`` and ``lse``.
+    ``ema``: None, or ``RecallLoss``'s moving average (running, seen, 1 − momentum, reduction) that the
+    eager forward applies to the per-class sums (``Backend.recall_ema``), making the loss a scalar."""
 
-    __slots__ = ("name", "be", "geo", "args", "count", "tp", "bad", "scale", "lse")
+    __slots__ = ("name", "be", "geo", "args", "count", "tp", "bad", "scale", "lse", "ema")
 
     def __init__(
         self,
@@ -185,7 +190,7 @@ class _Call:
         validate,
         need_lse,
     ):
-        self.name, self.be, self.geo = name, _BACKENDS[name], geo
+        self.name, self.be, self.geo, self.ema = name, _BACKENDS[name], geo, None
         self.args = (
             target,
             *geo,
@@ -242,6 +247,8 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s):
         loss, s.scale, s.count, s.tp, s.bad, s.lse = _run_forward(s, x)
+        if s.ema is not None:
+            loss, s.scale = s.be.recall_ema(loss, s.count, s.tp, *s.ema)
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
         ctx.s = s
@@ -444,9 +451,11 @@ def forward(
     weighting,
     need_tp,
     validate,
+    ema=None,
 ):
     """Run the fused forward of backend ``name`` through the autograd formula: (loss, count, tp, bad).
-    ``geo`` is () or the upsampled ops' (interp, align_corners)."""
+    ``geo`` is () or the upsampled ops' (interp, align_corners). ``ema``: ``RecallLoss``'s moving average
+    applied to the per-class sums of this CLASS call (see :class:`_Call`; only where :func:`eager`)."""
     be = _BACKENDS[name]
     need_lse = torch.is_grad_enabled() and x.requires_grad and be.keeps_lse(x, mode, gamma, bool(geo)) > 0
     if torch.compiler.is_compiling():
@@ -488,6 +497,7 @@ def forward(
         )
         if transforms_active():  # torch.func: a setup_context-style Function, every tensor an input
             return _Func.apply(x, target, weight, tvals, confusion, s)[:4]
+        s.ema = ema
         out = (_eager_apply(unwrap_if_dead(x), s), s.count, s.tp, s.bad)
     return out
 
@@ -502,6 +512,11 @@ try:
 except (AttributeError, KeyError):  # another torch: the public entry point
     _apply = None
     unwrap_if_dead = lambda x: x  # noqa: E731
+
+
+def eager():
+    """True on the eager path: neither traced by torch.compile nor under torch.func's transforms."""
+    return not (torch.compiler.is_compiling() or transforms_active())
 
 
 def bound_apply(fn):

@@ -36,6 +36,7 @@ value). ``validate=False`` skips the check (out-of-range labels are then ignored
 
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -243,6 +244,7 @@ def _run(
     weighting,
     validate,
     need_tp=False,
+    ema=None,
 ):
     """The fused forward (:func:`._fused.forward`): (loss, count, tp); the loss of ``"none"`` shaped like
     the target."""
@@ -268,6 +270,7 @@ def _run(
         weighting,
         need_tp,
         validate,
+        ema,
     )
     if red == Reduction.NONE:
         loss = loss.view(target.shape)
@@ -521,6 +524,23 @@ def recall_loss(
     )
 
 
+class RecallEma(NamedTuple):
+    """``RecallLoss``'s moving average in a training step: its buffers, the average's weight 1 − momentum,
+    and the module's callable of the batch statistics (the path of the reference backend, ``"none"``,
+    ``torch.compile`` and ``torch.func``). A fused eager call updates the buffers in one small launch
+    after the forward instead (:attr:`fused_imbalance.ops.Backend.recall_ema`)."""
+
+    running: torch.Tensor
+    seen: torch.Tensor
+    weight: float
+    fallback: object
+
+    def fits(self, logits):
+        """The buffers' device is the logits' and their dtype one the launch takes (float32, float64)."""
+        r = self.running
+        return r.device == logits.device and r.dtype in (torch.float32, torch.float64)
+
+
 def _recall_loss(
     logits,
     target,
@@ -534,10 +554,33 @@ def _recall_loss(
     align_corners,
     own_recall,
 ):
-    """``recall_loss``; ``own_recall``: ``recall`` is ``RecallLoss``'s own callable, whose recall is
-    finite and in [0, 1] by construction (no range check, no guard against NaN for absent classes)."""
+    """``recall_loss``; ``own_recall``: ``recall`` is ``RecallLoss``'s own callable (or its
+    :class:`RecallEma`), whose recall is finite and in [0, 1] by construction (no range check, no guard
+    against NaN for absent classes)."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
+    if isinstance(recall, RecallEma):
+        if name != "reference" and reduction != "none" and recall.fits(logits) and _fused.eager():
+            # the moving average and the weighted sum in one launch after the forward (Backend.recall_ema)
+            ema = (recall.running, recall.seen, recall.weight, Reduction.of(reduction))
+            return _run(
+                name,
+                logits,
+                target,
+                rs,
+                None,
+                None,
+                confusion,
+                Mode.SOFTMAX_FOCAL,
+                0.0,
+                ii,
+                Reduction.CLASS,
+                Weighting.NONE,
+                validate,
+                need_tp=True,
+                ema=ema,
+            )[0]
+        recall = recall.fallback  # the module's torch operations
     if name == "reference":
         return _ref.recall_loss(_interpolated(logits, rs), target, ii, reduction, recall, confusion, validate)
     mode = Mode.SOFTMAX_FOCAL

@@ -314,6 +314,9 @@ class RecallLoss(CheckedOptions):
 
     ``momentum`` can be set later from one number to another (checked as here; the next training
     step uses it), not to or from None; ``distributed`` to True or False.
+
+    On a fused backend a training step with a momentum (``"mean"`` or ``"sum"``, not ``distributed``)
+    updates the buffers in one small launch after the forward (docs/DESIGN.md §14).
     """
 
     OPTIONS = {**LOSS_OPTIONS, "momentum": _momentum, "distributed": _distributed}
@@ -388,6 +391,11 @@ class RecallLoss(CheckedOptions):
             recall = self.running_recall
         elif self.momentum is None and not self.distributed:
             recall = None  # the functional's batch recall
+        elif self.momentum is not None and not self.distributed:
+            # a fused eager call updates the average in one launch; every other path calls the callable
+            recall = functional.RecallEma(
+                self.running_recall, self.seen, 1.0 - self.momentum, self._recall_from_stats
+            )
         else:
             recall = self._recall_from_stats
         return functional._recall_loss(

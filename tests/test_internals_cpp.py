@@ -472,6 +472,29 @@ def test_eager_functions_are_the_ops():
 # --- loading ------------------------------------------------------------------------------------
 
 
+def test_recall_ema_checks_its_arguments():
+    """The moving average's C++ function refuses what it cannot read, naming the argument, before it
+    writes a buffer (its values: test_modules.py::test_recall_ema_op)."""
+    C = 4
+    sums, count = torch.ones(C), torch.ones(C, dtype=torch.int64)
+    running, seen = torch.zeros(C), torch.zeros(C, dtype=torch.bool)
+    cases = [
+        ((sums, count, count, running, seen, 0.1, NONE), "reduction"),
+        ((sums.half(), count, count, running, seen, 0.1, MEAN), "sums"),
+        ((sums, count[:3], count, running, seen, 0.1, MEAN), "count and tp"),
+        ((sums, count, count.int(), running, seen, 0.1, MEAN), "count and tp"),
+        ((sums, count, count, running.half(), seen, 0.1, MEAN), "running"),
+        ((sums, count, count, running, seen.long(), 0.1, SUM), "seen"),
+    ]
+    for args, what in cases:
+        with pytest.raises(RuntimeError, match=what):
+            BE.recall_ema(*args)
+        assert torch.equal(running, torch.zeros(C)) and not seen.any()
+    loss, scale = BE.recall_ema(sums, count, count, running, seen, 0.1, MEAN)  # all recalls 1: weights 0
+    assert loss.item() == 0.0 and torch.equal(scale, torch.zeros(C))
+    assert torch.equal(running, torch.ones(C)) and seen.all()
+
+
 def test_supports():
     assert cpp.supports(torch.zeros(2, 3))
     assert cpp.supports(torch.zeros(2, 3, dtype=torch.bfloat16))

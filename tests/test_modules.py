@@ -9,9 +9,10 @@ import torch
 from cases import backend_device
 from tolerances import LOSS_TOL, TOL
 
-from fused_imbalance import functional, weights
+from fused_imbalance import _fused, functional, weights
 from fused_imbalance.losses import CDBLoss, ClassBalancedLoss, FocalLoss, OutlyingMSELoss, RecallLoss
 from fused_imbalance.metrics import ConfusionMatrix
+from fused_imbalance.ops import Reduction
 
 IGN = 255
 COUNTS = [500, 20, 3, 0, 77]
@@ -555,6 +556,97 @@ def momentum_by_hand(backend, dev):
     loss = m(logits, target).cpu()
     torch.testing.assert_close(m.running_recall.cpu(), torch.tensor([0.55, 0.7]), **tol)
     torch.testing.assert_close(loss, torch.tensor((0.45 * B + 0.3 * A) / 2, dtype=torch.float64), **tol)
+
+
+def ema_by_torch(sums, count, tp, running, seen, weight, reduction):
+    """What ``Backend.recall_ema`` computes, by RecallLoss's torch operations: (running, seen, loss, scale)."""
+    present = count > 0
+    batch = (tp.to(torch.float64) / count.clamp_min(1)).to(running.dtype)
+    new = torch.where(present, torch.where(seen, torch.lerp(running, batch, weight), batch), running)
+    w = (1.0 - new).to(sums.dtype)
+    d = count.sum().clamp(min=1).to(sums.dtype) if reduction == Reduction.MEAN else 1.0
+    return new, seen | present, torch.dot(w, sums) / d, w / d
+
+
+@pytest.mark.parametrize("C", [6, 2500])  # 2500: three steps of the Triton kernel's 1024 classes
+@pytest.mark.parametrize("reduction", [Reduction.MEAN, Reduction.SUM])
+def test_recall_ema_op(backend, C, reduction):
+    """The backends' moving average against RecallLoss's torch operations: absent classes keep their
+    average, a class seen for the first time takes the batch recall, both buffer dtypes."""
+    be = _fused._BACKENDS[backend]
+    dev = backend_device(backend)
+    g = torch.Generator().manual_seed(C)
+    for run_dtype, acc in [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float32),
+        (torch.float64,) * 2,
+    ]:
+        count = torch.randint(0, 4, (C,), generator=g) * torch.randint(0, 50, (C,), generator=g)
+        tp = (count * torch.rand(C, generator=g, dtype=torch.float64)).long()
+        sums = (torch.rand(C, generator=g, dtype=torch.float64) * count).to(acc)
+        running = torch.rand(C, generator=g, dtype=torch.float64).to(run_dtype)
+        seen = torch.rand(C, generator=g) < 0.5
+        assert (count == 0).any() and (seen & (count > 0)).any() and (~seen & (count > 0)).any()
+        want = ema_by_torch(sums, count, tp, running, seen, 0.3, reduction)
+        r, s = running.to(dev), seen.to(dev)
+        loss, scale = be.recall_ema(sums.to(dev), count.to(dev), tp.to(dev), r, s, 0.3, reduction)
+        assert loss.shape == () and loss.dtype == acc and scale.shape == (C,) and scale.dtype == acc
+        torch.testing.assert_close(r.cpu(), want[0], **TOL[run_dtype])
+        assert torch.equal(s.cpu(), want[1])
+        torch.testing.assert_close(loss.cpu(), want[2], **LOSS_TOL[acc])
+        torch.testing.assert_close(scale.cpu(), want[3], **TOL[acc])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_recall_momentum_fused_path(backend, reduction, monkeypatch):
+    """A training step of RecallLoss with a momentum runs the forward, then one ``recall_ema`` (the
+    fused eager path), and equals the reference module step by step: loss, gradient, buffers; in float64
+    also with its buffers in float64. Eval mode and ``"none"`` do not take that path."""
+    dev = backend_device(backend)
+    be = _fused._BACKENDS[backend]
+    calls = []
+    monkeypatch.setitem(
+        _fused._BACKENDS, backend, be._replace(recall_ema=lambda *a: calls.append(1) or be.recall_ema(*a))
+    )
+    for dtype in (torch.float32, torch.float64):
+        fused = RecallLoss(5, momentum=0.8, ignore_index=IGN, reduction=reduction, backend=backend).to(dev)
+        ref = RecallLoss(5, momentum=0.8, ignore_index=IGN, reduction=reduction, backend="reference")
+        if dtype == torch.float64:
+            fused.double(), ref.double()
+        for step in range(3):
+            logits, target = batch(dtype=dtype, seed=10 + step)
+            x = logits.to(dev, copy=True).requires_grad_()
+            xr = logits.clone().requires_grad_()
+            a, b = fused(x, target.to(dev)), ref(xr, target)
+            torch.testing.assert_close(a.cpu(), b, **LOSS_TOL[dtype])
+            a.backward(), b.backward()
+            torch.testing.assert_close(x.grad.cpu(), xr.grad, **TOL[dtype])
+            torch.testing.assert_close(fused.running_recall.cpu(), ref.running_recall, **TOL[dtype])
+            assert torch.equal(fused.seen.cpu(), ref.seen)
+    assert len(calls) == 6
+    fused.eval()
+    fused(x.detach(), target.to(dev))
+    RecallLoss(5, momentum=0.8, ignore_index=IGN, reduction="none", backend=backend).to(dev)(
+        x, target.to(dev)
+    )
+    assert len(calls) == 6
+
+
+def test_recall_momentum_fused_forward_ad(backend):
+    """The forward-mode derivative of the fused moving-average path: ⟨∂L/∂x, t⟩ of the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    dev = backend_device(backend)
+    logits, target = batch(dtype=torch.float64, seed=3)
+    tangent = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = []
+    for name, d in ((backend, dev), ("reference", "cpu")):
+        m = RecallLoss(5, momentum=0.8, ignore_index=IGN, backend=name).to(d).double()
+        with fwAD.dual_level():
+            loss = m(fwAD.make_dual(logits.to(d), tangent.to(d)), target.to(d))
+            out.append((fwAD.unpack_dual(loss).primal.cpu(), fwAD.unpack_dual(loss).tangent.cpu()))
+    torch.testing.assert_close(out[0][0], out[1][0], **LOSS_TOL[torch.float64])
+    torch.testing.assert_close(out[0][1], out[1][1], **TOL[torch.float64])
 
 
 def test_recall_momentum_zero_is_batch_recall_once_seen():

@@ -347,6 +347,69 @@ Tensor cpp_loss_bwd_cpu(const Tensor& x_in, const Tensor& target_in, const std::
   return grad;
 }
 
+namespace {
+
+// RecallLoss's moving average (fused_imbalance/ops/__init__.py, recall_ema): from this step's per-class
+// sums S_c, counts n_c and true positives TP_c, R̄_c ← lerp(R̄_c, TP_c / n_c, weight) for the classes present
+// (R̄_c = TP_c / n_c the first time a class is seen), seen |= present; w_c = 1 − R̄_c; the loss Σ_c w_c S_c
+// (over max(Σ n_c, 1) for the mean) and the backward's factor w_c (/ D). Writes running and seen in place.
+template <typename R, typename T>
+void recall_ema_impl(const T* sums, const int64_t* count, const int64_t* tp, R* running, bool* seen, int64_t C,
+                     double weight, bool mean, T* loss, T* scale) {
+  int64_t valid = 0;
+  for (int64_t c = 0; c < C; ++c) valid += count[c];
+  const T D = mean ? static_cast<T>(std::max<int64_t>(valid, 1)) : T(1);
+  const R w = static_cast<R>(weight);  // as torch.lerp's scalar weight: in the buffer's dtype
+  T total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    R r = running[c];
+    if (count[c] > 0) {
+      const R batch = static_cast<R>(static_cast<double>(tp[c]) / static_cast<double>(count[c]));
+      // torch.lerp's formula (aten/src/ATen/native/Lerp.h), without a fused multiply-add
+      const R ema = std::abs(w) < R(0.5) ? r + w * (batch - r) : batch - (batch - r) * (R(1) - w);
+      r = seen[c] ? ema : batch;
+      running[c] = r;
+      seen[c] = true;
+    }
+    const T wc = static_cast<T>(R(1) - r);
+    total += wc * sums[c];
+    scale[c] = mean ? wc / D : wc;
+  }
+  *loss = mean ? total / D : total;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> recall_ema_cpu(const Tensor& sums, const Tensor& count, const Tensor& tp, Tensor running,
+                                          Tensor seen, double weight, int64_t reduction) {
+  const int64_t C = sums.numel();
+  TORCH_CHECK(reduction == kMean || reduction == kSum, "fused_imbalance: recall_ema: reduction must be MEAN or SUM");
+  TORCH_CHECK(sums.dim() == 1 && sums.is_contiguous() && (sums.scalar_type() == at::kFloat ||
+                                                          sums.scalar_type() == at::kDouble),
+              "fused_imbalance: recall_ema: sums must be a contiguous (C,) float32 or float64 vector");
+  for (const Tensor* t : {&count, &tp})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == C && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "fused_imbalance: recall_ema: count and tp must be contiguous (", C, ",) int64 vectors");
+  TORCH_CHECK(running.dim() == 1 && running.numel() == C && running.is_contiguous() &&
+                  (running.scalar_type() == at::kFloat || running.scalar_type() == at::kDouble),
+              "fused_imbalance: recall_ema: running must be a contiguous (", C, ",) float32 or float64 vector");
+  TORCH_CHECK(seen.dim() == 1 && seen.numel() == C && seen.is_contiguous() && seen.scalar_type() == at::kBool,
+              "fused_imbalance: recall_ema: seen must be a contiguous (", C, ",) bool vector");
+  for (const Tensor* t : {&count, &tp, static_cast<const Tensor*>(&running), static_cast<const Tensor*>(&seen)})
+    TORCH_CHECK(t->device().is_cpu() && sums.device().is_cpu(), "fused_imbalance: recall_ema: CPU tensors only");
+  Tensor loss = at::empty({}, sums.options());
+  Tensor scale = at::empty({C}, sums.options());
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "recall_ema", [&] {
+    using R = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "recall_ema", [&] {
+      recall_ema_impl<R, scalar_t>(sums.data_ptr<scalar_t>(), count.data_ptr<int64_t>(), tp.data_ptr<int64_t>(),
+                                   running.data_ptr<R>(), seen.data_ptr<bool>(), C, weight, reduction == kMean,
+                                   loss.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>());
+    });
+  });
+  return {loss, scale};
+}
+
 TORCH_LIBRARY_IMPL(fused_imbalance, CPU, m) {
   m.impl("cpp_loss_fwd", &cpp_loss_fwd_cpu);
   m.impl("cpp_loss_bwd", &cpp_loss_bwd_cpu);

@@ -56,6 +56,16 @@ backward ``{backend}_loss_bwd(x, target, grad, scale, tvals, lse, loss_mode, gam
     one) or 1 when None, and ``scale`` the forward's (or, for CLASS, the upstream gradient of the
     per-class sums) or 1 when None. ``dx`` has the shape, dtype and memory format of ``x``.
 
+moving average ``recall_ema(sums, count, tp, running, seen, weight, reduction) -> (loss, scale)``
+(:attr:`Backend.recall_ema`; eager calls only, a compiled graph traces ``RecallLoss``'s torch operations)
+
+    From a CLASS forward's per-class sums S_c and its count and tp, ``RecallLoss``'s running recall R̄
+    (``running``, (C,) float32 or float64) and ``seen`` ((C,) bool), both updated in place: for each class
+    present (n_c > 0) R̄_c ← lerp(R̄_c, TP_c / n_c, ``weight``) (``weight`` = 1 − momentum; TP_c / n_c
+    itself where not yet seen), seen_c ← True; then w_c = 1 − R̄_c, ``loss`` = Σ_c w_c S_c (MEAN: over
+    D = max(Σ_c n_c, 1)), ``scale`` (C,) = w_c (MEAN: w_c / D), the backward's factor for the scalar
+    upstream gradient. One small launch; ``reduction`` MEAN or SUM.
+
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
 """
 
@@ -125,7 +135,7 @@ class Backend(NamedTuple):
 
     ``keeps_lse(x, mode, gamma, upsampled) -> int``: floats per pixel its forward keeps for the
     backward when asked (``need_lse``). ``defers_validation``: bad labels are returned, not raised
-    (see the contract's ``validate``).
+    (see the contract's ``validate``). ``recall_ema``: the moving average of ``RecallLoss`` (above).
     """
 
     name: str
@@ -140,6 +150,7 @@ class Backend(NamedTuple):
     supports: object
     keeps_lse: object
     defers_validation: bool
+    recall_ema: object
 
 
 def pixel_view(x):

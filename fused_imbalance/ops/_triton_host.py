@@ -15,7 +15,13 @@ try:
     import triton
 
     from ._triton_compat import wrap
-    from .triton_kernels import _class_sum_kernel, _finalize_kernel, _reduce_rows_kernel, _weigh_kernel
+    from .triton_kernels import (
+        _class_sum_kernel,
+        _finalize_kernel,
+        _recall_ema_kernel,
+        _reduce_rows_kernel,
+        _weigh_kernel,
+    )
 except ImportError:  # the package works without triton; the Triton backend is then unavailable
     triton = None
 
@@ -259,6 +265,44 @@ def finalize(
             wrap(_weigh_kernel)[(_cdiv(N, _WEIGH_BLOCK),)](
                 loss, target, scale, N, C, ignore_index, BLOCK=_WEIGH_BLOCK
             )
+
+
+_EMA_BLOCK = 1024  # classes per step of the moving average's one program
+_ema_weights = {}  # (1 - momentum, device) -> its () float64 tensor
+
+
+def recall_ema(sums, count, tp, running, seen, weight, reduction):
+    """RecallLoss's moving average and loss (the contract of :mod:`fused_imbalance.ops`): one launch of
+    ``_recall_ema_kernel``, writing ``running`` and ``seen`` in place; (loss, scale). ``weight`` is the
+    average's 1 - momentum (a float64 device scalar, made once per value and device)."""
+    C = sums.numel()
+    key = (weight, sums.device)
+    wt = _ema_weights.get(key)
+    if wt is None:  # a fill on the device (no copy from the host: nothing waits, capture included)
+        wt = torch.full((), weight, dtype=torch.float64, device=sums.device)
+        if not (
+            sums.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):  # a capture's own is filled on replay
+            if len(_ema_weights) >= _PLANS_MAX:
+                _ema_weights.clear()
+            _ema_weights[key] = wt
+    loss = sums.new_empty(())
+    scale = sums.new_empty(C)
+    with _on_device(sums):
+        wrap(_recall_ema_kernel)[(1,)](
+            sums,
+            count,
+            tp,
+            running,
+            seen,
+            wt,
+            loss,
+            scale,
+            C,
+            RED=int(reduction),
+            BC=min(_np2(C), _EMA_BLOCK),
+        )
+    return loss, scale
 
 
 def grad_arg(grad, N, device, acc):

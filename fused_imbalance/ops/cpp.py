@@ -196,6 +196,7 @@ def _register(module):
         supports,
         keeps_lse,
         False,
+        module.recall_ema,
     )
 
 

@@ -6,7 +6,7 @@ their check (:mod:`fused_imbalance._deferred`).
 """
 
 from . import Backend
-from ._triton_host import available, supports, triton
+from ._triton_host import available, recall_ema, supports, triton
 
 __all__ = ["available", "supports", "backend"]
 
@@ -43,5 +43,6 @@ def backend():
             supports,
             keeps_lse,
             True,
+            recall_ema,
         )
     return _backend

@@ -463,6 +463,60 @@ def _reduce_rows_kernel(
 
 
 @triton.jit
+def _recall_ema_kernel(
+    sums_ptr,  # (C,) accumulation dtype: this step's per-class loss sums S_c
+    cnt_ptr,
+    tp_ptr,  # (C,) int64: valid pixels and true positives per class
+    run_ptr,  # (C,) float32 or float64, in/out: RecallLoss's running recall
+    seen_ptr,  # (C,) bool, in/out: the classes seen so far
+    wt_ptr,  # () float64: the moving average's weight 1 - momentum
+    loss_ptr,  # out (): the loss
+    scale_ptr,  # out (C,): the backward's per-class factor w_c (/ D for the mean); its dtype sets the arithmetic
+    C,
+    RED: tl.constexpr,  # RED_MEAN or RED_SUM
+    BC: tl.constexpr,  # classes per step
+):
+    """RecallLoss's moving average and loss, one program after the forward (with the per-class sums):
+    for each class present R̄_c ← lerp(R̄_c, TP_c / n_c, 1 - m) (TP_c / n_c the first time it is seen),
+    seen |= present; w_c = 1 - R̄_c; the loss Σ_c w_c S_c, over D = max(Σ_c n_c, 1) for the mean, and
+    the backward's factor w_c / D. The batch recall in float64 and the average in the buffer's dtype, as
+    the module's torch operations (``torch.lerp``'s formula, for the eager and compiled paths alike)."""
+    acc_ty = scale_ptr.dtype.element_ty
+    run_ty = run_ptr.dtype.element_ty
+    cs = tl.arange(0, BC)
+    valid = tl.zeros([BC], tl.int64)
+    for c0 in range(0, C, BC):
+        valid += tl.load(cnt_ptr + c0 + cs, mask=c0 + cs < C, other=0)
+    d = tl.maximum(tl.sum(valid, 0), 1).to(acc_ty)
+    w = tl.load(wt_ptr).to(run_ty)
+    small = tl.abs(w) < 0.5
+    total = tl.zeros([BC], acc_ty)
+    for c0 in range(0, C, BC):
+        c = c0 + cs
+        cm = c < C
+        n = tl.load(cnt_ptr + c, mask=cm, other=0)
+        present = n > 0
+        batch = (tl.load(tp_ptr + c, mask=cm, other=0).to(tl.float64) / tl.maximum(n, 1).to(tl.float64)).to(
+            run_ty
+        )
+        r = tl.load(run_ptr + c, mask=cm, other=0.0)
+        seen = tl.load(seen_ptr + c, mask=cm, other=0) != 0
+        ema = tl.where(small, r + w * (batch - r), batch - (batch - r) * (1.0 - w))
+        r = tl.where(present, tl.where(seen, ema, batch), r)
+        tl.store(run_ptr + c, r, mask=cm & present)
+        tl.store(seen_ptr + c, seen | present, mask=cm & present)
+        wc = (1.0 - r).to(acc_ty)
+        total += tl.where(cm, wc * tl.load(sums_ptr + c, mask=cm, other=0.0), 0.0)
+        if RED == RED_MEAN:
+            wc = wc / d
+        tl.store(scale_ptr + c, wc, mask=cm)
+    tot = tl.sum(total, 0)
+    if RED == RED_MEAN:
+        tot = tot / d
+    tl.store(loss_ptr, tot)
+
+
+@triton.jit
 def _finalize_kernel(
     lrow_ptr,  # (RL, C) accumulation dtype: class-loss sums per program (SUMS)
     crow_ptr,  # (RC, C) int32 or int64: valid pixels per class, per program
