@@ -9,7 +9,7 @@ full-size ``torch.empty`` CPU tensors (pages never touched cost no memory). ptxa
 Triton's own flags, gives registers and spill bytes. Prints one JSON record per compiled kernel.
 
 ``VARIANTS`` (the default set, run by ``tests/test_sm90_compile.py``, with ``UPSAMPLE_VARIANTS``,
-``SELECT_VARIANTS`` and ``OHEM_VARIANTS``) reaches every kernel and
+``SELECT_VARIANTS``, ``OHEM_VARIANTS`` and ``RECALL_EMA_VARIANTS``) reaches every kernel and
 every code path of each: all loss modes, every flag (per-pixel loss, true positives, confusion
 in a per-program register histogram and by atomics), statistics in registers and in rows,
 unrolled classes and the loop over class groups, every vector width (float64, float32, 16-bit
@@ -363,6 +363,27 @@ def compile_ohem_variant(dt, reduction, weighted, upsampled, mean_over_all):
     return _COMPILED[start:]
 
 
+# RecallLoss's moving average (_triton_host.recall_ema): (buffer dtype, accumulation dtype, reduction)
+RECALL_EMA_VARIANTS = [("f32", "f32", 0), ("f64", "f64", 1)]
+
+
+def compile_recall_ema_variant(run_dt, acc_dt, reduction):
+    from fused_imbalance.ops import _triton_host as H
+
+    C = 150
+    start = len(_COMPILED)
+    H.recall_ema(
+        torch.empty(C, dtype=_DTYPES[acc_dt]),
+        torch.empty(C, dtype=torch.int64),
+        torch.empty(C, dtype=torch.int64),
+        torch.empty(C, dtype=_DTYPES[run_dt]),
+        torch.empty(C, dtype=torch.bool),
+        0.1,
+        reduction,
+    )
+    return _COMPILED[start:]
+
+
 def main(argv):
     _install()
     variants = list(VARIANTS) + (list(_all_variants()) if "--all" in argv else [])
@@ -371,6 +392,7 @@ def main(argv):
         + [(compile_upsample_variant, v) for v in UPSAMPLE_VARIANTS]
         + [(compile_select_variant, v) for v in SELECT_VARIANTS]
         + [(compile_ohem_variant, v) for v in OHEM_VARIANTS]
+        + [(compile_recall_ema_variant, v) for v in RECALL_EMA_VARIANTS]
     )
 
 

@@ -70,6 +70,7 @@ def _every_kernel_compiles(report):
         "_class_sum_kernel",
         "_finalize_kernel",
         "_reduce_rows_kernel",
+        "_recall_ema_kernel",
     }
     # every flag of the static forward is reached with both values
     fwd = [r["constexprs"] for r in report if r["kernel"] == "_fwd_static_kernel"]
@@ -77,6 +78,8 @@ def _every_kernel_compiles(report):
         assert {c[flag] for c in fwd} == {"True", "False"}, flag
     fin = [r["constexprs"] for r in report if r["kernel"] == "_finalize_kernel"]
     assert {c["RED"] for c in fin} >= {"0", "1", "2"} and {c["WEIGHTING"] for c in fin} >= {"0", "1", "3"}
+    ema = [r["constexprs"] for r in report if r["kernel"] == "_recall_ema_kernel"]
+    assert {c["RED"] for c in ema} == {"0", "1"}
     assert {c["CONF"] for c in fwd} == {"0", "1", "2"}
     assert {c["MODE"] for c in fwd} == {"0", "1", "2", "3", "4"}
     assert {c["VEC"] for c in fwd} == {"1", "2", "4", "8"}  # 8: 16-bit NCHW; 1: float64 NCHW
