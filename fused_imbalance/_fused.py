@@ -457,7 +457,9 @@ def forward(
     ``geo`` is () or the upsampled ops' (interp, align_corners). ``ema``: ``RecallLoss``'s moving average
     applied to the per-class sums of this CLASS call (see :class:`_Call`; only where :func:`eager`)."""
     be = _BACKENDS[name]
-    need_lse = torch.is_grad_enabled() and x.requires_grad and be.keeps_lse(x, mode, gamma, bool(geo)) > 0
+    # whether autograd will differentiate the call: the backend keeps what its backward may take, or
+    # nothing where one read of the logits suffices (Backend.keeps_lse, decided in the launch)
+    need_lse = torch.is_grad_enabled() and x.requires_grad
     if torch.compiler.is_compiling():
         out = _Graph.apply(
             x,

@@ -37,8 +37,13 @@ _WEIGH_BLOCK = 1024  # pixels per program of the per-pixel weighting
 _INTERPRET_PROGRAMS = 3
 
 
+# Whether the kernels run under Triton's interpreter: ``@triton.jit`` decides it from TRITON_INTERPRET when
+# the kernels' modules are imported (above), so it is read once, with them, not on every launch.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _interpret():
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return _INTERPRETED
 
 
 def available():
@@ -66,9 +71,14 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _on_device(x):
-    """Launch on the logits' device, whatever device is current."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on the logits' device, whatever device is current (nothing to switch when it is current)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _SAME_DEVICE
 
 
 _sm_counts = {}

@@ -908,7 +908,7 @@ def _pass(x, flags, forward, grad=None):
     per shape, strides, dtype, device and grouping, so that a training step's repeated call looks it up."""
     key = (
         x.shape, x.stride(), None if grad is None else grad.stride(), x.dtype, x.device, int(flags) & BATCH,
-        forward, _interpret(),
+        forward,
     )  # fmt: skip
     cache = cacheable(x)
     plan = _passes.get(key) if cache else None

@@ -409,11 +409,10 @@ def _forward(
     class-sum kernel beyond 32 classes, then the finalize launch. ``validate`` is the caller's: this
     backend returns the bad labels (``bad``) and never waits for the device."""
     need_tp = bool(need_tp) or weighting == Weighting.RECALL
-    # mode, reduction and weighting as given (ints or their enums: equal keys); every flag the plan
-    # reads, the interpreter's scaled tiles included
+    # mode, reduction and weighting as given (ints or their enums: equal keys); every flag the plan reads
     key = (
         x.shape, x.stride(), x.dtype, x.device, mode, reduction, weighting, need_tp, bool(need_lse),
-        confusion is not None, gamma == 0, _interpret(),
+        confusion is not None, gamma == 0,
     )  # fmt: skip
     cache = cacheable(x)
     plan = _fwd_plans.get(key) if cache else None
@@ -551,7 +550,7 @@ def _backward(x, target, grad, scale, tvals, lse, mode, gamma, ignore_index):
     has_lse = lse is not None and lse.numel() > 0
     has_wv = scale is not None
     # dx's strides follow from x's (empty_like of the same layout): x's key covers both
-    key = (x.shape, x.stride(), x.dtype, x.device, mode, gamma == 0, has_lse, has_wv, _interpret())
+    key = (x.shape, x.stride(), x.dtype, x.device, mode, gamma == 0, has_lse, has_wv)
     cache = cacheable(x)
     plan = _bwd_plans.get(key) if cache else None
     if plan is None:
