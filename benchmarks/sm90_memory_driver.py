@@ -38,6 +38,7 @@ except ImportError:  # run from elsewhere: the project's root is the installed p
 
 TL = importlib.import_module("fused_imbalance.ops.triton_loss")
 TU = importlib.import_module("fused_imbalance.ops.triton_upsample")
+forget_plans = importlib.import_module("fused_imbalance.ops._triton_host").forget_plans
 FWD = torch.ops.fused_imbalance.triton_loss_fwd
 BWD = torch.ops.fused_imbalance.triton_loss_bwd
 UP_FWD = torch.ops.fused_imbalance.triton_upsample_loss_fwd
@@ -119,6 +120,7 @@ def _up_small_run(shape, HW, dtype, mode, gamma, backward):
     def run():
         saved = TU._interpret
         TU._interpret = lambda: False  # the GPU's tiling (see the docstring)
+        forget_plans()  # no plan of the interpreter's tiling, and none of the GPU's kept after
         try:
             x, y = _data(shape, dtype, "nchw", (shape[0],) + HW)
             kept = TU.keeps_lse(x, mode, gamma) if mode != 4 else 0
@@ -157,6 +159,7 @@ def _up_small_run(shape, HW, dtype, mode, gamma, backward):
                 )
         finally:
             TU._interpret = saved
+            forget_plans()
 
     return run
 

@@ -835,15 +835,17 @@ def test_triton_counts_of_tall_labels(monkeypatch, need_tp):
     monkeypatch.setattr(tup, "_BIG_H", 8)
     launches = []
     launch = tup._launch_fwd
-    monkeypatch.setattr(tup, "_launch_fwd", lambda *a, **k: launches.append(launch(*a, **k)) or launches[-1])
+    monkeypatch.setattr(
+        tup, "_launch_fwd", lambda *a, **k: launches.append((a[0], launch(*a, **k))) or launches[-1][1]
+    )
     x, y = make(B=2, C=5, hw=(3, 4), HW=(9, 7), every=4)
     y[1, 2, 3] = 7  # a bad label
     out = tup_ops.upsample_loss_fwd(
         x, y, 1, False, int(Mode.SOFTMAX_FOCAL), 2.0, None, -100, False, need_tp, True
     )
     assert len(launches) == 2  # the "none" and the per-class calls
-    for _, _, crow, trow, _, reg in launches:
-        assert not reg and crow.dtype == trow.dtype == torch.int64
+    for plan, (_, _, crow, trow, _) in launches:
+        assert not plan.reg and crow.dtype == trow.dtype == torch.int64
     want = _per_pixel_and_class(
         up(x.double(), y.shape[1:], "bilinear", False), y, Mode.SOFTMAX_FOCAL, 2.0, None, -100
     )

@@ -45,9 +45,13 @@ from ._triton_host import (
     _interpret,
     _np2,
     _on_device,
+    cacheable,
     finalize,
     grad_arg,
+    nothing,
     outputs,
+    plan_cache,
+    remember,
 )
 from ._args import check_tensor_args
 from .upsample import Interp, check_lse
@@ -319,65 +323,84 @@ def _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid):
     return tables, sizes, kw
 
 
-def _launch_fwd(
-    x,
-    t,
-    geo,
-    off64,
-    mode,
-    gamma,
-    tvals,
-    ignore_index,
-    acc,
-    *,
-    weight=None,
-    weigh=False,
-    sums=False,
-    store_pl=None,
-    need_tp=False,
-    confusion=None,
-    store_lse=None,
-):
-    """One launch of ``_up_fwd_kernel`` (``store_pl``: the (N,) per-pixel loss buffer, or None; ``store_lse``:
-    the buffer of :func:`keeps_lse`, softmax focal). Returns (pl, lrow, crow, trow, brow, reg)."""
+class _FwdLaunch:
+    """What one launch of ``_up_fwd_kernel`` derives from the shapes, strides, dtypes and flags: the grid,
+    the tables and sizes, every constexpr, and what to allocate (:func:`_fwd_launch`)."""
+
+    __slots__ = ("P", "tables", "sizes", "kw", "reg", "row_ty", "conf_mode", "focal", "own_pl")
+
+
+def _fwd_launch(x, N, geo, off64, mode, gamma, acc, *, weigh, sums, store_pl, need_tp, need_conf, store_lse):
+    """The :class:`_FwdLaunch` of a forward (``store_pl``: the caller passes the (N,) per-pixel loss buffer;
+    ``store_lse``: it passes the buffer of :func:`keeps_lse`, softmax focal)."""
     B, C = x.shape[0], x.shape[1]
-    dev = x.device
     f64 = acc == torch.float64
     grid = _fwd_grid(geo, B, C, mode, f64)
-    P = grid[-1]
-    need_conf = confusion is not None
     group, _, cache = _class_plan(C, mode, f64, need_am=need_tp or need_conf)
     tables, sizes, walk = _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid)
     # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
     # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead
     big = geo.H >= _BIG_H
     reg = C <= _REG_STATS_C and not big
-    row_ty = torch.int64 if big else torch.int32
-    one = _dummy(dev, acc)
-    if store_pl is None and sums and not reg:
-        store_pl = x.new_empty(t.numel(), dtype=acc)  # summed per class by the class-sum kernel
-    pl = store_pl if store_pl is not None else one
-    lrow = x.new_empty((P, C), dtype=acc) if reg and sums else one
-    crow = x.new_empty((P, C), dtype=row_ty)
-    trow = x.new_empty((P, C), dtype=row_ty) if need_tp else crow
-    brow = x.new_empty((P, 2), dtype=torch.int64)
     if not need_conf:
-        conf_mode, bins, conf = 0, 1, _dummy(dev, torch.int64)
+        conf_mode, bins = 0, 1
     elif C * C <= _CONF_HIST_CELLS and not big:
-        conf_mode, bins, conf = 1, _np2(C * C), confusion
+        conf_mode, bins = 1, _np2(C * C)
     else:
-        conf_mode, bins, conf = 2, 1, confusion
+        conf_mode, bins = 2, 1
+    lp = _FwdLaunch()
+    lp.P, lp.tables, lp.sizes, lp.reg, lp.conf_mode, lp.focal = (
+        grid[-1],
+        tables,
+        sizes,
+        reg,
+        conf_mode,
+        walk["FOCAL"],
+    )
+    lp.row_ty = torch.int64 if big else torch.int32
+    lp.own_pl = not store_pl and sums and not reg  # a per-pixel loss the class-sum kernel sums per class
+    lp.kw = dict(
+        walk,
+        STORE_PL=store_pl or lp.own_pl,
+        WEIGH_PL=weigh,
+        SUMS=sums and reg,
+        REG_STATS=reg,
+        NEED_TP=need_tp,
+        PACK_TP=reg and need_tp and geo.H < _TP_PACK,
+        TP_PACK=_TP_PACK,
+        CONF=conf_mode,
+        CONF_BINS=bins,
+        STORE_LSE=store_lse,
+        ZB=min(_np2(C), _ZERO_BLOCK),
+    )
+    return lp
+
+
+def _launch_fwd(
+    lp, x, t, N, C, acc, gamma, tvals, ignore_index, weight, store_pl, need_tp, confusion, store_lse
+):
+    """One launch of ``_up_fwd_kernel`` as planned by ``lp`` (:func:`_fwd_launch`); ``store_pl``: the (N,)
+    per-pixel loss buffer or None; ``store_lse``: the lse buffer or None. Returns (pl, lrow, crow, trow, brow)."""
+    dev = x.device
+    one = _dummy(dev, acc)
+    P = lp.P
+    if lp.own_pl:
+        store_pl = x.new_empty(N, dtype=acc)
+    pl = store_pl if store_pl is not None else one
+    lrow = x.new_empty((P, C), dtype=acc) if lp.kw["SUMS"] else one
+    crow = x.new_empty((P, C), dtype=lp.row_ty)
+    trow = x.new_empty((P, C), dtype=lp.row_ty) if need_tp else crow
+    brow = x.new_empty((P, 2), dtype=torch.int64)
+    conf = confusion if lp.conf_mode else _dummy(dev, torch.int64)
     tv = tvals if tvals is not None else one
-    focal = walk["FOCAL"]
     if store_lse is not None:  # lse, then with γ != 0 the focal weight (q_ptr)
-        N = t.numel()
-        lse, q = store_lse[:N], store_lse[N:] if focal else pl
+        lse, q = store_lse[:N], store_lse[N:] if lp.focal else pl
     else:
         lse = q = pl
     wrap(_up_fwd_kernel)[(P,)](
         x,
         t,
-        *tables,
+        *lp.tables,
         tv,
         weight if weight is not None else one,
         pl,
@@ -388,38 +411,33 @@ def _launch_fwd(
         conf,
         lse,
         q,
-        *sizes,
+        *lp.sizes,
         ignore_index,
         gamma,
         gamma,
-        **walk,
-        STORE_PL=store_pl is not None,
-        WEIGH_PL=weigh,
-        SUMS=sums and reg,
-        REG_STATS=reg,
-        NEED_TP=need_tp,
-        PACK_TP=reg and need_tp and geo.H < _TP_PACK,
-        TP_PACK=_TP_PACK,
-        CONF=conf_mode,
-        CONF_BINS=bins,
-        STORE_LSE=store_lse is not None,
-        ZB=min(_np2(C), _ZERO_BLOCK),
+        **lp.kw,
     )
-    return pl, lrow, crow, trow, brow, reg
+    return pl, lrow, crow, trow, brow
 
 
-def _launch_coef(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, coef, lse, q, grad, scale):
-    """One launch of ``_up_coef_kernel``: the backward's per-pixel scalars into the (N,) buffers ``coef`` (a),
-    ``lse`` and ``q``."""
+def _coef_launch(x, geo, off64, mode, gamma, acc):
+    """(grid, tables, sizes, constexprs) of a launch of ``_up_coef_kernel``."""
     B, C = x.shape[0], x.shape[1]
-    dev = x.device
     f64 = acc == torch.float64
     grid = _fwd_grid(geo, B, C, mode, f64)
     group, _, cache = _class_plan(C, mode, f64, coef=True)
     tables, sizes, walk = _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid)
+    return grid[-1], tables, sizes, walk
+
+
+def _launch_coef(cp, x, t, N, acc, gamma, tvals, ignore_index, coef, lse, q, grad, scale):
+    """One launch of ``_up_coef_kernel`` (``cp``: :func:`_coef_launch`'s): the backward's per-pixel scalars into
+    the (N,) buffers ``coef`` (a), ``lse`` and ``q``."""
+    P, tables, sizes, walk = cp
+    dev = x.device
     one = _dummy(dev, acc)
-    gp, gp_stride, has_gp = grad_arg(grad, t.numel(), dev, acc)
-    wrap(_up_coef_kernel)[(grid[-1],)](
+    gp, gp_stride, has_gp = grad_arg(grad, N, dev, acc)
+    wrap(_up_coef_kernel)[(P,)](
         x,
         t,
         *tables,
@@ -438,6 +456,55 @@ def _launch_coef(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, coef, 
         HAS_GP=has_gp,
         HAS_WV=scale is not None,
     )
+
+
+# Launch plans (see _triton_host: one dict lookup per repeated call), not while torch.compile traces (a
+# traced graph's geometry tensors are not kept across calls) nor for symbolic sizes.
+_fwd_plans = plan_cache()
+_bwd_plans = plan_cache()
+
+
+def _keep_plans(x):
+    return not torch.compiler.is_compiling() and cacheable(x)
+
+
+class _FwdPlan:
+    __slots__ = ("acc", "C", "N", "need_tp", "sums", "kept", "geo", "off64", "launch")
+
+
+def _fwd_plan(
+    x, target, interp, align_corners, mode, gamma, reduction, weighting, need_tp, need_lse, need_conf
+):
+    _check(x, target, interp, mode, gamma)
+    mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
+    plan = _FwdPlan()
+    plan.acc = acc = acc_dtype(x)
+    B, C, h, w = x.shape
+    H, W = target.shape[1], target.shape[2]
+    plan.C, plan.N = C, B * H * W
+    plan.need_tp = need_tp = bool(need_tp) or weighting == Weighting.RECALL
+    plan.sums = sums = mode != Mode.STATS and reduction != Reduction.NONE
+    plan.kept = keeps_lse(x, mode, gamma) if need_lse else 0
+    plan.geo = plan.off64 = plan.launch = None
+    if plan.N and x.numel():
+        plan.geo, plan.off64 = _geometry(x, H, W, interp, align_corners)
+        weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
+        plan.launch = _fwd_launch(
+            x,
+            plan.N,
+            plan.geo,
+            plan.off64,
+            mode,
+            gamma,
+            acc,
+            weigh=weigh,
+            sums=sums,
+            store_pl=reduction == Reduction.NONE,
+            need_tp=need_tp,
+            need_conf=need_conf,
+            store_lse=plan.kept > 0,
+        )
+    return plan
 
 
 def _forward(
@@ -460,22 +527,37 @@ def _forward(
     """The upsampled forward op's launcher (the contract of :mod:`fused_imbalance.ops` with the loss of the
     interpolated logits): the loss kernel, the class-sum kernel when the class sums are not registers,
     the finalize launch."""
-    _check(x, target, interp, mode, gamma)
-    mode, reduction, weighting = Mode(mode), Reduction(reduction), Weighting(weighting)
-    need_tp = need_tp or weighting == Weighting.RECALL
-    acc = acc_dtype(x)
-    B, C, h, w = x.shape
-    H, W = target.shape[1], target.shape[2]
-    N = B * H * W
-    has_loss = mode != Mode.STATS
-    sums = has_loss and reduction != Reduction.NONE
+    # mode, reduction and weighting as given (ints or their enums: equal keys); every flag the plan reads
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, target.shape, interp, align_corners, mode, reduction, weighting,
+        bool(need_tp), bool(need_lse), confusion is not None, gamma == 0, gamma < 0,
+    )  # fmt: skip
+    cache = _keep_plans(x)
+    plan = _fwd_plans.get(key) if cache else None
+    if plan is None:
+        plan = _fwd_plan(
+            x,
+            target,
+            interp,
+            align_corners,
+            mode,
+            gamma,
+            reduction,
+            weighting,
+            need_tp,
+            need_lse,
+            confusion is not None,
+        )
+        if cache:
+            remember(_fwd_plans, key, plan)
+    acc, C, N, sums, need_tp = plan.acc, plan.C, plan.N, plan.sums, plan.need_tp
     out = outputs(x, C, N, reduction, need_tp)
-    lse = x.new_empty(N * keeps_lse(x, mode, gamma) if need_lse else 0, dtype=acc)  # every element is written
+    lse = x.new_empty(N * plan.kept, dtype=acc) if plan.kept else nothing(x, acc)  # every element is written
     t = target.reshape(-1)
     if not t.is_contiguous():
         t = t.contiguous()
     with _on_device(x):
-        if N == 0 or x.numel() == 0:  # no pixel: the finalize of no rows gives the zeros
+        if plan.launch is None:  # no pixel: the finalize of no rows gives the zeros
             z = x.new_empty((0, C), dtype=torch.int32)
             finalize(
                 x.new_empty((0, C), dtype=acc),
@@ -495,27 +577,24 @@ def _forward(
             if lse.numel():
                 lse.zero_()
             return FwdOut(*out, lse)
-        geo, off64 = _geometry(x, H, W, interp, align_corners)
-        weigh = reduction == Reduction.NONE and weighting in (Weighting.GENERAL, Weighting.PAPER)
-        pl, lrow, crow, trow, brow, reg = _launch_fwd(
+        lp = plan.launch
+        pl, lrow, crow, trow, brow = _launch_fwd(
+            lp,
             x,
             t,
-            geo,
-            off64,
-            mode,
+            N,
+            C,
+            acc,
             gamma,
             tvals,
             ignore_index,
-            acc,
-            weight=weight,
-            weigh=weigh,
-            sums=sums,
-            store_pl=out[0] if reduction == Reduction.NONE else None,
-            need_tp=need_tp,
-            confusion=confusion,
-            store_lse=lse if lse.numel() else None,
+            weight,
+            out[0] if reduction == Reduction.NONE else None,
+            need_tp,
+            confusion,
+            lse if plan.kept else None,
         )
-        if sums and not reg:
+        if sums and not lp.reg:
             lrow = _class_sums(t, pl, C, _INTERPRET_SUM_SCALE)
         finalize(
             lrow if sums else None,
@@ -535,52 +614,98 @@ def _forward(
     return FwdOut(*out, lse)
 
 
+class _BwdPlan:
+    __slots__ = ("zero", "acc", "N", "kept", "pre", "geo", "coef", "grid", "ints", "kw", "mse")
+
+
+def _bwd_plan(x, grad_x, target, interp, align_corners, mode, gamma, has_lse, has_wv):
+    _check(x, target, interp, mode, gamma)
+    mode = Mode(mode)
+    plan = _BwdPlan()
+    B, C, h, w = x.shape
+    H, W = target.shape[1], target.shape[2]
+    plan.N = N = B * H * W
+    plan.zero = mode == Mode.STATS or x.numel() == 0 or N == 0
+    if plan.zero:
+        return plan
+    plan.acc = acc = acc_dtype(x)
+    focal = _focal(mode, gamma)
+    group, loop, cache = _class_plan(C, mode, acc == torch.float64, bwd=True)
+    pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
+    # PRE: 0 the softmax in the gradient pass, 1 a coefficient launch first, 2 from what the forward kept (the
+    # one-group backward computes the softmax itself; only the softmax focal losses keep anything)
+    plan.kept = keeps_lse(x, mode, gamma) if pre and mode == Mode.SOFTMAX_FOCAL and has_lse else 0
+    plan.pre = pre = (2 if plan.kept else 1) if pre else 0
+    plan.mse = mode == Mode.MSE_SOFTMAX
+    geo, off64 = _geometry(x, H, W, interp, align_corners)
+    plan.geo = geo
+    plan.coef = _coef_launch(x, geo, off64, mode, gamma, acc) if pre == 1 else None
+    block, R, tj, ty, warps = _bwd_tile(geo)
+    bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
+    plan.grid = (B * bands * xblocks,)
+    plan.ints = (H, W, h, w, bands, xblocks, *x.stride(), *grad_x.stride())
+    plan.kw = dict(
+        C=C,
+        GROUP=group,
+        LOOP=loop,
+        MODE=int(mode),
+        FOCAL=focal,
+        HAS_WV=has_wv,
+        PRE=pre,
+        TAP2_X=geo.tap2_x,
+        TAP2_Y=geo.tap2_y,
+        OFF64=off64,
+        R=R,
+        TJ=tj,
+        TY=ty,
+        BLOCK_X=block,
+        num_warps=warps,
+    )
+    return plan
+
+
 def _backward(x, target, interp, align_corners, grad, scale, tvals, lse_fwd, mode, gamma, ignore_index):
     """The upsampled backward op's launcher: the gradient with respect to the low-resolution logits, one
     launch (two for the class groups of a softmax mode without what the forward kept)."""
-    _check(x, target, interp, mode, gamma)
-    mode = Mode(mode)
-    B, C, h, w = x.shape
-    H, W = target.shape[1], target.shape[2]
-    N = B * H * W
-    if mode == Mode.STATS or x.numel() == 0 or N == 0:
-        return torch.zeros_like(x)
-    acc = acc_dtype(x)
+    grad_x = torch.empty_like(x)  # the shape, dtype and memory format of x
+    has_lse = lse_fwd is not None and lse_fwd.numel() > 0
+    has_wv = scale is not None
+    # grad_x's strides follow from x's (empty_like of the same layout): x's key covers both
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, target.shape, interp, align_corners, mode, gamma == 0, gamma < 0,
+        has_lse, has_wv,
+    )  # fmt: skip
+    cache = _keep_plans(x)
+    plan = _bwd_plans.get(key) if cache else None
+    if plan is None:
+        plan = _bwd_plan(x, grad_x, target, interp, align_corners, mode, gamma, has_lse, has_wv)
+        if cache:
+            remember(_bwd_plans, key, plan)
+    if plan.zero:
+        return grad_x.zero_()
+    acc, N, geo = plan.acc, plan.N, plan.geo
     dev = x.device
     t = target.reshape(-1)
     if not t.is_contiguous():
         t = t.contiguous()
-    grad_x = torch.empty_like(x)  # the shape, dtype and memory format of x
     dummy = tvals if tvals is not None else _dummy(dev, acc)  # its dtype sets the arithmetic
-    focal = _focal(mode, gamma)
-    group, loop, cache = _class_plan(C, mode, acc == torch.float64, bwd=True)
-    pre = not cache and mode in (Mode.SOFTMAX_FOCAL, Mode.MSE_SOFTMAX)
-    if lse_fwd is not None and lse_fwd.numel() == 0:
-        lse_fwd = None
-    if lse_fwd is not None and (not pre or mode != Mode.SOFTMAX_FOCAL):
-        lse_fwd = None  # the one-group backward computes the softmax itself
-    if lse_fwd is not None:
-        check_lse(lse_fwd, N * keeps_lse(x, mode, gamma), acc, x.device)
+    if plan.kept:
+        check_lse(lse_fwd, N * plan.kept, acc, dev)
     gp, gp_stride, has_gp = grad_arg(grad, N, dev, acc)
-    wv = scale if scale is not None else dummy
-    # PRE: 0 the softmax in the gradient pass, 1 a coefficient launch first, 2 from what the forward kept
-    pre = (2 if lse_fwd is not None else 1) if pre else 0
+    wv = scale if has_wv else dummy
     with _on_device(x):
-        geo, off64 = _geometry(x, H, W, interp, align_corners)
         # class groups of a softmax mode: the per-pixel scalars, O(B·H·W), from what the forward kept
         # (lse, the focal weight in q), else first a launch with a pass over every class
         coef = lse = q = dummy
-        if pre == 2:
+        if plan.pre == 2:
             kept = lse_fwd if lse_fwd.is_contiguous() else lse_fwd.contiguous()
-            lse, q = kept[:N], (kept[N:] if focal else dummy)
-        elif pre:
+            lse, q = kept[:N], (kept[N:] if plan.kw["FOCAL"] else dummy)
+        elif plan.pre:
             coef = x.new_empty(N, dtype=acc)
             lse = x.new_empty(N, dtype=acc)
-            q = x.new_empty(N if mode == Mode.MSE_SOFTMAX else 1, dtype=acc)
-            _launch_coef(x, t, geo, off64, mode, gamma, tvals, ignore_index, acc, coef, lse, q, grad, scale)
-        block, R, tj, ty, warps = _bwd_tile(geo)
-        bands, xblocks = _cdiv(h, R), _cdiv(w, block - (1 if geo.tap2_x else 0))
-        wrap(_up_bwd_kernel)[(B * bands * xblocks,)](
+            q = x.new_empty(N if plan.mse else 1, dtype=acc)
+            _launch_coef(plan.coef, x, t, N, acc, gamma, tvals, ignore_index, coef, lse, q, grad, scale)
+        wrap(_up_bwd_kernel)[plan.grid](
             x,
             t,
             geo.wy0,
@@ -598,40 +723,13 @@ def _backward(x, target, interp, align_corners, grad, scale, tvals, lse_fwd, mod
             lse,
             q,
             grad_x,
-            H,
-            W,
-            h,
-            w,
-            bands,
-            xblocks,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            x.stride(3),
-            grad_x.stride(0),
-            grad_x.stride(1),
-            grad_x.stride(2),
-            grad_x.stride(3),
+            *plan.ints,
             gp_stride,
             ignore_index,
             gamma,
             gamma,
-            C=C,
-            GROUP=group,
-            LOOP=loop,
-            MODE=int(mode),
-            FOCAL=focal,
             HAS_GP=has_gp,
-            HAS_WV=scale is not None,
-            PRE=pre,
-            TAP2_X=geo.tap2_x,
-            TAP2_Y=geo.tap2_y,
-            OFF64=off64,
-            R=R,
-            TJ=tj,
-            TY=ty,
-            BLOCK_X=block,
-            num_warps=warps,
+            **plan.kw,
         )
     return grad_x
 
