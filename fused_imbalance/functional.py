@@ -559,71 +559,41 @@ def _recall_loss(
     against NaN for absent classes)."""
     ii, rs = _prologue(logits, target, ignore_index, reduction, confusion, upsample, align_corners)
     name = _backend(backend, logits, rs)
-    if isinstance(recall, RecallEma):
-        if name != "reference" and reduction != "none" and recall.fits(logits) and _fused.eager():
-            # the moving average and the weighted sum in one launch after the forward (Backend.recall_ema)
-            ema = (recall.running, recall.seen, recall.weight, Reduction.of(reduction))
-            return _run(
-                name,
-                logits,
-                target,
-                rs,
-                None,
-                None,
-                confusion,
-                Mode.SOFTMAX_FOCAL,
-                0.0,
-                ii,
-                Reduction.CLASS,
-                Weighting.NONE,
-                validate,
-                need_tp=True,
-                ema=ema,
-            )[0]
-        recall = recall.fallback  # the module's torch operations
-    if name == "reference":
-        return _ref.recall_loss(_interpolated(logits, rs), target, ii, reduction, recall, confusion, validate)
-    mode = Mode.SOFTMAX_FOCAL
-    if recall is None:  # the weights from the pass's own counts, on the device
+
+    def run(red, weighting, weight=None, **kw):  # the fused pass of the softmax cross-entropy terms
         return _run(
             name,
             logits,
             target,
             rs,
-            None,
+            weight,
             None,
             confusion,
-            mode,
+            Mode.SOFTMAX_FOCAL,
             0.0,
             ii,
-            reduction,
-            Weighting.RECALL,
+            red,
+            weighting,
             validate,
-        )[0]
+            **kw,
+        )
+
+    if isinstance(recall, RecallEma):
+        if name != "reference" and reduction != "none" and recall.fits(logits) and _fused.eager():
+            # the moving average and the weighted sum in one launch after the forward (Backend.recall_ema)
+            ema = (recall.running, recall.seen, recall.weight, Reduction.of(reduction))
+            return run(Reduction.CLASS, Weighting.NONE, need_tp=True, ema=ema)[0]
+        recall = recall.fallback  # the module's torch operations
+    if name == "reference":
+        return _ref.recall_loss(_interpolated(logits, rs), target, ii, reduction, recall, confusion, validate)
+    if recall is None:  # the weights from the pass's own counts, on the device
+        return run(reduction, Weighting.RECALL)[0]
     if not callable(recall):  # fixed weights: the pass needs no argmax
-        w = 1.0 - _check_recall(recall, logits)
-        return _run(
-            name, logits, target, rs, w, None, confusion, mode, 0.0, ii, reduction, Weighting.PAPER, validate
-        )[0]
+        return run(reduction, Weighting.PAPER, 1.0 - _check_recall(recall, logits))[0]
     # weights from a function of the batch's statistics: the pass returns the per-class sums (or the
     # per-pixel losses), weighted here once the function has the counts
     red = Reduction.NONE if reduction == "none" else Reduction.CLASS
-    out, count, tp = _run(
-        name,
-        logits,
-        target,
-        rs,
-        None,
-        None,
-        confusion,
-        mode,
-        0.0,
-        ii,
-        red,
-        Weighting.NONE,
-        validate,
-        need_tp=True,
-    )
+    out, count, tp = run(red, Weighting.NONE, need_tp=True)
     r = recall(count, tp)
     w = (1.0 - (r if own_recall else _check_recall(r, logits))).to(out.dtype)
     if reduction == "none":
