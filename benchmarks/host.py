@@ -64,6 +64,7 @@ def losses(device):
             "DiceLoss batch",
             module(lambda backend: fi.DiceLoss(include_background=False, batch=True, backend=backend)),
         ),
+        ("ohem_cross_entropy", lambda b: lambda x, y: fi.ohem_cross_entropy(x, y, 0.7, 8, backend=b)),
     ]
 
 
@@ -90,7 +91,14 @@ def inputs(name, device):
 @contextlib.contextmanager
 def stubbed_launches(counter):
     """Every Triton kernel launch of the package a no-op (counted): the host path alone."""
-    from fused_imbalance.ops import _triton_host, triton_dice, triton_loss, triton_upsample
+    from fused_imbalance.ops import (
+        _triton_host,
+        triton_dice,
+        triton_loss,
+        triton_ohem,
+        triton_select,
+        triton_upsample,
+    )
 
     # the finalize kernels' outputs (loss, backward factors, counts, bad labels) by argument position
     outputs = {
@@ -112,7 +120,8 @@ def stubbed_launches(counter):
                 for out in args[self.outputs]:  # goes on (a few CPU fills, counted)
                     out.zero_()
 
-    saved = [(m, m.wrap) for m in (_triton_host, triton_dice, triton_loss, triton_upsample)]
+    modules = (_triton_host, triton_dice, triton_loss, triton_ohem, triton_select, triton_upsample)
+    saved = [(m, m.wrap) for m in modules]
     for m, _ in saved:
         m.wrap = _Stub
     try:

@@ -897,17 +897,20 @@ def test_modules(backend):
     assert torch.equal(m.matrix, FI.confusion_matrix(up(x, size, "nearest", False), y, backend="reference"))
 
 
-def test_recall_statistics_callable(backend):
-    """RecallLoss with a momentum (and the DDP path) gets the batch's counts and true positives of
-    the interpolated argmax through the functional's recall callable."""
-    fused = fi.RecallLoss(5, momentum=0.5, distributed=True, upsample="bilinear", backend=backend)
-    ref = fi.RecallLoss(5, momentum=0.5, distributed=True, backend="reference")
+@pytest.mark.parametrize("distributed", [True, False])
+def test_recall_statistics_callable(backend, distributed):
+    """RecallLoss with a momentum gets the batch's counts and true positives of the interpolated argmax:
+    the DDP path through the functional's recall callable (the same torch operations as the reference: the
+    same running recall, bit for bit), the single-process one through the backend's moving-average launch."""
+    fused = fi.RecallLoss(5, momentum=0.5, distributed=distributed, upsample="bilinear", backend=backend)
+    ref = fi.RecallLoss(5, momentum=0.5, distributed=distributed, backend="reference")
+    tol = dict(atol=0, rtol=0) if distributed else TOL[torch.float32]
     for step in range(3):  # different batches: the running recall moves
         x, y = make(C=5, hw=(5, 6), HW=(15, 17), seed=step)
         torch.testing.assert_close(
             fused(x, y), ref(up(x, tuple(y.shape[1:]), "bilinear", False), y), **LOSS_TOL[torch.float32]
         )
-        torch.testing.assert_close(fused.running_recall, ref.running_recall, atol=0, rtol=0)
+        torch.testing.assert_close(fused.running_recall, ref.running_recall, **tol)
     assert fused.seen.all() and 0 < fused.running_recall.min() < fused.running_recall.max() < 1
 
 
