@@ -233,15 +233,16 @@ class ClassBalancedLoss(CheckedOptions):
         )
 
     def forward(self, logits, target, confusion=None):
-        if logits.dim() >= 2 and logits.shape[1] != self.weight.numel():
+        weight = self.weight  # a buffer: one lookup through nn.Module.__getattr__
+        if logits.dim() >= 2 and logits.shape[1] != weight.numel():
             raise ValueError(
-                f"ClassBalancedLoss was built with samples_per_class of {self.weight.numel()} classes, "
+                f"ClassBalancedLoss was built with samples_per_class of {weight.numel()} classes, "
                 f"but the logits have {logits.shape[1]} (dim 1)"
             )
         return functional.weighted_loss(
             logits,
             target,
-            self.weight,
+            weight,
             self.loss_type,
             self.gamma,
             self.ignore_index,
