@@ -158,6 +158,31 @@ def test_compile_training_step():
     assert torch.equal(c1, c0) and c0.sum() > 0
 
 
+@needs_cpp
+def test_compile_recall_momentum_module():
+    """RecallLoss with a momentum under torch.compile(fullgraph=True) (the module's torch operations on the
+    fused pass's counts) against the eager module (the backend's one-launch moving average): the losses,
+    gradients and running recall agree step by step, within the float32 tolerance."""
+    from fused_imbalance.losses import RecallLoss
+
+    torch._dynamo.reset()
+    eager, compiled = RecallLoss(5, momentum=0.8, backend="cpp"), RecallLoss(5, momentum=0.8, backend="cpp")
+    fn = torch.compile(compiled, fullgraph=True)
+    for step in range(3):
+        x0, y, _ = make((2, 5, 4, 6), seed=step)
+        out = []
+        for f in (eager, fn):
+            x = x0.clone().requires_grad_(True)
+            loss = f(x, y)
+            loss.backward()
+            out.append((loss.detach(), x.grad))
+        torch.testing.assert_close(out[1][0], out[0][0], **TOL[torch.float32])
+        torch.testing.assert_close(out[1][1], out[0][1], **TOL[torch.float32])
+        torch.testing.assert_close(compiled.running_recall, eager.running_recall, **TOL[torch.float32])
+        assert torch.equal(compiled.seen, eager.seen)
+    assert eager.seen.any() and 0 < eager.running_recall.max() < 1
+
+
 # --- upsample -------------------------------------------------------------------------------------
 
 
