@@ -246,13 +246,16 @@ def _class_sum_trips(launch):
 def _finalize_trips(launch):
     """_finalize_kernel: one program. Depth 0, in address order: the loop over blocks of classes, for a mean
     a second loop over them (the factors divided by the denominator), the loop over the rows of the bad-label
-    table; depth 1, inside the first: the loops over the rows of the count table and, with class-loss sums,
-    of the class-loss table."""
+    table; depth 1, inside the first: the loops over the rows of the count table (at least one step) and,
+    with class-loss sums, of the class-loss table. A table of one row (after the row reduction) has no loop:
+    Triton makes an integer argument equal to 1 a constant, and a loop of one step is straight-line code."""
     a, k = launch["ints"], launch["constexprs"]
     blocks = _cdiv(a["C"], k["BC"])
-    top = [blocks] + ([blocks] if k["RED"] == 0 else []) + [_cdiv(a["RB"], k["BR"])]
-    inner = [_cdiv(a["RC"], k["BR"])] + ([_cdiv(a["RL"], k["BR"])] if k["SUMS"] else [])
-    return {"programs": 1, "loops": [top, inner]}
+    rows = [a["RB"]] if a["RB"] != 1 else []
+    top = [blocks] + ([blocks] if k["RED"] == 0 else []) + [_cdiv(r, k["BR"]) for r in rows]
+    tables = [a["RC"]] + ([a["RL"]] if k["SUMS"] else [])
+    inner = [_cdiv(max(r, 1), k["BR"]) for r in tables if r != 1]
+    return {"programs": 1, "loops": [top, inner] if inner else [top]}
 
 
 def _reduce_rows_trips(launch):

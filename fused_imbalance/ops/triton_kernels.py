@@ -560,7 +560,9 @@ def _finalize_kernel(
         n = tl.zeros([BC], tl.int64)
         tp = tl.zeros([BC], tl.int64)
         S = tl.zeros([BC], acc_ty)
-        for r0 in range(0, RC, BR):
+        # at least one (masked) step even without rows, so that the compiler keeps one copy of the class loop
+        # (a second, for no rows, only stored zeros)
+        for r0 in range(0, tl.maximum(RC, 1), BR):
             r = r0 + rs
             off = r.to(tl.int64)[:, None] * C + c[None, :]
             mk = (r < RC)[:, None] & cm[None, :]
@@ -568,7 +570,7 @@ def _finalize_kernel(
             if NEED_TP:
                 tp += tl.sum(tl.load(trow_ptr + off, mask=mk, other=0).to(tl.int64), 0)
         if SUMS:
-            for r0 in range(0, RL, BR):
+            for r0 in range(0, tl.maximum(RL, 1), BR):
                 r = r0 + rs
                 off = r.to(tl.int64)[:, None] * C + c[None, :]
                 S += tl.sum(tl.load(lrow_ptr + off, mask=(r < RL)[:, None] & cm[None, :], other=0.0), 0)

@@ -16,10 +16,10 @@ a two-tap axis the second source index is min(x0 + 1, w - 1), so only x0 is tabu
 index's segment of output indices (the ones whose first source index it is) is tabulated too.
 
 Class plans (:func:`_class_plan`). Up to ``_CACHE_C`` classes (backward: ``_FUSED_C``; fewer in
-float64) one group holds them all; beyond, forward groups of at most 12 (6 with the argmax, 6 in
-float64, 4 for the sigmoid focal terms) in a loop over groups, and backward groups of at most 19 (16
-in a loop, beyond 32 classes; 5 for the sigmoid focal terms; 4 in float64, 2 for its sigmoid focal
-terms): the largest that compile without register spills on sm_90.
+float64) one group holds them all; beyond, forward groups of at most 12 (10 with the softmax focal or MSE
+terms, 6 with the argmax, 6 in float64, 4 for the sigmoid focal terms) in a loop over groups, and backward
+groups of at most 19 (16 in a loop, beyond 32 classes; 5 for the sigmoid focal terms; 4 in float64, 2 for
+its sigmoid focal terms): the largest that compile without register spills on sm_90 (triton 3.6 and 3.9).
 
 Launches. The forward: ``_up_fwd_kernel``, the class-sum kernel when the class sums are not
 registers (more than 32 classes), the finalize. The backward: ``_up_bwd_kernel``; with class groups in
@@ -75,6 +75,7 @@ _FUSED_C_F64_SIGMOID = 6  # float64 with the sigmoid focal terms
 _REG_STATS_C = 32  # up to this class count the forward's class statistics are per-thread registers
 _UNROLL_C = 32  # up to this class count the backward's class groups are unrolled; beyond, a loop over groups
 _GROUP = 12  # classes per forward group beyond _CACHE_C: see _class_plan
+_GROUP_TERMS = 10  # the same with the focal terms or the softmax MSE, and in the coefficient launch
 _BWD_GROUP = (
     19  # classes per backward group from the coefficient launch (unrolled; 20 took all 255 registers)
 )
@@ -191,11 +192,12 @@ def _bwd_fused(C, mode, f64):
     return C <= ((_FUSED_C_F64_SIGMOID if mode == Mode.SIGMOID_FOCAL else _FUSED_C_F64) if f64 else _FUSED_C)
 
 
-def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
+def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False, focal=False):
     """(GROUP, LOOP, CACHE) of a class count (see the module docstring). A forward group holds
     ``_fwd_step`` rows of interpolated values per class (and with ``need_am`` the running argmax; with
-    ``coef``, the backward's coefficient launch, the upstream gradients and three outputs per pixel),
-    in a loop over groups (unrolled groups spilled: the compiler hoisted loads across them); the
+    ``coef``, the backward's coefficient launch, the upstream gradients and three outputs per pixel; with
+    ``focal``, γ != 0, the focal terms), in a loop over groups (unrolled groups spilled: the compiler hoisted
+    loads across them); the
     backward four accumulators and the two taps of two rows per class. Smaller groups for the
     sigmoid focal terms and float64: these sizes are the largest that compile without register
     spills on sm_90 (tests/test_sm90_compile.py)."""
@@ -215,8 +217,10 @@ def _class_plan(C, mode, f64, bwd=False, need_am=False, coef=False):
         group = 6  # in steps of 2 rows
     else:
         # in steps of 4 rows; 8 spilled with the argmax (and the softmax focal terms), 12 in the
-        # coefficient launch of the softmax focal loss on triton 3.6
-        group = 6 if need_am and mode != Mode.STATS else (10 if coef else _GROUP)
+        # coefficient launch of the softmax focal loss on triton 3.6, 11 and 12 with the focal terms (triton
+        # 3.9) or the softmax MSE (3.6 and 3.9)
+        small = coef or focal or mode == Mode.MSE_SOFTMAX
+        group = 6 if need_am and mode != Mode.STATS else (_GROUP_TERMS if small else _GROUP)
     if (
         not loop
     ):  # the backward's unrolled groups (the forward's always loop): even groups, 30 classes are 15 + 15
@@ -336,7 +340,7 @@ def _fwd_launch(x, N, geo, off64, mode, gamma, acc, *, weigh, sums, store_pl, ne
     B, C = x.shape[0], x.shape[1]
     f64 = acc == torch.float64
     grid = _fwd_grid(geo, B, C, mode, f64)
-    group, _, cache = _class_plan(C, mode, f64, need_am=need_tp or need_conf)
+    group, _, cache = _class_plan(C, mode, f64, need_am=need_tp or need_conf, focal=_focal(mode, gamma))
     tables, sizes, walk = _walk_args(x, geo, off64, C, mode, gamma, group, cache, grid)
     # float32 counts per thread (at most H pixels) are exact below 2**24, and a program's (its BLOCK_X <= 128
     # threads') int32 sums below 2**31; from _BIG_H rows its counts are int64 atomics instead
