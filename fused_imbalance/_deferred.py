@@ -41,9 +41,8 @@ def _submit(values, describe):
     """Queue the (2,) int64 tensor ``values`` for ``describe`` once the device has written it. Queued
     entries hold numpy views of host memory, so that reading them later needs no torch call (a later
     call may run under torch.func, where torch calls see wrapped tensors)."""
-    if (
-        not values.is_cuda
-    ):  # the interpreter's CPU tensors: computed already, read now (a failed check queued)
+    if not values.is_cuda:
+        # the interpreter's CPU tensors: computed already, read now (only a failed check is queued)
         message = describe(values.numpy())
         if message is not None:
             _queue.append((message, None))

@@ -288,11 +288,11 @@ def recall_ema(sums, count, tp, running, seen, weight, reduction):
     C = sums.numel()
     key = (weight, sums.device)
     wt = _ema_weights.get(key)
-    if wt is None:  # a fill on the device (no copy from the host: nothing waits, capture included)
+    if wt is None:
+        # a fill on the device (no copy from the host: nothing waits, capture included); one made while a
+        # CUDA graph is captured is filled only on replay, so it is not kept
         wt = torch.full((), weight, dtype=torch.float64, device=sums.device)
-        if not (
-            sums.is_cuda and torch.cuda.is_current_stream_capturing()
-        ):  # a capture's own is filled on replay
+        if not (sums.is_cuda and torch.cuda.is_current_stream_capturing()):
             if len(_ema_weights) >= _PLANS_MAX:
                 _ema_weights.clear()
             _ema_weights[key] = wt
