@@ -479,8 +479,8 @@ def _recall_ema_kernel(
     """RecallLoss's moving average and loss, one program after the forward (with the per-class sums):
     for each class present R̄_c ← lerp(R̄_c, TP_c / n_c, 1 - m) (TP_c / n_c the first time it is seen),
     seen |= present; w_c = 1 - R̄_c; the loss Σ_c w_c S_c, over D = max(Σ_c n_c, 1) for the mean, and
-    the backward's factor w_c / D. The batch recall in float64 and the average in the buffer's dtype, as
-    the module's torch operations (``torch.lerp``'s formula, for the eager and compiled paths alike)."""
+    the backward's factor w_c / D. The batch recall in float64 and the average in the buffer's dtype with
+    ``torch.lerp``'s formula, as the module's torch operations compute them (its other paths)."""
     acc_ty = scale_ptr.dtype.element_ty
     run_ty = run_ptr.dtype.element_ty
     cs = tl.arange(0, BC)
