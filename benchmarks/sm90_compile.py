@@ -253,6 +253,8 @@ UPSAMPLE_VARIANTS = [
         True,
         True,
     ),  # class groups in a loop, coefficient launch
+    # (and, for the softmax focal class groups, the forward that keeps lse and the launch of the
+    # coefficients from it)
     (40, "bilinear", False, "f64", "focal", True, True, True),  # float64 class groups, steps of 4 rows
     (40, "bilinear", False, "f32", "sigfocal", False, True, True),  # sigmoid focal class groups
     # cross-entropy backward from the forward's lse (no coefficient launch): the largest unrolled group, a loop
@@ -286,12 +288,7 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
     ip = 0 if interp == "nearest" else 1
     start = len(_COMPILED)
     weight, conf, red, wt = _call(need_pl, need_tp, need_conf, mode, C, acc)
-    # as autograd calls them: the softmax focal forward keeps what its backward takes (keeps_lse), the
-    # backward gets it (the other softmax mode's class groups take the coefficient launch instead)
-    keep = mode != 4
-    out = U._forward(
-        x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, keep
-    )
+    U._forward(x, y, ip, align_corners, weight, tv, conf, mode, gamma, -100, red, wt, need_tp, False, False)
     if mode != 4:
         U._backward(
             x,
@@ -301,7 +298,7 @@ def compile_upsample_variant(C, interp, align_corners, dt, mode_name, need_pl, n
             torch.empty(y.numel(), dtype=acc),
             torch.empty(C, dtype=acc),
             tv,
-            out.lse,
+            None,
             mode,
             gamma,
             -100,
