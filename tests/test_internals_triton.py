@@ -756,6 +756,61 @@ def test_eager_launchers_are_the_ops():
     )
 
 
+_COMPILED_LAUNCHES = r"""
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernels (JITFunction), as on a GPU
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper, kernel_side_table
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.jit import JITFunction
+
+launched = []
+JITFunction.run = lambda self, *a, **kw: launched.append(self.fn.__name__)  # no GPU here: each launch a no-op
+from fused_imbalance import _fused
+from fused_imbalance.ops import Mode, Reduction, Weighting, triton_backend
+from fused_imbalance.ops._triton_compat import wrap
+from fused_imbalance.ops.triton_kernels import _finalize_kernel
+
+_fused.register_backend(triton_backend.backend())
+x = torch.randn(2, 19, 4, 4, requires_grad=True)
+y = torch.randint(0, 19, (32,))
+table = len(kernel_side_table.constant_args)
+args = (None, None, None, Mode.SOFTMAX_FOCAL, 0.0, -100, Reduction.MEAN, Weighting.NONE, False, False)
+for _ in range(3):
+    _fused.forward("triton", x, y, (), *args)[0].backward()
+assert launched == ["_fwd_static_kernel", "_finalize_kernel", "_bwd_static_kernel"] * 3, launched
+assert len(kernel_side_table.constant_args) == table, "an eager launch went through the higher-order op"
+assert wrap(_finalize_kernel) is _finalize_kernel
+
+
+class Traced(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+with Traced():  # fake tensors, functionalization, make_fx: the launch is the op a trace records
+    assert isinstance(wrap(_finalize_kernel), TraceableTritonKernelWrapper)
+print("ok")
+"""
+
+
+def test_eager_launches_are_direct():
+    """An eager step launches the compiled kernels directly, not through ``wrap_triton``'s higher-order op
+    (about 55 µs of host time per launch, and an entry in torch's kernel side table that is never freed:
+    a training loop's memory would grow); a dispatch mode (a trace) gets the op. Run in a subprocess
+    without the interpreter, every launch a no-op (no GPU here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILED_LAUNCHES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 @pytest.mark.cuda
 def test_launches_on_the_logits_device():
     """Logits on cuda:1 while cuda:0 is current: every launch runs on the logits' device."""

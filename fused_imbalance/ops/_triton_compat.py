@@ -1,15 +1,32 @@
-"""Launching Triton kernels from a ``torch.library.triton_op`` on every supported torch."""
+"""Launching Triton kernels from a ``torch.library.triton_op`` and from the eager path on every supported
+torch."""
 
+import torch
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
 
 def wrap(kernel):
-    """``wrap_triton(kernel)`` for a compiled kernel, so that ``torch.compile`` sees the launch.
+    """The kernel to launch: the kernel itself for an eager launch on plain tensors, ``wrap_triton(kernel)``
+    where a trace must see the launch.
 
-    Under ``TRITON_INTERPRET=1``, ``@triton.jit`` makes an interpreted function instead, which
-    torch >= 2.13's ``wrap_triton`` hands back unchanged and older torch refuses ("wrap_triton only
-    works on functions annotated with triton.jit"). Such a kernel is launched as it is on every
-    version, as torch >= 2.13 does.
+    ``wrap_triton`` makes a launch a higher-order op (``triton_kernel_wrapper_mutation``) whenever torch's
+    switch for it is on, which it is everywhere but inside a ``triton_op``'s own eager implementation. That
+    is what ``torch.compile`` and ``make_fx`` need to record the kernel, but on an eager call it costs the
+    host about 55 µs per launch (the op's dispatch) and adds an entry to torch's kernel side table that is
+    never removed. The eager path (:mod:`fused_imbalance._fused`) calls the launchers outside any
+    ``triton_op``, so: with no Python dispatch mode active (fake tensors, functionalization and proxy
+    tracing are modes) and outside ``torch.compile``, the kernel is launched directly, as the
+    ``triton_op``'s eager implementation does; otherwise through ``wrap_triton``.
+
+    Under ``TRITON_INTERPRET=1``, ``@triton.jit`` makes an interpreted function instead, which torch >=
+    2.13's ``wrap_triton`` hands back unchanged and older torch refuses ("wrap_triton only works on
+    functions annotated with triton.jit"). Such a kernel is launched as it is on every version.
     """
-    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    if not isinstance(kernel, JITFunction):
+        return kernel
+    if _dispatch_modes() == 0 and not torch.compiler.is_compiling():
+        return kernel
+    return wrap_triton(kernel)
