@@ -15,6 +15,7 @@ def sources():
     return [
         os.path.join(CSRC, "fused_imbalance.cpp"),
         os.path.join(CSRC, "cpu", "loss_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "autograd.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels_avx2.cpp"),
         os.path.join(CSRC, "cpu", "loss_kernels_avx512.cpp"),

@@ -53,6 +53,11 @@ std::tuple<Tensor, Tensor, Tensor> cpp_dice_finalize_cpu(const Tensor& sums, con
 Tensor cpp_dice_bwd_cpu(const Tensor& x, const Tensor& target, const Tensor& coef,
                         const std::optional<Tensor>& ce_scale, const Tensor& grad, int64_t kind, int64_t flags,
                         int64_t ignore_index, int64_t reduction);
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_loss_autograd(
+    const Tensor& x, const Tensor& target, int64_t interp, bool align_corners, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& tvals, const std::optional<Tensor>& confusion, int64_t mode, double gamma,
+    int64_t ignore_index, int64_t reduction, int64_t weighting, bool need_tp, bool validate,
+    const std::optional<Tensor>& running, const std::optional<Tensor>& seen, double ema_weight, int64_t ema_reduction);
 std::tuple<Tensor, Tensor> recall_ema_cpu(const Tensor& sums, const Tensor& count, const Tensor& tp, Tensor running,
                                           Tensor seen, double weight, int64_t reduction);
 
@@ -121,6 +126,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ohem_bwd", &cpu::cpp_ohem_bwd_cpu);
   // RecallLoss's moving average and loss (eager calls only: a compiled graph traces the module's torch ops)
   m.def("recall_ema", &cpu::recall_ema_cpu);
+  // An eager call of the plain (interp -1) or upsampled loss with its autograd node in C++ (csrc/cpu/autograd.cpp):
+  // (loss, count, tp, bad). Eager calls only, outside forward-mode AD and torch.func.
+  m.def("loss_autograd", &cpu::cpp_loss_autograd);
   // float[] params: a Python list arrives as a std::vector (pybind11 has no caster for ArrayRef)
   using at::Tensor;
   using OptTensor = std::optional<Tensor>;

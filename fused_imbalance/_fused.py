@@ -3,9 +3,11 @@
 An eager call goes from the public function to the backend's forward through one
 ``torch.autograd.Function``, whose backward calls the backend's backward function: the plain Python
 launcher of the Triton kernels, or the C++ function through pybind11, with no ``torch.library``
-layer in between. Inside ``torch.compile`` the same formula calls the registered ops instead (so
-that Inductor sees the Triton kernels); the ops run the same functions, so both give bit-identical
-results.
+layer in between. A backend may have its own autograd node for that call (``Backend.autograd``: the
+C++ backend's, whose backward runs no Python), the same formula calling the same functions;
+forward-mode AD takes the Python one, which has the jvp. Inside ``torch.compile`` the same formula
+calls the registered ops instead (so that Inductor sees the Triton kernels); the ops run the same
+functions, so both give bit-identical results.
 
 The forward op returns the loss (a scalar, the per-pixel loss of ``"none"`` or the per-class sums
 S_c), the backward's per-class factor ``scale``, the counts, true positives and bad labels
@@ -19,6 +21,7 @@ the jvp are torch operations on the gradient of a unit upstream gradient, which 
 """
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _deferred
 from .ops import Reduction, Weighting, acc_dtype
@@ -457,6 +460,34 @@ def forward(
     ``geo`` is () or the upsampled ops' (interp, align_corners). ``ema``: ``RecallLoss``'s moving average
     applied to the per-class sums of this CLASS call (see :class:`_Call`; only where :func:`eager`)."""
     be = _BACKENDS[name]
+    if be.autograd is not None and _forward_ad._current_level < 0 and eager():
+        # the backend's own autograd node (the C++ one: no Python in the step's backward)
+        if ema is None:
+            running = seen = None
+            ema_weight, ema_reduction = 0.0, -1
+        else:
+            running, seen, ema_weight, ema_reduction = ema
+        interp, align_corners = geo if geo else (-1, False)
+        return be.autograd(
+            unwrap_if_dead(x),
+            target,
+            interp,
+            align_corners,
+            weight,
+            tvals,
+            confusion,
+            mode,
+            gamma,
+            ignore_index,
+            reduction,
+            weighting,
+            need_tp,
+            validate,
+            running,
+            seen,
+            ema_weight,
+            ema_reduction,
+        )
     # whether autograd will differentiate the call: the backend keeps what its backward may take, or
     # nothing where one read of the logits suffices (Backend.keeps_lse, decided in the launch)
     need_lse = torch.is_grad_enabled() and x.requires_grad

@@ -600,13 +600,25 @@ def test_recall_ema_op(backend, C, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_recall_momentum_fused_path(backend, reduction, monkeypatch):
     """A training step of RecallLoss with a momentum runs the forward, then one ``recall_ema`` (the
-    fused eager path), and equals the reference module step by step: loss, gradient, buffers; in float64
-    also with its buffers in float64. Eval mode and ``"none"`` do not take that path."""
+    fused eager path; inside the C++ backend's autograd node there), and equals the reference module
+    step by step: loss, gradient, buffers; in float64 also with its buffers in float64. Eval mode and
+    ``"none"`` do not take that path."""
     dev = backend_device(backend)
     be = _fused._BACKENDS[backend]
     calls = []
+
+    def autograd(*a):  # the backend's own autograd node, with the moving average (ema_reduction >= 0)
+        if a[-1] >= 0:
+            calls.append(1)
+        return be.autograd(*a)
+
     monkeypatch.setitem(
-        _fused._BACKENDS, backend, be._replace(recall_ema=lambda *a: calls.append(1) or be.recall_ema(*a))
+        _fused._BACKENDS,
+        backend,
+        be._replace(
+            recall_ema=lambda *a: calls.append(1) or be.recall_ema(*a),
+            autograd=autograd if be.autograd is not None else None,
+        ),
     )
     for dtype in (torch.float32, torch.float64):
         fused = RecallLoss(5, momentum=0.8, ignore_index=IGN, reduction=reduction, backend=backend).to(dev)

@@ -136,6 +136,14 @@ class Backend(NamedTuple):
     ``keeps_lse(x, mode, gamma, upsampled) -> int``: floats per pixel its forward keeps for the
     backward when asked (``need_lse``). ``defers_validation``: bad labels are returned, not raised
     (see the contract's ``validate``). ``recall_ema``: the moving average of ``RecallLoss`` (above).
+    ``autograd``: None, or an eager call of the plain or upsampled loss whose autograd node is the
+    backend's own (the C++ backend's, ``csrc/cpu/autograd.cpp``): ``autograd(x, target, interp,
+    align_corners, weight, tvals, confusion, mode, gamma, ignore_index, reduction, weighting, need_tp,
+    validate, running, seen, ema_weight, ema_reduction) -> (loss, count, tp, bad)``, ``interp`` −1 for
+    the plain loss, ``ema_reduction`` −1 without ``RecallLoss``'s moving average (else the average's
+    buffers, 1 − momentum and reduction, applied to the per-class sums as :func:`recall_ema`). It is the
+    formula of :mod:`fused_imbalance._fused` calling the same functions, for calls outside
+    ``torch.compile``, ``torch.func`` and forward-mode AD.
     """
 
     name: str
@@ -151,6 +159,7 @@ class Backend(NamedTuple):
     keeps_lse: object
     defers_validation: bool
     recall_ema: object
+    autograd: object = None
 
 
 def pixel_view(x):

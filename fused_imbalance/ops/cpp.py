@@ -197,6 +197,7 @@ def _register(module):
         keeps_lse,
         False,
         module.recall_ema,
+        module.loss_autograd,
     )
 
 
