@@ -58,6 +58,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_loss_autograd(
     const std::optional<Tensor>& tvals, const std::optional<Tensor>& confusion, int64_t mode, double gamma,
     int64_t ignore_index, int64_t reduction, int64_t weighting, bool need_tp, bool validate,
     const std::optional<Tensor>& running, const std::optional<Tensor>& seen, double ema_weight, int64_t ema_reduction);
+Tensor cpp_dice_autograd(const Tensor& x, const Tensor& target, const std::optional<Tensor>& weight,
+                         const std::optional<Tensor>& ce_weight, const std::optional<Tensor>& confusion, int64_t kind,
+                         int64_t w_type, int64_t flags, std::vector<double> params, int64_t ignore_index,
+                         int64_t reduction, bool validate);
+Tensor cpp_ohem_autograd(const Tensor& x, const Tensor& target, int64_t interp, bool align_corners,
+                         const std::optional<Tensor>& weight, const std::optional<Tensor>& confusion, double thresh,
+                         int64_t rank, int64_t ignore_index, int64_t reduction, bool mean_over_all, bool validate);
 std::tuple<Tensor, Tensor> recall_ema_cpu(const Tensor& sums, const Tensor& count, const Tensor& tp, Tensor running,
                                           Tensor seen, double weight, int64_t reduction);
 
@@ -129,6 +136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // An eager call of the plain (interp -1) or upsampled loss with its autograd node in C++ (csrc/cpu/autograd.cpp):
   // (loss, count, tp, bad). Eager calls only, outside forward-mode AD and torch.func.
   m.def("loss_autograd", &cpu::cpp_loss_autograd);
+  // The same node for a Dice-family loss finalized in its forward, and for the OHEM cross-entropy: the loss.
+  m.def("dice_autograd", &cpu::cpp_dice_autograd);
+  m.def("ohem_autograd", &cpu::cpp_ohem_autograd);
   // float[] params: a Python list arrives as a std::vector (pybind11 has no caster for ArrayRef)
   using at::Tensor;
   using OptTensor = std::optional<Tensor>;

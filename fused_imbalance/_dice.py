@@ -16,6 +16,7 @@ coefficients, so that the gradients DDP averages over the ranks are the global b
 import weakref
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _deferred, _upsample
 from . import reference as _ref
@@ -418,10 +419,28 @@ def run(
     else:
         if transforms_active():
             raise RuntimeError(TORCH_FUNC_UNSUPPORTED.format(backend=name))
-        loss = _eager_apply(
-            unwrap_if_dead(x),
-            _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync),
-        )
+        node = dice_backend(name).autograd
+        if node is not None and sync is None and _forward_ad._current_level < 0:
+            # the backend's own autograd node (the C++ one: no Python in the step's backward)
+            loss = node(
+                unwrap_if_dead(x),
+                t,
+                weight,
+                ce_weight,
+                confusion,
+                o.kind,
+                o.w_type,
+                o.flags,
+                o.params,
+                ignore_index,
+                red,
+                validate,
+            )
+        else:
+            loss = _eager_apply(
+                unwrap_if_dead(x),
+                _Call(name, t, weight, ce_weight, confusion, o, ignore_index, red, validate, sync),
+            )
     if red == Reduction.NONE:
         loss = loss.reshape(_ref._per_image_shape(logits, bool(o.flags & BATCH)) + loss.shape[1:])
     return loss

@@ -14,6 +14,7 @@ forward-mode derivatives of the per-pixel output of an upsampled call are errors
 """
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _deferred, _fused
 from ._fused import DOUBLE_BACKWARD, JVP_UPSAMPLED, VMAP_UNSUPPORTED
@@ -300,6 +301,24 @@ def forward(
     """The fused OHEM loss of backend ``name`` through the autograd formula: the loss (a scalar, or (N,) for
     "none"). ``geo`` is () or the upsampled ops' (interp, align_corners)."""
     _loaded(name)
+    node = _ops.load(name).autograd
+    if node is not None and _forward_ad._current_level < 0 and _fused.eager():
+        # the backend's own autograd node (the C++ one: no Python in the step's backward)
+        interp, align_corners = (geo[0], geo[1]) if geo else (-1, False)
+        return node(
+            _fused.unwrap_if_dead(x),
+            target,
+            interp,
+            align_corners,
+            weight,
+            confusion,
+            float(thresh),
+            rank,
+            ignore_index,
+            int(reduction),
+            bool(mean_over_all),
+            validate,
+        )
     need_lse = (
         torch.is_grad_enabled()
         and x.requires_grad

@@ -20,6 +20,8 @@ import torch
 
 import contract
 from fused_imbalance.ops import Mode, Reduction, Weighting, acc_dtype
+from fused_imbalance.ops import dice as DICE
+from fused_imbalance.ops import ohem as OHEM
 from fused_imbalance.ops import select as SEL
 from test_select import _available, check, histogram_of
 from tolerances import LOSS_TOL, TOL
@@ -496,6 +498,22 @@ def _autograd_cases():
             lambda b: lambda x, y: fi.cross_entropy(x, y, reduction="none", backend=b, upsample="nearest"),
         ),
         ("RecallLoss momentum", lambda b: fi.RecallLoss(C, momentum=0.7, backend=b).double()),
+        ("dice", lambda b: lambda x, y: fi.dice_loss(x, y, backend=b)),
+        (
+            "dice_ce weight sum",
+            lambda b: lambda x, y: fi.dice_ce_loss(x, y, weight=w, reduction="sum", backend=b),
+        ),
+        ("dice none", lambda b: lambda x, y: fi.dice_loss(x, y, reduction="none", backend=b)),
+        ("tversky batch", lambda b: lambda x, y: fi.tversky_loss(x, y, 0.3, 0.7, batch=True, backend=b)),
+        ("ohem", lambda b: lambda x, y: fi.ohem_cross_entropy(x, y, 0.7, 20, backend=b)),
+        (
+            "ohem weight none",
+            lambda b: lambda x, y: fi.ohem_cross_entropy(x, y, 0.7, 9, w, reduction="none", backend=b),
+        ),
+        (
+            "upsample ohem",
+            lambda b: lambda x, y: fi.ohem_cross_entropy(x, y, 0.6, 30, backend=b, upsample="bilinear"),
+        ),
     ]
 
 
@@ -513,20 +531,24 @@ def _graph_names(fn):
 @pytest.mark.parametrize("case", _autograd_cases(), ids=lambda c: c[0])
 def test_autograd_node_is_the_python_formula(case, monkeypatch):
     """An eager call runs the C++ backend's own autograd node (no Python in its backward), and it gives
-    bit-identical losses, gradients and module buffers to the Python formula of ``_fused`` that the
-    other paths use; a second backward through a retained graph gives the same gradient again."""
+    bit-identical losses, gradients and module buffers to the Python formulas of ``_fused``, ``_dice``
+    and ``_ohem`` that the other paths use; a second backward through a retained graph gives the same
+    gradient again."""
     from fused_imbalance import _fused
 
     name, make_fn = case
     up = name.startswith("upsample")
+    DICE.dice_backend("cpp"), OHEM.load("cpp")  # loaded, so that the Python formula's run can replace them
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn((2, 5, 3, 4) if up else (2, 5, 6, 7), generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (2, 6, 7), generator=g)
     y.view(-1)[::5] = -100
     outs = []
     for node in (True, False):
-        if not node:  # the Python formula: the same backend without its own node
+        if not node:  # the Python formula: the same backends without their own node
             monkeypatch.setitem(_fused._BACKENDS, "cpp", BE._replace(autograd=None))
+            for ops in (DICE, OHEM):
+                monkeypatch.setitem(ops._loaded, "cpp", ops._loaded["cpp"]._replace(autograd=None))
         fn = make_fn("cpp")
         x = x0.clone().requires_grad_()
         got = []

@@ -55,5 +55,6 @@ def backend():
             ops.cpp_dice_fwd.default,
             ops.cpp_dice_finalize.default,
             ops.cpp_dice_bwd.default,
+            _C.dice_autograd,
         )
     return _backend

@@ -197,7 +197,12 @@ def upstream_index(grad, S, C, kind, flags, reduction):
 
 
 class DiceBackend(NamedTuple):
-    """A backend's Dice ops: the eager functions and the registered ops (the same code)."""
+    """A backend's Dice ops: the eager functions and the registered ops (the same code). ``autograd``:
+    None, or an eager call with the backend's own autograd node (the C++ one, ``csrc/cpu/autograd.cpp``),
+    ``autograd(x, target, weight, ce_weight, confusion, kind, w_type, flags, params, ignore_index,
+    reduction, validate) -> loss``: the forward with its finalize, the backward op in the node's backward,
+    as :mod:`fused_imbalance._dice`'s formula (outside ``torch.compile``, ``torch.func``, forward-mode AD and
+    a distributed all-reduce of the sums)."""
 
     name: str
     fwd: object
@@ -206,6 +211,7 @@ class DiceBackend(NamedTuple):
     fwd_op: object
     finalize_op: object
     bwd_op: object
+    autograd: object = None
 
 
 _loaded = {}  # name -> DiceBackend

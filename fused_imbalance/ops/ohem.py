@@ -52,7 +52,10 @@ __all__ = ["OhemBackend", "load", "fwd_fake"]
 class OhemBackend(NamedTuple):
     """A backend's OHEM functions for eager calls and its registered ops for ``torch.compile`` (the ops
     run the same functions, so both give bit-identical results). ``defers_validation``: bad labels are
-    returned, not raised (the Triton backend)."""
+    returned, not raised (the Triton backend). ``autograd``: None, or an eager call with the backend's own
+    autograd node (the C++ one, ``csrc/cpu/autograd.cpp``), ``autograd(x, target, interp, align_corners,
+    weight, confusion, thresh, rank, ignore_index, reduction, mean_over_all, validate) -> loss``, as
+    :mod:`fused_imbalance._ohem`'s formula (outside ``torch.compile``, ``torch.func`` and forward-mode AD)."""
 
     name: str
     fwd: object
@@ -60,6 +63,7 @@ class OhemBackend(NamedTuple):
     fwd_op: object
     bwd_op: object
     defers_validation: bool
+    autograd: object = None
 
 
 def fwd_fake(x, target, reduction, lse_floats):
@@ -129,5 +133,11 @@ def _cpp():
 
     ops = torch.ops.fused_imbalance
     return OhemBackend(
-        "cpp", module.ohem_fwd, module.ohem_bwd, ops.cpp_ohem_fwd.default, ops.cpp_ohem_bwd.default, False
+        "cpp",
+        module.ohem_fwd,
+        module.ohem_bwd,
+        ops.cpp_ohem_fwd.default,
+        ops.cpp_ohem_bwd.default,
+        False,
+        module.ohem_autograd,
     )
