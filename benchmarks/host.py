@@ -6,8 +6,10 @@ work is negligible, as a multiple of eager ``F.cross_entropy(x, t).backward()``'
 Per loss (the class-balanced and CDB losses through their modules, as a training loop uses them):
 
 * ``cpp``: the C++ backend on CPU tensors (the step's whole host path: checks, autograd, the C++ op);
-* ``triton``: the Triton path under ``TRITON_INTERPRET=1`` with every kernel launch replaced by a no-op:
-  the host work of a GPU step without the device (the Python launchers, allocations, autograd);
+* ``triton``: the Triton path on CPU tensors with the compiled kernels (``JITFunction``, as on a GPU, not
+  the interpreter), each launch's ``JITFunction.run`` a no-op: the host work of a GPU step without the
+  device (the Python launchers, allocations, autograd, the way to the kernel's launch), less Triton's
+  own ``run`` (binding the arguments, its cache lookup, the driver call);
 * the aten ops and the package's kernel launches one step makes (counted, not timed).
 
 Each ratio is the median over rounds of (fused step time / eager step time), the two timed in
@@ -26,7 +28,9 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton path on CPU tensors (launches stubbed below)
+os.environ.pop(
+    "TRITON_INTERPRET", None
+)  # the compiled kernels' launch path, as on a GPU (stubbed below on CPU)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -90,15 +94,12 @@ def inputs(name, device):
 
 @contextlib.contextmanager
 def stubbed_launches(counter):
-    """Every Triton kernel launch of the package a no-op (counted): the host path alone."""
-    from fused_imbalance.ops import (
-        _triton_host,
-        triton_dice,
-        triton_loss,
-        triton_ohem,
-        triton_select,
-        triton_upsample,
-    )
+    """The Triton backend on CPU tensors with its compiled kernels, every launch's ``JITFunction.run`` a no-op
+    (counted): the host path alone, as a GPU step takes it up to Triton's own launch."""
+    from triton.runtime.jit import JITFunction
+
+    from fused_imbalance import _fused, functional
+    from fused_imbalance.ops import _triton_compat, triton_backend
 
     # the finalize kernels' outputs (loss, backward factors, counts, bad labels) by argument position
     outputs = {
@@ -107,28 +108,28 @@ def stubbed_launches(counter):
         "_recall_ema_kernel": slice(6, 8),
     }
 
-    class _Stub:
-        def __init__(self, kernel):
-            self.outputs = outputs.get(getattr(kernel, "__name__", ""))
+    def run(kernel, *args, **kwargs):
+        counter[0] += 1
+        out = outputs.get(kernel.fn.__name__)
+        if out is not None:  # never written: zeros, so that what reads them goes on (a few CPU fills)
+            for t in args[out]:
+                t.zero_()
 
-        def __getitem__(self, grid):
-            counter[0] += 1
-            return self.launch
-
-        def launch(self, *args, **kwargs):
-            if self.outputs is not None:  # the outputs are never written: zeros, so that what reads them
-                for out in args[self.outputs]:  # goes on (a few CPU fills, counted)
-                    out.zero_()
-
-    modules = (_triton_host, triton_dice, triton_loss, triton_ohem, triton_select, triton_upsample)
-    saved = [(m, m.wrap) for m in modules]
-    for m, _ in saved:
-        m.wrap = _Stub
+    be = triton_backend.backend()
+    cpu_be = be._replace(supports=lambda x: True)  # CPU tensors, which the compiled kernels never touch here
+    saved = (JITFunction.run, functional._loaded.get("triton"), dict(functional._resolved))
+    JITFunction.run = run
+    functional._loaded["triton"] = cpu_be
+    functional._resolved.clear()
+    _fused.register_backend(cpu_be)
     try:
-        yield
+        yield _triton_compat
     finally:
-        for m, w in saved:
-            m.wrap = w
+        JITFunction.run = saved[0]
+        functional._loaded["triton"] = saved[1]
+        functional._resolved.clear()
+        functional._resolved.update(saved[2])
+        _fused.register_backend(be)
 
 
 class _CountOps(TorchDispatchMode):
@@ -172,10 +173,18 @@ def ratio(run, eager, rounds, n):
     return statistics.median(ratios), statistics.median(eager_times)
 
 
-def count_step(run, launches):
+def count_step(run, launches, compat=None):
+    """(aten ops, launches) of one step. Under the counting dispatch mode the launches stay direct (a
+    dispatch mode makes them ``wrap_triton``'s higher-order op, which a step without one never is)."""
     before = launches[0]
-    with _CountOps() as c:
-        run()
+    if compat is not None:
+        modes, compat._dispatch_modes = compat._dispatch_modes, lambda: 0
+    try:
+        with _CountOps() as c:
+            run()
+    finally:
+        if compat is not None:
+            compat._dispatch_modes = modes
     return c.ops, launches[0] - before
 
 
@@ -190,10 +199,10 @@ def cpu_table(rounds, n):
         x, y = inputs(name, "cpu")
         r_cpp, _ = ratio(step(make("cpp"), x, y), eager, rounds, n)
         ops_cpp, _ = count_step(step(make("cpp"), x, y), launches)
-        with stubbed_launches(launches):
+        with stubbed_launches(launches) as compat:
             run_t = step(make("triton"), x, y)
             r_tri, e = ratio(run_t, eager, rounds, n)
-            ops_tri, k_tri = count_step(run_t, launches)
+            ops_tri, k_tri = count_step(run_t, launches, compat)
         rows.append((name, r_cpp, ops_cpp, 0, r_tri, ops_tri, k_tri))
         print(
             f"{name:24s} cpp {r_cpp:5.2f}x ({ops_cpp} aten ops)  triton {r_tri:5.2f}x ({ops_tri} aten ops, "
@@ -267,7 +276,8 @@ def main(argv=None):
         md = (
             head
             + f"eager F.cross_entropy forward+backward: {e * 1e6:.1f} us per step on a 1x19x4x4 input\n\n"
-            "| loss | cpp: host time / eager CE | cpp: aten ops per step | triton (launches stubbed): host time / "
+            "| loss | cpp: host time / eager CE | cpp: aten ops per step | triton (compiled kernels, launches "
+            "stubbed): host time / "
             "eager CE | triton: aten ops per step | triton: kernel launches per step |\n|---|---|---|---|---|---|\n"
         )
         md += "".join(
