@@ -99,7 +99,7 @@ def stubbed_launches(counter):
     from triton.runtime.jit import JITFunction
 
     from fused_imbalance import _fused, functional
-    from fused_imbalance.ops import _triton_compat, triton_backend
+    from fused_imbalance.ops import triton_backend
 
     # the finalize kernels' outputs (loss, backward factors, counts, bad labels) by argument position
     outputs = {
@@ -123,7 +123,7 @@ def stubbed_launches(counter):
     functional._resolved.clear()
     _fused.register_backend(cpu_be)
     try:
-        yield _triton_compat
+        yield
     finally:
         JITFunction.run = saved[0]
         functional._loaded["triton"] = saved[1]
@@ -173,18 +173,10 @@ def ratio(run, eager, rounds, n):
     return statistics.median(ratios), statistics.median(eager_times)
 
 
-def count_step(run, launches, compat=None):
-    """(aten ops, launches) of one step. Under the counting dispatch mode the launches stay direct (a
-    dispatch mode makes them ``wrap_triton``'s higher-order op, which a step without one never is)."""
+def count_step(run, launches):
     before = launches[0]
-    if compat is not None:
-        modes, compat._dispatch_modes = compat._dispatch_modes, lambda: 0
-    try:
-        with _CountOps() as c:
-            run()
-    finally:
-        if compat is not None:
-            compat._dispatch_modes = modes
+    with _CountOps() as c:
+        run()
     return c.ops, launches[0] - before
 
 
@@ -199,10 +191,10 @@ def cpu_table(rounds, n):
         x, y = inputs(name, "cpu")
         r_cpp, _ = ratio(step(make("cpp"), x, y), eager, rounds, n)
         ops_cpp, _ = count_step(step(make("cpp"), x, y), launches)
-        with stubbed_launches(launches) as compat:
+        with stubbed_launches(launches):
             run_t = step(make("triton"), x, y)
             r_tri, e = ratio(run_t, eager, rounds, n)
-            ops_tri, k_tri = count_step(run_t, launches, compat)
+            ops_tri, k_tri = count_step(run_t, launches)
         rows.append((name, r_cpp, ops_cpp, 0, r_tri, ops_tri, k_tri))
         print(
             f"{name:24s} cpp {r_cpp:5.2f}x ({ops_cpp} aten ops)  triton {r_tri:5.2f}x ({ops_tri} aten ops, "

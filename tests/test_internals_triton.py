@@ -762,6 +762,7 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernels (JITFunction), as on a GPU
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper, kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import JITFunction
 
@@ -784,12 +785,17 @@ assert len(kernel_side_table.constant_args) == table, "an eager launch went thro
 assert wrap(_finalize_kernel) is _finalize_kernel
 
 
-class Traced(TorchDispatchMode):
+class Counting(TorchDispatchMode):  # a user's mode (no rule for the higher-order op): direct launches
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
 
 
-with Traced():  # fake tensors, functionalization, make_fx: the launch is the op a trace records
+launched.clear()
+with Counting():
+    _fused.forward("triton", x, y, (), *args)[0].backward()
+assert launched == ["_fwd_static_kernel", "_finalize_kernel", "_bwd_static_kernel"], launched
+assert len(kernel_side_table.constant_args) == table
+with FakeTensorMode():  # a trace (fake tensors, functionalization, make_fx): the launch is the op it records
     assert isinstance(wrap(_finalize_kernel), TraceableTritonKernelWrapper)
 print("ok")
 """
@@ -798,8 +804,9 @@ print("ok")
 def test_eager_launches_are_direct():
     """An eager step launches the compiled kernels directly, not through ``wrap_triton``'s higher-order op
     (about 55 µs of host time per launch, and an entry in torch's kernel side table that is never freed:
-    a training loop's memory would grow); a dispatch mode (a trace) gets the op. Run in a subprocess
-    without the interpreter, every launch a no-op (no GPU here)."""
+    a training loop's memory would grow), also under a user's dispatch mode (which has no rule for the
+    op); a trace's mode (fake tensors) gets the op. Run in a subprocess without the interpreter, every
+    launch a no-op (no GPU here)."""
     import os
     import subprocess
     import sys

@@ -6,20 +6,28 @@ from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_get_mode = torch._C._get_dispatch_mode
+_TRACE_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # FUNCTIONAL, PROXY, FAKE
+
+
+def _tracing():
+    """Whether a trace's dispatch mode is active: fake tensors, functionalization or proxy tracing."""
+    return any(_get_mode(key) is not None for key in _TRACE_MODES)
 
 
 def wrap(kernel):
-    """The kernel to launch: the kernel itself for an eager launch on plain tensors, ``wrap_triton(kernel)``
+    """The kernel to launch: the kernel itself for an eager launch on real tensors, ``wrap_triton(kernel)``
     where a trace must see the launch.
 
     ``wrap_triton`` makes a launch a higher-order op (``triton_kernel_wrapper_mutation``) whenever torch's
     switch for it is on, which it is everywhere but inside a ``triton_op``'s own eager implementation. That
-    is what ``torch.compile`` and ``make_fx`` need to record the kernel, but on an eager call it costs the
-    host about 55 µs per launch (the op's dispatch) and adds an entry to torch's kernel side table that is
-    never removed. The eager path (:mod:`fused_imbalance._fused`) calls the launchers outside any
-    ``triton_op``, so: with no Python dispatch mode active (fake tensors, functionalization and proxy
-    tracing are modes) and outside ``torch.compile``, the kernel is launched directly, as the
-    ``triton_op``'s eager implementation does; otherwise through ``wrap_triton``.
+    is what ``torch.compile``, ``make_fx`` and ``torch.export`` need to record the kernel, but on an eager
+    call it costs the host about 55 µs per launch (the op's dispatch), adds an entry to torch's kernel
+    side table that is never removed, and fails under a dispatch mode that has no rule for the op (a
+    user's ``TorchDispatchMode``). The eager path (:mod:`fused_imbalance._fused`) calls the launchers
+    outside any ``triton_op``, so the kernel is launched directly, as the ``triton_op``'s eager
+    implementation does, unless ``torch.compile`` is tracing or a trace's dispatch mode (fake tensors,
+    functionalization, proxy tracing) is active.
 
     Under ``TRITON_INTERPRET=1``, ``@triton.jit`` makes an interpreted function instead, which torch >=
     2.13's ``wrap_triton`` hands back unchanged and older torch refuses ("wrap_triton only works on
@@ -27,6 +35,6 @@ def wrap(kernel):
     """
     if not isinstance(kernel, JITFunction):
         return kernel
-    if _dispatch_modes() == 0 and not torch.compiler.is_compiling():
-        return kernel
-    return wrap_triton(kernel)
+    if torch.compiler.is_compiling() or (_dispatch_modes() and _tracing()):
+        return wrap_triton(kernel)
+    return kernel
