@@ -818,6 +818,23 @@ def test_eager_launches_are_direct():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+def test_a_traces_placeholders_are_not_kept(monkeypatch):
+    """A kernel's placeholder argument made while a graph is traced is the trace's own: a fake or
+    functional tensor kept for later calls would reach an eager launch after a compiled step (on a GPU, a
+    launch on a tensor without storage), and a kept real one would enter the trace."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    monkeypatch.setattr(H, "_dummies", {})
+    cpu = torch.device("cpu")
+    with FakeTensorMode():
+        assert isinstance(H._dummy(cpu, torch.float32), FakeTensor)
+    assert not H._dummies
+    real = H._dummy(cpu, torch.float32)
+    assert type(real) is torch.Tensor and H._dummy(cpu, torch.float32) is real
+    with FakeTensorMode():
+        assert H._dummy(cpu, torch.float32) is not real
+
+
 @pytest.mark.cuda
 def test_launches_on_the_logits_device():
     """Logits on cuda:1 while cuda:0 is current: every launch runs on the logits' device."""

@@ -10,9 +10,12 @@ _get_mode = torch._C._get_dispatch_mode
 _TRACE_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # FUNCTIONAL, PROXY, FAKE
 
 
-def _tracing():
-    """Whether a trace's dispatch mode is active: fake tensors, functionalization or proxy tracing."""
-    return any(_get_mode(key) is not None for key in _TRACE_MODES)
+def traced():
+    """Whether what runs now is being traced: ``torch.compile`` (Dynamo or AOTAutograd), or a trace's dispatch
+    mode (fake tensors, functionalization, proxy tracing, as under ``make_fx``)."""
+    return torch.compiler.is_compiling() or (
+        _dispatch_modes() > 0 and any(_get_mode(key) is not None for key in _TRACE_MODES)
+    )
 
 
 def wrap(kernel):
@@ -35,6 +38,4 @@ def wrap(kernel):
     """
     if not isinstance(kernel, JITFunction):
         return kernel
-    if torch.compiler.is_compiling() or (_dispatch_modes() and _tracing()):
-        return wrap_triton(kernel)
-    return kernel
+    return wrap_triton(kernel) if traced() else kernel

@@ -14,7 +14,7 @@ from . import FLOAT_DTYPES, Mode, Reduction, Weighting, acc_dtype
 try:
     import triton
 
-    from ._triton_compat import wrap
+    from ._triton_compat import traced, wrap
     from .triton_kernels import (
         _class_sum_kernel,
         _finalize_kernel,
@@ -145,7 +145,11 @@ _dummies = {}
 
 def _dummy(device, dtype):
     """A one-element tensor for a kernel argument the launch does not read (its dtype may set the
-    kernel's arithmetic), allocated once per device and dtype."""
+    kernel's arithmetic), allocated once per device and dtype. While a graph is traced, the trace's own
+    (uninitialised) one: a fake or functional tensor kept here would reach a later eager launch, and a
+    kept real one would enter the trace."""
+    if traced():
+        return torch.empty(1, dtype=dtype, device=device)
     key = (device, dtype)
     t = _dummies.get(key)
     if t is None:
