@@ -16,11 +16,10 @@ coefficients, so that the gradients DDP averages over the ranks are the global b
 import weakref
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import _deferred, _upsample
 from . import reference as _ref
-from ._fused import DOUBLE_BACKWARD, bound_apply, transforms_active, unwrap_if_dead
+from ._fused import DOUBLE_BACKWARD, bound_apply, own_node, transforms_active, unwrap_if_dead
 from .ops import Reduction, acc_dtype, collapsible
 from .ops.dice import BATCH, CE, INCLUDE_BACKGROUND, JACCARD, SQUARED, DiceKind, WType, dice_backend, params
 
@@ -420,7 +419,7 @@ def run(
         if transforms_active():
             raise RuntimeError(TORCH_FUNC_UNSUPPORTED.format(backend=name))
         node = dice_backend(name).autograd
-        if node is not None and sync is None and _forward_ad._current_level < 0:
+        if node is not None and sync is None and own_node():
             # the backend's own autograd node (the C++ one: no Python in the step's backward)
             loss = node(
                 unwrap_if_dead(x),

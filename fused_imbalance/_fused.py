@@ -460,7 +460,7 @@ def forward(
     ``geo`` is () or the upsampled ops' (interp, align_corners). ``ema``: ``RecallLoss``'s moving average
     applied to the per-class sums of this CLASS call (see :class:`_Call`; only where :func:`eager`)."""
     be = _BACKENDS[name]
-    if be.autograd is not None and _forward_ad._current_level < 0 and eager():
+    if be.autograd is not None and own_node():
         # the backend's own autograd node (the C++ one: no Python in the step's backward)
         if ema is None:
             running = seen = None
@@ -550,6 +550,13 @@ except (AttributeError, KeyError):  # another torch: the public entry point
 def eager():
     """True on the eager path: neither traced by torch.compile nor under torch.func's transforms."""
     return not (torch.compiler.is_compiling() or transforms_active())
+
+
+def own_node():
+    """Whether an eager call may take its backend's own autograd node (``Backend.autograd``): outside
+    torch.compile, torch.func and forward-mode AD (an open ``torch.autograd.forward_ad`` level: that node
+    has no jvp)."""
+    return _forward_ad._current_level < 0 and eager()
 
 
 def bound_apply(fn):

@@ -14,7 +14,6 @@ forward-mode derivatives of the per-pixel output of an upsampled call are errors
 """
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import _deferred, _fused
 from ._fused import DOUBLE_BACKWARD, JVP_UPSAMPLED, VMAP_UNSUPPORTED
@@ -302,7 +301,7 @@ def forward(
     "none"). ``geo`` is () or the upsampled ops' (interp, align_corners)."""
     _loaded(name)
     node = _ops.load(name).autograd
-    if node is not None and _forward_ad._current_level < 0 and _fused.eager():
+    if node is not None and _fused.own_node():
         # the backend's own autograd node (the C++ one: no Python in the step's backward)
         interp, align_corners = (geo[0], geo[1]) if geo else (-1, False)
         return node(
