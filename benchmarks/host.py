@@ -28,9 +28,8 @@ import statistics
 import sys
 import time
 
-os.environ.pop(
-    "TRITON_INTERPRET", None
-)  # the compiled kernels' launch path, as on a GPU (stubbed below on CPU)
+# the compiled kernels' launch path, as on a GPU (stubbed below on CPU)
+os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -117,18 +116,18 @@ def stubbed_launches(counter):
 
     be = triton_backend.backend()
     cpu_be = be._replace(supports=lambda x: True)  # CPU tensors, which the compiled kernels never touch here
-    saved = (JITFunction.run, functional._loaded.get("triton"), dict(functional._resolved))
+    saved = (JITFunction.run, dict(functional._loaded), dict(functional._resolved))
     JITFunction.run = run
     functional._loaded["triton"] = cpu_be
     functional._resolved.clear()
     _fused.register_backend(cpu_be)
     try:
         yield
-    finally:
+    finally:  # as it was: a backend not loaded before is not loaded after (not "unavailable")
         JITFunction.run = saved[0]
-        functional._loaded["triton"] = saved[1]
-        functional._resolved.clear()
-        functional._resolved.update(saved[2])
+        for cache, before in ((functional._loaded, saved[1]), (functional._resolved, saved[2])):
+            cache.clear()
+            cache.update(before)
         _fused.register_backend(be)
 
 

@@ -467,12 +467,10 @@ def forward(
             ema_weight, ema_reduction = 0.0, -1
         else:
             running, seen, ema_weight, ema_reduction = ema
-        interp, align_corners = geo if geo else (-1, False)
         return be.autograd(
             unwrap_if_dead(x),
             target,
-            interp,
-            align_corners,
+            *interp_args(geo),
             weight,
             tvals,
             confusion,
@@ -550,6 +548,12 @@ except (AttributeError, KeyError):  # another torch: the public entry point
 def eager():
     """True on the eager path: neither traced by torch.compile nor under torch.func's transforms."""
     return not (torch.compiler.is_compiling() or transforms_active())
+
+
+def interp_args(geo):
+    """(interp, align_corners) of the upsampled ops' geometry ``geo``; (-1, False) for the plain loss (``()``),
+    as the C++ calls that serve both take them."""
+    return (geo[0], geo[1]) if geo else (-1, False)
 
 
 def own_node():

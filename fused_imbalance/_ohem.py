@@ -84,7 +84,7 @@ class _Call:
 
     @property
     def interp(self):
-        return (self.geo[0], self.geo[1]) if self.geo else (-1, False)
+        return _fused.interp_args(self.geo)
 
 
 def _fwd_call(s, x, graph):
@@ -303,12 +303,10 @@ def forward(
     node = _ops.load(name).autograd
     if node is not None and _fused.own_node():
         # the backend's own autograd node (the C++ one: no Python in the step's backward)
-        interp, align_corners = (geo[0], geo[1]) if geo else (-1, False)
         return node(
             _fused.unwrap_if_dead(x),
             target,
-            interp,
-            align_corners,
+            *_fused.interp_args(geo),
             weight,
             confusion,
             float(thresh),

@@ -100,9 +100,8 @@ struct LossCall : Call {
         sc = std::nullopt;
       }
     }
-    const OptTensor kept = lse;
-    return interp < 0 ? cpp_loss_bwd_cpu(x, target, grad, sc, tvals, kept, mode, gamma, ignore_index)
-                      : cpp_upsample_loss_bwd_cpu(x, target, interp, align_corners, grad, sc, tvals, kept, mode,
+    return interp < 0 ? cpp_loss_bwd_cpu(x, target, grad, sc, tvals, lse, mode, gamma, ignore_index)
+                      : cpp_upsample_loss_bwd_cpu(x, target, interp, align_corners, grad, sc, tvals, lse, mode,
                                                   gamma, ignore_index);
   }
 };
