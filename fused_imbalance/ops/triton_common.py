@@ -267,15 +267,18 @@ def _softmax_group(
     s2r,
     bv,
     am,
+    xy,
     acc_ty: tl.constexpr,
     NCLS: tl.constexpr,
     NEED_REST: tl.constexpr,
     NEED_S2: tl.constexpr,
     NEED_AM: tl.constexpr,
+    NEED_XY: tl.constexpr,
 ):
     """Fold classes c0 .. c0 + NCLS - 1 (NCLS unrolled) into the running softmax state: a max
     pass over their logits, the sums rescaled once, then an exp pass over the same values
-    (same addresses, no store in between: the compiler keeps them in registers)."""
+    (same addresses, no store in between: the compiler keeps them in registers); with NEED_XY the
+    exp pass also takes the label's logit ``xy`` (0 where no class is the label: y32 = -1)."""
     gm = m
     xg = xp + c0 * stride_c
     for k in tl.static_range(NCLS):
@@ -307,7 +310,9 @@ def _softmax_group(
             rest += er
             if NEED_S2:
                 s2r += er * er
-    return gm, s, rest, s2r, bv, am
+        if NEED_XY:
+            xy = tl.where(y32 == c0 + k, x, xy)
+    return gm, s, rest, s2r, bv, am, xy
 
 
 @triton.jit
@@ -323,12 +328,19 @@ def static_softmax(
     NEED_REST: tl.constexpr,
     NEED_S2: tl.constexpr,
     NEED_AM: tl.constexpr,
+    NEED_XY: tl.constexpr,
 ):
-    """(m, s, rest, s2r, am) of a pixel block over classes 0..C-1, in groups of GROUP classes.
+    """(m, s, rest, s2r, am, xy) of a pixel block over classes 0..C-1, in groups of GROUP classes.
 
     m = max_k x_k, s = Σ e_k, rest = Σ_{k≠y} e_k, s2r = Σ_{k≠y} e_k² with e_k = exp(x_k - ms),
     ms = m (0 while every logit is -inf, so that exp(-inf - ms) is 0, not NaN); ``rest / s``
-    is 1 - p_y without the cancellation of 1 - exp(log p_y). am: argmax (NEED_AM).
+    is 1 - p_y without the cancellation of 1 - exp(log p_y). am: argmax (NEED_AM). xy: the
+    label's logit, 0 where the pixel is not valid (NEED_XY; else 0): the value a gathered load
+    ``x[y]`` after the pass gives. The callers take it from the pass where the pass loops (LOOP:
+    beyond 32 classes), whose tile outgrows a program's share of L2 on an H100 (150 classes of
+    1024 16-bit pixels: 300 KB against about 130 KB), so that a gather after the pass would read
+    each pixel's sector from DRAM again (a tenth more than the floor, traced with sm90_memory);
+    a compare and a select per logit instead. Within one group the gather hits L1.
     LOOP false: every group unrolled (small C). LOOP true: a loop over the C // GROUP full
     groups, then the C % GROUP last classes unrolled (bounded code size for large C).
     """
@@ -338,10 +350,11 @@ def static_softmax(
     s2r = tl.zeros(y32.shape, acc_ty)
     bv = tl.full(y32.shape, float("-inf"), acc_ty)
     am = tl.zeros(y32.shape, tl.int32)
+    xy = tl.zeros(y32.shape, acc_ty)
     FULL: tl.constexpr = (C // GROUP) * GROUP
     if LOOP:
         for c0 in range(0, FULL, GROUP):
-            m, s, rest, s2r, bv, am = _softmax_group(
+            m, s, rest, s2r, bv, am, xy = _softmax_group(
                 xp,
                 stride_c,
                 pmask,
@@ -353,15 +366,17 @@ def static_softmax(
                 s2r,
                 bv,
                 am,
+                xy,
                 acc_ty,
                 GROUP,
                 NEED_REST,
                 NEED_S2,
                 NEED_AM,
+                NEED_XY,
             )
     else:
         for c0 in tl.static_range(0, FULL, GROUP):
-            m, s, rest, s2r, bv, am = _softmax_group(
+            m, s, rest, s2r, bv, am, xy = _softmax_group(
                 xp,
                 stride_c,
                 pmask,
@@ -373,14 +388,16 @@ def static_softmax(
                 s2r,
                 bv,
                 am,
+                xy,
                 acc_ty,
                 GROUP,
                 NEED_REST,
                 NEED_S2,
                 NEED_AM,
+                NEED_XY,
             )
     if C % GROUP:
-        m, s, rest, s2r, bv, am = _softmax_group(
+        m, s, rest, s2r, bv, am, xy = _softmax_group(
             xp,
             stride_c,
             pmask,
@@ -392,13 +409,15 @@ def static_softmax(
             s2r,
             bv,
             am,
+            xy,
             acc_ty,
             C % GROUP,
             NEED_REST,
             NEED_S2,
             NEED_AM,
+            NEED_XY,
         )
-    return m, s, rest, s2r, am
+    return m, s, rest, s2r, am, xy
 
 
 @triton.jit

@@ -970,7 +970,7 @@ def _fwd_static_kernel(
         if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
             tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
         if MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
-            m, ssum, rest, s2r, am = static_softmax(
+            m, ssum, rest, s2r, am, xy = static_softmax(
                 xp,
                 sc,
                 pmask,
@@ -982,9 +982,10 @@ def _fwd_static_kernel(
                 FOCAL or MODE == MODE_MSE_SOFTMAX,
                 MODE == MODE_MSE_SOFTMAX,
                 NEED_AM,
+                LOOP,
             )
-            # the label's logit: one gathered load per pixel
-            xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
+            if not LOOP:  # the label's logit: one gathered load per pixel (from the pass beyond one group)
+                xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
             logp = xy - log_sum_exp(m, ssum)
             if MODE == MODE_SOFTMAX_FOCAL:
                 if FOCAL:
@@ -1112,7 +1113,7 @@ def _bwd_static_kernel(
         if HAS_LSE:
             lse, a, q = _kept_coefs(lse_ptr, n, NP, valid, w, MODE, FOCAL)
         elif SOFTMAX:
-            m, ssum, rest, s2r, am = static_softmax(
+            m, ssum, rest, s2r, am, xy = static_softmax(
                 xp,
                 sc,
                 pmask,
@@ -1124,8 +1125,10 @@ def _bwd_static_kernel(
                 FOCAL or MODE == MODE_MSE_SOFTMAX,
                 MODE == MODE_MSE_SOFTMAX,
                 False,
+                LOOP,
             )
-            xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
+            if not LOOP:
+                xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
             lse, a, q = bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
         FULL: tl.constexpr = (C // GROUP) * GROUP
         if LOOP:
