@@ -21,6 +21,7 @@ the upsampled backward reads the low-resolution logits twice, see its driver).
 """
 
 import importlib
+import os
 import pathlib
 import sys
 
@@ -63,6 +64,19 @@ UP_SMALL = {  # sm90_upsample_driver's problem -> small (B, C, h, w) logits and 
     "ade_f32": ((2, 150, 8, 31), (32, 124)),
     "ade_bf16": ((2, 150, 8, 31), (32, 124)),
 }
+
+
+# SM90_MEMORY_SCALE=k: the plain passes' small shapes with k times the pixels (rows), the same tiles and programs
+# (each program walks k times as many): what of a pass's traffic beyond the floor is its fixed part (the
+# programs' rows, the finalize, partly used lines at the edges), which shrinks as 1/k, and what is per pixel.
+SCALE = int(os.environ.get("SM90_MEMORY_SCALE", "1"))
+
+
+def _scaled(shape, k):
+    """``shape`` with k times the pixels: the height of an image (B, C, H, W), the rows of (N, C)."""
+    if len(shape) == 4:
+        return (shape[0], shape[1], shape[2] * k, shape[3])
+    return (shape[0] * k, shape[1])
 
 
 def _data(shape, dtype, layout, labels):
@@ -119,8 +133,9 @@ def _small_run(shape, dtype, layout, mode, gamma, backward):
 
 def _up_small_run(shape, HW, dtype, mode, gamma, backward):
     def run():
-        saved = TU._interpret
+        saved = TU._interpret, TU._INTERPRET_SUM_SCALE
         TU._interpret = lambda: False  # the GPU's tiling (see the docstring)
+        TU._INTERPRET_SUM_SCALE = 1  # and the class-sum kernel's blocks (beyond 32 classes) as on the GPU
         forget_plans()  # no plan of the interpreter's tiling, and none of the GPU's kept after
         try:
             x, y = _data(shape, dtype, "nchw", (shape[0],) + HW)
@@ -159,7 +174,7 @@ def _up_small_run(shape, HW, dtype, mode, gamma, backward):
                     kept > 0,
                 )
         finally:
-            TU._interpret = saved
+            TU._interpret, TU._INTERPRET_SUM_SCALE = saved
             forget_plans()
 
     return run
@@ -172,7 +187,7 @@ def cases(small=False):
             yield dict(case, name="up_" + case["name"])
         return
     for pname, _, dtype, layout in D.PROBLEMS:
-        shape = SMALL[pname]
+        shape = _scaled(SMALL[pname], SCALE)
         C = shape[1]
         N = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
         logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
