@@ -305,13 +305,14 @@ def _softmax_group(
         else:
             e = tl.exp2((x - ms) * LOG2E)
         s += e
+        hit = y32 == c0 + k
         if NEED_REST:
-            er = tl.where(y32 == c0 + k, 0.0, e)
+            er = tl.where(hit, 0.0, e)
             rest += er
             if NEED_S2:
                 s2r += er * er
         if NEED_XY:
-            xy = tl.where(y32 == c0 + k, x, xy)
+            xy = tl.where(hit, x, xy)
     return gm, s, rest, s2r, bv, am, xy
 
 
@@ -335,12 +336,12 @@ def static_softmax(
     m = max_k x_k, s = Σ e_k, rest = Σ_{k≠y} e_k, s2r = Σ_{k≠y} e_k² with e_k = exp(x_k - ms),
     ms = m (0 while every logit is -inf, so that exp(-inf - ms) is 0, not NaN); ``rest / s``
     is 1 - p_y without the cancellation of 1 - exp(log p_y). am: argmax (NEED_AM). xy: the
-    label's logit, 0 where the pixel is not valid (NEED_XY; else 0): the value a gathered load
-    ``x[y]`` after the pass gives. The callers take it from the pass where the pass loops (LOOP:
-    beyond 32 classes), whose tile outgrows a program's share of L2 on an H100 (150 classes of
-    1024 16-bit pixels: 300 KB against about 130 KB), so that a gather after the pass would read
-    each pixel's sector from DRAM again (a tenth more than the floor, traced with sm90_memory);
-    a compare and a select per logit instead. Within one group the gather hits L1.
+    label's logit, 0 where the pixel is not valid (NEED_XY; else 0), kept by the exp pass with a
+    compare and a select per logit. Not a gathered load ``x[y]`` after the pass: its lanes pick
+    different class planes, a sector each (81 % load sector efficiency for 16-bit logits at 19
+    classes, traced with sm90_memory), and beyond one group the tile outgrows a program's share
+    of L2 on an H100 (150 classes of 1024 16-bit pixels: 300 KB against about 130 KB), so that
+    the gather reads each pixel's sector from DRAM a second time.
     LOOP false: every group unrolled (small C). LOOP true: a loop over the C // GROUP full
     groups, then the C % GROUP last classes unrolled (bounded code size for large C).
     """

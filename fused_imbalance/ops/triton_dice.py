@@ -216,14 +216,12 @@ if triton is not None:
             vbad = tl.maximum(vbad, badv)
             xp = x_ptr + (b * stride_b + s * stride_s)
             m, ssum, rest, s2r, am, xy = static_softmax(
-                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, False, False, NEED_AM, CE and LOOP
+                xp, sc, pmask, y32, acc_ty, C, GROUP, LOOP, False, False, NEED_AM, CE
             )
             ms = tl.where(m == float("-inf"), 0.0, m)
             inv = tl.where(valid, 1.0 / ssum, 0.0)
             ce = inv
             if CE:
-                if not LOOP:  # the label's logit (from the pass beyond one group: static_softmax)
-                    xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
                 ce = tl.where(valid, ms + tl.log(ssum) - xy, 0.0)  # −log p_y
             if LOOP:
                 # a few classes per step: each takes four tile sums, whose reductions the compiler

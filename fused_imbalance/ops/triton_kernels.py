@@ -21,16 +21,18 @@ per-pixel reduction over classes (max, sums, argmax) is a running value in a thr
 registers: no shuffle, no shared memory in the tile loop. Classes go in groups of ``GROUP``: a
 max pass over the group's logits, then an exp pass over the same values (kept in registers),
 the running sums rescaled once per group. Up to 32 classes every group is unrolled; beyond, a
-loop over groups (``LOOP``) bounds the code size and compile time. The label's logit is one
-gathered load per pixel. Each mode computes only what it uses; the argmax only when true
-positives or a confusion matrix are asked for (``NEED_TP``, ``CONF``). A persistent grid:
-program ``pid`` walks tiles ``pid, pid + P, ...``.
+loop over groups (``LOOP``) bounds the code size and compile time. The exp pass keeps the
+label's logit (a compare and a select per logit), rather than a gather after the pass. Each
+mode computes only what it uses; the argmax only when true positives or a confusion matrix are
+asked for (``NEED_TP``, ``CONF``). A persistent grid: program ``pid`` walks tiles
+``pid, pid + P, ...``.
 
 Cost model, thread-instructions per logit in the SASS for sm_90 (the budget at H100 copy
 bandwidth is about 45 for a float32 forward, 25 for bfloat16, twice that for a backward;
 ``benchmarks/sm90_driver.py`` measures it): a load (1/VEC NCHW, 1 channels_last), a conversion
-for 16-bit logits, 1 max, 2 for exp(x - m) (an FFMA and the MUFU ex2; float32), 1 sum; focal
-and the softmax MSE add 3 (the exact Σ_{k≠y} e_k: a compare, a select, an add), the argmax
+for 16-bit logits, 1 max, 2 for exp(x - m) (an FFMA and the MUFU ex2; float32), 1 sum, 2 for
+the label's logit (a compare, a select); focal and the softmax MSE add 2 (the exact
+Σ_{k≠y} e_k: a select and an add on the same compare), the argmax
 about 5, MSE on the logits 4, sigmoid focal about 20 (two ex2 on the MUFU unit and a degree-8
 polynomial log1p; tl.log would be a ~24-instruction software logarithm). Per-pixel work (labels, log of the
 sum, the focal power, the store) is spread
@@ -982,10 +984,8 @@ def _fwd_static_kernel(
                 FOCAL or MODE == MODE_MSE_SOFTMAX,
                 MODE == MODE_MSE_SOFTMAX,
                 NEED_AM,
-                LOOP,
+                True,
             )
-            if not LOOP:  # the label's logit: one gathered load per pixel (from the pass beyond one group)
-                xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
             logp = xy - log_sum_exp(m, ssum)
             if MODE == MODE_SOFTMAX_FOCAL:
                 if FOCAL:
@@ -1125,10 +1125,8 @@ def _bwd_static_kernel(
                 FOCAL or MODE == MODE_MSE_SOFTMAX,
                 MODE == MODE_MSE_SOFTMAX,
                 False,
-                LOOP,
+                True,
             )
-            if not LOOP:
-                xy = tl.load(xp + y32 * sc, mask=valid, other=0.0).to(acc_ty)
             lse, a, q = bwd_softmax_coefs(m, ssum, rest, s2r, xy, tv, w, gamma, MODE, FOCAL)
         FULL: tl.constexpr = (C // GROUP) * GROUP
         if LOOP:
