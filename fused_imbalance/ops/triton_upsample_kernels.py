@@ -205,15 +205,18 @@ def _fold(
     lsum,
     bv,
     am,
+    xy,
     NCLS: tl.constexpr,
     MODE: tl.constexpr,
     FOCAL: tl.constexpr,
     NEED_AM: tl.constexpr,
     FIRST: tl.constexpr = False,
+    NEED_XY: tl.constexpr = False,
 ):
     """Fold one class group's interpolated logits into a pixel's running state: the softmax
     (a max pass, the sums rescaled once, an exp pass: m, s = Σ e_k, rest = Σ_{k≠y} e_k,
-    s2r = Σ_{k≠y} e_k², as the groups of :func:`static_softmax`), or the per-class terms
+    s2r = Σ_{k≠y} e_k², as the groups of :func:`static_softmax`; with NEED_XY the label's
+    interpolated logit xy, kept with a select), or the per-class terms
     of the elementwise modes (lsum); the argmax when NEED_AM. ``yk`` is the label as
     :func:`_row_state` compares it here; yr = yk - c0 is compared with the constants k. FIRST: the
     pixel's first group (the sums are still 0: nothing to rescale)."""
@@ -235,8 +238,10 @@ def _fold(
         for k in tl.static_range(NCLS):
             e = _exp_minus(vals[k], sh)
             s += e
+            oh = yr == k
+            if NEED_XY:
+                xy = tl.where(oh, vals[k], xy)
             if NEED_REST:  # the sums over k != y: predicated adds
-                oh = yr == k
                 rest = tl.where(oh, rest, rest + e)
                 if MODE == MODE_MSE_SOFTMAX:
                     s2r = tl.where(oh, s2r, tl.fma(e, e, s2r))
@@ -251,7 +256,7 @@ def _fold(
     if NEED_AM:
         for k in tl.static_range(NCLS):
             bv, am = take_max(vals[k], bv, am, c0 + k)
-    return m, s, rest, s2r, lsum, bv, am
+    return m, s, rest, s2r, lsum, bv, am, xy
 
 
 @triton.jit
@@ -282,8 +287,15 @@ def _row_state(
     TAP2_X: tl.constexpr,
     TAP2_Y: tl.constexpr,
 ):
-    """(m, s, rest, s2r, lsum, am) of one output row's pixels over all classes: from the cached
-    horizontal rows (CACHE, one group), or per class group (a loop) from the low-resolution logits."""
+    """(m, s, rest, s2r, lsum, am, xy) of one output row's pixels over all classes: from the cached
+    horizontal rows (CACHE, one group), or per class group (a loop) from the low-resolution logits.
+    xy, with CACHE in a softmax mode: the label's interpolated logit (0 where no class is the label),
+    kept by the exp pass with a select per logit. There the classes' taps are loaded once per
+    low-resolution row, and a gather of the label's 4 taps after the pass, a sector per lane and tap,
+    would be most of the loads' sectors (sm90_memory); the select also costs fewer instructions than
+    the gather's addressing (sm90_static). In the group loop the gather stays (:func:`_step_state`):
+    its sectors are few beside the loop's own gathered taps of every class, and there the select
+    costs more (sm90_static: 12.9 → 16.1 instructions per logit at 150 classes, float32)."""
     # One group (C <= 32): the label as int16 for the class pass's comparisons (exact: it is -1 or below
     # C), the int32 one for the statistics': two different comparisons keep the compiler from holding
     # C predicates from one to the other (it packs them into a register, 3 instructions per class).
@@ -298,10 +310,11 @@ def _row_state(
     lsum = tl.zeros(y32.shape, acc_ty)
     bv = tl.full(y32.shape, float("-inf"), acc_ty)
     am = tl.zeros(y32.shape, tl.int32)
+    xy = tl.zeros(y32.shape, acc_ty)
     if CACHE:
         vals = _vert(ha, hb, wy0, wy1, C, TAP2_Y)
-        m, s, rest, s2r, lsum, bv, am = _fold(
-            vals, 0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, C, MODE, FOCAL, NEED_AM, True
+        m, s, rest, s2r, lsum, bv, am, xy = _fold(
+            vals, 0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, xy, C, MODE, FOCAL, NEED_AM, True, True
         )
     else:  # a loop over the class groups (unrolled groups spilled)
         FULL: tl.constexpr = (C // GROUP) * GROUP
@@ -309,17 +322,17 @@ def _row_state(
             vals = _row_vals(
                 xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, c0, acc_ty, GROUP, TAP2_X, TAP2_Y
             )
-            m, s, rest, s2r, lsum, bv, am = _fold(
-                vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, GROUP, MODE, FOCAL, NEED_AM
+            m, s, rest, s2r, lsum, bv, am, xy = _fold(
+                vals, c0, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, xy, GROUP, MODE, FOCAL, NEED_AM
             )
         if C % GROUP:
             vals = _row_vals(
                 xp, r0, r1, o0, o1, wx0, wx1, wy0, wy1, xm, sc, FULL, acc_ty, C % GROUP, TAP2_X, TAP2_Y
             )
-            m, s, rest, s2r, lsum, bv, am = _fold(
-                vals, FULL, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, C % GROUP, MODE, FOCAL, NEED_AM
+            m, s, rest, s2r, lsum, bv, am, xy = _fold(
+                vals, FULL, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, xy, C % GROUP, MODE, FOCAL, NEED_AM
             )
-    return m, s, rest, s2r, lsum, am
+    return m, s, rest, s2r, lsum, am, xy
 
 
 @triton.jit
@@ -488,8 +501,8 @@ def _step_state(
     BLOCK_X: tl.constexpr,
 ):
     """The state of one step's pixels over all classes (:func:`_row_state`): tv (the MSE target values),
-    m, s, rest, s2r, lsum, am, and in a softmax mode the label's interpolated logit xy (4 gathered loads
-    per pixel; a placeholder otherwise)."""
+    m, s, rest, s2r, lsum, am, and in a softmax mode the label's interpolated logit xy (from the pass with
+    CACHE, else 4 gathered loads per pixel; 0 in the other modes)."""
     wy0 = tl.load(wy0_ptr + Y, mask=ym, other=0.0)
     wy1 = wy0
     if TAP2_Y:
@@ -497,7 +510,7 @@ def _step_state(
     tv = tl.zeros([TY, BLOCK_X], acc_ty)
     if MODE == MODE_MSE_LOGITS or MODE == MODE_MSE_SOFTMAX:
         tv = tl.load(tv_ptr + y32, mask=valid, other=0.0).to(acc_ty)
-    m, s, rest, s2r, lsum, am = _row_state(
+    m, s, rest, s2r, lsum, am, xy = _row_state(
         xp,
         ha,
         hb,
@@ -524,8 +537,7 @@ def _step_state(
         TAP2_X,
         TAP2_Y,
     )
-    xy = tv  # placeholder when not a softmax mode
-    if MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
+    if not CACHE and (MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX):
         xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty, TAP2_X, TAP2_Y)
     return tv, m, s, rest, s2r, lsum, am, xy
 
@@ -598,7 +610,8 @@ def _up_fwd_kernel(
     of the segment; beyond, each step recomputes them per class group (4 gathered loads, cache hits, and
     3 multiply-adds per class, for the TY rows of the step). Per pixel: the label, the softmax in one max
     pass and one exp pass over the group's interpolated values, or the per-class terms of the
-    elementwise modes; the label's interpolated logit is 4 gathered loads per pixel. Class statistics as
+    elementwise modes; the label's interpolated logit from the exp pass (CACHE) or 4 gathered loads per
+    pixel (beyond). Class statistics as
     in the static forward: per-thread registers (REG_STATS: a predicated add per pixel, class and sum;
     the counts float32, exact below 2**24) written once per program as a row of a (programs, C) table,
     else the per-pixel loss summed per class by ``_class_sum_kernel`` and integer atomics into
