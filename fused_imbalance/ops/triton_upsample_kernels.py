@@ -275,6 +275,7 @@ def _row_state(
     xm,
     sc,
     y32,
+    valid,
     tv,
     gamma,
     acc_ty: tl.constexpr,
@@ -289,13 +290,14 @@ def _row_state(
 ):
     """(m, s, rest, s2r, lsum, am, xy) of one output row's pixels over all classes: from the cached
     horizontal rows (CACHE, one group), or per class group (a loop) from the low-resolution logits.
-    xy, with CACHE in a softmax mode: the label's interpolated logit (0 where no class is the label),
-    kept by the exp pass with a select per logit. There the classes' taps are loaded once per
-    low-resolution row, and a gather of the label's 4 taps after the pass, a sector per lane and tap,
-    would be most of the loads' sectors (sm90_memory); the select also costs fewer instructions than
-    the gather's addressing (sm90_static). In the group loop the gather stays (:func:`_step_state`):
-    its sectors are few beside the loop's own gathered taps of every class, and there the select
-    costs more (sm90_static: 12.9 → 16.1 instructions per logit at 150 classes, float32)."""
+    xy, in a softmax mode: the label's interpolated logit (0 where the pixel is not ``valid``).
+    With CACHE the exp pass keeps it with a select per logit: there the classes' taps are loaded once
+    per low-resolution row, and a gather of the label's 4 taps after the pass, a sector per lane and
+    tap, would be most of the loads' sectors (sm90_memory); the select also costs fewer instructions
+    than the gather's addressing (sm90_static). After the group loop it is gathered
+    (:func:`_interp_at`): its sectors are few beside the loop's own gathered taps of every class, and
+    there the select costs more (sm90_static: 12.9 → 16.1 instructions per logit at 150 classes,
+    float32)."""
     # One group (C <= 32): the label as int16 for the class pass's comparisons (exact: it is -1 or below
     # C), the int32 one for the statistics': two different comparisons keep the compiler from holding
     # C predicates from one to the other (it packs them into a register, 3 instructions per class).
@@ -332,6 +334,8 @@ def _row_state(
             m, s, rest, s2r, lsum, bv, am, xy = _fold(
                 vals, FULL, yk, tv, gamma, m, s, rest, s2r, lsum, bv, am, xy, C % GROUP, MODE, FOCAL, NEED_AM
             )
+        if MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX:
+            xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty, TAP2_X, TAP2_Y)
     return m, s, rest, s2r, lsum, am, xy
 
 
@@ -501,8 +505,8 @@ def _step_state(
     BLOCK_X: tl.constexpr,
 ):
     """The state of one step's pixels over all classes (:func:`_row_state`): tv (the MSE target values),
-    m, s, rest, s2r, lsum, am, and in a softmax mode the label's interpolated logit xy (from the pass with
-    CACHE, else 4 gathered loads per pixel; 0 in the other modes)."""
+    m, s, rest, s2r, lsum, am, and in a softmax mode the label's interpolated logit xy (0 in the other
+    modes)."""
     wy0 = tl.load(wy0_ptr + Y, mask=ym, other=0.0)
     wy1 = wy0
     if TAP2_Y:
@@ -525,6 +529,7 @@ def _step_state(
         xm,
         sc,
         y32,
+        valid,
         tv,
         gamma,
         acc_ty,
@@ -537,8 +542,6 @@ def _step_state(
         TAP2_X,
         TAP2_Y,
     )
-    if not CACHE and (MODE == MODE_SOFTMAX_FOCAL or MODE == MODE_MSE_SOFTMAX):
-        xy = _interp_at(xp, y32 * sc, r0, r1, o0, o1, wx0, wx1, wy0, wy1, valid, acc_ty, TAP2_X, TAP2_Y)
     return tv, m, s, rest, s2r, lsum, am, xy
 
 
