@@ -39,11 +39,15 @@ except ImportError:  # run from elsewhere: the project's root is the installed p
 
 TL = importlib.import_module("fused_imbalance.ops.triton_loss")
 TU = importlib.import_module("fused_imbalance.ops.triton_upsample")
+TD = importlib.import_module("fused_imbalance.ops.triton_dice")
+DICE_PARAMS = importlib.import_module("fused_imbalance.ops.dice").params()
 forget_plans = importlib.import_module("fused_imbalance.ops._triton_host").forget_plans
 FWD = torch.ops.fused_imbalance.triton_loss_fwd
 BWD = torch.ops.fused_imbalance.triton_loss_bwd
 UP_FWD = torch.ops.fused_imbalance.triton_upsample_loss_fwd
 UP_BWD = torch.ops.fused_imbalance.triton_upsample_loss_bwd
+DICE_FWD = torch.ops.fused_imbalance.triton_dice_fwd
+DICE_BWD = torch.ops.fused_imbalance.triton_dice_bwd
 
 SMALL = {  # sm90_driver's problem -> a small shape with its tiles: NCHW 2 images of 2048 pixels (2-4 tiles of
     # 512 float32 / 1024 16-bit pixels each), channels_last 2048 pixels folded, 64 rows of 8142 classes
@@ -185,6 +189,7 @@ def cases(small=False):
         yield from D.cases()
         for case in U.cases():
             yield dict(case, name="up_" + case["name"])
+        yield from _dice_cases(False)
         return
     for pname, _, dtype, layout in D.PROBLEMS:
         shape = _scaled(SMALL[pname], SCALE)
@@ -219,9 +224,145 @@ def cases(small=False):
                     "run": _up_small_run(shape, HW, dtype, mode, gamma, True),
                     "bytes": 3 * logit_bytes + label_bytes,
                 }
+    yield from _dice_cases(True)
 
 
-TRIPS = {**D.TRIPS, **U.TRIPS}  # sm90_static's trip models: the two drivers'
+# ---------------------------------------------------------------- the Dice family (fused_imbalance.ops.triton_dice)
+# The Dice loss and Dice + cross-entropy (DiceFlags: 1 the background class a term, 16 the cross-entropy), per
+# image (8 groups of sums), the mean: a training step's forward (the statistics pass, the reduce launch of its
+# programs' rows, the finalize) and backward (one pass), on the plain drivers' problems but the (N, 8142) rows.
+DICE_MODES = [("dice", 1), ("dicece", 1 | 16)]
+DICE_PROBLEMS = [p for p in D.PROBLEMS if p[3] != "rows"]
+
+
+def _dice_programs(tiles, G, device):
+    """An H100's persistent programs per group (triton_dice._programs_per_group on a GPU) whatever the device:
+    the rows table, and so whether a reduce launch comes before the finalize, are the GPU's."""
+    return max(1, min(tiles, -(-132 * max(1, TL._RESIDENT_WARPS // TD._WARPS) // max(G, 1))))
+
+
+def _dice_run(x_of, flags, backward):
+    def run():
+        saved = TD._programs_per_group, TD._INTERPRET_TILE_SCALE, TD._FINALIZE_ELEMS
+        TD._programs_per_group, TD._INTERPRET_TILE_SCALE = _dice_programs, 1  # the GPU's grid and tiles
+        TD._FINALIZE_ELEMS = 0  # the rows reduced by their own launch before the finalize, as at full size
+        forget_plans()
+        try:
+            x = x_of()
+            C, N = x.shape[1], x.numel() // x.shape[1]
+            y = x_of.labels(N)
+            if backward:
+                G = x.shape[0]
+                coef = torch.ones((G, 2, C), dtype=torch.float32)
+                DICE_BWD(
+                    x, y, coef, torch.ones(C) if flags & 16 else None, torch.ones(()), 0, flags, D.IGNORE, 0
+                )
+            else:
+                DICE_FWD(x, y, None, None, None, 0, 0, flags, DICE_PARAMS, D.IGNORE, 0, True, True)
+        finally:
+            TD._programs_per_group, TD._INTERPRET_TILE_SCALE, TD._FINALIZE_ELEMS = saved
+            forget_plans()
+
+    return run
+
+
+def _dice_full(shape, dtype, layout):
+    def x_of():
+        return D._logits(shape, dtype, layout)
+
+    x_of.labels = lambda N: torch.empty(N, dtype=torch.int64)
+    return x_of
+
+
+def _dice_small(shape, dtype, layout):
+    def x_of():
+        return _data(shape, dtype, layout, (1,))[0]
+
+    def labels(N):
+        return torch.randint(0, shape[1], (N,), generator=torch.Generator().manual_seed(1))
+
+    x_of.labels = labels
+    return x_of
+
+
+def _dice_cases(small):
+    for pname, full, dtype, layout in DICE_PROBLEMS:
+        shape = _scaled(SMALL[pname], SCALE) if small else full
+        x_of = (_dice_small if small else _dice_full)(shape, dtype, layout)
+        C = shape[1]
+        N = shape[0] * shape[2] * shape[3]
+        logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
+        for mname, flags in DICE_MODES:
+            for backward in (False, True):
+                case = {
+                    "name": f"dice_{pname}/{mname}/{'bwd' if backward else 'fwd'}",
+                    "run": _dice_run(x_of, flags, backward),
+                    "bytes": (2 if backward else 1) * logit_bytes + label_bytes,
+                }
+                if not small:
+                    case["elements"] = N * C
+                yield case
+
+
+def _dice_fwd_trips(launch):
+    """_dice_fwd_kernel: a (P, G) grid, each group's programs walk its tiles (the depth-0 loop: the tiles of
+    every group over all programs); LOOP (beyond 24 classes): per tile, the softmax's loop over class
+    groups, then the sums' loop over SUM_GROUP classes (two loops at depth 1)."""
+    a, k = launch["ints"], launch["constexprs"]
+    G = launch["grid"][1]
+    loops = [a["tiles_per_g"] * G]
+    if k["LOOP"]:
+        loops.append([k["C"] // k["GROUP"], k["C"] // k["SUM_GROUP"]])
+    return {"programs": launch["grid"][0] * G, "loops": loops}
+
+
+def _dice_bwd_trips(launch):
+    """_dice_bwd_kernel: the tile loop as the forward's; LOOP: per tile, the max/exp loop over class groups,
+    then the gradient's (two loops at depth 1, the same count)."""
+    a, k = launch["ints"], launch["constexprs"]
+    G = launch["grid"][1]
+    loops = [a["tiles_per_g"] * G]
+    if k["LOOP"]:
+        loops.append([k["C"] // k["GROUP"]] * 2)
+    return {"programs": launch["grid"][0] * G, "loops": loops}
+
+
+def _dice_reduce_trips(launch):
+    """_dice_reduce_kernel: a (G, class blocks) grid; each program sums its rows for I, P, G, CE (four loops
+    over R rows, BR a step); program (0, 0) then the bad-label rows (a fifth loop, RB rows)."""
+    a, k = launch["ints"], launch["constexprs"]
+    programs = launch["grid"][0] * launch["grid"][1]
+    per = programs * _cdiv(a["R"], k["BR"])
+    return {"programs": programs, "loops": [[per, per, per, per, _cdiv(a["RB"], k["BR"])]]}
+
+
+def _dice_finalize_trips(launch):
+    """_dice_finalize_kernel after a reduce launch (REDUCE and BAD off), the Dice or Tversky terms: the loop
+    over the G groups, each over the class blocks. With the cross-entropy, then a loop over the class blocks
+    with the groups' loop inside, which ptxas unrolls by 4 where a block of classes is a warp's 32 (a loop of
+    G // 4, then one of the G % 4 left), a loop of 3 instructions (one trip counted), and the loop over the
+    class blocks that stores the factors. One program: a few microseconds whatever the counts."""
+    a, k = launch["ints"], launch["constexprs"]
+    assert not k["REDUCE"] and not k["BAD"] and k["KIND"] != 2, "a finalize these cases do not make"
+    G, blocks = a["G"], _cdiv(a["C"], k["BC"])
+    if k["CE"]:
+        inner = [G // 4, G % 4] if k["BC"] <= 32 else [G]
+        return {"programs": 1, "loops": [[G, blocks, 1, blocks], [blocks] + inner]}
+    return {"programs": 1, "loops": [[G], [blocks]]}
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+TRIPS = {
+    **D.TRIPS,
+    **U.TRIPS,
+    "_dice_fwd_kernel": _dice_fwd_trips,
+    "_dice_bwd_kernel": _dice_bwd_trips,
+    "_dice_reduce_kernel": _dice_reduce_trips,
+    "_dice_finalize_kernel": _dice_finalize_trips,
+}  # sm90_static's trip models: the two drivers', the Dice kernels'
 
 
 def _persistent(launch):
@@ -240,4 +381,6 @@ RESIDENT = {
     "_fwd_chunked_kernel": _persistent,
     "_bwd_chunked_kernel": _persistent,
     "_class_sum_kernel": lambda launch: 1,
+    "_dice_fwd_kernel": _persistent,  # 8 programs of 4 warps per SM over all the groups (_dice_programs)
+    "_dice_bwd_kernel": _persistent,
 }  # one program per SM (_triton_host._class_sums)
