@@ -1,17 +1,19 @@
-"""sm90_memory / sm90_static driver: every pass of benchmarks/sm90_driver.py and benchmarks/sm90_upsample_driver.py.
+"""sm90_memory / sm90_static driver: every pass of benchmarks/sm90_driver.py and benchmarks/sm90_upsample_driver.py,
+and the Dice family's ("dice_...").
 
     python sm90_static.py benchmarks/sm90_memory_driver.py --json /tmp/static.json
     TRITON_INTERPRET=1 python sm90_memory.py benchmarks/sm90_memory_driver.py \\
         --static /tmp/static.json [--sites] [--only SUBSTR]
 
-cases(): the full-size cases of the two drivers (compile only, for sm90_static, with their trip models); the
-upsampled ones named "up_..." here. cases(small=True), for sm90_memory: the same passes on small real tensors
-(random logits, labels in [0, C)) that keep the tile structure of the full-size launch -- the same C, dtype,
-layout and stride pattern (NCHW keeps two images; channels_last folds the batch into the pixels as at full size),
-the same constexprs (ROWS, VEC, GROUP, LOOP, ...: sm90_memory compares them with the full-size compile given by
---static and flags a mismatch with "!") -- and a few tiles per program. Under the interpreter the launchers take
-larger tiles to cut its per-step cost; here they take the GPU's (triton_loss._INTERPRET_TILE_SCALE = 1, the
-upsampled launchers' GPU tiling), so that the traced accesses are the H100's.
+cases(): the full-size cases of the two drivers (compile only, for sm90_static, with their trip models), the
+upsampled ones named "up_..." here, then the Dice passes (trip models here). cases(small=True), for sm90_memory:
+the same passes on small real tensors (random logits, labels in [0, C)) that keep the tile structure of the
+full-size launch -- the same C, dtype, layout and stride pattern (NCHW keeps two images; channels_last folds the
+batch into the pixels as at full size), the same constexprs (ROWS, VEC, GROUP, LOOP, ...: sm90_memory compares
+them with the full-size compile given by --static and flags a mismatch with "!") -- and a few tiles per program.
+Under the interpreter the launchers take larger tiles to cut its per-step cost; here they take the GPU's
+(triton_loss._INTERPRET_TILE_SCALE = 1, the upsampled launchers' GPU tiling), so that the traced accesses are the
+H100's.
 
 Every call goes through the public ops with the arguments of the two drivers: a loss's forward keeps what its
 backward takes where the backend keeps anything (need_lse, as autograd asks in training), and the backward gets
