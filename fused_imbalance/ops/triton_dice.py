@@ -745,68 +745,20 @@ if triton is not None:
             if LOOP:
                 for c0 in range(0, FULL, GROUP):
                     m, ssum, q, xy = _dice_bwd_group(
-                        xp,
-                        sc,
-                        pmask,
-                        c0,
-                        m,
-                        ssum,
-                        q,
-                        xy,
-                        y32,
-                        cf,
-                        up,
-                        u_sc,
-                        first,
-                        C,
-                        acc_ty,
-                        GROUP,
-                        SQUARED,
-                        SELECT_XY,
-                    )
+                        xp, sc, pmask, c0, m, ssum, q, xy, y32, cf, up, u_sc, first, C, acc_ty, GROUP,
+                        SQUARED, SELECT_XY,
+                    )  # fmt: skip
             else:
                 for c0 in tl.static_range(0, FULL, GROUP):
                     m, ssum, q, xy = _dice_bwd_group(
-                        xp,
-                        sc,
-                        pmask,
-                        c0,
-                        m,
-                        ssum,
-                        q,
-                        xy,
-                        y32,
-                        cf,
-                        up,
-                        u_sc,
-                        first,
-                        C,
-                        acc_ty,
-                        GROUP,
-                        SQUARED,
-                        SELECT_XY,
-                    )
+                        xp, sc, pmask, c0, m, ssum, q, xy, y32, cf, up, u_sc, first, C, acc_ty, GROUP,
+                        SQUARED, SELECT_XY,
+                    )  # fmt: skip
             if C % GROUP:
                 m, ssum, q, xy = _dice_bwd_group(
-                    xp,
-                    sc,
-                    pmask,
-                    FULL,
-                    m,
-                    ssum,
-                    q,
-                    xy,
-                    y32,
-                    cf,
-                    up,
-                    u_sc,
-                    first,
-                    C,
-                    acc_ty,
-                    C % GROUP,
-                    SQUARED,
-                    SELECT_XY,
-                )
+                    xp, sc, pmask, FULL, m, ssum, q, xy, y32, cf, up, u_sc, first, C, acc_ty, C % GROUP,
+                    SQUARED, SELECT_XY,
+                )  # fmt: skip
             ms = tl.where(m == float("-inf"), 0.0, m)
             inv = 1.0 / ssum
             if not SELECT_XY:
