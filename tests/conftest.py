@@ -53,9 +53,11 @@ def pytest_configure(config):
 # pyproject.toml declares (torch 2.11, triton 3.6: the GPU machines'), `-m "versions and not slow"`.
 # Marked: what depends on torch's, Triton's or the build's version -- the C++ extension built against
 # that torch, torch.library ops and their checks (opcheck), torch.compile and torch.func, torch.distributed,
-# the deterministic-algorithms switch, every Triton kernel path once on that Triton's interpreter and
-# compiled for sm_90, the GPU session script on the GPU machines' torch. Not marked: the parity grids
-# and the references, whose arithmetic is the kernels' (already run once) or torch's eager ops.
+# the deterministic-algorithms switch; on that Triton's interpreter the plain losses' kernel paths
+# (test_internals_triton) and the upsampled, Dice, OHEM and selection ops against the reference; every
+# kernel compiled for sm_90 with it (test_sm90_compile); the GPU session script on the GPU machines'
+# torch. Not marked: the parity grids and the references, whose arithmetic is the kernels' (run above)
+# or torch's eager ops, and the upsampled kernels' GPU tiling under the interpreter (compiled above).
 VERSIONS_MARKER = "versions: also run on the oldest supported versions (CI's second stage)"
 VERSIONS = {  # test file -> the test functions marked (None: all of the file's)
     "test_compile.py": None,  # torch.compile, torch.func, the ops under Inductor
