@@ -240,19 +240,29 @@ DICE_PROBLEMS = [p for p in D.PROBLEMS if p[3] != "rows"]
 def _dice_programs(tiles, G, device):
     """An H100's persistent programs per group (triton_dice._programs_per_group on a GPU) whatever the device:
     the rows table, and so whether a reduce launch comes before the finalize, are the GPU's."""
-    return max(1, min(tiles, -(-132 * max(1, TL._RESIDENT_WARPS // TD._WARPS) // max(G, 1))))
+    return max(1, min(tiles, D._cdiv(132 * max(1, TL._RESIDENT_WARPS // TD._WARPS), max(G, 1))))
 
 
-def _dice_run(x_of, flags, backward):
+def _dice_inputs(shape, dtype, layout, small):
+    """Logits and labels: random small tensors (sm90_memory traces them), or full-size empty ones (sm90_static
+    only compiles)."""
+    if not small:
+        x = D._logits(shape, dtype, layout)
+        return x, torch.empty(x.numel() // shape[1], dtype=torch.int64)
+    x = _data(shape, dtype, layout, (1,))[0]
+    g = torch.Generator().manual_seed(1)
+    return x, torch.randint(0, shape[1], (x.numel() // shape[1],), generator=g)
+
+
+def _dice_run(shape, dtype, layout, small, flags, backward):
     def run():
         saved = TD._programs_per_group, TD._INTERPRET_TILE_SCALE, TD._FINALIZE_ELEMS
         TD._programs_per_group, TD._INTERPRET_TILE_SCALE = _dice_programs, 1  # the GPU's grid and tiles
         TD._FINALIZE_ELEMS = 0  # the rows reduced by their own launch before the finalize, as at full size
         forget_plans()
         try:
-            x = x_of()
-            C, N = x.shape[1], x.numel() // x.shape[1]
-            y = x_of.labels(N)
+            x, y = _dice_inputs(shape, dtype, layout, small)
+            C = x.shape[1]
             if backward:
                 G = x.shape[0]
                 coef = torch.ones((G, 2, C), dtype=torch.float32)
@@ -268,29 +278,9 @@ def _dice_run(x_of, flags, backward):
     return run
 
 
-def _dice_full(shape, dtype, layout):
-    def x_of():
-        return D._logits(shape, dtype, layout)
-
-    x_of.labels = lambda N: torch.empty(N, dtype=torch.int64)
-    return x_of
-
-
-def _dice_small(shape, dtype, layout):
-    def x_of():
-        return _data(shape, dtype, layout, (1,))[0]
-
-    def labels(N):
-        return torch.randint(0, shape[1], (N,), generator=torch.Generator().manual_seed(1))
-
-    x_of.labels = labels
-    return x_of
-
-
 def _dice_cases(small):
     for pname, full, dtype, layout in DICE_PROBLEMS:
         shape = _scaled(SMALL[pname], SCALE) if small else full
-        x_of = (_dice_small if small else _dice_full)(shape, dtype, layout)
         C = shape[1]
         N = shape[0] * shape[2] * shape[3]
         logit_bytes, label_bytes = N * C * dtype.itemsize, N * 8
@@ -298,7 +288,7 @@ def _dice_cases(small):
             for backward in (False, True):
                 case = {
                     "name": f"dice_{pname}/{mname}/{'bwd' if backward else 'fwd'}",
-                    "run": _dice_run(x_of, flags, backward),
+                    "run": _dice_run(shape, dtype, layout, small, flags, backward),
                     "bytes": (2 if backward else 1) * logit_bytes + label_bytes,
                 }
                 if not small:
@@ -334,8 +324,8 @@ def _dice_reduce_trips(launch):
     over R rows, BR a step); program (0, 0) then the bad-label rows (a fifth loop, RB rows)."""
     a, k = launch["ints"], launch["constexprs"]
     programs = launch["grid"][0] * launch["grid"][1]
-    per = programs * _cdiv(a["R"], k["BR"])
-    return {"programs": programs, "loops": [[per, per, per, per, _cdiv(a["RB"], k["BR"])]]}
+    per = programs * D._cdiv(a["R"], k["BR"])
+    return {"programs": programs, "loops": [[per, per, per, per, D._cdiv(a["RB"], k["BR"])]]}
 
 
 def _dice_finalize_trips(launch):
@@ -346,15 +336,11 @@ def _dice_finalize_trips(launch):
     class blocks that stores the factors. One program: a few microseconds whatever the counts."""
     a, k = launch["ints"], launch["constexprs"]
     assert not k["REDUCE"] and not k["BAD"] and k["KIND"] != 2, "a finalize these cases do not make"
-    G, blocks = a["G"], _cdiv(a["C"], k["BC"])
+    G, blocks = a["G"], D._cdiv(a["C"], k["BC"])
     if k["CE"]:
         inner = [G // 4, G % 4] if k["BC"] <= 32 else [G]
         return {"programs": 1, "loops": [[G, blocks, 1, blocks], [blocks] + inner]}
     return {"programs": 1, "loops": [[G], [blocks]]}
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 TRIPS = {
